@@ -1,0 +1,221 @@
+//! The application: owns the lifetimes of the listeners, the admin API, the reloader, the file
+//! watcher and the drain on shutdown. Start-up is the first reload and fails only on bad config.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backends::BackendSet;
+use crate::router::RouteTable;
+use crate::router::reload::{self, Reloader, Trigger};
+use crate::telemetry::metrics::Metrics;
+use crate::{admin, server};
+
+/// What the admin API reports about the loaded config.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigStatus {
+    pub version: u64,
+    pub path: PathBuf,
+    pub hash: String,
+    pub last_reload: Option<SystemTime>,
+    pub last_attempt: Option<SystemTime>,
+    pub last_error: Option<String>,
+}
+
+/// State shared by the front end, the admin API and the reloader.
+pub struct Shared {
+    /// The route table; only the reloader stores into it.
+    pub table: ArcSwap<RouteTable>,
+    pub metrics: Metrics,
+    status: Mutex<ConfigStatus>,
+    reloader: OnceLock<Reloader>,
+}
+
+impl Shared {
+    pub fn status(&self) -> ConfigStatus {
+        self.status.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+    pub fn update_status(&self, f: impl FnOnce(&mut ConfigStatus)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+    }
+    pub fn reloader(&self) -> &Reloader {
+        self.reloader
+            .get()
+            .expect("the reloader starts with the app")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config: PathBuf,
+    /// Watch the config's directory and reload on change.
+    pub watch: bool,
+    /// Reload on SIGHUP (process-wide; the binary enables it, in-process tests do not).
+    pub sighup: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration:\n{}", .0.join("\n"))]
+    Config(Vec<String>),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(#[from] server::tls::TlsError),
+    #[error("cannot watch the config directory: {0}")]
+    Watch(#[from] notify::Error),
+}
+
+/// A running gateway.
+pub struct Running {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    grace: Duration,
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Loads the config and starts serving. Backends are not waited for.
+pub async fn start(opts: Options) -> Result<Running, StartError> {
+    let (table, hash) =
+        reload::load_table(&opts.config, 1, &BackendSet::default()).map_err(StartError::Config)?;
+    let server = table.spec.server.clone();
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let listener = bind(server.listen).await?;
+    let admin_listener = bind(server.admin).await?;
+    let listen = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: server.listen,
+        source,
+    })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: server.admin,
+            source,
+        })?;
+    let shutdown = CancellationToken::new();
+    let base = opts
+        .config
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let tls = match &server.tls {
+        Some(t) => Some(server::tls::acceptor(
+            resolve(&base, &t.cert),
+            resolve(&base, &t.key),
+            shutdown.clone(),
+        )?),
+        None => None,
+    };
+    let metrics = Metrics::new();
+    metrics.reload(true, 1);
+    let now = SystemTime::now();
+    let shared = Arc::new(Shared {
+        table: ArcSwap::from_pointee(table),
+        metrics,
+        status: Mutex::new(ConfigStatus {
+            version: 1,
+            path: opts.config.clone(),
+            hash,
+            last_reload: Some(now),
+            last_attempt: Some(now),
+            last_error: None,
+        }),
+        reloader: OnceLock::new(),
+    });
+    let reloader = reload::spawn(shared.clone(), opts.config.clone(), shutdown.clone());
+    let _ = shared.reloader.set(reloader.clone());
+    let watcher = if opts.watch {
+        Some(reload::watch(&opts.config, reloader.clone())?)
+    } else {
+        None
+    };
+    if opts.sighup {
+        let token = shutdown.clone();
+        let reloader = reloader.clone();
+        tokio::spawn(async move {
+            let Ok(mut hup) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            else {
+                return;
+            };
+            loop {
+                tokio::select! {
+                    _ = hup.recv() => reloader.trigger(Trigger::Signal),
+                    _ = token.cancelled() => break,
+                }
+            }
+        });
+    }
+    let tracker = TaskTracker::new();
+    tokio::spawn(server::serve(
+        listener,
+        shared.clone(),
+        tls,
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+    tokio::spawn(admin::serve(
+        admin_listener,
+        shared.clone(),
+        shutdown.clone(),
+    ));
+    tracing::info!(%listen, admin = %admin_addr, version = 1, "Switchyard listening.");
+    Ok(Running {
+        listen,
+        admin: admin_addr,
+        shared,
+        shutdown,
+        tracker,
+        grace: server.shutdown_grace.0,
+        _watcher: watcher,
+    })
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish within the grace period, and returns
+    /// whether every connection drained in time.
+    pub async fn shutdown(self) -> bool {
+        self.shutdown.cancel();
+        self.tracker.close();
+        let drained = tokio::time::timeout(self.grace, self.tracker.wait())
+            .await
+            .is_ok();
+        if drained {
+            tracing::info!("All connections drained.");
+        } else {
+            tracing::warn!(grace = ?self.grace, "Grace period over; closing the remaining connections.");
+        }
+        drained
+    }
+
+    /// The version of the config being served.
+    pub fn version(&self) -> u64 {
+        self.shared.table.load().version
+    }
+}

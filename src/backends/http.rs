@@ -1,0 +1,374 @@
+//! The HTTP backend: the reverse-proxy bridge at the bottom of a route's stack. Pooled
+//! connections to one or more endpoints (round robin, failed endpoints skipped for a while),
+//! HTTP/1.1 or h2c upstream, path rewrite, hop-by-hop removal, `X-Forwarded-*`, streamed bodies.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Uri, Version};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower::Service;
+
+use crate::config::template::{PathTemplate, Template};
+use crate::config::{HttpBackendSpec, HttpProtocol, HttpRouteSpec};
+use crate::error::GatewayError;
+use crate::middleware::context::RequestContext;
+use crate::{Body, BodyError, BoxError, Request, Response};
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+struct Endpoint {
+    scheme_authority: String,
+    base_path: String,
+    authority: HeaderValue,
+    /// Milliseconds since `HttpBackend::epoch` until which the endpoint is skipped.
+    ejected_until: AtomicU64,
+    /// Result of the latest background probe.
+    reachable: AtomicBool,
+}
+
+/// Aborts the probe task when the backend is dropped (after a reload that replaced it).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+pub struct HttpBackend {
+    name: String,
+    endpoints: Arc<Vec<Endpoint>>,
+    next: AtomicUsize,
+    client: Client<HttpConnector, Body>,
+    protocol: HttpProtocol,
+    eject_for: Duration,
+    epoch: Instant,
+    _probe: Option<AbortOnDrop>,
+}
+
+impl HttpBackend {
+    /// Builds the pool and starts the readiness probe. Nothing here waits for the network.
+    pub fn new(name: &str, spec: &HttpBackendSpec) -> Self {
+        let endpoints: Vec<Endpoint> = spec
+            .endpoints
+            .iter()
+            .filter_map(|e| e.parse::<Uri>().ok())
+            .filter_map(|u| {
+                let authority = u.authority()?.clone();
+                Some(Endpoint {
+                    scheme_authority: format!("{}://{}", u.scheme_str()?, authority),
+                    base_path: u.path().trim_end_matches('/').to_string(),
+                    authority: HeaderValue::from_str(authority.as_str()).ok()?,
+                    ejected_until: AtomicU64::new(0),
+                    reachable: AtomicBool::new(false),
+                })
+            })
+            .collect();
+        let endpoints = Arc::new(endpoints);
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(spec.connect_timeout.0));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(spec.pool_idle_timeout.0)
+            .pool_max_idle_per_host(spec.pool_max_idle_per_endpoint)
+            .http2_only(spec.protocol == HttpProtocol::Http2)
+            .build(connector);
+        let probe = tokio::runtime::Handle::try_current().ok().map(|rt| {
+            let eps = endpoints.clone();
+            let (interval, timeout) = (spec.probe_interval.0, spec.connect_timeout.0);
+            let name = name.to_string();
+            AbortOnDrop(rt.spawn(probe(name, eps, interval, timeout)).abort_handle())
+        });
+        HttpBackend {
+            name: name.to_string(),
+            endpoints,
+            next: AtomicUsize::new(0),
+            client,
+            protocol: spec.protocol,
+            eject_for: spec.eject_for.0,
+            epoch: Instant::now(),
+            _probe: probe,
+        }
+    }
+
+    /// Ready when at least one endpoint answered the latest probe.
+    pub fn ready(&self) -> bool {
+        self.endpoints
+            .iter()
+            .any(|e| e.reachable.load(Ordering::Relaxed))
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Round robin over endpoints that are not ejected; when all are, round robin over all so
+    /// that a recovered backend is found again without waiting.
+    fn pick(&self) -> usize {
+        let n = self.endpoints.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        let now = self.now_ms();
+        (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&i| self.endpoints[i].ejected_until.load(Ordering::Relaxed) <= now)
+            .unwrap_or(start % n)
+    }
+
+    fn eject(&self, i: usize) {
+        let until = self.now_ms() + self.eject_for.as_millis() as u64;
+        self.endpoints[i]
+            .ejected_until
+            .store(until, Ordering::Relaxed);
+        self.endpoints[i].reachable.store(false, Ordering::Relaxed);
+    }
+}
+
+async fn probe(name: String, endpoints: Arc<Vec<Endpoint>>, interval: Duration, timeout: Duration) {
+    let mut was_ready = None;
+    loop {
+        for ep in endpoints.iter() {
+            let addr = ep.authority.to_str().unwrap_or_default().to_string();
+            let ok = matches!(
+                tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addr)).await,
+                Ok(Ok(_))
+            );
+            ep.reachable.store(ok, Ordering::Relaxed);
+        }
+        let ready = endpoints
+            .iter()
+            .any(|e| e.reachable.load(Ordering::Relaxed));
+        if was_ready != Some(ready) {
+            if ready {
+                tracing::info!(backend = %name, "Backend reachable.");
+            } else {
+                tracing::warn!(backend = %name, "Backend unreachable; its routes answer 503 until it is back.");
+            }
+            was_ready = Some(ready);
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+enum PathRewrite {
+    Keep,
+    StripPrefix(String),
+    Template(Template),
+}
+
+/// One route's service on top of a shared [`HttpBackend`].
+#[derive(Clone)]
+pub struct HttpRouteService {
+    backend: Arc<HttpBackend>,
+    rewrite: Arc<PathRewrite>,
+    preserve_host: bool,
+}
+
+impl HttpRouteService {
+    pub fn new(backend: Arc<HttpBackend>, spec: HttpRouteSpec, _template: &PathTemplate) -> Self {
+        let rewrite = match (spec.strip_prefix, spec.rewrite) {
+            (Some(p), _) => PathRewrite::StripPrefix(p.trim_end_matches('/').to_string()),
+            (None, Some(t)) => Template::parse(&t).map_or(PathRewrite::Keep, PathRewrite::Template),
+            (None, None) => PathRewrite::Keep,
+        };
+        HttpRouteService {
+            backend,
+            rewrite: Arc::new(rewrite),
+            preserve_host: spec.preserve_host,
+        }
+    }
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those the Connection header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        headers.remove(n);
+    }
+    for n in [
+        &header::CONNECTION,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &header::PROXY_AUTHENTICATE,
+        &header::PROXY_AUTHORIZATION,
+        &header::TE,
+        &header::TRAILER,
+        &header::TRANSFER_ENCODING,
+        &header::UPGRADE,
+    ] {
+        headers.remove(n);
+    }
+}
+
+impl HttpRouteService {
+    fn upstream_path(
+        &self,
+        path: &str,
+        ctx: Option<&RequestContext>,
+    ) -> Result<String, GatewayError> {
+        let path = match &*self.rewrite {
+            PathRewrite::Keep => path.to_string(),
+            PathRewrite::StripPrefix(p) => match path.strip_prefix(p.as_str()) {
+                Some(rest) if rest.is_empty() => "/".to_string(),
+                Some(rest) if rest.starts_with('/') => rest.to_string(),
+                _ => path.to_string(),
+            },
+            PathRewrite::Template(t) => {
+                t.render(|name| ctx.and_then(|c| c.param(name)))
+                    .ok_or(GatewayError::Internal(
+                        "a rewrite variable was not captured",
+                    ))?
+            }
+        };
+        Ok(path)
+    }
+}
+
+impl Service<Request> for HttpRouteService {
+    type Response = Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { this.forward(req).await })
+    }
+}
+
+impl HttpRouteService {
+    async fn forward(self, req: Request) -> Result<Response, BoxError> {
+        let backend = &self.backend;
+        if backend.endpoints.is_empty() {
+            return Err(GatewayError::Internal("backend has no endpoints").into());
+        }
+        let (mut parts, body) = req.into_parts();
+        let ctx = parts.extensions.get::<RequestContext>().cloned();
+        let path = self.upstream_path(parts.uri.path(), ctx.as_ref())?;
+        let i = backend.pick();
+        let ep = &backend.endpoints[i];
+        let mut uri =
+            String::with_capacity(ep.scheme_authority.len() + ep.base_path.len() + path.len() + 32);
+        uri.push_str(&ep.scheme_authority);
+        uri.push_str(&ep.base_path);
+        uri.push_str(&path);
+        if let Some(q) = parts.uri.query() {
+            uri.push('?');
+            uri.push_str(q);
+        }
+        parts.uri = uri
+            .parse()
+            .map_err(|_| GatewayError::bad_request("the request path cannot be forwarded"))?;
+        let headers = &mut parts.headers;
+        strip_hop_by_hop(headers);
+        if let Some(ctx) = &ctx {
+            let ip = ctx.client_addr.ip().to_string();
+            let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                Some(prev) => format!("{prev}, {ip}"),
+                None => ip,
+            };
+            if let Ok(v) = HeaderValue::from_str(&xff) {
+                headers.insert(X_FORWARDED_FOR.clone(), v);
+            }
+            headers.insert(
+                X_FORWARDED_PROTO.clone(),
+                HeaderValue::from_static(if ctx.tls { "https" } else { "http" }),
+            );
+            if let Some(host) = ctx
+                .host
+                .as_deref()
+                .and_then(|h| HeaderValue::from_str(h).ok())
+            {
+                headers.insert(X_FORWARDED_HOST.clone(), host);
+            }
+        }
+        match backend.protocol {
+            HttpProtocol::Http1 => {
+                parts.version = Version::HTTP_11;
+                if !self.preserve_host || !headers.contains_key(header::HOST) {
+                    let host = match (&ctx, self.preserve_host) {
+                        (Some(c), true) => c
+                            .host
+                            .as_deref()
+                            .and_then(|h| HeaderValue::from_str(h).ok())
+                            .unwrap_or_else(|| ep.authority.clone()),
+                        _ => ep.authority.clone(),
+                    };
+                    headers.insert(header::HOST, host);
+                }
+            }
+            HttpProtocol::Http2 => {
+                parts.version = Version::HTTP_2;
+                headers.remove(header::HOST);
+            }
+        }
+        let req = http::Request::from_parts(parts, body);
+        match backend.client.request(req).await {
+            Ok(resp) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                let body = body.map_err(BodyError::new).boxed_unsync();
+                Ok(http::Response::from_parts(parts, body))
+            }
+            Err(e) if e.is_connect() => {
+                backend.eject(i);
+                Err(GatewayError::BackendUnavailable {
+                    backend: backend.name.clone(),
+                    reason: "cannot connect to the backend",
+                    retry_after: Some(backend.eject_for),
+                    source: Some(Box::new(e)),
+                }
+                .into())
+            }
+            Err(e) => Err(GatewayError::BadGateway {
+                backend: backend.name.clone(),
+                reason: "the upstream request failed",
+                source: Some(Box::new(e)),
+            }
+            .into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+}

@@ -1,0 +1,207 @@
+//! Path templates (`/v1/orders/{id}`, `/static/{*rest}`) and rewrite templates, compiled at
+//! load time. The router matches with them; backends fill rewrite templates from the captures.
+
+/// One `/`-separated segment of a path template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    Static(String),
+    Param(String),
+    CatchAll(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathTemplate {
+    pub raw: String,
+    pub segments: Vec<Segment>,
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+impl PathTemplate {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let Some(rest) = raw.strip_prefix('/') else {
+            return Err("a path template starts with `/`".into());
+        };
+        let mut segments = Vec::new();
+        let parts: Vec<&str> = if rest.is_empty() {
+            vec![]
+        } else {
+            rest.split('/').collect()
+        };
+        for (i, part) in parts.iter().enumerate() {
+            let last = i + 1 == parts.len();
+            if let Some(inner) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+                if let Some(name) = inner.strip_prefix('*') {
+                    if !valid_name(name) {
+                        return Err(format!(
+                            "`{{*{name}}}`: a variable name uses letters, digits and `_`"
+                        ));
+                    }
+                    if !last {
+                        return Err(format!(
+                            "the catch-all `{{*{name}}}` must be the last segment"
+                        ));
+                    }
+                    segments.push(Segment::CatchAll(name.to_string()));
+                } else {
+                    if !valid_name(inner) {
+                        return Err(format!(
+                            "`{{{inner}}}`: a variable name uses letters, digits and `_`"
+                        ));
+                    }
+                    segments.push(Segment::Param(inner.to_string()));
+                }
+            } else if part.contains(['{', '}']) {
+                return Err(format!(
+                    "segment `{part}`: a variable must fill a whole segment, like `/{{id}}`"
+                ));
+            } else if part.is_empty() && !last {
+                return Err("empty segment (`//`) in a path template".into());
+            } else if *part == "." || *part == ".." {
+                return Err(format!(
+                    "segment `{part}` can never match a normalised path"
+                ));
+            } else if part.contains(['?', '#']) {
+                return Err("a path template holds no query (`?`) or fragment (`#`)".into());
+            } else {
+                segments.push(Segment::Static(part.to_string()));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for n in segments.iter().filter_map(|s| match s {
+            Segment::Param(n) | Segment::CatchAll(n) => Some(n),
+            Segment::Static(_) => None,
+        }) {
+            if !seen.insert(n) {
+                return Err(format!("variable `{n}` appears twice"));
+            }
+        }
+        Ok(PathTemplate {
+            raw: raw.to_string(),
+            segments,
+        })
+    }
+
+    /// Names of the variables, in order.
+    pub fn captures(&self) -> Vec<&str> {
+        self.segments
+            .iter()
+            .filter_map(|s| match s {
+                Segment::Param(n) | Segment::CatchAll(n) => Some(n.as_str()),
+                Segment::Static(_) => None,
+            })
+            .collect()
+    }
+
+    /// The key under which the router stores this template: variables renamed by position,
+    /// so `/a/{id}` and `/a/{x}` are recognised as the same shape.
+    pub fn router_key(&self) -> String {
+        let mut out = String::new();
+        let mut n = 0;
+        for s in &self.segments {
+            out.push('/');
+            match s {
+                Segment::Static(t) => out.push_str(t),
+                Segment::Param(_) => {
+                    out.push_str(&format!("{{p{n}}}"));
+                    n += 1;
+                }
+                Segment::CatchAll(_) => {
+                    out.push_str(&format!("{{*p{n}}}"));
+                    n += 1;
+                }
+            }
+        }
+        if out.is_empty() {
+            out.push('/');
+        }
+        out
+    }
+}
+
+/// A string with `{name}` references to captured variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    pub parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Part {
+    Lit(String),
+    Var(String),
+}
+
+impl Template {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = raw;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Lit(rest[..open].to_string()));
+            }
+            let Some(close) = rest[open..].find('}') else {
+                return Err("unclosed `{` in template".into());
+            };
+            let name = rest[open + 1..open + close].trim_start_matches('*');
+            if !valid_name(name) {
+                return Err(format!(
+                    "`{{{name}}}`: a variable name uses letters, digits and `_`"
+                ));
+            }
+            parts.push(Part::Var(name.to_string()));
+            rest = &rest[open + close + 1..];
+        }
+        if rest.contains('}') {
+            return Err("unmatched `}` in template".into());
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Lit(rest.to_string()));
+        }
+        Ok(Template { parts })
+    }
+
+    pub fn vars(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            Part::Var(v) => Some(v.as_str()),
+            Part::Lit(_) => None,
+        })
+    }
+
+    /// Fills the template; `lookup` returns a variable's value.
+    pub fn render<'a>(&self, lookup: impl Fn(&str) -> Option<&'a str>) -> Option<String> {
+        let mut out = String::new();
+        for p in &self.parts {
+            match p {
+                Part::Lit(l) => out.push_str(l),
+                Part::Var(v) => out.push_str(lookup(v)?),
+            }
+        }
+        Some(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_keys_templates() {
+        let t = PathTemplate::parse("/v1/orders/{id}/items/{*rest}").unwrap();
+        assert_eq!(t.captures(), vec!["id", "rest"]);
+        assert_eq!(t.router_key(), "/v1/orders/{p0}/items/{*p1}");
+        assert!(PathTemplate::parse("v1").is_err());
+        assert!(PathTemplate::parse("/a/{*x}/b").is_err());
+        assert!(PathTemplate::parse("/a/x{y}").is_err());
+        assert!(PathTemplate::parse("/a/{y}/{y}").is_err());
+        assert_eq!(PathTemplate::parse("/").unwrap().router_key(), "/");
+    }
+
+    #[test]
+    fn renders_templates() {
+        let t = Template::parse("/api/{id}/x").unwrap();
+        assert_eq!(t.vars().collect::<Vec<_>>(), vec!["id"]);
+        assert_eq!(t.render(|_| Some("7")).unwrap(), "/api/7/x");
+    }
+}

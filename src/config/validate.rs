@@ -1,0 +1,376 @@
+//! Pure validation of a parsed [`ConfigSpec`]: every problem is collected, each pointing at the
+//! line and column it was written on. No I/O: files named by the config are checked at build.
+
+use std::collections::{BTreeSet, HashMap};
+
+use http::{HeaderName, HeaderValue, Method, Uri};
+
+use super::ConfigError;
+use super::model::*;
+use super::source::Locator;
+use super::template::{PathTemplate, Template};
+
+struct Ctx<'a> {
+    file: &'a str,
+    loc: &'a Locator,
+    errors: Vec<ConfigError>,
+}
+
+impl Ctx<'_> {
+    fn err(&mut self, path: &str, route: Option<&str>, message: impl Into<String>) {
+        let pos = self.loc.at(path);
+        self.errors.push(ConfigError {
+            route: route.map(str::to_string),
+            ..ConfigError::at(self.file, pos.line, pos.column, message)
+        });
+    }
+    fn err_key(&mut self, path: &str, message: impl Into<String>) {
+        let pos = self.loc.key(path);
+        self.errors
+            .push(ConfigError::at(self.file, pos.line, pos.column, message));
+    }
+}
+
+/// Parsed methods of a route: `None` means every method.
+pub fn route_methods(m: &MatchSpec) -> Result<Option<BTreeSet<Method>>, String> {
+    let Some(list) = &m.method else {
+        return Ok(None);
+    };
+    if list.0.is_empty() {
+        return Err("`method` is an empty list; leave it out to match every method".into());
+    }
+    let mut out = BTreeSet::new();
+    for name in &list.0 {
+        let upper = name.to_ascii_uppercase();
+        if upper != *name {
+            return Err(format!(
+                "method `{name}` must be written in capitals: `{upper}`"
+            ));
+        }
+        let m = Method::from_bytes(name.as_bytes())
+            .map_err(|_| format!("`{name}` is not a valid HTTP method"))?;
+        out.insert(m);
+    }
+    Ok(Some(out))
+}
+
+pub fn validate(file: &str, spec: &ConfigSpec, loc: &Locator) -> Vec<ConfigError> {
+    let mut cx = Ctx {
+        file,
+        loc,
+        errors: Vec::new(),
+    };
+    validate_server(&mut cx, &spec.server);
+    for (name, backend) in &spec.backends {
+        validate_backend(&mut cx, name, backend);
+    }
+    let mut ids: HashMap<&str, usize> = HashMap::new();
+    let mut shapes: HashMap<(Option<String>, String), Vec<usize>> = HashMap::new();
+    for (i, route) in spec.routes.iter().enumerate() {
+        let base = format!("routes[{i}]");
+        let id = route.id.as_str();
+        if id.trim().is_empty() {
+            cx.err(&format!("{base}.id"), None, "a route `id` may not be empty");
+        } else if let Some(first) = ids.get(id) {
+            let first_line = loc.at(&format!("routes[{first}].id")).line;
+            cx.err(
+                &format!("{base}.id"),
+                Some(id),
+                format!("duplicate route id; the first route with this id is on line {first_line}; give each route a unique id"),
+            );
+        } else {
+            ids.insert(id, i);
+        }
+        let template = validate_route(&mut cx, spec, i, route);
+        if let Some(t) = template {
+            let host = route.matcher.host.clone();
+            shapes.entry((host, t.router_key())).or_default().push(i);
+        }
+    }
+    // Two routes with the same host and path shape can only be told apart by methods or headers.
+    for group in shapes.values() {
+        for (a_pos, &a) in group.iter().enumerate() {
+            for &b in &group[a_pos + 1..] {
+                let (ra, rb) = (&spec.routes[a], &spec.routes[b]);
+                let (Ok(ma), Ok(mb)) = (route_methods(&ra.matcher), route_methods(&rb.matcher))
+                else {
+                    continue;
+                };
+                let overlap = match (&ma, &mb) {
+                    (Some(x), Some(y)) => x.intersection(y).next().is_some(),
+                    _ => true,
+                };
+                if overlap && ra.matcher.headers == rb.matcher.headers {
+                    let line = loc.at(&format!("routes[{a}]")).line;
+                    cx.err(
+                        &format!("routes[{b}].match.path"),
+                        Some(&rb.id),
+                        format!(
+                            "this route can never be told apart from route `{}` (line {line}): same host, path shape and methods; change the path, the methods or add a header condition",
+                            ra.id
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    // The router itself must accept every shape (it rejects some overlaps of variables).
+    let mut routers: HashMap<Option<String>, matchit::Router<()>> = HashMap::new();
+    let mut keys: Vec<_> = shapes.iter().collect();
+    keys.sort_by_key(|(_, idx)| idx[0]);
+    for ((host, key), idx) in keys {
+        let router = routers.entry(host.clone()).or_default();
+        if let Err(e) = router.insert(key.as_str(), ()) {
+            let i = idx[0];
+            cx.err(
+                &format!("routes[{i}].match.path"),
+                Some(&spec.routes[i].id),
+                format!("this path overlaps another route's path in a way the router cannot resolve ({e}); make the static parts differ"),
+            );
+        }
+    }
+    cx.errors.sort_by_key(|e| (e.line, e.column));
+    cx.errors
+}
+
+fn validate_server(cx: &mut Ctx, s: &ServerSpec) {
+    if HeaderName::from_bytes(s.correlation_header.as_bytes()).is_err() {
+        cx.err(
+            "server.correlation_header",
+            None,
+            "not a valid HTTP header name",
+        );
+    }
+    if s.limits.max_connections == 0 {
+        cx.err("server.limits.max_connections", None, "must be at least 1");
+    }
+    if s.limits.max_header_size.0 < 8192 {
+        cx.err(
+            "server.limits.max_header_size",
+            None,
+            "must be at least 8KiB (the HTTP/1 parser's smallest buffer)",
+        );
+    }
+    for (what, d) in [
+        ("header_read_timeout", s.limits.header_read_timeout),
+        ("idle_timeout", s.limits.idle_timeout),
+    ] {
+        if d.0.is_zero() {
+            cx.err(&format!("server.limits.{what}"), None, "must be above zero");
+        }
+    }
+    if s.listen == s.admin {
+        cx.err(
+            "server.admin",
+            None,
+            "the admin listener needs an address of its own, not the public `listen` address",
+        );
+    }
+}
+
+fn validate_backend(cx: &mut Ctx, name: &str, b: &BackendSpec) {
+    let base = format!("backends.{name}");
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.".contains(&c))
+    {
+        cx.err_key(
+            &base,
+            format!("backend name `{name}`: use letters, digits, `-`, `_` and `.`"),
+        );
+    }
+    match b {
+        BackendSpec::Http(h) => {
+            if h.endpoints.is_empty() {
+                cx.err(
+                    &base,
+                    None,
+                    "an http backend needs at least one entry in `endpoints`",
+                );
+            }
+            for (i, ep) in h.endpoints.iter().enumerate() {
+                let path = format!("{base}.endpoints[{i}]");
+                match ep.parse::<Uri>() {
+                    Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => {
+                        if u.query().is_some() {
+                            cx.err(&path, None, format!("endpoint `{ep}`: an endpoint has no query string"));
+                        }
+                    }
+                    Ok(u) if u.scheme_str() == Some("https") => cx.err(
+                        &path,
+                        None,
+                        format!("endpoint `{ep}`: TLS to upstreams is not supported yet; use an `http://` endpoint"),
+                    ),
+                    _ => cx.err(
+                        &path,
+                        None,
+                        format!("endpoint `{ep}` is not a URL like `http://127.0.0.1:9000`"),
+                    ),
+                }
+            }
+            if h.connect_timeout.0.is_zero() {
+                cx.err(
+                    &format!("{base}.connect_timeout"),
+                    None,
+                    "must be above zero",
+                );
+            }
+            if h.probe_interval.0.is_zero() {
+                cx.err(
+                    &format!("{base}.probe_interval"),
+                    None,
+                    "must be above zero",
+                );
+            }
+        }
+    }
+}
+
+fn validate_route(
+    cx: &mut Ctx,
+    spec: &ConfigSpec,
+    i: usize,
+    route: &RouteSpec,
+) -> Option<PathTemplate> {
+    let base = format!("routes[{i}]");
+    let id = Some(route.id.as_str());
+    let template = match PathTemplate::parse(&route.matcher.path) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            cx.err(&format!("{base}.match.path"), id, e);
+            None
+        }
+    };
+    if let Err(e) = route_methods(&route.matcher) {
+        cx.err(&format!("{base}.match.method"), id, e);
+    }
+    if let Some(host) = &route.matcher.host
+        && (host.is_empty() || host.contains([':', '/', ' ']) || host.to_ascii_lowercase() != *host)
+    {
+        cx.err(
+            &format!("{base}.match.host"),
+            id,
+            format!("host `{host}`: write a lower-case host name without port or scheme"),
+        );
+    }
+    for (name, value) in &route.matcher.headers {
+        let path = format!("{base}.match.headers.{name}");
+        if HeaderName::from_bytes(name.as_bytes()).is_err() {
+            cx.err(&path, id, format!("`{name}` is not a valid header name"));
+        }
+        if HeaderValue::from_str(value).is_err() {
+            cx.err(
+                &path,
+                id,
+                "header value holds characters not allowed in HTTP headers",
+            );
+        }
+    }
+    if let Some(t) = route.timeout
+        && t.0.is_zero()
+    {
+        cx.err(&format!("{base}.timeout"), id, "must be above zero");
+    }
+    match spec.backends.get(&route.backend) {
+        None => {
+            let known: Vec<&str> = spec.backends.keys().map(String::as_str).collect();
+            let hint = if known.is_empty() {
+                "define it under `backends:`".to_string()
+            } else {
+                format!(
+                    "define it under `backends:` or use one of: {}",
+                    known.join(", ")
+                )
+            };
+            cx.err(
+                &format!("{base}.backend"),
+                id,
+                format!("backend `{}` is not defined; {hint}", route.backend),
+            );
+        }
+        Some(BackendSpec::Http(_)) => {
+            if let Some(h) = &route.http {
+                validate_http_route(cx, &base, id, h, template.as_ref());
+            }
+        }
+    }
+    for (j, p) in route.plugins.iter().enumerate() {
+        let path = format!("{base}.plugins[{j}]");
+        match crate::plugins::find(&p.name) {
+            None => cx.err(
+                &path,
+                id,
+                format!(
+                    "unknown plugin `{}`; known plugins: {}",
+                    p.name,
+                    crate::plugins::names().join(", ")
+                ),
+            ),
+            Some(plugin) => {
+                if let Err(e) = plugin.validate(&p.config) {
+                    cx.err(
+                        &format!("{path}.{}", p.name),
+                        id,
+                        format!("plugin `{}`: {e}", p.name),
+                    );
+                }
+            }
+        }
+    }
+    template
+}
+
+fn validate_http_route(
+    cx: &mut Ctx,
+    base: &str,
+    id: Option<&str>,
+    h: &HttpRouteSpec,
+    template: Option<&PathTemplate>,
+) {
+    if h.strip_prefix.is_some() && h.rewrite.is_some() {
+        cx.err(
+            &format!("{base}.http.rewrite"),
+            id,
+            "use either `strip_prefix` or `rewrite`, not both",
+        );
+    }
+    if let Some(p) = &h.strip_prefix
+        && !p.starts_with('/')
+    {
+        cx.err(
+            &format!("{base}.http.strip_prefix"),
+            id,
+            "a prefix starts with `/`",
+        );
+    }
+    if let Some(rw) = &h.rewrite {
+        let path = format!("{base}.http.rewrite");
+        match Template::parse(rw) {
+            Err(e) => cx.err(&path, id, e),
+            Ok(t) => {
+                if !rw.starts_with('/') {
+                    cx.err(&path, id, "a rewrite template starts with `/`");
+                }
+                let captured = template.map(|t| t.captures()).unwrap_or_default();
+                for v in t.vars() {
+                    if template.is_some() && !captured.contains(&v) {
+                        cx.err(
+                            &path,
+                            id,
+                            format!(
+                                "`{{{v}}}` is not captured by the path `{}`; captured: {}",
+                                template.map(|t| t.raw.as_str()).unwrap_or(""),
+                                if captured.is_empty() {
+                                    "none".to_string()
+                                } else {
+                                    captured.join(", ")
+                                }
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,322 @@
+//! The error edge: every failure on the request path ends here, in [`rescue`], which turns an
+//! error's cause chain into one RFC 9457 `application/problem+json` response.
+//!
+//! Errors know who is at fault ([`Fault`]) and whether they may be retried; the retry policy
+//! and the circuit breaker read the same facts through [`classify`].
+
+use std::error::Error as StdError;
+use std::time::Duration;
+
+use http::{HeaderValue, Method, StatusCode, header};
+
+use crate::{Response, full_body};
+
+/// Who caused a failure. Client faults never count against a backend's health.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Client,
+    Upstream,
+    Gateway,
+}
+
+/// The gateway's own errors. Details are written for the client and never carry Rust error
+/// strings, addresses or stacks; the cause, when there is one, is kept for logs only.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no route matches the request")]
+    NotFound,
+    #[error("method not allowed")]
+    MethodNotAllowed { allow: Vec<Method> },
+    #[error("bad request: {detail}")]
+    BadRequest {
+        detail: String,
+        field: Option<String>,
+    },
+    #[error("request body larger than {limit} bytes")]
+    PayloadTooLarge { limit: u64 },
+    #[error("request timed out after {after:?}")]
+    Timeout { after: Duration },
+    #[error("backend {backend} unavailable: {reason}")]
+    BackendUnavailable {
+        backend: String,
+        reason: &'static str,
+        retry_after: Option<Duration>,
+        #[source]
+        source: Option<crate::BoxError>,
+    },
+    #[error("backend {backend} failed: {reason}")]
+    BadGateway {
+        backend: String,
+        reason: &'static str,
+        #[source]
+        source: Option<crate::BoxError>,
+    },
+    #[error("internal gateway error: {0}")]
+    Internal(&'static str),
+}
+
+impl GatewayError {
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        GatewayError::BadRequest {
+            detail: detail.into(),
+            field: None,
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            GatewayError::NotFound => StatusCode::NOT_FOUND,
+            GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            GatewayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            GatewayError::BackendUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn fault(&self) -> Fault {
+        match self {
+            GatewayError::NotFound
+            | GatewayError::MethodNotAllowed { .. }
+            | GatewayError::BadRequest { .. }
+            | GatewayError::PayloadTooLarge { .. } => Fault::Client,
+            GatewayError::Timeout { .. }
+            | GatewayError::BackendUnavailable { .. }
+            | GatewayError::BadGateway { .. } => Fault::Upstream,
+            GatewayError::Internal(_) => Fault::Gateway,
+        }
+    }
+
+    /// Whether the backend certainly did not act on the request, so a retry is safe whatever
+    /// the method.
+    pub fn retryable(&self) -> bool {
+        matches!(self, GatewayError::BackendUnavailable { .. })
+    }
+
+    fn slug(&self) -> &'static str {
+        match self {
+            GatewayError::NotFound => "route-not-found",
+            GatewayError::MethodNotAllowed { .. } => "method-not-allowed",
+            GatewayError::BadRequest { .. } => "bad-request",
+            GatewayError::PayloadTooLarge { .. } => "payload-too-large",
+            GatewayError::Timeout { .. } => "timeout",
+            GatewayError::BackendUnavailable { .. } => "backend-unavailable",
+            GatewayError::BadGateway { .. } => "bad-gateway",
+            GatewayError::Internal(_) => "internal",
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            GatewayError::NotFound => "No route matches this path.".into(),
+            GatewayError::MethodNotAllowed { allow } => format!(
+                "This path accepts only: {}.",
+                allow
+                    .iter()
+                    .map(Method::as_str)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            GatewayError::BadRequest { detail, .. } => detail.clone(),
+            GatewayError::PayloadTooLarge { limit } => {
+                format!("The request body exceeds this route's limit of {limit} bytes.")
+            }
+            GatewayError::Timeout { after } => format!(
+                "The backend did not answer within {}.",
+                humantime::format_duration(*after)
+            ),
+            GatewayError::BackendUnavailable {
+                backend, reason, ..
+            } => {
+                format!("Backend '{backend}' is unavailable: {reason}.")
+            }
+            GatewayError::BadGateway {
+                backend, reason, ..
+            } => {
+                format!("Backend '{backend}' failed: {reason}.")
+            }
+            GatewayError::Internal(what) => format!("The gateway failed: {what}."),
+        }
+    }
+}
+
+/// What the error edge decided about an error.
+pub struct Classified<'a> {
+    pub status: StatusCode,
+    pub fault: Fault,
+    pub retryable: bool,
+    pub error: Option<&'a GatewayError>,
+    /// Set when the request body went over its limit somewhere down the chain.
+    pub too_large: Option<u64>,
+}
+
+/// Walks the cause chain. A body-limit error anywhere wins (the client sent too much, whatever
+/// the backend made of it); otherwise the outermost `GatewayError`; otherwise hyper's own kinds.
+pub fn classify<'a>(err: &'a (dyn StdError + 'static)) -> Classified<'a> {
+    let mut gateway = None;
+    let mut hyper_timeout = false;
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if e.is::<http_body_util::LengthLimitError>() {
+            return Classified {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                fault: Fault::Client,
+                retryable: false,
+                error: None,
+                too_large: Some(limit_of(gateway)),
+            };
+        }
+        if let Some(PayloadLimit(limit)) = e.downcast_ref::<PayloadLimit>() {
+            return Classified {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                fault: Fault::Client,
+                retryable: false,
+                error: None,
+                too_large: Some(*limit),
+            };
+        }
+        if gateway.is_none() {
+            gateway = e.downcast_ref::<GatewayError>();
+        }
+        if let Some(h) = e.downcast_ref::<hyper::Error>() {
+            hyper_timeout |= h.is_timeout();
+        }
+        cur = e.source();
+    }
+    match gateway {
+        Some(g) => Classified {
+            status: g.status(),
+            fault: g.fault(),
+            retryable: g.retryable(),
+            error: Some(g),
+            too_large: None,
+        },
+        None if hyper_timeout => Classified {
+            status: StatusCode::GATEWAY_TIMEOUT,
+            fault: Fault::Upstream,
+            retryable: false,
+            error: None,
+            too_large: None,
+        },
+        None => Classified {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            fault: Fault::Gateway,
+            retryable: false,
+            error: None,
+            too_large: None,
+        },
+    }
+}
+
+fn limit_of(_g: Option<&GatewayError>) -> u64 {
+    0
+}
+
+/// The body-limit error the front end raises, carrying the route's limit so the answer can
+/// name it.
+#[derive(Debug, thiserror::Error)]
+#[error("request body larger than {0} bytes")]
+pub struct PayloadLimit(pub u64);
+
+/// THE error edge: maps any error to a problem+json response carrying the correlation ID.
+pub fn rescue(err: &(dyn StdError + 'static), correlation_id: &str) -> Response {
+    let c = classify(err);
+    let (slug, title, detail, field) = match (c.error, c.too_large) {
+        (_, Some(limit)) => (
+            "payload-too-large",
+            "Payload Too Large",
+            if limit > 0 {
+                format!("The request body exceeds this route's limit of {limit} bytes.")
+            } else {
+                "The request body exceeds this route's limit.".to_string()
+            },
+            None,
+        ),
+        (Some(g), None) => (
+            g.slug(),
+            c.status.canonical_reason().unwrap_or("Error"),
+            g.detail(),
+            match g {
+                GatewayError::BadRequest { field, .. } => field.clone(),
+                _ => None,
+            },
+        ),
+        (None, None) if c.status == StatusCode::GATEWAY_TIMEOUT => (
+            "timeout",
+            "Gateway Timeout",
+            "The backend did not answer in time.".to_string(),
+            None,
+        ),
+        (None, None) => (
+            "internal",
+            "Internal Server Error",
+            "The gateway failed to handle the request.".to_string(),
+            None,
+        ),
+    };
+    let mut body = serde_json::json!({
+        "type": format!("urn:switchyard:problem:{slug}"),
+        "title": title,
+        "status": c.status.as_u16(),
+        "detail": detail,
+        "correlation_id": correlation_id,
+    });
+    if let Some(field) = field {
+        body["field"] = field.into();
+    }
+    let mut resp = http::Response::new(full_body(body.to_string()));
+    *resp.status_mut() = c.status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    match c.error {
+        Some(GatewayError::MethodNotAllowed { allow }) => {
+            let allow = allow
+                .iter()
+                .map(Method::as_str)
+                .collect::<Vec<_>>()
+                .join(", ");
+            if let Ok(v) = HeaderValue::from_str(&allow) {
+                headers.insert(header::ALLOW, v);
+            }
+        }
+        Some(GatewayError::BackendUnavailable { retry_after, .. }) => {
+            let secs = retry_after.map_or(1, |d| d.as_secs().max(1));
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        _ => {}
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_limit_wins_over_bad_gateway() {
+        let err = GatewayError::BadGateway {
+            backend: "b".into(),
+            reason: "request failed",
+            source: Some(Box::new(PayloadLimit(10))),
+        };
+        let c = classify(&err);
+        assert_eq!(c.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(c.fault, Fault::Client);
+    }
+
+    #[test]
+    fn unknown_errors_leak_nothing() {
+        let err = std::io::Error::other("secret at 0xdeadbeef");
+        let resp = rescue(&err, "cid");
+        assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            resp.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+    }
+}

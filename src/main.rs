@@ -1,0 +1,120 @@
+//! The `switchyard` command: `run` the gateway, `validate` a routes file, print the `schema`.
+//! Exit code 64 (EX_USAGE) on bad config.
+#![forbid(unsafe_code)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use switchyard::telemetry::{self, LogFormat};
+use switchyard::{app, config};
+
+const EXIT_BAD_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "A protocol-bridging API gateway"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "pretty",
+        env = "SWITCHYARD_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve until SIGTERM/SIGINT, then drain in-flight requests.
+    Run {
+        /// The routes file.
+        #[arg(long, short, env = "SWITCHYARD_CONFIG", default_value = "routes.yaml")]
+        config: PathBuf,
+        /// Do not watch the config's directory for changes (SIGHUP and POST /reload still work).
+        #[arg(long)]
+        no_watch: bool,
+    },
+    /// Check a routes file; print every problem with file:line:column.
+    Validate {
+        /// The routes file.
+        file: PathBuf,
+    },
+    /// Print the JSON Schema of routes.yaml.
+    Schema,
+}
+
+fn validate(file: &PathBuf) -> ExitCode {
+    let name = file.display().to_string();
+    let result = config::read_file(file)
+        .and_then(|text| config::load_str(&name, &text, &config::process_env));
+    match result {
+        Ok(spec) => {
+            println!(
+                "{name}: ok ({} routes, {} backends)",
+                spec.routes.len(),
+                spec.backends.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("error: {e}");
+            }
+            eprintln!("{name}: {} problem(s) found", errors.0.len());
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+    }
+}
+
+async fn run(config: PathBuf, watch: bool) -> anyhow::Result<ExitCode> {
+    let running = match app::start(app::Options {
+        config,
+        watch,
+        sighup: true,
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(app::StartError::Config(errors)) => {
+            for e in errors {
+                tracing::error!("{e}");
+            }
+            return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("Shutting down; draining in-flight requests.");
+    running.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn main() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { file } => Ok(validate(&file)),
+        Command::Schema => {
+            println!("{}", serde_json::to_string_pretty(&config::json_schema())?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { config, no_watch } => {
+            telemetry::init(cli.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(run(config, !no_watch))
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! Per-request facts the front end learns before routing (correlation ID, client address,
+//! captured path variables) carried to every layer and backend in the request's extensions.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Inserted by the front end into every request's extensions before the route stack runs.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    pub correlation_id: Arc<str>,
+    pub client_addr: SocketAddr,
+    /// Whether the client connected over TLS.
+    pub tls: bool,
+    /// The host the client asked for (Host header or `:authority`), if any.
+    pub host: Option<String>,
+    pub route_id: Arc<str>,
+    /// Path variables captured by the route's template, by name.
+    pub params: Vec<(Arc<str>, String)>,
+}
+
+impl RequestContext {
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The request's overall deadline, set by the timeout layer so backends can pass the remaining
+/// time on (gRPC `grpc-timeout`, message expiry).
+#[derive(Debug, Clone, Copy)]
+pub struct Deadline(pub Instant);

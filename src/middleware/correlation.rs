@@ -1,0 +1,82 @@
+//! Correlation IDs and W3C trace context, assigned by the front end before routing so that every
+//! answer (including 404s and errors from the edge) carries them, and forwarded to backends.
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// Accepts the client's correlation ID when it is sane (1–128 visible ASCII characters),
+/// otherwise mints a UUIDv7.
+pub fn correlation_id(headers: &HeaderMap, header: &HeaderName) -> String {
+    if let Some(v) = headers.get(header).and_then(|v| v.to_str().ok())
+        && !v.is_empty()
+        && v.len() <= 128
+        && v.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return v.to_string();
+    }
+    uuid::Uuid::now_v7().to_string()
+}
+
+fn is_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Continues the client's trace with a new span ID, or starts a new trace. Returns the
+/// `traceparent` to forward.
+pub fn next_traceparent(headers: &HeaderMap) -> HeaderValue {
+    let span = format!("{:016x}", fastrand::u64(1..));
+    let incoming = headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok());
+    if let Some(tp) = incoming {
+        let parts: Vec<&str> = tp.trim().split('-').collect();
+        if parts.len() >= 4
+            && is_hex(parts[0], 2)
+            && parts[0] != "ff"
+            && is_hex(parts[1], 32)
+            && parts[1] != "0".repeat(32)
+            && is_hex(parts[2], 16)
+            && parts[2] != "0".repeat(16)
+            && is_hex(parts[3], 2)
+        {
+            let v = format!("00-{}-{span}-{}", parts[1], parts[3]);
+            if let Ok(v) = HeaderValue::from_str(&v) {
+                return v;
+            }
+        }
+    }
+    let trace = format!("{:032x}", fastrand::u128(1..));
+    HeaderValue::from_str(&format!("00-{trace}-{span}-01")).expect("hex is a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn continues_valid_traces_and_starts_new_ones() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            &TRACEPARENT,
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        let tp = next_traceparent(&h);
+        let s = tp.to_str().unwrap();
+        assert!(s.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(!s.contains("00f067aa0ba902b7"));
+        h.insert(&TRACEPARENT, HeaderValue::from_static("garbage"));
+        let s = next_traceparent(&h).to_str().unwrap().to_string();
+        assert_eq!(s.len(), 55);
+    }
+
+    #[test]
+    fn rejects_unsafe_client_ids() {
+        let name = HeaderName::from_static("x-request-id");
+        let mut h = HeaderMap::new();
+        h.insert(&name, HeaderValue::from_static("abc-123"));
+        assert_eq!(correlation_id(&h, &name), "abc-123");
+        h.insert(&name, HeaderValue::from_static("has space"));
+        assert_ne!(correlation_id(&h, &name), "has space");
+    }
+}

@@ -1,0 +1,89 @@
+//! The overall deadline of a request: sets [`Deadline`] for the layers and backend below it and
+//! fails with a 504 (`GatewayError::Timeout`) when the backend has not answered in time.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use super::context::Deadline;
+use crate::error::GatewayError;
+use crate::{BoxError, Request, Response};
+
+#[derive(Debug, Clone, Copy)]
+pub struct TimeoutLayer {
+    after: Duration,
+}
+
+impl TimeoutLayer {
+    pub fn new(after: Duration) -> Self {
+        TimeoutLayer { after }
+    }
+}
+
+impl<S> Layer<S> for TimeoutLayer {
+    type Service = TimeoutService<S>;
+    fn layer(&self, inner: S) -> Self::Service {
+        TimeoutService {
+            inner,
+            after: self.after,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TimeoutService<S> {
+    inner: S,
+    after: Duration,
+}
+
+impl<S> Service<Request> for TimeoutService<S>
+where
+    S: Service<Request, Response = Response, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request) -> Self::Future {
+        let deadline = Instant::now() + self.after;
+        req.extensions_mut().insert(Deadline(deadline.into_std()));
+        let after = self.after;
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            match tokio::time::timeout_at(deadline, fut).await {
+                Ok(result) => result,
+                Err(_) => Err(GatewayError::Timeout { after }.into()),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::empty_body;
+    use tower::ServiceExt;
+
+    #[tokio::test(start_paused = true)]
+    async fn expires_with_gateway_timeout() {
+        let (svc, mut handle) = tower_test::mock::pair::<Request, Response>();
+        let svc = TimeoutLayer::new(Duration::from_secs(2)).layer(svc.map_err(|e| e as BoxError));
+        let call = tokio::spawn(svc.oneshot(http::Request::new(empty_body())));
+        let (req, _send) = handle.next_request().await.unwrap();
+        assert!(req.extensions().get::<Deadline>().is_some());
+        let err = call.await.unwrap().unwrap_err();
+        assert!(matches!(
+            err.downcast_ref::<GatewayError>(),
+            Some(GatewayError::Timeout { .. })
+        ));
+    }
+}

@@ -1,0 +1,211 @@
+//! The reloader: the only writer of the route table. Triggers (file watcher, SIGHUP, admin
+//! `POST /reload`) are queued and handled one at a time: read → parse → validate (pure) →
+//! build → swap. Any failure keeps the old table serving and is reported.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use notify::{EventKind, RecursiveMode, Watcher};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::table::RouteTable;
+use crate::app::Shared;
+use crate::config;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// The config file (or its directory) changed. Skipped when the content is unchanged.
+    Watch,
+    /// SIGHUP.
+    Signal,
+    /// `POST /reload` on the admin listener.
+    Admin,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Watch => "watch",
+            Trigger::Signal => "signal",
+            Trigger::Admin => "admin",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Applied { version: u64 },
+    Unchanged { version: u64 },
+    Rejected { errors: Vec<String> },
+}
+
+struct ReloadRequest {
+    trigger: Trigger,
+    reply: Option<oneshot::Sender<Outcome>>,
+}
+
+/// A handle to queue reloads.
+#[derive(Clone)]
+pub struct Reloader {
+    tx: mpsc::Sender<ReloadRequest>,
+}
+
+impl Reloader {
+    /// Queues a reload and waits for its outcome.
+    pub async fn reload(&self, trigger: Trigger) -> Outcome {
+        let (reply, rx) = oneshot::channel();
+        let req = ReloadRequest {
+            trigger,
+            reply: Some(reply),
+        };
+        if self.tx.send(req).await.is_err() {
+            return Outcome::Rejected {
+                errors: vec!["the gateway is shutting down".into()],
+            };
+        }
+        rx.await.unwrap_or(Outcome::Rejected {
+            errors: vec!["the reload was abandoned".into()],
+        })
+    }
+
+    /// Queues a reload without waiting (watcher and signal triggers).
+    pub fn trigger(&self, trigger: Trigger) {
+        let _ = self.tx.try_send(ReloadRequest {
+            trigger,
+            reply: None,
+        });
+    }
+}
+
+pub fn content_hash(text: &str) -> String {
+    let mut h = DefaultHasher::new();
+    text.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// Reads, validates and builds a table from `path`. Used for start-up and every reload.
+pub fn load_table(
+    path: &Path,
+    version: u64,
+    previous: &crate::backends::BackendSet,
+) -> Result<(RouteTable, String), Vec<String>> {
+    let file = path.display().to_string();
+    let text = config::read_file(path)
+        .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let spec = config::load_str(&file, &text, &config::process_env)
+        .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+    let table =
+        RouteTable::build(spec, version, previous).map_err(|e| vec![format!("{file}: {e}")])?;
+    Ok((table, content_hash(&text)))
+}
+
+/// Starts the reload task. It runs until `shutdown` is cancelled.
+pub fn spawn(shared: Arc<Shared>, path: PathBuf, shutdown: CancellationToken) -> Reloader {
+    let (tx, mut rx) = mpsc::channel::<ReloadRequest>(16);
+    tokio::spawn(async move {
+        loop {
+            let req = tokio::select! {
+                r = rx.recv() => match r { Some(r) => r, None => break },
+                _ = shutdown.cancelled() => break,
+            };
+            let mut reqs = vec![req];
+            if reqs[0].trigger == Trigger::Watch {
+                // Editors write in several steps; let them finish, then handle one reload.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while let Ok(r) = rx.try_recv() {
+                    reqs.push(r);
+                }
+            }
+            let trigger = if reqs.iter().all(|r| r.trigger == Trigger::Watch) {
+                Trigger::Watch
+            } else {
+                reqs.iter()
+                    .find(|r| r.trigger != Trigger::Watch)
+                    .map_or(Trigger::Watch, |r| r.trigger)
+            };
+            let outcome = apply(&shared, &path, trigger);
+            for r in reqs {
+                if let Some(reply) = r.reply {
+                    let _ = reply.send(outcome.clone());
+                }
+            }
+        }
+    });
+    Reloader { tx }
+}
+
+fn apply(shared: &Shared, path: &Path, trigger: Trigger) -> Outcome {
+    let current = shared.table.load_full();
+    if trigger == Trigger::Watch {
+        // An unchanged file (a touch, a write to a neighbour) is not a new version.
+        if let Ok(text) = std::fs::read_to_string(path)
+            && content_hash(&text) == shared.status().hash
+        {
+            return Outcome::Unchanged {
+                version: current.version,
+            };
+        }
+    }
+    let version = current.version + 1;
+    let now = SystemTime::now();
+    match load_table(path, version, &current.backends) {
+        Ok((table, hash)) => {
+            if table.spec.server.listen != current.spec.server.listen
+                || table.spec.server.admin != current.spec.server.admin
+                || table.spec.server.tls != current.spec.server.tls
+            {
+                tracing::warn!(
+                    "Listener addresses and TLS file paths apply at the next restart; the running listeners are kept."
+                );
+            }
+            shared.table.store(Arc::new(table));
+            shared.update_status(|s| {
+                s.version = version;
+                s.hash = hash;
+                s.last_reload = Some(now);
+                s.last_attempt = Some(now);
+                s.last_error = None;
+            });
+            shared.metrics.reload(true, version);
+            tracing::info!(version, trigger = trigger.as_str(), "Config applied.");
+            Outcome::Applied { version }
+        }
+        Err(errors) => {
+            shared.update_status(|s| {
+                s.last_attempt = Some(now);
+                s.last_error = Some(errors.join("\n"));
+            });
+            shared.metrics.reload(false, current.version);
+            tracing::error!(
+                trigger = trigger.as_str(),
+                errors = %errors.join("; "),
+                "Config reload rejected; the previous config keeps serving."
+            );
+            Outcome::Rejected { errors }
+        }
+    }
+}
+
+/// Watches the config file's directory. Editors replace files by rename and Kubernetes swaps a
+/// `..data` symlink, so the directory (not the file) is watched and every change in it queues
+/// a reload; the content hash filters out changes that are not to the config.
+pub fn watch(path: &Path, reloader: Reloader) -> notify::Result<notify::RecommendedWatcher> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if let Ok(ev) = res
+            && !matches!(ev.kind, EventKind::Access(_))
+        {
+            reloader.trigger(Trigger::Watch);
+        }
+    })?;
+    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    Ok(watcher)
+}

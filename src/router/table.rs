@@ -1,0 +1,205 @@
+//! The compiled, immutable route table the front end matches every request against. Built off
+//! to the side on each reload and swapped in whole; lookup cost grows with the path's length,
+//! not the number of routes (a radix tree per host).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+
+use crate::RouteService;
+use crate::backends::{BackendSet, BuiltBackend};
+use crate::config::template::PathTemplate;
+use crate::config::{ConfigSpec, RouteSpec, validate::route_methods};
+use crate::middleware;
+
+/// One route, ready to serve.
+pub struct CompiledRoute {
+    pub id: Arc<str>,
+    pub spec: RouteSpec,
+    pub template: PathTemplate,
+    pub names: Vec<Arc<str>>,
+    pub methods: Option<BTreeSet<Method>>,
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+    pub max_body_size: u64,
+    pub backend: Arc<BuiltBackend>,
+    pub service: RouteService,
+}
+
+impl CompiledRoute {
+    fn accepts(&self, method: &Method) -> bool {
+        self.methods.as_ref().is_none_or(|m| m.contains(method))
+    }
+    fn headers_match(&self, headers: &HeaderMap) -> bool {
+        self.headers
+            .iter()
+            .all(|(n, v)| headers.get_all(n).iter().any(|x| x == v))
+    }
+}
+
+#[derive(Default)]
+struct PathIndex {
+    router: matchit::Router<usize>,
+    /// Route indices per path shape, in config order.
+    groups: Vec<Vec<usize>>,
+}
+
+/// What the router found for a request.
+pub enum Lookup<'a> {
+    Found {
+        route: &'a Arc<CompiledRoute>,
+        params: Vec<(Arc<str>, String)>,
+    },
+    MethodNotAllowed(Vec<Method>),
+    NotFound,
+}
+
+pub struct RouteTable {
+    pub version: u64,
+    pub spec: Arc<ConfigSpec>,
+    pub routes: Vec<Arc<CompiledRoute>>,
+    pub backends: BackendSet,
+    pub correlation_header: HeaderName,
+    by_host: HashMap<String, PathIndex>,
+    any_host: PathIndex,
+}
+
+/// Building failed for a reason validation could not see (a plugin refused, a router conflict).
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Stack(#[from] middleware::StackError),
+    #[error("route `{route}`: {message}")]
+    Route { route: String, message: String },
+}
+
+impl RouteTable {
+    /// Builds a table from validated config, reusing the previous backends where unchanged.
+    pub fn build(
+        spec: ConfigSpec,
+        version: u64,
+        previous: &BackendSet,
+    ) -> Result<RouteTable, BuildError> {
+        let backends = previous.rebuild(&spec.backends);
+        let mut routes = Vec::with_capacity(spec.routes.len());
+        let mut by_host: HashMap<String, PathIndex> = HashMap::new();
+        let mut any_host = PathIndex::default();
+        let mut keys: HashMap<(Option<String>, String), usize> = HashMap::new();
+        for (i, r) in spec.routes.iter().enumerate() {
+            let err = |message: String| BuildError::Route {
+                route: r.id.clone(),
+                message,
+            };
+            let template = PathTemplate::parse(&r.matcher.path).map_err(err)?;
+            let methods = route_methods(&r.matcher).map_err(err)?;
+            let backend = backends
+                .by_name
+                .get(&r.backend)
+                .cloned()
+                .ok_or_else(|| err(format!("backend `{}` is not defined", r.backend)))?;
+            let headers = r
+                .matcher
+                .headers
+                .iter()
+                .map(|(n, v)| {
+                    Ok((
+                        HeaderName::from_bytes(n.as_bytes())
+                            .map_err(|_| err(format!("bad header name `{n}`")))?,
+                        HeaderValue::from_str(v)
+                            .map_err(|_| err(format!("bad header value for `{n}`")))?,
+                    ))
+                })
+                .collect::<Result<Vec<_>, BuildError>>()?;
+            let service =
+                middleware::stack(r, &spec.defaults, backend.route_service(r, &template))?;
+            let key = template.router_key();
+            let host = r.matcher.host.clone();
+            let index = match &host {
+                Some(h) => by_host.entry(h.clone()).or_default(),
+                None => &mut any_host,
+            };
+            let group = match keys.get(&(host.clone(), key.clone())) {
+                Some(&g) => g,
+                None => {
+                    let g = index.groups.len();
+                    index
+                        .router
+                        .insert(key.clone(), g)
+                        .map_err(|e| err(e.to_string()))?;
+                    index.groups.push(Vec::new());
+                    keys.insert((host, key), g);
+                    g
+                }
+            };
+            index.groups[group].push(i);
+            routes.push(Arc::new(CompiledRoute {
+                id: r.id.as_str().into(),
+                names: template.captures().into_iter().map(Arc::from).collect(),
+                template,
+                spec: r.clone(),
+                methods,
+                headers,
+                max_body_size: r.max_body_size.unwrap_or(spec.defaults.max_body_size).0,
+                backend,
+                service,
+            }));
+        }
+        let correlation_header = HeaderName::from_bytes(spec.server.correlation_header.as_bytes())
+            .unwrap_or(HeaderName::from_static("x-request-id"));
+        Ok(RouteTable {
+            version,
+            spec: Arc::new(spec),
+            routes,
+            backends,
+            correlation_header,
+            by_host,
+            any_host,
+        })
+    }
+
+    /// Finds the route for a request. Host-specific routes are tried before host-less ones;
+    /// within a path shape, routes are tried in config order.
+    pub fn lookup(
+        &self,
+        host: Option<&str>,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Lookup<'_> {
+        let mut allow: Vec<Method> = Vec::new();
+        let indices = host
+            .and_then(|h| self.by_host.get(h))
+            .into_iter()
+            .chain(std::iter::once(&self.any_host));
+        for index in indices {
+            let Ok(m) = index.router.at(path) else {
+                continue;
+            };
+            for &i in &index.groups[*m.value] {
+                let route = &self.routes[i];
+                if !route.headers_match(headers) {
+                    continue;
+                }
+                if route.accepts(method) {
+                    let params = route
+                        .names
+                        .iter()
+                        .cloned()
+                        .zip(m.params.iter().map(|(_, v)| v.to_string()))
+                        .collect();
+                    return Lookup::Found { route, params };
+                }
+                if let Some(ms) = &route.methods {
+                    allow.extend(ms.iter().cloned());
+                }
+            }
+        }
+        if allow.is_empty() {
+            Lookup::NotFound
+        } else {
+            allow.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            allow.dedup();
+            Lookup::MethodNotAllowed(allow)
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! The front end's request handler, the outermost part of the request path: correlation ID and
+//! trace context, request hygiene (control characters, path normalisation), routing, the body
+//! limit, the route's stack, and finally THE error edge (`error::rescue`) and the access log.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::{HeaderValue, Request as HttpRequest, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use tower::ServiceExt;
+use tracing::Instrument;
+
+use super::body::LimitedBody;
+use crate::app::Shared;
+use crate::error::{GatewayError, PayloadLimit, rescue};
+use crate::middleware::context::RequestContext;
+use crate::middleware::correlation::{self, TRACEPARENT};
+use crate::router::{Lookup, normalize::normalize};
+use crate::telemetry::access::{AccessEntry, AccessLogBody};
+use crate::{BodyError, BoxError, Response};
+
+/// Facts about the connection a request came in on.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub remote: SocketAddr,
+    pub tls: bool,
+}
+
+fn host_of(req: &HttpRequest<Incoming>) -> Option<String> {
+    let raw = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)?
+                .to_str()
+                .ok()
+                .map(str::to_string)
+        })?;
+    Some(raw)
+}
+
+/// Host name without port, lower-cased, for matching.
+fn host_name(host: &str) -> String {
+    let h = if host.starts_with('[') {
+        host.split_inclusive(']').next().unwrap_or(host)
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    h.to_ascii_lowercase()
+}
+
+fn has_control_chars(req: &HttpRequest<Incoming>) -> bool {
+    req.headers().values().any(|v| {
+        v.as_bytes()
+            .iter()
+            .any(|&b| b == 0 || b == b'\r' || b == b'\n')
+    })
+}
+
+/// Handles one request end to end. Never fails: every error becomes a problem+json answer.
+pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: HttpRequest<Incoming>) -> Response {
+    let started = Instant::now();
+    let table = shared.table.load_full();
+    let cid: Arc<str> =
+        correlation::correlation_id(req.headers(), &table.correlation_header).into();
+    let span = tracing::info_span!("request", correlation_id = %cid, route = tracing::field::Empty);
+    let method = req.method().clone();
+    let raw_path = req.uri().path().to_string();
+    let cid_header = HeaderValue::from_str(&cid).ok();
+    let mut route_id: Arc<str> = Arc::from("-");
+    let mut backend_name = None;
+
+    let result: Result<Response, BoxError> = async {
+        if has_control_chars(&req) {
+            return Err(GatewayError::bad_request(
+                "a header value holds a NUL, CR or LF character",
+            )
+            .into());
+        }
+        let path = normalize(req.uri().path(), table.spec.server.encoded_slash)
+            .map_err(|e| GatewayError::bad_request(format!("{e}.")))?;
+        let host = host_of(&req);
+        let host_key = host.as_deref().map(host_name);
+        let (route, params) =
+            match table.lookup(host_key.as_deref(), req.method(), &path, req.headers()) {
+                Lookup::Found { route, params } => (route.clone(), params),
+                Lookup::MethodNotAllowed(allow) => {
+                    return Err(GatewayError::MethodNotAllowed { allow }.into());
+                }
+                Lookup::NotFound => return Err(GatewayError::NotFound.into()),
+            };
+        route_id = route.id.clone();
+        backend_name = Some(route.spec.backend.clone());
+        tracing::Span::current().record("route", &*route.id);
+        let limit = route.max_body_size;
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit) {
+            return Err(PayloadLimit(limit).into());
+        }
+        let (mut parts, body) = req.into_parts();
+        let body =
+            LimitedBody::new(body.map_err(BodyError::new).boxed_unsync(), limit).boxed_unsync();
+        let path_and_query = match parts.uri.query() {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        parts.uri = path_and_query
+            .parse()
+            .map_err(|_| GatewayError::bad_request("the request target is not a valid URI"))?;
+        let traceparent = correlation::next_traceparent(&parts.headers);
+        parts.headers.insert(TRACEPARENT.clone(), traceparent);
+        if let Some(v) = &cid_header {
+            parts
+                .headers
+                .insert(table.correlation_header.clone(), v.clone());
+        }
+        parts.extensions.insert(RequestContext {
+            correlation_id: cid.clone(),
+            client_addr: conn.remote,
+            tls: conn.tls,
+            host,
+            route_id: route.id.clone(),
+            params,
+        });
+        route
+            .service
+            .clone()
+            .oneshot(http::Request::from_parts(parts, body))
+            .await
+    }
+    .instrument(span.clone())
+    .await;
+
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(err) => {
+            let resp = rescue(err.as_ref(), &cid);
+            let status = resp.status();
+            if status.is_server_error() {
+                if let Some(b) = &backend_name {
+                    shared.metrics.backend_error(b, status.as_u16());
+                }
+                let _enter = span.enter();
+                tracing::warn!(route = %route_id, status = status.as_u16(), error = %error_chain(err.as_ref()), "Request failed.");
+            }
+            resp
+        }
+    };
+    if let Some(v) = cid_header {
+        resp.headers_mut()
+            .insert(table.correlation_header.clone(), v);
+    }
+    let status = resp.status().as_u16();
+    shared
+        .metrics
+        .request(&route_id, &method, status, started.elapsed().as_secs_f64());
+    let entry = AccessEntry {
+        route: route_id,
+        method: method.clone(),
+        path: raw_path,
+        status,
+        started,
+        correlation_id: cid,
+        backend: backend_name,
+        client: conn.remote,
+    };
+    let (parts, body) = resp.into_parts();
+    http::Response::from_parts(parts, AccessLogBody::new(body, entry).boxed_unsync())
+}
+
+/// The cause chain of an error, for logs (never for clients).
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        cur = e.source();
+    }
+    out
+}

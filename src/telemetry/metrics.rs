@@ -1,0 +1,166 @@
+//! Prometheus metrics: requests by route/method/status, latency by route, backend errors,
+//! reloads by result, open connections. Rendered by the admin listener's `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendErrorLabels {
+    backend: String,
+    status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BackendLabels {
+    backend: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReloadLabels {
+    result: String,
+}
+
+type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: HistogramFamily,
+    backend_errors: Family<BackendErrorLabels, Counter>,
+    backend_ready: Family<BackendLabels, Gauge>,
+    reloads: Family<ReloadLabels, Counter>,
+    config_version: Gauge,
+    pub open_connections: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("switchyard");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        let backend_errors = Family::<BackendErrorLabels, Counter>::default();
+        let backend_ready = Family::<BackendLabels, Gauge>::default();
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        let config_version = Gauge::default();
+        let open_connections = Gauge::default();
+        registry.register(
+            "requests",
+            "Requests answered, by route, method and status",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time to the response head, by route",
+            latency.clone(),
+        );
+        registry.register(
+            "backend_errors",
+            "Backend calls that failed, by backend and the status answered",
+            backend_errors.clone(),
+        );
+        registry.register(
+            "backend_ready",
+            "1 when the backend is ready",
+            backend_ready.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reloads, by result",
+            reloads.clone(),
+        );
+        registry.register(
+            "config_version",
+            "Version of the config being served",
+            config_version.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Open client connections",
+            open_connections.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            backend_errors,
+            backend_ready,
+            reloads,
+            config_version,
+            open_connections,
+        }
+    }
+
+    pub fn request(&self, route: &str, method: &http::Method, status: u16, seconds: f64) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                route: route.to_string(),
+                method: method.as_str().to_string(),
+                status: status.to_string(),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&RouteLabels {
+                route: route.to_string(),
+            })
+            .observe(seconds);
+    }
+
+    pub fn backend_error(&self, backend: &str, status: u16) {
+        self.backend_errors
+            .get_or_create(&BackendErrorLabels {
+                backend: backend.to_string(),
+                status: status.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn backend_ready(&self, backend: &str, ready: bool) {
+        self.backend_ready
+            .get_or_create(&BackendLabels {
+                backend: backend.to_string(),
+            })
+            .set(i64::from(ready));
+    }
+
+    pub fn reload(&self, applied: bool, version: u64) {
+        let result = if applied { "applied" } else { "rejected" };
+        self.reloads
+            .get_or_create(&ReloadLabels {
+                result: result.into(),
+            })
+            .inc();
+        self.config_version.set(version as i64);
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
