@@ -2,7 +2,7 @@
 //! Exit code 64 (EX_USAGE) on bad config.
 #![forbid(unsafe_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -51,7 +51,7 @@ enum Command {
     Schema,
 }
 
-fn validate(file: &PathBuf) -> ExitCode {
+fn validate(file: &Path) -> ExitCode {
     let name = file.display().to_string();
     let result = config::read_file(file)
         .and_then(|text| config::load_str(&name, &text, &config::process_env));

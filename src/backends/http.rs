@@ -229,7 +229,7 @@ impl HttpRouteService {
         let path = match &*self.rewrite {
             PathRewrite::Keep => path.to_string(),
             PathRewrite::StripPrefix(p) => match path.strip_prefix(p.as_str()) {
-                Some(rest) if rest.is_empty() => "/".to_string(),
+                Some("") => "/".to_string(),
                 Some(rest) if rest.starts_with('/') => rest.to_string(),
                 _ => path.to_string(),
             },

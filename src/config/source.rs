@@ -311,7 +311,9 @@ pub fn parse(
             let inner = e.into_inner();
             // Prefer the exact node the path names; then the parser's own mark; then the
             // nearest enclosing node.
+            let unknown_key = inner.to_string().contains("unknown field");
             let pos = match (loc.values.get(&path), inner.location()) {
+                (Some(_), _) if unknown_key => loc.key(&path),
                 (Some(p), _) => *p,
                 (None, Some(l)) => Pos {
                     line: l.line(),

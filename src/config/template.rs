@@ -84,6 +84,10 @@ impl PathTemplate {
         })
     }
 
+    pub fn ends_with_catch_all(&self) -> bool {
+        matches!(self.segments.last(), Some(Segment::CatchAll(_)))
+    }
+
     /// Names of the variables, in order.
     pub fn captures(&self) -> Vec<&str> {
         self.segments

@@ -24,6 +24,13 @@ impl Ctx<'_> {
             ..ConfigError::at(self.file, pos.line, pos.column, message)
         });
     }
+    fn err_key_route(&mut self, path: &str, route: Option<&str>, message: impl Into<String>) {
+        let pos = self.loc.key(path);
+        self.errors.push(ConfigError {
+            route: route.map(str::to_string),
+            ..ConfigError::at(self.file, pos.line, pos.column, message)
+        });
+    }
     fn err_key(&mut self, path: &str, message: impl Into<String>) {
         let pos = self.loc.key(path);
         self.errors
@@ -66,6 +73,7 @@ pub fn validate(file: &str, spec: &ConfigSpec, loc: &Locator) -> Vec<ConfigError
     }
     let mut ids: HashMap<&str, usize> = HashMap::new();
     let mut shapes: HashMap<(Option<String>, String), Vec<usize>> = HashMap::new();
+    let mut catch_all_keys = std::collections::HashSet::new();
     for (i, route) in spec.routes.iter().enumerate() {
         let base = format!("routes[{i}]");
         let id = route.id.as_str();
@@ -84,6 +92,9 @@ pub fn validate(file: &str, spec: &ConfigSpec, loc: &Locator) -> Vec<ConfigError
         let template = validate_route(&mut cx, spec, i, route);
         if let Some(t) = template {
             let host = route.matcher.host.clone();
+            if t.ends_with_catch_all() {
+                catch_all_keys.insert(t.router_key());
+            }
             shapes.entry((host, t.router_key())).or_default().push(i);
         }
     }
@@ -115,11 +126,13 @@ pub fn validate(file: &str, spec: &ConfigSpec, loc: &Locator) -> Vec<ConfigError
         }
     }
     // The router itself must accept every shape (it rejects some overlaps of variables).
-    let mut routers: HashMap<Option<String>, matchit::Router<()>> = HashMap::new();
+    let mut routers: HashMap<(Option<String>, bool), matchit::Router<()>> = HashMap::new();
     let mut keys: Vec<_> = shapes.iter().collect();
     keys.sort_by_key(|(_, idx)| idx[0]);
     for ((host, key), idx) in keys {
-        let router = routers.entry(host.clone()).or_default();
+        let router = routers
+            .entry((host.clone(), catch_all_keys.contains(key)))
+            .or_default();
         if let Err(e) = router.insert(key.as_str(), ()) {
             let i = idx[0];
             cx.err(
@@ -159,7 +172,7 @@ fn validate_server(cx: &mut Ctx, s: &ServerSpec) {
             cx.err(&format!("server.limits.{what}"), None, "must be above zero");
         }
     }
-    if s.listen == s.admin {
+    if s.listen == s.admin && s.listen.port() != 0 {
         cx.err(
             "server.admin",
             None,
@@ -298,8 +311,8 @@ fn validate_route(
     for (j, p) in route.plugins.iter().enumerate() {
         let path = format!("{base}.plugins[{j}]");
         match crate::plugins::find(&p.name) {
-            None => cx.err(
-                &path,
+            None => cx.err_key_route(
+                &format!("{path}.{}", p.name),
                 id,
                 format!(
                     "unknown plugin `{}`; known plugins: {}",

@@ -25,12 +25,13 @@ struct HeadersConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct HeaderOpsSpec {
-    /// Replace (or create) these headers.
+    /// Replace (or create) these headers. Values are strings; numbers and booleans are taken
+    /// as written.
     #[serde(default)]
-    set: BTreeMap<String, String>,
+    set: BTreeMap<String, serde_json::Value>,
     /// Append these values, keeping existing ones.
     #[serde(default)]
-    add: BTreeMap<String, String>,
+    add: BTreeMap<String, serde_json::Value>,
     /// Remove these headers.
     #[serde(default)]
     remove: Vec<String>,
@@ -49,12 +50,19 @@ impl HeaderOps {
             HeaderName::from_bytes(n.as_bytes())
                 .map_err(|_| format!("{side}: `{n}` is not a valid header name"))
         };
-        let pair = |(n, v): (&String, &String)| -> Result<(HeaderName, HeaderValue), String> {
-            let value = HeaderValue::from_str(v).map_err(|_| {
-                format!("{side}: the value of `{n}` holds characters not allowed in headers")
-            })?;
-            Ok((name(n)?, value))
-        };
+        let pair =
+            |(n, v): (&String, &serde_json::Value)| -> Result<(HeaderName, HeaderValue), String> {
+                let v = match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Number(n) => n.to_string(),
+                    serde_json::Value::Bool(b) => b.to_string(),
+                    _ => return Err(format!("{side}: the value of `{n}` must be a string")),
+                };
+                let value = HeaderValue::from_str(&v).map_err(|_| {
+                    format!("{side}: the value of `{n}` holds characters not allowed in headers")
+                })?;
+                Ok((name(n)?, value))
+            };
         Ok(HeaderOps {
             set: spec.set.iter().map(pair).collect::<Result<_, _>>()?,
             add: spec.add.iter().map(pair).collect::<Result<_, _>>()?,

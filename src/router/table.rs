@@ -37,9 +37,13 @@ impl CompiledRoute {
     }
 }
 
+/// The routes of one host. Templates ending in a catch-all live in a router of their own,
+/// tried after the first: the radix tree ranks static segments above parameters but refuses a
+/// parameter and a catch-all at the same position, and parameters must beat catch-alls.
 #[derive(Default)]
 struct PathIndex {
-    router: matchit::Router<usize>,
+    exact: matchit::Router<usize>,
+    catch_all: matchit::Router<usize>,
     /// Route indices per path shape, in config order.
     groups: Vec<Vec<usize>>,
 }
@@ -122,8 +126,12 @@ impl RouteTable {
                 Some(&g) => g,
                 None => {
                     let g = index.groups.len();
-                    index
-                        .router
+                    let router = if template.ends_with_catch_all() {
+                        &mut index.catch_all
+                    } else {
+                        &mut index.exact
+                    };
+                    router
                         .insert(key.clone(), g)
                         .map_err(|e| err(e.to_string()))?;
                     index.groups.push(Vec::new());
@@ -170,9 +178,10 @@ impl RouteTable {
         let indices = host
             .and_then(|h| self.by_host.get(h))
             .into_iter()
-            .chain(std::iter::once(&self.any_host));
-        for index in indices {
-            let Ok(m) = index.router.at(path) else {
+            .chain(std::iter::once(&self.any_host))
+            .flat_map(|i| [(&i.exact, i), (&i.catch_all, i)]);
+        for (router, index) in indices {
+            let Ok(m) = router.at(path) else {
                 continue;
             };
             for &i in &index.groups[*m.value] {

@@ -1,0 +1,114 @@
+//! The `switchyard` command: `validate` exit codes and messages on a set of broken files, the
+//! repository's routes.yaml and every example validating, and `schema`.
+
+use std::path::Path;
+use std::process::Command;
+
+fn switchyard() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+}
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn broken_files_exit_64_with_file_line_column() {
+    let dir = root().join("tests/fixtures/invalid");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let want = text
+            .lines()
+            .next()
+            .unwrap()
+            .strip_prefix("# expect: ")
+            .expect("first line is `# expect: …`");
+        let out = switchyard().arg("validate").arg(&path).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{}: {stderr}", path.display());
+        let expected = if want.starts_with(|c: char| c.is_ascii_digit()) {
+            format!("{}:{want}", path.display())
+        } else {
+            want.to_string()
+        };
+        assert!(
+            stderr.contains(&expected),
+            "{}:\n want: {expected}\n got: {stderr}",
+            path.display()
+        );
+        seen += 1;
+    }
+    assert!(seen >= 10);
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("many.yaml");
+    std::fs::write(
+        &path,
+        "backends:\n  up: { type: http, endpoints: [\"http://127.0.0.1:9\"] }\nroutes:\n  - id: a\n    match: { path: /a, method: get }\n    backend: nope\n  - id: a\n    match: { path: /b }\n    backend: up\n",
+    )
+    .unwrap();
+    let out = switchyard().arg("validate").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("many.yaml:5:32: route `a`: method `get` must be written in capitals"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("many.yaml:6:14: route `a`: backend `nope` is not defined"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("many.yaml:7:9: route `a`: duplicate route id"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("3 problem(s) found"), "{stderr}");
+}
+
+#[test]
+fn repository_routes_and_examples_validate() {
+    let mut files = vec![root().join("routes.yaml")];
+    for entry in std::fs::read_dir(root().join("examples")).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            files.push(p);
+        }
+    }
+    assert!(files.len() >= 2, "examples/ holds route files");
+    for f in files {
+        let out = switchyard().arg("validate").arg(&f).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            f.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn schema_is_json_schema_of_the_config() {
+    let out = switchyard().arg("schema").output().unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["$schema"].is_string());
+    assert!(v["properties"]["routes"].is_object());
+    assert!(v["properties"]["backends"].is_object());
+}
+
+#[test]
+fn run_with_invalid_config_exits_64() {
+    let path = root().join("tests/fixtures/invalid/undefined-backend.yaml");
+    let out = switchyard()
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+}

@@ -1,0 +1,215 @@
+//! The front end: slowloris, idle keep-alive, TLS with h2 via ALPN and certificate reload,
+//! graceful drain, the admin endpoints.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::support::*;
+
+fn routes(upstream: &str) -> String {
+    format!(
+        r#"
+backends:
+  up: {{ type: http, endpoints: ["{upstream}"] }}
+routes:
+  - id: r
+    match: {{ path: "/{{*rest}}" }}
+    backend: up
+"#
+    )
+}
+
+#[tokio::test]
+async fn slowloris_connection_is_closed_and_others_are_served() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&format!(
+        "server: {{ listen: \"127.0.0.1:0\", admin: \"127.0.0.1:0\", limits: {{ header_read_timeout: 300ms }} }}\n{}",
+        routes(&up.url())
+    ))
+    .await;
+    let mut slow = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    slow.write_all(b"GET /x HTTP/1.1\r\nhost: a\r\nx-slow: ")
+        .await
+        .unwrap();
+    // Meanwhile, a normal client is served.
+    let (s, _, _) = get(&gw.url("/ok")).await;
+    assert_eq!(s, 200);
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the slow connection was not closed");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&format!(
+        "server: {{ listen: \"127.0.0.1:0\", admin: \"127.0.0.1:0\", limits: {{ idle_timeout: 200ms }} }}\n{}",
+        routes(&up.url())
+    ))
+    .await;
+    let mut c = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    c.write_all(b"GET /x HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = c.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Nothing more is sent; the gateway closes the connection.
+    let mut rest = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest)).await;
+    assert!(r.is_ok(), "idle connection was not closed");
+}
+
+fn write_cert(dir: &std::path::Path, name: &str) -> Vec<u8> {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string(), name.to_string()])
+        .unwrap();
+    std::fs::write(dir.join("cert.pem.tmp"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem.tmp"), ck.signing_key.serialize_pem()).unwrap();
+    std::fs::rename(dir.join("key.pem.tmp"), dir.join("key.pem")).unwrap();
+    std::fs::rename(dir.join("cert.pem.tmp"), dir.join("cert.pem")).unwrap();
+    ck.cert.der().to_vec()
+}
+
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    roots: &[Vec<u8>],
+) -> (
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    Vec<u8>,
+) {
+    let mut store = rustls::RootCertStore::empty();
+    for r in roots {
+        store
+            .add(rustls_pki_types::CertificateDer::from(r.clone()))
+            .unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let peer = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    (tls, peer)
+}
+
+#[tokio::test]
+async fn tls_serves_h2_via_alpn_and_reloads_the_certificate() {
+    let up = Upstream::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = write_cert(dir.path(), "one.test");
+    let yaml = format!(
+        "server: {{ listen: \"127.0.0.1:0\", admin: \"127.0.0.1:0\", tls: {{ cert: {}, key: {} }} }}\n{}",
+        dir.path().join("cert.pem").display(),
+        dir.path().join("key.pem").display(),
+        routes(&up.url())
+    );
+    let gw = Gateway::start(&yaml).await;
+
+    let (tls, peer) = tls_connect(gw.listen, std::slice::from_ref(&first)).await;
+    assert_eq!(peer, first);
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(
+            http::Request::get("https://localhost/secure")
+                .body(body(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(json(&b)["headers"]["x-forwarded-proto"], "https");
+
+    // Replace the certificate on disk; new handshakes get the new one.
+    let second = write_cert(dir.path(), "two.test");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, peer) = tls_connect(gw.listen, &[first.clone(), second.clone()]).await;
+        if peer == second {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "certificate was not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_requests() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&routes(&up.url())).await;
+    let url = gw.url("/slow/500");
+    let inflight = tokio::spawn(async move { get(&url).await });
+    // Wait until the upstream has the request, then shut down.
+    while up.hits() == 0 {
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let listen = gw.listen;
+    assert!(gw.shutdown().await, "drained within the grace period");
+    let (s, _, _) = inflight.await.unwrap();
+    assert_eq!(s, 200);
+    assert!(
+        tokio::net::TcpStream::connect(listen).await.is_err(),
+        "no longer accepting"
+    );
+}
+
+#[tokio::test]
+async fn admin_endpoints_report_state() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&routes(&up.url())).await;
+    let (s, _, _) = get(&gw.url("/count")).await;
+    assert_eq!(s, 200);
+    let (s, v) = gw.admin_json("/healthz").await;
+    assert_eq!((s.as_u16(), v["status"].as_str()), (200, Some("ok")));
+    let (s, v) = gw.admin_json("/routes").await;
+    assert_eq!(s, 200);
+    assert_eq!(v["routes"][0]["id"], "r");
+    assert_eq!(v["routes"][0]["backend"], "up");
+    let (_, v) = gw.admin_json("/config").await;
+    assert_eq!(v["version"], 1);
+    assert!(v["hash"].is_string() && v["last_error"].is_null());
+    let (s, _, b) = get(&gw.admin_url("/metrics")).await;
+    assert_eq!(s, 200);
+    let text = String::from_utf8_lossy(&b);
+    assert!(
+        text.contains(r#"switchyard_requests_total{route="r",method="GET",status="200"} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains("switchyard_request_duration_seconds_bucket"),
+        "{text}"
+    );
+    assert!(text.contains("switchyard_open_connections"), "{text}");
+    assert!(
+        text.contains(r#"switchyard_config_reloads_total{result="applied"}"#),
+        "{text}"
+    );
+}

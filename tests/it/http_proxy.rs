@@ -1,0 +1,213 @@
+//! Proxying through the HTTP backend: rewrites, forwarded headers, correlation and trace
+//! context, streaming bodies both ways, round robin.
+
+use bytes::Bytes;
+use http::Method;
+use http_body_util::BodyExt;
+
+use crate::support::*;
+
+fn yaml(upstream: &str) -> String {
+    format!(
+        r#"
+backends:
+  up: {{ type: http, endpoints: ["{upstream}"] }}
+routes:
+  - id: strip
+    match: {{ path: "/api/{{*rest}}" }}
+    backend: up
+    http: {{ strip_prefix: /api }}
+  - id: rewrite
+    match: {{ method: GET, path: "/v1/users/{{id}}" }}
+    backend: up
+    http: {{ rewrite: "/users/{{id}}/profile" }}
+  - id: plain
+    match: {{ path: "/plain/{{*rest}}" }}
+    backend: up
+    max_body_size: 1KiB
+    plugins:
+      - headers:
+          request: {{ set: {{ x-added: yes }}, remove: [x-drop] }}
+          response: {{ set: {{ x-resp: 1 }}, remove: [x-upstream] }}
+"#
+    )
+}
+
+#[tokio::test]
+async fn rewrites_paths_and_sets_forwarded_headers() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&yaml(&up.url())).await;
+
+    let (s, _, b) = get(&gw.url("/api/things/7?x=1")).await;
+    assert_eq!(s, 200);
+    let v = json(&b);
+    assert_eq!(v["path"], "/things/7");
+    assert_eq!(v["uri"], "/things/7?x=1");
+    assert_eq!(v["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(v["headers"]["x-forwarded-proto"], "http");
+    assert_eq!(v["headers"]["x-forwarded-host"], gw.listen.to_string());
+    assert_eq!(v["headers"]["host"], up.addr.to_string());
+
+    let (s, _, b) = get(&gw.url("/v1/users/42")).await;
+    assert_eq!(s, 200);
+    assert_eq!(json(&b)["path"], "/users/42/profile");
+}
+
+#[tokio::test]
+async fn correlation_id_is_minted_forwarded_and_echoed() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&yaml(&up.url())).await;
+
+    let (_, h, b) = get(&gw.url("/plain/a")).await;
+    let minted = h["x-request-id"].to_str().unwrap().to_string();
+    assert_eq!(uuid::Uuid::parse_str(&minted).unwrap().get_version_num(), 7);
+    assert_eq!(json(&b)["headers"]["x-request-id"], minted.as_str());
+    let tp = json(&b)["headers"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(tp.len(), 55, "a new trace is started: {tp}");
+
+    let req = request(Method::GET, &gw.url("/plain/a"))
+        .header("x-request-id", "client-chosen-1")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .body(body(""))
+        .unwrap();
+    let (_, h, b) = send(req).await;
+    assert_eq!(h["x-request-id"], "client-chosen-1");
+    let v = json(&b);
+    assert_eq!(v["headers"]["x-request-id"], "client-chosen-1");
+    let tp = v["headers"]["traceparent"].as_str().unwrap();
+    assert!(
+        tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{tp}"
+    );
+    assert!(
+        !tp.contains("00f067aa0ba902b7"),
+        "a new span id is used: {tp}"
+    );
+
+    // Errors carry it too.
+    let req = request(Method::GET, &gw.url("/nowhere"))
+        .header("x-request-id", "err-id")
+        .body(body(""))
+        .unwrap();
+    let (s, h, b) = send(req).await;
+    assert_eq!(s, 404);
+    assert_eq!(h["x-request-id"], "err-id");
+    assert_eq!(json(&b)["correlation_id"], "err-id");
+}
+
+#[tokio::test]
+async fn removes_hop_by_hop_headers_and_applies_header_plugin() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&yaml(&up.url())).await;
+    let req = request(Method::GET, &gw.url("/plain/x"))
+        .header("connection", "x-secret")
+        .header("x-secret", "1")
+        .header("x-drop", "1")
+        .header("te", "trailers")
+        .body(body(""))
+        .unwrap();
+    let (s, h, b) = send(req).await;
+    assert_eq!(s, 200);
+    let v = json(&b);
+    assert!(v["headers"].get("x-secret").is_none());
+    assert!(v["headers"].get("te").is_none());
+    assert!(v["headers"].get("x-drop").is_none());
+    assert_eq!(v["headers"]["x-added"], "yes");
+    assert_eq!(h["x-resp"], "1");
+    assert!(h.get("x-upstream").is_none());
+    assert!(h.get("connection").is_none() || h["connection"] != "x-secret");
+}
+
+#[tokio::test]
+async fn streams_bodies_both_ways() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&yaml(&up.url())).await;
+
+    // 8 MiB sent as a stream of chunks; the upstream reports what it received.
+    let chunks = futures_util::stream::iter((0..128).map(|i| {
+        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(vec![
+            (i % 251)
+                as u8;
+            64 * 1024
+        ])))
+    }));
+    let req = request(Method::POST, &gw.url("/api/upload"))
+        .body(http_body_util::StreamBody::new(chunks).boxed())
+        .unwrap();
+    let (s, _, b) = send(req).await;
+    assert_eq!(s, 200);
+    let v = json(&b);
+    assert_eq!(v["body_len"], 128 * 64 * 1024);
+    let want: u64 = (0..128u64).map(|i| (i % 251) * 64 * 1024).sum();
+    assert_eq!(v["body_sum"], want);
+
+    // A streamed response arrives whole.
+    let (s, _, b) = get(&gw.url("/api/stream/300")).await;
+    assert_eq!(s, 200);
+    assert_eq!(b.len(), 300 * 1024);
+}
+
+#[tokio::test]
+async fn round_robin_skips_a_dead_endpoint() {
+    let a = Upstream::start().await;
+    let b = Upstream::start().await;
+    let dead = free_port().await;
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  up: {{ type: http, endpoints: ["{}", "http://{dead}", "{}"], eject_for: 30s }}
+routes:
+  - id: r
+    match: {{ path: "/{{*rest}}" }}
+    backend: up
+"#,
+        a.url(),
+        b.url()
+    ))
+    .await;
+    let mut failures = 0;
+    for _ in 0..30 {
+        let (s, _, _) = get(&gw.url("/x")).await;
+        if s != 200 {
+            failures += 1;
+        }
+    }
+    // At most one request hits the dead endpoint before it is ejected.
+    assert!(failures <= 1, "{failures} failures");
+    assert!(
+        a.hits() >= 10 && b.hits() >= 10,
+        "a={} b={}",
+        a.hits(),
+        b.hits()
+    );
+}
+
+#[tokio::test]
+async fn h2c_client_and_h2_upstream() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  up: {{ type: http, endpoints: ["{}"], protocol: http2 }}
+routes:
+  - id: r
+    match: {{ path: "/{{*rest}}" }}
+    backend: up
+"#,
+        up.url()
+    ))
+    .await;
+    let resp = h2c_client()
+        .request(http::Request::get(gw.url("/h2")).body(body("")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.version(), http::Version::HTTP_2);
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(json(&b)["version"], "HTTP/2.0");
+}

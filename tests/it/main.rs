@@ -1,0 +1,9 @@
+//! Integration tests: the gateway on real sockets, with real upstreams and real files.
+
+mod cli;
+mod errors;
+mod front;
+mod http_proxy;
+mod matching;
+mod reload;
+mod support;

@@ -1,0 +1,279 @@
+//! Test harness: the gateway in-process on ephemeral ports from a YAML string, a real upstream
+//! HTTP server that echoes what it received, and a small HTTP client.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use switchyard::app::{self, Running};
+use tokio::net::TcpListener;
+
+pub type TestBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+pub fn body(b: impl Into<Bytes>) -> TestBody {
+    Full::new(b.into()).boxed()
+}
+
+/// A gateway running in this process.
+pub struct Gateway {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub dir: tempfile::TempDir,
+    pub running: Option<Running>,
+}
+
+impl Gateway {
+    /// Starts a gateway from `yaml` (written to `routes.yaml` in a fresh directory). The listen
+    /// and admin addresses default to ephemeral ports when the YAML has no `server:` block.
+    pub async fn start(yaml: &str) -> Gateway {
+        Self::start_with(yaml, true).await
+    }
+
+    pub async fn start_with(yaml: &str, watch: bool) -> Gateway {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("routes.yaml"), with_ephemeral_server(yaml)).unwrap();
+        let config = dir.path().join("routes.yaml");
+        Self::start_at(dir, config, watch).await
+    }
+
+    /// Starts a gateway on a config file already written at `config` inside `dir`.
+    pub async fn start_at(dir: tempfile::TempDir, config: PathBuf, watch: bool) -> Gateway {
+        let running = app::start(app::Options {
+            config,
+            watch,
+            sighup: false,
+        })
+        .await
+        .expect("gateway starts");
+        Gateway {
+            listen: running.listen,
+            admin: running.admin,
+            dir,
+            running: Some(running),
+        }
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("routes.yaml")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.listen, path)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+
+    /// The config version the admin API reports.
+    pub async fn version(&self) -> u64 {
+        let (_, _, b) = get(&self.admin_url("/config")).await;
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        v["version"].as_u64().unwrap()
+    }
+
+    /// Waits until the admin API reports at least `version` (never a fixed sleep).
+    pub async fn wait_version(&self, version: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let v = self.version().await;
+            if v >= version {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "config version stayed at {v}, wanted {version}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn admin_json(&self, path: &str) -> (StatusCode, serde_json::Value) {
+        let (s, _, b) = get(&self.admin_url(path)).await;
+        (s, serde_json::from_slice(&b).unwrap_or_default())
+    }
+
+    pub async fn shutdown(mut self) -> bool {
+        self.running.take().unwrap().shutdown().await
+    }
+}
+
+/// Adds `server: { listen: 127.0.0.1:0, admin: 127.0.0.1:0 }` unless the YAML has a server block.
+pub fn with_ephemeral_server(yaml: &str) -> String {
+    if yaml.contains("server:") {
+        yaml.to_string()
+    } else {
+        format!("server: {{ listen: \"127.0.0.1:0\", admin: \"127.0.0.1:0\" }}\n{yaml}")
+    }
+}
+
+pub fn client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+pub fn h2c_client() -> Client<HttpConnector, TestBody> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build(HttpConnector::new())
+}
+
+pub async fn send(req: Request<TestBody>) -> (StatusCode, HeaderMap, Bytes) {
+    let resp = client().request(req).await.expect("request sent");
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.expect("body read").to_bytes();
+    (parts.status, parts.headers, bytes)
+}
+
+pub async fn get(url: &str) -> (StatusCode, HeaderMap, Bytes) {
+    send(Request::get(url).body(body("")).unwrap()).await
+}
+
+pub fn json(b: &Bytes) -> serde_json::Value {
+    serde_json::from_slice(b).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(b)))
+}
+
+/// A real upstream that answers every request with JSON describing what it received.
+/// `/slow/{ms}` waits before answering; `/status/{code}` answers with that status;
+/// `/stream/{n}` streams n chunks of 1 KiB.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    /// TCP connections accepted.
+    pub conns: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    pub async fn start() -> Upstream {
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(addr: SocketAddr) -> Upstream {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let h = hits.clone();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let c = conns.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        h.fetch_add(1, Ordering::SeqCst);
+                        echo(req, addr)
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        Upstream {
+            addr,
+            hits,
+            conns,
+            task,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+async fn echo(
+    req: Request<Incoming>,
+    me: SocketAddr,
+) -> Result<http::Response<TestBody>, Infallible> {
+    let path = req.uri().path().to_string();
+    let mut segs = path.trim_start_matches('/').split('/');
+    match (segs.next(), segs.next()) {
+        (Some("slow"), Some(ms)) => {
+            tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(100))).await;
+        }
+        (Some("status"), Some(code)) => {
+            let mut r = http::Response::new(body(format!("status {code}")));
+            *r.status_mut() = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap();
+            return Ok(r);
+        }
+        (Some("stream"), Some(n)) => {
+            let n: usize = n.parse().unwrap_or(1);
+            let chunks = futures_util::stream::iter((0..n).map(|_| {
+                Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from(vec![b'x'; 1024])))
+            }));
+            return Ok(http::Response::new(
+                http_body_util::StreamBody::new(chunks).boxed(),
+            ));
+        }
+        _ => {}
+    }
+    let method = req.method().clone();
+    let version = format!("{:?}", req.version());
+    let uri = req.uri().to_string();
+    let headers: serde_json::Map<String, serde_json::Value> = req
+        .headers()
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").into()))
+        .collect();
+    let bytes = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let out = serde_json::json!({
+        "upstream": me.to_string(),
+        "method": method.as_str(),
+        "version": version,
+        "uri": uri,
+        "path": path,
+        "headers": headers,
+        "body_len": bytes.len(),
+        "body_sum": bytes.iter().map(|&b| b as u64).sum::<u64>(),
+    });
+    let mut r = http::Response::new(body(out.to_string()));
+    r.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    r.headers_mut()
+        .insert("connection", "keep-alive".parse().unwrap());
+    r.headers_mut().insert("x-upstream", "1".parse().unwrap());
+    Ok(r)
+}
+
+pub fn request(method: Method, url: &str) -> http::request::Builder {
+    Request::builder().method(method).uri(url)
+}
+
+/// A free TCP port on loopback (bound and released).
+pub async fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
