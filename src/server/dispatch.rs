@@ -69,7 +69,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: HttpRequest<Incomi
         correlation::correlation_id(req.headers(), &table.correlation_header).into();
     let span = tracing::info_span!("request", correlation_id = %cid, route = tracing::field::Empty);
     let method = req.method().clone();
-    let raw_path = req.uri().path().to_string();
+    let raw_uri = req.uri().clone();
     let cid_header = HeaderValue::from_str(&cid).ok();
     let mut route_id: Arc<str> = Arc::from("-");
     let mut backend_name = None;
@@ -162,10 +162,13 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: HttpRequest<Incomi
     shared
         .metrics
         .request(&route_id, &method, status, started.elapsed().as_secs_f64());
+    if !tracing::enabled!(target: "switchyard::access", tracing::Level::INFO) {
+        return resp;
+    }
     let entry = AccessEntry {
         route: route_id,
-        method: method.clone(),
-        path: raw_path,
+        method,
+        path: raw_uri.path().to_string(),
         status,
         started,
         correlation_id: cid,

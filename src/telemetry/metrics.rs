@@ -1,6 +1,8 @@
 //! Prometheus metrics: requests by route/method/status, latency by route, backend errors,
 //! reloads by result, open connections. Rendered by the admin listener's `/metrics`.
 
+use std::sync::Arc;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -10,14 +12,31 @@ use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    route: String,
-    method: String,
-    status: String,
+    route: Arc<str>,
+    method: &'static str,
+    status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
-    route: String,
+    route: Arc<str>,
+}
+
+/// Methods as bounded label values: anything non-standard is `OTHER`.
+fn method_label(m: &http::Method) -> &'static str {
+    use http::Method as M;
+    match *m {
+        M::GET => "GET",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::DELETE => "DELETE",
+        M::PATCH => "PATCH",
+        M::HEAD => "HEAD",
+        M::OPTIONS => "OPTIONS",
+        M::CONNECT => "CONNECT",
+        M::TRACE => "TRACE",
+        _ => "OTHER",
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -116,17 +135,19 @@ impl Metrics {
         }
     }
 
-    pub fn request(&self, route: &str, method: &http::Method, status: u16, seconds: f64) {
+    /// Counts one answered request. Label values are shared, so this allocates nothing once a
+    /// route/method/status combination has been seen.
+    pub fn request(&self, route: &Arc<str>, method: &http::Method, status: u16, seconds: f64) {
         self.requests
             .get_or_create(&RequestLabels {
-                route: route.to_string(),
-                method: method.as_str().to_string(),
-                status: status.to_string(),
+                route: route.clone(),
+                method: method_label(method),
+                status,
             })
             .inc();
         self.latency
             .get_or_create(&RouteLabels {
-                route: route.to_string(),
+                route: route.clone(),
             })
             .observe(seconds);
     }

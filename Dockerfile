@@ -1,0 +1,27 @@
+# Multi-stage build: compile in the Rust image, run in a slim non-root image.
+FROM rust:1-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY src ./src
+COPY benches ./benches
+RUN cargo build --release --locked --bin switchyard
+
+FROM debian:bookworm-slim
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates curl \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --home-dir /etc/switchyard switchyard
+COPY --from=build /src/target/release/switchyard /usr/local/bin/switchyard
+COPY routes.yaml /etc/switchyard/routes.yaml
+COPY plugins /etc/switchyard/plugins
+WORKDIR /etc/switchyard
+USER switchyard
+# The admin listener must be reachable for the health check inside the container only.
+ENV SWITCHYARD_CONFIG=/etc/switchyard/routes.yaml \
+    SWITCHYARD_LOG_FORMAT=json
+EXPOSE 8080 9901
+HEALTHCHECK --interval=10s --timeout=2s --start-period=5s --retries=3 \
+    CMD curl -fsS http://127.0.0.1:9901/healthz || exit 1
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["switchyard"]
+CMD ["run"]

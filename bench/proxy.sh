@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Proxy benchmark: the upstream directly, nginx proxying to it, and Switchyard proxying to it,
+# measured in one run with wrk (64 connections, keep-alive, small GET), ROUNDS times each in
+# alternation. Prints requests/s, p50 and p99 (medians over the rounds) and the ratios, and
+# Switchyard's idle RSS.
+#
+#   bash bench/proxy.sh            # DURATION=15s ROUNDS=3 CONNECTIONS=64 by default
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-15s}
+ROUNDS=${ROUNDS:-3}
+CONNECTIONS=${CONNECTIONS:-64}
+THREADS=${THREADS:-2}
+UP_PORT=${UP_PORT:-18081}
+NGINX_PORT=${NGINX_PORT:-18082}
+SY_PORT=${SY_PORT:-18083}
+SY_ADMIN=${SY_ADMIN:-18084}
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/switchyard-target}"
+
+need() { command -v "$1" >/dev/null 2>&1 || NEED="${NEED:-} $2"; }
+need wrk wrk; need nginx nginx
+if [ -n "${NEED:-}" ]; then
+  echo "bench: installing${NEED} (apt-get)"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ${NEED} >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+cargo build --release --locked --bin switchyard >/dev/null
+SWITCHYARD="$CARGO_TARGET_DIR/release/switchyard"
+
+WORK=$(mktemp -d)
+cleanup() {
+  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  [ -n "${SY_PID:-}" ] && kill "$SY_PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# One nginx process serves two roles on two ports: the upstream (a small fixed answer, one
+# worker) and the peer proxy (keep-alive pool to the upstream). Access logs are off for both
+# nginx and Switchyard so the comparison is proxy work only.
+mkdir -p "$WORK/logs"
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes 2;
+pid $WORK/nginx.pid;
+error_log $WORK/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/body; proxy_temp_path $WORK/proxy;
+  fastcgi_temp_path $WORK/fcgi; uwsgi_temp_path $WORK/uwsgi; scgi_temp_path $WORK/scgi;
+  keepalive_requests 1000000;
+  upstream up { server 127.0.0.1:$UP_PORT; keepalive 128; }
+  server { listen 127.0.0.1:$UP_PORT; location / { default_type text/plain; return 200 "hello, world\n"; } }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$remote_addr;
+    }
+  }
+}
+CONF
+"$NGINX" -c "$WORK/nginx.conf" -p "$WORK"
+
+cat > "$WORK/routes.yaml" <<YAML
+server: { listen: "127.0.0.1:$SY_PORT", admin: "127.0.0.1:$SY_ADMIN" }
+backends:
+  up: { type: http, endpoints: ["http://127.0.0.1:$UP_PORT"] }
+routes:
+  - id: bench
+    match: { method: GET, path: "/{*rest}" }
+    backend: up
+YAML
+RUST_LOG="warn" "$SWITCHYARD" run --no-watch --config "$WORK/routes.yaml" >"$WORK/logs/switchyard.log" 2>&1 &
+SY_PID=$!
+for _ in $(seq 1 100); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$SY_PORT") 2>/dev/null && break
+  sleep 0.1
+done
+sleep 1
+RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$SY_PID/status")
+
+# wrk prints latencies as 812.00us / 1.23ms / 1.02s; convert to milliseconds.
+to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'; }
+
+run() { # name url
+  local out
+  out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$2")
+  local rps p50 p99 errs
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  p50=$(to_ms "$(awk '$1 == "50%" {print $2}' <<<"$out")")
+  p99=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
+  errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+  echo "$1 $rps $p50 $p99" >> "$WORK/results"
+  printf '  %-11s %10s req/s  p50 %8s ms  p99 %8s ms  %s\n' "$1" "$rps" "$p50" "$p99" "$errs"
+}
+
+echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, $ROUNDS round(s), $(nproc) cores"
+for r in $(seq 1 "$ROUNDS"); do
+  echo "round $r"
+  run direct "http://127.0.0.1:$UP_PORT/bench"
+  run nginx "http://127.0.0.1:$NGINX_PORT/bench"
+  run switchyard "http://127.0.0.1:$SY_PORT/bench"
+done
+
+median() { sort -n | awk '{a[NR] = $1} END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.3f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+col() { awk -v n="$1" -v c="$2" '$1 == n {print $c}' "$WORK/results" | median; }
+
+echo
+echo "medians over $ROUNDS round(s):"
+printf '  %-11s %12s %10s %10s\n' target "req/s" "p50 ms" "p99 ms"
+for t in direct nginx switchyard; do
+  printf '  %-11s %12s %10s %10s\n' "$t" "$(col $t 2)" "$(col $t 3)" "$(col $t 4)"
+done
+SY_RPS=$(col switchyard 2); NG_RPS=$(col nginx 2); UP_RPS=$(col direct 2)
+SY_P99=$(col switchyard 4); NG_P99=$(col nginx 4)
+awk -v s="$SY_RPS" -v n="$NG_RPS" -v u="$UP_RPS" -v sp="$SY_P99" -v np="$NG_P99" 'BEGIN {
+  printf "ratios: switchyard/nginx req/s = %.2f (target >= 1.00), switchyard/nginx p99 = %.2f (target <= 1.00), switchyard/direct req/s = %.2f\n", s / n, sp / np, s / u
+}'
+echo "switchyard idle RSS: $((RSS_KB / 1024)) MiB ($RSS_KB KiB; target <= 20 MiB)"
