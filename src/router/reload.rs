@@ -192,13 +192,17 @@ fn apply(shared: &Shared, path: &Path, trigger: Trigger) -> Outcome {
 
 /// Watches the config file's directory. Editors replace files by rename and Kubernetes swaps a
 /// `..data` symlink, so the directory (not the file) is watched and every change in it queues
-/// a reload; the content hash filters out changes that are not to the config.
+/// a reload; the content hash filters out changes that are not to the config. When the config
+/// is a symlink into another directory, that directory is watched too, so edits of the target
+/// are seen.
 pub fn watch(path: &Path, reloader: Reloader) -> notify::Result<notify::RecommendedWatcher> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."))
-        .to_path_buf();
+    let parent = |p: &Path| {
+        p.parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf()
+    };
+    let dir = parent(path);
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res
             && !matches!(ev.kind, EventKind::Access(_))
@@ -207,5 +211,12 @@ pub fn watch(path: &Path, reloader: Reloader) -> notify::Result<notify::Recommen
         }
     })?;
     watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    if let Ok(target) = std::fs::canonicalize(path) {
+        let target_dir = parent(&target);
+        if std::fs::canonicalize(&dir).ok().as_ref() != Some(&target_dir) {
+            // Best effort: the target may move later (a symlink swap), which the first watch sees.
+            let _ = watcher.watch(&target_dir, RecursiveMode::NonRecursive);
+        }
+    }
     Ok(watcher)
 }

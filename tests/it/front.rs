@@ -213,3 +213,39 @@ async fn admin_endpoints_report_state() {
         "{text}"
     );
 }
+
+#[tokio::test]
+async fn connection_limit_makes_extra_connections_wait() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&format!(
+        "server: {{ listen: \"127.0.0.1:0\", admin: \"127.0.0.1:0\", limits: {{ max_connections: 1 }} }}\n{}",
+        routes(&up.url())
+    ))
+    .await;
+    let mut first = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    first
+        .write_all(b"GET /a HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = first.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+
+    // The second connection is not served while the first holds the only slot.
+    let mut second = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    second
+        .write_all(b"GET /b HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let waited = tokio::time::timeout(Duration::from_millis(300), second.read(&mut buf)).await;
+    assert!(waited.is_err(), "served beyond the connection limit");
+
+    // Once the first leaves, the second is served.
+    drop(first);
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), second.read_to_end(&mut out))
+        .await
+        .expect("served after the slot was freed")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
+}
