@@ -24,7 +24,8 @@ fn table(n: usize) -> RouteTable {
         ));
     }
     let spec = config::load_str("bench.yaml", &yaml, &|_| None).expect("valid");
-    RouteTable::build(spec, 1, &BackendSet::default()).expect("builds")
+    let metrics = std::sync::Arc::new(switchyard::telemetry::metrics::Metrics::new());
+    RouteTable::build(spec, 1, &BackendSet::default(), &metrics).expect("builds")
 }
 
 fn bench(c: &mut Criterion) {

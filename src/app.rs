@@ -32,7 +32,7 @@ pub struct ConfigStatus {
 pub struct Shared {
     /// The route table; only the reloader stores into it.
     pub table: ArcSwap<RouteTable>,
-    pub metrics: Metrics,
+    pub metrics: Arc<Metrics>,
     status: Mutex<ConfigStatus>,
     reloader: OnceLock<Reloader>,
 }
@@ -98,8 +98,9 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
 
 /// Loads the config and starts serving. Backends are not waited for.
 pub async fn start(opts: Options) -> Result<Running, StartError> {
-    let (table, hash) =
-        reload::load_table(&opts.config, 1, &BackendSet::default()).map_err(StartError::Config)?;
+    let metrics = Arc::new(Metrics::new());
+    let (table, hash) = reload::load_table(&opts.config, 1, &BackendSet::default(), &metrics)
+        .map_err(StartError::Config)?;
     let server = table.spec.server.clone();
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
@@ -132,7 +133,6 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
         )?),
         None => None,
     };
-    let metrics = Metrics::new();
     metrics.reload(true, 1);
     let now = SystemTime::now();
     let shared = Arc::new(Shared {

@@ -51,6 +51,20 @@ pub enum GatewayError {
         #[source]
         source: Option<crate::BoxError>,
     },
+    #[error("circuit open for backend {backend}")]
+    CircuitOpen {
+        backend: String,
+        retry_after: Duration,
+    },
+    #[error("{scope} over its concurrency limit")]
+    Overloaded { scope: String },
+    #[error("rate limited")]
+    RateLimited {
+        retry_after: Duration,
+        /// Requests per window and the window in seconds, for the `RateLimit-Policy` header.
+        quota: u32,
+        window_secs: u64,
+    },
     #[error("internal gateway error: {0}")]
     Internal(&'static str),
 }
@@ -72,6 +86,10 @@ impl GatewayError {
             GatewayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             GatewayError::BackendUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
+            GatewayError::CircuitOpen { .. } | GatewayError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -81,10 +99,13 @@ impl GatewayError {
             GatewayError::NotFound
             | GatewayError::MethodNotAllowed { .. }
             | GatewayError::BadRequest { .. }
-            | GatewayError::PayloadTooLarge { .. } => Fault::Client,
+            | GatewayError::PayloadTooLarge { .. }
+            | GatewayError::RateLimited { .. } => Fault::Client,
             GatewayError::Timeout { .. }
             | GatewayError::BackendUnavailable { .. }
             | GatewayError::BadGateway { .. } => Fault::Upstream,
+            // Refusals made to protect a backend say nothing new about its health.
+            GatewayError::CircuitOpen { .. } | GatewayError::Overloaded { .. } => Fault::Gateway,
             GatewayError::Internal(_) => Fault::Gateway,
         }
     }
@@ -104,6 +125,9 @@ impl GatewayError {
             GatewayError::Timeout { .. } => "timeout",
             GatewayError::BackendUnavailable { .. } => "backend-unavailable",
             GatewayError::BadGateway { .. } => "bad-gateway",
+            GatewayError::CircuitOpen { .. } => "circuit-open",
+            GatewayError::Overloaded { .. } => "overloaded",
+            GatewayError::RateLimited { .. } => "rate-limited",
             GatewayError::Internal(_) => "internal",
         }
     }
@@ -137,6 +161,20 @@ impl GatewayError {
             } => {
                 format!("Backend '{backend}' failed: {reason}.")
             }
+            GatewayError::CircuitOpen {
+                backend,
+                retry_after,
+            } => format!(
+                "Backend '{backend}' is failing; calls to it are paused for {}s.",
+                retry_after.as_secs().max(1)
+            ),
+            GatewayError::Overloaded { scope } => {
+                format!("Too many requests in flight for {scope}; try again shortly.")
+            }
+            GatewayError::RateLimited { retry_after, .. } => format!(
+                "Rate limit exceeded; try again in {}s.",
+                retry_after.as_secs_f64().ceil().max(1.0) as u64
+            ),
             GatewayError::Internal(what) => format!("The gateway failed: {what}."),
         }
     }
@@ -165,7 +203,7 @@ pub fn classify<'a>(err: &'a (dyn StdError + 'static)) -> Classified<'a> {
                 fault: Fault::Client,
                 retryable: false,
                 error: None,
-                too_large: Some(limit_of(gateway)),
+                too_large: Some(0),
             };
         }
         if let Some(PayloadLimit(limit)) = e.downcast_ref::<PayloadLimit>() {
@@ -208,10 +246,6 @@ pub fn classify<'a>(err: &'a (dyn StdError + 'static)) -> Classified<'a> {
             too_large: None,
         },
     }
-}
-
-fn limit_of(_g: Option<&GatewayError>) -> u64 {
-    0
 }
 
 /// The body-limit error the front end raises, carrying the route's limit so the answer can
@@ -287,6 +321,22 @@ pub fn rescue(err: &(dyn StdError + 'static), correlation_id: &str) -> Response 
         Some(GatewayError::BackendUnavailable { retry_after, .. }) => {
             let secs = retry_after.map_or(1, |d| d.as_secs().max(1));
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        Some(GatewayError::CircuitOpen { retry_after, .. }) => {
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        Some(GatewayError::Overloaded { .. }) => {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
+        }
+        Some(GatewayError::RateLimited {
+            retry_after,
+            quota,
+            window_secs,
+        }) => {
+            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            crate::middleware::limit::set_ratelimit_headers(headers, *quota, *window_secs, 0, secs);
         }
         _ => {}
     }

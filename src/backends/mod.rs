@@ -6,15 +6,53 @@ pub mod http;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tower::retry::budget::TpsBudget;
 
 use crate::RouteService;
-use crate::config::{BackendSpec, RouteSpec, template::PathTemplate};
+use crate::config::{BackendPolicy, BackendSpec, RouteSpec, template::PathTemplate};
+use crate::middleware::breaker::Breaker;
+use crate::telemetry::metrics::Metrics;
 
-/// A built backend: its shared connection state and a readiness view.
+/// A built backend: its shared connection state, its protection state (breaker, retry
+/// budget, concurrency slots) and a readiness view. All of it survives reloads that leave the
+/// backend's spec unchanged.
 pub struct BuiltBackend {
     pub name: String,
     pub spec: BackendSpec,
+    pub policy: PolicyState,
     handle: Handle,
+}
+
+pub struct PolicyState {
+    pub breaker: Option<Arc<Breaker>>,
+    pub budget: Arc<TpsBudget>,
+    pub concurrency: Option<Arc<Semaphore>>,
+}
+
+impl PolicyState {
+    fn new(name: &str, policy: &BackendPolicy, metrics: &Arc<Metrics>) -> Self {
+        let b = &policy.retry_budget;
+        PolicyState {
+            breaker: policy
+                .breaker
+                .enabled
+                .then(|| Breaker::new(name, policy.breaker.clone(), metrics.clone())),
+            // Validation keeps ttl within 1–60 s and the ratio within 0–1, as TpsBudget requires.
+            budget: Arc::new(TpsBudget::new(
+                b.ttl
+                    .0
+                    .clamp(Duration::from_secs(1), Duration::from_secs(60)),
+                b.min_per_second.min(i32::MAX as u32 - 1),
+                b.ratio.clamp(0.0, 1.0) as f32,
+            )),
+            concurrency: policy
+                .concurrency_limit
+                .map(|n| Arc::new(Semaphore::new(n))),
+        }
+    }
 }
 
 enum Handle {
@@ -24,13 +62,14 @@ enum Handle {
 impl BuiltBackend {
     /// Builds the backend. Never fails because a backend is unreachable: connections are made
     /// lazily or in the background, and readiness reports the state.
-    pub fn build(name: &str, spec: &BackendSpec) -> Self {
+    pub fn build(name: &str, spec: &BackendSpec, metrics: &Arc<Metrics>) -> Self {
         let handle = match spec {
             BackendSpec::Http(h) => Handle::Http(Arc::new(http::HttpBackend::new(name, h))),
         };
         BuiltBackend {
             name: name.to_string(),
             spec: spec.clone(),
+            policy: PolicyState::new(name, &spec.policy(), metrics),
             handle,
         }
     }
@@ -66,13 +105,17 @@ pub struct BackendSet {
 
 impl BackendSet {
     /// The backends for a new config: unchanged specs keep their connections.
-    pub fn rebuild(&self, specs: &std::collections::BTreeMap<String, BackendSpec>) -> BackendSet {
+    pub fn rebuild(
+        &self,
+        specs: &std::collections::BTreeMap<String, BackendSpec>,
+        metrics: &Arc<Metrics>,
+    ) -> BackendSet {
         let by_name = specs
             .iter()
             .map(|(name, spec)| {
                 let built = match self.by_name.get(name) {
                     Some(old) if old.spec == *spec => old.clone(),
-                    _ => Arc::new(BuiltBackend::build(name, spec)),
+                    _ => Arc::new(BuiltBackend::build(name, spec, metrics)),
                 };
                 (name.clone(), built)
             })

@@ -153,6 +153,12 @@ pub struct DefaultsSpec {
     /// Largest request body a route accepts; larger → 413.
     #[serde(default = "default_max_body_size")]
     pub max_body_size: Size,
+    /// Deadline of each attempt (retries included in `timeout`); none by default.
+    #[serde(default)]
+    pub per_try_timeout: Option<Dur>,
+    /// Retry policy for routes that set none; no retries by default.
+    #[serde(default)]
+    pub retry: Option<RetrySpec>,
 }
 
 impl Default for DefaultsSpec {
@@ -160,8 +166,226 @@ impl Default for DefaultsSpec {
         DefaultsSpec {
             timeout: default_timeout(),
             max_body_size: default_max_body_size(),
+            per_try_timeout: None,
+            retry: None,
         }
     }
+}
+
+/// When and how often a failed call is tried again.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetrySpec {
+    /// Total tries, the first included (`1` disables retries).
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+    /// Base of the exponential backoff; each wait is random between 0 and
+    /// `min(max_backoff, backoff × 2^retry)` (full jitter).
+    #[serde(default = "default_backoff")]
+    pub backoff: Dur,
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff: Dur,
+    /// Conditions that are retried: `connect-failure` (the backend was never reached),
+    /// `reset` (the connection failed mid-request), `timeout` (a per-try timeout),
+    /// and HTTP statuses 500–599.
+    #[serde(default = "default_retry_on")]
+    pub on: Vec<RetryOn>,
+    /// Request bodies up to this size are buffered so they can be sent again; larger bodies
+    /// (or bodies of unknown length) are not retried.
+    #[serde(default = "default_retry_buffer")]
+    pub max_buffer: Size,
+}
+
+fn default_attempts() -> u32 {
+    3
+}
+fn default_backoff() -> Dur {
+    Dur::millis(25)
+}
+fn default_max_backoff() -> Dur {
+    Dur::secs(1)
+}
+fn default_retry_on() -> Vec<RetryOn> {
+    vec![
+        RetryOn::Condition(RetryCondition::ConnectFailure),
+        RetryOn::Condition(RetryCondition::Reset),
+        RetryOn::Status(502),
+        RetryOn::Status(503),
+        RetryOn::Status(504),
+    ]
+}
+fn default_retry_buffer() -> Size {
+    Size(64 * 1024)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RetryOn {
+    Status(u16),
+    Condition(RetryCondition),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RetryCondition {
+    ConnectFailure,
+    Reset,
+    Timeout,
+}
+
+/// A token bucket per route.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    /// Requests allowed per `per`.
+    pub requests: u32,
+    #[serde(default = "default_rate_per")]
+    pub per: Dur,
+    /// Bucket size (requests that may come at once); `requests` when absent.
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// What a bucket belongs to: `global`, `client_ip`, or `{ header: name }`.
+    #[serde(default)]
+    pub key: RateLimitKey,
+}
+
+fn default_rate_per() -> Dur {
+    Dur::secs(1)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RateLimitKey {
+    #[default]
+    Global,
+    ClientIp,
+    Header(String),
+}
+
+/// Circuit breaking for a backend.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BreakerSpec {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// `consecutive`: open after `consecutive_failures` failures in a row; `rate`: open when at
+    /// least `min_requests` calls in `window` failed at `failure_rate` or more.
+    #[serde(default)]
+    pub mode: BreakerMode,
+    #[serde(default = "default_consecutive")]
+    pub consecutive_failures: u32,
+    #[serde(default = "default_failure_rate")]
+    pub failure_rate: f64,
+    #[serde(default = "default_window")]
+    pub window: Dur,
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u32,
+    /// How long the breaker stays open before letting probes through.
+    #[serde(default = "default_open_for")]
+    pub open_for: Dur,
+    /// Trial requests let through while half-open; all must succeed to close.
+    #[serde(default = "default_probes")]
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerSpec {
+    fn default() -> Self {
+        BreakerSpec {
+            enabled: true,
+            mode: BreakerMode::default(),
+            consecutive_failures: default_consecutive(),
+            failure_rate: default_failure_rate(),
+            window: default_window(),
+            min_requests: default_min_requests(),
+            open_for: default_open_for(),
+            half_open_probes: default_probes(),
+        }
+    }
+}
+
+// f64 fields: specs are compared with ==, never hashed by value.
+impl Eq for BreakerSpec {}
+impl std::hash::Hash for BreakerSpec {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.consecutive_failures.hash(h);
+        self.failure_rate.to_bits().hash(h);
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_consecutive() -> u32 {
+    5
+}
+fn default_failure_rate() -> f64 {
+    0.5
+}
+fn default_window() -> Dur {
+    Dur::secs(10)
+}
+fn default_min_requests() -> u32 {
+    20
+}
+fn default_open_for() -> Dur {
+    Dur::secs(5)
+}
+fn default_probes() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerMode {
+    #[default]
+    Consecutive,
+    Rate,
+}
+
+/// Retries to a backend may add at most `ratio` of the recent request rate, plus
+/// `min_per_second`, counted over `ttl`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetSpec {
+    #[serde(default = "default_budget_ratio")]
+    pub ratio: f64,
+    #[serde(default = "default_budget_min")]
+    pub min_per_second: u32,
+    #[serde(default = "default_window")]
+    pub ttl: Dur,
+}
+
+impl Default for RetryBudgetSpec {
+    fn default() -> Self {
+        RetryBudgetSpec {
+            ratio: default_budget_ratio(),
+            min_per_second: default_budget_min(),
+            ttl: default_window(),
+        }
+    }
+}
+
+impl Eq for RetryBudgetSpec {}
+impl std::hash::Hash for RetryBudgetSpec {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.ratio.to_bits().hash(h);
+        self.min_per_second.hash(h);
+    }
+}
+
+fn default_budget_ratio() -> f64 {
+    0.2
+}
+fn default_budget_min() -> u32 {
+    10
+}
+
+/// Protection shared by every route of a backend, kept across reloads that don't change it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct BackendPolicy {
+    pub breaker: BreakerSpec,
+    pub retry_budget: RetryBudgetSpec,
+    pub concurrency_limit: Option<usize>,
 }
 
 fn default_timeout() -> Dur {
@@ -183,6 +407,16 @@ impl BackendSpec {
     pub fn kind(&self) -> &'static str {
         match self {
             BackendSpec::Http(_) => "http",
+        }
+    }
+
+    pub fn policy(&self) -> BackendPolicy {
+        match self {
+            BackendSpec::Http(h) => BackendPolicy {
+                breaker: h.breaker.clone(),
+                retry_budget: h.retry_budget.clone(),
+                concurrency_limit: h.concurrency_limit,
+            },
         }
     }
 }
@@ -210,6 +444,15 @@ pub struct HttpBackendSpec {
     /// Most idle pooled connections kept per endpoint.
     #[serde(default = "default_pool_max_idle")]
     pub pool_max_idle_per_endpoint: usize,
+    /// Circuit breaking for this backend (on by default: 5 consecutive failures).
+    #[serde(default)]
+    pub breaker: BreakerSpec,
+    /// Limit on retries to this backend.
+    #[serde(default)]
+    pub retry_budget: RetryBudgetSpec,
+    /// Calls in flight to this backend beyond this fail fast with 503.
+    #[serde(default)]
+    pub concurrency_limit: Option<usize>,
 }
 
 fn default_connect_timeout() -> Dur {
@@ -255,6 +498,22 @@ pub struct RouteSpec {
     /// Largest request body (defaults.max_body_size when absent).
     #[serde(default)]
     pub max_body_size: Option<Size>,
+    /// Deadline of each attempt (defaults.per_try_timeout when absent).
+    #[serde(default)]
+    pub per_try_timeout: Option<Dur>,
+    /// Retry policy (defaults.retry when absent).
+    #[serde(default)]
+    pub retry: Option<RetrySpec>,
+    /// The route's calls are idempotent whatever their method, so they may be retried even
+    /// after the backend may have acted.
+    #[serde(default)]
+    pub idempotent: bool,
+    /// Token-bucket rate limit; 429 with `Retry-After` and `RateLimit` headers when exceeded.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSpec>,
+    /// Requests in flight on this route beyond this fail fast with 503.
+    #[serde(default)]
+    pub concurrency_limit: Option<usize>,
     /// Plugins applied in order, outermost first. Each entry is `- <plugin name>: <config>`.
     #[serde(default)]
     pub plugins: Vec<PluginSpec>,

@@ -68,6 +68,18 @@ pub fn validate(file: &str, spec: &ConfigSpec, loc: &Locator) -> Vec<ConfigError
         errors: Vec::new(),
     };
     validate_server(&mut cx, &spec.server);
+    if let Some(r) = &spec.defaults.retry {
+        validate_retry(&mut cx, "defaults.retry", None, r);
+    }
+    if let Some(t) = spec.defaults.per_try_timeout
+        && t.0 > spec.defaults.timeout.0
+    {
+        cx.err(
+            "defaults.per_try_timeout",
+            None,
+            "the per-try timeout is longer than the overall `timeout`; make it shorter",
+        );
+    }
     for (name, backend) in &spec.backends {
         validate_backend(&mut cx, name, backend);
     }
@@ -238,6 +250,7 @@ fn validate_backend(cx: &mut Ctx, name: &str, b: &BackendSpec) {
             }
         }
     }
+    validate_policy(cx, &base, &b.policy());
 }
 
 fn validate_route(
@@ -284,6 +297,53 @@ fn validate_route(
         && t.0.is_zero()
     {
         cx.err(&format!("{base}.timeout"), id, "must be above zero");
+    }
+    let overall = route.timeout.unwrap_or(spec.defaults.timeout).0;
+    if let Some(t) = route.per_try_timeout {
+        if t.0.is_zero() {
+            cx.err(&format!("{base}.per_try_timeout"), id, "must be above zero");
+        } else if t.0 > overall {
+            cx.err(
+                &format!("{base}.per_try_timeout"),
+                id,
+                format!(
+                    "the per-try timeout ({}) is longer than the route's overall timeout ({}); make it shorter",
+                    humantime::format_duration(t.0),
+                    humantime::format_duration(overall)
+                ),
+            );
+        }
+    }
+    if let Some(r) = &route.retry {
+        validate_retry(cx, &format!("{base}.retry"), id, r);
+    }
+    if route.concurrency_limit == Some(0) {
+        cx.err(
+            &format!("{base}.concurrency_limit"),
+            id,
+            "must be at least 1",
+        );
+    }
+    if let Some(rl) = &route.rate_limit {
+        let p = format!("{base}.rate_limit");
+        if rl.requests == 0 {
+            cx.err(&format!("{p}.requests"), id, "must be at least 1");
+        }
+        if rl.per.0.is_zero() {
+            cx.err(&format!("{p}.per"), id, "must be above zero");
+        }
+        if rl.burst == Some(0) {
+            cx.err(&format!("{p}.burst"), id, "must be at least 1");
+        }
+        if let RateLimitKey::Header(h) = &rl.key
+            && HeaderName::from_bytes(h.as_bytes()).is_err()
+        {
+            cx.err(
+                &format!("{p}.key"),
+                id,
+                format!("`{h}` is not a valid header name"),
+            );
+        }
     }
     match spec.backends.get(&route.backend) {
         None => {
@@ -385,5 +445,96 @@ fn validate_http_route(
                 }
             }
         }
+    }
+}
+
+fn validate_retry(cx: &mut Ctx, base: &str, id: Option<&str>, r: &RetrySpec) {
+    if r.attempts == 0 {
+        cx.err(
+            &format!("{base}.attempts"),
+            id,
+            "`attempts` counts every try including the first; use 1 for no retries",
+        );
+    } else if r.attempts > 10 {
+        cx.err(
+            &format!("{base}.attempts"),
+            id,
+            "more than 10 tries only adds load; use at most 10",
+        );
+    }
+    if r.backoff.0 > r.max_backoff.0 {
+        cx.err(
+            &format!("{base}.backoff"),
+            id,
+            "`backoff` is larger than `max_backoff`",
+        );
+    }
+    for (i, on) in r.on.iter().enumerate() {
+        if let RetryOn::Status(code) = on
+            && !(500..=599).contains(code)
+        {
+            cx.err(
+                &format!("{base}.on[{i}]"),
+                id,
+                format!("status {code} is not retryable; list statuses from 500 to 599"),
+            );
+        }
+    }
+}
+
+fn validate_policy(cx: &mut Ctx, base: &str, p: &BackendPolicy) {
+    let b = &p.breaker;
+    let bp = format!("{base}.breaker");
+    if b.consecutive_failures == 0 {
+        cx.err(
+            &format!("{bp}.consecutive_failures"),
+            None,
+            "must be at least 1",
+        );
+    }
+    if !(b.failure_rate > 0.0 && b.failure_rate <= 1.0) {
+        cx.err(
+            &format!("{bp}.failure_rate"),
+            None,
+            "a failure rate is above 0 and at most 1, like 0.5",
+        );
+    }
+    if b.min_requests == 0 {
+        cx.err(&format!("{bp}.min_requests"), None, "must be at least 1");
+    }
+    if b.half_open_probes == 0 {
+        cx.err(
+            &format!("{bp}.half_open_probes"),
+            None,
+            "must be at least 1",
+        );
+    }
+    if b.open_for.0.is_zero() {
+        cx.err(&format!("{bp}.open_for"), None, "must be above zero");
+    }
+    if b.window.0 < std::time::Duration::from_secs(1) {
+        cx.err(&format!("{bp}.window"), None, "must be at least 1s");
+    }
+    let r = &p.retry_budget;
+    let rp = format!("{base}.retry_budget");
+    if !(0.0..=1.0).contains(&r.ratio) {
+        cx.err(
+            &format!("{rp}.ratio"),
+            None,
+            "the budget ratio is between 0 and 1, like 0.2 (20 % extra load)",
+        );
+    }
+    if r.ttl.0 < std::time::Duration::from_secs(1) || r.ttl.0 > std::time::Duration::from_secs(60) {
+        cx.err(&format!("{rp}.ttl"), None, "must be between 1s and 60s");
+    }
+    if r.min_per_second >= i32::MAX as u32 {
+        cx.err(&format!("{rp}.min_per_second"), None, "is too large");
+    }
+    if p.concurrency_limit == Some(0) {
+        cx.err(
+            &format!("{base}.concurrency_limit"),
+            None,
+            "must be at least 1",
+        );
     }
 }

@@ -1,15 +1,24 @@
 //! Tower middleware shared by every route, and [`stack`], THE function that orders a route's
 //! layers. It runs once per route when config loads; the request path only clones the result.
 
+pub mod breaker;
 pub mod context;
 pub mod correlation;
+pub mod limit;
+pub mod retry;
 pub mod timeout;
 
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
 use tower::Layer;
 
 use crate::RouteService;
+use crate::backends::BuiltBackend;
+use crate::config::template::PathTemplate;
 use crate::config::{DefaultsSpec, RouteSpec};
 use crate::plugins;
+use crate::telemetry::metrics::Metrics;
 
 /// Failure to assemble a route's stack (a plugin refusing its settings).
 #[derive(Debug, thiserror::Error)]
@@ -27,17 +36,71 @@ pub struct StackError {
 ///    before any route is chosen must carry the correlation ID too.
 /// 2. **Plugins**, in the order the route lists them: they see the request first and the
 ///    response last, and a plugin's rejection (auth, for instance) must not count as a backend
-///    failure or use up time from the backend's deadline.
-/// 3. **Overall timeout**: one deadline for everything the backend side does; it sets the
-///    `Deadline` extension so backends can pass the remaining time on.
-/// 4. **Backend**: the protocol bridge itself.
+///    failure, use a rate-limit token or take time from the backend's deadline.
+/// 3. **Rate limit**: cheapest refusal first; a request over the rate never holds a
+///    concurrency slot.
+/// 4. **Route concurrency limit** (load shedding): fails fast with 503 instead of queueing.
+/// 5. **Overall timeout**: one deadline for everything below it, retries and backoff included;
+///    it sets the `Deadline` extension so backends can pass the remaining time on.
+/// 6. **Retry** (with the backend's budget): outside the breaker so that every try is judged by
+///    it, and a breaker that opens mid-way stops further tries at once.
+/// 7. **Circuit breaker** (per backend, shared by its routes): sees each try's outcome.
+/// 8. **Backend concurrency limit**: each try holds a slot on the backend.
+/// 9. **Per-try timeout**: bounds one try, so a hung try can be retried within the deadline.
+/// 10. **Backend**: the protocol bridge itself.
 pub fn stack(
     route: &RouteSpec,
     defaults: &DefaultsSpec,
-    backend: RouteService,
+    backend: &BuiltBackend,
+    template: &PathTemplate,
+    metrics: &Arc<Metrics>,
 ) -> Result<RouteService, StackError> {
+    let id: Arc<str> = route.id.as_str().into();
+    let backend_name: Arc<str> = backend.name.as_str().into();
+    let mut svc = backend.route_service(route, template);
+    if let Some(t) = route.per_try_timeout.or(defaults.per_try_timeout) {
+        svc = RouteService::new(timeout::TimeoutLayer::per_try(t.0).layer(svc));
+    }
+    if let Some(slots) = &backend.policy.concurrency {
+        let scope: Arc<str> = format!("backend {}", backend.name).into();
+        svc = RouteService::new(limit::ConcurrencyLimitService::new(
+            svc,
+            slots.clone(),
+            scope,
+            metrics.clone(),
+        ));
+    }
+    if let Some(b) = &backend.policy.breaker {
+        svc = RouteService::new(breaker::BreakerService::new(svc, b.clone()));
+    }
+    if let Some(r) = route.retry.as_ref().or(defaults.retry.as_ref())
+        && r.attempts > 1
+    {
+        let policy = Arc::new(retry::RetryPolicy::new(r, route.idempotent));
+        svc = RouteService::new(retry::RetryService::new(
+            svc,
+            policy,
+            backend.policy.budget.clone(),
+            id.clone(),
+            backend_name,
+            metrics.clone(),
+        ));
+    }
     let timeout = route.timeout.unwrap_or(defaults.timeout).0;
-    let mut svc = RouteService::new(timeout::TimeoutLayer::new(timeout).layer(backend));
+    svc = RouteService::new(timeout::TimeoutLayer::new(timeout).layer(svc));
+    if let Some(n) = route.concurrency_limit {
+        let scope: Arc<str> = format!("route {}", route.id).into();
+        svc = RouteService::new(limit::ConcurrencyLimitService::new(
+            svc,
+            Arc::new(Semaphore::new(n)),
+            scope,
+            metrics.clone(),
+        ));
+    }
+    if let Some(rl) = &route.rate_limit {
+        let rl = Arc::new(limit::RateLimit::new(rl, id.clone(), metrics.clone()));
+        svc = RouteService::new(limit::RateLimitService::new(svc, rl));
+    }
     for p in route.plugins.iter().rev() {
         let plugin = plugins::find(&p.name).ok_or_else(|| StackError {
             route: route.id.clone(),

@@ -16,11 +16,25 @@ use crate::{BoxError, Request, Response};
 #[derive(Debug, Clone, Copy)]
 pub struct TimeoutLayer {
     after: Duration,
+    /// The overall timeout sets the request's deadline; a per-try timeout only bounds one try.
+    sets_deadline: bool,
 }
 
 impl TimeoutLayer {
+    /// The overall deadline of a request.
     pub fn new(after: Duration) -> Self {
-        TimeoutLayer { after }
+        TimeoutLayer {
+            after,
+            sets_deadline: true,
+        }
+    }
+
+    /// The deadline of one attempt, inside the retry layer.
+    pub fn per_try(after: Duration) -> Self {
+        TimeoutLayer {
+            after,
+            sets_deadline: false,
+        }
     }
 }
 
@@ -30,6 +44,7 @@ impl<S> Layer<S> for TimeoutLayer {
         TimeoutService {
             inner,
             after: self.after,
+            sets_deadline: self.sets_deadline,
         }
     }
 }
@@ -38,6 +53,7 @@ impl<S> Layer<S> for TimeoutLayer {
 pub struct TimeoutService<S> {
     inner: S,
     after: Duration,
+    sets_deadline: bool,
 }
 
 impl<S> Service<Request> for TimeoutService<S>
@@ -55,7 +71,9 @@ where
 
     fn call(&mut self, mut req: Request) -> Self::Future {
         let deadline = Instant::now() + self.after;
-        req.extensions_mut().insert(Deadline(deadline.into_std()));
+        if self.sets_deadline {
+            req.extensions_mut().insert(Deadline(deadline.into_std()));
+        }
         let after = self.after;
         let fut = self.inner.call(req);
         Box::pin(async move {

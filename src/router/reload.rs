@@ -92,14 +92,15 @@ pub fn load_table(
     path: &Path,
     version: u64,
     previous: &crate::backends::BackendSet,
+    metrics: &Arc<crate::telemetry::metrics::Metrics>,
 ) -> Result<(RouteTable, String), Vec<String>> {
     let file = path.display().to_string();
     let text = config::read_file(path)
         .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
     let spec = config::load_str(&file, &text, &config::process_env)
         .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
-    let table =
-        RouteTable::build(spec, version, previous).map_err(|e| vec![format!("{file}: {e}")])?;
+    let table = RouteTable::build(spec, version, previous, metrics)
+        .map_err(|e| vec![format!("{file}: {e}")])?;
     Ok((table, content_hash(&text)))
 }
 
@@ -152,7 +153,7 @@ fn apply(shared: &Shared, path: &Path, trigger: Trigger) -> Outcome {
     }
     let version = current.version + 1;
     let now = SystemTime::now();
-    match load_table(path, version, &current.backends) {
+    match load_table(path, version, &current.backends, &shared.metrics) {
         Ok((table, hash)) => {
             if table.spec.server.listen != current.spec.server.listen
                 || table.spec.server.admin != current.spec.server.admin

@@ -12,6 +12,7 @@ use crate::backends::{BackendSet, BuiltBackend};
 use crate::config::template::PathTemplate;
 use crate::config::{ConfigSpec, RouteSpec, validate::route_methods};
 use crate::middleware;
+use crate::telemetry::metrics::Metrics;
 
 /// One route, ready to serve.
 pub struct CompiledRoute {
@@ -83,8 +84,9 @@ impl RouteTable {
         spec: ConfigSpec,
         version: u64,
         previous: &BackendSet,
+        metrics: &Arc<Metrics>,
     ) -> Result<RouteTable, BuildError> {
-        let backends = previous.rebuild(&spec.backends);
+        let backends = previous.rebuild(&spec.backends, metrics);
         let mut routes = Vec::with_capacity(spec.routes.len());
         let mut by_host: HashMap<String, PathIndex> = HashMap::new();
         let mut any_host = PathIndex::default();
@@ -114,8 +116,7 @@ impl RouteTable {
                     ))
                 })
                 .collect::<Result<Vec<_>, BuildError>>()?;
-            let service =
-                middleware::stack(r, &spec.defaults, backend.route_service(r, &template))?;
+            let service = middleware::stack(r, &spec.defaults, &backend, &template, metrics)?;
             let key = template.router_key();
             let host = r.matcher.host.clone();
             let index = match &host {

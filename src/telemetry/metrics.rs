@@ -55,6 +55,17 @@ struct ReloadLabels {
     result: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RetryLabels {
+    route: Arc<str>,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScopeLabels {
+    scope: Arc<str>,
+}
+
 type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
@@ -65,6 +76,11 @@ pub struct Metrics {
     backend_ready: Family<BackendLabels, Gauge>,
     reloads: Family<ReloadLabels, Counter>,
     config_version: Gauge,
+    retries: Family<RetryLabels, Counter>,
+    budget_exhausted: Family<BackendLabels, Counter>,
+    breaker: Family<BackendLabels, Gauge>,
+    rate_limited: Family<RouteLabels, Counter>,
+    shed: Family<ScopeLabels, Counter>,
     pub open_connections: Gauge,
 }
 
@@ -88,6 +104,36 @@ impl Metrics {
         let reloads = Family::<ReloadLabels, Counter>::default();
         let config_version = Gauge::default();
         let open_connections = Gauge::default();
+        let retries = Family::<RetryLabels, Counter>::default();
+        let budget_exhausted = Family::<BackendLabels, Counter>::default();
+        let breaker = Family::<BackendLabels, Gauge>::default();
+        let rate_limited = Family::<RouteLabels, Counter>::default();
+        let shed = Family::<ScopeLabels, Counter>::default();
+        registry.register(
+            "retries",
+            "Retries made, by route and reason",
+            retries.clone(),
+        );
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries refused because the backend's retry budget was spent",
+            budget_exhausted.clone(),
+        );
+        registry.register(
+            "breaker_state",
+            "Circuit breaker state by backend: 0 closed, 1 open, 2 half-open",
+            breaker.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429, by route",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "load_shed",
+            "Requests refused with 503 by a concurrency limit, by route or backend",
+            shed.clone(),
+        );
         registry.register(
             "requests",
             "Requests answered, by route, method and status",
@@ -131,8 +177,60 @@ impl Metrics {
             backend_ready,
             reloads,
             config_version,
+            retries,
+            budget_exhausted,
+            breaker,
+            rate_limited,
+            shed,
             open_connections,
         }
+    }
+
+    pub fn retry(&self, route: &Arc<str>, reason: &'static str) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                route: route.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn retry_budget_exhausted(&self, backend: &str) {
+        self.budget_exhausted
+            .get_or_create(&BackendLabels {
+                backend: backend.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn breaker_state(&self, backend: &str, state: crate::middleware::breaker::State) {
+        use crate::middleware::breaker::State;
+        let v = match state {
+            State::Closed => 0,
+            State::Open { .. } => 1,
+            State::HalfOpen { .. } => 2,
+        };
+        self.breaker
+            .get_or_create(&BackendLabels {
+                backend: backend.to_string(),
+            })
+            .set(v);
+    }
+
+    pub fn rate_limited(&self, route: &Arc<str>) {
+        self.rate_limited
+            .get_or_create(&RouteLabels {
+                route: route.clone(),
+            })
+            .inc();
+    }
+
+    pub fn shed(&self, scope: &Arc<str>) {
+        self.shed
+            .get_or_create(&ScopeLabels {
+                scope: scope.clone(),
+            })
+            .inc();
     }
 
     /// Counts one answered request. Label values are shared, so this allocates nothing once a

@@ -1,0 +1,231 @@
+//! Admission control on a route's stack: the token-bucket rate limit (429 with `Retry-After` and
+//! the IETF `RateLimit` / `RateLimit-Policy` headers) and the concurrency limits (per route and
+//! per backend) that shed load with 503 instead of queueing without bound.
+
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use http::{HeaderMap, HeaderName, HeaderValue};
+use tokio::sync::Semaphore;
+use tower::Service;
+
+use super::context::RequestContext;
+use crate::config::{RateLimitKey, RateLimitSpec};
+use crate::error::GatewayError;
+use crate::telemetry::metrics::Metrics;
+use crate::{BoxError, Request, Response};
+
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+
+/// Writes `RateLimit-Policy: "default";q=…;w=…` and `RateLimit: "default";r=…;t=…`
+/// (draft-ietf-httpapi-ratelimit-headers).
+pub fn set_ratelimit_headers(
+    h: &mut HeaderMap,
+    quota: u32,
+    window: u64,
+    remaining: u32,
+    reset: u64,
+) {
+    if let Ok(v) = HeaderValue::from_str(&format!("\"default\";q={quota};w={window}")) {
+        h.insert(RATELIMIT_POLICY.clone(), v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"default\";r={remaining};t={reset}")) {
+        h.insert(RATELIMIT.clone(), v);
+    }
+}
+
+type Limiter =
+    RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
+
+/// A compiled rate limit, shared by clones of the route's service.
+pub struct RateLimit {
+    limiter: Limiter,
+    key: RateLimitKey,
+    header: Option<HeaderName>,
+    quota: u32,
+    window_secs: u64,
+    checks: AtomicU64,
+    route: Arc<str>,
+    metrics: Arc<Metrics>,
+}
+
+impl RateLimit {
+    /// Builds the bucket. `spec` has been validated (requests ≥ 1, per > 0).
+    pub fn new(spec: &RateLimitSpec, route: Arc<str>, metrics: Arc<Metrics>) -> Self {
+        let requests = spec.requests.max(1);
+        let burst =
+            NonZeroU32::new(spec.burst.unwrap_or(requests).max(1)).unwrap_or(NonZeroU32::MIN);
+        let period = (spec.per.0 / requests).max(Duration::from_nanos(1));
+        let quota = Quota::with_period(period)
+            .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
+            .allow_burst(burst);
+        let header = match &spec.key {
+            RateLimitKey::Header(h) => HeaderName::from_bytes(h.as_bytes()).ok(),
+            _ => None,
+        };
+        RateLimit {
+            limiter: RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(),
+            key: spec.key.clone(),
+            header,
+            quota: requests,
+            window_secs: spec.per.0.as_secs().max(1),
+            checks: AtomicU64::new(0),
+            route,
+            metrics,
+        }
+    }
+
+    fn key_of(&self, req: &Request) -> String {
+        match &self.key {
+            RateLimitKey::Global => String::new(),
+            RateLimitKey::ClientIp => req
+                .extensions()
+                .get::<RequestContext>()
+                .map(|c| c.client_addr.ip().to_string())
+                .unwrap_or_default(),
+            RateLimitKey::Header(_) => self
+                .header
+                .as_ref()
+                .and_then(|h| req.headers().get(h))
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_string(),
+        }
+    }
+
+    /// Takes a token: `Ok(remaining)` or `Err(wait)`.
+    fn check(&self, req: &Request) -> Result<(u32, u64), Duration> {
+        // Forget idle keys now and then so per-client buckets cannot grow without bound.
+        if self.checks.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+            self.limiter.retain_recent();
+        }
+        let key = self.key_of(req);
+        match self.limiter.check_key(&key) {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                Ok((remaining, self.window_secs))
+            }
+            Err(not_until) => Err(not_until.wait_time_from(self.limiter.clock().now())),
+        }
+    }
+}
+
+/// Rejects requests beyond the route's rate with 429.
+#[derive(Clone)]
+pub struct RateLimitService<S> {
+    inner: S,
+    limit: Arc<RateLimit>,
+}
+
+impl<S> RateLimitService<S> {
+    pub fn new(inner: S, limit: Arc<RateLimit>) -> Self {
+        RateLimitService { inner, limit }
+    }
+}
+
+impl<S> Service<Request> for RateLimitService<S>
+where
+    S: Service<Request, Response = Response, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let limit = self.limit.clone();
+        match limit.check(&req) {
+            Err(wait) => {
+                limit.metrics.rate_limited(&limit.route);
+                let err = GatewayError::RateLimited {
+                    retry_after: wait,
+                    quota: limit.quota,
+                    window_secs: limit.window_secs,
+                };
+                Box::pin(async move { Err(err.into()) })
+            }
+            Ok((remaining, reset)) => {
+                let fut = self.inner.call(req);
+                Box::pin(async move {
+                    let mut resp = fut.await?;
+                    set_ratelimit_headers(
+                        resp.headers_mut(),
+                        limit.quota,
+                        limit.window_secs,
+                        remaining,
+                        reset,
+                    );
+                    Ok(resp)
+                })
+            }
+        }
+    }
+}
+
+/// Fails fast with 503 when `limit` calls are already in flight (no queue).
+#[derive(Clone)]
+pub struct ConcurrencyLimitService<S> {
+    inner: S,
+    slots: Arc<Semaphore>,
+    scope: Arc<str>,
+    metrics: Arc<Metrics>,
+}
+
+impl<S> ConcurrencyLimitService<S> {
+    pub fn new(inner: S, slots: Arc<Semaphore>, scope: Arc<str>, metrics: Arc<Metrics>) -> Self {
+        ConcurrencyLimitService {
+            inner,
+            slots,
+            scope,
+            metrics,
+        }
+    }
+}
+
+impl<S> Service<Request> for ConcurrencyLimitService<S>
+where
+    S: Service<Request, Response = Response, Error = BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        match self.slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let fut = self.inner.call(req);
+                Box::pin(async move {
+                    let r = fut.await;
+                    drop(permit);
+                    r
+                })
+            }
+            Err(_) => {
+                self.metrics.shed(&self.scope);
+                let err = GatewayError::Overloaded {
+                    scope: self.scope.to_string(),
+                };
+                Box::pin(async move { Err(err.into()) })
+            }
+        }
+    }
+}

@@ -1,0 +1,336 @@
+//! Retries, inside the overall timeout and outside the circuit breaker: exponential backoff with
+//! full jitter, a maximum number of tries, and a retry budget shared by every route of a backend
+//! so a failing backend never sees a retry storm. Only safe retries are made: a call that never
+//! reached the backend, or one whose method, `Idempotency-Key` or route says it may be repeated.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, Method, header};
+use http_body_util::BodyExt;
+use tower::retry::budget::{Budget, TpsBudget};
+use tower::{Service, ServiceExt};
+
+use super::context::Deadline;
+use crate::config::{RetryCondition, RetryOn, RetrySpec};
+use crate::error::GatewayError;
+use crate::telemetry::metrics::Metrics;
+use crate::{BodyError, BoxError, Request, Response, RouteService, full_body};
+
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// A route's compiled retry policy.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    pub on: Vec<RetryOn>,
+    pub max_buffer: u64,
+    /// The route declared its calls idempotent.
+    pub idempotent: bool,
+}
+
+impl RetryPolicy {
+    pub fn new(spec: &RetrySpec, idempotent: bool) -> Self {
+        RetryPolicy {
+            attempts: spec.attempts.max(1),
+            backoff: spec.backoff.0,
+            max_backoff: spec.max_backoff.0,
+            on: spec.on.clone(),
+            max_buffer: spec.max_buffer.0,
+            idempotent,
+        }
+    }
+
+    /// Full jitter: a random wait between 0 and `min(max_backoff, backoff × 2^(retry-1))`.
+    pub fn backoff(&self, retry: u32) -> Duration {
+        let cap = self
+            .backoff
+            .saturating_mul(
+                1u32.checked_shl(retry.saturating_sub(1))
+                    .unwrap_or(u32::MAX),
+            )
+            .min(self.max_backoff);
+        cap.mul_f64(fastrand::f64())
+    }
+
+    /// Why `result` may be retried, and whether the backend may have acted on the request.
+    fn condition(&self, result: &Result<Response, BoxError>) -> Option<(&'static str, bool)> {
+        let wants = |c: RetryCondition| self.on.contains(&RetryOn::Condition(c));
+        match result {
+            Ok(resp) => {
+                let code = resp.status().as_u16();
+                self.on
+                    .contains(&RetryOn::Status(code))
+                    .then_some((status_reason(code), true))
+            }
+            Err(e) => match e.downcast_ref::<GatewayError>()? {
+                GatewayError::BackendUnavailable { .. }
+                    if wants(RetryCondition::ConnectFailure) =>
+                {
+                    Some(("connect-failure", false))
+                }
+                GatewayError::BadGateway { .. } if wants(RetryCondition::Reset) => {
+                    Some(("reset", true))
+                }
+                GatewayError::Timeout { .. } if wants(RetryCondition::Timeout) => {
+                    Some(("timeout", true))
+                }
+                _ => None,
+            },
+        }
+    }
+}
+
+fn status_reason(code: u16) -> &'static str {
+    match code {
+        500 => "status-500",
+        502 => "status-502",
+        503 => "status-503",
+        504 => "status-504",
+        _ => "status-5xx",
+    }
+}
+
+fn safe_to_repeat(req: &Request, route_idempotent: bool) -> bool {
+    route_idempotent
+        || matches!(
+            *req.method(),
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        )
+        || req.headers().contains_key(&IDEMPOTENCY_KEY)
+}
+
+#[derive(Clone)]
+pub struct RetryService {
+    inner: RouteService,
+    policy: Arc<RetryPolicy>,
+    budget: Arc<TpsBudget>,
+    route: Arc<str>,
+    backend: Arc<str>,
+    metrics: Arc<Metrics>,
+}
+
+impl RetryService {
+    pub fn new(
+        inner: RouteService,
+        policy: Arc<RetryPolicy>,
+        budget: Arc<TpsBudget>,
+        route: Arc<str>,
+        backend: Arc<str>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        RetryService {
+            inner,
+            policy,
+            budget,
+            route,
+            backend,
+            metrics,
+        }
+    }
+}
+
+fn rebuild(parts: &http::request::Parts, body: &Bytes) -> Request {
+    let mut req = http::Request::new(full_body(body.clone()));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.version_mut() = parts.version;
+    *req.headers_mut() = parts.headers.clone();
+    *req.extensions_mut() = parts.extensions.clone();
+    req
+}
+
+impl Service<Request> for RetryService {
+    type Response = Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move { this.run(req).await })
+    }
+}
+
+impl RetryService {
+    async fn run(self, req: Request) -> Result<Response, BoxError> {
+        self.budget.deposit();
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        use http_body::Body as _;
+        let bufferable =
+            req.body().is_end_stream() || declared.is_some_and(|n| n <= self.policy.max_buffer);
+        if !bufferable || self.policy.attempts <= 1 {
+            // Too large (or of unknown length) to keep for a second try: one attempt only.
+            return self.inner.clone().oneshot(req).await;
+        }
+        let safe = safe_to_repeat(&req, self.policy.idempotent);
+        let (parts, body) = req.into_parts();
+        let body: Bytes = body
+            .collect()
+            .await
+            .map_err(|e: BodyError| -> BoxError { Box::new(e) })?
+            .to_bytes();
+        let deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
+        let mut attempt = 1;
+        loop {
+            let result = self.inner.clone().oneshot(rebuild(&parts, &body)).await;
+            let Some((reason, acted)) = self.policy.condition(&result) else {
+                return result;
+            };
+            if attempt >= self.policy.attempts || (acted && !safe) {
+                return result;
+            }
+            if !self.budget.withdraw() {
+                self.metrics.retry_budget_exhausted(&self.backend);
+                tracing::warn!(route = %self.route, backend = %self.backend, reason, "Retry budget exhausted; not retrying.");
+                return result;
+            }
+            let wait = self.policy.backoff(attempt);
+            if deadline.is_some_and(|d| std::time::Instant::now() + wait >= d) {
+                return result;
+            }
+            self.metrics.retry(&self.route, reason);
+            tracing::info!(route = %self.route, backend = %self.backend, attempt = attempt + 1, reason, wait_ms = wait.as_millis() as u64, "Retrying.");
+            drop(result);
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::types::{Dur, Size};
+    use crate::empty_body;
+
+    fn policy(attempts: u32) -> RetryPolicy {
+        RetryPolicy::new(
+            &RetrySpec {
+                attempts,
+                backoff: Dur::millis(100),
+                max_backoff: Dur::millis(1000),
+                on: vec![
+                    RetryOn::Condition(RetryCondition::ConnectFailure),
+                    RetryOn::Condition(RetryCondition::Reset),
+                    RetryOn::Status(503),
+                ],
+                max_buffer: Size(1024),
+            },
+            false,
+        )
+    }
+
+    #[test]
+    fn backoff_is_bounded_full_jitter() {
+        let p = policy(5);
+        for retry in 1..10 {
+            let cap = Duration::from_millis((100u64 << (retry - 1)).min(1000));
+            for _ in 0..200 {
+                assert!(p.backoff(retry) <= cap, "retry {retry}");
+            }
+        }
+        // Full jitter spreads waits over the whole range.
+        let waits: Vec<_> = (0..500).map(|_| p.backoff(4)).collect();
+        assert!(waits.iter().any(|w| *w < Duration::from_millis(200)));
+        assert!(waits.iter().any(|w| *w > Duration::from_millis(600)));
+    }
+
+    fn unavailable() -> BoxError {
+        GatewayError::BackendUnavailable {
+            backend: "b".into(),
+            reason: "cannot connect to the backend",
+            retry_after: None,
+            source: None,
+        }
+        .into()
+    }
+
+    fn service(
+        p: RetryPolicy,
+        budget: TpsBudget,
+    ) -> (RetryService, tower_test::mock::Handle<Request, Response>) {
+        let (mock, handle) = tower_test::mock::pair::<Request, Response>();
+        let inner = RouteService::new(tower::util::MapErr::new(mock, |e: BoxError| e));
+        let svc = RetryService::new(
+            inner,
+            Arc::new(p),
+            Arc::new(budget),
+            "r".into(),
+            "b".into(),
+            Arc::new(Metrics::new()),
+        );
+        (svc, handle)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connect_failures_are_retried_even_for_post() {
+        let (svc, mut handle) =
+            service(policy(3), TpsBudget::new(Duration::from_secs(10), 100, 0.2));
+        let req = http::Request::post("/x").body(empty_body()).unwrap();
+        let call = tokio::spawn(svc.oneshot(req));
+        for _ in 0..2 {
+            let (_, send) = handle.next_request().await.unwrap();
+            send.send_error(unavailable());
+        }
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(http::Response::new(empty_body()));
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn post_is_not_retried_after_the_backend_may_have_acted() {
+        let (svc, mut handle) =
+            service(policy(3), TpsBudget::new(Duration::from_secs(10), 100, 0.2));
+        let req = http::Request::post("/x").body(empty_body()).unwrap();
+        let call = tokio::spawn(svc.oneshot(req));
+        let (_, send) = handle.next_request().await.unwrap();
+        let mut resp = http::Response::new(empty_body());
+        *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        send.send_response(resp);
+        assert_eq!(call.await.unwrap().unwrap().status(), 503);
+        // With an Idempotency-Key the same answer is retried.
+        let req = http::Request::post("/x")
+            .header("idempotency-key", "k1")
+            .body(empty_body())
+            .unwrap();
+        let (svc, mut handle) =
+            service(policy(2), TpsBudget::new(Duration::from_secs(10), 100, 0.2));
+        let call = tokio::spawn(svc.oneshot(req));
+        let (_, send) = handle.next_request().await.unwrap();
+        let mut resp = http::Response::new(empty_body());
+        *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+        send.send_response(resp);
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(http::Response::new(empty_body()));
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_exhausted_budget_stops_retries() {
+        // No reserve, 0 % of deposits: no retry is ever allowed.
+        let (svc, mut handle) = service(policy(5), TpsBudget::new(Duration::from_secs(1), 0, 0.0));
+        let call = tokio::spawn(svc.oneshot(http::Request::get("/x").body(empty_body()).unwrap()));
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_error(unavailable());
+        assert!(call.await.unwrap().is_err());
+    }
+}
