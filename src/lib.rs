@@ -45,6 +45,16 @@ impl std::error::Error for BodyError {
 }
 pub type Request = http::Request<Body>;
 pub type Response = http::Response<Body>;
+/// The future every layer of a route's stack returns.
+pub type ResponseFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response, BoxError>> + Send>>;
+
+/// A future that fails at once with `err` (a layer refusing a request).
+pub fn fail(err: impl Into<BoxError>) -> ResponseFuture {
+    let err = err.into();
+    Box::pin(async move { Err(err) })
+}
+
 /// A route's whole stack (plugins, middleware, backend), built once when config loads.
 pub type RouteService = tower::util::BoxCloneSyncService<Request, Response, BoxError>;
 

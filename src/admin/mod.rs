@@ -47,9 +47,10 @@ pub fn readiness(shared: &Shared) -> (bool, Value) {
         let ready = b.ready();
         shared.metrics.backend_ready(name, ready);
         all &= ready || !used;
+        let breaker = b.policy.breaker.as_ref().map(|br| br.state().name());
         backends.insert(
             name.clone(),
-            json!({ "type": b.kind(), "ready": ready, "used_by_routes": used }),
+            json!({ "type": b.kind(), "ready": ready, "used_by_routes": used, "breaker": breaker }),
         );
     }
     (

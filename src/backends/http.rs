@@ -2,10 +2,8 @@
 //! connections to one or more endpoints (round robin, failed endpoints skipped for a while),
 //! HTTP/1.1 or h2c upstream, path rewrite, hop-by-hop removal, `X-Forwarded-*`, streamed bodies.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -21,7 +19,7 @@ use crate::config::template::{PathTemplate, Template};
 use crate::config::{HttpBackendSpec, HttpProtocol, HttpRouteSpec};
 use crate::error::GatewayError;
 use crate::middleware::context::RequestContext;
-use crate::{Body, BodyError, BoxError, Request, Response};
+use crate::{Body, BodyError, BoxError, Request, Response, ResponseFuture};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -37,6 +35,8 @@ struct Endpoint {
     ejected_until: AtomicU64,
     /// Result of the latest background probe.
     reachable: AtomicBool,
+    /// Calls that failed in a row (connect failure, reset, 5xx).
+    failures: AtomicU32,
 }
 
 /// Aborts the probe task when the backend is dropped (after a reload that replaced it).
@@ -55,6 +55,7 @@ pub struct HttpBackend {
     client: Client<HttpConnector, Body>,
     protocol: HttpProtocol,
     eject_for: Duration,
+    eject_after: u32,
     epoch: Instant,
     _probe: Option<AbortOnDrop>,
 }
@@ -74,6 +75,7 @@ impl HttpBackend {
                     authority: HeaderValue::from_str(authority.as_str()).ok()?,
                     ejected_until: AtomicU64::new(0),
                     reachable: AtomicBool::new(false),
+                    failures: AtomicU32::new(0),
                 })
             })
             .collect();
@@ -101,6 +103,7 @@ impl HttpBackend {
             client,
             protocol: spec.protocol,
             eject_for: spec.eject_for.0,
+            eject_after: spec.eject_after_failures.max(1),
             epoch: Instant::now(),
             _probe: probe,
         }
@@ -135,6 +138,21 @@ impl HttpBackend {
             .ejected_until
             .store(until, Ordering::Relaxed);
         self.endpoints[i].reachable.store(false, Ordering::Relaxed);
+        self.endpoints[i].failures.store(0, Ordering::Relaxed);
+    }
+
+    /// Records a call's outcome on endpoint `i`; enough failures in a row eject it, but only
+    /// when another endpoint is left to take its traffic.
+    fn record(&self, i: usize, ok: bool) {
+        let ep = &self.endpoints[i];
+        if ok {
+            ep.failures.store(0, Ordering::Relaxed);
+        } else if ep.failures.fetch_add(1, Ordering::Relaxed) + 1 >= self.eject_after
+            && self.endpoints.len() > 1
+        {
+            tracing::warn!(backend = %self.name, endpoint = %ep.scheme_authority, "Endpoint ejected after repeated failures.");
+            self.eject(i);
+        }
     }
 }
 
@@ -247,7 +265,7 @@ impl HttpRouteService {
 impl Service<Request> for HttpRouteService {
     type Response = Response;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))
@@ -328,6 +346,7 @@ impl HttpRouteService {
         let req = http::Request::from_parts(parts, body);
         match backend.client.request(req).await {
             Ok(resp) => {
+                backend.record(i, !resp.status().is_server_error());
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 let body = body.map_err(BodyError::new).boxed_unsync();
@@ -343,12 +362,15 @@ impl HttpRouteService {
                 }
                 .into())
             }
-            Err(e) => Err(GatewayError::BadGateway {
-                backend: backend.name.clone(),
-                reason: "the upstream request failed",
-                source: Some(Box::new(e)),
+            Err(e) => {
+                backend.record(i, false);
+                Err(GatewayError::BadGateway {
+                    backend: backend.name.clone(),
+                    reason: "the upstream request failed",
+                    source: Some(Box::new(e)),
+                }
+                .into())
             }
-            .into()),
         }
     }
 }

@@ -254,12 +254,45 @@ fn default_rate_per() -> Dur {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
-#[serde(rename_all = "snake_case")]
+#[serde(try_from = "RateLimitKeyRepr", into = "RateLimitKeyRepr")]
+#[schemars(with = "RateLimitKeyRepr")]
 pub enum RateLimitKey {
     #[default]
     Global,
     ClientIp,
     Header(String),
+}
+
+/// How a rate-limit key is written: `global`, `client_ip`, or `{ header: x-api-key }`.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum RateLimitKeyRepr {
+    Name(String),
+    Header { header: String },
+}
+
+impl TryFrom<RateLimitKeyRepr> for RateLimitKey {
+    type Error = String;
+    fn try_from(r: RateLimitKeyRepr) -> Result<Self, String> {
+        match r {
+            RateLimitKeyRepr::Name(n) if n == "global" => Ok(RateLimitKey::Global),
+            RateLimitKeyRepr::Name(n) if n == "client_ip" => Ok(RateLimitKey::ClientIp),
+            RateLimitKeyRepr::Name(n) => Err(format!(
+                "unknown rate-limit key `{n}`: write `global`, `client_ip` or `{{ header: <name> }}`"
+            )),
+            RateLimitKeyRepr::Header { header } => Ok(RateLimitKey::Header(header)),
+        }
+    }
+}
+
+impl From<RateLimitKey> for RateLimitKeyRepr {
+    fn from(k: RateLimitKey) -> Self {
+        match k {
+            RateLimitKey::Global => RateLimitKeyRepr::Name("global".into()),
+            RateLimitKey::ClientIp => RateLimitKeyRepr::Name("client_ip".into()),
+            RateLimitKey::Header(header) => RateLimitKeyRepr::Header { header },
+        }
+    }
 }
 
 /// Circuit breaking for a backend.
@@ -435,6 +468,10 @@ pub struct HttpBackendSpec {
     /// How long an endpoint that failed to connect is skipped.
     #[serde(default = "default_eject_for")]
     pub eject_for: Dur,
+    /// An endpoint that fails this many calls in a row (connect failure, reset, 5xx) is skipped
+    /// for `eject_for`: the per-endpoint breaker of a multi-endpoint backend.
+    #[serde(default = "default_eject_after")]
+    pub eject_after_failures: u32,
     /// How often endpoints are probed (TCP connect) for readiness.
     #[serde(default = "default_probe_interval")]
     pub probe_interval: Dur,
@@ -460,6 +497,9 @@ fn default_connect_timeout() -> Dur {
 }
 fn default_eject_for() -> Dur {
     Dur::secs(5)
+}
+fn default_eject_after() -> u32 {
+    5
 }
 fn default_probe_interval() -> Dur {
     Dur::secs(2)

@@ -4,8 +4,6 @@
 //! Only upstream and gateway faults count as failures; client errors never trip it.
 
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,7 +14,7 @@ use tower::Service;
 use crate::config::{BreakerMode, BreakerSpec};
 use crate::error::{Fault, GatewayError, classify};
 use crate::telemetry::metrics::Metrics;
-use crate::{BoxError, Request, Response};
+use crate::{BoxError, Request, Response, ResponseFuture, fail};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -288,7 +286,7 @@ where
 {
     type Response = Response;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
@@ -296,13 +294,10 @@ where
 
     fn call(&mut self, req: Request) -> Self::Future {
         match self.breaker.acquire() {
-            Err(retry_after) => {
-                let err = GatewayError::CircuitOpen {
-                    backend: self.breaker.backend.to_string(),
-                    retry_after,
-                };
-                Box::pin(async move { Err(err.into()) })
-            }
+            Err(retry_after) => fail(GatewayError::CircuitOpen {
+                backend: self.breaker.backend.to_string(),
+                retry_after,
+            }),
             Ok(ticket) => {
                 let fut = self.inner.call(req);
                 Box::pin(async move {

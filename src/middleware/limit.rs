@@ -2,9 +2,7 @@
 //! the IETF `RateLimit` / `RateLimit-Policy` headers) and the concurrency limits (per route and
 //! per backend) that shed load with 503 instead of queueing without bound.
 
-use std::future::Future;
 use std::num::NonZeroU32;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
@@ -22,7 +20,7 @@ use super::context::RequestContext;
 use crate::config::{RateLimitKey, RateLimitSpec};
 use crate::error::GatewayError;
 use crate::telemetry::metrics::Metrics;
-use crate::{BoxError, Request, Response};
+use crate::{BoxError, Request, Response, ResponseFuture, fail};
 
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -140,7 +138,7 @@ where
 {
     type Response = Response;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
@@ -151,12 +149,11 @@ where
         match limit.check(&req) {
             Err(wait) => {
                 limit.metrics.rate_limited(&limit.route);
-                let err = GatewayError::RateLimited {
+                fail(GatewayError::RateLimited {
                     retry_after: wait,
                     quota: limit.quota,
                     window_secs: limit.window_secs,
-                };
-                Box::pin(async move { Err(err.into()) })
+                })
             }
             Ok((remaining, reset)) => {
                 let fut = self.inner.call(req);
@@ -203,7 +200,7 @@ where
 {
     type Response = Response;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)
@@ -221,10 +218,9 @@ where
             }
             Err(_) => {
                 self.metrics.shed(&self.scope);
-                let err = GatewayError::Overloaded {
+                fail(GatewayError::Overloaded {
                     scope: self.scope.to_string(),
-                };
-                Box::pin(async move { Err(err.into()) })
+                })
             }
         }
     }

@@ -3,8 +3,6 @@
 //! so a failing backend never sees a retry storm. Only safe retries are made: a call that never
 //! reached the backend, or one whose method, `Idempotency-Key` or route says it may be repeated.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -19,7 +17,7 @@ use super::context::Deadline;
 use crate::config::{RetryCondition, RetryOn, RetrySpec};
 use crate::error::GatewayError;
 use crate::telemetry::metrics::Metrics;
-use crate::{BodyError, BoxError, Request, Response, RouteService, full_body};
+use crate::{BodyError, BoxError, Request, Response, ResponseFuture, RouteService, full_body};
 
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
@@ -154,7 +152,7 @@ fn rebuild(parts: &http::request::Parts, body: &Bytes) -> Request {
 impl Service<Request> for RetryService {
     type Response = Response;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         Poll::Ready(Ok(()))

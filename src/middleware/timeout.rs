@@ -1,8 +1,6 @@
 //! The overall deadline of a request: sets [`Deadline`] for the layers and backend below it and
 //! fails with a 504 (`GatewayError::Timeout`) when the backend has not answered in time.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -11,7 +9,7 @@ use tower::{Layer, Service};
 
 use super::context::Deadline;
 use crate::error::GatewayError;
-use crate::{BoxError, Request, Response};
+use crate::{BoxError, Request, Response, ResponseFuture};
 
 #[derive(Debug, Clone, Copy)]
 pub struct TimeoutLayer {
@@ -63,7 +61,7 @@ where
 {
     type Response = Response;
     type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<Response, BoxError>> + Send>>;
+    type Future = ResponseFuture;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.inner.poll_ready(cx)

@@ -6,4 +6,5 @@ mod front;
 mod http_proxy;
 mod matching;
 mod reload;
+mod resilience;
 mod support;

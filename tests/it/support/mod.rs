@@ -168,6 +168,57 @@ impl Upstream {
     }
 
     pub async fn start_on(addr: SocketAddr) -> Upstream {
+        Self::start_inner(addr, None).await
+    }
+
+    /// An upstream that answers every request with `status`.
+    pub async fn fixed(status: u16) -> Upstream {
+        Self::start_inner("127.0.0.1:0".parse().unwrap(), Some(status)).await
+    }
+
+    /// An upstream that accepts connections, reads, and never answers.
+    pub async fn hanging() -> Upstream {
+        Self::raw(false).await
+    }
+
+    /// An upstream that reads a request and closes the connection without answering.
+    pub async fn resetting() -> Upstream {
+        Self::raw(true).await
+    }
+
+    async fn raw(close: bool) -> Upstream {
+        use tokio::io::AsyncReadExt;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (hits, conns) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let (h, c) = (hits.clone(), conns.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let h = h.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 65536];
+                    if matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {
+                        h.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if !close {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
+                });
+            }
+        });
+        Upstream {
+            addr,
+            hits,
+            conns,
+            task,
+        }
+    }
+
+    async fn start_inner(addr: SocketAddr, fixed: Option<u16>) -> Upstream {
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
@@ -184,7 +235,16 @@ impl Upstream {
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         h.fetch_add(1, Ordering::SeqCst);
-                        echo(req, addr)
+                        async move {
+                            match fixed {
+                                Some(code) => {
+                                    let mut r = http::Response::new(body(format!("fixed {code}")));
+                                    *r.status_mut() = StatusCode::from_u16(code).unwrap();
+                                    Ok(r)
+                                }
+                                None => echo(req, addr).await,
+                            }
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
