@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Proxy benchmark: the upstream directly, nginx proxying to it, and Switchyard proxying to it,
-# measured in one run with wrk (64 connections, keep-alive, small GET), ROUNDS times each in
-# alternation. Prints requests/s, p50 and p99 (medians over the rounds) and the ratios, and
-# Switchyard's idle RSS.
+# Proxy benchmark: the upstream directly, nginx proxying to it, Switchyard proxying to it on a
+# bare route, and Switchyard on a route with the full middleware stack (timeout, per-try timeout,
+# retry with budget, breaker, rate limit set high, concurrency limits), measured in one run with
+# wrk (64 connections, keep-alive, small GET), ROUNDS times each in alternation. Prints
+# requests/s, p50 and p99 (medians over the rounds), the ratios, and Switchyard's idle RSS.
 #
 #   bash bench/proxy.sh            # DURATION=15s ROUNDS=3 CONNECTIONS=64 by default
 set -euo pipefail
@@ -69,11 +70,25 @@ CONF
 cat > "$WORK/routes.yaml" <<YAML
 server: { listen: "127.0.0.1:$SY_PORT", admin: "127.0.0.1:$SY_ADMIN" }
 backends:
-  up: { type: http, endpoints: ["http://127.0.0.1:$UP_PORT"] }
+  up: { type: http, endpoints: ["http://127.0.0.1:$UP_PORT"], breaker: { enabled: false } }
+  guarded:
+    type: http
+    endpoints: ["http://127.0.0.1:$UP_PORT"]
+    breaker: { consecutive_failures: 5 }
+    retry_budget: { ratio: 0.2 }
+    concurrency_limit: 100000
 routes:
-  - id: bench
-    match: { method: GET, path: "/{*rest}" }
+  - id: bare
+    match: { method: GET, path: "/bare/{*rest}" }
     backend: up
+  - id: full
+    match: { method: GET, path: "/full/{*rest}" }
+    backend: guarded
+    timeout: 10s
+    per_try_timeout: 5s
+    retry: { attempts: 3, backoff: 10ms }
+    rate_limit: { requests: 10000000, per: 1s }
+    concurrency_limit: 100000
 YAML
 RUST_LOG="warn" "$SWITCHYARD" run --no-watch --config "$WORK/routes.yaml" >"$WORK/logs/switchyard.log" 2>&1 &
 SY_PID=$!
@@ -104,7 +119,8 @@ for r in $(seq 1 "$ROUNDS"); do
   echo "round $r"
   run direct "http://127.0.0.1:$UP_PORT/bench"
   run nginx "http://127.0.0.1:$NGINX_PORT/bench"
-  run switchyard "http://127.0.0.1:$SY_PORT/bench"
+  run switchyard "http://127.0.0.1:$SY_PORT/bare/bench"
+  run sy-full-mw "http://127.0.0.1:$SY_PORT/full/bench"
 done
 
 median() { sort -n | awk '{a[NR] = $1} END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.3f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
@@ -113,12 +129,13 @@ col() { awk -v n="$1" -v c="$2" '$1 == n {print $c}' "$WORK/results" | median; }
 echo
 echo "medians over $ROUNDS round(s):"
 printf '  %-11s %12s %10s %10s\n' target "req/s" "p50 ms" "p99 ms"
-for t in direct nginx switchyard; do
+for t in direct nginx switchyard sy-full-mw; do
   printf '  %-11s %12s %10s %10s\n' "$t" "$(col $t 2)" "$(col $t 3)" "$(col $t 4)"
 done
 SY_RPS=$(col switchyard 2); NG_RPS=$(col nginx 2); UP_RPS=$(col direct 2)
-SY_P99=$(col switchyard 4); NG_P99=$(col nginx 4)
-awk -v s="$SY_RPS" -v n="$NG_RPS" -v u="$UP_RPS" -v sp="$SY_P99" -v np="$NG_P99" 'BEGIN {
+SY_P99=$(col switchyard 4); NG_P99=$(col nginx 4); MW_RPS=$(col sy-full-mw 2)
+awk -v s="$SY_RPS" -v n="$NG_RPS" -v u="$UP_RPS" -v sp="$SY_P99" -v np="$NG_P99" -v m="$MW_RPS" 'BEGIN {
   printf "ratios: switchyard/nginx req/s = %.2f (target >= 1.00), switchyard/nginx p99 = %.2f (target <= 1.00), switchyard/direct req/s = %.2f\n", s / n, sp / np, s / u
+  printf "        full middleware/bare route req/s = %.2f (target >= 0.95)\n", m / s
 }'
 echo "switchyard idle RSS: $((RSS_KB / 1024)) MiB ($RSS_KB KiB; target <= 20 MiB)"
