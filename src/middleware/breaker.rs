@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower::Service;
 
+use super::context::Deadline;
 use crate::config::{BreakerMode, BreakerSpec};
 use crate::error::{Fault, GatewayError, classify};
 use crate::telemetry::metrics::Metrics;
@@ -55,8 +56,9 @@ pub struct Breaker {
     metrics: Arc<Metrics>,
 }
 
-/// Permission to call the backend. Dropped without a recorded outcome (the caller gave up, a
-/// timeout above fired) it counts as a failure, so a hanging probe cannot wedge half-open.
+/// Permission to call the backend. Dropped without a recorded outcome (the client left) it says
+/// nothing about the backend, but frees its half-open probe slot. Deadlines are not such a
+/// case: [`BreakerService`] enforces the request's deadline itself and records the timeout.
 pub struct Ticket {
     breaker: Arc<Breaker>,
     probe: bool,
@@ -73,7 +75,7 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if !self.done {
-            self.breaker.record(self.probe, Outcome::Failure);
+            self.breaker.record(self.probe, Outcome::Ignore);
         }
     }
 }
@@ -299,9 +301,20 @@ where
                 retry_after,
             }),
             Ok(ticket) => {
+                let deadline = req.extensions().get::<Deadline>().copied();
                 let fut = self.inner.call(req);
                 Box::pin(async move {
-                    let result = fut.await;
+                    // The overall timeout sits above this layer and would drop the call without
+                    // an outcome; race the deadline here so a slow backend is judged slow.
+                    let result = match deadline {
+                        Some(d) => {
+                            match tokio::time::timeout_at(Instant::from_std(d.at), fut).await {
+                                Ok(r) => r,
+                                Err(_) => Err(GatewayError::Timeout { after: d.total }.into()),
+                            }
+                        }
+                        None => fut.await,
+                    };
                     ticket.record(outcome_of(&result));
                     result
                 })
@@ -381,10 +394,16 @@ mod tests {
         p.record(Outcome::Failure);
         assert!(matches!(b.state(), State::Open { .. }));
 
-        // A probe abandoned without an outcome counts as a failure.
+        // A probe abandoned without an outcome (the client left) frees its slot and proves
+        // nothing; the next probe decides.
         tokio::time::advance(Duration::from_secs(5)).await;
         drop(b.acquire().unwrap());
-        assert!(matches!(b.state(), State::Open { .. }));
+        assert!(matches!(b.state(), State::HalfOpen { in_flight: 0, .. }));
+        let p1 = b.acquire().unwrap();
+        let p2 = b.acquire().unwrap();
+        p1.record(Outcome::Success);
+        p2.record(Outcome::Success);
+        assert_eq!(b.state(), State::Closed);
     }
 
     #[tokio::test(start_paused = true)]

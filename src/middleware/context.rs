@@ -29,6 +29,17 @@ impl RequestContext {
 }
 
 /// The request's overall deadline, set by the timeout layer so backends can pass the remaining
-/// time on (gRPC `grpc-timeout`, message expiry).
+/// time on (gRPC `grpc-timeout`, message expiry) and inner layers can tell a deadline from a
+/// client that left.
 #[derive(Debug, Clone, Copy)]
-pub struct Deadline(pub Instant);
+pub struct Deadline {
+    pub at: Instant,
+    /// The whole allowance, for error messages.
+    pub total: std::time::Duration,
+}
+
+impl Deadline {
+    pub fn remaining(&self) -> std::time::Duration {
+        self.at.saturating_duration_since(Instant::now())
+    }
+}

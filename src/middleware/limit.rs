@@ -11,6 +11,7 @@ use std::time::Duration;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
+use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use tokio::sync::Semaphore;
@@ -42,8 +43,15 @@ pub fn set_ratelimit_headers(
     }
 }
 
-type Limiter =
+type KeyedLimiter =
     RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
+type DirectLimiter = RateLimiter<NotKeyed, InMemoryState, DefaultClock, StateInformationMiddleware>;
+
+/// One bucket for the route (`global`) or one per key.
+enum Limiter {
+    Direct(DirectLimiter),
+    Keyed(KeyedLimiter),
+}
 
 /// A compiled rate limit, shared by clones of the route's service.
 pub struct RateLimit {
@@ -71,8 +79,16 @@ impl RateLimit {
             RateLimitKey::Header(h) => HeaderName::from_bytes(h.as_bytes()).ok(),
             _ => None,
         };
+        let limiter = match spec.key {
+            RateLimitKey::Global => Limiter::Direct(
+                RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>(),
+            ),
+            _ => Limiter::Keyed(
+                RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(),
+            ),
+        };
         RateLimit {
-            limiter: RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(),
+            limiter,
             key: spec.key.clone(),
             header,
             quota: requests,
@@ -103,18 +119,18 @@ impl RateLimit {
 
     /// Takes a token: `Ok(remaining)` or `Err(wait)`.
     fn check(&self, req: &Request) -> Result<(u32, u64), Duration> {
-        // Forget idle keys now and then so per-client buckets cannot grow without bound.
-        if self.checks.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
-            self.limiter.retain_recent();
-        }
-        let key = self.key_of(req);
-        match self.limiter.check_key(&key) {
-            Ok(snapshot) => {
-                let remaining = snapshot.remaining_burst_capacity();
-                Ok((remaining, self.window_secs))
+        let outcome = match &self.limiter {
+            Limiter::Direct(l) => l.check().map_err(|n| n.wait_time_from(l.clock().now())),
+            Limiter::Keyed(l) => {
+                // Forget idle keys now and then so per-client buckets cannot grow without bound.
+                if self.checks.fetch_add(1, Ordering::Relaxed) % 4096 == 4095 {
+                    l.retain_recent();
+                }
+                l.check_key(&self.key_of(req))
+                    .map_err(|n| n.wait_time_from(l.clock().now()))
             }
-            Err(not_until) => Err(not_until.wait_time_from(self.limiter.clock().now())),
-        }
+        };
+        outcome.map(|snapshot| (snapshot.remaining_burst_capacity(), self.window_secs))
     }
 }
 

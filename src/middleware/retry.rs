@@ -186,7 +186,7 @@ impl RetryService {
             .await
             .map_err(|e: BodyError| -> BoxError { Box::new(e) })?
             .to_bytes();
-        let deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
+        let deadline = parts.extensions.get::<Deadline>().map(|d| d.at);
         let mut attempt = 1;
         loop {
             let result = self.inner.clone().oneshot(rebuild(&parts, &body)).await;

@@ -70,7 +70,10 @@ where
     fn call(&mut self, mut req: Request) -> Self::Future {
         let deadline = Instant::now() + self.after;
         if self.sets_deadline {
-            req.extensions_mut().insert(Deadline(deadline.into_std()));
+            req.extensions_mut().insert(Deadline {
+                at: deadline.into_std(),
+                total: self.after,
+            });
         }
         let after = self.after;
         let fut = self.inner.call(req);

@@ -328,3 +328,35 @@ async fn a_route_concurrency_limit_sheds_load_at_once() {
     let (s, _, _) = get(&gw.url("/x")).await;
     assert_eq!(s, 200);
 }
+
+#[tokio::test]
+async fn a_hanging_backend_trips_the_breaker_through_the_deadline_but_leaving_clients_do_not() {
+    let hung = Upstream::hanging().await;
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  b: {{ type: http, endpoints: ["{}"], breaker: {{ consecutive_failures: 2, open_for: 30s }} }}
+routes:
+  - {{ id: r, match: {{ path: "/{{*rest}}" }}, backend: b, timeout: 300ms }}
+"#,
+        hung.url()
+    ))
+    .await;
+    // Clients that give up before the deadline say nothing about the backend.
+    for _ in 0..3 {
+        let url = gw.url("/x");
+        let r =
+            tokio::time::timeout(Duration::from_millis(50), async move { get(&url).await }).await;
+        assert!(r.is_err());
+    }
+    let (_, v) = gw.admin_json("/readyz").await;
+    assert_eq!(v["backends"]["b"]["breaker"], "closed");
+    // Calls that reach the deadline do.
+    for _ in 0..2 {
+        let (s, _, b) = get(&gw.url("/x")).await;
+        assert_eq!(s, 504, "{}", String::from_utf8_lossy(&b));
+    }
+    let (s, _, b) = get(&gw.url("/x")).await;
+    assert_eq!(s, 503);
+    assert_eq!(json(&b)["type"], "urn:switchyard:problem:circuit-open");
+}
