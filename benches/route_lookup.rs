@@ -25,7 +25,14 @@ fn table(n: usize) -> RouteTable {
     }
     let spec = config::load_str("bench.yaml", &yaml, &|_| None).expect("valid");
     let metrics = std::sync::Arc::new(switchyard::telemetry::metrics::Metrics::new());
-    RouteTable::build(spec, 1, &BackendSet::default(), &metrics).expect("builds")
+    RouteTable::build(
+        spec,
+        1,
+        &BackendSet::default(),
+        &metrics,
+        std::path::Path::new("."),
+    )
+    .expect("builds")
 }
 
 fn bench(c: &mut Criterion) {

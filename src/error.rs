@@ -65,6 +65,13 @@ pub enum GatewayError {
         quota: u32,
         window_secs: u64,
     },
+    /// The gRPC backend answered with a non-OK status.
+    #[error("backend {backend} answered gRPC status {code:?}")]
+    Grpc {
+        backend: String,
+        code: tonic::Code,
+        message: String,
+    },
     #[error("internal gateway error: {0}")]
     Internal(&'static str),
 }
@@ -90,6 +97,7 @@ impl GatewayError {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            GatewayError::Grpc { code, .. } => crate::backends::grpc::status::http_status(*code),
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -106,6 +114,8 @@ impl GatewayError {
             | GatewayError::BadGateway { .. } => Fault::Upstream,
             // Refusals made to protect a backend say nothing new about its health.
             GatewayError::CircuitOpen { .. } | GatewayError::Overloaded { .. } => Fault::Gateway,
+            GatewayError::Grpc { .. } if self.status().is_client_error() => Fault::Client,
+            GatewayError::Grpc { .. } => Fault::Upstream,
             GatewayError::Internal(_) => Fault::Gateway,
         }
     }
@@ -128,6 +138,7 @@ impl GatewayError {
             GatewayError::CircuitOpen { .. } => "circuit-open",
             GatewayError::Overloaded { .. } => "overloaded",
             GatewayError::RateLimited { .. } => "rate-limited",
+            GatewayError::Grpc { .. } => "grpc-status",
             GatewayError::Internal(_) => "internal",
         }
     }
@@ -175,6 +186,18 @@ impl GatewayError {
                 "Rate limit exceeded; try again in {}s.",
                 retry_after.as_secs_f64().ceil().max(1.0) as u64
             ),
+            GatewayError::Grpc {
+                backend,
+                code,
+                message,
+            } => {
+                let name = crate::backends::grpc::status::code_name(*code);
+                if message.is_empty() {
+                    format!("Backend '{backend}' answered {name}.")
+                } else {
+                    format!("Backend '{backend}' answered {name}: {message}")
+                }
+            }
             GatewayError::Internal(what) => format!("The gateway failed: {what}."),
         }
     }
@@ -299,6 +322,10 @@ pub fn rescue(err: &(dyn StdError + 'static), correlation_id: &str) -> Response 
     });
     if let Some(field) = field {
         body["field"] = field.into();
+    }
+    if let Some(GatewayError::Grpc { code, .. }) = c.error {
+        body["grpc_code"] = (*code as i32).into();
+        body["grpc_status"] = crate::backends::grpc::status::code_name(*code).into();
     }
     let mut resp = http::Response::new(full_body(body.to_string()));
     *resp.status_mut() = c.status;

@@ -15,6 +15,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
 
+use super::{AbortOnDrop, spawn_probe};
 use crate::config::template::{PathTemplate, Template};
 use crate::config::{HttpBackendSpec, HttpProtocol, HttpRouteSpec};
 use crate::error::GatewayError;
@@ -33,19 +34,8 @@ struct Endpoint {
     authority: HeaderValue,
     /// Milliseconds since `HttpBackend::epoch` until which the endpoint is skipped.
     ejected_until: AtomicU64,
-    /// Result of the latest background probe.
-    reachable: AtomicBool,
     /// Calls that failed in a row (connect failure, reset, 5xx).
     failures: AtomicU32,
-}
-
-/// Aborts the probe task when the backend is dropped (after a reload that replaced it).
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 pub struct HttpBackend {
@@ -57,6 +47,8 @@ pub struct HttpBackend {
     eject_for: Duration,
     eject_after: u32,
     epoch: Instant,
+    /// Result of the latest background probe: some endpoint accepted a TCP connection.
+    reachable: Arc<AtomicBool>,
     _probe: Option<AbortOnDrop>,
 }
 
@@ -74,7 +66,6 @@ impl HttpBackend {
                     base_path: u.path().trim_end_matches('/').to_string(),
                     authority: HeaderValue::from_str(authority.as_str()).ok()?,
                     ejected_until: AtomicU64::new(0),
-                    reachable: AtomicBool::new(false),
                     failures: AtomicU32::new(0),
                 })
             })
@@ -90,12 +81,18 @@ impl HttpBackend {
             .pool_max_idle_per_host(spec.pool_max_idle_per_endpoint)
             .http2_only(spec.protocol == HttpProtocol::Http2)
             .build(connector);
-        let probe = tokio::runtime::Handle::try_current().ok().map(|rt| {
-            let eps = endpoints.clone();
-            let (interval, timeout) = (spec.probe_interval.0, spec.connect_timeout.0);
-            let name = name.to_string();
-            AbortOnDrop(rt.spawn(probe(name, eps, interval, timeout)).abort_handle())
-        });
+        let reachable = Arc::new(AtomicBool::new(false));
+        let addrs = endpoints
+            .iter()
+            .filter_map(|e| e.authority.to_str().ok().map(str::to_string))
+            .collect();
+        let probe = spawn_probe(
+            name,
+            addrs,
+            reachable.clone(),
+            spec.probe_interval.0,
+            spec.connect_timeout.0,
+        );
         HttpBackend {
             name: name.to_string(),
             endpoints,
@@ -105,15 +102,14 @@ impl HttpBackend {
             eject_for: spec.eject_for.0,
             eject_after: spec.eject_after_failures.max(1),
             epoch: Instant::now(),
+            reachable,
             _probe: probe,
         }
     }
 
     /// Ready when at least one endpoint answered the latest probe.
     pub fn ready(&self) -> bool {
-        self.endpoints
-            .iter()
-            .any(|e| e.reachable.load(Ordering::Relaxed))
+        self.reachable.load(Ordering::Relaxed)
     }
 
     fn now_ms(&self) -> u64 {
@@ -137,7 +133,6 @@ impl HttpBackend {
         self.endpoints[i]
             .ejected_until
             .store(until, Ordering::Relaxed);
-        self.endpoints[i].reachable.store(false, Ordering::Relaxed);
         self.endpoints[i].failures.store(0, Ordering::Relaxed);
     }
 
@@ -153,32 +148,6 @@ impl HttpBackend {
             tracing::warn!(backend = %self.name, endpoint = %ep.scheme_authority, "Endpoint ejected after repeated failures.");
             self.eject(i);
         }
-    }
-}
-
-async fn probe(name: String, endpoints: Arc<Vec<Endpoint>>, interval: Duration, timeout: Duration) {
-    let mut was_ready = None;
-    loop {
-        for ep in endpoints.iter() {
-            let addr = ep.authority.to_str().unwrap_or_default().to_string();
-            let ok = matches!(
-                tokio::time::timeout(timeout, tokio::net::TcpStream::connect(&addr)).await,
-                Ok(Ok(_))
-            );
-            ep.reachable.store(ok, Ordering::Relaxed);
-        }
-        let ready = endpoints
-            .iter()
-            .any(|e| e.reachable.load(Ordering::Relaxed));
-        if was_ready != Some(ready) {
-            if ready {
-                tracing::info!(backend = %name, "Backend reachable.");
-            } else {
-                tracing::warn!(backend = %name, "Backend unreachable; its routes answer 503 until it is back.");
-            }
-            was_ready = Some(ready);
-        }
-        tokio::time::sleep(interval).await;
     }
 }
 

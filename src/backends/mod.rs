@@ -2,6 +2,7 @@
 //! is built (connections, pools, probes) when config loads and kept across reloads that leave
 //! its spec unchanged; each route then gets its own service on top of the shared backend.
 
+pub mod grpc;
 pub mod http;
 
 use std::collections::HashMap;
@@ -57,27 +58,87 @@ impl PolicyState {
 
 enum Handle {
     Http(Arc<http::HttpBackend>),
+    Grpc(Arc<grpc::GrpcBackend>),
+}
+
+/// Aborts a background task (a readiness probe) when its backend is dropped after a reload
+/// replaced it.
+pub struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Probes `addrs` with TCP connects every `interval` and sets `reachable` when any answers.
+/// Returns `None` outside a runtime (benchmarks build tables without one).
+pub fn spawn_probe(
+    name: &str,
+    addrs: Vec<String>,
+    reachable: Arc<std::sync::atomic::AtomicBool>,
+    interval: Duration,
+    timeout: Duration,
+) -> Option<AbortOnDrop> {
+    use std::sync::atomic::Ordering;
+    let rt = tokio::runtime::Handle::try_current().ok()?;
+    let name = name.to_string();
+    let task = rt.spawn(async move {
+        let mut was = None;
+        loop {
+            let mut any = false;
+            for addr in &addrs {
+                any |= matches!(
+                    tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await,
+                    Ok(Ok(_))
+                );
+            }
+            reachable.store(any, Ordering::Relaxed);
+            if was != Some(any) {
+                if any {
+                    tracing::info!(backend = %name, "Backend reachable.");
+                } else {
+                    tracing::warn!(backend = %name, "Backend unreachable; its routes answer 503 until it is back.");
+                }
+                was = Some(any);
+            }
+            tokio::time::sleep(interval).await;
+        }
+    });
+    Some(AbortOnDrop(task.abort_handle()))
 }
 
 impl BuiltBackend {
     /// Builds the backend. Never fails because a backend is unreachable: connections are made
     /// lazily or in the background, and readiness reports the state.
-    pub fn build(name: &str, spec: &BackendSpec, metrics: &Arc<Metrics>) -> Self {
+    /// Fails only on a broken definition (descriptors that do not load), never because the
+    /// backend is unreachable. `base` is routes.yaml's directory.
+    pub fn build(
+        name: &str,
+        spec: &BackendSpec,
+        metrics: &Arc<Metrics>,
+        base: &std::path::Path,
+    ) -> Result<Self, String> {
         let handle = match spec {
             BackendSpec::Http(h) => Handle::Http(Arc::new(http::HttpBackend::new(name, h))),
+            BackendSpec::Grpc(g) => Handle::Grpc(Arc::new(
+                grpc::GrpcBackend::new(name, g, base)
+                    .map_err(|e| format!("backend `{name}`: {e}"))?,
+            )),
         };
-        BuiltBackend {
+        Ok(BuiltBackend {
             name: name.to_string(),
             spec: spec.clone(),
             policy: PolicyState::new(name, &spec.policy(), metrics),
             handle,
-        }
+        })
     }
 
     /// Whether the backend can take requests now.
     pub fn ready(&self) -> bool {
         match &self.handle {
             Handle::Http(h) => h.ready(),
+            Handle::Grpc(g) => g.ready(),
         }
     }
 
@@ -86,14 +147,24 @@ impl BuiltBackend {
     }
 
     /// The service at the bottom of `route`'s stack.
-    pub fn route_service(&self, route: &RouteSpec, template: &PathTemplate) -> RouteService {
-        match &self.handle {
+    pub fn route_service(
+        &self,
+        route: &RouteSpec,
+        template: &PathTemplate,
+    ) -> Result<RouteService, String> {
+        Ok(match &self.handle {
             Handle::Http(h) => RouteService::new(http::HttpRouteService::new(
                 h.clone(),
                 route.http.clone().unwrap_or_default(),
                 template,
             )),
-        }
+            Handle::Grpc(g) => {
+                let spec = route.grpc.as_ref().ok_or_else(|| {
+                    "a route to a grpc backend needs `grpc:` settings".to_string()
+                })?;
+                RouteService::new(grpc::GrpcRouteService::new(g.clone(), route, spec)?)
+            }
+        })
     }
 }
 
@@ -109,17 +180,18 @@ impl BackendSet {
         &self,
         specs: &std::collections::BTreeMap<String, BackendSpec>,
         metrics: &Arc<Metrics>,
-    ) -> BackendSet {
+        base: &std::path::Path,
+    ) -> Result<BackendSet, String> {
         let by_name = specs
             .iter()
             .map(|(name, spec)| {
                 let built = match self.by_name.get(name) {
                     Some(old) if old.spec == *spec => old.clone(),
-                    _ => Arc::new(BuiltBackend::build(name, spec, metrics)),
+                    _ => Arc::new(BuiltBackend::build(name, spec, metrics, base)?),
                 };
-                (name.clone(), built)
+                Ok((name.clone(), built))
             })
-            .collect();
-        BackendSet { by_name }
+            .collect::<Result<_, String>>()?;
+        Ok(BackendSet { by_name })
     }
 }

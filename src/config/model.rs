@@ -434,12 +434,15 @@ fn default_max_body_size() -> Size {
 pub enum BackendSpec {
     /// Plain HTTP reverse proxy to one or more endpoints.
     Http(HttpBackendSpec),
+    /// A gRPC service reached by transcoding JSON requests with descriptors loaded at run time.
+    Grpc(GrpcBackendSpec),
 }
 
 impl BackendSpec {
     pub fn kind(&self) -> &'static str {
         match self {
             BackendSpec::Http(_) => "http",
+            BackendSpec::Grpc(_) => "grpc",
         }
     }
 
@@ -449,6 +452,11 @@ impl BackendSpec {
                 breaker: h.breaker.clone(),
                 retry_budget: h.retry_budget.clone(),
                 concurrency_limit: h.concurrency_limit,
+            },
+            BackendSpec::Grpc(g) => BackendPolicy {
+                breaker: g.breaker.clone(),
+                retry_budget: g.retry_budget.clone(),
+                concurrency_limit: g.concurrency_limit,
             },
         }
     }
@@ -511,6 +519,53 @@ fn default_pool_max_idle() -> usize {
     256
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcBackendSpec {
+    /// Server URLs (`http://host:port`, HTTP/2 cleartext), balanced.
+    pub endpoints: Vec<String>,
+    /// `.proto` files compiled when the config loads (relative to routes.yaml's directory).
+    /// `google/protobuf/*` well-known types are always available.
+    #[serde(default)]
+    pub protos: Vec<PathBuf>,
+    /// Directories searched for imports (relative to routes.yaml's directory); the directory of
+    /// routes.yaml when empty.
+    #[serde(default)]
+    pub import_paths: Vec<PathBuf>,
+    /// A binary `FileDescriptorSet` (`protoc --include_imports -o`), instead of or beside `protos`.
+    #[serde(default)]
+    pub descriptor_set: Option<PathBuf>,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    #[serde(default)]
+    pub breaker: BreakerSpec,
+    #[serde(default)]
+    pub retry_budget: RetryBudgetSpec,
+    #[serde(default)]
+    pub concurrency_limit: Option<usize>,
+}
+
+/// How a route maps HTTP/JSON to one gRPC method.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcRouteSpec {
+    /// The method, `package.Service/Method`.
+    pub method: String,
+    /// Where the JSON body goes: `"*"` (the whole request message), a top-level field name, or
+    /// `""` for no body. Default: `"*"` for POST, PUT and PATCH, no body otherwise.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// Answer with this response field instead of the whole message.
+    #[serde(default)]
+    pub response_body: Option<String>,
+    /// Include fields that hold their default value in JSON answers.
+    #[serde(default)]
+    pub emit_defaults: bool,
+    /// Use the proto field names (`order_id`) instead of lowerCamelCase (`orderId`) in answers.
+    #[serde(default)]
+    pub proto_names: bool,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum HttpProtocol {
@@ -532,6 +587,9 @@ pub struct RouteSpec {
     /// Settings for an `http` backend.
     #[serde(default)]
     pub http: Option<HttpRouteSpec>,
+    /// Settings for a `grpc` backend.
+    #[serde(default)]
+    pub grpc: Option<GrpcRouteSpec>,
     /// Overall deadline (defaults.timeout when absent).
     #[serde(default)]
     pub timeout: Option<Dur>,

@@ -206,6 +206,32 @@ fn validate_backend(cx: &mut Ctx, name: &str, b: &BackendSpec) {
         );
     }
     match b {
+        BackendSpec::Grpc(g) => {
+            if g.endpoints.is_empty() {
+                cx.err(
+                    &base,
+                    None,
+                    "a grpc backend needs at least one entry in `endpoints`",
+                );
+            }
+            for (i, ep) in g.endpoints.iter().enumerate() {
+                match ep.parse::<Uri>() {
+                    Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => {}
+                    _ => cx.err(
+                        &format!("{base}.endpoints[{i}]"),
+                        None,
+                        format!("endpoint `{ep}` is not a URL like `http://127.0.0.1:50051`"),
+                    ),
+                }
+            }
+            if g.protos.is_empty() && g.descriptor_set.is_none() {
+                cx.err(
+                    &base,
+                    None,
+                    "a grpc backend needs its descriptors: list `.proto` files under `protos` or give a `descriptor_set`",
+                );
+            }
+        }
         BackendSpec::Http(h) => {
             if h.endpoints.is_empty() {
                 cx.err(
@@ -365,6 +391,64 @@ fn validate_route(
         Some(BackendSpec::Http(_)) => {
             if let Some(h) = &route.http {
                 validate_http_route(cx, &base, id, h, template.as_ref());
+            }
+            if route.grpc.is_some() {
+                cx.err_key_route(
+                    &format!("{base}.grpc"),
+                    id,
+                    format!(
+                        "`grpc:` settings need a grpc backend, and `{}` is an http backend",
+                        route.backend
+                    ),
+                );
+            }
+        }
+        Some(BackendSpec::Grpc(_)) => {
+            if route.http.is_some() {
+                cx.err_key_route(
+                    &format!("{base}.http"),
+                    id,
+                    format!(
+                        "`http:` settings need an http backend, and `{}` is a grpc backend",
+                        route.backend
+                    ),
+                );
+            }
+            match &route.grpc {
+                None => cx.err(
+                    &base,
+                    id,
+                    "a route to a grpc backend needs `grpc: { method: package.Service/Method }`",
+                ),
+                Some(g) => {
+                    let valid = g.method.split_once('/').is_some_and(|(svc, m)| {
+                        svc.contains('.')
+                            && !m.is_empty()
+                            && !m.contains(['/', '.'])
+                            && svc.split('.').all(|p| !p.is_empty())
+                    });
+                    if !valid {
+                        cx.err(
+                            &format!("{base}.grpc.method"),
+                            id,
+                            format!(
+                                "`{}` is not a method name like `package.Service/Method`",
+                                g.method
+                            ),
+                        );
+                    }
+                    if let Some(b) = &g.body
+                        && b != "*"
+                        && !b.is_empty()
+                        && !b.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
+                    {
+                        cx.err(
+                            &format!("{base}.grpc.body"),
+                            id,
+                            "`body` is `\"*\"`, a top-level field name, or `\"\"` for none",
+                        );
+                    }
+                }
             }
         }
     }

@@ -20,9 +20,10 @@ use crate::config::{DefaultsSpec, RouteSpec};
 use crate::plugins;
 use crate::telemetry::metrics::Metrics;
 
-/// Failure to assemble a route's stack (a plugin refusing its settings).
+/// Failure to assemble a route's stack (a plugin refusing its settings, a gRPC method that is
+/// not in the descriptors).
 #[derive(Debug, thiserror::Error)]
-#[error("route `{route}`: plugin `{plugin}`: {message}")]
+#[error("route `{route}`: {}{message}", if plugin.is_empty() { String::new() } else { format!("plugin `{plugin}`: ") })]
 pub struct StackError {
     pub route: String,
     pub plugin: String,
@@ -57,7 +58,13 @@ pub fn stack(
 ) -> Result<RouteService, StackError> {
     let id: Arc<str> = route.id.as_str().into();
     let backend_name: Arc<str> = backend.name.as_str().into();
-    let mut svc = backend.route_service(route, template);
+    let mut svc = backend
+        .route_service(route, template)
+        .map_err(|message| StackError {
+            route: route.id.clone(),
+            plugin: String::new(),
+            message,
+        })?;
     if let Some(t) = route.per_try_timeout.or(defaults.per_try_timeout) {
         svc = RouteService::new(timeout::TimeoutLayer::per_try(t.0).layer(svc));
     }

@@ -99,7 +99,8 @@ pub fn load_table(
         .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
     let spec = config::load_str(&file, &text, &config::process_env)
         .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
-    let table = RouteTable::build(spec, version, previous, metrics)
+    let base = path.parent().unwrap_or(Path::new("."));
+    let table = RouteTable::build(spec, version, previous, metrics, base)
         .map_err(|e| vec![format!("{file}: {e}")])?;
     Ok((table, content_hash(&text)))
 }

@@ -76,6 +76,8 @@ pub enum BuildError {
     Stack(#[from] middleware::StackError),
     #[error("route `{route}`: {message}")]
     Route { route: String, message: String },
+    #[error("{0}")]
+    Backend(String),
 }
 
 impl RouteTable {
@@ -85,8 +87,11 @@ impl RouteTable {
         version: u64,
         previous: &BackendSet,
         metrics: &Arc<Metrics>,
+        base: &std::path::Path,
     ) -> Result<RouteTable, BuildError> {
-        let backends = previous.rebuild(&spec.backends, metrics);
+        let backends = previous
+            .rebuild(&spec.backends, metrics, base)
+            .map_err(BuildError::Backend)?;
         let mut routes = Vec::with_capacity(spec.routes.len());
         let mut by_host: HashMap<String, PathIndex> = HashMap::new();
         let mut any_host = PathIndex::default();

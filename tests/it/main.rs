@@ -3,6 +3,7 @@
 mod cli;
 mod errors;
 mod front;
+mod grpc;
 mod http_proxy;
 mod matching;
 mod reload;

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod grpc;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -1,0 +1,395 @@
+//! The gRPC backend: REST/JSON requests transcoded at run time into gRPC calls, from descriptors
+//! compiled when the config loads (protox) — no code generation. Sits at the bottom of a
+//! route's stack; the reply (or the gRPC status) comes back as JSON or problem+json.
+
+pub mod codec;
+pub mod status;
+pub mod transcode;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::PathAndQuery;
+use http_body_util::BodyExt;
+use prost_reflect::{DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MethodDescriptor};
+use tonic::transport::{Channel, Endpoint};
+use tower::Service;
+
+use crate::config::{GrpcBackendSpec, GrpcRouteSpec, RouteSpec};
+use crate::error::GatewayError;
+use crate::middleware::context::{Deadline, RequestContext};
+use crate::{BodyError, BoxError, Request, Response, ResponseFuture, full_body};
+
+use super::AbortOnDrop;
+
+/// Loads the descriptor pool of a backend: `.proto` files compiled with protox, and/or a binary
+/// `FileDescriptorSet`. Paths are relative to `base` (routes.yaml's directory).
+pub fn load_descriptors(spec: &GrpcBackendSpec, base: &Path) -> Result<DescriptorPool, String> {
+    let resolve = |p: &Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+    let mut pool = DescriptorPool::new();
+    if let Some(set) = &spec.descriptor_set {
+        let path = resolve(set);
+        let bytes = std::fs::read(&path)
+            .map_err(|e| format!("{}: cannot read the descriptor set: {e}", path.display()))?;
+        pool.decode_file_descriptor_set(bytes.as_slice())
+            .map_err(|e| format!("{}: not a valid FileDescriptorSet: {e}", path.display()))?;
+    }
+    if !spec.protos.is_empty() {
+        let includes: Vec<_> = if spec.import_paths.is_empty() {
+            vec![base.to_path_buf()]
+        } else {
+            spec.import_paths.iter().map(|p| resolve(p)).collect()
+        };
+        let mut compiler = protox::Compiler::new(&includes).map_err(|e| e.to_string())?;
+        compiler.include_imports(true);
+        for proto in &spec.protos {
+            compiler
+                .open_file(resolve(proto))
+                .map_err(|e| format!("{}: {e}", resolve(proto).display()))?;
+        }
+        let set = compiler.file_descriptor_set();
+        pool.add_file_descriptor_set(set)
+            .map_err(|e| format!("the compiled protos do not fit together: {e}"))?;
+    }
+    Ok(pool)
+}
+
+pub struct GrpcBackend {
+    name: String,
+    pool: DescriptorPool,
+    channel: Channel,
+    reachable: Arc<AtomicBool>,
+    _probe: Option<AbortOnDrop>,
+}
+
+impl GrpcBackend {
+    /// Loads descriptors (the only step that can fail) and prepares a lazy channel; nothing here
+    /// waits for the server.
+    pub fn new(name: &str, spec: &GrpcBackendSpec, base: &Path) -> Result<Self, String> {
+        let pool = load_descriptors(spec, base)?;
+        let endpoints = spec
+            .endpoints
+            .iter()
+            .map(|e| {
+                Endpoint::from_shared(e.clone())
+                    .map(|ep| ep.connect_timeout(spec.connect_timeout.0).tcp_nodelay(true))
+                    .map_err(|e| e.to_string())
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let channel = match endpoints.as_slice() {
+            [one] => one.connect_lazy(),
+            _ => Channel::balance_list(endpoints.into_iter()),
+        };
+        let reachable = Arc::new(AtomicBool::new(false));
+        let addrs: Vec<String> = spec
+            .endpoints
+            .iter()
+            .filter_map(|e| {
+                e.parse::<http::Uri>()
+                    .ok()?
+                    .authority()
+                    .map(|a| a.to_string())
+            })
+            .collect();
+        let probe = super::spawn_probe(
+            name,
+            addrs,
+            reachable.clone(),
+            Duration::from_secs(2),
+            spec.connect_timeout.0,
+        );
+        Ok(GrpcBackend {
+            name: name.to_string(),
+            pool,
+            channel,
+            reachable,
+            _probe: probe,
+        })
+    }
+
+    pub fn ready(&self) -> bool {
+        self.reachable.load(Ordering::Relaxed)
+    }
+
+    /// The descriptor of `package.Service/Method`, or a message listing what is there.
+    pub fn method(&self, full: &str) -> Result<MethodDescriptor, String> {
+        let (svc, m) = full.split_once('/').unwrap_or((full, ""));
+        let service = self.pool.get_service_by_name(svc).ok_or_else(|| {
+            let known: Vec<_> = self
+                .pool
+                .services()
+                .map(|s| s.full_name().to_string())
+                .collect();
+            format!(
+                "service `{svc}` is not in the loaded descriptors; services: {}",
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            )
+        })?;
+        service.methods().find(|x| x.name() == m).ok_or_else(|| {
+            let known: Vec<_> = service.methods().map(|x| x.name().to_string()).collect();
+            format!(
+                "service `{svc}` has no method `{m}`; methods: {}",
+                known.join(", ")
+            )
+        })
+    }
+}
+
+#[derive(Clone)]
+enum BodyRule {
+    None,
+    Whole,
+    Field(FieldDescriptor),
+}
+
+/// One route's service on top of a shared [`GrpcBackend`].
+#[derive(Clone)]
+pub struct GrpcRouteService {
+    backend: Arc<GrpcBackend>,
+    method: MethodDescriptor,
+    path: PathAndQuery,
+    body: BodyRule,
+    response_body: Option<FieldDescriptor>,
+    emit_defaults: bool,
+    proto_names: bool,
+}
+
+impl GrpcRouteService {
+    pub fn new(
+        backend: Arc<GrpcBackend>,
+        route: &RouteSpec,
+        spec: &GrpcRouteSpec,
+    ) -> Result<Self, String> {
+        let method = backend.method(&spec.method)?;
+        if method.is_client_streaming() || method.is_server_streaming() {
+            return Err(format!(
+                "`{}` is a streaming method; only unary methods can be bridged over plain HTTP",
+                spec.method
+            ));
+        }
+        let input = method.input();
+        let has_body = route.matcher.method.as_ref().is_some_and(|m| {
+            m.0.iter()
+                .any(|x| matches!(x.as_str(), "POST" | "PUT" | "PATCH"))
+        });
+        let body = match spec.body.as_deref() {
+            Some("*") => BodyRule::Whole,
+            Some("") => BodyRule::None,
+            None if has_body => BodyRule::Whole,
+            None => BodyRule::None,
+            Some(name) => {
+                let f = transcode::field_by_name(&input, name).ok_or_else(|| {
+                    format!(
+                        "`body: {name}`: {} has no field `{name}`",
+                        input.full_name()
+                    )
+                })?;
+                if !matches!(f.kind(), Kind::Message(_)) || f.is_list() || f.is_map() {
+                    return Err(format!("`body: {name}` must name a message field"));
+                }
+                BodyRule::Field(f)
+            }
+        };
+        let response_body = match &spec.response_body {
+            None => None,
+            Some(name) => {
+                let output = method.output();
+                let f = transcode::field_by_name(&output, name).ok_or_else(|| {
+                    format!(
+                        "`response_body: {name}`: {} has no field `{name}`",
+                        output.full_name()
+                    )
+                })?;
+                if !matches!(f.kind(), Kind::Message(_)) || f.is_list() || f.is_map() {
+                    return Err(format!("`response_body: {name}` must name a message field"));
+                }
+                Some(f)
+            }
+        };
+        let path = format!("/{}/{}", method.parent_service().full_name(), method.name())
+            .parse()
+            .map_err(|_| "the method's path is not a valid URI path".to_string())?;
+        Ok(GrpcRouteService {
+            backend,
+            method,
+            path,
+            body,
+            response_body,
+            emit_defaults: spec.emit_defaults,
+            proto_names: spec.proto_names,
+        })
+    }
+
+    fn bad_field(e: transcode::FieldError) -> BoxError {
+        let detail = if e.field.is_empty() {
+            format!("The request body does not fit the message: {}.", e.message)
+        } else {
+            format!("Field `{}`: {}.", e.field, e.message)
+        };
+        GatewayError::BadRequest {
+            detail,
+            field: (!e.field.is_empty()).then_some(e.field),
+        }
+        .into()
+    }
+
+    /// Builds the request message: body first, then query parameters, then path variables
+    /// (which win, as in google.api.HttpRule).
+    fn message(
+        &self,
+        req_parts: &http::request::Parts,
+        body: &Bytes,
+    ) -> Result<DynamicMessage, BoxError> {
+        let input = self.method.input();
+        let mut msg = match &self.body {
+            BodyRule::Whole => {
+                transcode::message_from_json(input, body).map_err(Self::bad_field)?
+            }
+            BodyRule::None => {
+                if !body.iter().all(u8::is_ascii_whitespace) {
+                    return Err(
+                        GatewayError::bad_request("This route takes no request body.").into(),
+                    );
+                }
+                DynamicMessage::new(input)
+            }
+            BodyRule::Field(f) => {
+                let Kind::Message(m) = f.kind() else {
+                    unreachable!("checked at build")
+                };
+                let inner = transcode::message_from_json(m, body)
+                    .map_err(|mut e| {
+                        e.field = if e.field.is_empty() {
+                            f.name().to_string()
+                        } else {
+                            format!("{}.{}", f.name(), e.field)
+                        };
+                        e
+                    })
+                    .map_err(Self::bad_field)?;
+                let mut msg = DynamicMessage::new(input);
+                msg.set_field(f, prost_reflect::Value::Message(inner));
+                msg
+            }
+        };
+        if !matches!(self.body, BodyRule::Whole)
+            && let Some(q) = req_parts.uri.query()
+        {
+            for (k, v) in transcode::query_pairs(q) {
+                transcode::set_from_str(&mut msg, &k, &v).map_err(Self::bad_field)?;
+            }
+        }
+        if let Some(ctx) = req_parts.extensions.get::<RequestContext>() {
+            for (name, value) in &ctx.params {
+                let value = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+                transcode::set_from_str(&mut msg, name, &value).map_err(Self::bad_field)?;
+            }
+        }
+        Ok(msg)
+    }
+
+    async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
+        let (parts, body) = req.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e: BodyError| -> BoxError { Box::new(e) })?
+            .to_bytes();
+        let msg = self.message(&parts, &body)?;
+        let backend = &self.backend;
+        let mut grpc = tonic::client::Grpc::new(backend.channel.clone());
+        grpc.ready()
+            .await
+            .map_err(|e| GatewayError::BackendUnavailable {
+                backend: backend.name.clone(),
+                reason: "cannot connect to the backend",
+                retry_after: None,
+                source: Some(Box::new(e)),
+            })?;
+        let mut request = tonic::Request::new(msg);
+        if let Some(d) = parts.extensions.get::<Deadline>() {
+            request.set_timeout(d.remaining());
+        }
+        for name in ["x-request-id", "traceparent"] {
+            if let Some(v) = parts.headers.get(name).and_then(|v| v.to_str().ok())
+                && let Ok(v) = v.parse()
+            {
+                request.metadata_mut().insert(name, v);
+            }
+        }
+        let codec = codec::DynamicCodec::new(self.method.output());
+        match grpc.unary(request, self.path.clone(), codec).await {
+            Ok(resp) => {
+                let reply = resp.into_inner();
+                let out = match &self.response_body {
+                    Some(f) => match reply.get_field(f).as_message() {
+                        Some(m) => m.clone(),
+                        None => DynamicMessage::new(self.method.output()),
+                    },
+                    None => reply,
+                };
+                let json = transcode::message_to_json(&out, self.emit_defaults, self.proto_names)
+                    .map_err(|_| {
+                    GatewayError::Internal("the reply could not be written as JSON")
+                })?;
+                let mut r = http::Response::new(full_body(json));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                Ok(r)
+            }
+            Err(status) => {
+                if status.code() == tonic::Code::Unavailable
+                    && std::error::Error::source(&status).is_some()
+                {
+                    return Err(GatewayError::BackendUnavailable {
+                        backend: backend.name.clone(),
+                        reason: "cannot connect to the backend",
+                        retry_after: None,
+                        source: Some(Box::new(status)),
+                    }
+                    .into());
+                }
+                Err(GatewayError::Grpc {
+                    backend: backend.name.clone(),
+                    code: status.code(),
+                    message: status.message().to_string(),
+                }
+                .into())
+            }
+        }
+    }
+}
+
+impl Service<Request> for GrpcRouteService {
+    type Response = Response;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> ResponseFuture {
+        let this = self.clone();
+        Box::pin(this.call_backend(req))
+    }
+}

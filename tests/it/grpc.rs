@@ -1,0 +1,207 @@
+//! The gRPC bridge against a real gRPC server: JSON in, protobuf over h2c, JSON out; path,
+//! query and body mapping; status mapping to problem+json; bad input named by field.
+
+use http::Method;
+
+use crate::support::grpc::{GrpcServer, proto_dir};
+use crate::support::*;
+
+fn config(server: &str) -> String {
+    let dir = proto_dir();
+    format!(
+        r#"
+backends:
+  shop:
+    type: grpc
+    endpoints: ["{server}"]
+    protos: ["{proto}"]
+    import_paths: ["{dir}"]
+routes:
+  - id: get-order
+    match: {{ method: GET, path: "/v1/orders/{{id}}" }}
+    backend: shop
+    grpc: {{ method: shop.v1.Orders/GetOrder }}
+  - id: create-order
+    match: {{ method: POST, path: /v1/orders }}
+    backend: shop
+    grpc: {{ method: shop.v1.Orders/CreateOrder, body: order }}
+  - id: create-order-raw
+    match: {{ method: POST, path: /v1/orders/raw }}
+    backend: shop
+    grpc: {{ method: shop.v1.Orders/CreateOrder, body: "*", proto_names: true, emit_defaults: true }}
+"#,
+        proto = dir.join("shop.proto").display(),
+        dir = dir.display()
+    )
+}
+
+#[tokio::test]
+async fn get_maps_path_and_query_and_answers_proto3_json() {
+    let server = GrpcServer::start().await;
+    let gw = Gateway::start(&config(&server.url())).await;
+    let req = request(
+        Method::GET,
+        &gw.url("/v1/orders/7?verbose=true&status=OPEN"),
+    )
+    .header("x-request-id", "grpc-rid-1")
+    .body(body(""))
+    .unwrap();
+    let (s, h, b) = send(req).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(h["content-type"], "application/json");
+    let v = json(&b);
+    assert_eq!(v["id"], "7");
+    assert_eq!(v["region"], "eu");
+    assert_eq!(
+        v["quantity"], "42",
+        "64-bit integers are strings in proto3 JSON"
+    );
+    assert_eq!(v["tags"], serde_json::json!(["a", "b"]));
+    assert_eq!(v["status"], "SHIPPED");
+    assert_eq!(
+        v["note"], "rid=grpc-rid-1;timeout=true;verbose=true;status=1",
+        "correlation ID and deadline travel as metadata; query parameters and enums by name map"
+    );
+    // Enum by number works too.
+    let (s, _, b) = get(&gw.url("/v1/orders/8?status=2")).await;
+    assert_eq!(s, 200);
+    assert!(json(&b)["note"].as_str().unwrap().ends_with("status=2"));
+}
+
+#[tokio::test]
+async fn post_maps_the_body_to_a_field_or_the_whole_message() {
+    let server = GrpcServer::start().await;
+    let gw = Gateway::start(&config(&server.url())).await;
+    let req = request(Method::POST, &gw.url("/v1/orders"))
+        .header("content-type", "application/json")
+        .body(body(r#"{"region":"us","quantity":"5"}"#))
+        .unwrap();
+    let (s, _, b) = send(req).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let v = json(&b);
+    assert_eq!(
+        (
+            v["id"].as_str(),
+            v["region"].as_str(),
+            v["quantity"].as_str()
+        ),
+        (Some("new-1"), Some("us"), Some("5"))
+    );
+
+    // body: "*" with original field names accepted, proto names and defaults in the answer.
+    let req = request(Method::POST, &gw.url("/v1/orders/raw"))
+        .body(body(
+            r#"{"order":{"region":"ap","quantity":2},"request_note":"gift"}"#,
+        ))
+        .unwrap();
+    let (s, _, b) = send(req).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let v = json(&b);
+    assert_eq!(v["note"], "gift");
+    assert_eq!(v["region"], "ap");
+    assert_eq!(v["tags"], serde_json::json!([]), "defaults are emitted");
+    assert!(v.get("created").is_some() || v.get("status").is_some());
+}
+
+#[tokio::test]
+async fn grpc_status_becomes_problem_json_with_the_code() {
+    let server = GrpcServer::start().await;
+    let gw = Gateway::start(&config(&server.url())).await;
+    for (id, http, code, name) in [
+        ("missing", 404, 5, "NOT_FOUND"),
+        ("bad", 400, 3, "INVALID_ARGUMENT"),
+        ("down", 503, 14, "UNAVAILABLE"),
+    ] {
+        let (s, h, b) = get(&gw.url(&format!("/v1/orders/{id}"))).await;
+        assert_eq!(s, http, "{id}: {}", String::from_utf8_lossy(&b));
+        assert_eq!(h["content-type"], "application/problem+json");
+        let v = json(&b);
+        assert_eq!(v["grpc_code"], code);
+        assert_eq!(v["grpc_status"], name);
+        assert_eq!(v["type"], "urn:switchyard:problem:grpc-status");
+    }
+    let (_, _, b) = get(&gw.url("/v1/orders/missing")).await;
+    assert!(
+        json(&b)["detail"]
+            .as_str()
+            .unwrap()
+            .contains("order missing does not exist")
+    );
+}
+
+#[tokio::test]
+async fn bad_input_is_a_400_naming_the_field() {
+    let server = GrpcServer::start().await;
+    let gw = Gateway::start(&config(&server.url())).await;
+    let cases = [
+        ("/v1/orders", r#"{"regoin":"us"}"#, "regoin"),
+        ("/v1/orders", r#"{"quantity":"lots"}"#, "quantity"),
+        (
+            "/v1/orders/raw",
+            r#"{"order":{"tags":"not-a-list"}}"#,
+            "order.tags",
+        ),
+        ("/v1/orders/raw", r#"{"order": "#, ""),
+    ];
+    for (path, payload, field) in cases {
+        let req = request(Method::POST, &gw.url(path))
+            .body(body(payload))
+            .unwrap();
+        let (s, h, b) = send(req).await;
+        assert_eq!(s, 400, "{payload}: {}", String::from_utf8_lossy(&b));
+        assert_eq!(h["content-type"], "application/problem+json");
+        let v = json(&b);
+        if !field.is_empty() {
+            assert!(
+                v["field"].as_str().unwrap_or("").contains(field),
+                "{payload}: {v}"
+            );
+        }
+    }
+    for (query, field) in [
+        ("bogus=1", "bogus"),
+        ("verbose=maybe", "verbose"),
+        ("status=LOST", "status"),
+    ] {
+        let (s, _, b) = get(&gw.url(&format!("/v1/orders/7?{query}"))).await;
+        assert_eq!(s, 400, "{query}");
+        assert_eq!(json(&b)["field"], field, "{query}");
+    }
+    assert_eq!(server.calls(), 0, "nothing malformed reached the server");
+}
+
+#[tokio::test]
+async fn a_server_that_is_down_gets_503_and_unknown_methods_are_rejected_at_load() {
+    let dead = free_port().await;
+    let gw = Gateway::start(&config(&format!("http://{dead}"))).await;
+    let (s, h, b) = get(&gw.url("/v1/orders/7")).await;
+    assert_eq!(s, 503, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(
+        json(&b)["type"],
+        "urn:switchyard:problem:backend-unavailable"
+    );
+    assert!(h.contains_key("retry-after"));
+
+    // A method that is not in the descriptors, and a streaming method: the reload is rejected
+    // with the reason and the old routes keep serving.
+    for (bad, why) in [
+        ("shop.v1.Orders/GetOrderz", "has no method `GetOrderz`"),
+        ("shop.v1.Orders/WatchOrders", "streaming"),
+    ] {
+        let text = config(&format!("http://{dead}"))
+            .replace("shop.v1.Orders/GetOrder }", &format!("{bad} }}"));
+        std::fs::write(gw.config_path(), text).unwrap();
+        let (s, _, b) = send(
+            request(Method::POST, &gw.admin_url("/reload"))
+                .body(body(""))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, 422);
+        assert!(
+            String::from_utf8_lossy(&b).contains(why),
+            "{}",
+            String::from_utf8_lossy(&b)
+        );
+    }
+}

@@ -1,0 +1,180 @@
+//! A real gRPC server for the bridge tests, built on tonic's server machinery with dynamic
+//! messages (the same descriptors the gateway loads), serving `shop.v1.Orders` over h2c.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, Value};
+use switchyard::backends::grpc::codec::DynamicCodec;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+pub fn proto_dir() -> std::path::PathBuf {
+    // The example's proto doubles as the test fixture, so the example is exercised too.
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/protos")
+}
+
+fn pool() -> DescriptorPool {
+    let mut c = protox::Compiler::new([proto_dir()]).unwrap();
+    c.include_imports(true);
+    c.open_file("shop.proto").unwrap();
+    c.descriptor_pool()
+}
+
+pub struct GrpcServer {
+    pub addr: SocketAddr,
+    pub calls: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl GrpcServer {
+    pub async fn start() -> GrpcServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = pool();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (pool, c) = (pool.clone(), c.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let (pool, c) = (pool.clone(), c.clone());
+                            async move { Ok::<_, Infallible>(dispatch(pool, c, req).await) }
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .http2_only()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        GrpcServer { addr, calls, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+async fn dispatch(
+    pool: DescriptorPool,
+    calls: Arc<AtomicUsize>,
+    req: http::Request<hyper::body::Incoming>,
+) -> http::Response<tonic::body::Body> {
+    calls.fetch_add(1, Ordering::SeqCst);
+    let name = req.uri().path().trim_start_matches('/').replace('/', ".");
+    let (svc, method) = name.rsplit_once('.').unwrap_or(("", ""));
+    let method = pool
+        .get_service_by_name(svc)
+        .and_then(|s| s.methods().find(|m| m.name() == method));
+    let Some(method) = method else {
+        return Status::unimplemented("no such method").into_http();
+    };
+    let output = method.output();
+    let mut grpc = tonic::server::Grpc::new(DynamicCodec::new(method.input()));
+    let name = method.name().to_string();
+    let handler = tower::service_fn(move |r: Request<DynamicMessage>| {
+        let (output, name) = (output.clone(), name.clone());
+        async move { handle(&name, output, r) }
+    });
+    grpc.unary(handler, req).await
+}
+
+fn order(output: &MessageDescriptor, id: &str, region: &str, quantity: i64) -> DynamicMessage {
+    let mut o = DynamicMessage::new(output.clone());
+    o.set_field_by_name("id", Value::String(id.into()));
+    o.set_field_by_name("region", Value::String(region.into()));
+    o.set_field_by_name("quantity", Value::I64(quantity));
+    o
+}
+
+fn handle(
+    name: &str,
+    output: MessageDescriptor,
+    r: Request<DynamicMessage>,
+) -> Result<Response<DynamicMessage>, Status> {
+    let rid = r
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let has_timeout = r.metadata().get("grpc-timeout").is_some();
+    let msg = r.into_inner();
+    match name {
+        "GetOrder" => {
+            let id = msg
+                .get_field_by_name("id")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            match id.as_str() {
+                "missing" => return Err(Status::not_found("order missing does not exist")),
+                "down" => return Err(Status::unavailable("maintenance")),
+                "bad" => return Err(Status::invalid_argument("id must be numeric")),
+                _ => {}
+            }
+            let mut o = order(&output, &id, "eu", 42);
+            o.set_field_by_name(
+                "tags",
+                Value::List(vec![Value::String("a".into()), Value::String("b".into())]),
+            );
+            o.set_field_by_name("status", Value::EnumNumber(2));
+            let verbose = msg
+                .get_field_by_name("verbose")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false);
+            let status = msg
+                .get_field_by_name("status")
+                .and_then(|v| v.as_enum_number())
+                .unwrap_or(0);
+            o.set_field_by_name(
+                "note",
+                Value::String(format!(
+                    "rid={rid};timeout={has_timeout};verbose={verbose};status={status}"
+                )),
+            );
+            Ok(Response::new(o))
+        }
+        "CreateOrder" => {
+            let given = msg
+                .get_field_by_name("order")
+                .and_then(|v| v.as_message().cloned())
+                .unwrap_or_else(|| DynamicMessage::new(output.clone()));
+            let region = given
+                .get_field_by_name("region")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let quantity = given
+                .get_field_by_name("quantity")
+                .and_then(|v| v.as_i64())
+                .unwrap_or(0);
+            let mut o = order(&output, "new-1", &region, quantity);
+            let note = msg
+                .get_field_by_name("request_note")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            o.set_field_by_name("note", Value::String(note));
+            Ok(Response::new(o))
+        }
+        _ => Err(Status::unimplemented("not in this test server")),
+    }
+}
