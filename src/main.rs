@@ -57,11 +57,15 @@ fn validate(file: &Path) -> ExitCode {
         .and_then(|text| config::load_str(&name, &text, &config::process_env));
     match result {
         Ok(spec) => {
-            println!(
-                "{name}: ok ({} routes, {} backends)",
-                spec.routes.len(),
-                spec.backends.len()
-            );
+            let (routes, backends) = (spec.routes.len(), spec.backends.len());
+            // The pure checks passed; now build the table as a reload would (compiling protos,
+            // resolving gRPC methods), without serving anything.
+            if let Err(e) = build_check(file, spec) {
+                eprintln!("error: {name}: {e}");
+                eprintln!("{name}: 1 problem(s) found");
+                return ExitCode::from(EXIT_BAD_CONFIG);
+            }
+            println!("{name}: ok ({routes} routes, {backends} backends)");
             ExitCode::SUCCESS
         }
         Err(errors) => {
@@ -72,6 +76,26 @@ fn validate(file: &Path) -> ExitCode {
             ExitCode::from(EXIT_BAD_CONFIG)
         }
     }
+}
+
+fn build_check(file: &Path, spec: config::ConfigSpec) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
+    rt.block_on(async move {
+        let metrics = std::sync::Arc::new(switchyard::telemetry::metrics::Metrics::new());
+        switchyard::router::RouteTable::build(
+            spec,
+            1,
+            &switchyard::backends::BackendSet::default(),
+            &metrics,
+            &base,
+        )
+        .map(drop)
+        .map_err(|e| e.to_string())
+    })
 }
 
 async fn run(config: PathBuf, watch: bool) -> anyhow::Result<ExitCode> {

@@ -53,15 +53,27 @@ pub fn load_descriptors(spec: &GrpcBackendSpec, base: &Path) -> Result<Descripto
         let mut compiler = protox::Compiler::new(&includes).map_err(|e| e.to_string())?;
         compiler.include_imports(true);
         for proto in &spec.protos {
+            let path = resolve(proto);
             compiler
-                .open_file(resolve(proto))
-                .map_err(|e| format!("{}: {e}", resolve(proto).display()))?;
+                .open_file(&path)
+                .map_err(|e| match proto_position(&e) {
+                    Some((line, col)) => format!("{}:{line}:{col}: {e}", path.display()),
+                    None => format!("{}: {e}", path.display()),
+                })?;
         }
         let set = compiler.file_descriptor_set();
         pool.add_file_descriptor_set(set)
             .map_err(|e| format!("the compiled protos do not fit together: {e}"))?;
     }
     Ok(pool)
+}
+
+/// Line and column (1-based) of a proto compile error, from its diagnostic label.
+fn proto_position(e: &protox::Error) -> Option<(usize, usize)> {
+    use miette::Diagnostic;
+    let label = e.labels()?.next()?;
+    let contents = e.source_code()?.read_span(label.inner(), 0, 0).ok()?;
+    Some((contents.line() + 1, contents.column() + 1))
 }
 
 pub struct GrpcBackend {
