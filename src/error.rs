@@ -71,6 +71,8 @@ pub enum GatewayError {
         backend: String,
         code: tonic::Code,
         message: String,
+        /// `google.rpc.Status` details as JSON, when the server sent any.
+        details: Option<serde_json::Value>,
     },
     #[error("internal gateway error: {0}")]
     Internal(&'static str),
@@ -190,6 +192,7 @@ impl GatewayError {
                 backend,
                 code,
                 message,
+                ..
             } => {
                 let name = crate::backends::grpc::status::code_name(*code);
                 if message.is_empty() {
@@ -323,9 +326,12 @@ pub fn rescue(err: &(dyn StdError + 'static), correlation_id: &str) -> Response 
     if let Some(field) = field {
         body["field"] = field.into();
     }
-    if let Some(GatewayError::Grpc { code, .. }) = c.error {
+    if let Some(GatewayError::Grpc { code, details, .. }) = c.error {
         body["grpc_code"] = (*code as i32).into();
         body["grpc_status"] = crate::backends::grpc::status::code_name(*code).into();
+        if let Some(d) = details {
+            body["details"] = d.clone();
+        }
     }
     let mut resp = http::Response::new(full_body(body.to_string()));
     *resp.status_mut() = c.status;

@@ -49,6 +49,10 @@ async fn get_maps_path_and_query_and_answers_proto3_json() {
     let (s, h, b) = send(req).await;
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     assert_eq!(h["content-type"], "application/json");
+    assert_eq!(
+        h["grpc-metadata-x-order-version"], "3",
+        "response metadata becomes headers"
+    );
     let v = json(&b);
     assert_eq!(v["id"], "7");
     assert_eq!(v["region"], "eu");

@@ -3,6 +3,7 @@
 //! route's stack; the reply (or the gRPC status) comes back as JSON or problem+json.
 
 pub mod codec;
+mod embedded;
 pub mod status;
 pub mod transcode;
 
@@ -44,27 +45,38 @@ pub fn load_descriptors(spec: &GrpcBackendSpec, base: &Path) -> Result<Descripto
         pool.decode_file_descriptor_set(bytes.as_slice())
             .map_err(|e| format!("{}: not a valid FileDescriptorSet: {e}", path.display()))?;
     }
-    if !spec.protos.is_empty() {
-        let includes: Vec<_> = if spec.import_paths.is_empty() {
-            vec![base.to_path_buf()]
-        } else {
-            spec.import_paths.iter().map(|p| resolve(p)).collect()
-        };
-        let mut compiler = protox::Compiler::new(&includes).map_err(|e| e.to_string())?;
-        compiler.include_imports(true);
-        for proto in &spec.protos {
-            let path = resolve(proto);
-            compiler
-                .open_file(&path)
-                .map_err(|e| match proto_position(&e) {
-                    Some((line, col)) => format!("{}:{line}:{col}: {e}", path.display()),
-                    None => format!("{}: {e}", path.display()),
-                })?;
-        }
-        let set = compiler.file_descriptor_set();
-        pool.add_file_descriptor_set(set)
-            .map_err(|e| format!("the compiled protos do not fit together: {e}"))?;
+    let includes: Vec<_> = if spec.import_paths.is_empty() {
+        vec![base.to_path_buf()]
+    } else {
+        spec.import_paths.iter().map(|p| resolve(p)).collect()
+    };
+    let mut resolver = protox::file::ChainFileResolver::new();
+    for dir in &includes {
+        resolver.add(protox::file::IncludeFileResolver::new(dir.clone()));
     }
+    resolver.add(embedded::EmbeddedFiles);
+    resolver.add(protox::file::GoogleFileResolver::new());
+    let mut compiler = protox::Compiler::with_file_resolver(resolver);
+    compiler.include_imports(true);
+    for proto in &spec.protos {
+        let path = resolve(proto);
+        compiler
+            .open_file(&path)
+            .map_err(|e| match proto_position(&e) {
+                Some((line, col)) => format!("{}:{line}:{col}: {e}", path.display()),
+                None => format!("{}: {e}", path.display()),
+            })?;
+    }
+    // The error model, so that status details decode to JSON.
+    for name in [embedded::STATUS, embedded::ERROR_DETAILS] {
+        if pool.get_file_by_name(name).is_none() {
+            compiler
+                .open_file(name)
+                .map_err(|e| format!("{name}: {e}"))?;
+        }
+    }
+    pool.add_file_descriptor_set(compiler.file_descriptor_set())
+        .map_err(|e| format!("the compiled protos do not fit together: {e}"))?;
     Ok(pool)
 }
 
@@ -346,7 +358,7 @@ impl GrpcRouteService {
         let codec = codec::DynamicCodec::new(self.method.output());
         match grpc.unary(request, self.path.clone(), codec).await {
             Ok(resp) => {
-                let reply = resp.into_inner();
+                let (metadata, reply, _) = resp.into_parts();
                 let out = match &self.response_body {
                     Some(f) => match reply.get_field(f).as_message() {
                         Some(m) => m.clone(),
@@ -359,10 +371,12 @@ impl GrpcRouteService {
                     GatewayError::Internal("the reply could not be written as JSON")
                 })?;
                 let mut r = http::Response::new(full_body(json));
-                r.headers_mut().insert(
+                let headers = r.headers_mut();
+                headers.insert(
                     header::CONTENT_TYPE,
                     HeaderValue::from_static("application/json"),
                 );
+                metadata_to_headers(&metadata, headers);
                 Ok(r)
             }
             Err(status) => {
@@ -381,10 +395,64 @@ impl GrpcRouteService {
                     backend: backend.name.clone(),
                     code: status.code(),
                     message: status.message().to_string(),
+                    details: self.details(&status),
                 }
                 .into())
             }
         }
+    }
+}
+
+/// Response metadata (headers and trailers) becomes `grpc-metadata-<key>` response headers;
+/// binary (`-bin`) entries and the protocol's own (`grpc-*`, `content-type`, …) are left out.
+fn metadata_to_headers(metadata: &tonic::metadata::MetadataMap, headers: &mut http::HeaderMap) {
+    for kv in metadata.iter() {
+        if let tonic::metadata::KeyAndValueRef::Ascii(k, v) = kv {
+            let key = k.as_str();
+            if key.starts_with("grpc-") || matches!(key, "content-type" | "te" | "date" | "trailer")
+            {
+                continue;
+            }
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(format!("grpc-metadata-{key}").as_bytes()),
+                HeaderValue::from_bytes(v.as_encoded_bytes()),
+            ) {
+                headers.append(name, value);
+            }
+        }
+    }
+}
+
+impl GrpcRouteService {
+    /// The `google.rpc.Status` details of an error status, as proto3 JSON (`Any` values of the
+    /// types the backend's descriptors know are expanded; others keep only their `@type`).
+    fn details(&self, status: &tonic::Status) -> Option<serde_json::Value> {
+        if status.details().is_empty() {
+            return None;
+        }
+        let desc = self.backend.pool.get_message_by_name("google.rpc.Status")?;
+        let st = DynamicMessage::decode(desc, status.details()).ok()?;
+        let list = st.get_field_by_name("details")?;
+        let items = list.as_list()?;
+        let out: Vec<serde_json::Value> = items
+            .iter()
+            .filter_map(|v| v.as_message())
+            .map(|any| {
+                let mut ser = serde_json::Serializer::new(Vec::new());
+                let json = any
+                    .serialize_with_options(&mut ser, &prost_reflect::SerializeOptions::new())
+                    .ok()
+                    .and_then(|_| serde_json::from_slice(&ser.into_inner()).ok());
+                json.unwrap_or_else(|| {
+                    let url = any
+                        .get_field_by_name("type_url")
+                        .and_then(|v| v.as_str().map(str::to_string))
+                        .unwrap_or_default();
+                    serde_json::json!({ "@type": url })
+                })
+            })
+            .collect();
+        Some(serde_json::Value::Array(out))
     }
 }
 

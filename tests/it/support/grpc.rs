@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use prost::Message as _;
 use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, Value};
 use switchyard::backends::grpc::codec::DynamicCodec;
 use tokio::net::TcpListener;
@@ -129,7 +130,27 @@ fn handle(
             match id.as_str() {
                 "missing" => return Err(Status::not_found("order missing does not exist")),
                 "down" => return Err(Status::unavailable("maintenance")),
-                "bad" => return Err(Status::invalid_argument("id must be numeric")),
+                "bad" => {
+                    let details = RpcStatus {
+                        code: 3,
+                        message: "id must be numeric".into(),
+                        details: vec![AnyMsg {
+                            type_url: "type.googleapis.com/google.rpc.BadRequest".into(),
+                            value: BadRequestMsg {
+                                field_violations: vec![FieldViolation {
+                                    field: "id".into(),
+                                    description: "digits only".into(),
+                                }],
+                            }
+                            .encode_to_vec(),
+                        }],
+                    };
+                    return Err(Status::with_details(
+                        tonic::Code::InvalidArgument,
+                        "id must be numeric",
+                        details.encode_to_vec().into(),
+                    ));
+                }
                 _ => {}
             }
             let mut o = order(&output, &id, "eu", 42);
@@ -152,7 +173,10 @@ fn handle(
                     "rid={rid};timeout={has_timeout};verbose={verbose};status={status}"
                 )),
             );
-            Ok(Response::new(o))
+            let mut resp = Response::new(o);
+            resp.metadata_mut()
+                .insert("x-order-version", "3".parse().unwrap());
+            Ok(resp)
         }
         "CreateOrder" => {
             let given = msg
@@ -177,4 +201,37 @@ fn handle(
         }
         _ => Err(Status::unimplemented("not in this test server")),
     }
+}
+
+// google.rpc.Status and BadRequest, declared with prost for the test server only.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<AnyMsg>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct AnyMsg {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct BadRequestMsg {
+    #[prost(message, repeated, tag = "1")]
+    field_violations: Vec<FieldViolation>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct FieldViolation {
+    #[prost(string, tag = "1")]
+    field: String,
+    #[prost(string, tag = "2")]
+    description: String,
 }
