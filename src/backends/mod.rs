@@ -146,6 +146,14 @@ impl BuiltBackend {
         self.spec.kind()
     }
 
+    /// Routes the backend defines itself (gRPC methods with `google.api.http` annotations).
+    pub fn generated_routes(&self) -> Result<Vec<RouteSpec>, String> {
+        match &self.handle {
+            Handle::Http(_) => Ok(vec![]),
+            Handle::Grpc(g) => g.annotated_routes(),
+        }
+    }
+
     /// The service at the bottom of `route`'s stack.
     pub fn route_service(
         &self,

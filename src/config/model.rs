@@ -537,6 +537,10 @@ pub struct GrpcBackendSpec {
     pub descriptor_set: Option<PathBuf>,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Dur,
+    /// Make a route of every method that carries a `google.api.http` annotation (ids
+    /// `<backend>.<Method>`, `#n` for additional bindings).
+    #[serde(default)]
+    pub annotated_routes: bool,
     #[serde(default)]
     pub breaker: BreakerSpec,
     #[serde(default)]
@@ -564,6 +568,10 @@ pub struct GrpcRouteSpec {
     /// Use the proto field names (`order_id`) instead of lowerCamelCase (`orderId`) in answers.
     #[serde(default)]
     pub proto_names: bool,
+    /// Request fields assembled from path variables (`name` ← `shelves/{v0_1}`); set only on
+    /// routes made from `google.api.http` annotations. Otherwise each variable names its field.
+    #[serde(skip)]
+    pub path_fields: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize, JsonSchema)]
@@ -631,6 +639,10 @@ pub struct MatchSpec {
     /// Headers that must be present with exactly these values.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// A custom verb the last path variable must end with (`:cancel`); set only on routes made
+    /// from `google.api.http` annotations.
+    #[serde(skip)]
+    pub verb: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, JsonSchema)]

@@ -25,6 +25,8 @@ pub struct CompiledRoute {
     pub max_body_size: u64,
     pub backend: Arc<BuiltBackend>,
     pub service: RouteService,
+    /// `:verb` the last path variable must end with (annotated gRPC routes).
+    pub verb: Option<String>,
 }
 
 impl CompiledRoute {
@@ -96,7 +98,24 @@ impl RouteTable {
         let mut by_host: HashMap<String, PathIndex> = HashMap::new();
         let mut any_host = PathIndex::default();
         let mut keys: HashMap<(Option<String>, String), usize> = HashMap::new();
-        for (i, r) in spec.routes.iter().enumerate() {
+        let mut all = spec.routes.clone();
+        let mut names: Vec<&String> = backends.by_name.keys().collect();
+        names.sort();
+        for name in names {
+            let generated = backends.by_name[name]
+                .generated_routes()
+                .map_err(|e| BuildError::Backend(format!("backend `{name}`: {e}")))?;
+            for g in generated {
+                if all.iter().any(|r| r.id == g.id) {
+                    return Err(BuildError::Route {
+                        route: g.id,
+                        message: "a route generated from a google.api.http annotation has the id of another route".into(),
+                    });
+                }
+                all.push(g);
+            }
+        }
+        for (i, r) in all.iter().enumerate() {
             let err = |message: String| BuildError::Route {
                 route: r.id.clone(),
                 message,
@@ -147,6 +166,7 @@ impl RouteTable {
             };
             index.groups[group].push(i);
             routes.push(Arc::new(CompiledRoute {
+                verb: r.matcher.verb.as_ref().map(|v| format!(":{v}")),
                 id: r.id.as_str().into(),
                 names: template.captures().into_iter().map(Arc::from).collect(),
                 template,
@@ -195,13 +215,29 @@ impl RouteTable {
                 if !route.headers_match(headers) {
                     continue;
                 }
+                // Annotated gRPC routes with a custom verb: the last variable must carry it.
+                let verb_len = match &route.verb {
+                    None => None,
+                    Some(verb) => match m
+                        .params
+                        .iter()
+                        .last()
+                        .and_then(|(_, v)| v.strip_suffix(verb.as_str()))
+                    {
+                        Some(rest) if !rest.is_empty() => Some(rest.len()),
+                        _ => continue,
+                    },
+                };
                 if route.accepts(method) {
-                    let params = route
+                    let mut params: Vec<(Arc<str>, String)> = route
                         .names
                         .iter()
                         .cloned()
                         .zip(m.params.iter().map(|(_, v)| v.to_string()))
                         .collect();
+                    if let (Some(len), Some((_, last))) = (verb_len, params.last_mut()) {
+                        last.truncate(len);
+                    }
                     return Lookup::Found { route, params };
                 }
                 if let Some(ms) = &route.methods {

@@ -209,3 +209,77 @@ async fn a_server_that_is_down_gets_503_and_unknown_methods_are_rejected_at_load
         );
     }
 }
+
+#[tokio::test]
+async fn annotated_methods_become_routes() {
+    let server = GrpcServer::start().await;
+    let dir = proto_dir();
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  shop:
+    type: grpc
+    endpoints: ["{}"]
+    protos: ["{}"]
+    import_paths: ["{}"]
+    annotated_routes: true
+routes: []
+"#,
+        server.url(),
+        dir.join("shop.proto").display(),
+        dir.display()
+    ))
+    .await;
+    let (s, _, b) = get(&gw.url("/v2/orders/11")).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["id"], "11");
+    // additional_bindings with a `{field=pattern}` variable.
+    let (s, _, b) = get(&gw.url("/v2/regions/us/orders/12")).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(
+        (json(&b)["id"].as_str(), json(&b)["region"].as_str()),
+        (Some("12"), Some("regions/us"))
+    );
+    // body: "order"
+    let req = request(Method::POST, &gw.url("/v2/orders"))
+        .body(body(r#"{"region":"sa","quantity":1}"#))
+        .unwrap();
+    let (s, _, b) = send(req).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["region"], "sa");
+    // A custom verb.
+    let req = request(Method::POST, &gw.url("/v2/orders/13:cancel"))
+        .body(body(""))
+        .unwrap();
+    let (s, _, b) = send(req).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(
+        (json(&b)["id"].as_str(), json(&b)["note"].as_str()),
+        (Some("13"), Some("cancelled"))
+    );
+    // Wrong method on an annotated path.
+    let (s, h, _) = send(
+        request(Method::DELETE, &gw.url("/v2/orders/13"))
+            .body(body(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 405);
+    assert_eq!(h["allow"], "GET");
+    // The generated routes are listed by the admin API.
+    let (_, v) = gw.admin_json("/routes").await;
+    let ids: Vec<&str> = v["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["id"].as_str())
+        .collect();
+    for id in [
+        "shop.GetOrder",
+        "shop.GetOrder#1",
+        "shop.CreateOrder",
+        "shop.CancelOrder",
+    ] {
+        assert!(ids.contains(&id), "{id} in {ids:?}");
+    }
+}

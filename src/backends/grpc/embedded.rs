@@ -1,5 +1,6 @@
-//! Proto files every gRPC backend can use without supplying them: `google.rpc.Status` and the
-//! standard error details, so that error details a server sends can be decoded to JSON. Written
+//! Proto files every gRPC backend can use without supplying them: `google.api.http`
+//! annotations, `google.rpc.Status` and the standard error details (decoded to JSON when a
+//! server sends them). Written
 //! for Switchyard with the field names and numbers of the published googleapis definitions
 //! (the wire format is the interface). A file of the same name on an import path wins.
 
@@ -8,6 +9,50 @@ use protox::file::{File, FileResolver};
 
 pub const STATUS: &str = "google/rpc/status.proto";
 pub const ERROR_DETAILS: &str = "google/rpc/error_details.proto";
+pub const HTTP: &str = "google/api/http.proto";
+pub const ANNOTATIONS: &str = "google/api/annotations.proto";
+
+const HTTP_SRC: &str = r#"
+syntax = "proto3";
+package google.api;
+
+// How a method is exposed over HTTP/JSON (`option (google.api.http) = { ... }`).
+message Http {
+  repeated HttpRule rules = 1;
+  bool fully_decode_reserved_expansion = 2;
+}
+
+message HttpRule {
+  string selector = 1;
+  oneof pattern {
+    string get = 2;
+    string put = 3;
+    string post = 4;
+    string delete = 5;
+    string patch = 6;
+    CustomHttpPattern custom = 8;
+  }
+  string body = 7;
+  string response_body = 12;
+  repeated HttpRule additional_bindings = 11;
+}
+
+message CustomHttpPattern {
+  string kind = 1;
+  string path = 2;
+}
+"#;
+
+const ANNOTATIONS_SRC: &str = r#"
+syntax = "proto3";
+package google.api;
+import "google/api/http.proto";
+import "google/protobuf/descriptor.proto";
+
+extend google.protobuf.MethodOptions {
+  HttpRule http = 72295728;
+}
+"#;
 
 const STATUS_SRC: &str = r#"
 syntax = "proto3";
@@ -96,6 +141,8 @@ impl FileResolver for EmbeddedFiles {
         match name {
             STATUS => File::from_source(name, STATUS_SRC),
             ERROR_DETAILS => File::from_source(name, ERROR_DETAILS_SRC),
+            HTTP => File::from_source(name, HTTP_SRC),
+            ANNOTATIONS => File::from_source(name, ANNOTATIONS_SRC),
             _ => Err(Error::file_not_found(name)),
         }
     }

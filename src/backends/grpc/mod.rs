@@ -2,6 +2,7 @@
 //! compiled when the config loads (protox) — no code generation. Sits at the bottom of a
 //! route's stack; the reply (or the gRPC status) comes back as JSON or problem+json.
 
+pub mod annotations;
 pub mod codec;
 mod embedded;
 pub mod status;
@@ -68,14 +69,19 @@ pub fn load_descriptors(spec: &GrpcBackendSpec, base: &Path) -> Result<Descripto
             })?;
     }
     // The error model, so that status details decode to JSON.
-    for name in [embedded::STATUS, embedded::ERROR_DETAILS] {
+    for name in [
+        embedded::STATUS,
+        embedded::ERROR_DETAILS,
+        embedded::ANNOTATIONS,
+    ] {
         if pool.get_file_by_name(name).is_none() {
             compiler
                 .open_file(name)
                 .map_err(|e| format!("{name}: {e}"))?;
         }
     }
-    pool.add_file_descriptor_set(compiler.file_descriptor_set())
+    // The encoded form keeps method options (google.api.http) that prost-types would drop.
+    pool.decode_file_descriptor_set(compiler.encode_file_descriptor_set().as_slice())
         .map_err(|e| format!("the compiled protos do not fit together: {e}"))?;
     Ok(pool)
 }
@@ -90,6 +96,7 @@ fn proto_position(e: &protox::Error) -> Option<(usize, usize)> {
 
 pub struct GrpcBackend {
     name: String,
+    annotated_routes: bool,
     pool: DescriptorPool,
     channel: Channel,
     reachable: Arc<AtomicBool>,
@@ -134,6 +141,7 @@ impl GrpcBackend {
         );
         Ok(GrpcBackend {
             name: name.to_string(),
+            annotated_routes: spec.annotated_routes,
             pool,
             channel,
             reachable,
@@ -143,6 +151,53 @@ impl GrpcBackend {
 
     pub fn ready(&self) -> bool {
         self.reachable.load(Ordering::Relaxed)
+    }
+
+    /// Routes made from the `google.api.http` annotations of every method, when enabled.
+    pub fn annotated_routes(&self) -> Result<Vec<RouteSpec>, String> {
+        if !self.annotated_routes {
+            return Ok(vec![]);
+        }
+        let mut out = Vec::new();
+        for service in self.pool.services() {
+            for method in service.methods() {
+                let bindings = annotations::bindings(&self.pool, &method)
+                    .map_err(|e| format!("{}: {e}", method.full_name()))?;
+                for (i, b) in bindings.into_iter().enumerate() {
+                    let id = if i == 0 {
+                        format!("{}.{}", self.name, method.name())
+                    } else {
+                        format!("{}.{}#{i}", self.name, method.name())
+                    };
+                    let mut matcher: crate::config::MatchSpec =
+                        serde_json::from_value(serde_json::json!({
+                            "path": b.path,
+                            "method": b.method,
+                        }))
+                        .map_err(|e| format!("{id}: {e}"))?;
+                    matcher.verb = b.verb;
+                    let grpc = GrpcRouteSpec {
+                        method: format!("{}/{}", service.full_name(), method.name()),
+                        body: Some(b.body),
+                        response_body: (!b.response_body.is_empty()).then_some(b.response_body),
+                        path_fields: b.fields,
+                        ..GrpcRouteSpec::default()
+                    };
+                    let mut route: RouteSpec = serde_json::from_value(serde_json::json!({
+                        "id": id,
+                        "match": { "path": "/" },
+                        "backend": self.name,
+                    }))
+                    .map_err(|e| format!("{id}: {e}"))?;
+                    route.matcher = matcher;
+                    route.grpc = Some(grpc);
+                    out.push(route);
+                }
+            }
+        }
+        // Verb routes first: they are stricter than a plain variable of the same shape.
+        out.sort_by_key(|r| r.matcher.verb.is_none());
+        Ok(out)
     }
 
     /// The descriptor of `package.Service/Method`, or a message listing what is there.
@@ -190,6 +245,8 @@ pub struct GrpcRouteService {
     response_body: Option<FieldDescriptor>,
     emit_defaults: bool,
     proto_names: bool,
+    /// Fields assembled from path variables (annotated routes).
+    path_fields: Arc<Vec<(String, crate::config::template::Template)>>,
 }
 
 impl GrpcRouteService {
@@ -247,6 +304,11 @@ impl GrpcRouteService {
         let path = format!("/{}/{}", method.parent_service().full_name(), method.name())
             .parse()
             .map_err(|_| "the method's path is not a valid URI path".to_string())?;
+        let path_fields = spec
+            .path_fields
+            .iter()
+            .map(|(f, t)| crate::config::template::Template::parse(t).map(|t| (f.clone(), t)))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(GrpcRouteService {
             backend,
             method,
@@ -255,6 +317,7 @@ impl GrpcRouteService {
             response_body,
             emit_defaults: spec.emit_defaults,
             proto_names: spec.proto_names,
+            path_fields: Arc::new(path_fields),
         })
     }
 
@@ -318,9 +381,24 @@ impl GrpcRouteService {
             }
         }
         if let Some(ctx) = req_parts.extensions.get::<RequestContext>() {
-            for (name, value) in &ctx.params {
-                let value = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
-                transcode::set_from_str(&mut msg, name, &value).map_err(Self::bad_field)?;
+            let decode = |v: &str| {
+                percent_encoding::percent_decode_str(v)
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            if self.path_fields.is_empty() {
+                for (name, value) in &ctx.params {
+                    transcode::set_from_str(&mut msg, name, &decode(value))
+                        .map_err(Self::bad_field)?;
+                }
+            } else {
+                for (field, template) in self.path_fields.iter() {
+                    let value = template
+                        .render(|v| ctx.param(v))
+                        .ok_or(GatewayError::Internal("a path variable was not captured"))?;
+                    transcode::set_from_str(&mut msg, field, &decode(&value))
+                        .map_err(Self::bad_field)?;
+                }
             }
         }
         Ok(msg)

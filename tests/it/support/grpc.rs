@@ -19,10 +19,13 @@ pub fn proto_dir() -> std::path::PathBuf {
 }
 
 fn pool() -> DescriptorPool {
-    let mut c = protox::Compiler::new([proto_dir()]).unwrap();
-    c.include_imports(true);
-    c.open_file("shop.proto").unwrap();
-    c.descriptor_pool()
+    // The gateway's own loader, so the embedded google/api and google/rpc files resolve.
+    let spec: switchyard::config::GrpcBackendSpec = serde_json::from_value(serde_json::json!({
+        "endpoints": ["http://127.0.0.1:1"],
+        "protos": ["shop.proto"],
+    }))
+    .unwrap();
+    switchyard::backends::grpc::load_descriptors(&spec, &proto_dir()).unwrap()
 }
 
 pub struct GrpcServer {
@@ -153,7 +156,16 @@ fn handle(
                 }
                 _ => {}
             }
-            let mut o = order(&output, &id, "eu", 42);
+            let region = msg
+                .get_field_by_name("region")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let mut o = order(
+                &output,
+                &id,
+                if region.is_empty() { "eu" } else { &region },
+                42,
+            );
             o.set_field_by_name(
                 "tags",
                 Value::List(vec![Value::String("a".into()), Value::String("b".into())]),
@@ -197,6 +209,15 @@ fn handle(
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default();
             o.set_field_by_name("note", Value::String(note));
+            Ok(Response::new(o))
+        }
+        "CancelOrder" => {
+            let id = msg
+                .get_field_by_name("id")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let mut o = order(&output, &id, "eu", 0);
+            o.set_field_by_name("note", Value::String("cancelled".into()));
             Ok(Response::new(o))
         }
         _ => Err(Status::unimplemented("not in this test server")),
