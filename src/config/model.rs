@@ -568,6 +568,10 @@ pub struct GrpcRouteSpec {
     /// Use the proto field names (`order_id`) instead of lowerCamelCase (`orderId`) in answers.
     #[serde(default)]
     pub proto_names: bool,
+    /// Request headers forwarded as gRPC metadata (besides `x-request-id` and `traceparent`,
+    /// which always are).
+    #[serde(default)]
+    pub metadata_headers: Vec<String>,
     /// Request fields assembled from path variables (`name` ← `shelves/{v0_1}`); set only on
     /// routes made from `google.api.http` annotations. Otherwise each variable names its field.
     #[serde(skip)]

@@ -437,6 +437,22 @@ fn validate_route(
                             ),
                         );
                     }
+                    for (i, h) in g.metadata_headers.iter().enumerate() {
+                        let lower = h.to_ascii_lowercase();
+                        if HeaderName::from_bytes(h.as_bytes()).is_err()
+                            || lower.starts_with("grpc-")
+                            || matches!(
+                                lower.as_str(),
+                                "te" | "content-type" | "host" | "connection"
+                            )
+                        {
+                            cx.err(
+                                &format!("{base}.grpc.metadata_headers[{i}]"),
+                                id,
+                                format!("`{h}` cannot be forwarded as gRPC metadata; name an application header"),
+                            );
+                        }
+                    }
                     if let Some(b) = &g.body
                         && b != "*"
                         && !b.is_empty()

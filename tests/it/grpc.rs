@@ -25,6 +25,10 @@ routes:
     match: {{ method: POST, path: /v1/orders }}
     backend: shop
     grpc: {{ method: shop.v1.Orders/CreateOrder, body: order }}
+  - id: cancel-order
+    match: {{ method: POST, path: "/v1/orders/{{id}}/cancel" }}
+    backend: shop
+    grpc: {{ method: shop.v1.Orders/CancelOrder, body: "", metadata_headers: [X-Tenant] }}
   - id: create-order-raw
     match: {{ method: POST, path: /v1/orders/raw }}
     backend: shop
@@ -105,6 +109,20 @@ async fn post_maps_the_body_to_a_field_or_the_whole_message() {
     assert_eq!(v["region"], "ap");
     assert_eq!(v["tags"], serde_json::json!([]), "defaults are emitted");
     assert!(v.get("created").is_some() || v.get("status").is_some());
+
+    // Allow-listed headers travel as metadata.
+    let req = request(Method::POST, &gw.url("/v1/orders/5/cancel"))
+        .header("x-tenant", "acme")
+        .body(body(""))
+        .unwrap();
+    let (s, _, b) = send(req).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["note"], "cancelled for acme");
+    // `body: ""` refuses a body.
+    let req = request(Method::POST, &gw.url("/v1/orders/5/cancel"))
+        .body(body("{}"))
+        .unwrap();
+    assert_eq!(send(req).await.0, 400);
 }
 
 #[tokio::test]

@@ -247,6 +247,8 @@ pub struct GrpcRouteService {
     proto_names: bool,
     /// Fields assembled from path variables (annotated routes).
     path_fields: Arc<Vec<(String, crate::config::template::Template)>>,
+    /// Allow-listed request headers forwarded as metadata, lower-cased.
+    metadata_headers: Arc<Vec<String>>,
 }
 
 impl GrpcRouteService {
@@ -318,6 +320,12 @@ impl GrpcRouteService {
             emit_defaults: spec.emit_defaults,
             proto_names: spec.proto_names,
             path_fields: Arc::new(path_fields),
+            metadata_headers: Arc::new(
+                spec.metadata_headers
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
+            ),
         })
     }
 
@@ -426,11 +434,17 @@ impl GrpcRouteService {
         if let Some(d) = parts.extensions.get::<Deadline>() {
             request.set_timeout(d.remaining());
         }
-        for name in ["x-request-id", "traceparent"] {
-            if let Some(v) = parts.headers.get(name).and_then(|v| v.to_str().ok())
-                && let Ok(v) = v.parse()
-            {
-                request.metadata_mut().insert(name, v);
+        for name in ["x-request-id", "traceparent"]
+            .into_iter()
+            .chain(self.metadata_headers.iter().map(String::as_str))
+        {
+            for v in parts.headers.get_all(name) {
+                if let (Ok(key), Ok(v)) = (
+                    tonic::metadata::AsciiMetadataKey::from_bytes(name.as_bytes()),
+                    tonic::metadata::AsciiMetadataValue::try_from(v.as_bytes()),
+                ) {
+                    request.metadata_mut().append(key, v);
+                }
             }
         }
         let codec = codec::DynamicCodec::new(self.method.output());

@@ -1,0 +1,274 @@
+//! The example order service, `shop.v1.Orders` over h2c: a real gRPC server built on tonic's
+//! server machinery with dynamic messages from `examples/protos/shop.proto` (no generated code).
+//! `cargo run --example shop_server` runs it; the integration tests start it in-process.
+
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prost::Message as _;
+use prost_reflect::{DescriptorPool, DynamicMessage, MessageDescriptor, Value};
+use switchyard::backends::grpc::codec::DynamicCodec;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+pub fn proto_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/protos")
+}
+
+fn pool() -> DescriptorPool {
+    // The gateway's own loader, so the embedded google/api and google/rpc files resolve.
+    let spec: switchyard::config::GrpcBackendSpec = serde_json::from_value(serde_json::json!({
+        "endpoints": ["http://127.0.0.1:1"],
+        "protos": ["shop.proto"],
+    }))
+    .unwrap();
+    switchyard::backends::grpc::load_descriptors(&spec, &proto_dir()).unwrap()
+}
+
+pub struct GrpcServer {
+    pub addr: SocketAddr,
+    pub calls: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl GrpcServer {
+    /// Serves on an ephemeral loopback port.
+    pub async fn start() -> GrpcServer {
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(addr: SocketAddr) -> GrpcServer {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pool = pool();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (pool, c) = (pool.clone(), c.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: http::Request<hyper::body::Incoming>| {
+                            let (pool, c) = (pool.clone(), c.clone());
+                            async move { Ok::<_, Infallible>(dispatch(pool, c, req).await) }
+                        },
+                    );
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .http2_only()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        GrpcServer { addr, calls, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+async fn dispatch(
+    pool: DescriptorPool,
+    calls: Arc<AtomicUsize>,
+    req: http::Request<hyper::body::Incoming>,
+) -> http::Response<tonic::body::Body> {
+    calls.fetch_add(1, Ordering::SeqCst);
+    let name = req.uri().path().trim_start_matches('/').replace('/', ".");
+    let (svc, method) = name.rsplit_once('.').unwrap_or(("", ""));
+    let method = pool
+        .get_service_by_name(svc)
+        .and_then(|s| s.methods().find(|m| m.name() == method));
+    let Some(method) = method else {
+        return Status::unimplemented("no such method").into_http();
+    };
+    let output = method.output();
+    let mut grpc = tonic::server::Grpc::new(DynamicCodec::new(method.input()));
+    let name = method.name().to_string();
+    let handler = tower::service_fn(move |r: Request<DynamicMessage>| {
+        let (output, name) = (output.clone(), name.clone());
+        async move { handle(&name, output, r) }
+    });
+    grpc.unary(handler, req).await
+}
+
+fn order(output: &MessageDescriptor, id: &str, region: &str, quantity: i64) -> DynamicMessage {
+    let mut o = DynamicMessage::new(output.clone());
+    o.set_field_by_name("id", Value::String(id.into()));
+    o.set_field_by_name("region", Value::String(region.into()));
+    o.set_field_by_name("quantity", Value::I64(quantity));
+    o
+}
+
+fn handle(
+    name: &str,
+    output: MessageDescriptor,
+    r: Request<DynamicMessage>,
+) -> Result<Response<DynamicMessage>, Status> {
+    let rid = r
+        .metadata()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let has_timeout = r.metadata().get("grpc-timeout").is_some();
+    let tenant = r
+        .metadata()
+        .get("x-tenant")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let msg = r.into_inner();
+    match name {
+        "GetOrder" => {
+            let id = msg
+                .get_field_by_name("id")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            match id.as_str() {
+                "missing" => return Err(Status::not_found("order missing does not exist")),
+                "down" => return Err(Status::unavailable("maintenance")),
+                "bad" => {
+                    let details = RpcStatus {
+                        code: 3,
+                        message: "id must be numeric".into(),
+                        details: vec![AnyMsg {
+                            type_url: "type.googleapis.com/google.rpc.BadRequest".into(),
+                            value: BadRequestMsg {
+                                field_violations: vec![FieldViolation {
+                                    field: "id".into(),
+                                    description: "digits only".into(),
+                                }],
+                            }
+                            .encode_to_vec(),
+                        }],
+                    };
+                    return Err(Status::with_details(
+                        tonic::Code::InvalidArgument,
+                        "id must be numeric",
+                        details.encode_to_vec().into(),
+                    ));
+                }
+                _ => {}
+            }
+            let region = msg
+                .get_field_by_name("region")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let mut o = order(
+                &output,
+                &id,
+                if region.is_empty() { "eu" } else { &region },
+                42,
+            );
+            o.set_field_by_name(
+                "tags",
+                Value::List(vec![Value::String("a".into()), Value::String("b".into())]),
+            );
+            o.set_field_by_name("status", Value::EnumNumber(2));
+            let verbose = msg
+                .get_field_by_name("verbose")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false);
+            let status = msg
+                .get_field_by_name("status")
+                .and_then(|v| v.as_enum_number())
+                .unwrap_or(0);
+            o.set_field_by_name(
+                "note",
+                Value::String(format!(
+                    "rid={rid};timeout={has_timeout};verbose={verbose};status={status}"
+                )),
+            );
+            let mut resp = Response::new(o);
+            resp.metadata_mut()
+                .insert("x-order-version", "3".parse().unwrap());
+            Ok(resp)
+        }
+        "CreateOrder" => {
+            let given = msg
+                .get_field_by_name("order")
+                .and_then(|v| v.as_message().cloned())
+                .unwrap_or_else(|| DynamicMessage::new(output.clone()));
+            let region = given
+                .get_field_by_name("region")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let quantity = given
+                .get_field_by_name("quantity")
+                .and_then(|v| v.as_i64())
+                .unwrap_or(0);
+            let mut o = order(&output, "new-1", &region, quantity);
+            let note = msg
+                .get_field_by_name("request_note")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            o.set_field_by_name("note", Value::String(note));
+            Ok(Response::new(o))
+        }
+        "CancelOrder" => {
+            let id = msg
+                .get_field_by_name("id")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let mut o = order(&output, &id, "eu", 0);
+            let note = match &tenant {
+                Some(t) => format!("cancelled for {t}"),
+                None => "cancelled".to_string(),
+            };
+            o.set_field_by_name("note", Value::String(note));
+            Ok(Response::new(o))
+        }
+        _ => Err(Status::unimplemented("not in this test server")),
+    }
+}
+
+// google.rpc.Status and BadRequest, declared with prost for the test server only.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<AnyMsg>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct AnyMsg {
+    #[prost(string, tag = "1")]
+    type_url: String,
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct BadRequestMsg {
+    #[prost(message, repeated, tag = "1")]
+    field_violations: Vec<FieldViolation>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct FieldViolation {
+    #[prost(string, tag = "1")]
+    field: String,
+    #[prost(string, tag = "2")]
+    description: String,
+}
