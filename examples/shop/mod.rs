@@ -103,11 +103,47 @@ async fn dispatch(
     let output = method.output();
     let mut grpc = tonic::server::Grpc::new(DynamicCodec::new(method.input()));
     let name = method.name().to_string();
+    if method.is_server_streaming() {
+        let handler = tower::service_fn(move |r: Request<DynamicMessage>| {
+            let output = output.clone();
+            async move { watch(output, r) }
+        });
+        return grpc.server_streaming(handler, req).await;
+    }
     let handler = tower::service_fn(move |r: Request<DynamicMessage>| {
         let (output, name) = (output.clone(), name.clone());
         async move { handle(&name, output, r) }
     });
     grpc.unary(handler, req).await
+}
+
+type OrderStream = futures_util::stream::Iter<std::vec::IntoIter<Result<DynamicMessage, Status>>>;
+
+/// WatchOrders: three updates of the order, or two and then an error for id `fail`.
+fn watch(
+    output: MessageDescriptor,
+    r: Request<DynamicMessage>,
+) -> Result<Response<OrderStream>, Status> {
+    let id = r
+        .into_inner()
+        .get_field_by_name("id")
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    if id == "none" {
+        return Err(Status::not_found("no such order to watch"));
+    }
+    let mut items: Vec<Result<DynamicMessage, Status>> = (1..=3)
+        .map(|n| {
+            let mut o = order(&output, &id, "eu", n);
+            o.set_field_by_name("note", Value::String(format!("update {n}")));
+            Ok(o)
+        })
+        .collect();
+    if id == "fail" {
+        items.truncate(2);
+        items.push(Err(Status::aborted("stream broke")));
+    }
+    Ok(Response::new(futures_util::stream::iter(items)))
 }
 
 fn order(output: &MessageDescriptor, id: &str, region: &str, quantity: i64) -> DynamicMessage {

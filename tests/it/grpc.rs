@@ -29,6 +29,10 @@ routes:
     match: {{ method: POST, path: "/v1/orders/{{id}}/cancel" }}
     backend: shop
     grpc: {{ method: shop.v1.Orders/CancelOrder, body: "", metadata_headers: [X-Tenant] }}
+  - id: watch-order
+    match: {{ method: GET, path: "/v1/orders/{{id}}/watch" }}
+    backend: shop
+    grpc: {{ method: shop.v1.Orders/WatchOrders }}
   - id: create-order-raw
     match: {{ method: POST, path: /v1/orders/raw }}
     backend: shop
@@ -208,7 +212,7 @@ async fn a_server_that_is_down_gets_503_and_unknown_methods_are_rejected_at_load
     // with the reason and the old routes keep serving.
     for (bad, why) in [
         ("shop.v1.Orders/GetOrderz", "has no method `GetOrderz`"),
-        ("shop.v1.Orders/WatchOrders", "streaming"),
+        ("shop.v1.Orders/Unknown", "has no method `Unknown`"),
     ] {
         let text = config(&format!("http://{dead}"))
             .replace("shop.v1.Orders/GetOrder }", &format!("{bad} }}"));
@@ -300,4 +304,53 @@ routes: []
     ] {
         assert!(ids.contains(&id), "{id} in {ids:?}");
     }
+}
+
+#[tokio::test]
+async fn server_streaming_as_ndjson_sse_and_a_json_array() {
+    let server = GrpcServer::start().await;
+    let gw = Gateway::start(&config(&server.url())).await;
+    let watch = |id: &str, accept: &str| {
+        request(Method::GET, &gw.url(&format!("/v1/orders/{id}/watch")))
+            .header("accept", accept)
+            .body(body(""))
+            .unwrap()
+    };
+
+    let (s, h, b) = send(watch("w", "application/x-ndjson")).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["content-type"], "application/x-ndjson");
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&b)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[2]["note"], "update 3");
+
+    let (s, h, b) = send(watch("w", "text/event-stream")).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["content-type"], "text/event-stream");
+    let text = String::from_utf8_lossy(&b).to_string();
+    assert_eq!(text.matches("data: ").count(), 3, "{text}");
+    assert!(text.ends_with("\n\n"));
+
+    let (s, h, b) = send(watch("w", "application/json")).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["content-type"], "application/json");
+    let arr = json(&b);
+    assert_eq!(arr.as_array().unwrap().len(), 3);
+    assert_eq!(arr[0]["quantity"], "1");
+
+    // A status mid-stream ends it with an error item; the JSON stays valid.
+    let (_, _, b) = send(watch("fail", "application/json")).await;
+    let arr = json(&b);
+    assert_eq!(arr.as_array().unwrap().len(), 3);
+    assert_eq!(arr[2]["error"]["grpc_status"], "ABORTED");
+    let (_, _, b) = send(watch("fail", "text/event-stream")).await;
+    assert!(String::from_utf8_lossy(&b).contains("event: error\ndata: "));
+
+    // A status before any message is an ordinary problem answer.
+    let (s, h, _) = send(watch("none", "application/x-ndjson")).await;
+    assert_eq!(s, 404);
+    assert_eq!(h["content-type"], "application/problem+json");
 }

@@ -6,6 +6,7 @@ pub mod annotations;
 pub mod codec;
 mod embedded;
 pub mod status;
+mod stream;
 pub mod transcode;
 
 use std::path::Path;
@@ -249,6 +250,7 @@ pub struct GrpcRouteService {
     path_fields: Arc<Vec<(String, crate::config::template::Template)>>,
     /// Allow-listed request headers forwarded as metadata, lower-cased.
     metadata_headers: Arc<Vec<String>>,
+    server_streaming: bool,
 }
 
 impl GrpcRouteService {
@@ -258,9 +260,9 @@ impl GrpcRouteService {
         spec: &GrpcRouteSpec,
     ) -> Result<Self, String> {
         let method = backend.method(&spec.method)?;
-        if method.is_client_streaming() || method.is_server_streaming() {
+        if method.is_client_streaming() {
             return Err(format!(
-                "`{}` is a streaming method; only unary methods can be bridged over plain HTTP",
+                "`{}` is a client-streaming method; only unary and server-streaming methods can be bridged over plain HTTP",
                 spec.method
             ));
         }
@@ -313,6 +315,7 @@ impl GrpcRouteService {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(GrpcRouteService {
             backend,
+            server_streaming: method.is_server_streaming(),
             method,
             path,
             body,
@@ -448,6 +451,22 @@ impl GrpcRouteService {
             }
         }
         let codec = codec::DynamicCodec::new(self.method.output());
+        if self.server_streaming {
+            let format = stream::Format::from_accept(parts.headers.get(header::ACCEPT));
+            return match grpc
+                .server_streaming(request, self.path.clone(), codec)
+                .await
+            {
+                Ok(resp) => {
+                    let (metadata, messages, _) = resp.into_parts();
+                    let mut r =
+                        stream::response(messages, format, self.emit_defaults, self.proto_names);
+                    metadata_to_headers(&metadata, r.headers_mut());
+                    Ok(r)
+                }
+                Err(status) => Err(self.status_error(status)),
+            };
+        }
         match grpc.unary(request, self.path.clone(), codec).await {
             Ok(resp) => {
                 let (metadata, reply, _) = resp.into_parts();
@@ -471,26 +490,7 @@ impl GrpcRouteService {
                 metadata_to_headers(&metadata, headers);
                 Ok(r)
             }
-            Err(status) => {
-                if status.code() == tonic::Code::Unavailable
-                    && std::error::Error::source(&status).is_some()
-                {
-                    return Err(GatewayError::BackendUnavailable {
-                        backend: backend.name.clone(),
-                        reason: "cannot connect to the backend",
-                        retry_after: None,
-                        source: Some(Box::new(status)),
-                    }
-                    .into());
-                }
-                Err(GatewayError::Grpc {
-                    backend: backend.name.clone(),
-                    code: status.code(),
-                    message: status.message().to_string(),
-                    details: self.details(&status),
-                }
-                .into())
-            }
+            Err(status) => Err(self.status_error(status)),
         }
     }
 }
@@ -516,6 +516,28 @@ fn metadata_to_headers(metadata: &tonic::metadata::MetadataMap, headers: &mut ht
 }
 
 impl GrpcRouteService {
+    /// The error for a non-OK status: a transport failure is a backend that cannot be reached.
+    fn status_error(&self, status: tonic::Status) -> BoxError {
+        let backend = &self.backend;
+        if status.code() == tonic::Code::Unavailable && std::error::Error::source(&status).is_some()
+        {
+            return GatewayError::BackendUnavailable {
+                backend: backend.name.clone(),
+                reason: "cannot connect to the backend",
+                retry_after: None,
+                source: Some(Box::new(status)),
+            }
+            .into();
+        }
+        GatewayError::Grpc {
+            backend: backend.name.clone(),
+            code: status.code(),
+            message: status.message().to_string(),
+            details: self.details(&status),
+        }
+        .into()
+    }
+
     /// The `google.rpc.Status` details of an error status, as proto3 JSON (`Any` values of the
     /// types the backend's descriptors know are expanded; others keep only their `@type`).
     fn details(&self, status: &tonic::Status) -> Option<serde_json::Value> {

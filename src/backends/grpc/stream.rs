@@ -1,0 +1,148 @@
+//! Server-streaming replies for HTTP clients: each gRPC message is written as soon as it arrives,
+//! as NDJSON, Server-Sent Events or a JSON array, chosen by the request's `Accept` header. A
+//! status that ends the stream early is written as a final error item, since the HTTP status has
+//! already been sent.
+
+use bytes::Bytes;
+use http::HeaderValue;
+use http::header;
+use http_body::Frame;
+use http_body_util::{BodyExt, StreamBody};
+use prost_reflect::DynamicMessage;
+use tonic::Streaming;
+
+use super::{status, transcode};
+use crate::{BodyError, Response};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// `application/x-ndjson`: one JSON document per line.
+    Ndjson,
+    /// `text/event-stream`: one `data:` event per message.
+    Sse,
+    /// `application/json` (the default): one JSON array, streamed element by element.
+    JsonArray,
+}
+
+impl Format {
+    pub fn from_accept(accept: Option<&HeaderValue>) -> Format {
+        let accept = accept.and_then(|v| v.to_str().ok()).unwrap_or("");
+        if accept.contains("text/event-stream") {
+            Format::Sse
+        } else if accept.contains("application/x-ndjson") {
+            Format::Ndjson
+        } else {
+            Format::JsonArray
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Format::Ndjson => "application/x-ndjson",
+            Format::Sse => "text/event-stream",
+            Format::JsonArray => "application/json",
+        }
+    }
+}
+
+struct State {
+    messages: Streaming<DynamicMessage>,
+    format: Format,
+    started: bool,
+    finished: bool,
+    emit_defaults: bool,
+    proto_names: bool,
+}
+
+impl State {
+    /// Wraps one JSON document for the format.
+    fn item(&mut self, json: &[u8], event: Option<&str>) -> Bytes {
+        let mut out = Vec::with_capacity(json.len() + 16);
+        match self.format {
+            Format::Ndjson => {
+                out.extend_from_slice(json);
+                out.push(b'\n');
+            }
+            Format::Sse => {
+                if let Some(e) = event {
+                    out.extend_from_slice(format!("event: {e}\n").as_bytes());
+                }
+                out.extend_from_slice(b"data: ");
+                out.extend_from_slice(json);
+                out.extend_from_slice(b"\n\n");
+            }
+            Format::JsonArray => {
+                out.push(if self.started { b',' } else { b'[' });
+                out.extend_from_slice(json);
+            }
+        }
+        self.started = true;
+        Bytes::from(out)
+    }
+
+    fn end(&mut self) -> Option<Bytes> {
+        self.finished = true;
+        match self.format {
+            Format::JsonArray if self.started => Some(Bytes::from_static(b"]")),
+            Format::JsonArray => Some(Bytes::from_static(b"[]")),
+            _ => None,
+        }
+    }
+}
+
+/// The streaming HTTP response for a server-streaming call.
+pub fn response(
+    messages: Streaming<DynamicMessage>,
+    format: Format,
+    emit_defaults: bool,
+    proto_names: bool,
+) -> Response {
+    let state = State {
+        messages,
+        format,
+        started: false,
+        finished: false,
+        emit_defaults,
+        proto_names,
+    };
+    let frames = futures_util::stream::unfold(state, |mut st| async move {
+        if st.finished {
+            return None;
+        }
+        let bytes = match st.messages.message().await {
+            Ok(Some(msg)) => {
+                match transcode::message_to_json(&msg, st.emit_defaults, st.proto_names) {
+                    Ok(json) => st.item(&json, None),
+                    Err(_) => {
+                        let err = serde_json::json!({ "error": { "message": "a message could not be written as JSON" } });
+                        let mut b = st.item(err.to_string().as_bytes(), Some("error")).to_vec();
+                        b.extend_from_slice(&st.end().unwrap_or_default());
+                        Bytes::from(b)
+                    }
+                }
+            }
+            Ok(None) => st.end()?,
+            Err(s) => {
+                let err = serde_json::json!({ "error": {
+                    "grpc_code": s.code() as i32,
+                    "grpc_status": status::code_name(s.code()),
+                    "message": s.message(),
+                }});
+                let mut b = st.item(err.to_string().as_bytes(), Some("error")).to_vec();
+                b.extend_from_slice(&st.end().unwrap_or_default());
+                Bytes::from(b)
+            }
+        };
+        Some((Ok::<_, BodyError>(Frame::data(bytes)), st))
+    });
+    let mut r = http::Response::new(StreamBody::new(frames).boxed_unsync());
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    if format == Format::Sse {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    }
+    r
+}
