@@ -354,3 +354,31 @@ async fn server_streaming_as_ndjson_sse_and_a_json_array() {
     assert_eq!(s, 404);
     assert_eq!(h["content-type"], "application/problem+json");
 }
+
+#[tokio::test]
+async fn descriptors_from_a_binary_descriptor_set() {
+    let server = GrpcServer::start().await;
+    // What `protoc --include_imports -o shop.pb` would write.
+    let dir = tempfile::tempdir().unwrap();
+    let spec: switchyard::config::GrpcBackendSpec = serde_json::from_value(serde_json::json!({
+        "endpoints": ["http://127.0.0.1:1"],
+        "protos": ["shop.proto"],
+    }))
+    .unwrap();
+    let pool = switchyard::backends::grpc::load_descriptors(&spec, &proto_dir()).unwrap();
+    std::fs::write(dir.path().join("shop.pb"), pool.encode_to_vec()).unwrap();
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  shop: {{ type: grpc, endpoints: ["{}"], descriptor_set: "{}" }}
+routes:
+  - {{ id: get, match: {{ method: GET, path: "/o/{{id}}" }}, backend: shop, grpc: {{ method: shop.v1.Orders/GetOrder }} }}
+"#,
+        server.url(),
+        dir.path().join("shop.pb").display()
+    ))
+    .await;
+    let (s, _, b) = get(&gw.url("/o/3")).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["id"], "3");
+}
