@@ -187,7 +187,8 @@ pub struct RetrySpec {
     pub max_backoff: Dur,
     /// Conditions that are retried: `connect-failure` (the backend was never reached),
     /// `reset` (the connection failed mid-request), `timeout` (a per-try timeout),
-    /// and HTTP statuses 500–599.
+    /// `unavailable` (gRPC UNAVAILABLE), and HTTP statuses 500–599 (a gRPC status counts as the
+    /// HTTP status it maps to).
     #[serde(default = "default_retry_on")]
     pub on: Vec<RetryOn>,
     /// Request bodies up to this size are buffered so they can be sent again; larger bodies
@@ -231,6 +232,8 @@ pub enum RetryCondition {
     ConnectFailure,
     Reset,
     Timeout,
+    /// A gRPC backend answered UNAVAILABLE.
+    Unavailable,
 }
 
 /// A token bucket per route.

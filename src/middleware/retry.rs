@@ -79,6 +79,16 @@ impl RetryPolicy {
                 GatewayError::Timeout { .. } if wants(RetryCondition::Timeout) => {
                     Some(("timeout", true))
                 }
+                GatewayError::Grpc { code, .. }
+                    if *code == tonic::Code::Unavailable && wants(RetryCondition::Unavailable) =>
+                {
+                    Some(("unavailable", true))
+                }
+                g @ GatewayError::Grpc { .. }
+                    if self.on.contains(&RetryOn::Status(g.status().as_u16())) =>
+                {
+                    Some((status_reason(g.status().as_u16()), true))
+                }
                 _ => None,
             },
         }
@@ -317,6 +327,24 @@ mod tests {
         let mut resp = http::Response::new(empty_body());
         *resp.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
         send.send_response(resp);
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(http::Response::new(empty_body()));
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn grpc_unavailable_is_retried_when_the_route_names_it() {
+        let mut p = policy(2);
+        p.on.push(RetryOn::Condition(RetryCondition::Unavailable));
+        let (svc, mut handle) = service(p, TpsBudget::new(Duration::from_secs(10), 100, 0.2));
+        let call = tokio::spawn(svc.oneshot(http::Request::get("/x").body(empty_body()).unwrap()));
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_error(GatewayError::Grpc {
+            backend: "b".into(),
+            code: tonic::Code::Unavailable,
+            message: String::new(),
+            details: None,
+        });
         let (_, send) = handle.next_request().await.unwrap();
         send.send_response(http::Response::new(empty_body()));
         assert_eq!(call.await.unwrap().unwrap().status(), 200);
