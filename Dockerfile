@@ -14,6 +14,8 @@ RUN apt-get update \
 COPY --from=build /src/target/release/switchyard /usr/local/bin/switchyard
 COPY routes.yaml /etc/switchyard/routes.yaml
 COPY plugins /etc/switchyard/plugins
+# routes.yaml compiles the example service's proto at load time.
+COPY examples/protos /etc/switchyard/examples/protos
 WORKDIR /etc/switchyard
 USER switchyard
 # The admin listener must be reachable for the health check inside the container only.
