@@ -259,6 +259,19 @@ fn handle(
             o.set_field_by_name("note", Value::String(note));
             Ok(Response::new(o))
         }
+        "GetLabel" => {
+            let id = msg
+                .get_field_by_name("id")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let mut body = DynamicMessage::new(output.clone());
+            body.set_field_by_name(
+                "content_type",
+                Value::String("text/plain; charset=utf-8".into()),
+            );
+            body.set_field_by_name("data", Value::Bytes(format!("SHIP ORDER {id}\n").into()));
+            Ok(Response::new(body))
+        }
         "CancelOrder" => {
             let id = msg
                 .get_field_by_name("id")

@@ -509,6 +509,9 @@ fn default_connect_timeout() -> Dur {
 fn default_eject_for() -> Dur {
     Dur::secs(5)
 }
+fn default_keepalive() -> Dur {
+    Dur::secs(30)
+}
 fn default_eject_after() -> u32 {
     5
 }
@@ -540,6 +543,9 @@ pub struct GrpcBackendSpec {
     pub descriptor_set: Option<PathBuf>,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Dur,
+    /// Interval of HTTP/2 keep-alive pings on idle channels.
+    #[serde(default = "default_keepalive")]
+    pub keepalive: Dur,
     /// Make a route of every method that carries a `google.api.http` annotation (ids
     /// `<backend>.<Method>`, `#n` for additional bindings).
     #[serde(default)]

@@ -11,6 +11,21 @@ pub const STATUS: &str = "google/rpc/status.proto";
 pub const ERROR_DETAILS: &str = "google/rpc/error_details.proto";
 pub const HTTP: &str = "google/api/http.proto";
 pub const ANNOTATIONS: &str = "google/api/annotations.proto";
+pub const HTTPBODY: &str = "google/api/httpbody.proto";
+
+const HTTPBODY_SRC: &str = r#"
+syntax = "proto3";
+package google.api;
+import "google/protobuf/any.proto";
+
+// An arbitrary HTTP body: a method returning it answers with `data` as the body and
+// `content_type` as its Content-Type.
+message HttpBody {
+  string content_type = 1;
+  bytes data = 2;
+  repeated google.protobuf.Any extensions = 3;
+}
+"#;
 
 const HTTP_SRC: &str = r#"
 syntax = "proto3";
@@ -143,6 +158,7 @@ impl FileResolver for EmbeddedFiles {
             ERROR_DETAILS => File::from_source(name, ERROR_DETAILS_SRC),
             HTTP => File::from_source(name, HTTP_SRC),
             ANNOTATIONS => File::from_source(name, ANNOTATIONS_SRC),
+            HTTPBODY => File::from_source(name, HTTPBODY_SRC),
             _ => Err(Error::file_not_found(name)),
         }
     }

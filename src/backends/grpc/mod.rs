@@ -18,7 +18,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http_body_util::BodyExt;
-use prost_reflect::{DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MethodDescriptor};
+use prost_reflect::{
+    DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MethodDescriptor, ReflectMessage,
+};
 use tonic::transport::{Channel, Endpoint};
 use tower::Service;
 
@@ -114,7 +116,14 @@ impl GrpcBackend {
             .iter()
             .map(|e| {
                 Endpoint::from_shared(e.clone())
-                    .map(|ep| ep.connect_timeout(spec.connect_timeout.0).tcp_nodelay(true))
+                    .map(|ep| {
+                        ep.connect_timeout(spec.connect_timeout.0)
+                            .tcp_nodelay(true)
+                            // HTTP/2 pings find dead connections before a call does.
+                            .http2_keep_alive_interval(spec.keepalive.0)
+                            .keep_alive_timeout(spec.connect_timeout.0.max(Duration::from_secs(1)))
+                            .keep_alive_while_idle(true)
+                    })
                     .map_err(|e| e.to_string())
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -477,6 +486,9 @@ impl GrpcRouteService {
                     },
                     None => reply,
                 };
+                if out.descriptor().full_name() == "google.api.HttpBody" {
+                    return Ok(http_body_response(&out, &metadata));
+                }
                 let json = transcode::message_to_json(&out, self.emit_defaults, self.proto_names)
                     .map_err(|_| {
                     GatewayError::Internal("the reply could not be written as JSON")
@@ -493,6 +505,23 @@ impl GrpcRouteService {
             Err(status) => Err(self.status_error(status)),
         }
     }
+}
+
+/// A `google.api.HttpBody` reply is passed through: `data` as the body, `content_type` as its
+/// Content-Type.
+fn http_body_response(msg: &DynamicMessage, metadata: &tonic::metadata::MetadataMap) -> Response {
+    let data = msg
+        .get_field_by_name("data")
+        .and_then(|v| v.as_bytes().cloned())
+        .unwrap_or_default();
+    let content_type = msg
+        .get_field_by_name("content_type")
+        .and_then(|v| v.as_str().and_then(|s| HeaderValue::from_str(s).ok()))
+        .unwrap_or_else(|| HeaderValue::from_static("application/octet-stream"));
+    let mut r = http::Response::new(full_body(data));
+    r.headers_mut().insert(header::CONTENT_TYPE, content_type);
+    metadata_to_headers(metadata, r.headers_mut());
+    r
 }
 
 /// Response metadata (headers and trailers) becomes `grpc-metadata-<key>` response headers;
