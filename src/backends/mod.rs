@@ -146,6 +146,16 @@ impl BuiltBackend {
         self.spec.kind()
     }
 
+    /// Reloads what a kept backend reads from files (gRPC descriptors), keeping connections.
+    pub fn refresh(&self, base: &std::path::Path) -> Result<(), String> {
+        match (&self.handle, &self.spec) {
+            (Handle::Grpc(g), BackendSpec::Grpc(spec)) => g
+                .reload_descriptors(spec, base)
+                .map_err(|e| format!("backend `{}`: {e}", self.name)),
+            _ => Ok(()),
+        }
+    }
+
     /// Routes the backend defines itself (gRPC methods with `google.api.http` annotations).
     pub fn generated_routes(&self) -> Result<Vec<RouteSpec>, String> {
         match &self.handle {
@@ -194,7 +204,10 @@ impl BackendSet {
             .iter()
             .map(|(name, spec)| {
                 let built = match self.by_name.get(name) {
-                    Some(old) if old.spec == *spec => old.clone(),
+                    Some(old) if old.spec == *spec => {
+                        old.refresh(base)?;
+                        old.clone()
+                    }
                     _ => Arc::new(BuiltBackend::build(name, spec, metrics, base)?),
                 };
                 Ok((name.clone(), built))

@@ -382,3 +382,61 @@ routes:
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     assert_eq!(json(&b)["id"], "3");
 }
+
+#[tokio::test]
+async fn proto_changes_apply_on_reload_and_a_broken_proto_keeps_the_old_routes() {
+    let server = GrpcServer::start().await;
+    let protos = tempfile::tempdir().unwrap();
+    let proto = protos.path().join("shop.proto");
+    std::fs::copy(proto_dir().join("shop.proto"), &proto).unwrap();
+    let gw = Gateway::start_with(
+        &format!(
+            r#"
+backends:
+  shop: {{ type: grpc, endpoints: ["{}"], protos: ["{}"], import_paths: ["{}"] }}
+routes:
+  - {{ id: get, match: {{ method: GET, path: "/o/{{id}}" }}, backend: shop, grpc: {{ method: shop.v1.Orders/GetOrder }} }}
+"#,
+            server.url(),
+            proto.display(),
+            protos.path().display()
+        ),
+        false,
+    )
+    .await;
+    assert_eq!(get(&gw.url("/o/1")).await.0, 200);
+    let text = std::fs::read_to_string(&proto)
+        .unwrap()
+        .replace("string region = 4;", "string region = 4");
+    std::fs::write(&proto, text).unwrap();
+    let (s, _, b) = send(
+        request(Method::POST, &gw.admin_url("/reload"))
+            .body(body(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 422);
+    let errors = String::from_utf8_lossy(&b).to_string();
+    assert!(errors.contains("shop.proto:"), "{errors}");
+    assert_eq!(
+        get(&gw.url("/o/2")).await.0,
+        200,
+        "the old routes keep serving"
+    );
+
+    // A valid change takes effect on the next reload: a new request field becomes settable.
+    assert_eq!(get(&gw.url("/o/3?channel=web")).await.0, 400);
+    let text = std::fs::read_to_string(&proto).unwrap().replace(
+        "string region = 4\n",
+        "string region = 4;\n  string channel = 5;\n",
+    );
+    std::fs::write(&proto, text).unwrap();
+    let (s, _, b) = send(
+        request(Method::POST, &gw.admin_url("/reload"))
+            .body(body(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(get(&gw.url("/o/3?channel=web")).await.0, 200);
+}

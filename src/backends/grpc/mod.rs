@@ -100,7 +100,8 @@ fn proto_position(e: &protox::Error) -> Option<(usize, usize)> {
 pub struct GrpcBackend {
     name: String,
     annotated_routes: bool,
-    pool: DescriptorPool,
+    /// Reloaded on every config reload, so edited protos take effect while connections stay.
+    pool: arc_swap::ArcSwap<DescriptorPool>,
     channel: Channel,
     reachable: Arc<AtomicBool>,
     _probe: Option<AbortOnDrop>,
@@ -152,7 +153,7 @@ impl GrpcBackend {
         Ok(GrpcBackend {
             name: name.to_string(),
             annotated_routes: spec.annotated_routes,
-            pool,
+            pool: arc_swap::ArcSwap::from_pointee(pool),
             channel,
             reachable,
             _probe: probe,
@@ -163,15 +164,23 @@ impl GrpcBackend {
         self.reachable.load(Ordering::Relaxed)
     }
 
+    /// Loads the descriptors again (a reload that kept this backend); the channel is kept.
+    pub fn reload_descriptors(&self, spec: &GrpcBackendSpec, base: &Path) -> Result<(), String> {
+        let pool = load_descriptors(spec, base)?;
+        self.pool.store(Arc::new(pool));
+        Ok(())
+    }
+
     /// Routes made from the `google.api.http` annotations of every method, when enabled.
     pub fn annotated_routes(&self) -> Result<Vec<RouteSpec>, String> {
         if !self.annotated_routes {
             return Ok(vec![]);
         }
         let mut out = Vec::new();
-        for service in self.pool.services() {
+        let pool = self.pool.load();
+        for service in pool.services() {
             for method in service.methods() {
-                let bindings = annotations::bindings(&self.pool, &method)
+                let bindings = annotations::bindings(&pool, &method)
                     .map_err(|e| format!("{}: {e}", method.full_name()))?;
                 for (i, b) in bindings.into_iter().enumerate() {
                     let id = if i == 0 {
@@ -213,12 +222,9 @@ impl GrpcBackend {
     /// The descriptor of `package.Service/Method`, or a message listing what is there.
     pub fn method(&self, full: &str) -> Result<MethodDescriptor, String> {
         let (svc, m) = full.split_once('/').unwrap_or((full, ""));
-        let service = self.pool.get_service_by_name(svc).ok_or_else(|| {
-            let known: Vec<_> = self
-                .pool
-                .services()
-                .map(|s| s.full_name().to_string())
-                .collect();
+        let pool = self.pool.load();
+        let service = pool.get_service_by_name(svc).ok_or_else(|| {
+            let known: Vec<_> = pool.services().map(|s| s.full_name().to_string()).collect();
             format!(
                 "service `{svc}` is not in the loaded descriptors; services: {}",
                 if known.is_empty() {
@@ -573,7 +579,11 @@ impl GrpcRouteService {
         if status.details().is_empty() {
             return None;
         }
-        let desc = self.backend.pool.get_message_by_name("google.rpc.Status")?;
+        let desc = self
+            .backend
+            .pool
+            .load()
+            .get_message_by_name("google.rpc.Status")?;
         let st = DynamicMessage::decode(desc, status.details()).ok()?;
         let list = st.get_field_by_name("details")?;
         let items = list.as_list()?;
