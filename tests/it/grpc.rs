@@ -217,12 +217,7 @@ async fn a_server_that_is_down_gets_503_and_unknown_methods_are_rejected_at_load
         let text = config(&format!("http://{dead}"))
             .replace("shop.v1.Orders/GetOrder }", &format!("{bad} }}"));
         std::fs::write(gw.config_path(), text).unwrap();
-        let (s, _, b) = send(
-            request(Method::POST, &gw.admin_url("/reload"))
-                .body(body(""))
-                .unwrap(),
-        )
-        .await;
+        let (s, b) = gw.reload().await;
         assert_eq!(s, 422);
         assert!(
             String::from_utf8_lossy(&b).contains(why),
@@ -409,12 +404,7 @@ routes:
         .unwrap()
         .replace("string region = 4;", "string region = 4");
     std::fs::write(&proto, text).unwrap();
-    let (s, _, b) = send(
-        request(Method::POST, &gw.admin_url("/reload"))
-            .body(body(""))
-            .unwrap(),
-    )
-    .await;
+    let (s, b) = gw.reload().await;
     assert_eq!(s, 422);
     let errors = String::from_utf8_lossy(&b).to_string();
     assert!(errors.contains("shop.proto:"), "{errors}");
@@ -431,12 +421,7 @@ routes:
         "string region = 4;\n  string channel = 5;\n",
     );
     std::fs::write(&proto, text).unwrap();
-    let (s, _, b) = send(
-        request(Method::POST, &gw.admin_url("/reload"))
-            .body(body(""))
-            .unwrap(),
-    )
-    .await;
+    let (s, b) = gw.reload().await;
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     assert_eq!(get(&gw.url("/o/3?channel=web")).await.0, 200);
 }

@@ -7,8 +7,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use http::Method;
-
 use crate::support::*;
 
 /// A config whose route `r` exists in every version and route `extra` only when `extra` is set.
@@ -110,12 +108,7 @@ async fn reload_by_admin_post_and_rejected_reload_keeps_serving() {
     let up = Upstream::start().await;
     let gw = Gateway::start_with(&config(&up.url(), "one", false), false).await;
     std::fs::write(gw.config_path(), config(&up.url(), "two", false)).unwrap();
-    let (s, _, b) = send(
-        request(Method::POST, &gw.admin_url("/reload"))
-            .body(body(""))
-            .unwrap(),
-    )
-    .await;
+    let (s, b) = gw.reload().await;
     assert_eq!(s, 200);
     assert_eq!(json(&b)["version"], 2);
     assert_eq!(tag(&gw).await, "two");
@@ -123,12 +116,7 @@ async fn reload_by_admin_post_and_rejected_reload_keeps_serving() {
     // A broken file is rejected with positions; the old routes keep serving.
     let broken = config(&up.url(), "three", false).replace("backend: up", "backend: nope");
     std::fs::write(gw.config_path(), broken).unwrap();
-    let (s, _, b) = send(
-        request(Method::POST, &gw.admin_url("/reload"))
-            .body(body(""))
-            .unwrap(),
-    )
-    .await;
+    let (s, b) = gw.reload().await;
     assert_eq!(s, 422);
     let errors = json(&b)["errors"].to_string();
     assert!(
@@ -159,12 +147,7 @@ async fn in_flight_requests_finish_on_their_table() {
     // The new config no longer has route `r`.
     let next = config(&up.url(), "two", true).replace("/r/{*rest}", "/gone/{*rest}");
     std::fs::write(gw.config_path(), next).unwrap();
-    let (s, _, _) = send(
-        request(Method::POST, &gw.admin_url("/reload"))
-            .body(body(""))
-            .unwrap(),
-    )
-    .await;
+    let (s, _) = gw.reload().await;
     assert_eq!(s, 200);
     let (s, h, _) = slow.await.unwrap();
     assert_eq!(s, 200);
@@ -210,12 +193,7 @@ async fn continuous_traffic_sees_no_failure_across_many_reloads() {
             config(&up.url(), &format!("v{i}"), i % 2 == 0),
         )
         .unwrap();
-        let (s, _, b) = send(
-            request(Method::POST, &gw.admin_url("/reload"))
-                .body(body(""))
-                .unwrap(),
-        )
-        .await;
+        let (s, b) = gw.reload().await;
         assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     }
     stop.store(true, Ordering::Relaxed);

@@ -103,6 +103,17 @@ impl Gateway {
         }
     }
 
+    /// `POST /reload` on the admin API: the status and the body.
+    pub async fn reload(&self) -> (StatusCode, Bytes) {
+        let (s, _, b) = send(
+            Request::post(self.admin_url("/reload"))
+                .body(body(""))
+                .unwrap(),
+        )
+        .await;
+        (s, b)
+    }
+
     pub async fn admin_json(&self, path: &str) -> (StatusCode, serde_json::Value) {
         let (s, _, b) = get(&self.admin_url(path)).await;
         (s, serde_json::from_slice(&b).unwrap_or_default())
