@@ -239,24 +239,19 @@ fn handle(
             Ok(resp)
         }
         "CreateOrder" => {
-            let given = msg
+            // Echo the given order back under a new id: what went in comes out.
+            let mut o = msg
                 .get_field_by_name("order")
                 .and_then(|v| v.as_message().cloned())
                 .unwrap_or_else(|| DynamicMessage::new(output.clone()));
-            let region = given
-                .get_field_by_name("region")
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
-            let quantity = given
-                .get_field_by_name("quantity")
-                .and_then(|v| v.as_i64())
-                .unwrap_or(0);
-            let mut o = order(&output, "new-1", &region, quantity);
+            o.set_field_by_name("id", Value::String("new-1".into()));
             let note = msg
                 .get_field_by_name("request_note")
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default();
-            o.set_field_by_name("note", Value::String(note));
+            if !note.is_empty() {
+                o.set_field_by_name("note", Value::String(note));
+            }
             Ok(Response::new(o))
         }
         "GetLabel" => {

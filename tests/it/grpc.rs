@@ -425,3 +425,68 @@ routes:
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     assert_eq!(get(&gw.url("/o/3?channel=web")).await.0, 200);
 }
+
+#[tokio::test]
+async fn well_known_types_maps_oneofs_and_bytes_round_trip_as_proto3_json() {
+    let server = GrpcServer::start().await;
+    let gw = Gateway::start(&config(&server.url())).await;
+    let order = serde_json::json!({
+        "region": "eu",
+        "quantity": "9007199254740993",
+        "created": "2026-11-28T12:00:00Z",
+        "holdFor": "90s",
+        "coupon": "WINTER",
+        "attributes": { "gift": true, "level": 3.5, "tags": ["x"], "none": null },
+        "updateMask": "region,holdFor",
+        "labels": { "team": "blue" },
+        "address": { "street": "1 Main St", "city": "Lyon" },
+        "signature": "c2lnbmVk",
+        "weightKg": 1.5,
+        "status": "OPEN"
+    });
+    let req = request(Method::POST, &gw.url("/v1/orders"))
+        .body(body(order.to_string()))
+        .unwrap();
+    let (s, _, b) = send(req).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let mut v = json(&b);
+    assert_eq!(v["id"], "new-1");
+    v.as_object_mut().unwrap().remove("id");
+    assert_eq!(v, order, "every value comes back in its proto3 JSON form");
+
+    // Original (proto) field names are accepted too, and the oneof's other case.
+    let req = request(Method::POST, &gw.url("/v1/orders"))
+        .body(body(
+            r#"{"hold_for":"1.5s","pickup_store":"LYS-2","weight_kg":2}"#,
+        ))
+        .unwrap();
+    let (s, _, b) = send(req).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let v = json(&b);
+    assert_eq!(
+        (
+            v["holdFor"].as_str(),
+            v["pickupStore"].as_str(),
+            v["weightKg"].as_f64()
+        ),
+        (Some("1.500s"), Some("LYS-2"), Some(2.0))
+    );
+
+    // Values that do not fit are named.
+    for (payload, field) in [
+        (r#"{"created":"yesterday"}"#, "created"),
+        (r#"{"quantity":"99999999999999999999"}"#, "quantity"),
+        (r#"{"signature":"***"}"#, "signature"),
+        (r#"{"status":"LOST"}"#, "status"),
+        // Two cases of one oneof: the message holding the oneof is named.
+        (r#"{"pickupStore":"a","address":{"city":"b"}}"#, "order"),
+    ] {
+        let req = request(Method::POST, &gw.url("/v1/orders"))
+            .body(body(payload))
+            .unwrap();
+        let (s, _, b) = send(req).await;
+        assert_eq!(s, 400, "{payload}: {}", String::from_utf8_lossy(&b));
+        let f = json(&b)["field"].as_str().unwrap_or("").to_string();
+        assert!(f.contains(field), "{payload}: field {f:?}");
+    }
+}
