@@ -123,7 +123,7 @@ impl GatewayError {
     }
 
     /// Whether the backend certainly did not act on the request, so a retry is safe whatever
-    /// the method.
+    /// the method. The retry policy reads this.
     pub fn retryable(&self) -> bool {
         matches!(self, GatewayError::BackendUnavailable { .. })
     }
@@ -210,7 +210,6 @@ impl GatewayError {
 pub struct Classified<'a> {
     pub status: StatusCode,
     pub fault: Fault,
-    pub retryable: bool,
     pub error: Option<&'a GatewayError>,
     /// Set when the request body went over its limit somewhere down the chain.
     pub too_large: Option<u64>,
@@ -223,20 +222,10 @@ pub fn classify<'a>(err: &'a (dyn StdError + 'static)) -> Classified<'a> {
     let mut hyper_timeout = false;
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
-        if e.is::<http_body_util::LengthLimitError>() {
-            return Classified {
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-                fault: Fault::Client,
-                retryable: false,
-                error: None,
-                too_large: Some(0),
-            };
-        }
         if let Some(PayloadLimit(limit)) = e.downcast_ref::<PayloadLimit>() {
             return Classified {
                 status: StatusCode::PAYLOAD_TOO_LARGE,
                 fault: Fault::Client,
-                retryable: false,
                 error: None,
                 too_large: Some(*limit),
             };
@@ -253,21 +242,18 @@ pub fn classify<'a>(err: &'a (dyn StdError + 'static)) -> Classified<'a> {
         Some(g) => Classified {
             status: g.status(),
             fault: g.fault(),
-            retryable: g.retryable(),
             error: Some(g),
             too_large: None,
         },
         None if hyper_timeout => Classified {
             status: StatusCode::GATEWAY_TIMEOUT,
             fault: Fault::Upstream,
-            retryable: false,
             error: None,
             too_large: None,
         },
         None => Classified {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             fault: Fault::Gateway,
-            retryable: false,
             error: None,
             too_large: None,
         },

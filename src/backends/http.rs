@@ -16,7 +16,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
 
 use super::{AbortOnDrop, spawn_probe};
-use crate::config::template::{PathTemplate, Template};
+use crate::config::template::Template;
 use crate::config::{HttpBackendSpec, HttpProtocol, HttpRouteSpec};
 use crate::error::GatewayError;
 use crate::middleware::context::RequestContext;
@@ -166,7 +166,7 @@ pub struct HttpRouteService {
 }
 
 impl HttpRouteService {
-    pub fn new(backend: Arc<HttpBackend>, spec: HttpRouteSpec, _template: &PathTemplate) -> Self {
+    pub fn new(backend: Arc<HttpBackend>, spec: HttpRouteSpec) -> Self {
         let rewrite = match (spec.strip_prefix, spec.rewrite) {
             (Some(p), _) => PathRewrite::StripPrefix(p.trim_end_matches('/').to_string()),
             (None, Some(t)) => Template::parse(&t).map_or(PathRewrite::Keep, PathRewrite::Template),

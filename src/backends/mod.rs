@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use tower::retry::budget::TpsBudget;
 
 use crate::RouteService;
-use crate::config::{BackendPolicy, BackendSpec, RouteSpec, template::PathTemplate};
+use crate::config::{BackendPolicy, BackendSpec, RouteSpec};
 use crate::middleware::breaker::Breaker;
 use crate::telemetry::metrics::Metrics;
 
@@ -165,16 +165,11 @@ impl BuiltBackend {
     }
 
     /// The service at the bottom of `route`'s stack.
-    pub fn route_service(
-        &self,
-        route: &RouteSpec,
-        template: &PathTemplate,
-    ) -> Result<RouteService, String> {
+    pub fn route_service(&self, route: &RouteSpec) -> Result<RouteService, String> {
         Ok(match &self.handle {
             Handle::Http(h) => RouteService::new(http::HttpRouteService::new(
                 h.clone(),
                 route.http.clone().unwrap_or_default(),
-                template,
             )),
             Handle::Grpc(g) => {
                 let spec = route.grpc.as_ref().ok_or_else(|| {

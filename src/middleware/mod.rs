@@ -15,7 +15,6 @@ use tower::Layer;
 
 use crate::RouteService;
 use crate::backends::BuiltBackend;
-use crate::config::template::PathTemplate;
 use crate::config::{DefaultsSpec, RouteSpec};
 use crate::plugins;
 use crate::telemetry::metrics::Metrics;
@@ -53,18 +52,15 @@ pub fn stack(
     route: &RouteSpec,
     defaults: &DefaultsSpec,
     backend: &BuiltBackend,
-    template: &PathTemplate,
     metrics: &Arc<Metrics>,
 ) -> Result<RouteService, StackError> {
     let id: Arc<str> = route.id.as_str().into();
     let backend_name: Arc<str> = backend.name.as_str().into();
-    let mut svc = backend
-        .route_service(route, template)
-        .map_err(|message| StackError {
-            route: route.id.clone(),
-            plugin: String::new(),
-            message,
-        })?;
+    let mut svc = backend.route_service(route).map_err(|message| StackError {
+        route: route.id.clone(),
+        plugin: String::new(),
+        message,
+    })?;
     if let Some(t) = route.per_try_timeout.or(defaults.per_try_timeout) {
         svc = RouteService::new(timeout::TimeoutLayer::per_try(t.0).layer(svc));
     }

@@ -67,30 +67,32 @@ impl RetryPolicy {
                     .contains(&RetryOn::Status(code))
                     .then_some((status_reason(code), true))
             }
-            Err(e) => match e.downcast_ref::<GatewayError>()? {
-                GatewayError::BackendUnavailable { .. }
-                    if wants(RetryCondition::ConnectFailure) =>
-                {
-                    Some(("connect-failure", false))
-                }
-                GatewayError::BadGateway { .. } if wants(RetryCondition::Reset) => {
-                    Some(("reset", true))
-                }
-                GatewayError::Timeout { .. } if wants(RetryCondition::Timeout) => {
-                    Some(("timeout", true))
-                }
-                GatewayError::Grpc { code, .. }
-                    if *code == tonic::Code::Unavailable && wants(RetryCondition::Unavailable) =>
-                {
-                    Some(("unavailable", true))
-                }
-                g @ GatewayError::Grpc { .. }
-                    if self.on.contains(&RetryOn::Status(g.status().as_u16())) =>
-                {
-                    Some((status_reason(g.status().as_u16()), true))
-                }
-                _ => None,
-            },
+            Err(e) => {
+                let g = e.downcast_ref::<GatewayError>()?;
+                let reason = match g {
+                    GatewayError::BackendUnavailable { .. }
+                        if wants(RetryCondition::ConnectFailure) =>
+                    {
+                        "connect-failure"
+                    }
+                    GatewayError::BadGateway { .. } if wants(RetryCondition::Reset) => "reset",
+                    GatewayError::Timeout { .. } if wants(RetryCondition::Timeout) => "timeout",
+                    GatewayError::Grpc { code, .. }
+                        if *code == tonic::Code::Unavailable
+                            && wants(RetryCondition::Unavailable) =>
+                    {
+                        "unavailable"
+                    }
+                    GatewayError::Grpc { .. }
+                        if self.on.contains(&RetryOn::Status(g.status().as_u16())) =>
+                    {
+                        status_reason(g.status().as_u16())
+                    }
+                    _ => return None,
+                };
+                // The error itself knows whether the backend may have acted.
+                Some((reason, !g.retryable()))
+            }
         }
     }
 }

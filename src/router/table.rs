@@ -140,7 +140,7 @@ impl RouteTable {
                     ))
                 })
                 .collect::<Result<Vec<_>, BuildError>>()?;
-            let service = middleware::stack(r, &spec.defaults, &backend, &template, metrics)?;
+            let service = middleware::stack(r, &spec.defaults, &backend, metrics)?;
             let key = template.router_key();
             let host = r.matcher.host.clone();
             let index = match &host {
