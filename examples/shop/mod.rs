@@ -33,6 +33,8 @@ fn pool() -> DescriptorPool {
 pub struct GrpcServer {
     pub addr: SocketAddr,
     pub calls: Arc<AtomicUsize>,
+    /// Messages received on client streams so far.
+    pub streamed: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -53,7 +55,8 @@ impl GrpcServer {
         let addr = listener.local_addr().unwrap();
         let pool = pool();
         let calls = Arc::new(AtomicUsize::new(0));
-        let c = calls.clone();
+        let streamed = Arc::new(AtomicUsize::new(0));
+        let c = (calls.clone(), streamed.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -74,7 +77,12 @@ impl GrpcServer {
                 });
             }
         });
-        GrpcServer { addr, calls, task }
+        GrpcServer {
+            addr,
+            calls,
+            streamed,
+            task,
+        }
     }
 
     pub fn url(&self) -> String {
@@ -88,7 +96,7 @@ impl GrpcServer {
 
 async fn dispatch(
     pool: DescriptorPool,
-    calls: Arc<AtomicUsize>,
+    (calls, streamed): (Arc<AtomicUsize>, Arc<AtomicUsize>),
     req: http::Request<hyper::body::Incoming>,
 ) -> http::Response<tonic::body::Body> {
     calls.fetch_add(1, Ordering::SeqCst);
@@ -103,6 +111,20 @@ async fn dispatch(
     let output = method.output();
     let mut grpc = tonic::server::Grpc::new(DynamicCodec::new(method.input()));
     let name = method.name().to_string();
+    if method.is_client_streaming() {
+        let handler = tower::service_fn(move |r: Request<tonic::Streaming<DynamicMessage>>| {
+            let (output, streamed) = (output.clone(), streamed.clone());
+            async move { import(output, streamed, r).await }
+        });
+        return grpc.client_streaming(handler, req).await;
+    }
+    if name == "Sleep" {
+        let handler = tower::service_fn(move |r: Request<DynamicMessage>| {
+            let output = output.clone();
+            async move { sleep(output, r).await }
+        });
+        return grpc.unary(handler, req).await;
+    }
     if method.is_server_streaming() {
         let handler = tower::service_fn(move |r: Request<DynamicMessage>| {
             let output = output.clone();
@@ -144,6 +166,59 @@ fn watch(
         items.push(Err(Status::aborted("stream broke")));
     }
     Ok(Response::new(futures_util::stream::iter(items)))
+}
+
+/// ImportOrders: counts the orders and sums their quantities; an order with id `reject` fails
+/// the whole import.
+async fn import(
+    output: MessageDescriptor,
+    streamed: Arc<AtomicUsize>,
+    r: Request<tonic::Streaming<DynamicMessage>>,
+) -> Result<Response<DynamicMessage>, Status> {
+    let mut orders = r.into_inner();
+    let (mut count, mut total, mut ids) = (0, 0, Vec::new());
+    while let Some(o) = orders.message().await? {
+        streamed.fetch_add(1, Ordering::SeqCst);
+        let id = o
+            .get_field_by_name("id")
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        if id == "reject" {
+            return Err(Status::failed_precondition(
+                "order reject cannot be imported",
+            ));
+        }
+        count += 1;
+        total += o
+            .get_field_by_name("quantity")
+            .and_then(|v| v.as_i64())
+            .unwrap_or(0);
+        ids.push(Value::String(id));
+    }
+    let mut s = DynamicMessage::new(output);
+    s.set_field_by_name("count", Value::I32(count));
+    s.set_field_by_name("total_quantity", Value::I64(total));
+    s.set_field_by_name("ids", Value::List(ids));
+    Ok(Response::new(s))
+}
+
+/// Sleep: waits for the requested duration (a google.protobuf.Duration), answers Empty.
+async fn sleep(
+    output: MessageDescriptor,
+    r: Request<DynamicMessage>,
+) -> Result<Response<DynamicMessage>, Status> {
+    let d = r.into_inner();
+    let secs = d
+        .get_field_by_name("seconds")
+        .and_then(|v| v.as_i64())
+        .unwrap_or(0);
+    let nanos = d
+        .get_field_by_name("nanos")
+        .and_then(|v| v.as_i32())
+        .unwrap_or(0);
+    let wait = std::time::Duration::new(secs.max(0) as u64, nanos.max(0) as u32);
+    tokio::time::sleep(wait).await;
+    Ok(Response::new(DynamicMessage::new(output)))
 }
 
 fn order(output: &MessageDescriptor, id: &str, region: &str, quantity: i64) -> DynamicMessage {

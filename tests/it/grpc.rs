@@ -1,12 +1,16 @@
 //! The gRPC bridge against a real gRPC server: JSON in, protobuf over h2c, JSON out; path,
 //! query and body mapping; status mapping to problem+json; bad input named by field.
 
+use bytes::Bytes;
+use futures_util::StreamExt;
 use http::Method;
+use http_body_util::BodyExt;
 
 use crate::support::grpc::{GrpcServer, proto_dir};
 use crate::support::*;
 
-fn config(server: &str) -> String {
+/// The `backends:` block with the shop service; `more` adds backend keys.
+fn shop_backend(server: &str, more: &str) -> String {
     let dir = proto_dir();
     format!(
         r#"
@@ -16,6 +20,16 @@ backends:
     endpoints: ["{server}"]
     protos: ["{proto}"]
     import_paths: ["{dir}"]
+    {more}
+"#,
+        proto = dir.join("shop.proto").display(),
+        dir = dir.display()
+    )
+}
+
+fn config(server: &str) -> String {
+    format!(
+        r#"{}
 routes:
   - id: get-order
     match: {{ method: GET, path: "/v1/orders/{{id}}" }}
@@ -38,8 +52,7 @@ routes:
     backend: shop
     grpc: {{ method: shop.v1.Orders/CreateOrder, body: "*", proto_names: true, emit_defaults: true }}
 "#,
-        proto = dir.join("shop.proto").display(),
-        dir = dir.display()
+        shop_backend(server, "")
     )
 }
 
@@ -230,23 +243,7 @@ async fn a_server_that_is_down_gets_503_and_unknown_methods_are_rejected_at_load
 #[tokio::test]
 async fn annotated_methods_become_routes() {
     let server = GrpcServer::start().await;
-    let dir = proto_dir();
-    let gw = Gateway::start(&format!(
-        r#"
-backends:
-  shop:
-    type: grpc
-    endpoints: ["{}"]
-    protos: ["{}"]
-    import_paths: ["{}"]
-    annotated_routes: true
-routes: []
-"#,
-        server.url(),
-        dir.join("shop.proto").display(),
-        dir.display()
-    ))
-    .await;
+    let gw = Gateway::start(&annotated(&server, "")).await;
     let (s, _, b) = get(&gw.url("/v2/orders/11")).await;
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     assert_eq!(json(&b)["id"], "11");
@@ -489,4 +486,137 @@ async fn well_known_types_maps_oneofs_and_bytes_round_trip_as_proto3_json() {
         let f = json(&b)["field"].as_str().unwrap_or("").to_string();
         assert!(f.contains(field), "{payload}: field {f:?}");
     }
+}
+
+fn annotated(server: &GrpcServer, extra: &str) -> String {
+    format!(
+        "{}\nroutes: {}\n",
+        shop_backend(&server.url(), "annotated_routes: true"),
+        if extra.is_empty() { "[]" } else { extra }
+    )
+}
+
+#[tokio::test]
+async fn client_streaming_from_an_ndjson_body_sent_line_by_line() {
+    let server = GrpcServer::start().await;
+    let gw = Gateway::start(&annotated(&server, "")).await;
+    let import = |b: TestBody| {
+        request(Method::POST, &gw.url("/v2/orders:import"))
+            .header("content-type", "application/x-ndjson")
+            .body(b)
+            .unwrap()
+    };
+    let lines =
+        "{\"id\":\"a\",\"quantity\":\"2\"}\n\n{\"id\":\"b\",\"quantity\":3}\n{\"id\":\"c\"}";
+    let (s, _, b) = send(import(body(lines))).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let v = json(&b);
+    assert_eq!(v["count"], 3);
+    assert_eq!(v["totalQuantity"], "5");
+    assert_eq!(v["ids"], serde_json::json!(["a", "b", "c"]));
+
+    // Messages go out as their lines arrive: the server holds the first before the body ends.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let stream = http_body_util::StreamBody::new(
+        tokio_stream_from(rx).map(|b| Ok::<_, std::convert::Infallible>(http_body::Frame::data(b))),
+    );
+    let call = tokio::spawn(send(import(BodyExt::boxed(stream))));
+    tx.send(Bytes::from_static(b"{\"id\":\"x\",\"quantity\":\"1\"}\n"))
+        .await
+        .unwrap();
+    let seen = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while server.streamed.load(std::sync::atomic::Ordering::SeqCst) < 4 {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert!(
+        seen.is_ok(),
+        "the first line reached the server before the body ended"
+    );
+    tx.send(Bytes::from_static(b"{\"id\":\"y\"}\n"))
+        .await
+        .unwrap();
+    drop(tx);
+    let (s, _, b) = call.await.unwrap();
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["ids"], serde_json::json!(["x", "y"]));
+
+    // A bad line is a 400 naming the line and the field; the call is cancelled, not completed.
+    let (s, _, b) = send(import(body("{\"id\":\"a\"}\n{\"quantity\":\"lots\"}\n"))).await;
+    assert_eq!(s, 400, "{}", String::from_utf8_lossy(&b));
+    let v = json(&b);
+    assert_eq!(v["field"], "quantity");
+    assert!(v["detail"].as_str().unwrap().starts_with("Line 2:"), "{v}");
+    let (s, _, b) = send(import(body("not json\n"))).await;
+    assert_eq!(s, 400, "{}", String::from_utf8_lossy(&b));
+
+    // A status from the server maps like any other.
+    let (s, _, b) = send(import(body("{\"id\":\"reject\"}\n"))).await;
+    assert_eq!(s, 400, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["grpc_status"], "FAILED_PRECONDITION");
+}
+
+/// A stream of the receiver's items (tokio-stream is not a dependency).
+fn tokio_stream_from(
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+) -> impl futures_util::Stream<Item = Bytes> {
+    futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) })
+}
+
+#[tokio::test]
+async fn empty_any_and_a_deadline_shorter_than_a_slow_method() {
+    let server = GrpcServer::start().await;
+    let gw = Gateway::start(&annotated(
+        &server,
+        r#"
+  - id: sleep-briefly
+    match: { method: POST, path: /short-sleep }
+    backend: shop
+    timeout: 300ms
+    grpc: { method: shop.v1.Orders/Sleep, body: "*" }"#,
+    ))
+    .await;
+    // A Duration as the whole body; google.protobuf.Empty back as `{}`.
+    let req = request(Method::POST, &gw.url("/v2/sleep"))
+        .body(body("\"0.010s\""))
+        .unwrap();
+    let (s, _, b) = send(req).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b), serde_json::json!({}));
+
+    // The route's deadline travels as grpc-timeout and ends the call with a 504.
+    let started = std::time::Instant::now();
+    let req = request(Method::POST, &gw.url("/short-sleep"))
+        .body(body("\"5s\""))
+        .unwrap();
+    let (s, h, b) = send(req).await;
+    assert_eq!(s, 504, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(h["content-type"], "application/problem+json");
+    assert!(started.elapsed() < std::time::Duration::from_secs(4));
+
+    // Any with a type from the loaded descriptors round-trips with its @type.
+    let order = serde_json::json!({
+        "extra": { "@type": "type.googleapis.com/shop.v1.Address", "street": "2 Quay", "city": "Nantes" }
+    });
+    let req = request(Method::POST, &gw.url("/v2/orders"))
+        .body(body(order.to_string()))
+        .unwrap();
+    let (s, _, b) = send(req).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["extra"], order["extra"]);
+    // An Any of a type nobody loaded is named.
+    let req = request(Method::POST, &gw.url("/v2/orders"))
+        .body(body(
+            r#"{"extra":{"@type":"type.googleapis.com/no.Such","x":1}}"#,
+        ))
+        .unwrap();
+    let (s, _, b) = send(req).await;
+    assert_eq!(s, 400, "{}", String::from_utf8_lossy(&b));
+    assert!(
+        json(&b)["field"].as_str().unwrap_or("").contains("extra"),
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
 }

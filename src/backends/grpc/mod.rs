@@ -5,6 +5,7 @@
 pub mod annotations;
 pub mod codec;
 mod embedded;
+mod ndjson;
 pub mod status;
 mod stream;
 pub mod transcode;
@@ -266,6 +267,8 @@ pub struct GrpcRouteService {
     /// Allow-listed request headers forwarded as metadata, lower-cased.
     metadata_headers: Arc<Vec<String>>,
     server_streaming: bool,
+    /// Client streaming: the body is NDJSON, one request message per line.
+    client_streaming: bool,
 }
 
 impl GrpcRouteService {
@@ -275,9 +278,9 @@ impl GrpcRouteService {
         spec: &GrpcRouteSpec,
     ) -> Result<Self, String> {
         let method = backend.method(&spec.method)?;
-        if method.is_client_streaming() {
+        if method.is_client_streaming() && method.is_server_streaming() {
             return Err(format!(
-                "`{}` is a client-streaming method; only unary and server-streaming methods can be bridged over plain HTTP",
+                "`{}` is a bidirectional-streaming method; plain HTTP routes bridge unary, server-streaming and client-streaming methods",
                 spec.method
             ));
         }
@@ -304,6 +307,12 @@ impl GrpcRouteService {
                 BodyRule::Field(f)
             }
         };
+        if method.is_client_streaming() && matches!(body, BodyRule::None) {
+            return Err(format!(
+                "`{}` is client-streaming: its messages come from the NDJSON request body, so the route needs `body: \"*\"` (or a field) and a method that takes a body",
+                spec.method
+            ));
+        }
         let response_body = match &spec.response_body {
             None => None,
             Some(name) => {
@@ -331,6 +340,7 @@ impl GrpcRouteService {
         Ok(GrpcRouteService {
             backend,
             server_streaming: method.is_server_streaming(),
+            client_streaming: method.is_client_streaming(),
             method,
             path,
             body,
@@ -367,8 +377,17 @@ impl GrpcRouteService {
         req_parts: &http::request::Parts,
         body: &Bytes,
     ) -> Result<DynamicMessage, BoxError> {
+        let mut msg = self.body_message(body)?;
+        for (k, v) in self.param_pairs(req_parts)? {
+            transcode::set_from_str(&mut msg, &k, &v).map_err(Self::bad_field)?;
+        }
+        Ok(msg)
+    }
+
+    /// The request message as the body alone makes it, following the route's body rule.
+    fn body_message(&self, body: &[u8]) -> Result<DynamicMessage, BoxError> {
         let input = self.method.input();
-        let mut msg = match &self.body {
+        Ok(match &self.body {
             BodyRule::Whole => {
                 transcode::message_from_json(input, body).map_err(Self::bad_field)?
             }
@@ -398,13 +417,20 @@ impl GrpcRouteService {
                 msg.set_field(f, prost_reflect::Value::Message(inner));
                 msg
             }
-        };
+        })
+    }
+
+    /// Field paths and values from the query string (unless the body is the whole message)
+    /// and then from path variables, in the order they are applied.
+    fn param_pairs(
+        &self,
+        req_parts: &http::request::Parts,
+    ) -> Result<Vec<(String, String)>, BoxError> {
+        let mut out = Vec::new();
         if !matches!(self.body, BodyRule::Whole)
             && let Some(q) = req_parts.uri.query()
         {
-            for (k, v) in transcode::query_pairs(q) {
-                transcode::set_from_str(&mut msg, &k, &v).map_err(Self::bad_field)?;
-            }
+            out.extend(transcode::query_pairs(q));
         }
         if let Some(ctx) = req_parts.extensions.get::<RequestContext>() {
             let decode = |v: &str| {
@@ -414,41 +440,38 @@ impl GrpcRouteService {
             };
             if self.path_fields.is_empty() {
                 for (name, value) in &ctx.params {
-                    transcode::set_from_str(&mut msg, name, &decode(value))
-                        .map_err(Self::bad_field)?;
+                    out.push((name.to_string(), decode(value)));
                 }
             } else {
                 for (field, template) in self.path_fields.iter() {
                     let value = template
                         .render(|v| ctx.param(v))
                         .ok_or(GatewayError::Internal("a path variable was not captured"))?;
-                    transcode::set_from_str(&mut msg, field, &decode(&value))
-                        .map_err(Self::bad_field)?;
+                    out.push((field.clone(), decode(&value)));
                 }
             }
         }
-        Ok(msg)
+        Ok(out)
     }
 
-    async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
-        let (parts, body) = req.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e: BodyError| -> BoxError { Box::new(e) })?
-            .to_bytes();
-        let msg = self.message(&parts, &body)?;
-        let backend = &self.backend;
-        let mut grpc = tonic::client::Grpc::new(backend.channel.clone());
+    /// A gRPC client on the backend's channel, once the channel can take a call.
+    async fn client(&self) -> Result<tonic::client::Grpc<Channel>, BoxError> {
+        let mut grpc = tonic::client::Grpc::new(self.backend.channel.clone());
         grpc.ready()
             .await
             .map_err(|e| GatewayError::BackendUnavailable {
-                backend: backend.name.clone(),
+                backend: self.backend.name.clone(),
                 reason: "cannot connect to the backend",
                 retry_after: None,
                 source: Some(Box::new(e)),
             })?;
-        let mut request = tonic::Request::new(msg);
+        Ok(grpc)
+    }
+
+    /// Wraps the request message(s) with the remaining deadline as `grpc-timeout` and the
+    /// forwarded metadata.
+    fn outgoing<T>(&self, parts: &http::request::Parts, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
         if let Some(d) = parts.extensions.get::<Deadline>() {
             request.set_timeout(d.remaining());
         }
@@ -465,6 +488,22 @@ impl GrpcRouteService {
                 }
             }
         }
+        request
+    }
+
+    async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
+        let (parts, body) = req.into_parts();
+        if self.client_streaming {
+            return self.call_client_streaming(parts, body).await;
+        }
+        let body = body
+            .collect()
+            .await
+            .map_err(|e: BodyError| -> BoxError { Box::new(e) })?
+            .to_bytes();
+        let msg = self.message(&parts, &body)?;
+        let mut grpc = self.client().await?;
+        let request = self.outgoing(&parts, msg);
         let codec = codec::DynamicCodec::new(self.method.output());
         if self.server_streaming {
             let format = stream::Format::from_accept(parts.headers.get(header::ACCEPT));
@@ -479,37 +518,69 @@ impl GrpcRouteService {
                     metadata_to_headers(&metadata, r.headers_mut());
                     Ok(r)
                 }
-                Err(status) => Err(self.status_error(status)),
+                Err(status) => Err(self.status_error(status, parts.extensions.get::<Deadline>())),
             };
         }
         match grpc.unary(request, self.path.clone(), codec).await {
-            Ok(resp) => {
-                let (metadata, reply, _) = resp.into_parts();
-                let out = match &self.response_body {
-                    Some(f) => match reply.get_field(f).as_message() {
-                        Some(m) => m.clone(),
-                        None => DynamicMessage::new(self.method.output()),
-                    },
-                    None => reply,
-                };
-                if out.descriptor().full_name() == "google.api.HttpBody" {
-                    return Ok(http_body_response(&out, &metadata));
-                }
-                let json = transcode::message_to_json(&out, self.emit_defaults, self.proto_names)
-                    .map_err(|_| {
-                    GatewayError::Internal("the reply could not be written as JSON")
-                })?;
-                let mut r = http::Response::new(full_body(json));
-                let headers = r.headers_mut();
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-                metadata_to_headers(&metadata, headers);
-                Ok(r)
-            }
-            Err(status) => Err(self.status_error(status)),
+            Ok(resp) => self.reply(resp),
+            Err(status) => Err(self.status_error(status, parts.extensions.get::<Deadline>())),
         }
+    }
+
+    /// A client-streaming call fed from an NDJSON body, line by line as it arrives. Query and
+    /// path fields are set on every message.
+    async fn call_client_streaming(
+        self,
+        parts: http::request::Parts,
+        body: crate::Body,
+    ) -> Result<Response, BoxError> {
+        let params = self.param_pairs(&parts)?;
+        let this = self.clone();
+        let parse: ndjson::LineParser = Box::new(move |line| {
+            let mut msg = this.body_message(line)?;
+            for (k, v) in &params {
+                transcode::set_from_str(&mut msg, k, v).map_err(Self::bad_field)?;
+            }
+            Ok(msg)
+        });
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
+        let mut grpc = self.client().await?;
+        let request = self.outgoing(&parts, ndjson::messages(body, parse, failed_tx));
+        let codec = codec::DynamicCodec::new(self.method.output());
+        let call = grpc.client_streaming(request, self.path.clone(), codec);
+        tokio::select! {
+            // A bad line or a failed body: dropping the call cancels the stream on the server.
+            Ok(e) = failed_rx => Err(e),
+            r = call => match r {
+                Ok(resp) => self.reply(resp),
+                Err(status) => Err(self.status_error(status, parts.extensions.get::<Deadline>())),
+            },
+        }
+    }
+
+    /// A unary reply as JSON (or its `response_body` field, or a passed-through HttpBody).
+    fn reply(&self, resp: tonic::Response<DynamicMessage>) -> Result<Response, BoxError> {
+        let (metadata, reply, _) = resp.into_parts();
+        let out = match &self.response_body {
+            Some(f) => match reply.get_field(f).as_message() {
+                Some(m) => m.clone(),
+                None => DynamicMessage::new(self.method.output()),
+            },
+            None => reply,
+        };
+        if out.descriptor().full_name() == "google.api.HttpBody" {
+            return Ok(http_body_response(&out, &metadata));
+        }
+        let json = transcode::message_to_json(&out, self.emit_defaults, self.proto_names)
+            .map_err(|_| GatewayError::Internal("the reply could not be written as JSON"))?;
+        let mut r = http::Response::new(full_body(json));
+        let headers = r.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        metadata_to_headers(&metadata, headers);
+        Ok(r)
     }
 }
 
@@ -551,8 +622,19 @@ fn metadata_to_headers(metadata: &tonic::metadata::MetadataMap, headers: &mut ht
 }
 
 impl GrpcRouteService {
-    /// The error for a non-OK status: a transport failure is a backend that cannot be reached.
-    fn status_error(&self, status: tonic::Status) -> BoxError {
+    /// The error for a non-OK status: a transport failure is a backend that cannot be reached,
+    /// and tonic's own `CANCELLED: Timeout expired` once the route's deadline passed is a
+    /// gateway timeout.
+    fn status_error(&self, status: tonic::Status, deadline: Option<&Deadline>) -> BoxError {
+        if let Some(d) = deadline
+            && matches!(
+                status.code(),
+                tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+            )
+            && d.remaining().is_zero()
+        {
+            return GatewayError::Timeout { after: d.total }.into();
+        }
         let backend = &self.backend;
         if status.code() == tonic::Code::Unavailable && std::error::Error::source(&status).is_some()
         {
