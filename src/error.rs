@@ -266,8 +266,14 @@ pub fn classify<'a>(err: &'a (dyn StdError + 'static)) -> Classified<'a> {
 #[error("request body larger than {0} bytes")]
 pub struct PayloadLimit(pub u64);
 
-/// THE error edge: maps any error to a problem+json response carrying the correlation ID.
-pub fn rescue(err: &(dyn StdError + 'static), correlation_id: &str) -> Response {
+/// THE error edge: maps any error to a problem+json response carrying the correlation ID — or,
+/// when the request was gRPC or gRPC-Web (`wire`), to a trailers-only gRPC answer whose
+/// `grpc-status` and `grpc-message` say the same, since gRPC clients read nothing else.
+pub fn rescue(
+    err: &(dyn StdError + 'static),
+    correlation_id: &str,
+    wire: Option<crate::backends::grpc::passthrough::Wire>,
+) -> Response {
     let c = classify(err);
     let (slug, title, detail, field) = match (c.error, c.too_large) {
         (_, Some(limit)) => (
@@ -302,30 +308,11 @@ pub fn rescue(err: &(dyn StdError + 'static), correlation_id: &str) -> Response 
             None,
         ),
     };
-    let mut body = serde_json::json!({
-        "type": format!("urn:switchyard:problem:{slug}"),
-        "title": title,
-        "status": c.status.as_u16(),
-        "detail": detail,
-        "correlation_id": correlation_id,
-    });
-    if let Some(field) = field {
-        body["field"] = field.into();
-    }
-    if let Some(GatewayError::Grpc { code, details, .. }) = c.error {
-        body["grpc_code"] = (*code as i32).into();
-        body["grpc_status"] = crate::backends::grpc::status::code_name(*code).into();
-        if let Some(d) = details {
-            body["details"] = d.clone();
-        }
-    }
-    let mut resp = http::Response::new(full_body(body.to_string()));
-    *resp.status_mut() = c.status;
+    let mut resp = match wire {
+        Some(wire) => grpc_answer(wire, &c, &detail, correlation_id),
+        None => problem_answer(&c, slug, title, &detail, field, correlation_id),
+    };
     let headers = resp.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
     match c.error {
         Some(GatewayError::MethodNotAllowed { allow }) => {
             let allow = allow
@@ -362,6 +349,74 @@ pub fn rescue(err: &(dyn StdError + 'static), correlation_id: &str) -> Response 
     resp
 }
 
+/// The problem+json body of [`rescue`].
+fn problem_answer(
+    c: &Classified<'_>,
+    slug: &str,
+    title: &str,
+    detail: &str,
+    field: Option<String>,
+    correlation_id: &str,
+) -> Response {
+    let mut body = serde_json::json!({
+        "type": format!("urn:switchyard:problem:{slug}"),
+        "title": title,
+        "status": c.status.as_u16(),
+        "detail": detail,
+        "correlation_id": correlation_id,
+    });
+    if let Some(field) = field {
+        body["field"] = field.into();
+    }
+    if let Some(GatewayError::Grpc { code, details, .. }) = c.error {
+        body["grpc_code"] = (*code as i32).into();
+        body["grpc_status"] = crate::backends::grpc::status::code_name(*code).into();
+        if let Some(d) = details {
+            body["details"] = d.clone();
+        }
+    }
+    let mut resp = http::Response::new(full_body(body.to_string()));
+    *resp.status_mut() = c.status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    resp
+}
+
+/// The trailers-only gRPC answer of [`rescue`]: HTTP 200 with `grpc-status` and
+/// `grpc-message` (percent-encoded) in the headers.
+fn grpc_answer(
+    wire: crate::backends::grpc::passthrough::Wire,
+    c: &Classified<'_>,
+    detail: &str,
+    correlation_id: &str,
+) -> Response {
+    use crate::backends::grpc::{passthrough::Wire, status};
+    const MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
+    let code = status::code_for(c.status, c.error);
+    let message = match c.error {
+        Some(GatewayError::Grpc { message, .. }) => message.clone(),
+        _ => format!("{detail} (correlation id {correlation_id})"),
+    };
+    let mut resp = http::Response::new(crate::empty_body());
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(match wire {
+            Wire::Grpc => "application/grpc",
+            Wire::GrpcWeb => "application/grpc-web+proto",
+        }),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code as i32));
+    if let Ok(v) =
+        HeaderValue::from_str(&percent_encoding::utf8_percent_encode(&message, MESSAGE).to_string())
+    {
+        headers.insert("grpc-message", v);
+    }
+    resp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,7 +436,7 @@ mod tests {
     #[test]
     fn unknown_errors_leak_nothing() {
         let err = std::io::Error::other("secret at 0xdeadbeef");
-        let resp = rescue(&err, "cid");
+        let resp = rescue(&err, "cid", None);
         assert_eq!(resp.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(
             resp.headers()[header::CONTENT_TYPE],

@@ -20,7 +20,7 @@ pub fn proto_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/protos")
 }
 
-fn pool() -> DescriptorPool {
+pub fn pool() -> DescriptorPool {
     // The gateway's own loader, so the embedded google/api and google/rpc files resolve.
     let spec: switchyard::config::GrpcBackendSpec = serde_json::from_value(serde_json::json!({
         "endpoints": ["http://127.0.0.1:1"],
@@ -111,6 +111,13 @@ async fn dispatch(
     let output = method.output();
     let mut grpc = tonic::server::Grpc::new(DynamicCodec::new(method.input()));
     let name = method.name().to_string();
+    if method.is_client_streaming() && method.is_server_streaming() {
+        let handler = tower::service_fn(move |r: Request<tonic::Streaming<DynamicMessage>>| {
+            let output = output.clone();
+            async move { track(output, r) }
+        });
+        return grpc.streaming(handler, req).await;
+    }
     if method.is_client_streaming() {
         let handler = tower::service_fn(move |r: Request<tonic::Streaming<DynamicMessage>>| {
             let (output, streamed) = (output.clone(), streamed.clone());
@@ -200,6 +207,28 @@ async fn import(
     s.set_field_by_name("total_quantity", Value::I64(total));
     s.set_field_by_name("ids", Value::List(ids));
     Ok(Response::new(s))
+}
+
+type TrackStream = std::pin::Pin<
+    Box<dyn futures_util::Stream<Item = Result<DynamicMessage, Status>> + Send + 'static>,
+>;
+
+/// TrackOrders: answers each requested id with its order, as the requests arrive.
+fn track(
+    output: MessageDescriptor,
+    r: Request<tonic::Streaming<DynamicMessage>>,
+) -> Result<Response<TrackStream>, Status> {
+    use futures_util::StreamExt;
+    let replies = r.into_inner().map(move |m| {
+        let id = m?
+            .get_field_by_name("id")
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        let mut o = order(&output, &id, "eu", 1);
+        o.set_field_by_name("note", Value::String(format!("tracking {id}")));
+        Ok(o)
+    });
+    Ok(Response::new(Box::pin(replies)))
 }
 
 /// Sleep: waits for the requested duration (a google.protobuf.Duration), answers Empty.

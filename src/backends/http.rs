@@ -181,7 +181,7 @@ impl HttpRouteService {
 }
 
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those the Connection header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()

@@ -156,11 +156,12 @@ impl BuiltBackend {
         }
     }
 
-    /// Routes the backend defines itself (gRPC methods with `google.api.http` annotations).
+    /// Routes the backend defines itself (gRPC methods with `google.api.http` annotations, and
+    /// native gRPC routes).
     pub fn generated_routes(&self) -> Result<Vec<RouteSpec>, String> {
         match &self.handle {
             Handle::Http(_) => Ok(vec![]),
-            Handle::Grpc(g) => g.annotated_routes(),
+            Handle::Grpc(g) => g.generated_routes(),
         }
     }
 

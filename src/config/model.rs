@@ -550,6 +550,11 @@ pub struct GrpcBackendSpec {
     /// `<backend>.<Method>`, `#n` for additional bindings).
     #[serde(default)]
     pub annotated_routes: bool,
+    /// Make a `POST /<package.Service>/<Method>` route of every method, so gRPC and gRPC-Web
+    /// clients reach the service through the gateway (ids `<backend>/<package.Service>/<Method>`).
+    /// JSON requests to those paths are transcoded with the whole body as the request message.
+    #[serde(default)]
+    pub native_routes: bool,
     #[serde(default)]
     pub breaker: BreakerSpec,
     #[serde(default)]
@@ -585,6 +590,10 @@ pub struct GrpcRouteSpec {
     /// routes made from `google.api.http` annotations. Otherwise each variable names its field.
     #[serde(skip)]
     pub path_fields: Vec<(String, String)>,
+    /// Set only on native routes (`native_routes`): bidirectional methods are allowed, for
+    /// gRPC and gRPC-Web clients only.
+    #[serde(skip)]
+    pub native: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize, JsonSchema)]

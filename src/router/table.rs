@@ -109,7 +109,7 @@ impl RouteTable {
                 if all.iter().any(|r| r.id == g.id) {
                     return Err(BuildError::Route {
                         route: g.id,
-                        message: "a route generated from a google.api.http annotation has the id of another route".into(),
+                        message: "a route the backend generated (annotated or native) has the id of another route".into(),
                     });
                 }
                 all.push(g);

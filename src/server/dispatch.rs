@@ -70,6 +70,8 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: HttpRequest<Incomi
     let span = tracing::info_span!("request", correlation_id = %cid, route = tracing::field::Empty);
     let method = req.method().clone();
     let raw_uri = req.uri().clone();
+    // gRPC clients understand only gRPC answers, errors included.
+    let wire = crate::backends::grpc::passthrough::Wire::of(req.headers());
     let cid_header = HeaderValue::from_str(&cid).ok();
     let mut route_id: Arc<str> = Arc::from("-");
     let mut backend_name = None;
@@ -142,7 +144,7 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: HttpRequest<Incomi
     let mut resp = match result {
         Ok(resp) => resp,
         Err(err) => {
-            let resp = rescue(err.as_ref(), &cid);
+            let resp = rescue(err.as_ref(), &cid, wire);
             let status = resp.status();
             if status.is_server_error() {
                 if let Some(b) = &backend_name {

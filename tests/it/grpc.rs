@@ -620,3 +620,239 @@ async fn empty_any_and_a_deadline_shorter_than_a_slow_method() {
         String::from_utf8_lossy(&b)
     );
 }
+
+/// A message of `shop.v1.<name>` with string fields set.
+fn shop_msg(name: &str, fields: &[(&str, &str)]) -> prost_reflect::DynamicMessage {
+    let desc = crate::support::grpc::pool()
+        .get_message_by_name(&format!("shop.v1.{name}"))
+        .unwrap();
+    let mut m = prost_reflect::DynamicMessage::new(desc);
+    for (k, v) in fields {
+        m.set_field_by_name(k, prost_reflect::Value::String(v.to_string()));
+    }
+    m
+}
+
+fn str_field(m: &prost_reflect::DynamicMessage, name: &str) -> String {
+    m.get_field_by_name(name)
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn native_grpc_clients_pass_through_every_kind_of_method() {
+    use prost_reflect::ReflectMessage;
+    use switchyard::backends::grpc::codec::DynamicCodec;
+    let server = GrpcServer::start().await;
+    let gw = Gateway::start(&format!(
+        "{}\nroutes: []\n",
+        shop_backend(&server.url(), "native_routes: true")
+    ))
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(gw.url(""))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    let order_desc = shop_msg("Order", &[]).descriptor();
+    let path =
+        |m: &str| -> http::uri::PathAndQuery { format!("/shop.v1.Orders/{m}").parse().unwrap() };
+    grpc.ready().await.unwrap();
+
+    // Unary: the reply, its metadata, and the gateway's correlation ID and deadline on the way.
+    let resp = grpc
+        .unary(
+            tonic::Request::new(shop_msg("GetOrderRequest", &[("id", "77")])),
+            path("GetOrder"),
+            DynamicCodec::new(order_desc.clone()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.metadata().get("x-order-version").unwrap(), "3");
+    let o = resp.into_inner();
+    assert_eq!(str_field(&o, "id"), "77");
+    let note = str_field(&o, "note");
+    assert!(
+        note.contains("timeout=true") && !note.contains("rid=;"),
+        "{note}"
+    );
+
+    // A status travels as the server sent it.
+    grpc.ready().await.unwrap();
+    let err = grpc
+        .unary(
+            tonic::Request::new(shop_msg("GetOrderRequest", &[("id", "missing")])),
+            path("GetOrder"),
+            DynamicCodec::new(order_desc.clone()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert_eq!(err.message(), "order missing does not exist");
+
+    // Server streaming.
+    grpc.ready().await.unwrap();
+    let mut stream = grpc
+        .server_streaming(
+            tonic::Request::new(shop_msg("GetOrderRequest", &[("id", "w")])),
+            path("WatchOrders"),
+            DynamicCodec::new(order_desc.clone()),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let mut notes = vec![];
+    while let Some(m) = stream.message().await.unwrap() {
+        notes.push(str_field(&m, "note"));
+    }
+    assert_eq!(notes, ["update 1", "update 2", "update 3"]);
+
+    // Bidirectional: each request answered as it goes.
+    grpc.ready().await.unwrap();
+    let requests =
+        futures_util::stream::iter(["p", "q"].map(|id| shop_msg("GetOrderRequest", &[("id", id)])));
+    let mut replies = grpc
+        .streaming(
+            tonic::Request::new(requests),
+            path("TrackOrders"),
+            DynamicCodec::new(order_desc.clone()),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seen = vec![];
+    while let Some(m) = replies.message().await.unwrap() {
+        seen.push(str_field(&m, "note"));
+    }
+    assert_eq!(seen, ["tracking p", "tracking q"]);
+
+    // The gateway's own refusals are gRPC statuses too: no route for an unknown method.
+    grpc.ready().await.unwrap();
+    let err = grpc
+        .unary(
+            tonic::Request::new(shop_msg("GetOrderRequest", &[])),
+            "/shop.v1.Orders/Nope".parse().unwrap(),
+            DynamicCodec::new(order_desc.clone()),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
+    assert!(err.message().contains("correlation id"), "{err:?}");
+
+    // JSON to a native path is transcoded; a bidirectional method turns JSON clients away.
+    let req = request(Method::POST, &gw.url("/shop.v1.Orders/GetOrder"))
+        .body(body(r#"{"id":"5"}"#))
+        .unwrap();
+    let (s, _, b) = send(req).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["id"], "5");
+    let req = request(Method::POST, &gw.url("/shop.v1.Orders/TrackOrders"))
+        .body(body(r#"{"id":"5"}"#))
+        .unwrap();
+    assert_eq!(send(req).await.0, 400);
+    // Native routes are listed like any other.
+    let (_, routes) = gw.admin_json("/routes").await;
+    assert!(
+        routes
+            .to_string()
+            .contains("shop/shop.v1.Orders/TrackOrders"),
+        "{routes}"
+    );
+}
+
+/// gRPC-Web length-prefixed frames: (flags, payload).
+fn grpc_web_frames(mut b: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = vec![];
+    while b.len() >= 5 {
+        let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        out.push((b[0], b[5..5 + len].to_vec()));
+        b = &b[5 + len..];
+    }
+    out
+}
+
+#[tokio::test]
+async fn grpc_web_browser_clients_over_http1_binary_and_text() {
+    use base64::Engine;
+    use prost::Message;
+    use prost_reflect::ReflectMessage;
+    let server = GrpcServer::start().await;
+    let gw = Gateway::start(&format!(
+        "{}\nroutes: []\n",
+        shop_backend(&server.url(), "native_routes: true")
+    ))
+    .await;
+    let frame = |id: &str| {
+        let payload = shop_msg("GetOrderRequest", &[("id", id)]).encode_to_vec();
+        let mut f = vec![0u8];
+        f.extend((payload.len() as u32).to_be_bytes());
+        f.extend(payload);
+        f
+    };
+    let order = |bytes: &[u8]| {
+        prost_reflect::DynamicMessage::decode(shop_msg("Order", &[]).descriptor(), bytes).unwrap()
+    };
+
+    // Binary, over HTTP/1.1 (the test client's default).
+    let req = request(Method::POST, &gw.url("/shop.v1.Orders/GetOrder"))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(body(frame("31")))
+        .unwrap();
+    let (s, h, b) = send(req).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["content-type"], "application/grpc-web+proto");
+    let frames = grpc_web_frames(&b);
+    assert_eq!(frames.len(), 2, "{frames:?}");
+    assert_eq!(str_field(&order(&frames[0].1), "id"), "31");
+    assert_eq!(frames[1].0, 0x80, "the last frame holds the trailers");
+    let trailers = String::from_utf8_lossy(&frames[1].1).to_lowercase();
+    assert!(trailers.contains("grpc-status:0"), "{trailers}");
+
+    // Text (base64) both ways.
+    let b64 = base64::engine::general_purpose::STANDARD;
+    let req = request(Method::POST, &gw.url("/shop.v1.Orders/GetOrder"))
+        .header("content-type", "application/grpc-web-text")
+        .header("accept", "application/grpc-web-text")
+        .body(body(b64.encode(frame("32"))))
+        .unwrap();
+    let (s, h, b) = send(req).await;
+    assert_eq!(s, 200);
+    assert_eq!(
+        h["content-type"], "application/grpc-web-text+proto",
+        "{h:?}"
+    );
+    // Each frame is encoded on its own, padding included.
+    let text = String::from_utf8_lossy(&b).to_string();
+    let (mut raw, mut segment) = (vec![], String::new());
+    for group in text.as_bytes().chunks(4) {
+        segment.push_str(std::str::from_utf8(group).unwrap());
+        if group.contains(&b'=') {
+            raw.extend(b64.decode(&segment).unwrap());
+            segment.clear();
+        }
+    }
+    raw.extend(b64.decode(&segment).unwrap());
+    let frames = grpc_web_frames(&raw);
+    assert_eq!(str_field(&order(&frames[0].1), "id"), "32", "{frames:?}");
+
+    // An error status reaches the browser as grpc-status, in headers or the trailer frame.
+    let req = request(Method::POST, &gw.url("/shop.v1.Orders/GetOrder"))
+        .header("content-type", "application/grpc-web+proto")
+        .body(body(frame("missing")))
+        .unwrap();
+    let (s, h, b) = send(req).await;
+    assert_eq!(s, 200);
+    let trailers = grpc_web_frames(&b)
+        .last()
+        .map(|f| String::from_utf8_lossy(&f.1).to_lowercase())
+        .unwrap_or_default();
+    let in_headers = h
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_string());
+    assert!(
+        trailers.contains("grpc-status:5") || in_headers.as_deref() == Some("5"),
+        "{h:?} {trailers}"
+    );
+}

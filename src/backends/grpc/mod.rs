@@ -6,6 +6,7 @@ pub mod annotations;
 pub mod codec;
 mod embedded;
 mod ndjson;
+pub mod passthrough;
 pub mod status;
 mod stream;
 pub mod transcode;
@@ -101,6 +102,7 @@ fn proto_position(e: &protox::Error) -> Option<(usize, usize)> {
 pub struct GrpcBackend {
     name: String,
     annotated_routes: bool,
+    native_routes: bool,
     /// Reloaded on every config reload, so edited protos take effect while connections stay.
     pool: arc_swap::ArcSwap<DescriptorPool>,
     channel: Channel,
@@ -154,6 +156,7 @@ impl GrpcBackend {
         Ok(GrpcBackend {
             name: name.to_string(),
             annotated_routes: spec.annotated_routes,
+            native_routes: spec.native_routes,
             pool: arc_swap::ArcSwap::from_pointee(pool),
             channel,
             reachable,
@@ -172,8 +175,37 @@ impl GrpcBackend {
         Ok(())
     }
 
+    /// The routes the backend makes itself: from `google.api.http` annotations and, for gRPC
+    /// clients, one native route per method, each when enabled.
+    pub fn generated_routes(&self) -> Result<Vec<RouteSpec>, String> {
+        let mut out = self.annotated_routes()?;
+        if self.native_routes {
+            let pool = self.pool.load();
+            for service in pool.services() {
+                for method in service.methods() {
+                    let full = format!("{}/{}", service.full_name(), method.name());
+                    let id = format!("{}/{full}", self.name);
+                    let mut route: RouteSpec = serde_json::from_value(serde_json::json!({
+                        "id": id,
+                        "match": { "path": format!("/{full}"), "method": "POST" },
+                        "backend": self.name,
+                    }))
+                    .map_err(|e| format!("{id}: {e}"))?;
+                    route.grpc = Some(GrpcRouteSpec {
+                        method: full,
+                        body: Some("*".into()),
+                        native: true,
+                        ..GrpcRouteSpec::default()
+                    });
+                    out.push(route);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Routes made from the `google.api.http` annotations of every method, when enabled.
-    pub fn annotated_routes(&self) -> Result<Vec<RouteSpec>, String> {
+    fn annotated_routes(&self) -> Result<Vec<RouteSpec>, String> {
         if !self.annotated_routes {
             return Ok(vec![]);
         }
@@ -269,6 +301,10 @@ pub struct GrpcRouteService {
     server_streaming: bool,
     /// Client streaming: the body is NDJSON, one request message per line.
     client_streaming: bool,
+    /// Bidirectional (native routes only): JSON clients are turned away.
+    bidi: bool,
+    /// gRPC and gRPC-Web requests to this route's method, forwarded untranscoded.
+    passthrough: passthrough::Passthrough,
 }
 
 impl GrpcRouteService {
@@ -278,7 +314,8 @@ impl GrpcRouteService {
         spec: &GrpcRouteSpec,
     ) -> Result<Self, String> {
         let method = backend.method(&spec.method)?;
-        if method.is_client_streaming() && method.is_server_streaming() {
+        let bidi = method.is_client_streaming() && method.is_server_streaming();
+        if bidi && !spec.native {
             return Err(format!(
                 "`{}` is a bidirectional-streaming method; plain HTTP routes bridge unary, server-streaming and client-streaming methods",
                 spec.method
@@ -307,7 +344,7 @@ impl GrpcRouteService {
                 BodyRule::Field(f)
             }
         };
-        if method.is_client_streaming() && matches!(body, BodyRule::None) {
+        if method.is_client_streaming() && !bidi && matches!(body, BodyRule::None) {
             return Err(format!(
                 "`{}` is client-streaming: its messages come from the NDJSON request body, so the route needs `body: \"*\"` (or a field) and a method that takes a body",
                 spec.method
@@ -329,17 +366,24 @@ impl GrpcRouteService {
                 Some(f)
             }
         };
-        let path = format!("/{}/{}", method.parent_service().full_name(), method.name())
-            .parse()
-            .map_err(|_| "the method's path is not a valid URI path".to_string())?;
+        let path: PathAndQuery =
+            format!("/{}/{}", method.parent_service().full_name(), method.name())
+                .parse()
+                .map_err(|_| "the method's path is not a valid URI path".to_string())?;
         let path_fields = spec
             .path_fields
             .iter()
             .map(|(f, t)| crate::config::template::Template::parse(t).map(|t| (f.clone(), t)))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(GrpcRouteService {
+            passthrough: passthrough::Passthrough::new(
+                &backend.name,
+                backend.channel.clone(),
+                path.clone(),
+            ),
             backend,
             server_streaming: method.is_server_streaming(),
+            bidi,
             client_streaming: method.is_client_streaming(),
             method,
             path,
@@ -493,6 +537,12 @@ impl GrpcRouteService {
 
     async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
         let (parts, body) = req.into_parts();
+        if self.bidi {
+            return Err(GatewayError::bad_request(
+                "This method streams both ways; call it with a gRPC or gRPC-Web client.",
+            )
+            .into());
+        }
         if self.client_streaming {
             return self.call_client_streaming(parts, body).await;
         }
@@ -704,6 +754,9 @@ impl Service<Request> for GrpcRouteService {
     }
 
     fn call(&mut self, req: Request) -> ResponseFuture {
+        if let Some(wire) = passthrough::Wire::of(req.headers()) {
+            return self.passthrough.serve(wire, req);
+        }
         let this = self.clone();
         Box::pin(this.call_backend(req))
     }

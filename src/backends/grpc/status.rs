@@ -3,6 +3,8 @@
 use http::StatusCode;
 use tonic::Code;
 
+use crate::error::GatewayError;
+
 pub fn http_status(code: Code) -> StatusCode {
     match code {
         Code::Ok => StatusCode::OK,
@@ -19,6 +21,37 @@ pub fn http_status(code: Code) -> StatusCode {
         Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
         Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
         Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+    }
+}
+
+/// The gRPC code for an answer the gateway makes itself to a gRPC client (its own errors, or a
+/// backend's status passed on), following the spirit of gRPC's HTTP-to-gRPC mapping.
+pub fn code_for(status: StatusCode, err: Option<&GatewayError>) -> Code {
+    match err {
+        Some(GatewayError::Grpc { code, .. }) => return *code,
+        Some(GatewayError::Timeout { .. }) => return Code::DeadlineExceeded,
+        Some(GatewayError::BadRequest { .. }) => return Code::InvalidArgument,
+        Some(GatewayError::NotFound | GatewayError::MethodNotAllowed { .. }) => {
+            return Code::Unimplemented;
+        }
+        Some(GatewayError::RateLimited { .. }) => return Code::ResourceExhausted,
+        Some(
+            GatewayError::BackendUnavailable { .. }
+            | GatewayError::BadGateway { .. }
+            | GatewayError::CircuitOpen { .. }
+            | GatewayError::Overloaded { .. },
+        ) => return Code::Unavailable,
+        _ => {}
+    }
+    match status.as_u16() {
+        400 => Code::InvalidArgument,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        413 | 429 => Code::ResourceExhausted,
+        502 | 503 => Code::Unavailable,
+        504 => Code::DeadlineExceeded,
+        _ => Code::Internal,
     }
 }
 
