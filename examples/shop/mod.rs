@@ -51,6 +51,15 @@ impl GrpcServer {
     }
 
     pub async fn start_on(addr: SocketAddr) -> GrpcServer {
+        Self::serve(addr, None).await
+    }
+
+    /// Serves over TLS (the acceptor must offer ALPN `h2`) on an ephemeral loopback port.
+    pub async fn start_tls(acceptor: tokio_rustls::TlsAcceptor) -> GrpcServer {
+        Self::serve("127.0.0.1:0".parse().unwrap(), Some(acceptor)).await
+    }
+
+    async fn serve(addr: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> GrpcServer {
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let pool = pool();
@@ -62,7 +71,7 @@ impl GrpcServer {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (pool, c) = (pool.clone(), c.clone());
+                let (pool, c, tls) = (pool.clone(), c.clone(), tls.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(
                         move |req: http::Request<hyper::body::Incoming>| {
@@ -70,10 +79,16 @@ impl GrpcServer {
                             async move { Ok::<_, Infallible>(dispatch(pool, c, req).await) }
                         },
                     );
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .http2_only()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                            .http2_only();
+                    let _ = match tls {
+                        Some(acceptor) => match acceptor.accept(stream).await {
+                            Ok(s) => builder.serve_connection(TokioIo::new(s), svc).await,
+                            Err(_) => return,
+                        },
+                        None => builder.serve_connection(TokioIo::new(stream), svc).await,
+                    };
                 });
             }
         });

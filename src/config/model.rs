@@ -546,6 +546,9 @@ pub struct GrpcBackendSpec {
     /// Interval of HTTP/2 keep-alive pings on idle channels.
     #[serde(default = "default_keepalive")]
     pub keepalive: Dur,
+    /// TLS settings for `https://` endpoints (the system's roots when absent).
+    #[serde(default)]
+    pub tls: Option<ClientTlsSpec>,
     /// Make a route of every method that carries a `google.api.http` annotation (ids
     /// `<backend>.<Method>`, `#n` for additional bindings).
     #[serde(default)]
@@ -561,6 +564,24 @@ pub struct GrpcBackendSpec {
     pub retry_budget: RetryBudgetSpec,
     #[serde(default)]
     pub concurrency_limit: Option<usize>,
+}
+
+/// TLS towards a backend: whom to trust, the name to check, and an optional client identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientTlsSpec {
+    /// PEM bundle of the CAs to trust, instead of the system's roots.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// The name the server's certificate must carry; the endpoint's host by default.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Client certificate (PEM chain) for mutual TLS, with `key`.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
 }
 
 /// How a route maps HTTP/JSON to one gRPC method.

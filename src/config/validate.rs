@@ -214,14 +214,43 @@ fn validate_backend(cx: &mut Ctx, name: &str, b: &BackendSpec) {
                     "a grpc backend needs at least one entry in `endpoints`",
                 );
             }
+            let mut https = 0;
             for (i, ep) in g.endpoints.iter().enumerate() {
                 match ep.parse::<Uri>() {
-                    Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => {}
+                    Ok(u)
+                        if matches!(u.scheme_str(), Some("http" | "https"))
+                            && u.authority().is_some() =>
+                    {
+                        https += usize::from(u.scheme_str() == Some("https"));
+                    }
                     _ => cx.err(
                         &format!("{base}.endpoints[{i}]"),
                         None,
-                        format!("endpoint `{ep}` is not a URL like `http://127.0.0.1:50051`"),
+                        format!("endpoint `{ep}` is not a URL like `http://127.0.0.1:50051` (or `https://` for TLS)"),
                     ),
+                }
+            }
+            if https > 0 && https < g.endpoints.len() {
+                cx.err(
+                    &format!("{base}.endpoints"),
+                    None,
+                    "mix of `http://` and `https://` endpoints: one backend speaks either TLS or cleartext",
+                );
+            }
+            if let Some(tls) = &g.tls {
+                if https == 0 {
+                    cx.err(
+                        &format!("{base}.tls"),
+                        None,
+                        "`tls` applies to `https://` endpoints, and this backend has none",
+                    );
+                }
+                if tls.cert.is_some() != tls.key.is_some() {
+                    cx.err(
+                        &format!("{base}.tls"),
+                        None,
+                        "a client certificate needs both `cert` and `key`",
+                    );
                 }
             }
             if g.protos.is_empty() && g.descriptor_set.is_none() {

@@ -856,3 +856,53 @@ async fn grpc_web_browser_clients_over_http1_binary_and_text() {
         "{h:?} {trailers}"
     );
 }
+
+#[tokio::test]
+async fn tls_to_the_backend_with_a_private_ca() {
+    let ck = rcgen::generate_simple_self_signed(vec!["shop.internal".to_string()]).unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::try_from(ck.signing_key.serialize_der()).unwrap();
+    let mut cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(vec![ck.cert.der().clone()], key)
+    .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let server =
+        GrpcServer::start_tls(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg))).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ck.cert.pem()).unwrap();
+    let url = format!("https://{}", server.addr);
+    let tls = |name: &str| {
+        format!(
+            "tls: {{ ca: \"{}\", server_name: {name} }}",
+            dir.path().join("ca.pem").display()
+        )
+    };
+    let gw = Gateway::start(&format!(
+        "{}\nroutes: []\n",
+        shop_backend(
+            &url,
+            &format!("annotated_routes: true\n    {}", tls("shop.internal"))
+        )
+    ))
+    .await;
+    let (s, _, b) = get(&gw.url("/v2/orders/9")).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["id"], "9");
+
+    // A certificate for another name is refused: 503, never a cleartext fallback.
+    let gw = Gateway::start(&format!(
+        "{}\nroutes: []\n",
+        shop_backend(
+            &url,
+            &format!("annotated_routes: true\n    {}", tls("other.internal"))
+        )
+    ))
+    .await;
+    let (s, _, b) = get(&gw.url("/v2/orders/9")).await;
+    assert_eq!(s, 503, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(server.calls(), 1);
+}

@@ -91,6 +91,38 @@ pub fn load_descriptors(spec: &GrpcBackendSpec, base: &Path) -> Result<Descripto
     Ok(pool)
 }
 
+/// The TLS settings of a backend with `https://` endpoints, reading its certificate files.
+fn client_tls(
+    spec: &GrpcBackendSpec,
+    base: &Path,
+) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    if !spec.endpoints.iter().any(|e| e.starts_with("https:")) {
+        return Ok(None);
+    }
+    let read = |p: &Path| {
+        let path = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        };
+        std::fs::read(&path).map_err(|e| format!("tls: cannot read {}: {e}", path.display()))
+    };
+    let tls = spec.tls.clone().unwrap_or_default();
+    let mut cfg = ClientTlsConfig::new();
+    cfg = match &tls.ca {
+        Some(ca) => cfg.ca_certificate(Certificate::from_pem(read(ca)?)),
+        None => cfg.with_native_roots(),
+    };
+    if let Some(name) = &tls.server_name {
+        cfg = cfg.domain_name(name.clone());
+    }
+    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+        cfg = cfg.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    Ok(Some(cfg))
+}
+
 /// Line and column (1-based) of a proto compile error, from its diagnostic label.
 fn proto_position(e: &protox::Error) -> Option<(usize, usize)> {
     use miette::Diagnostic;
@@ -115,6 +147,7 @@ impl GrpcBackend {
     /// waits for the server.
     pub fn new(name: &str, spec: &GrpcBackendSpec, base: &Path) -> Result<Self, String> {
         let pool = load_descriptors(spec, base)?;
+        let tls = client_tls(spec, base)?;
         let endpoints = spec
             .endpoints
             .iter()
@@ -128,7 +161,11 @@ impl GrpcBackend {
                             .keep_alive_timeout(spec.connect_timeout.0.max(Duration::from_secs(1)))
                             .keep_alive_while_idle(true)
                     })
-                    .map_err(|e| e.to_string())
+                    .and_then(|ep| match &tls {
+                        Some(t) if e.starts_with("https:") => ep.tls_config(t.clone()),
+                        _ => Ok(ep),
+                    })
+                    .map_err(|err| format!("endpoint `{e}`: {err}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
         let channel = match endpoints.as_slice() {
