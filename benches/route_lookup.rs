@@ -30,7 +30,7 @@ fn table(n: usize) -> RouteTable {
         1,
         &BackendSet::default(),
         &metrics,
-        std::path::Path::new("."),
+        &switchyard::backends::BuildContext::new(std::path::Path::new(".")),
     )
     .expect("builds")
 }

@@ -100,6 +100,7 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
 pub async fn start(opts: Options) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
     let (table, hash) = reload::load_table(&opts.config, 1, &BackendSet::default(), &metrics)
+        .await
         .map_err(StartError::Config)?;
     let server = table.spec.server.clone();
     let bind = |addr: SocketAddr| async move {

@@ -86,12 +86,13 @@ fn build_check(file: &Path, spec: config::ConfigSpec) -> Result<(), String> {
     let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
     rt.block_on(async move {
         let metrics = std::sync::Arc::new(switchyard::telemetry::metrics::Metrics::new());
+        let cx = switchyard::backends::BuildContext::prepare(&spec.backends, &base).await;
         switchyard::router::RouteTable::build(
             spec,
             1,
             &switchyard::backends::BackendSet::default(),
             &metrics,
-            &base,
+            &cx,
         )
         .map(drop)
         .map_err(|e| e.to_string())

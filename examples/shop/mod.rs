@@ -51,18 +51,33 @@ impl GrpcServer {
     }
 
     pub async fn start_on(addr: SocketAddr) -> GrpcServer {
-        Self::serve(addr, None).await
+        Self::serve(addr, None, Reflection::Off).await
+    }
+
+    /// Serves with gRPC server reflection (one version of it) beside the order service.
+    pub async fn start_with_reflection(which: Reflection) -> GrpcServer {
+        Self::serve("127.0.0.1:0".parse().unwrap(), None, which).await
     }
 
     /// Serves over TLS (the acceptor must offer ALPN `h2`) on an ephemeral loopback port.
     pub async fn start_tls(acceptor: tokio_rustls::TlsAcceptor) -> GrpcServer {
-        Self::serve("127.0.0.1:0".parse().unwrap(), Some(acceptor)).await
+        Self::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            Some(acceptor),
+            Reflection::Off,
+        )
+        .await
     }
 
-    async fn serve(addr: SocketAddr, tls: Option<tokio_rustls::TlsAcceptor>) -> GrpcServer {
+    async fn serve(
+        addr: SocketAddr,
+        tls: Option<tokio_rustls::TlsAcceptor>,
+        reflection: Reflection,
+    ) -> GrpcServer {
         let listener = TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let pool = pool();
+        let reflector = reflector(&pool, reflection);
         let calls = Arc::new(AtomicUsize::new(0));
         let streamed = Arc::new(AtomicUsize::new(0));
         let c = (calls.clone(), streamed.clone());
@@ -71,12 +86,21 @@ impl GrpcServer {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                let (pool, c, tls) = (pool.clone(), c.clone(), tls.clone());
+                let (pool, c, tls, reflector) =
+                    (pool.clone(), c.clone(), tls.clone(), reflector.clone());
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(
                         move |req: http::Request<hyper::body::Incoming>| {
-                            let (pool, c) = (pool.clone(), c.clone());
-                            async move { Ok::<_, Infallible>(dispatch(pool, c, req).await) }
+                            let (pool, c, reflector) = (pool.clone(), c.clone(), reflector.clone());
+                            async move {
+                                if let Some((prefix, r)) = reflector
+                                    && req.uri().path().starts_with(prefix)
+                                {
+                                    use tower::ServiceExt;
+                                    return r.oneshot(req).await;
+                                }
+                                Ok::<_, Infallible>(dispatch(pool, c, req).await)
+                            }
                         },
                     );
                     let builder =
@@ -107,6 +131,41 @@ impl GrpcServer {
     pub fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
     }
+}
+
+/// Which gRPC server reflection the server offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reflection {
+    Off,
+    V1,
+    V1Alpha,
+}
+
+type Reflector = tower::util::BoxCloneService<
+    http::Request<hyper::body::Incoming>,
+    http::Response<tonic::body::Body>,
+    Infallible,
+>;
+
+/// The reflection service over the server's own descriptors, and the path prefix it answers.
+fn reflector(pool: &DescriptorPool, which: Reflection) -> Option<(&'static str, Reflector)> {
+    if which == Reflection::Off {
+        return None;
+    }
+    // The builder borrows the encoded set for as long as the service lives: one per server.
+    let encoded: &'static [u8] = Box::leak(pool.encode_to_vec().into_boxed_slice());
+    let builder = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(encoded);
+    Some(match which {
+        Reflection::V1 => (
+            "/grpc.reflection.v1.",
+            Reflector::new(builder.build_v1().unwrap()),
+        ),
+        _ => (
+            "/grpc.reflection.v1alpha.",
+            Reflector::new(builder.build_v1alpha().unwrap()),
+        ),
+    })
 }
 
 async fn dispatch(

@@ -56,6 +56,55 @@ impl PolicyState {
     }
 }
 
+/// What building backends reads besides their specs: routes.yaml's directory (relative paths),
+/// and what the servers of `reflection: true` backends said, asked just before the build.
+pub struct BuildContext<'a> {
+    pub base: &'a std::path::Path,
+    /// Per backend name: the serialized files from reflection, or why they could not be had.
+    pub reflected: HashMap<String, Result<Vec<Vec<u8>>, String>>,
+}
+
+impl<'a> BuildContext<'a> {
+    /// A context with no reflection answers.
+    pub fn new(base: &'a std::path::Path) -> Self {
+        BuildContext {
+            base,
+            reflected: HashMap::new(),
+        }
+    }
+
+    /// Asks every `reflection: true` backend for its descriptors, all at once, each within its
+    /// connect timeout plus five seconds. The only I/O before a build.
+    pub async fn prepare(
+        backends: &std::collections::BTreeMap<String, BackendSpec>,
+        base: &'a std::path::Path,
+    ) -> Self {
+        let asks = backends.iter().filter_map(|(name, spec)| match spec {
+            BackendSpec::Grpc(g) if g.reflection => Some(async move {
+                let files = match grpc::channel(g, base) {
+                    Ok(ch) => {
+                        grpc::reflection::fetch(ch, g.connect_timeout.0 + Duration::from_secs(5))
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                (
+                    name.clone(),
+                    files.map_err(|e| format!("backend `{name}`: {e}")),
+                )
+            }),
+            _ => None,
+        });
+        BuildContext {
+            base,
+            reflected: futures_util::future::join_all(asks)
+                .await
+                .into_iter()
+                .collect(),
+        }
+    }
+}
+
 enum Handle {
     Http(Arc<http::HttpBackend>),
     Grpc(Arc<grpc::GrpcBackend>),
@@ -117,12 +166,12 @@ impl BuiltBackend {
         name: &str,
         spec: &BackendSpec,
         metrics: &Arc<Metrics>,
-        base: &std::path::Path,
+        cx: &BuildContext<'_>,
     ) -> Result<Self, String> {
         let handle = match spec {
             BackendSpec::Http(h) => Handle::Http(Arc::new(http::HttpBackend::new(name, h))),
             BackendSpec::Grpc(g) => Handle::Grpc(Arc::new(
-                grpc::GrpcBackend::new(name, g, base)
+                grpc::GrpcBackend::new(name, g, cx)
                     .map_err(|e| format!("backend `{name}`: {e}"))?,
             )),
         };
@@ -147,10 +196,10 @@ impl BuiltBackend {
     }
 
     /// Reloads what a kept backend reads from files (gRPC descriptors), keeping connections.
-    pub fn refresh(&self, base: &std::path::Path) -> Result<(), String> {
+    pub fn refresh(&self, cx: &BuildContext<'_>) -> Result<(), String> {
         match (&self.handle, &self.spec) {
             (Handle::Grpc(g), BackendSpec::Grpc(spec)) => g
-                .reload_descriptors(spec, base)
+                .reload_descriptors(spec, cx)
                 .map_err(|e| format!("backend `{}`: {e}", self.name)),
             _ => Ok(()),
         }
@@ -194,17 +243,17 @@ impl BackendSet {
         &self,
         specs: &std::collections::BTreeMap<String, BackendSpec>,
         metrics: &Arc<Metrics>,
-        base: &std::path::Path,
+        cx: &BuildContext<'_>,
     ) -> Result<BackendSet, String> {
         let by_name = specs
             .iter()
             .map(|(name, spec)| {
                 let built = match self.by_name.get(name) {
                     Some(old) if old.spec == *spec => {
-                        old.refresh(base)?;
+                        old.refresh(cx)?;
                         old.clone()
                     }
-                    _ => Arc::new(BuiltBackend::build(name, spec, metrics, base)?),
+                    _ => Arc::new(BuiltBackend::build(name, spec, metrics, cx)?),
                 };
                 Ok((name.clone(), built))
             })

@@ -541,6 +541,10 @@ pub struct GrpcBackendSpec {
     /// A binary `FileDescriptorSet` (`protoc --include_imports -o`), instead of or beside `protos`.
     #[serde(default)]
     pub descriptor_set: Option<PathBuf>,
+    /// Ask the server for its descriptors by gRPC server reflection (v1, else v1alpha) at load
+    /// and on every reload, instead of or beside `protos`.
+    #[serde(default)]
+    pub reflection: bool,
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Dur,
     /// Interval of HTTP/2 keep-alive pings on idle channels.

@@ -253,11 +253,11 @@ fn validate_backend(cx: &mut Ctx, name: &str, b: &BackendSpec) {
                     );
                 }
             }
-            if g.protos.is_empty() && g.descriptor_set.is_none() {
+            if g.protos.is_empty() && g.descriptor_set.is_none() && !g.reflection {
                 cx.err(
                     &base,
                     None,
-                    "a grpc backend needs its descriptors: list `.proto` files under `protos` or give a `descriptor_set`",
+                    "a grpc backend needs its descriptors: list `.proto` files under `protos`, give a `descriptor_set`, or set `reflection: true`",
                 );
             }
         }

@@ -87,8 +87,9 @@ pub fn content_hash(text: &str) -> String {
     format!("{:016x}", h.finish())
 }
 
-/// Reads, validates and builds a table from `path`. Used for start-up and every reload.
-pub fn load_table(
+/// Reads, validates and builds a table from `path`. Used for start-up and every reload. The
+/// only awaits are the reflection requests made just before the build.
+pub async fn load_table(
     path: &Path,
     version: u64,
     previous: &crate::backends::BackendSet,
@@ -100,7 +101,8 @@ pub fn load_table(
     let spec = config::load_str(&file, &text, &config::process_env)
         .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
     let base = path.parent().unwrap_or(Path::new("."));
-    let table = RouteTable::build(spec, version, previous, metrics, base)
+    let cx = crate::backends::BuildContext::prepare(&spec.backends, base).await;
+    let table = RouteTable::build(spec, version, previous, metrics, &cx)
         .map_err(|e| vec![format!("{file}: {e}")])?;
     Ok((table, content_hash(&text)))
 }
@@ -129,7 +131,7 @@ pub fn spawn(shared: Arc<Shared>, path: PathBuf, shutdown: CancellationToken) ->
                     .find(|r| r.trigger != Trigger::Watch)
                     .map_or(Trigger::Watch, |r| r.trigger)
             };
-            let outcome = apply(&shared, &path, trigger);
+            let outcome = apply(&shared, &path, trigger).await;
             for r in reqs {
                 if let Some(reply) = r.reply {
                     let _ = reply.send(outcome.clone());
@@ -140,7 +142,7 @@ pub fn spawn(shared: Arc<Shared>, path: PathBuf, shutdown: CancellationToken) ->
     Reloader { tx }
 }
 
-fn apply(shared: &Shared, path: &Path, trigger: Trigger) -> Outcome {
+async fn apply(shared: &Shared, path: &Path, trigger: Trigger) -> Outcome {
     let current = shared.table.load_full();
     if trigger == Trigger::Watch {
         // An unchanged file (a touch, a write to a neighbour) is not a new version.
@@ -154,7 +156,7 @@ fn apply(shared: &Shared, path: &Path, trigger: Trigger) -> Outcome {
     }
     let version = current.version + 1;
     let now = SystemTime::now();
-    match load_table(path, version, &current.backends, &shared.metrics) {
+    match load_table(path, version, &current.backends, &shared.metrics).await {
         Ok((table, hash)) => {
             if table.spec.server.listen != current.spec.server.listen
                 || table.spec.server.admin != current.spec.server.admin

@@ -89,10 +89,10 @@ impl RouteTable {
         version: u64,
         previous: &BackendSet,
         metrics: &Arc<Metrics>,
-        base: &std::path::Path,
+        cx: &crate::backends::BuildContext<'_>,
     ) -> Result<RouteTable, BuildError> {
         let backends = previous
-            .rebuild(&spec.backends, metrics, base)
+            .rebuild(&spec.backends, metrics, cx)
             .map_err(BuildError::Backend)?;
         let mut routes = Vec::with_capacity(spec.routes.len());
         let mut by_host: HashMap<String, PathIndex> = HashMap::new();

@@ -906,3 +906,89 @@ async fn tls_to_the_backend_with_a_private_ca() {
     assert_eq!(s, 503, "{}", String::from_utf8_lossy(&b));
     assert_eq!(server.calls(), 1);
 }
+
+#[tokio::test]
+async fn descriptors_from_server_reflection_v1_and_v1alpha() {
+    use crate::support::grpc::Reflection;
+    for which in [Reflection::V1, Reflection::V1Alpha] {
+        let server = GrpcServer::start_with_reflection(which).await;
+        let gw = Gateway::start(&format!(
+            r#"
+backends:
+  shop:
+    type: grpc
+    endpoints: ["{}"]
+    reflection: true
+    annotated_routes: true
+routes:
+  - id: explicit
+    match: {{ method: GET, path: "/r/{{id}}" }}
+    backend: shop
+    grpc: {{ method: shop.v1.Orders/GetOrder }}
+"#,
+            server.url()
+        ))
+        .await;
+        // Routes from the server's own annotations, and an explicit route, with no proto here.
+        let (s, _, b) = get(&gw.url("/v2/orders/21")).await;
+        assert_eq!(s, 200, "{which:?}: {}", String::from_utf8_lossy(&b));
+        assert_eq!(json(&b)["id"], "21");
+        let (s, _, b) = get(&gw.url("/r/22?status=SHIPPED")).await;
+        assert_eq!(s, 200, "{which:?}: {}", String::from_utf8_lossy(&b));
+        assert!(json(&b)["note"].as_str().unwrap().contains("status=2"));
+        // Well-known types resolved locally: a Timestamp in and out.
+        let req = request(Method::POST, &gw.url("/v2/orders"))
+            .body(body(r#"{"created":"2026-11-28T12:00:00Z","holdFor":"2s"}"#))
+            .unwrap();
+        let (s, _, b) = send(req).await;
+        assert_eq!(s, 200, "{which:?}: {}", String::from_utf8_lossy(&b));
+        assert_eq!(json(&b)["created"], "2026-11-28T12:00:00Z");
+    }
+}
+
+#[tokio::test]
+async fn reflection_failures_are_named_and_a_reload_keeps_what_the_server_said() {
+    use crate::support::grpc::Reflection;
+    // A server without reflection: the load fails, saying so.
+    let plain = GrpcServer::start().await;
+    let yaml = |url: &str| {
+        format!(
+            r#"
+backends:
+  shop:
+    type: grpc
+    endpoints: ["{url}"]
+    reflection: true
+    connect_timeout: 500ms
+    annotated_routes: true
+routes: []
+"#
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.yaml");
+    std::fs::write(&path, with_ephemeral_server(&yaml(&plain.url()))).unwrap();
+    let opts = switchyard::app::Options {
+        config: path,
+        watch: false,
+        sighup: false,
+    };
+    let err = match switchyard::app::start(opts).await {
+        Ok(_) => panic!("a load without reflection answers must fail"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("does not offer gRPC reflection"), "{err}");
+
+    // A kept backend whose server went away: the reload applies, the old descriptors stay.
+    let server = GrpcServer::start_with_reflection(Reflection::V1).await;
+    let addr = server.addr;
+    let gw = Gateway::start(&yaml(&server.url())).await;
+    assert_eq!(get(&gw.url("/v2/orders/1")).await.0, 200);
+    drop(server);
+    let (s, b) = gw.reload().await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let back = GrpcServer::start_on(addr).await;
+    let (s, _, b) = get(&gw.url("/v2/orders/2")).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    drop(back);
+}

@@ -7,6 +7,7 @@ pub mod codec;
 mod embedded;
 mod ndjson;
 pub mod passthrough;
+pub mod reflection;
 pub mod status;
 mod stream;
 pub mod transcode;
@@ -36,6 +37,15 @@ use super::AbortOnDrop;
 /// Loads the descriptor pool of a backend: `.proto` files compiled with protox, and/or a binary
 /// `FileDescriptorSet`. Paths are relative to `base` (routes.yaml's directory).
 pub fn load_descriptors(spec: &GrpcBackendSpec, base: &Path) -> Result<DescriptorPool, String> {
+    load_descriptors_with(spec, base, &[])
+}
+
+/// [`load_descriptors`], plus the serialized files the server gave through reflection.
+pub fn load_descriptors_with(
+    spec: &GrpcBackendSpec,
+    base: &Path,
+    reflected: &[Vec<u8>],
+) -> Result<DescriptorPool, String> {
     let resolve = |p: &Path| {
         if p.is_absolute() {
             p.to_path_buf()
@@ -73,6 +83,14 @@ pub fn load_descriptors(spec: &GrpcBackendSpec, base: &Path) -> Result<Descripto
                 None => format!("{}: {e}", path.display()),
             })?;
     }
+    // What the reflected files import but the server did not send (the well-known types).
+    for name in reflection::missing_imports(reflected) {
+        if pool.get_file_by_name(&name).is_none() {
+            compiler.open_file(&name).map_err(|e| {
+                format!("`{name}`, imported by the server's files, is not available: {e}")
+            })?;
+        }
+    }
     // The error model, so that status details decode to JSON.
     for name in [
         embedded::STATUS,
@@ -88,7 +106,48 @@ pub fn load_descriptors(spec: &GrpcBackendSpec, base: &Path) -> Result<Descripto
     // The encoded form keeps method options (google.api.http) that prost-types would drop.
     pool.decode_file_descriptor_set(compiler.encode_file_descriptor_set().as_slice())
         .map_err(|e| format!("the compiled protos do not fit together: {e}"))?;
+    // The server's own files; a name the pool already holds (a built-in google/api file) is kept.
+    let fresh: Vec<Vec<u8>> = reflected
+        .iter()
+        .filter(|b| {
+            <prost_types::FileDescriptorProto as prost::Message>::decode(b.as_slice())
+                .is_ok_and(|fd| pool.get_file_by_name(fd.name()).is_none())
+        })
+        .cloned()
+        .collect();
+    pool.decode_file_descriptor_set(reflection::encode_set(&fresh).as_slice())
+        .map_err(|e| format!("the files from server reflection do not fit together: {e}"))?;
     Ok(pool)
+}
+
+/// A lazy channel over all of a backend's endpoints (balanced when there are several), with
+/// keep-alive pings and, for `https://` endpoints, TLS.
+pub fn channel(spec: &GrpcBackendSpec, base: &Path) -> Result<Channel, String> {
+    let tls = client_tls(spec, base)?;
+    let endpoints = spec
+        .endpoints
+        .iter()
+        .map(|e| {
+            Endpoint::from_shared(e.clone())
+                .map(|ep| {
+                    ep.connect_timeout(spec.connect_timeout.0)
+                        .tcp_nodelay(true)
+                        // HTTP/2 pings find dead connections before a call does.
+                        .http2_keep_alive_interval(spec.keepalive.0)
+                        .keep_alive_timeout(spec.connect_timeout.0.max(Duration::from_secs(1)))
+                        .keep_alive_while_idle(true)
+                })
+                .and_then(|ep| match &tls {
+                    Some(t) if e.starts_with("https:") => ep.tls_config(t.clone()),
+                    _ => Ok(ep),
+                })
+                .map_err(|err| format!("endpoint `{e}`: {err}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(match endpoints.as_slice() {
+        [one] => one.connect_lazy(),
+        _ => Channel::balance_list(endpoints.into_iter()),
+    })
 }
 
 /// The TLS settings of a backend with `https://` endpoints, reading its certificate files.
@@ -145,33 +204,18 @@ pub struct GrpcBackend {
 impl GrpcBackend {
     /// Loads descriptors (the only step that can fail) and prepares a lazy channel; nothing here
     /// waits for the server.
-    pub fn new(name: &str, spec: &GrpcBackendSpec, base: &Path) -> Result<Self, String> {
-        let pool = load_descriptors(spec, base)?;
-        let tls = client_tls(spec, base)?;
-        let endpoints = spec
-            .endpoints
-            .iter()
-            .map(|e| {
-                Endpoint::from_shared(e.clone())
-                    .map(|ep| {
-                        ep.connect_timeout(spec.connect_timeout.0)
-                            .tcp_nodelay(true)
-                            // HTTP/2 pings find dead connections before a call does.
-                            .http2_keep_alive_interval(spec.keepalive.0)
-                            .keep_alive_timeout(spec.connect_timeout.0.max(Duration::from_secs(1)))
-                            .keep_alive_while_idle(true)
-                    })
-                    .and_then(|ep| match &tls {
-                        Some(t) if e.starts_with("https:") => ep.tls_config(t.clone()),
-                        _ => Ok(ep),
-                    })
-                    .map_err(|err| format!("endpoint `{e}`: {err}"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let channel = match endpoints.as_slice() {
-            [one] => one.connect_lazy(),
-            _ => Channel::balance_list(endpoints.into_iter()),
+    pub fn new(
+        name: &str,
+        spec: &GrpcBackendSpec,
+        cx: &super::BuildContext<'_>,
+    ) -> Result<Self, String> {
+        let reflected = match cx.reflected.get(name) {
+            Some(Ok(files)) => files.as_slice(),
+            Some(Err(e)) => return Err(e.clone()),
+            None => &[],
         };
+        let pool = load_descriptors_with(spec, cx.base, reflected)?;
+        let channel = channel(spec, cx.base)?;
         let reachable = Arc::new(AtomicBool::new(false));
         let addrs: Vec<String> = spec
             .endpoints
@@ -206,8 +250,21 @@ impl GrpcBackend {
     }
 
     /// Loads the descriptors again (a reload that kept this backend); the channel is kept.
-    pub fn reload_descriptors(&self, spec: &GrpcBackendSpec, base: &Path) -> Result<(), String> {
-        let pool = load_descriptors(spec, base)?;
+    /// When reflection fails this time, the descriptors the server gave before stay in use.
+    pub fn reload_descriptors(
+        &self,
+        spec: &GrpcBackendSpec,
+        cx: &super::BuildContext<'_>,
+    ) -> Result<(), String> {
+        let reflected = match cx.reflected.get(&self.name) {
+            Some(Ok(files)) => files.as_slice(),
+            Some(Err(e)) => {
+                tracing::warn!(backend = %self.name, error = %e, "Reflection failed; the descriptors it gave before stay in use.");
+                return Ok(());
+            }
+            None => &[],
+        };
+        let pool = load_descriptors_with(spec, cx.base, reflected)?;
         self.pool.store(Arc::new(pool));
         Ok(())
     }

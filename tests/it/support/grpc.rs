@@ -4,4 +4,4 @@
 #[path = "../../../examples/shop/mod.rs"]
 mod shop;
 
-pub use shop::{GrpcServer, pool, proto_dir};
+pub use shop::{GrpcServer, Reflection, pool, proto_dir};
