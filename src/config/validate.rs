@@ -115,15 +115,7 @@ pub fn validate(file: &str, spec: &ConfigSpec, loc: &Locator) -> Vec<ConfigError
         for (a_pos, &a) in group.iter().enumerate() {
             for &b in &group[a_pos + 1..] {
                 let (ra, rb) = (&spec.routes[a], &spec.routes[b]);
-                let (Ok(ma), Ok(mb)) = (route_methods(&ra.matcher), route_methods(&rb.matcher))
-                else {
-                    continue;
-                };
-                let overlap = match (&ma, &mb) {
-                    (Some(x), Some(y)) => x.intersection(y).next().is_some(),
-                    _ => true,
-                };
-                if overlap && ra.matcher.headers == rb.matcher.headers {
+                if indistinguishable(ra, rb) {
                     let line = loc.at(&format!("routes[{a}]")).line;
                     cx.err(
                         &format!("routes[{b}].match.path"),
@@ -156,6 +148,19 @@ pub fn validate(file: &str, spec: &ConfigSpec, loc: &Locator) -> Vec<ConfigError
     }
     cx.errors.sort_by_key(|e| (e.line, e.column));
     cx.errors
+}
+
+/// Whether two routes of the same host and path shape accept the same requests: their methods
+/// overlap, and neither a header condition nor a custom verb tells them apart.
+pub fn indistinguishable(a: &RouteSpec, b: &RouteSpec) -> bool {
+    let (Ok(ma), Ok(mb)) = (route_methods(&a.matcher), route_methods(&b.matcher)) else {
+        return false;
+    };
+    let overlap = match (&ma, &mb) {
+        (Some(x), Some(y)) => x.intersection(y).next().is_some(),
+        _ => true,
+    };
+    overlap && a.matcher.headers == b.matcher.headers && a.matcher.verb == b.matcher.verb
 }
 
 fn validate_server(cx: &mut Ctx, s: &ServerSpec) {

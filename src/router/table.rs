@@ -164,6 +164,17 @@ impl RouteTable {
                     g
                 }
             };
+            // Explicit routes were checked by validation; a generated one is checked here.
+            if i >= spec.routes.len()
+                && let Some(&j) = index.groups[group]
+                    .iter()
+                    .find(|&&j| crate::config::validate::indistinguishable(&all[j], r))
+            {
+                return Err(err(format!(
+                    "this generated route (`{}`) can never be told apart from route `{}`: same host, path shape and methods",
+                    r.matcher.path, all[j].id
+                )));
+            }
             index.groups[group].push(i);
             routes.push(Arc::new(CompiledRoute {
                 verb: r.matcher.verb.as_ref().map(|v| format!(":{v}")),

@@ -965,18 +965,7 @@ routes: []
 "#
         )
     };
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("routes.yaml");
-    std::fs::write(&path, with_ephemeral_server(&yaml(&plain.url()))).unwrap();
-    let opts = switchyard::app::Options {
-        config: path,
-        watch: false,
-        sighup: false,
-    };
-    let err = match switchyard::app::start(opts).await {
-        Ok(_) => panic!("a load without reflection answers must fail"),
-        Err(e) => e.to_string(),
-    };
+    let err = start_error(&yaml(&plain.url())).await;
     assert!(err.contains("does not offer gRPC reflection"), "{err}");
 
     // A kept backend whose server went away: the reload applies, the old descriptors stay.

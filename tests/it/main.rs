@@ -5,6 +5,7 @@ mod errors;
 mod front;
 mod grpc;
 mod http_proxy;
+mod httprule;
 mod matching;
 mod reload;
 mod resilience;

@@ -125,6 +125,22 @@ impl Gateway {
 }
 
 /// Adds `server: { listen: 127.0.0.1:0, admin: 127.0.0.1:0 }` unless the YAML has a server block.
+/// Starts a gateway from `yaml` (in a new directory) that must fail to start; the error's text.
+pub async fn start_error(yaml: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.yaml");
+    std::fs::write(&path, with_ephemeral_server(yaml)).unwrap();
+    let opts = app::Options {
+        config: path,
+        watch: false,
+        sighup: false,
+    };
+    match app::start(opts).await {
+        Ok(_) => panic!("this config must not load:\n{yaml}"),
+        Err(e) => e.to_string(),
+    }
+}
+
 pub fn with_ephemeral_server(yaml: &str) -> String {
     if yaml.contains("server:") {
         yaml.to_string()
