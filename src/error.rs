@@ -74,6 +74,25 @@ pub enum GatewayError {
         /// `google.rpc.Status` details as JSON, when the server sent any.
         details: Option<serde_json::Value>,
     },
+    /// The message left for the broker but its confirm never came (the connection died, or
+    /// the broker did not answer in time): it may or may not have been delivered, so a retry
+    /// is not made for the client.
+    #[error("backend {backend} did not confirm the message: {reason}")]
+    Unconfirmed {
+        backend: String,
+        reason: &'static str,
+        #[source]
+        source: Option<crate::BoxError>,
+    },
+    /// The broker returned a mandatory message that no queue took.
+    #[error("backend {backend} could not route the message")]
+    Unroutable {
+        backend: String,
+        exchange: String,
+        routing_key: String,
+        /// 404 or 502, as the route says.
+        status: StatusCode,
+    },
     #[error("internal gateway error: {0}")]
     Internal(&'static str),
 }
@@ -100,6 +119,8 @@ impl GatewayError {
             }
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             GatewayError::Grpc { code, .. } => crate::backends::grpc::status::http_status(*code),
+            GatewayError::Unroutable { status, .. } => *status,
+            GatewayError::Unconfirmed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -113,11 +134,14 @@ impl GatewayError {
             | GatewayError::RateLimited { .. } => Fault::Client,
             GatewayError::Timeout { .. }
             | GatewayError::BackendUnavailable { .. }
+            | GatewayError::Unconfirmed { .. }
             | GatewayError::BadGateway { .. } => Fault::Upstream,
             // Refusals made to protect a backend say nothing new about its health.
             GatewayError::CircuitOpen { .. } | GatewayError::Overloaded { .. } => Fault::Gateway,
             GatewayError::Grpc { .. } if self.status().is_client_error() => Fault::Client,
             GatewayError::Grpc { .. } => Fault::Upstream,
+            // A routing gap, not a broker in trouble: it never opens the breaker.
+            GatewayError::Unroutable { .. } => Fault::Client,
             GatewayError::Internal(_) => Fault::Gateway,
         }
     }
@@ -141,6 +165,8 @@ impl GatewayError {
             GatewayError::Overloaded { .. } => "overloaded",
             GatewayError::RateLimited { .. } => "rate-limited",
             GatewayError::Grpc { .. } => "grpc-status",
+            GatewayError::Unroutable { .. } => "unroutable",
+            GatewayError::Unconfirmed { .. } => "unconfirmed",
             GatewayError::Internal(_) => "internal",
         }
     }
@@ -201,6 +227,24 @@ impl GatewayError {
                     format!("Backend '{backend}' answered {name}: {message}")
                 }
             }
+            GatewayError::Unroutable {
+                backend,
+                exchange,
+                routing_key,
+                ..
+            } => format!(
+                "Backend '{backend}' has no queue for routing key `{routing_key}` on exchange `{}`; the message was not delivered.",
+                if exchange.is_empty() {
+                    "(default)"
+                } else {
+                    exchange
+                }
+            ),
+            GatewayError::Unconfirmed {
+                backend, reason, ..
+            } => format!(
+                "Backend '{backend}' did not confirm the message: {reason}. It may or may not have been delivered; repeat the request with the same Idempotency-Key so that consumers can recognise a repeat."
+            ),
             GatewayError::Internal(what) => format!("The gateway failed: {what}."),
         }
     }
@@ -332,7 +376,7 @@ pub fn rescue(
             let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
-        Some(GatewayError::Overloaded { .. }) => {
+        Some(GatewayError::Overloaded { .. } | GatewayError::Unconfirmed { .. }) => {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
         }
         Some(GatewayError::RateLimited {

@@ -50,7 +50,13 @@ pub fn readiness(shared: &Shared) -> (bool, Value) {
         let breaker = b.policy.breaker.as_ref().map(|br| br.state().name());
         backends.insert(
             name.clone(),
-            json!({ "type": b.kind(), "ready": ready, "used_by_routes": used, "breaker": breaker }),
+            {
+                let mut v = json!({ "type": b.kind(), "ready": ready, "used_by_routes": used, "breaker": breaker });
+                if let Some(p) = b.problem().filter(|_| !ready) {
+                    v["problem"] = p.into();
+                }
+                v
+            },
         );
     }
     (

@@ -2,8 +2,10 @@
 //! is built (connections, pools, probes) when config loads and kept across reloads that leave
 //! its spec unchanged; each route then gets its own service on top of the shared backend.
 
+pub mod amqp;
 pub mod grpc;
 pub mod http;
+pub mod values;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -108,6 +110,7 @@ impl<'a> BuildContext<'a> {
 enum Handle {
     Http(Arc<http::HttpBackend>),
     Grpc(Arc<grpc::GrpcBackend>),
+    Amqp(Arc<amqp::AmqpBackend>),
 }
 
 /// Aborts a background task (a readiness probe) when its backend is dropped after a reload
@@ -174,6 +177,9 @@ impl BuiltBackend {
                 grpc::GrpcBackend::new(name, g, cx)
                     .map_err(|e| format!("backend `{name}`: {e}"))?,
             )),
+            BackendSpec::Amqp(a) => {
+                Handle::Amqp(Arc::new(amqp::AmqpBackend::new(name, a, metrics)))
+            }
         };
         Ok(BuiltBackend {
             name: name.to_string(),
@@ -188,6 +194,15 @@ impl BuiltBackend {
         match &self.handle {
             Handle::Http(h) => h.ready(),
             Handle::Grpc(g) => g.ready(),
+            Handle::Amqp(a) => a.ready(),
+        }
+    }
+
+    /// Why the backend is not ready, when the backend can say.
+    pub fn problem(&self) -> Option<String> {
+        match &self.handle {
+            Handle::Amqp(a) => a.problem(),
+            _ => None,
         }
     }
 
@@ -209,7 +224,7 @@ impl BuiltBackend {
     /// native gRPC routes).
     pub fn generated_routes(&self) -> Result<Vec<RouteSpec>, String> {
         match &self.handle {
-            Handle::Http(_) => Ok(vec![]),
+            Handle::Http(_) | Handle::Amqp(_) => Ok(vec![]),
             Handle::Grpc(g) => g.generated_routes(),
         }
     }
@@ -226,6 +241,12 @@ impl BuiltBackend {
                     "a route to a grpc backend needs `grpc:` settings".to_string()
                 })?;
                 RouteService::new(grpc::GrpcRouteService::new(g.clone(), route, spec)?)
+            }
+            Handle::Amqp(a) => {
+                let spec = route.amqp.as_ref().ok_or_else(|| {
+                    "a route to an amqp backend needs `amqp:` settings".to_string()
+                })?;
+                RouteService::new(amqp::AmqpRouteService::new(a, route, spec)?)
             }
         })
     }

@@ -439,6 +439,8 @@ pub enum BackendSpec {
     Http(HttpBackendSpec),
     /// A gRPC service reached by transcoding JSON requests with descriptors loaded at run time.
     Grpc(GrpcBackendSpec),
+    /// A RabbitMQ broker (AMQP 0-9-1): confirmed publishes and request/reply.
+    Amqp(AmqpBackendSpec),
 }
 
 impl BackendSpec {
@@ -446,6 +448,7 @@ impl BackendSpec {
         match self {
             BackendSpec::Http(_) => "http",
             BackendSpec::Grpc(_) => "grpc",
+            BackendSpec::Amqp(_) => "amqp",
         }
     }
 
@@ -460,6 +463,11 @@ impl BackendSpec {
                 breaker: g.breaker.clone(),
                 retry_budget: g.retry_budget.clone(),
                 concurrency_limit: g.concurrency_limit,
+            },
+            BackendSpec::Amqp(a) => BackendPolicy {
+                breaker: a.breaker.clone(),
+                retry_budget: a.retry_budget.clone(),
+                concurrency_limit: a.concurrency_limit,
             },
         }
     }
@@ -570,6 +578,224 @@ pub struct GrpcBackendSpec {
     pub concurrency_limit: Option<usize>,
 }
 
+/// A RabbitMQ broker: one connection, a pool of channels in publisher-confirm mode, and the
+/// gateway's own reconnect loop.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpBackendSpec {
+    /// `amqp://user:pass@host:5672/vhost` (`%2f` for `/`), or `amqps://` for TLS.
+    pub url: String,
+    /// Channels in confirm mode that publishes are spread over.
+    #[serde(default = "default_amqp_channels")]
+    pub channels: usize,
+    /// AMQP heartbeat interval negotiated with the broker.
+    #[serde(default = "default_heartbeat")]
+    pub heartbeat: Dur,
+    #[serde(default = "default_amqp_connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Longest wait for the broker's confirm of one publish; then 503.
+    #[serde(default = "default_confirm_timeout")]
+    pub confirm_timeout: Dur,
+    /// Reconnect backoff: from `min`, doubling up to `max`, with full jitter.
+    #[serde(default)]
+    pub reconnect: BackoffSpec,
+    /// TLS settings for `amqps://` (the system's roots when absent).
+    #[serde(default)]
+    pub tls: Option<ClientTlsSpec>,
+    /// Exchanges, queues and bindings declared on every connect.
+    #[serde(default)]
+    pub topology: TopologySpec,
+    #[serde(default)]
+    pub breaker: BreakerSpec,
+    #[serde(default)]
+    pub retry_budget: RetryBudgetSpec,
+    #[serde(default)]
+    pub concurrency_limit: Option<usize>,
+}
+
+fn default_amqp_channels() -> usize {
+    4
+}
+fn default_heartbeat() -> Dur {
+    Dur::secs(10)
+}
+fn default_amqp_connect_timeout() -> Dur {
+    Dur::secs(5)
+}
+fn default_confirm_timeout() -> Dur {
+    Dur::secs(5)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BackoffSpec {
+    #[serde(default = "default_backoff_min")]
+    pub min: Dur,
+    #[serde(default = "default_backoff_max")]
+    pub max: Dur,
+}
+
+impl Default for BackoffSpec {
+    fn default() -> Self {
+        BackoffSpec {
+            min: default_backoff_min(),
+            max: default_backoff_max(),
+        }
+    }
+}
+
+fn default_backoff_min() -> Dur {
+    Dur(std::time::Duration::from_millis(100))
+}
+fn default_backoff_max() -> Dur {
+    Dur::secs(10)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TopologySpec {
+    #[serde(default)]
+    pub exchanges: Vec<ExchangeSpec>,
+    #[serde(default)]
+    pub queues: Vec<QueueSpec>,
+    #[serde(default)]
+    pub bindings: Vec<BindingSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExchangeSpec {
+    pub name: String,
+    #[serde(default, rename = "type")]
+    pub kind: ExchangeKindSpec,
+    #[serde(default = "yes")]
+    pub durable: bool,
+    #[serde(default)]
+    pub auto_delete: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ExchangeKindSpec {
+    Direct,
+    #[default]
+    Topic,
+    Fanout,
+    Headers,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSpec {
+    pub name: String,
+    #[serde(default, rename = "type")]
+    pub kind: QueueKindSpec,
+    #[serde(default = "yes")]
+    pub durable: bool,
+    /// Messages expire after this long in the queue (`x-message-ttl`).
+    #[serde(default)]
+    pub message_ttl: Option<Dur>,
+    /// Most messages the queue holds (`x-max-length`).
+    #[serde(default)]
+    pub max_length: Option<u64>,
+    /// Where expired and rejected messages go (`x-dead-letter-exchange`).
+    #[serde(default)]
+    pub dead_letter_exchange: Option<String>,
+    #[serde(default)]
+    pub dead_letter_routing_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum QueueKindSpec {
+    #[default]
+    Classic,
+    Quorum,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BindingSpec {
+    pub queue: String,
+    pub exchange: String,
+    #[serde(default)]
+    pub routing_key: String,
+}
+
+/// How a route publishes to an `amqp` backend.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpRouteSpec {
+    /// Exchange template (`""` is the default exchange, routing by queue name).
+    #[serde(default)]
+    pub exchange: String,
+    /// Routing key template: `{param}`, `{query.x}`, `{header.x}`, `{body.a.b}`.
+    #[serde(default)]
+    pub routing_key: String,
+    /// Ask the broker to return messages no queue takes.
+    #[serde(default = "yes")]
+    pub mandatory: bool,
+    /// The answer when the broker returned the message as unroutable: 404 or 502.
+    #[serde(default = "default_unroutable")]
+    pub unroutable_status: u16,
+    /// Delivery mode 2 (written to disk by durable queues).
+    #[serde(default = "yes")]
+    pub persistent: bool,
+    /// Wrap the request in a JSON envelope (method, path, params, query, headers, body).
+    #[serde(default)]
+    pub envelope: bool,
+    /// The message's `type` property.
+    #[serde(default, rename = "type")]
+    pub message_type: Option<String>,
+    #[serde(default = "default_app_id")]
+    pub app_id: String,
+    /// Per-message TTL (`expiration` property).
+    #[serde(default)]
+    pub expiration: Option<Dur>,
+    #[serde(default)]
+    pub priority: Option<u8>,
+    /// Request headers copied into the message's headers (never `CC` or `BCC`).
+    #[serde(default)]
+    pub headers: Vec<String>,
+    /// The answer once the broker confirmed the message.
+    #[serde(default = "default_accepted")]
+    pub status: u16,
+    /// Wait for a reply message and answer with it (request/reply).
+    #[serde(default)]
+    pub reply: Option<ReplySpec>,
+}
+
+fn default_unroutable() -> u16 {
+    502
+}
+fn default_app_id() -> String {
+    "switchyard".into()
+}
+fn default_accepted() -> u16 {
+    202
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplySpec {
+    /// Where replies come back: RabbitMQ's direct reply-to (the default) or a named queue the
+    /// gateway consumes.
+    #[serde(default = "default_reply_queue")]
+    pub queue: String,
+    /// The reply header that carries the HTTP status (200 when absent).
+    #[serde(default = "default_status_header")]
+    pub status_header: String,
+}
+
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+fn default_reply_queue() -> String {
+    DIRECT_REPLY_TO.into()
+}
+fn default_status_header() -> String {
+    "x-status".into()
+}
+
 /// TLS towards a backend: whom to trust, the name to check, and an optional client identity.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -645,6 +871,9 @@ pub struct RouteSpec {
     /// Settings for a `grpc` backend.
     #[serde(default)]
     pub grpc: Option<GrpcRouteSpec>,
+    /// Settings for an `amqp` backend.
+    #[serde(default)]
+    pub amqp: Option<AmqpRouteSpec>,
     /// Overall deadline (defaults.timeout when absent).
     #[serde(default)]
     pub timeout: Option<Dur>,

@@ -186,9 +186,111 @@ impl Template {
     }
 }
 
+/// A template over request values, for names the message bridges build (exchanges, routing
+/// keys, topics): `{param}` (a path capture), `{query.name}`, `{header.name}` and `{body.a.b}`
+/// (a field of the JSON body). Parsed when the config loads; filled per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValueTemplate {
+    pub parts: Vec<ValuePart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ValuePart {
+    Lit(String),
+    Param(String),
+    Query(String),
+    /// A header name, lower-cased.
+    Header(String),
+    /// A path into the JSON body.
+    Body(Vec<String>),
+}
+
+impl ValueTemplate {
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let mut parts = Vec::new();
+        let mut rest = raw;
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(ValuePart::Lit(rest[..open].to_string()));
+            }
+            let Some(close) = rest[open..].find('}') else {
+                return Err("unclosed `{` in template".into());
+            };
+            let name = &rest[open + 1..open + close];
+            let part = match name.split_once('.') {
+                None if valid_name(name) => ValuePart::Param(name.to_string()),
+                Some(("query", q)) if !q.is_empty() && !q.contains(['{', '}']) => {
+                    ValuePart::Query(q.to_string())
+                }
+                Some(("header", h))
+                    if !h.is_empty()
+                        && h.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+                {
+                    ValuePart::Header(h.to_ascii_lowercase())
+                }
+                Some(("body", b)) if b.split('.').all(|f| !f.is_empty()) => {
+                    ValuePart::Body(b.split('.').map(str::to_string).collect())
+                }
+                _ => {
+                    return Err(format!(
+                        "`{{{name}}}`: use `{{param}}`, `{{query.name}}`, `{{header.name}}` or `{{body.field.path}}`"
+                    ));
+                }
+            };
+            parts.push(part);
+            rest = &rest[open + close + 1..];
+        }
+        if rest.contains('}') {
+            return Err("unmatched `}` in template".into());
+        }
+        if !rest.is_empty() {
+            parts.push(ValuePart::Lit(rest.to_string()));
+        }
+        Ok(ValueTemplate { parts })
+    }
+
+    /// The path captures the template uses.
+    pub fn params(&self) -> impl Iterator<Item = &str> {
+        self.parts.iter().filter_map(|p| match p {
+            ValuePart::Param(v) => Some(v.as_str()),
+            _ => None,
+        })
+    }
+
+    /// Whether filling it needs the JSON body.
+    pub fn needs_body(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, ValuePart::Body(_)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn value_templates_name_their_sources() {
+        let t = ValueTemplate::parse("order.{region}.{query.kind}.{header.X-Tenant}.{body.a.b}")
+            .unwrap();
+        assert_eq!(
+            t.parts,
+            vec![
+                ValuePart::Lit("order.".into()),
+                ValuePart::Param("region".into()),
+                ValuePart::Lit(".".into()),
+                ValuePart::Query("kind".into()),
+                ValuePart::Lit(".".into()),
+                ValuePart::Header("x-tenant".into()),
+                ValuePart::Lit(".".into()),
+                ValuePart::Body(vec!["a".into(), "b".into()]),
+            ]
+        );
+        assert!(t.needs_body());
+        assert_eq!(t.params().collect::<Vec<_>>(), ["region"]);
+        for bad in ["{body.}", "{cookie.x}", "{a", "b}", "{header.a b}"] {
+            assert!(ValueTemplate::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn parses_and_keys_templates() {

@@ -8,7 +8,7 @@ use http::{HeaderName, HeaderValue, Method, Uri};
 use super::ConfigError;
 use super::model::*;
 use super::source::Locator;
-use super::template::{PathTemplate, Template};
+use super::template::{PathTemplate, Template, ValueTemplate};
 
 struct Ctx<'a> {
     file: &'a str,
@@ -163,6 +163,190 @@ pub fn indistinguishable(a: &RouteSpec, b: &RouteSpec) -> bool {
     overlap && a.matcher.headers == b.matcher.headers && a.matcher.verb == b.matcher.verb
 }
 
+/// Request headers that never travel as AMQP message headers: RabbitMQ routes again on `CC`
+/// and `BCC`, and the rest are about the HTTP hop itself.
+const AMQP_FORBIDDEN_HEADERS: [&str; 8] = [
+    "cc",
+    "bcc",
+    "host",
+    "connection",
+    "content-length",
+    "transfer-encoding",
+    "te",
+    "upgrade",
+];
+
+fn validate_amqp_route(
+    cx: &mut Ctx,
+    base: &str,
+    id: Option<&str>,
+    a: &AmqpRouteSpec,
+    template: Option<&PathTemplate>,
+) {
+    let captured: Vec<&str> = template.map(|t| t.captures()).unwrap_or_default();
+    for (key, raw) in [("exchange", &a.exchange), ("routing_key", &a.routing_key)] {
+        match ValueTemplate::parse(raw) {
+            Err(e) => cx.err(&format!("{base}.amqp.{key}"), id, e),
+            Ok(t) => {
+                for p in t.params() {
+                    if template.is_some() && !captured.contains(&p) {
+                        cx.err(
+                            &format!("{base}.amqp.{key}"),
+                            id,
+                            format!("`{{{p}}}` is not captured by the route's path; capture it or use `{{query.{p}}}`, `{{header.{p}}}` or `{{body.{p}}}`"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    if a.exchange.len() > 255 || a.routing_key.len() > 255 {
+        cx.err(
+            &format!("{base}.amqp"),
+            id,
+            "exchange names and routing keys are at most 255 bytes",
+        );
+    }
+    if !matches!(a.unroutable_status, 404 | 502) {
+        cx.err(
+            &format!("{base}.amqp.unroutable_status"),
+            id,
+            "an unroutable message answers 404 or 502",
+        );
+    }
+    if !(200..300).contains(&a.status) {
+        cx.err(
+            &format!("{base}.amqp.status"),
+            id,
+            "the answer after the broker's confirm is a 2xx status",
+        );
+    }
+    if a.expiration.is_some_and(|d| d.0.is_zero()) {
+        cx.err(&format!("{base}.amqp.expiration"), id, "must be above zero");
+    }
+    for (i, h) in a.headers.iter().enumerate() {
+        let lower = h.to_ascii_lowercase();
+        if HeaderName::from_bytes(h.as_bytes()).is_err()
+            || AMQP_FORBIDDEN_HEADERS.contains(&lower.as_str())
+        {
+            cx.err(
+                &format!("{base}.amqp.headers[{i}]"),
+                id,
+                format!("`{h}` cannot be copied into a message's headers; name an application header (never CC or BCC, which RabbitMQ routes on)"),
+            );
+        }
+    }
+    if let Some(r) = &a.reply {
+        if r.queue.is_empty() {
+            cx.err(
+                &format!("{base}.amqp.reply.queue"),
+                id,
+                "name the reply queue, or leave it out for direct reply-to",
+            );
+        }
+        if HeaderName::from_bytes(r.status_header.as_bytes()).is_err() {
+            cx.err(
+                &format!("{base}.amqp.reply.status_header"),
+                id,
+                "not a valid header name",
+            );
+        }
+    }
+}
+
+fn validate_amqp_backend(cx: &mut Ctx, base: &str, a: &AmqpBackendSpec) {
+    match a.url.parse::<lapin::uri::AMQPUri>() {
+        Err(e) => cx.err(
+            &format!("{base}.url"),
+            None,
+            format!("not an AMQP URL like `amqp://user:pass@127.0.0.1:5672/%2f`: {e}"),
+        ),
+        Ok(u) => {
+            let tls = u.scheme == lapin::uri::AMQPScheme::AMQPS;
+            if a.tls.is_some() && !tls {
+                cx.err(
+                    &format!("{base}.tls"),
+                    None,
+                    "`tls` applies to an `amqps://` url",
+                );
+            }
+        }
+    }
+    if let Some(tls) = &a.tls
+        && tls.cert.is_some() != tls.key.is_some()
+    {
+        cx.err(
+            &format!("{base}.tls"),
+            None,
+            "a client certificate needs both `cert` and `key`",
+        );
+    }
+    if !(1..=64).contains(&a.channels) {
+        cx.err(&format!("{base}.channels"), None, "between 1 and 64");
+    }
+    for (key, d) in [
+        ("heartbeat", a.heartbeat),
+        ("connect_timeout", a.connect_timeout),
+        ("confirm_timeout", a.confirm_timeout),
+        ("reconnect.min", a.reconnect.min),
+    ] {
+        if d.0.is_zero() {
+            cx.err(&format!("{base}.{key}"), None, "must be above zero");
+        }
+    }
+    if a.reconnect.max.0 < a.reconnect.min.0 {
+        cx.err(
+            &format!("{base}.reconnect.max"),
+            None,
+            "must be at least `reconnect.min`",
+        );
+    }
+    let t = &a.topology;
+    for (i, e) in t.exchanges.iter().enumerate() {
+        if e.name.is_empty() || e.name.starts_with("amq.") {
+            cx.err(
+                &format!("{base}.topology.exchanges[{i}].name"),
+                None,
+                "name the exchange (names starting with `amq.` belong to the broker)",
+            );
+        }
+    }
+    for (i, q) in t.queues.iter().enumerate() {
+        if q.name.is_empty() || q.name.starts_with("amq.") {
+            cx.err(
+                &format!("{base}.topology.queues[{i}].name"),
+                None,
+                "name the queue (names starting with `amq.` belong to the broker)",
+            );
+        }
+        if q.kind == QueueKindSpec::Quorum && !q.durable {
+            cx.err(
+                &format!("{base}.topology.queues[{i}].durable"),
+                None,
+                "quorum queues are always durable",
+            );
+        }
+        if q.message_ttl
+            .is_some_and(|d| d.0.as_millis() > u32::MAX as u128)
+        {
+            cx.err(
+                &format!("{base}.topology.queues[{i}].message_ttl"),
+                None,
+                "at most about 49 days",
+            );
+        }
+    }
+    for (i, b) in t.bindings.iter().enumerate() {
+        if b.queue.is_empty() || b.exchange.is_empty() {
+            cx.err(
+                &format!("{base}.topology.bindings[{i}]"),
+                None,
+                "a binding names its `queue` and its `exchange`",
+            );
+        }
+    }
+}
+
 fn validate_server(cx: &mut Ctx, s: &ServerSpec) {
     if HeaderName::from_bytes(s.correlation_header.as_bytes()).is_err() {
         cx.err(
@@ -266,6 +450,7 @@ fn validate_backend(cx: &mut Ctx, name: &str, b: &BackendSpec) {
                 );
             }
         }
+        BackendSpec::Amqp(a) => validate_amqp_backend(cx, &base, a),
         BackendSpec::Http(h) => {
             if h.endpoints.is_empty() {
                 cx.err(
@@ -422,85 +607,93 @@ fn validate_route(
                 format!("backend `{}` is not defined; {hint}", route.backend),
             );
         }
+        Some(backend) => {
+            let kind = backend.kind();
+            for (key, present) in [
+                ("http", route.http.is_some()),
+                ("grpc", route.grpc.is_some()),
+                ("amqp", route.amqp.is_some()),
+            ] {
+                if present && key != kind {
+                    cx.err_key_route(
+                        &format!("{base}.{key}"),
+                        id,
+                        format!(
+                            "`{key}:` settings need a {key} backend, and `{}` is a {kind} backend",
+                            route.backend
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    match spec.backends.get(&route.backend) {
+        None => {}
         Some(BackendSpec::Http(_)) => {
             if let Some(h) = &route.http {
                 validate_http_route(cx, &base, id, h, template.as_ref());
             }
-            if route.grpc.is_some() {
-                cx.err_key_route(
-                    &format!("{base}.grpc"),
-                    id,
-                    format!(
-                        "`grpc:` settings need a grpc backend, and `{}` is an http backend",
-                        route.backend
-                    ),
-                );
-            }
         }
-        Some(BackendSpec::Grpc(_)) => {
-            if route.http.is_some() {
-                cx.err_key_route(
-                    &format!("{base}.http"),
-                    id,
-                    format!(
-                        "`http:` settings need an http backend, and `{}` is a grpc backend",
-                        route.backend
-                    ),
-                );
-            }
-            match &route.grpc {
-                None => cx.err(
-                    &base,
-                    id,
-                    "a route to a grpc backend needs `grpc: { method: package.Service/Method }`",
-                ),
-                Some(g) => {
-                    let valid = g.method.split_once('/').is_some_and(|(svc, m)| {
-                        svc.contains('.')
-                            && !m.is_empty()
-                            && !m.contains(['/', '.'])
-                            && svc.split('.').all(|p| !p.is_empty())
-                    });
-                    if !valid {
+        Some(BackendSpec::Amqp(_)) => match &route.amqp {
+            None => cx.err(
+                &base,
+                id,
+                "a route to an amqp backend needs `amqp: { exchange: …, routing_key: … }`",
+            ),
+            Some(a) => validate_amqp_route(cx, &base, id, a, template.as_ref()),
+        },
+        Some(BackendSpec::Grpc(_)) => match &route.grpc {
+            None => cx.err(
+                &base,
+                id,
+                "a route to a grpc backend needs `grpc: { method: package.Service/Method }`",
+            ),
+            Some(g) => {
+                let valid = g.method.split_once('/').is_some_and(|(svc, m)| {
+                    svc.contains('.')
+                        && !m.is_empty()
+                        && !m.contains(['/', '.'])
+                        && svc.split('.').all(|p| !p.is_empty())
+                });
+                if !valid {
+                    cx.err(
+                        &format!("{base}.grpc.method"),
+                        id,
+                        format!(
+                            "`{}` is not a method name like `package.Service/Method`",
+                            g.method
+                        ),
+                    );
+                }
+                for (i, h) in g.metadata_headers.iter().enumerate() {
+                    let lower = h.to_ascii_lowercase();
+                    if HeaderName::from_bytes(h.as_bytes()).is_err()
+                        || lower.starts_with("grpc-")
+                        || matches!(
+                            lower.as_str(),
+                            "te" | "content-type" | "host" | "connection"
+                        )
+                    {
                         cx.err(
-                            &format!("{base}.grpc.method"),
-                            id,
-                            format!(
-                                "`{}` is not a method name like `package.Service/Method`",
-                                g.method
-                            ),
-                        );
-                    }
-                    for (i, h) in g.metadata_headers.iter().enumerate() {
-                        let lower = h.to_ascii_lowercase();
-                        if HeaderName::from_bytes(h.as_bytes()).is_err()
-                            || lower.starts_with("grpc-")
-                            || matches!(
-                                lower.as_str(),
-                                "te" | "content-type" | "host" | "connection"
-                            )
-                        {
-                            cx.err(
                                 &format!("{base}.grpc.metadata_headers[{i}]"),
                                 id,
                                 format!("`{h}` cannot be forwarded as gRPC metadata; name an application header"),
                             );
-                        }
-                    }
-                    if let Some(b) = &g.body
-                        && b != "*"
-                        && !b.is_empty()
-                        && !b.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
-                    {
-                        cx.err(
-                            &format!("{base}.grpc.body"),
-                            id,
-                            "`body` is `\"*\"`, a top-level field name, or `\"\"` for none",
-                        );
                     }
                 }
+                if let Some(b) = &g.body
+                    && b != "*"
+                    && !b.is_empty()
+                    && !b.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
+                {
+                    cx.err(
+                        &format!("{base}.grpc.body"),
+                        id,
+                        "`body` is `\"*\"`, a top-level field name, or `\"\"` for none",
+                    );
+                }
             }
-        }
+        },
     }
     for (j, p) in route.plugins.iter().enumerate() {
         let path = format!("{base}.plugins[{j}]");

@@ -51,6 +51,12 @@ struct BackendLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BrokerEventLabels {
+    backend: String,
+    event: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     result: String,
 }
@@ -81,6 +87,7 @@ pub struct Metrics {
     breaker: Family<BackendLabels, Gauge>,
     rate_limited: Family<RouteLabels, Counter>,
     shed: Family<ScopeLabels, Counter>,
+    broker_events: Family<BrokerEventLabels, Counter>,
     pub open_connections: Gauge,
 }
 
@@ -109,6 +116,12 @@ impl Metrics {
         let breaker = Family::<BackendLabels, Gauge>::default();
         let rate_limited = Family::<RouteLabels, Counter>::default();
         let shed = Family::<ScopeLabels, Counter>::default();
+        let broker_events = Family::<BrokerEventLabels, Counter>::default();
+        registry.register(
+            "broker_events",
+            "Message broker events by backend: connected, disconnected, returned, nacked, confirm_timeout, reply_unmatched",
+            broker_events.clone(),
+        );
         registry.register(
             "retries",
             "Retries made, by route and reason",
@@ -182,8 +195,19 @@ impl Metrics {
             breaker,
             rate_limited,
             shed,
+            broker_events,
             open_connections,
         }
+    }
+
+    /// Counts an event of a broker connection (see `broker_events`).
+    pub fn broker_event(&self, backend: &str, event: &'static str) {
+        self.broker_events
+            .get_or_create(&BrokerEventLabels {
+                backend: backend.to_string(),
+                event,
+            })
+            .inc();
     }
 
     pub fn retry(&self, route: &Arc<str>, reason: &'static str) {

@@ -1,5 +1,6 @@
 //! Integration tests: the gateway on real sockets, with real upstreams and real files.
 
+mod amqp;
 mod cli;
 mod errors;
 mod front;

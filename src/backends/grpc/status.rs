@@ -39,7 +39,8 @@ pub fn code_for(status: StatusCode, err: Option<&GatewayError>) -> Code {
             GatewayError::BackendUnavailable { .. }
             | GatewayError::BadGateway { .. }
             | GatewayError::CircuitOpen { .. }
-            | GatewayError::Overloaded { .. },
+            | GatewayError::Overloaded { .. }
+            | GatewayError::Unconfirmed { .. },
         ) => return Code::Unavailable,
         _ => {}
     }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod amqp;
 pub mod grpc;
 
 use std::convert::Infallible;
@@ -98,6 +99,23 @@ impl Gateway {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "config version stayed at {v}, wanted {version}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `/readyz` reports `backend` ready or not (`want`), and returns its entry.
+    pub async fn wait_backend(&self, backend: &str, want: bool) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, v) = self.admin_json("/readyz").await;
+            let entry = v["backends"][backend].clone();
+            if entry["ready"].as_bool() == Some(want) {
+                return entry;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "backend {backend} never became ready={want}: {v}"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -366,3 +384,6 @@ pub async fn free_port() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     l.local_addr().unwrap()
 }
+
+#[path = "../../../examples/worker/mod.rs"]
+pub mod worker;

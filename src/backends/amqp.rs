@@ -1,0 +1,994 @@
+//! The AMQP backend (RabbitMQ, lapin): an HTTP request becomes a confirmed publish, answered
+//! only after the broker's ack, or a request/reply exchange whose reply message is the HTTP
+//! answer. Sits at the bottom of a route's stack. One connection per backend, kept by the
+//! gateway's own reconnect loop (lapin's auto-recovery is not used), with a pool of channels in
+//! confirm mode; each channel has at most one publish in flight, because lapin can hand a
+//! returned message to the wrong confirm when publishes are pipelined on one channel.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use http::header::{self, HeaderValue};
+use http_body_util::BodyExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use tokio::sync::{Mutex, Notify, oneshot};
+
+use super::AbortOnDrop;
+use super::values::RequestValues;
+use crate::config::template::ValueTemplate;
+use crate::config::{
+    AmqpBackendSpec, AmqpRouteSpec, DIRECT_REPLY_TO, ExchangeKindSpec, QueueKindSpec, RouteSpec,
+};
+use crate::error::GatewayError;
+use crate::middleware::context::{Deadline, RequestContext};
+use crate::telemetry::metrics::Metrics;
+use crate::{BodyError, BoxError, Request, Response, ResponseFuture, full_body};
+
+/// Waiters for replies, by correlation id. A reply nobody waits for is dropped and counted.
+#[derive(Default)]
+struct Replies {
+    waiting: std::sync::Mutex<HashMap<String, oneshot::Sender<Delivery>>>,
+}
+
+/// Removes a waiter when the request ends, answered or not.
+struct Waiting<'a> {
+    replies: &'a Replies,
+    id: String,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.replies.waiting.lock() {
+            w.remove(&self.id);
+        }
+    }
+}
+
+/// One pooled channel; the lock is held across a publish and its confirm.
+struct Slot {
+    channel: Mutex<Option<Channel>>,
+}
+
+/// A live connection and what hangs on it.
+struct Live {
+    conn: Arc<Connection>,
+    slots: Vec<Slot>,
+    /// Reply consumers (direct reply-to on every slot, named reply queues).
+    pumps: Vec<AbortOnDrop>,
+}
+
+/// State shared by the backend, its routes and its connection task.
+struct Shared {
+    name: String,
+    spec: AmqpBackendSpec,
+    metrics: Arc<Metrics>,
+    live: ArcSwapOption<Live>,
+    /// Why the backend is not connected (shown on /readyz).
+    problem: std::sync::Mutex<Option<String>>,
+    /// Set by a publish that saw the connection fail; wakes the connection task.
+    broken: Notify,
+    replies: Replies,
+    /// Named reply queues the routes use; consumed on every connect.
+    reply_queues: std::sync::Mutex<BTreeSet<String>>,
+    next: AtomicUsize,
+}
+
+pub struct AmqpBackend {
+    shared: Arc<Shared>,
+    _task: Option<AbortOnDrop>,
+}
+
+impl AmqpBackend {
+    /// Starts the connection task; nothing here waits for the broker.
+    pub fn new(name: &str, spec: &AmqpBackendSpec, metrics: &Arc<Metrics>) -> Self {
+        let shared = Arc::new(Shared {
+            name: name.to_string(),
+            spec: spec.clone(),
+            metrics: metrics.clone(),
+            live: ArcSwapOption::empty(),
+            problem: std::sync::Mutex::new(Some("connecting".into())),
+            broken: Notify::new(),
+            replies: Replies::default(),
+            reply_queues: std::sync::Mutex::new(BTreeSet::new()),
+            next: AtomicUsize::new(0),
+        });
+        let task = tokio::runtime::Handle::try_current()
+            .ok()
+            .map(|rt| AbortOnDrop(rt.spawn(run(shared.clone())).abort_handle()));
+        AmqpBackend {
+            shared,
+            _task: task,
+        }
+    }
+
+    pub fn ready(&self) -> bool {
+        self.shared.live.load().is_some()
+    }
+
+    /// Why the backend is not ready, when it is not.
+    pub fn problem(&self) -> Option<String> {
+        self.shared.problem.lock().ok().and_then(|p| p.clone())
+    }
+
+    /// Registers a named reply queue; it is consumed from the next connect on.
+    fn use_reply_queue(&self, queue: &str) {
+        let added = self
+            .shared
+            .reply_queues
+            .lock()
+            .map(|mut q| q.insert(queue.to_string()))
+            .unwrap_or(false);
+        if added && self.ready() {
+            // Reconnect so that the new queue is consumed; rare (a reload adding a route).
+            self.shared.broken.notify_one();
+        }
+    }
+}
+
+/// The connection task: connect, declare, open channels, serve until the connection dies, then
+/// again after a backoff with full jitter.
+async fn run(shared: Arc<Shared>) {
+    let spec = &shared.spec;
+    let mut delay = spec.reconnect.min.0;
+    loop {
+        match connect(&shared).await {
+            Ok(live) => {
+                let conn = live.conn.clone();
+                shared.live.store(Some(Arc::new(live)));
+                if let Ok(mut p) = shared.problem.lock() {
+                    *p = None;
+                }
+                shared.metrics.broker_event(&shared.name, "connected");
+                shared.metrics.backend_ready(&shared.name, true);
+                tracing::info!(backend = %shared.name, "AMQP connection established.");
+                delay = spec.reconnect.min.0;
+                wait_for_death(&shared, &conn).await;
+                shared.live.store(None);
+                shared.metrics.broker_event(&shared.name, "disconnected");
+                shared.metrics.backend_ready(&shared.name, false);
+                tracing::warn!(backend = %shared.name, "AMQP connection lost; requests answer 503 until it is back.");
+                if let Ok(mut p) = shared.problem.lock() {
+                    *p = Some("connection lost; reconnecting".into());
+                }
+                // Close what is left without waiting for a broker that may be gone.
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    conn.close(200, "reconnecting".into()),
+                )
+                .await;
+            }
+            Err(e) => {
+                if e.operator {
+                    tracing::error!(backend = %shared.name, error = %e.message, "AMQP setup failed; fix the broker or the backend's topology.");
+                } else {
+                    tracing::warn!(backend = %shared.name, error = %e.message, "Cannot connect to the AMQP broker; retrying.");
+                }
+                if let Ok(mut p) = shared.problem.lock() {
+                    *p = Some(e.message);
+                }
+            }
+        }
+        let wait = Duration::from_secs_f64(delay.as_secs_f64() * fastrand::f64())
+            .max(spec.reconnect.min.0);
+        tokio::time::sleep(wait).await;
+        delay = (delay * 2).min(spec.reconnect.max.0);
+    }
+}
+
+struct SetupError {
+    message: String,
+    /// The operator must act (a topology mismatch, refused credentials), not just wait.
+    operator: bool,
+}
+
+impl SetupError {
+    fn transient(message: String) -> Self {
+        SetupError {
+            message,
+            operator: false,
+        }
+    }
+}
+
+/// Resolves when the connection is dead: an error event with the connection no longer
+/// connected, a publish that saw it fail, or a status check that finds it gone.
+async fn wait_for_death(shared: &Shared, conn: &Connection) {
+    let mut events = conn.events_listener();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            e = events.next() => {
+                if e.is_none() && !conn.status().connected() {
+                    return;
+                }
+            }
+            _ = shared.broken.notified() => {}
+            _ = tick.tick() => {}
+        }
+        if !conn.status().connected() {
+            return;
+        }
+        // A reload added a named reply queue: start over so that it is consumed.
+        if shared.live.load().as_ref().is_some_and(|l| {
+            let want = shared.reply_queues.lock().map(|q| q.len()).unwrap_or(0);
+            l.pumps.len() < l.slots.len() + want
+        }) {
+            return;
+        }
+    }
+}
+
+fn uri_with_heartbeat(url: &str, heartbeat: Duration) -> String {
+    if url.contains("heartbeat=") {
+        return url.to_string();
+    }
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}heartbeat={}", heartbeat.as_secs().max(1))
+}
+
+async fn connect(shared: &Arc<Shared>) -> Result<Live, SetupError> {
+    let spec = &shared.spec;
+    let uri = uri_with_heartbeat(&spec.url, spec.heartbeat.0);
+    let props = ConnectionProperties::default()
+        .with_connection_name(format!("switchyard {}", shared.name).into());
+    let connecting = async {
+        match &spec.tls {
+            Some(tls) if tls.ca.is_some() || tls.cert.is_some() => {
+                let ca =
+                    match &tls.ca {
+                        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
+                            lapin::Error::from(lapin::ErrorKind::IOError(Arc::new(e)))
+                        })?),
+                        None => None,
+                    };
+                let runtime = lapin::runtime::default_runtime()?;
+                Connection::connect_with_config(
+                    &uri,
+                    props,
+                    lapin::tcp::OwnedTLSConfig {
+                        identity: None,
+                        cert_chain: ca,
+                    },
+                    runtime,
+                )
+                .await
+            }
+            _ => Connection::connect(&uri, props).await,
+        }
+    };
+    let conn = match tokio::time::timeout(spec.connect_timeout.0, connecting).await {
+        Err(_) => {
+            return Err(SetupError::transient(format!(
+                "no connection within {}",
+                humantime::format_duration(spec.connect_timeout.0)
+            )));
+        }
+        Ok(Err(e)) => {
+            let operator = matches!(e.kind(), lapin::ErrorKind::ProtocolError(_));
+            return Err(SetupError {
+                message: format!("cannot connect: {e}"),
+                operator,
+            });
+        }
+        Ok(Ok(c)) => Arc::new(c),
+    };
+    let bounded =
+        |what: &'static str| move |e: lapin::Error| SetupError::transient(format!("{what}: {e}"));
+    declare_topology(&conn, spec).await?;
+    let mut slots = Vec::with_capacity(spec.channels);
+    let mut pumps = Vec::new();
+    for _ in 0..spec.channels {
+        let ch = open_channel(&conn)
+            .await
+            .map_err(bounded("opening a channel"))?;
+        pumps.push(
+            consume_replies(shared, &ch, DIRECT_REPLY_TO, true)
+                .await
+                .map_err(bounded("consuming direct replies"))?,
+        );
+        slots.push(Slot {
+            channel: Mutex::new(Some(ch)),
+        });
+    }
+    let queues: Vec<String> = shared
+        .reply_queues
+        .lock()
+        .map(|q| q.iter().cloned().collect())
+        .unwrap_or_default();
+    for q in queues {
+        let ch = conn
+            .create_channel()
+            .await
+            .map_err(bounded("opening a reply channel"))?;
+        pumps.push(
+            consume_replies(shared, &ch, &q, false)
+                .await
+                .map_err(|e| SetupError {
+                    message: format!("cannot consume reply queue `{q}`: {e}"),
+                    operator: true,
+                })?,
+        );
+    }
+    Ok(Live { conn, slots, pumps })
+}
+
+async fn open_channel(conn: &Connection) -> lapin::Result<Channel> {
+    let ch = conn.create_channel().await?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await?;
+    Ok(ch)
+}
+
+/// Declares the backend's exchanges, queues and bindings. A declaration that does not match
+/// what exists is reported with the broker's words; each check runs on a fresh channel, since
+/// the broker closes the channel of a failed declaration.
+async fn declare_topology(conn: &Connection, spec: &AmqpBackendSpec) -> Result<(), SetupError> {
+    let t = &spec.topology;
+    if t.exchanges.is_empty() && t.queues.is_empty() && t.bindings.is_empty() {
+        return Ok(());
+    }
+    let ch = conn
+        .create_channel()
+        .await
+        .map_err(|e| SetupError::transient(format!("opening a channel: {e}")))?;
+    let fail = |what: String| {
+        move |e: lapin::Error| SetupError {
+            operator: e.is_amqp_soft_error(),
+            message: format!("{what}: {e}"),
+        }
+    };
+    for x in &t.exchanges {
+        let kind = match x.kind {
+            ExchangeKindSpec::Direct => ExchangeKind::Direct,
+            ExchangeKindSpec::Topic => ExchangeKind::Topic,
+            ExchangeKindSpec::Fanout => ExchangeKind::Fanout,
+            ExchangeKindSpec::Headers => ExchangeKind::Headers,
+        };
+        ch.exchange_declare(
+            x.name.as_str().into(),
+            kind,
+            ExchangeDeclareOptions {
+                durable: x.durable,
+                auto_delete: x.auto_delete,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(fail(format!("declaring exchange `{}`", x.name)))?;
+    }
+    for q in &t.queues {
+        let mut args = FieldTable::default();
+        if q.kind == QueueKindSpec::Quorum {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+        if let Some(ttl) = q.message_ttl {
+            args.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(ttl.0.as_millis() as i64),
+            );
+        }
+        if let Some(n) = q.max_length {
+            args.insert(
+                "x-max-length".into(),
+                AMQPValue::LongLongInt(n.min(i64::MAX as u64) as i64),
+            );
+        }
+        if let Some(dlx) = &q.dead_letter_exchange {
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString(dlx.as_str().into()),
+            );
+        }
+        if let Some(key) = &q.dead_letter_routing_key {
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(key.as_str().into()),
+            );
+        }
+        ch.queue_declare(
+            q.name.as_str().into(),
+            QueueDeclareOptions {
+                durable: q.durable,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .map_err(fail(format!("declaring queue `{}`", q.name)))?;
+    }
+    for b in &t.bindings {
+        ch.queue_bind(
+            b.queue.as_str().into(),
+            b.exchange.as_str().into(),
+            b.routing_key.as_str().into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(fail(format!(
+            "binding queue `{}` to exchange `{}`",
+            b.queue, b.exchange
+        )))?;
+    }
+    let _ = ch.close(200, "declared".into()).await;
+    Ok(())
+}
+
+/// Consumes replies from `queue` on `ch` and hands each to its waiter by correlation id.
+async fn consume_replies(
+    shared: &Arc<Shared>,
+    ch: &Channel,
+    queue: &str,
+    no_ack: bool,
+) -> lapin::Result<AbortOnDrop> {
+    let mut consumer = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let shared = shared.clone();
+    let task = tokio::spawn(async move {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            if !no_ack {
+                let _ = delivery.ack(BasicAckOptions::default()).await;
+            }
+            let id = delivery
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.to_string());
+            let waiter = id.and_then(|id| {
+                shared
+                    .replies
+                    .waiting
+                    .lock()
+                    .ok()
+                    .and_then(|mut w| w.remove(&id))
+            });
+            match waiter {
+                Some(tx) => {
+                    let _ = tx.send(delivery);
+                }
+                None => {
+                    shared.metrics.broker_event(&shared.name, "reply_unmatched");
+                    tracing::debug!(backend = %shared.name, "A reply nobody waits for (late or unknown correlation id) was dropped.");
+                }
+            }
+        }
+    });
+    Ok(AbortOnDrop(task.abort_handle()))
+}
+
+/// One route's service on top of a shared [`AmqpBackend`].
+#[derive(Clone)]
+pub struct AmqpRouteService {
+    shared: Arc<Shared>,
+    route: Arc<AmqpRouteSpec>,
+    exchange: Arc<ValueTemplate>,
+    routing_key: Arc<ValueTemplate>,
+    headers: Arc<Vec<http::HeaderName>>,
+    status: http::StatusCode,
+    unroutable: http::StatusCode,
+}
+
+impl AmqpRouteService {
+    pub fn new(
+        backend: &AmqpBackend,
+        _route: &RouteSpec,
+        spec: &AmqpRouteSpec,
+    ) -> Result<Self, String> {
+        if let Some(r) = &spec.reply
+            && r.queue != DIRECT_REPLY_TO
+        {
+            backend.use_reply_queue(&r.queue);
+        }
+        Ok(AmqpRouteService {
+            shared: backend.shared.clone(),
+            exchange: Arc::new(ValueTemplate::parse(&spec.exchange)?),
+            routing_key: Arc::new(ValueTemplate::parse(&spec.routing_key)?),
+            headers: Arc::new(
+                spec.headers
+                    .iter()
+                    .filter_map(|h| http::HeaderName::from_bytes(h.as_bytes()).ok())
+                    .collect(),
+            ),
+            status: http::StatusCode::from_u16(spec.status).map_err(|e| e.to_string())?,
+            unroutable: http::StatusCode::from_u16(spec.unroutable_status)
+                .map_err(|e| e.to_string())?,
+            route: Arc::new(spec.clone()),
+        })
+    }
+
+    fn unavailable(&self, reason: &'static str, source: Option<BoxError>) -> GatewayError {
+        GatewayError::BackendUnavailable {
+            backend: self.shared.name.clone(),
+            reason,
+            retry_after: Some(Duration::from_secs(1)),
+            source,
+        }
+    }
+
+    /// The message: body (or envelope), properties, exchange and routing key.
+    fn message(
+        &self,
+        parts: &http::request::Parts,
+        body: &Bytes,
+    ) -> Result<(ShortString, ShortString, Vec<u8>, BasicProperties), GatewayError> {
+        let values = RequestValues::new(parts, body);
+        let exchange = values.render(&self.exchange, "the exchange")?;
+        let routing_key = values.render(&self.routing_key, "the routing key")?;
+        let short = |s: String, what: &str, field: &str| {
+            ShortString::try_new(s).map_err(|_| GatewayError::BadRequest {
+                detail: format!("{what} would be longer than 255 bytes."),
+                field: Some(field.to_string()),
+            })
+        };
+        let exchange = short(exchange, "The exchange name", "exchange")?;
+        let routing_key = short(routing_key, "The routing key", "routing_key")?;
+        let ctx = parts.extensions.get::<RequestContext>();
+        let route = &self.route;
+
+        let mut headers = FieldTable::default();
+        if let Some(tp) = parts
+            .headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+        {
+            headers.insert("traceparent".into(), AMQPValue::LongString(tp.into()));
+        }
+        for name in self.headers.iter() {
+            if let Some(v) = parts.headers.get(name) {
+                let v = v.to_str().map_err(|_| GatewayError::BadRequest {
+                    detail: format!(
+                        "Header `{name}` must be visible ASCII to travel with the message."
+                    ),
+                    field: Some(format!("header.{name}")),
+                })?;
+                headers.insert(name.as_str().into(), AMQPValue::LongString(v.into()));
+            }
+        }
+        let message_id = match parts.headers.get("idempotency-key") {
+            Some(k) => {
+                let k = k
+                    .to_str()
+                    .ok()
+                    .filter(|k| !k.is_empty() && k.len() <= 255)
+                    .ok_or_else(|| GatewayError::BadRequest {
+                        detail: "Idempotency-Key must be 1 to 255 visible ASCII characters.".into(),
+                        field: Some("header.idempotency-key".into()),
+                    })?;
+                k.to_string()
+            }
+            None => uuid::Uuid::now_v7().to_string(),
+        };
+        let request_id = ctx
+            .map(|c| c.correlation_id.to_string())
+            .unwrap_or_default();
+        // Replies are matched on a fresh id: two requests may carry the same X-Request-Id.
+        let correlation_id = if route.reply.is_some() {
+            headers.insert(
+                "x-request-id".into(),
+                AMQPValue::LongString(request_id.as_str().into()),
+            );
+            uuid::Uuid::now_v7().to_string()
+        } else {
+            request_id
+        };
+        let (payload, content_type) = if route.envelope {
+            (
+                envelope(parts, body, &values, &self.headers),
+                Some("application/json".to_string()),
+            )
+        } else {
+            (
+                body.to_vec(),
+                parts
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+            )
+        };
+        let mut props = BasicProperties::default()
+            .with_message_id(message_id.into())
+            .with_correlation_id(correlation_id.into())
+            .with_timestamp(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            )
+            .with_app_id(route.app_id.as_str().into())
+            .with_headers(headers);
+        if route.persistent {
+            props = props.with_delivery_mode(2);
+        }
+        if let Some(ct) = content_type.and_then(|c| ShortString::try_new(c).ok()) {
+            props = props.with_content_type(ct);
+        }
+        if let Some(enc) = parts
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| ShortString::try_new(v.to_string()).ok())
+        {
+            props = props.with_content_encoding(enc);
+        }
+        if let Some(t) = &route.message_type {
+            props = props.with_type(t.as_str().into());
+        }
+        if let Some(e) = route.expiration {
+            props = props.with_expiration(e.0.as_millis().to_string().into());
+        }
+        if let Some(p) = route.priority {
+            props = props.with_priority(p);
+        }
+        if let Some(r) = &route.reply {
+            props = props.with_reply_to(r.queue.as_str().into());
+        }
+        Ok((exchange, routing_key, payload, props))
+    }
+
+    /// Publishes and waits for the broker's confirm, on a pooled channel with nothing else in
+    /// flight. Answers only for what the broker said: ack, return, nack, or nothing in time.
+    async fn publish(
+        &self,
+        exchange: &ShortString,
+        routing_key: &ShortString,
+        payload: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), BoxError> {
+        let live = self
+            .shared
+            .live
+            .load_full()
+            .ok_or_else(|| self.unavailable("not connected to the broker", None))?;
+        let n = live.slots.len();
+        let start = self.shared.next.fetch_add(1, Ordering::Relaxed);
+        // A free channel if there is one; otherwise wait for the next in turn.
+        let mut guard = None;
+        for i in 0..n {
+            if let Ok(g) = live.slots[(start + i) % n].channel.try_lock() {
+                guard = Some(g);
+                break;
+            }
+        }
+        let within = self.shared.spec.confirm_timeout.0;
+        let attempt = async {
+            let mut guard = match guard {
+                Some(g) => g,
+                None => live.slots[start % n].channel.lock().await,
+            };
+            // A channel the broker closed (a publish to a missing exchange) is replaced.
+            if guard.as_ref().is_none_or(|c| !c.status().connected()) {
+                let ch = open_channel(&live.conn)
+                    .await
+                    .map_err(|e| self.publish_error(e, exchange, false))?;
+                *guard = Some(ch);
+            }
+            let ch = guard.as_ref().expect("set above");
+            let confirm = ch
+                .basic_publish(
+                    exchange.clone(),
+                    routing_key.clone(),
+                    BasicPublishOptions {
+                        mandatory: self.route.mandatory,
+                        immediate: false,
+                    },
+                    payload,
+                    props,
+                )
+                .await
+                .map_err(|e| self.publish_error(e, exchange, false))?;
+            // From here on the broker may have the message, whatever happens next.
+            confirm
+                .await
+                .map_err(|e| self.publish_error(e, exchange, true))
+        };
+        match tokio::time::timeout(within, attempt).await {
+            Err(_) => {
+                self.shared
+                    .metrics
+                    .broker_event(&self.shared.name, "confirm_timeout");
+                Err(GatewayError::Unconfirmed {
+                    backend: self.shared.name.clone(),
+                    reason: "no confirm came within the confirm timeout",
+                    source: None,
+                }
+                .into())
+            }
+            Ok(Ok(Confirmation::Ack(None))) | Ok(Ok(Confirmation::NotRequested)) => Ok(()),
+            Ok(Ok(Confirmation::Ack(Some(_)))) => {
+                self.shared
+                    .metrics
+                    .broker_event(&self.shared.name, "returned");
+                Err(GatewayError::Unroutable {
+                    backend: self.shared.name.clone(),
+                    exchange: exchange.to_string(),
+                    routing_key: routing_key.to_string(),
+                    status: self.unroutable,
+                }
+                .into())
+            }
+            Ok(Ok(Confirmation::Nack(_))) => {
+                self.shared
+                    .metrics
+                    .broker_event(&self.shared.name, "nacked");
+                Err(self
+                    .unavailable("the broker refused the message (nack)", None)
+                    .into())
+            }
+            Ok(Err(e)) => Err(e),
+        }
+    }
+
+    /// The error for a failed publish step. `sent`: the frames had left, so the broker may
+    /// have the message (an unconfirmed outcome, never retried for the client).
+    fn publish_error(&self, e: lapin::Error, exchange: &ShortString, sent: bool) -> BoxError {
+        if let lapin::ErrorKind::ProtocolError(amqp) = e.kind()
+            && amqp.get_id() == 404
+        {
+            return GatewayError::Unroutable {
+                backend: self.shared.name.clone(),
+                exchange: exchange.to_string(),
+                routing_key: String::new(),
+                status: self.unroutable,
+            }
+            .into();
+        }
+        if !e.is_amqp_soft_error() {
+            self.shared.broken.notify_one();
+        }
+        if sent {
+            return GatewayError::Unconfirmed {
+                backend: self.shared.name.clone(),
+                reason: "the connection to the broker failed before its confirm",
+                source: Some(Box::new(e)),
+            }
+            .into();
+        }
+        self.unavailable("the publish failed", Some(Box::new(e)))
+            .into()
+    }
+
+    async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
+        let (parts, body) = req.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e: BodyError| -> BoxError { Box::new(e) })?
+            .to_bytes();
+        let (exchange, routing_key, payload, props) = self.message(&parts, &body)?;
+        let message_id = props
+            .message_id()
+            .as_ref()
+            .map(|m| m.to_string())
+            .unwrap_or_default();
+        let correlation_id = props
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.to_string())
+            .unwrap_or_default();
+        let Some(reply) = &self.route.reply else {
+            self.publish(&exchange, &routing_key, &payload, props)
+                .await?;
+            let json = serde_json::json!({
+                "message_id": message_id,
+                "correlation_id": correlation_id,
+                "exchange": exchange.as_str(),
+                "routing_key": routing_key.as_str(),
+            });
+            let mut r = http::Response::new(full_body(json.to_string()));
+            *r.status_mut() = self.status;
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            return Ok(r);
+        };
+        // Request/reply: wait for the reply after the broker took the request.
+        let (tx, rx) = oneshot::channel();
+        let replies = &self.shared.replies;
+        replies
+            .waiting
+            .lock()
+            .map_err(|_| GatewayError::Internal("the reply table is poisoned"))?
+            .insert(correlation_id.clone(), tx);
+        let _waiting = Waiting {
+            replies,
+            id: correlation_id,
+        };
+        self.publish(&exchange, &routing_key, &payload, props)
+            .await?;
+        let deadline = parts.extensions.get::<Deadline>().copied();
+        let wait = deadline.map_or(Duration::from_secs(30), |d| d.remaining());
+        let delivery = match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(d)) => d,
+            _ => {
+                return Err(GatewayError::Timeout {
+                    after: deadline.map_or(wait, |d| d.total),
+                }
+                .into());
+            }
+        };
+        Ok(reply_response(
+            &delivery.properties,
+            &delivery.data,
+            &reply.status_header,
+        ))
+    }
+}
+
+/// The HTTP answer made of a reply message: its body, its content type, and the status its
+/// status header carries (200 when absent or not a valid status).
+fn reply_response(p: &BasicProperties, data: &[u8], status_header: &str) -> Response {
+    let status = p
+        .headers()
+        .as_ref()
+        .and_then(|h| {
+            h.inner()
+                .iter()
+                .find(|(k, _)| k.as_str().eq_ignore_ascii_case(status_header))
+                .map(|(_, v)| v.clone())
+        })
+        .and_then(|v| match v {
+            AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
+            AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
+            AMQPValue::LongInt(n) => u16::try_from(n).ok(),
+            AMQPValue::LongLongInt(n) => u16::try_from(n).ok(),
+            AMQPValue::ShortInt(n) => u16::try_from(n).ok(),
+            AMQPValue::ShortShortInt(n) => u16::try_from(n).ok(),
+            AMQPValue::LongUInt(n) => u16::try_from(n).ok(),
+            AMQPValue::ShortUInt(n) => Some(n),
+            _ => None,
+        })
+        .and_then(|n: u16| http::StatusCode::from_u16(n).ok())
+        .unwrap_or(http::StatusCode::OK);
+    let mut r = http::Response::new(full_body(Bytes::copy_from_slice(data)));
+    *r.status_mut() = status;
+    let ct = p
+        .content_type()
+        .as_ref()
+        .and_then(|c| HeaderValue::from_str(c.as_str()).ok())
+        .unwrap_or_else(|| HeaderValue::from_static("application/octet-stream"));
+    r.headers_mut().insert(header::CONTENT_TYPE, ct);
+    if let Some(id) = p
+        .message_id()
+        .as_ref()
+        .and_then(|m| HeaderValue::from_str(m.as_str()).ok())
+    {
+        r.headers_mut().insert("x-reply-message-id", id);
+    }
+    r
+}
+
+/// The documented JSON envelope: method, path, path params, query, allow-listed headers and
+/// the body (JSON when it is JSON, else a string, else base64 in `body_base64`).
+fn envelope(
+    parts: &http::request::Parts,
+    body: &Bytes,
+    values: &RequestValues<'_>,
+    allowed: &[http::HeaderName],
+) -> Vec<u8> {
+    let params: serde_json::Map<String, serde_json::Value> = parts
+        .extensions
+        .get::<RequestContext>()
+        .map(|c| {
+            c.params
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_string(),
+                        percent_encoding::percent_decode_str(v)
+                            .decode_utf8_lossy()
+                            .into_owned()
+                            .into(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut query = serde_json::Map::new();
+    for (k, v) in values.query() {
+        query.entry(k.clone()).or_insert_with(|| v.clone().into());
+    }
+    let headers: serde_json::Map<String, serde_json::Value> = allowed
+        .iter()
+        .filter_map(|h| {
+            let v = parts.headers.get(h)?.to_str().ok()?;
+            Some((h.as_str().to_string(), v.into()))
+        })
+        .collect();
+    let mut env = serde_json::json!({
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "params": params,
+        "query": query,
+        "headers": headers,
+    });
+    if body.is_empty() {
+        env["body"] = serde_json::Value::Null;
+    } else if let Ok(v) = values.json() {
+        env["body"] = v.clone();
+    } else if let Ok(s) = std::str::from_utf8(body) {
+        env["body"] = s.into();
+    } else {
+        use base64::Engine;
+        env["body_base64"] = base64::engine::general_purpose::STANDARD
+            .encode(body)
+            .into();
+    }
+    env.to_string().into_bytes()
+}
+
+impl tower::Service<Request> for AmqpRouteService {
+    type Response = Response;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> ResponseFuture {
+        Box::pin(self.clone().call_backend(req))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_joins_the_url() {
+        assert_eq!(
+            uri_with_heartbeat("amqp://h:5672/%2f", Duration::from_secs(10)),
+            "amqp://h:5672/%2f?heartbeat=10"
+        );
+        assert_eq!(
+            uri_with_heartbeat("amqp://h/v?frame_max=8192", Duration::from_secs(3)),
+            "amqp://h/v?frame_max=8192&heartbeat=3"
+        );
+        assert_eq!(
+            uri_with_heartbeat("amqp://h/v?heartbeat=5", Duration::from_secs(3)),
+            "amqp://h/v?heartbeat=5"
+        );
+    }
+
+    #[test]
+    fn reply_status_comes_from_the_header() {
+        let mut h = FieldTable::default();
+        h.insert("x-status".into(), AMQPValue::LongString("201".into()));
+        let p = BasicProperties::default()
+            .with_headers(h)
+            .with_content_type("text/plain".into());
+        let r = reply_response(&p, b"made", "X-Status");
+        assert_eq!(r.status(), 201);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "text/plain");
+    }
+}
