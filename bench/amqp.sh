@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# AMQP bridge benchmark: HTTP POST → confirmed persistent publish through Switchyard (wrk, one
+# request in flight per connection) versus a direct lapin publisher with confirms
+# (examples/amqp_direct.rs), same message size, same number of messages in flight, same broker,
+# in alternation in one run. Prints messages/s and latency percentiles, then the ratios.
+#
+#   bash bench/amqp.sh          # DURATION=10 (seconds) ROUNDS=3 INFLIGHT=32 SIZE=256
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+INFLIGHT=${INFLIGHT:-32}
+SIZE=${SIZE:-256}
+SY_PORT=${SY_PORT:-18163}
+SY_ADMIN=${SY_ADMIN:-18164}
+AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/switchyard-target}"
+
+if ! command -v wrk >/dev/null 2>&1; then
+  echo "bench: installing wrk with apt-get"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+fi
+
+cargo build -q --release --locked --bin switchyard --example amqp_direct
+BIN="$CARGO_TARGET_DIR/release"
+WORK=$(mktemp -d)
+cleanup() {
+  [ -n "${SY_PID:-}" ] && kill "$SY_PID" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# A queue that keeps at most 10 000 messages (the oldest are dropped), so runs do not fill the disk.
+cat > "$WORK/routes.yaml" <<YAML
+server: { listen: "127.0.0.1:$SY_PORT", admin: "127.0.0.1:$SY_ADMIN" }
+backends:
+  rabbit:
+    type: amqp
+    url: "$AMQP_URL"
+    channels: $INFLIGHT
+    topology:
+      exchanges: [{ name: bench.x, type: direct }]
+      queues: [{ name: bench.q, max_length: 10000 }]
+      bindings: [{ queue: bench.q, exchange: bench.x, routing_key: bench }]
+routes:
+  - id: publish
+    match: { method: POST, path: /bench }
+    backend: rabbit
+    amqp: { exchange: bench.x, routing_key: bench }
+YAML
+RUST_LOG=warn "$BIN/switchyard" run --no-watch --config "$WORK/routes.yaml" >"$WORK/switchyard.log" 2>&1 &
+SY_PID=$!
+for _ in $(seq 1 100); do
+  curl -fsS "http://127.0.0.1:$SY_ADMIN/readyz" >/dev/null 2>&1 && break
+  sleep 0.1
+done
+
+head -c "$SIZE" /dev/zero | tr '\0' 'x' > "$WORK/body"
+cat > "$WORK/post.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["content-type"] = "application/octet-stream"
+local f = io.open("$WORK/body", "rb"); wrk.body = f:read("*a"); f:close()
+LUA
+
+direct() {
+  AMQP_URL="$AMQP_URL" EXCHANGE=bench.x ROUTING_KEY=bench SIZE="$SIZE" CONCURRENCY="$INFLIGHT" \
+    DURATION="$DURATION" "$BIN/examples/amqp_direct"
+}
+via() {
+  wrk -t 2 -c "$INFLIGHT" -d "${DURATION}s" --latency -s "$WORK/post.lua" "http://127.0.0.1:$SY_PORT/bench"
+}
+us() { awk '{v = $1; if (v ~ /us$/) print v + 0; else if (v ~ /ms$/) print (v + 0) * 1000; else print (v + 0) * 1e6}'; }
+
+echo "${DURATION}s per target, $INFLIGHT messages in flight, $SIZE-byte persistent messages, $ROUNDS round(s)"
+: > "$WORK/results"
+for r in $(seq 1 "$ROUNDS"); do
+  d=$(direct); v=$(via)
+  drate=$(sed -n 's/.*= \([0-9]*\) msg\/s.*/\1/p' <<<"$d")
+  dp50=$(sed -n 's/.*p50 \([0-9]*\) us.*/\1/p' <<<"$d"); dp99=$(sed -n 's/.*p99 \([0-9]*\) us.*/\1/p' <<<"$d")
+  vrate=$(awk '/^Requests\/sec:/ {print $2}' <<<"$v")
+  vp50=$(awk '$1 == "50%" {print $2}' <<<"$v" | us); vp99=$(awk '$1 == "99%" {print $2}' <<<"$v" | us)
+  non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$v"); non2xx=${non2xx:-0}
+  echo "round $r: direct $drate msg/s (p50 $dp50 us, p99 $dp99 us); switchyard $vrate req/s (p50 $vp50 us, p99 $vp99 us, non-2xx $non2xx)"
+  echo "$drate $vrate $dp50 $vp50 $dp99 $vp99" >> "$WORK/results"
+done
+median() { sort -n | awk '{a[NR] = $1} END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+col() { awk -v c="$1" '{print $c}' "$WORK/results" | median; }
+awk -v d="$(col 1)" -v v="$(col 2)" -v dp50="$(col 3)" -v vp50="$(col 4)" -v dp99="$(col 5)" -v vp99="$(col 6)" 'BEGIN {
+  printf "medians: direct %.0f msg/s (p50 %.0f us, p99 %.0f us), switchyard %.0f msg/s (p50 %.0f us, p99 %.0f us)\n", d, dp50, dp99, v, vp50, vp99
+  printf "ratios: switchyard/direct msg/s = %.2f (target >= 0.80); added latency p50 %.0f us, p99 %.0f us\n", v / d, vp50 - dp50, vp99 - dp99
+}'
