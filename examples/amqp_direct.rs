@@ -19,7 +19,10 @@ fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
 
 #[tokio::main]
 async fn main() {
-    let url: String = env("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f".to_string());
+    let url: String = env(
+        "AMQP_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2f".to_string(),
+    );
     let exchange: String = env("EXCHANGE", "bench.x".to_string());
     let key: String = env("ROUTING_KEY", "bench".to_string());
     let size: usize = env("SIZE", 256);

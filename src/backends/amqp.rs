@@ -40,7 +40,18 @@ use crate::{BodyError, BoxError, Request, Response, ResponseFuture, full_body};
 /// Waiters for replies, by correlation id. A reply nobody waits for is dropped and counted.
 #[derive(Default)]
 struct Replies {
-    waiting: std::sync::Mutex<HashMap<String, oneshot::Sender<Delivery>>>,
+    /// The sender, and whether the reply comes by direct reply-to (then it cannot outlive the
+    /// connection).
+    waiting: std::sync::Mutex<HashMap<String, (oneshot::Sender<Delivery>, bool)>>,
+}
+
+impl Replies {
+    /// The connection died: direct replies can no longer come, so their waiters fail now.
+    fn fail_direct(&self) {
+        if let Ok(mut w) = self.waiting.lock() {
+            w.retain(|_, (_, direct)| !*direct);
+        }
+    }
 }
 
 /// Removes a waiter when the request ends, answered or not.
@@ -57,17 +68,24 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// One pooled channel; the lock is held across a publish and its confirm.
+/// A pooled channel in confirm mode with its direct reply-to consumer.
+struct SlotChannel {
+    channel: Channel,
+    _replies: AbortOnDrop,
+}
+
+/// One pooled channel; the lock is held across a publish and its confirm, so a channel never
+/// has two publishes in flight. A channel whose publish ended unconfirmed is discarded.
 struct Slot {
-    channel: Mutex<Option<Channel>>,
+    channel: Mutex<Option<SlotChannel>>,
 }
 
 /// A live connection and what hangs on it.
 struct Live {
     conn: Arc<Connection>,
     slots: Vec<Slot>,
-    /// Reply consumers (direct reply-to on every slot, named reply queues).
-    pumps: Vec<AbortOnDrop>,
+    /// Consumers of named reply queues, by queue.
+    named: std::sync::Mutex<HashMap<String, AbortOnDrop>>,
 }
 
 /// State shared by the backend, its routes and its connection task.
@@ -81,14 +99,39 @@ struct Shared {
     /// Set by a publish that saw the connection fail; wakes the connection task.
     broken: Notify,
     replies: Replies,
-    /// Named reply queues the routes use; consumed on every connect.
+    /// Named reply queues the routes use; consumed while connected.
     reply_queues: std::sync::Mutex<BTreeSet<String>>,
     next: AtomicUsize,
+}
+
+impl Shared {
+    fn set_problem(&self, p: Option<String>) {
+        if let Ok(mut cur) = self.problem.lock() {
+            *cur = p;
+        }
+    }
 }
 
 pub struct AmqpBackend {
     shared: Arc<Shared>,
     _task: Option<AbortOnDrop>,
+}
+
+impl Drop for AmqpBackend {
+    /// A reload replaced or removed the backend: its consumers stop and its connection closes.
+    fn drop(&mut self) {
+        if let Some(live) = self.shared.live.swap(None)
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    live.conn.close(200, "backend removed".into()),
+                )
+                .await;
+            });
+        }
+    }
 }
 
 impl AmqpBackend {
@@ -123,68 +166,70 @@ impl AmqpBackend {
         self.shared.problem.lock().ok().and_then(|p| p.clone())
     }
 
-    /// Registers a named reply queue; it is consumed from the next connect on.
+    /// Registers a named reply queue; the connection task consumes it within a second.
     fn use_reply_queue(&self, queue: &str) {
-        let added = self
-            .shared
-            .reply_queues
-            .lock()
-            .map(|mut q| q.insert(queue.to_string()))
-            .unwrap_or(false);
-        if added && self.ready() {
-            // Reconnect so that the new queue is consumed; rare (a reload adding a route).
-            self.shared.broken.notify_one();
+        if let Ok(mut q) = self.shared.reply_queues.lock() {
+            q.insert(queue.to_string());
         }
     }
 }
 
 /// The connection task: connect, declare, open channels, serve until the connection dies, then
-/// again after a backoff with full jitter.
+/// again after a backoff with full jitter. The backoff only starts over after a connection
+/// that lasted, so a broker that drops every new connection is not hammered.
 async fn run(shared: Arc<Shared>) {
     let spec = &shared.spec;
     let mut delay = spec.reconnect.min.0;
     loop {
-        match connect(&shared).await {
-            Ok(live) => {
-                let conn = live.conn.clone();
-                shared.live.store(Some(Arc::new(live)));
-                if let Ok(mut p) = shared.problem.lock() {
-                    *p = None;
-                }
+        // Everything after the TCP connect (topology, channels, consumers) is bounded too.
+        let setup = spec.connect_timeout.0.saturating_mul(3);
+        match tokio::time::timeout(setup, connect(&shared)).await {
+            Ok(Ok(live)) => {
+                let live = Arc::new(live);
+                shared.live.store(Some(live.clone()));
+                shared.set_problem(None);
                 shared.metrics.broker_event(&shared.name, "connected");
                 shared.metrics.backend_ready(&shared.name, true);
                 tracing::info!(backend = %shared.name, "AMQP connection established.");
-                delay = spec.reconnect.min.0;
-                wait_for_death(&shared, &conn).await;
+                let since = tokio::time::Instant::now();
+                wait_for_death(&shared, &live).await;
                 shared.live.store(None);
+                shared.replies.fail_direct();
                 shared.metrics.broker_event(&shared.name, "disconnected");
                 shared.metrics.backend_ready(&shared.name, false);
+                shared.set_problem(Some("connection lost; reconnecting".into()));
                 tracing::warn!(backend = %shared.name, "AMQP connection lost; requests answer 503 until it is back.");
-                if let Ok(mut p) = shared.problem.lock() {
-                    *p = Some("connection lost; reconnecting".into());
+                if since.elapsed() > Duration::from_secs(10) {
+                    delay = spec.reconnect.min.0;
                 }
                 // Close what is left without waiting for a broker that may be gone.
                 let _ = tokio::time::timeout(
                     Duration::from_secs(1),
-                    conn.close(200, "reconnecting".into()),
+                    live.conn.close(200, "reconnecting".into()),
                 )
                 .await;
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 if e.operator {
                     tracing::error!(backend = %shared.name, error = %e.message, "AMQP setup failed; fix the broker or the backend's topology.");
                 } else {
                     tracing::warn!(backend = %shared.name, error = %e.message, "Cannot connect to the AMQP broker; retrying.");
                 }
-                if let Ok(mut p) = shared.problem.lock() {
-                    *p = Some(e.message);
-                }
+                shared.set_problem(Some(e.message));
+            }
+            Err(_) => {
+                let msg = format!(
+                    "the broker did not finish the setup within {}",
+                    humantime::format_duration(setup)
+                );
+                tracing::warn!(backend = %shared.name, error = %msg, "Cannot connect to the AMQP broker; retrying.");
+                shared.set_problem(Some(msg));
             }
         }
         let wait = Duration::from_secs_f64(delay.as_secs_f64() * fastrand::f64())
             .max(spec.reconnect.min.0);
         tokio::time::sleep(wait).await;
-        delay = (delay * 2).min(spec.reconnect.max.0);
+        delay = delay.saturating_mul(2).min(spec.reconnect.max.0);
     }
 }
 
@@ -204,8 +249,10 @@ impl SetupError {
 }
 
 /// Resolves when the connection is dead: an error event with the connection no longer
-/// connected, a publish that saw it fail, or a status check that finds it gone.
-async fn wait_for_death(shared: &Shared, conn: &Connection) {
+/// connected, a publish that saw it fail, or a status check that finds it gone. Meanwhile, once
+/// a second, it makes sure every named reply queue has a live consumer.
+async fn wait_for_death(shared: &Arc<Shared>, live: &Live) {
+    let conn = &live.conn;
     let mut events = conn.events_listener();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -216,17 +263,47 @@ async fn wait_for_death(shared: &Shared, conn: &Connection) {
                 }
             }
             _ = shared.broken.notified() => {}
-            _ = tick.tick() => {}
+            _ = tick.tick() => consume_named_queues(shared, live).await,
         }
         if !conn.status().connected() {
             return;
         }
-        // A reload added a named reply queue: start over so that it is consumed.
-        if shared.live.load().as_ref().is_some_and(|l| {
-            let want = shared.reply_queues.lock().map(|q| q.len()).unwrap_or(0);
-            l.pumps.len() < l.slots.len() + want
-        }) {
-            return;
+    }
+}
+
+/// Starts a consumer for each registered reply queue that has none (new, or whose consumer
+/// ended). A queue that cannot be consumed is reported; it fails only the routes that use it.
+async fn consume_named_queues(shared: &Arc<Shared>, live: &Live) {
+    let wanted: Vec<String> = shared
+        .reply_queues
+        .lock()
+        .map(|q| q.iter().cloned().collect())
+        .unwrap_or_default();
+    for q in wanted {
+        let running = live
+            .named
+            .lock()
+            .map(|n| n.get(&q).is_some_and(|p| !p.0.is_finished()))
+            .unwrap_or(true);
+        if running {
+            continue;
+        }
+        let started = async {
+            let ch = live.conn.create_channel().await?;
+            consume_replies(shared, &ch, &q, false).await
+        };
+        match tokio::time::timeout(shared.spec.connect_timeout.0, started).await {
+            Ok(Ok(pump)) => {
+                if let Ok(mut n) = live.named.lock() {
+                    n.insert(q, pump);
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::error!(backend = %shared.name, queue = %q, error = %e, "Cannot consume the reply queue; its routes time out until it exists.");
+            }
+            Err(_) => {
+                tracing::warn!(backend = %shared.name, queue = %q, "Consuming the reply queue timed out; trying again.");
+            }
         }
     }
 }
@@ -245,28 +322,23 @@ async fn connect(shared: &Arc<Shared>) -> Result<Live, SetupError> {
     let props = ConnectionProperties::default()
         .with_connection_name(format!("switchyard {}", shared.name).into());
     let connecting = async {
-        match &spec.tls {
-            Some(tls) if tls.ca.is_some() || tls.cert.is_some() => {
-                let ca =
-                    match &tls.ca {
-                        Some(p) => Some(std::fs::read_to_string(p).map_err(|e| {
-                            lapin::Error::from(lapin::ErrorKind::IOError(Arc::new(e)))
-                        })?),
-                        None => None,
-                    };
+        match spec.tls.as_ref().and_then(|t| t.ca.as_ref()) {
+            Some(ca) => {
+                let ca = std::fs::read_to_string(ca)
+                    .map_err(|e| lapin::Error::from(lapin::ErrorKind::IOError(Arc::new(e))))?;
                 let runtime = lapin::runtime::default_runtime()?;
                 Connection::connect_with_config(
                     &uri,
                     props,
                     lapin::tcp::OwnedTLSConfig {
                         identity: None,
-                        cert_chain: ca,
+                        cert_chain: Some(ca),
                     },
                     runtime,
                 )
                 .await
             }
-            _ => Connection::connect(&uri, props).await,
+            None => Connection::connect(&uri, props).await,
         }
     };
     let conn = match tokio::time::timeout(spec.connect_timeout.0, connecting).await {
@@ -285,50 +357,35 @@ async fn connect(shared: &Arc<Shared>) -> Result<Live, SetupError> {
         }
         Ok(Ok(c)) => Arc::new(c),
     };
-    let bounded =
-        |what: &'static str| move |e: lapin::Error| SetupError::transient(format!("{what}: {e}"));
     declare_topology(&conn, spec).await?;
     let mut slots = Vec::with_capacity(spec.channels);
-    let mut pumps = Vec::new();
     for _ in 0..spec.channels {
-        let ch = open_channel(&conn)
+        let ch = open_slot(shared, &conn)
             .await
-            .map_err(bounded("opening a channel"))?;
-        pumps.push(
-            consume_replies(shared, &ch, DIRECT_REPLY_TO, true)
-                .await
-                .map_err(bounded("consuming direct replies"))?,
-        );
+            .map_err(|e| SetupError::transient(format!("opening a channel: {e}")))?;
         slots.push(Slot {
             channel: Mutex::new(Some(ch)),
         });
     }
-    let queues: Vec<String> = shared
-        .reply_queues
-        .lock()
-        .map(|q| q.iter().cloned().collect())
-        .unwrap_or_default();
-    for q in queues {
-        let ch = conn
-            .create_channel()
-            .await
-            .map_err(bounded("opening a reply channel"))?;
-        pumps.push(
-            consume_replies(shared, &ch, &q, false)
-                .await
-                .map_err(|e| SetupError {
-                    message: format!("cannot consume reply queue `{q}`: {e}"),
-                    operator: true,
-                })?,
-        );
-    }
-    Ok(Live { conn, slots, pumps })
+    let live = Live {
+        conn,
+        slots,
+        named: std::sync::Mutex::new(HashMap::new()),
+    };
+    consume_named_queues(shared, &live).await;
+    Ok(live)
 }
 
-async fn open_channel(conn: &Connection) -> lapin::Result<Channel> {
+/// A channel in confirm mode, consuming direct reply-to (so request/reply works on every
+/// channel of the pool).
+async fn open_slot(shared: &Arc<Shared>, conn: &Connection) -> lapin::Result<SlotChannel> {
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    Ok(ch)
+    let pump = consume_replies(shared, &ch, DIRECT_REPLY_TO, true).await?;
+    Ok(SlotChannel {
+        channel: ch,
+        _replies: pump,
+    })
 }
 
 /// Declares the backend's exchanges, queues and bindings. A declaration that does not match
@@ -430,7 +487,9 @@ async fn declare_topology(conn: &Connection, spec: &AmqpBackendSpec) -> Result<(
     Ok(())
 }
 
-/// Consumes replies from `queue` on `ch` and hands each to its waiter by correlation id.
+/// Consumes replies from `queue` on `ch` and hands each to its waiter by correlation id. A
+/// named queue is consumed exclusively: a second gateway on the same reply queue would take
+/// replies meant for the first, so it fails loudly instead.
 async fn consume_replies(
     shared: &Arc<Shared>,
     ch: &Channel,
@@ -443,17 +502,22 @@ async fn consume_replies(
             "".into(),
             BasicConsumeOptions {
                 no_ack,
+                exclusive: !no_ack,
                 ..Default::default()
             },
             FieldTable::default(),
         )
         .await?;
-    let shared = shared.clone();
+    // Weak: a consumer must not keep a removed backend's state alive.
+    let weak = Arc::downgrade(shared);
     let task = tokio::spawn(async move {
         while let Some(Ok(delivery)) = consumer.next().await {
             if !no_ack {
                 let _ = delivery.ack(BasicAckOptions::default()).await;
             }
+            let Some(shared) = weak.upgrade() else {
+                break;
+            };
             let id = delivery
                 .properties
                 .correlation_id()
@@ -468,7 +532,7 @@ async fn consume_replies(
                     .and_then(|mut w| w.remove(&id))
             });
             match waiter {
-                Some(tx) => {
+                Some((tx, _)) => {
                     let _ = tx.send(delivery);
                 }
                 None => {
@@ -628,9 +692,9 @@ impl AmqpRouteService {
         if let Some(ct) = content_type.and_then(|c| ShortString::try_new(c).ok()) {
             props = props.with_content_type(ct);
         }
-        if let Some(enc) = parts
-            .headers
-            .get(header::CONTENT_ENCODING)
+        if let Some(enc) = (!route.envelope)
+            .then(|| parts.headers.get(header::CONTENT_ENCODING))
+            .flatten()
             .and_then(|v| v.to_str().ok())
             .and_then(|v| ShortString::try_new(v.to_string()).ok())
         {
@@ -665,30 +729,40 @@ impl AmqpRouteService {
             .live
             .load_full()
             .ok_or_else(|| self.unavailable("not connected to the broker", None))?;
-        let n = live.slots.len();
-        let start = self.shared.next.fetch_add(1, Ordering::Relaxed);
-        // A free channel if there is one; otherwise wait for the next in turn.
-        let mut guard = None;
-        for i in 0..n {
-            if let Ok(g) = live.slots[(start + i) % n].channel.try_lock() {
-                guard = Some(g);
-                break;
-            }
+        if live.conn.status().blocked() {
+            return Err(self
+                .unavailable(
+                    "the broker is blocking publishers (a memory or disk alarm)",
+                    None,
+                )
+                .into());
         }
         let within = self.shared.spec.confirm_timeout.0;
+        let n = live.slots.len();
+        let start = self.shared.next.fetch_add(1, Ordering::Relaxed);
+        // A free channel if there is one; otherwise wait for the next in turn. Nothing is sent
+        // yet, so running out of time here is a plain (retryable) 503.
+        let free = (0..n).find_map(|i| live.slots[(start + i) % n].channel.try_lock().ok());
+        let mut guard = match free {
+            Some(g) => g,
+            None => tokio::time::timeout(within, live.slots[start % n].channel.lock())
+                .await
+                .map_err(|_| self.unavailable("every channel stayed busy", None))?,
+        };
+        // A channel the broker closed, or one discarded after an unconfirmed publish, is
+        // replaced (with its reply consumer).
+        if guard
+            .as_ref()
+            .is_none_or(|c| !c.channel.status().connected())
+        {
+            let opened = tokio::time::timeout(within, open_slot(&self.shared, &live.conn))
+                .await
+                .map_err(|_| self.unavailable("opening a channel timed out", None))?
+                .map_err(|e| self.publish_error(e, exchange, false))?;
+            *guard = Some(opened);
+        }
+        let ch = guard.as_ref().expect("set above").channel.clone();
         let attempt = async {
-            let mut guard = match guard {
-                Some(g) => g,
-                None => live.slots[start % n].channel.lock().await,
-            };
-            // A channel the broker closed (a publish to a missing exchange) is replaced.
-            if guard.as_ref().is_none_or(|c| !c.status().connected()) {
-                let ch = open_channel(&live.conn)
-                    .await
-                    .map_err(|e| self.publish_error(e, exchange, false))?;
-                *guard = Some(ch);
-            }
-            let ch = guard.as_ref().expect("set above");
             let confirm = ch
                 .basic_publish(
                     exchange.clone(),
@@ -701,13 +775,18 @@ impl AmqpRouteService {
                     props,
                 )
                 .await
-                .map_err(|e| self.publish_error(e, exchange, false))?;
+                .map_err(|e| (false, e))?;
             // From here on the broker may have the message, whatever happens next.
-            confirm
-                .await
-                .map_err(|e| self.publish_error(e, exchange, true))
+            confirm.await.map_err(|e| (true, e))
         };
-        match tokio::time::timeout(within, attempt).await {
+        let outcome = tokio::time::timeout(within, attempt).await;
+        if !matches!(outcome, Ok(Ok(_))) {
+            // Its publish may still be pending: never reuse the channel, or a later publish
+            // could be handed this one's confirm or return.
+            discard(guard.take());
+        }
+        drop(guard);
+        match outcome {
             Err(_) => {
                 self.shared
                     .metrics
@@ -719,7 +798,10 @@ impl AmqpRouteService {
                 }
                 .into())
             }
-            Ok(Ok(Confirmation::Ack(None))) | Ok(Ok(Confirmation::NotRequested)) => Ok(()),
+            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::NotRequested)) => {
+                Err(GatewayError::Internal("a channel of the pool was not in confirm mode").into())
+            }
             Ok(Ok(Confirmation::Ack(Some(_)))) => {
                 self.shared
                     .metrics
@@ -740,27 +822,34 @@ impl AmqpRouteService {
                     .unavailable("the broker refused the message (nack)", None)
                     .into())
             }
-            Ok(Err(e)) => Err(e),
+            Ok(Err((sent, e))) => Err(self.publish_error(e, exchange, sent)),
         }
     }
 
     /// The error for a failed publish step. `sent`: the frames had left, so the broker may
-    /// have the message (an unconfirmed outcome, never retried for the client).
+    /// have the message (an unconfirmed outcome, never retried for the client) — unless the
+    /// broker refused it on the channel, which says it did not take it.
     fn publish_error(&self, e: lapin::Error, exchange: &ShortString, sent: bool) -> BoxError {
-        if let lapin::ErrorKind::ProtocolError(amqp) = e.kind()
-            && amqp.get_id() == 404
-        {
-            return GatewayError::Unroutable {
-                backend: self.shared.name.clone(),
-                exchange: exchange.to_string(),
-                routing_key: String::new(),
-                status: self.unroutable,
+        if let lapin::ErrorKind::ProtocolError(amqp) = e.kind() {
+            if amqp.get_id() == 404 {
+                return GatewayError::Unroutable {
+                    backend: self.shared.name.clone(),
+                    exchange: exchange.to_string(),
+                    routing_key: String::new(),
+                    status: self.unroutable,
+                }
+                .into();
             }
-            .into();
+            if e.is_amqp_soft_error() {
+                return GatewayError::BadGateway {
+                    backend: self.shared.name.clone(),
+                    reason: "the broker refused the message",
+                    source: Some(Box::new(e)),
+                }
+                .into();
+            }
         }
-        if !e.is_amqp_soft_error() {
-            self.shared.broken.notify_one();
-        }
+        self.shared.broken.notify_one();
         if sent {
             return GatewayError::Unconfirmed {
                 backend: self.shared.name.clone(),
@@ -815,7 +904,7 @@ impl AmqpRouteService {
             .waiting
             .lock()
             .map_err(|_| GatewayError::Internal("the reply table is poisoned"))?
-            .insert(correlation_id.clone(), tx);
+            .insert(correlation_id.clone(), (tx, reply.queue == DIRECT_REPLY_TO));
         let _waiting = Waiting {
             replies,
             id: correlation_id,
@@ -826,34 +915,46 @@ impl AmqpRouteService {
         let wait = deadline.map_or(Duration::from_secs(30), |d| d.remaining());
         let delivery = match tokio::time::timeout(wait, rx).await {
             Ok(Ok(d)) => d,
-            _ => {
+            Ok(Err(_)) => {
+                return Err(GatewayError::BadGateway {
+                    backend: self.shared.name.clone(),
+                    reason: "the connection to the broker was lost before the reply came",
+                    source: None,
+                }
+                .into());
+            }
+            Err(_) => {
                 return Err(GatewayError::Timeout {
                     after: deadline.map_or(wait, |d| d.total),
                 }
                 .into());
             }
         };
-        Ok(reply_response(
-            &delivery.properties,
-            &delivery.data,
-            &reply.status_header,
-        ))
+        reply_response(&delivery.properties, &delivery.data, &reply.status_header).ok_or_else(
+            || {
+                GatewayError::BadGateway {
+                    backend: self.shared.name.clone(),
+                    reason: "the reply's status header does not hold an HTTP status (200-599)",
+                    source: None,
+                }
+                .into()
+            },
+        )
     }
 }
 
 /// The HTTP answer made of a reply message: its body, its content type, and the status its
-/// status header carries (200 when absent or not a valid status).
-fn reply_response(p: &BasicProperties, data: &[u8], status_header: &str) -> Response {
-    let status = p
-        .headers()
-        .as_ref()
-        .and_then(|h| {
-            h.inner()
-                .iter()
-                .find(|(k, _)| k.as_str().eq_ignore_ascii_case(status_header))
-                .map(|(_, v)| v.clone())
-        })
-        .and_then(|v| match v {
+/// status header carries (200 when absent; `None` when it holds no status from 200 to 599).
+fn reply_response(p: &BasicProperties, data: &[u8], status_header: &str) -> Option<Response> {
+    let header = p.headers().as_ref().and_then(|h| {
+        h.inner()
+            .iter()
+            .find(|(k, _)| k.as_str().eq_ignore_ascii_case(status_header))
+            .map(|(_, v)| v.clone())
+    });
+    let status = match header {
+        None => http::StatusCode::OK,
+        Some(v) => match v {
             AMQPValue::LongString(s) => std::str::from_utf8(s.as_bytes()).ok()?.trim().parse().ok(),
             AMQPValue::ShortString(s) => s.as_str().trim().parse().ok(),
             AMQPValue::LongInt(n) => u16::try_from(n).ok(),
@@ -863,9 +964,10 @@ fn reply_response(p: &BasicProperties, data: &[u8], status_header: &str) -> Resp
             AMQPValue::LongUInt(n) => u16::try_from(n).ok(),
             AMQPValue::ShortUInt(n) => Some(n),
             _ => None,
-        })
-        .and_then(|n: u16| http::StatusCode::from_u16(n).ok())
-        .unwrap_or(http::StatusCode::OK);
+        }
+        .filter(|n: &u16| (200..600).contains(n))
+        .and_then(|n| http::StatusCode::from_u16(n).ok())?,
+    };
     let mut r = http::Response::new(full_body(Bytes::copy_from_slice(data)));
     *r.status_mut() = status;
     let ct = p
@@ -881,7 +983,7 @@ fn reply_response(p: &BasicProperties, data: &[u8], status_header: &str) -> Resp
     {
         r.headers_mut().insert("x-reply-message-id", id);
     }
-    r
+    Some(r)
 }
 
 /// The documented JSON envelope: method, path, path params, query, allow-listed headers and
@@ -943,6 +1045,21 @@ fn envelope(
     env.to_string().into_bytes()
 }
 
+/// Closes a channel that must not be used again, in the background and bounded in time.
+fn discard(slot: Option<SlotChannel>) {
+    if let Some(old) = slot
+        && let Ok(rt) = tokio::runtime::Handle::try_current()
+    {
+        rt.spawn(async move {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                old.channel.close(200, "discarded".into()),
+            )
+            .await;
+        });
+    }
+}
+
 impl tower::Service<Request> for AmqpRouteService {
     type Response = Response;
     type Error = BoxError;
@@ -987,8 +1104,18 @@ mod tests {
         let p = BasicProperties::default()
             .with_headers(h)
             .with_content_type("text/plain".into());
-        let r = reply_response(&p, b"made", "X-Status");
+        let r = reply_response(&p, b"made", "X-Status").unwrap();
         assert_eq!(r.status(), 201);
+        let mut h = FieldTable::default();
+        h.insert("x-status".into(), AMQPValue::LongString("101".into()));
+        let bad = BasicProperties::default().with_headers(h);
+        assert!(reply_response(&bad, b"", "x-status").is_none());
+        assert_eq!(
+            reply_response(&BasicProperties::default(), b"", "x-status")
+                .unwrap()
+                .status(),
+            200
+        );
         assert_eq!(r.headers()[header::CONTENT_TYPE], "text/plain");
     }
 }

@@ -221,12 +221,26 @@ fn validate_amqp_route(
             "the answer after the broker's confirm is a 2xx status",
         );
     }
-    if a.expiration.is_some_and(|d| d.0.is_zero()) {
-        cx.err(&format!("{base}.amqp.expiration"), id, "must be above zero");
+    if a.expiration.is_some_and(|d| d.0.as_millis() == 0) {
+        cx.err(
+            &format!("{base}.amqp.expiration"),
+            id,
+            "at least 1ms (the property counts milliseconds)",
+        );
+    }
+    for (key, v) in [
+        ("app_id", Some(&a.app_id)),
+        ("type", a.message_type.as_ref()),
+        ("reply.queue", a.reply.as_ref().map(|r| &r.queue)),
+    ] {
+        if v.is_some_and(|v| v.len() > 255) {
+            cx.err(&format!("{base}.amqp.{key}"), id, "at most 255 bytes");
+        }
     }
     for (i, h) in a.headers.iter().enumerate() {
         let lower = h.to_ascii_lowercase();
         if HeaderName::from_bytes(h.as_bytes()).is_err()
+            || h.len() > 255
             || AMQP_FORBIDDEN_HEADERS.contains(&lower.as_str())
         {
             cx.err(
@@ -273,12 +287,12 @@ fn validate_amqp_backend(cx: &mut Ctx, base: &str, a: &AmqpBackendSpec) {
         }
     }
     if let Some(tls) = &a.tls
-        && tls.cert.is_some() != tls.key.is_some()
+        && (tls.cert.is_some() || tls.key.is_some() || tls.server_name.is_some())
     {
         cx.err(
             &format!("{base}.tls"),
             None,
-            "a client certificate needs both `cert` and `key`",
+            "amqp backends take only `tls.ca` for now (the server name is the URL's host; client certificates are not supported yet)",
         );
     }
     if !(1..=64).contains(&a.channels) {
@@ -302,6 +316,39 @@ fn validate_amqp_backend(cx: &mut Ctx, base: &str, a: &AmqpBackendSpec) {
         );
     }
     let t = &a.topology;
+    let mut names: Vec<(String, &String)> = Vec::new();
+    for (i, e) in t.exchanges.iter().enumerate() {
+        names.push((format!("{base}.topology.exchanges[{i}].name"), &e.name));
+    }
+    for (i, q) in t.queues.iter().enumerate() {
+        names.push((format!("{base}.topology.queues[{i}].name"), &q.name));
+        if let Some(d) = &q.dead_letter_exchange {
+            names.push((
+                format!("{base}.topology.queues[{i}].dead_letter_exchange"),
+                d,
+            ));
+        }
+        if let Some(k) = &q.dead_letter_routing_key {
+            names.push((
+                format!("{base}.topology.queues[{i}].dead_letter_routing_key"),
+                k,
+            ));
+        }
+    }
+    for (i, b) in t.bindings.iter().enumerate() {
+        for (key, v) in [
+            ("queue", &b.queue),
+            ("exchange", &b.exchange),
+            ("routing_key", &b.routing_key),
+        ] {
+            names.push((format!("{base}.topology.bindings[{i}].{key}"), v));
+        }
+    }
+    for (path, v) in names {
+        if v.len() > 255 {
+            cx.err(&path, None, "at most 255 bytes");
+        }
+    }
     for (i, e) in t.exchanges.iter().enumerate() {
         if e.name.is_empty() || e.name.starts_with("amq.") {
             cx.err(

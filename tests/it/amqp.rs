@@ -343,6 +343,10 @@ async fn request_reply_over_direct_reply_to_and_a_named_queue() {
     backend: rabbit
     timeout: 300ms
     amqp: {{ exchange: "{x}", routing_key: rpc, reply: {{}} }}
+  - id: ask-nowhere
+    match: {{ method: POST, path: /ask-nowhere }}
+    backend: rabbit
+    amqp: {{ exchange: "{x}-missing", routing_key: rpc, reply: {{}} }}
   - id: ask-named
     match: {{ method: POST, path: /ask-named }}
     backend: rabbit
@@ -368,6 +372,16 @@ async fn request_reply_over_direct_reply_to_and_a_named_queue() {
     assert_eq!(s, 201, "{}", String::from_utf8_lossy(&b));
     assert_eq!(h["content-type"], "text/plain");
     assert_eq!(&b[..], b"re: hello");
+
+    // Publishes to a missing exchange close their channels; the replacements still get replies.
+    for _ in 0..6 {
+        let (s, _, b) = send(ask("/ask-nowhere", "x", "200")).await;
+        assert_eq!(s, 502, "{}", String::from_utf8_lossy(&b));
+    }
+    for i in 0..6 {
+        let (s, _, b) = send(ask("/ask", "again", "200")).await;
+        assert_eq!((s.as_u16(), &b[..]), (200, &b"re: again"[..]), "try {i}");
+    }
 
     let (s, _, b) = send(ask("/ask-named", "named", "200")).await;
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
@@ -604,4 +618,42 @@ routes:
     drop(worker);
     let conn = mq::client().await;
     mq::cleanup(&conn, &[&x], &[&orders, &quotes]).await;
+}
+
+#[tokio::test]
+async fn a_reply_wait_ends_at_once_when_the_connection_dies() {
+    let proxy = BrokerProxy::start().await;
+    let (x, q) = (mq::unique("x"), mq::unique("q"));
+    let gw = Gateway::start(&config(
+        &proxy.url(),
+        &x,
+        &q,
+        "rpc",
+        &format!(
+            r#"
+  - id: ask
+    match: {{ method: POST, path: /ask }}
+    backend: rabbit
+    timeout: 20s
+    amqp: {{ exchange: "{x}", routing_key: rpc, reply: {{}} }}"#
+        ),
+    ))
+    .await;
+    gw.wait_backend("rabbit", true).await;
+    let started = Instant::now();
+    let req = request(Method::POST, &gw.url("/ask")).body(body("ignore")).unwrap();
+    let call = tokio::spawn(send(req));
+    // Nobody answers: the request sits in the queue (confirmed) while the gateway waits.
+    let conn = mq::client().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mq::depth(&conn, &q).await == 0 && !call.is_finished() {
+        assert!(Instant::now() < deadline, "the request never reached the queue");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.cut();
+    let (s, _, b) = call.await.unwrap();
+    assert_eq!(s, 502, "{}", String::from_utf8_lossy(&b));
+    assert!(started.elapsed() < Duration::from_secs(10), "not held until the 20 s timeout");
+    mq::cleanup(&conn, &[&x], &[&q]).await;
 }
