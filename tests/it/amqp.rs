@@ -641,19 +641,68 @@ async fn a_reply_wait_ends_at_once_when_the_connection_dies() {
     .await;
     gw.wait_backend("rabbit", true).await;
     let started = Instant::now();
-    let req = request(Method::POST, &gw.url("/ask")).body(body("ignore")).unwrap();
+    let req = request(Method::POST, &gw.url("/ask"))
+        .body(body("ignore"))
+        .unwrap();
     let call = tokio::spawn(send(req));
     // Nobody answers: the request sits in the queue (confirmed) while the gateway waits.
     let conn = mq::client().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while mq::depth(&conn, &q).await == 0 && !call.is_finished() {
-        assert!(Instant::now() < deadline, "the request never reached the queue");
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the queue"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     proxy.cut();
     let (s, _, b) = call.await.unwrap();
     assert_eq!(s, 502, "{}", String::from_utf8_lossy(&b));
-    assert!(started.elapsed() < Duration::from_secs(10), "not held until the 20 s timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "not held until the 20 s timeout"
+    );
+    mq::cleanup(&conn, &[&x], &[&q]).await;
+}
+
+#[tokio::test]
+async fn a_reload_that_keeps_the_backend_keeps_its_connection() {
+    let url = mq::broker_url().await;
+    let (x, q) = (mq::unique("x"), mq::unique("q"));
+    let first = one_route(&url, &x, &q, "k", "/p");
+    let gw = Gateway::start(&first).await;
+    gw.wait_backend("rabbit", true).await;
+    let connects = |m: &[u8]| {
+        String::from_utf8_lossy(m)
+            .lines()
+            .find(|l| {
+                l.starts_with(
+                    "switchyard_broker_events_total{backend=\"rabbit\",event=\"connected\"}",
+                )
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let (_, _, m) = get(&gw.admin_url("/metrics")).await;
+    assert_eq!(connects(&m), 1);
+    let version = gw.version().await;
+    let second = format!(
+        "{first}\n  - id: p2\n    match: {{ method: POST, path: /p2 }}\n    backend: rabbit\n    amqp: {{ exchange: \"{x}\", routing_key: k }}\n"
+    );
+    std::fs::write(gw.config_path(), with_ephemeral_server(&second)).unwrap();
+    let (s, b) = gw.reload().await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    gw.wait_version(version + 1).await;
+    let (s, _, _) = send(
+        request(Method::POST, &gw.url("/p2"))
+            .body(body("x"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 202);
+    let (_, _, m) = get(&gw.admin_url("/metrics")).await;
+    assert_eq!(connects(&m), 1, "the connection was kept");
+    let conn = mq::client().await;
     mq::cleanup(&conn, &[&x], &[&q]).await;
 }
