@@ -5,6 +5,7 @@
 pub mod amqp;
 pub mod grpc;
 pub mod http;
+pub mod mqtt;
 pub mod values;
 
 use std::collections::HashMap;
@@ -111,6 +112,7 @@ enum Handle {
     Http(Arc<http::HttpBackend>),
     Grpc(Arc<grpc::GrpcBackend>),
     Amqp(Arc<amqp::AmqpBackend>),
+    Mqtt(Arc<mqtt::MqttBackend>),
 }
 
 /// Aborts a background task (a readiness probe) when its backend is dropped after a reload
@@ -180,6 +182,10 @@ impl BuiltBackend {
             BackendSpec::Amqp(a) => {
                 Handle::Amqp(Arc::new(amqp::AmqpBackend::new(name, a, metrics)))
             }
+            BackendSpec::Mqtt(m) => Handle::Mqtt(Arc::new(
+                mqtt::MqttBackend::new(name, m, metrics)
+                    .map_err(|e| format!("backend `{name}`: {e}"))?,
+            )),
         };
         Ok(BuiltBackend {
             name: name.to_string(),
@@ -195,6 +201,7 @@ impl BuiltBackend {
             Handle::Http(h) => h.ready(),
             Handle::Grpc(g) => g.ready(),
             Handle::Amqp(a) => a.ready(),
+            Handle::Mqtt(m) => m.ready(),
         }
     }
 
@@ -202,6 +209,7 @@ impl BuiltBackend {
     pub fn problem(&self) -> Option<String> {
         match &self.handle {
             Handle::Amqp(a) => a.problem(),
+            Handle::Mqtt(m) => m.problem(),
             _ => None,
         }
     }
@@ -224,7 +232,7 @@ impl BuiltBackend {
     /// native gRPC routes).
     pub fn generated_routes(&self) -> Result<Vec<RouteSpec>, String> {
         match &self.handle {
-            Handle::Http(_) | Handle::Amqp(_) => Ok(vec![]),
+            Handle::Http(_) | Handle::Amqp(_) | Handle::Mqtt(_) => Ok(vec![]),
             Handle::Grpc(g) => g.generated_routes(),
         }
     }
@@ -247,6 +255,12 @@ impl BuiltBackend {
                     "a route to an amqp backend needs `amqp:` settings".to_string()
                 })?;
                 RouteService::new(amqp::AmqpRouteService::new(a, route, spec)?)
+            }
+            Handle::Mqtt(m) => {
+                let spec = route.mqtt.as_ref().ok_or_else(|| {
+                    "a route to an mqtt backend needs `mqtt:` settings".to_string()
+                })?;
+                RouteService::new(mqtt::MqttRouteService::new(m, route, spec)?)
             }
         })
     }

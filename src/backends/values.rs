@@ -52,8 +52,21 @@ impl<'a> RequestValues<'a> {
 
     /// Fills `t`; `what` names the result in error messages ("the routing key").
     pub fn render(&self, t: &ValueTemplate, what: &str) -> Result<String, GatewayError> {
+        self.render_checked(t, what, |_, _| Ok(()))
+    }
+
+    /// [`render`](Self::render), with `check(name, value)` run on every value the request
+    /// supplies (`name` as written in the template: `device`, `query.x`, `body.a.b`); its
+    /// error becomes a 400 naming the value.
+    pub fn render_checked(
+        &self,
+        t: &ValueTemplate,
+        what: &str,
+        check: impl Fn(&str, &str) -> Result<(), String>,
+    ) -> Result<String, GatewayError> {
         let mut out = String::new();
         for part in &t.parts {
+            let start = out.len();
             match part {
                 ValuePart::Lit(l) => out.push_str(l),
                 ValuePart::Param(p) => {
@@ -109,6 +122,14 @@ impl<'a> RequestValues<'a> {
                     }
                 }
             }
+            if let Some(name) = part_name(part)
+                && let Err(why) = check(&name, &out[start..])
+            {
+                return Err(GatewayError::BadRequest {
+                    detail: format!("The value of `{name}` cannot go into {what}: {why}."),
+                    field: Some(name),
+                });
+            }
         }
         if out.bytes().any(|b| b == 0 || b == b'\r' || b == b'\n') {
             return Err(GatewayError::BadRequest {
@@ -117,6 +138,17 @@ impl<'a> RequestValues<'a> {
             });
         }
         Ok(out)
+    }
+}
+
+/// The name of a template part that takes a request value, as written in the template.
+fn part_name(p: &ValuePart) -> Option<String> {
+    match p {
+        ValuePart::Lit(_) => None,
+        ValuePart::Param(n) => Some(n.clone()),
+        ValuePart::Query(q) => Some(format!("query.{q}")),
+        ValuePart::Header(h) => Some(format!("header.{h}")),
+        ValuePart::Body(path) => Some(format!("body.{}", path.join("."))),
     }
 }
 

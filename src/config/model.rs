@@ -441,6 +441,8 @@ pub enum BackendSpec {
     Grpc(GrpcBackendSpec),
     /// A RabbitMQ broker (AMQP 0-9-1): confirmed publishes and request/reply.
     Amqp(AmqpBackendSpec),
+    /// An MQTT 5 broker: acknowledged publishes.
+    Mqtt(MqttBackendSpec),
 }
 
 impl BackendSpec {
@@ -449,6 +451,7 @@ impl BackendSpec {
             BackendSpec::Http(_) => "http",
             BackendSpec::Grpc(_) => "grpc",
             BackendSpec::Amqp(_) => "amqp",
+            BackendSpec::Mqtt(_) => "mqtt",
         }
     }
 
@@ -468,6 +471,11 @@ impl BackendSpec {
                 breaker: a.breaker.clone(),
                 retry_budget: a.retry_budget.clone(),
                 concurrency_limit: a.concurrency_limit,
+            },
+            BackendSpec::Mqtt(m) => BackendPolicy {
+                breaker: m.breaker.clone(),
+                retry_budget: m.retry_budget.clone(),
+                concurrency_limit: m.concurrency_limit,
             },
         }
     }
@@ -796,6 +804,86 @@ fn default_status_header() -> String {
     "x-status".into()
 }
 
+/// An MQTT 5 broker: one client with a persistent session, its event loop polled in its own
+/// task, every QoS 1/2 publish tracked until the broker acknowledged it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MqttBackendSpec {
+    /// `mqtt://host:1883`.
+    pub url: String,
+    /// The client id (the session's name); `switchyard-<backend>` when absent. Two gateways on
+    /// one broker need different ids.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default = "default_mqtt_keep_alive")]
+    pub keep_alive: Dur,
+    /// Largest packet sent or accepted (rumqttc's own default is only 10 KiB).
+    #[serde(default = "default_mqtt_packet")]
+    pub max_packet_size: Size,
+    /// How long the broker keeps the session (and the messages for it) after a disconnect.
+    #[serde(default = "default_session_expiry")]
+    pub session_expiry: Dur,
+    /// Publishes in flight (sent, not yet acknowledged) at most.
+    #[serde(default = "default_mqtt_inflight")]
+    pub inflight: u16,
+    #[serde(default = "default_amqp_connect_timeout")]
+    pub connect_timeout: Dur,
+    #[serde(default)]
+    pub reconnect: BackoffSpec,
+    #[serde(default)]
+    pub breaker: BreakerSpec,
+    #[serde(default)]
+    pub retry_budget: RetryBudgetSpec,
+    #[serde(default)]
+    pub concurrency_limit: Option<usize>,
+}
+
+fn default_mqtt_keep_alive() -> Dur {
+    Dur::secs(30)
+}
+fn default_mqtt_packet() -> Size {
+    Size(1024 * 1024)
+}
+fn default_session_expiry() -> Dur {
+    Dur::secs(3600)
+}
+fn default_mqtt_inflight() -> u16 {
+    100
+}
+
+/// How a route publishes to an `mqtt` backend.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MqttRouteSpec {
+    /// Topic template: `{param}`, `{query.x}`, `{header.x}`, `{body.a.b}`.
+    pub topic: String,
+    /// 0, 1 or 2.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    #[serde(default)]
+    pub retain: bool,
+    /// Template variables whose values may span topic levels (may contain `/`).
+    #[serde(default)]
+    pub multi_level: Vec<String>,
+    /// Message expiry; the request's remaining deadline when absent.
+    #[serde(default)]
+    pub message_expiry: Option<Dur>,
+    /// Request headers sent as MQTT 5 user properties (besides `traceparent`).
+    #[serde(default)]
+    pub headers: Vec<String>,
+    /// The answer once the broker acknowledged (QoS 1, 2) or the message was written (QoS 0).
+    #[serde(default = "default_accepted")]
+    pub status: u16,
+}
+
+fn default_qos() -> u8 {
+    1
+}
+
 /// TLS towards a backend: whom to trust, the name to check, and an optional client identity.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -874,6 +962,9 @@ pub struct RouteSpec {
     /// Settings for an `amqp` backend.
     #[serde(default)]
     pub amqp: Option<AmqpRouteSpec>,
+    /// Settings for an `mqtt` backend.
+    #[serde(default)]
+    pub mqtt: Option<MqttRouteSpec>,
     /// Overall deadline (defaults.timeout when absent).
     #[serde(default)]
     pub timeout: Option<Dur>,

@@ -268,6 +268,131 @@ fn validate_amqp_route(
     }
 }
 
+fn validate_mqtt_route(
+    cx: &mut Ctx,
+    base: &str,
+    id: Option<&str>,
+    m: &MqttRouteSpec,
+    template: Option<&PathTemplate>,
+) {
+    let captured: Vec<&str> = template.map(|t| t.captures()).unwrap_or_default();
+    match ValueTemplate::parse(&m.topic) {
+        Err(e) => cx.err(&format!("{base}.mqtt.topic"), id, e),
+        Ok(t) => {
+            for p in t.params() {
+                if template.is_some() && !captured.contains(&p) {
+                    cx.err(
+                        &format!("{base}.mqtt.topic"),
+                        id,
+                        format!("`{{{p}}}` is not captured by the route's path; capture it or use `{{query.{p}}}`, `{{header.{p}}}` or `{{body.{p}}}`"),
+                    );
+                }
+            }
+            let literal: String = t
+                .parts
+                .iter()
+                .filter_map(|p| match p {
+                    crate::config::template::ValuePart::Lit(l) => Some(l.as_str()),
+                    _ => None,
+                })
+                .collect();
+            if m.topic.is_empty() || literal.contains(['+', '#', '\0']) {
+                cx.err(
+                    &format!("{base}.mqtt.topic"),
+                    id,
+                    "a publish topic is not empty and has no `+` or `#` wildcards",
+                );
+            }
+        }
+    }
+    if m.qos > 2 {
+        cx.err(&format!("{base}.mqtt.qos"), id, "0, 1 or 2");
+    }
+    if !(200..300).contains(&m.status) {
+        cx.err(
+            &format!("{base}.mqtt.status"),
+            id,
+            "the answer after the broker's acknowledgement is a 2xx status",
+        );
+    }
+    if m.message_expiry.is_some_and(|d| d.0.as_secs() == 0) {
+        cx.err(
+            &format!("{base}.mqtt.message_expiry"),
+            id,
+            "at least 1s (MQTT counts seconds)",
+        );
+    }
+    for (i, h) in m.headers.iter().enumerate() {
+        if HeaderName::from_bytes(h.as_bytes()).is_err() {
+            cx.err(
+                &format!("{base}.mqtt.headers[{i}]"),
+                id,
+                format!("`{h}` is not a header name"),
+            );
+        }
+    }
+}
+
+fn validate_mqtt_backend(cx: &mut Ctx, base: &str, m: &MqttBackendSpec) {
+    match m.url.parse::<Uri>() {
+        Ok(u) if u.scheme_str() == Some("mqtt") && u.host().is_some() => {
+            if u.path() != "/" && !u.path().is_empty() {
+                cx.err(
+                    &format!("{base}.url"),
+                    None,
+                    "an MQTT url has no path: `mqtt://host:1883`",
+                );
+            }
+        }
+        Ok(u) if u.scheme_str() == Some("mqtts") => cx.err(
+            &format!("{base}.url"),
+            None,
+            "TLS to MQTT brokers (`mqtts://`) is not supported yet",
+        ),
+        _ => cx.err(
+            &format!("{base}.url"),
+            None,
+            format!("`{}` is not a URL like `mqtt://127.0.0.1:1883`", m.url),
+        ),
+    }
+    if m.client_id
+        .as_ref()
+        .is_some_and(|c| c.is_empty() || c.len() > 65535)
+    {
+        cx.err(&format!("{base}.client_id"), None, "1 to 65535 bytes");
+    }
+    if m.password.is_some() && m.username.is_none() {
+        cx.err(
+            &format!("{base}.password"),
+            None,
+            "a password needs a `username`",
+        );
+    }
+    if m.keep_alive.0.as_secs() < 5 || m.keep_alive.0.as_secs() > 65535 {
+        cx.err(&format!("{base}.keep_alive"), None, "from 5s to 65535s");
+    }
+    if m.max_packet_size.0 < 1024 || m.max_packet_size.0 > 268_435_455 {
+        cx.err(
+            &format!("{base}.max_packet_size"),
+            None,
+            "from 1KiB to 256MiB (the protocol's limit)",
+        );
+    }
+    if m.session_expiry.0.as_secs() == 0 || m.session_expiry.0.as_secs() > u32::MAX as u64 {
+        cx.err(
+            &format!("{base}.session_expiry"),
+            None,
+            "above zero: a persistent session is how unacknowledged publishes survive a reconnect",
+        );
+    }
+    if m.inflight == 0 {
+        cx.err(&format!("{base}.inflight"), None, "at least 1");
+    }
+    if m.connect_timeout.0.as_secs() == 0 {
+        cx.err(&format!("{base}.connect_timeout"), None, "at least 1s");
+    }
+}
+
 fn validate_amqp_backend(cx: &mut Ctx, base: &str, a: &AmqpBackendSpec) {
     match a.url.parse::<lapin::uri::AMQPUri>() {
         Err(e) => cx.err(
@@ -498,6 +623,7 @@ fn validate_backend(cx: &mut Ctx, name: &str, b: &BackendSpec) {
             }
         }
         BackendSpec::Amqp(a) => validate_amqp_backend(cx, &base, a),
+        BackendSpec::Mqtt(m) => validate_mqtt_backend(cx, &base, m),
         BackendSpec::Http(h) => {
             if h.endpoints.is_empty() {
                 cx.err(
@@ -660,6 +786,7 @@ fn validate_route(
                 ("http", route.http.is_some()),
                 ("grpc", route.grpc.is_some()),
                 ("amqp", route.amqp.is_some()),
+                ("mqtt", route.mqtt.is_some()),
             ] {
                 if present && key != kind {
                     cx.err_key_route(
@@ -681,6 +808,14 @@ fn validate_route(
                 validate_http_route(cx, &base, id, h, template.as_ref());
             }
         }
+        Some(BackendSpec::Mqtt(_)) => match &route.mqtt {
+            None => cx.err(
+                &base,
+                id,
+                "a route to an mqtt backend needs `mqtt: { topic: … }`",
+            ),
+            Some(m) => validate_mqtt_route(cx, &base, id, m, template.as_ref()),
+        },
         Some(BackendSpec::Amqp(_)) => match &route.amqp {
             None => cx.err(
                 &base,

@@ -8,6 +8,7 @@ mod grpc;
 mod http_proxy;
 mod httprule;
 mod matching;
+mod mqtt;
 mod reload;
 mod resilience;
 mod support;

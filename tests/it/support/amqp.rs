@@ -92,7 +92,11 @@ impl Drop for BrokerProxy {
 
 impl BrokerProxy {
     pub async fn start() -> BrokerProxy {
-        let upstream = broker_addr(&broker_url().await);
+        Self::start_to(broker_addr(&broker_url().await)).await
+    }
+
+    /// A proxy to any broker at `upstream` (`host:port`).
+    pub async fn start_to(upstream: String) -> BrokerProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepting = Arc::new(AtomicBool::new(true));

@@ -5,6 +5,7 @@
 
 pub mod amqp;
 pub mod grpc;
+pub mod mqtt;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -1,0 +1,490 @@
+//! The MQTT backend (MQTT 5, rumqttc): an HTTP request becomes a publish, answered only after
+//! the broker's PUBACK (QoS 1) or PUBCOMP (QoS 2), or once written to the socket (QoS 0). Sits
+//! at the bottom of a route's stack. One client per backend with a persistent session; its
+//! event loop is polled in its own task, which ties each acknowledgement to its request.
+//!
+//! rumqttc's `publish` only enqueues and reports no acknowledgement, so the gateway keeps its
+//! own book: publishes enter rumqttc's request channel in the order they enter the book's
+//! queue, rumqttc reports `Outgoing::Publish(pkid)` in that order, so the head of the queue gets
+//! that packet id, and `PubAck`/`PubComp` with the id settles it. When the connection drops,
+//! rumqttc moves unacknowledged publishes (and requests still in its channel) to its `pending`
+//! list and resends them if the broker kept the session; if the broker comes back without the
+//! session, rumqttc drops them, and the book publishes them again.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http_body_util::BodyExt;
+use rumqttc::Outgoing;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{
+    Packet, PubAckReason, PubCompReason, PubRecReason, Publish, PublishProperties,
+};
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request as MqttRequest};
+use tokio::sync::oneshot;
+
+use super::AbortOnDrop;
+use super::values::RequestValues;
+use crate::config::template::ValueTemplate;
+use crate::config::{MqttBackendSpec, MqttRouteSpec, RouteSpec};
+use crate::error::GatewayError;
+use crate::middleware::context::{Deadline, RequestContext};
+use crate::telemetry::metrics::Metrics;
+use crate::{BodyError, BoxError, Request, Response, ResponseFuture, full_body};
+
+/// How a publish ended, for its waiting request.
+type Outcome = Result<(), String>;
+
+/// One publish the gateway answers for, from enqueueing until the broker acknowledged it.
+struct Entry {
+    seq: u64,
+    publish: Publish,
+    /// Gone when the request stopped waiting (timed out); the entry is still tracked so that
+    /// the book stays in step with rumqttc.
+    tx: Option<oneshot::Sender<Outcome>>,
+}
+
+impl Entry {
+    fn settle(mut self, outcome: Outcome) {
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(outcome);
+        }
+    }
+}
+
+/// The publishes in rumqttc's hands: `queued` in the order rumqttc will send them, `inflight`
+/// by packet id once sent, `limbo` = how many of the queued ones rumqttc moved to its pending
+/// list when the connection failed.
+#[derive(Default)]
+struct Book {
+    queued: VecDeque<Entry>,
+    inflight: HashMap<u16, Entry>,
+    limbo: usize,
+}
+
+struct Shared {
+    name: String,
+    metrics: Arc<Metrics>,
+    client: AsyncClient,
+    connected: AtomicBool,
+    problem: std::sync::Mutex<Option<String>>,
+    book: std::sync::Mutex<Book>,
+    seq: AtomicU64,
+}
+
+pub struct MqttBackend {
+    shared: Arc<Shared>,
+    _task: Option<AbortOnDrop>,
+}
+
+impl MqttBackend {
+    /// Prepares the client and starts polling its event loop; nothing here waits for the broker.
+    pub fn new(name: &str, spec: &MqttBackendSpec, metrics: &Arc<Metrics>) -> Result<Self, String> {
+        let uri: http::Uri = spec.url.parse().map_err(|e| format!("url: {e}"))?;
+        let host = uri.host().ok_or("url: no host")?.to_string();
+        let port = uri.port_u16().unwrap_or(1883);
+        let client_id = spec
+            .client_id
+            .clone()
+            .unwrap_or_else(|| format!("switchyard-{name}"));
+        let mut opts = MqttOptions::new(client_id, host, port);
+        opts.set_keep_alive(spec.keep_alive.0)
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(spec.session_expiry.0.as_secs() as u32))
+            .set_max_packet_size(Some(spec.max_packet_size.0 as u32))
+            .set_outgoing_inflight_upper_limit(spec.inflight)
+            .set_request_channel_capacity(spec.inflight as usize)
+            .set_connection_timeout(spec.connect_timeout.0.as_secs().max(1));
+        if let Some(user) = &spec.username {
+            opts.set_credentials(user.clone(), spec.password.clone().unwrap_or_default());
+        }
+        let (client, eventloop) = AsyncClient::new(opts, spec.inflight as usize);
+        let shared = Arc::new(Shared {
+            name: name.to_string(),
+            metrics: metrics.clone(),
+            client,
+            connected: AtomicBool::new(false),
+            problem: std::sync::Mutex::new(Some("connecting".into())),
+            book: std::sync::Mutex::new(Book::default()),
+            seq: AtomicU64::new(0),
+        });
+        let task = tokio::runtime::Handle::try_current().ok().map(|rt| {
+            AbortOnDrop(
+                rt.spawn(run(
+                    Arc::downgrade(&shared),
+                    eventloop,
+                    spec.reconnect.min.0,
+                    spec.reconnect.max.0,
+                ))
+                .abort_handle(),
+            )
+        });
+        Ok(MqttBackend {
+            shared,
+            _task: task,
+        })
+    }
+
+    pub fn ready(&self) -> bool {
+        self.shared.connected.load(Ordering::SeqCst)
+    }
+
+    pub fn problem(&self) -> Option<String> {
+        self.shared.problem.lock().ok().and_then(|p| p.clone())
+    }
+}
+
+fn set_problem(shared: &Shared, p: Option<String>) {
+    if let Ok(mut cur) = shared.problem.lock() {
+        *cur = p;
+    }
+}
+
+/// Polls the event loop for as long as the backend exists, settling publishes as the broker
+/// acknowledges them and reconnecting with backoff when the connection fails.
+async fn run(
+    weak: std::sync::Weak<Shared>,
+    mut eventloop: EventLoop,
+    min: Duration,
+    max: Duration,
+) {
+    let mut delay = min;
+    loop {
+        let event = eventloop.poll().await;
+        let Some(shared) = weak.upgrade() else {
+            return;
+        };
+        match event {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                let republished = {
+                    let mut book = shared.book.lock().expect("book");
+                    let mut again = 0;
+                    if !ack.session_present {
+                        // rumqttc dropped what it held for the old session: publish it again,
+                        // oldest first, ahead of anything newer in its channel.
+                        let mut lost: Vec<Entry> = book.inflight.drain().map(|(_, e)| e).collect();
+                        lost.sort_by_key(|e| e.seq);
+                        let limbo = book.limbo.min(book.queued.len());
+                        lost.extend(book.queued.drain(..limbo));
+                        again = lost.len();
+                        for e in lost.into_iter().rev() {
+                            eventloop
+                                .pending
+                                .push_front(MqttRequest::Publish(fresh_copy(&e.publish)));
+                            book.queued.push_front(e);
+                        }
+                    }
+                    book.limbo = 0;
+                    again
+                };
+                shared.connected.store(true, Ordering::SeqCst);
+                set_problem(&shared, None);
+                shared.metrics.broker_event(&shared.name, "connected");
+                shared.metrics.backend_ready(&shared.name, true);
+                delay = min;
+                tracing::info!(backend = %shared.name, session_present = ack.session_present, republished, "MQTT connection established.");
+            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                let mut book = shared.book.lock().expect("book");
+                if pkid != 0 && book.inflight.contains_key(&pkid) {
+                    continue; // a resend after a reconnect; already tracked
+                }
+                if let Some(e) = book.queued.pop_front() {
+                    book.limbo = book.limbo.saturating_sub(1);
+                    if pkid == 0 {
+                        e.settle(Ok(())); // QoS 0: written, nothing more will come
+                    } else {
+                        book.inflight.insert(pkid, e);
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::PubAck(ack))) => {
+                let e = shared.book.lock().expect("book").inflight.remove(&ack.pkid);
+                if let Some(e) = e {
+                    e.settle(match ack.reason {
+                        PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
+                        other => Err(format!("{other:?}")),
+                    });
+                }
+            }
+            Ok(Event::Incoming(Packet::PubRec(rec))) => {
+                if !matches!(
+                    rec.reason,
+                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                ) {
+                    let e = shared.book.lock().expect("book").inflight.remove(&rec.pkid);
+                    if let Some(e) = e {
+                        e.settle(Err(format!("{:?}", rec.reason)));
+                    }
+                }
+            }
+            Ok(Event::Incoming(Packet::PubComp(comp))) => {
+                let e = shared
+                    .book
+                    .lock()
+                    .expect("book")
+                    .inflight
+                    .remove(&comp.pkid);
+                if let Some(e) = e {
+                    e.settle(match comp.reason {
+                        PubCompReason::Success => Ok(()),
+                        other => Err(format!("{other:?}")),
+                    });
+                }
+            }
+            Ok(_) => {}
+            Err(err) => {
+                let was = shared.connected.swap(false, Ordering::SeqCst);
+                {
+                    // What rumqttc took from its channel into `pending` (never sent, so no
+                    // packet id yet) is the head of the queue.
+                    let mut book = shared.book.lock().expect("book");
+                    book.limbo = eventloop
+                        .pending
+                        .iter()
+                        .filter(|r| matches!(r, MqttRequest::Publish(p) if p.pkid == 0))
+                        .count();
+                }
+                if was {
+                    shared.metrics.broker_event(&shared.name, "disconnected");
+                    shared.metrics.backend_ready(&shared.name, false);
+                    tracing::warn!(backend = %shared.name, error = %err, "MQTT connection lost; publishes answer 503 until it is back.");
+                } else {
+                    tracing::debug!(backend = %shared.name, error = %err, "Cannot connect to the MQTT broker; retrying.");
+                }
+                set_problem(&shared, Some(format!("not connected: {err}")));
+                drop(shared);
+                let wait = Duration::from_secs_f64(delay.as_secs_f64() * fastrand::f64()).max(min);
+                tokio::time::sleep(wait).await;
+                delay = delay.saturating_mul(2).min(max);
+            }
+        }
+    }
+}
+
+/// A copy of a publish for resending (rumqttc assigns a fresh packet id to `pkid == 0`).
+fn fresh_copy(p: &Publish) -> Publish {
+    let mut p = p.clone();
+    p.pkid = 0;
+    p.dup = false;
+    p
+}
+
+/// One route's service on top of a shared [`MqttBackend`].
+#[derive(Clone)]
+pub struct MqttRouteService {
+    shared: Arc<Shared>,
+    topic: Arc<ValueTemplate>,
+    route: Arc<MqttRouteSpec>,
+    headers: Arc<Vec<http::HeaderName>>,
+    status: http::StatusCode,
+    qos: QoS,
+}
+
+impl MqttRouteService {
+    pub fn new(
+        backend: &MqttBackend,
+        _route: &RouteSpec,
+        spec: &MqttRouteSpec,
+    ) -> Result<Self, String> {
+        Ok(MqttRouteService {
+            shared: backend.shared.clone(),
+            topic: Arc::new(ValueTemplate::parse(&spec.topic)?),
+            headers: Arc::new(
+                spec.headers
+                    .iter()
+                    .filter_map(|h| http::HeaderName::from_bytes(h.as_bytes()).ok())
+                    .collect(),
+            ),
+            status: http::StatusCode::from_u16(spec.status).map_err(|e| e.to_string())?,
+            qos: match spec.qos {
+                0 => QoS::AtMostOnce,
+                1 => QoS::AtLeastOnce,
+                _ => QoS::ExactlyOnce,
+            },
+            route: Arc::new(spec.clone()),
+        })
+    }
+
+    fn unavailable(&self, reason: &'static str) -> GatewayError {
+        GatewayError::BackendUnavailable {
+            backend: self.shared.name.clone(),
+            reason,
+            retry_after: Some(Duration::from_secs(1)),
+            source: None,
+        }
+    }
+
+    /// The topic: request values may not hold wildcards or NUL, nor `/` unless the template
+    /// lets that value span levels.
+    fn topic(&self, values: &RequestValues<'_>) -> Result<String, GatewayError> {
+        let multi = &self.route.multi_level;
+        let topic = values.render_checked(&self.topic, "the topic", |name, v| {
+            if v.contains(['+', '#', '\0']) {
+                Err("it holds an MQTT wildcard (`+`, `#`) or NUL".into())
+            } else if v.contains('/') && !multi.iter().any(|m| m == name) {
+                Err("it holds `/`, and this value may not span topic levels".into())
+            } else if v.is_empty() {
+                Err("it is empty".into())
+            } else {
+                Ok(())
+            }
+        })?;
+        if topic.len() > 65535 {
+            return Err(GatewayError::BadRequest {
+                detail: "The topic would be longer than MQTT allows (65535 bytes).".into(),
+                field: Some("topic".into()),
+            });
+        }
+        Ok(topic)
+    }
+
+    fn publish(
+        &self,
+        parts: &http::request::Parts,
+        body: Bytes,
+    ) -> Result<(String, Publish), GatewayError> {
+        let values = RequestValues::new(parts, &body);
+        let topic = self.topic(&values)?;
+        let ctx = parts.extensions.get::<RequestContext>();
+        let mut user = Vec::new();
+        if let Some(tp) = parts
+            .headers
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+        {
+            user.push(("traceparent".to_string(), tp.to_string()));
+        }
+        for name in self.headers.iter() {
+            for v in parts.headers.get_all(name) {
+                let v = v.to_str().map_err(|_| GatewayError::BadRequest {
+                    detail: format!(
+                        "Header `{name}` must be visible ASCII to travel as a user property."
+                    ),
+                    field: Some(format!("header.{name}")),
+                })?;
+                user.push((name.as_str().to_string(), v.to_string()));
+            }
+        }
+        let content_type = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let textual = content_type
+            .as_deref()
+            .is_some_and(|c| c.starts_with("text/") || c.contains("json") || c.contains("xml"))
+            && std::str::from_utf8(&body).is_ok();
+        let expiry = match self.route.message_expiry {
+            Some(d) => Some(d.0.as_secs().clamp(1, u32::MAX as u64) as u32),
+            None => parts
+                .extensions
+                .get::<Deadline>()
+                .map(|d| d.remaining().as_secs().clamp(1, u32::MAX as u64) as u32),
+        };
+        let props = PublishProperties {
+            payload_format_indicator: textual.then_some(1),
+            message_expiry_interval: expiry,
+            correlation_data: ctx.map(|c| Bytes::copy_from_slice(c.correlation_id.as_bytes())),
+            user_properties: user,
+            content_type,
+            ..Default::default()
+        };
+        let mut publish = Publish::new(topic.clone(), self.qos, body, Some(props));
+        publish.retain = self.route.retain;
+        Ok((topic, publish))
+    }
+
+    async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
+        let (parts, body) = req.into_parts();
+        let body = body
+            .collect()
+            .await
+            .map_err(|e: BodyError| -> BoxError { Box::new(e) })?
+            .to_bytes();
+        let (topic, publish) = self.publish(&parts, body)?;
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut book = self
+                .shared
+                .book
+                .lock()
+                .map_err(|_| GatewayError::Internal("the publish book is poisoned"))?;
+            if !self.shared.connected.load(Ordering::SeqCst) {
+                return Err(self.unavailable("not connected to the broker").into());
+            }
+            // Enqueued under the lock, so the book's order is rumqttc's order.
+            self.shared
+                .client
+                .try_publish_with_properties(
+                    topic.clone(),
+                    publish.qos,
+                    publish.retain,
+                    publish.payload.clone(),
+                    publish.properties.clone().unwrap_or_default(),
+                )
+                .map_err(|_| self.unavailable("too many publishes in flight"))?;
+            book.queued.push_back(Entry {
+                seq: self.shared.seq.fetch_add(1, Ordering::Relaxed),
+                publish,
+                tx: Some(tx),
+            });
+        }
+        let deadline = parts.extensions.get::<Deadline>().copied();
+        let wait = deadline.map_or(Duration::from_secs(30), |d| d.remaining());
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(reason))) => {
+                self.shared
+                    .metrics
+                    .broker_event(&self.shared.name, "refused");
+                return Err(GatewayError::BadRequest {
+                    detail: format!("The broker refused the message: {reason}."),
+                    field: None,
+                }
+                .into());
+            }
+            Ok(Err(_)) | Err(_) => {
+                return Err(GatewayError::Unconfirmed {
+                    backend: self.shared.name.clone(),
+                    reason: "the broker did not acknowledge the message in time",
+                    source: None,
+                }
+                .into());
+            }
+        }
+        let json = serde_json::json!({
+            "topic": topic,
+            "qos": self.route.qos,
+            "correlation_id": parts.extensions.get::<RequestContext>().map(|c| c.correlation_id.to_string()),
+        });
+        let mut r = http::Response::new(full_body(json.to_string()));
+        *r.status_mut() = self.status;
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Ok(r)
+    }
+}
+
+impl tower::Service<Request> for MqttRouteService {
+    type Response = Response;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> ResponseFuture {
+        Box::pin(self.clone().call_backend(req))
+    }
+}
