@@ -74,6 +74,8 @@ struct Shared {
     problem: std::sync::Mutex<Option<String>>,
     book: std::sync::Mutex<Book>,
     seq: AtomicU64,
+    /// The largest packet the client sends; a bigger publish would break the connection.
+    max_packet: usize,
 }
 
 pub struct MqttBackend {
@@ -111,6 +113,7 @@ impl MqttBackend {
             problem: std::sync::Mutex::new(Some("connecting".into())),
             book: std::sync::Mutex::new(Book::default()),
             seq: AtomicU64::new(0),
+            max_packet: spec.max_packet_size.0 as usize,
         });
         let task = tokio::runtime::Handle::try_current().ok().map(|rt| {
             AbortOnDrop(
@@ -406,6 +409,13 @@ impl MqttRouteService {
             .await
             .map_err(|e: BodyError| -> BoxError { Box::new(e) })?
             .to_bytes();
+        // Topic, properties and framing fit in a few hundred bytes besides the payload.
+        if body.len() + 1024 > self.shared.max_packet {
+            return Err(GatewayError::PayloadTooLarge {
+                limit: self.shared.max_packet.saturating_sub(1024) as u64,
+            }
+            .into());
+        }
         let (topic, publish) = self.publish(&parts, body)?;
         let (tx, rx) = oneshot::channel();
         {

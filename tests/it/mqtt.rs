@@ -25,6 +25,7 @@ backends:
     url: "mqtt://{addr}"
     client_id: "gw-{id}"
     keep_alive: 5s
+    max_packet_size: 32KiB
     reconnect: {{ min: 50ms, max: 300ms }}
     breaker: {{ open_for: 200ms }}
 routes:
