@@ -84,6 +84,9 @@ pub enum GatewayError {
         #[source]
         source: Option<crate::BoxError>,
     },
+    /// A last-value read found no retained message on the topic.
+    #[error("no retained message on {topic}")]
+    NoValue { topic: String },
     /// The broker returned a mandatory message that no queue took.
     #[error("backend {backend} could not route the message")]
     Unroutable {
@@ -121,6 +124,7 @@ impl GatewayError {
             GatewayError::Grpc { code, .. } => crate::backends::grpc::status::http_status(*code),
             GatewayError::Unroutable { status, .. } => *status,
             GatewayError::Unconfirmed { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            GatewayError::NoValue { .. } => StatusCode::NOT_FOUND,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -141,7 +145,7 @@ impl GatewayError {
             GatewayError::Grpc { .. } if self.status().is_client_error() => Fault::Client,
             GatewayError::Grpc { .. } => Fault::Upstream,
             // A routing gap, not a broker in trouble: it never opens the breaker.
-            GatewayError::Unroutable { .. } => Fault::Client,
+            GatewayError::Unroutable { .. } | GatewayError::NoValue { .. } => Fault::Client,
             GatewayError::Internal(_) => Fault::Gateway,
         }
     }
@@ -167,6 +171,7 @@ impl GatewayError {
             GatewayError::Grpc { .. } => "grpc-status",
             GatewayError::Unroutable { .. } => "unroutable",
             GatewayError::Unconfirmed { .. } => "unconfirmed",
+            GatewayError::NoValue { .. } => "no-value",
             GatewayError::Internal(_) => "internal",
         }
     }
@@ -174,6 +179,9 @@ impl GatewayError {
     fn detail(&self) -> String {
         match self {
             GatewayError::NotFound => "No route matches this path.".into(),
+            GatewayError::NoValue { topic } => {
+                format!("No message is retained on topic `{topic}`.")
+            }
             GatewayError::MethodNotAllowed { allow } => format!(
                 "This path accepts only: {}.",
                 allow

@@ -9,7 +9,9 @@
 //! that packet id, and `PubAck`/`PubComp` with the id settles it. When the connection drops,
 //! rumqttc moves unacknowledged publishes (and requests still in its channel) to its `pending`
 //! list and resends them if the broker kept the session; if the broker comes back without the
-//! session, rumqttc drops them, and the book publishes them again.
+//! session, rumqttc drops them, and the book publishes them again. A publish rumqttc numbered
+//! just before the failure reports its `Outgoing::Publish` only after the reconnect (a stale
+//! event); the book counts it as sent, not as one of the unnumbered ones in `pending`.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -35,6 +37,9 @@ use crate::error::GatewayError;
 use crate::middleware::context::{Deadline, RequestContext};
 use crate::telemetry::metrics::Metrics;
 use crate::{BodyError, BoxError, Request, Response, ResponseFuture, full_body};
+
+/// A last-value read waiting for a topic's retained message: its id and its sender.
+type Reader = (u64, oneshot::Sender<Publish>);
 
 /// How a publish ended, for its waiting request.
 type Outcome = Result<(), String>;
@@ -76,6 +81,8 @@ struct Shared {
     seq: AtomicU64,
     /// The largest packet the client sends; a bigger publish would break the connection.
     max_packet: usize,
+    /// Last-value reads waiting for the retained message of a topic.
+    readers: std::sync::Mutex<HashMap<String, Vec<Reader>>>,
 }
 
 pub struct MqttBackend {
@@ -114,6 +121,7 @@ impl MqttBackend {
             book: std::sync::Mutex::new(Book::default()),
             seq: AtomicU64::new(0),
             max_packet: spec.max_packet_size.0 as usize,
+            readers: std::sync::Mutex::new(HashMap::new()),
         });
         let task = tokio::runtime::Handle::try_current().ok().map(|rt| {
             AbortOnDrop(
@@ -196,13 +204,27 @@ async fn run(
                 if pkid != 0 && book.inflight.contains_key(&pkid) {
                     continue; // a resend after a reconnect; already tracked
                 }
+                // Between a failure and the next CONNACK the only such events are stale ones:
+                // publishes rumqttc had taken from its channel (and numbered) just before the
+                // failure. They are not in `limbo`, which counts the unnumbered ones.
                 if let Some(e) = book.queued.pop_front() {
-                    book.limbo = book.limbo.saturating_sub(1);
                     if pkid == 0 {
                         e.settle(Ok(())); // QoS 0: written, nothing more will come
                     } else {
                         book.inflight.insert(pkid, e);
                     }
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                let waiting = shared
+                    .readers
+                    .lock()
+                    .ok()
+                    .and_then(|mut r| r.remove(&topic))
+                    .unwrap_or_default();
+                for (_, tx) in waiting {
+                    let _ = tx.send(p.clone());
                 }
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
@@ -402,7 +424,71 @@ impl MqttRouteService {
         Ok((topic, publish))
     }
 
+    /// A last-value read: subscribe to the topic, answer with the retained message the broker
+    /// sends at once, unsubscribe. 404 when none comes within `wait`.
+    async fn read_last_value(&self, parts: &http::request::Parts) -> Result<Response, BoxError> {
+        let empty = Bytes::new();
+        let topic = self.topic(&RequestValues::new(parts, &empty))?;
+        if !self.shared.connected.load(Ordering::SeqCst) {
+            return Err(self.unavailable("not connected to the broker").into());
+        }
+        let id = self.shared.seq.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.shared
+            .readers
+            .lock()
+            .map_err(|_| GatewayError::Internal("the reader table is poisoned"))?
+            .entry(topic.clone())
+            .or_default()
+            .push((id, tx));
+        let leave = |shared: &Shared| {
+            let last = shared.readers.lock().is_ok_and(|mut r| {
+                if let Some(v) = r.get_mut(&topic) {
+                    v.retain(|(i, _)| *i != id);
+                    if v.is_empty() {
+                        r.remove(&topic);
+                    }
+                }
+                !r.contains_key(&topic)
+            });
+            if last {
+                let _ = shared.client.try_unsubscribe(topic.clone());
+            }
+        };
+        if self
+            .shared
+            .client
+            .try_subscribe(topic.clone(), QoS::AtLeastOnce)
+            .is_err()
+        {
+            leave(&self.shared);
+            return Err(self.unavailable("too many requests in flight").into());
+        }
+        let got = tokio::time::timeout(self.route.wait.0, rx).await;
+        leave(&self.shared);
+        let p = match got {
+            Ok(Ok(p)) => p,
+            _ => return Err(GatewayError::NoValue { topic }.into()),
+        };
+        let ct = p
+            .properties
+            .as_ref()
+            .and_then(|pr| pr.content_type.as_deref())
+            .and_then(|c| HeaderValue::from_str(c).ok())
+            .unwrap_or_else(|| HeaderValue::from_static("application/octet-stream"));
+        let mut r = http::Response::new(full_body(p.payload));
+        r.headers_mut().insert(header::CONTENT_TYPE, ct);
+        if let Ok(v) = HeaderValue::from_str(&topic) {
+            r.headers_mut().insert("mqtt-topic", v);
+        }
+        Ok(r)
+    }
+
     async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
+        if self.route.last_value {
+            let (parts, _) = req.into_parts();
+            return self.read_last_value(&parts).await;
+        }
         let (parts, body) = req.into_parts();
         let body = body
             .collect()

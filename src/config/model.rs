@@ -878,6 +878,17 @@ pub struct MqttRouteSpec {
     /// The answer once the broker acknowledged (QoS 1, 2) or the message was written (QoS 0).
     #[serde(default = "default_accepted")]
     pub status: u16,
+    /// Instead of publishing, answer with the message retained on the topic (a last-value
+    /// read); 404 when none comes within `wait`.
+    #[serde(default)]
+    pub last_value: bool,
+    /// How long a last-value read waits for the retained message.
+    #[serde(default = "default_last_value_wait")]
+    pub wait: Dur,
+}
+
+fn default_last_value_wait() -> Dur {
+    Dur::secs(1)
 }
 
 fn default_qos() -> u8 {

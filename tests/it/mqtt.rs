@@ -41,6 +41,10 @@ routes:
     match: {{ method: POST, path: "/devices/{{device}}/once" }}
     backend: devices
     mqtt: {{ topic: "{prefix}/{{device}}/once", qos: 2 }}
+  - id: state
+    match: {{ method: GET, path: "/devices/{{device}}/setpoint" }}
+    backend: devices
+    mqtt: {{ topic: "{prefix}/{{device}}/setpoint", last_value: true, wait: 500ms }}
   - id: zone
     match: {{ method: POST, path: /zones }}
     backend: devices
@@ -221,7 +225,12 @@ async fn no_acknowledged_qos1_publish_is_lost_when_the_broker_restarts() {
             })
         })
         .collect();
+    let deadline = Instant::now() + Duration::from_secs(20);
     while accepted.lock().unwrap().len() < 100 {
+        assert!(
+            Instant::now() < deadline,
+            "the first 100 publishes were not accepted"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     proxy.stop();
@@ -229,6 +238,9 @@ async fn no_acknowledged_qos1_publish_is_lost_when_the_broker_restarts() {
     broker.start_again().await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while sub.subscribed.load(SeqCst) < 2 {
+        if Instant::now() >= deadline {
+            stop.store(true, SeqCst);
+        }
         assert!(
             Instant::now() < deadline,
             "the subscriber never subscribed again"
@@ -238,7 +250,16 @@ async fn no_acknowledged_qos1_publish_is_lost_when_the_broker_restarts() {
     proxy.start_again();
     gw.wait_backend("devices", true).await;
     let target = accepted.lock().unwrap().len() + 100;
-    while accepted.lock().unwrap().len() < target {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = accepted.lock().unwrap().len();
+        if n >= target {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let ready = gw.admin_json("/readyz").await.1;
+            panic!("publishing did not resume after the restart: {n} accepted, readyz {ready}");
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     stop.store(true, SeqCst);
@@ -269,4 +290,37 @@ async fn no_acknowledged_qos1_publish_is_lost_when_the_broker_restarts() {
         }
     }
     assert!(want.len() <= got.len());
+}
+
+#[tokio::test]
+async fn a_last_value_read_answers_with_the_retained_message() {
+    let addr = mq::broker_addr().await;
+    let prefix = unique();
+    let gw = Gateway::start(&config(&addr, &prefix)).await;
+    gw.wait_backend("devices", true).await;
+    let req = request(Method::PUT, &gw.url("/devices/t1/setpoint"))
+        .header("content-type", "application/json")
+        .body(body(r#"{"celsius":19}"#))
+        .unwrap();
+    assert_eq!(send(req).await.0, 202);
+    // Several readers at once all get the retained value.
+    let reads = futures_util::future::join_all(
+        (0..5).map(|_| async { get(&gw.url("/devices/t1/setpoint")).await }),
+    )
+    .await;
+    for (s, h, b) in reads {
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+        assert_eq!(h["content-type"], "application/json");
+        assert_eq!(&b[..], br#"{"celsius":19}"#);
+    }
+    let started = Instant::now();
+    let (s, _, b) = get(&gw.url("/devices/never/setpoint")).await;
+    assert_eq!(s, 404, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["type"], "urn:switchyard:problem:no-value");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let (s, _, b) = get(&gw.url("/devices/a+b/setpoint")).await;
+    assert_eq!(
+        (s.as_u16(), json(&b)["field"].as_str()),
+        (400, Some("device"))
+    );
 }
