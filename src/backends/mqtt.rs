@@ -83,6 +83,12 @@ struct Shared {
     max_packet: usize,
     /// Last-value reads waiting for the retained message of a topic.
     readers: std::sync::Mutex<HashMap<String, Vec<Reader>>>,
+    /// Where responders send responses (MQTT 5 response topic), subscribed on every connect.
+    response_topic: String,
+    /// Requests waiting for their response, by correlation data.
+    responses: std::sync::Mutex<HashMap<Bytes, oneshot::Sender<Publish>>>,
+    /// Between a CONNACK and the SUBACK of the response topic: not ready yet.
+    subscribing: AtomicBool,
 }
 
 pub struct MqttBackend {
@@ -100,6 +106,7 @@ impl MqttBackend {
             .client_id
             .clone()
             .unwrap_or_else(|| format!("switchyard-{name}"));
+        let response_topic = format!("switchyard/responses/{client_id}");
         let mut opts = MqttOptions::new(client_id, host, port);
         opts.set_keep_alive(spec.keep_alive.0)
             .set_clean_start(false)
@@ -122,6 +129,9 @@ impl MqttBackend {
             seq: AtomicU64::new(0),
             max_packet: spec.max_packet_size.0 as usize,
             readers: std::sync::Mutex::new(HashMap::new()),
+            response_topic,
+            responses: std::sync::Mutex::new(HashMap::new()),
+            subscribing: AtomicBool::new(false),
         });
         let task = tokio::runtime::Handle::try_current().ok().map(|rt| {
             AbortOnDrop(
@@ -192,12 +202,28 @@ async fn run(
                     book.limbo = 0;
                     again
                 };
+                // Ready once the response topic is subscribed (the next SUBACK: nothing else is
+                // subscribed while not ready).
+                shared.subscribing.store(true, Ordering::SeqCst);
+                eventloop.pending.push_back(MqttRequest::Subscribe(
+                    rumqttc::v5::mqttbytes::v5::Subscribe::new(
+                        rumqttc::v5::mqttbytes::v5::Filter::new(
+                            shared.response_topic.clone(),
+                            QoS::AtLeastOnce,
+                        ),
+                        None,
+                    ),
+                ));
+                delay = min;
+                tracing::info!(backend = %shared.name, session_present = ack.session_present, republished, "MQTT connection established.");
+            }
+            Ok(Event::Incoming(Packet::SubAck(_)))
+                if shared.subscribing.swap(false, Ordering::SeqCst) =>
+            {
                 shared.connected.store(true, Ordering::SeqCst);
                 set_problem(&shared, None);
                 shared.metrics.broker_event(&shared.name, "connected");
                 shared.metrics.backend_ready(&shared.name, true);
-                delay = min;
-                tracing::info!(backend = %shared.name, session_present = ack.session_present, republished, "MQTT connection established.");
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
                 let mut book = shared.book.lock().expect("book");
@@ -213,6 +239,21 @@ async fn run(
                     } else {
                         book.inflight.insert(pkid, e);
                     }
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p)))
+                if p.topic.as_ref() == shared.response_topic.as_bytes() =>
+            {
+                let waiter = p
+                    .properties
+                    .as_ref()
+                    .and_then(|pr| pr.correlation_data.clone())
+                    .and_then(|c| shared.responses.lock().ok()?.remove(&c));
+                match waiter {
+                    Some(tx) => {
+                        let _ = tx.send(p);
+                    }
+                    None => shared.metrics.broker_event(&shared.name, "reply_unmatched"),
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
@@ -264,6 +305,7 @@ async fn run(
             Ok(_) => {}
             Err(err) => {
                 let was = shared.connected.swap(false, Ordering::SeqCst);
+                shared.subscribing.store(false, Ordering::SeqCst);
                 {
                     // What rumqttc took from its channel into `pending` (never sent, so no
                     // packet id yet) is the head of the queue.
@@ -414,7 +456,16 @@ impl MqttRouteService {
         let props = PublishProperties {
             payload_format_indicator: textual.then_some(1),
             message_expiry_interval: expiry,
-            correlation_data: ctx.map(|c| Bytes::copy_from_slice(c.correlation_id.as_bytes())),
+            correlation_data: match &self.route.response {
+                // Responses are matched on fresh data: two requests may share an X-Request-Id.
+                Some(_) => Some(Bytes::copy_from_slice(uuid::Uuid::now_v7().as_bytes())),
+                None => ctx.map(|c| Bytes::copy_from_slice(c.correlation_id.as_bytes())),
+            },
+            response_topic: self
+                .route
+                .response
+                .as_ref()
+                .map(|_| self.shared.response_topic.clone()),
             user_properties: user,
             content_type,
             ..Default::default()
@@ -503,6 +554,30 @@ impl MqttRouteService {
             .into());
         }
         let (topic, publish) = self.publish(&parts, body)?;
+        // A response waiter exists before the request can be answered.
+        let response = match &self.route.response {
+            Some(_) => {
+                let cid = publish
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.correlation_data.clone())
+                    .unwrap_or_default();
+                let (tx, rx) = oneshot::channel();
+                self.shared
+                    .responses
+                    .lock()
+                    .map_err(|_| GatewayError::Internal("the response table is poisoned"))?
+                    .insert(cid.clone(), tx);
+                Some((
+                    rx,
+                    Forget {
+                        shared: &self.shared,
+                        cid,
+                    },
+                ))
+            }
+            None => None,
+        };
         let (tx, rx) = oneshot::channel();
         {
             let mut book = self
@@ -553,6 +628,19 @@ impl MqttRouteService {
                 .into());
             }
         }
+        if let (Some((rx, _forget)), Some(spec)) = (response, &self.route.response) {
+            let wait = deadline.map_or(Duration::from_secs(30), |d| d.remaining());
+            let p = match tokio::time::timeout(wait, rx).await {
+                Ok(Ok(p)) => p,
+                _ => {
+                    return Err(GatewayError::Timeout {
+                        after: deadline.map_or(wait, |d| d.total),
+                    }
+                    .into());
+                }
+            };
+            return response_answer(&self.shared.name, p, &spec.status_property);
+        }
         let json = serde_json::json!({
             "topic": topic,
             "qos": self.route.qos,
@@ -566,6 +654,53 @@ impl MqttRouteService {
         );
         Ok(r)
     }
+}
+
+/// Removes a response waiter when the request ends, answered or not.
+struct Forget<'a> {
+    shared: &'a Shared,
+    cid: Bytes,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut r) = self.shared.responses.lock() {
+            r.remove(&self.cid);
+        }
+    }
+}
+
+/// The HTTP answer made of a response message: payload, content type, and the status in its
+/// `status_property` user property (200 when absent; 502 when it is not a status 200–599).
+fn response_answer(backend: &str, p: Publish, status_property: &str) -> Result<Response, BoxError> {
+    let props = p.properties.unwrap_or_default();
+    let status = match props
+        .user_properties
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(status_property))
+    {
+        None => http::StatusCode::OK,
+        Some((_, v)) => v
+            .trim()
+            .parse::<u16>()
+            .ok()
+            .filter(|n| (200..600).contains(n))
+            .and_then(|n| http::StatusCode::from_u16(n).ok())
+            .ok_or_else(|| GatewayError::BadGateway {
+                backend: backend.to_string(),
+                reason: "the response's status property does not hold an HTTP status (200-599)",
+                source: None,
+            })?,
+    };
+    let ct = props
+        .content_type
+        .as_deref()
+        .and_then(|c| HeaderValue::from_str(c).ok())
+        .unwrap_or_else(|| HeaderValue::from_static("application/octet-stream"));
+    let mut r = http::Response::new(full_body(p.payload));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, ct);
+    Ok(r)
 }
 
 impl tower::Service<Request> for MqttRouteService {

@@ -885,6 +885,21 @@ pub struct MqttRouteSpec {
     /// How long a last-value read waits for the retained message.
     #[serde(default = "default_last_value_wait")]
     pub wait: Dur,
+    /// Wait for a response message (MQTT 5 request/response) and answer with it.
+    #[serde(default)]
+    pub response: Option<MqttResponseSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MqttResponseSpec {
+    /// The response's user property that carries the HTTP status (200 when absent).
+    #[serde(default = "default_status_property")]
+    pub status_property: String,
+}
+
+fn default_status_property() -> String {
+    "status".into()
 }
 
 fn default_last_value_wait() -> Dur {

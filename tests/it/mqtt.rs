@@ -324,3 +324,67 @@ async fn a_last_value_read_answers_with_the_retained_message() {
         (400, Some("device"))
     );
 }
+
+#[tokio::test]
+async fn request_response_with_the_example_device() {
+    let addr = mq::broker_addr().await;
+    let prefix = unique();
+    let id = uuid::Uuid::now_v7().simple();
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  devices:
+    type: mqtt
+    url: "mqtt://{addr}"
+    client_id: "gw-{id}"
+routes:
+  - id: command
+    match: {{ method: POST, path: "/devices/{{device}}/commands" }}
+    backend: devices
+    timeout: 2s
+    mqtt: {{ topic: "{prefix}/{{device}}/cmd", response: {{}} }}
+  - id: telemetry
+    match: {{ method: GET, path: "/devices/{{device}}/telemetry" }}
+    backend: devices
+    mqtt: {{ topic: "{prefix}/{{device}}/telemetry", last_value: true, wait: 2s }}
+"#
+    ))
+    .await;
+    gw.wait_backend("devices", true).await;
+    let _device = crate::support::device::Device::start(
+        &addr,
+        &prefix,
+        "kitchen",
+        Duration::from_millis(100),
+    )
+    .await;
+    let cmd = |device: &str, b: &'static str| {
+        request(
+            Method::POST,
+            &gw.url(&format!("/devices/{device}/commands")),
+        )
+        .body(body(b))
+        .unwrap()
+    };
+    let (s, h, b) = send(cmd("kitchen", r#"{"setpoint":21}"#)).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(h["content-type"], "application/json");
+    assert_eq!(json(&b)["accepted"], true);
+    // The status comes from the response's user property.
+    let (s, _, b) = send(cmd("kitchen", r#"{"setpoint":99}"#)).await;
+    assert_eq!(s, 422, "{}", String::from_utf8_lossy(&b));
+    // Concurrent commands each get their own response.
+    let answers =
+        futures_util::future::join_all((0..10).map(|_| send(cmd("kitchen", r#"{"setpoint":20}"#))))
+            .await;
+    assert!(answers.iter().all(|(s, _, _)| *s == 200));
+    // Nobody answers for another device: 504 at the route's deadline.
+    let started = Instant::now();
+    let (s, _, _) = send(cmd("garage", r#"{"setpoint":20}"#)).await;
+    assert_eq!(s, 504);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The telemetry the device retains is readable.
+    let (s, _, b) = get(&gw.url("/devices/kitchen/telemetry")).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["device"], "kitchen");
+}

@@ -388,3 +388,6 @@ pub async fn free_port() -> SocketAddr {
 
 #[path = "../../../examples/worker/mod.rs"]
 pub mod worker;
+
+#[path = "../../../examples/device/mod.rs"]
+pub mod device;
