@@ -27,7 +27,7 @@ use rumqttc::v5::mqttbytes::v5::{
     Packet, PubAckReason, PubCompReason, PubRecReason, Publish, PublishProperties,
 };
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request as MqttRequest};
-use tokio::sync::oneshot;
+use tokio::sync::{broadcast, oneshot};
 
 use super::AbortOnDrop;
 use super::values::RequestValues;
@@ -89,6 +89,8 @@ struct Shared {
     responses: std::sync::Mutex<HashMap<Bytes, oneshot::Sender<Publish>>>,
     /// Between a CONNACK and the SUBACK of the response topic: not ready yet.
     subscribing: AtomicBool,
+    /// Live subscriptions by topic filter; one broker subscription feeds every client.
+    subs: std::sync::Mutex<HashMap<String, broadcast::Sender<Arc<Publish>>>>,
 }
 
 pub struct MqttBackend {
@@ -132,6 +134,7 @@ impl MqttBackend {
             response_topic,
             responses: std::sync::Mutex::new(HashMap::new()),
             subscribing: AtomicBool::new(false),
+            subs: std::sync::Mutex::new(HashMap::new()),
         });
         let task = tokio::runtime::Handle::try_current().ok().map(|rt| {
             AbortOnDrop(
@@ -214,6 +217,22 @@ async fn run(
                         None,
                     ),
                 ));
+                if !ack.session_present {
+                    // The broker forgot the live subscriptions too.
+                    let filters: Vec<String> = shared
+                        .subs
+                        .lock()
+                        .map(|s| s.keys().cloned().collect())
+                        .unwrap_or_default();
+                    for f in filters {
+                        eventloop.pending.push_back(MqttRequest::Subscribe(
+                            rumqttc::v5::mqttbytes::v5::Subscribe::new(
+                                rumqttc::v5::mqttbytes::v5::Filter::new(f, QoS::AtLeastOnce),
+                                None,
+                            ),
+                        ));
+                    }
+                }
                 delay = min;
                 tracing::info!(backend = %shared.name, session_present = ack.session_present, republished, "MQTT connection established.");
             }
@@ -258,6 +277,14 @@ async fn run(
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                if let Ok(subs) = shared.subs.lock() {
+                    let shared_p = Arc::new(p.clone());
+                    for (filter, tx) in subs.iter() {
+                        if filter_matches(filter, &topic) {
+                            let _ = tx.send(shared_p.clone());
+                        }
+                    }
+                }
                 let waiting = shared
                     .readers
                     .lock()
@@ -535,7 +562,91 @@ impl MqttRouteService {
         Ok(r)
     }
 
+    /// A live subscription: the messages on the topic filter as Server-Sent Events until the
+    /// client leaves. Clients on one filter share one broker subscription; a client that falls
+    /// `buffer` messages behind gets a final `error` event and is disconnected, and the others
+    /// never wait for it.
+    async fn stream(&self, parts: &http::request::Parts) -> Result<Response, BoxError> {
+        let empty = Bytes::new();
+        let filter = self.topic(&RequestValues::new(parts, &empty))?;
+        if !self.shared.connected.load(Ordering::SeqCst) {
+            return Err(self.unavailable("not connected to the broker").into());
+        }
+        let rx = {
+            let mut subs = self
+                .shared
+                .subs
+                .lock()
+                .map_err(|_| GatewayError::Internal("the subscription table is poisoned"))?;
+            match subs.get(&filter) {
+                Some(tx) => tx.subscribe(),
+                None => {
+                    self.shared
+                        .client
+                        .try_subscribe(filter.clone(), QoS::AtLeastOnce)
+                        .map_err(|_| self.unavailable("too many requests in flight"))?;
+                    let (tx, rx) = broadcast::channel(self.route.buffer.max(1));
+                    subs.insert(filter.clone(), tx);
+                    rx
+                }
+            }
+        };
+        let state = SseState {
+            rx,
+            seq: 0,
+            done: false,
+            tick: tokio::time::interval_at(
+                tokio::time::Instant::now() + Duration::from_secs(15),
+                Duration::from_secs(15),
+            ),
+            _guard: SubGuard {
+                shared: self.shared.clone(),
+                filter,
+            },
+        };
+        let events = futures_util::stream::unfold(state, |mut st| async move {
+            if st.done {
+                return None;
+            }
+            let chunk = tokio::select! {
+                r = st.rx.recv() => match r {
+                    Ok(p) => {
+                        st.seq += 1;
+                        sse_message(st.seq, &p)
+                    }
+                    Err(broadcast::error::RecvError::Lagged(missed)) => {
+                        st.done = true;
+                        Bytes::from(format!(
+                            "event: error\ndata: {}\n\n",
+                            serde_json::json!({ "error": "slow-consumer", "missed": missed,
+                                "detail": "This client fell too far behind and was disconnected; reconnect to continue." })
+                        ))
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        st.done = true;
+                        Bytes::from_static(b"event: error\ndata: {\"error\":\"backend-gone\"}\n\n")
+                    }
+                },
+                _ = st.tick.tick() => Bytes::from_static(b": keep-alive\n\n"),
+            };
+            Some((Ok::<_, BodyError>(http_body::Frame::data(chunk)), st))
+        });
+        let mut r = http::Response::new(http_body_util::StreamBody::new(events).boxed_unsync());
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        Ok(r)
+    }
+
     async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
+        if self.route.subscribe {
+            let (parts, _) = req.into_parts();
+            return self.stream(&parts).await;
+        }
         if self.route.last_value {
             let (parts, _) = req.into_parts();
             return self.read_last_value(&parts).await;
@@ -656,6 +767,80 @@ impl MqttRouteService {
     }
 }
 
+/// One SSE client's state; the receiver drops before the guard, so the guard sees the true
+/// count of remaining clients.
+struct SseState {
+    rx: broadcast::Receiver<Arc<Publish>>,
+    seq: u64,
+    done: bool,
+    tick: tokio::time::Interval,
+    _guard: SubGuard,
+}
+
+/// Ends the broker subscription when its last client leaves.
+struct SubGuard {
+    shared: Arc<Shared>,
+    filter: String,
+}
+
+impl Drop for SubGuard {
+    fn drop(&mut self) {
+        let Ok(mut subs) = self.shared.subs.lock() else {
+            return;
+        };
+        if subs
+            .get(&self.filter)
+            .is_some_and(|tx| tx.receiver_count() == 0)
+        {
+            subs.remove(&self.filter);
+            let _ = self.shared.client.try_unsubscribe(self.filter.clone());
+        }
+    }
+}
+
+/// One message as an SSE event: its topic, and its payload as JSON when it is JSON, else text,
+/// else base64.
+fn sse_message(seq: u64, p: &Publish) -> Bytes {
+    let topic = String::from_utf8_lossy(&p.topic);
+    let (payload, encoding) = match serde_json::from_slice::<serde_json::Value>(&p.payload) {
+        Ok(v) => (v, "json"),
+        Err(_) => match std::str::from_utf8(&p.payload) {
+            Ok(t) => (serde_json::Value::String(t.to_string()), "text"),
+            Err(_) => {
+                use base64::Engine;
+                (
+                    base64::engine::general_purpose::STANDARD
+                        .encode(&p.payload)
+                        .into(),
+                    "base64",
+                )
+            }
+        },
+    };
+    let data = serde_json::json!({
+        "topic": topic,
+        "payload": payload,
+        "encoding": encoding,
+        "retain": p.retain,
+    });
+    Bytes::from(format!("id: {seq}\nevent: message\ndata: {data}\n\n"))
+}
+
+/// Whether an MQTT topic filter (`+` one level, `#` the rest) matches a topic.
+fn filter_matches(filter: &str, topic: &str) -> bool {
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return !topic.starts_with('$'),
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// Removes a response waiter when the request ends, answered or not.
 struct Forget<'a> {
     shared: &'a Shared,
@@ -717,5 +902,22 @@ impl tower::Service<Request> for MqttRouteService {
 
     fn call(&mut self, req: Request) -> ResponseFuture {
         Box::pin(self.clone().call_backend(req))
+    }
+}
+
+#[cfg(test)]
+mod filter_tests {
+    use super::filter_matches;
+
+    #[test]
+    fn filters_match_as_mqtt_says() {
+        assert!(filter_matches("a/+/c", "a/b/c"));
+        assert!(filter_matches("a/#", "a"));
+        assert!(filter_matches("a/#", "a/b/c"));
+        assert!(filter_matches("#", "x/y"));
+        assert!(!filter_matches("#", "$SYS/x"));
+        assert!(!filter_matches("a/+", "a/b/c"));
+        assert!(!filter_matches("a/b", "a/b/c"));
+        assert!(filter_matches("a/b", "a/b"));
     }
 }

@@ -882,6 +882,13 @@ pub struct MqttRouteSpec {
     /// read); 404 when none comes within `wait`.
     #[serde(default)]
     pub last_value: bool,
+    /// Stream the messages on the topic filter (`+` and `#` allowed) to the client as
+    /// Server-Sent Events until it leaves.
+    #[serde(default)]
+    pub subscribe: bool,
+    /// Messages a subscriber may fall behind by before it is cut off.
+    #[serde(default = "default_sse_buffer")]
+    pub buffer: usize,
     /// How long a last-value read waits for the retained message.
     #[serde(default = "default_last_value_wait")]
     pub wait: Dur,
@@ -900,6 +907,10 @@ pub struct MqttResponseSpec {
 
 fn default_status_property() -> String {
     "status".into()
+}
+
+fn default_sse_buffer() -> usize {
+    64
 }
 
 fn default_last_value_wait() -> Dur {

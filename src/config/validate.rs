@@ -296,11 +296,45 @@ fn validate_mqtt_route(
                     _ => None,
                 })
                 .collect();
-            if m.topic.is_empty() || literal.contains(['+', '#', '\0']) {
+            if m.subscribe {
+                let levels: Vec<&str> = m.topic.split('/').collect();
+                let bad = levels.iter().enumerate().any(|(i, l)| {
+                    (l.contains('+') && *l != "+")
+                        || (l.contains('#') && (*l != "#" || i + 1 != levels.len()))
+                });
+                if m.topic.is_empty() || bad || literal.contains('\0') {
+                    cx.err(
+                        &format!("{base}.mqtt.topic"),
+                        id,
+                        "a topic filter: `+` stands for one whole level, `#` only for the last",
+                    );
+                }
+            } else if m.topic.is_empty() || literal.contains(['+', '#', '\0']) {
                 cx.err(
                     &format!("{base}.mqtt.topic"),
                     id,
                     "a publish topic is not empty and has no `+` or `#` wildcards",
+                );
+            }
+            if m.subscribe && (m.last_value || m.response.is_some()) {
+                cx.err(
+                    &format!("{base}.mqtt.subscribe"),
+                    id,
+                    "a route either subscribes, reads the last value or waits for a response",
+                );
+            }
+            if m.subscribe && t.needs_body() {
+                cx.err(
+                    &format!("{base}.mqtt.topic"),
+                    id,
+                    "a subscription has no request body to take `{body.…}` from",
+                );
+            }
+            if !(1..=65536).contains(&m.buffer) {
+                cx.err(
+                    &format!("{base}.mqtt.buffer"),
+                    id,
+                    "from 1 to 65536 messages",
                 );
             }
         }

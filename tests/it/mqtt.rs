@@ -388,3 +388,165 @@ routes:
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     assert_eq!(json(&b)["device"], "kitchen");
 }
+
+/// Reads SSE events from `body` until `pred` is satisfied or it ends; returns the `data:` lines.
+async fn read_events(
+    body: &mut hyper::body::Incoming,
+    mut until: impl FnMut(&[serde_json::Value]) -> bool,
+) -> (Vec<serde_json::Value>, bool) {
+    use http_body_util::BodyExt;
+    let mut buf = String::new();
+    let mut events = Vec::new();
+    loop {
+        if until(&events) {
+            return (events, false);
+        }
+        let Some(frame) = tokio::time::timeout(Duration::from_secs(20), body.frame())
+            .await
+            .expect("an SSE frame within 20 s")
+        else {
+            return (events, true);
+        };
+        if let Ok(data) = frame.unwrap().into_data() {
+            buf.push_str(&String::from_utf8_lossy(&data));
+            while let Some(end) = buf.find("\n\n") {
+                let event: String = buf.drain(..end + 2).collect();
+                let kind = event
+                    .lines()
+                    .find_map(|l| l.strip_prefix("event: "))
+                    .unwrap_or("");
+                if let Some(d) = event.lines().find_map(|l| l.strip_prefix("data: ")) {
+                    let mut v: serde_json::Value = serde_json::from_str(d).unwrap();
+                    v["_event"] = kind.into();
+                    events.push(v);
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn live_subscriptions_fan_out_over_sse_and_cut_off_a_stalled_client() {
+    use rumqttc::v5::{AsyncClient, MqttOptions};
+    let addr = mq::broker_addr().await;
+    let prefix = unique();
+    let id = uuid::Uuid::now_v7().simple();
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  devices:
+    type: mqtt
+    url: "mqtt://{addr}"
+    client_id: "gw-{id}"
+    max_packet_size: 1MiB
+routes:
+  - id: events
+    match: {{ method: GET, path: "/devices/{{device}}/events" }}
+    backend: devices
+    mqtt: {{ topic: "{prefix}/{{device}}/#", subscribe: true, buffer: 32 }}
+"#
+    ))
+    .await;
+    gw.wait_backend("devices", true).await;
+    let open = || async {
+        let req = request(Method::GET, &gw.url("/devices/d/events"))
+            .body(body(""))
+            .unwrap();
+        let resp = client().request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        resp.into_body()
+    };
+    let (mut a, mut b, mut stalled) = (open().await, open().await, open().await);
+
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let (publisher, mut el) = AsyncClient::new(
+        MqttOptions::new(format!("pub-{id}"), host, port.parse().unwrap()),
+        1000,
+    );
+    tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    // Until the shared broker subscription is active, probes may be missed.
+    let probe_topic = format!("{prefix}/d/probe");
+    let prober = {
+        let publisher = publisher.clone();
+        tokio::spawn(async move {
+            loop {
+                let _ = publisher
+                    .publish(probe_topic.clone(), QoS::AtLeastOnce, false, "probe")
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let got_probe = |e: &[serde_json::Value]| e.iter().any(|v| v["payload"] == "probe");
+    read_events(&mut a, got_probe).await;
+    read_events(&mut b, got_probe).await;
+    prober.abort();
+
+    // In order, to both, as JSON when the payload is JSON.
+    for i in 0..20 {
+        publisher
+            .publish(
+                format!("{prefix}/d/t"),
+                QoS::AtLeastOnce,
+                false,
+                format!("{{\"n\":{i}}}"),
+            )
+            .await
+            .unwrap();
+    }
+    for body in [&mut a, &mut b] {
+        let (events, ended) = read_events(body, |e| {
+            e.iter()
+                .filter(|v| v["topic"].as_str().is_some_and(|t| t.ends_with("/t")))
+                .count()
+                == 20
+        })
+        .await;
+        let ns: Vec<i64> = events
+            .iter()
+            .filter(|v| v["topic"].as_str().is_some_and(|t| t.ends_with("/t")))
+            .map(|v| v["payload"]["n"].as_i64().unwrap())
+            .collect();
+        assert_eq!(ns, (0..20).collect::<Vec<_>>(), "ended={ended} {events:?}");
+    }
+
+    // A client that stops reading falls behind and is cut off; the others get everything.
+    let big = "x".repeat(64 * 1024);
+    let reader = tokio::spawn(async move {
+        let (events, _) = read_events(&mut a, |e| {
+            e.iter()
+                .filter(|v| v["topic"].as_str().is_some_and(|t| t.ends_with("/big")))
+                .count()
+                == 300
+        })
+        .await;
+        events.iter().filter(|v| v["_event"] == "error").count()
+    });
+    for _ in 0..300 {
+        publisher
+            .publish(
+                format!("{prefix}/d/big"),
+                QoS::AtLeastOnce,
+                false,
+                big.clone(),
+            )
+            .await
+            .unwrap();
+        // A steady 30 MB/s: the reading client keeps up, the stalled one cannot.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(
+        reader.await.unwrap(),
+        0,
+        "the reading client missed nothing"
+    );
+    let (events, ended) = read_events(&mut stalled, |_| false).await;
+    assert!(ended, "the stalled client's stream ended");
+    let last = events.last().unwrap();
+    assert_eq!(
+        (last["_event"].as_str(), last["error"].as_str()),
+        (Some("error"), Some("slow-consumer"))
+    );
+    drop(b);
+}
