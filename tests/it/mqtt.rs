@@ -16,6 +16,14 @@ fn unique() -> String {
     format!("sy-test/{}", uuid::Uuid::now_v7().simple())
 }
 
+/// A `devices` backend on the broker at `addr` with a client id of its own.
+fn devices_backend(addr: &str) -> String {
+    format!(
+        "backends:\n  devices:\n    type: mqtt\n    url: \"mqtt://{addr}\"\n    client_id: \"gw-{}\"\n",
+        uuid::Uuid::now_v7().simple()
+    )
+}
+
 fn config(addr: &str, prefix: &str) -> String {
     format!(
         r#"
@@ -329,14 +337,8 @@ async fn a_last_value_read_answers_with_the_retained_message() {
 async fn request_response_with_the_example_device() {
     let addr = mq::broker_addr().await;
     let prefix = unique();
-    let id = uuid::Uuid::now_v7().simple();
     let gw = Gateway::start(&format!(
-        r#"
-backends:
-  devices:
-    type: mqtt
-    url: "mqtt://{addr}"
-    client_id: "gw-{id}"
+        r#"{}
 routes:
   - id: command
     match: {{ method: POST, path: "/devices/{{device}}/commands" }}
@@ -347,7 +349,8 @@ routes:
     match: {{ method: GET, path: "/devices/{{device}}/telemetry" }}
     backend: devices
     mqtt: {{ topic: "{prefix}/{{device}}/telemetry", last_value: true, wait: 2s }}
-"#
+"#,
+        devices_backend(&addr)
     ))
     .await;
     gw.wait_backend("devices", true).await;
@@ -432,19 +435,14 @@ async fn live_subscriptions_fan_out_over_sse_and_cut_off_a_stalled_client() {
     let prefix = unique();
     let id = uuid::Uuid::now_v7().simple();
     let gw = Gateway::start(&format!(
-        r#"
-backends:
-  devices:
-    type: mqtt
-    url: "mqtt://{addr}"
-    client_id: "gw-{id}"
-    max_packet_size: 1MiB
+        r#"{}
 routes:
   - id: events
     match: {{ method: GET, path: "/devices/{{device}}/events" }}
     backend: devices
     mqtt: {{ topic: "{prefix}/{{device}}/#", subscribe: true, buffer: 32 }}
-"#
+"#,
+        devices_backend(&addr)
     ))
     .await;
     gw.wait_backend("devices", true).await;
