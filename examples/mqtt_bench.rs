@@ -55,8 +55,7 @@ async fn main() {
             let until = Instant::now() + duration;
             let publisher = tokio::spawn(async move {
                 while Instant::now() < until {
-                    if c
-                        .publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+                    if c.publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
                         .await
                         .is_err()
                     {
@@ -87,11 +86,10 @@ async fn main() {
             let before = rss_kib(pid);
             let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
             let (go_tx, _) = tokio::sync::broadcast::channel::<Instant>(1);
-            let http = hyper_util::client::legacy::Client::builder(
-                hyper_util::rt::TokioExecutor::new(),
-            )
-            .pool_max_idle_per_host(0)
-            .build_http::<http_body_util::Empty<bytes::Bytes>>();
+            let http =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .pool_max_idle_per_host(0)
+                    .build_http::<http_body_util::Empty<bytes::Bytes>>();
             let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
             for _ in 0..clients {
                 let (http, url, done_tx, ready_tx) =
@@ -104,7 +102,10 @@ async fn main() {
                     let _ = ready_tx.send(());
                     let sent = go.recv().await.expect("go");
                     while let Some(Ok(frame)) = body.frame().await {
-                        if frame.data_ref().is_some_and(|d| d.windows(5).any(|w| w == b"hello")) {
+                        if frame
+                            .data_ref()
+                            .is_some_and(|d| d.windows(5).any(|w| w == b"hello"))
+                        {
                             let _ = done_tx.send(sent.elapsed());
                             break;
                         }
