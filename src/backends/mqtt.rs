@@ -599,9 +599,12 @@ impl MqttRouteService {
                 tokio::time::Instant::now() + Duration::from_secs(15),
                 Duration::from_secs(15),
             ),
-            _guard: SubGuard {
-                shared: self.shared.clone(),
-                filter,
+            _guard: {
+                self.shared.metrics.stream(&self.shared.name, 1);
+                SubGuard {
+                    shared: self.shared.clone(),
+                    filter,
+                }
             },
         };
         let events = futures_util::stream::unfold(state, |mut st| async move {
@@ -785,6 +788,7 @@ struct SubGuard {
 
 impl Drop for SubGuard {
     fn drop(&mut self) {
+        self.shared.metrics.stream(&self.shared.name, -1);
         let Ok(mut subs) = self.shared.subs.lock() else {
             return;
         };

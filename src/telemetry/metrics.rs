@@ -88,6 +88,7 @@ pub struct Metrics {
     rate_limited: Family<RouteLabels, Counter>,
     shed: Family<ScopeLabels, Counter>,
     broker_events: Family<BrokerEventLabels, Counter>,
+    streams: Family<BackendLabels, Gauge>,
     pub open_connections: Gauge,
 }
 
@@ -117,6 +118,12 @@ impl Metrics {
         let rate_limited = Family::<RouteLabels, Counter>::default();
         let shed = Family::<ScopeLabels, Counter>::default();
         let broker_events = Family::<BrokerEventLabels, Counter>::default();
+        let streams = Family::<BackendLabels, Gauge>::default();
+        registry.register(
+            "open_streams",
+            "Server-Sent-Events streams open, by backend",
+            streams.clone(),
+        );
         registry.register(
             "broker_events",
             "Message broker events by backend: connected, disconnected, returned, nacked, confirm_timeout, reply_unmatched",
@@ -196,8 +203,18 @@ impl Metrics {
             rate_limited,
             shed,
             broker_events,
+            streams,
             open_connections,
         }
+    }
+
+    /// A stream to a client opened (`+1`) or closed (`-1`).
+    pub fn stream(&self, backend: &str, delta: i64) {
+        self.streams
+            .get_or_create(&BackendLabels {
+                backend: backend.to_string(),
+            })
+            .inc_by(delta);
     }
 
     /// Counts an event of a broker connection (see `broker_events`).

@@ -456,6 +456,12 @@ routes:
         resp.into_body()
     };
     let (mut a, mut b, mut stalled) = (open().await, open().await, open().await);
+    let (_, _, m) = get(&gw.admin_url("/metrics")).await;
+    assert!(
+        String::from_utf8_lossy(&m).contains("switchyard_open_streams{backend=\"devices\"} 3"),
+        "{}",
+        String::from_utf8_lossy(&m)
+    );
 
     let (host, port) = addr.rsplit_once(':').unwrap();
     let (publisher, mut el) = AsyncClient::new(
