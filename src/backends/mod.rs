@@ -183,7 +183,7 @@ impl BuiltBackend {
                 Handle::Amqp(Arc::new(amqp::AmqpBackend::new(name, a, metrics)))
             }
             BackendSpec::Mqtt(m) => Handle::Mqtt(Arc::new(
-                mqtt::MqttBackend::new(name, m, metrics)
+                mqtt::MqttBackend::new(name, m, metrics, cx.base)
                     .map_err(|e| format!("backend `{name}`: {e}"))?,
             )),
         };

@@ -100,10 +100,16 @@ pub struct MqttBackend {
 
 impl MqttBackend {
     /// Prepares the client and starts polling its event loop; nothing here waits for the broker.
-    pub fn new(name: &str, spec: &MqttBackendSpec, metrics: &Arc<Metrics>) -> Result<Self, String> {
+    pub fn new(
+        name: &str,
+        spec: &MqttBackendSpec,
+        metrics: &Arc<Metrics>,
+        base: &std::path::Path,
+    ) -> Result<Self, String> {
         let uri: http::Uri = spec.url.parse().map_err(|e| format!("url: {e}"))?;
         let host = uri.host().ok_or("url: no host")?.to_string();
-        let port = uri.port_u16().unwrap_or(1883);
+        let tls = uri.scheme_str() == Some("mqtts");
+        let port = uri.port_u16().unwrap_or(if tls { 8883 } else { 1883 });
         let client_id = spec
             .client_id
             .clone()
@@ -117,6 +123,11 @@ impl MqttBackend {
             .set_outgoing_inflight_upper_limit(spec.inflight)
             .set_request_channel_capacity(spec.inflight as usize)
             .set_connection_timeout(spec.connect_timeout.0.as_secs().max(1));
+        if tls {
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(Arc::new(client_tls(spec, base)?)),
+            ));
+        }
         if let Some(user) = &spec.username {
             opts.set_credentials(user.clone(), spec.password.clone().unwrap_or_default());
         }
@@ -159,6 +170,63 @@ impl MqttBackend {
 
     pub fn problem(&self) -> Option<String> {
         self.shared.problem.lock().ok().and_then(|p| p.clone())
+    }
+}
+
+/// The rustls client settings for `mqtts://`: the CA bundle of `tls.ca` or the system's roots,
+/// and a client certificate when given. Reads the files (a build step).
+fn client_tls(
+    spec: &MqttBackendSpec,
+    base: &std::path::Path,
+) -> Result<rustls::ClientConfig, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let tls = spec.tls.clone().unwrap_or_default();
+    let path = |p: &std::path::Path| {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            base.join(p)
+        }
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    match &tls.ca {
+        Some(ca) => {
+            let ca = path(ca);
+            for c in CertificateDer::pem_file_iter(&ca)
+                .map_err(|e| format!("tls.ca {}: {e}", ca.display()))?
+            {
+                let c = c.map_err(|e| format!("tls.ca {}: {e}", ca.display()))?;
+                roots
+                    .add(c)
+                    .map_err(|e| format!("tls.ca {}: {e}", ca.display()))?;
+            }
+        }
+        None => {
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(c);
+            }
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("tls: {e}"))?
+    .with_root_certificates(roots);
+    match (&tls.cert, &tls.key) {
+        (Some(cert), Some(key)) => {
+            let (cert, key) = (path(cert), path(key));
+            let chain = CertificateDer::pem_file_iter(&cert)
+                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("tls.cert {}: {e}", cert.display()))?;
+            let key = PrivateKeyDer::from_pem_file(&key)
+                .map_err(|e| format!("tls.key {}: {e}", key.display()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("tls: {e}"))
+        }
+        _ => Ok(builder.with_no_client_auth()),
     }
 }
 

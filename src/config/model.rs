@@ -834,6 +834,9 @@ pub struct MqttBackendSpec {
     pub connect_timeout: Dur,
     #[serde(default)]
     pub reconnect: BackoffSpec,
+    /// TLS settings for `mqtts://` (the system's roots when absent).
+    #[serde(default)]
+    pub tls: Option<ClientTlsSpec>,
     #[serde(default)]
     pub breaker: BreakerSpec,
     #[serde(default)]

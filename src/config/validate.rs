@@ -378,11 +378,7 @@ fn validate_mqtt_backend(cx: &mut Ctx, base: &str, m: &MqttBackendSpec) {
                 );
             }
         }
-        Ok(u) if u.scheme_str() == Some("mqtts") => cx.err(
-            &format!("{base}.url"),
-            None,
-            "TLS to MQTT brokers (`mqtts://`) is not supported yet",
-        ),
+        Ok(u) if u.scheme_str() == Some("mqtts") && u.host().is_some() => {}
         _ => cx.err(
             &format!("{base}.url"),
             None,

@@ -554,3 +554,54 @@ routes:
     );
     drop(b);
 }
+
+#[tokio::test]
+async fn tls_to_the_broker_with_a_private_ca() {
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string(), "localhost".to_string()])
+            .unwrap();
+    let broker = PrivateBroker::start_tls(&ck.cert.pem(), &ck.signing_key.serialize_pem()).await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ck.cert.pem()).unwrap();
+    let prefix = unique();
+    let yaml = |ca: &std::path::Path| {
+        format!(
+            "backends:\n  devices:\n    type: mqtt\n    url: \"mqtts://{}\"\n    client_id: \"gw-{}\"\n    tls: {{ ca: \"{}\" }}\nroutes:\n  - id: p\n    match: {{ method: PUT, path: /p }}\n    backend: devices\n    mqtt: {{ topic: \"{prefix}/p\" }}\n",
+            broker.addr(),
+            uuid::Uuid::now_v7().simple(),
+            ca.display()
+        )
+    };
+    let gw = Gateway::start(&yaml(&dir.path().join("ca.pem"))).await;
+    gw.wait_backend("devices", true).await;
+    let (s, _, b) = send(
+        request(Method::PUT, &gw.url("/p"))
+            .body(body("tls"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    // A CA that did not sign the broker's certificate: never connected, never cleartext.
+    let other = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    std::fs::write(dir.path().join("other.pem"), other.cert.pem()).unwrap();
+    let gw = Gateway::start(&yaml(&dir.path().join("other.pem"))).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let problem = loop {
+        let (_, v) = gw.admin_json("/readyz").await;
+        assert_eq!(v["backends"]["devices"]["ready"], false, "{v}");
+        let p = v["backends"]["devices"]["problem"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if p.starts_with("not connected") || Instant::now() > deadline {
+            break p;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        problem.to_lowercase().contains("certificate") || problem.contains("Tls"),
+        "{problem}"
+    );
+    let (s, _, _) = send(request(Method::PUT, &gw.url("/p")).body(body("x")).unwrap()).await;
+    assert_eq!(s, 503);
+}

@@ -116,12 +116,32 @@ impl Drop for PrivateBroker {
 
 impl PrivateBroker {
     pub async fn start() -> PrivateBroker {
+        Self::start_with("").await
+    }
+
+    /// A broker that speaks only TLS, with this certificate and key (PEM).
+    pub async fn start_tls(cert: &str, key: &str) -> PrivateBroker {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cert.pem"), cert).unwrap();
+        std::fs::write(dir.path().join("key.pem"), key).unwrap();
+        let extra = format!(
+            "certfile {}\nkeyfile {}\n",
+            dir.path().join("cert.pem").display(),
+            dir.path().join("key.pem").display()
+        );
+        let b = Self::start_with(&extra).await;
+        // Keep the files alive with the broker.
+        std::mem::forget(dir);
+        b
+    }
+
+    async fn start_with(extra: &str) -> PrivateBroker {
         let port = crate::support::free_port().await.port();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
             dir.path().join("mosquitto.conf"),
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n",
+                "listener {port} 127.0.0.1\n{extra}allow_anonymous true\npersistence true\npersistence_location {}/\n",
                 dir.path().display()
             ),
         )
