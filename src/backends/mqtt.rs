@@ -42,7 +42,17 @@ use crate::{BodyError, BoxError, Request, Response, ResponseFuture, full_body};
 type Reader = (u64, oneshot::Sender<Publish>);
 
 /// How a publish ended, for its waiting request.
-type Outcome = Result<(), String>;
+type Outcome = Result<(), Failure>;
+
+/// Why a publish was not acknowledged.
+#[derive(Debug)]
+enum Failure {
+    /// The broker answered with a reason code.
+    Refused(String),
+    /// The broker lost the session and the publish could not be sent again within the
+    /// broker's flow-control window; it may or may not have arrived before.
+    Lost,
+}
 
 /// One publish the gateway answers for, from enqueueing until the broker acknowledged it.
 struct Entry {
@@ -68,6 +78,11 @@ impl Entry {
 struct Book {
     queued: VecDeque<Entry>,
     inflight: HashMap<u16, Entry>,
+    /// QoS 2 publishes past their PUBREC, waiting for PUBCOMP. Kept apart: rumqttc may give
+    /// their packet id to a new publish before the PUBCOMP.
+    released: HashMap<u16, Entry>,
+    /// Packet ids rumqttc will send again after a reconnect that kept the session.
+    resends: std::collections::HashSet<u16>,
     limbo: usize,
 }
 
@@ -81,6 +96,8 @@ struct Shared {
     seq: AtomicU64,
     /// The largest packet the client sends; a bigger publish would break the connection.
     max_packet: usize,
+    /// The largest packet the broker accepts (from its CONNACK).
+    broker_max: std::sync::atomic::AtomicUsize,
     /// Last-value reads waiting for the retained message of a topic.
     readers: std::sync::Mutex<HashMap<String, Vec<Reader>>>,
     /// Where responders send responses (MQTT 5 response topic), subscribed on every connect.
@@ -141,6 +158,7 @@ impl MqttBackend {
             book: std::sync::Mutex::new(Book::default()),
             seq: AtomicU64::new(0),
             max_packet: spec.max_packet_size.0 as usize,
+            broker_max: std::sync::atomic::AtomicUsize::new(usize::MAX),
             readers: std::sync::Mutex::new(HashMap::new()),
             response_topic,
             responses: std::sync::Mutex::new(HashMap::new()),
@@ -154,6 +172,7 @@ impl MqttBackend {
                     eventloop,
                     spec.reconnect.min.0,
                     spec.reconnect.max.0,
+                    spec.inflight,
                 ))
                 .abort_handle(),
             )
@@ -230,6 +249,15 @@ fn client_tls(
     }
 }
 
+/// The book, even after a panic elsewhere poisoned its lock: its data stays consistent because
+/// every change is a single push, pop or insert.
+fn book(shared: &Shared) -> std::sync::MutexGuard<'_, Book> {
+    shared
+        .book
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn set_problem(shared: &Shared, p: Option<String>) {
     if let Ok(mut cur) = shared.problem.lock() {
         *cur = p;
@@ -243,6 +271,7 @@ async fn run(
     mut eventloop: EventLoop,
     min: Duration,
     max: Duration,
+    inflight_limit: u16,
 ) {
     let mut delay = min;
     loop {
@@ -252,16 +281,42 @@ async fn run(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                let broker_max = ack
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.max_packet_size)
+                    .map_or(usize::MAX, |m| m as usize);
+                shared.broker_max.store(broker_max, Ordering::SeqCst);
                 let republished = {
-                    let mut book = shared.book.lock().expect("book");
+                    let mut book = book(&shared);
                     let mut again = 0;
-                    if !ack.session_present {
+                    if ack.session_present {
+                        // rumqttc sends these again with their packet ids.
+                        let ids: Vec<u16> = book.inflight.keys().copied().collect();
+                        book.resends = ids.into_iter().collect();
+                    } else {
                         // rumqttc dropped what it held for the old session: publish it again,
-                        // oldest first, ahead of anything newer in its channel.
+                        // oldest first, ahead of anything newer in its channel. rumqttc sends
+                        // its pending list without flow control, so no more than the broker's
+                        // receive window goes again (more would collide on packet ids); the
+                        // rest is answered `unconfirmed`.
+                        book.resends.clear();
                         let mut lost: Vec<Entry> = book.inflight.drain().map(|(_, e)| e).collect();
+                        lost.extend(book.released.drain().map(|(_, e)| e));
                         lost.sort_by_key(|e| e.seq);
                         let limbo = book.limbo.min(book.queued.len());
                         lost.extend(book.queued.drain(..limbo));
+                        let window = ack
+                            .properties
+                            .as_ref()
+                            .and_then(|p| p.receive_max)
+                            .unwrap_or(u16::MAX)
+                            .min(inflight_limit) as usize;
+                        if lost.len() > window {
+                            for e in lost.drain(window..) {
+                                e.settle(Err(Failure::Lost));
+                            }
+                        }
                         again = lost.len();
                         for e in lost.into_iter().rev() {
                             eventloop
@@ -313,8 +368,8 @@ async fn run(
                 shared.metrics.backend_ready(&shared.name, true);
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                let mut book = shared.book.lock().expect("book");
-                if pkid != 0 && book.inflight.contains_key(&pkid) {
+                let mut book = book(&shared);
+                if pkid != 0 && book.resends.remove(&pkid) {
                     continue; // a resend after a reconnect; already tracked
                 }
                 // Between a failure and the next CONNACK the only such events are stale ones:
@@ -364,36 +419,33 @@ async fn run(
                 }
             }
             Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                let e = shared.book.lock().expect("book").inflight.remove(&ack.pkid);
+                let e = book(&shared).inflight.remove(&ack.pkid);
                 if let Some(e) = e {
                     e.settle(match ack.reason {
                         PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
-                        other => Err(format!("{other:?}")),
+                        other => Err(Failure::Refused(format!("{other:?}"))),
                     });
                 }
             }
             Ok(Event::Incoming(Packet::PubRec(rec))) => {
-                if !matches!(
-                    rec.reason,
-                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers
-                ) {
-                    let e = shared.book.lock().expect("book").inflight.remove(&rec.pkid);
-                    if let Some(e) = e {
-                        e.settle(Err(format!("{:?}", rec.reason)));
+                let mut book = book(&shared);
+                if let Some(e) = book.inflight.remove(&rec.pkid) {
+                    if matches!(
+                        rec.reason,
+                        PubRecReason::Success | PubRecReason::NoMatchingSubscribers
+                    ) {
+                        book.released.insert(rec.pkid, e);
+                    } else {
+                        e.settle(Err(Failure::Refused(format!("{:?}", rec.reason))));
                     }
                 }
             }
             Ok(Event::Incoming(Packet::PubComp(comp))) => {
-                let e = shared
-                    .book
-                    .lock()
-                    .expect("book")
-                    .inflight
-                    .remove(&comp.pkid);
+                let e = book(&shared).released.remove(&comp.pkid);
                 if let Some(e) = e {
                     e.settle(match comp.reason {
                         PubCompReason::Success => Ok(()),
-                        other => Err(format!("{other:?}")),
+                        other => Err(Failure::Refused(format!("{other:?}"))),
                     });
                 }
             }
@@ -404,7 +456,7 @@ async fn run(
                 {
                     // What rumqttc took from its channel into `pending` (never sent, so no
                     // packet id yet) is the head of the queue.
-                    let mut book = shared.book.lock().expect("book");
+                    let mut book = book(&shared);
                     book.limbo = eventloop
                         .pending
                         .iter()
@@ -728,14 +780,29 @@ impl MqttRouteService {
             .await
             .map_err(|e: BodyError| -> BoxError { Box::new(e) })?
             .to_bytes();
-        // Topic, properties and framing fit in a few hundred bytes besides the payload.
-        if body.len() + 1024 > self.shared.max_packet {
+        // A packet over either side's limit would break the connection: refuse it here. The
+        // fixed header adds at most 5 bytes to the encoded size.
+        let limit = self
+            .shared
+            .max_packet
+            .min(self.shared.broker_max.load(Ordering::SeqCst));
+        if body.len() + 5 > limit {
             return Err(GatewayError::PayloadTooLarge {
-                limit: self.shared.max_packet.saturating_sub(1024) as u64,
+                limit: limit.saturating_sub(5) as u64,
             }
             .into());
         }
         let (topic, publish) = self.publish(&parts, body)?;
+        if publish.size() + 5 > limit {
+            return Err(GatewayError::BadRequest {
+                detail: format!(
+                    "The message with its topic and properties would be {} bytes, over the {limit}-byte packet limit.",
+                    publish.size() + 5
+                ),
+                field: Some("topic".into()),
+            }
+            .into());
+        }
         // A response waiter exists before the request can be answered.
         let response = match &self.route.response {
             Some(_) => {
@@ -791,7 +858,15 @@ impl MqttRouteService {
         let wait = deadline.map_or(Duration::from_secs(30), |d| d.remaining());
         match tokio::time::timeout(wait, rx).await {
             Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(reason))) => {
+            Ok(Ok(Err(Failure::Lost))) => {
+                return Err(GatewayError::Unconfirmed {
+                    backend: self.shared.name.clone(),
+                    reason: "the broker lost the session before it acknowledged the message",
+                    source: None,
+                }
+                .into());
+            }
+            Ok(Ok(Err(Failure::Refused(reason)))) => {
                 self.shared
                     .metrics
                     .broker_event(&self.shared.name, "refused");
