@@ -649,7 +649,9 @@ impl MqttRouteService {
                 }
                 !r.contains_key(&topic)
             });
-            if last {
+            // A live subscription on the same filter shares the broker's subscription.
+            let streamed = shared.subs.lock().is_ok_and(|s| s.contains_key(&topic));
+            if last && !streamed {
                 let _ = shared.client.try_unsubscribe(topic.clone());
             }
         };
@@ -940,7 +942,15 @@ impl Drop for SubGuard {
             .is_some_and(|tx| tx.receiver_count() == 0)
         {
             subs.remove(&self.filter);
-            let _ = self.shared.client.try_unsubscribe(self.filter.clone());
+            // A last-value read on the same filter shares the broker's subscription.
+            let reading = self
+                .shared
+                .readers
+                .lock()
+                .is_ok_and(|r| r.contains_key(&self.filter));
+            if !reading {
+                let _ = self.shared.client.try_unsubscribe(self.filter.clone());
+            }
         }
     }
 }
