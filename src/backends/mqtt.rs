@@ -106,6 +106,8 @@ struct Shared {
     responses: std::sync::Mutex<HashMap<Bytes, oneshot::Sender<Publish>>>,
     /// Between a CONNACK and the SUBACK of the response topic: not ready yet.
     subscribing: AtomicBool,
+    /// Whether the broker granted the response topic subscription.
+    responses_ok: AtomicBool,
     /// Live subscriptions by topic filter; one broker subscription feeds every client.
     subs: std::sync::Mutex<HashMap<String, broadcast::Sender<Arc<Publish>>>>,
 }
@@ -163,6 +165,7 @@ impl MqttBackend {
             response_topic,
             responses: std::sync::Mutex::new(HashMap::new()),
             subscribing: AtomicBool::new(false),
+            responses_ok: AtomicBool::new(false),
             subs: std::sync::Mutex::new(HashMap::new()),
         });
         let task = tokio::runtime::Handle::try_current().ok().map(|rt| {
@@ -328,10 +331,11 @@ async fn run(
                     book.limbo = 0;
                     again
                 };
-                // Ready once the response topic is subscribed (the next SUBACK: nothing else is
-                // subscribed while not ready).
+                // Ready once the response topic is subscribed. Its SUBSCRIBE goes first of all
+                // (ahead of resends and of subscribes left from before), so the next SUBACK is
+                // its answer: brokers answer in order.
                 shared.subscribing.store(true, Ordering::SeqCst);
-                eventloop.pending.push_back(MqttRequest::Subscribe(
+                eventloop.pending.push_front(MqttRequest::Subscribe(
                     rumqttc::v5::mqttbytes::v5::Subscribe::new(
                         rumqttc::v5::mqttbytes::v5::Filter::new(
                             shared.response_topic.clone(),
@@ -359,11 +363,26 @@ async fn run(
                 delay = min;
                 tracing::info!(backend = %shared.name, session_present = ack.session_present, republished, "MQTT connection established.");
             }
-            Ok(Event::Incoming(Packet::SubAck(_)))
+            Ok(Event::Incoming(Packet::SubAck(ack)))
                 if shared.subscribing.swap(false, Ordering::SeqCst) =>
             {
+                let ok = matches!(
+                    ack.return_codes.first(),
+                    Some(rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_))
+                );
+                shared.responses_ok.store(ok, Ordering::SeqCst);
+                if ok {
+                    set_problem(&shared, None);
+                } else {
+                    let why = format!(
+                        "the broker refused the response topic `{}` ({:?}); request/response routes answer 503",
+                        shared.response_topic,
+                        ack.return_codes.first()
+                    );
+                    tracing::error!(backend = %shared.name, reason = %why, "MQTT response topic refused; allow the gateway to subscribe to it.");
+                    set_problem(&shared, Some(why));
+                }
                 shared.connected.store(true, Ordering::SeqCst);
-                set_problem(&shared, None);
                 shared.metrics.broker_event(&shared.name, "connected");
                 shared.metrics.backend_ready(&shared.name, true);
             }
@@ -807,6 +826,11 @@ impl MqttRouteService {
         }
         // A response waiter exists before the request can be answered.
         let response = match &self.route.response {
+            Some(_) if !self.shared.responses_ok.load(Ordering::SeqCst) => {
+                return Err(self
+                    .unavailable("the broker refused the gateway's response topic")
+                    .into());
+            }
             Some(_) => {
                 let cid = publish
                     .properties
