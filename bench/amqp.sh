@@ -15,15 +15,11 @@ SIZE=${SIZE:-256}
 SY_PORT=${SY_PORT:-18163}
 SY_ADMIN=${SY_ADMIN:-18164}
 AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/switchyard-target}"
+. bench/common.sh
 
-if ! command -v wrk >/dev/null 2>&1; then
-  echo "bench: installing wrk with apt-get"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
-fi
+need wrk wrk
 
 cargo build -q --release --locked --bin switchyard --example amqp_direct
-BIN="$CARGO_TARGET_DIR/release"
 WORK=$(mktemp -d)
 cleanup() {
   [ -n "${SY_PID:-}" ] && kill "$SY_PID" 2>/dev/null || true
@@ -51,10 +47,7 @@ routes:
 YAML
 RUST_LOG=warn "$BIN/switchyard" run --no-watch --config "$WORK/routes.yaml" >"$WORK/switchyard.log" 2>&1 &
 SY_PID=$!
-for _ in $(seq 1 100); do
-  curl -fsS "http://127.0.0.1:$SY_ADMIN/readyz" >/dev/null 2>&1 && break
-  sleep 0.1
-done
+wait_ready "$SY_ADMIN"
 
 head -c "$SIZE" /dev/zero | tr '\0' 'x' > "$WORK/body"
 cat > "$WORK/post.lua" <<LUA
@@ -84,7 +77,6 @@ for r in $(seq 1 "$ROUNDS"); do
   echo "round $r: direct $drate msg/s (p50 $dp50 us, p99 $dp99 us); switchyard $vrate req/s (p50 $vp50 us, p99 $vp99 us, non-2xx $non2xx)"
   echo "$drate $vrate $dp50 $vp50 $dp99 $vp99" >> "$WORK/results"
 done
-median() { sort -n | awk '{a[NR] = $1} END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 col() { awk -v c="$1" '{print $c}' "$WORK/results" | median; }
 awk -v d="$(col 1)" -v v="$(col 2)" -v dp50="$(col 3)" -v vp50="$(col 4)" -v dp99="$(col 5)" -v vp99="$(col 6)" 'BEGIN {
   printf "medians: direct %.0f msg/s (p50 %.0f us, p99 %.0f us), switchyard %.0f msg/s (p50 %.0f us, p99 %.0f us)\n", d, dp50, dp99, v, vp50, vp99

@@ -13,15 +13,11 @@ ROUNDS=${ROUNDS:-3}
 GRPC_PORT=${GRPC_PORT:-18151}
 SY_PORT=${SY_PORT:-18153}
 SY_ADMIN=${SY_ADMIN:-18154}
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/switchyard-target}"
+. bench/common.sh
 
-if ! command -v h2load >/dev/null 2>&1; then
-  echo "bench: installing nghttp2-client (h2load) with apt-get"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nghttp2-client >/dev/null
-fi
+need h2load nghttp2-client
 
 cargo build -q --release --locked --bin switchyard --example shop_server
-BIN="$CARGO_TARGET_DIR/release"
 WORK=$(mktemp -d)
 cleanup() {
   [ -n "${SERVER_PID:-}" ] && kill "$SERVER_PID" 2>/dev/null || true
@@ -74,7 +70,6 @@ for r in $(seq 1 "$ROUNDS"); do
   echo "round $r: direct $(rps <<<"$d") req/s ($(ok <<<"$d")), switchyard $(rps <<<"$v") req/s ($(ok <<<"$v")); low load mean: direct $(mean_us <<<"$dl") us, switchyard $(mean_us <<<"$vl") us"
   echo "$(rps <<<"$d") $(rps <<<"$v") $(mean_us <<<"$dl") $(mean_us <<<"$vl")" >> "$WORK/results"
 done
-median() { sort -n | awk '{a[NR] = $1} END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 D=$(awk '{print $1}' "$WORK/results" | median); V=$(awk '{print $2}' "$WORK/results" | median)
 DL=$(awk '{print $3}' "$WORK/results" | median); VL=$(awk '{print $4}' "$WORK/results" | median)
 awk -v d="$D" -v v="$V" -v dl="$DL" -v vl="$VL" 'BEGIN {

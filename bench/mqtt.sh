@@ -18,16 +18,12 @@ CLIENTS=${CLIENTS:-1000}
 SY_PORT=${SY_PORT:-18173}
 SY_ADMIN=${SY_ADMIN:-18174}
 MQTT_ADDR=${MQTT_ADDR:-127.0.0.1:1883}
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/switchyard-target}"
+. bench/common.sh
 
-if ! command -v wrk >/dev/null 2>&1; then
-  echo "bench: installing wrk with apt-get"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
-fi
+need wrk wrk
 ulimit -n 65536 2>/dev/null || true
 
 cargo build -q --release --locked --bin switchyard --example mqtt_bench
-BIN="$CARGO_TARGET_DIR/release"
 WORK=$(mktemp -d)
 cleanup() {
   [ -n "${SY_PID:-}" ] && kill "$SY_PID" 2>/dev/null || true
@@ -56,10 +52,7 @@ routes:
 YAML
 RUST_LOG=warn "$BIN/switchyard" run --no-watch --config "$WORK/routes.yaml" >"$WORK/switchyard.log" 2>&1 &
 SY_PID=$!
-for _ in $(seq 1 100); do
-  curl -fsS "http://127.0.0.1:$SY_ADMIN/readyz" >/dev/null 2>&1 && break
-  sleep 0.1
-done
+wait_ready "$SY_ADMIN"
 
 head -c "$SIZE" /dev/zero | tr '\0' 'x' > "$WORK/body"
 cat > "$WORK/put.lua" <<LUA
@@ -78,7 +71,6 @@ for r in $(seq 1 "$ROUNDS"); do
   echo "round $r: direct $drate msg/s; switchyard $vrate req/s (non-2xx $non2xx)"
   echo "$drate $vrate" >> "$WORK/results"
 done
-median() { sort -n | awk '{a[NR] = $1} END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 D=$(awk '{print $1}' "$WORK/results" | median); V=$(awk '{print $2}' "$WORK/results" | median)
 awk -v d="$D" -v v="$V" 'BEGIN { printf "medians: direct %.0f msg/s, switchyard %.0f msg/s; ratio %.2f (target >= 0.80)\n", d, v, v / d }'
 

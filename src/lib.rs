@@ -65,6 +65,15 @@ pub fn empty_body() -> Body {
         .boxed_unsync()
 }
 
+/// The whole of a request body (its limit error, if any, kept as the cause).
+pub async fn collect_body(body: Body) -> Result<Bytes, BoxError> {
+    Ok(body
+        .collect()
+        .await
+        .map_err(|e: BodyError| -> BoxError { Box::new(e) })?
+        .to_bytes())
+}
+
 /// A body holding `bytes` in full.
 pub fn full_body(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into())

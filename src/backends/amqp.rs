@@ -14,7 +14,6 @@ use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::header::{self, HeaderValue};
-use http_body_util::BodyExt;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
@@ -35,7 +34,7 @@ use crate::config::{
 use crate::error::GatewayError;
 use crate::middleware::context::{Deadline, RequestContext};
 use crate::telemetry::metrics::Metrics;
-use crate::{BodyError, BoxError, Request, Response, ResponseFuture, full_body};
+use crate::{BoxError, Request, Response, full_body};
 
 /// Waiters for replies, by correlation id. A reply nobody waits for is dropped and counted.
 #[derive(Default)]
@@ -864,11 +863,7 @@ impl AmqpRouteService {
 
     async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
         let (parts, body) = req.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e: BodyError| -> BoxError { Box::new(e) })?
-            .to_bytes();
+        let body = crate::collect_body(body).await?;
         let (exchange, routing_key, payload, props) = self.message(&parts, &body)?;
         let message_id = props
             .message_id()
@@ -1060,22 +1055,7 @@ fn discard(slot: Option<SlotChannel>) {
     }
 }
 
-impl tower::Service<Request> for AmqpRouteService {
-    type Response = Response;
-    type Error = BoxError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(
-        &mut self,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), BoxError>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request) -> ResponseFuture {
-        Box::pin(self.clone().call_backend(req))
-    }
-}
+super::route_service!(AmqpRouteService);
 
 #[cfg(test)]
 mod tests {

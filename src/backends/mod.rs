@@ -115,6 +115,30 @@ enum Handle {
     Mqtt(Arc<mqtt::MqttBackend>),
 }
 
+/// The `tower::Service` of a route service that is cheap to clone and answers through its
+/// `async fn call_backend(self, Request) -> Result<Response, BoxError>`.
+macro_rules! route_service {
+    ($t:ty) => {
+        impl tower::Service<$crate::Request> for $t {
+            type Response = $crate::Response;
+            type Error = $crate::BoxError;
+            type Future = $crate::ResponseFuture;
+
+            fn poll_ready(
+                &mut self,
+                _cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Result<(), $crate::BoxError>> {
+                std::task::Poll::Ready(Ok(()))
+            }
+
+            fn call(&mut self, req: $crate::Request) -> $crate::ResponseFuture {
+                Box::pin(self.clone().call_backend(req))
+            }
+        }
+    };
+}
+pub(crate) use route_service;
+
 /// Aborts a background task (a readiness probe) when its backend is dropped after a reload
 /// replaced it.
 pub struct AbortOnDrop(tokio::task::AbortHandle);

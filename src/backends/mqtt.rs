@@ -36,7 +36,7 @@ use crate::config::{MqttBackendSpec, MqttRouteSpec, RouteSpec};
 use crate::error::GatewayError;
 use crate::middleware::context::{Deadline, RequestContext};
 use crate::telemetry::metrics::Metrics;
-use crate::{BodyError, BoxError, Request, Response, ResponseFuture, full_body};
+use crate::{BodyError, BoxError, Request, Response, full_body};
 
 /// A last-value read waiting for a topic's retained message: its id and its sender.
 type Reader = (u64, oneshot::Sender<Publish>);
@@ -796,11 +796,7 @@ impl MqttRouteService {
             return self.read_last_value(&parts).await;
         }
         let (parts, body) = req.into_parts();
-        let body = body
-            .collect()
-            .await
-            .map_err(|e: BodyError| -> BoxError { Box::new(e) })?
-            .to_bytes();
+        let body = crate::collect_body(body).await?;
         // A packet over either side's limit would break the connection: refuse it here. The
         // fixed header adds at most 5 bytes to the encoded size.
         let limit = self
@@ -1069,22 +1065,7 @@ fn response_answer(backend: &str, p: Publish, status_property: &str) -> Result<R
     Ok(r)
 }
 
-impl tower::Service<Request> for MqttRouteService {
-    type Response = Response;
-    type Error = BoxError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(
-        &mut self,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), BoxError>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request) -> ResponseFuture {
-        Box::pin(self.clone().call_backend(req))
-    }
-}
+super::route_service!(MqttRouteService);
 
 #[cfg(test)]
 mod filter_tests {

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, Method, header};
-use http_body_util::BodyExt;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Service, ServiceExt};
 
@@ -17,7 +16,7 @@ use super::context::Deadline;
 use crate::config::{RetryCondition, RetryOn, RetrySpec};
 use crate::error::GatewayError;
 use crate::telemetry::metrics::Metrics;
-use crate::{BodyError, BoxError, Request, Response, ResponseFuture, RouteService, full_body};
+use crate::{BoxError, Request, Response, ResponseFuture, RouteService, full_body};
 
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
@@ -193,11 +192,7 @@ impl RetryService {
         }
         let safe = safe_to_repeat(&req, self.policy.idempotent);
         let (parts, body) = req.into_parts();
-        let body: Bytes = body
-            .collect()
-            .await
-            .map_err(|e: BodyError| -> BoxError { Box::new(e) })?
-            .to_bytes();
+        let body: Bytes = crate::collect_body(body).await?;
         let deadline = parts.extensions.get::<Deadline>().map(|d| d.at);
         let mut attempt = 1;
         loop {

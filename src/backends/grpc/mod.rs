@@ -20,7 +20,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
-use http_body_util::BodyExt;
 use prost_reflect::{
     DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MethodDescriptor, ReflectMessage,
 };
@@ -30,7 +29,7 @@ use tower::Service;
 use crate::config::{GrpcBackendSpec, GrpcRouteSpec, RouteSpec};
 use crate::error::GatewayError;
 use crate::middleware::context::{Deadline, RequestContext};
-use crate::{BodyError, BoxError, Request, Response, ResponseFuture, full_body};
+use crate::{BoxError, Request, Response, ResponseFuture, full_body};
 
 use super::AbortOnDrop;
 
@@ -640,11 +639,7 @@ impl GrpcRouteService {
         if self.client_streaming {
             return self.call_client_streaming(parts, body).await;
         }
-        let body = body
-            .collect()
-            .await
-            .map_err(|e: BodyError| -> BoxError { Box::new(e) })?
-            .to_bytes();
+        let body = crate::collect_body(body).await?;
         let msg = self.message(&parts, &body)?;
         let mut grpc = self.client().await?;
         let request = self.outgoing(&parts, msg);

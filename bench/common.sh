@@ -1,0 +1,24 @@
+# Shared by the bench scripts (sourced): the build cache, tool installs, readiness, medians.
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/switchyard-target}"
+BIN="$CARGO_TARGET_DIR/release"
+
+# need COMMAND PACKAGE: installs the Debian package when the command is missing.
+need() {
+  if ! command -v "$1" >/dev/null 2>&1; then
+    echo "bench: installing $2 ($1) with apt-get"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null
+  fi
+}
+
+# wait_ready ADMIN_PORT: until the gateway's /readyz answers 200 (at most 10 s).
+wait_ready() {
+  for _ in $(seq 1 100); do
+    curl -fsS "http://127.0.0.1:$1/readyz" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "bench: the gateway did not become ready" >&2
+}
+
+# The median of the numbers on standard input, one per line.
+median() { sort -n | awk '{a[NR] = $1} END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
