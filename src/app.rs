@@ -35,6 +35,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     status: Mutex<ConfigStatus>,
     reloader: OnceLock<Reloader>,
+    /// Shutdown signal and drain tracker for WebSocket sessions, which outlive their request.
+    pub sessions: crate::backends::websocket::Sessions,
 }
 
 impl Shared {
@@ -136,6 +138,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
     };
     metrics.reload(true, 1);
     let now = SystemTime::now();
+    let tracker = TaskTracker::new();
     let shared = Arc::new(Shared {
         table: ArcSwap::from_pointee(table),
         metrics,
@@ -148,6 +151,10 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             last_error: None,
         }),
         reloader: OnceLock::new(),
+        sessions: crate::backends::websocket::Sessions {
+            shutdown: shutdown.clone(),
+            tracker: tracker.clone(),
+        },
     });
     let reloader = reload::spawn(shared.clone(), opts.config.clone(), shutdown.clone());
     let _ = shared.reloader.set(reloader.clone());
@@ -173,7 +180,6 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             }
         });
     }
-    let tracker = TaskTracker::new();
     tokio::spawn(server::serve(
         listener,
         shared.clone(),

@@ -96,6 +96,18 @@ pub enum GatewayError {
         /// 404 or 502, as the route says.
         status: StatusCode,
     },
+    /// A WebSocket route asked for by a request that is not a valid WebSocket handshake.
+    #[error("upgrade required: {detail}")]
+    UpgradeRequired {
+        detail: String,
+        field: Option<String>,
+    },
+    /// The request is understood but refused by the route's policy (an origin not allowed).
+    #[error("forbidden: {detail}")]
+    Forbidden {
+        detail: String,
+        field: Option<String>,
+    },
     #[error("internal gateway error: {0}")]
     Internal(&'static str),
 }
@@ -125,6 +137,8 @@ impl GatewayError {
             GatewayError::Unroutable { status, .. } => *status,
             GatewayError::Unconfirmed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::NoValue { .. } => StatusCode::NOT_FOUND,
+            GatewayError::UpgradeRequired { .. } => StatusCode::UPGRADE_REQUIRED,
+            GatewayError::Forbidden { .. } => StatusCode::FORBIDDEN,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -135,6 +149,8 @@ impl GatewayError {
             | GatewayError::MethodNotAllowed { .. }
             | GatewayError::BadRequest { .. }
             | GatewayError::PayloadTooLarge { .. }
+            | GatewayError::UpgradeRequired { .. }
+            | GatewayError::Forbidden { .. }
             | GatewayError::RateLimited { .. } => Fault::Client,
             GatewayError::Timeout { .. }
             | GatewayError::BackendUnavailable { .. }
@@ -156,7 +172,8 @@ impl GatewayError {
         matches!(self, GatewayError::BackendUnavailable { .. })
     }
 
-    fn slug(&self) -> &'static str {
+    /// The problem type's short name (`urn:switchyard:problem:<slug>`).
+    pub fn slug(&self) -> &'static str {
         match self {
             GatewayError::NotFound => "route-not-found",
             GatewayError::MethodNotAllowed { .. } => "method-not-allowed",
@@ -172,11 +189,24 @@ impl GatewayError {
             GatewayError::Unroutable { .. } => "unroutable",
             GatewayError::Unconfirmed { .. } => "unconfirmed",
             GatewayError::NoValue { .. } => "no-value",
+            GatewayError::UpgradeRequired { .. } => "upgrade-required",
+            GatewayError::Forbidden { .. } => "forbidden",
             GatewayError::Internal(_) => "internal",
         }
     }
 
-    fn detail(&self) -> String {
+    /// The field of the request at fault, when one is.
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            GatewayError::BadRequest { field, .. }
+            | GatewayError::UpgradeRequired { field, .. }
+            | GatewayError::Forbidden { field, .. } => field.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// What went wrong, written for the client.
+    pub fn detail(&self) -> String {
         match self {
             GatewayError::NotFound => "No route matches this path.".into(),
             GatewayError::NoValue { topic } => {
@@ -190,7 +220,9 @@ impl GatewayError {
                     .collect::<Vec<_>>()
                     .join(", ")
             ),
-            GatewayError::BadRequest { detail, .. } => detail.clone(),
+            GatewayError::BadRequest { detail, .. }
+            | GatewayError::UpgradeRequired { detail, .. }
+            | GatewayError::Forbidden { detail, .. } => detail.clone(),
             GatewayError::PayloadTooLarge { limit } => {
                 format!("The request body exceeds this route's limit of {limit} bytes.")
             }
@@ -342,10 +374,7 @@ pub fn rescue(
             g.slug(),
             c.status.canonical_reason().unwrap_or("Error"),
             g.detail(),
-            match g {
-                GatewayError::BadRequest { field, .. } => field.clone(),
-                _ => None,
-            },
+            g.field().map(str::to_string),
         ),
         (None, None) if c.status == StatusCode::GATEWAY_TIMEOUT => (
             "timeout",
@@ -383,6 +412,10 @@ pub fn rescue(
         Some(GatewayError::CircuitOpen { retry_after, .. }) => {
             let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        Some(GatewayError::UpgradeRequired { .. }) => {
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            headers.insert("sec-websocket-version", HeaderValue::from_static("13"));
         }
         Some(GatewayError::Overloaded { .. } | GatewayError::Unconfirmed { .. }) => {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));

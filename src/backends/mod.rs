@@ -7,6 +7,7 @@ pub mod grpc;
 pub mod http;
 pub mod mqtt;
 pub mod values;
+pub mod websocket;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -262,7 +263,25 @@ impl BuiltBackend {
     }
 
     /// The service at the bottom of `route`'s stack.
-    pub fn route_service(&self, route: &RouteSpec) -> Result<RouteService, String> {
+    pub fn route_service(
+        &self,
+        route: &RouteSpec,
+        metrics: &Arc<Metrics>,
+    ) -> Result<RouteService, String> {
+        if let Some(ws) = &route.websocket {
+            return match &self.handle {
+                Handle::Mqtt(m) => Ok(RouteService::new(websocket::WsRouteService::mqtt(
+                    m.handle(),
+                    route,
+                    ws,
+                    metrics,
+                )?)),
+                _ => Err(format!(
+                    "WebSocket routes to {} backends are not supported yet",
+                    self.kind()
+                )),
+            };
+        }
         Ok(match &self.handle {
             Handle::Http(h) => RouteService::new(http::HttpRouteService::new(
                 h.clone(),

@@ -110,6 +110,8 @@ struct Shared {
     responses_ok: AtomicBool,
     /// Live subscriptions by topic filter; one broker subscription feeds every client.
     subs: std::sync::Mutex<HashMap<String, broadcast::Sender<Arc<Publish>>>>,
+    /// Cancelled when the backend is dropped (a reload removed or changed it).
+    gone: tokio_util::sync::CancellationToken,
 }
 
 pub struct MqttBackend {
@@ -167,6 +169,7 @@ impl MqttBackend {
             subscribing: AtomicBool::new(false),
             responses_ok: AtomicBool::new(false),
             subs: std::sync::Mutex::new(HashMap::new()),
+            gone: tokio_util::sync::CancellationToken::new(),
         });
         let task = tokio::runtime::Handle::try_current().ok().map(|rt| {
             AbortOnDrop(
@@ -192,6 +195,175 @@ impl MqttBackend {
 
     pub fn problem(&self) -> Option<String> {
         self.shared.problem.lock().ok().and_then(|p| p.clone())
+    }
+
+    /// The shared client, for bridges that publish and subscribe on their own terms (the
+    /// WebSocket bridge).
+    pub fn handle(&self) -> MqttHandle {
+        MqttHandle {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for MqttBackend {
+    /// A reload removed or changed the backend: its event loop stops, so live subscribers are
+    /// told the backend is gone (their channels close) instead of waiting forever.
+    fn drop(&mut self) {
+        self.shared.gone.cancel();
+        self.shared.connected.store(false, Ordering::SeqCst);
+        if let Ok(mut subs) = self.shared.subs.lock() {
+            subs.clear();
+        }
+    }
+}
+
+/// A clonable view of a backend's client: confirmed publishes and shared subscriptions.
+#[derive(Clone)]
+pub struct MqttHandle {
+    shared: Arc<Shared>,
+}
+
+/// One client's share of a broker subscription. The receiver drops before the guard, so the
+/// guard sees the true count of remaining clients.
+pub struct Subscription {
+    pub rx: broadcast::Receiver<Arc<Publish>>,
+    _guard: SubGuard,
+}
+
+impl MqttHandle {
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    pub fn connected(&self) -> bool {
+        self.shared.connected.load(Ordering::SeqCst)
+    }
+
+    /// Resolves when the backend is dropped by a reload; its client no longer runs.
+    pub async fn gone(&self) {
+        self.shared.gone.cancelled().await
+    }
+
+    pub fn unavailable(&self, reason: &'static str) -> GatewayError {
+        GatewayError::BackendUnavailable {
+            backend: self.shared.name.clone(),
+            reason,
+            retry_after: Some(Duration::from_secs(1)),
+            source: None,
+        }
+    }
+
+    /// The largest payload the client and the broker both accept, less the fixed header.
+    pub fn payload_limit(&self) -> usize {
+        self.shared
+            .max_packet
+            .min(self.shared.broker_max.load(Ordering::SeqCst))
+            .saturating_sub(5)
+    }
+
+    /// Joins the live subscription on `filter`, subscribing at the broker for the first
+    /// client. Clients on one filter share one broker subscription; a client `buffer` messages
+    /// behind sees `Lagged`, and the channel closes when the backend goes away.
+    pub fn subscribe(&self, filter: String, buffer: usize) -> Result<Subscription, GatewayError> {
+        if !self.connected() {
+            return Err(self.unavailable("not connected to the broker"));
+        }
+        let mut subs = self
+            .shared
+            .subs
+            .lock()
+            .map_err(|_| GatewayError::Internal("the subscription table is poisoned"))?;
+        let rx = match subs.get(&filter) {
+            Some(tx) => tx.subscribe(),
+            None => {
+                self.shared
+                    .client
+                    .try_subscribe(filter.clone(), QoS::AtLeastOnce)
+                    .map_err(|_| self.unavailable("too many requests in flight"))?;
+                let (tx, rx) = broadcast::channel(buffer.max(1));
+                subs.insert(filter.clone(), tx);
+                rx
+            }
+        };
+        self.shared.metrics.stream(&self.shared.name, 1);
+        Ok(Subscription {
+            rx,
+            _guard: SubGuard {
+                shared: self.shared.clone(),
+                filter,
+            },
+        })
+    }
+
+    /// Publishes and waits up to `wait` for the broker's acknowledgement (QoS 1, 2) or for
+    /// the write (QoS 0). Errors say whether the message may have arrived (`Unconfirmed`).
+    pub async fn publish(&self, publish: Publish, wait: Duration) -> Result<(), GatewayError> {
+        let limit = self.payload_limit();
+        if publish.payload.len() > limit {
+            return Err(GatewayError::PayloadTooLarge {
+                limit: limit as u64,
+            });
+        }
+        if publish.size() > limit {
+            return Err(GatewayError::BadRequest {
+                detail: format!(
+                    "The message with its topic and properties would be {} bytes, over the {}-byte packet limit.",
+                    publish.size() + 5,
+                    limit + 5
+                ),
+                field: Some("topic".into()),
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut book = self
+                .shared
+                .book
+                .lock()
+                .map_err(|_| GatewayError::Internal("the publish book is poisoned"))?;
+            if !self.connected() {
+                return Err(self.unavailable("not connected to the broker"));
+            }
+            // Enqueued under the lock, so the book's order is rumqttc's order.
+            self.shared
+                .client
+                .try_publish_with_properties(
+                    String::from_utf8_lossy(&publish.topic).into_owned(),
+                    publish.qos,
+                    publish.retain,
+                    publish.payload.clone(),
+                    publish.properties.clone().unwrap_or_default(),
+                )
+                .map_err(|_| self.unavailable("too many publishes in flight"))?;
+            book.queued.push_back(Entry {
+                seq: self.shared.seq.fetch_add(1, Ordering::Relaxed),
+                publish,
+                tx: Some(tx),
+            });
+        }
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(Failure::Lost))) => Err(GatewayError::Unconfirmed {
+                backend: self.shared.name.clone(),
+                reason: "the broker lost the session before it acknowledged the message",
+                source: None,
+            }),
+            Ok(Ok(Err(Failure::Refused(reason)))) => {
+                self.shared
+                    .metrics
+                    .broker_event(&self.shared.name, "refused");
+                Err(GatewayError::BadRequest {
+                    detail: format!("The broker refused the message: {reason}."),
+                    field: None,
+                })
+            }
+            Ok(Err(_)) | Err(_) => Err(GatewayError::Unconfirmed {
+                backend: self.shared.name.clone(),
+                reason: "the broker did not acknowledge the message in time",
+                source: None,
+            }),
+        }
     }
 }
 
@@ -507,10 +679,38 @@ fn fresh_copy(p: &Publish) -> Publish {
     p
 }
 
+/// Renders a topic (or filter) template from request values, which may not hold wildcards or
+/// NUL, nor `/` unless listed in `multi_level`, and may not be empty.
+pub fn render_topic(
+    values: &RequestValues<'_>,
+    template: &ValueTemplate,
+    multi_level: &[String],
+) -> Result<String, GatewayError> {
+    let topic = values.render_checked(template, "the topic", |name, v| {
+        if v.contains(['+', '#', '\0']) {
+            Err("it holds an MQTT wildcard (`+`, `#`) or NUL".into())
+        } else if v.contains('/') && !multi_level.iter().any(|m| m == name) {
+            Err("it holds `/`, and this value may not span topic levels".into())
+        } else if v.is_empty() {
+            Err("it is empty".into())
+        } else {
+            Ok(())
+        }
+    })?;
+    if topic.len() > 65535 {
+        return Err(GatewayError::BadRequest {
+            detail: "The topic would be longer than MQTT allows (65535 bytes).".into(),
+            field: Some("topic".into()),
+        });
+    }
+    Ok(topic)
+}
+
 /// One route's service on top of a shared [`MqttBackend`].
 #[derive(Clone)]
 pub struct MqttRouteService {
     shared: Arc<Shared>,
+    handle: MqttHandle,
     topic: Arc<ValueTemplate>,
     route: Arc<MqttRouteSpec>,
     headers: Arc<Vec<http::HeaderName>>,
@@ -526,6 +726,7 @@ impl MqttRouteService {
     ) -> Result<Self, String> {
         Ok(MqttRouteService {
             shared: backend.shared.clone(),
+            handle: backend.handle(),
             topic: Arc::new(ValueTemplate::parse(&spec.topic)?),
             headers: Arc::new(
                 spec.headers
@@ -543,37 +744,10 @@ impl MqttRouteService {
         })
     }
 
-    fn unavailable(&self, reason: &'static str) -> GatewayError {
-        GatewayError::BackendUnavailable {
-            backend: self.shared.name.clone(),
-            reason,
-            retry_after: Some(Duration::from_secs(1)),
-            source: None,
-        }
-    }
-
     /// The topic: request values may not hold wildcards or NUL, nor `/` unless the template
     /// lets that value span levels.
     fn topic(&self, values: &RequestValues<'_>) -> Result<String, GatewayError> {
-        let multi = &self.route.multi_level;
-        let topic = values.render_checked(&self.topic, "the topic", |name, v| {
-            if v.contains(['+', '#', '\0']) {
-                Err("it holds an MQTT wildcard (`+`, `#`) or NUL".into())
-            } else if v.contains('/') && !multi.iter().any(|m| m == name) {
-                Err("it holds `/`, and this value may not span topic levels".into())
-            } else if v.is_empty() {
-                Err("it is empty".into())
-            } else {
-                Ok(())
-            }
-        })?;
-        if topic.len() > 65535 {
-            return Err(GatewayError::BadRequest {
-                detail: "The topic would be longer than MQTT allows (65535 bytes).".into(),
-                field: Some("topic".into()),
-            });
-        }
-        Ok(topic)
+        render_topic(values, &self.topic, &self.route.multi_level)
     }
 
     fn publish(
@@ -647,7 +821,10 @@ impl MqttRouteService {
         let empty = Bytes::new();
         let topic = self.topic(&RequestValues::new(parts, &empty))?;
         if !self.shared.connected.load(Ordering::SeqCst) {
-            return Err(self.unavailable("not connected to the broker").into());
+            return Err(self
+                .handle
+                .unavailable("not connected to the broker")
+                .into());
         }
         let id = self.shared.seq.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
@@ -681,7 +858,10 @@ impl MqttRouteService {
             .is_err()
         {
             leave(&self.shared);
-            return Err(self.unavailable("too many requests in flight").into());
+            return Err(self
+                .handle
+                .unavailable("too many requests in flight")
+                .into());
         }
         let got = tokio::time::timeout(self.route.wait.0, rx).await;
         leave(&self.shared);
@@ -710,50 +890,22 @@ impl MqttRouteService {
     async fn stream(&self, parts: &http::request::Parts) -> Result<Response, BoxError> {
         let empty = Bytes::new();
         let filter = self.topic(&RequestValues::new(parts, &empty))?;
-        if !self.shared.connected.load(Ordering::SeqCst) {
-            return Err(self.unavailable("not connected to the broker").into());
-        }
-        let rx = {
-            let mut subs = self
-                .shared
-                .subs
-                .lock()
-                .map_err(|_| GatewayError::Internal("the subscription table is poisoned"))?;
-            match subs.get(&filter) {
-                Some(tx) => tx.subscribe(),
-                None => {
-                    self.shared
-                        .client
-                        .try_subscribe(filter.clone(), QoS::AtLeastOnce)
-                        .map_err(|_| self.unavailable("too many requests in flight"))?;
-                    let (tx, rx) = broadcast::channel(self.route.buffer.max(1));
-                    subs.insert(filter.clone(), tx);
-                    rx
-                }
-            }
-        };
+        let sub = self.handle.subscribe(filter, self.route.buffer)?;
         let state = SseState {
-            rx,
+            sub,
             seq: 0,
             done: false,
             tick: tokio::time::interval_at(
                 tokio::time::Instant::now() + Duration::from_secs(15),
                 Duration::from_secs(15),
             ),
-            _guard: {
-                self.shared.metrics.stream(&self.shared.name, 1);
-                SubGuard {
-                    shared: self.shared.clone(),
-                    filter,
-                }
-            },
         };
         let events = futures_util::stream::unfold(state, |mut st| async move {
             if st.done {
                 return None;
             }
             let chunk = tokio::select! {
-                r = st.rx.recv() => match r {
+                r = st.sub.rx.recv() => match r {
                     Ok(p) => {
                         st.seq += 1;
                         sse_message(st.seq, &p)
@@ -797,33 +949,21 @@ impl MqttRouteService {
         }
         let (parts, body) = req.into_parts();
         let body = crate::collect_body(body).await?;
-        // A packet over either side's limit would break the connection: refuse it here. The
-        // fixed header adds at most 5 bytes to the encoded size.
-        let limit = self
-            .shared
-            .max_packet
-            .min(self.shared.broker_max.load(Ordering::SeqCst));
-        if body.len() + 5 > limit {
+        // A packet over either side's limit would break the connection: refused before
+        // anything else is done.
+        let limit = self.handle.payload_limit();
+        if body.len() > limit {
             return Err(GatewayError::PayloadTooLarge {
-                limit: limit.saturating_sub(5) as u64,
+                limit: limit as u64,
             }
             .into());
         }
         let (topic, publish) = self.publish(&parts, body)?;
-        if publish.size() + 5 > limit {
-            return Err(GatewayError::BadRequest {
-                detail: format!(
-                    "The message with its topic and properties would be {} bytes, over the {limit}-byte packet limit.",
-                    publish.size() + 5
-                ),
-                field: Some("topic".into()),
-            }
-            .into());
-        }
         // A response waiter exists before the request can be answered.
         let response = match &self.route.response {
             Some(_) if !self.shared.responses_ok.load(Ordering::SeqCst) => {
                 return Err(self
+                    .handle
                     .unavailable("the broker refused the gateway's response topic")
                     .into());
             }
@@ -849,64 +989,9 @@ impl MqttRouteService {
             }
             None => None,
         };
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut book = self
-                .shared
-                .book
-                .lock()
-                .map_err(|_| GatewayError::Internal("the publish book is poisoned"))?;
-            if !self.shared.connected.load(Ordering::SeqCst) {
-                return Err(self.unavailable("not connected to the broker").into());
-            }
-            // Enqueued under the lock, so the book's order is rumqttc's order.
-            self.shared
-                .client
-                .try_publish_with_properties(
-                    topic.clone(),
-                    publish.qos,
-                    publish.retain,
-                    publish.payload.clone(),
-                    publish.properties.clone().unwrap_or_default(),
-                )
-                .map_err(|_| self.unavailable("too many publishes in flight"))?;
-            book.queued.push_back(Entry {
-                seq: self.shared.seq.fetch_add(1, Ordering::Relaxed),
-                publish,
-                tx: Some(tx),
-            });
-        }
         let deadline = parts.extensions.get::<Deadline>().copied();
         let wait = deadline.map_or(Duration::from_secs(30), |d| d.remaining());
-        match tokio::time::timeout(wait, rx).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(Failure::Lost))) => {
-                return Err(GatewayError::Unconfirmed {
-                    backend: self.shared.name.clone(),
-                    reason: "the broker lost the session before it acknowledged the message",
-                    source: None,
-                }
-                .into());
-            }
-            Ok(Ok(Err(Failure::Refused(reason)))) => {
-                self.shared
-                    .metrics
-                    .broker_event(&self.shared.name, "refused");
-                return Err(GatewayError::BadRequest {
-                    detail: format!("The broker refused the message: {reason}."),
-                    field: None,
-                }
-                .into());
-            }
-            Ok(Err(_)) | Err(_) => {
-                return Err(GatewayError::Unconfirmed {
-                    backend: self.shared.name.clone(),
-                    reason: "the broker did not acknowledge the message in time",
-                    source: None,
-                }
-                .into());
-            }
-        }
+        self.handle.publish(publish, wait).await?;
         if let (Some((rx, _forget)), Some(spec)) = (response, &self.route.response) {
             let wait = deadline.map_or(Duration::from_secs(30), |d| d.remaining());
             let p = match tokio::time::timeout(wait, rx).await {
@@ -935,14 +1020,12 @@ impl MqttRouteService {
     }
 }
 
-/// One SSE client's state; the receiver drops before the guard, so the guard sees the true
-/// count of remaining clients.
+/// One SSE client's state.
 struct SseState {
-    rx: broadcast::Receiver<Arc<Publish>>,
+    sub: Subscription,
     seq: u64,
     done: bool,
     tick: tokio::time::Interval,
-    _guard: SubGuard,
 }
 
 /// Ends the broker subscription when its last client leaves.
@@ -978,6 +1061,13 @@ impl Drop for SubGuard {
 /// One message as an SSE event: its topic, and its payload as JSON when it is JSON, else text,
 /// else base64.
 fn sse_message(seq: u64, p: &Publish) -> Bytes {
+    let data = message_json(p);
+    Bytes::from(format!("id: {seq}\nevent: message\ndata: {data}\n\n"))
+}
+
+/// A message as JSON for clients: its topic, its payload as JSON when it is JSON, else text,
+/// else base64, and which of these it is.
+pub fn message_json(p: &Publish) -> serde_json::Value {
     let topic = String::from_utf8_lossy(&p.topic);
     let (payload, encoding) = match serde_json::from_slice::<serde_json::Value>(&p.payload) {
         Ok(v) => (v, "json"),
@@ -994,24 +1084,46 @@ fn sse_message(seq: u64, p: &Publish) -> Bytes {
             }
         },
     };
-    let data = serde_json::json!({
+    serde_json::json!({
         "topic": topic,
         "payload": payload,
         "encoding": encoding,
         "retain": p.retain,
-    });
-    Bytes::from(format!("id: {seq}\nevent: message\ndata: {data}\n\n"))
+    })
 }
 
 /// Whether an MQTT topic filter (`+` one level, `#` the rest) matches a topic.
-fn filter_matches(filter: &str, topic: &str) -> bool {
+/// Whether `topic` matches the topic `filter`. Wildcards in the first level never match
+/// topics that start with `$` (MQTT 4.7.2).
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
+        return false;
+    }
     let mut f = filter.split('/');
     let mut t = topic.split('/');
     loop {
         match (f.next(), t.next()) {
-            (Some("#"), _) => return !topic.starts_with('$'),
+            (Some("#"), _) => return true,
             (Some("+"), Some(_)) => {}
             (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+/// Whether every topic `filter` matches is also matched by `allowed` (both well-formed).
+pub fn filter_covers(allowed: &str, filter: &str) -> bool {
+    if filter.starts_with('$') && allowed.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut a = allowed.split('/');
+    let mut f = filter.split('/');
+    loop {
+        match (a.next(), f.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(l)) if l != "#" => {}
+            (Some(x), Some(y)) if x == y && x != "+" && x != "#" => {}
             (None, None) => return true,
             _ => return false,
         }
@@ -1069,7 +1181,7 @@ super::route_service!(MqttRouteService);
 
 #[cfg(test)]
 mod filter_tests {
-    use super::filter_matches;
+    use super::{filter_covers, filter_matches};
 
     #[test]
     fn filters_match_as_mqtt_says() {
@@ -1081,5 +1193,20 @@ mod filter_tests {
         assert!(!filter_matches("a/+", "a/b/c"));
         assert!(!filter_matches("a/b", "a/b/c"));
         assert!(filter_matches("a/b", "a/b"));
+        assert!(!filter_matches("+/x", "$SYS/x"));
+    }
+
+    #[test]
+    fn covering_filters() {
+        assert!(filter_covers("a/#", "a/b/+"));
+        assert!(filter_covers("a/#", "a/#"));
+        assert!(filter_covers("a/+/c", "a/b/c"));
+        assert!(filter_covers("a/+/c", "a/+/c"));
+        assert!(!filter_covers("a/b/c", "a/+/c"));
+        assert!(!filter_covers("a/+", "a/#"));
+        assert!(!filter_covers("a/+", "a/b/c"));
+        assert!(!filter_covers("#", "$SYS/#"));
+        assert!(filter_covers("$SYS/#", "$SYS/broker"));
+        assert!(!filter_covers("a/b", "a"));
     }
 }

@@ -1005,6 +1005,10 @@ pub struct RouteSpec {
     /// Settings for an `mqtt` backend.
     #[serde(default)]
     pub mqtt: Option<MqttRouteSpec>,
+    /// Makes the route a WebSocket endpoint: the request is upgraded and frames are bridged
+    /// to the backend (MQTT, AMQP, gRPC streams, or an upstream WebSocket for `http`).
+    #[serde(default)]
+    pub websocket: Option<WebSocketSpec>,
     /// Overall deadline (defaults.timeout when absent).
     #[serde(default)]
     pub timeout: Option<Dur>,
@@ -1064,6 +1068,107 @@ pub struct HttpRouteSpec {
     /// Send the client's Host header upstream instead of the endpoint's authority.
     #[serde(default)]
     pub preserve_host: bool,
+}
+
+/// A WebSocket endpoint: handshake policy, connection care, and the bridge's settings.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketSpec {
+    /// Origins allowed to connect (`https://app.example.com`, compared without case); any
+    /// origin, and clients that send none, when empty.
+    #[serde(default)]
+    pub origins: Vec<String>,
+    /// Subprotocols the route speaks, preferred first. When set, the client must offer one.
+    #[serde(default)]
+    pub subprotocols: Vec<String>,
+    /// How often the gateway pings the client.
+    #[serde(default = "default_ws_ping")]
+    pub ping_interval: Dur,
+    /// A connection the client sent nothing on (pongs count) for this long is closed.
+    #[serde(default = "default_ws_idle")]
+    pub idle_timeout: Dur,
+    /// Largest message a client may send (close 1009 beyond).
+    #[serde(default = "default_ws_message")]
+    pub max_message_size: Size,
+    /// Largest single frame a client may send; `max_message_size` when absent.
+    #[serde(default)]
+    pub max_frame_size: Option<Size>,
+    /// Messages queued towards the client; a client further behind is cut off (close 1008)
+    /// or, where the backend can wait (AMQP), the backend is paused.
+    #[serde(default = "default_ws_buffer")]
+    pub buffer: usize,
+    /// Client messages waiting for the backend's acknowledgement; beyond this the gateway
+    /// stops reading the socket until acknowledgements come.
+    #[serde(default = "default_ws_inflight")]
+    pub inflight: usize,
+    /// A client that takes no data for this long while the gateway writes is cut off.
+    #[serde(default = "default_ws_write_timeout")]
+    pub write_timeout: Dur,
+    /// The bridge to an `mqtt` backend.
+    #[serde(default)]
+    pub mqtt: Option<WsMqttSpec>,
+}
+
+/// A WebSocket bridged to MQTT: either JSON operations within the `allow`ed topic filters, or
+/// fixed topics where every frame is a payload.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WsMqttSpec {
+    /// Operations mode: topic filters (templates of path values) within which the client may
+    /// `subscribe` and `publish` through JSON frames.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// Fixed mode: topic filters (templates) whose messages are pushed to the client as they
+    /// are, one frame per message.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    /// Fixed mode: the topic (a template) every client frame is published to.
+    #[serde(default)]
+    pub publish: Option<String>,
+    /// QoS of the gateway's publishes and subscriptions: 0, 1 or 2.
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Publish with the retain flag (fixed mode; in operations mode the client says).
+    #[serde(default)]
+    pub retain: bool,
+    /// Fixed mode: answer each published frame with an `ack` frame once the broker
+    /// acknowledged it. Failures are always answered with an `error` frame.
+    #[serde(default)]
+    pub acks: bool,
+    /// Path values that may span topic levels (may contain `/`).
+    #[serde(default)]
+    pub multi_level: Vec<String>,
+    /// Operations mode: subscriptions one connection may hold.
+    #[serde(default = "default_ws_max_subscriptions")]
+    pub max_subscriptions: usize,
+}
+
+fn default_ws_max_subscriptions() -> usize {
+    32
+}
+
+fn default_ws_ping() -> Dur {
+    Dur::secs(30)
+}
+
+fn default_ws_idle() -> Dur {
+    Dur::secs(90)
+}
+
+fn default_ws_message() -> Size {
+    Size(64 * 1024)
+}
+
+fn default_ws_buffer() -> usize {
+    64
+}
+
+fn default_ws_inflight() -> usize {
+    16
+}
+
+fn default_ws_write_timeout() -> Dur {
+    Dur::secs(10)
 }
 
 /// A plugin entry: a one-key map from plugin name to its settings.

@@ -297,12 +297,7 @@ fn validate_mqtt_route(
                 })
                 .collect();
             if m.subscribe {
-                let levels: Vec<&str> = m.topic.split('/').collect();
-                let bad = levels.iter().enumerate().any(|(i, l)| {
-                    (l.contains('+') && *l != "+")
-                        || (l.contains('#') && (*l != "#" || i + 1 != levels.len()))
-                });
-                if m.topic.is_empty() || bad || literal.contains('\0') {
+                if !valid_filter(&m.topic) || literal.contains('\0') {
                     cx.err(
                         &format!("{base}.mqtt.topic"),
                         id,
@@ -831,7 +826,14 @@ fn validate_route(
             }
         }
     }
-    match spec.backends.get(&route.backend) {
+    let bridge = match (&route.websocket, spec.backends.get(&route.backend)) {
+        (Some(ws), Some(backend)) => {
+            validate_websocket_route(cx, &base, id, route, ws, backend, template.as_ref());
+            None
+        }
+        (_, b) => b,
+    };
+    match bridge {
         None => {}
         Some(BackendSpec::Http(_)) => {
             if let Some(h) = &route.http {
@@ -931,6 +933,232 @@ fn validate_route(
         }
     }
     template
+}
+
+/// A WebSocket route: the handshake policy, connection care, and the bridge's settings, which
+/// replace the HTTP bridge's (`mqtt:`, `amqp:`, `grpc:`) on such a route.
+fn validate_websocket_route(
+    cx: &mut Ctx,
+    base: &str,
+    id: Option<&str>,
+    route: &RouteSpec,
+    ws: &WebSocketSpec,
+    backend: &BackendSpec,
+    template: Option<&PathTemplate>,
+) {
+    let wb = format!("{base}.websocket");
+    if let Ok(Some(methods)) = route_methods(&route.matcher)
+        && !methods.contains(&Method::GET)
+    {
+        cx.err(
+            &format!("{base}.match.method"),
+            id,
+            "a WebSocket handshake is a GET (HTTP/2 clients' CONNECT is matched as GET); include GET",
+        );
+    }
+    for (key, present) in [
+        ("amqp", route.amqp.is_some()),
+        ("mqtt", route.mqtt.is_some()),
+        ("grpc", route.grpc.is_some()),
+    ] {
+        if present {
+            cx.err_key_route(
+                &format!("{base}.{key}"),
+                id,
+                format!("a WebSocket route takes its bridge settings under `websocket.{key}:`, not `{key}:`"),
+            );
+        }
+    }
+    for (i, o) in ws.origins.iter().enumerate() {
+        let ok = o == "null"
+            || o.parse::<Uri>().is_ok_and(|u| {
+                matches!(u.scheme_str(), Some("http" | "https"))
+                    && u.host().is_some()
+                    && u.path_and_query().is_none_or(|p| p.as_str() == "/")
+                    && !o.ends_with('/')
+            });
+        if !ok {
+            cx.err(
+                &format!("{wb}.origins[{i}]"),
+                id,
+                format!("`{o}` is not an origin: write `https://host` or `https://host:port`, without a path"),
+            );
+        }
+    }
+    for (i, p) in ws.subprotocols.iter().enumerate() {
+        let token = !p.is_empty()
+            && p.bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b));
+        if !token {
+            cx.err(
+                &format!("{wb}.subprotocols[{i}]"),
+                id,
+                format!("`{p}` is not a subprotocol name (an HTTP token: no spaces, commas or separators)"),
+            );
+        }
+    }
+    if ws.ping_interval.0.is_zero() {
+        cx.err(&format!("{wb}.ping_interval"), id, "must be above zero");
+    } else if ws.idle_timeout.0 <= ws.ping_interval.0 {
+        cx.err(
+            &format!("{wb}.idle_timeout"),
+            id,
+            format!(
+                "the idle timeout ({}) must be longer than the ping interval ({}), or live clients would be cut off between pings",
+                humantime::format_duration(ws.idle_timeout.0),
+                humantime::format_duration(ws.ping_interval.0)
+            ),
+        );
+    }
+    if ws.write_timeout.0.is_zero() {
+        cx.err(&format!("{wb}.write_timeout"), id, "must be above zero");
+    }
+    const MAX_MESSAGE: u64 = 64 * 1024 * 1024;
+    if !(16..=MAX_MESSAGE).contains(&ws.max_message_size.0) {
+        cx.err(
+            &format!("{wb}.max_message_size"),
+            id,
+            "from 16 bytes to 64MiB",
+        );
+    }
+    if let Some(f) = ws.max_frame_size
+        && (f.0 < 16 || f.0 > ws.max_message_size.0)
+    {
+        cx.err(
+            &format!("{wb}.max_frame_size"),
+            id,
+            "from 16 bytes up to `max_message_size`",
+        );
+    }
+    for (key, n) in [("buffer", ws.buffer), ("inflight", ws.inflight)] {
+        if !(1..=65536).contains(&n) {
+            cx.err(&format!("{wb}.{key}"), id, "from 1 to 65536");
+        }
+    }
+    let kind = backend.kind();
+    for (key, present) in [("mqtt", ws.mqtt.is_some())] {
+        if present && key != kind {
+            cx.err_key_route(
+                &format!("{wb}.{key}"),
+                id,
+                format!(
+                    "`websocket.{key}:` needs a {key} backend, and `{}` is a {kind} backend",
+                    route.backend
+                ),
+            );
+        }
+    }
+    match backend {
+        BackendSpec::Mqtt(_) => match &ws.mqtt {
+            None => cx.err(
+                &wb,
+                id,
+                "a WebSocket route to an mqtt backend needs `mqtt: { allow: [...] }` (JSON operations) or `mqtt: { subscribe: [...], publish: ... }` (fixed topics)",
+            ),
+            Some(m) => validate_ws_mqtt(cx, &format!("{wb}.mqtt"), id, m, template),
+        },
+        other => cx.err(
+            &wb,
+            id,
+            format!(
+                "WebSocket routes to {} backends are not supported yet; use an mqtt backend",
+                other.kind()
+            ),
+        ),
+    }
+}
+
+/// Whether `filter` is a well-formed MQTT topic filter: `+` a whole level, `#` only the last.
+pub fn valid_filter(filter: &str) -> bool {
+    let levels: Vec<&str> = filter.split('/').collect();
+    !filter.is_empty()
+        && !filter.contains('\0')
+        && !levels.iter().enumerate().any(|(i, l)| {
+            (l.contains('+') && *l != "+")
+                || (l.contains('#') && (*l != "#" || i + 1 != levels.len()))
+        })
+}
+
+fn validate_ws_mqtt(
+    cx: &mut Ctx,
+    base: &str,
+    id: Option<&str>,
+    m: &WsMqttSpec,
+    template: Option<&PathTemplate>,
+) {
+    let captured: Vec<&str> = template.map(|t| t.captures()).unwrap_or_default();
+    let ops = !m.allow.is_empty();
+    let fixed = !m.subscribe.is_empty() || m.publish.is_some();
+    if ops == fixed {
+        cx.err(
+            base,
+            id,
+            "give either `allow` (clients send JSON operations within these filters) or `subscribe`/`publish` (fixed topics, frames are payloads)",
+        );
+    }
+    if ops && m.acks {
+        cx.err(
+            &format!("{base}.acks"),
+            id,
+            "operations mode always acknowledges publishes; `acks` is for fixed topics",
+        );
+    }
+    let check = |cx: &mut Ctx, path: String, text: &str, filter: bool| match ValueTemplate::parse(
+        text,
+    ) {
+        Err(e) => cx.err(&path, id, e),
+        Ok(t) => {
+            if t.needs_body() {
+                cx.err(
+                    &path,
+                    id,
+                    "a WebSocket handshake has no body to take `{body.…}` from",
+                );
+            }
+            for p in t.params() {
+                if template.is_some() && !captured.contains(&p) {
+                    cx.err(
+                            &path,
+                            id,
+                            format!("`{{{p}}}` is not captured by the route's path; capture it or use `{{query.{p}}}` or `{{header.{p}}}`"),
+                        );
+                }
+            }
+            let literal: String = t
+                .parts
+                .iter()
+                .map(|p| match p {
+                    crate::config::template::ValuePart::Lit(l) => l.as_str(),
+                    _ => "x",
+                })
+                .collect();
+            if filter && !valid_filter(&literal) {
+                cx.err(
+                    &path,
+                    id,
+                    "a topic filter: `+` stands for one whole level, `#` only for the last",
+                );
+            } else if !filter && (literal.is_empty() || literal.contains(['+', '#', '\0'])) {
+                cx.err(
+                    &path,
+                    id,
+                    "a publish topic is not empty and has no `+` or `#` wildcards",
+                );
+            }
+        }
+    };
+    for (i, f) in m.allow.iter().enumerate() {
+        check(cx, format!("{base}.allow[{i}]"), f, true);
+    }
+    for (i, f) in m.subscribe.iter().enumerate() {
+        check(cx, format!("{base}.subscribe[{i}]"), f, true);
+    }
+    if let Some(p) = &m.publish {
+        check(cx, format!("{base}.publish"), p, false);
+    }
+    if m.qos > 2 {
+        cx.err(&format!("{base}.qos"), id, "0, 1 or 2");
+    }
 }
 
 fn validate_http_route(

@@ -48,6 +48,10 @@ pub struct StackError {
 /// 8. **Backend concurrency limit**: each try holds a slot on the backend.
 /// 9. **Per-try timeout**: bounds one try, so a hung try can be retried within the deadline.
 /// 10. **Backend**: the protocol bridge itself.
+///
+/// A WebSocket route gets the same layers, but they see only its handshake: the answer (101)
+/// ends the request, so the timeout bounds the handshake and the breaker and limits judge
+/// whether the bridge could be set up; the session that follows runs under the app's drain.
 pub fn stack(
     route: &RouteSpec,
     defaults: &DefaultsSpec,
@@ -56,11 +60,13 @@ pub fn stack(
 ) -> Result<RouteService, StackError> {
     let id: Arc<str> = route.id.as_str().into();
     let backend_name: Arc<str> = backend.name.as_str().into();
-    let mut svc = backend.route_service(route).map_err(|message| StackError {
-        route: route.id.clone(),
-        plugin: String::new(),
-        message,
-    })?;
+    let mut svc = backend
+        .route_service(route, metrics)
+        .map_err(|message| StackError {
+            route: route.id.clone(),
+            plugin: String::new(),
+            message,
+        })?;
     if let Some(t) = route.per_try_timeout.or(defaults.per_try_timeout) {
         svc = RouteService::new(timeout::TimeoutLayer::per_try(t.0).layer(svc));
     }

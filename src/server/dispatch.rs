@@ -87,8 +87,17 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: HttpRequest<Incomi
             .map_err(|e| GatewayError::bad_request(format!("{e}.")))?;
         let host = host_of(&req);
         let host_key = host.as_deref().map(host_name);
+        // An HTTP/2 WebSocket (extended CONNECT, RFC 8441) is routed like the GET of an
+        // HTTP/1.1 handshake.
+        let websocket_h2 = req.method() == http::Method::CONNECT
+            && req.extensions().get::<hyper::ext::Protocol>().is_some();
+        let lookup_method = if websocket_h2 {
+            &http::Method::GET
+        } else {
+            req.method()
+        };
         let (route, params) =
-            match table.lookup(host_key.as_deref(), req.method(), &path, req.headers()) {
+            match table.lookup(host_key.as_deref(), lookup_method, &path, req.headers()) {
                 Lookup::Found { route, params } => (route.clone(), params),
                 Lookup::MethodNotAllowed(allow) => {
                     return Err(GatewayError::MethodNotAllowed { allow }.into());
@@ -123,6 +132,9 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: HttpRequest<Incomi
             parts
                 .headers
                 .insert(table.correlation_header.clone(), v.clone());
+        }
+        if websocket_h2 || parts.headers.contains_key(header::UPGRADE) {
+            parts.extensions.insert(shared.sessions.clone());
         }
         parts.extensions.insert(RequestContext {
             correlation_id: cid.clone(),

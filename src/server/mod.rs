@@ -129,7 +129,9 @@ async fn serve_conn<I>(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(limits.max_header_size.0.min(u32::MAX as u64) as u32)
-        .max_concurrent_streams(256);
+        .max_concurrent_streams(256)
+        // RFC 8441: WebSockets over HTTP/2 streams.
+        .enable_connect_protocol();
     let builder = match alpn.as_deref() {
         Some(b"h2") => builder.http2_only(),
         Some(_) => builder.http1_only(),

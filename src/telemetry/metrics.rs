@@ -68,6 +68,18 @@ struct RetryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FrameLabels {
+    route: Arc<str>,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CloseLabels {
+    route: Arc<str>,
+    code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ScopeLabels {
     scope: Arc<str>,
 }
@@ -89,7 +101,37 @@ pub struct Metrics {
     shed: Family<ScopeLabels, Counter>,
     broker_events: Family<BrokerEventLabels, Counter>,
     streams: Family<BackendLabels, Gauge>,
+    websockets: Family<RouteLabels, Gauge>,
+    ws_frames: Family<FrameLabels, Counter>,
+    ws_closes: Family<CloseLabels, Counter>,
     pub open_connections: Gauge,
+}
+
+/// One WebSocket connection's counters, looked up once when it opens.
+pub struct WsCounters {
+    pub received: Counter,
+    pub sent: Counter,
+    open: Gauge,
+    route: Arc<str>,
+}
+
+impl WsCounters {
+    /// Counts the close code the connection ended with; the open count drops with `self`.
+    pub fn closed(&self, metrics: &Metrics, code: u16) {
+        metrics
+            .ws_closes
+            .get_or_create(&CloseLabels {
+                route: self.route.clone(),
+                code,
+            })
+            .inc();
+    }
+}
+
+impl Drop for WsCounters {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
 }
 
 fn latency_histogram() -> Histogram {
@@ -121,8 +163,26 @@ impl Metrics {
         let streams = Family::<BackendLabels, Gauge>::default();
         registry.register(
             "open_streams",
-            "Server-Sent-Events streams open, by backend",
+            "Live broker subscriptions held for clients (SSE streams, WebSocket subscriptions), by backend",
             streams.clone(),
+        );
+        let websockets = Family::<RouteLabels, Gauge>::default();
+        registry.register(
+            "websocket_connections",
+            "WebSocket connections open, by route",
+            websockets.clone(),
+        );
+        let ws_frames = Family::<FrameLabels, Counter>::default();
+        registry.register(
+            "websocket_frames",
+            "WebSocket data frames by route and direction (received from or sent to clients)",
+            ws_frames.clone(),
+        );
+        let ws_closes = Family::<CloseLabels, Counter>::default();
+        registry.register(
+            "websocket_closes",
+            "WebSocket connections closed, by route and close code",
+            ws_closes.clone(),
         );
         registry.register(
             "broker_events",
@@ -204,7 +264,35 @@ impl Metrics {
             shed,
             broker_events,
             streams,
+            websockets,
+            ws_frames,
+            ws_closes,
             open_connections,
+        }
+    }
+
+    /// A WebSocket connection opened on `route`: its counters.
+    pub fn websocket(&self, route: &Arc<str>) -> WsCounters {
+        let open = self
+            .websockets
+            .get_or_create(&RouteLabels {
+                route: route.clone(),
+            })
+            .clone();
+        open.inc();
+        let frames = |direction| {
+            self.ws_frames
+                .get_or_create(&FrameLabels {
+                    route: route.clone(),
+                    direction,
+                })
+                .clone()
+        };
+        WsCounters {
+            received: frames("received"),
+            sent: frames("sent"),
+            open,
+            route: route.clone(),
         }
     }
 

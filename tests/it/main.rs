@@ -12,3 +12,4 @@ mod mqtt;
 mod reload;
 mod resilience;
 mod support;
+mod websocket;

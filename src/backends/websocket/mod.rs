@@ -1,0 +1,558 @@
+//! WebSocket routes, at the bottom of a route's stack like any backend: the handshake (HTTP/1.1
+//! `Upgrade` or HTTP/2 extended CONNECT, RFC 8441) with its origin and subprotocol policy, then
+//! one session per connection that outlives the request and bridges frames to the backend.
+//! Plugins, rate limits and the route's timeout run before the upgrade (the timeout bounds the
+//! handshake); the session then runs under the app's shutdown signal and drain.
+//!
+//! A session is one task: a writer that owns the socket's sending half (bounded queue, ping
+//! timer, write timeout) joined with the bridge's loop, which reads the client through [`Link`].
+//! Neither side buffers without limit: the queue towards the client holds `buffer` messages,
+//! and the bridge stops reading the client while `inflight` publishes wait for the backend.
+
+pub mod mqtt;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use http::header::{self, HeaderValue};
+use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper_util::rt::TokioIo;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::config::{RouteSpec, WebSocketSpec};
+use crate::error::GatewayError;
+use crate::middleware::context::RequestContext;
+use crate::telemetry::metrics::{Metrics, WsCounters};
+use crate::{BoxError, Request, Response, empty_body};
+
+/// Close codes the gateway sends (RFC 6455 §7.4.1 and the IANA registry).
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    /// The gateway is shutting down, or the connection sat idle.
+    pub const GOING_AWAY: u16 = 1001;
+    pub const PROTOCOL: u16 = 1002;
+    /// A text frame that is not UTF-8.
+    pub const INVALID_DATA: u16 = 1007;
+    /// A policy: the client fell too far behind, or took no data for the write timeout.
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    /// The backend went away and the bridge cannot carry on without losing messages.
+    pub const INTERNAL: u16 = 1011;
+    /// The upstream WebSocket or gRPC server failed.
+    pub const BAD_GATEWAY: u16 = 1014;
+}
+
+/// What sessions need from the app: the shutdown signal (sessions close with 1001) and the
+/// tracker the drain waits on. The front end puts it on upgrade requests.
+#[derive(Clone, Default)]
+pub struct Sessions {
+    pub shutdown: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// A route's WebSocket settings, compiled at load.
+pub struct WsSettings {
+    pub route: Arc<str>,
+    origins: Vec<String>,
+    subprotocols: Vec<String>,
+    ping_interval: Duration,
+    idle_timeout: Duration,
+    write_timeout: Duration,
+    pub buffer: usize,
+    pub inflight: usize,
+    /// How long a client message waits for the backend's acknowledgement.
+    pub ack_wait: Duration,
+    config: WebSocketConfig,
+    metrics: Arc<Metrics>,
+}
+
+impl WsSettings {
+    pub fn new(route: &RouteSpec, spec: &WebSocketSpec, metrics: &Arc<Metrics>) -> Self {
+        let max_message = spec.max_message_size.0 as usize;
+        let max_frame = spec.max_frame_size.map_or(max_message, |s| s.0 as usize);
+        // Small eager buffers keep an idle connection cheap; a frame larger than the read
+        // buffer still arrives, the buffer grows for it. Messages towards the client are
+        // written at once (no write buffer to fill); their size is bounded by the backend
+        // (MQTT's maximum packet size), not by `max_message_size`, which is the client's.
+        let config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0)
+            .max_message_size(Some(max_message))
+            .max_frame_size(Some(max_frame));
+        WsSettings {
+            route: route.id.as_str().into(),
+            origins: spec
+                .origins
+                .iter()
+                .map(|o| o.to_ascii_lowercase())
+                .collect(),
+            subprotocols: spec.subprotocols.clone(),
+            ping_interval: spec.ping_interval.0,
+            idle_timeout: spec.idle_timeout.0,
+            write_timeout: spec.write_timeout.0,
+            buffer: spec.buffer,
+            inflight: spec.inflight,
+            ack_wait: route.timeout.map_or(Duration::from_secs(30), |t| t.0),
+            config,
+            metrics: metrics.clone(),
+        }
+    }
+}
+
+/// The bridges, one per backend kind that WebSocket routes support.
+enum Bridge {
+    Mqtt(mqtt::MqttBridge),
+}
+
+/// One WebSocket route's service: answers the handshake and starts the session.
+#[derive(Clone)]
+pub struct WsRouteService {
+    settings: Arc<WsSettings>,
+    bridge: Arc<Bridge>,
+}
+
+impl WsRouteService {
+    pub fn mqtt(
+        handle: super::mqtt::MqttHandle,
+        route: &RouteSpec,
+        spec: &WebSocketSpec,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Self, String> {
+        let m = spec
+            .mqtt
+            .as_ref()
+            .ok_or("a WebSocket route to an mqtt backend needs `websocket.mqtt:` settings")?;
+        Ok(WsRouteService {
+            settings: Arc::new(WsSettings::new(route, spec, metrics)),
+            bridge: Arc::new(Bridge::Mqtt(mqtt::MqttBridge::new(handle, m)?)),
+        })
+    }
+
+    async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
+        let accepted = handshake(&self.settings, &req)?;
+        let (mut parts, _body) = req.into_parts();
+        let sessions = parts
+            .extensions
+            .get::<Sessions>()
+            .cloned()
+            .ok_or(GatewayError::Internal("the session tracker is missing"))?;
+        let ctx = parts.extensions.get::<RequestContext>().cloned();
+        // The bridge's setup (topics, subscriptions) happens before the answer, so its
+        // failures are HTTP answers and a 101 means the bridge is in place.
+        let session = match &*self.bridge {
+            Bridge::Mqtt(b) => b.prepare(&parts, &self.settings)?,
+        };
+        let on_upgrade = parts.extensions.remove::<OnUpgrade>().ok_or_else(|| {
+            GatewayError::UpgradeRequired {
+                detail: "This connection cannot be upgraded to a WebSocket.".into(),
+                field: None,
+            }
+        })?;
+        let cid: Arc<str> = ctx.map_or_else(|| Arc::from("-"), |c| c.correlation_id);
+        let span =
+            tracing::info_span!("websocket", correlation_id = %cid, route = %self.settings.route);
+        let settings = self.settings.clone();
+        sessions.tracker.spawn(
+            async move {
+                let upgraded = match on_upgrade.await {
+                    Ok(u) => u,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "The WebSocket upgrade did not complete.");
+                        return;
+                    }
+                };
+                let ws = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    Role::Server,
+                    Some(settings.config),
+                )
+                .await;
+                run(ws, settings, session, sessions.shutdown).await;
+            }
+            .instrument(span),
+        );
+        let mut resp = http::Response::new(empty_body());
+        // HTTP/2 extended CONNECT: a 200 opens the stream.
+        *resp.status_mut() = match accepted.accept {
+            Some(_) => http::StatusCode::SWITCHING_PROTOCOLS,
+            None => http::StatusCode::OK,
+        };
+        let h = resp.headers_mut();
+        if let Some(accept) = accepted.accept {
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            h.insert(
+                header::SEC_WEBSOCKET_ACCEPT,
+                HeaderValue::from_str(&accept).map_err(|_| GatewayError::Internal("accept key"))?,
+            );
+        }
+        if let Some(p) = accepted.protocol
+            && let Ok(v) = HeaderValue::from_str(&p)
+        {
+            h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
+        }
+        Ok(resp)
+    }
+}
+
+super::route_service!(WsRouteService);
+
+/// What the handshake settled: the `Sec-WebSocket-Accept` value (HTTP/1.1 only) and the
+/// chosen subprotocol.
+struct Accepted {
+    accept: Option<String>,
+    protocol: Option<String>,
+}
+
+fn upgrade_required(detail: &str, field: Option<&str>) -> GatewayError {
+    GatewayError::UpgradeRequired {
+        detail: detail.into(),
+        field: field.map(str::to_string),
+    }
+}
+
+fn header_has_token(req: &Request, name: header::HeaderName, token: &str) -> bool {
+    req.headers().get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+/// Checks the handshake (RFC 6455 §4.2.1, RFC 8441 §5), the origin and the subprotocol.
+fn handshake(settings: &WsSettings, req: &Request) -> Result<Accepted, GatewayError> {
+    let h2 = req.method() == http::Method::CONNECT;
+    let accept = if h2 {
+        let websocket = req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+        if !websocket {
+            return Err(upgrade_required(
+                "This route is a WebSocket endpoint: use extended CONNECT with `:protocol` websocket.",
+                Some("protocol"),
+            ));
+        }
+        None
+    } else {
+        if req.method() != http::Method::GET
+            || !header_has_token(req, header::UPGRADE, "websocket")
+            || !header_has_token(req, header::CONNECTION, "upgrade")
+        {
+            return Err(upgrade_required(
+                "This route is a WebSocket endpoint: send a GET with `Connection: Upgrade` and `Upgrade: websocket`.",
+                Some("header.upgrade"),
+            ));
+        }
+        let key = req
+            .headers()
+            .get(header::SEC_WEBSOCKET_KEY)
+            .filter(|k| {
+                use base64::Engine;
+                base64::engine::general_purpose::STANDARD
+                    .decode(k.as_bytes())
+                    .is_ok_and(|b| b.len() == 16)
+            })
+            .ok_or_else(|| GatewayError::BadRequest {
+                detail: "`Sec-WebSocket-Key` must be 16 random bytes in base64.".into(),
+                field: Some("header.sec-websocket-key".into()),
+            })?;
+        Some(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
+    };
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .is_none_or(|v| v != "13")
+    {
+        return Err(upgrade_required(
+            "Only WebSocket version 13 is spoken here: send `Sec-WebSocket-Version: 13`.",
+            Some("header.sec-websocket-version"),
+        ));
+    }
+    if !settings.origins.is_empty() {
+        let origin = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|o| o.to_str().ok())
+            .map(str::to_ascii_lowercase);
+        if !origin.is_some_and(|o| settings.origins.contains(&o)) {
+            return Err(GatewayError::Forbidden {
+                detail: "This origin may not open WebSockets on this route.".into(),
+                field: Some("header.origin".into()),
+            });
+        }
+    }
+    let protocol = if settings.subprotocols.is_empty() {
+        None
+    } else {
+        let offered: Vec<String> = req
+            .headers()
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(',').map(|p| p.trim().to_string()))
+            .collect();
+        let chosen = settings
+            .subprotocols
+            .iter()
+            .find(|p| offered.iter().any(|o| o == *p))
+            .cloned();
+        if chosen.is_none() {
+            return Err(GatewayError::BadRequest {
+                detail: format!(
+                    "Offer one of these subprotocols in `Sec-WebSocket-Protocol`: {}.",
+                    settings.subprotocols.join(", ")
+                ),
+                field: Some("header.sec-websocket-protocol".into()),
+            });
+        }
+        chosen
+    };
+    Ok(Accepted { accept, protocol })
+}
+
+type Socket = WebSocketStream<TokioIo<Upgraded>>;
+
+/// How a session ended, as the close frame the gateway sends (or none when the client closed
+/// or vanished).
+pub struct Ending {
+    pub code: u16,
+    pub reason: String,
+}
+
+impl Ending {
+    pub fn new(code: u16, reason: impl Into<String>) -> Self {
+        let mut reason: String = reason.into();
+        // A close frame's reason is at most 123 bytes.
+        while reason.len() > 123 {
+            reason.pop();
+        }
+        Ending { code, reason }
+    }
+}
+
+/// What the client side of a session produced next.
+pub enum Inbound {
+    Text(String),
+    Binary(bytes::Bytes),
+    /// The session is over: the client closed, broke a rule, went idle, or the gateway is
+    /// shutting down. `None` means nothing more can be sent.
+    End(Option<Ending>),
+}
+
+/// The bridge's view of its connection: frames from the client (with idle and shutdown
+/// folded in), and a bounded queue towards it.
+pub struct Link {
+    stream: SplitStream<Socket>,
+    out: mpsc::Sender<Message>,
+    last_seen: Instant,
+    idle: Duration,
+    shutdown: CancellationToken,
+    /// Cancelled by the writer when the client took no data for the write timeout.
+    cut: CancellationToken,
+    counters: Arc<WsCounters>,
+    pub settings: Arc<WsSettings>,
+}
+
+impl Link {
+    /// The next data frame or the end. Cancel-safe: usable as a `select!` branch.
+    pub async fn recv(&mut self) -> Inbound {
+        loop {
+            let idle_at = self.last_seen + self.idle;
+            let msg = tokio::select! {
+                m = self.stream.next() => m,
+                _ = tokio::time::sleep_until(idle_at) => {
+                    return Inbound::End(Some(Ending::new(close::GOING_AWAY, "idle timeout")));
+                }
+                _ = self.shutdown.cancelled() => {
+                    return Inbound::End(Some(Ending::new(close::GOING_AWAY, "the gateway is shutting down")));
+                }
+                _ = self.cut.cancelled() => return Inbound::End(None),
+            };
+            self.last_seen = Instant::now();
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    self.counters.received.inc();
+                    return Inbound::Text(t.to_string());
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    self.counters.received.inc();
+                    return Inbound::Binary(b);
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+                Some(Ok(Message::Close(frame))) => {
+                    let code = frame.as_ref().map_or(close::NORMAL, |f| u16::from(f.code));
+                    tracing::info!(code, "The client closed the WebSocket.");
+                    self.counters.closed(&self.settings.metrics, code);
+                    // Reading on sends tungstenite's close reply.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.next()).await;
+                    return Inbound::End(None);
+                }
+                Some(Err(e)) => return Inbound::End(ending_for(&e)),
+                None => return Inbound::End(None),
+            }
+        }
+    }
+
+    /// Queues a message for the client, waiting while the queue is full. False when the
+    /// client is gone.
+    pub async fn send(&self, msg: Message) -> bool {
+        let ok = self.out.send(msg).await.is_ok();
+        if ok {
+            self.counters.sent.inc();
+        }
+        ok
+    }
+
+    /// Queues a JSON text frame.
+    pub async fn send_json(&self, v: &serde_json::Value) -> bool {
+        self.send(Message::text(v.to_string())).await
+    }
+}
+
+/// The close a read error calls for; `None` when the connection is simply gone.
+fn ending_for(e: &WsError) -> Option<Ending> {
+    match e {
+        WsError::Utf8(_) => Some(Ending::new(
+            close::INVALID_DATA,
+            "a text frame is not valid UTF-8",
+        )),
+        WsError::Capacity(c) => Some(Ending::new(close::TOO_BIG, format!("{c}"))),
+        WsError::Protocol(p) => {
+            tracing::debug!(error = %p, "WebSocket protocol error.");
+            Some(Ending::new(close::PROTOCOL, format!("{p}")))
+        }
+        _ => None,
+    }
+}
+
+/// An error frame: what went wrong, in the terms of the gateway's problem types.
+pub fn error_frame(
+    error: &str,
+    detail: &str,
+    field: Option<&str>,
+    id: Option<&serde_json::Value>,
+) -> serde_json::Value {
+    let mut v = serde_json::json!({ "op": "error", "error": error, "detail": detail });
+    if let Some(f) = field {
+        v["field"] = f.into();
+    }
+    if let Some(id) = id {
+        v["id"] = id.clone();
+    }
+    v
+}
+
+/// The error frame for a gateway error.
+pub fn gateway_error_frame(e: &GatewayError, id: Option<&serde_json::Value>) -> serde_json::Value {
+    error_frame(e.slug(), &e.detail(), e.field(), id)
+}
+
+/// A bridge's session, started once the socket is open.
+pub enum Session {
+    Mqtt(mqtt::MqttSession),
+}
+
+/// Runs one connection until either side ends it, then closes the socket with the code that
+/// says why.
+async fn run(ws: Socket, settings: Arc<WsSettings>, session: Session, shutdown: CancellationToken) {
+    let counters = Arc::new(settings.metrics.websocket(&settings.route));
+    tracing::info!("WebSocket opened.");
+    let (sink, stream) = ws.split();
+    let (out, rx) = mpsc::channel(settings.buffer);
+    let cut = CancellationToken::new();
+    let link = Link {
+        stream,
+        out,
+        last_seen: Instant::now(),
+        idle: settings.idle_timeout,
+        shutdown,
+        cut: cut.clone(),
+        counters: counters.clone(),
+        settings: settings.clone(),
+    };
+    let writer = write_loop(sink, rx, settings.clone(), counters.clone(), cut.clone());
+    let bridge = async move {
+        let out = link.out.clone();
+        let ending = match session {
+            Session::Mqtt(s) => s.run(link).await,
+        };
+        if let Some(end) = ending {
+            tracing::info!(code = end.code, reason = %end.reason, "Closing the WebSocket.");
+            counters.closed(&settings.metrics, end.code);
+            let frame = CloseFrame {
+                code: CloseCode::from(end.code),
+                reason: end.reason.into(),
+            };
+            // A client too slow to take the close frame is cut off instead.
+            if out.try_send(Message::Close(Some(frame))).is_err() {
+                cut.cancel();
+            }
+        }
+        // Dropping the last sender ends the writer once it has sent what is queued.
+        drop(out);
+    };
+    tokio::join!(writer, bridge);
+    tracing::debug!("WebSocket session over.");
+}
+
+/// Sends what the bridge queues, pings on schedule, and cuts the connection off when the
+/// client takes no data for the write timeout. Batches what is queued into one flush.
+async fn write_loop(
+    mut sink: SplitSink<Socket, Message>,
+    mut rx: mpsc::Receiver<Message>,
+    settings: Arc<WsSettings>,
+    counters: Arc<WsCounters>,
+    cut: CancellationToken,
+) {
+    let mut ping = tokio::time::interval_at(
+        Instant::now() + settings.ping_interval,
+        settings.ping_interval,
+    );
+    loop {
+        let first = tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => m,
+                None => break,
+            },
+            _ = ping.tick() => Message::Ping(bytes::Bytes::new()),
+            _ = cut.cancelled() => break,
+        };
+        let mut closing = matches!(first, Message::Close(_));
+        let wrote = tokio::time::timeout(settings.write_timeout, async {
+            sink.feed(first).await?;
+            while !closing && let Ok(m) = rx.try_recv() {
+                closing = matches!(m, Message::Close(_));
+                sink.feed(m).await?;
+            }
+            sink.flush().await
+        })
+        .await;
+        match wrote {
+            Ok(Ok(())) if closing => break,
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "WebSocket write failed.");
+                cut.cancel();
+                break;
+            }
+            Err(_) => {
+                tracing::info!(timeout = ?settings.write_timeout, "The client took no data within the write timeout; cutting it off.");
+                // 1006: closed without a close frame.
+                counters.closed(&settings.metrics, 1006);
+                cut.cancel();
+                break;
+            }
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+}

@@ -1,0 +1,714 @@
+//! WebSocket routes against a real Mosquitto: the handshake's policy (upgrade, version, origin,
+//! subprotocol), the MQTT bridge in both modes with broker acknowledgements as frames, close
+//! codes for bad frames, sizes, idle clients, slow clients and shutdown, and many connections.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http::Method;
+use rumqttc::v5::mqttbytes::QoS;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::support::mqtt::{self as mq, Subscriber};
+use crate::support::*;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn unique() -> String {
+    format!("sy-ws/{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A gateway config with an MQTT backend on `addr` and the given routes.
+fn config(addr: &str, routes: &str) -> String {
+    format!(
+        r#"
+backends:
+  devices:
+    type: mqtt
+    url: "mqtt://{addr}"
+    client_id: "gw-{id}"
+    keep_alive: 5s
+    max_packet_size: 1MiB
+routes:
+{routes}
+"#,
+        id = uuid::Uuid::now_v7().simple()
+    )
+}
+
+/// A WebSocket route to the `devices` backend: `websocket` holds the lines under `websocket:`.
+fn ws_route(id: &str, path: &str, websocket: &str) -> String {
+    let body: String = websocket.lines().map(|l| format!("      {l}\n")).collect();
+    format!(
+        "  - id: {id}\n    match: {{ method: GET, path: \"{path}\" }}\n    backend: devices\n    websocket:\n{body}"
+    )
+}
+
+async fn gateway(routes: &str) -> Gateway {
+    let addr = mq::broker_addr().await;
+    let gw = Gateway::start(&config(&addr, routes)).await;
+    gw.wait_backend("devices", true).await;
+    gw
+}
+
+fn ws_url(gw: &Gateway, path: &str) -> String {
+    format!("ws://{}{}", gw.listen, path)
+}
+
+async fn connect(gw: &Gateway, path: &str) -> Ws {
+    let (ws, resp) = tokio_tungstenite::connect_async(ws_url(gw, path))
+        .await
+        .expect("WebSocket handshake");
+    assert_eq!(resp.status(), 101);
+    assert!(resp.headers().contains_key("x-request-id"));
+    ws
+}
+
+/// The next text frame as JSON (pings and pongs skipped).
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a frame within 10 s")
+            .expect("socket open")
+            .expect("frame read");
+        match m {
+            Message::Text(t) => return serde_json::from_str(&t).expect("JSON frame"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// The close code the gateway sent, reading past anything else.
+async fn close_code(ws: &mut Ws) -> u16 {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .expect("a close within 10 s");
+        match m {
+            Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
+            Some(Ok(Message::Close(None))) => return 1005,
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("socket failed before a close frame: {e}"),
+            None => panic!("socket ended without a close frame"),
+        }
+    }
+}
+
+async fn send_json(ws: &mut Ws, v: Value) {
+    ws.send(Message::text(v.to_string())).await.unwrap();
+}
+
+/// A plain MQTT subscriber on the shared broker, watching `filter`.
+async fn watch(addr: &str, filter: &str) -> Subscriber {
+    let id = format!("sub-{}", uuid::Uuid::now_v7().simple());
+    Subscriber::start(addr, &id, filter).await
+}
+
+/// A plain MQTT client publishing on the shared broker.
+async fn publisher(addr: &str) -> rumqttc::v5::AsyncClient {
+    let (host, port) = addr.rsplit_once(':').unwrap();
+    let mut opts = rumqttc::v5::MqttOptions::new(
+        format!("pub-{}", uuid::Uuid::now_v7().simple()),
+        host,
+        port.parse().unwrap(),
+    );
+    opts.set_max_packet_size(Some(1024 * 1024));
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(opts, 1000);
+    tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    client
+}
+
+#[tokio::test]
+async fn mqtt_operations_subscribe_publish_and_acknowledge() {
+    let prefix = unique();
+    let addr = mq::broker_addr().await;
+    let gw = gateway(&ws_route(
+        "live",
+        "/ws/{site}",
+        &format!(r#"mqtt: {{ allow: ["{prefix}/{{site}}/#"], qos: 1 }}"#),
+    ))
+    .await;
+    let mut outside = watch(&addr, &format!("{prefix}/#")).await;
+    let mut ws = connect(&gw, "/ws/s1").await;
+
+    send_json(
+        &mut ws,
+        json!({"op": "subscribe", "topic": format!("{prefix}/s1/+/state"), "id": "sub-1"}),
+    )
+    .await;
+    let v = next_json(&mut ws).await;
+    assert_eq!(v["op"], "subscribed", "{v}");
+    assert_eq!(v["id"], "sub-1");
+
+    // A message published by anyone on the broker reaches the socket.
+    let mqtt = publisher(&addr).await;
+    mqtt.publish(
+        format!("{prefix}/s1/d7/state"),
+        QoS::AtLeastOnce,
+        false,
+        r#"{"t":21.5}"#,
+    )
+    .await
+    .unwrap();
+    let v = next_json(&mut ws).await;
+    assert_eq!(v["op"], "message", "{v}");
+    assert_eq!(v["topic"], format!("{prefix}/s1/d7/state"));
+    assert_eq!(v["payload"]["t"], 21.5);
+    assert_eq!(v["subscription"], format!("{prefix}/s1/+/state"));
+    let seen = outside.next().await; // the outside subscriber saw it too
+    assert_eq!(&seen.topic[..], format!("{prefix}/s1/d7/state").as_bytes());
+
+    // A publish is acknowledged once the broker has it, and arrives with its payload.
+    send_json(&mut ws, json!({"op": "publish", "topic": format!("{prefix}/s1/d7/cmd"), "payload": {"on": true}, "id": 42})).await;
+    let v = next_json(&mut ws).await;
+    assert_eq!(
+        v,
+        json!({"op": "ack", "id": 42, "topic": format!("{prefix}/s1/d7/cmd")})
+    );
+    let p = outside.next().await;
+    assert_eq!(&p.topic[..], format!("{prefix}/s1/d7/cmd").as_bytes());
+    assert_eq!(&p.payload[..], br#"{"on":true}"#);
+    let props = p.properties.unwrap();
+    assert_eq!(props.content_type.as_deref(), Some("application/json"));
+    assert!(
+        props.correlation_data.is_some(),
+        "the connection's correlation id travels"
+    );
+
+    // Binary payloads travel as base64.
+    send_json(&mut ws, json!({"op": "publish", "topic": format!("{prefix}/s1/raw"), "payload": "AAEC/w==", "encoding": "base64", "qos": 2, "id": "b"})).await;
+    assert_eq!(next_json(&mut ws).await["op"], "ack");
+    assert_eq!(&outside.next().await.payload[..], &[0, 1, 2, 255]);
+
+    // Bad operations get error frames naming the problem; the connection stays up.
+    for (frame, error, field) in [
+        (
+            json!({"op": "subscribe", "topic": format!("{prefix}/s2/#"), "id": 1}),
+            "forbidden",
+            Some("topic"),
+        ),
+        (
+            json!({"op": "publish", "topic": format!("{prefix}/s1/+"), "id": 2}),
+            "bad-frame",
+            Some("topic"),
+        ),
+        (
+            json!({"op": "subscribe", "topic": format!("{prefix}/s1/a#"), "id": 3}),
+            "bad-frame",
+            Some("topic"),
+        ),
+        (
+            json!({"op": "jump", "topic": "x", "id": 4}),
+            "unknown-op",
+            Some("op"),
+        ),
+        (
+            json!({"op": "publish", "id": 5}),
+            "bad-frame",
+            Some("topic"),
+        ),
+        (
+            json!({"op": "publish", "topic": format!("{prefix}/s1/x"), "qos": 3, "id": 6}),
+            "bad-frame",
+            Some("qos"),
+        ),
+        (
+            json!({"op": "unsubscribe", "topic": format!("{prefix}/s1/none"), "id": 7}),
+            "not-subscribed",
+            Some("topic"),
+        ),
+    ] {
+        send_json(&mut ws, frame.clone()).await;
+        let v = next_json(&mut ws).await;
+        assert_eq!(v["op"], "error", "{frame} → {v}");
+        assert_eq!(v["error"], error, "{frame} → {v}");
+        assert_eq!(v["field"].as_str(), field, "{frame} → {v}");
+        assert_eq!(v["id"], frame["id"], "{v}");
+    }
+    ws.send(Message::text("{not json")).await.unwrap();
+    let v = next_json(&mut ws).await;
+    assert_eq!(v["error"], "bad-frame", "{v}");
+    ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["error"], "bad-frame");
+
+    // Unsubscribed: nothing more arrives for that filter.
+    send_json(
+        &mut ws,
+        json!({"op": "unsubscribe", "topic": format!("{prefix}/s1/+/state")}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["op"], "unsubscribed");
+
+    // Metrics count the connection and its frames.
+    let (_, _, m) = get(&gw.admin_url("/metrics")).await;
+    let m = String::from_utf8_lossy(&m);
+    assert!(
+        m.contains(r#"switchyard_websocket_connections{route="live"} 1"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"switchyard_websocket_frames_total{route="live",direction="received"}"#),
+        "{m}"
+    );
+
+    ws.close(None).await.unwrap();
+}
+
+#[tokio::test]
+async fn mqtt_fixed_topics_relay_payloads_both_ways() {
+    let prefix = unique();
+    let addr = mq::broker_addr().await;
+    let gw = gateway(&ws_route(
+        "fixed",
+        "/ws/devices/{device}",
+        &format!(
+            r#"mqtt: {{ subscribe: ["{prefix}/{{device}}/state"], publish: "{prefix}/{{device}}/cmd", qos: 1, acks: true }}"#
+        ),
+    ))
+    .await;
+    let mut outside = watch(&addr, &format!("{prefix}/+/cmd")).await;
+    let mut ws = connect(&gw, "/ws/devices/d1").await;
+    // The 101 came after the subscription was placed: a message published now arrives.
+    let mqtt = publisher(&addr).await;
+    mqtt.publish(format!("{prefix}/d1/state"), QoS::AtLeastOnce, false, "on")
+        .await
+        .unwrap();
+    mqtt.publish(
+        format!("{prefix}/d1/state"),
+        QoS::AtLeastOnce,
+        false,
+        vec![0xffu8, 0],
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            Message::Ping(_) => {}
+            m => got.push(m),
+        }
+    }
+    assert_eq!(got[0], Message::text("on"));
+    assert_eq!(got[1], Message::binary(vec![0xffu8, 0]));
+
+    ws.send(Message::text("set 20")).await.unwrap();
+    let v = next_json(&mut ws).await;
+    assert_eq!(
+        v,
+        json!({"op": "ack", "seq": 1, "topic": format!("{prefix}/d1/cmd")})
+    );
+    let p = outside.next().await;
+    assert_eq!(&p.payload[..], b"set 20");
+    assert_eq!(p.properties.unwrap().payload_format_indicator, Some(1));
+    ws.send(Message::binary(vec![7u8; 3])).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["seq"], 2);
+    assert_eq!(&outside.next().await.payload[..], &[7, 7, 7]);
+
+    // A path value with `+` cannot widen the subscription.
+    let err = tokio_tungstenite::connect_async(ws_url(&gw, "/ws/devices/%2B"))
+        .await
+        .unwrap_err();
+    match err {
+        tungstenite::Error::Http(resp) => {
+            assert_eq!(resp.status(), 400);
+            let body = json(&bytes::Bytes::from(resp.body().clone().unwrap_or_default()));
+            assert_eq!(body["field"], "device", "{body}");
+        }
+        other => panic!("expected an HTTP refusal, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn handshake_policy_is_answered_in_http() {
+    let prefix = unique();
+    let gw = gateway(&ws_route(
+        "strict",
+        "/ws",
+        &format!(
+            r#"origins: ["https://app.example.com"]
+subprotocols: [v2.switchyard, v1.switchyard]
+mqtt: {{ allow: ["{prefix}/#"] }}"#
+        ),
+    ))
+    .await;
+    // A plain request: 426 with the upgrade it needs.
+    let (s, h, b) = get(&gw.url("/ws")).await;
+    assert_eq!(s, 426);
+    assert_eq!(h["upgrade"], "websocket");
+    assert_eq!(h["content-type"], "application/problem+json");
+    assert_eq!(json(&b)["type"], "urn:switchyard:problem:upgrade-required");
+
+    let handshake = |origin: Option<&str>, protocols: Option<&str>, version: &str| {
+        let mut r = request(Method::GET, &gw.url("/ws"))
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", version)
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+        if let Some(o) = origin {
+            r = r.header("origin", o);
+        }
+        if let Some(p) = protocols {
+            r = r.header("sec-websocket-protocol", p);
+        }
+        r.body(body("")).unwrap()
+    };
+    let (s, _, b) = send(handshake(
+        Some("https://evil.example.com"),
+        Some("v1.switchyard"),
+        "13",
+    ))
+    .await;
+    assert_eq!(s, 403);
+    assert_eq!(json(&b)["field"], "header.origin");
+    let (s, _, b) = send(handshake(None, Some("v1.switchyard"), "13")).await;
+    assert_eq!(s, 403, "{}", String::from_utf8_lossy(&b));
+    let (s, _, b) = send(handshake(
+        Some("https://app.example.com"),
+        Some("chat"),
+        "13",
+    ))
+    .await;
+    assert_eq!(s, 400);
+    assert_eq!(json(&b)["field"], "header.sec-websocket-protocol");
+    let (s, h, _) = send(handshake(
+        Some("https://app.example.com"),
+        Some("v1.switchyard"),
+        "8",
+    ))
+    .await;
+    assert_eq!(s, 426);
+    assert_eq!(h["sec-websocket-version"], "13");
+
+    // A good handshake: the route's preferred protocol among those offered, and the RFC's
+    // accept key for the sample nonce.
+    let mut req = ws_url(&gw, "/ws").into_client_request().unwrap();
+    req.headers_mut()
+        .insert("origin", "https://APP.example.com".parse().unwrap());
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        "v1.switchyard, v2.switchyard".parse().unwrap(),
+    );
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "v2.switchyard");
+    send_json(
+        &mut ws,
+        json!({"op": "subscribe", "topic": format!("{prefix}/x")}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["op"], "subscribed");
+
+    let (s, h, _) = send(handshake(
+        Some("https://app.example.com"),
+        Some("v1.switchyard"),
+        "13",
+    ))
+    .await;
+    assert_eq!(s, 101);
+    assert_eq!(h["sec-websocket-accept"], "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+}
+
+#[tokio::test]
+async fn bad_frames_close_with_the_code_that_says_why() {
+    let prefix = unique();
+    let gw = gateway(&ws_route(
+        "small",
+        "/ws",
+        &format!(
+            r#"max_message_size: 1KiB
+mqtt: {{ allow: ["{prefix}/#"] }}"#
+        ),
+    ))
+    .await;
+    // Too big: 1009.
+    let mut ws = connect(&gw, "/ws").await;
+    ws.send(Message::text("x".repeat(2048))).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, 1009);
+
+    // A text frame that is not UTF-8: 1007.
+    let mut ws = connect(&gw, "/ws").await;
+    let frame = Frame::message(vec![0xc3u8, 0x28], OpCode::Data(Data::Text), true);
+    ws.send(Message::Frame(frame)).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, 1007);
+
+    // A client that closes gets its close answered.
+    let mut ws = connect(&gw, "/ws").await;
+    ws.close(None).await.unwrap();
+    assert!(matches!(
+        tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap(),
+        None | Some(Ok(Message::Close(_))) | Some(Err(tungstenite::Error::ConnectionClosed))
+    ));
+}
+
+/// A WebSocket handshake over a raw TCP socket, so the test controls reading (no automatic
+/// pongs, no reading at all).
+async fn raw_handshake(gw: &Gateway, path: &str) -> tokio::net::TcpStream {
+    let mut tcp = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    tcp.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        tcp.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    tcp
+}
+
+/// Reads server frames off a raw socket until a close frame; its code.
+async fn raw_close_code(tcp: &mut tokio::net::TcpStream) -> u16 {
+    loop {
+        let mut h = [0u8; 2];
+        tcp.read_exact(&mut h).await.expect("a frame header");
+        let len = match h[1] & 0x7f {
+            126 => {
+                let mut l = [0u8; 2];
+                tcp.read_exact(&mut l).await.unwrap();
+                u16::from_be_bytes(l) as usize
+            }
+            127 => {
+                let mut l = [0u8; 8];
+                tcp.read_exact(&mut l).await.unwrap();
+                u64::from_be_bytes(l) as usize
+            }
+            n => n as usize,
+        };
+        let mut payload = vec![0u8; len];
+        tcp.read_exact(&mut payload).await.unwrap();
+        if h[0] & 0x0f == 0x8 {
+            return u16::from_be_bytes([payload[0], payload[1]]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn idle_clients_are_closed_and_live_ones_kept() {
+    let prefix = unique();
+    let gw = gateway(&ws_route(
+        "idle",
+        "/ws",
+        &format!(
+            r#"ping_interval: 100ms
+idle_timeout: 400ms
+mqtt: {{ allow: ["{prefix}/#"] }}"#
+        ),
+    ))
+    .await;
+    // A client that never answers pings is closed with 1001.
+    let mut raw = raw_handshake(&gw, "/ws").await;
+    let code = tokio::time::timeout(Duration::from_secs(5), raw_close_code(&mut raw))
+        .await
+        .expect("closed within 5 s");
+    assert_eq!(code, 1001);
+
+    // A client that reads (and so answers pings) stays: it sees pings for well past the
+    // idle timeout, and its socket still works.
+    let mut ws = connect(&gw, "/ws").await;
+    let mut pings = 0;
+    while pings < 10 {
+        match tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            other => panic!("expected pings, got {other:?}"),
+        }
+    }
+    send_json(
+        &mut ws,
+        json!({"op": "subscribe", "topic": format!("{prefix}/a")}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["op"], "subscribed");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_others_carry_on() {
+    let prefix = unique();
+    let addr = mq::broker_addr().await;
+    let gw = gateway(&ws_route(
+        "feed",
+        "/ws",
+        &format!(
+            r#"buffer: 4
+write_timeout: 500ms
+mqtt: {{ subscribe: ["{prefix}/feed"] }}"#
+        ),
+    ))
+    .await;
+    let stuck = raw_handshake(&gw, "/ws").await;
+    let mut reader = connect(&gw, "/ws").await;
+    let mqtt = publisher(&addr).await;
+    // 16 MiB in 256 KiB messages: far more than the socket buffers and the queue hold.
+    let payload = vec![b'x'; 256 * 1024];
+    for _ in 0..64 {
+        mqtt.publish(
+            format!("{prefix}/feed"),
+            QoS::AtMostOnce,
+            false,
+            payload.clone(),
+        )
+        .await
+        .unwrap();
+        // The reading client keeps up.
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), reader.next())
+                .await
+                .unwrap()
+            {
+                Some(Ok(Message::Binary(_) | Message::Text(_))) => break,
+                Some(Ok(_)) => {}
+                other => panic!("the reading client was hurt: {other:?}"),
+            }
+        }
+    }
+    // The stuck client was cut off (1008 when the queue overflowed, or the write timeout),
+    // and the gateway holds one connection: the reader's.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, _, m) = get(&gw.admin_url("/metrics")).await;
+        let m = String::from_utf8_lossy(&m).to_string();
+        if m.contains(r#"switchyard_websocket_connections{route="feed"} 1"#) {
+            assert!(
+                m.contains(r#"switchyard_websocket_closes_total{route="feed",code="1008"}"#)
+                    || m.contains(r#"switchyard_websocket_closes_total{route="feed",code="1006"}"#),
+                "{m}"
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stuck client was never cut off: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(stuck);
+}
+
+#[tokio::test]
+async fn shutdown_closes_sockets_with_going_away() {
+    let prefix = unique();
+    let gw = gateway(&ws_route(
+        "bye",
+        "/ws",
+        &format!(r#"mqtt: {{ allow: ["{prefix}/#"] }}"#),
+    ))
+    .await;
+    let mut ws = connect(&gw, "/ws").await;
+    send_json(
+        &mut ws,
+        json!({"op": "subscribe", "topic": format!("{prefix}/a")}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["op"], "subscribed");
+    let (drained, code) = tokio::join!(gw.shutdown(), close_code(&mut ws));
+    assert_eq!(code, 1001);
+    assert!(drained, "the drain waited for the socket and finished");
+}
+
+#[tokio::test]
+async fn many_connections_each_get_their_own_messages() {
+    let prefix = unique();
+    let addr = mq::broker_addr().await;
+    let gw = gateway(&ws_route(
+        "many",
+        "/ws/{n}",
+        &format!(r#"mqtt: {{ subscribe: ["{prefix}/{{n}}"] }}"#),
+    ))
+    .await;
+    let n = 200;
+    let mut sockets = futures_util::future::join_all((0..n).map(|i| {
+        let url = ws_url(&gw, &format!("/ws/{i}"));
+        async move { tokio_tungstenite::connect_async(url).await.unwrap().0 }
+    }))
+    .await;
+    let mqtt = publisher(&addr).await;
+    for i in 0..n {
+        mqtt.publish(
+            format!("{prefix}/{i}"),
+            QoS::AtLeastOnce,
+            false,
+            format!("to {i}"),
+        )
+        .await
+        .unwrap();
+    }
+    for (i, ws) in sockets.iter_mut().enumerate() {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), ws.next())
+                .await
+                .unwrap()
+            {
+                Some(Ok(Message::Text(t))) => {
+                    assert_eq!(t.as_str(), format!("to {i}"));
+                    break;
+                }
+                Some(Ok(Message::Ping(_))) => {}
+                other => panic!("socket {i}: {other:?}"),
+            }
+        }
+    }
+    let (_, _, m) = get(&gw.admin_url("/metrics")).await;
+    assert!(String::from_utf8_lossy(&m).contains(&format!(
+        r#"switchyard_websocket_connections{{route="many"}} {n}"#
+    )));
+}
+
+#[tokio::test]
+async fn a_reload_that_replaces_the_backend_closes_its_sockets_with_1011() {
+    let prefix = unique();
+    let addr = mq::broker_addr().await;
+    let routes = format!(
+        r#"  - id: swap
+    match: {{ method: GET, path: "/ws" }}
+    backend: devices
+    websocket:
+      mqtt: {{ allow: ["{prefix}/#"] }}
+"#
+    );
+    let yaml = config(&addr, &routes);
+    let gw = Gateway::start_with(&yaml, false).await;
+    gw.wait_backend("devices", true).await;
+    let mut ops = connect(&gw, "/ws").await;
+    // The same routes with a changed backend (another keep-alive): a new client.
+    let changed = with_ephemeral_server(&yaml.replace("keep_alive: 5s", "keep_alive: 6s"));
+    std::fs::write(gw.config_path(), changed).unwrap();
+    let (s, b) = gw.reload().await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    gw.wait_version(2).await;
+    assert_eq!(close_code(&mut ops).await, 1011);
+    // New sockets use the new backend.
+    gw.wait_backend("devices", true).await;
+    let mut ws = connect(&gw, "/ws").await;
+    send_json(
+        &mut ws,
+        json!({"op": "subscribe", "topic": format!("{prefix}/a")}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["op"], "subscribed");
+}
