@@ -712,3 +712,55 @@ async fn a_reload_that_replaces_the_backend_closes_its_sockets_with_1011() {
     .await;
     assert_eq!(next_json(&mut ws).await["op"], "subscribed");
 }
+
+#[tokio::test]
+async fn websockets_over_http2_extended_connect() {
+    let prefix = unique();
+    let addr = mq::broker_addr().await;
+    let gw = gateway(&ws_route(
+        "h2",
+        "/ws/{site}",
+        &format!(r#"mqtt: {{ allow: ["{prefix}/{{site}}/#"] }}"#),
+    ))
+    .await;
+    let tcp = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("http://{}/ws/s1", gw.listen))
+        .header("sec-websocket-version", "13")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let mut resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let upgraded = hyper::upgrade::on(&mut resp).await.unwrap();
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(upgraded),
+        tungstenite::protocol::Role::Client,
+        None,
+    )
+    .await;
+    let mut outside = watch(&addr, &format!("{prefix}/#")).await;
+    ws.send(Message::text(
+        json!({"op": "publish", "topic": format!("{prefix}/s1/x"), "payload": "over h2", "id": 1})
+            .to_string(),
+    ))
+    .await
+    .unwrap();
+    let v = loop {
+        match ws.next().await.unwrap().unwrap() {
+            Message::Text(t) => break serde_json::from_str::<Value>(&t).unwrap(),
+            _ => continue,
+        }
+    };
+    assert_eq!(v["op"], "ack", "{v}");
+    assert_eq!(&outside.next().await.payload[..], b"over h2");
+}
