@@ -71,6 +71,54 @@ impl Entry {
     }
 }
 
+/// Live subscriptions by topic filter. Filters without wildcards are found by a hash lookup,
+/// so a message costs the same with ten thousand one-topic subscribers as with one; only
+/// wildcard filters are matched one by one.
+#[derive(Default)]
+struct SubTable {
+    by_filter: HashMap<String, broadcast::Sender<Arc<Publish>>>,
+    wild: Vec<String>,
+}
+
+impl SubTable {
+    fn get(&self, filter: &str) -> Option<&broadcast::Sender<Arc<Publish>>> {
+        self.by_filter.get(filter)
+    }
+    fn contains_key(&self, filter: &str) -> bool {
+        self.by_filter.contains_key(filter)
+    }
+    fn insert(&mut self, filter: String, tx: broadcast::Sender<Arc<Publish>>) {
+        if filter.contains(['+', '#']) {
+            self.wild.push(filter.clone());
+        }
+        self.by_filter.insert(filter, tx);
+    }
+    fn remove(&mut self, filter: &str) {
+        if self.by_filter.remove(filter).is_some() && filter.contains(['+', '#']) {
+            self.wild.retain(|f| f != filter);
+        }
+    }
+    fn keys(&self) -> impl Iterator<Item = &String> {
+        self.by_filter.keys()
+    }
+    fn clear(&mut self) {
+        self.by_filter.clear();
+        self.wild.clear();
+    }
+    /// The channels of every filter `topic` matches.
+    fn matching<'a>(
+        &'a self,
+        topic: &'a str,
+    ) -> impl Iterator<Item = &'a broadcast::Sender<Arc<Publish>>> + 'a {
+        self.by_filter.get(topic).into_iter().chain(
+            self.wild
+                .iter()
+                .filter(move |f| filter_matches(f, topic))
+                .filter_map(|f| self.by_filter.get(f)),
+        )
+    }
+}
+
 /// The publishes in rumqttc's hands: `queued` in the order rumqttc will send them, `inflight`
 /// by packet id once sent, `limbo` = how many of the queued ones rumqttc moved to its pending
 /// list when the connection failed.
@@ -109,7 +157,7 @@ struct Shared {
     /// Whether the broker granted the response topic subscription.
     responses_ok: AtomicBool,
     /// Live subscriptions by topic filter; one broker subscription feeds every client.
-    subs: std::sync::Mutex<HashMap<String, broadcast::Sender<Arc<Publish>>>>,
+    subs: std::sync::Mutex<SubTable>,
     /// Cancelled when the backend is dropped (a reload removed or changed it).
     gone: tokio_util::sync::CancellationToken,
 }
@@ -168,7 +216,7 @@ impl MqttBackend {
             responses: std::sync::Mutex::new(HashMap::new()),
             subscribing: AtomicBool::new(false),
             responses_ok: AtomicBool::new(false),
-            subs: std::sync::Mutex::new(HashMap::new()),
+            subs: std::sync::Mutex::new(SubTable::default()),
             gone: tokio_util::sync::CancellationToken::new(),
         });
         let task = tokio::runtime::Handle::try_current().ok().map(|rt| {
@@ -264,36 +312,57 @@ impl MqttHandle {
 
     /// Joins the live subscription on `filter`, subscribing at the broker for the first
     /// client. Clients on one filter share one broker subscription; a client `buffer` messages
-    /// behind sees `Lagged`, and the channel closes when the backend goes away.
-    pub fn subscribe(&self, filter: String, buffer: usize) -> Result<Subscription, GatewayError> {
+    /// behind sees `Lagged`, and the channel closes when the backend goes away. A burst of new
+    /// filters waits for room in the client's request queue (at most five seconds) rather
+    /// than failing.
+    pub async fn subscribe(
+        &self,
+        filter: String,
+        buffer: usize,
+    ) -> Result<Subscription, GatewayError> {
         if !self.connected() {
             return Err(self.unavailable("not connected to the broker"));
         }
-        let mut subs = self
-            .shared
-            .subs
-            .lock()
-            .map_err(|_| GatewayError::Internal("the subscription table is poisoned"))?;
-        let rx = match subs.get(&filter) {
-            Some(tx) => tx.subscribe(),
-            None => {
-                self.shared
-                    .client
-                    .try_subscribe(filter.clone(), QoS::AtLeastOnce)
-                    .map_err(|_| self.unavailable("too many requests in flight"))?;
-                let (tx, rx) = broadcast::channel(buffer.max(1));
-                subs.insert(filter.clone(), tx);
-                rx
+        let (rx, first) = {
+            let mut subs = self
+                .shared
+                .subs
+                .lock()
+                .map_err(|_| GatewayError::Internal("the subscription table is poisoned"))?;
+            match subs.get(&filter) {
+                Some(tx) => (tx.subscribe(), false),
+                None => {
+                    let (tx, rx) = broadcast::channel(buffer.max(1));
+                    subs.insert(filter.clone(), tx);
+                    (rx, true)
+                }
             }
         };
         self.shared.metrics.stream(&self.shared.name, 1);
-        Ok(Subscription {
+        let sub = Subscription {
             rx,
             _guard: SubGuard {
                 shared: self.shared.clone(),
-                filter,
+                filter: filter.clone(),
             },
-        })
+        };
+        if first {
+            let asked = tokio::time::timeout(
+                Duration::from_secs(5),
+                self.shared
+                    .client
+                    .subscribe(filter.clone(), QoS::AtLeastOnce),
+            )
+            .await;
+            if !matches!(asked, Ok(Ok(()))) {
+                // Clients that joined meanwhile see the channel close.
+                if let Ok(mut subs) = self.shared.subs.lock() {
+                    subs.remove(&filter);
+                }
+                return Err(self.unavailable("too many requests in flight"));
+            }
+        }
+        Ok(sub)
     }
 
     /// Publishes and waits up to `wait` for the broker's acknowledgement (QoS 1, 2) or for
@@ -593,10 +662,8 @@ async fn run(
                 let topic = String::from_utf8_lossy(&p.topic).into_owned();
                 if let Ok(subs) = shared.subs.lock() {
                     let shared_p = Arc::new(p.clone());
-                    for (filter, tx) in subs.iter() {
-                        if filter_matches(filter, &topic) {
-                            let _ = tx.send(shared_p.clone());
-                        }
+                    for tx in subs.matching(&topic) {
+                        let _ = tx.send(shared_p.clone());
                     }
                 }
                 let waiting = shared
@@ -890,7 +957,7 @@ impl MqttRouteService {
     async fn stream(&self, parts: &http::request::Parts) -> Result<Response, BoxError> {
         let empty = Bytes::new();
         let filter = self.topic(&RequestValues::new(parts, &empty))?;
-        let sub = self.handle.subscribe(filter, self.route.buffer)?;
+        let sub = self.handle.subscribe(filter, self.route.buffer).await?;
         let state = SseState {
             sub,
             seq: 0,
@@ -1051,8 +1118,24 @@ impl Drop for SubGuard {
                 .readers
                 .lock()
                 .is_ok_and(|r| r.contains_key(&self.filter));
-            if !reading {
-                let _ = self.shared.client.try_unsubscribe(self.filter.clone());
+            if !reading
+                && self
+                    .shared
+                    .client
+                    .try_unsubscribe(self.filter.clone())
+                    .is_err()
+            {
+                // The request queue is full (a burst of clients leaving): unsubscribe once
+                // there is room, unless a client subscribed to the filter again meanwhile.
+                let (shared, filter) = (self.shared.clone(), self.filter.clone());
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    rt.spawn(async move {
+                        let again = shared.subs.lock().is_ok_and(|s| s.contains_key(&filter));
+                        if !again {
+                            let _ = shared.client.unsubscribe(filter).await;
+                        }
+                    });
+                }
             }
         }
     }

@@ -11,6 +11,7 @@
 
 pub mod mqtt;
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -150,7 +151,7 @@ impl WsRouteService {
         // The bridge's setup (topics, subscriptions) happens before the answer, so its
         // failures are HTTP answers and a 101 means the bridge is in place.
         let session = match &*self.bridge {
-            Bridge::Mqtt(b) => b.prepare(&parts, &self.settings)?,
+            Bridge::Mqtt(b) => b.prepare(&parts, &self.settings).await?,
         };
         let on_upgrade = parts.extensions.remove::<OnUpgrade>().ok_or_else(|| {
             GatewayError::UpgradeRequired {
@@ -351,14 +352,19 @@ pub enum Inbound {
 
 /// The bridge's view of its connection: frames from the client (with idle and shutdown
 /// folded in), and a bounded queue towards it.
+///
+/// The timers and signals are made once per connection and polled again on every call, so a
+/// busy connection does no timer or waiter-list work per message.
 pub struct Link {
     stream: SplitStream<Socket>,
     out: mpsc::Sender<Message>,
     last_seen: Instant,
     idle: Duration,
-    shutdown: CancellationToken,
+    /// Fires at the idle deadline as last set; moved on lazily when frames came meanwhile.
+    idle_timer: Pin<Box<tokio::time::Sleep>>,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     /// Cancelled by the writer when the client took no data for the write timeout.
-    cut: CancellationToken,
+    cut: Pin<Box<WaitForCancellationFutureOwned>>,
     counters: Arc<WsCounters>,
     pub settings: Arc<WsSettings>,
 }
@@ -367,16 +373,20 @@ impl Link {
     /// The next data frame or the end. Cancel-safe: usable as a `select!` branch.
     pub async fn recv(&mut self) -> Inbound {
         loop {
-            let idle_at = self.last_seen + self.idle;
             let msg = tokio::select! {
                 m = self.stream.next() => m,
-                _ = tokio::time::sleep_until(idle_at) => {
+                _ = self.idle_timer.as_mut() => {
+                    let idle_at = self.last_seen + self.idle;
+                    if idle_at > Instant::now() {
+                        self.idle_timer.as_mut().reset(idle_at);
+                        continue;
+                    }
                     return Inbound::End(Some(Ending::new(close::GOING_AWAY, "idle timeout")));
                 }
-                _ = self.shutdown.cancelled() => {
+                _ = self.shutdown.as_mut() => {
                     return Inbound::End(Some(Ending::new(close::GOING_AWAY, "the gateway is shutting down")));
                 }
-                _ = self.cut.cancelled() => return Inbound::End(None),
+                _ = self.cut.as_mut() => return Inbound::End(None),
             };
             self.last_seen = Instant::now();
             match msg {
@@ -475,8 +485,9 @@ async fn run(ws: Socket, settings: Arc<WsSettings>, session: Session, shutdown: 
         out,
         last_seen: Instant::now(),
         idle: settings.idle_timeout,
-        shutdown,
-        cut: cut.clone(),
+        idle_timer: Box::pin(tokio::time::sleep(settings.idle_timeout)),
+        shutdown: Box::pin(shutdown.cancelled_owned()),
+        cut: Box::pin(cut.clone().cancelled_owned()),
         counters: counters.clone(),
         settings: settings.clone(),
     };

@@ -82,7 +82,7 @@ impl MqttBridge {
 
     /// Resolves the route's topics for this request and, in fixed mode, subscribes, so that
     /// the handshake's answer says whether the bridge is in place.
-    pub fn prepare(
+    pub async fn prepare(
         &self,
         parts: &http::request::Parts,
         settings: &WsSettings,
@@ -102,7 +102,10 @@ impl MqttBridge {
         let mut subs = StreamMap::new();
         for t in &self.subscribe {
             let filter = render(t)?;
-            let sub = self.handle.subscribe(filter.clone(), settings.buffer)?;
+            let sub = self
+                .handle
+                .subscribe(filter.clone(), settings.buffer)
+                .await?;
             subs.insert(filter, sub_stream(sub));
         }
         let correlation = parts
@@ -197,6 +200,8 @@ impl MqttSession {
         let mut pending = Pending::new();
         let inflight = link.settings.inflight;
         let handle = self.handle.clone();
+        let gone = handle.gone();
+        tokio::pin!(gone);
         loop {
             tokio::select! {
                 Some((id, topic, outcome)) = pending.next(), if !pending.is_empty() => {
@@ -239,13 +244,13 @@ impl MqttSession {
                         return None;
                     }
                 }
-                _ = handle.gone() => {
+                _ = &mut gone => {
                     return Some(Ending::new(close::INTERNAL, "the MQTT backend was replaced; reconnect"));
                 }
                 inbound = link.recv(), if pending.len() < inflight => {
                     let answer = match inbound {
                         Inbound::End(end) => return end,
-                        Inbound::Text(t) if self.ops => self.operation(&t, &link, &mut pending),
+                        Inbound::Text(t) if self.ops => self.operation(&t, &link, &mut pending).await,
                         Inbound::Binary(_) if self.ops => Some(error_frame(
                             "bad-frame",
                             "Binary frames carry no operations here; send JSON text frames.",
@@ -271,14 +276,11 @@ impl MqttSession {
             v["op"] = "message".into();
             v["subscription"] = filter.into();
             Message::text(v.to_string())
-        } else if std::str::from_utf8(&p.payload).is_ok() {
-            // Checked just above.
-            Message::Text(
-                tokio_tungstenite::tungstenite::Utf8Bytes::try_from(p.payload.clone())
-                    .unwrap_or_default(),
-            )
         } else {
-            Message::Binary(p.payload.clone())
+            match tokio_tungstenite::tungstenite::Utf8Bytes::try_from(p.payload.clone()) {
+                Ok(text) => Message::Text(text),
+                Err(_) => Message::Binary(p.payload.clone()),
+            }
         }
     }
 
@@ -340,7 +342,7 @@ impl MqttSession {
 
     /// A client frame in operations mode; the immediate answer, if any (publishes answer when
     /// the broker acknowledged).
-    fn operation(&mut self, text: &str, link: &Link, pending: &mut Pending) -> Option<Value> {
+    async fn operation(&mut self, text: &str, link: &Link, pending: &mut Pending) -> Option<Value> {
         let op: Op = match serde_json::from_str(text) {
             Ok(op) => op,
             Err(e) => {
@@ -413,7 +415,11 @@ impl MqttSession {
                         "topic",
                     );
                 }
-                match self.handle.subscribe(topic.clone(), link.settings.buffer) {
+                match self
+                    .handle
+                    .subscribe(topic.clone(), link.settings.buffer)
+                    .await
+                {
                     Ok(sub) => {
                         self.subs.insert(topic.clone(), sub_stream(sub));
                         answer("subscribed")
