@@ -46,6 +46,7 @@ pub struct HttpBackend {
     protocol: HttpProtocol,
     eject_for: Duration,
     eject_after: u32,
+    connect_timeout: Duration,
     epoch: Instant,
     /// Result of the latest background probe: some endpoint accepted a TCP connection.
     reachable: Arc<AtomicBool>,
@@ -101,10 +102,23 @@ impl HttpBackend {
             protocol: spec.protocol,
             eject_for: spec.eject_for.0,
             eject_after: spec.eject_after_failures.max(1),
+            connect_timeout: spec.connect_timeout.0,
             epoch: Instant::now(),
             reachable,
             _probe: probe,
         }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    pub fn eject_for(&self) -> Duration {
+        self.eject_for
     }
 
     /// Ready when at least one endpoint answered the latest probe.
@@ -128,7 +142,7 @@ impl HttpBackend {
             .unwrap_or(start % n)
     }
 
-    fn eject(&self, i: usize) {
+    pub(crate) fn eject(&self, i: usize) {
         let until = self.now_ms() + self.eject_for.as_millis() as u64;
         self.endpoints[i]
             .ejected_until
@@ -138,7 +152,7 @@ impl HttpBackend {
 
     /// Records a call's outcome on endpoint `i`; enough failures in a row eject it, but only
     /// when another endpoint is left to take its traffic.
-    fn record(&self, i: usize, ok: bool) {
+    pub(crate) fn record(&self, i: usize, ok: bool) {
         let ep = &self.endpoints[i];
         if ok {
             ep.failures.store(0, Ordering::Relaxed);
@@ -166,6 +180,10 @@ pub struct HttpRouteService {
 }
 
 impl HttpRouteService {
+    pub fn backend(&self) -> &Arc<HttpBackend> {
+        &self.backend
+    }
+
     pub fn new(backend: Arc<HttpBackend>, spec: HttpRouteSpec) -> Self {
         let rewrite = match (spec.strip_prefix, spec.rewrite) {
             (Some(p), _) => PathRewrite::StripPrefix(p.trim_end_matches('/').to_string()),
@@ -247,12 +265,18 @@ impl Service<Request> for HttpRouteService {
 }
 
 impl HttpRouteService {
-    async fn forward(self, req: Request) -> Result<Response, BoxError> {
+    /// Points `parts` at an endpoint (chosen round robin) and makes its headers fit to leave:
+    /// the rewritten path, hop-by-hop headers removed, `X-Forwarded-*`, `Host` for HTTP/1.1.
+    /// Returns the endpoint's index. Shared by plain requests and WebSocket pass-through.
+    pub(crate) fn prepare(
+        &self,
+        parts: &mut http::request::Parts,
+        protocol: HttpProtocol,
+    ) -> Result<usize, GatewayError> {
         let backend = &self.backend;
         if backend.endpoints.is_empty() {
-            return Err(GatewayError::Internal("backend has no endpoints").into());
+            return Err(GatewayError::Internal("backend has no endpoints"));
         }
-        let (mut parts, body) = req.into_parts();
         let ctx = parts.extensions.get::<RequestContext>().cloned();
         let path = self.upstream_path(parts.uri.path(), ctx.as_ref())?;
         let i = backend.pick();
@@ -292,7 +316,7 @@ impl HttpRouteService {
                 headers.insert(X_FORWARDED_HOST.clone(), host);
             }
         }
-        match backend.protocol {
+        match protocol {
             HttpProtocol::Http1 => {
                 parts.version = Version::HTTP_11;
                 if !self.preserve_host || !headers.contains_key(header::HOST) {
@@ -312,6 +336,13 @@ impl HttpRouteService {
                 headers.remove(header::HOST);
             }
         }
+        Ok(i)
+    }
+
+    async fn forward(self, req: Request) -> Result<Response, BoxError> {
+        let backend = &self.backend;
+        let (mut parts, body) = req.into_parts();
+        let i = self.prepare(&mut parts, backend.protocol)?;
         let req = http::Request::from_parts(parts, body);
         match backend.client.request(req).await {
             Ok(resp) => {

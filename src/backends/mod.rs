@@ -276,6 +276,12 @@ impl BuiltBackend {
                     ws,
                     metrics,
                 )?)),
+                Handle::Http(h) => Ok(RouteService::new(websocket::WsRouteService::upstream(
+                    http::HttpRouteService::new(h.clone(), route.http.clone().unwrap_or_default()),
+                    route,
+                    ws,
+                    metrics,
+                ))),
                 _ => Err(format!(
                     "WebSocket routes to {} backends are not supported yet",
                     self.kind()

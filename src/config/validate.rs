@@ -1057,11 +1057,16 @@ fn validate_websocket_route(
             ),
             Some(m) => validate_ws_mqtt(cx, &format!("{wb}.mqtt"), id, m, template),
         },
+        BackendSpec::Http(_) => {
+            if let Some(h) = &route.http {
+                validate_http_route(cx, base, id, h, template);
+            }
+        }
         other => cx.err(
             &wb,
             id,
             format!(
-                "WebSocket routes to {} backends are not supported yet; use an mqtt backend",
+                "WebSocket routes to {} backends are not supported yet; use an mqtt or http backend",
                 other.kind()
             ),
         ),

@@ -93,7 +93,9 @@ async fn close_code(ws: &mut Ws) -> u16 {
             .await
             .expect("a close within 10 s");
         match m {
-            Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
+            Some(Ok(Message::Close(Some(f)))) => {
+                return u16::from(f.code);
+            }
             Some(Ok(Message::Close(None))) => return 1005,
             Some(Ok(_)) => continue,
             Some(Err(e)) => panic!("socket failed before a close frame: {e}"),
@@ -763,4 +765,163 @@ async fn websockets_over_http2_extended_connect() {
     };
     assert_eq!(v["op"], "ack", "{v}");
     assert_eq!(&outside.next().await.payload[..], b"over h2");
+}
+
+/// A real WebSocket server: answers `…/gone` with 404, picks `echo.v1` when offered, first
+/// sends a JSON frame describing the handshake it saw, then echoes every message; `close-4001`
+/// makes it close with 4001, `vanish` makes it drop the TCP connection.
+async fn echo_upstream() -> std::net::SocketAddr {
+    use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut seen = json!({});
+                let callback =
+                    |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+                        if req.uri().path().ends_with("/gone") {
+                            let mut e = ErrorResponse::new(Some("no such socket".into()));
+                            *e.status_mut() = http::StatusCode::NOT_FOUND;
+                            return Err(e);
+                        }
+                        let h = |n: &str| {
+                            req.headers()
+                                .get(n)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string)
+                        };
+                        seen = json!({
+                            "path": req.uri().to_string(),
+                            "x-forwarded-for": h("x-forwarded-for"),
+                            "x-request-id": h("x-request-id"),
+                            "protocols": h("sec-websocket-protocol"),
+                            "host": h("host"),
+                        });
+                        if h("sec-websocket-protocol").is_some_and(|p| p.contains("echo.v1")) {
+                            resp.headers_mut()
+                                .insert("sec-websocket-protocol", "echo.v1".parse().unwrap());
+                        }
+                        Ok(resp)
+                    };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(tcp, callback).await else {
+                    return;
+                };
+                let _ = ws.send(Message::text(seen.to_string())).await;
+                while let Some(Ok(m)) = ws.next().await {
+                    match m {
+                        Message::Text(t) if t.as_str() == "close-4001" => {
+                            let _ = ws
+                                .close(Some(tungstenite::protocol::CloseFrame {
+                                    code: 4001.into(),
+                                    reason: "bye".into(),
+                                }))
+                                .await;
+                            while ws.next().await.is_some() {}
+                            return;
+                        }
+                        Message::Text(t) if t.as_str() == "vanish" => return,
+                        m @ (Message::Text(_) | Message::Binary(_)) => {
+                            if ws.send(m).await.is_err() {
+                                return;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn upstream_websockets_are_relayed_both_ways() {
+    let up = echo_upstream().await;
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  chat: {{ type: http, endpoints: ["http://{up}/base"] }}
+  nowhere: {{ type: http, endpoints: ["http://127.0.0.1:9"] }}
+routes:
+  - id: chat
+    match: {{ method: GET, path: "/chat/{{*rest}}" }}
+    backend: chat
+    http: {{ strip_prefix: /chat }}
+    websocket: {{ max_message_size: 1KiB }}
+  - id: nowhere
+    match: {{ method: GET, path: "/nowhere" }}
+    backend: nowhere
+    websocket: {{}}
+"#
+    ))
+    .await;
+    let mut req = ws_url(&gw, "/chat/room/1?x=y")
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("sec-websocket-protocol", "other, echo.v1".parse().unwrap());
+    req.headers_mut()
+        .insert("x-request-id", "ws-rid-1".parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "echo.v1");
+    // What the upstream saw: the rewritten path under its base, the forwarding headers, the
+    // correlation id and the client's offer.
+    let seen = next_json(&mut ws).await;
+    assert_eq!(seen["path"], "/base/room/1?x=y", "{seen}");
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-request-id"], "ws-rid-1");
+    assert_eq!(seen["protocols"], "other, echo.v1");
+    assert_eq!(seen["host"], up.to_string());
+
+    ws.send(Message::text("hello")).await.unwrap();
+    ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
+    let mut echoed = Vec::new();
+    while echoed.len() < 2 {
+        match ws.next().await.unwrap().unwrap() {
+            m @ (Message::Text(_) | Message::Binary(_)) => echoed.push(m),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        echoed,
+        vec![Message::text("hello"), Message::binary(vec![1u8, 2, 3])]
+    );
+
+    // The upstream's close code reaches the client.
+    ws.send(Message::text("close-4001")).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, 4001);
+
+    // An upstream that vanishes: 1011 (1014 would be truer, but tungstenite clients refuse it).
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url(&gw, "/chat/x"))
+        .await
+        .unwrap();
+    next_json(&mut ws).await;
+    ws.send(Message::text("vanish")).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, 1011);
+
+    // The route's limits hold before anything reaches the upstream.
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url(&gw, "/chat/x"))
+        .await
+        .unwrap();
+    next_json(&mut ws).await;
+    ws.send(Message::text("x".repeat(4096))).await.unwrap();
+    assert_eq!(close_code(&mut ws).await, 1009);
+
+    // The upstream's refusal is relayed; an upstream that is down answers 503.
+    match tokio_tungstenite::connect_async(ws_url(&gw, "/chat/gone")).await {
+        Err(tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 404),
+        other => panic!("expected the upstream's 404, got {other:?}"),
+    }
+    match tokio_tungstenite::connect_async(ws_url(&gw, "/nowhere")).await {
+        Err(tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 503);
+            let body = json(&bytes::Bytes::from(resp.body().clone().unwrap_or_default()));
+            assert_eq!(body["type"], "urn:switchyard:problem:backend-unavailable");
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
 }

@@ -10,6 +10,7 @@
 //! and the bridge stops reading the client while `inflight` publishes wait for the backend.
 
 pub mod mqtt;
+pub mod upstream;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -47,10 +48,10 @@ pub mod close {
     /// A policy: the client fell too far behind, or took no data for the write timeout.
     pub const POLICY: u16 = 1008;
     pub const TOO_BIG: u16 = 1009;
-    /// The backend went away and the bridge cannot carry on without losing messages.
+    /// The backend went away or failed and the bridge cannot carry on without losing
+    /// messages. (1014, "bad gateway", would say more, but tungstenite-based clients treat it
+    /// as a protocol violation, so the gateway never sends it.)
     pub const INTERNAL: u16 = 1011;
-    /// The upstream WebSocket or gRPC server failed.
-    pub const BAD_GATEWAY: u16 = 1014;
 }
 
 /// What sessions need from the app: the shutdown signal (sessions close with 1001) and the
@@ -113,6 +114,7 @@ impl WsSettings {
 /// The bridges, one per backend kind that WebSocket routes support.
 enum Bridge {
     Mqtt(mqtt::MqttBridge),
+    Upstream(upstream::UpstreamBridge),
 }
 
 /// One WebSocket route's service: answers the handshake and starts the session.
@@ -139,6 +141,20 @@ impl WsRouteService {
         })
     }
 
+    pub fn upstream(
+        route_service: super::http::HttpRouteService,
+        route: &RouteSpec,
+        spec: &WebSocketSpec,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        WsRouteService {
+            settings: Arc::new(WsSettings::new(route, spec, metrics)),
+            bridge: Arc::new(Bridge::Upstream(upstream::UpstreamBridge::new(
+                route_service,
+            ))),
+        }
+    }
+
     async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
         let accepted = handshake(&self.settings, &req)?;
         let (mut parts, _body) = req.into_parts();
@@ -150,8 +166,13 @@ impl WsRouteService {
         let ctx = parts.extensions.get::<RequestContext>().cloned();
         // The bridge's setup (topics, subscriptions) happens before the answer, so its
         // failures are HTTP answers and a 101 means the bridge is in place.
-        let session = match &*self.bridge {
-            Bridge::Mqtt(b) => b.prepare(&parts, &self.settings).await?,
+        let (session, protocol) = match &*self.bridge {
+            Bridge::Mqtt(b) => (b.prepare(&parts, &self.settings).await?, accepted.protocol),
+            // The upstream chooses the subprotocol, or refuses with an answer of its own.
+            Bridge::Upstream(b) => match b.open(&parts, &self.settings).await? {
+                upstream::Opened::Open(session, protocol) => (*session, protocol),
+                upstream::Opened::Refused(answer) => return Ok(answer),
+            },
         };
         let on_upgrade = parts.extensions.remove::<OnUpgrade>().ok_or_else(|| {
             GatewayError::UpgradeRequired {
@@ -197,7 +218,7 @@ impl WsRouteService {
                 HeaderValue::from_str(&accept).map_err(|_| GatewayError::Internal("accept key"))?,
             );
         }
-        if let Some(p) = accepted.protocol
+        if let Some(p) = protocol
             && let Ok(v) = HeaderValue::from_str(&p)
         {
             h.insert(header::SEC_WEBSOCKET_PROTOCOL, v);
@@ -416,16 +437,36 @@ impl Link {
     /// Queues a message for the client, waiting while the queue is full. False when the
     /// client is gone.
     pub async fn send(&self, msg: Message) -> bool {
-        let ok = self.out.send(msg).await.is_ok();
-        if ok {
-            self.counters.sent.inc();
+        self.sender().send(msg).await
+    }
+
+    /// A handle that queues messages for the client, for a loop of its own.
+    pub fn sender(&self) -> LinkSender {
+        LinkSender {
+            out: self.out.clone(),
+            counters: self.counters.clone(),
         }
-        ok
     }
 
     /// Queues a JSON text frame.
     pub async fn send_json(&self, v: &serde_json::Value) -> bool {
         self.send(Message::text(v.to_string())).await
+    }
+}
+
+/// Queues messages for the client (see [`Link::sender`]).
+pub struct LinkSender {
+    out: mpsc::Sender<Message>,
+    counters: Arc<WsCounters>,
+}
+
+impl LinkSender {
+    pub async fn send(&self, msg: Message) -> bool {
+        let ok = self.out.send(msg).await.is_ok();
+        if ok {
+            self.counters.sent.inc();
+        }
+        ok
     }
 }
 
@@ -470,6 +511,7 @@ pub fn gateway_error_frame(e: &GatewayError, id: Option<&serde_json::Value>) -> 
 /// A bridge's session, started once the socket is open.
 pub enum Session {
     Mqtt(mqtt::MqttSession),
+    Upstream(upstream::UpstreamSession),
 }
 
 /// Runs one connection until either side ends it, then closes the socket with the code that
@@ -496,6 +538,7 @@ async fn run(ws: Socket, settings: Arc<WsSettings>, session: Session, shutdown: 
         let out = link.out.clone();
         let ending = match session {
             Session::Mqtt(s) => s.run(link).await,
+            Session::Upstream(s) => s.run(link).await,
         };
         if let Some(end) = ending {
             tracing::info!(code = end.code, reason = %end.reason, "Closing the WebSocket.");

@@ -1,0 +1,254 @@
+//! WebSocket pass-through, the bottom of a WebSocket route to an `http` backend: the gateway
+//! opens a WebSocket to the chosen endpoint (same path rewrite, `X-Forwarded-*` and endpoint
+//! choice as plain requests) before answering the client, then relays frames both ways.
+//!
+//! The upstream's answer decides the handshake: its chosen subprotocol goes back to the client,
+//! and a refusal (any status but 101) is relayed as it came. Each direction is its own loop, so
+//! a peer that is slow to read holds up only the frames going to it; both are bounded (the
+//! queue towards the client, TCP towards the upstream). The upstream's close code reaches the
+//! client; an upstream that fails or vanishes closes the client with 1011.
+
+use std::sync::Arc;
+
+use futures_util::{SinkExt, StreamExt};
+use http::header::{self, HeaderValue};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use super::{Ending, Inbound, Link, Session, WsSettings, close};
+use crate::backends::http::{HttpBackend, HttpRouteService, strip_hop_by_hop};
+use crate::config::HttpProtocol;
+use crate::error::GatewayError;
+use crate::{Response, full_body};
+
+type Upstream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A route's pass-through settings: the HTTP route service that knows the path rewrite and
+/// the endpoints.
+pub struct UpstreamBridge {
+    route: HttpRouteService,
+}
+
+/// What the upstream said to the handshake.
+pub enum Opened {
+    /// Connected: the session and the subprotocol the upstream chose.
+    Open(Box<Session>, Option<String>),
+    /// Refused: its answer, to relay to the client.
+    Refused(Response),
+}
+
+impl UpstreamBridge {
+    pub fn new(route: HttpRouteService) -> Self {
+        UpstreamBridge { route }
+    }
+
+    fn backend(&self) -> &Arc<HttpBackend> {
+        self.route.backend()
+    }
+
+    /// Opens the WebSocket to an endpoint, within the backend's connect timeout.
+    pub async fn open(
+        &self,
+        parts: &http::request::Parts,
+        settings: &WsSettings,
+    ) -> Result<Opened, GatewayError> {
+        let mut out = http::Request::new(());
+        *out.uri_mut() = parts.uri.clone();
+        *out.headers_mut() = parts.headers.clone();
+        if let Some(ctx) = parts
+            .extensions
+            .get::<crate::middleware::context::RequestContext>()
+        {
+            out.extensions_mut().insert(ctx.clone());
+        }
+        let (mut up, ()) = out.into_parts();
+        let i = self.route.prepare(&mut up, HttpProtocol::Http1)?;
+        // The upstream handshake is the gateway's own; only the offered subprotocols pass.
+        for h in [
+            header::SEC_WEBSOCKET_KEY,
+            header::SEC_WEBSOCKET_VERSION,
+            header::SEC_WEBSOCKET_EXTENSIONS,
+            header::SEC_WEBSOCKET_ACCEPT,
+        ] {
+            up.headers.remove(h);
+        }
+        let h = &mut up.headers;
+        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
+        h.insert(
+            header::SEC_WEBSOCKET_KEY,
+            HeaderValue::from_str(&key).map_err(|_| GatewayError::Internal("websocket key"))?,
+        );
+        let uri = up.uri.to_string();
+        let ws_uri = match uri.split_once("://") {
+            Some(("http", rest)) => format!("ws://{rest}"),
+            Some(("https", rest)) => format!("wss://{rest}"),
+            _ => return Err(GatewayError::Internal("an endpoint without a scheme")),
+        };
+        up.uri = ws_uri
+            .parse()
+            .map_err(|_| GatewayError::bad_request("the request path cannot be forwarded"))?;
+        let req = http::Request::from_parts(up, ());
+        let backend = self.backend();
+        let connect =
+            tokio_tungstenite::connect_async_with_config(req, Some(settings.config), true);
+        let unavailable =
+            |reason, source: Option<crate::BoxError>| GatewayError::BackendUnavailable {
+                backend: backend.name().to_string(),
+                reason,
+                retry_after: Some(backend.eject_for()),
+                source,
+            };
+        match tokio::time::timeout(backend.connect_timeout(), connect).await {
+            Ok(Ok((ws, resp))) => {
+                backend.record(i, true);
+                let protocol = resp
+                    .headers()
+                    .get(header::SEC_WEBSOCKET_PROTOCOL)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                Ok(Opened::Open(
+                    Box::new(Session::Upstream(UpstreamSession { ws })),
+                    protocol,
+                ))
+            }
+            Ok(Err(WsError::Http(resp))) => {
+                backend.record(i, !resp.status().is_server_error());
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                parts.headers.remove(header::CONTENT_LENGTH);
+                Ok(Opened::Refused(http::Response::from_parts(
+                    parts,
+                    full_body(body.unwrap_or_default()),
+                )))
+            }
+            Ok(Err(WsError::Io(e))) => {
+                backend.eject(i);
+                Err(unavailable(
+                    "cannot connect to the backend",
+                    Some(Box::new(e)),
+                ))
+            }
+            Ok(Err(e)) => {
+                backend.record(i, false);
+                Err(GatewayError::BadGateway {
+                    backend: backend.name().to_string(),
+                    reason: "the upstream WebSocket handshake failed",
+                    source: Some(Box::new(e)),
+                })
+            }
+            Err(_) => {
+                backend.record(i, false);
+                Err(unavailable(
+                    "the upstream did not complete the WebSocket handshake in time",
+                    None,
+                ))
+            }
+        }
+    }
+}
+
+/// One connection's upstream side.
+pub struct UpstreamSession {
+    ws: Upstream,
+}
+
+/// The close code to pass on from a close frame; codes that may not be sent (1005, 1006,
+/// 1015) become 1000.
+fn passable(frame: Option<&CloseFrame>) -> Ending {
+    match frame {
+        Some(f) => {
+            let code = u16::from(f.code);
+            let code = if matches!(code, 1005 | 1006 | 1015) {
+                close::NORMAL
+            } else {
+                code
+            };
+            Ending::new(code, f.reason.as_str())
+        }
+        None => Ending::new(close::NORMAL, ""),
+    }
+}
+
+impl UpstreamSession {
+    pub async fn run(self, mut link: Link) -> Option<Ending> {
+        let (mut tx, mut rx) = self.ws.split();
+        let towards_client = link.sender();
+        let downstream = async {
+            loop {
+                match rx.next().await {
+                    Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
+                        if !towards_client.send(m).await {
+                            return None;
+                        }
+                    }
+                    Some(Ok(Message::Close(f))) => return Some(passable(f.as_ref())),
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => {
+                        tracing::info!(error = %e, "The upstream WebSocket failed.");
+                        return Some(Ending::new(
+                            close::INTERNAL,
+                            "the upstream WebSocket failed",
+                        ));
+                    }
+                    None => {
+                        return Some(Ending::new(
+                            close::INTERNAL,
+                            "the upstream WebSocket closed without a close frame",
+                        ));
+                    }
+                }
+            }
+        };
+        let upstream = async {
+            loop {
+                let m = match link.recv().await {
+                    Inbound::Text(t) => Message::text(t),
+                    Inbound::Binary(b) => Message::Binary(b),
+                    Inbound::End(end) => return (true, end),
+                };
+                if tx.send(m).await.is_err() {
+                    return (
+                        false,
+                        Some(Ending::new(
+                            close::INTERNAL,
+                            "the upstream WebSocket failed",
+                        )),
+                    );
+                }
+            }
+        };
+        let (client_ended, end) = tokio::select! {
+            end = downstream => (false, end),
+            (client, end) = upstream => (client, end),
+        };
+        if client_ended {
+            // The client closed, broke a rule, idled or the gateway is stopping: the upstream
+            // hears the same code.
+            let frame = end.as_ref().map_or(
+                CloseFrame {
+                    code: CloseCode::Normal,
+                    reason: "".into(),
+                },
+                |e| CloseFrame {
+                    code: CloseCode::from(e.code),
+                    reason: e.reason.clone().into(),
+                },
+            );
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                tx.send(Message::Close(Some(frame))),
+            )
+            .await;
+        }
+        end
+    }
+}
