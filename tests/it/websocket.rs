@@ -881,9 +881,8 @@ routes:
     ws.send(Message::binary(vec![1u8, 2, 3])).await.unwrap();
     let mut echoed = Vec::new();
     while echoed.len() < 2 {
-        match ws.next().await.unwrap().unwrap() {
-            m @ (Message::Text(_) | Message::Binary(_)) => echoed.push(m),
-            _ => {}
+        if let m @ (Message::Text(_) | Message::Binary(_)) = ws.next().await.unwrap().unwrap() {
+            echoed.push(m);
         }
     }
     assert_eq!(
