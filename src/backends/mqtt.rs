@@ -347,18 +347,24 @@ impl MqttHandle {
             },
         };
         if first {
-            let asked = tokio::time::timeout(
-                Duration::from_secs(5),
-                self.shared
-                    .client
-                    .subscribe(filter.clone(), QoS::AtLeastOnce),
-            )
-            .await;
-            if !matches!(asked, Ok(Ok(()))) {
-                // Clients that joined meanwhile see the channel close.
-                if let Ok(mut subs) = self.shared.subs.lock() {
-                    subs.remove(&filter);
+            // Asked from a task of its own, so that a caller who stops waiting (a handshake
+            // that timed out) cannot leave the filter in the table with no broker request
+            // behind it; on failure the entry goes and clients that joined meanwhile see their
+            // channel close.
+            let (shared, f) = (self.shared.clone(), filter.clone());
+            let asked = tokio::spawn(async move {
+                let sent = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    shared.client.subscribe(f.clone(), QoS::AtLeastOnce),
+                )
+                .await;
+                let ok = matches!(sent, Ok(Ok(())));
+                if !ok && let Ok(mut subs) = shared.subs.lock() {
+                    subs.remove(&f);
                 }
+                ok
+            });
+            if !asked.await.unwrap_or(false) {
                 return Err(self.unavailable("too many requests in flight"));
             }
         }

@@ -90,7 +90,10 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: HttpRequest<Incomi
         // An HTTP/2 WebSocket (extended CONNECT, RFC 8441) is routed like the GET of an
         // HTTP/1.1 handshake.
         let websocket_h2 = req.method() == http::Method::CONNECT
-            && req.extensions().get::<hyper::ext::Protocol>().is_some();
+            && req
+                .extensions()
+                .get::<hyper::ext::Protocol>()
+                .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
         let lookup_method = if websocket_h2 {
             &http::Method::GET
         } else {
@@ -104,6 +107,13 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: HttpRequest<Incomi
                 }
                 Lookup::NotFound => return Err(GatewayError::NotFound.into()),
             };
+        if websocket_h2 && route.spec.websocket.is_none() {
+            return Err(GatewayError::BadRequest {
+                detail: "This route is not a WebSocket endpoint.".into(),
+                field: Some("protocol".into()),
+            }
+            .into());
+        }
         route_id = route.id.clone();
         backend_name = Some(route.spec.backend.clone());
         tracing::Span::current().record("route", &*route.id);

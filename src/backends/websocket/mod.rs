@@ -14,6 +14,7 @@ pub mod upstream;
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::Duration;
 
 use futures_util::stream::{SplitSink, SplitStream};
@@ -79,7 +80,13 @@ pub struct WsSettings {
 }
 
 impl WsSettings {
-    pub fn new(route: &RouteSpec, spec: &WebSocketSpec, metrics: &Arc<Metrics>) -> Self {
+    /// `outbound_max` is the largest message the backend can send towards the client.
+    pub fn new(
+        route: &RouteSpec,
+        spec: &WebSocketSpec,
+        metrics: &Arc<Metrics>,
+        outbound_max: usize,
+    ) -> Self {
         let max_message = spec.max_message_size.0 as usize;
         let max_frame = spec.max_frame_size.map_or(max_message, |s| s.0 as usize);
         // Small eager buffers keep an idle connection cheap; a frame larger than the read
@@ -89,6 +96,9 @@ impl WsSettings {
         let config = WebSocketConfig::default()
             .read_buffer_size(4096)
             .write_buffer_size(0)
+            // Bounds what a client that sends pings and never reads can make the gateway hold
+            // (one pong each), with room for the largest message either way.
+            .max_write_buffer_size(2 * max_message.max(outbound_max) + 64 * 1024)
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_frame));
         WsSettings {
@@ -135,8 +145,9 @@ impl WsRouteService {
             .mqtt
             .as_ref()
             .ok_or("a WebSocket route to an mqtt backend needs `websocket.mqtt:` settings")?;
+        let outbound_max = handle.payload_limit();
         Ok(WsRouteService {
-            settings: Arc::new(WsSettings::new(route, spec, metrics)),
+            settings: Arc::new(WsSettings::new(route, spec, metrics, outbound_max)),
             bridge: Arc::new(Bridge::Mqtt(mqtt::MqttBridge::new(handle, m)?)),
         })
     }
@@ -147,8 +158,9 @@ impl WsRouteService {
         spec: &WebSocketSpec,
         metrics: &Arc<Metrics>,
     ) -> Self {
+        // The upstream's messages are held to `max_message_size` too.
         WsRouteService {
-            settings: Arc::new(WsSettings::new(route, spec, metrics)),
+            settings: Arc::new(WsSettings::new(route, spec, metrics, 0)),
             bridge: Arc::new(Bridge::Upstream(upstream::UpstreamBridge::new(
                 route_service,
             ))),
@@ -267,6 +279,7 @@ fn handshake(settings: &WsSettings, req: &Request) -> Result<Accepted, GatewayEr
         None
     } else {
         if req.method() != http::Method::GET
+            || req.version() < http::Version::HTTP_11
             || !header_has_token(req, header::UPGRADE, "websocket")
             || !header_has_token(req, header::CONNECTION, "upgrade")
         {
@@ -275,9 +288,10 @@ fn handshake(settings: &WsSettings, req: &Request) -> Result<Accepted, GatewayEr
                 Some("header.upgrade"),
             ));
         }
-        let key = req
-            .headers()
-            .get(header::SEC_WEBSOCKET_KEY)
+        let mut keys = req.headers().get_all(header::SEC_WEBSOCKET_KEY).iter();
+        let key = keys
+            .next()
+            .filter(|_| keys.next().is_none())
             .filter(|k| {
                 use base64::Engine;
                 base64::engine::general_purpose::STANDARD
@@ -285,16 +299,14 @@ fn handshake(settings: &WsSettings, req: &Request) -> Result<Accepted, GatewayEr
                     .is_ok_and(|b| b.len() == 16)
             })
             .ok_or_else(|| GatewayError::BadRequest {
-                detail: "`Sec-WebSocket-Key` must be 16 random bytes in base64.".into(),
+                detail: "`Sec-WebSocket-Key` must be one header of 16 random bytes in base64."
+                    .into(),
                 field: Some("header.sec-websocket-key".into()),
             })?;
         Some(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
     };
-    if req
-        .headers()
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .is_none_or(|v| v != "13")
-    {
+    let mut versions = req.headers().get_all(header::SEC_WEBSOCKET_VERSION).iter();
+    if versions.next().is_none_or(|v| v != "13") || versions.next().is_some() {
         return Err(upgrade_required(
             "Only WebSocket version 13 is spoken here: send `Sec-WebSocket-Version: 13`.",
             Some("header.sec-websocket-version"),
@@ -349,6 +361,9 @@ type Socket = WebSocketStream<TokioIo<Upgraded>>;
 pub struct Ending {
     pub code: u16,
     pub reason: String,
+    /// Drop what is still queued for the client instead of sending it first (the client is
+    /// too far behind to take it).
+    pub discard_queue: bool,
 }
 
 impl Ending {
@@ -358,7 +373,19 @@ impl Ending {
         while reason.len() > 123 {
             reason.pop();
         }
-        Ending { code, reason }
+        Ending {
+            code,
+            reason,
+            discard_queue: false,
+        }
+    }
+
+    /// A client too slow for the messages: 1008, without sending what is queued.
+    pub fn slow(reason: impl Into<String>) -> Self {
+        Ending {
+            discard_queue: true,
+            ..Ending::new(close::POLICY, reason)
+        }
     }
 }
 
@@ -386,17 +413,24 @@ pub struct Link {
     shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     /// Cancelled by the writer when the client took no data for the write timeout.
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The code of the client's close frame, once it sent one.
+    peer_code: Arc<AtomicU16>,
     counters: Arc<WsCounters>,
     pub settings: Arc<WsSettings>,
 }
 
 impl Link {
-    /// The next data frame or the end. Cancel-safe: usable as a `select!` branch.
-    pub async fn recv(&mut self) -> Inbound {
+    /// The next data frame or the end. Cancel-safe: usable as a `select!` branch. With `read`
+    /// false, frames stay unread (the bridge has no room for more) and only shutdown and the
+    /// writer's cut-off are watched; the time spent so does not count as the client's idling.
+    pub async fn recv(&mut self, read: bool) -> Inbound {
         loop {
+            if !read {
+                self.last_seen = Instant::now();
+            }
             let msg = tokio::select! {
-                m = self.stream.next() => m,
-                _ = self.idle_timer.as_mut() => {
+                m = self.stream.next(), if read => m,
+                _ = self.idle_timer.as_mut(), if read => {
                     let idle_at = self.last_seen + self.idle;
                     if idle_at > Instant::now() {
                         self.idle_timer.as_mut().reset(idle_at);
@@ -423,7 +457,7 @@ impl Link {
                 Some(Ok(Message::Close(frame))) => {
                     let code = frame.as_ref().map_or(close::NORMAL, |f| u16::from(f.code));
                     tracing::info!(code, "The client closed the WebSocket.");
-                    self.counters.closed(&self.settings.metrics, code);
+                    self.peer_code.store(code, Ordering::Relaxed);
                     // Reading on sends tungstenite's close reply.
                     let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.next()).await;
                     return Inbound::End(None);
@@ -521,7 +555,9 @@ async fn run(ws: Socket, settings: Arc<WsSettings>, session: Session, shutdown: 
     tracing::info!("WebSocket opened.");
     let (sink, stream) = ws.split();
     let (out, rx) = mpsc::channel(settings.buffer);
+    let (end_tx, end_rx) = tokio::sync::oneshot::channel();
     let cut = CancellationToken::new();
+    let peer_code = Arc::new(AtomicU16::new(0));
     let link = Link {
         stream,
         out,
@@ -530,83 +566,117 @@ async fn run(ws: Socket, settings: Arc<WsSettings>, session: Session, shutdown: 
         idle_timer: Box::pin(tokio::time::sleep(settings.idle_timeout)),
         shutdown: Box::pin(shutdown.cancelled_owned()),
         cut: Box::pin(cut.clone().cancelled_owned()),
+        peer_code: peer_code.clone(),
         counters: counters.clone(),
         settings: settings.clone(),
     };
-    let writer = write_loop(sink, rx, settings.clone(), counters.clone(), cut.clone());
+    let writer = write_loop(sink, rx, end_rx, settings.clone(), cut);
     let bridge = async move {
-        let out = link.out.clone();
         let ending = match session {
             Session::Mqtt(s) => s.run(link).await,
             Session::Upstream(s) => s.run(link).await,
         };
-        if let Some(end) = ending {
+        if let Some(end) = &ending {
             tracing::info!(code = end.code, reason = %end.reason, "Closing the WebSocket.");
-            counters.closed(&settings.metrics, end.code);
-            let frame = CloseFrame {
-                code: CloseCode::from(end.code),
-                reason: end.reason.into(),
-            };
-            // A client too slow to take the close frame is cut off instead.
-            if out.try_send(Message::Close(Some(frame))).is_err() {
-                cut.cancel();
-            }
         }
-        // Dropping the last sender ends the writer once it has sent what is queued.
-        drop(out);
+        let _ = end_tx.send(ending);
     };
-    tokio::join!(writer, bridge);
-    tracing::debug!("WebSocket session over.");
+    let (sent, ()) = tokio::join!(writer, bridge);
+    // One close per connection: the code the gateway sent, else the client's, else 1006
+    // (the connection ended without a close frame).
+    let code = sent.unwrap_or_else(|| match peer_code.load(Ordering::Relaxed) {
+        0 => 1006,
+        c => c,
+    });
+    counters.closed(&settings.metrics, code);
+    tracing::debug!(code, "WebSocket session over.");
 }
 
-/// Sends what the bridge queues, pings on schedule, and cuts the connection off when the
-/// client takes no data for the write timeout. Batches what is queued into one flush.
+/// Feeds one message, within the write timeout. False when the client took nothing for that
+/// long or the socket failed.
+async fn feed(sink: &mut SplitSink<Socket, Message>, m: Message, limit: Duration) -> bool {
+    match tokio::time::timeout(limit, sink.feed(m)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "WebSocket write failed.");
+            false
+        }
+        Err(_) => {
+            tracing::info!(timeout = ?limit, "The client took no data within the write timeout; cutting it off.");
+            false
+        }
+    }
+}
+
+async fn flush(sink: &mut SplitSink<Socket, Message>, limit: Duration) -> bool {
+    matches!(tokio::time::timeout(limit, sink.flush()).await, Ok(Ok(())))
+}
+
+/// Sends what the bridge queues (up to 32 messages per flush), pings on schedule, and cuts
+/// the connection off when a write makes no progress for the write timeout. When the bridge
+/// ends, sends what is still queued (unless the ending says to drop it) and the close frame.
+/// Returns the close code sent, `Some(1006)` when the connection was cut, `None` when the
+/// bridge ended without a close to send (the client closed or vanished).
 async fn write_loop(
     mut sink: SplitSink<Socket, Message>,
     mut rx: mpsc::Receiver<Message>,
+    mut end_rx: tokio::sync::oneshot::Receiver<Option<Ending>>,
     settings: Arc<WsSettings>,
-    counters: Arc<WsCounters>,
     cut: CancellationToken,
-) {
+) -> Option<u16> {
+    let limit = settings.write_timeout;
     let mut ping = tokio::time::interval_at(
         Instant::now() + settings.ping_interval,
         settings.ping_interval,
     );
     loop {
         let first = tokio::select! {
+            biased;
+            end = &mut end_rx => {
+                let Some(end) = end.ok().flatten() else {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+                    return None;
+                };
+                if !end.discard_queue {
+                    while let Ok(m) = rx.try_recv() {
+                        if !feed(&mut sink, m, limit).await {
+                            cut.cancel();
+                            return Some(1006);
+                        }
+                    }
+                }
+                let frame = CloseFrame {
+                    code: CloseCode::from(end.code),
+                    reason: end.reason.into(),
+                };
+                if !feed(&mut sink, Message::Close(Some(frame)), limit).await
+                    || !flush(&mut sink, limit).await
+                {
+                    cut.cancel();
+                    return Some(1006);
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
+                return Some(end.code);
+            }
             m = rx.recv() => match m {
                 Some(m) => m,
-                None => break,
+                // Every sender is gone: the bridge is over and its ending comes next.
+                None => continue,
             },
             _ = ping.tick() => Message::Ping(bytes::Bytes::new()),
-            _ = cut.cancelled() => break,
         };
-        let mut closing = matches!(first, Message::Close(_));
-        let wrote = tokio::time::timeout(settings.write_timeout, async {
-            sink.feed(first).await?;
-            while !closing && let Ok(m) = rx.try_recv() {
-                closing = matches!(m, Message::Close(_));
-                sink.feed(m).await?;
+        let mut ok = feed(&mut sink, first, limit).await;
+        let mut batch = 1;
+        while ok && batch < 32 {
+            match rx.try_recv() {
+                Ok(m) => ok = feed(&mut sink, m, limit).await,
+                Err(_) => break,
             }
-            sink.flush().await
-        })
-        .await;
-        match wrote {
-            Ok(Ok(())) if closing => break,
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "WebSocket write failed.");
-                cut.cancel();
-                break;
-            }
-            Err(_) => {
-                tracing::info!(timeout = ?settings.write_timeout, "The client took no data within the write timeout; cutting it off.");
-                // 1006: closed without a close frame.
-                counters.closed(&settings.metrics, 1006);
-                cut.cancel();
-                break;
-            }
+            batch += 1;
+        }
+        if !ok || !flush(&mut sink, limit).await {
+            cut.cancel();
+            return Some(1006);
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
 }

@@ -202,28 +202,14 @@ impl MqttSession {
         let handle = self.handle.clone();
         let gone = handle.gone();
         tokio::pin!(gone);
+        let mode = (self.ops, self.acks);
         loop {
+            let room = pending.len() < inflight;
             tokio::select! {
                 Some((id, topic, outcome)) = pending.next(), if !pending.is_empty() => {
-                    let frame = match outcome {
-                        Ok(()) if self.ops || self.acks => {
-                            let key = if self.ops { "id" } else { "seq" };
-                            let mut v = serde_json::json!({ "op": "ack", "topic": topic });
-                            if !id.is_null() {
-                                v[key] = id;
-                            }
-                            Some(v)
-                        }
-                        Ok(()) => None,
-                        Err(e) => {
-                            let mut v = gateway_error_frame(&e, None);
-                            if !id.is_null() {
-                                v[if self.ops { "id" } else { "seq" }] = id;
-                            }
-                            Some(v)
-                        }
-                    };
-                    if let Some(f) = frame && !link.send_json(&f).await {
+                    if let Some(f) = Self::ack_frame(mode, id, topic, outcome)
+                        && !link.send_json(&f).await
+                    {
                         return None;
                     }
                 }
@@ -231,13 +217,28 @@ impl MqttSession {
                     let msg = match item {
                         Ok(p) => self.message(&filter, &p),
                         Err(RecvError::Lagged(missed)) => {
-                            return Some(Ending::new(
-                                close::POLICY,
-                                format!("client too slow: {missed} messages missed"),
-                            ));
+                            return Some(Ending::slow(format!(
+                                "client too slow: {missed} messages missed"
+                            )));
+                        }
+                        // The broker subscription failed for every client of the filter.
+                        Err(RecvError::Closed) if self.ops => {
+                            self.subs.remove(&filter);
+                            Message::text(
+                                error_frame(
+                                    "subscription-lost",
+                                    "The broker subscription for this filter failed; subscribe again.",
+                                    Some("topic"),
+                                    None,
+                                )
+                                .to_string(),
+                            )
                         }
                         Err(RecvError::Closed) => {
-                            return Some(Ending::new(close::INTERNAL, "the MQTT backend went away"));
+                            return Some(Ending::new(
+                                close::INTERNAL,
+                                "the subscription to the MQTT backend failed",
+                            ));
                         }
                     };
                     if !link.send(msg).await {
@@ -247,9 +248,24 @@ impl MqttSession {
                 _ = &mut gone => {
                     return Some(Ending::new(close::INTERNAL, "the MQTT backend was replaced; reconnect"));
                 }
-                inbound = link.recv(), if pending.len() < inflight => {
+                inbound = link.recv(room) => {
                     let answer = match inbound {
-                        Inbound::End(end) => return end,
+                        Inbound::End(None) => return None,
+                        Inbound::End(Some(end)) => {
+                            // A clean end: publishes already with the broker get their answers
+                            // first (within 5 s), so the client knows which to send again.
+                            let drain = async {
+                                while let Some((id, topic, outcome)) = pending.next().await {
+                                    if let Some(f) = Self::ack_frame(mode, id, topic, outcome)
+                                        && !link.send_json(&f).await
+                                    {
+                                        return;
+                                    }
+                                }
+                            };
+                            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), drain).await;
+                            return Some(end);
+                        }
                         Inbound::Text(t) if self.ops => self.operation(&t, &link, &mut pending).await,
                         Inbound::Binary(_) if self.ops => Some(error_frame(
                             "bad-frame",
@@ -266,6 +282,26 @@ impl MqttSession {
                 }
             }
         }
+    }
+
+    /// The answer to a finished publish: `ack` (always in operations mode, with `acks` for
+    /// fixed topics) or `error`, carrying the client's `id` or the frame's `seq`.
+    fn ack_frame(
+        (ops, acks): (bool, bool),
+        id: Value,
+        topic: String,
+        outcome: Result<(), GatewayError>,
+    ) -> Option<Value> {
+        let key = if ops { "id" } else { "seq" };
+        let mut v = match outcome {
+            Ok(()) if ops || acks => serde_json::json!({ "op": "ack", "topic": topic }),
+            Ok(()) => return None,
+            Err(e) => gateway_error_frame(&e, None),
+        };
+        if !id.is_null() {
+            v[key] = id;
+        }
+        Some(v)
     }
 
     /// A message for the client: the JSON envelope in operations mode, the payload itself

@@ -210,7 +210,7 @@ impl UpstreamSession {
         };
         let upstream = async {
             loop {
-                let m = match link.recv().await {
+                let m = match link.recv(true).await {
                     Inbound::Text(t) => Message::text(t),
                     Inbound::Binary(b) => Message::Binary(b),
                     Inbound::End(end) => return (true, end),
