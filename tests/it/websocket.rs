@@ -549,6 +549,28 @@ mqtt: {{ allow: ["{prefix}/#"] }}"#
     assert_eq!(next_json(&mut ws).await["op"], "subscribed");
 }
 
+/// Publishes `n` messages of 256 KiB to `topic`, one at a time: `reader` takes each before the
+/// next goes, so only clients that do not read fall behind.
+async fn publish_in_step(addr: &str, topic: &str, reader: &mut Ws, n: usize) {
+    let mqtt = publisher(addr).await;
+    let payload = vec![b'x'; 256 * 1024];
+    for _ in 0..n {
+        mqtt.publish(topic, QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .unwrap();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), reader.next())
+                .await
+                .unwrap()
+            {
+                Some(Ok(Message::Binary(_) | Message::Text(_))) => break,
+                Some(Ok(_)) => {}
+                other => panic!("the reading client was hurt: {other:?}"),
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_off_and_others_carry_on() {
     let prefix = unique();
@@ -565,30 +587,8 @@ mqtt: {{ subscribe: ["{prefix}/feed"] }}"#
     .await;
     let stuck = raw_handshake(&gw, "/ws").await;
     let mut reader = connect(&gw, "/ws").await;
-    let mqtt = publisher(&addr).await;
-    // 16 MiB in 256 KiB messages: far more than the socket buffers and the queue hold.
-    let payload = vec![b'x'; 256 * 1024];
-    for _ in 0..64 {
-        mqtt.publish(
-            format!("{prefix}/feed"),
-            QoS::AtMostOnce,
-            false,
-            payload.clone(),
-        )
-        .await
-        .unwrap();
-        // The reading client keeps up.
-        loop {
-            match tokio::time::timeout(Duration::from_secs(10), reader.next())
-                .await
-                .unwrap()
-            {
-                Some(Ok(Message::Binary(_) | Message::Text(_))) => break,
-                Some(Ok(_)) => {}
-                other => panic!("the reading client was hurt: {other:?}"),
-            }
-        }
-    }
+    // 16 MiB: far more than the socket buffers and the queue hold.
+    publish_in_step(&addr, &format!("{prefix}/feed"), &mut reader, 64).await;
     // The stuck client was cut off by the write timeout, without a close frame (it would not
     // read one): 1006. The gateway holds one connection: the reader's.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -940,30 +940,8 @@ mqtt: {{ subscribe: ["{prefix}/feed"] }}"#
     .await;
     let mut slow = connect(&gw, "/ws").await;
     let mut reader = connect(&gw, "/ws").await;
-    // 32 MiB, one message at a time: the reader takes each before the next is published, so
-    // only the slow client falls behind (past the socket buffers, its queue and the ring).
-    let mqtt = publisher(&addr).await;
-    let payload = vec![b'x'; 256 * 1024];
-    for _ in 0..128 {
-        mqtt.publish(
-            format!("{prefix}/feed"),
-            QoS::AtLeastOnce,
-            false,
-            payload.clone(),
-        )
-        .await
-        .unwrap();
-        loop {
-            match tokio::time::timeout(Duration::from_secs(10), reader.next())
-                .await
-                .unwrap()
-            {
-                Some(Ok(Message::Binary(_) | Message::Text(_))) => break,
-                Some(Ok(_)) => {}
-                other => panic!("the reading client was hurt: {other:?}"),
-            }
-        }
-    }
+    // 32 MiB: the slow client falls behind past the socket buffers, its queue and the ring.
+    publish_in_step(&addr, &format!("{prefix}/feed"), &mut reader, 128).await;
     // The slow client now reads: some messages, then a close that says it fell behind.
     let mut delivered = 0;
     let (code, reason) = loop {
