@@ -29,7 +29,7 @@ use super::AbortOnDrop;
 use super::values::RequestValues;
 use crate::config::template::ValueTemplate;
 use crate::config::{
-    AmqpBackendSpec, AmqpRouteSpec, DIRECT_REPLY_TO, ExchangeKindSpec, QueueKindSpec, RouteSpec,
+    AmqpBackendSpec, AmqpRouteSpec, DIRECT_REPLY_TO, ExchangeKindSpec, QueueKindSpec,
 };
 use crate::error::GatewayError;
 use crate::middleware::context::{Deadline, RequestContext};
@@ -163,6 +163,24 @@ impl AmqpBackend {
     /// Why the backend is not ready, when it is not.
     pub fn problem(&self) -> Option<String> {
         self.shared.problem.lock().ok().and_then(|p| p.clone())
+    }
+
+    /// The live connection, for bridges that open channels of their own (WebSocket
+    /// consumers); `None` while disconnected.
+    pub fn connection(&self) -> Option<Arc<Connection>> {
+        self.shared.live.load().as_ref().map(|l| l.conn.clone())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// A publisher on the backend's confirm-mode channel pool, for client frames of a
+    /// WebSocket (the route's exchange and routing key are given per publish).
+    pub fn publisher(&self) -> Result<AmqpRouteService, String> {
+        let spec: AmqpRouteSpec = serde_json::from_value(serde_json::json!({}))
+            .map_err(|e| format!("amqp publisher: {e}"))?;
+        AmqpRouteService::new(self, &spec)
     }
 
     /// Registers a named reply queue; the connection task consumes it within a second.
@@ -557,11 +575,7 @@ pub struct AmqpRouteService {
 }
 
 impl AmqpRouteService {
-    pub fn new(
-        backend: &AmqpBackend,
-        _route: &RouteSpec,
-        spec: &AmqpRouteSpec,
-    ) -> Result<Self, String> {
+    pub fn new(backend: &AmqpBackend, spec: &AmqpRouteSpec) -> Result<Self, String> {
         if let Some(r) = &spec.reply
             && r.queue != DIRECT_REPLY_TO
         {
@@ -716,7 +730,7 @@ impl AmqpRouteService {
 
     /// Publishes and waits for the broker's confirm, on a pooled channel with nothing else in
     /// flight. Answers only for what the broker said: ack, return, nack, or nothing in time.
-    async fn publish(
+    pub(crate) async fn publish(
         &self,
         exchange: &ShortString,
         routing_key: &ShortString,

@@ -276,6 +276,12 @@ impl BuiltBackend {
                     ws,
                     metrics,
                 )?)),
+                Handle::Amqp(a) => Ok(RouteService::new(websocket::WsRouteService::amqp(
+                    a.clone(),
+                    route,
+                    ws,
+                    metrics,
+                )?)),
                 Handle::Http(h) => Ok(RouteService::new(websocket::WsRouteService::upstream(
                     http::HttpRouteService::new(h.clone(), route.http.clone().unwrap_or_default()),
                     route,
@@ -303,7 +309,7 @@ impl BuiltBackend {
                 let spec = route.amqp.as_ref().ok_or_else(|| {
                     "a route to an amqp backend needs `amqp:` settings".to_string()
                 })?;
-                RouteService::new(amqp::AmqpRouteService::new(a, route, spec)?)
+                RouteService::new(amqp::AmqpRouteService::new(a, spec)?)
             }
             Handle::Mqtt(m) => {
                 let spec = route.mqtt.as_ref().ok_or_else(|| {

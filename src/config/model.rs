@@ -1107,6 +1107,60 @@ pub struct WebSocketSpec {
     /// The bridge to an `mqtt` backend.
     #[serde(default)]
     pub mqtt: Option<WsMqttSpec>,
+    /// The bridge to an `amqp` backend.
+    #[serde(default)]
+    pub amqp: Option<WsAmqpSpec>,
+}
+
+/// A WebSocket bridged to AMQP: client frames published to an exchange (confirmed), and
+/// messages from a queue pushed to the client (acknowledged once written to the socket).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WsAmqpSpec {
+    /// Exchange (template; `""` is the default exchange) every client frame is published to;
+    /// without it, client frames are not published.
+    #[serde(default)]
+    pub exchange: Option<String>,
+    /// Routing key (template) of the publishes.
+    #[serde(default)]
+    pub routing_key: String,
+    /// Answer each published frame with an `ack` frame once the broker confirmed it.
+    /// Failures are always answered with an `error` frame.
+    #[serde(default)]
+    pub acks: bool,
+    /// Messages pushed to the client.
+    #[serde(default)]
+    pub consume: Option<WsConsumeSpec>,
+}
+
+/// Where a WebSocket's messages come from: a named queue, or a queue of the connection's own
+/// (exclusive, deleted with it) bound as listed.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WsConsumeSpec {
+    /// A queue (template) to consume; it must exist (declare it under `topology`).
+    #[serde(default)]
+    pub queue: Option<String>,
+    /// Bindings of the connection's own queue.
+    #[serde(default)]
+    pub bind: Vec<WsBindSpec>,
+    /// Messages delivered to the connection and not yet written to its socket.
+    #[serde(default = "default_ws_prefetch")]
+    pub prefetch: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WsBindSpec {
+    /// Exchange (template).
+    pub exchange: String,
+    /// Binding key (template; `*` and `#` allowed on topic exchanges).
+    #[serde(default)]
+    pub routing_key: String,
+}
+
+fn default_ws_prefetch() -> u16 {
+    16
 }
 
 /// A WebSocket bridged to MQTT: either JSON operations within the `allow`ed topic filters, or

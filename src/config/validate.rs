@@ -1036,7 +1036,7 @@ fn validate_websocket_route(
         }
     }
     let kind = backend.kind();
-    for (key, present) in [("mqtt", ws.mqtt.is_some())] {
+    for (key, present) in [("mqtt", ws.mqtt.is_some()), ("amqp", ws.amqp.is_some())] {
         if present && key != kind {
             cx.err_key_route(
                 &format!("{wb}.{key}"),
@@ -1062,11 +1062,19 @@ fn validate_websocket_route(
                 validate_http_route(cx, base, id, h, template);
             }
         }
+        BackendSpec::Amqp(_) => match &ws.amqp {
+            None => cx.err(
+                &wb,
+                id,
+                "a WebSocket route to an amqp backend needs `amqp: { exchange: …, routing_key: … }` (publish frames) and/or `amqp: { consume: … }` (push messages)",
+            ),
+            Some(a) => validate_ws_amqp(cx, &format!("{wb}.amqp"), id, a, template),
+        },
         other => cx.err(
             &wb,
             id,
             format!(
-                "WebSocket routes to {} backends are not supported yet; use an mqtt or http backend",
+                "WebSocket routes to {} backends are not supported yet; use an mqtt, amqp or http backend",
                 other.kind()
             ),
         ),
@@ -1084,6 +1092,106 @@ pub fn valid_filter(filter: &str) -> bool {
         })
 }
 
+/// Checks a template for a WebSocket handshake: no body values, path values captured.
+fn check_handshake_template(
+    cx: &mut Ctx,
+    path: &str,
+    id: Option<&str>,
+    text: &str,
+    template: Option<&PathTemplate>,
+) -> Option<ValueTemplate> {
+    let captured: Vec<&str> = template.map(|t| t.captures()).unwrap_or_default();
+    match ValueTemplate::parse(text) {
+        Err(e) => {
+            cx.err(path, id, e);
+            None
+        }
+        Ok(t) => {
+            if t.needs_body() {
+                cx.err(
+                    path,
+                    id,
+                    "a WebSocket handshake has no body to take `{body.…}` from",
+                );
+            }
+            for p in t.params() {
+                if template.is_some() && !captured.contains(&p) {
+                    cx.err(
+                        path,
+                        id,
+                        format!("`{{{p}}}` is not captured by the route's path; capture it or use `{{query.{p}}}` or `{{header.{p}}}`"),
+                    );
+                }
+            }
+            Some(t)
+        }
+    }
+}
+
+fn validate_ws_amqp(
+    cx: &mut Ctx,
+    base: &str,
+    id: Option<&str>,
+    a: &WsAmqpSpec,
+    template: Option<&PathTemplate>,
+) {
+    if a.exchange.is_none() && a.consume.is_none() {
+        cx.err(
+            base,
+            id,
+            "give `exchange` (publish client frames), `consume` (push messages), or both",
+        );
+    }
+    if let Some(e) = &a.exchange {
+        check_handshake_template(cx, &format!("{base}.exchange"), id, e, template);
+        check_handshake_template(
+            cx,
+            &format!("{base}.routing_key"),
+            id,
+            &a.routing_key,
+            template,
+        );
+    } else if a.acks {
+        cx.err(
+            &format!("{base}.acks"),
+            id,
+            "`acks` answers publishes; give `exchange`",
+        );
+    }
+    if let Some(c) = &a.consume {
+        let cb = format!("{base}.consume");
+        match (&c.queue, c.bind.is_empty()) {
+            (Some(q), true) => {
+                if q.is_empty() {
+                    cx.err(&format!("{cb}.queue"), id, "name a queue");
+                }
+                check_handshake_template(cx, &format!("{cb}.queue"), id, q, template);
+            }
+            (None, false) => {
+                for (i, b) in c.bind.iter().enumerate() {
+                    check_handshake_template(cx, &format!("{cb}.bind[{i}].exchange"), id, &b.exchange, template);
+                    check_handshake_template(cx, &format!("{cb}.bind[{i}].routing_key"), id, &b.routing_key, template);
+                    if b.exchange.is_empty() {
+                        cx.err(
+                            &format!("{cb}.bind[{i}].exchange"),
+                            id,
+                            "the default exchange cannot be bound; name an exchange",
+                        );
+                    }
+                }
+            }
+            _ => cx.err(
+                &cb,
+                id,
+                "give either `queue` (consume a named queue) or `bind` (a queue of the connection's own, bound as listed)",
+            ),
+        }
+        if c.prefetch == 0 {
+            cx.err(&format!("{cb}.prefetch"), id, "at least 1");
+        }
+    }
+}
+
 fn validate_ws_mqtt(
     cx: &mut Ctx,
     base: &str,
@@ -1091,7 +1199,6 @@ fn validate_ws_mqtt(
     m: &WsMqttSpec,
     template: Option<&PathTemplate>,
 ) {
-    let captured: Vec<&str> = template.map(|t| t.captures()).unwrap_or_default();
     let ops = !m.allow.is_empty();
     let fixed = !m.subscribe.is_empty() || m.publish.is_some();
     if ops == fixed {
@@ -1108,48 +1215,30 @@ fn validate_ws_mqtt(
             "operations mode always acknowledges publishes; `acks` is for fixed topics",
         );
     }
-    let check = |cx: &mut Ctx, path: String, text: &str, filter: bool| match ValueTemplate::parse(
-        text,
-    ) {
-        Err(e) => cx.err(&path, id, e),
-        Ok(t) => {
-            if t.needs_body() {
-                cx.err(
-                    &path,
-                    id,
-                    "a WebSocket handshake has no body to take `{body.…}` from",
-                );
-            }
-            for p in t.params() {
-                if template.is_some() && !captured.contains(&p) {
-                    cx.err(
-                            &path,
-                            id,
-                            format!("`{{{p}}}` is not captured by the route's path; capture it or use `{{query.{p}}}` or `{{header.{p}}}`"),
-                        );
-                }
-            }
-            let literal: String = t
-                .parts
-                .iter()
-                .map(|p| match p {
-                    crate::config::template::ValuePart::Lit(l) => l.as_str(),
-                    _ => "x",
-                })
-                .collect();
-            if filter && !valid_filter(&literal) {
-                cx.err(
-                    &path,
-                    id,
-                    "a topic filter: `+` stands for one whole level, `#` only for the last",
-                );
-            } else if !filter && (literal.is_empty() || literal.contains(['+', '#', '\0'])) {
-                cx.err(
-                    &path,
-                    id,
-                    "a publish topic is not empty and has no `+` or `#` wildcards",
-                );
-            }
+    let check = |cx: &mut Ctx, path: String, text: &str, filter: bool| {
+        let Some(t) = check_handshake_template(cx, &path, id, text, template) else {
+            return;
+        };
+        let literal: String = t
+            .parts
+            .iter()
+            .map(|p| match p {
+                crate::config::template::ValuePart::Lit(l) => l.as_str(),
+                _ => "x",
+            })
+            .collect();
+        if filter && !valid_filter(&literal) {
+            cx.err(
+                &path,
+                id,
+                "a topic filter: `+` stands for one whole level, `#` only for the last",
+            );
+        } else if !filter && (literal.is_empty() || literal.contains(['+', '#', '\0'])) {
+            cx.err(
+                &path,
+                id,
+                "a publish topic is not empty and has no `+` or `#` wildcards",
+            );
         }
     };
     for (i, f) in m.allow.iter().enumerate() {

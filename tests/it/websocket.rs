@@ -72,15 +72,20 @@ async fn connect(gw: &Gateway, path: &str) -> Ws {
 
 /// The next text frame as JSON (pings and pongs skipped).
 async fn next_json(ws: &mut Ws) -> Value {
+    serde_json::from_str(&next_text(ws).await).expect("JSON frame")
+}
+
+/// The next text frame (pings and pongs skipped).
+async fn next_text(ws: &mut Ws) -> String {
     loop {
-        let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        match tokio::time::timeout(Duration::from_secs(10), ws.next())
             .await
             .expect("a frame within 10 s")
             .expect("socket open")
-            .expect("frame read");
-        match m {
-            Message::Text(t) => return serde_json::from_str(&t).expect("JSON frame"),
-            Message::Ping(_) | Message::Pong(_) => continue,
+            .expect("frame read")
+        {
+            Message::Text(t) => return t.to_string(),
+            Message::Ping(_) | Message::Pong(_) => {}
             other => panic!("expected a text frame, got {other:?}"),
         }
     }
@@ -958,4 +963,152 @@ mqtt: {{ subscribe: ["{prefix}/feed"] }}"#
     assert_eq!(code, 1008, "{reason}");
     assert!(reason.contains("too slow"), "{reason}");
     assert!(delivered < 128, "{delivered}");
+}
+
+#[tokio::test]
+async fn amqp_frames_are_published_with_confirms_and_queues_pushed_after_the_write() {
+    use crate::support::amqp as rabbit;
+    use lapin::options::{BasicGetOptions, BasicPublishOptions};
+    let url = rabbit::broker_url().await;
+    let exchange = rabbit::unique("ws-x");
+    let inbox = rabbit::unique("ws-inbox");
+    let outbox = rabbit::unique("ws-outbox");
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  rabbit:
+    type: amqp
+    url: "{url}"
+    topology:
+      exchanges: [{{ name: "{exchange}", type: topic, durable: false }}]
+      queues: [{{ name: "{inbox}", durable: false }}, {{ name: "{outbox}", durable: false }}]
+      bindings: [{{ queue: "{inbox}", exchange: "{exchange}", routing_key: "room.*.in" }}]
+routes:
+  - id: room
+    match: {{ method: GET, path: "/rooms/{{room}}" }}
+    backend: rabbit
+    websocket:
+      amqp:
+        exchange: "{exchange}"
+        routing_key: "room.{{room}}.in"
+        acks: true
+        consume: {{ bind: [{{ exchange: "{exchange}", routing_key: "room.{{room}}.out" }}] }}
+  - id: outbox
+    match: {{ method: GET, path: "/outbox" }}
+    backend: rabbit
+    websocket:
+      amqp: {{ consume: {{ queue: "{outbox}", prefetch: 2 }} }}
+  - id: nowhere
+    match: {{ method: GET, path: "/nowhere" }}
+    backend: rabbit
+    websocket:
+      amqp: {{ exchange: "{exchange}", routing_key: "no.queue", acks: true }}
+"#
+    ))
+    .await;
+    gw.wait_backend("rabbit", true).await;
+    let conn = rabbit::client().await;
+    let ch = conn.create_channel().await.unwrap();
+
+    // Frames go out confirmed: an ack frame per frame, the message in the bound queue.
+    let (mut ws, resp) = tokio_tungstenite::connect_async(ws_url(&gw, "/rooms/r1"))
+        .await
+        .unwrap();
+    let cid = resp.headers()["x-request-id"].to_str().unwrap().to_string();
+    ws.send(Message::text(r#"{"say":"hi"}"#)).await.unwrap();
+    ws.send(Message::binary(vec![0u8, 1])).await.unwrap();
+    assert_eq!(next_json(&mut ws).await, json!({"op": "ack", "seq": 1}));
+    assert_eq!(next_json(&mut ws).await, json!({"op": "ack", "seq": 2}));
+    let got = ch
+        .basic_get(inbox.as_str().into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the first frame is in the queue");
+    assert_eq!(&got.data[..], br#"{"say":"hi"}"#);
+    // The connection's correlation id travels with every frame it publishes.
+    assert_eq!(
+        got.properties
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.to_string()),
+        Some(cid)
+    );
+    assert_eq!(
+        got.properties.content_type().as_ref().map(|c| c.as_str()),
+        Some("text/plain; charset=utf-8")
+    );
+    assert_eq!(got.properties.delivery_mode(), &Some(2));
+
+    // Messages for the room reach this socket through its own bound queue.
+    ch.basic_publish(
+        exchange.as_str().into(),
+        "room.r1.out".into(),
+        BasicPublishOptions::default(),
+        b"welcome",
+        lapin::BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    assert_eq!(next_text(&mut ws).await, "welcome");
+
+    // A frame no queue takes is refused by the broker (mandatory): an error frame, the socket stays.
+    let mut lost = connect(&gw, "/nowhere").await;
+    lost.send(Message::text("anyone?")).await.unwrap();
+    let v = next_json(&mut lost).await;
+    assert_eq!(v["op"], "error", "{v}");
+    assert_eq!(v["error"], "unroutable", "{v}");
+    assert_eq!(v["seq"], 1);
+
+    // A named queue: what waits in it is pushed once a client connects, and taken off the
+    // queue (acknowledged) once written to the socket.
+    for i in 0..5 {
+        ch.basic_publish(
+            "".into(),
+            outbox.as_str().into(),
+            BasicPublishOptions::default(),
+            format!("m{i}").as_bytes(),
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    assert_eq!(rabbit::depth(&conn, &outbox).await, 5);
+    let mut out = connect(&gw, "/outbox").await;
+    let mut seen = Vec::new();
+    while seen.len() < 5 {
+        seen.push(next_text(&mut out).await);
+    }
+    assert_eq!(seen, ["m0", "m1", "m2", "m3", "m4"]);
+    // Read-only route: a frame gets an error frame.
+    out.send(Message::text("hello?")).await.unwrap();
+    assert_eq!(next_json(&mut out).await["error"], "read-only");
+    out.close(None).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while rabbit::depth(&conn, &outbox).await != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the delivered messages were not acknowledged"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And nothing is acknowledged twice or left unacknowledged: a new client finds the
+    // queue empty.
+    ch.basic_publish(
+        "".into(),
+        outbox.as_str().into(),
+        BasicPublishOptions::default(),
+        b"later",
+        lapin::BasicProperties::default(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let mut again = connect(&gw, "/outbox").await;
+    assert_eq!(next_text(&mut again).await, "later");
+    rabbit::cleanup(&conn, &[&exchange], &[&inbox, &outbox]).await;
 }

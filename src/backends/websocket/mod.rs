@@ -9,6 +9,7 @@
 //! Neither side buffers without limit: the queue towards the client holds `buffer` messages,
 //! and the bridge stops reading the client while `inflight` publishes wait for the backend.
 
+pub mod amqp;
 pub mod mqtt;
 pub mod upstream;
 
@@ -123,6 +124,7 @@ impl WsSettings {
 
 /// The bridges, one per backend kind that WebSocket routes support.
 enum Bridge {
+    Amqp(amqp::AmqpBridge),
     Mqtt(mqtt::MqttBridge),
     Upstream(upstream::UpstreamBridge),
 }
@@ -149,6 +151,23 @@ impl WsRouteService {
         Ok(WsRouteService {
             settings: Arc::new(WsSettings::new(route, spec, metrics, outbound_max)),
             bridge: Arc::new(Bridge::Mqtt(mqtt::MqttBridge::new(handle, m)?)),
+        })
+    }
+
+    pub fn amqp(
+        backend: Arc<super::amqp::AmqpBackend>,
+        route: &RouteSpec,
+        spec: &WebSocketSpec,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Self, String> {
+        let a = spec
+            .amqp
+            .as_ref()
+            .ok_or("a WebSocket route to an amqp backend needs `websocket.amqp:` settings")?;
+        // Deliveries of up to 16 MiB reach a client that reads slowly; larger ones cut it off.
+        Ok(WsRouteService {
+            settings: Arc::new(WsSettings::new(route, spec, metrics, 16 << 20)),
+            bridge: Arc::new(Bridge::Amqp(amqp::AmqpBridge::new(backend, a)?)),
         })
     }
 
@@ -180,6 +199,7 @@ impl WsRouteService {
         // failures are HTTP answers and a 101 means the bridge is in place.
         let (session, protocol) = match &*self.bridge {
             Bridge::Mqtt(b) => (b.prepare(&parts, &self.settings).await?, accepted.protocol),
+            Bridge::Amqp(b) => (b.prepare(&parts).await?, accepted.protocol),
             // The upstream chooses the subprotocol, or refuses with an answer of its own.
             Bridge::Upstream(b) => match b.open(&parts, &self.settings).await? {
                 upstream::Opened::Open(session, protocol) => (*session, protocol),
@@ -405,7 +425,7 @@ pub enum Inbound {
 /// busy connection does no timer or waiter-list work per message.
 pub struct Link {
     stream: SplitStream<Socket>,
-    out: mpsc::Sender<Message>,
+    out: mpsc::Sender<Out>,
     last_seen: Instant,
     idle: Duration,
     /// Fires at the idle deadline as last set; moved on lazily when frames came meanwhile.
@@ -490,13 +510,33 @@ impl Link {
 
 /// Queues messages for the client (see [`Link::sender`]).
 pub struct LinkSender {
-    out: mpsc::Sender<Message>,
+    out: mpsc::Sender<Out>,
     counters: Arc<WsCounters>,
 }
 
+/// A message queued for the client, and who wants to know once it was written to the socket.
+pub struct Out {
+    msg: Message,
+    written: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
 impl LinkSender {
+    /// Queues a message and returns a receiver that resolves once the message was written to
+    /// the socket (flushed); it fails if the connection ends first. `None` when the client is
+    /// gone.
+    pub async fn send_tracked(&self, msg: Message) -> Option<tokio::sync::oneshot::Receiver<()>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let out = Out {
+            msg,
+            written: Some(tx),
+        };
+        self.out.send(out).await.ok()?;
+        self.counters.sent.inc();
+        Some(rx)
+    }
+
     pub async fn send(&self, msg: Message) -> bool {
-        let ok = self.out.send(msg).await.is_ok();
+        let ok = self.out.send(Out { msg, written: None }).await.is_ok();
         if ok {
             self.counters.sent.inc();
         }
@@ -544,6 +584,7 @@ pub fn gateway_error_frame(e: &GatewayError, id: Option<&serde_json::Value>) -> 
 
 /// A bridge's session, started once the socket is open.
 pub enum Session {
+    Amqp(Box<amqp::AmqpSession>),
     Mqtt(mqtt::MqttSession),
     Upstream(upstream::UpstreamSession),
 }
@@ -573,6 +614,7 @@ async fn run(ws: Socket, settings: Arc<WsSettings>, session: Session, shutdown: 
     let writer = write_loop(sink, rx, end_rx, settings.clone(), cut);
     let bridge = async move {
         let ending = match session {
+            Session::Amqp(s) => s.run(link).await,
             Session::Mqtt(s) => s.run(link).await,
             Session::Upstream(s) => s.run(link).await,
         };
@@ -619,7 +661,7 @@ async fn flush(sink: &mut SplitSink<Socket, Message>, limit: Duration) -> bool {
 /// bridge ended without a close to send (the client closed or vanished).
 async fn write_loop(
     mut sink: SplitSink<Socket, Message>,
-    mut rx: mpsc::Receiver<Message>,
+    mut rx: mpsc::Receiver<Out>,
     mut end_rx: tokio::sync::oneshot::Receiver<Option<Ending>>,
     settings: Arc<WsSettings>,
     cut: CancellationToken,
@@ -629,6 +671,8 @@ async fn write_loop(
         Instant::now() + settings.ping_interval,
         settings.ping_interval,
     );
+    // Who waits to hear that the current batch was written.
+    let mut written = Vec::new();
     loop {
         let first = tokio::select! {
             biased;
@@ -639,7 +683,8 @@ async fn write_loop(
                 };
                 if !end.discard_queue {
                     while let Ok(m) = rx.try_recv() {
-                        if !feed(&mut sink, m, limit).await {
+                        written.extend(m.written);
+                        if !feed(&mut sink, m.msg, limit).await {
                             cut.cancel();
                             return Some(1006);
                         }
@@ -655,6 +700,9 @@ async fn write_loop(
                     cut.cancel();
                     return Some(1006);
                 }
+                for w in written.drain(..) {
+                    let _ = w.send(());
+                }
                 let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
                 return Some(end.code);
             }
@@ -663,13 +711,17 @@ async fn write_loop(
                 // Every sender is gone: the bridge is over and its ending comes next.
                 None => continue,
             },
-            _ = ping.tick() => Message::Ping(bytes::Bytes::new()),
+            _ = ping.tick() => Out { msg: Message::Ping(bytes::Bytes::new()), written: None },
         };
-        let mut ok = feed(&mut sink, first, limit).await;
+        written.extend(first.written);
+        let mut ok = feed(&mut sink, first.msg, limit).await;
         let mut batch = 1;
         while ok && batch < 32 {
             match rx.try_recv() {
-                Ok(m) => ok = feed(&mut sink, m, limit).await,
+                Ok(m) => {
+                    written.extend(m.written);
+                    ok = feed(&mut sink, m.msg, limit).await;
+                }
                 Err(_) => break,
             }
             batch += 1;
@@ -677,6 +729,9 @@ async fn write_loop(
         if !ok || !flush(&mut sink, limit).await {
             cut.cancel();
             return Some(1006);
+        }
+        for w in written.drain(..) {
+            let _ = w.send(());
         }
     }
 }

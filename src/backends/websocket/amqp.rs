@@ -1,0 +1,374 @@
+//! The WebSocket ↔ AMQP bridge, the bottom of a WebSocket route to an `amqp` backend. Client
+//! frames are published to the route's exchange through the backend's confirm-mode channel
+//! pool (answered with `ack` frames when asked, `error` frames always). Messages are pushed
+//! from a queue on a channel of the connection's own: a named queue, or an exclusive queue
+//! made for the connection and bound as the route says. A message is acknowledged to the broker
+//! only once its frame was written to the socket, and at most `prefetch` are unacknowledged, so
+//! a slow client holds back its own deliveries and nothing else.
+//!
+//! When the broker connection drops, the socket is closed with 1011: the exclusive queue died
+//! with the connection, and the messages that were not written are delivered again by the
+//! broker (to the next consumer of a named queue).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Consumer};
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+use super::{Ending, Inbound, Link, Session, close, error_frame, gateway_error_frame};
+use crate::backends::amqp::{AmqpBackend, AmqpRouteService};
+use crate::backends::values::RequestValues;
+use crate::config::WsAmqpSpec;
+use crate::config::template::ValueTemplate;
+use crate::error::GatewayError;
+use crate::middleware::context::RequestContext;
+
+/// A route's AMQP bridge settings, compiled at load.
+pub struct AmqpBridge {
+    backend: Arc<AmqpBackend>,
+    publisher: AmqpRouteService,
+    exchange: Option<(ValueTemplate, ValueTemplate)>,
+    acks: bool,
+    queue: Option<ValueTemplate>,
+    bind: Vec<(ValueTemplate, ValueTemplate)>,
+    prefetch: Option<u16>,
+}
+
+impl AmqpBridge {
+    pub fn new(backend: Arc<AmqpBackend>, spec: &WsAmqpSpec) -> Result<Self, String> {
+        let exchange = match &spec.exchange {
+            Some(e) => Some((
+                ValueTemplate::parse(e)?,
+                ValueTemplate::parse(&spec.routing_key)?,
+            )),
+            None => None,
+        };
+        let consume = spec.consume.as_ref();
+        Ok(AmqpBridge {
+            publisher: backend.publisher()?,
+            backend,
+            exchange,
+            acks: spec.acks,
+            queue: consume
+                .and_then(|c| c.queue.as_deref())
+                .map(ValueTemplate::parse)
+                .transpose()?,
+            bind: consume
+                .map(|c| {
+                    c.bind
+                        .iter()
+                        .map(|b| {
+                            Ok((
+                                ValueTemplate::parse(&b.exchange)?,
+                                ValueTemplate::parse(&b.routing_key)?,
+                            ))
+                        })
+                        .collect::<Result<Vec<_>, String>>()
+                })
+                .transpose()?
+                .unwrap_or_default(),
+            prefetch: consume.map(|c| c.prefetch),
+        })
+    }
+
+    fn unavailable(&self, reason: &'static str, source: Option<lapin::Error>) -> GatewayError {
+        GatewayError::BackendUnavailable {
+            backend: self.backend.name().to_string(),
+            reason,
+            retry_after: Some(Duration::from_secs(1)),
+            source: source.map(|e| Box::new(e) as crate::BoxError),
+        }
+    }
+
+    /// Renders the route's names for this request and, when the route pushes messages, opens
+    /// the connection's channel and starts consuming, so a 101 means deliveries will come.
+    pub async fn prepare(&self, parts: &http::request::Parts) -> Result<Session, GatewayError> {
+        let empty = Bytes::new();
+        let values = RequestValues::new(parts, &empty);
+        let render = |t: &ValueTemplate, what: &str| -> Result<String, GatewayError> {
+            let v = values.render_checked(t, what, |_, _| Ok(()))?;
+            if v.len() > 255 {
+                return Err(GatewayError::BadRequest {
+                    detail: format!("The {what} would be longer than AMQP allows (255 bytes)."),
+                    field: None,
+                });
+            }
+            Ok(v)
+        };
+        let target = match &self.exchange {
+            Some((e, k)) => Some((render(e, "exchange")?, render(k, "routing key")?)),
+            None => None,
+        };
+        let consumer = match self.prefetch {
+            None => None,
+            Some(prefetch) => {
+                let conn = self
+                    .backend
+                    .connection()
+                    .ok_or_else(|| self.unavailable("not connected to the broker", None))?;
+                let fail =
+                    |e: lapin::Error| self.unavailable("the broker refused the consumer", Some(e));
+                let ch = conn.create_channel().await.map_err(fail)?;
+                ch.basic_qos(prefetch, BasicQosOptions::default())
+                    .await
+                    .map_err(fail)?;
+                let queue = match &self.queue {
+                    Some(q) => {
+                        let name = render(q, "queue")?;
+                        // Passive: the queue must exist; the route does not make it.
+                        ch.queue_declare(
+                            name.as_str().into(),
+                            QueueDeclareOptions {
+                                passive: true,
+                                ..Default::default()
+                            },
+                            FieldTable::default(),
+                        )
+                        .await
+                        .map_err(|e| GatewayError::BadGateway {
+                            backend: self.backend.name().to_string(),
+                            reason: "the route's queue does not exist on the broker",
+                            source: Some(Box::new(e)),
+                        })?;
+                        name
+                    }
+                    None => {
+                        let q = ch
+                            .queue_declare(
+                                "".into(),
+                                QueueDeclareOptions {
+                                    exclusive: true,
+                                    auto_delete: true,
+                                    ..Default::default()
+                                },
+                                FieldTable::default(),
+                            )
+                            .await
+                            .map_err(fail)?;
+                        let name = q.name().to_string();
+                        for (e, k) in &self.bind {
+                            let (e, k) = (render(e, "exchange")?, render(k, "routing key")?);
+                            ch.queue_bind(
+                                name.as_str().into(),
+                                e.as_str().into(),
+                                k.as_str().into(),
+                                QueueBindOptions::default(),
+                                FieldTable::default(),
+                            )
+                            .await
+                            .map_err(|e| GatewayError::BadGateway {
+                                backend: self.backend.name().to_string(),
+                                reason: "the broker refused the route's binding (does the exchange exist?)",
+                                source: Some(Box::new(e)),
+                            })?;
+                        }
+                        name
+                    }
+                };
+                let consumer = ch
+                    .basic_consume(
+                        queue.as_str().into(),
+                        "".into(),
+                        BasicConsumeOptions::default(),
+                        FieldTable::default(),
+                    )
+                    .await
+                    .map_err(fail)?;
+                Some((ch, consumer))
+            }
+        };
+        let correlation = parts
+            .extensions
+            .get::<RequestContext>()
+            .map(|c| c.correlation_id.to_string());
+        Ok(Session::Amqp(Box::new(AmqpSession {
+            publisher: self.publisher.clone(),
+            target,
+            acks: self.acks,
+            consumer,
+            correlation,
+            sent: 0,
+        })))
+    }
+}
+
+/// A finished publish: the frame's sequence number and the outcome.
+type Confirmed = (u64, Result<(), crate::BoxError>);
+
+/// One connection's AMQP side.
+pub struct AmqpSession {
+    publisher: AmqpRouteService,
+    target: Option<(String, String)>,
+    acks: bool,
+    consumer: Option<(Channel, Consumer)>,
+    correlation: Option<String>,
+    sent: u64,
+}
+
+/// The `error` frame for a failed publish.
+fn publish_error_frame(seq: u64, e: &crate::BoxError) -> Value {
+    let mut v = match e.downcast_ref::<GatewayError>() {
+        Some(g) => gateway_error_frame(g, None),
+        None => error_frame("internal", "The publish failed.", None, None),
+    };
+    v["seq"] = seq.into();
+    v
+}
+
+impl AmqpSession {
+    pub async fn run(mut self, mut link: Link) -> Option<Ending> {
+        let mut pending: FuturesUnordered<futures_util::future::BoxFuture<'static, Confirmed>> =
+            FuturesUnordered::new();
+        let mut acking: FuturesUnordered<futures_util::future::BoxFuture<'static, ()>> =
+            FuturesUnordered::new();
+        let inflight = link.settings.inflight;
+        let sender = link.sender();
+        let (channel, mut deliveries) = match self.consumer.take() {
+            Some((ch, c)) => (Some(ch), Some(c)),
+            None => (None, None),
+        };
+        let ending = loop {
+            let room = pending.len() < inflight;
+            tokio::select! {
+                Some((seq, outcome)) = pending.next(), if !pending.is_empty() => {
+                    let frame = match outcome {
+                        Ok(()) if self.acks => Some(serde_json::json!({ "op": "ack", "seq": seq })),
+                        Ok(()) => None,
+                        Err(e) => Some(publish_error_frame(seq, &e)),
+                    };
+                    if let Some(f) = frame && !link.send_json(&f).await {
+                        break None;
+                    }
+                }
+                Some(()) = acking.next(), if !acking.is_empty() => {}
+                d = async { deliveries.as_mut()?.next().await }, if deliveries.is_some() => {
+                    let delivery = match d {
+                        Some(Ok(d)) => d,
+                        Some(Err(e)) => {
+                            tracing::warn!(error = %e, "The AMQP consumer failed.");
+                            break Some(Ending::new(close::INTERNAL, "the AMQP connection was lost"));
+                        }
+                        None => break Some(Ending::new(close::INTERNAL, "the AMQP consumer was cancelled")),
+                    };
+                    let data = Bytes::from(delivery.data.clone());
+                    let msg = match tokio_tungstenite::tungstenite::Utf8Bytes::try_from(data.clone()) {
+                        Ok(t) => Message::Text(t),
+                        Err(_) => Message::Binary(data),
+                    };
+                    let Some(written) = sender.send_tracked(msg).await else {
+                        break None;
+                    };
+                    // Acknowledged only once on the socket; if the connection ends first, the
+                    // broker delivers it again when the channel closes.
+                    acking.push(Box::pin(async move {
+                        if written.await.is_ok() {
+                            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                        }
+                    }));
+                }
+                inbound = link.recv(room) => match inbound {
+                    Inbound::End(None) => break None,
+                    Inbound::End(Some(end)) => {
+                        let drain = async {
+                            while let Some((seq, outcome)) = pending.next().await {
+                                let frame = match outcome {
+                                    Ok(()) if self.acks => serde_json::json!({ "op": "ack", "seq": seq }),
+                                    Ok(()) => continue,
+                                    Err(e) => publish_error_frame(seq, &e),
+                                };
+                                if !link.send_json(&frame).await {
+                                    return;
+                                }
+                            }
+                        };
+                        let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+                        break Some(end);
+                    }
+                    Inbound::Text(t) => {
+                        if let Some(f) = self.publish(Bytes::from(t), true, &mut pending)
+                            && !link.send_json(&f).await
+                        {
+                            break None;
+                        }
+                    }
+                    Inbound::Binary(b) => {
+                        if let Some(f) = self.publish(b, false, &mut pending)
+                            && !link.send_json(&f).await
+                        {
+                            break None;
+                        }
+                    }
+                },
+            }
+        };
+        // Written frames get their acks (briefly); the rest go back to the queue with the
+        // channel.
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            while acking.next().await.is_some() {}
+        })
+        .await;
+        if let Some(ch) = channel {
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    ch.close(200, "websocket closed".into()),
+                )
+                .await;
+            });
+        }
+        ending
+    }
+
+    /// Starts publishing a client frame; an immediate answer when it cannot be.
+    fn publish(
+        &mut self,
+        payload: Bytes,
+        text: bool,
+        pending: &mut FuturesUnordered<futures_util::future::BoxFuture<'static, Confirmed>>,
+    ) -> Option<Value> {
+        let Some((exchange, routing_key)) = self.target.clone() else {
+            return Some(error_frame(
+                "read-only",
+                "This route only delivers messages; frames from the client are not published.",
+                None,
+                None,
+            ));
+        };
+        self.sent += 1;
+        let seq = self.sent;
+        let mut props = BasicProperties::default()
+            .with_message_id(uuid::Uuid::now_v7().to_string().into())
+            .with_delivery_mode(2)
+            .with_app_id("switchyard".into())
+            .with_content_type(if text {
+                "text/plain; charset=utf-8".into()
+            } else {
+                "application/octet-stream".into()
+            });
+        if let Some(c) = &self.correlation {
+            props = props.with_correlation_id(c.as_str().into());
+        }
+        let publisher = self.publisher.clone();
+        pending.push(Box::pin(async move {
+            let outcome = publisher
+                .publish(
+                    &exchange.as_str().into(),
+                    &routing_key.as_str().into(),
+                    &payload,
+                    props,
+                )
+                .await;
+            (seq, outcome)
+        }));
+        None
+    }
+}
