@@ -288,10 +288,12 @@ impl BuiltBackend {
                     ws,
                     metrics,
                 ))),
-                _ => Err(format!(
-                    "WebSocket routes to {} backends are not supported yet",
-                    self.kind()
-                )),
+                Handle::Grpc(g) => Ok(RouteService::new(websocket::WsRouteService::grpc(
+                    g.clone(),
+                    route,
+                    ws,
+                    metrics,
+                )?)),
             };
         }
         Ok(match &self.handle {

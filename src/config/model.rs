@@ -1110,6 +1110,23 @@ pub struct WebSocketSpec {
     /// The bridge to an `amqp` backend.
     #[serde(default)]
     pub amqp: Option<WsAmqpSpec>,
+    /// The bridge to a `grpc` backend.
+    #[serde(default)]
+    pub grpc: Option<WsGrpcSpec>,
+}
+
+/// A WebSocket bridged to one gRPC method: one JSON frame per protobuf message each way.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WsGrpcSpec {
+    /// `package.Service/Method`: unary, server-, client- or bidirectional-streaming.
+    pub method: String,
+    /// Write fields that hold their default value in response frames.
+    #[serde(default)]
+    pub emit_defaults: bool,
+    /// Name fields as in the .proto file instead of lowerCamelCase in response frames.
+    #[serde(default)]
+    pub proto_names: bool,
 }
 
 /// A WebSocket bridged to AMQP: client frames published to an exchange (confirmed), and

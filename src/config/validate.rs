@@ -863,13 +863,7 @@ fn validate_route(
                 "a route to a grpc backend needs `grpc: { method: package.Service/Method }`",
             ),
             Some(g) => {
-                let valid = g.method.split_once('/').is_some_and(|(svc, m)| {
-                    svc.contains('.')
-                        && !m.is_empty()
-                        && !m.contains(['/', '.'])
-                        && svc.split('.').all(|p| !p.is_empty())
-                });
-                if !valid {
+                if !valid_grpc_method(&g.method) {
                     cx.err(
                         &format!("{base}.grpc.method"),
                         id,
@@ -1036,7 +1030,11 @@ fn validate_websocket_route(
         }
     }
     let kind = backend.kind();
-    for (key, present) in [("mqtt", ws.mqtt.is_some()), ("amqp", ws.amqp.is_some())] {
+    for (key, present) in [
+        ("mqtt", ws.mqtt.is_some()),
+        ("amqp", ws.amqp.is_some()),
+        ("grpc", ws.grpc.is_some()),
+    ] {
         if present && key != kind {
             cx.err_key_route(
                 &format!("{wb}.{key}"),
@@ -1070,15 +1068,33 @@ fn validate_websocket_route(
             ),
             Some(a) => validate_ws_amqp(cx, &format!("{wb}.amqp"), id, a, template),
         },
-        other => cx.err(
-            &wb,
-            id,
-            format!(
-                "WebSocket routes to {} backends are not supported yet; use an mqtt, amqp or http backend",
-                other.kind()
+        BackendSpec::Grpc(_) => match &ws.grpc {
+            None => cx.err(
+                &wb,
+                id,
+                "a WebSocket route to a grpc backend needs `grpc: { method: package.Service/Method }`",
             ),
-        ),
+            Some(g) if !valid_grpc_method(&g.method) => cx.err(
+                &format!("{wb}.grpc.method"),
+                id,
+                format!(
+                    "`{}` is not a method name like `package.Service/Method`",
+                    g.method
+                ),
+            ),
+            Some(_) => {}
+        },
     }
+}
+
+/// Whether `method` reads `package.Service/Method`.
+fn valid_grpc_method(method: &str) -> bool {
+    method.split_once('/').is_some_and(|(svc, m)| {
+        svc.contains('.')
+            && !m.is_empty()
+            && !m.contains(['/', '.'])
+            && svc.split('.').all(|p| !p.is_empty())
+    })
 }
 
 /// Whether `filter` is a well-formed MQTT topic filter: `+` a whole level, `#` only the last.

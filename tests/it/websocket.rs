@@ -1112,3 +1112,93 @@ routes:
     assert_eq!(next_text(&mut again).await, "later");
     rabbit::cleanup(&conn, &[&exchange], &[&inbox, &outbox]).await;
 }
+
+#[tokio::test]
+async fn grpc_streams_of_every_kind_one_json_frame_per_message() {
+    use crate::support::grpc::{GrpcServer, proto_dir};
+    let server = GrpcServer::start().await;
+    let dir = proto_dir();
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  shop:
+    type: grpc
+    endpoints: ["{url}"]
+    protos: ["{proto}"]
+    import_paths: ["{dir}"]
+routes:
+  - id: watch
+    match: {{ method: GET, path: /ws/watch }}
+    backend: shop
+    websocket: {{ grpc: {{ method: shop.v1.Orders/WatchOrders }} }}
+  - id: import
+    match: {{ method: GET, path: /ws/import }}
+    backend: shop
+    websocket: {{ grpc: {{ method: shop.v1.Orders/ImportOrders }} }}
+  - id: track
+    match: {{ method: GET, path: /ws/track }}
+    backend: shop
+    websocket: {{ grpc: {{ method: shop.v1.Orders/TrackOrders }} }}
+"#,
+        url = server.url(),
+        proto = dir.join("shop.proto").display(),
+        dir = dir.display()
+    ))
+    .await;
+
+    // Server streaming: the first frame is the request; three replies, then status OK, 1000.
+    let mut ws = connect(&gw, "/ws/watch").await;
+    send_json(&mut ws, json!({"id": "o-1"})).await;
+    for n in 1..=3 {
+        let v = next_json(&mut ws).await;
+        assert_eq!(v["id"], "o-1", "{v}");
+        assert_eq!(v["note"], format!("update {n}"));
+    }
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"op": "status", "code": 0, "status": "OK", "message": ""})
+    );
+    assert_eq!(close_code(&mut ws).await, 1000);
+
+    // A status after some replies: the replies, then the status frame and 1011.
+    let mut ws = connect(&gw, "/ws/watch").await;
+    send_json(&mut ws, json!({"id": "fail"})).await;
+    next_json(&mut ws).await;
+    next_json(&mut ws).await;
+    let v = next_json(&mut ws).await;
+    assert_eq!(v["status"], "ABORTED", "{v}");
+    assert_eq!(v["message"], "stream broke");
+    assert_eq!(close_code(&mut ws).await, 1011);
+
+    // A frame that does not fit the request: an error frame naming the field; the socket stays
+    // and a good frame still starts the call.
+    let mut ws = connect(&gw, "/ws/watch").await;
+    send_json(&mut ws, json!({"idd": "x"})).await;
+    let v = next_json(&mut ws).await;
+    assert_eq!(v["op"], "error", "{v}");
+    assert_eq!(v["field"], "idd", "{v}");
+    send_json(&mut ws, json!({"id": "o-2"})).await;
+    assert_eq!(next_json(&mut ws).await["id"], "o-2");
+
+    // Client streaming: every frame a message, an empty binary frame ends them; one reply.
+    let mut ws = connect(&gw, "/ws/import").await;
+    for (id, q) in [("a", 2), ("b", 3)] {
+        send_json(&mut ws, json!({"id": id, "quantity": q})).await;
+    }
+    ws.send(Message::binary(Vec::<u8>::new())).await.unwrap();
+    let v = next_json(&mut ws).await;
+    assert_eq!(v["count"], 2, "{v}");
+    assert_eq!(next_json(&mut ws).await["status"], "OK");
+    assert_eq!(close_code(&mut ws).await, 1000);
+
+    // Bidirectional: each request answered as it arrives, before the client's side ends.
+    let mut ws = connect(&gw, "/ws/track").await;
+    for id in ["t1", "t2"] {
+        send_json(&mut ws, json!({"id": id})).await;
+        let v = next_json(&mut ws).await;
+        assert_eq!(v["note"], format!("tracking {id}"), "{v}");
+    }
+    send_json(&mut ws, json!({"op": "end"})).await;
+    assert_eq!(next_json(&mut ws).await["status"], "OK");
+    assert_eq!(close_code(&mut ws).await, 1000);
+}

@@ -248,6 +248,15 @@ impl GrpcBackend {
         self.reachable.load(Ordering::Relaxed)
     }
 
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The backend's channel (cheap to clone; calls share its connections).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     /// Loads the descriptors again (a reload that kept this backend); the channel is kept.
     /// When reflection fails this time, the descriptors the server gave before stay in use.
     pub fn reload_descriptors(

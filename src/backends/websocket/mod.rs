@@ -10,6 +10,7 @@
 //! and the bridge stops reading the client while `inflight` publishes wait for the backend.
 
 pub mod amqp;
+pub mod grpc;
 pub mod mqtt;
 pub mod upstream;
 
@@ -125,6 +126,7 @@ impl WsSettings {
 /// The bridges, one per backend kind that WebSocket routes support.
 enum Bridge {
     Amqp(amqp::AmqpBridge),
+    Grpc(grpc::GrpcBridge),
     Mqtt(mqtt::MqttBridge),
     Upstream(upstream::UpstreamBridge),
 }
@@ -171,6 +173,23 @@ impl WsRouteService {
         })
     }
 
+    pub fn grpc(
+        backend: Arc<super::grpc::GrpcBackend>,
+        route: &RouteSpec,
+        spec: &WebSocketSpec,
+        metrics: &Arc<Metrics>,
+    ) -> Result<Self, String> {
+        let g = spec
+            .grpc
+            .as_ref()
+            .ok_or("a WebSocket route to a grpc backend needs `websocket.grpc:` settings")?;
+        // Replies are bounded by tonic's decoding limit (4 MiB).
+        Ok(WsRouteService {
+            settings: Arc::new(WsSettings::new(route, spec, metrics, 4 << 20)),
+            bridge: Arc::new(Bridge::Grpc(grpc::GrpcBridge::new(backend, g)?)),
+        })
+    }
+
     pub fn upstream(
         route_service: super::http::HttpRouteService,
         route: &RouteSpec,
@@ -200,6 +219,7 @@ impl WsRouteService {
         let (session, protocol) = match &*self.bridge {
             Bridge::Mqtt(b) => (b.prepare(&parts, &self.settings).await?, accepted.protocol),
             Bridge::Amqp(b) => (b.prepare(&parts).await?, accepted.protocol),
+            Bridge::Grpc(b) => (b.prepare(&parts).await?, accepted.protocol),
             // The upstream chooses the subprotocol, or refuses with an answer of its own.
             Bridge::Upstream(b) => match b.open(&parts, &self.settings).await? {
                 upstream::Opened::Open(session, protocol) => (*session, protocol),
@@ -585,6 +605,7 @@ pub fn gateway_error_frame(e: &GatewayError, id: Option<&serde_json::Value>) -> 
 /// A bridge's session, started once the socket is open.
 pub enum Session {
     Amqp(Box<amqp::AmqpSession>),
+    Grpc(Box<grpc::GrpcSession>),
     Mqtt(mqtt::MqttSession),
     Upstream(upstream::UpstreamSession),
 }
@@ -615,6 +636,7 @@ async fn run(ws: Socket, settings: Arc<WsSettings>, session: Session, shutdown: 
     let bridge = async move {
         let ending = match session {
             Session::Amqp(s) => s.run(link).await,
+            Session::Grpc(s) => s.run(link).await,
             Session::Mqtt(s) => s.run(link).await,
             Session::Upstream(s) => s.run(link).await,
         };

@@ -1,0 +1,227 @@
+//! The WebSocket ↔ gRPC bridge, the bottom of a WebSocket route to a `grpc` backend: one call
+//! per connection to the route's method, one JSON text frame per protobuf message each way,
+//! with the descriptors and proto3 JSON mapping of the gRPC bridge.
+//!
+//! Unary and server-streaming methods take the first client frame as their request. Client-
+//! and bidirectional-streaming methods take every frame until the client ends its side with an
+//! empty binary frame or the text frame `{"op":"end"}`. A frame that does not fit the request
+//! message answers an `error` frame naming the field and is not sent. When the call ends, a
+//! final `{"op":"status", "code", "status", "message"}` frame says how, and the socket closes:
+//! 1000 for OK, 1008 for PERMISSION_DENIED and UNAUTHENTICATED, 1011 otherwise. Both
+//! directions are bounded: requests wait in a queue of `inflight` messages (the socket is not
+//! read while it is full), and replies are read from the call only as fast as the client
+//! takes them, so HTTP/2 flow control holds the server back.
+
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use http::uri::PathAndQuery;
+use prost_reflect::{DynamicMessage, MethodDescriptor};
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+use super::{Ending, Inbound, Link, Session, close, error_frame};
+use crate::backends::grpc::{GrpcBackend, codec, status, transcode};
+use crate::config::WsGrpcSpec;
+use crate::error::GatewayError;
+
+/// A route's gRPC bridge settings, compiled at load.
+pub struct GrpcBridge {
+    backend: Arc<GrpcBackend>,
+    method: MethodDescriptor,
+    path: PathAndQuery,
+    emit_defaults: bool,
+    proto_names: bool,
+}
+
+impl GrpcBridge {
+    pub fn new(backend: Arc<GrpcBackend>, spec: &WsGrpcSpec) -> Result<Self, String> {
+        let method = backend.method(&spec.method)?;
+        let path = format!("/{}/{}", method.parent_service().full_name(), method.name())
+            .parse()
+            .map_err(|e| format!("method path: {e}"))?;
+        Ok(GrpcBridge {
+            backend,
+            method,
+            path,
+            emit_defaults: spec.emit_defaults,
+            proto_names: spec.proto_names,
+        })
+    }
+
+    /// Connects the channel before the handshake is answered, so a 101 means the call can
+    /// start; the metadata (correlation ID, trace context) comes from the handshake.
+    pub async fn prepare(&self, parts: &http::request::Parts) -> Result<Session, GatewayError> {
+        let mut grpc = tonic::client::Grpc::new(self.backend.channel());
+        grpc.ready()
+            .await
+            .map_err(|e| GatewayError::BackendUnavailable {
+                backend: self.backend.name().to_string(),
+                reason: "cannot connect to the backend",
+                retry_after: None,
+                source: Some(Box::new(e)),
+            })?;
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        for name in ["x-request-id", "traceparent"] {
+            if let Some(v) = parts.headers.get(name)
+                && let Ok(v) = tonic::metadata::AsciiMetadataValue::try_from(v.as_bytes())
+            {
+                metadata.insert(name, v);
+            }
+        }
+        Ok(Session::Grpc(Box::new(GrpcSession {
+            grpc,
+            method: self.method.clone(),
+            path: self.path.clone(),
+            metadata,
+            emit_defaults: self.emit_defaults,
+            proto_names: self.proto_names,
+        })))
+    }
+}
+
+/// One connection's call.
+pub struct GrpcSession {
+    grpc: tonic::client::Grpc<tonic::transport::Channel>,
+    method: MethodDescriptor,
+    path: PathAndQuery,
+    metadata: tonic::metadata::MetadataMap,
+    emit_defaults: bool,
+    proto_names: bool,
+}
+
+/// The final frame and the close for a call's status.
+fn status_ending(code: Code, message: &str) -> (Value, Ending) {
+    let name = status::code_name(code);
+    let frame = serde_json::json!({
+        "op": "status",
+        "code": code as i32,
+        "status": name,
+        "message": message,
+    });
+    let close_code = match code {
+        Code::Ok => close::NORMAL,
+        Code::PermissionDenied | Code::Unauthenticated => close::POLICY,
+        _ => close::INTERNAL,
+    };
+    (frame, Ending::new(close_code, name))
+}
+
+/// Whether a client frame ends the client's side of the call.
+fn is_end(inbound: &Inbound) -> bool {
+    match inbound {
+        Inbound::Binary(b) => b.is_empty(),
+        Inbound::Text(t) => {
+            serde_json::from_str::<Value>(t).is_ok_and(|v| v == serde_json::json!({ "op": "end" }))
+        }
+        Inbound::End(_) => false,
+    }
+}
+
+impl GrpcSession {
+    pub async fn run(self, mut link: Link) -> Option<Ending> {
+        let GrpcSession {
+            mut grpc,
+            method,
+            path,
+            metadata,
+            emit_defaults,
+            proto_names,
+        } = self;
+        let single = !method.is_client_streaming();
+        let (tx, rx) = mpsc::channel::<DynamicMessage>(link.settings.inflight);
+        let mut tx = Some(tx);
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        *request.metadata_mut() = metadata;
+        let codec = codec::DynamicCodec::new(method.output());
+        let call = grpc.streaming(request, path, codec);
+        tokio::pin!(call);
+        let mut replies: Option<tonic::Streaming<DynamicMessage>> = None;
+        let finish = |code: Code, message: &str| status_ending(code, message);
+        let (frame, ending) = loop {
+            let room = tx.as_ref().is_some_and(|t| t.capacity() > 0);
+            tokio::select! {
+                r = &mut call, if replies.is_none() => match r {
+                    Ok(resp) => replies = Some(resp.into_inner()),
+                    Err(s) => break finish(s.code(), s.message()),
+                },
+                m = async { replies.as_mut()?.next().await }, if replies.is_some() => match m {
+                    Some(Ok(msg)) => {
+                        let json = match transcode::message_to_json(&msg, emit_defaults, proto_names) {
+                            Ok(j) => j,
+                            Err(e) => break finish(Code::Internal, &format!("the reply could not be written as JSON: {e}")),
+                        };
+                        let text = String::from_utf8(json).unwrap_or_default();
+                        if !link.send(tokio_tungstenite::tungstenite::Message::text(text)).await {
+                            return None;
+                        }
+                    }
+                    Some(Err(s)) => break finish(s.code(), s.message()),
+                    None => break finish(Code::Ok, ""),
+                },
+                inbound = link.recv(room) => {
+                    if let Inbound::End(end) = inbound {
+                        // Dropping the call cancels it on the server.
+                        return end;
+                    }
+                    if is_end(&inbound) {
+                        tx = None; // half-close: the server sees the end of the requests
+                        continue;
+                    }
+                    let text = match inbound {
+                        Inbound::Text(t) => t,
+                        _ => {
+                            let f = error_frame(
+                                "bad-frame",
+                                "Send each request message as a JSON text frame (an empty binary frame ends the requests).",
+                                None,
+                                None,
+                            );
+                            if !link.send_json(&f).await {
+                                return None;
+                            }
+                            continue;
+                        }
+                    };
+                    let Some(sender) = &tx else {
+                        let f = error_frame(
+                            "bad-frame",
+                            "The requests have ended; this call takes no more messages.",
+                            None,
+                            None,
+                        );
+                        if !link.send_json(&f).await {
+                            return None;
+                        }
+                        continue;
+                    };
+                    match transcode::message_from_json(method.input(), text.as_bytes()) {
+                        Ok(msg) => {
+                            // Room was checked before reading; the call may have ended meanwhile.
+                            let _ = sender.send(msg).await;
+                            if single {
+                                tx = None;
+                            }
+                        }
+                        Err(e) => {
+                            let g = GatewayError::BadRequest {
+                                detail: format!("The frame does not fit `{}`: {}", method.input().full_name(), e.message),
+                                field: (!e.field.is_empty()).then(|| e.field.clone()),
+                            };
+                            let f = super::gateway_error_frame(&g, None);
+                            if !link.send_json(&f).await {
+                                return None;
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        if !link.send_json(&frame).await {
+            return None;
+        }
+        Some(ending)
+    }
+}
