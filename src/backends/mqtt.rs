@@ -591,21 +591,23 @@ async fn run(
                         None,
                     ),
                 ));
-                if !ack.session_present {
-                    // The broker forgot the live subscriptions too.
-                    let filters: Vec<String> = shared
-                        .subs
-                        .lock()
-                        .map(|s| s.keys().cloned().collect())
-                        .unwrap_or_default();
-                    for f in filters {
-                        eventloop.pending.push_back(MqttRequest::Subscribe(
-                            rumqttc::v5::mqttbytes::v5::Subscribe::new(
-                                rumqttc::v5::mqttbytes::v5::Filter::new(f, QoS::AtLeastOnce),
-                                None,
-                            ),
-                        ));
-                    }
+                // Every live subscription is placed again. Without a session the broker forgot
+                // them; with one, a SUBSCRIBE sent just before the failure may never have
+                // reached it (rumqttc does not resend those). Subscribing again is harmless:
+                // the broker replaces the subscription, and retained messages are only sent
+                // for a subscription that is new to it.
+                let filters: Vec<String> = shared
+                    .subs
+                    .lock()
+                    .map(|s| s.keys().cloned().collect())
+                    .unwrap_or_default();
+                for f in filters {
+                    let mut filter = rumqttc::v5::mqttbytes::v5::Filter::new(f, QoS::AtLeastOnce);
+                    filter.retain_forward_rule =
+                        rumqttc::v5::mqttbytes::v5::RetainForwardRule::OnNewSubscribe;
+                    eventloop.pending.push_back(MqttRequest::Subscribe(
+                        rumqttc::v5::mqttbytes::v5::Subscribe::new(filter, None),
+                    ));
                 }
                 delay = min;
                 tracing::info!(backend = %shared.name, session_present = ack.session_present, republished, "MQTT connection established.");

@@ -113,6 +113,12 @@ async fn send_json(ws: &mut Ws, v: Value) {
     ws.send(Message::text(v.to_string())).await.unwrap();
 }
 
+/// Subscribes the socket (operations mode) to `filter`.
+async fn subscribe(ws: &mut Ws, filter: &str) {
+    send_json(ws, json!({"op": "subscribe", "topic": filter})).await;
+    assert_eq!(next_json(ws).await["op"], "subscribed");
+}
+
 /// A plain MQTT subscriber on the shared broker, watching `filter`.
 async fn watch(addr: &str, filter: &str) -> Subscriber {
     let id = format!("sub-{}", uuid::Uuid::now_v7().simple());
@@ -410,12 +416,7 @@ mqtt: {{ allow: ["{prefix}/#"] }}"#
     );
     let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
     assert_eq!(resp.headers()["sec-websocket-protocol"], "v2.switchyard");
-    send_json(
-        &mut ws,
-        json!({"op": "subscribe", "topic": format!("{prefix}/x")}),
-    )
-    .await;
-    assert_eq!(next_json(&mut ws).await["op"], "subscribed");
+    subscribe(&mut ws, &format!("{prefix}/x")).await;
 
     let (s, h, _) = send(handshake(
         Some("https://app.example.com"),
@@ -546,12 +547,7 @@ mqtt: {{ allow: ["{prefix}/#"] }}"#
             other => panic!("expected pings, got {other:?}"),
         }
     }
-    send_json(
-        &mut ws,
-        json!({"op": "subscribe", "topic": format!("{prefix}/a")}),
-    )
-    .await;
-    assert_eq!(next_json(&mut ws).await["op"], "subscribed");
+    subscribe(&mut ws, &format!("{prefix}/a")).await;
 }
 
 /// Publishes `n` messages of 256 KiB to `topic`, one at a time: `reader` takes each before the
@@ -626,12 +622,7 @@ async fn shutdown_closes_sockets_with_going_away() {
     ))
     .await;
     let mut ws = connect(&gw, "/ws").await;
-    send_json(
-        &mut ws,
-        json!({"op": "subscribe", "topic": format!("{prefix}/a")}),
-    )
-    .await;
-    assert_eq!(next_json(&mut ws).await["op"], "subscribed");
+    subscribe(&mut ws, &format!("{prefix}/a")).await;
     let (drained, code) = tokio::join!(gw.shutdown(), close_code(&mut ws));
     assert_eq!(code, 1001);
     assert!(drained, "the drain waited for the socket and finished");
@@ -711,12 +702,7 @@ async fn a_reload_that_replaces_the_backend_closes_its_sockets_with_1011() {
     // New sockets use the new backend.
     gw.wait_backend("devices", true).await;
     let mut ws = connect(&gw, "/ws").await;
-    send_json(
-        &mut ws,
-        json!({"op": "subscribe", "topic": format!("{prefix}/a")}),
-    )
-    .await;
-    assert_eq!(next_json(&mut ws).await["op"], "subscribed");
+    subscribe(&mut ws, &format!("{prefix}/a")).await;
 }
 
 #[tokio::test]
@@ -1201,4 +1187,92 @@ routes:
     send_json(&mut ws, json!({"op": "end"})).await;
     assert_eq!(next_json(&mut ws).await["status"], "OK");
     assert_eq!(close_code(&mut ws).await, 1000);
+}
+
+#[tokio::test]
+async fn mqtt_sockets_ride_out_a_broker_outage_and_amqp_sockets_close_1011() {
+    use crate::support::amqp::{self as rabbit, BrokerProxy};
+    // MQTT: the socket stays open; a publish meanwhile gets an error frame; a message the
+    // broker kept for the gateway's session arrives after the reconnect, and later ones too.
+    let addr = mq::broker_addr().await;
+    let proxy = BrokerProxy::start_to(addr.clone()).await;
+    let prefix = unique();
+    let gw = Gateway::start(&config(
+        &proxy.addr.to_string(),
+        &ws_route(
+            "live",
+            "/ws",
+            &format!(r#"mqtt: {{ allow: ["{prefix}/#"] }}"#),
+        ),
+    ))
+    .await;
+    gw.wait_backend("devices", true).await;
+    let mut ws = connect(&gw, "/ws").await;
+    subscribe(&mut ws, &format!("{prefix}/a")).await;
+    // `subscribed` means requested, not yet granted (see docs): a first message shows the
+    // broker has the subscription.
+    let mqtt = publisher(&addr).await;
+    mqtt.publish(format!("{prefix}/a"), QoS::AtLeastOnce, false, "before")
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut ws).await["payload"], "before");
+    proxy.stop();
+    gw.wait_backend("devices", false).await;
+    send_json(
+        &mut ws,
+        json!({"op": "publish", "topic": format!("{prefix}/b"), "payload": 1, "id": 9}),
+    )
+    .await;
+    let v = next_json(&mut ws).await;
+    assert_eq!(v["error"], "backend-unavailable", "{v}");
+    assert_eq!(v["id"], 9);
+    let mut outside = watch(&addr, &format!("{prefix}/a")).await;
+    mqtt.publish(format!("{prefix}/a"), QoS::AtLeastOnce, false, "while away")
+        .await
+        .unwrap();
+    outside.next().await; // the broker has it
+    proxy.start_again();
+    gw.wait_backend("devices", true).await;
+    mqtt.publish(format!("{prefix}/a"), QoS::AtLeastOnce, false, "after")
+        .await
+        .unwrap();
+    // What the broker kept for the session, then what came after: none lost, in order. QoS 1
+    // is at least once: "before" may come again if its PUBACK was lost with the connection.
+    let mut got = Vec::new();
+    while got.last().map(String::as_str) != Some("after") {
+        let v = next_json(&mut ws).await;
+        assert_eq!(v["op"], "message", "{v}");
+        got.push(v["payload"].as_str().unwrap().to_string());
+    }
+    got.retain(|p| p != "before");
+    assert_eq!(got, ["while away", "after"]);
+
+    // AMQP: the connection's own queue dies with the broker connection, so the socket closes.
+    let rabbit_proxy = BrokerProxy::start().await;
+    let exchange = rabbit::unique("ws-outage");
+    let gw = Gateway::start(&format!(
+        r##"
+backends:
+  rabbit:
+    type: amqp
+    url: "{proxied}"
+    reconnect: {{ min: 50ms, max: 300ms }}
+    topology:
+      exchanges: [{{ name: "{exchange}", type: topic, durable: false }}]
+routes:
+  - id: feed
+    match: {{ method: GET, path: /feed }}
+    backend: rabbit
+    websocket:
+      amqp: {{ consume: {{ bind: [{{ exchange: "{exchange}", routing_key: "#" }}] }} }}
+"##,
+        proxied = rabbit_proxy.url()
+    ))
+    .await;
+    gw.wait_backend("rabbit", true).await;
+    let mut feed = connect(&gw, "/feed").await;
+    rabbit_proxy.cut();
+    assert_eq!(close_code(&mut feed).await, 1011);
+    let conn = rabbit::client().await;
+    rabbit::cleanup(&conn, &[&exchange], &[]).await;
 }
