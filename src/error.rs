@@ -102,6 +102,13 @@ pub enum GatewayError {
         detail: String,
         field: Option<String>,
     },
+    /// The request carries no credential the route accepts.
+    #[error("unauthorized: {detail}")]
+    Unauthorized {
+        detail: String,
+        /// The `WWW-Authenticate` challenge.
+        challenge: String,
+    },
     /// The request is understood but refused by the route's policy (an origin not allowed).
     #[error("forbidden: {detail}")]
     Forbidden {
@@ -138,6 +145,7 @@ impl GatewayError {
             GatewayError::Unconfirmed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::NoValue { .. } => StatusCode::NOT_FOUND,
             GatewayError::UpgradeRequired { .. } => StatusCode::UPGRADE_REQUIRED,
+            GatewayError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             GatewayError::Forbidden { .. } => StatusCode::FORBIDDEN,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -150,6 +158,7 @@ impl GatewayError {
             | GatewayError::BadRequest { .. }
             | GatewayError::PayloadTooLarge { .. }
             | GatewayError::UpgradeRequired { .. }
+            | GatewayError::Unauthorized { .. }
             | GatewayError::Forbidden { .. }
             | GatewayError::RateLimited { .. } => Fault::Client,
             GatewayError::Timeout { .. }
@@ -190,6 +199,7 @@ impl GatewayError {
             GatewayError::Unconfirmed { .. } => "unconfirmed",
             GatewayError::NoValue { .. } => "no-value",
             GatewayError::UpgradeRequired { .. } => "upgrade-required",
+            GatewayError::Unauthorized { .. } => "unauthorized",
             GatewayError::Forbidden { .. } => "forbidden",
             GatewayError::Internal(_) => "internal",
         }
@@ -222,6 +232,7 @@ impl GatewayError {
             ),
             GatewayError::BadRequest { detail, .. }
             | GatewayError::UpgradeRequired { detail, .. }
+            | GatewayError::Unauthorized { detail, .. }
             | GatewayError::Forbidden { detail, .. } => detail.clone(),
             GatewayError::PayloadTooLarge { limit } => {
                 format!("The request body exceeds this route's limit of {limit} bytes.")
@@ -412,6 +423,11 @@ pub fn rescue(
         Some(GatewayError::CircuitOpen { retry_after, .. }) => {
             let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        Some(GatewayError::Unauthorized { challenge, .. }) => {
+            if let Ok(v) = HeaderValue::from_str(challenge) {
+                headers.insert(header::WWW_AUTHENTICATE, v);
+            }
         }
         Some(GatewayError::UpgradeRequired { .. }) => {
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));

@@ -4,6 +4,7 @@
 //! A plugin validates its settings without I/O and then wraps the route's inner service. The
 //! registry is an explicit list: adding a plugin means adding it to [`REGISTRY`].
 
+pub mod api_key;
 pub mod headers;
 
 use crate::RouteService;
@@ -19,7 +20,7 @@ pub trait Plugin: Send + Sync + 'static {
 }
 
 /// Every plugin Switchyard knows.
-pub static REGISTRY: &[&dyn Plugin] = &[&headers::HeadersPlugin];
+pub static REGISTRY: &[&dyn Plugin] = &[&api_key::ApiKeyPlugin, &headers::HeadersPlugin];
 
 pub fn find(name: &str) -> Option<&'static dyn Plugin> {
     REGISTRY.iter().copied().find(|p| p.name() == name)

@@ -1276,3 +1276,55 @@ routes:
     let conn = rabbit::client().await;
     rabbit::cleanup(&conn, &[&exchange], &[]).await;
 }
+
+#[tokio::test]
+async fn api_keys_are_checked_before_the_upgrade_and_never_passed_on() {
+    let up = echo_upstream().await;
+    let key = "k-0123456789abcdef-test";
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  chat: {{ type: http, endpoints: ["http://{up}"] }}
+routes:
+  - id: chat
+    match: {{ method: GET, path: "/chat" }}
+    backend: chat
+    plugins:
+      - api_key: {{ keys: ["{key}"], query: api_key }}
+    websocket: {{}}
+"#
+    ))
+    .await;
+    // No key, a wrong key: 401 before any upgrade, with the challenge.
+    for url in [
+        ws_url(&gw, "/chat"),
+        ws_url(&gw, "/chat?api_key=wrong-wrong-wrong-wrong"),
+    ] {
+        match tokio_tungstenite::connect_async(url).await {
+            Err(tungstenite::Error::Http(resp)) => {
+                assert_eq!(resp.status(), 401);
+                assert_eq!(
+                    resp.headers()["www-authenticate"],
+                    r#"ApiKey header="x-api-key""#
+                );
+                let body = json(&bytes::Bytes::from(resp.body().clone().unwrap_or_default()));
+                assert_eq!(
+                    body["type"], "urn:switchyard:problem:unauthorized",
+                    "{body}"
+                );
+            }
+            other => panic!("expected 401, got {other:?}"),
+        }
+    }
+    // In the query (browsers) or the header: upgraded, and the upstream never sees the key.
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(ws_url(&gw, &format!("/chat?room=1&api_key={key}")))
+            .await
+            .unwrap();
+    assert_eq!(next_json(&mut ws).await["path"], "/chat?room=1");
+    let mut req = ws_url(&gw, "/chat").into_client_request().unwrap();
+    req.headers_mut().insert("x-api-key", key.parse().unwrap());
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    let seen = next_json(&mut ws).await;
+    assert_eq!(seen["path"], "/chat", "{seen}");
+}

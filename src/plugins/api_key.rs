@@ -1,0 +1,186 @@
+//! The `api_key` plugin: admits a request only when it carries one of the route's API keys, in
+//! a header or (for browsers' WebSockets, which cannot set headers) a query parameter. Sits in
+//! a route's plugin chain, outside the middleware, so a refusal never reaches the backend, its
+//! breaker or its rate limit; on WebSocket routes it runs before the upgrade.
+//!
+//! Keys are compared in constant time, and the key is removed from the request before it goes
+//! on. Write keys as `${ENV_VAR}` so that they stay out of routes.yaml.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::HeaderName;
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use super::Plugin;
+use crate::error::GatewayError;
+use crate::{BoxError, Request, ResponseFuture, RouteService, fail};
+
+pub struct ApiKeyPlugin;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiKeyConfig {
+    /// Accepted keys.
+    keys: Vec<String>,
+    /// The header that carries the key.
+    #[serde(default = "default_header")]
+    header: String,
+    /// A query parameter that may carry the key instead.
+    #[serde(default)]
+    query: Option<String>,
+}
+
+fn default_header() -> String {
+    "x-api-key".into()
+}
+
+struct Compiled {
+    keys: Vec<Vec<u8>>,
+    header: HeaderName,
+    query: Option<String>,
+    challenge: String,
+}
+
+fn compile(config: &serde_json::Value) -> Result<Compiled, String> {
+    let cfg: ApiKeyConfig = serde_json::from_value(config.clone()).map_err(|e| e.to_string())?;
+    if cfg.keys.is_empty() {
+        return Err("`keys` lists at least one key".into());
+    }
+    if let Some(i) = cfg.keys.iter().position(|k| k.len() < 16) {
+        return Err(format!(
+            "keys[{i}] is shorter than 16 characters; use a long random key (from the environment: `${{APP_KEY}}`)"
+        ));
+    }
+    let header = HeaderName::from_bytes(cfg.header.as_bytes())
+        .map_err(|_| format!("`{}` is not a valid header name", cfg.header))?;
+    if cfg.query.as_deref().is_some_and(str::is_empty) {
+        return Err("`query` names a parameter".into());
+    }
+    Ok(Compiled {
+        keys: cfg.keys.into_iter().map(String::into_bytes).collect(),
+        challenge: format!("ApiKey header=\"{header}\""),
+        header,
+        query: cfg.query,
+    })
+}
+
+/// Whether `given` is one of `keys`, taking the same time whichever matches.
+fn accepted(keys: &[Vec<u8>], given: &[u8]) -> bool {
+    keys.iter()
+        .fold(false, |ok, k| ok | bool::from(k.ct_eq(given)))
+}
+
+#[derive(Clone)]
+struct ApiKeyService {
+    inner: RouteService,
+    config: Arc<Compiled>,
+}
+
+impl ApiKeyService {
+    /// The key the request carries, and the request without it.
+    fn take_key(&self, req: &mut Request) -> Option<Vec<u8>> {
+        if let Some(v) = req.headers_mut().remove(&self.config.header) {
+            return Some(v.as_bytes().to_vec());
+        }
+        let name = self.config.query.as_deref()?;
+        let query = req.uri().query()?;
+        let mut key = None;
+        let rest: Vec<&str> = query
+            .split('&')
+            .filter(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                if key.is_none() && k == name {
+                    key = Some(percent_encoding::percent_decode_str(v).collect::<Vec<u8>>());
+                    false
+                } else {
+                    true
+                }
+            })
+            .collect();
+        let key = key?;
+        let path = req.uri().path();
+        let target = if rest.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}?{}", rest.join("&"))
+        };
+        if let Ok(uri) = target.parse() {
+            *req.uri_mut() = uri;
+        }
+        Some(key)
+    }
+}
+
+impl tower::Service<Request> for ApiKeyService {
+    type Response = crate::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: Request) -> ResponseFuture {
+        use tower::ServiceExt;
+        let c = &self.config;
+        let detail = match self.take_key(&mut req) {
+            Some(k) if accepted(&c.keys, &k) => return Box::pin(self.inner.clone().oneshot(req)),
+            Some(_) => "The API key is not accepted.".to_string(),
+            None => match &c.query {
+                Some(q) => format!(
+                    "This route needs an API key in the `{}` header or the `{q}` query parameter.",
+                    c.header
+                ),
+                None => format!("This route needs an API key in the `{}` header.", c.header),
+            },
+        };
+        fail(GatewayError::Unauthorized {
+            detail,
+            challenge: c.challenge.clone(),
+        })
+    }
+}
+
+impl Plugin for ApiKeyPlugin {
+    fn name(&self) -> &'static str {
+        "api_key"
+    }
+
+    fn validate(&self, config: &serde_json::Value) -> Result<(), String> {
+        compile(config).map(|_| ())
+    }
+
+    fn wrap(
+        &self,
+        config: &serde_json::Value,
+        inner: RouteService,
+    ) -> Result<RouteService, String> {
+        Ok(RouteService::new(ApiKeyService {
+            inner,
+            config: Arc::new(compile(config)?),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_match_whole_and_only_whole() {
+        let keys = vec![b"0123456789abcdef".to_vec(), b"fedcba9876543210".to_vec()];
+        assert!(accepted(&keys, b"fedcba9876543210"));
+        assert!(!accepted(&keys, b"0123456789abcde"));
+        assert!(!accepted(&keys, b"0123456789abcdefX"));
+        assert!(!accepted(&keys, b""));
+    }
+
+    #[test]
+    fn short_keys_and_empty_lists_are_refused() {
+        assert!(compile(&serde_json::json!({ "keys": [] })).is_err());
+        assert!(compile(&serde_json::json!({ "keys": ["short"] })).is_err());
+        assert!(compile(&serde_json::json!({ "keys": ["0123456789abcdef"] })).is_ok());
+    }
+}
