@@ -79,37 +79,48 @@ struct ApiKeyService {
 }
 
 impl ApiKeyService {
-    /// The key the request carries, and the request without it.
+    /// The key the request carries (the header first, then the query parameter), and the
+    /// request without any of them: every copy of the header and every parameter whose
+    /// decoded name matches are removed, whichever carried the key.
     fn take_key(&self, req: &mut Request) -> Option<Vec<u8>> {
-        if let Some(v) = req.headers_mut().remove(&self.config.header) {
-            return Some(v.as_bytes().to_vec());
-        }
-        let name = self.config.query.as_deref()?;
-        let query = req.uri().query()?;
-        let mut key = None;
+        let mut key = req
+            .headers()
+            .get(&self.config.header)
+            .map(|v| v.as_bytes().to_vec());
+        while req.headers_mut().remove(&self.config.header).is_some() {}
+        let (Some(name), Some(query)) = (self.config.query.as_deref(), req.uri().query()) else {
+            return key;
+        };
+        let decode = |s: &str| percent_encoding::percent_decode_str(s).collect::<Vec<u8>>();
+        let mut found = false;
         let rest: Vec<&str> = query
             .split('&')
             .filter(|pair| {
                 let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                if key.is_none() && k == name {
-                    key = Some(percent_encoding::percent_decode_str(v).collect::<Vec<u8>>());
-                    false
-                } else {
-                    true
+                if decode(k) != name.as_bytes() {
+                    return true;
                 }
+                found = true;
+                if key.is_none() {
+                    key = Some(decode(v));
+                }
+                false
             })
             .collect();
-        let key = key?;
-        let path = req.uri().path();
-        let target = if rest.is_empty() {
-            path.to_string()
-        } else {
-            format!("{path}?{}", rest.join("&"))
-        };
-        if let Ok(uri) = target.parse() {
-            *req.uri_mut() = uri;
+        if found {
+            let path = req.uri().path();
+            let target = if rest.is_empty() {
+                path.to_string()
+            } else {
+                format!("{path}?{}", rest.join("&"))
+            };
+            match target.parse() {
+                Ok(uri) => *req.uri_mut() = uri,
+                // Never forward a target that still holds the key.
+                Err(_) => return None,
+            }
         }
-        Some(key)
+        key
     }
 }
 

@@ -1322,7 +1322,15 @@ routes:
             .await
             .unwrap();
     assert_eq!(next_json(&mut ws).await["path"], "/chat?room=1");
-    let mut req = ws_url(&gw, "/chat").into_client_request().unwrap();
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(ws_url(&gw, &format!("/chat?api%5Fkey={key}&x=1")))
+            .await
+            .unwrap();
+    assert_eq!(next_json(&mut ws).await["path"], "/chat?x=1");
+    // The header wins, and a stray query copy is removed all the same.
+    let mut req = ws_url(&gw, "/chat?api_key=leak-me&api_key=again")
+        .into_client_request()
+        .unwrap();
     req.headers_mut().insert("x-api-key", key.parse().unwrap());
     let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
     let seen = next_json(&mut ws).await;

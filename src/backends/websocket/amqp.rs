@@ -17,7 +17,8 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Consumer};
@@ -201,6 +202,9 @@ impl AmqpBridge {
     }
 }
 
+/// The largest delivery pushed to a client (the socket's write buffer holds twice this).
+const MAX_DELIVERY: usize = 16 << 20;
+
 /// A finished publish: the frame's sequence number and the outcome.
 type Confirmed = (u64, Result<(), crate::BoxError>);
 
@@ -231,6 +235,7 @@ impl AmqpSession {
         let mut acking: FuturesUnordered<futures_util::future::BoxFuture<'static, ()>> =
             FuturesUnordered::new();
         let inflight = link.settings.inflight;
+        let write_timeout = link.settings.write_timeout;
         let sender = link.sender();
         let (channel, mut deliveries) = match self.consumer.take() {
             Some((ch, c)) => (Some(ch), Some(c)),
@@ -259,6 +264,21 @@ impl AmqpSession {
                         }
                         None => break Some(Ending::new(close::INTERNAL, "the AMQP consumer was cancelled")),
                     };
+                    if delivery.data.len() > MAX_DELIVERY {
+                        // It would cut the client off, and come back to the next one: it goes
+                        // to the dead-letter exchange, if the queue has one.
+                        let _ = delivery.acker.reject(BasicRejectOptions { requeue: false }).await;
+                        let f = error_frame(
+                            "too-large",
+                            &format!("A message of {} bytes was too large to deliver and was rejected.", delivery.data.len()),
+                            None,
+                            None,
+                        );
+                        if !link.send_json(&f).await {
+                            break None;
+                        }
+                        continue;
+                    }
                     let data = Bytes::from(delivery.data.clone());
                     let msg = match tokio_tungstenite::tungstenite::Utf8Bytes::try_from(data.clone()) {
                         Ok(t) => Message::Text(t),
@@ -310,9 +330,9 @@ impl AmqpSession {
                 },
             }
         };
-        // Written frames get their acks (briefly); the rest go back to the queue with the
-        // channel.
-        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        // The writer goes on sending what is queued: those frames get their acks as they are
+        // written (within the write timeout); the rest go back to the queue with the channel.
+        let _ = tokio::time::timeout(write_timeout, async {
             while acking.next().await.is_some() {}
         })
         .await;

@@ -27,6 +27,10 @@ use crate::backends::grpc::{GrpcBackend, codec, status, transcode};
 use crate::config::WsGrpcSpec;
 use crate::error::GatewayError;
 
+/// The largest reply frame: a 4 MiB message (tonic's decoding limit) can grow as JSON, and
+/// the socket's write buffer holds twice that.
+const MAX_REPLY_FRAME: usize = 8 << 20;
+
 /// A route's gRPC bridge settings, compiled at load.
 pub struct GrpcBridge {
     backend: Arc<GrpcBackend>,
@@ -141,7 +145,8 @@ impl GrpcSession {
         let mut replies: Option<tonic::Streaming<DynamicMessage>> = None;
         let finish = |code: Code, message: &str| status_ending(code, message);
         let (frame, ending) = loop {
-            let room = tx.as_ref().is_some_and(|t| t.capacity() > 0);
+            // After the requests ended, frames are still read: a close, or a frame too many.
+            let room = tx.as_ref().is_none_or(|t| t.capacity() > 0);
             tokio::select! {
                 r = &mut call, if replies.is_none() => match r {
                     Ok(resp) => replies = Some(resp.into_inner()),
@@ -153,6 +158,9 @@ impl GrpcSession {
                             Ok(j) => j,
                             Err(e) => break finish(Code::Internal, &format!("the reply could not be written as JSON: {e}")),
                         };
+                        if json.len() > MAX_REPLY_FRAME {
+                            break finish(Code::ResourceExhausted, "a reply is too large for one WebSocket frame");
+                        }
                         let text = String::from_utf8(json).unwrap_or_default();
                         if !link.send(tokio_tungstenite::tungstenite::Message::text(text)).await {
                             return None;

@@ -120,6 +120,16 @@ impl UpstreamBridge {
                     protocol,
                 ))
             }
+            // A success that is not a 101 is not a WebSocket server; relayed, it would tell an
+            // HTTP/2 client that its stream is open.
+            Ok(Err(WsError::Http(resp))) if resp.status().as_u16() < 300 => {
+                backend.record(i, false);
+                Err(GatewayError::BadGateway {
+                    backend: backend.name().to_string(),
+                    reason: "the upstream answered the WebSocket handshake without upgrading",
+                    source: None,
+                })
+            }
             Ok(Err(WsError::Http(resp))) => {
                 backend.record(i, !resp.status().is_server_error());
                 let (mut parts, body) = resp.into_parts();
@@ -182,6 +192,7 @@ impl UpstreamSession {
     pub async fn run(self, mut link: Link) -> Option<Ending> {
         let (mut tx, mut rx) = self.ws.split();
         let towards_client = link.sender();
+        let limit = link.settings.write_timeout;
         let downstream = async {
             loop {
                 match rx.next().await {
@@ -190,7 +201,12 @@ impl UpstreamSession {
                             return None;
                         }
                     }
-                    Some(Ok(Message::Close(f))) => return Some(passable(f.as_ref())),
+                    Some(Ok(Message::Close(f))) => {
+                        // Reading on sends tungstenite's close reply to the upstream.
+                        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), rx.next())
+                            .await;
+                        return Some(passable(f.as_ref()));
+                    }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => {
                         tracing::info!(error = %e, "The upstream WebSocket failed.");
@@ -215,7 +231,10 @@ impl UpstreamSession {
                     Inbound::Binary(b) => Message::Binary(b),
                     Inbound::End(end) => return (true, end),
                 };
-                if tx.send(m).await.is_err() {
+                // An upstream that takes nothing for the write timeout is given up on, so the
+                // client's close, idling and shutdown are heard again.
+                let sent = tokio::time::timeout(limit, tx.send(m)).await;
+                if !matches!(sent, Ok(Ok(()))) {
                     return (
                         false,
                         Some(Ending::new(
