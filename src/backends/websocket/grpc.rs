@@ -7,7 +7,8 @@
 //! empty binary frame or the text frame `{"op":"end"}`. A frame that does not fit the request
 //! message answers an `error` frame naming the field and is not sent. When the call ends, a
 //! final `{"op":"status", "code", "status", "message"}` frame says how, and the socket closes:
-//! 1000 for OK, 1008 for PERMISSION_DENIED and UNAUTHENTICATED, 1011 otherwise. Both
+//! 1000 for OK, 1008 for PERMISSION_DENIED and UNAUTHENTICATED, 1011 otherwise. A client that
+//! goes away first cancels the call (the request stream never ends on its own). Both
 //! directions are bounded: requests wait in a queue of `inflight` messages (the socket is not
 //! read while it is full), and replies are read from the call only as fast as the client
 //! takes them, so HTTP/2 flow control holds the server back.
@@ -19,7 +20,6 @@ use http::uri::PathAndQuery;
 use prost_reflect::{DynamicMessage, MethodDescriptor};
 use serde_json::Value;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 use super::{Ending, Inbound, Link, Session, close, error_frame};
@@ -86,6 +86,29 @@ impl GrpcBridge {
     }
 }
 
+/// What the session hands the call's request stream.
+enum Req {
+    Message(DynamicMessage),
+    /// The client ended its side.
+    End,
+}
+
+/// The call's request messages. The stream ends only on the client's explicit end; when the
+/// session stops without one (the client went away), it stays pending, so the call is
+/// cancelled (reset) as it is dropped and the server never sees a short stream that looks
+/// complete.
+fn requests(
+    rx: mpsc::Receiver<Req>,
+) -> impl futures_util::Stream<Item = DynamicMessage> + Send + 'static {
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        match rx.recv().await {
+            Some(Req::Message(m)) => Some((m, rx)),
+            Some(Req::End) => None,
+            None => std::future::pending().await,
+        }
+    })
+}
+
 /// One connection's call.
 pub struct GrpcSession {
     grpc: tonic::client::Grpc<tonic::transport::Channel>,
@@ -135,9 +158,9 @@ impl GrpcSession {
             proto_names,
         } = self;
         let single = !method.is_client_streaming();
-        let (tx, rx) = mpsc::channel::<DynamicMessage>(link.settings.inflight);
+        let (tx, rx) = mpsc::channel::<Req>(link.settings.inflight);
         let mut tx = Some(tx);
-        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        let mut request = tonic::Request::new(requests(rx));
         *request.metadata_mut() = metadata;
         let codec = codec::DynamicCodec::new(method.output());
         let call = grpc.streaming(request, path, codec);
@@ -175,7 +198,10 @@ impl GrpcSession {
                         return end;
                     }
                     if is_end(&inbound) {
-                        tx = None; // half-close: the server sees the end of the requests
+                        // Half-close: the server sees the end of the requests.
+                        if let Some(t) = tx.take() {
+                            let _ = t.send(Req::End).await;
+                        }
                         continue;
                     }
                     let text = match inbound {
@@ -208,8 +234,9 @@ impl GrpcSession {
                     match transcode::message_from_json(method.input(), text.as_bytes()) {
                         Ok(msg) => {
                             // Room was checked before reading; the call may have ended meanwhile.
-                            let _ = sender.send(msg).await;
+                            let _ = sender.send(Req::Message(msg)).await;
                             if single {
+                                let _ = sender.send(Req::End).await;
                                 tx = None;
                             }
                         }
