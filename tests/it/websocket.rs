@@ -760,16 +760,27 @@ async fn websockets_over_http2_extended_connect() {
 /// A real WebSocket server: answers `…/gone` with 404, picks `echo.v1` when offered, first
 /// sends a JSON frame describing the handshake it saw, then echoes every message; `close-4001`
 /// makes it close with 4001, `vanish` makes it drop the TCP connection.
-#[allow(clippy::result_large_err)] // the handshake callback's type is tungstenite's
 async fn echo_upstream() -> std::net::SocketAddr {
+    echo_upstream_logging_closes().await.0
+}
+
+/// [`echo_upstream`], and the close codes it received from the gateway.
+#[allow(clippy::result_large_err)] // the handshake callback's type is tungstenite's
+async fn echo_upstream_logging_closes() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<u16>>>,
+) {
     use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let closes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = closes.clone();
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
+            let log = log.clone();
             tokio::spawn(async move {
                 let mut seen = json!({});
                 let callback =
@@ -815,6 +826,11 @@ async fn echo_upstream() -> std::net::SocketAddr {
                             return;
                         }
                         Message::Text(t) if t.as_str() == "vanish" => return,
+                        Message::Close(f) => {
+                            log.lock()
+                                .unwrap()
+                                .push(f.map_or(1005, |f| u16::from(f.code)));
+                        }
                         m @ (Message::Text(_) | Message::Binary(_)) => {
                             // A failed send shows on the next read.
                             let _ = ws.send(m).await;
@@ -825,12 +841,12 @@ async fn echo_upstream() -> std::net::SocketAddr {
             });
         }
     });
-    addr
+    (addr, closes)
 }
 
 #[tokio::test]
 async fn upstream_websockets_are_relayed_both_ways() {
-    let up = echo_upstream().await;
+    let (up, closes) = echo_upstream_logging_closes().await;
     let gw = Gateway::start(&format!(
         r#"
 backends:
@@ -891,6 +907,27 @@ routes:
     next_json(&mut ws).await;
     ws.send(Message::text("vanish")).await.unwrap();
     assert_eq!(close_code(&mut ws).await, 1011);
+
+    // The client's close code reaches the upstream.
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url(&gw, "/chat/x"))
+        .await
+        .unwrap();
+    next_json(&mut ws).await;
+    ws.close(Some(tungstenite::protocol::CloseFrame {
+        code: 4002.into(),
+        reason: "done".into(),
+    }))
+    .await
+    .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !closes.lock().unwrap().contains(&4002) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{:?}",
+            closes.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // The route's limits hold before anything reaches the upstream.
     let (mut ws, _) = tokio_tungstenite::connect_async(ws_url(&gw, "/chat/x"))

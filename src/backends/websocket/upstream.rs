@@ -250,18 +250,23 @@ impl UpstreamSession {
             (client, end) = upstream => (client, end),
         };
         if client_ended {
-            // The client closed, broke a rule, idled or the gateway is stopping: the upstream
-            // hears the same code.
-            let frame = end.as_ref().map_or(
-                CloseFrame {
-                    code: CloseCode::Normal,
-                    reason: "".into(),
-                },
-                |e| CloseFrame {
+            // The client closed (with its own code), broke a rule, idled or the gateway is
+            // stopping: the upstream hears the same code.
+            let peer = link.peer_code.load(std::sync::atomic::Ordering::Relaxed);
+            let frame = match &end {
+                Some(e) => CloseFrame {
                     code: CloseCode::from(e.code),
                     reason: e.reason.clone().into(),
                 },
-            );
+                None => CloseFrame {
+                    code: CloseCode::from(if matches!(peer, 0 | 1005 | 1006 | 1015) {
+                        close::NORMAL
+                    } else {
+                        peer
+                    }),
+                    reason: "".into(),
+                },
+            };
             let _ = tokio::time::timeout(
                 std::time::Duration::from_secs(1),
                 tx.send(Message::Close(Some(frame))),
