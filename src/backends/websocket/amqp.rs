@@ -23,9 +23,11 @@ use lapin::options::{
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Consumer};
 use serde_json::Value;
-use tokio_tungstenite::tungstenite::Message;
 
-use super::{Ending, Inbound, Link, Session, close, error_frame, gateway_error_frame};
+use super::{
+    Ending, Inbound, Link, Session, close, error_frame, gateway_error_frame, payload_frame,
+    read_only_frame,
+};
 use crate::backends::amqp::{AmqpBackend, AmqpRouteService};
 use crate::backends::values::RequestValues;
 use crate::config::WsAmqpSpec;
@@ -218,14 +220,18 @@ pub struct AmqpSession {
     sent: u64,
 }
 
-/// The `error` frame for a failed publish.
-fn publish_error_frame(seq: u64, e: &crate::BoxError) -> Value {
-    let mut v = match e.downcast_ref::<GatewayError>() {
-        Some(g) => gateway_error_frame(g, None),
-        None => error_frame("internal", "The publish failed.", None, None),
+/// The answer to a finished publish: `ack` when the route asks for them, `error` always.
+fn confirm_frame(acks: bool, seq: u64, outcome: Result<(), crate::BoxError>) -> Option<Value> {
+    let mut v = match outcome {
+        Ok(()) if acks => serde_json::json!({ "op": "ack" }),
+        Ok(()) => return None,
+        Err(e) => match e.downcast_ref::<GatewayError>() {
+            Some(g) => gateway_error_frame(g, None),
+            None => error_frame("internal", "The publish failed.", None, None),
+        },
     };
     v["seq"] = seq.into();
-    v
+    Some(v)
 }
 
 impl AmqpSession {
@@ -235,6 +241,7 @@ impl AmqpSession {
         let mut acking: FuturesUnordered<futures_util::future::BoxFuture<'static, ()>> =
             FuturesUnordered::new();
         let inflight = link.settings.inflight;
+        let acks = self.acks;
         let write_timeout = link.settings.write_timeout;
         let sender = link.sender();
         let (channel, mut deliveries) = match self.consumer.take() {
@@ -245,12 +252,7 @@ impl AmqpSession {
             let room = pending.len() < inflight;
             tokio::select! {
                 Some((seq, outcome)) = pending.next(), if !pending.is_empty() => {
-                    let frame = match outcome {
-                        Ok(()) if self.acks => Some(serde_json::json!({ "op": "ack", "seq": seq })),
-                        Ok(()) => None,
-                        Err(e) => Some(publish_error_frame(seq, &e)),
-                    };
-                    if let Some(f) = frame && !link.send_json(&f).await {
+                    if let Some(f) = confirm_frame(acks, seq, outcome) && !link.send_json(&f).await {
                         break None;
                     }
                 }
@@ -279,11 +281,7 @@ impl AmqpSession {
                         }
                         continue;
                     }
-                    let data = Bytes::from(delivery.data.clone());
-                    let msg = match tokio_tungstenite::tungstenite::Utf8Bytes::try_from(data.clone()) {
-                        Ok(t) => Message::Text(t),
-                        Err(_) => Message::Binary(data),
-                    };
+                    let msg = payload_frame(Bytes::from(delivery.data.clone()));
                     let Some(written) = sender.send_tracked(msg).await else {
                         break None;
                     };
@@ -300,12 +298,9 @@ impl AmqpSession {
                     Inbound::End(Some(end)) => {
                         let drain = async {
                             while let Some((seq, outcome)) = pending.next().await {
-                                let frame = match outcome {
-                                    Ok(()) if self.acks => serde_json::json!({ "op": "ack", "seq": seq }),
-                                    Ok(()) => continue,
-                                    Err(e) => publish_error_frame(seq, &e),
-                                };
-                                if !link.send_json(&frame).await {
+                                if let Some(f) = confirm_frame(acks, seq, outcome)
+                                    && !link.send_json(&f).await
+                                {
                                     return;
                                 }
                             }
@@ -356,12 +351,7 @@ impl AmqpSession {
         pending: &mut FuturesUnordered<futures_util::future::BoxFuture<'static, Confirmed>>,
     ) -> Option<Value> {
         let Some((exchange, routing_key)) = self.target.clone() else {
-            return Some(error_frame(
-                "read-only",
-                "This route only delivers messages; frames from the client are not published.",
-                None,
-                None,
-            ));
+            return Some(read_only_frame());
         };
         self.sent += 1;
         let seq = self.sent;

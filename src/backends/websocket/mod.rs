@@ -431,7 +431,7 @@ impl Ending {
 
 /// What the client side of a session produced next.
 pub enum Inbound {
-    Text(String),
+    Text(tokio_tungstenite::tungstenite::Utf8Bytes),
     Binary(bytes::Bytes),
     /// The session is over: the client closed, broke a rule, went idle, or the gateway is
     /// shutting down. `None` means nothing more can be sent.
@@ -445,7 +445,7 @@ pub enum Inbound {
 /// busy connection does no timer or waiter-list work per message.
 pub struct Link {
     stream: SplitStream<Socket>,
-    out: mpsc::Sender<Out>,
+    out: LinkSender,
     last_seen: Instant,
     idle: Duration,
     /// Fires at the idle deadline as last set; moved on lazily when frames came meanwhile.
@@ -455,7 +455,6 @@ pub struct Link {
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
     /// The code of the client's close frame, once it sent one.
     peer_code: Arc<AtomicU16>,
-    counters: Arc<WsCounters>,
     pub settings: Arc<WsSettings>,
 }
 
@@ -486,11 +485,11 @@ impl Link {
             self.last_seen = Instant::now();
             match msg {
                 Some(Ok(Message::Text(t))) => {
-                    self.counters.received.inc();
-                    return Inbound::Text(t.to_string());
+                    self.out.counters.received.inc();
+                    return Inbound::Text(t);
                 }
                 Some(Ok(Message::Binary(b))) => {
-                    self.counters.received.inc();
+                    self.out.counters.received.inc();
                     return Inbound::Binary(b);
                 }
                 Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
@@ -511,15 +510,12 @@ impl Link {
     /// Queues a message for the client, waiting while the queue is full. False when the
     /// client is gone.
     pub async fn send(&self, msg: Message) -> bool {
-        self.sender().send(msg).await
+        self.out.send(msg).await
     }
 
     /// A handle that queues messages for the client, for a loop of its own.
     pub fn sender(&self) -> LinkSender {
-        LinkSender {
-            out: self.out.clone(),
-            counters: self.counters.clone(),
-        }
+        self.out.clone()
     }
 
     /// Queues a JSON text frame.
@@ -529,6 +525,7 @@ impl Link {
 }
 
 /// Queues messages for the client (see [`Link::sender`]).
+#[derive(Clone)]
 pub struct LinkSender {
     out: mpsc::Sender<Out>,
     counters: Arc<WsCounters>,
@@ -597,6 +594,24 @@ pub fn error_frame(
     v
 }
 
+/// A message's payload as one frame: text when it is UTF-8, else binary.
+pub fn payload_frame(payload: bytes::Bytes) -> Message {
+    match tokio_tungstenite::tungstenite::Utf8Bytes::try_from(payload.clone()) {
+        Ok(text) => Message::Text(text),
+        Err(_) => Message::Binary(payload),
+    }
+}
+
+/// The answer to a client frame on a route that publishes nothing.
+pub fn read_only_frame() -> serde_json::Value {
+    error_frame(
+        "read-only",
+        "This route only delivers messages; frames from the client are not published.",
+        None,
+        None,
+    )
+}
+
 /// The error frame for a gateway error.
 pub fn gateway_error_frame(e: &GatewayError, id: Option<&serde_json::Value>) -> serde_json::Value {
     error_frame(e.slug(), &e.detail(), e.field(), id)
@@ -622,14 +637,16 @@ async fn run(ws: Socket, settings: Arc<WsSettings>, session: Session, shutdown: 
     let peer_code = Arc::new(AtomicU16::new(0));
     let link = Link {
         stream,
-        out,
+        out: LinkSender {
+            out,
+            counters: counters.clone(),
+        },
         last_seen: Instant::now(),
         idle: settings.idle_timeout,
         idle_timer: Box::pin(tokio::time::sleep(settings.idle_timeout)),
         shutdown: Box::pin(shutdown.cancelled_owned()),
         cut: Box::pin(cut.clone().cancelled_owned()),
         peer_code: peer_code.clone(),
-        counters: counters.clone(),
         settings: settings.clone(),
     };
     let writer = write_loop(sink, rx, end_rx, settings.clone(), cut);

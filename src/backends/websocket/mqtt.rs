@@ -26,7 +26,10 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::StreamMap;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{Ending, Inbound, Link, Session, WsSettings, close, error_frame, gateway_error_frame};
+use super::{
+    Ending, Inbound, Link, Session, WsSettings, close, error_frame, gateway_error_frame,
+    payload_frame, read_only_frame,
+};
 use crate::backends::mqtt::{
     MqttHandle, Subscription, filter_covers, filter_matches, message_json, render_topic,
 };
@@ -313,10 +316,7 @@ impl MqttSession {
             v["subscription"] = filter.into();
             Message::text(v.to_string())
         } else {
-            match tokio_tungstenite::tungstenite::Utf8Bytes::try_from(p.payload.clone()) {
-                Ok(text) => Message::Text(text),
-                Err(_) => Message::Binary(p.payload.clone()),
-            }
+            payload_frame(p.payload.clone())
         }
     }
 
@@ -356,12 +356,7 @@ impl MqttSession {
         pending: &mut Pending,
     ) -> Option<Value> {
         let Some(topic) = self.publish.clone() else {
-            return Some(error_frame(
-                "read-only",
-                "This route only delivers messages; frames from the client are not published.",
-                None,
-                None,
-            ));
+            return Some(read_only_frame());
         };
         let out = Outgoing {
             id: Value::from(self.sent + 1),
@@ -394,19 +389,22 @@ impl MqttSession {
         let fail = |error: &str, detail: &str, field: &str| {
             Some(error_frame(error, detail, Some(field), id.as_ref()))
         };
+        if !matches!(op.op.as_str(), "subscribe" | "unsubscribe" | "publish") {
+            return fail(
+                "unknown-op",
+                &format!(
+                    "Unknown operation `{}`; use subscribe, unsubscribe or publish.",
+                    op.op
+                ),
+                "op",
+            );
+        }
         let Some(topic) = op.topic.clone() else {
-            return match op.op.as_str() {
-                "subscribe" | "unsubscribe" | "publish" => fail(
-                    "bad-frame",
-                    &format!("`{}` needs a `topic`.", op.op),
-                    "topic",
-                ),
-                other => fail(
-                    "unknown-op",
-                    &format!("Unknown operation `{other}`; use subscribe, unsubscribe or publish."),
-                    "op",
-                ),
-            };
+            return fail(
+                "bad-frame",
+                &format!("`{}` needs a `topic`.", op.op),
+                "topic",
+            );
         };
         if topic.len() > 65535 || topic.contains('\0') {
             return fail(
@@ -474,7 +472,8 @@ impl MqttSession {
                     )
                 }
             }
-            "publish" => {
+            _ => {
+                // publish
                 if topic.is_empty() || topic.contains(['+', '#']) {
                     return fail(
                         "bad-frame",
@@ -531,11 +530,6 @@ impl MqttSession {
                 self.start_publish(link, pending, out);
                 None
             }
-            other => fail(
-                "unknown-op",
-                &format!("Unknown operation `{other}`; use subscribe, unsubscribe or publish."),
-                "op",
-            ),
         }
     }
 }

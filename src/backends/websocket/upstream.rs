@@ -227,7 +227,7 @@ impl UpstreamSession {
         let upstream = async {
             loop {
                 let m = match link.recv(true).await {
-                    Inbound::Text(t) => Message::text(t),
+                    Inbound::Text(t) => Message::Text(t),
                     Inbound::Binary(b) => Message::Binary(b),
                     Inbound::End(end) => return (true, end),
                 };
