@@ -101,7 +101,7 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
 /// Loads the config and starts serving. Backends are not waited for.
 pub async fn start(opts: Options) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
-    let (table, hash) = reload::load_table(&opts.config, 1, &BackendSet::default(), &metrics)
+    let (table, hash) = reload::load_table(&opts.config, 1, &BackendSet::default(), None, &metrics)
         .await
         .map_err(StartError::Config)?;
     let server = table.spec.server.clone();
@@ -156,6 +156,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             tracker: tracker.clone(),
         },
     });
+    shared.table.load().activate();
     let reloader = reload::spawn(shared.clone(), opts.config.clone(), shutdown.clone());
     let _ = shared.reloader.set(reloader.clone());
     let watcher = if opts.watch {

@@ -115,6 +115,24 @@ pub enum GatewayError {
         detail: String,
         field: Option<String>,
     },
+    /// The state store could not record the request, so nothing was done with it.
+    #[error("state store failed")]
+    StoreUnavailable {
+        #[source]
+        source: crate::store::StoreError,
+    },
+    /// The route's backend is down and the spool is at its limit.
+    #[error("spool full for route {route}")]
+    SpoolFull { route: String },
+    /// A request with this `Idempotency-Key` is still running.
+    #[error("idempotency key in use")]
+    KeyInUse,
+    /// This `Idempotency-Key` was first used with another request.
+    #[error("idempotency key reused")]
+    KeyReused,
+    /// No job has this id (never existed, or expired).
+    #[error("no job {id}")]
+    JobNotFound { id: String },
     #[error("internal gateway error: {0}")]
     Internal(&'static str),
 }
@@ -147,6 +165,12 @@ impl GatewayError {
             GatewayError::UpgradeRequired { .. } => StatusCode::UPGRADE_REQUIRED,
             GatewayError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             GatewayError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            GatewayError::StoreUnavailable { .. } | GatewayError::SpoolFull { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            GatewayError::KeyInUse => StatusCode::CONFLICT,
+            GatewayError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            GatewayError::JobNotFound { .. } => StatusCode::NOT_FOUND,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -160,6 +184,9 @@ impl GatewayError {
             | GatewayError::UpgradeRequired { .. }
             | GatewayError::Unauthorized { .. }
             | GatewayError::Forbidden { .. }
+            | GatewayError::KeyInUse
+            | GatewayError::KeyReused
+            | GatewayError::JobNotFound { .. }
             | GatewayError::RateLimited { .. } => Fault::Client,
             GatewayError::Timeout { .. }
             | GatewayError::BackendUnavailable { .. }
@@ -171,7 +198,9 @@ impl GatewayError {
             GatewayError::Grpc { .. } => Fault::Upstream,
             // A routing gap, not a broker in trouble: it never opens the breaker.
             GatewayError::Unroutable { .. } | GatewayError::NoValue { .. } => Fault::Client,
-            GatewayError::Internal(_) => Fault::Gateway,
+            GatewayError::StoreUnavailable { .. }
+            | GatewayError::SpoolFull { .. }
+            | GatewayError::Internal(_) => Fault::Gateway,
         }
     }
 
@@ -201,6 +230,11 @@ impl GatewayError {
             GatewayError::UpgradeRequired { .. } => "upgrade-required",
             GatewayError::Unauthorized { .. } => "unauthorized",
             GatewayError::Forbidden { .. } => "forbidden",
+            GatewayError::StoreUnavailable { .. } => "store-unavailable",
+            GatewayError::SpoolFull { .. } => "spool-full",
+            GatewayError::KeyInUse => "idempotency-key-in-use",
+            GatewayError::KeyReused => "idempotency-key-reused",
+            GatewayError::JobNotFound { .. } => "job-not-found",
             GatewayError::Internal(_) => "internal",
         }
     }
@@ -211,6 +245,7 @@ impl GatewayError {
             GatewayError::BadRequest { field, .. }
             | GatewayError::UpgradeRequired { field, .. }
             | GatewayError::Forbidden { field, .. } => field.as_deref(),
+            GatewayError::KeyInUse | GatewayError::KeyReused => Some("header.idempotency-key"),
             _ => None,
         }
     }
@@ -296,6 +331,13 @@ impl GatewayError {
             } => format!(
                 "Backend '{backend}' did not confirm the message: {reason}. It may or may not have been delivered; repeat the request with the same Idempotency-Key so that consumers can recognise a repeat."
             ),
+            GatewayError::StoreUnavailable { .. } => "The gateway could not record the request durably, so nothing was done with it; try again shortly.".into(),
+            GatewayError::SpoolFull { route } => format!(
+                "The backend of route '{route}' is unavailable and the spool that holds requests for it is full; try again later."
+            ),
+            GatewayError::KeyInUse => "A request with this Idempotency-Key is still being processed; repeat it once that one has finished.".into(),
+            GatewayError::KeyReused => "This Idempotency-Key was already used with a different request (method, path or body); use a new key for a new request.".into(),
+            GatewayError::JobNotFound { id } => format!("No job `{id}` exists; it may have expired."),
             GatewayError::Internal(what) => format!("The gateway failed: {what}."),
         }
     }
@@ -433,7 +475,13 @@ pub fn rescue(
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             headers.insert("sec-websocket-version", HeaderValue::from_static("13"));
         }
-        Some(GatewayError::Overloaded { .. } | GatewayError::Unconfirmed { .. }) => {
+        Some(
+            GatewayError::Overloaded { .. }
+            | GatewayError::Unconfirmed { .. }
+            | GatewayError::StoreUnavailable { .. }
+            | GatewayError::SpoolFull { .. }
+            | GatewayError::KeyInUse,
+        ) => {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
         }
         Some(GatewayError::RateLimited {

@@ -11,6 +11,8 @@ pub mod middleware;
 pub mod plugins;
 pub mod router;
 pub mod server;
+pub mod spool;
+pub mod store;
 pub mod telemetry;
 
 use bytes::Bytes;

@@ -86,7 +86,8 @@ fn build_check(file: &Path, spec: config::ConfigSpec) -> Result<(), String> {
     let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
     rt.block_on(async move {
         let metrics = std::sync::Arc::new(switchyard::telemetry::metrics::Metrics::new());
-        let cx = switchyard::backends::BuildContext::prepare(&spec.backends, &base).await;
+        let mut cx = switchyard::backends::BuildContext::prepare(&spec.backends, &base).await;
+        cx.dry = true;
         switchyard::router::RouteTable::build(
             spec,
             1,

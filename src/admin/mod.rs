@@ -1,6 +1,8 @@
 //! The admin listener (127.0.0.1:9901 by default), beside the request path rather than on it:
 //! health, readiness, Prometheus metrics, the loaded config's status, the compiled routes, and
-//! `POST /reload`.
+//! `POST /reload`, and the spool and dead letters ([`state`]).
+
+pub mod state;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use crate::app::Shared;
 use crate::router::reload::{Outcome, Trigger};
 use crate::{Response, full_body};
 
-fn json_response(status: StatusCode, body: Value) -> Response {
+pub(crate) fn json_response(status: StatusCode, body: Value) -> Response {
     let mut r = http::Response::new(full_body(body.to_string()));
     *r.status_mut() = status;
     r.headers_mut().insert(
@@ -66,6 +68,10 @@ pub fn readiness(shared: &Shared) -> (bool, Value) {
 }
 
 async fn handle(shared: Arc<Shared>, req: http::Request<Incoming>) -> Response {
+    if let Some(r) = state::handle(&shared, req.method(), req.uri().path(), req.uri().query()).await
+    {
+        return r;
+    }
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => json_response(StatusCode::OK, json!({ "status": "ok" })),
         (&Method::GET, "/readyz") => {
@@ -79,6 +85,9 @@ async fn handle(shared: Arc<Shared>, req: http::Request<Incoming>) -> Response {
         }
         (&Method::GET, "/metrics") => {
             readiness(&shared);
+            if let Some(state) = &shared.table.load().state {
+                state.spool.status();
+            }
             let mut r = http::Response::new(full_body(shared.metrics.render()));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,

@@ -646,8 +646,13 @@ impl AmqpRouteService {
                 headers.insert(name.as_str().into(), AMQPValue::LongString(v.into()));
             }
         }
-        let message_id = match parts.headers.get("idempotency-key") {
-            Some(k) => {
+        let fixed_id = parts
+            .extensions
+            .get::<crate::middleware::context::MessageId>()
+            .map(|m| m.0.to_string());
+        let message_id = match (fixed_id, parts.headers.get("idempotency-key")) {
+            (Some(id), _) => id,
+            (None, Some(k)) => {
                 let k = k
                     .to_str()
                     .ok()
@@ -658,7 +663,7 @@ impl AmqpRouteService {
                     })?;
                 k.to_string()
             }
-            None => uuid::Uuid::now_v7().to_string(),
+            (None, None) => uuid::Uuid::now_v7().to_string(),
         };
         let request_id = ctx
             .map(|c| c.correlation_id.to_string())

@@ -66,6 +66,10 @@ pub struct BuildContext<'a> {
     pub base: &'a std::path::Path,
     /// Per backend name: the serialized files from reflection, or why they could not be had.
     pub reflected: HashMap<String, Result<Vec<Vec<u8>>, String>>,
+    /// The state of the table being replaced, reused where the new config matches it.
+    pub previous_state: Option<Arc<crate::store::State>>,
+    /// A check build (`switchyard validate`): state opens in memory, never on disk.
+    pub dry: bool,
 }
 
 impl<'a> BuildContext<'a> {
@@ -74,6 +78,8 @@ impl<'a> BuildContext<'a> {
         BuildContext {
             base,
             reflected: HashMap::new(),
+            previous_state: None,
+            dry: false,
         }
     }
 
@@ -105,6 +111,8 @@ impl<'a> BuildContext<'a> {
                 .await
                 .into_iter()
                 .collect(),
+            previous_state: None,
+            dry: false,
         }
     }
 }

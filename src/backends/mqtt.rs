@@ -834,6 +834,13 @@ impl MqttRouteService {
         let topic = self.topic(&values)?;
         let ctx = parts.extensions.get::<RequestContext>();
         let mut user = Vec::new();
+        let message_id = parts
+            .extensions
+            .get::<crate::middleware::context::MessageId>()
+            .map(|m| m.0.clone());
+        if let Some(id) = &message_id {
+            user.push(("message-id".to_string(), id.to_string()));
+        }
         if let Some(tp) = parts
             .headers
             .get("traceparent")
@@ -874,7 +881,11 @@ impl MqttRouteService {
             correlation_data: match &self.route.response {
                 // Responses are matched on fresh data: two requests may share an X-Request-Id.
                 Some(_) => Some(Bytes::copy_from_slice(uuid::Uuid::now_v7().as_bytes())),
-                None => ctx.map(|c| Bytes::copy_from_slice(c.correlation_id.as_bytes())),
+                // An idempotency key (or a spooled message's id) lets subscribers spot repeats.
+                None => match &message_id {
+                    Some(id) => Some(Bytes::copy_from_slice(id.as_bytes())),
+                    None => ctx.map(|c| Bytes::copy_from_slice(c.correlation_id.as_bytes())),
+                },
             },
             response_topic: self
                 .route

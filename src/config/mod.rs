@@ -4,6 +4,7 @@
 
 pub mod model;
 pub mod source;
+pub mod state;
 pub mod template;
 pub mod types;
 pub mod validate;

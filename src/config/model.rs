@@ -8,6 +8,9 @@ use std::path::PathBuf;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+pub use super::state::{
+    IdempotencySpec, JobsSpec, RedisStoreSpec, RouteMode, SpoolSpec, StateSpec, StoreKind,
+};
 use super::types::{Dur, OneOrMany, Size};
 
 /// The whole routes.yaml file.
@@ -27,6 +30,10 @@ pub struct ConfigSpec {
     /// The routes, matched by method, path, host and headers.
     #[serde(default)]
     pub routes: Vec<RouteSpec>,
+    /// Where idempotency records, jobs, dead letters and the spool are kept. Needed only by
+    /// routes that use `idempotency`, `mode: async` or `spool`.
+    #[serde(default)]
+    pub state: StateSpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
@@ -1034,6 +1041,16 @@ pub struct RouteSpec {
     /// Plugins applied in order, outermost first. Each entry is `- <plugin name>: <config>`.
     #[serde(default)]
     pub plugins: Vec<PluginSpec>,
+    /// Honour `Idempotency-Key` (`idempotency: {}` for the defaults).
+    #[serde(default)]
+    pub idempotency: Option<IdempotencySpec>,
+    /// When the backend is unreachable or its breaker is open, keep the request in the local
+    /// spool, answer 202, and forward it in order once the backend is back (AMQP and MQTT).
+    #[serde(default)]
+    pub spool: bool,
+    /// `sync` (the backend's answer) or `async` (202 and a job to poll).
+    #[serde(default)]
+    pub mode: RouteMode,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]

@@ -83,6 +83,7 @@ pub fn validate(file: &str, spec: &ConfigSpec, loc: &Locator) -> Vec<ConfigError
     for (name, backend) in &spec.backends {
         validate_backend(&mut cx, name, backend);
     }
+    validate_state(&mut cx, &spec.state);
     let mut ids: HashMap<&str, usize> = HashMap::new();
     let mut shapes: HashMap<(Option<String>, String), Vec<usize>> = HashMap::new();
     let mut catch_all_keys = std::collections::HashSet::new();
@@ -102,6 +103,7 @@ pub fn validate(file: &str, spec: &ConfigSpec, loc: &Locator) -> Vec<ConfigError
             ids.insert(id, i);
         }
         let template = validate_route(&mut cx, spec, i, route);
+        validate_state_use(&mut cx, spec, i, route);
         if let Some(t) = template {
             let host = route.matcher.host.clone();
             if t.ends_with_catch_all() {
@@ -148,6 +150,115 @@ pub fn validate(file: &str, spec: &ConfigSpec, loc: &Locator) -> Vec<ConfigError
     }
     cx.errors.sort_by_key(|e| (e.line, e.column));
     cx.errors
+}
+
+fn validate_state(cx: &mut Ctx, st: &crate::config::StateSpec) {
+    if st.path.as_os_str().is_empty() {
+        cx.err("state.path", None, "name the local database file");
+    }
+    if st.store == crate::config::StoreKind::Redis {
+        let url = &st.redis.url;
+        if !(url.starts_with("redis://") || url.starts_with("rediss://"))
+            || url.split("://").nth(1).is_none_or(str::is_empty)
+        {
+            cx.err(
+                "state.redis.url",
+                None,
+                format!("`{url}` is not a Redis URL; write redis://host:port[/db]"),
+            );
+        }
+        if st.redis.timeout.0.is_zero() {
+            cx.err("state.redis.timeout", None, "must be above zero");
+        }
+    }
+    if st.spool.max_messages == 0 {
+        cx.err("state.spool.max_messages", None, "must be above zero");
+    }
+    if st.spool.max_bytes.0 == 0 {
+        cx.err("state.spool.max_bytes", None, "must be above zero");
+    }
+    if st.spool.max_attempts == 0 {
+        cx.err("state.spool.max_attempts", None, "must be at least 1");
+    }
+    if st.spool.retry.min.0.is_zero() || st.spool.retry.min.0 > st.spool.retry.max.0 {
+        cx.err(
+            "state.spool.retry",
+            None,
+            "`min` must be above zero and at most `max`",
+        );
+    }
+    let p = &st.jobs.path;
+    if !p.starts_with('/') || p.len() < 2 || p.ends_with('/') || p.contains(['{', '}', '?', '#']) {
+        cx.err(
+            "state.jobs.path",
+            None,
+            format!("`{p}` is not a path prefix; write one such as /jobs (a leading slash, no trailing slash, no variables)"),
+        );
+    }
+    for (key, d) in [
+        ("state.jobs.ttl", st.jobs.ttl),
+        ("state.dead_letter_ttl", st.dead_letter_ttl),
+    ] {
+        if d.0.is_zero() {
+            cx.err(key, None, "must be above zero");
+        }
+    }
+}
+
+/// The route settings that use the state store: `idempotency`, `spool` and `mode`.
+fn validate_state_use(cx: &mut Ctx, spec: &ConfigSpec, i: usize, route: &RouteSpec) {
+    let base = format!("routes[{i}]");
+    let id = Some(route.id.as_str());
+    let ws = route.websocket.is_some();
+    if let Some(idem) = &route.idempotency {
+        if ws {
+            cx.err_key_route(
+                &format!("{base}.idempotency"),
+                id,
+                "a WebSocket route has no single answer to replay; remove `idempotency`",
+            );
+        }
+        if idem.max_key_length == 0 || idem.max_key_length > 255 {
+            cx.err(
+                &format!("{base}.idempotency.max_key_length"),
+                id,
+                "must be between 1 and 255",
+            );
+        }
+        if idem.ttl.0.is_zero() {
+            cx.err(&format!("{base}.idempotency.ttl"), id, "must be above zero");
+        }
+    }
+    if route.spool {
+        let backend = spec.backends.get(&route.backend);
+        let broker = matches!(backend, Some(BackendSpec::Amqp(_) | BackendSpec::Mqtt(_)));
+        let waits = route.amqp.as_ref().is_some_and(|a| a.reply.is_some())
+            || route.mqtt.as_ref().is_some_and(|m| m.response.is_some());
+        let why = if ws {
+            Some("a WebSocket route cannot be spooled")
+        } else if backend.is_some() && !broker {
+            Some("only routes to an amqp or mqtt backend publish messages that can be spooled")
+        } else if waits {
+            Some(
+                "this route waits for a reply, which a spooled message cannot give; remove `spool` or the reply",
+            )
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            cx.err(&format!("{base}.spool"), id, why);
+        }
+    }
+    if route.mode == crate::config::RouteMode::Async {
+        let why = if ws {
+            Some("a WebSocket route cannot run as a job")
+        } else {
+            Some("`mode: async` (jobs) is not available in this version; use `sync`")
+        };
+        if let Some(why) = why {
+            cx.err(&format!("{base}.mode"), id, why);
+        }
+    }
 }
 
 /// Whether two routes of the same host and path shape accept the same requests: their methods

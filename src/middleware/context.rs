@@ -28,6 +28,12 @@ impl RequestContext {
     }
 }
 
+/// The id a message published for this request carries (AMQP `message_id`), set by the layers
+/// that may publish one request more than once (idempotency keys, the spool) so that every
+/// copy carries the same id and consumers can deduplicate.
+#[derive(Debug, Clone)]
+pub struct MessageId(pub Arc<str>);
+
 /// The request's overall deadline, set by the timeout layer so backends can pass the remaining
 /// time on (gRPC `grpc-timeout`, message expiry) and inner layers can tell a deadline from a
 /// client that left.

@@ -4,6 +4,7 @@
 pub mod breaker;
 pub mod context;
 pub mod correlation;
+pub mod idempotency;
 pub mod limit;
 pub mod retry;
 pub mod timeout;
@@ -17,6 +18,7 @@ use crate::RouteService;
 use crate::backends::BuiltBackend;
 use crate::config::{DefaultsSpec, RouteSpec};
 use crate::plugins;
+use crate::store::State;
 use crate::telemetry::metrics::Metrics;
 
 /// Failure to assemble a route's stack (a plugin refusing its settings, a gRPC method that is
@@ -40,14 +42,19 @@ pub struct StackError {
 /// 3. **Rate limit**: cheapest refusal first; a request over the rate never holds a
 ///    concurrency slot.
 /// 4. **Route concurrency limit** (load shedding): fails fast with 503 instead of queueing.
-/// 5. **Overall timeout**: one deadline for everything below it, retries and backoff included;
+/// 5. **Idempotency key**: a repeat is answered from the store before it can reach anything
+///    below, and the answer stored is the one the client saw (a spooled 202 included).
+/// 6. **Spool**: above the timeout, retry and breaker, so that it sees the final verdict of
+///    all tries (backend unreachable, breaker open) and the forwarder's replays go through
+///    the same tries and breaker as a direct request.
+/// 7. **Overall timeout**: one deadline for everything below it, retries and backoff included;
 ///    it sets the `Deadline` extension so backends can pass the remaining time on.
-/// 6. **Retry** (with the backend's budget): outside the breaker so that every try is judged by
+/// 8. **Retry** (with the backend's budget): outside the breaker so that every try is judged by
 ///    it, and a breaker that opens mid-way stops further tries at once.
-/// 7. **Circuit breaker** (per backend, shared by its routes): sees each try's outcome.
-/// 8. **Backend concurrency limit**: each try holds a slot on the backend.
-/// 9. **Per-try timeout**: bounds one try, so a hung try can be retried within the deadline.
-/// 10. **Backend**: the protocol bridge itself.
+/// 9. **Circuit breaker** (per backend, shared by its routes): sees each try's outcome.
+/// 10. **Backend concurrency limit**: each try holds a slot on the backend.
+/// 11. **Per-try timeout**: bounds one try, so a hung try can be retried within the deadline.
+/// 12. **Backend**: the protocol bridge itself.
 ///
 /// A WebSocket route gets the same layers, but they see only its handshake: the answer (101)
 /// ends the request, so the timeout bounds the handshake and the breaker and limits judge
@@ -57,7 +64,13 @@ pub fn stack(
     defaults: &DefaultsSpec,
     backend: &BuiltBackend,
     metrics: &Arc<Metrics>,
-) -> Result<RouteService, StackError> {
+    state: Option<&Arc<State>>,
+) -> Result<RouteStack, StackError> {
+    let needs_state = || StackError {
+        route: route.id.clone(),
+        plugin: String::new(),
+        message: "the route needs the state store, which is not open".into(),
+    };
     let id: Arc<str> = route.id.as_str().into();
     let backend_name: Arc<str> = backend.name.as_str().into();
     let mut svc = backend
@@ -97,6 +110,27 @@ pub fn stack(
     }
     let timeout = route.timeout.unwrap_or(defaults.timeout).0;
     svc = RouteService::new(timeout::TimeoutLayer::new(timeout).layer(svc));
+    let mut spool_inner = None;
+    if route.spool {
+        let state = state.ok_or_else(needs_state)?;
+        spool_inner = Some(svc.clone());
+        svc = RouteService::new(crate::spool::SpoolService::new(
+            svc,
+            state.spool.clone(),
+            id.clone(),
+            backend.name.clone(),
+        ));
+    }
+    if let Some(spec) = &route.idempotency {
+        let state = state.ok_or_else(needs_state)?;
+        svc = RouteService::new(idempotency::IdempotencyService::new(
+            svc,
+            state.store.clone(),
+            spec,
+            id.clone(),
+            timeout,
+        ));
+    }
     if let Some(n) = route.concurrency_limit {
         let scope: Arc<str> = format!("route {}", route.id).into();
         svc = RouteService::new(limit::ConcurrencyLimitService::new(
@@ -122,5 +156,15 @@ pub fn stack(
             message,
         })?;
     }
-    Ok(svc)
+    Ok(RouteStack {
+        service: svc,
+        spool_inner,
+    })
+}
+
+/// A route's stack, and the part below its spool layer that the spool's forwarder replays
+/// messages through.
+pub struct RouteStack {
+    pub service: RouteService,
+    pub spool_inner: Option<RouteService>,
 }

@@ -93,6 +93,7 @@ pub async fn load_table(
     path: &Path,
     version: u64,
     previous: &crate::backends::BackendSet,
+    previous_state: Option<Arc<crate::store::State>>,
     metrics: &Arc<crate::telemetry::metrics::Metrics>,
 ) -> Result<(RouteTable, String), Vec<String>> {
     let file = path.display().to_string();
@@ -101,7 +102,8 @@ pub async fn load_table(
     let spec = config::load_str(&file, &text, &config::process_env)
         .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
     let base = path.parent().unwrap_or(Path::new("."));
-    let cx = crate::backends::BuildContext::prepare(&spec.backends, base).await;
+    let mut cx = crate::backends::BuildContext::prepare(&spec.backends, base).await;
+    cx.previous_state = previous_state;
     let table = RouteTable::build(spec, version, previous, metrics, &cx)
         .map_err(|e| vec![format!("{file}: {e}")])?;
     Ok((table, content_hash(&text)))
@@ -156,7 +158,15 @@ async fn apply(shared: &Shared, path: &Path, trigger: Trigger) -> Outcome {
     }
     let version = current.version + 1;
     let now = SystemTime::now();
-    match load_table(path, version, &current.backends, &shared.metrics).await {
+    match load_table(
+        path,
+        version,
+        &current.backends,
+        current.state.clone(),
+        &shared.metrics,
+    )
+    .await
+    {
         Ok((table, hash)) => {
             if table.spec.server.listen != current.spec.server.listen
                 || table.spec.server.admin != current.spec.server.admin
@@ -166,7 +176,9 @@ async fn apply(shared: &Shared, path: &Path, trigger: Trigger) -> Outcome {
                     "Listener addresses and TLS file paths apply at the next restart; the running listeners are kept."
                 );
             }
-            shared.table.store(Arc::new(table));
+            let table = Arc::new(table);
+            shared.table.store(table.clone());
+            table.activate();
             shared.update_status(|s| {
                 s.version = version;
                 s.hash = hash;

@@ -12,6 +12,7 @@ use crate::backends::{BackendSet, BuiltBackend};
 use crate::config::template::PathTemplate;
 use crate::config::{ConfigSpec, RouteSpec, validate::route_methods};
 use crate::middleware;
+use crate::store::State;
 use crate::telemetry::metrics::Metrics;
 
 /// One route, ready to serve.
@@ -25,6 +26,8 @@ pub struct CompiledRoute {
     pub max_body_size: u64,
     pub backend: Arc<BuiltBackend>,
     pub service: RouteService,
+    /// The stack below the spool layer, for `spool: true` routes.
+    pub spool_inner: Option<RouteService>,
     /// `:verb` the last path variable must end with (annotated gRPC routes).
     pub verb: Option<String>,
 }
@@ -66,9 +69,16 @@ pub struct RouteTable {
     pub spec: Arc<ConfigSpec>,
     pub routes: Vec<Arc<CompiledRoute>>,
     pub backends: BackendSet,
+    /// The state store and spool, open when a route needs them.
+    pub state: Option<Arc<State>>,
     pub correlation_header: HeaderName,
     by_host: HashMap<String, PathIndex>,
     any_host: PathIndex,
+}
+
+/// Whether a route uses the state store or the spool.
+pub fn needs_state(r: &RouteSpec) -> bool {
+    r.spool || r.idempotency.is_some() || r.mode == crate::config::RouteMode::Async
 }
 
 /// Building failed for a reason validation could not see (a plugin refused, a router conflict).
@@ -94,6 +104,20 @@ impl RouteTable {
         let backends = previous
             .rebuild(&spec.backends, metrics, cx)
             .map_err(BuildError::Backend)?;
+        let state = if spec.routes.iter().any(needs_state) {
+            Some(
+                State::build(
+                    &spec.state,
+                    cx.base,
+                    cx.previous_state.as_ref(),
+                    metrics,
+                    cx.dry,
+                )
+                .map_err(|e| BuildError::Backend(format!("state: {e}")))?,
+            )
+        } else {
+            None
+        };
         let mut routes = Vec::with_capacity(spec.routes.len());
         let mut by_host: HashMap<String, PathIndex> = HashMap::new();
         let mut any_host = PathIndex::default();
@@ -140,7 +164,7 @@ impl RouteTable {
                     ))
                 })
                 .collect::<Result<Vec<_>, BuildError>>()?;
-            let service = middleware::stack(r, &spec.defaults, &backend, metrics)?;
+            let built = middleware::stack(r, &spec.defaults, &backend, metrics, state.as_ref())?;
             let key = template.router_key();
             let host = r.matcher.host.clone();
             let index = match &host {
@@ -186,7 +210,8 @@ impl RouteTable {
                 headers,
                 max_body_size: r.max_body_size.unwrap_or(spec.defaults.max_body_size).0,
                 backend,
-                service,
+                service: built.service,
+                spool_inner: built.spool_inner,
             }));
         }
         let correlation_header = HeaderName::from_bytes(spec.server.correlation_header.as_bytes())
@@ -196,10 +221,25 @@ impl RouteTable {
             spec: Arc::new(spec),
             routes,
             backends,
+            state,
             correlation_header,
             by_host,
             any_host,
         })
+    }
+
+    /// Called once the table serves: hands the spool the services its forwarders replay
+    /// through (a table that is built but rejected never gets here).
+    pub fn activate(&self) {
+        let Some(state) = &self.state else { return };
+        let mut keep = Vec::new();
+        for r in &self.routes {
+            if let Some(inner) = &r.spool_inner {
+                state.spool.install(&r.id, inner.clone());
+                keep.push(r.id.clone());
+            }
+        }
+        state.spool.retain_routes(&keep);
     }
 
     /// Finds the route for a request. Host-specific routes are tried before host-less ones;

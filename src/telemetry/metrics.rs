@@ -104,7 +104,26 @@ pub struct Metrics {
     websockets: Family<RouteLabels, Gauge>,
     ws_frames: Family<FrameLabels, Counter>,
     ws_closes: Family<CloseLabels, Counter>,
+    spool_messages: Family<RouteLabels, Gauge>,
+    spool_bytes: Family<RouteLabels, Gauge>,
+    spool_age: Family<RouteLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    spool_events: Family<SpoolEventLabels, Counter>,
     pub open_connections: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SpoolEventLabels {
+    route: Arc<str>,
+    event: &'static str,
+}
+
+/// One route's spool, as exported.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SpoolGauges {
+    pub messages: u64,
+    pub bytes: u64,
+    /// Seconds the oldest message has waited (0 when empty).
+    pub age: f64,
 }
 
 /// One WebSocket connection's counters, looked up once when it opens.
@@ -183,6 +202,30 @@ impl Metrics {
             "websocket_closes",
             "WebSocket connections closed, by route and close code",
             ws_closes.clone(),
+        );
+        let spool_messages = Family::<RouteLabels, Gauge>::default();
+        registry.register(
+            "spool_messages",
+            "Messages waiting in the spool, by route",
+            spool_messages.clone(),
+        );
+        let spool_bytes = Family::<RouteLabels, Gauge>::default();
+        registry.register(
+            "spool_bytes",
+            "Bytes waiting in the spool, by route",
+            spool_bytes.clone(),
+        );
+        let spool_age = Family::<RouteLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "spool_oldest_age_seconds",
+            "Age of the oldest message waiting in the spool, by route",
+            spool_age.clone(),
+        );
+        let spool_events = Family::<SpoolEventLabels, Counter>::default();
+        registry.register(
+            "spool_events",
+            "Spool events by route: spooled, forwarded, dead_lettered, full",
+            spool_events.clone(),
         );
         registry.register(
             "broker_events",
@@ -267,6 +310,10 @@ impl Metrics {
             websockets,
             ws_frames,
             ws_closes,
+            spool_messages,
+            spool_bytes,
+            spool_age,
+            spool_events,
             open_connections,
         }
     }
@@ -404,6 +451,28 @@ impl Metrics {
             })
             .inc();
         self.config_version.set(version as i64);
+    }
+
+    /// Sets one route's spool gauges (the spool calls this before each render).
+    pub fn spool(&self, route: &Arc<str>, g: SpoolGauges) {
+        let labels = RouteLabels {
+            route: route.clone(),
+        };
+        self.spool_messages
+            .get_or_create(&labels)
+            .set(g.messages as i64);
+        self.spool_bytes.get_or_create(&labels).set(g.bytes as i64);
+        self.spool_age.get_or_create(&labels).set(g.age);
+    }
+
+    /// Counts a spool event: `spooled`, `forwarded`, `dead_lettered` or `full`.
+    pub fn spool_event(&self, route: &Arc<str>, event: &'static str) {
+        self.spool_events
+            .get_or_create(&SpoolEventLabels {
+                route: route.clone(),
+                event,
+            })
+            .inc();
     }
 
     pub fn render(&self) -> String {

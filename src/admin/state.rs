@@ -1,0 +1,202 @@
+//! The admin API's view of the asynchronous state: `GET /spool` (what waits, per route) and
+//! the dead letters: `GET /dead-letters`, `GET|DELETE /dead-letters/{id}`,
+//! `POST /dead-letters/{id}/replay`.
+
+use std::sync::Arc;
+
+use http::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use super::json_response;
+use crate::Response;
+use crate::app::Shared;
+use crate::spool::DeadLetter;
+use crate::store::{Ns, State};
+
+fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
+    json_response(status, json!({ "error": detail.into() }))
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Answers the state paths, or `None` for a path that is not one of them.
+pub async fn handle(
+    shared: &Arc<Shared>,
+    method: &Method,
+    path: &str,
+    query: Option<&str>,
+) -> Option<Response> {
+    let table = shared.table.load_full();
+    let rest = match path {
+        "/spool" => "",
+        p => p.strip_prefix("/dead-letters")?,
+    };
+    let Some(state) = table.state.clone() else {
+        return Some(problem(
+            StatusCode::NOT_FOUND,
+            "no route uses the state store, so there is no spool and no dead letters",
+        ));
+    };
+    Some(match (method, path, rest) {
+        (&Method::GET, "/spool", _) => spool(&state),
+        (_, "/spool", _) => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        (&Method::GET, _, "") => list(&state, query).await,
+        (_, _, "") => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        (m, _, r) => {
+            let r = r.strip_prefix('/').unwrap_or(r);
+            match (m, r.split_once('/')) {
+                (&Method::GET, None) => read(&state, r).await,
+                (&Method::DELETE, None) => delete(&state, r).await,
+                (&Method::POST, Some((id, "replay"))) => replay(&table, &state, id).await,
+                (_, None) => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET or DELETE"),
+                (_, Some((_, "replay"))) => problem(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
+                _ => problem(StatusCode::NOT_FOUND, "not found"),
+            }
+        }
+    })
+}
+
+fn spool(state: &State) -> Response {
+    let routes: serde_json::Map<String, Value> = state
+        .spool
+        .status()
+        .into_iter()
+        .map(|(id, s)| (id.to_string(), json!(s)))
+        .collect();
+    json_response(
+        StatusCode::OK,
+        json!({ "path": state.spool.path().display().to_string(), "routes": routes }),
+    )
+}
+
+fn summary(d: &DeadLetter) -> Value {
+    json!({
+        "id": d.id,
+        "source": d.source,
+        "route": d.route,
+        "reason": d.reason,
+        "attempts": d.attempts,
+        "dead_at": humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(d.dead_ms)).to_string(),
+        "method": d.request.method,
+        "uri": d.request.uri,
+        "message_id": d.request.message_id,
+        "correlation_id": d.request.correlation_id,
+    })
+}
+
+async fn list(state: &State, query: Option<&str>) -> Response {
+    let limit = query_param(query, "limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(100)
+        .clamp(1, 1000);
+    let after = query_param(query, "after");
+    match state.store.list(Ns::DeadLetters, after, limit).await {
+        Ok(items) => {
+            let items: Vec<Value> = items
+                .iter()
+                .filter_map(|(_, v)| serde_json::from_slice::<DeadLetter>(v).ok())
+                .map(|d| summary(&d))
+                .collect();
+            let next = (items.len() == limit)
+                .then(|| {
+                    items
+                        .last()
+                        .and_then(|d| d["id"].as_str().map(str::to_string))
+                })
+                .flatten();
+            json_response(
+                StatusCode::OK,
+                json!({ "dead_letters": items, "next_after": next }),
+            )
+        }
+        Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+async fn load(state: &State, id: &str) -> Result<DeadLetter, Response> {
+    match state.store.get(Ns::DeadLetters, id).await {
+        Ok(Some(v)) => serde_json::from_slice(&v).map_err(|_| {
+            problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the dead letter cannot be read",
+            )
+        }),
+        Ok(None) => Err(problem(
+            StatusCode::NOT_FOUND,
+            format!("no dead letter `{id}`"),
+        )),
+        Err(e) => Err(problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+    }
+}
+
+async fn read(state: &State, id: &str) -> Response {
+    match load(state, id).await {
+        Ok(d) => {
+            let mut v = summary(&d);
+            v["headers"] = d
+                .request
+                .headers
+                .iter()
+                .map(|(n, v)| json!([n, String::from_utf8_lossy(v)]))
+                .collect();
+            v["body_base64"] = d.body.into();
+            json_response(StatusCode::OK, v)
+        }
+        Err(r) => r,
+    }
+}
+
+async fn delete(state: &State, id: &str) -> Response {
+    match state.store.delete(Ns::DeadLetters, id).await {
+        Ok(true) => json_response(StatusCode::OK, json!({ "deleted": id })),
+        Ok(false) => problem(StatusCode::NOT_FOUND, format!("no dead letter `{id}`")),
+        Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// Puts a dead letter back in its route's spool, where the forwarder sends it in turn, then
+/// deletes it from the dead letters.
+async fn replay(table: &crate::router::RouteTable, state: &State, id: &str) -> Response {
+    let d = match load(state, id).await {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let Some(route) = table
+        .routes
+        .iter()
+        .find(|r| *r.id == *d.route && r.spool_inner.is_some())
+    else {
+        return problem(
+            StatusCode::CONFLICT,
+            format!(
+                "route `{}` is not loaded with `spool: true`, so there is nothing to replay the message through",
+                d.route
+            ),
+        );
+    };
+    let body = match base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &d.body) {
+        Ok(b) => b,
+        Err(_) => {
+            return problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the dead letter's body cannot be read",
+            );
+        }
+    };
+    if let Err(e) = state.spool.append(&route.id, &d.request, &body).await {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    }
+    if let Err(e) = state.store.delete(Ns::DeadLetters, id).await {
+        tracing::warn!(dead_letter = %id, error = %e, "A replayed dead letter could not be deleted; it may be replayed twice.");
+    }
+    json_response(
+        StatusCode::ACCEPTED,
+        json!({ "replayed": id, "route": d.route }),
+    )
+}

@@ -1,0 +1,308 @@
+//! `Idempotency-Key` (IETF httpapi draft) on routes with `idempotency:`, placed below the
+//! rate limit and above the spool and the backend (see `middleware::stack`). The first request
+//! with a key claims it in the state store and runs; its answer is stored and replayed to
+//! repeats with the same key and request, which never reach the backend. A repeat while the
+//! first runs gets 409; the key with another request gets 422. The key also becomes the
+//! message id, so consumers can spot repeats that do reach them (after a release).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::StreamExt;
+use http::{HeaderName, HeaderValue, StatusCode};
+use http_body_util::{BodyExt, BodyStream, StreamBody};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tower::ServiceExt;
+
+use super::context::MessageId;
+use crate::config::IdempotencySpec;
+use crate::error::GatewayError;
+use crate::store::{Ns, SharedStore, now_ms};
+use crate::{BodyError, BoxError, Request, Response, RouteService, full_body};
+
+pub const HEADER: &str = "idempotency-key";
+/// Set on a replayed answer.
+pub const REPLAYED: &str = "idempotent-replayed";
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+enum Record {
+    Running {
+        fingerprint: String,
+        started_ms: u64,
+    },
+    Done {
+        fingerprint: String,
+        status: u16,
+        headers: Vec<(String, Vec<u8>)>,
+        /// Base64.
+        body: String,
+    },
+}
+
+impl Record {
+    fn fingerprint(&self) -> &str {
+        match self {
+            Record::Running { fingerprint, .. } | Record::Done { fingerprint, .. } => fingerprint,
+        }
+    }
+}
+
+fn bad_key(detail: &str) -> GatewayError {
+    GatewayError::BadRequest {
+        detail: detail.into(),
+        field: Some("header.idempotency-key".into()),
+    }
+}
+
+/// The key from the header: an sf-string (`"…"`, the draft's form) or, for older clients, a
+/// bare token of visible ASCII.
+pub fn parse_key(raw: &HeaderValue, max_len: usize) -> Result<String, GatewayError> {
+    let s = raw
+        .to_str()
+        .map_err(|_| bad_key("Idempotency-Key must be visible ASCII."))?
+        .trim();
+    let key = if let Some(inner) = s.strip_prefix('"') {
+        let inner = inner
+            .strip_suffix('"')
+            .ok_or_else(|| bad_key("Idempotency-Key opens a quoted string it does not close."))?;
+        let mut out = String::with_capacity(inner.len());
+        let mut chars = inner.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => match chars.next() {
+                    Some(e @ ('"' | '\\')) => out.push(e),
+                    _ => {
+                        return Err(bad_key(
+                            "Idempotency-Key has a bad escape; only \\\" and \\\\ are allowed.",
+                        ));
+                    }
+                },
+                '"' => return Err(bad_key("Idempotency-Key has an unescaped quote inside.")),
+                c if (' '..='~').contains(&c) => out.push(c),
+                _ => return Err(bad_key("Idempotency-Key must be visible ASCII.")),
+            }
+        }
+        out
+    } else {
+        if s.bytes()
+            .any(|b| !b.is_ascii_graphic() || b == b'\\' || b == b'"' || b == b',')
+        {
+            return Err(bad_key(
+                "Idempotency-Key must be a quoted string (\"…\") or visible ASCII without quotes, commas or backslashes.",
+            ));
+        }
+        s.to_string()
+    };
+    if key.is_empty() {
+        return Err(bad_key("Idempotency-Key is empty."));
+    }
+    if key.len() > max_len {
+        return Err(bad_key(&format!(
+            "Idempotency-Key is {} characters long; this route accepts at most {max_len}.",
+            key.len()
+        )));
+    }
+    Ok(key)
+}
+
+fn fingerprint(parts: &http::request::Parts, body: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(parts.method.as_str().as_bytes());
+    h.update(b"\n");
+    h.update(parts.uri.to_string().as_bytes());
+    h.update(b"\n");
+    h.update(body);
+    let digest = h.finalize();
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Headers never stored for replay: per-connection ones, and those recomputed on the way out.
+fn stored(name: &HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "proxy-connection"
+            | "content-length"
+            | "date"
+    )
+}
+
+#[derive(Clone)]
+pub struct IdempotencyService {
+    inner: RouteService,
+    store: SharedStore,
+    spec: Arc<IdempotencySpec>,
+    route: Arc<str>,
+    /// How long a running claim lives: the route's deadline and a margin, so the key of a
+    /// gateway that died mid-request frees itself.
+    lock_ttl: Duration,
+}
+
+impl IdempotencyService {
+    pub fn new(
+        inner: RouteService,
+        store: SharedStore,
+        spec: &IdempotencySpec,
+        route: Arc<str>,
+        deadline: Duration,
+    ) -> Self {
+        IdempotencyService {
+            inner,
+            store,
+            spec: Arc::new(spec.clone()),
+            route,
+            lock_ttl: deadline + Duration::from_secs(10),
+        }
+    }
+}
+
+crate::backends::route_service!(IdempotencyService);
+
+impl IdempotencyService {
+    async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
+        let this = self;
+        let key = match req.headers().get(HEADER) {
+            Some(v) => parse_key(v, this.spec.max_key_length)?,
+            None if this.spec.required => {
+                return Err(bad_key("This route requires an Idempotency-Key header.").into());
+            }
+            None => return this.inner.oneshot(req).await,
+        };
+        let (mut parts, body) = req.into_parts();
+        let body = crate::collect_body(body).await?;
+        let fp = fingerprint(&parts, &body);
+        let store_key = format!("{}:{key}", this.route);
+        let claim = serde_json::to_vec(&Record::Running {
+            fingerprint: fp.clone(),
+            started_ms: now_ms(),
+        })
+        .map_err(|_| GatewayError::Internal("encoding an idempotency record"))?;
+        let found = this
+            .store
+            .insert(Ns::Idempotency, &store_key, &claim, this.lock_ttl)
+            .await
+            .map_err(|source| GatewayError::StoreUnavailable { source })?;
+        if let Some(raw) = found {
+            let rec: Record =
+                serde_json::from_slice(&raw).map_err(|_| GatewayError::StoreUnavailable {
+                    source: crate::store::StoreError::Corrupt("idempotency record".into()),
+                })?;
+            if rec.fingerprint() != fp {
+                return Err(GatewayError::KeyReused.into());
+            }
+            return match rec {
+                Record::Running { .. } => Err(GatewayError::KeyInUse.into()),
+                Record::Done {
+                    status,
+                    headers,
+                    body,
+                    ..
+                } => replay(status, headers, &body),
+            };
+        }
+        parts.extensions.insert(MessageId(key.as_str().into()));
+        let req = http::Request::from_parts(parts, full_body(body));
+        let result = this.inner.clone().oneshot(req).await;
+        let resp = match result {
+            Ok(r) if !r.status().is_server_error() => r,
+            other => {
+                this.release(&store_key).await;
+                return other;
+            }
+        };
+        this.finish(store_key, fp, resp).await
+    }
+}
+
+fn replay(status: u16, headers: Vec<(String, Vec<u8>)>, body: &str) -> Result<Response, BoxError> {
+    let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, body)
+        .map_err(|_| GatewayError::Internal("decoding a stored answer"))?;
+    let mut resp = http::Response::new(full_body(bytes));
+    *resp.status_mut() =
+        StatusCode::from_u16(status).map_err(|_| GatewayError::Internal("a stored status"))?;
+    for (n, v) in headers {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(n.as_bytes()),
+            HeaderValue::from_bytes(&v),
+        ) {
+            resp.headers_mut().append(n, v);
+        }
+    }
+    resp.headers_mut()
+        .insert(REPLAYED, HeaderValue::from_static("true"));
+    Ok(resp)
+}
+
+impl IdempotencyService {
+    /// Frees the key after a failure, so that the client may try again with it.
+    async fn release(&self, store_key: &str) {
+        if let Err(e) = self.store.delete(Ns::Idempotency, store_key).await {
+            tracing::warn!(route = %self.route, error = %e, "Releasing an idempotency key failed; it frees itself when its claim expires.");
+        }
+    }
+
+    /// Stores the answer for replay and passes it on. An answer too large to store is passed
+    /// on as it streams, and the key released.
+    async fn finish(
+        &self,
+        store_key: String,
+        fp: String,
+        resp: Response,
+    ) -> Result<Response, BoxError> {
+        let (parts, mut body) = resp.into_parts();
+        let limit = self.spec.max_response_size.0 as usize;
+        let mut buf = BytesMut::new();
+        let mut overflow = false;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| -> BoxError { Box::new(e) })?;
+            if let Ok(data) = frame.into_data() {
+                buf.extend_from_slice(&data);
+                if buf.len() > limit {
+                    overflow = true;
+                    break;
+                }
+            }
+        }
+        let bytes = buf.freeze();
+        if overflow {
+            self.release(&store_key).await;
+            let head = futures_util::stream::once(async move {
+                Ok::<_, BodyError>(http_body::Frame::data(bytes))
+            });
+            let rest = BodyStream::new(body);
+            let body = StreamBody::new(head.chain(rest)).boxed_unsync();
+            return Ok(http::Response::from_parts(parts, body));
+        }
+        let record = Record::Done {
+            fingerprint: fp,
+            status: parts.status.as_u16(),
+            headers: parts
+                .headers
+                .iter()
+                .filter(|(n, _)| stored(n))
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+            body: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &bytes),
+        };
+        let stored = match serde_json::to_vec(&record) {
+            Ok(v) => self
+                .store
+                .put(Ns::Idempotency, &store_key, &v, self.spec.ttl.0)
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = stored {
+            tracing::warn!(route = %self.route, error = %e, "Storing an answer for its idempotency key failed; a repeat after the claim expires runs again.");
+        }
+        Ok(http::Response::from_parts(parts, full_body(bytes)))
+    }
+}

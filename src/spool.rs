@@ -1,0 +1,760 @@
+//! The spool (store-and-forward outbox) of routes with `spool: true`. Its layer sits in the
+//! route's stack above the timeout, retry and breaker (see `middleware::stack`): when the
+//! backend is unreachable or its breaker is open, the request is written to the local
+//! database (fsynced, in group commits) and the client gets 202. One forwarder task per route
+//! replays the spooled requests, oldest first, through the same inner stack once the backend
+//! is back, so they get the same confirms and properties as a direct publish. Messages the
+//! backend refuses for good go to the dead letters.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, oneshot};
+use tower::ServiceExt;
+
+use crate::config::SpoolSpec;
+use crate::error::{Fault, GatewayError, classify};
+use crate::middleware::context::{MessageId, RequestContext};
+use crate::store::embedded::{LocalDb, unavailable};
+use crate::store::{Ns, SharedStore, StoreError, now_ms};
+use crate::telemetry::metrics::{Metrics, SpoolGauges};
+use crate::{BoxError, Request, Response, RouteService, full_body};
+
+/// Spooled requests: (route id, sequence) → encoded [`Spooled`] and body.
+const SPOOL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("spool");
+
+/// Header on a 202 that says the request was spooled, not yet delivered.
+pub const SPOOLED_HEADER: &str = "switchyard-spooled";
+
+/// A spooled request: what is needed to replay it through the route's stack.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Spooled {
+    pub method: String,
+    pub uri: String,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub correlation_id: String,
+    pub message_id: String,
+    pub client: String,
+    pub host: Option<String>,
+    pub params: Vec<(String, String)>,
+    /// When the client's request was accepted (ms since the epoch).
+    pub accepted_ms: u64,
+}
+
+impl Spooled {
+    fn capture(parts: &http::request::Parts, message_id: &str) -> Spooled {
+        let ctx = parts.extensions.get::<RequestContext>();
+        Spooled {
+            method: parts.method.to_string(),
+            uri: parts.uri.to_string(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+            correlation_id: ctx
+                .map(|c| c.correlation_id.to_string())
+                .unwrap_or_default(),
+            message_id: message_id.to_string(),
+            client: ctx.map(|c| c.client_addr.to_string()).unwrap_or_default(),
+            host: ctx.and_then(|c| c.host.clone()),
+            params: ctx
+                .map(|c| {
+                    c.params
+                        .iter()
+                        .map(|(n, v)| (n.to_string(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            accepted_ms: now_ms(),
+        }
+    }
+
+    /// The request again, with its context, ready for the route's inner stack.
+    pub fn request(&self, route: &Arc<str>, body: Bytes) -> Result<Request, String> {
+        let mut req = http::Request::builder()
+            .method(self.method.as_str())
+            .uri(self.uri.as_str())
+            .body(full_body(body))
+            .map_err(|e| e.to_string())?;
+        for (n, v) in &self.headers {
+            if let (Ok(n), Ok(v)) = (
+                HeaderName::from_bytes(n.as_bytes()),
+                HeaderValue::from_bytes(v),
+            ) {
+                req.headers_mut().append(n, v);
+            }
+        }
+        let ext = req.extensions_mut();
+        ext.insert(RequestContext {
+            correlation_id: self.correlation_id.as_str().into(),
+            client_addr: self
+                .client
+                .parse()
+                .unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0))),
+            tls: false,
+            host: self.host.clone(),
+            route_id: route.clone(),
+            params: self
+                .params
+                .iter()
+                .map(|(n, v)| (Arc::from(n.as_str()), v.clone()))
+                .collect(),
+        });
+        ext.insert(MessageId(self.message_id.as_str().into()));
+        Ok(req)
+    }
+
+    pub fn encode(&self, body: &[u8]) -> Vec<u8> {
+        let head = serde_json::to_vec(self).unwrap_or_default();
+        let mut out = Vec::with_capacity(4 + head.len() + body.len());
+        out.extend_from_slice(&(head.len() as u32).to_be_bytes());
+        out.extend_from_slice(&head);
+        out.extend_from_slice(body);
+        out
+    }
+
+    pub fn decode(raw: &[u8]) -> Result<(Spooled, Bytes), StoreError> {
+        let corrupt = || StoreError::Corrupt("spool record".into());
+        let len = u32::from_be_bytes(
+            raw.get(..4)
+                .ok_or_else(corrupt)?
+                .try_into()
+                .map_err(|_| corrupt())?,
+        ) as usize;
+        let head = raw.get(4..4 + len).ok_or_else(corrupt)?;
+        let rec: Spooled = serde_json::from_slice(head).map_err(|_| corrupt())?;
+        Ok((rec, Bytes::copy_from_slice(&raw[4 + len..])))
+    }
+}
+
+/// A message that failed for good, as kept in the dead letters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub id: String,
+    /// `spool` or `webhook`.
+    pub source: String,
+    pub route: String,
+    pub reason: String,
+    pub attempts: u32,
+    pub dead_ms: u64,
+    pub request: Spooled,
+    /// The body, base64.
+    pub body: String,
+}
+
+/// What one route's spool holds, as the admin API shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RouteSpoolStatus {
+    pub messages: u64,
+    pub bytes: u64,
+    /// Seconds the oldest message has waited.
+    pub oldest_age_seconds: f64,
+    /// Whether a route with `spool: true` is loaded to forward them.
+    pub forwarding: bool,
+    /// Why the last forwarding attempt did not get through.
+    pub last_error: Option<String>,
+}
+
+#[derive(Default)]
+struct Slot {
+    service: Option<RouteService>,
+    notify: Arc<Notify>,
+    messages: u64,
+    bytes: u64,
+    oldest_ms: Option<u64>,
+    last_error: Option<String>,
+    running: bool,
+}
+
+struct Append {
+    route: Arc<str>,
+    record: Vec<u8>,
+    done: oneshot::Sender<Result<u64, StoreError>>,
+}
+
+/// Why a spool write was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool full")]
+    Full,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The spool of every route, in the local database.
+pub struct Spool {
+    local: LocalDb,
+    spec: Mutex<SpoolSpec>,
+    writer: mpsc::Sender<Append>,
+    slots: Mutex<HashMap<Arc<str>, Slot>>,
+    totals: Mutex<(u64, u64)>,
+    dead: Mutex<Option<(SharedStore, Duration)>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Spool {
+    /// Opens the spool in `local`, counting what a previous run left in it. Forwarding starts
+    /// when routes are installed.
+    pub fn open(
+        local: LocalDb,
+        spec: SpoolSpec,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Spool>, StoreError> {
+        let db = local.db.clone();
+        let mut slots: HashMap<Arc<str>, Slot> = HashMap::new();
+        let mut next = 0u64;
+        {
+            let tx = db.begin_write().map_err(unavailable)?;
+            tx.open_table(SPOOL).map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            let tx = db.begin_read().map_err(unavailable)?;
+            let t = tx.open_table(SPOOL).map_err(unavailable)?;
+            for entry in t.iter().map_err(unavailable)? {
+                let (k, v) = entry.map_err(unavailable)?;
+                let (route, seq) = k.value();
+                next = next.max(seq + 1);
+                let raw = v.value();
+                let slot = slots.entry(route.into()).or_default();
+                slot.messages += 1;
+                slot.bytes += raw.len() as u64;
+                if slot.oldest_ms.is_none() {
+                    slot.oldest_ms = Spooled::decode(raw).ok().map(|(r, _)| r.accepted_ms);
+                }
+            }
+        }
+        let totals = slots
+            .values()
+            .fold((0, 0), |(m, b), s| (m + s.messages, b + s.bytes));
+        if totals.0 > 0 {
+            tracing::info!(
+                messages = totals.0,
+                bytes = totals.1,
+                "The spool holds messages from an earlier run; they are forwarded once their routes load."
+            );
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        let writer_db = db.clone();
+        tokio::task::spawn_blocking(move || write_loop(writer_db, rx, next));
+        Ok(Arc::new(Spool {
+            local,
+            spec: Mutex::new(spec),
+            writer: tx,
+            slots: Mutex::new(slots),
+            totals: Mutex::new(totals),
+            dead: Mutex::new(None),
+            metrics,
+        }))
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.local.path
+    }
+
+    pub fn set_spec(&self, spec: SpoolSpec) {
+        if let Ok(mut s) = self.spec.lock() {
+            *s = spec;
+        }
+    }
+
+    fn spec(&self) -> SpoolSpec {
+        self.spec.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Where dead letters go (the state store of the loaded config).
+    pub fn set_dead_letters(&self, store: SharedStore, ttl: Duration) {
+        if let Ok(mut d) = self.dead.lock() {
+            *d = Some((store, ttl));
+        }
+    }
+
+    /// Makes `service` (the route's stack below the spool layer) the one that forwards the
+    /// route's messages, and starts its forwarder. Called after a table is swapped in.
+    pub fn install(self: &Arc<Self>, route: &Arc<str>, service: RouteService) {
+        let mut slots = self.slots.lock().expect("spool slots");
+        let slot = slots.entry(route.clone()).or_default();
+        slot.service = Some(service);
+        slot.notify.notify_one();
+        if !slot.running {
+            slot.running = true;
+            tokio::spawn(forward(
+                Arc::downgrade(self),
+                route.clone(),
+                slot.notify.clone(),
+            ));
+        }
+    }
+
+    /// Forgets the services of routes not in `keep` (their messages wait for a route with
+    /// their id to come back).
+    pub fn retain_routes(&self, keep: &[Arc<str>]) {
+        if let Ok(mut slots) = self.slots.lock() {
+            for (id, slot) in slots.iter_mut() {
+                if !keep.contains(id) {
+                    slot.service = None;
+                }
+            }
+        }
+    }
+
+    /// Whether the route has messages waiting (new ones queue behind them to keep order).
+    pub fn holds(&self, route: &str) -> bool {
+        self.slots
+            .lock()
+            .map(|s| s.get(route).is_some_and(|s| s.messages > 0))
+            .unwrap_or(false)
+    }
+
+    /// Writes a request to the spool durably. Returns the route's depth after it.
+    pub async fn append(
+        &self,
+        route: &Arc<str>,
+        rec: &Spooled,
+        body: &[u8],
+    ) -> Result<u64, SpoolError> {
+        let record = rec.encode(body);
+        let size = record.len() as u64;
+        let spec = self.spec();
+        {
+            let mut t = self.totals.lock().expect("spool totals");
+            if t.0 + 1 > spec.max_messages || t.1 + size > spec.max_bytes.0 {
+                self.metrics.spool_event(route, "full");
+                return Err(SpoolError::Full);
+            }
+            t.0 += 1;
+            t.1 += size;
+        }
+        let (done, wait) = oneshot::channel();
+        let sent = self
+            .writer
+            .send(Append {
+                route: route.clone(),
+                record,
+                done,
+            })
+            .await;
+        let written = match sent {
+            Ok(()) => wait
+                .await
+                .unwrap_or_else(|_| Err(StoreError::Unavailable("spool writer stopped".into()))),
+            Err(_) => Err(StoreError::Unavailable("spool writer stopped".into())),
+        };
+        if let Err(e) = written {
+            let mut t = self.totals.lock().expect("spool totals");
+            t.0 -= 1;
+            t.1 -= size;
+            return Err(e.into());
+        }
+        self.metrics.spool_event(route, "spooled");
+        let mut slots = self.slots.lock().expect("spool slots");
+        let slot = slots.entry(route.clone()).or_default();
+        slot.messages += 1;
+        slot.bytes += size;
+        slot.oldest_ms.get_or_insert(rec.accepted_ms);
+        slot.notify.notify_one();
+        Ok(slot.messages)
+    }
+
+    /// The oldest `n` messages of a route.
+    async fn peek(&self, route: &Arc<str>, n: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let route = route.clone();
+        self.local
+            .run(move |db: &Database| {
+                let tx = db.begin_read().map_err(unavailable)?;
+                let t = tx.open_table(SPOOL).map_err(unavailable)?;
+                let mut out = Vec::new();
+                for entry in t
+                    .range((route.as_ref(), 0u64)..=(route.as_ref(), u64::MAX))
+                    .map_err(unavailable)?
+                {
+                    let (k, v) = entry.map_err(unavailable)?;
+                    out.push((k.value().1, v.value().to_vec()));
+                    if out.len() >= n {
+                        break;
+                    }
+                }
+                Ok(out)
+            })
+            .await
+    }
+
+    /// Deletes forwarded (or dead-lettered) messages, in one transaction.
+    async fn remove(&self, route: &Arc<str>, done: Vec<(u64, u64)>) -> Result<(), StoreError> {
+        if done.is_empty() {
+            return Ok(());
+        }
+        let r = route.clone();
+        let seqs: Vec<u64> = done.iter().map(|(s, _)| *s).collect();
+        self.local
+            .run(move |db: &Database| {
+                let tx = db.begin_write().map_err(unavailable)?;
+                {
+                    let mut t = tx.open_table(SPOOL).map_err(unavailable)?;
+                    for s in seqs {
+                        t.remove((r.as_ref(), s)).map_err(unavailable)?;
+                    }
+                }
+                tx.commit().map_err(unavailable)
+            })
+            .await?;
+        let (n, bytes) = (done.len() as u64, done.iter().map(|(_, b)| b).sum::<u64>());
+        if let Ok(mut t) = self.totals.lock() {
+            t.0 = t.0.saturating_sub(n);
+            t.1 = t.1.saturating_sub(bytes);
+        }
+        if let Ok(mut slots) = self.slots.lock()
+            && let Some(slot) = slots.get_mut(route)
+        {
+            slot.messages = slot.messages.saturating_sub(n);
+            slot.bytes = slot.bytes.saturating_sub(bytes);
+            if slot.messages == 0 {
+                slot.oldest_ms = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn note(&self, route: &Arc<str>, f: impl FnOnce(&mut Slot)) {
+        if let Ok(mut slots) = self.slots.lock()
+            && let Some(slot) = slots.get_mut(route)
+        {
+            f(slot);
+        }
+    }
+
+    /// Per route: what waits, for the admin API; also refreshes the exported gauges.
+    pub fn status(&self) -> Vec<(Arc<str>, RouteSpoolStatus)> {
+        let now = now_ms();
+        let slots = self.slots.lock().expect("spool slots");
+        let mut out: Vec<_> = slots
+            .iter()
+            .map(|(id, s)| {
+                let age = s
+                    .oldest_ms
+                    .map_or(0.0, |o| now.saturating_sub(o) as f64 / 1000.0);
+                self.metrics.spool(
+                    id,
+                    SpoolGauges {
+                        messages: s.messages,
+                        bytes: s.bytes,
+                        age,
+                    },
+                );
+                (
+                    id.clone(),
+                    RouteSpoolStatus {
+                        messages: s.messages,
+                        bytes: s.bytes,
+                        oldest_age_seconds: age,
+                        forwarding: s.service.is_some(),
+                        last_error: s.last_error.clone(),
+                    },
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    async fn dead_letter(
+        &self,
+        route: &Arc<str>,
+        rec: Spooled,
+        body: &[u8],
+        reason: String,
+        attempts: u32,
+    ) -> Result<(), StoreError> {
+        let Some((store, ttl)) = self.dead.lock().ok().and_then(|d| d.clone()) else {
+            return Err(StoreError::Unavailable("no dead-letter store".into()));
+        };
+        let id = uuid::Uuid::now_v7().to_string();
+        let dl = DeadLetter {
+            id: id.clone(),
+            source: "spool".into(),
+            route: route.to_string(),
+            reason,
+            attempts,
+            dead_ms: now_ms(),
+            request: rec,
+            body: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, body),
+        };
+        let value = serde_json::to_vec(&dl).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        store.put(Ns::DeadLetters, &id, &value, ttl).await?;
+        self.metrics.spool_event(route, "dead_lettered");
+        tracing::warn!(route = %route, dead_letter = %id, reason = %dl.reason, attempts, "A spooled message was moved to the dead letters.");
+        Ok(())
+    }
+}
+
+/// Appends in group commits: every append waiting when a transaction starts shares its fsync.
+fn write_loop(db: Arc<Database>, mut rx: mpsc::Receiver<Append>, mut next: u64) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < 512 {
+            match rx.try_recv() {
+                Ok(a) => batch.push(a),
+                Err(_) => break,
+            }
+        }
+        let start = next;
+        let result = (|| {
+            let tx = db.begin_write().map_err(unavailable)?;
+            {
+                let mut t = tx.open_table(SPOOL).map_err(unavailable)?;
+                for (i, a) in batch.iter().enumerate() {
+                    t.insert((a.route.as_ref(), start + i as u64), a.record.as_slice())
+                        .map_err(unavailable)?;
+                }
+            }
+            tx.commit().map_err(unavailable)
+        })();
+        if result.is_ok() {
+            next += batch.len() as u64;
+        }
+        for (i, a) in batch.into_iter().enumerate() {
+            let r = match &result {
+                Ok(()) => Ok(start + i as u64),
+                Err(e) => Err(StoreError::Unavailable(e.to_string())),
+            };
+            let _ = a.done.send(r);
+        }
+    }
+}
+
+/// How a forwarding attempt ended.
+enum Outcome {
+    Delivered,
+    /// The backend is (still) down: wait and try the same message again.
+    Down(String),
+    /// The backend refused this message; `permanent` ones are dead-lettered at once.
+    Refused {
+        reason: String,
+        permanent: bool,
+    },
+}
+
+fn judge(result: Result<Response, BoxError>) -> Outcome {
+    match result {
+        Ok(resp) if resp.status().is_success() => Outcome::Delivered,
+        Ok(resp) => Outcome::Refused {
+            reason: format!("the backend answered {}", resp.status()),
+            permanent: resp.status().is_client_error(),
+        },
+        Err(e) => {
+            let c = classify(e.as_ref());
+            let reason = c
+                .error
+                .map(|g| g.detail())
+                .unwrap_or_else(|| crate::server::dispatch::error_chain(e.as_ref()));
+            match c.error {
+                Some(
+                    GatewayError::BackendUnavailable { .. }
+                    | GatewayError::CircuitOpen { .. }
+                    | GatewayError::Overloaded { .. }
+                    | GatewayError::Timeout { .. }
+                    | GatewayError::Unconfirmed { .. },
+                ) => Outcome::Down(reason),
+                _ if c.status == StatusCode::GATEWAY_TIMEOUT => Outcome::Down(reason),
+                _ => Outcome::Refused {
+                    reason,
+                    permanent: c.fault == Fault::Client,
+                },
+            }
+        }
+    }
+}
+
+/// One route's forwarder: replays its messages in order through the installed service.
+async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
+    let mut backoff: Option<Duration> = None;
+    let mut refusals: (u64, u32) = (u64::MAX, 0);
+    loop {
+        if let Some(wait) = backoff {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = notify.notified() => {}
+            }
+        }
+        let Some(sp) = spool.upgrade() else { return };
+        let service = sp
+            .slots
+            .lock()
+            .ok()
+            .and_then(|s| s.get(&route).and_then(|s| s.service.clone()));
+        let batch = match &service {
+            Some(_) if sp.holds(&route) => sp.peek(&route, 64).await,
+            _ => Ok(Vec::new()),
+        };
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(route = %route, error = %e, "Reading the spool failed.");
+                backoff = Some(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Some(service) = service.filter(|_| !batch.is_empty()) else {
+            drop(sp);
+            // Idle: wake on a new message or install, and now and then to notice a drop.
+            let _ = tokio::time::timeout(Duration::from_secs(5), notify.notified()).await;
+            backoff = None;
+            continue;
+        };
+        let spec = sp.spec();
+        let mut done: Vec<(u64, u64)> = Vec::new();
+        let mut stalled = None;
+        for (seq, raw) in batch {
+            let size = raw.len() as u64;
+            let (rec, body) = match Spooled::decode(&raw) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::error!(route = %route, seq, error = %e, "A spool record cannot be read; it is dropped.");
+                    done.push((seq, size));
+                    continue;
+                }
+            };
+            sp.note(&route, |s| s.oldest_ms = Some(rec.accepted_ms));
+            let outcome = match rec.request(&route, body.clone()) {
+                Ok(req) => judge(service.clone().oneshot(req).await),
+                Err(reason) => Outcome::Refused {
+                    reason,
+                    permanent: true,
+                },
+            };
+            match outcome {
+                Outcome::Delivered => {
+                    sp.metrics.spool_event(&route, "forwarded");
+                    done.push((seq, size));
+                }
+                Outcome::Down(reason) => {
+                    stalled = Some(reason);
+                    break;
+                }
+                Outcome::Refused { reason, permanent } => {
+                    let attempts = if refusals.0 == seq { refusals.1 + 1 } else { 1 };
+                    refusals = (seq, attempts);
+                    if permanent || attempts >= spec.max_attempts {
+                        match sp
+                            .dead_letter(&route, rec, &body, reason.clone(), attempts)
+                            .await
+                        {
+                            Ok(()) => done.push((seq, size)),
+                            Err(e) => {
+                                stalled = Some(format!(
+                                    "{reason}; and the dead-letter store failed: {e}"
+                                ));
+                                break;
+                            }
+                        }
+                    } else {
+                        stalled = Some(reason);
+                        break;
+                    }
+                }
+            }
+        }
+        if let Err(e) = sp.remove(&route, done).await {
+            tracing::error!(route = %route, error = %e, "Removing forwarded messages from the spool failed; they may be sent again.");
+        }
+        match stalled {
+            Some(reason) => {
+                tracing::debug!(route = %route, %reason, "Forwarding from the spool paused.");
+                sp.note(&route, |s| s.last_error = Some(reason));
+                let next = backoff.map_or(spec.retry.min.0, |b| (b * 2).min(spec.retry.max.0));
+                backoff = Some(next);
+            }
+            None => {
+                sp.note(&route, |s| s.last_error = None);
+                backoff = None;
+            }
+        }
+    }
+}
+
+/// The spool layer of one route (see the module docs).
+#[derive(Clone)]
+pub struct SpoolService {
+    inner: RouteService,
+    spool: Arc<Spool>,
+    route: Arc<str>,
+    backend: String,
+}
+
+impl SpoolService {
+    pub fn new(inner: RouteService, spool: Arc<Spool>, route: Arc<str>, backend: String) -> Self {
+        SpoolService {
+            inner,
+            spool,
+            route,
+            backend,
+        }
+    }
+}
+
+crate::backends::route_service!(SpoolService);
+
+impl SpoolService {
+    async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
+        let this = self;
+        let (mut parts, body) = req.into_parts();
+        let body = crate::collect_body(body).await?;
+        let message_id = match parts.extensions.get::<MessageId>() {
+            Some(m) => m.0.clone(),
+            None => {
+                let id: Arc<str> = uuid::Uuid::now_v7().to_string().into();
+                parts.extensions.insert(MessageId(id.clone()));
+                id
+            }
+        };
+        let record = Spooled::capture(&parts, &message_id);
+        // Behind messages already waiting, a new one waits too: order is kept per route.
+        if !this.spool.holds(&this.route) {
+            let req = http::Request::from_parts(parts, full_body(body.clone()));
+            let err = match this.inner.clone().oneshot(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(e) => e,
+            };
+            let down = matches!(
+                classify(err.as_ref()).error,
+                Some(GatewayError::BackendUnavailable { .. } | GatewayError::CircuitOpen { .. })
+            );
+            if !down {
+                return Err(err);
+            }
+        }
+        let depth = match this.spool.append(&this.route, &record, &body).await {
+            Ok(d) => d,
+            Err(SpoolError::Full) => {
+                return Err(GatewayError::SpoolFull {
+                    route: this.route.to_string(),
+                }
+                .into());
+            }
+            Err(SpoolError::Store(e)) => {
+                tracing::warn!(route = %this.route, error = %e, "Writing to the spool failed.");
+                return Err(GatewayError::StoreUnavailable { source: e }.into());
+            }
+        };
+        let body = serde_json::json!({
+            "status": "spooled",
+            "detail": format!("Backend '{}' is unavailable; the message is kept and will be delivered in order once it is back.", this.backend),
+            "message_id": &*message_id,
+            "queued": depth,
+        });
+        let mut resp = http::Response::new(full_body(body.to_string()));
+        *resp.status_mut() = StatusCode::ACCEPTED;
+        let h = resp.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(SPOOLED_HEADER, HeaderValue::from_static("true"));
+        Ok(resp)
+    }
+}

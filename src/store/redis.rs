@@ -1,0 +1,229 @@
+//! The Redis state store, for several gateway replicas sharing jobs, idempotency records and
+//! dead letters. Keys are `{prefix}{namespace}:{key}` with Redis expiry; dead letters are also
+//! indexed in a sorted set so they can be listed in order. A write counts once Redis answered
+//! it (the server's own persistence settings decide what survives a Redis restart).
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio::sync::Mutex;
+
+use super::{Ns, Store, StoreError};
+
+/// Inserts unless a live key is there; answers 1 when written, else the existing value.
+const INSERT: &str = r"
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  if KEYS[2] then redis.call('ZADD', KEYS[2], 0, ARGV[3]) end
+  return 1
+end
+return redis.call('GET', KEYS[1])";
+
+pub struct RedisStore {
+    client: redis::Client,
+    prefix: String,
+    timeout: Duration,
+    /// Connected on first use, so a gateway starts (and serves routes that need no store)
+    /// while Redis is down; the manager reconnects by itself afterwards.
+    conn: Mutex<Option<ConnectionManager>>,
+    insert: redis::Script,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(format!("redis: {e}"))
+}
+
+impl RedisStore {
+    /// Parses the URL; connects later. `timeout` bounds each operation, connecting included.
+    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisStore, StoreError> {
+        Ok(RedisStore {
+            client: redis::Client::open(url).map_err(unavailable)?,
+            prefix: prefix.to_string(),
+            timeout,
+            conn: Mutex::new(None),
+            insert: redis::Script::new(INSERT),
+        })
+    }
+
+    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
+        let mut guard = self.conn.lock().await;
+        if let Some(c) = guard.as_ref() {
+            return Ok(c.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_number_of_retries(1);
+        let c = tokio::time::timeout(
+            self.timeout,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await
+        .map_err(|_| unavailable("connecting timed out"))?
+        .map_err(unavailable)?;
+        *guard = Some(c.clone());
+        Ok(c)
+    }
+
+    fn key(&self, ns: Ns, key: &str) -> String {
+        format!("{}{}:{key}", self.prefix, ns.as_str())
+    }
+
+    /// The sorted set that lists a namespace's keys, for namespaces that are listed.
+    fn index(&self, ns: Ns) -> Option<String> {
+        (ns == Ns::DeadLetters).then(|| format!("{}{}:index", self.prefix, ns.as_str()))
+    }
+
+    async fn run<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut ConnectionManager) -> redis::RedisResult<T>,
+    ) -> Result<T, StoreError> {
+        let mut c = self.conn().await?;
+        tokio::time::timeout(self.timeout, f(&mut c))
+            .await
+            .map_err(|_| unavailable("no answer in time"))?
+            .map_err(unavailable)
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn insert(
+        &self,
+        ns: Ns,
+        key: &str,
+        value: &[u8],
+        ttl: Duration,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let k = self.key(ns, key);
+        let index = self.index(ns);
+        let ms = ttl.as_millis().max(1) as u64;
+        let answer: redis::Value = self
+            .run(async |c| {
+                let mut inv = self.insert.key(&k);
+                if let Some(i) = &index {
+                    inv.key(i);
+                }
+                inv.arg(value).arg(ms).arg(key).invoke_async(c).await
+            })
+            .await?;
+        match answer {
+            redis::Value::Int(1) => Ok(None),
+            redis::Value::BulkString(v) => Ok(Some(v)),
+            other => Err(StoreError::Corrupt(format!(
+                "unexpected answer to insert: {other:?}"
+            ))),
+        }
+    }
+
+    async fn put(&self, ns: Ns, key: &str, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
+        let k = self.key(ns, key);
+        let index = self.index(ns);
+        let ms = ttl.as_millis().max(1) as u64;
+        self.run(async |c| {
+            let mut p = redis::pipe();
+            p.atomic().cmd("SET").arg(&k).arg(value).arg("PX").arg(ms);
+            if let Some(i) = &index {
+                p.cmd("ZADD").arg(i).arg(0).arg(key);
+            }
+            p.query_async::<()>(c).await
+        })
+        .await
+    }
+
+    async fn get(&self, ns: Ns, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let k = self.key(ns, key);
+        self.run(async |c| redis::cmd("GET").arg(&k).query_async(c).await)
+            .await
+    }
+
+    async fn delete(&self, ns: Ns, key: &str) -> Result<bool, StoreError> {
+        let k = self.key(ns, key);
+        let index = self.index(ns);
+        let (n, _): (u64, Option<u64>) = self
+            .run(async |c| {
+                let mut p = redis::pipe();
+                p.atomic().cmd("DEL").arg(&k);
+                match &index {
+                    Some(i) => p.cmd("ZREM").arg(i).arg(key),
+                    None => p.cmd("ECHO").arg(0),
+                };
+                p.query_async(c).await
+            })
+            .await?;
+        Ok(n > 0)
+    }
+
+    async fn list(
+        &self,
+        ns: Ns,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let Some(index) = self.index(ns) else {
+            return Err(StoreError::Unavailable(format!(
+                "namespace {} is not listed in redis",
+                ns.as_str()
+            )));
+        };
+        let mut out = Vec::new();
+        let mut from = after.map_or("-".to_string(), |a| format!("({a}"));
+        // Index entries whose record expired are dropped as they are met.
+        while out.len() < limit {
+            let want = limit - out.len();
+            let keys: Vec<String> = self
+                .run(async |c| {
+                    redis::cmd("ZRANGEBYLEX")
+                        .arg(&index)
+                        .arg(&from)
+                        .arg("+")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(want)
+                        .query_async(c)
+                        .await
+                })
+                .await?;
+            if keys.is_empty() {
+                break;
+            }
+            let full: Vec<String> = keys.iter().map(|k| self.key(ns, k)).collect();
+            let values: Vec<Option<Vec<u8>>> = self
+                .run(async |c| redis::cmd("MGET").arg(&full).query_async(c).await)
+                .await?;
+            let mut gone = Vec::new();
+            for (k, v) in keys.iter().zip(values) {
+                match v {
+                    Some(v) => out.push((k.clone(), v)),
+                    None => gone.push(k.clone()),
+                }
+            }
+            if !gone.is_empty() {
+                self.run(async |c| {
+                    redis::cmd("ZREM")
+                        .arg(&index)
+                        .arg(&gone)
+                        .query_async::<()>(c)
+                        .await
+                })
+                .await?;
+            }
+            from = format!("({}", keys[keys.len() - 1]);
+            if keys.len() < want {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,362 @@
+//! The spool against the real RabbitMQ, reached through a proxy the tests stop and start to
+//! play a broker that is down: spooled requests are answered 202 and forwarded in order once
+//! the broker is back (counted in the real queue), a full spool is 503, a message the broker
+//! refuses goes to the dead letters and can be replayed from the admin API, and — with the
+//! gateway binary — the spool survives `kill -9` and a restart with exactly the messages it
+//! acknowledged.
+
+use std::time::Duration;
+
+use http::Method;
+use lapin::options::{BasicGetOptions, QueueBindOptions};
+
+use crate::support::amqp::{self as mq, BrokerProxy};
+use crate::support::*;
+
+/// A backend `rabbit` at `url` with an exchange and a queue bound to `order.#`, and a route
+/// `POST /orders/{n}` that publishes `order.{n}` with `spool: true`.
+fn config(url: &str, x: &str, q: &str, state: &str, route_extra: &str) -> String {
+    keyed(url, x, q, state, "order.{n}", route_extra)
+}
+
+/// [`config`] with the route publishing with routing key `key`.
+fn keyed(url: &str, x: &str, q: &str, state: &str, key: &str, route_extra: &str) -> String {
+    let state = if state.is_empty() {
+        "state: { spool: { retry: { min: 50ms, max: 300ms } } }"
+    } else {
+        state
+    };
+    format!(
+        r#"
+{state}
+backends:
+  rabbit:
+    type: amqp
+    url: "{url}"
+    connect_timeout: 1s
+    reconnect: {{ min: 50ms, max: 300ms }}
+    breaker: {{ open_for: 300ms }}
+    topology:
+      exchanges: [{{ name: "{x}", type: topic, durable: false }}]
+      queues: [{{ name: "{q}", durable: false }}]
+      bindings: [{{ queue: "{q}", exchange: "{x}", routing_key: "order.#" }}]
+routes:
+  - id: orders
+    match: {{ method: POST, path: "/orders/{{n}}" }}
+    backend: rabbit
+    spool: true
+    amqp: {{ exchange: "{x}", routing_key: "{key}"{route_extra} }}
+"#
+    )
+}
+
+async fn post(base: &str, path: &str, b: &str) -> (u16, http::HeaderMap, serde_json::Value) {
+    let req = request(Method::POST, &format!("{base}{path}"))
+        .header("content-type", "application/json")
+        .body(body(b.to_string()))
+        .unwrap();
+    let (s, h, b) = send(req).await;
+    (
+        s.as_u16(),
+        h,
+        serde_json::from_slice(&b).unwrap_or_default(),
+    )
+}
+
+/// Messages in `queue`; 0 while the gateway has not declared it yet.
+async fn depth(conn: &lapin::Connection, queue: &str) -> u32 {
+    let ch = conn.create_channel().await.unwrap();
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    ch.queue_declare(queue.into(), passive, Default::default())
+        .await
+        .map_or(0, |q| q.message_count())
+}
+
+/// Waits until `queue` holds `n` messages.
+async fn wait_depth(conn: &lapin::Connection, queue: &str, n: u32) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let d = depth(conn, queue).await;
+        if d >= n {
+            assert_eq!(d, n, "more messages than were sent");
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the queue holds {d} of {n} messages"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Takes every message from `queue`: (routing key, body as JSON, message id).
+async fn drain(conn: &lapin::Connection, queue: &str) -> Vec<(String, serde_json::Value, String)> {
+    let ch = conn.create_channel().await.unwrap();
+    let mut out = Vec::new();
+    while let Some(m) = ch
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        out.push((
+            m.routing_key.to_string(),
+            serde_json::from_slice(&m.data).unwrap(),
+            m.properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+        ));
+    }
+    out
+}
+
+/// Sends `n` requests, one after another, and checks each was spooled. Their message ids.
+async fn spool_n(base: &str, from: usize, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in from..from + n {
+        let (s, h, b) = post(base, &format!("/orders/{i}"), &format!("{{\"seq\":{i}}}")).await;
+        assert_eq!(s, 202, "request {i}: {b}");
+        assert_eq!(h["switchyard-spooled"], "true", "request {i}");
+        assert_eq!(b["status"], "spooled");
+        ids.push(b["message_id"].as_str().unwrap().to_string());
+    }
+    ids
+}
+
+#[tokio::test]
+async fn spooled_requests_are_forwarded_in_order_once_the_broker_is_back() {
+    let proxy = BrokerProxy::start().await;
+    proxy.stop();
+    let (x, q) = (mq::unique("x"), mq::unique("q"));
+    let gw = Gateway::start(&config(&proxy.url(), &x, &q, "", "")).await;
+    let base = format!("http://{}", gw.listen);
+    let ids = spool_n(&base, 0, 20).await;
+
+    let (_, spool) = gw.admin_json("/spool").await;
+    assert_eq!(spool["routes"]["orders"]["messages"], 20, "{spool}");
+    assert!(spool["routes"]["orders"]["bytes"].as_u64().unwrap() > 0);
+    assert_eq!(spool["routes"]["orders"]["forwarding"], true);
+    let (_, _, metrics) = get(&gw.admin_url("/metrics")).await;
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("switchyard_spool_messages{route=\"orders\"} 20"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("switchyard_spool_oldest_age_seconds{route=\"orders\"}"));
+
+    proxy.start_again();
+    let conn = mq::client().await;
+    wait_depth(&conn, &q, 20).await;
+    let got = drain(&conn, &q).await;
+    for (i, (key, body, id)) in got.iter().enumerate() {
+        assert_eq!(body["seq"], i, "in order");
+        assert_eq!(key, &format!("order.{i}"), "the route's templates applied");
+        assert_eq!(id, &ids[i], "the message id the 202 gave");
+    }
+    // Once drained, the spool is empty and requests are published directly again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, spool) = gw.admin_json("/spool").await;
+        if spool["routes"]["orders"]["messages"] == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{spool}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.wait_backend("rabbit", true).await;
+    let (s, h, _) = post(&base, "/orders/99", "{\"seq\":99}").await;
+    assert_eq!(s, 202);
+    assert!(h.get("switchyard-spooled").is_none(), "published directly");
+    wait_depth(&conn, &q, 1).await;
+    mq::cleanup(&conn, &[&x], &[&q]).await;
+}
+
+#[tokio::test]
+async fn a_full_spool_answers_503() {
+    let proxy = BrokerProxy::start().await;
+    proxy.stop();
+    let (x, q) = (mq::unique("x"), mq::unique("q"));
+    let gw = Gateway::start(&config(
+        &proxy.url(),
+        &x,
+        &q,
+        "state: { spool: { max_messages: 3 } }",
+        "",
+    ))
+    .await;
+    let base = format!("http://{}", gw.listen);
+    spool_n(&base, 0, 3).await;
+    let (s, h, b) = post(&base, "/orders/3", "{}").await;
+    assert_eq!(s, 503, "{b}");
+    assert_eq!(b["type"], "urn:switchyard:problem:spool-full");
+    assert!(h.contains_key("retry-after"));
+    let (_, spool) = gw.admin_json("/spool").await;
+    assert_eq!(spool["routes"]["orders"]["messages"], 3);
+}
+
+#[tokio::test]
+async fn a_message_the_broker_refuses_is_dead_lettered_and_can_be_replayed() {
+    let proxy = BrokerProxy::start().await;
+    proxy.stop();
+    let (x, q) = (mq::unique("x"), mq::unique("q"));
+    // `mandatory`, and a routing key the queue's binding (`order.#`) does not take: the
+    // broker refuses the message for good once it is reachable.
+    let gw = Gateway::start(&keyed(
+        &proxy.url(),
+        &x,
+        &q,
+        "",
+        "lost.{n}",
+        ", mandatory: true",
+    ))
+    .await;
+    let base = format!("http://{}", gw.listen);
+    let (s, _, b) = post(&base, "/orders/1", "{\"seq\":1}").await;
+    assert_eq!(s, 202, "{b}");
+    proxy.start_again();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let dead = loop {
+        let (_, v) = gw.admin_json("/dead-letters").await;
+        if let Some(d) = v["dead_letters"].as_array().filter(|a| !a.is_empty()) {
+            break d[0].clone();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no dead letter: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(dead["route"], "orders");
+    assert_eq!(dead["source"], "spool");
+    assert!(
+        dead["reason"].as_str().unwrap().contains("no queue"),
+        "{dead}"
+    );
+    let id = dead["id"].as_str().unwrap().to_string();
+    let (s, full) = gw.admin_json(&format!("/dead-letters/{id}")).await;
+    assert_eq!(s, 200);
+    assert!(full["body_base64"].as_str().is_some());
+    let (_, spool) = gw.admin_json("/spool").await;
+    assert_eq!(spool["routes"]["orders"]["messages"], 0, "{spool}");
+
+    // Fix the routing, replay: the message arrives, and leaves the dead letters.
+    let conn = mq::client().await;
+    let ch = conn.create_channel().await.unwrap();
+    ch.queue_bind(
+        q.as_str().into(),
+        x.as_str().into(),
+        "lost.#".into(),
+        QueueBindOptions::default(),
+        Default::default(),
+    )
+    .await
+    .unwrap();
+    let (s, _, b) = send(
+        request(
+            Method::POST,
+            &gw.admin_url(&format!("/dead-letters/{id}/replay")),
+        )
+        .body(body(""))
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    wait_depth(&conn, &q, 1).await;
+    let got = drain(&conn, &q).await;
+    assert_eq!(got[0].1["seq"], 1);
+    let (s, _) = gw.admin_json(&format!("/dead-letters/{id}")).await;
+    assert_eq!(s, 404);
+    let (s, _, _) = send(
+        request(
+            Method::DELETE,
+            &gw.admin_url(&format!("/dead-letters/{id}")),
+        )
+        .body(body(""))
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 404);
+    mq::cleanup(&conn, &[&x], &[&q]).await;
+}
+
+/// The gateway binary on `config`, its admin address.
+fn spawn_gateway(config: &std::path::Path) -> std::process::Child {
+    std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("the gateway binary starts")
+}
+
+/// Waits until the process's admin API answers.
+async fn wait_up(admin: std::net::SocketAddr) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(admin).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway never came up"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_spool_survives_kill_9_and_delivers_exactly_what_it_acknowledged() {
+    const N: usize = 50;
+    let proxy = BrokerProxy::start().await;
+    proxy.stop();
+    let (x, q) = (mq::unique("x"), mq::unique("q"));
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin) = (free_port().await, free_port().await);
+    let yaml = format!(
+        "server: {{ listen: \"{listen}\", admin: \"{admin}\" }}\n{}",
+        config(&proxy.url(), &x, &q, "", "")
+    );
+    let path = dir.path().join("routes.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let base = format!("http://{listen}");
+
+    let mut first = spawn_gateway(&path);
+    wait_up(admin).await;
+    let ids = spool_n(&base, 0, N).await;
+    first.kill().expect("SIGKILL");
+    first.wait().unwrap();
+
+    let mut second = spawn_gateway(&path);
+    wait_up(admin).await;
+    let (_, spool) = {
+        let (s, _, b) = get(&format!("http://{admin}/spool")).await;
+        (s, serde_json::from_slice::<serde_json::Value>(&b).unwrap())
+    };
+    assert_eq!(spool["routes"]["orders"]["messages"], N, "{spool}");
+    proxy.start_again();
+    let conn = mq::client().await;
+    wait_depth(&conn, &q, N as u32).await;
+    // Give a duplicate the time to show up, judged by the spool being empty.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, _, b) = get(&format!("http://{admin}/spool")).await;
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        if v["routes"]["orders"]["messages"] == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = drain(&conn, &q).await;
+    assert_eq!(got.len(), N, "exactly the acknowledged messages");
+    for (i, (_, body, id)) in got.iter().enumerate() {
+        assert_eq!(body["seq"], i, "in order");
+        assert_eq!(id, &ids[i]);
+    }
+    second.kill().unwrap();
+    second.wait().unwrap();
+    mq::cleanup(&conn, &[&x], &[&q]).await;
+}
