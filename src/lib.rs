@@ -7,6 +7,7 @@ pub mod app;
 pub mod backends;
 pub mod config;
 pub mod error;
+pub mod jobs;
 pub mod middleware;
 pub mod plugins;
 pub mod router;

@@ -48,7 +48,7 @@ pub struct Spooled {
 }
 
 impl Spooled {
-    fn capture(parts: &http::request::Parts, message_id: &str) -> Spooled {
+    pub fn capture(parts: &http::request::Parts, message_id: &str) -> Spooled {
         let ctx = parts.extensions.get::<RequestContext>();
         Spooled {
             method: parts.method.to_string(),
@@ -311,9 +311,11 @@ impl Spool {
             .unwrap_or(false)
     }
 
-    /// Writes a request to the spool durably. Returns the route's depth after it.
+    /// Writes a request to the spool durably. Returns the route's depth after it. The write
+    /// and its accounting run in a task of their own, so a client that goes away mid-write
+    /// leaves the spool's counts right.
     pub async fn append(
-        &self,
+        self: &Arc<Self>,
         route: &Arc<str>,
         rec: &Spooled,
         body: &[u8],
@@ -330,35 +332,37 @@ impl Spool {
             t.0 += 1;
             t.1 += size;
         }
-        let (done, wait) = oneshot::channel();
-        let sent = self
-            .writer
-            .send(Append {
+        let (this, route, accepted) = (self.clone(), route.clone(), rec.accepted_ms);
+        let task = tokio::spawn(async move {
+            let (done, wait) = oneshot::channel();
+            let append = Append {
                 route: route.clone(),
                 record,
                 done,
-            })
-            .await;
-        let written = match sent {
-            Ok(()) => wait
-                .await
-                .unwrap_or_else(|_| Err(StoreError::Unavailable("spool writer stopped".into()))),
-            Err(_) => Err(StoreError::Unavailable("spool writer stopped".into())),
-        };
-        if let Err(e) = written {
-            let mut t = self.totals.lock().expect("spool totals");
-            t.0 -= 1;
-            t.1 -= size;
-            return Err(e.into());
-        }
-        self.metrics.spool_event(route, "spooled");
-        let mut slots = self.slots.lock().expect("spool slots");
-        let slot = slots.entry(route.clone()).or_default();
-        slot.messages += 1;
-        slot.bytes += size;
-        slot.oldest_ms.get_or_insert(rec.accepted_ms);
-        slot.notify.notify_one();
-        Ok(slot.messages)
+            };
+            let written = match this.writer.send(append).await {
+                Ok(()) => wait.await.unwrap_or_else(|_| {
+                    Err(StoreError::Unavailable("spool writer stopped".into()))
+                }),
+                Err(_) => Err(StoreError::Unavailable("spool writer stopped".into())),
+            };
+            if let Err(e) = written {
+                let mut t = this.totals.lock().expect("spool totals");
+                t.0 -= 1;
+                t.1 -= size;
+                return Err(SpoolError::Store(e));
+            }
+            this.metrics.spool_event(&route, "spooled");
+            let mut slots = this.slots.lock().expect("spool slots");
+            let slot = slots.entry(route.clone()).or_default();
+            slot.messages += 1;
+            slot.bytes += size;
+            slot.oldest_ms.get_or_insert(accepted);
+            slot.notify.notify_one();
+            Ok(slot.messages)
+        });
+        task.await
+            .unwrap_or_else(|e| Err(SpoolError::Store(StoreError::Unavailable(e.to_string()))))
     }
 
     /// The oldest `n` messages of a route.
@@ -384,14 +388,20 @@ impl Spool {
             .await
     }
 
-    /// Deletes forwarded (or dead-lettered) messages, in one transaction.
-    async fn remove(&self, route: &Arc<str>, done: Vec<(u64, u64)>) -> Result<(), StoreError> {
+    /// Deletes forwarded (or dead-lettered) messages, in one transaction. On failure, hands
+    /// the list back.
+    async fn remove(
+        &self,
+        route: &Arc<str>,
+        done: Vec<(u64, u64)>,
+    ) -> Result<(), (StoreError, Vec<(u64, u64)>)> {
         if done.is_empty() {
             return Ok(());
         }
         let r = route.clone();
         let seqs: Vec<u64> = done.iter().map(|(s, _)| *s).collect();
-        self.local
+        let removed = self
+            .local
             .run(move |db: &Database| {
                 let tx = db.begin_write().map_err(unavailable)?;
                 {
@@ -402,7 +412,10 @@ impl Spool {
                 }
                 tx.commit().map_err(unavailable)
             })
-            .await?;
+            .await;
+        if let Err(e) = removed {
+            return Err((e, done));
+        }
         let (n, bytes) = (done.len() as u64, done.iter().map(|(_, b)| b).sum::<u64>());
         if let Ok(mut t) = self.totals.lock() {
             t.0 = t.0.saturating_sub(n);
@@ -473,9 +486,8 @@ impl Spool {
         let Some((store, ttl)) = self.dead.lock().ok().and_then(|d| d.clone()) else {
             return Err(StoreError::Unavailable("no dead-letter store".into()));
         };
-        let id = uuid::Uuid::now_v7().to_string();
         let dl = DeadLetter {
-            id: id.clone(),
+            id: uuid::Uuid::now_v7().to_string(),
             source: "spool".into(),
             route: route.to_string(),
             reason,
@@ -484,12 +496,21 @@ impl Spool {
             request: rec,
             body: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, body),
         };
-        let value = serde_json::to_vec(&dl).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        store.put(Ns::DeadLetters, &id, &value, ttl).await?;
+        put_dead_letter(&store, ttl, &dl).await?;
         self.metrics.spool_event(route, "dead_lettered");
-        tracing::warn!(route = %route, dead_letter = %id, reason = %dl.reason, attempts, "A spooled message was moved to the dead letters.");
+        tracing::warn!(route = %route, dead_letter = %dl.id, reason = %dl.reason, attempts, "A spooled message was moved to the dead letters.");
         Ok(())
     }
+}
+
+/// Writes a dead letter to the store.
+pub async fn put_dead_letter(
+    store: &SharedStore,
+    ttl: Duration,
+    dl: &DeadLetter,
+) -> Result<(), StoreError> {
+    let value = serde_json::to_vec(dl).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    store.put(Ns::DeadLetters, &dl.id, &value, ttl).await
 }
 
 /// Appends in group commits: every append waiting when a transaction starts shares its fsync.
@@ -553,6 +574,16 @@ fn judge(result: Result<Response, BoxError>) -> Outcome {
                 .map(|g| g.detail())
                 .unwrap_or_else(|| crate::server::dispatch::error_chain(e.as_ref()));
             match c.error {
+                // The broker refused this message: counted, so that one it always refuses
+                // ends in the dead letters instead of blocking the route.
+                Some(GatewayError::BackendUnavailable { reason, .. })
+                    if *reason == crate::backends::amqp::NACKED =>
+                {
+                    Outcome::Refused {
+                        reason: reason.to_string(),
+                        permanent: false,
+                    }
+                }
                 Some(
                     GatewayError::BackendUnavailable { .. }
                     | GatewayError::CircuitOpen { .. }
@@ -570,32 +601,67 @@ fn judge(result: Result<Response, BoxError>) -> Outcome {
     }
 }
 
+/// Clears a route's `running` mark when its forwarder ends, however it ends (a panic in the
+/// backend's future included), so that the next install starts a new one.
+struct Running {
+    spool: Weak<Spool>,
+    route: Arc<str>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(sp) = self.spool.upgrade() {
+            sp.note(&self.route, |s| s.running = false);
+        }
+    }
+}
+
 /// One route's forwarder: replays its messages in order through the installed service.
 async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
+    let _running = Running {
+        spool: spool.clone(),
+        route: route.clone(),
+    };
     let mut backoff: Option<Duration> = None;
     let mut refusals: (u64, u32) = (u64::MAX, 0);
+    // Delivered (or dead-lettered) but not yet deleted: never sent again while they wait.
+    let mut done: Vec<(u64, u64)> = Vec::new();
     loop {
         if let Some(wait) = backoff {
-            tokio::select! {
-                _ = tokio::time::sleep(wait) => {}
-                _ = notify.notified() => {}
-            }
+            // New messages do not cut a backoff short: the backend is down for them too.
+            tokio::time::sleep(wait).await;
         }
         let Some(sp) = spool.upgrade() else { return };
+        let spec = sp.spec();
+        let next_backoff = |b: Option<Duration>| {
+            Some(b.map_or(spec.retry.min.0, |b| (b * 2).min(spec.retry.max.0)))
+        };
+        if !done.is_empty() {
+            match sp.remove(&route, std::mem::take(&mut done)).await {
+                Ok(()) => {}
+                Err((e, left)) => {
+                    tracing::error!(route = %route, error = %e, "Removing forwarded messages from the spool failed; they are kept from being sent again.");
+                    done = left;
+                    backoff = next_backoff(backoff);
+                    continue;
+                }
+            }
+        }
         let service = sp
             .slots
             .lock()
             .ok()
             .and_then(|s| s.get(&route).and_then(|s| s.service.clone()));
+        // The database, not the counters, says what waits.
         let batch = match &service {
-            Some(_) if sp.holds(&route) => sp.peek(&route, 64).await,
-            _ => Ok(Vec::new()),
+            Some(_) => sp.peek(&route, 64).await,
+            None => Ok(Vec::new()),
         };
         let batch = match batch {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(route = %route, error = %e, "Reading the spool failed.");
-                backoff = Some(Duration::from_secs(1));
+                backoff = next_backoff(backoff);
                 continue;
             }
         };
@@ -606,16 +672,34 @@ async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
             backoff = None;
             continue;
         };
-        let spec = sp.spec();
-        let mut done: Vec<(u64, u64)> = Vec::new();
         let mut stalled = None;
         for (seq, raw) in batch {
             let size = raw.len() as u64;
             let (rec, body) = match Spooled::decode(&raw) {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::error!(route = %route, seq, error = %e, "A spool record cannot be read; it is dropped.");
-                    done.push((seq, size));
+                    // Kept, not dropped: the raw record goes to the dead letters.
+                    let rec = Spooled {
+                        method: String::new(),
+                        uri: String::new(),
+                        headers: Vec::new(),
+                        correlation_id: String::new(),
+                        message_id: String::new(),
+                        client: String::new(),
+                        host: None,
+                        params: Vec::new(),
+                        accepted_ms: now_ms(),
+                    };
+                    let reason = format!("the spool record cannot be read: {e}");
+                    match sp.dead_letter(&route, rec, &raw, reason, 0).await {
+                        Ok(()) => done.push((seq, size)),
+                        Err(e) => {
+                            stalled = Some(format!(
+                                "an unreadable record could not be dead-lettered: {e}"
+                            ));
+                            break;
+                        }
+                    }
                     continue;
                 }
             };
@@ -659,15 +743,16 @@ async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
                 }
             }
         }
-        if let Err(e) = sp.remove(&route, done).await {
-            tracing::error!(route = %route, error = %e, "Removing forwarded messages from the spool failed; they may be sent again.");
+        if let Err((e, left)) = sp.remove(&route, std::mem::take(&mut done)).await {
+            tracing::error!(route = %route, error = %e, "Removing forwarded messages from the spool failed; they are kept from being sent again.");
+            done = left;
+            stalled.get_or_insert_with(|| e.to_string());
         }
         match stalled {
             Some(reason) => {
                 tracing::debug!(route = %route, %reason, "Forwarding from the spool paused.");
                 sp.note(&route, |s| s.last_error = Some(reason));
-                let next = backoff.map_or(spec.retry.min.0, |b| (b * 2).min(spec.retry.max.0));
-                backoff = Some(next);
+                backoff = next_backoff(backoff);
             }
             None => {
                 sp.note(&route, |s| s.last_error = None);

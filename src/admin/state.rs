@@ -3,6 +3,7 @@
 //! `POST /dead-letters/{id}/replay`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -160,13 +161,45 @@ async fn delete(state: &State, id: &str) -> Response {
     }
 }
 
-/// Puts a dead letter back in its route's spool, where the forwarder sends it in turn, then
-/// deletes it from the dead letters.
+/// Puts a spooled message back in its route's spool, where the forwarder sends it in turn, or
+/// delivers a webhook again; then deletes it from the dead letters.
 async fn replay(table: &crate::router::RouteTable, state: &State, id: &str) -> Response {
+    // One replay at a time, across replicas sharing the store: a second one would send twice.
+    match state
+        .store
+        .insert(
+            Ns::Leases,
+            &format!("replay:{id}"),
+            b"1",
+            Duration::from_secs(60),
+        )
+        .await
+    {
+        Ok(None) => {}
+        Ok(Some(_)) => {
+            return problem(
+                StatusCode::CONFLICT,
+                format!("dead letter `{id}` is being replayed already"),
+            );
+        }
+        Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
     let d = match load(state, id).await {
         Ok(d) => d,
         Err(r) => return r,
     };
+    if d.source == "webhook" {
+        if let Err(why) = state.jobs.redeliver(&d).await {
+            return problem(StatusCode::CONFLICT, why);
+        }
+        if let Err(e) = state.store.delete(Ns::DeadLetters, id).await {
+            tracing::warn!(dead_letter = %id, error = %e, "A replayed dead letter could not be deleted; it may be replayed twice.");
+        }
+        return json_response(
+            StatusCode::ACCEPTED,
+            json!({ "replayed": id, "route": d.route }),
+        );
+    }
     let Some(route) = table
         .routes
         .iter()

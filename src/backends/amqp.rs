@@ -36,6 +36,9 @@ use crate::middleware::context::{Deadline, RequestContext};
 use crate::telemetry::metrics::Metrics;
 use crate::{BoxError, Request, Response, full_body};
 
+/// Why a publish the broker nacked failed (the spool counts these as refusals).
+pub const NACKED: &str = "the broker refused the message (nack)";
+
 /// Waiters for replies, by correlation id. A reply nobody waits for is dropped and counted.
 #[derive(Default)]
 struct Replies {
@@ -836,9 +839,7 @@ impl AmqpRouteService {
                 self.shared
                     .metrics
                     .broker_event(&self.shared.name, "nacked");
-                Err(self
-                    .unavailable("the broker refused the message (nack)", None)
-                    .into())
+                Err(self.unavailable(NACKED, None).into())
             }
             Ok(Err((sent, e))) => Err(self.publish_error(e, exchange, sent)),
         }

@@ -9,7 +9,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use super::state::{
-    IdempotencySpec, JobsSpec, RedisStoreSpec, RouteMode, SpoolSpec, StateSpec, StoreKind,
+    AsyncSpec, IdempotencySpec, JobsSpec, OnTimeout, RedisStoreSpec, RouteMode, SpoolSpec,
+    StateSpec, StoreKind, WebhookSpec,
 };
 use super::types::{Dur, OneOrMany, Size};
 
@@ -1051,6 +1052,13 @@ pub struct RouteSpec {
     /// `sync` (the backend's answer) or `async` (202 and a job to poll).
     #[serde(default)]
     pub mode: RouteMode,
+    /// For sync routes: `fail` (504) or `accept` (202 and a job that keeps the late answer)
+    /// when `timeout` passes.
+    #[serde(default)]
+    pub on_timeout: OnTimeout,
+    /// The background call of `mode: async` and `on_timeout: accept`: deadline, webhook.
+    #[serde(default, rename = "async")]
+    pub background: Option<AsyncSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]

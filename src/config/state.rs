@@ -229,3 +229,69 @@ pub enum RouteMode {
     /// background and its result is read from the job endpoint.
     Async,
 }
+
+/// What a sync route does when its `timeout` passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnTimeout {
+    /// 504.
+    #[default]
+    Fail,
+    /// 202 with a job location; the call goes on in the background and its late answer is
+    /// kept in the job.
+    Accept,
+}
+
+/// Settings of the background call of `mode: async` and `on_timeout: accept` routes.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AsyncSpec {
+    /// Deadline of the background call: for `mode: async` the route's `timeout` when absent;
+    /// for `on_timeout: accept`, 5 minutes.
+    #[serde(default)]
+    pub timeout: Option<Dur>,
+    /// POST the job's result to a callback URL when it finishes.
+    #[serde(default)]
+    pub webhook: Option<WebhookSpec>,
+}
+
+/// A signed callback with a job's result.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSpec {
+    /// The callback URL, for every job of the route.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// Take the callback URL from this request header instead, when the client sends one.
+    #[serde(default)]
+    pub from_header: Option<String>,
+    /// URL prefixes a URL from `from_header` must start with (`https://hooks.example.com/`);
+    /// any other is refused with 400.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// The HMAC-SHA256 key the `Switchyard-Signature` header is made with (`${VAR}` keeps it
+    /// out of the file).
+    pub secret: String,
+    /// Deliveries tried in all before the result is dead-lettered.
+    #[serde(default = "default_webhook_attempts")]
+    pub attempts: u32,
+    /// Wait between deliveries, doubling.
+    #[serde(default = "default_webhook_backoff")]
+    pub backoff: BackoffSpec,
+    /// Bound on each delivery.
+    #[serde(default = "default_webhook_timeout")]
+    pub timeout: Dur,
+}
+
+fn default_webhook_attempts() -> u32 {
+    6
+}
+fn default_webhook_backoff() -> BackoffSpec {
+    BackoffSpec {
+        min: Dur(std::time::Duration::from_millis(500)),
+        max: Dur::secs(60),
+    }
+}
+fn default_webhook_timeout() -> Dur {
+    Dur::secs(5)
+}

@@ -249,15 +249,121 @@ fn validate_state_use(cx: &mut Ctx, spec: &ConfigSpec, i: usize, route: &RouteSp
             cx.err(&format!("{base}.spool"), id, why);
         }
     }
-    if route.mode == crate::config::RouteMode::Async {
-        let why = if ws {
-            Some("a WebSocket route cannot run as a job")
-        } else {
-            Some("`mode: async` (jobs) is not available in this version; use `sync`")
-        };
-        if let Some(why) = why {
-            cx.err(&format!("{base}.mode"), id, why);
+    let is_async = route.mode == crate::config::RouteMode::Async;
+    let accept = route.on_timeout == crate::config::OnTimeout::Accept;
+    if is_async && ws {
+        cx.err(
+            &format!("{base}.mode"),
+            id,
+            "a WebSocket route cannot run as a job",
+        );
+    }
+    if accept && (ws || is_async) {
+        cx.err(
+            &format!("{base}.on_timeout"),
+            id,
+            if ws {
+                "a WebSocket route has no timeout to accept on"
+            } else {
+                "`on_timeout` is for sync routes; an async route always answers 202 with a job"
+            },
+        );
+    }
+    if (is_async || accept)
+        && let Some(p) = spec.routes.iter().position(|r| {
+            let jobs = &spec.state.jobs.path;
+            r.matcher.path == *jobs
+                || r.matcher
+                    .path
+                    .strip_prefix(jobs.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+        })
+    {
+        cx.err(
+            &format!("routes[{p}].match.path"),
+            Some(&spec.routes[p].id),
+            format!(
+                "this path is under the job endpoint `{}` (state.jobs.path); move the route or set another state.jobs.path",
+                spec.state.jobs.path
+            ),
+        );
+    }
+    let Some(bg) = &route.background else {
+        return;
+    };
+    let ab = format!("{base}.async");
+    if !(is_async || accept) {
+        cx.err_key_route(
+            &ab,
+            id,
+            "`async` settings apply only to `mode: async` or `on_timeout: accept` routes",
+        );
+    }
+    if bg.timeout.is_some_and(|t| t.0.is_zero()) {
+        cx.err(&format!("{ab}.timeout"), id, "must be above zero");
+    }
+    let Some(w) = &bg.webhook else { return };
+    let wb = format!("{ab}.webhook");
+    if w.url.is_none() && w.from_header.is_none() {
+        cx.err_key_route(
+            &wb,
+            id,
+            "give the callback `url`, or `from_header` to take it from the request",
+        );
+    }
+    if let Some(u) = &w.url
+        && !crate::jobs::webhook::valid_url(u)
+    {
+        cx.err(
+            &format!("{wb}.url"),
+            id,
+            format!("`{u}` is not an absolute http or https URL"),
+        );
+    }
+    if let Some(h) = &w.from_header {
+        if HeaderName::from_bytes(h.as_bytes()).is_err() {
+            cx.err(
+                &format!("{wb}.from_header"),
+                id,
+                format!("`{h}` is not a valid header name"),
+            );
         }
+        if w.allow.is_empty() {
+            cx.err(
+                &format!("{wb}.from_header"),
+                id,
+                "a callback URL from the request must match an `allow` entry; list the URL prefixes allowed",
+            );
+        }
+    }
+    for (j, a) in w.allow.iter().enumerate() {
+        if !crate::jobs::webhook::valid_url(a) {
+            cx.err(
+                &format!("{wb}.allow[{j}]"),
+                id,
+                format!("`{a}` is not an absolute http or https URL prefix"),
+            );
+        }
+    }
+    if w.secret.len() < 16 {
+        cx.err(
+            &format!("{wb}.secret"),
+            id,
+            "the signing secret must be at least 16 characters; use `${VAR}` to keep it out of the file",
+        );
+    }
+    if w.attempts == 0 {
+        cx.err(&format!("{wb}.attempts"), id, "must be at least 1");
+    }
+    if w.backoff.min.0.is_zero() || w.backoff.min.0 > w.backoff.max.0 {
+        cx.err(
+            &format!("{wb}.backoff"),
+            id,
+            "`min` must be above zero and at most `max`",
+        );
+    }
+    if w.timeout.0.is_zero() {
+        cx.err(&format!("{wb}.timeout"), id, "must be above zero");
     }
 }
 

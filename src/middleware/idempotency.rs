@@ -8,10 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use futures_util::StreamExt;
-use http::{HeaderName, HeaderValue, StatusCode};
-use http_body_util::{BodyExt, BodyStream, StreamBody};
+use http::HeaderValue;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tower::ServiceExt;
@@ -19,8 +16,8 @@ use tower::ServiceExt;
 use super::context::MessageId;
 use crate::config::IdempotencySpec;
 use crate::error::GatewayError;
-use crate::store::{Ns, SharedStore, now_ms};
-use crate::{BodyError, BoxError, Request, Response, RouteService, full_body};
+use crate::store::{Ns, SharedStore, StoredResponse, now_ms, read_limited};
+use crate::{BoxError, Request, Response, RouteService, full_body};
 
 pub const HEADER: &str = "idempotency-key";
 /// Set on a replayed answer.
@@ -32,13 +29,12 @@ enum Record {
     Running {
         fingerprint: String,
         started_ms: u64,
+        /// Tells this claim from a later one on the same key (after this one expired).
+        token: String,
     },
     Done {
         fingerprint: String,
-        status: u16,
-        headers: Vec<(String, Vec<u8>)>,
-        /// Base64.
-        body: String,
+        response: StoredResponse,
     },
 }
 
@@ -112,27 +108,18 @@ fn fingerprint(parts: &http::request::Parts, body: &[u8]) -> String {
     let mut h = Sha256::new();
     h.update(parts.method.as_str().as_bytes());
     h.update(b"\n");
-    h.update(parts.uri.to_string().as_bytes());
+    // Path and query only: a retry over another HTTP version (absolute URI) is the same request.
+    h.update(
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .as_bytes(),
+    );
     h.update(b"\n");
     h.update(body);
     let digest = h.finalize();
     digest.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Headers never stored for replay: per-connection ones, and those recomputed on the way out.
-fn stored(name: &HeaderName) -> bool {
-    !matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "transfer-encoding"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "proxy-connection"
-            | "content-length"
-            | "date"
-    )
 }
 
 #[derive(Clone)]
@@ -183,6 +170,7 @@ impl IdempotencyService {
         let claim = serde_json::to_vec(&Record::Running {
             fingerprint: fp.clone(),
             started_ms: now_ms(),
+            token: uuid::Uuid::now_v7().to_string(),
         })
         .map_err(|_| GatewayError::Internal("encoding an idempotency record"))?;
         let found = this
@@ -200,12 +188,14 @@ impl IdempotencyService {
             }
             return match rec {
                 Record::Running { .. } => Err(GatewayError::KeyInUse.into()),
-                Record::Done {
-                    status,
-                    headers,
-                    body,
-                    ..
-                } => replay(status, headers, &body),
+                Record::Done { response, .. } => {
+                    let mut resp = response
+                        .response()
+                        .map_err(|source| GatewayError::StoreUnavailable { source })?;
+                    resp.headers_mut()
+                        .insert(REPLAYED, HeaderValue::from_static("true"));
+                    Ok(resp)
+                }
             };
         }
         parts.extensions.insert(MessageId(key.as_str().into()));
@@ -214,90 +204,69 @@ impl IdempotencyService {
         let resp = match result {
             Ok(r) if !r.status().is_server_error() => r,
             other => {
-                this.release(&store_key).await;
+                this.release(&store_key, &claim).await;
                 return other;
             }
         };
-        this.finish(store_key, fp, resp).await
+        this.finish(store_key, &claim, fp, resp).await
     }
-}
-
-fn replay(status: u16, headers: Vec<(String, Vec<u8>)>, body: &str) -> Result<Response, BoxError> {
-    let bytes = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, body)
-        .map_err(|_| GatewayError::Internal("decoding a stored answer"))?;
-    let mut resp = http::Response::new(full_body(bytes));
-    *resp.status_mut() =
-        StatusCode::from_u16(status).map_err(|_| GatewayError::Internal("a stored status"))?;
-    for (n, v) in headers {
-        if let (Ok(n), Ok(v)) = (
-            HeaderName::from_bytes(n.as_bytes()),
-            HeaderValue::from_bytes(&v),
-        ) {
-            resp.headers_mut().append(n, v);
-        }
-    }
-    resp.headers_mut()
-        .insert(REPLAYED, HeaderValue::from_static("true"));
-    Ok(resp)
 }
 
 impl IdempotencyService {
-    /// Frees the key after a failure, so that the client may try again with it.
-    async fn release(&self, store_key: &str) {
-        if let Err(e) = self.store.delete(Ns::Idempotency, store_key).await {
+    /// Frees the key after a failure, so that the client may try again with it (unless the
+    /// claim expired and someone else holds the key now).
+    async fn release(&self, store_key: &str, claim: &[u8]) {
+        let freed = self
+            .store
+            .swap(Ns::Idempotency, store_key, claim, None, self.lock_ttl)
+            .await;
+        if let Err(e) = freed {
             tracing::warn!(route = %self.route, error = %e, "Releasing an idempotency key failed; it frees itself when its claim expires.");
         }
     }
 
     /// Stores the answer for replay and passes it on. An answer too large to store is passed
-    /// on as it streams, and the key released.
+    /// on as it streams, and the key released; so is one with trailers (gRPC), which a stored
+    /// answer cannot carry.
     async fn finish(
         &self,
         store_key: String,
+        claim: &[u8],
         fp: String,
         resp: Response,
     ) -> Result<Response, BoxError> {
-        let (parts, mut body) = resp.into_parts();
-        let limit = self.spec.max_response_size.0 as usize;
-        let mut buf = BytesMut::new();
-        let mut overflow = false;
-        while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| -> BoxError { Box::new(e) })?;
-            if let Ok(data) = frame.into_data() {
-                buf.extend_from_slice(&data);
-                if buf.len() > limit {
-                    overflow = true;
-                    break;
-                }
+        let (parts, body) = resp.into_parts();
+        let bytes = match read_limited(body, self.spec.max_response_size.0 as usize).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(whole)) => {
+                self.release(&store_key, claim).await;
+                return Ok(http::Response::from_parts(parts, whole));
             }
-        }
-        let bytes = buf.freeze();
-        if overflow {
-            self.release(&store_key).await;
-            let head = futures_util::stream::once(async move {
-                Ok::<_, BodyError>(http_body::Frame::data(bytes))
-            });
-            let rest = BodyStream::new(body);
-            let body = StreamBody::new(head.chain(rest)).boxed_unsync();
-            return Ok(http::Response::from_parts(parts, body));
-        }
+            Err(e) => {
+                self.release(&store_key, claim).await;
+                return Err(e);
+            }
+        };
         let record = Record::Done {
             fingerprint: fp,
-            status: parts.status.as_u16(),
-            headers: parts
-                .headers
-                .iter()
-                .filter(|(n, _)| stored(n))
-                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-                .collect(),
-            body: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &bytes),
+            response: StoredResponse::new(&parts, &bytes),
         };
         let stored = match serde_json::to_vec(&record) {
-            Ok(v) => self
+            Ok(v) => match self
                 .store
-                .put(Ns::Idempotency, &store_key, &v, self.spec.ttl.0)
+                .swap(
+                    Ns::Idempotency,
+                    &store_key,
+                    claim,
+                    Some(&v),
+                    self.spec.ttl.0,
+                )
                 .await
-                .map_err(|e| e.to_string()),
+            {
+                Ok(true) => Ok(()),
+                Ok(false) => Err("the claim expired and the key was taken again".into()),
+                Err(e) => Err(e.to_string()),
+            },
             Err(e) => Err(e.to_string()),
         };
         if let Err(e) = stored {

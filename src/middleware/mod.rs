@@ -10,13 +10,14 @@ pub mod retry;
 pub mod timeout;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tower::Layer;
 
 use crate::RouteService;
 use crate::backends::BuiltBackend;
-use crate::config::{DefaultsSpec, RouteSpec};
+use crate::config::{DefaultsSpec, OnTimeout, RouteMode, RouteSpec};
 use crate::plugins;
 use crate::store::State;
 use crate::telemetry::metrics::Metrics;
@@ -44,17 +45,20 @@ pub struct StackError {
 /// 4. **Route concurrency limit** (load shedding): fails fast with 503 instead of queueing.
 /// 5. **Idempotency key**: a repeat is answered from the store before it can reach anything
 ///    below, and the answer stored is the one the client saw (a spooled 202 included).
-/// 6. **Spool**: above the timeout, retry and breaker, so that it sees the final verdict of
+/// 6. **Job** (`mode: async`, `on_timeout: accept`): below the key, so that a repeat gets the
+///    same job; above the spool and the timeout, so that the background call gets the whole
+///    stack below, with its own deadline (`async.timeout`).
+/// 7. **Spool**: above the timeout, retry and breaker, so that it sees the final verdict of
 ///    all tries (backend unreachable, breaker open) and the forwarder's replays go through
 ///    the same tries and breaker as a direct request.
-/// 7. **Overall timeout**: one deadline for everything below it, retries and backoff included;
+/// 8. **Overall timeout**: one deadline for everything below it, retries and backoff included;
 ///    it sets the `Deadline` extension so backends can pass the remaining time on.
-/// 8. **Retry** (with the backend's budget): outside the breaker so that every try is judged by
+/// 9. **Retry** (with the backend's budget): outside the breaker so that every try is judged by
 ///    it, and a breaker that opens mid-way stops further tries at once.
-/// 9. **Circuit breaker** (per backend, shared by its routes): sees each try's outcome.
-/// 10. **Backend concurrency limit**: each try holds a slot on the backend.
-/// 11. **Per-try timeout**: bounds one try, so a hung try can be retried within the deadline.
-/// 12. **Backend**: the protocol bridge itself.
+/// 10. **Circuit breaker** (per backend, shared by its routes): sees each try's outcome.
+/// 11. **Backend concurrency limit**: each try holds a slot on the backend.
+/// 12. **Per-try timeout**: bounds one try, so a hung try can be retried within the deadline.
+/// 13. **Backend**: the protocol bridge itself.
 ///
 /// A WebSocket route gets the same layers, but they see only its handshake: the answer (101)
 /// ends the request, so the timeout bounds the handshake and the breaker and limits judge
@@ -109,7 +113,19 @@ pub fn stack(
         ));
     }
     let timeout = route.timeout.unwrap_or(defaults.timeout).0;
-    svc = RouteService::new(timeout::TimeoutLayer::new(timeout).layer(svc));
+    let background = route
+        .background
+        .as_ref()
+        .and_then(|b| b.timeout)
+        .map(|d| d.0);
+    let jobbed = route.mode == RouteMode::Async || route.on_timeout == OnTimeout::Accept;
+    // The timeout layer bounds the call the job layer makes in the background, if there is one.
+    let deadline = match (route.mode, route.on_timeout) {
+        (RouteMode::Async, _) => background.unwrap_or(timeout),
+        (_, OnTimeout::Accept) => background.unwrap_or(Duration::from_secs(300)),
+        _ => timeout,
+    };
+    svc = RouteService::new(timeout::TimeoutLayer::new(deadline).layer(svc));
     let mut spool_inner = None;
     if route.spool {
         let state = state.ok_or_else(needs_state)?;
@@ -120,6 +136,25 @@ pub fn stack(
             id.clone(),
             backend.name.clone(),
         ));
+    }
+    let mut job = None;
+    if jobbed {
+        let state = state.ok_or_else(needs_state)?;
+        let j = crate::jobs::JobService::new(
+            svc,
+            state.jobs.clone(),
+            id.clone(),
+            (route.on_timeout == OnTimeout::Accept && route.mode == RouteMode::Sync)
+                .then_some(timeout),
+            route
+                .background
+                .as_ref()
+                .and_then(|b| b.webhook.clone())
+                .map(Arc::new),
+            deadline,
+        );
+        svc = RouteService::new(j.clone());
+        job = Some(j);
     }
     if let Some(spec) = &route.idempotency {
         let state = state.ok_or_else(needs_state)?;
@@ -159,6 +194,7 @@ pub fn stack(
     Ok(RouteStack {
         service: svc,
         spool_inner,
+        job,
     })
 }
 
@@ -167,4 +203,6 @@ pub fn stack(
 pub struct RouteStack {
     pub service: RouteService,
     pub spool_inner: Option<RouteService>,
+    /// The job layer, whose routes' jobs are run (and recovered) once the table serves.
+    pub job: Option<crate::jobs::JobService>,
 }

@@ -28,6 +28,8 @@ pub struct CompiledRoute {
     pub service: RouteService,
     /// The stack below the spool layer, for `spool: true` routes.
     pub spool_inner: Option<RouteService>,
+    /// The job layer of `mode: async` and `on_timeout: accept` routes.
+    pub job: Option<crate::jobs::JobService>,
     /// `:verb` the last path variable must end with (annotated gRPC routes).
     pub verb: Option<String>,
 }
@@ -71,6 +73,8 @@ pub struct RouteTable {
     pub backends: BackendSet,
     /// The state store and spool, open when a route needs them.
     pub state: Option<Arc<State>>,
+    /// Whether a route runs jobs, so the job endpoint is served.
+    pub serves_jobs: bool,
     pub correlation_header: HeaderName,
     by_host: HashMap<String, PathIndex>,
     any_host: PathIndex,
@@ -78,7 +82,10 @@ pub struct RouteTable {
 
 /// Whether a route uses the state store or the spool.
 pub fn needs_state(r: &RouteSpec) -> bool {
-    r.spool || r.idempotency.is_some() || r.mode == crate::config::RouteMode::Async
+    r.spool
+        || r.idempotency.is_some()
+        || r.mode == crate::config::RouteMode::Async
+        || r.on_timeout == crate::config::OnTimeout::Accept
 }
 
 /// Building failed for a reason validation could not see (a plugin refused, a router conflict).
@@ -212,11 +219,14 @@ impl RouteTable {
                 backend,
                 service: built.service,
                 spool_inner: built.spool_inner,
+                job: built.job,
             }));
         }
         let correlation_header = HeaderName::from_bytes(spec.server.correlation_header.as_bytes())
             .unwrap_or(HeaderName::from_static("x-request-id"));
+        let serves_jobs = routes.iter().any(|r| r.job.is_some());
         Ok(RouteTable {
+            serves_jobs,
             version,
             spec: Arc::new(spec),
             routes,
@@ -232,6 +242,7 @@ impl RouteTable {
     /// through (a table that is built but rejected never gets here).
     pub fn activate(&self) {
         let Some(state) = &self.state else { return };
+        state.apply();
         let mut keep = Vec::new();
         for r in &self.routes {
             if let Some(inner) = &r.spool_inner {
@@ -240,6 +251,14 @@ impl RouteTable {
             }
         }
         state.spool.retain_routes(&keep);
+        let mut keep = Vec::new();
+        for r in &self.routes {
+            if let Some(j) = &r.job {
+                j.install();
+                keep.push(r.id.clone());
+            }
+        }
+        state.jobs.retain_routes(&keep);
     }
 
     /// Finds the route for a request. Host-specific routes are tried before host-less ones;

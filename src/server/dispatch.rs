@@ -61,6 +61,9 @@ fn has_control_chars(req: &HttpRequest<Incoming>) -> bool {
     })
 }
 
+/// The route id the job endpoint's answers are counted and logged under.
+pub const JOBS_ROUTE: &str = "switchyard.jobs";
+
 /// Handles one request end to end. Never fails: every error becomes a problem+json answer.
 pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: HttpRequest<Incoming>) -> Response {
     let started = Instant::now();
@@ -85,6 +88,13 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: HttpRequest<Incomi
         }
         let path = normalize(req.uri().path(), table.spec.server.encoded_slash)
             .map_err(|e| GatewayError::bad_request(format!("{e}.")))?;
+        if table.serves_jobs
+            && let Some(state) = &table.state
+            && let Some(answer) = crate::jobs::endpoint(&state.jobs, req.method(), &path).await
+        {
+            route_id = Arc::from(JOBS_ROUTE);
+            return answer;
+        }
         let host = host_of(&req);
         let host_key = host.as_deref().map(host_name);
         // An HTTP/2 WebSocket (extended CONNECT, RFC 8441) is routed like the GET of an

@@ -78,19 +78,25 @@ impl LocalDb {
 #[derive(Debug, Clone)]
 pub struct EmbeddedStore {
     local: LocalDb,
+    /// The sweeper runs while this lives.
+    _alive: Arc<()>,
 }
 
 impl EmbeddedStore {
     /// Wraps the database and starts the sweeper that deletes expired records every `sweep`
     /// (they are invisible from the moment they expire; the sweep only frees the space). The
-    /// sweeper stops when the store is dropped.
+    /// sweeper stops when the last clone of the store is dropped.
     pub fn new(local: LocalDb, sweep: Duration) -> EmbeddedStore {
-        let weak = Arc::downgrade(&local.db);
+        let alive = Arc::new(());
+        let (weak, held) = (Arc::downgrade(&local.db), Arc::downgrade(&alive));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(sweep);
             tick.tick().await;
             loop {
                 tick.tick().await;
+                if held.strong_count() == 0 {
+                    break;
+                }
                 let Some(db) = weak.upgrade() else { break };
                 let swept = tokio::task::spawn_blocking(move || sweep_expired(&db)).await;
                 if let Ok(Err(e)) = swept {
@@ -98,7 +104,10 @@ impl EmbeddedStore {
                 }
             }
         });
-        EmbeddedStore { local }
+        EmbeddedStore {
+            local,
+            _alive: alive,
+        }
     }
 }
 
@@ -158,6 +167,47 @@ impl Store for EmbeddedStore {
                         .map_err(unavailable)?;
                 }
                 tx.commit().map_err(unavailable)
+            })
+            .await
+    }
+
+    async fn swap(
+        &self,
+        ns: Ns,
+        key: &str,
+        expected: &[u8],
+        new: Option<&[u8]>,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let (key, expected, new) = (key.to_string(), expected.to_vec(), new.map(<[u8]>::to_vec));
+        self.local
+            .run(move |db| {
+                let now = now_ms();
+                let tx = db.begin_write().map_err(unavailable)?;
+                {
+                    let mut t = tx.open_table(RECORDS).map_err(unavailable)?;
+                    let current = t
+                        .get((ns.as_str(), key.as_str()))
+                        .map_err(unavailable)?
+                        .map(|g| {
+                            let (exp, v) = g.value();
+                            exp > now && v == expected.as_slice()
+                        });
+                    if current != Some(true) {
+                        return Ok(false);
+                    }
+                    match &new {
+                        Some(v) => {
+                            t.insert((ns.as_str(), key.as_str()), (expiry(ttl), v.as_slice()))
+                                .map_err(unavailable)?;
+                        }
+                        None => {
+                            t.remove((ns.as_str(), key.as_str())).map_err(unavailable)?;
+                        }
+                    }
+                }
+                tx.commit().map_err(unavailable)?;
+                Ok(true)
             })
             .await
     }

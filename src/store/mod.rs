@@ -23,6 +23,11 @@ pub enum Ns {
     Jobs,
     /// Dead letters, keyed by a time-ordered id.
     DeadLetters,
+    /// Jobs with work outstanding (a run or a webhook), keyed by job id; listed by recovery.
+    PendingJobs,
+    /// Who holds a piece of work now (a job's run, a dead letter's replay), keyed by what is
+    /// held; expires if that gateway dies.
+    Leases,
 }
 
 impl Ns {
@@ -31,7 +36,14 @@ impl Ns {
             Ns::Idempotency => "idem",
             Ns::Jobs => "job",
             Ns::DeadLetters => "dead",
+            Ns::PendingJobs => "pending",
+            Ns::Leases => "lease",
         }
+    }
+
+    /// Whether [`Store::list`] works on the namespace (Redis keeps an index only for these).
+    pub fn listed(self) -> bool {
+        matches!(self, Ns::DeadLetters | Ns::PendingJobs)
     }
 }
 
@@ -69,10 +81,23 @@ pub trait Store: Send + Sync + 'static {
     /// The live record under `key`.
     async fn get(&self, ns: Ns, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
 
+    /// Replaces the live record under `key` with `new` (or deletes it, when `new` is `None`)
+    /// only if it still holds exactly `expected`; whether it did. Lets a claim's owner finish
+    /// or release it without touching a claim someone else took after it expired.
+    async fn swap(
+        &self,
+        ns: Ns,
+        key: &str,
+        expected: &[u8],
+        new: Option<&[u8]>,
+        ttl: Duration,
+    ) -> Result<bool, StoreError>;
+
     /// Removes the record under `key`; whether one was there.
     async fn delete(&self, ns: Ns, key: &str) -> Result<bool, StoreError>;
 
-    /// Up to `limit` live records with keys greater than `after`, in key order.
+    /// Up to `limit` live records with keys greater than `after`, in key order. Only for
+    /// namespaces that are [`Ns::listed`].
     async fn list(
         &self,
         ns: Ns,
@@ -107,6 +132,7 @@ pub struct State {
     pub store: SharedStore,
     pub local: embedded::LocalDb,
     pub spool: Arc<crate::spool::Spool>,
+    pub jobs: Arc<crate::jobs::Jobs>,
 }
 
 impl State {
@@ -125,12 +151,12 @@ impl State {
         } else {
             base.join(&spec.path)
         };
-        let reuse = previous.filter(|p| p.path == path);
-        let (local, spool) = match reuse {
-            Some(p) => {
-                p.spool.set_spec(spec.spool.clone());
-                (p.local.clone(), p.spool.clone())
-            }
+        // Compared as the file it names, so `./x` and `x`, or a symlink, are one file (redb
+        // refuses to open a file twice).
+        let canonical = |p: &std::path::Path| std::fs::canonicalize(p).unwrap_or(p.to_path_buf());
+        let reuse = previous.filter(|p| p.path == canonical(&path));
+        let (local, spool, jobs) = match reuse {
+            Some(p) => (p.local.clone(), p.spool.clone(), Some(p.jobs.clone())),
             None => {
                 let local = if dry {
                     embedded::LocalDb::in_memory()?
@@ -139,7 +165,7 @@ impl State {
                 };
                 let spool =
                     crate::spool::Spool::open(local.clone(), spec.spool.clone(), metrics.clone())?;
-                (local, spool)
+                (local, spool, None)
             }
         };
         let store: SharedStore = match (reuse, spec.store) {
@@ -164,13 +190,131 @@ impl State {
                 spec.redis.timeout.0,
             )?),
         };
-        spool.set_dead_letters(store.clone(), spec.dead_letter_ttl.0);
+        let jobs = match jobs {
+            Some(j) => j,
+            None => {
+                crate::jobs::Jobs::new(store.clone(), spec.jobs.clone(), spec.dead_letter_ttl.0)
+            }
+        };
         Ok(Arc::new(State {
             spec: spec.clone(),
-            path,
+            path: canonical(&path),
             store,
             local,
             spool,
+            jobs,
         }))
     }
+}
+
+impl State {
+    /// Points the shared spool and jobs at this config's store and settings. Called when the
+    /// table that holds this state starts serving, never for a reload that is rejected.
+    pub fn apply(&self) {
+        self.spool.set_spec(self.spec.spool.clone());
+        self.spool
+            .set_dead_letters(self.store.clone(), self.spec.dead_letter_ttl.0);
+        self.jobs.configure(
+            self.store.clone(),
+            self.spec.jobs.clone(),
+            self.spec.dead_letter_ttl.0,
+        );
+    }
+}
+
+/// An answer kept for later (an idempotent replay, a job's result): status, headers (without
+/// the per-connection ones) and body.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Base64.
+    pub body: String,
+}
+
+/// Headers never stored: per-connection ones, and those recomputed on the way out.
+fn kept(name: &http::HeaderName) -> bool {
+    !matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "transfer-encoding"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "proxy-connection"
+            | "content-length"
+            | "date"
+    )
+}
+
+impl StoredResponse {
+    pub fn new(head: &http::response::Parts, body: &[u8]) -> StoredResponse {
+        StoredResponse {
+            status: head.status.as_u16(),
+            headers: head
+                .headers
+                .iter()
+                .filter(|(n, _)| kept(n))
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+                .collect(),
+            body: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, body),
+        }
+    }
+
+    pub fn body(&self) -> Result<Vec<u8>, StoreError> {
+        base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &self.body)
+            .map_err(|_| StoreError::Corrupt("stored body".into()))
+    }
+
+    /// The answer again.
+    pub fn response(&self) -> Result<crate::Response, StoreError> {
+        let mut resp = http::Response::new(crate::full_body(self.body()?));
+        *resp.status_mut() = http::StatusCode::from_u16(self.status)
+            .map_err(|_| StoreError::Corrupt("stored status".into()))?;
+        for (n, v) in &self.headers {
+            if let (Ok(n), Ok(v)) = (
+                http::HeaderName::from_bytes(n.as_bytes()),
+                http::HeaderValue::from_bytes(v),
+            ) {
+                resp.headers_mut().append(n, v);
+            }
+        }
+        Ok(resp)
+    }
+}
+
+/// Reads a whole answer body up to `limit` bytes. Past the limit, or at a trailers frame
+/// (which a stored answer cannot carry), the body is handed back whole (what was read, then
+/// the rest as it streams) for the caller to pass on unstored.
+pub async fn read_limited(
+    body: crate::Body,
+    limit: usize,
+) -> Result<Result<bytes::Bytes, crate::Body>, crate::BoxError> {
+    use futures_util::StreamExt;
+    use http_body_util::BodyExt;
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| -> crate::BoxError { Box::new(e) })?;
+        let stop = match frame.into_data() {
+            Ok(data) => {
+                buf.extend_from_slice(&data);
+                (buf.len() > limit).then_some(None)
+            }
+            Err(other) => Some(Some(other)),
+        };
+        if let Some(extra) = stop {
+            let mut head = vec![Ok::<_, crate::BodyError>(http_body::Frame::data(
+                buf.freeze(),
+            ))];
+            head.extend(extra.map(Ok));
+            let rest = http_body_util::BodyStream::new(body);
+            return Ok(Err(http_body_util::StreamBody::new(
+                futures_util::stream::iter(head).chain(rest),
+            )
+            .boxed_unsync()));
+        }
+    }
+    Ok(Ok(buf.freeze()))
 }

@@ -10,6 +10,17 @@ use tokio::sync::Mutex;
 
 use super::{Ns, Store, StoreError};
 
+/// Replaces (ARGV[2] = 1) or deletes the value when it is still ARGV[1]; answers 1 if it did.
+const SWAP: &str = r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == '1' then
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+else
+  redis.call('DEL', KEYS[1])
+  if KEYS[2] then redis.call('ZREM', KEYS[2], ARGV[5]) end
+end
+return 1";
+
 /// Inserts unless a live key is there; answers 1 when written, else the existing value.
 const INSERT: &str = r"
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
@@ -26,6 +37,10 @@ pub struct RedisStore {
     /// while Redis is down; the manager reconnects by itself afterwards.
     conn: Mutex<Option<ConnectionManager>>,
     insert: redis::Script,
+    swap: redis::Script,
+    /// When connecting last failed: for a moment after, requests fail at once instead of each
+    /// waiting for a connect of its own.
+    failed_at: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -49,11 +64,26 @@ impl RedisStore {
             timeout,
             conn: Mutex::new(None),
             insert: redis::Script::new(INSERT),
+            swap: redis::Script::new(SWAP),
+            failed_at: std::sync::Mutex::new(None),
         })
     }
 
     async fn conn(&self) -> Result<ConnectionManager, StoreError> {
-        let mut guard = self.conn.lock().await;
+        if self
+            .failed_at
+            .lock()
+            .ok()
+            .and_then(|f| *f)
+            .is_some_and(|at| at.elapsed() < self.timeout)
+        {
+            return Err(unavailable(
+                "not connected (the last attempt failed just now)",
+            ));
+        }
+        let mut guard = tokio::time::timeout(self.timeout, self.conn.lock())
+            .await
+            .map_err(|_| unavailable("connecting timed out"))?;
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
@@ -66,8 +96,12 @@ impl RedisStore {
             ConnectionManager::new_with_config(self.client.clone(), config),
         )
         .await
-        .map_err(|_| unavailable("connecting timed out"))?
-        .map_err(unavailable)?;
+        .map_err(|_| unavailable("connecting timed out"))
+        .and_then(|c| c.map_err(unavailable));
+        if let Ok(mut f) = self.failed_at.lock() {
+            *f = c.is_err().then(tokio::time::Instant::now);
+        }
+        let c = c?;
         *guard = Some(c.clone());
         Ok(c)
     }
@@ -78,7 +112,8 @@ impl RedisStore {
 
     /// The sorted set that lists a namespace's keys, for namespaces that are listed.
     fn index(&self, ns: Ns) -> Option<String> {
-        (ns == Ns::DeadLetters).then(|| format!("{}{}:index", self.prefix, ns.as_str()))
+        ns.listed()
+            .then(|| format!("{}{}:index", self.prefix, ns.as_str()))
     }
 
     async fn run<T>(
@@ -140,6 +175,35 @@ impl Store for RedisStore {
             p.query_async::<()>(c).await
         })
         .await
+    }
+
+    async fn swap(
+        &self,
+        ns: Ns,
+        key: &str,
+        expected: &[u8],
+        new: Option<&[u8]>,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let k = self.key(ns, key);
+        let index = self.index(ns);
+        let ms = ttl.as_millis().max(1) as u64;
+        let done: i64 = self
+            .run(async |c| {
+                let mut inv = self.swap.key(&k);
+                if let Some(i) = &index {
+                    inv.key(i);
+                }
+                inv.arg(expected)
+                    .arg(if new.is_some() { "1" } else { "0" })
+                    .arg(new.unwrap_or_default())
+                    .arg(ms)
+                    .arg(key)
+                    .invoke_async(c)
+                    .await
+            })
+            .await?;
+        Ok(done == 1)
     }
 
     async fn get(&self, ns: Ns, key: &str) -> Result<Option<Vec<u8>>, StoreError> {

@@ -5,13 +5,11 @@
 
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
 use http::Method;
-use lapin::BasicProperties;
-use lapin::options::{BasicConsumeOptions, BasicGetOptions, BasicPublishOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::options::BasicGetOptions;
+use lapin::types::FieldTable;
 
-use crate::support::amqp::{self as mq, BrokerProxy};
+use crate::support::amqp::{self as mq, BrokerProxy, header, header_str};
 use crate::support::*;
 
 /// A backend `rabbit` with a topic exchange, a queue bound with `binding`, and `routes`.
@@ -47,17 +45,6 @@ fn one_route(url: &str, x: &str, q: &str, key: &str, path: &str) -> String {
             "  - id: p\n    match: {{ method: POST, path: {path} }}\n    backend: rabbit\n    amqp: {{ exchange: \"{x}\", routing_key: {key} }}"
         ),
     )
-}
-
-fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
-    props.headers().as_ref()?.inner().get(name)
-}
-
-fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
-    match header(props, name)? {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        _ => None,
-    }
 }
 
 #[tokio::test]
@@ -257,70 +244,6 @@ async fn unroutable_messages_answer_as_configured() {
     mq::cleanup(&conn, &[&x], &[&q]).await;
 }
 
-/// Answers every request on `queue`: body `re: <body>`, status from the request's `x-want`
-/// header; a request whose body is `ignore` gets no answer, `stray` gets a reply with another
-/// correlation id first.
-async fn responder(queue: String) -> tokio::task::JoinHandle<()> {
-    let conn = mq::client().await;
-    let ch = conn.create_channel().await.unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            queue.as_str().into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    tokio::spawn(async move {
-        let _conn = conn;
-        while let Some(Ok(d)) = consumer.next().await {
-            let p = &d.properties;
-            let (Some(reply_to), Some(cid)) = (p.reply_to().clone(), p.correlation_id().clone())
-            else {
-                continue;
-            };
-            if d.data == b"ignore" {
-                continue;
-            }
-            let want = header_str(p, "x-want").unwrap_or_else(|| "200".into());
-            let mut h = FieldTable::default();
-            h.insert("x-status".into(), AMQPValue::LongString(want.into()));
-            let reply = |cid: lapin::types::ShortString| {
-                BasicProperties::default()
-                    .with_correlation_id(cid)
-                    .with_content_type("text/plain".into())
-                    .with_headers(h.clone())
-            };
-            if d.data == b"stray" {
-                let _ = ch
-                    .basic_publish(
-                        "".into(),
-                        reply_to.clone(),
-                        BasicPublishOptions::default(),
-                        b"stray",
-                        reply("someone-else".into()),
-                    )
-                    .await;
-            }
-            let mut out = b"re: ".to_vec();
-            out.extend(&d.data);
-            let _ = ch
-                .basic_publish(
-                    "".into(),
-                    reply_to,
-                    BasicPublishOptions::default(),
-                    &out,
-                    reply(cid),
-                )
-                .await;
-        }
-    })
-}
-
 #[tokio::test]
 async fn request_reply_over_direct_reply_to_and_a_named_queue() {
     let url = mq::broker_url().await;
@@ -361,7 +284,7 @@ async fn request_reply_over_direct_reply_to_and_a_named_queue() {
     );
     let gw = Gateway::start(&yaml).await;
     gw.wait_backend("rabbit", true).await;
-    let _responder = responder(q.clone()).await;
+    let _responder = mq::responder(q.clone()).await;
     let ask = |path: &str, payload: &'static str, want: &str| {
         request(Method::POST, &gw.url(path))
             .header("x-want", want)

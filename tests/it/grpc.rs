@@ -10,7 +10,7 @@ use crate::support::grpc::{GrpcServer, proto_dir};
 use crate::support::*;
 
 /// The `backends:` block with the shop service; `more` adds backend keys.
-fn shop_backend(server: &str, more: &str) -> String {
+pub(crate) fn shop_backend(server: &str, more: &str) -> String {
     let dir = proto_dir();
     format!(
         r#"

@@ -15,23 +15,17 @@ use crate::support::*;
 /// `POST /orders` publishing to it. `state` is the YAML of the `state:` block.
 fn amqp_config(url: &str, x: &str, q: &str, state: &str) -> String {
     format!(
-        r##"
+        r#"
 {state}
-backends:
-  rabbit:
-    type: amqp
-    url: "{url}"
-    topology:
-      exchanges: [{{ name: "{x}", type: topic, durable: false }}]
-      queues: [{{ name: "{q}", durable: false }}]
-      bindings: [{{ queue: "{q}", exchange: "{x}", routing_key: "#" }}]
+{}
 routes:
   - id: orders
     match: {{ method: POST, path: /orders }}
     backend: rabbit
     amqp: {{ exchange: "{x}", routing_key: order.created }}
     idempotency: {{ ttl: 1h }}
-"##
+"#,
+        mq::rabbit_backend(url, x, q)
     )
 }
 

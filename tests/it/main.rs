@@ -8,6 +8,7 @@ mod grpc;
 mod http_proxy;
 mod httprule;
 mod idempotency;
+mod jobs;
 mod matching;
 mod mqtt;
 mod reload;

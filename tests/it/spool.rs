@@ -218,18 +218,7 @@ async fn a_message_the_broker_refuses_is_dead_lettered_and_can_be_replayed() {
     let (s, _, b) = post(&base, "/orders/1", "{\"seq\":1}").await;
     assert_eq!(s, 202, "{b}");
     proxy.start_again();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let dead = loop {
-        let (_, v) = gw.admin_json("/dead-letters").await;
-        if let Some(d) = v["dead_letters"].as_array().filter(|a| !a.is_empty()) {
-            break d[0].clone();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no dead letter: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let dead = gw.first_dead_letter().await;
     assert_eq!(dead["route"], "orders");
     assert_eq!(dead["source"], "spool");
     assert!(
@@ -284,7 +273,7 @@ async fn a_message_the_broker_refuses_is_dead_lettered_and_can_be_replayed() {
 }
 
 /// The gateway binary on `config`, its admin address.
-fn spawn_gateway(config: &std::path::Path) -> std::process::Child {
+pub(crate) fn spawn_gateway(config: &std::path::Path) -> std::process::Child {
     std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(["run", "--config"])
         .arg(config)
@@ -296,7 +285,7 @@ fn spawn_gateway(config: &std::path::Path) -> std::process::Child {
 }
 
 /// Waits until the process's admin API answers.
-async fn wait_up(admin: std::net::SocketAddr) {
+pub(crate) async fn wait_up(admin: std::net::SocketAddr) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(admin).await.is_err() {
         assert!(

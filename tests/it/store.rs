@@ -53,6 +53,43 @@ async fn suite(store: SharedStore) {
     assert!(store.delete(Ns::Jobs, "a").await.unwrap());
     assert!(!store.delete(Ns::Jobs, "a").await.unwrap());
     assert_eq!(store.get(Ns::Jobs, "a").await.unwrap(), None);
+    // swap: only while the record still holds what the caller expects.
+    store.put(Ns::Jobs, "claim", b"mine", day).await.unwrap();
+    assert!(
+        !store
+            .swap(Ns::Jobs, "claim", b"theirs", Some(b"x"), day)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .swap(Ns::Jobs, "claim", b"mine", Some(b"done"), day)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.get(Ns::Jobs, "claim").await.unwrap(),
+        Some(b"done".to_vec())
+    );
+    assert!(
+        !store
+            .swap(Ns::Jobs, "claim", b"mine", None, day)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store
+            .swap(Ns::Jobs, "claim", b"done", None, day)
+            .await
+            .unwrap()
+    );
+    assert_eq!(store.get(Ns::Jobs, "claim").await.unwrap(), None);
+    assert!(
+        !store
+            .swap(Ns::Jobs, "claim", b"done", None, day)
+            .await
+            .unwrap()
+    );
     // Binary values round-trip.
     let bin: Vec<u8> = (0..=255u8).collect();
     store.put(Ns::Jobs, "bin", &bin, day).await.unwrap();

@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use lapin::{Connection, ConnectionProperties};
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{BasicProperties, Connection, ConnectionProperties};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
@@ -32,6 +35,22 @@ fn broker_addr(url: &str) -> String {
     } else {
         format!("{host}:5672")
     }
+}
+
+/// A `backends:` block with `rabbit` at `url`: topic exchange `x`, queue `q` bound to `#`.
+pub fn rabbit_backend(url: &str, x: &str, q: &str) -> String {
+    format!(
+        r##"
+backends:
+  rabbit:
+    type: amqp
+    url: "{url}"
+    topology:
+      exchanges: [{{ name: "{x}", type: topic, durable: false }}]
+      queues: [{{ name: "{q}", durable: false }}]
+      bindings: [{{ queue: "{q}", exchange: "{x}", routing_key: "#" }}]
+"##
+    )
 }
 
 /// A name no other test uses.
@@ -163,4 +182,82 @@ impl BrokerProxy {
     pub fn upstream(&self) -> &str {
         &self.upstream
     }
+}
+
+pub fn header<'a>(props: &'a BasicProperties, name: &str) -> Option<&'a AMQPValue> {
+    props.headers().as_ref()?.inner().get(name)
+}
+
+pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
+    match header(props, name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        _ => None,
+    }
+}
+
+/// Answers every request on `queue`: body `re: <body>`, status from the request's `x-want`
+/// header; a request whose body is `ignore` gets no answer, `stray` gets a reply with another
+/// correlation id first, and one with an `x-delay-ms` header is answered that much later.
+pub async fn responder(queue: String) -> tokio::task::JoinHandle<()> {
+    let conn = client().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            queue.as_str().into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _conn = conn;
+        while let Some(Ok(d)) = consumer.next().await {
+            let p = &d.properties;
+            let (Some(reply_to), Some(cid)) = (p.reply_to().clone(), p.correlation_id().clone())
+            else {
+                continue;
+            };
+            if d.data == b"ignore" {
+                continue;
+            }
+            if let Some(ms) = header_str(p, "x-delay-ms").and_then(|v| v.parse().ok()) {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
+            let want = header_str(p, "x-want").unwrap_or_else(|| "200".into());
+            let mut h = FieldTable::default();
+            h.insert("x-status".into(), AMQPValue::LongString(want.into()));
+            let reply = |cid: lapin::types::ShortString| {
+                BasicProperties::default()
+                    .with_correlation_id(cid)
+                    .with_content_type("text/plain".into())
+                    .with_headers(h.clone())
+            };
+            if d.data == b"stray" {
+                let _ = ch
+                    .basic_publish(
+                        "".into(),
+                        reply_to.clone(),
+                        BasicPublishOptions::default(),
+                        b"stray",
+                        reply("someone-else".into()),
+                    )
+                    .await;
+            }
+            let mut out = b"re: ".to_vec();
+            out.extend(&d.data);
+            let _ = ch
+                .basic_publish(
+                    "".into(),
+                    reply_to,
+                    BasicPublishOptions::default(),
+                    &out,
+                    reply(cid),
+                )
+                .await;
+        }
+    })
 }

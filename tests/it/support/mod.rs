@@ -139,6 +139,22 @@ impl Gateway {
         (s, serde_json::from_slice(&b).unwrap_or_default())
     }
 
+    /// Waits for the first dead letter the admin API lists, and returns it.
+    pub async fn first_dead_letter(&self) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (_, v) = self.admin_json("/dead-letters").await;
+            if let Some(d) = v["dead_letters"].as_array().filter(|a| !a.is_empty()) {
+                return d[0].clone();
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no dead letter: {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     pub async fn shutdown(mut self) -> bool {
         self.running.take().unwrap().shutdown().await
     }
@@ -392,3 +408,11 @@ pub mod worker;
 
 #[path = "../../../examples/device/mod.rs"]
 pub mod device;
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}

@@ -1,0 +1,172 @@
+//! Webhooks: a finished job's result POSTed to its callback URL, signed, retried with
+//! backoff, then dead-lettered. Runs off the request path, from the job runner.
+//!
+//! The signature header is `Switchyard-Signature: t=<unix seconds>,v1=<hex>`, where `<hex>` is
+//! HMAC-SHA256 with the route's secret over `<t>.<body>`. Receivers recompute it and refuse a
+//! `t` too far from their clock, which stops replays.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use hmac::{Hmac, KeyInit, Mac};
+use http::{HeaderValue, Method, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use sha2::Sha256;
+
+use crate::config::WebhookSpec;
+
+pub const SIGNATURE_HEADER: &str = "switchyard-signature";
+pub const JOB_HEADER: &str = "switchyard-job-id";
+pub const EVENT_HEADER: &str = "switchyard-event";
+
+/// `t=<t>,v1=<hex hmac over "<t>.<body>">`.
+pub fn signature(secret: &[u8], t: u64, body: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).expect("HMAC takes any key");
+    mac.update(t.to_string().as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("t={t},v1={hex}")
+}
+
+type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>;
+
+/// The client webhooks are sent with (HTTP, and HTTPS with the system's roots).
+#[derive(Clone)]
+pub struct Sender {
+    client: HttpsClient,
+}
+
+impl Default for Sender {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sender {
+    pub fn new() -> Sender {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let connector = match builder.with_native_roots() {
+            Ok(b) => b.https_or_http().enable_http1().wrap_connector(http),
+            Err(e) => {
+                tracing::warn!(error = %e, "No system root certificates; webhooks to https URLs will fail.");
+                let roots = rustls::RootCertStore::empty();
+                let config = rustls::ClientConfig::builder()
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(config)
+                    .https_or_http()
+                    .enable_http1()
+                    .wrap_connector(http)
+            }
+        };
+        Sender {
+            client: Client::builder(TokioExecutor::new()).build(connector),
+        }
+    }
+
+    /// One delivery: Ok when the receiver answered 2xx; otherwise why not.
+    pub async fn send(
+        &self,
+        url: &str,
+        spec: &WebhookSpec,
+        job_id: &str,
+        event: &str,
+        body: Bytes,
+    ) -> Result<(), String> {
+        let t = crate::store::now_ms() / 1000;
+        let sig = signature(spec.secret.as_bytes(), t, &body);
+        let req = http::Request::builder()
+            .method(Method::POST)
+            .uri(url)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::USER_AGENT, "switchyard-webhook")
+            .header(SIGNATURE_HEADER, sig)
+            .header(
+                JOB_HEADER,
+                HeaderValue::from_str(job_id).map_err(|e| e.to_string())?,
+            )
+            .header(EVENT_HEADER, event)
+            .body(Full::new(body))
+            .map_err(|e| format!("bad callback request: {e}"))?;
+        let answer = tokio::time::timeout(spec.timeout.0, async {
+            let resp = self.client.request(req).await.map_err(|e| {
+                let mut s = e.to_string();
+                let mut cur = std::error::Error::source(&e);
+                while let Some(c) = cur {
+                    s.push_str(": ");
+                    s.push_str(&c.to_string());
+                    cur = c.source();
+                }
+                s
+            })?;
+            let status = resp.status();
+            // Read (and drop) the body so the connection can be reused.
+            let _ = resp.into_body().collect().await;
+            Ok::<_, String>(status)
+        })
+        .await
+        .map_err(|_| {
+            format!(
+                "no answer within {}",
+                humantime::format_duration(spec.timeout.0)
+            )
+        })??;
+        if answer.is_success() {
+            Ok(())
+        } else {
+            Err(format!("the receiver answered {answer}"))
+        }
+    }
+}
+
+/// Whether `url` may be a callback given the route's allow-list (prefixes, compared exactly).
+pub fn allowed(url: &str, allow: &[String]) -> bool {
+    allow.iter().any(|p| url.starts_with(p.as_str()))
+}
+
+/// Whether `url` is an absolute http(s) URL with a host.
+pub fn valid_url(url: &str) -> bool {
+    url.parse::<http::Uri>().is_ok_and(|u| {
+        matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_is_hmac_over_time_and_body() {
+        // HMAC-SHA256("key", "1700000000.{}"), computed with Python's hmac module.
+        let s = signature(b"key", 1_700_000_000, b"{}");
+        assert_eq!(
+            s,
+            "t=1700000000,v1=9d713ed406bb7076d4123f0dc2c39d2df5c654ed4b0cd56b52c8b4c940bd63ae"
+        );
+        assert_ne!(s, signature(b"key", 1_700_000_001, b"{}"));
+        assert_ne!(s, signature(b"other", 1_700_000_000, b"{}"));
+    }
+
+    #[test]
+    fn callback_urls_are_checked() {
+        let allow = vec!["https://hooks.example.com/".to_string()];
+        assert!(allowed("https://hooks.example.com/a", &allow));
+        assert!(!allowed("https://hooks.example.com.evil/a", &allow));
+        assert!(valid_url("http://127.0.0.1:8080/x"));
+        assert!(!valid_url("ftp://x/y"));
+        assert!(!valid_url("/relative"));
+    }
+}
