@@ -410,15 +410,7 @@ async fn a_webhook_that_keeps_failing_is_dead_lettered_and_can_be_replayed() {
     assert_eq!(rx.count(), 2);
     // The receiver answers 200 now: a replay delivers it.
     let id = dead["id"].as_str().unwrap();
-    let (s, _, b) = send(
-        request(
-            Method::POST,
-            &gw.admin_url(&format!("/dead-letters/{id}/replay")),
-        )
-        .body(body(""))
-        .unwrap(),
-    )
-    .await;
+    let (s, b) = gw.replay_dead_letter(id).await;
     assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
     let got = rx.wait_for(3).await;
     verify(&got[2].0, &got[2].1);

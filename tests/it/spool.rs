@@ -244,15 +244,7 @@ async fn a_message_the_broker_refuses_is_dead_lettered_and_can_be_replayed() {
     )
     .await
     .unwrap();
-    let (s, _, b) = send(
-        request(
-            Method::POST,
-            &gw.admin_url(&format!("/dead-letters/{id}/replay")),
-        )
-        .body(body(""))
-        .unwrap(),
-    )
-    .await;
+    let (s, b) = gw.replay_dead_letter(&id).await;
     assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
     wait_depth(&conn, &q, 1).await;
     let got = drain(&conn, &q).await;

@@ -155,6 +155,17 @@ impl Gateway {
         }
     }
 
+    /// `POST /dead-letters/{id}/replay` on the admin API: the status and the body.
+    pub async fn replay_dead_letter(&self, id: &str) -> (StatusCode, Bytes) {
+        let (s, _, b) = send(
+            Request::post(self.admin_url(&format!("/dead-letters/{id}/replay")))
+                .body(body(""))
+                .unwrap(),
+        )
+        .await;
+        (s, b)
+    }
+
     pub async fn shutdown(mut self) -> bool {
         self.running.take().unwrap().shutdown().await
     }
