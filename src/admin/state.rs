@@ -165,14 +165,10 @@ async fn delete(state: &State, id: &str) -> Response {
 /// delivers a webhook again; then deletes it from the dead letters.
 async fn replay(table: &crate::router::RouteTable, state: &State, id: &str) -> Response {
     // One replay at a time, across replicas sharing the store: a second one would send twice.
+    let lock = format!("replay:{id}");
     match state
         .store
-        .insert(
-            Ns::Leases,
-            &format!("replay:{id}"),
-            b"1",
-            Duration::from_secs(60),
-        )
+        .insert(Ns::Leases, &lock, b"1", Duration::from_secs(60))
         .await
     {
         Ok(None) => {}
@@ -184,6 +180,15 @@ async fn replay(table: &crate::router::RouteTable, state: &State, id: &str) -> R
         }
         Err(e) => return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
+    let answer = replay_locked(table, state, id).await;
+    let _ = state
+        .store
+        .swap(Ns::Leases, &lock, b"1", None, Duration::from_secs(60))
+        .await;
+    answer
+}
+
+async fn replay_locked(table: &crate::router::RouteTable, state: &State, id: &str) -> Response {
     let d = match load(state, id).await {
         Ok(d) => d,
         Err(r) => return r,

@@ -288,6 +288,34 @@ fn validate_state_use(cx: &mut Ctx, spec: &ConfigSpec, i: usize, route: &RouteSp
             ),
         );
     }
+    if accept && !is_async && !ws {
+        let wait = route.timeout.unwrap_or(spec.defaults.timeout).0;
+        let background = route
+            .background
+            .as_ref()
+            .and_then(|b| b.timeout)
+            .map_or(std::time::Duration::from_secs(300), |d| d.0);
+        if background <= wait {
+            let at = if route
+                .background
+                .as_ref()
+                .is_some_and(|b| b.timeout.is_some())
+            {
+                format!("{base}.async.timeout")
+            } else {
+                format!("{base}.on_timeout")
+            };
+            cx.err(
+                &at,
+                id,
+                format!(
+                    "the background call's deadline ({}) must be longer than the route's `timeout` ({}), which is when the job is accepted",
+                    humantime::format_duration(background),
+                    humantime::format_duration(wait)
+                ),
+            );
+        }
+    }
     let Some(bg) = &route.background else {
         return;
     };

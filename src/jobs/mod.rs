@@ -33,6 +33,8 @@ use crate::{BoxError, Request, Response, RouteService, full_body};
 pub const STATUS_HEADER: &str = "switchyard-job-status";
 /// The largest backend answer kept as a job's result.
 const MAX_RESULT: usize = 8 * 1024 * 1024;
+/// Runs a job gets (its gateways dying mid-run) before it is failed instead.
+const MAX_RUNS: u32 = 5;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -229,29 +231,86 @@ impl Jobs {
 
     fn ttl_left(&self, job: &Job) -> Duration {
         let end = job.accepted_ms + self.spec().ttl.0.as_millis() as u64;
-        Duration::from_millis(end.saturating_sub(now_ms()).max(1000))
+        // A result that comes in at the end of the job's life is still kept for a while.
+        Duration::from_millis(end.saturating_sub(now_ms()).max(60_000))
     }
 
-    /// Records a new job durably, with this gateway's lease on it: the pending mark first,
-    /// so that a job is never stored without the mark recovery looks for.
-    async fn create(&self, job: &Job, lease: Duration) -> Result<(), StoreError> {
+    /// Takes the lease on job `id` for `ttl`, unless someone holds it: the token that proves
+    /// it is ours.
+    async fn claim(&self, id: &str, ttl: Duration) -> Result<Option<Lease>, StoreError> {
+        let token = format!("{}:{}", self.instance, uuid::Uuid::now_v7()).into_bytes();
+        let taken = self.store().insert(Ns::Leases, id, &token, ttl).await?;
+        Ok(taken.is_none().then(|| Lease {
+            id: id.to_string(),
+            token,
+            ttl,
+        }))
+    }
+
+    /// Whether the lease is still ours, extending it when it is.
+    async fn renew(&self, lease: &Lease) -> Result<bool, StoreError> {
+        self.store()
+            .swap(
+                Ns::Leases,
+                &lease.id,
+                &lease.token,
+                Some(&lease.token),
+                lease.ttl,
+            )
+            .await
+    }
+
+    /// The job is done with: its pending mark goes, then the lease (in that order, so that
+    /// nobody can claim it in between and find the mark).
+    async fn release(&self, lease: &Lease) {
+        let store = self.store();
+        if !matches!(self.renew(lease).await, Ok(true)) {
+            return;
+        }
+        if let Err(e) = store.delete(Ns::PendingJobs, &lease.id).await {
+            tracing::warn!(job = %lease.id, error = %e, "Clearing a finished job's pending mark failed; recovery will look at it again.");
+        }
+        let _ = store
+            .swap(Ns::Leases, &lease.id, &lease.token, None, lease.ttl)
+            .await;
+    }
+
+    /// Gives the lease up without touching the pending mark (the job is not done with).
+    async fn release_lease_only(&self, lease: &Lease) {
+        let _ = self
+            .store()
+            .swap(Ns::Leases, &lease.id, &lease.token, None, lease.ttl)
+            .await;
+    }
+
+    /// Records a new job durably: its lease first (so that recovery leaves it alone while it
+    /// is written), then the pending mark recovery looks for, then the job. On failure, what
+    /// was written is taken back, so that a 503 means nothing will run.
+    async fn create(&self, job: &Job, lease_ttl: Duration) -> Result<Lease, StoreError> {
         let store = self.store();
         let ttl = self.spec().ttl.0;
         let value = serde_json::to_vec(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        store
-            .put(Ns::PendingJobs, &job.id, job.route.as_bytes(), ttl)
-            .await?;
-        store
-            .insert(Ns::Leases, &job.id, self.instance.as_bytes(), lease)
-            .await?;
-        if store
-            .insert(Ns::Jobs, &job.id, &value, ttl)
+        let lease = self
+            .claim(&job.id, lease_ttl)
             .await?
-            .is_some()
-        {
-            return Err(StoreError::Corrupt("job id already taken".into()));
+            .ok_or_else(|| StoreError::Corrupt("job id already taken".into()))?;
+        let written = async {
+            store
+                .put(Ns::PendingJobs, &job.id, job.route.as_bytes(), ttl)
+                .await?;
+            match store.insert(Ns::Jobs, &job.id, &value, ttl).await? {
+                None => Ok(()),
+                Some(_) => Err(StoreError::Corrupt("job id already taken".into())),
+            }
         }
-        Ok(())
+        .await;
+        if let Err(e) = written {
+            let _ = store.swap(Ns::Jobs, &job.id, &value, None, ttl).await;
+            let _ = store.delete(Ns::PendingJobs, &job.id).await;
+            self.release_lease_only(&lease).await;
+            return Err(e);
+        }
+        Ok(lease)
     }
 
     /// Reads a job.
@@ -264,20 +323,26 @@ impl Jobs {
         }
     }
 
-    /// Writes a job, trying a few times while the store is down: the result of a call that
-    /// ran must not be dropped lightly.
-    async fn save(&self, job: &Job) -> Result<(), StoreError> {
+    /// Writes a job while its lease is ours, trying a few times while the store is down: the
+    /// result of a call that ran must not be dropped lightly.
+    async fn save(&self, job: &Job, lease: &Lease) -> Result<(), StoreError> {
         let value = serde_json::to_vec(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let mut wait = Duration::from_millis(100);
         let mut tries = 0;
         loop {
-            match self
-                .store()
-                .put(Ns::Jobs, &job.id, &value, self.ttl_left(job))
-                .await
-            {
+            let attempt = async {
+                if !self.renew(lease).await? {
+                    return Err(StoreError::Unavailable(
+                        "the job's lease passed to another gateway".into(),
+                    ));
+                }
+                self.store()
+                    .put(Ns::Jobs, &job.id, &value, self.ttl_left(job))
+                    .await
+            };
+            match attempt.await {
                 Ok(()) => return Ok(()),
-                Err(e) if tries >= 5 => return Err(e),
+                Err(e) if tries >= 3 => return Err(e),
                 Err(_) => {
                     tries += 1;
                     tokio::time::sleep(wait).await;
@@ -287,9 +352,51 @@ impl Jobs {
         }
     }
 
+    /// Keeps `lease` alive until the returned guard is dropped.
+    fn hold(&self, lease: &Lease) -> tokio::task::JoinHandle<()> {
+        let (store, lease) = (self.store(), lease.clone());
+        tokio::spawn(async move {
+            let every = lease.ttl / 3;
+            loop {
+                tokio::time::sleep(every).await;
+                let kept = store
+                    .swap(
+                        Ns::Leases,
+                        &lease.id,
+                        &lease.token,
+                        Some(&lease.token),
+                        lease.ttl,
+                    )
+                    .await;
+                if matches!(kept, Ok(false)) {
+                    tracing::warn!(job = %lease.id, "A job's lease passed to another gateway while this one ran it.");
+                    return;
+                }
+            }
+        })
+    }
+
     /// Runs a job whose lease this gateway holds, then finishes it.
-    async fn run(self: Arc<Self>, mut job: Job, installed: Installed) {
+    async fn run(self: Arc<Self>, mut job: Job, installed: Installed, lease: Lease) {
+        let holding = self.hold(&lease);
+        if job.runs >= MAX_RUNS {
+            let problem = json!({
+                "type": "urn:switchyard:problem:job-abandoned",
+                "title": "Internal Server Error",
+                "status": 500,
+                "detail": format!("The job was started {} times and never finished (its gateways stopped mid-run); it is not started again.", job.runs),
+                "correlation_id": job.request.correlation_id,
+            });
+            let result = Outcome::failed(problem);
+            self.finish(job, result, installed.webhook, lease).await;
+            holding.abort();
+            return;
+        }
         job.runs += 1;
+        if self.save(&job, &lease).await.is_err() {
+            holding.abort();
+            return;
+        }
         let route: Arc<str> = job.route.as_str().into();
         let body = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &job.body)
             .unwrap_or_default();
@@ -301,108 +408,123 @@ impl Jobs {
             }
             .into()),
         };
-        self.finish(job, result, installed.webhook).await;
+        let result = outcome(result, &job.request.correlation_id, installed.lease).await;
+        self.finish(job, result, installed.webhook, lease).await;
+        holding.abort();
     }
 
     /// Stores a finished call's result in the job, then delivers its webhook.
     async fn finish(
-        self: Arc<Self>,
+        self: &Arc<Self>,
         mut job: Job,
-        result: Result<Response, BoxError>,
+        result: Outcome,
         webhook: Option<Arc<WebhookSpec>>,
+        lease: Lease,
     ) {
-        let (status, response, problem) = outcome(result, &job.request.correlation_id).await;
-        job.status = status;
-        job.response = response;
-        job.problem = problem;
+        job.status = result.status;
+        job.response = result.response;
+        job.problem = result.problem;
         job.finished_ms = Some(now_ms());
-        if let Err(e) = self.save(&job).await {
+        if let Err(e) = self.save(&job, &lease).await {
             // The lease runs out and another run makes the call again.
             tracing::error!(job = %job.id, route = %job.route, error = %e, "Storing a job's result failed; the job will run again.");
             return;
         }
-        tracing::debug!(job = %job.id, route = %job.route, status = status.as_str(), "Job finished.");
-        self.notify(job, webhook).await;
+        tracing::debug!(job = %job.id, route = %job.route, status = job.status.as_str(), "Job finished.");
+        self.notify(job, webhook, lease).await;
     }
 
-    /// Delivers the webhook (if any), then clears the job's pending mark and lease.
-    async fn notify(self: Arc<Self>, mut job: Job, webhook: Option<Arc<WebhookSpec>>) {
-        let store = self.store();
-        if let (Some(url), Some(spec)) = (job.callback.clone(), webhook) {
-            let mut delivery = job.webhook.clone().unwrap_or_default();
-            let jobs_path = self.spec().path;
-            let body = Bytes::from(job.view(&jobs_path).to_string());
-            let event = format!("job.{}", job.status.as_str());
-            let mut wait = spec.backoff.min.0;
-            while !delivery.delivered && delivery.attempts < spec.attempts {
-                // Hold the job for the length of one attempt and its wait.
-                let hold = spec.timeout.0 + spec.backoff.max.0 + Duration::from_secs(10);
-                let _ = store
-                    .put(Ns::Leases, &job.id, self.instance.as_bytes(), hold)
-                    .await;
-                delivery.attempts += 1;
-                match self
-                    .sender
-                    .send(&url, &spec, &job.id, &event, body.clone())
-                    .await
-                {
-                    Ok(()) => {
-                        delivery.delivered = true;
-                        delivery.last_error = None;
-                    }
-                    Err(e) => {
-                        tracing::debug!(job = %job.id, attempt = delivery.attempts, error = %e, "Webhook delivery failed.");
-                        delivery.last_error = Some(e);
-                        if delivery.attempts < spec.attempts {
-                            tokio::time::sleep(wait).await;
-                            wait = (wait * 2).min(spec.backoff.max.0);
-                        }
+    /// Delivers the webhook (if any and not done yet), then releases the job.
+    async fn notify(
+        self: &Arc<Self>,
+        mut job: Job,
+        webhook: Option<Arc<WebhookSpec>>,
+        lease: Lease,
+    ) {
+        let pending = job
+            .webhook
+            .as_ref()
+            .is_some_and(|d| !d.delivered && !d.dead_lettered);
+        if let (Some(url), Some(spec), true) = (job.callback.clone(), webhook, pending) {
+            let holding = self.hold(&lease);
+            let delivered = self.deliver(&mut job, &url, &spec).await;
+            let saved = self.save(&job, &lease).await;
+            holding.abort();
+            if !delivered || saved.is_err() {
+                // Keep the pending mark: recovery tries again later.
+                if let Err(e) = saved {
+                    tracing::warn!(job = %job.id, error = %e, "Recording a webhook's delivery failed.");
+                }
+                return;
+            }
+        }
+        self.release(&lease).await;
+    }
+
+    /// Tries the webhook until it is taken or its attempts are spent, then dead-letters it.
+    /// Whether the job is done with (delivered, or dead-lettered).
+    async fn deliver(&self, job: &mut Job, url: &str, spec: &WebhookSpec) -> bool {
+        let mut delivery = job.webhook.clone().unwrap_or_default();
+        let jobs_path = self.spec().path;
+        let body = Bytes::from(job.view(&jobs_path).to_string());
+        let event = format!("job.{}", job.status.as_str());
+        let mut wait = spec.backoff.min.0;
+        while !delivery.delivered && delivery.attempts < spec.attempts {
+            delivery.attempts += 1;
+            match self
+                .sender
+                .send(url, spec, &job.id, &event, body.clone())
+                .await
+            {
+                Ok(()) => {
+                    delivery.delivered = true;
+                    delivery.last_error = None;
+                }
+                Err(e) => {
+                    tracing::debug!(job = %job.id, attempt = delivery.attempts, error = %e, "Webhook delivery failed.");
+                    delivery.last_error = Some(e);
+                    if delivery.attempts < spec.attempts {
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(spec.backoff.max.0);
                     }
                 }
             }
-            if !delivery.delivered {
-                let reason = format!(
+        }
+        if !delivery.delivered {
+            let dl = DeadLetter {
+                id: uuid::Uuid::now_v7().to_string(),
+                source: "webhook".into(),
+                route: job.route.clone(),
+                reason: format!(
                     "webhook to {url} failed {} times: {}",
                     delivery.attempts,
                     delivery.last_error.clone().unwrap_or_default()
-                );
-                let dl = DeadLetter {
-                    id: uuid::Uuid::now_v7().to_string(),
-                    source: "webhook".into(),
-                    route: job.route.clone(),
-                    reason,
-                    attempts: delivery.attempts,
-                    dead_ms: now_ms(),
-                    request: Spooled {
-                        method: "POST".into(),
-                        uri: url.clone(),
-                        headers: vec![("switchyard-job-id".into(), job.id.as_bytes().to_vec())],
-                        ..job.request.clone()
-                    },
-                    body: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &body),
-                };
-                let ttl = self.store.lock().expect("jobs store").1;
-                match crate::spool::put_dead_letter(&store, ttl, &dl).await {
-                    Ok(()) => {
-                        tracing::warn!(job = %job.id, route = %job.route, dead_letter = %dl.id, "A webhook was moved to the dead letters.");
-                        delivery.dead_lettered = true;
-                    }
-                    Err(e) => {
-                        // Keep the pending mark: recovery tries the delivery again later.
-                        tracing::error!(job = %job.id, error = %e, "Dead-lettering a webhook failed.");
-                        job.webhook = Some(delivery);
-                        let _ = self.save(&job).await;
-                        return;
-                    }
+                ),
+                attempts: delivery.attempts,
+                dead_ms: now_ms(),
+                request: Spooled {
+                    method: "POST".into(),
+                    uri: url.to_string(),
+                    headers: vec![(JOB_ID.into(), job.id.as_bytes().to_vec())],
+                    ..job.request.clone()
+                },
+                body: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &body),
+            };
+            let (store, ttl) = self.store.lock().expect("jobs store").clone();
+            match crate::spool::put_dead_letter(&store, ttl, &dl).await {
+                Ok(()) => {
+                    tracing::warn!(job = %job.id, route = %job.route, dead_letter = %dl.id, "A webhook was moved to the dead letters.");
+                    delivery.dead_lettered = true;
+                }
+                Err(e) => {
+                    tracing::error!(job = %job.id, error = %e, "Dead-lettering a webhook failed.");
+                    job.webhook = Some(delivery);
+                    return false;
                 }
             }
-            job.webhook = Some(delivery);
-            if let Err(e) = self.save(&job).await {
-                tracing::warn!(job = %job.id, error = %e, "Recording a webhook's delivery failed.");
-            }
         }
-        let _ = store.delete(Ns::PendingJobs, &job.id).await;
-        let _ = store.delete(Ns::Leases, &job.id).await;
+        job.webhook = Some(delivery);
+        true
     }
 
     /// Replays a dead-lettered webhook: one more series of deliveries.
@@ -411,95 +533,155 @@ impl Jobs {
             .request
             .headers
             .iter()
-            .find(|(n, _)| n == "switchyard-job-id")
+            .find(|(n, _)| n == JOB_ID)
             .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
             .ok_or("the dead letter names no job")?;
-        let job = self
-            .get(&job_id)
+        let installed = self
+            .installed(&dl.route)
+            .filter(|i| i.webhook.is_some())
+            .ok_or_else(|| format!("route `{}` is not loaded with a webhook", dl.route))?;
+        let lease = self
+            .claim(&job_id, installed.lease)
             .await
             .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("job `{job_id}` no longer exists"))?;
-        let installed = self
-            .installed(&job.route)
-            .filter(|i| i.webhook.is_some())
-            .ok_or_else(|| format!("route `{}` is not loaded with a webhook", job.route))?;
-        let mut job = job;
-        job.webhook = Some(Delivery::default());
-        job.callback = Some(dl.request.uri.clone());
-        let store = self.store();
-        store
-            .put(
-                Ns::PendingJobs,
-                &job.id,
-                job.route.as_bytes(),
-                self.ttl_left(&job),
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(self.clone().notify(job, installed.webhook));
-        Ok(())
+            .ok_or_else(|| format!("job `{job_id}` is busy; try again shortly"))?;
+        let prepared = async {
+            let mut job = self
+                .get(&job_id)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("job `{job_id}` no longer exists"))?;
+            job.webhook = Some(Delivery::default());
+            job.callback = Some(dl.request.uri.clone());
+            self.save(&job, &lease).await.map_err(|e| e.to_string())?;
+            self.store()
+                .put(
+                    Ns::PendingJobs,
+                    &job.id,
+                    job.route.as_bytes(),
+                    self.ttl_left(&job),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok::<_, String>(job)
+        }
+        .await;
+        match prepared {
+            Ok(job) => {
+                let this = self.clone();
+                tokio::spawn(async move { this.notify(job, installed.webhook, lease).await });
+                Ok(())
+            }
+            Err(e) => {
+                self.release_lease_only(&lease).await;
+                Err(e)
+            }
+        }
     }
 }
 
-/// A call's result as a job's status, stored answer and problem.
+/// Proof that this gateway holds a job.
+#[derive(Clone)]
+struct Lease {
+    id: String,
+    token: Vec<u8>,
+    ttl: Duration,
+}
+
+/// The header naming the job, on webhooks and on their dead letters.
+const JOB_ID: &str = "switchyard-job-id";
+
+/// A call's result, as a job keeps it.
+struct Outcome {
+    status: JobStatus,
+    response: Option<StoredResponse>,
+    problem: Option<Value>,
+}
+
+impl Outcome {
+    fn failed(problem: Value) -> Outcome {
+        Outcome {
+            status: JobStatus::Failed,
+            response: None,
+            problem: Some(problem),
+        }
+    }
+}
+
+/// A call's result as a job's status, stored answer and problem. Reading the answer's body is
+/// bounded by `within`, like the call.
 async fn outcome(
     result: Result<Response, BoxError>,
     correlation_id: &str,
-) -> (JobStatus, Option<StoredResponse>, Option<Value>) {
-    match result {
-        Ok(resp) => {
-            let (head, body) = resp.into_parts();
-            match read_limited(body, MAX_RESULT).await {
-                Ok(Ok(bytes)) => {
-                    let stored = StoredResponse::new(&head, &bytes);
-                    if head.status.is_server_error() {
-                        let problem = json!({
-                            "type": "urn:switchyard:problem:backend-error",
-                            "title": head.status.canonical_reason().unwrap_or("Error"),
-                            "status": head.status.as_u16(),
-                            "detail": format!("The backend answered {}.", head.status),
-                            "correlation_id": correlation_id,
-                        });
-                        (JobStatus::Failed, Some(stored), Some(problem))
-                    } else {
-                        (JobStatus::Succeeded, Some(stored), None)
-                    }
+    within: Duration,
+) -> Outcome {
+    let resp = match result {
+        Ok(resp) => resp,
+        Err(e) => return problem_of(e, correlation_id).await,
+    };
+    let (head, body) = resp.into_parts();
+    let read = match tokio::time::timeout(within, read_limited(body, MAX_RESULT)).await {
+        Ok(r) => r,
+        Err(_) => {
+            return Outcome::failed(json!({
+                "type": "urn:switchyard:problem:timeout",
+                "title": "Gateway Timeout",
+                "status": 504,
+                "detail": "The backend's answer did not arrive in full in time.",
+                "correlation_id": correlation_id,
+            }));
+        }
+    };
+    match read {
+        Ok(Ok(bytes)) => {
+            let stored = StoredResponse::new(&head, &bytes);
+            if head.status.is_server_error() {
+                let problem = json!({
+                    "type": "urn:switchyard:problem:backend-error",
+                    "title": head.status.canonical_reason().unwrap_or("Error"),
+                    "status": head.status.as_u16(),
+                    "detail": format!("The backend answered {}.", head.status),
+                    "correlation_id": correlation_id,
+                });
+                Outcome {
+                    status: JobStatus::Failed,
+                    response: Some(stored),
+                    problem: Some(problem),
                 }
-                Ok(Err(_)) => (
-                    JobStatus::Failed,
-                    None,
-                    Some(json!({
-                        "type": "urn:switchyard:problem:result-too-large",
-                        "title": "Bad Gateway",
-                        "status": 502,
-                        "detail": format!("The backend's answer is larger than the {MAX_RESULT} bytes a job keeps."),
-                        "correlation_id": correlation_id,
-                    })),
-                ),
-                Err(e) => problem_of(e, correlation_id).await,
+            } else {
+                Outcome {
+                    status: JobStatus::Succeeded,
+                    response: Some(stored),
+                    problem: None,
+                }
             }
         }
+        Ok(Err(_)) => Outcome::failed(json!({
+            "type": "urn:switchyard:problem:result-not-kept",
+            "title": "Bad Gateway",
+            "status": 502,
+            "detail": format!("The backend's answer is larger than the {MAX_RESULT} bytes a job keeps, or carries trailers, which a job cannot keep."),
+            "correlation_id": correlation_id,
+        })),
         Err(e) => problem_of(e, correlation_id).await,
     }
 }
 
 /// The problem+json the error edge would have answered, as the job's problem.
-async fn problem_of(
-    e: BoxError,
-    correlation_id: &str,
-) -> (JobStatus, Option<StoredResponse>, Option<Value>) {
+async fn problem_of(e: BoxError, correlation_id: &str) -> Outcome {
     let resp = crate::error::rescue(e.as_ref(), correlation_id, None);
     let body = crate::collect_body(resp.into_body())
         .await
         .unwrap_or_default();
-    let problem = serde_json::from_slice(&body).unwrap_or_else(|_| json!({ "status": 500 }));
-    (JobStatus::Failed, None, Some(problem))
+    Outcome::failed(serde_json::from_slice(&body).unwrap_or_else(|_| json!({ "status": 500 })))
 }
 
-/// Every two seconds: runs jobs whose gateway died (their lease expired) and delivers the
-/// webhooks it left undelivered.
+/// Every two seconds: runs jobs whose gateway died (their lease expired), delivers the
+/// webhooks it left undelivered, and fails the jobs of routes that no longer run jobs. The
+/// first look waits one period, so that a starting gateway has installed all its routes.
 async fn recover(jobs: Weak<Jobs>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let period = Duration::from_secs(2);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -521,28 +703,51 @@ async fn recover_once(jobs: &Arc<Jobs>) -> Result<(), StoreError> {
         after = Some(last.clone());
         for (id, route) in &page {
             let route = String::from_utf8_lossy(route);
-            let Some(installed) = jobs.installed(&route) else {
+            let installed = jobs.installed(&route);
+            let ttl = installed
+                .as_ref()
+                .map_or(Duration::from_secs(30), |i| i.lease);
+            let Some(lease) = jobs.claim(id, ttl).await? else {
+                continue; // someone runs it
+            };
+            let job = match jobs.get(id).await {
+                Ok(Some(job)) => job,
+                Ok(None) => {
+                    // Never fully written (its gateway died before the 202), or expired.
+                    jobs.release(&lease).await;
+                    continue;
+                }
+                Err(e) => {
+                    jobs.release_lease_only(&lease).await;
+                    return Err(e);
+                }
+            };
+            let Some(installed) = installed else {
+                if job.status == JobStatus::Pending {
+                    tracing::warn!(job = %id, route = %route, "A pending job's route no longer runs jobs; the job is marked failed.");
+                    let problem = json!({
+                        "type": "urn:switchyard:problem:job-abandoned",
+                        "title": "Internal Server Error",
+                        "status": 500,
+                        "detail": format!("Route '{route}' no longer runs jobs (it was removed or changed by a reload), so this job will not run."),
+                        "correlation_id": job.request.correlation_id,
+                    });
+                    let this = jobs.clone();
+                    tokio::spawn(async move {
+                        this.finish(job, Outcome::failed(problem), None, lease)
+                            .await;
+                    });
+                } else {
+                    jobs.release(&lease).await;
+                }
                 continue;
             };
-            if store
-                .insert(Ns::Leases, id, jobs.instance.as_bytes(), installed.lease)
-                .await?
-                .is_some()
-            {
-                continue; // someone runs it
-            }
-            match jobs.get(id).await? {
-                None => {
-                    store.delete(Ns::PendingJobs, id).await?;
-                    store.delete(Ns::Leases, id).await?;
-                }
-                Some(job) if job.status == JobStatus::Pending => {
-                    tracing::info!(job = %id, route = %route, "Running a job again: the gateway that ran it stopped.");
-                    tokio::spawn(jobs.clone().run(job, installed));
-                }
-                Some(job) => {
-                    tokio::spawn(jobs.clone().notify(job, installed.webhook));
-                }
+            if job.status == JobStatus::Pending {
+                tracing::info!(job = %id, route = %route, "Running a job again: the gateway that ran it stopped.");
+                tokio::spawn(jobs.clone().run(job, installed, lease));
+            } else {
+                let this = jobs.clone();
+                tokio::spawn(async move { this.notify(job, installed.webhook, lease).await });
             }
         }
         if page.len() < 100 {
@@ -662,13 +867,23 @@ impl JobService {
             callback,
         };
         let jobs_path = self.jobs.spec().path;
+        let retry_after = self.jobs.spec().retry_after.0;
+        let answer = accepted(&job, &jobs_path, retry_after);
         let Some(wait) = self.accept_after else {
-            self.jobs
-                .create(&job, self.lease)
+            // Recorded and started in a task of its own: a client that goes away mid-write
+            // leaves either no job or one that runs.
+            let (jobs, installed) = (self.jobs.clone(), self.installed());
+            let created = tokio::spawn(async move {
+                let lease = jobs.create(&job, installed.lease).await?;
+                tokio::spawn(jobs.run(job, installed, lease));
+                Ok::<_, StoreError>(())
+            });
+            created
                 .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))
+                .and_then(|r| r)
                 .map_err(|source| GatewayError::StoreUnavailable { source })?;
-            tokio::spawn(self.jobs.clone().run(job.clone(), self.installed()));
-            return Ok(accepted(&job, &jobs_path, self.jobs.spec().retry_after.0));
+            return Ok(answer);
         };
         // on_timeout: accept — the call runs on its own so that it outlives the wait.
         let req = http::Request::from_parts(parts, full_body(body));
@@ -684,22 +899,33 @@ impl JobService {
             }
             Err(_) => {}
         }
-        if let Err(e) = self.jobs.create(&job, self.lease).await {
-            tracing::warn!(route = %self.route, error = %e, "The call outlived its timeout but no job could be recorded for it.");
-            return Err(GatewayError::Timeout { after: wait }.into());
-        }
-        let jobs = self.jobs.clone();
-        let webhook = self.webhook.clone();
-        let (follow, answer) = (
-            job.clone(),
-            accepted(&job, &jobs_path, jobs.spec().retry_after.0),
-        );
+        // The wait is over: record the job, then follow the call to its end, in a task of its
+        // own so that the late answer is kept even if this client goes away.
+        let (jobs, installed, route) = (self.jobs.clone(), self.installed(), self.route.clone());
+        let (created_tx, created_rx) = oneshot::channel();
         tokio::spawn(async move {
+            let lease = match jobs.create(&job, installed.lease).await {
+                Ok(lease) => {
+                    let _ = created_tx.send(true);
+                    lease
+                }
+                Err(e) => {
+                    tracing::warn!(route = %route, error = %e, "The call outlived its timeout but no job could be recorded for it.");
+                    let _ = created_tx.send(false);
+                    return;
+                }
+            };
+            let holding = jobs.hold(&lease);
             let result = rx.await.unwrap_or_else(|_| {
                 Err(GatewayError::Internal("the call ended without an answer").into())
             });
-            jobs.finish(follow, result, webhook).await;
+            let result = outcome(result, &job.request.correlation_id, installed.lease).await;
+            jobs.finish(job, result, installed.webhook, lease).await;
+            holding.abort();
         });
+        if created_rx.await != Ok(true) {
+            return Err(GatewayError::Timeout { after: wait }.into());
+        }
         Ok(answer)
     }
 }
@@ -764,26 +990,12 @@ async fn serve(
         .await
         .map_err(|source| GatewayError::StoreUnavailable { source })?
         .ok_or_else(not_found)?;
-    let view = job.view(&spec.path);
-    let (status, content_type, body) = match job.status {
-        JobStatus::Pending => (StatusCode::ACCEPTED, "application/json", view),
-        JobStatus::Succeeded => (StatusCode::OK, "application/json", view),
-        JobStatus::Failed => {
-            let mut p = job
-                .problem
-                .clone()
-                .unwrap_or_else(|| json!({ "status": 500 }));
-            p["job_id"] = job.id.clone().into();
-            p["job_status"] = "failed".into();
-            if let Some(r) = &job.response {
-                p["response"] = response_view(r);
-            }
-            let status = p["status"]
-                .as_u64()
-                .and_then(|s| StatusCode::from_u16(s as u16).ok())
-                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            (status, "application/problem+json", p)
-        }
+    // The poll itself succeeded whatever the job's fate: 202 while pending, 200 after (a failed
+    // job's problem is in the body, so that proxies do not take it for the gateway failing).
+    let body = job.view(&spec.path);
+    let (status, content_type) = match job.status {
+        JobStatus::Pending => (StatusCode::ACCEPTED, "application/json"),
+        JobStatus::Succeeded | JobStatus::Failed => (StatusCode::OK, "application/json"),
     };
     let mut resp = http::Response::new(full_body(body.to_string()));
     *resp.status_mut() = status;

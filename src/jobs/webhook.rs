@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
 use http::{HeaderValue, Method, header};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -112,10 +112,8 @@ impl Sender {
                 }
                 s
             })?;
-            let status = resp.status();
-            // Read (and drop) the body so the connection can be reused.
-            let _ = resp.into_body().collect().await;
-            Ok::<_, String>(status)
+            // The body is not read: a receiver's answer is its status.
+            Ok::<_, String>(resp.status())
         })
         .await
         .map_err(|_| {
@@ -132,9 +130,42 @@ impl Sender {
     }
 }
 
-/// Whether `url` may be a callback given the route's allow-list (prefixes, compared exactly).
+/// Whether `url` may be a callback given the route's allow-list: the same scheme, host and
+/// port as an entry, no user info, and a path under the entry's (on a segment boundary).
 pub fn allowed(url: &str, allow: &[String]) -> bool {
-    allow.iter().any(|p| url.starts_with(p.as_str()))
+    let Ok(u) = url.parse::<http::Uri>() else {
+        return false;
+    };
+    let Some(authority) = u.authority() else {
+        return false;
+    };
+    if authority.as_str().contains('@') {
+        return false;
+    }
+    let port = |x: &http::Uri| {
+        x.port_u16().unwrap_or(if x.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        })
+    };
+    allow.iter().any(|entry| {
+        let Ok(a) = entry.parse::<http::Uri>() else {
+            return false;
+        };
+        let (Some(ah), Some(uh)) = (a.host(), u.host()) else {
+            return false;
+        };
+        if a.scheme_str() != u.scheme_str() || !ah.eq_ignore_ascii_case(uh) || port(&a) != port(&u)
+        {
+            return false;
+        }
+        let (ap, up) = (a.path(), u.path());
+        match up.strip_prefix(ap) {
+            Some(rest) => ap.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+            None => false,
+        }
+    })
 }
 
 /// Whether `url` is an absolute http(s) URL with a host.
@@ -162,9 +193,19 @@ mod tests {
 
     #[test]
     fn callback_urls_are_checked() {
-        let allow = vec!["https://hooks.example.com/".to_string()];
-        assert!(allowed("https://hooks.example.com/a", &allow));
-        assert!(!allowed("https://hooks.example.com.evil/a", &allow));
+        let allow = vec![
+            "https://hooks.example.com/in/".to_string(),
+            "http://127.0.0.1:8080".to_string(),
+        ];
+        assert!(allowed("https://hooks.example.com/in/a", &allow));
+        assert!(allowed("https://HOOKS.example.com:443/in/a?x=1", &allow));
+        assert!(!allowed("https://hooks.example.com/inside", &allow));
+        assert!(!allowed("https://hooks.example.com.evil/in/a", &allow));
+        assert!(!allowed("https://hooks.example.com@evil.net/in/a", &allow));
+        assert!(!allowed("https://hooks.example.com:6379/in/a", &allow));
+        assert!(!allowed("http://hooks.example.com/in/a", &allow));
+        assert!(allowed("http://127.0.0.1:8080/any", &allow));
+        assert!(!allowed("http://127.0.0.1:8081/any", &allow));
         assert!(valid_url("http://127.0.0.1:8080/x"));
         assert!(!valid_url("ftp://x/y"));
         assert!(!valid_url("/relative"));

@@ -264,16 +264,36 @@ async fn a_message_the_broker_refuses_is_dead_lettered_and_can_be_replayed() {
     mq::cleanup(&conn, &[&x], &[&q]).await;
 }
 
-/// The gateway binary on `config`, its admin address.
-pub(crate) fn spawn_gateway(config: &std::path::Path) -> std::process::Child {
-    std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("the gateway binary starts")
+/// The gateway binary, killed with SIGKILL when dropped (also when a test fails midway).
+pub(crate) struct Process(std::process::Child);
+
+impl Process {
+    /// `kill -9`, and wait for it to be gone.
+    pub(crate) fn kill(&mut self) {
+        self.0.kill().expect("SIGKILL");
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the gateway binary on `config`.
+pub(crate) fn spawn_gateway(config: &std::path::Path) -> Process {
+    Process(
+        std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("the gateway binary starts"),
+    )
 }
 
 /// Waits until the process's admin API answers.
@@ -307,8 +327,7 @@ async fn the_spool_survives_kill_9_and_delivers_exactly_what_it_acknowledged() {
     let mut first = spawn_gateway(&path);
     wait_up(admin).await;
     let ids = spool_n(&base, 0, N).await;
-    first.kill().expect("SIGKILL");
-    first.wait().unwrap();
+    first.kill();
 
     let mut second = spawn_gateway(&path);
     wait_up(admin).await;
@@ -337,7 +356,66 @@ async fn the_spool_survives_kill_9_and_delivers_exactly_what_it_acknowledged() {
         assert_eq!(body["seq"], i, "in order");
         assert_eq!(id, &ids[i]);
     }
-    second.kill().unwrap();
-    second.wait().unwrap();
+    second.kill();
     mq::cleanup(&conn, &[&x], &[&q]).await;
+}
+
+#[tokio::test]
+async fn mqtt_publishes_are_spooled_while_the_broker_is_unreachable_and_forwarded_in_order() {
+    let addr = crate::support::mqtt::broker_addr().await;
+    let topic = format!("sy-test/{}/spooled", uuid::Uuid::now_v7().simple());
+    // The subscriber talks to the broker directly; the gateway through a proxy that is "down".
+    let mut sub = crate::support::mqtt::Subscriber::start(
+        &addr,
+        &format!("sub-{}", uuid::Uuid::now_v7().simple()),
+        &topic,
+    )
+    .await;
+    let proxy = BrokerProxy::start_to(addr.clone()).await;
+    proxy.stop();
+    let gw = Gateway::start(&format!(
+        r#"
+state: {{ spool: {{ retry: {{ min: 50ms, max: 300ms }} }} }}
+backends:
+  devices:
+    type: mqtt
+    url: "mqtt://{proxy}"
+    client_id: "gw-{id}"
+    reconnect: {{ min: 50ms, max: 300ms }}
+routes:
+  - id: readings
+    match: {{ method: POST, path: "/readings/{{n}}" }}
+    backend: devices
+    spool: true
+    mqtt: {{ topic: "{topic}", qos: 1 }}
+"#,
+        proxy = proxy.addr,
+        id = uuid::Uuid::now_v7().simple()
+    ))
+    .await;
+    let base = format!("http://{}", gw.listen);
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let (s, h, b) = post(
+            &base,
+            &format!("/readings/{i}"),
+            &format!("{{\"seq\":{i}}}"),
+        )
+        .await;
+        assert_eq!(s, 202, "{b}");
+        assert_eq!(h["switchyard-spooled"], "true");
+        ids.push(b["message_id"].as_str().unwrap().to_string());
+    }
+    proxy.start_again();
+    for (i, id) in ids.iter().enumerate() {
+        let p = sub.next().await;
+        let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+        assert_eq!(v["seq"], i, "in order");
+        let props = p.properties.expect("MQTT 5 properties");
+        assert_eq!(
+            props.correlation_data.as_deref(),
+            Some(id.as_bytes()),
+            "the message id the 202 gave, as correlation data"
+        );
+    }
 }
