@@ -49,12 +49,7 @@ RUST_LOG=warn "$BIN/switchyard" run --no-watch --config "$WORK/routes.yaml" >"$W
 SY_PID=$!
 wait_ready "$SY_ADMIN"
 
-head -c "$SIZE" /dev/zero | tr '\0' 'x' > "$WORK/body"
-cat > "$WORK/post.lua" <<LUA
-wrk.method = "POST"
-wrk.headers["content-type"] = "application/octet-stream"
-local f = io.open("$WORK/body", "rb"); wrk.body = f:read("*a"); f:close()
-LUA
+post_lua "$WORK" "$SIZE"
 
 direct() {
   AMQP_URL="$AMQP_URL" EXCHANGE=bench.x ROUTING_KEY=bench SIZE="$SIZE" CONCURRENCY="$INFLIGHT" \

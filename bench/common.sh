@@ -22,3 +22,13 @@ wait_ready() {
 
 # The median of the numbers on standard input, one per line.
 median() { sort -n | awk '{a[NR] = $1} END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
+
+# post_lua DIR SIZE: DIR/body (SIZE bytes) and DIR/post.lua, a wrk script that POSTs it.
+post_lua() {
+  head -c "$2" /dev/zero | tr '\0' 'x' > "$1/body"
+  cat > "$1/post.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["content-type"] = "application/octet-stream"
+local f = io.open("$1/body", "rb"); wrk.body = f:read("*a"); f:close()
+LUA
+}

@@ -73,12 +73,7 @@ start() {
 stop() { kill "$SY_PID"; wait "$SY_PID" 2>/dev/null || true; SY_PID=; }
 spooled_count() { curl -fsS "http://127.0.0.1:$SY_ADMIN/spool" | sed -n 's/.*"messages":\([0-9]*\).*/\1/p'; }
 
-head -c "$SIZE" /dev/zero | tr '\0' 'x' > "$WORK/body"
-cat > "$WORK/post.lua" <<LUA
-wrk.method = "POST"
-wrk.headers["content-type"] = "application/octet-stream"
-local f = io.open("$WORK/body", "rb"); wrk.body = f:read("*a"); f:close()
-LUA
+post_lua "$WORK" "$SIZE"
 via() {
   wrk -t 2 -c "$INFLIGHT" -d "${DURATION}s" -s "$WORK/post.lua" "http://127.0.0.1:$SY_PORT/bench"
 }

@@ -76,6 +76,21 @@ impl Spooled {
         }
     }
 
+    /// The stand-in request of a record that cannot be read (its raw bytes are the body).
+    fn unreadable() -> Spooled {
+        Spooled {
+            method: String::new(),
+            uri: String::new(),
+            headers: Vec::new(),
+            correlation_id: String::new(),
+            message_id: String::new(),
+            client: String::new(),
+            host: None,
+            params: Vec::new(),
+            accepted_ms: now_ms(),
+        }
+    }
+
     /// The request again, with its context, ready for the route's inner stack.
     pub fn request(&self, route: &Arc<str>, body: Bytes) -> Result<Request, String> {
         let mut req = http::Request::builder()
@@ -162,9 +177,31 @@ pub struct RouteSpoolStatus {
     pub last_error: Option<String>,
 }
 
+/// How a route's spooled requests are sent on: through the route's stack below the spool,
+/// or, where the backend can keep order with several in flight, in ordered batches.
+#[derive(Clone)]
+pub struct Forwarding {
+    pub service: RouteService,
+    pub ordered: Option<Arc<dyn OrderedSend>>,
+}
+
+/// Sends requests in order with several in flight (AMQP: one channel, confirms awaited
+/// together). One answer per request, in order.
+#[async_trait::async_trait]
+pub trait OrderedSend: Send + Sync {
+    async fn send_ordered(&self, reqs: Vec<Request>) -> Vec<Result<(), BoxError>>;
+}
+
+#[async_trait::async_trait]
+impl OrderedSend for crate::backends::amqp::AmqpRouteService {
+    async fn send_ordered(&self, reqs: Vec<Request>) -> Vec<Result<(), BoxError>> {
+        self.publish_ordered(reqs).await
+    }
+}
+
 #[derive(Default)]
 struct Slot {
-    service: Option<RouteService>,
+    service: Option<Forwarding>,
     notify: Arc<Notify>,
     messages: u64,
     bytes: u64,
@@ -274,9 +311,9 @@ impl Spool {
         }
     }
 
-    /// Makes `service` (the route's stack below the spool layer) the one that forwards the
-    /// route's messages, and starts its forwarder. Called after a table is swapped in.
-    pub fn install(self: &Arc<Self>, route: &Arc<str>, service: RouteService) {
+    /// Makes `service` (the route's stack below the spool layer, and maybe an ordered batch
+    /// sender) the one that forwards the route's messages, and starts its forwarder. Called after a table is swapped in.
+    pub fn install(self: &Arc<Self>, route: &Arc<str>, service: Forwarding) {
         let mut slots = self.slots.lock().expect("spool slots");
         let slot = slots.entry(route.clone()).or_default();
         slot.service = Some(service);
@@ -673,42 +710,78 @@ async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
             continue;
         };
         let mut stalled = None;
+        // Decoded first: a batch that reads cleanly may go out in one ordered send.
+        let mut records = Vec::with_capacity(batch.len());
         for (seq, raw) in batch {
             let size = raw.len() as u64;
-            let (rec, body) = match Spooled::decode(&raw) {
-                Ok(x) => x,
+            match Spooled::decode(&raw) {
+                Ok((rec, body)) => records.push((seq, size, rec, body)),
                 Err(e) => {
+                    if !records.is_empty() {
+                        break; // the readable ones first; this one heads the next batch
+                    }
                     // Kept, not dropped: the raw record goes to the dead letters.
-                    let rec = Spooled {
-                        method: String::new(),
-                        uri: String::new(),
-                        headers: Vec::new(),
-                        correlation_id: String::new(),
-                        message_id: String::new(),
-                        client: String::new(),
-                        host: None,
-                        params: Vec::new(),
-                        accepted_ms: now_ms(),
-                    };
                     let reason = format!("the spool record cannot be read: {e}");
-                    match sp.dead_letter(&route, rec, &raw, reason, 0).await {
+                    match sp
+                        .dead_letter(&route, Spooled::unreadable(), &raw, reason, 0)
+                        .await
+                    {
                         Ok(()) => done.push((seq, size)),
                         Err(e) => {
                             stalled = Some(format!(
                                 "an unreadable record could not be dead-lettered: {e}"
                             ));
+                        }
+                    }
+                    break;
+                }
+            }
+        }
+        let outcomes: Vec<Outcome> = match &service.ordered {
+            Some(ordered) if records.len() > 1 => {
+                let mut reqs = Vec::with_capacity(records.len());
+                let mut bad = None;
+                for (i, (_, _, rec, body)) in records.iter().enumerate() {
+                    match rec.request(&route, body.clone()) {
+                        Ok(r) => reqs.push(r),
+                        Err(_) => {
+                            bad = Some(i);
                             break;
                         }
                     }
-                    continue;
                 }
-            };
+                // A request that cannot be rebuilt ends the batch before it.
+                if let Some(i) = bad {
+                    records.truncate(i.max(1));
+                    reqs.truncate(records.len());
+                }
+                if reqs.len() == records.len() {
+                    if let Some((_, _, rec, _)) = records.last() {
+                        sp.note(&route, |s| s.oldest_ms = Some(rec.accepted_ms));
+                    }
+                    ordered
+                        .send_ordered(reqs)
+                        .await
+                        .into_iter()
+                        .map(|r| judge(r.map(|()| http::Response::new(crate::empty_body()))))
+                        .collect()
+                } else {
+                    Vec::new()
+                }
+            }
+            _ => Vec::new(),
+        };
+        let mut outcomes = outcomes.into_iter();
+        for (seq, size, rec, body) in records {
             sp.note(&route, |s| s.oldest_ms = Some(rec.accepted_ms));
-            let outcome = match rec.request(&route, body.clone()) {
-                Ok(req) => judge(service.clone().oneshot(req).await),
-                Err(reason) => Outcome::Refused {
-                    reason,
-                    permanent: true,
+            let outcome = match outcomes.next() {
+                Some(o) => o,
+                None => match rec.request(&route, body.clone()) {
+                    Ok(req) => judge(service.service.clone().oneshot(req).await),
+                    Err(reason) => Outcome::Refused {
+                        reason,
+                        permanent: true,
+                    },
                 },
             };
             match outcome {

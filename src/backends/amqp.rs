@@ -77,9 +77,10 @@ struct SlotChannel {
 }
 
 /// One pooled channel; the lock is held across a publish and its confirm, so a channel never
-/// has two publishes in flight. A channel whose publish ended unconfirmed is discarded.
+/// has two publishes in flight (but for the spool's ordered batches, which hold it for the
+/// whole batch). A channel whose publish ended unconfirmed is discarded.
 struct Slot {
-    channel: Mutex<Option<SlotChannel>>,
+    channel: Arc<Mutex<Option<SlotChannel>>>,
 }
 
 /// A live connection and what hangs on it.
@@ -384,7 +385,7 @@ async fn connect(shared: &Arc<Shared>) -> Result<Live, SetupError> {
             .await
             .map_err(|e| SetupError::transient(format!("opening a channel: {e}")))?;
         slots.push(Slot {
-            channel: Mutex::new(Some(ch)),
+            channel: Arc::new(Mutex::new(Some(ch))),
         });
     }
     let live = Live {
@@ -736,15 +737,18 @@ impl AmqpRouteService {
         Ok((exchange, routing_key, payload, props))
     }
 
-    /// Publishes and waits for the broker's confirm, on a pooled channel with nothing else in
-    /// flight. Answers only for what the broker said: ack, return, nack, or nothing in time.
-    pub(crate) async fn publish(
+    /// An exclusive channel of the pool, open and in confirm mode. Nothing is sent yet, so
+    /// running out of time here is a plain (retryable) 503.
+    async fn take_channel(
         &self,
         exchange: &ShortString,
-        routing_key: &ShortString,
-        payload: &[u8],
-        props: BasicProperties,
-    ) -> Result<(), BoxError> {
+    ) -> Result<
+        (
+            tokio::sync::OwnedMutexGuard<Option<SlotChannel>>,
+            lapin::Channel,
+        ),
+        BoxError,
+    > {
         let live = self
             .shared
             .live
@@ -761,14 +765,21 @@ impl AmqpRouteService {
         let within = self.shared.spec.confirm_timeout.0;
         let n = live.slots.len();
         let start = self.shared.next.fetch_add(1, Ordering::Relaxed);
-        // A free channel if there is one; otherwise wait for the next in turn. Nothing is sent
-        // yet, so running out of time here is a plain (retryable) 503.
-        let free = (0..n).find_map(|i| live.slots[(start + i) % n].channel.try_lock().ok());
+        // A free channel if there is one; otherwise wait for the next in turn.
+        let free = (0..n).find_map(|i| {
+            live.slots[(start + i) % n]
+                .channel
+                .clone()
+                .try_lock_owned()
+                .ok()
+        });
         let mut guard = match free {
             Some(g) => g,
-            None => tokio::time::timeout(within, live.slots[start % n].channel.lock())
-                .await
-                .map_err(|_| self.unavailable("every channel stayed busy", None))?,
+            None => {
+                tokio::time::timeout(within, live.slots[start % n].channel.clone().lock_owned())
+                    .await
+                    .map_err(|_| self.unavailable("every channel stayed busy", None))?
+            }
         };
         // A channel the broker closed, or one discarded after an unconfirmed publish, is
         // replaced (with its reply consumer).
@@ -783,30 +794,16 @@ impl AmqpRouteService {
             *guard = Some(opened);
         }
         let ch = guard.as_ref().expect("set above").channel.clone();
-        let attempt = async {
-            let confirm = ch
-                .basic_publish(
-                    exchange.clone(),
-                    routing_key.clone(),
-                    BasicPublishOptions {
-                        mandatory: self.route.mandatory,
-                        immediate: false,
-                    },
-                    payload,
-                    props,
-                )
-                .await
-                .map_err(|e| (false, e))?;
-            // From here on the broker may have the message, whatever happens next.
-            confirm.await.map_err(|e| (true, e))
-        };
-        let outcome = tokio::time::timeout(within, attempt).await;
-        if !matches!(outcome, Ok(Ok(_))) {
-            // Its publish may still be pending: never reuse the channel, or a later publish
-            // could be handed this one's confirm or return.
-            discard(guard.take());
-        }
-        drop(guard);
+        Ok((guard, ch))
+    }
+
+    /// What the broker's answer to one publish means for the client.
+    fn confirmation(
+        &self,
+        outcome: Result<Result<Confirmation, (bool, lapin::Error)>, tokio::time::error::Elapsed>,
+        exchange: &ShortString,
+        routing_key: &ShortString,
+    ) -> Result<(), BoxError> {
         match outcome {
             Err(_) => {
                 self.shared
@@ -843,6 +840,152 @@ impl AmqpRouteService {
             }
             Ok(Err((sent, e))) => Err(self.publish_error(e, exchange, sent)),
         }
+    }
+
+    /// Publishes and waits for the broker's confirm, on a pooled channel with nothing else in
+    /// flight. Answers only for what the broker said: ack, return, nack, or nothing in time.
+    pub(crate) async fn publish(
+        &self,
+        exchange: &ShortString,
+        routing_key: &ShortString,
+        payload: &[u8],
+        props: BasicProperties,
+    ) -> Result<(), BoxError> {
+        let within = self.shared.spec.confirm_timeout.0;
+        let (mut guard, ch) = self.take_channel(exchange).await?;
+        let attempt = async {
+            let confirm = ch
+                .basic_publish(
+                    exchange.clone(),
+                    routing_key.clone(),
+                    BasicPublishOptions {
+                        mandatory: self.route.mandatory,
+                        immediate: false,
+                    },
+                    payload,
+                    props,
+                )
+                .await
+                .map_err(|e| (false, e))?;
+            // From here on the broker may have the message, whatever happens next.
+            confirm.await.map_err(|e| (true, e))
+        };
+        let outcome = tokio::time::timeout(within, attempt).await;
+        if !matches!(outcome, Ok(Ok(_))) {
+            // Its publish may still be pending: never reuse the channel, or a later publish
+            // could be handed this one's confirm or return.
+            discard(guard.take());
+        }
+        drop(guard);
+        self.confirmation(outcome, exchange, routing_key)
+    }
+
+    /// Publishes `reqs` in order on one channel, all in flight at once, then waits for their
+    /// confirms: the spool's forwarder drains this way. Only for routes without `mandatory`
+    /// (a returned message could not be told apart from its neighbours) and without a reply.
+    /// One answer per request, in order.
+    pub(crate) async fn publish_ordered(&self, reqs: Vec<Request>) -> Vec<Result<(), BoxError>> {
+        let mut rendered = Vec::with_capacity(reqs.len());
+        for req in reqs {
+            let (parts, body) = req.into_parts();
+            let r = match crate::collect_body(body).await {
+                Ok(body) => self.message(&parts, &body).map_err(BoxError::from),
+                Err(e) => Err(e),
+            };
+            rendered.push(r);
+        }
+        let probe = ShortString::from(String::new());
+        let exchange = rendered
+            .iter()
+            .find_map(|r| r.as_ref().ok().map(|m| m.0.clone()))
+            .unwrap_or(probe);
+        let (mut guard, ch) = match self.take_channel(&exchange).await {
+            Ok(x) => x,
+            Err(e) => {
+                let why = e.to_string();
+                return rendered
+                    .into_iter()
+                    .map(|r| {
+                        r.and_then(|_| {
+                            Err(self
+                                .unavailable(
+                                    "not connected to the broker",
+                                    Some(why.clone().into()),
+                                )
+                                .into())
+                        })
+                    })
+                    .collect();
+            }
+        };
+        let within = self.shared.spec.confirm_timeout.0;
+        // Send every message, in order; a failed send fails the ones after it too.
+        let mut sent = Vec::with_capacity(rendered.len());
+        let mut broken: Option<String> = None;
+        for r in rendered {
+            let (exchange, routing_key, payload, props) = match r {
+                Ok(m) => m,
+                Err(e) => {
+                    sent.push(Err(e));
+                    continue;
+                }
+            };
+            if let Some(why) = &broken {
+                sent.push(Err(self
+                    .unavailable(
+                        "the channel failed during the batch",
+                        Some(why.clone().into()),
+                    )
+                    .into()));
+                continue;
+            }
+            let publish = ch.basic_publish(
+                exchange.clone(),
+                routing_key.clone(),
+                BasicPublishOptions {
+                    mandatory: false,
+                    immediate: false,
+                },
+                &payload,
+                props,
+            );
+            match tokio::time::timeout(within, publish).await {
+                Ok(Ok(confirm)) => sent.push(Ok((exchange, routing_key, confirm))),
+                Ok(Err(e)) => {
+                    broken = Some(e.to_string());
+                    sent.push(Err(self.publish_error(e, &exchange, false)));
+                }
+                Err(_) => {
+                    broken = Some("sending timed out".into());
+                    sent.push(Err(GatewayError::Unconfirmed {
+                        backend: self.shared.name.clone(),
+                        reason: "sending the message timed out",
+                        source: None,
+                    }
+                    .into()));
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + within;
+        let mut out = Vec::with_capacity(sent.len());
+        let mut clean = broken.is_none();
+        for s in sent {
+            match s {
+                Ok((exchange, routing_key, confirm)) => {
+                    let outcome = tokio::time::timeout_at(deadline, async {
+                        confirm.await.map_err(|e| (true, e))
+                    })
+                    .await;
+                    clean &= matches!(outcome, Ok(Ok(Confirmation::Ack(None))));
+                    out.push(self.confirmation(outcome, &exchange, &routing_key));
+                }
+                Err(e) => out.push(Err(e)),
+            }
+        }
+        if !clean {
+            discard(guard.take());
+        }
+        out
     }
 
     /// The error for a failed publish step. `sent`: the frames had left, so the broker may

@@ -271,6 +271,19 @@ impl BuiltBackend {
     }
 
     /// The service at the bottom of `route`'s stack.
+    /// An ordered batch sender for the spool's forwarder, where the backend can keep a
+    /// route's order with several messages in flight: AMQP publishes without `mandatory` and
+    /// without a reply.
+    pub fn ordered_sender(&self, route: &RouteSpec) -> Option<Arc<dyn crate::spool::OrderedSend>> {
+        match (&self.handle, &route.amqp) {
+            (Handle::Amqp(a), Some(spec)) if !spec.mandatory && spec.reply.is_none() => {
+                let svc = amqp::AmqpRouteService::new(a, spec).ok()?;
+                Some(Arc::new(svc))
+            }
+            _ => None,
+        }
+    }
+
     pub fn route_service(
         &self,
         route: &RouteSpec,

@@ -249,15 +249,7 @@ impl Jobs {
 
     /// Whether the lease is still ours, extending it when it is.
     async fn renew(&self, lease: &Lease) -> Result<bool, StoreError> {
-        self.store()
-            .swap(
-                Ns::Leases,
-                &lease.id,
-                &lease.token,
-                Some(&lease.token),
-                lease.ttl,
-            )
-            .await
+        lease.renew(&self.store()).await
     }
 
     /// The job is done with: its pending mark goes, then the lease (in that order, so that
@@ -359,16 +351,7 @@ impl Jobs {
             let every = lease.ttl / 3;
             loop {
                 tokio::time::sleep(every).await;
-                let kept = store
-                    .swap(
-                        Ns::Leases,
-                        &lease.id,
-                        &lease.token,
-                        Some(&lease.token),
-                        lease.ttl,
-                    )
-                    .await;
-                if matches!(kept, Ok(false)) {
+                if matches!(lease.renew(&store).await, Ok(false)) {
                     tracing::warn!(job = %lease.id, "A job's lease passed to another gateway while this one ran it.");
                     return;
                 }
@@ -586,6 +569,21 @@ struct Lease {
     id: String,
     token: Vec<u8>,
     ttl: Duration,
+}
+
+impl Lease {
+    /// Extends the lease if it is still ours; whether it was.
+    async fn renew(&self, store: &SharedStore) -> Result<bool, StoreError> {
+        store
+            .swap(
+                Ns::Leases,
+                &self.id,
+                &self.token,
+                Some(&self.token),
+                self.ttl,
+            )
+            .await
+    }
 }
 
 /// The header naming the job, on webhooks and on their dead letters.

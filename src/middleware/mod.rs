@@ -129,7 +129,10 @@ pub fn stack(
     let mut spool_inner = None;
     if route.spool {
         let state = state.ok_or_else(needs_state)?;
-        spool_inner = Some(svc.clone());
+        spool_inner = Some(crate::spool::Forwarding {
+            service: svc.clone(),
+            ordered: backend.ordered_sender(route),
+        });
         svc = RouteService::new(crate::spool::SpoolService::new(
             svc,
             state.spool.clone(),
@@ -202,7 +205,7 @@ pub fn stack(
 /// messages through.
 pub struct RouteStack {
     pub service: RouteService,
-    pub spool_inner: Option<RouteService>,
+    pub spool_inner: Option<crate::spool::Forwarding>,
     /// The job layer, whose routes' jobs are run (and recovered) once the table serves.
     pub job: Option<crate::jobs::JobService>,
 }

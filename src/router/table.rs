@@ -27,7 +27,7 @@ pub struct CompiledRoute {
     pub backend: Arc<BuiltBackend>,
     pub service: RouteService,
     /// The stack below the spool layer, for `spool: true` routes.
-    pub spool_inner: Option<RouteService>,
+    pub spool_inner: Option<crate::spool::Forwarding>,
     /// The job layer of `mode: async` and `on_timeout: accept` routes.
     pub job: Option<crate::jobs::JobService>,
     /// `:verb` the last path variable must end with (annotated gRPC routes).

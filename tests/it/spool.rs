@@ -419,3 +419,68 @@ routes:
         );
     }
 }
+
+#[tokio::test]
+async fn a_connection_cut_while_draining_loses_nothing_and_keeps_the_order() {
+    const N: usize = 300;
+    let proxy = BrokerProxy::start().await;
+    proxy.stop();
+    let (x, q) = (mq::unique("x"), mq::unique("q"));
+    let gw = Gateway::start(&config(&proxy.url(), &x, &q, "", "")).await;
+    let base = format!("http://{}", gw.listen);
+    // Spooled concurrently in 10 streams; the spool's order is the order of the 202s.
+    let mut streams = Vec::new();
+    for s in 0..10 {
+        let base = base.clone();
+        streams.push(tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            for i in 0..N / 10 {
+                let n = s * 1000 + i;
+                let (st, _, b) = post(&base, &format!("/orders/{n}"), &format!("{{\"seq\":{n}}}")).await;
+                assert_eq!(st, 202, "{b}");
+                accepted.push(n);
+            }
+            accepted
+        }));
+    }
+    for s in streams {
+        s.await.unwrap();
+    }
+    proxy.start_again();
+    let conn = mq::client().await;
+    // Cut the gateway's connection once the drain is under way.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while depth(&conn, &q).await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the drain never started");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    proxy.cut();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, v) = gw.admin_json("/spool").await;
+        if v["routes"]["orders"]["messages"] == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = drain(&conn, &q).await;
+    let seqs: Vec<u64> = got.iter().map(|(_, b, _)| b["seq"].as_u64().unwrap()).collect();
+    // Every acknowledged message arrived (a message whose confirm was lost may come twice)…
+    let mut unique: Vec<u64> = seqs.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), N, "every spooled message arrived");
+    // …and within each sender's stream, first arrivals keep the order of the 202s.
+    let mut seen = std::collections::HashSet::new();
+    let mut last = [None::<u64>; 10];
+    for s in seqs {
+        if !seen.insert(s) {
+            continue;
+        }
+        let stream = (s / 1000) as usize;
+        assert!(last[stream].is_none_or(|l| l < s), "{s} arrived after {:?}", last[stream]);
+        last[stream] = Some(s);
+    }
+    mq::cleanup(&conn, &[&x], &[&q]).await;
+}
