@@ -29,6 +29,11 @@ use crate::{BoxError, Request, Response, RouteService, full_body};
 /// Spooled requests: (route id, sequence) → encoded [`Spooled`] and body.
 const SPOOL: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("spool");
 
+/// Most messages, and bytes, the forwarder reads and sends at once: a batch shares one read,
+/// one ordered send (where the backend allows) and one delete (one fsync).
+const BATCH: usize = 1024;
+const BATCH_BYTES: usize = 8 * 1024 * 1024;
+
 /// Header on a 202 that says the request was spooled, not yet delivered.
 pub const SPOOLED_HEADER: &str = "switchyard-spooled";
 
@@ -402,20 +407,30 @@ impl Spool {
             .unwrap_or_else(|e| Err(SpoolError::Store(StoreError::Unavailable(e.to_string()))))
     }
 
-    /// The oldest `n` messages of a route.
-    async fn peek(&self, route: &Arc<str>, n: usize) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    /// The oldest messages of a route: at most `n`, and no more than `bytes` past the first.
+    async fn peek(
+        &self,
+        route: &Arc<str>,
+        n: usize,
+        bytes: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let route = route.clone();
         self.local
             .run(move |db: &Database| {
                 let tx = db.begin_read().map_err(unavailable)?;
                 let t = tx.open_table(SPOOL).map_err(unavailable)?;
-                let mut out = Vec::new();
+                let (mut out, mut size) = (Vec::new(), 0usize);
                 for entry in t
                     .range((route.as_ref(), 0u64)..=(route.as_ref(), u64::MAX))
                     .map_err(unavailable)?
                 {
                     let (k, v) = entry.map_err(unavailable)?;
-                    out.push((k.value().1, v.value().to_vec()));
+                    let v = v.value();
+                    if !out.is_empty() && size + v.len() > bytes {
+                        break;
+                    }
+                    size += v.len();
+                    out.push((k.value().1, v.to_vec()));
                     if out.len() >= n {
                         break;
                     }
@@ -437,23 +452,29 @@ impl Spool {
         }
         let r = route.clone();
         let seqs: Vec<u64> = done.iter().map(|(s, _)| *s).collect();
+        // What was really there is what the counters lose.
         let removed = self
             .local
             .run(move |db: &Database| {
                 let tx = db.begin_write().map_err(unavailable)?;
+                let (mut n, mut bytes) = (0u64, 0u64);
                 {
                     let mut t = tx.open_table(SPOOL).map_err(unavailable)?;
                     for s in seqs {
-                        t.remove((r.as_ref(), s)).map_err(unavailable)?;
+                        if let Some(v) = t.remove((r.as_ref(), s)).map_err(unavailable)? {
+                            n += 1;
+                            bytes += v.value().len() as u64;
+                        }
                     }
                 }
-                tx.commit().map_err(unavailable)
+                tx.commit().map_err(unavailable)?;
+                Ok((n, bytes))
             })
             .await;
-        if let Err(e) = removed {
-            return Err((e, done));
-        }
-        let (n, bytes) = (done.len() as u64, done.iter().map(|(_, b)| b).sum::<u64>());
+        let (n, bytes) = match removed {
+            Ok(x) => x,
+            Err(e) => return Err((e, done)),
+        };
         if let Ok(mut t) = self.totals.lock() {
             t.0 = t.0.saturating_sub(n);
             t.1 = t.1.saturating_sub(bytes);
@@ -661,6 +682,9 @@ async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
     };
     let mut backoff: Option<Duration> = None;
     let mut refusals: (u64, u32) = (u64::MAX, 0);
+    // After an ordered batch broke, its messages go one at a time, so that each failure is
+    // blamed on the message that caused it.
+    let mut careful_until: Option<u64> = None;
     // Delivered (or dead-lettered) but not yet deleted: never sent again while they wait.
     let mut done: Vec<(u64, u64)> = Vec::new();
     loop {
@@ -691,7 +715,7 @@ async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
             .and_then(|s| s.get(&route).and_then(|s| s.service.clone()));
         // The database, not the counters, says what waits.
         let batch = match &service {
-            Some(_) => sp.peek(&route, 64).await,
+            Some(_) => sp.peek(&route, BATCH, BATCH_BYTES).await,
             None => Ok(Vec::new()),
         };
         let batch = match batch {
@@ -737,8 +761,11 @@ async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
                 }
             }
         }
+        let careful = careful_until
+            .zip(records.first())
+            .is_some_and(|(c, (first, ..))| *first <= c);
         let outcomes: Vec<Outcome> = match &service.ordered {
-            Some(ordered) if records.len() > 1 => {
+            Some(ordered) if records.len() > 1 && !careful => {
                 let mut reqs = Vec::with_capacity(records.len());
                 let mut bad = None;
                 for (i, (_, _, rec, body)) in records.iter().enumerate() {
@@ -756,15 +783,20 @@ async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
                     reqs.truncate(records.len());
                 }
                 if reqs.len() == records.len() {
-                    if let Some((_, _, rec, _)) = records.last() {
+                    if let Some((_, _, rec, _)) = records.first() {
                         sp.note(&route, |s| s.oldest_ms = Some(rec.accepted_ms));
                     }
-                    ordered
-                        .send_ordered(reqs)
-                        .await
+                    let (n, started) = (reqs.len(), std::time::Instant::now());
+                    let answers = ordered.send_ordered(reqs).await;
+                    tracing::debug!(route = %route, messages = n, took = ?started.elapsed(), "Spool batch sent.");
+                    let outcomes: Vec<Outcome> = answers
                         .into_iter()
                         .map(|r| judge(r.map(|()| http::Response::new(crate::empty_body()))))
-                        .collect()
+                        .collect();
+                    if outcomes.iter().any(|o| matches!(o, Outcome::Down(_))) {
+                        careful_until = records.last().map(|(seq, ..)| *seq);
+                    }
+                    outcomes
                 } else {
                     Vec::new()
                 }
@@ -816,7 +848,11 @@ async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
                 }
             }
         }
-        if let Err((e, left)) = sp.remove(&route, std::mem::take(&mut done)).await {
+        let progressed = !done.is_empty();
+        let started = std::time::Instant::now();
+        let removed = sp.remove(&route, std::mem::take(&mut done)).await;
+        tracing::debug!(route = %route, took = ?started.elapsed(), "Spool batch removed.");
+        if let Err((e, left)) = removed {
             tracing::error!(route = %route, error = %e, "Removing forwarded messages from the spool failed; they are kept from being sent again.");
             done = left;
             stalled.get_or_insert_with(|| e.to_string());
@@ -825,7 +861,8 @@ async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
             Some(reason) => {
                 tracing::debug!(route = %route, %reason, "Forwarding from the spool paused.");
                 sp.note(&route, |s| s.last_error = Some(reason));
-                backoff = next_backoff(backoff);
+                // A round that got messages through starts the wait over.
+                backoff = next_backoff(if progressed { None } else { backoff });
             }
             None => {
                 sp.note(&route, |s| s.last_error = None);

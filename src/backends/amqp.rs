@@ -797,6 +797,20 @@ impl AmqpRouteService {
         Ok((guard, ch))
     }
 
+    /// The broker returned a mandatory message that no queue took.
+    fn returned(&self, exchange: &ShortString, routing_key: &ShortString) -> BoxError {
+        self.shared
+            .metrics
+            .broker_event(&self.shared.name, "returned");
+        GatewayError::Unroutable {
+            backend: self.shared.name.clone(),
+            exchange: exchange.to_string(),
+            routing_key: routing_key.to_string(),
+            status: self.unroutable,
+        }
+        .into()
+    }
+
     /// What the broker's answer to one publish means for the client.
     fn confirmation(
         &self,
@@ -820,18 +834,7 @@ impl AmqpRouteService {
             Ok(Ok(Confirmation::NotRequested)) => {
                 Err(GatewayError::Internal("a channel of the pool was not in confirm mode").into())
             }
-            Ok(Ok(Confirmation::Ack(Some(_)))) => {
-                self.shared
-                    .metrics
-                    .broker_event(&self.shared.name, "returned");
-                Err(GatewayError::Unroutable {
-                    backend: self.shared.name.clone(),
-                    exchange: exchange.to_string(),
-                    routing_key: routing_key.to_string(),
-                    status: self.unroutable,
-                }
-                .into())
-            }
+            Ok(Ok(Confirmation::Ack(Some(_)))) => Err(self.returned(exchange, routing_key)),
             Ok(Ok(Confirmation::Nack(_))) => {
                 self.shared
                     .metrics
@@ -881,9 +884,14 @@ impl AmqpRouteService {
     }
 
     /// Publishes `reqs` in order on one channel, all in flight at once, then waits for their
-    /// confirms: the spool's forwarder drains this way. Only for routes without `mandatory`
-    /// (a returned message could not be told apart from its neighbours) and without a reply.
-    /// One answer per request, in order.
+    /// confirms in order: the spool's forwarder drains this way. One answer per request, in
+    /// order:
+    /// - a returned (unroutable) message is known by its `message_id` (lapin hands returns to
+    ///   whichever confirm completes next, so its place in the batch says nothing);
+    /// - a nack is the broker refusing that message (its tag is exact);
+    /// - a failure of the channel or of a send, or a confirm that does not come, makes that
+    ///   message and every later one "unavailable": which of them the broker took is unknown,
+    ///   so they are sent again (one at a time, by the forwarder).
     pub(crate) async fn publish_ordered(&self, reqs: Vec<Request>) -> Vec<Result<(), BoxError>> {
         let mut rendered = Vec::with_capacity(reqs.len());
         for req in reqs {
@@ -894,98 +902,126 @@ impl AmqpRouteService {
             };
             rendered.push(r);
         }
-        let probe = ShortString::from(String::new());
+        let broke = |why: &str| -> BoxError {
+            self.unavailable(
+                "the batch broke before this message was confirmed",
+                Some(why.to_string().into()),
+            )
+            .into()
+        };
         let exchange = rendered
             .iter()
             .find_map(|r| r.as_ref().ok().map(|m| m.0.clone()))
-            .unwrap_or(probe);
+            .unwrap_or_else(|| ShortString::from(String::new()));
         let (mut guard, ch) = match self.take_channel(&exchange).await {
             Ok(x) => x,
             Err(e) => {
                 let why = e.to_string();
                 return rendered
                     .into_iter()
-                    .map(|r| {
-                        r.and_then(|_| {
-                            Err(self
-                                .unavailable(
-                                    "not connected to the broker",
-                                    Some(why.clone().into()),
-                                )
-                                .into())
-                        })
-                    })
+                    .map(|r| r.and_then(|_| Err(broke(&why))))
                     .collect();
             }
         };
         let within = self.shared.spec.confirm_timeout.0;
-        // Send every message, in order; a failed send fails the ones after it too.
-        let mut sent = Vec::with_capacity(rendered.len());
-        let mut broken: Option<String> = None;
-        for r in rendered {
-            let (exchange, routing_key, payload, props) = match r {
-                Ok(m) => m,
-                Err(e) => {
-                    sent.push(Err(e));
-                    continue;
-                }
-            };
-            if let Some(why) = &broken {
-                sent.push(Err(self
-                    .unavailable(
-                        "the channel failed during the batch",
-                        Some(why.clone().into()),
-                    )
-                    .into()));
-                continue;
-            }
+        let bytes: usize = rendered
+            .iter()
+            .filter_map(|r| r.as_ref().ok().map(|m| m.2.len()))
+            .sum();
+        // Send every message, in order, all at once: lapin numbers a publish's confirm and
+        // queues its frames when its future is first polled, and `join_all` first polls in
+        // order, so the frames leave in order. Writing them may take a while for big batches.
+        let send_within = within * (1 + (bytes / (1024 * 1024)) as u32);
+        let sends = rendered.iter().map(|r| async {
+            let (exchange, routing_key, payload, props) = r.as_ref().ok()?;
             let publish = ch.basic_publish(
                 exchange.clone(),
                 routing_key.clone(),
                 BasicPublishOptions {
-                    mandatory: false,
+                    mandatory: self.route.mandatory,
                     immediate: false,
                 },
-                &payload,
-                props,
+                payload,
+                props.clone(),
             );
-            match tokio::time::timeout(within, publish).await {
-                Ok(Ok(confirm)) => sent.push(Ok((exchange, routing_key, confirm))),
-                Ok(Err(e)) => {
-                    broken = Some(e.to_string());
-                    sent.push(Err(self.publish_error(e, &exchange, false)));
-                }
-                Err(_) => {
-                    broken = Some("sending timed out".into());
-                    sent.push(Err(GatewayError::Unconfirmed {
-                        backend: self.shared.name.clone(),
-                        reason: "sending the message timed out",
-                        source: None,
-                    }
-                    .into()));
-                }
-            }
-        }
-        let deadline = tokio::time::Instant::now() + within;
-        let mut out = Vec::with_capacity(sent.len());
-        let mut clean = broken.is_none();
+            Some(publish.await)
+        });
+        let sent = tokio::time::timeout(send_within, futures_util::future::join_all(sends)).await;
+        let Ok(sent) = sent else {
+            discard(guard.take());
+            return rendered
+                .into_iter()
+                .map(|r| r.and_then(|_| Err(broke("sending the batch timed out"))))
+                .collect();
+        };
+        // Confirms, in order; each may take `within` after the one before it.
+        let mut confirmations = Vec::with_capacity(sent.len());
+        let mut broken: Option<String> = None;
         for s in sent {
-            match s {
-                Ok((exchange, routing_key, confirm)) => {
-                    let outcome = tokio::time::timeout_at(deadline, async {
-                        confirm.await.map_err(|e| (true, e))
-                    })
-                    .await;
-                    clean &= matches!(outcome, Ok(Ok(Confirmation::Ack(None))));
-                    out.push(self.confirmation(outcome, &exchange, &routing_key));
+            let c = match (s, &broken) {
+                (None, _) => None,
+                (Some(_), Some(_)) => Some(Err(())),
+                (Some(Err(e)), None) => {
+                    broken = Some(e.to_string());
+                    Some(Err(()))
                 }
-                Err(e) => out.push(Err(e)),
-            }
+                (Some(Ok(confirm)), None) => match tokio::time::timeout(within, confirm).await {
+                    Ok(Ok(c)) => Some(Ok(c)),
+                    Ok(Err(e)) => {
+                        broken = Some(e.to_string());
+                        Some(Err(()))
+                    }
+                    Err(_) => {
+                        self.shared
+                            .metrics
+                            .broker_event(&self.shared.name, "confirm_timeout");
+                        broken = Some("no confirm came within the confirm timeout".into());
+                        Some(Err(()))
+                    }
+                },
+            };
+            confirmations.push(c);
         }
+        let returned: std::collections::HashSet<String> = confirmations
+            .iter()
+            .filter_map(|c| match c {
+                Some(Ok(Confirmation::Ack(Some(r)) | Confirmation::Nack(Some(r)))) => r
+                    .delivery
+                    .properties
+                    .message_id()
+                    .as_ref()
+                    .map(|m| m.to_string()),
+                _ => None,
+            })
+            .collect();
+        let clean = broken.is_none()
+            && returned.is_empty()
+            && confirmations
+                .iter()
+                .all(|c| matches!(c, None | Some(Ok(Confirmation::Ack(_)))));
         if !clean {
             discard(guard.take());
         }
-        out
+        drop(guard);
+        rendered
+            .into_iter()
+            .zip(confirmations)
+            .map(|(r, c)| {
+                let (exchange, routing_key, _, props) = r?;
+                let id = props.message_id().as_ref().map(|m| m.to_string());
+                match c {
+                    None => {
+                        Err(GatewayError::Internal("a message of the batch was not sent").into())
+                    }
+                    Some(Err(())) => Err(broke(broken.as_deref().unwrap_or("the channel failed"))),
+                    Some(Ok(_)) if id.is_some_and(|id| returned.contains(&id)) => {
+                        Err(self.returned(&exchange, &routing_key))
+                    }
+                    Some(Ok(Confirmation::Ack(_))) => Ok(()),
+                    Some(Ok(other)) => self.confirmation(Ok(Ok(other)), &exchange, &routing_key),
+                }
+            })
+            .collect()
     }
 
     /// The error for a failed publish step. `sent`: the frames had left, so the broker may

@@ -270,13 +270,14 @@ impl BuiltBackend {
         }
     }
 
-    /// The service at the bottom of `route`'s stack.
     /// An ordered batch sender for the spool's forwarder, where the backend can keep a
-    /// route's order with several messages in flight: AMQP publishes without `mandatory` and
-    /// without a reply.
+    /// route's order with several messages in flight: AMQP publishes without a reply, on a
+    /// backend with at least two channels (a batch holds one channel while it lasts).
     pub fn ordered_sender(&self, route: &RouteSpec) -> Option<Arc<dyn crate::spool::OrderedSend>> {
-        match (&self.handle, &route.amqp) {
-            (Handle::Amqp(a), Some(spec)) if !spec.mandatory && spec.reply.is_none() => {
+        match (&self.handle, &route.amqp, &self.spec) {
+            (Handle::Amqp(a), Some(spec), BackendSpec::Amqp(b))
+                if spec.reply.is_none() && b.channels >= 2 =>
+            {
                 let svc = amqp::AmqpRouteService::new(a, spec).ok()?;
                 Some(Arc::new(svc))
             }
@@ -284,6 +285,7 @@ impl BuiltBackend {
         }
     }
 
+    /// The service at the bottom of `route`'s stack.
     pub fn route_service(
         &self,
         route: &RouteSpec,

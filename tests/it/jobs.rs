@@ -527,3 +527,32 @@ routes:
     assert_eq!(up.hits(), 1);
     second.kill();
 }
+
+#[tokio::test]
+async fn no_job_is_accepted_when_the_store_is_down() {
+    let up = Upstream::start().await;
+    let dead = free_port().await;
+    let gw = Gateway::start(&format!(
+        r#"
+state: {{ store: redis, redis: {{ url: "redis://{dead}/", timeout: 300ms }} }}
+backends:
+  up: {{ type: http, endpoints: ["{}"] }}
+routes:
+  - id: work
+    match: {{ method: POST, path: /work }}
+    backend: up
+    mode: async
+"#,
+        up.url()
+    ))
+    .await;
+    let (s, h, b) = post_to(&gw.url("/work"), "{}", &[]).await;
+    assert_eq!(s, 503, "{b}");
+    assert_eq!(b["type"], "urn:switchyard:problem:store-unavailable");
+    assert!(h.contains_key("retry-after"));
+    assert!(h.get("location").is_none());
+    // Nothing was recorded, so nothing runs.
+    assert_eq!(up.hits(), 0);
+    let (s, _, _) = get(&gw.url(&format!("/jobs/{}", uuid::Uuid::now_v7()))).await;
+    assert_eq!(s, 503, "reading a job needs the store too");
+}

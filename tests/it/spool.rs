@@ -436,7 +436,8 @@ async fn a_connection_cut_while_draining_loses_nothing_and_keeps_the_order() {
             let mut accepted = Vec::new();
             for i in 0..N / 10 {
                 let n = s * 1000 + i;
-                let (st, _, b) = post(&base, &format!("/orders/{n}"), &format!("{{\"seq\":{n}}}")).await;
+                let (st, _, b) =
+                    post(&base, &format!("/orders/{n}"), &format!("{{\"seq\":{n}}}")).await;
                 assert_eq!(st, 202, "{b}");
                 accepted.push(n);
             }
@@ -451,7 +452,10 @@ async fn a_connection_cut_while_draining_loses_nothing_and_keeps_the_order() {
     // Cut the gateway's connection once the drain is under way.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while depth(&conn, &q).await == 0 {
-        assert!(tokio::time::Instant::now() < deadline, "the drain never started");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the drain never started"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     proxy.cut();
@@ -465,7 +469,10 @@ async fn a_connection_cut_while_draining_loses_nothing_and_keeps_the_order() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let got = drain(&conn, &q).await;
-    let seqs: Vec<u64> = got.iter().map(|(_, b, _)| b["seq"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = got
+        .iter()
+        .map(|(_, b, _)| b["seq"].as_u64().unwrap())
+        .collect();
     // Every acknowledged message arrived (a message whose confirm was lost may come twice)…
     let mut unique: Vec<u64> = seqs.clone();
     unique.sort_unstable();
@@ -479,8 +486,48 @@ async fn a_connection_cut_while_draining_loses_nothing_and_keeps_the_order() {
             continue;
         }
         let stream = (s / 1000) as usize;
-        assert!(last[stream].is_none_or(|l| l < s), "{s} arrived after {:?}", last[stream]);
+        assert!(
+            last[stream].is_none_or(|l| l < s),
+            "{s} arrived after {:?}",
+            last[stream]
+        );
         last[stream] = Some(s);
     }
+    mq::cleanup(&conn, &[&x], &[&q]).await;
+}
+
+#[tokio::test]
+async fn in_an_ordered_batch_only_the_unroutable_message_is_dead_lettered() {
+    let proxy = BrokerProxy::start().await;
+    proxy.stop();
+    let (x, q) = (mq::unique("x"), mq::unique("q"));
+    // `mandatory` (the default) and a routing key from the path; the queue takes `order.#`.
+    let gw = Gateway::start(&keyed(&proxy.url(), &x, &q, "", "{n}", "")).await;
+    let base = format!("http://{}", gw.listen);
+    for (i, key) in ["order.a", "order.b", "lost.c", "order.d", "order.e"]
+        .iter()
+        .enumerate()
+    {
+        let (s, _, b) = post(
+            &base,
+            &format!("/orders/{key}"),
+            &format!("{{\"seq\":{i}}}"),
+        )
+        .await;
+        assert_eq!(s, 202, "{b}");
+    }
+    proxy.start_again();
+    let dead = gw.first_dead_letter().await;
+    assert_eq!(dead["uri"], "/orders/lost.c", "{dead}");
+    let conn = mq::client().await;
+    wait_depth(&conn, &q, 4).await;
+    let got: Vec<String> = drain(&conn, &q)
+        .await
+        .into_iter()
+        .map(|(k, ..)| k)
+        .collect();
+    assert_eq!(got, ["order.a", "order.b", "order.d", "order.e"]);
+    let (_, v) = gw.admin_json("/dead-letters").await;
+    assert_eq!(v["dead_letters"].as_array().unwrap().len(), 1, "{v}");
     mq::cleanup(&conn, &[&x], &[&q]).await;
 }
