@@ -988,12 +988,37 @@ async fn serve(
         .await
         .map_err(|source| GatewayError::StoreUnavailable { source })?
         .ok_or_else(not_found)?;
-    // The poll itself succeeded whatever the job's fate: 202 while pending, 200 after (a failed
-    // job's problem is in the body, so that proxies do not take it for the gateway failing).
-    let body = job.view(&spec.path);
-    let (status, content_type) = match job.status {
-        JobStatus::Pending => (StatusCode::ACCEPTED, "application/json"),
-        JobStatus::Succeeded | JobStatus::Failed => (StatusCode::OK, "application/json"),
+    // Pending: 202 and the job; succeeded: 200 and the job with the backend's answer; failed:
+    // the problem the route would have answered, with its status, naming the job.
+    let (status, content_type, body) = match job.status {
+        JobStatus::Pending => (
+            StatusCode::ACCEPTED,
+            "application/json",
+            job.view(&spec.path),
+        ),
+        JobStatus::Succeeded => (StatusCode::OK, "application/json", job.view(&spec.path)),
+        JobStatus::Failed => {
+            let mut p = match job.problem.clone() {
+                Some(Value::Object(p)) => p,
+                _ => serde_json::Map::new(),
+            };
+            p.entry("status").or_insert(json!(500));
+            p.insert("job_id".into(), job.id.clone().into());
+            p.insert("job_status".into(), "failed".into());
+            p.insert("href".into(), format!("{}/{}", spec.path, job.id).into());
+            if let Some(f) = job.finished_ms {
+                p.insert("finished_at".into(), rfc3339(f).into());
+            }
+            if let Some(r) = &job.response {
+                p.insert("response".into(), response_view(r));
+            }
+            let status = p["status"]
+                .as_u64()
+                .and_then(|s| u16::try_from(s).ok())
+                .and_then(|s| StatusCode::from_u16(s).ok())
+                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            (status, "application/problem+json", Value::Object(p))
+        }
     };
     let mut resp = http::Response::new(full_body(body.to_string()));
     *resp.status_mut() = status;

@@ -134,13 +134,13 @@ routes:
     let (s, h, _) = post_to(&gw.url("/work"), "{}", &[]).await;
     assert_eq!(s, 202);
     let (s, h, v) = settle(&location(&gw, &h)).await;
-    // The poll succeeds; the job failed, with the problem the route would have answered.
-    assert_eq!(s, 200, "{v}");
-    assert_eq!(h["content-type"], "application/json");
+    // The job failed: its problem, as the route would have answered it, naming the job.
+    assert_eq!(s, 504, "{v}");
+    assert_eq!(h["content-type"], "application/problem+json");
     assert_eq!(h["switchyard-job-status"], "failed");
-    assert_eq!(v["status"], "failed");
-    assert_eq!(v["problem"]["type"], "urn:switchyard:problem:timeout");
-    assert_eq!(v["problem"]["status"], 504);
+    assert_eq!(v["type"], "urn:switchyard:problem:timeout");
+    assert_eq!(v["job_status"], "failed");
+    assert!(v["job_id"].is_string());
     assert!(v["finished_at"].is_string());
 }
 
