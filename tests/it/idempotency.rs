@@ -275,3 +275,52 @@ async fn two_gateways_sharing_redis_replay_each_others_answers() {
     assert_eq!(mq::depth(&conn, &q).await, 1);
     mq::cleanup(&conn, &[&x], &[&q]).await;
 }
+
+#[tokio::test]
+async fn on_mqtt_the_key_travels_as_correlation_data_and_a_repeat_publishes_nothing() {
+    let addr = crate::support::mqtt::broker_addr().await;
+    let topic = format!("sy-test/{}/idem", uuid::Uuid::now_v7().simple());
+    let mut sub = crate::support::mqtt::Subscriber::start(
+        &addr,
+        &format!("sub-{}", uuid::Uuid::now_v7().simple()),
+        &topic,
+    )
+    .await;
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  devices: {{ type: mqtt, url: "mqtt://{addr}", client_id: "gw-{id}" }}
+routes:
+  - id: set
+    match: {{ method: POST, path: /set }}
+    backend: devices
+    mqtt: {{ topic: "{topic}", qos: 1 }}
+    idempotency: {{}}
+"#,
+        id = uuid::Uuid::now_v7().simple()
+    ))
+    .await;
+    gw.wait_backend("devices", true).await;
+    let (s1, _, _) = post(&gw, "/set", Some("\"mqtt-key-1\""), r#"{"v":1}"#).await;
+    let (s2, h2, _) = post(&gw, "/set", Some("\"mqtt-key-1\""), r#"{"v":1}"#).await;
+    assert_eq!((s1, s2), (202, 202));
+    assert_eq!(h2["idempotent-replayed"], "true");
+    // A marker published after both: the repeat sent nothing in between.
+    let (s3, _, _) = post(&gw, "/set", Some("\"mqtt-key-2\""), r#"{"v":2}"#).await;
+    assert_eq!(s3, 202);
+    let first = sub.next().await;
+    let props = first.properties.clone().expect("MQTT 5 properties");
+    assert_eq!(props.correlation_data.as_deref(), Some(&b"mqtt-key-1"[..]));
+    assert!(
+        props
+            .user_properties
+            .iter()
+            .any(|(k, v)| k == "message-id" && v == "mqtt-key-1")
+    );
+    let second = sub.next().await;
+    assert_eq!(
+        &second.payload[..],
+        br#"{"v":2}"#,
+        "the repeat published nothing"
+    );
+}
