@@ -10,7 +10,8 @@ FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 --home-dir /etc/switchyard switchyard
+    && useradd --system --uid 10001 --home-dir /etc/switchyard switchyard \
+    && mkdir -p /var/lib/switchyard && chown switchyard /var/lib/switchyard
 COPY --from=build /src/target/release/switchyard /usr/local/bin/switchyard
 COPY routes.yaml /etc/switchyard/routes.yaml
 COPY plugins /etc/switchyard/plugins
@@ -19,8 +20,12 @@ COPY examples/protos /etc/switchyard/examples/protos
 WORKDIR /etc/switchyard
 USER switchyard
 # The admin listener must be reachable for the health check inside the container only.
+# The state store and the spool (fsynced; keep it on a volume so that spooled messages
+# survive the container).
 ENV SWITCHYARD_CONFIG=/etc/switchyard/routes.yaml \
+    SWITCHYARD_STATE=/var/lib/switchyard/state.redb \
     SWITCHYARD_LOG_FORMAT=json
+VOLUME /var/lib/switchyard
 EXPOSE 8080 9901
 HEALTHCHECK --interval=10s --timeout=2s --start-period=5s --retries=3 \
     CMD curl -fsS http://127.0.0.1:9901/healthz || exit 1
