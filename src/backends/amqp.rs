@@ -95,6 +95,8 @@ struct Live {
 struct Shared {
     name: String,
     spec: AmqpBackendSpec,
+    /// The CA bundle and client identity for `amqps://`, read when the backend was built.
+    tls: Option<lapin::tcp::OwnedTLSConfig>,
     metrics: Arc<Metrics>,
     live: ArcSwapOption<Live>,
     /// Why the backend is not connected (shown on /readyz).
@@ -138,10 +140,45 @@ impl Drop for AmqpBackend {
 }
 
 impl AmqpBackend {
-    /// Starts the connection task; nothing here waits for the broker.
-    pub fn new(name: &str, spec: &AmqpBackendSpec, metrics: &Arc<Metrics>) -> Self {
+    /// Reads the TLS files (relative to `base`, routes.yaml's directory) and starts the
+    /// connection task; nothing here waits for the broker. Fails only on unreadable files.
+    pub fn new(
+        name: &str,
+        spec: &AmqpBackendSpec,
+        metrics: &Arc<Metrics>,
+        base: &std::path::Path,
+    ) -> Result<Self, String> {
+        let tls = match &spec.tls {
+            Some(t) => {
+                let read = |p: &std::path::PathBuf, what: &str| {
+                    let p = base.join(p);
+                    std::fs::read(&p)
+                        .map_err(|e| format!("cannot read `tls.{what}` ({}): {e}", p.display()))
+                };
+                let ca = match &t.ca {
+                    Some(p) => Some(
+                        String::from_utf8(read(p, "ca")?)
+                            .map_err(|_| "`tls.ca` is not a PEM file".to_string())?,
+                    ),
+                    None => None,
+                };
+                let identity = match (&t.cert, &t.key) {
+                    (Some(c), Some(k)) => Some(lapin::tcp::OwnedIdentity::PKCS8 {
+                        pem: read(c, "cert")?,
+                        key: read(k, "key")?,
+                    }),
+                    _ => None,
+                };
+                Some(lapin::tcp::OwnedTLSConfig {
+                    identity,
+                    cert_chain: ca,
+                })
+            }
+            None => None,
+        };
         let shared = Arc::new(Shared {
             name: name.to_string(),
+            tls,
             spec: spec.clone(),
             metrics: metrics.clone(),
             live: ArcSwapOption::empty(),
@@ -154,10 +191,10 @@ impl AmqpBackend {
         let task = tokio::runtime::Handle::try_current()
             .ok()
             .map(|rt| AbortOnDrop(rt.spawn(run(shared.clone())).abort_handle()));
-        AmqpBackend {
+        Ok(AmqpBackend {
             shared,
             _task: task,
-        }
+        })
     }
 
     pub fn ready(&self) -> bool {
@@ -343,21 +380,10 @@ async fn connect(shared: &Arc<Shared>) -> Result<Live, SetupError> {
     let props = ConnectionProperties::default()
         .with_connection_name(format!("switchyard {}", shared.name).into());
     let connecting = async {
-        match spec.tls.as_ref().and_then(|t| t.ca.as_ref()) {
-            Some(ca) => {
-                let ca = std::fs::read_to_string(ca)
-                    .map_err(|e| lapin::Error::from(lapin::ErrorKind::IOError(Arc::new(e))))?;
+        match &shared.tls {
+            Some(tls) => {
                 let runtime = lapin::runtime::default_runtime()?;
-                Connection::connect_with_config(
-                    &uri,
-                    props,
-                    lapin::tcp::OwnedTLSConfig {
-                        identity: None,
-                        cert_chain: Some(ca),
-                    },
-                    runtime,
-                )
-                .await
+                Connection::connect_with_config(&uri, props, tls.clone(), runtime).await
             }
             None => Connection::connect(&uri, props).await,
         }

@@ -212,9 +212,10 @@ impl BuiltBackend {
                 grpc::GrpcBackend::new(name, g, cx)
                     .map_err(|e| format!("backend `{name}`: {e}"))?,
             )),
-            BackendSpec::Amqp(a) => {
-                Handle::Amqp(Arc::new(amqp::AmqpBackend::new(name, a, metrics)))
-            }
+            BackendSpec::Amqp(a) => Handle::Amqp(Arc::new(
+                amqp::AmqpBackend::new(name, a, metrics, cx.base)
+                    .map_err(|e| format!("backend `{name}`: {e}"))?,
+            )),
             BackendSpec::Mqtt(m) => Handle::Mqtt(Arc::new(
                 mqtt::MqttBackend::new(name, m, metrics, cx.base)
                     .map_err(|e| format!("backend `{name}`: {e}"))?,

@@ -681,14 +681,21 @@ fn validate_amqp_backend(cx: &mut Ctx, base: &str, a: &AmqpBackendSpec) {
             }
         }
     }
-    if let Some(tls) = &a.tls
-        && (tls.cert.is_some() || tls.key.is_some() || tls.server_name.is_some())
-    {
-        cx.err(
-            &format!("{base}.tls"),
-            None,
-            "amqp backends take only `tls.ca` for now (the server name is the URL's host; client certificates are not supported yet)",
-        );
+    if let Some(tls) = &a.tls {
+        if tls.server_name.is_some() {
+            cx.err(
+                &format!("{base}.tls.server_name"),
+                None,
+                "amqp backends verify the URL's host (the AMQP client cannot check another name); put the name the certificate carries in the URL",
+            );
+        }
+        if tls.cert.is_some() != tls.key.is_some() {
+            cx.err(
+                &format!("{base}.tls"),
+                None,
+                "a client certificate needs both `cert` and `key`",
+            );
+        }
     }
     if !(1..=64).contains(&a.channels) {
         cx.err(&format!("{base}.channels"), None, "between 1 and 64");

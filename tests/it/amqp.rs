@@ -629,3 +629,75 @@ async fn a_reload_that_keeps_the_backend_keeps_its_connection() {
     let conn = mq::client().await;
     mq::cleanup(&conn, &[&x], &[&q]).await;
 }
+
+#[tokio::test]
+async fn amqps_with_a_private_ca_and_a_client_certificate() {
+    let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let client =
+        rcgen::generate_simple_self_signed(vec!["switchyard-gateway".to_string()]).unwrap();
+    let front = mq::TlsBrokerFront::start(
+        &server.cert.pem(),
+        &server.signing_key.serialize_pem(),
+        Some(&client.cert.pem()),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), server.cert.pem()).unwrap();
+    std::fs::write(dir.path().join("client.pem"), client.cert.pem()).unwrap();
+    std::fs::write(
+        dir.path().join("client.key"),
+        client.signing_key.serialize_pem(),
+    )
+    .unwrap();
+    let (x, q) = (mq::unique("x"), mq::unique("q"));
+    let config = |tls: &str| {
+        let yaml = mq::rabbit_backend(&front.url(), &x, &q).replace(
+            "    topology:",
+            &format!(
+                "    tls: {{ {tls} }}\n    reconnect: {{ min: 50ms, max: 200ms }}\n    topology:"
+            ),
+        );
+        format!(
+            "{yaml}routes:\n  - id: p\n    match: {{ method: POST, path: /p }}\n    backend: rabbit\n    amqp: {{ exchange: \"{x}\", routing_key: tls }}\n"
+        )
+    };
+    // The files are found next to routes.yaml, whatever the working directory.
+    let write = |name: &str, text: &str| {
+        let d = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "client.pem", "client.key"] {
+            std::fs::copy(dir.path().join(f), d.path().join(f)).unwrap();
+        }
+        std::fs::write(d.path().join(name), text).unwrap();
+        d
+    };
+    let d = write(
+        "routes.yaml",
+        &with_ephemeral_server(&config("ca: ca.pem, cert: client.pem, key: client.key")),
+    );
+    let path = d.path().join("routes.yaml");
+    let gw = Gateway::start_at(d, path, false).await;
+    gw.wait_backend("rabbit", true).await;
+    let (s, _, b) = send(
+        request(Method::POST, &gw.url("/p"))
+            .body(body("over tls"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    let conn = mq::client().await;
+    assert_eq!(mq::depth(&conn, &q).await, 1);
+
+    // No client certificate: the front refuses the handshake; the backend never connects.
+    let refused = front.refused.load(std::sync::atomic::Ordering::SeqCst);
+    let d = write("routes.yaml", &with_ephemeral_server(&config("ca: ca.pem")));
+    let path = d.path().join("routes.yaml");
+    let gw2 = Gateway::start_at(d, path, false).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while front.refused.load(std::sync::atomic::Ordering::SeqCst) == refused {
+        assert!(Instant::now() < deadline, "the handshake was never refused");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (_, v) = gw2.admin_json("/readyz").await;
+    assert_eq!(v["backends"]["rabbit"]["ready"], false, "{v}");
+    mq::cleanup(&conn, &[&x], &[&q]).await;
+}

@@ -261,3 +261,80 @@ pub async fn responder(queue: String) -> tokio::task::JoinHandle<()> {
         }
     })
 }
+
+/// A TLS front for the broker (as a broker's `amqps` listener would be): it terminates TLS
+/// with `cert`/`key` and, when `client_ca` is given, requires a client certificate signed by it.
+/// Handshakes it refused are counted.
+pub struct TlsBrokerFront {
+    pub addr: SocketAddr,
+    pub refused: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TlsBrokerFront {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TlsBrokerFront {
+    pub async fn start(cert_pem: &str, key_pem: &str, client_ca: Option<&str>) -> TlsBrokerFront {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let upstream = broker_addr(&broker_url().await);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let certs = vec![CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap()];
+        let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let config = match client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots
+                    .add(CertificateDer::from_pem_slice(ca.as_bytes()).unwrap())
+                    .unwrap();
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        }
+        .with_single_cert(certs, key)
+        .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let r = refused.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let (acceptor, upstream, r) = (acceptor.clone(), upstream.clone(), r.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(client).await else {
+                        r.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    };
+                    let Ok(mut server) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
+                });
+            }
+        });
+        TlsBrokerFront {
+            addr,
+            refused,
+            task,
+        }
+    }
+
+    /// The `amqps://` URL of the front, by the name its certificate carries.
+    pub fn url(&self) -> String {
+        format!("amqps://guest:guest@localhost:{}/%2f", self.addr.port())
+    }
+}
