@@ -224,10 +224,12 @@ impl AmqpBackend {
         AmqpRouteService::new(self, &spec)
     }
 
-    /// Registers a named reply queue; the connection task consumes it within a second.
-    fn use_reply_queue(&self, queue: &str) {
+    /// The named reply queues the serving routes use: the connection task consumes new ones
+    /// within a second and stops consuming those no longer listed. Set when a table starts
+    /// serving, so a reload that is rejected never starts a consumer.
+    pub fn set_reply_queues(&self, queues: BTreeSet<String>) {
         if let Ok(mut q) = self.shared.reply_queues.lock() {
-            q.insert(queue.to_string());
+            *q = queues;
         }
     }
 }
@@ -330,13 +332,17 @@ async fn wait_for_death(shared: &Arc<Shared>, live: &Live) {
 }
 
 /// Starts a consumer for each registered reply queue that has none (new, or whose consumer
-/// ended). A queue that cannot be consumed is reported; it fails only the routes that use it.
+/// ended), and stops those of queues no longer registered. A queue that cannot be consumed is reported; it fails only the routes that use it.
 async fn consume_named_queues(shared: &Arc<Shared>, live: &Live) {
     let wanted: Vec<String> = shared
         .reply_queues
         .lock()
         .map(|q| q.iter().cloned().collect())
         .unwrap_or_default();
+    // Queues no serving route uses any more: their consumers end (dropping one aborts it).
+    if let Ok(mut n) = live.named.lock() {
+        n.retain(|q, _| wanted.contains(q));
+    }
     for q in wanted {
         let running = live
             .named
@@ -606,11 +612,6 @@ pub struct AmqpRouteService {
 
 impl AmqpRouteService {
     pub fn new(backend: &AmqpBackend, spec: &AmqpRouteSpec) -> Result<Self, String> {
-        if let Some(r) = &spec.reply
-            && r.queue != DIRECT_REPLY_TO
-        {
-            backend.use_reply_queue(&r.queue);
-        }
         Ok(AmqpRouteService {
             shared: backend.shared.clone(),
             exchange: Arc::new(ValueTemplate::parse(&spec.exchange)?),

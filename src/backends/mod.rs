@@ -354,6 +354,23 @@ pub struct BackendSet {
 }
 
 impl BackendSet {
+    /// What the serving routes need of their backends, applied once their table serves: the
+    /// named AMQP reply queues each AMQP backend consumes.
+    pub fn activate(&self, routes: &[RouteSpec]) {
+        for (name, b) in &self.by_name {
+            if let Handle::Amqp(a) = &b.handle {
+                let queues = routes
+                    .iter()
+                    .filter(|r| r.backend == *name)
+                    .filter_map(|r| r.amqp.as_ref()?.reply.as_ref())
+                    .filter(|reply| reply.queue != crate::config::DIRECT_REPLY_TO)
+                    .map(|reply| reply.queue.clone())
+                    .collect();
+                a.set_reply_queues(queues);
+            }
+        }
+    }
+
     /// The backends for a new config: unchanged specs keep their connections.
     pub fn rebuild(
         &self,

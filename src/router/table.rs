@@ -238,9 +238,11 @@ impl RouteTable {
         })
     }
 
-    /// Called once the table serves: hands the spool the services its forwarders replay
-    /// through (a table that is built but rejected never gets here).
+    /// Called once the table serves: tells backends what the routes need of them (AMQP reply
+    /// queues to consume) and hands the spool and the jobs the services they replay through
+    /// (a table that is built but rejected never gets here).
     pub fn activate(&self) {
+        self.backends.activate(&self.spec.routes);
         let Some(state) = &self.state else { return };
         state.apply();
         let mut keep = Vec::new();

@@ -701,3 +701,85 @@ async fn amqps_with_a_private_ca_and_a_client_certificate() {
     assert_eq!(v["backends"]["rabbit"]["ready"], false, "{v}");
     mq::cleanup(&conn, &[&x], &[&q]).await;
 }
+
+#[tokio::test]
+async fn named_reply_queues_are_consumed_only_while_a_serving_route_uses_them() {
+    let url = mq::broker_url().await;
+    let (x, q) = (mq::unique("x"), mq::unique("q"));
+    let (r1, r2) = (mq::unique("replies1"), mq::unique("replies2"));
+    // The reply queues exist whatever the config (declared by the test, as an operator would).
+    let conn = mq::client().await;
+    let ch = conn.create_channel().await.unwrap();
+    for r in [&r1, &r2] {
+        ch.queue_declare(r.as_str().into(), Default::default(), FieldTable::default())
+            .await
+            .unwrap();
+    }
+    let consumers = |queue: String| {
+        let conn = &conn;
+        async move {
+            let ch = conn.create_channel().await.unwrap();
+            let passive = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            ch.queue_declare(queue.as_str().into(), passive, FieldTable::default())
+                .await
+                .unwrap()
+                .consumer_count()
+        }
+    };
+    let wait_consumers = |queue: String, want: u32| {
+        let consumers = &consumers;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let n = consumers(queue.clone()).await;
+                if n == want {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{queue}: {n} consumers, wanted {want}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    let plain = one_route(&url, &x, &q, "k", "/p");
+    let ask = |queue: &str| {
+        format!(
+            "  - id: ask\n    match: {{ method: POST, path: /ask }}\n    backend: rabbit\n    amqp: {{ exchange: \"{x}\", routing_key: rpc, reply: {{ queue: \"{queue}\" }} }}\n"
+        )
+    };
+    let gw = Gateway::start_with(&plain, false).await;
+    gw.wait_backend("rabbit", true).await;
+    // A reload that is rejected (an unknown plugin on a later route) names r1...
+    let rejected = format!(
+        "{plain}\n{}  - id: broken\n    match: {{ method: POST, path: /broken }}\n    backend: rabbit\n    amqp: {{ exchange: \"{x}\", routing_key: k }}\n    plugins: [{{ no-such-plugin: {{}} }}]\n",
+        ask(&r1)
+    );
+    std::fs::write(gw.config_path(), with_ephemeral_server(&rejected)).unwrap();
+    let (s, _) = gw.reload().await;
+    assert_eq!(s, 422);
+    // ...then one that applies names r2: once r2 is consumed, r1 would have been by then.
+    std::fs::write(
+        gw.config_path(),
+        with_ephemeral_server(&format!("{plain}\n{}", ask(&r2))),
+    )
+    .unwrap();
+    let (s, b) = gw.reload().await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    wait_consumers(r2.clone(), 1).await;
+    assert_eq!(
+        consumers(r1.clone()).await,
+        0,
+        "a rejected config started no consumer"
+    );
+    // A route that goes away takes its consumer with it.
+    std::fs::write(gw.config_path(), with_ephemeral_server(&plain)).unwrap();
+    let (s, _) = gw.reload().await;
+    assert_eq!(s, 200);
+    wait_consumers(r2.clone(), 0).await;
+    mq::cleanup(&conn, &[&x], &[&q, &r1, &r2]).await;
+}
