@@ -690,9 +690,14 @@ async fn recover(jobs: Weak<Jobs>) {
     }
 }
 
+/// Jobs one sweep takes over at most: after an outage, abandoned jobs come back a batch
+/// every sweep instead of all at once onto the backends.
+const RECOVER_PER_SWEEP: usize = 32;
+
 async fn recover_once(jobs: &Arc<Jobs>) -> Result<(), StoreError> {
     let store = jobs.store();
     let mut after: Option<String> = None;
+    let mut taken = 0;
     loop {
         let page = store.list(Ns::PendingJobs, after.as_deref(), 100).await?;
         let Some((last, _)) = page.last() else {
@@ -700,6 +705,9 @@ async fn recover_once(jobs: &Arc<Jobs>) -> Result<(), StoreError> {
         };
         after = Some(last.clone());
         for (id, route) in &page {
+            if taken >= RECOVER_PER_SWEEP {
+                return Ok(());
+            }
             let route = String::from_utf8_lossy(route);
             let installed = jobs.installed(&route);
             let ttl = installed
@@ -708,6 +716,7 @@ async fn recover_once(jobs: &Arc<Jobs>) -> Result<(), StoreError> {
             let Some(lease) = jobs.claim(id, ttl).await? else {
                 continue; // someone runs it
             };
+            taken += 1;
             let job = match jobs.get(id).await {
                 Ok(Some(job)) => job,
                 Ok(None) => {
