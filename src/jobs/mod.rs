@@ -230,9 +230,11 @@ impl Jobs {
     }
 
     fn ttl_left(&self, job: &Job) -> Duration {
-        let end = job.accepted_ms + self.spec().ttl.0.as_millis() as u64;
-        // A result that comes in at the end of the job's life is still kept for a while.
-        Duration::from_millis(end.saturating_sub(now_ms()).max(60_000))
+        let ttl = self.spec().ttl.0.as_millis() as u64;
+        let end = job.accepted_ms + ttl;
+        // A result that comes in at the end of the job's life is still kept for a while: a
+        // minute, or the whole TTL when that is shorter.
+        Duration::from_millis(end.saturating_sub(now_ms()).max(ttl.min(60_000)).max(1))
     }
 
     /// Takes the lease on job `id` for `ttl`, unless someone holds it: the token that proves

@@ -556,3 +556,45 @@ routes:
     let (s, _, _) = get(&gw.url(&format!("/jobs/{}", uuid::Uuid::now_v7()))).await;
     assert_eq!(s, 503, "reading a job needs the store too");
 }
+
+#[tokio::test]
+async fn jobs_live_under_the_configured_path_and_expire_after_their_ttl() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&format!(
+        r#"
+state: {{ jobs: {{ path: /v1/operations, ttl: 1s }} }}
+backends:
+  up: {{ type: http, endpoints: ["{}"] }}
+routes:
+  - id: work
+    match: {{ method: POST, path: /work }}
+    backend: up
+    mode: async
+"#,
+        up.url()
+    ))
+    .await;
+    let (s, h, b) = post_to(&gw.url("/work"), "{}", &[]).await;
+    assert_eq!(s, 202, "{b}");
+    let href = h["location"].to_str().unwrap().to_string();
+    assert!(href.starts_with("/v1/operations/"), "{href}");
+    let (s, _, _) = settle(&gw.url(&href)).await;
+    assert_eq!(s, 200);
+    // Gone once its TTL has passed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, _, b) = get(&gw.url(&href)).await;
+        if s == 404 {
+            assert_eq!(json(&b)["type"], "urn:switchyard:problem:job-not-found");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job outlived its TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The default prefix is not served when another is configured.
+    let (s, _, _) = get(&gw.url(&format!("/jobs/{}", uuid::Uuid::now_v7()))).await;
+    assert_eq!(s, 404);
+}
