@@ -528,23 +528,33 @@ routes:
     second.kill();
 }
 
-#[tokio::test]
-async fn no_job_is_accepted_when_the_store_is_down() {
-    let up = Upstream::start().await;
-    let dead = free_port().await;
-    let gw = Gateway::start(&format!(
+/// A gateway with one `mode: async` route `POST /work` to `upstream`, and `state` (YAML).
+async fn work_gateway(upstream: &str, state: &str) -> Gateway {
+    Gateway::start(&format!(
         r#"
-state: {{ store: redis, redis: {{ url: "redis://{dead}/", timeout: 300ms }} }}
+{state}
 backends:
-  up: {{ type: http, endpoints: ["{}"] }}
+  up: {{ type: http, endpoints: ["{upstream}"] }}
 routes:
   - id: work
     match: {{ method: POST, path: /work }}
     backend: up
     mode: async
-"#,
-        up.url()
+"#
     ))
+    .await
+}
+
+#[tokio::test]
+async fn no_job_is_accepted_when_the_store_is_down() {
+    let up = Upstream::start().await;
+    let dead = free_port().await;
+    let gw = work_gateway(
+        &up.url(),
+        &format!(
+            "state: {{ store: redis, redis: {{ url: \"redis://{dead}/\", timeout: 300ms }} }}"
+        ),
+    )
     .await;
     let (s, h, b) = post_to(&gw.url("/work"), "{}", &[]).await;
     assert_eq!(s, 503, "{b}");
@@ -560,19 +570,10 @@ routes:
 #[tokio::test]
 async fn jobs_live_under_the_configured_path_and_expire_after_their_ttl() {
     let up = Upstream::start().await;
-    let gw = Gateway::start(&format!(
-        r#"
-state: {{ jobs: {{ path: /v1/operations, ttl: 1s }} }}
-backends:
-  up: {{ type: http, endpoints: ["{}"] }}
-routes:
-  - id: work
-    match: {{ method: POST, path: /work }}
-    backend: up
-    mode: async
-"#,
-        up.url()
-    ))
+    let gw = work_gateway(
+        &up.url(),
+        "state: { jobs: { path: /v1/operations, ttl: 1s } }",
+    )
     .await;
     let (s, h, b) = post_to(&gw.url("/work"), "{}", &[]).await;
     assert_eq!(s, 202, "{b}");
