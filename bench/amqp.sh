@@ -5,6 +5,7 @@
 # in alternation in one run. Prints messages/s and latency percentiles, then the ratios.
 #
 #   bash bench/amqp.sh          # DURATION=10 (seconds) ROUNDS=3 INFLIGHT=32 SIZE=256
+#                               # SY_WORKERS=N: the gateway's Tokio worker threads
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,7 +46,7 @@ routes:
     backend: rabbit
     amqp: { exchange: bench.x, routing_key: bench }
 YAML
-RUST_LOG=warn "$BIN/switchyard" run --no-watch --config "$WORK/routes.yaml" >"$WORK/switchyard.log" 2>&1 &
+env ${SY_WORKERS:+TOKIO_WORKER_THREADS=$SY_WORKERS} RUST_LOG=warn "$BIN/switchyard" run --no-watch --config "$WORK/routes.yaml" >"$WORK/switchyard.log" 2>&1 &
 SY_PID=$!
 wait_ready "$SY_ADMIN"
 
