@@ -1,5 +1,6 @@
 //! The `switchyard` command: `validate` exit codes and messages on a set of broken files, the
-//! repository's routes.yaml and every example validating, and `schema`.
+//! repository's routes.yaml and every example validating, and `schema` (whose every key
+//! docs/config.md must name).
 
 use std::path::Path;
 use std::process::Command;
@@ -114,4 +115,47 @@ fn run_with_invalid_config_exits_64() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
+}
+
+/// Every key the JSON Schema knows, wherever it sits.
+fn schema_keys(v: &serde_json::Value, out: &mut std::collections::BTreeSet<String>) {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                if k == "properties"
+                    && let Some(props) = x.as_object()
+                {
+                    out.extend(props.keys().cloned());
+                }
+                schema_keys(x, out);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter().for_each(|x| schema_keys(x, out)),
+        _ => {}
+    }
+}
+
+#[test]
+fn docs_config_md_names_every_key_of_the_schema() {
+    let out = switchyard().arg("schema").output().unwrap();
+    let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut keys = std::collections::BTreeSet::new();
+    schema_keys(&schema, &mut keys);
+    assert!(keys.len() > 100, "the schema lists {} keys", keys.len());
+    let doc = std::fs::read_to_string(root().join("docs/config.md")).unwrap();
+    // A key is documented when it appears as code: `key`, `parent.key` or `key.child`.
+    let missing: Vec<&String> = keys
+        .iter()
+        .filter(|k| {
+            ["`", "."].iter().all(|before| {
+                ["`", ".", ",", " ", "["]
+                    .iter()
+                    .all(|after| !doc.contains(&format!("{before}{k}{after}")))
+            })
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/config.md does not name these routes.yaml keys: {missing:?}"
+    );
 }
