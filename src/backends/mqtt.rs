@@ -1,4 +1,4 @@
-//! The MQTT backend (MQTT 5, rumqttc): an HTTP request becomes a publish, answered only after
+//! The MQTT backend (MQTT 5 or 3.1.1, rumqttc): an HTTP request becomes a publish, answered only after
 //! the broker's PUBACK (QoS 1) or PUBCOMP (QoS 2), or once written to the socket (QoS 0). Sits
 //! at the bottom of a route's stack. One client per backend with a persistent session; its
 //! event loop is polled in its own task, which ties each acknowledgement to its request.
@@ -32,7 +32,7 @@ use tokio::sync::{broadcast, oneshot};
 use super::AbortOnDrop;
 use super::values::RequestValues;
 use crate::config::template::ValueTemplate;
-use crate::config::{MqttBackendSpec, MqttRouteSpec, RouteSpec};
+use crate::config::{MqttBackendSpec, MqttProtocol, MqttRouteSpec, RouteSpec};
 use crate::error::GatewayError;
 use crate::middleware::context::{Deadline, RequestContext};
 use crate::telemetry::metrics::Metrics;
@@ -134,10 +134,87 @@ struct Book {
     limbo: usize,
 }
 
+/// The client of either protocol version. The backend keeps MQTT 5 types throughout; a 3.1.1
+/// client sends them without their properties.
+enum Client {
+    V5(AsyncClient),
+    V311(rumqttc::AsyncClient),
+}
+
+fn qos311(q: QoS) -> rumqttc::QoS {
+    match q {
+        QoS::AtMostOnce => rumqttc::QoS::AtMostOnce,
+        QoS::AtLeastOnce => rumqttc::QoS::AtLeastOnce,
+        QoS::ExactlyOnce => rumqttc::QoS::ExactlyOnce,
+    }
+}
+
+fn qos5(q: rumqttc::QoS) -> QoS {
+    match q {
+        rumqttc::QoS::AtMostOnce => QoS::AtMostOnce,
+        rumqttc::QoS::AtLeastOnce => QoS::AtLeastOnce,
+        rumqttc::QoS::ExactlyOnce => QoS::ExactlyOnce,
+    }
+}
+
+impl Client {
+    async fn subscribe(&self, filter: String) -> Result<(), ()> {
+        match self {
+            Client::V5(c) => c.subscribe(filter, QoS::AtLeastOnce).await.map_err(|_| ()),
+            Client::V311(c) => c
+                .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+                .await
+                .map_err(|_| ()),
+        }
+    }
+
+    async fn unsubscribe(&self, filter: String) {
+        let _ = match self {
+            Client::V5(c) => c.unsubscribe(filter).await.map_err(|_| ()),
+            Client::V311(c) => c.unsubscribe(filter).await.map_err(|_| ()),
+        };
+    }
+
+    fn try_unsubscribe(&self, filter: String) -> Result<(), ()> {
+        match self {
+            Client::V5(c) => c.try_unsubscribe(filter).map_err(|_| ()),
+            Client::V311(c) => c.try_unsubscribe(filter).map_err(|_| ()),
+        }
+    }
+
+    fn try_subscribe(&self, filter: String) -> Result<(), ()> {
+        match self {
+            Client::V5(c) => c.try_subscribe(filter, QoS::AtLeastOnce).map_err(|_| ()),
+            Client::V311(c) => c
+                .try_subscribe(filter, rumqttc::QoS::AtLeastOnce)
+                .map_err(|_| ()),
+        }
+    }
+
+    /// Enqueues a publish (MQTT 3.1.1: without its properties).
+    fn try_publish(&self, p: &Publish) -> Result<(), ()> {
+        let topic = String::from_utf8_lossy(&p.topic).into_owned();
+        match self {
+            Client::V5(c) => c
+                .try_publish_with_properties(
+                    topic,
+                    p.qos,
+                    p.retain,
+                    p.payload.clone(),
+                    p.properties.clone().unwrap_or_default(),
+                )
+                .map_err(|_| ()),
+            Client::V311(c) => c
+                .try_publish(topic, qos311(p.qos), p.retain, p.payload.clone())
+                .map_err(|_| ()),
+        }
+    }
+}
+
 struct Shared {
     name: String,
     metrics: Arc<Metrics>,
-    client: AsyncClient,
+    client: Client,
     connected: AtomicBool,
     problem: std::sync::Mutex<Option<String>>,
     book: std::sync::Mutex<Book>,
@@ -184,23 +261,54 @@ impl MqttBackend {
             .clone()
             .unwrap_or_else(|| format!("switchyard-{name}"));
         let response_topic = format!("switchyard/responses/{client_id}");
-        let mut opts = MqttOptions::new(client_id, host, port);
-        opts.set_keep_alive(spec.keep_alive.0)
-            .set_clean_start(false)
-            .set_session_expiry_interval(Some(spec.session_expiry.0.as_secs() as u32))
-            .set_max_packet_size(Some(spec.max_packet_size.0 as u32))
-            .set_outgoing_inflight_upper_limit(spec.inflight)
-            .set_request_channel_capacity(spec.inflight as usize)
-            .set_connection_timeout(spec.connect_timeout.0.as_secs().max(1));
-        if tls {
-            opts.set_transport(rumqttc::Transport::tls_with_config(
+        let transport = if tls {
+            Some(rumqttc::Transport::tls_with_config(
                 rumqttc::TlsConfiguration::Rustls(Arc::new(client_tls(spec, base)?)),
-            ));
-        }
-        if let Some(user) = &spec.username {
-            opts.set_credentials(user.clone(), spec.password.clone().unwrap_or_default());
-        }
-        let (client, eventloop) = AsyncClient::new(opts, spec.inflight as usize);
+            ))
+        } else {
+            None
+        };
+        let (client, eventloop) = match spec.protocol {
+            MqttProtocol::V5 => {
+                let mut opts = MqttOptions::new(client_id, host, port);
+                opts.set_keep_alive(spec.keep_alive.0)
+                    .set_clean_start(false)
+                    .set_session_expiry_interval(Some(spec.session_expiry.0.as_secs() as u32))
+                    .set_max_packet_size(Some(spec.max_packet_size.0 as u32))
+                    .set_outgoing_inflight_upper_limit(spec.inflight)
+                    .set_request_channel_capacity(spec.inflight as usize)
+                    .set_connection_timeout(spec.connect_timeout.0.as_secs().max(1));
+                if let Some(t) = transport {
+                    opts.set_transport(t);
+                }
+                if let Some(user) = &spec.username {
+                    opts.set_credentials(user.clone(), spec.password.clone().unwrap_or_default());
+                }
+                let (client, eventloop) = AsyncClient::new(opts, spec.inflight as usize);
+                (Client::V5(client), Loop::V5(Box::new(eventloop)))
+            }
+            MqttProtocol::V311 => {
+                let mut opts = rumqttc::MqttOptions::new(client_id, host, port);
+                let max = spec.max_packet_size.0 as usize;
+                opts.set_keep_alive(spec.keep_alive.0)
+                    .set_clean_session(false)
+                    .set_max_packet_size(max, max)
+                    .set_inflight(spec.inflight)
+                    .set_request_channel_capacity(spec.inflight as usize);
+                if let Some(t) = transport {
+                    opts.set_transport(t);
+                }
+                if let Some(user) = &spec.username {
+                    opts.set_credentials(user.clone(), spec.password.clone().unwrap_or_default());
+                }
+                let (client, mut eventloop) =
+                    rumqttc::AsyncClient::new(opts, spec.inflight as usize);
+                eventloop
+                    .network_options
+                    .set_connection_timeout(spec.connect_timeout.0.as_secs().max(1));
+                (Client::V311(client), Loop::V311(Box::new(eventloop)))
+            }
+        };
         let shared = Arc::new(Shared {
             name: name.to_string(),
             metrics: metrics.clone(),
@@ -355,7 +463,7 @@ impl MqttHandle {
             let asked = tokio::spawn(async move {
                 let sent = tokio::time::timeout(
                     Duration::from_secs(5),
-                    shared.client.subscribe(f.clone(), QoS::AtLeastOnce),
+                    shared.client.subscribe(f.clone()),
                 )
                 .await;
                 let ok = matches!(sent, Ok(Ok(())));
@@ -403,13 +511,7 @@ impl MqttHandle {
             // Enqueued under the lock, so the book's order is rumqttc's order.
             self.shared
                 .client
-                .try_publish_with_properties(
-                    String::from_utf8_lossy(&publish.topic).into_owned(),
-                    publish.qos,
-                    publish.retain,
-                    publish.payload.clone(),
-                    publish.properties.clone().unwrap_or_default(),
-                )
+                .try_publish(&publish)
                 .map_err(|_| self.unavailable("too many publishes in flight"))?;
             book.queued.push_back(Entry {
                 seq: self.shared.seq.fetch_add(1, Ordering::Relaxed),
@@ -514,9 +616,168 @@ fn set_problem(shared: &Shared, p: Option<String>) {
     }
 }
 
+/// The event loop of either protocol version.
+enum Loop {
+    V5(Box<EventLoop>),
+    V311(Box<rumqttc::EventLoop>),
+}
+
+/// What the book does on a CONNACK: with the session kept, rumqttc resends what it holds; without
+/// it, the publishes rumqttc dropped are published again, oldest first, ahead of anything newer
+/// in its channel. rumqttc sends its pending list without flow control, so no more than the
+/// broker's receive window (`window`) goes again (more would collide on packet ids); the rest
+/// is answered `unconfirmed`. Returns the publishes to put at the head of rumqttc's pending
+/// list, oldest first.
+fn on_connack(shared: &Shared, session_present: bool, window: usize) -> Vec<Publish> {
+    let mut book = book(shared);
+    let mut again = Vec::new();
+    if session_present {
+        // rumqttc sends these again with their packet ids.
+        let ids: Vec<u16> = book.inflight.keys().copied().collect();
+        book.resends = ids.into_iter().collect();
+    } else {
+        book.resends.clear();
+        let mut lost: Vec<Entry> = book.inflight.drain().map(|(_, e)| e).collect();
+        lost.extend(book.released.drain().map(|(_, e)| e));
+        lost.sort_by_key(|e| e.seq);
+        let limbo = book.limbo.min(book.queued.len());
+        lost.extend(book.queued.drain(..limbo));
+        if lost.len() > window {
+            for e in lost.drain(window..) {
+                e.settle(Err(Failure::Lost));
+            }
+        }
+        again = lost.iter().map(|e| fresh_copy(&e.publish)).collect();
+        for e in lost.into_iter().rev() {
+            book.queued.push_front(e);
+        }
+    }
+    book.limbo = 0;
+    again
+}
+
+/// rumqttc wrote a publish: the head of the queue gets its packet id (or, at QoS 0, is done).
+fn on_outgoing_publish(shared: &Shared, pkid: u16) {
+    let mut book = book(shared);
+    if pkid != 0 && book.resends.remove(&pkid) {
+        return; // a resend after a reconnect; already tracked
+    }
+    // Between a failure and the next CONNACK the only such events are stale ones: publishes
+    // rumqttc had taken from its channel (and numbered) just before the failure. They are not
+    // in `limbo`, which counts the unnumbered ones.
+    if let Some(e) = book.queued.pop_front() {
+        if pkid == 0 {
+            e.settle(Ok(())); // QoS 0: written, nothing more will come
+        } else {
+            book.inflight.insert(pkid, e);
+        }
+    }
+}
+
+/// A message from the broker for live subscriptions and last-value reads.
+fn deliver(shared: &Shared, p: Publish) {
+    let topic = String::from_utf8_lossy(&p.topic).into_owned();
+    if let Ok(subs) = shared.subs.lock() {
+        let shared_p = Arc::new(p.clone());
+        for tx in subs.matching(&topic) {
+            let _ = tx.send(shared_p.clone());
+        }
+    }
+    let waiting = shared
+        .readers
+        .lock()
+        .ok()
+        .and_then(|mut r| r.remove(&topic))
+        .unwrap_or_default();
+    for (_, tx) in waiting {
+        let _ = tx.send(p.clone());
+    }
+}
+
+/// PUBACK (QoS 1) or PUBCOMP (QoS 2): the publish is settled.
+fn on_ack(shared: &Shared, pkid: u16, qos2: bool, outcome: Outcome) {
+    let e = {
+        let mut book = book(shared);
+        if qos2 {
+            book.released.remove(&pkid)
+        } else {
+            book.inflight.remove(&pkid)
+        }
+    };
+    if let Some(e) = e {
+        e.settle(outcome);
+    }
+}
+
+/// PUBREC: the QoS 2 publish waits for its PUBCOMP, unless the broker refused it.
+fn on_pubrec(shared: &Shared, pkid: u16, outcome: Outcome) {
+    let mut book = book(shared);
+    if let Some(e) = book.inflight.remove(&pkid) {
+        match outcome {
+            Ok(()) => {
+                book.released.insert(pkid, e);
+            }
+            Err(f) => e.settle(Err(f)),
+        }
+    }
+}
+
+/// The connection failed: `limbo` publishes rumqttc took from its channel (never sent, so no
+/// packet id yet) are the head of the queue. Returns how long to wait before reconnecting.
+fn on_failure(shared: &Shared, limbo: usize, err: &dyn std::fmt::Display) {
+    let was = shared.connected.swap(false, Ordering::SeqCst);
+    shared.subscribing.store(false, Ordering::SeqCst);
+    book(shared).limbo = limbo;
+    if was {
+        shared.metrics.broker_event(&shared.name, "disconnected");
+        shared.metrics.backend_ready(&shared.name, false);
+        tracing::warn!(backend = %shared.name, error = %err, "MQTT connection lost; publishes answer 503 until it is back.");
+    } else {
+        tracing::debug!(backend = %shared.name, error = %err, "Cannot connect to the MQTT broker; retrying.");
+    }
+    set_problem(shared, Some(format!("not connected: {err}")));
+}
+
+/// Connected and ready.
+fn on_ready(shared: &Shared) {
+    shared.connected.store(true, Ordering::SeqCst);
+    shared.metrics.broker_event(&shared.name, "connected");
+    shared.metrics.backend_ready(&shared.name, true);
+}
+
+/// The filters of the live subscriptions, placed again on every connect. Without a session
+/// the broker forgot them; with one, a SUBSCRIBE sent just before the failure may never have
+/// reached it (rumqttc does not resend those). Subscribing again is harmless.
+fn live_filters(shared: &Shared) -> Vec<String> {
+    shared
+        .subs
+        .lock()
+        .map(|s| s.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
 /// Polls the event loop for as long as the backend exists, settling publishes as the broker
 /// acknowledges them and reconnecting with backoff when the connection fails.
 async fn run(
+    weak: std::sync::Weak<Shared>,
+    eventloop: Loop,
+    min: Duration,
+    max: Duration,
+    inflight_limit: u16,
+) {
+    match eventloop {
+        Loop::V5(l) => run_v5(weak, *l, min, max, inflight_limit).await,
+        Loop::V311(l) => run_v311(weak, *l, min, max, inflight_limit).await,
+    }
+}
+
+async fn backoff(delay: &mut Duration, min: Duration, max: Duration) {
+    let wait = Duration::from_secs_f64(delay.as_secs_f64() * fastrand::f64()).max(min);
+    tokio::time::sleep(wait).await;
+    *delay = delay.saturating_mul(2).min(max);
+}
+
+async fn run_v5(
     weak: std::sync::Weak<Shared>,
     mut eventloop: EventLoop,
     min: Duration,
@@ -537,47 +798,17 @@ async fn run(
                     .and_then(|p| p.max_packet_size)
                     .map_or(usize::MAX, |m| m as usize);
                 shared.broker_max.store(broker_max, Ordering::SeqCst);
-                let republished = {
-                    let mut book = book(&shared);
-                    let mut again = 0;
-                    if ack.session_present {
-                        // rumqttc sends these again with their packet ids.
-                        let ids: Vec<u16> = book.inflight.keys().copied().collect();
-                        book.resends = ids.into_iter().collect();
-                    } else {
-                        // rumqttc dropped what it held for the old session: publish it again,
-                        // oldest first, ahead of anything newer in its channel. rumqttc sends
-                        // its pending list without flow control, so no more than the broker's
-                        // receive window goes again (more would collide on packet ids); the
-                        // rest is answered `unconfirmed`.
-                        book.resends.clear();
-                        let mut lost: Vec<Entry> = book.inflight.drain().map(|(_, e)| e).collect();
-                        lost.extend(book.released.drain().map(|(_, e)| e));
-                        lost.sort_by_key(|e| e.seq);
-                        let limbo = book.limbo.min(book.queued.len());
-                        lost.extend(book.queued.drain(..limbo));
-                        let window = ack
-                            .properties
-                            .as_ref()
-                            .and_then(|p| p.receive_max)
-                            .unwrap_or(u16::MAX)
-                            .min(inflight_limit) as usize;
-                        if lost.len() > window {
-                            for e in lost.drain(window..) {
-                                e.settle(Err(Failure::Lost));
-                            }
-                        }
-                        again = lost.len();
-                        for e in lost.into_iter().rev() {
-                            eventloop
-                                .pending
-                                .push_front(MqttRequest::Publish(fresh_copy(&e.publish)));
-                            book.queued.push_front(e);
-                        }
-                    }
-                    book.limbo = 0;
-                    again
-                };
+                let window = ack
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.receive_max)
+                    .unwrap_or(u16::MAX)
+                    .min(inflight_limit) as usize;
+                let again = on_connack(&shared, ack.session_present, window);
+                let republished = again.len();
+                for p in again.into_iter().rev() {
+                    eventloop.pending.push_front(MqttRequest::Publish(p));
+                }
                 // Ready once the response topic is subscribed. Its SUBSCRIBE goes first of all
                 // (ahead of resends and of subscribes left from before), so the next SUBACK is
                 // its answer: brokers answer in order.
@@ -591,17 +822,8 @@ async fn run(
                         None,
                     ),
                 ));
-                // Every live subscription is placed again. Without a session the broker forgot
-                // them; with one, a SUBSCRIBE sent just before the failure may never have
-                // reached it (rumqttc does not resend those). Subscribing again is harmless:
-                // the broker replaces the subscription, and retained messages are only sent
-                // for a subscription that is new to it.
-                let filters: Vec<String> = shared
-                    .subs
-                    .lock()
-                    .map(|s| s.keys().cloned().collect())
-                    .unwrap_or_default();
-                for f in filters {
+                // Retained messages are only sent for a subscription that is new to the broker.
+                for f in live_filters(&shared) {
                     let mut filter = rumqttc::v5::mqttbytes::v5::Filter::new(f, QoS::AtLeastOnce);
                     filter.retain_forward_rule =
                         rumqttc::v5::mqttbytes::v5::RetainForwardRule::OnNewSubscribe;
@@ -631,26 +853,9 @@ async fn run(
                     tracing::error!(backend = %shared.name, reason = %why, "MQTT response topic refused; allow the gateway to subscribe to it.");
                     set_problem(&shared, Some(why));
                 }
-                shared.connected.store(true, Ordering::SeqCst);
-                shared.metrics.broker_event(&shared.name, "connected");
-                shared.metrics.backend_ready(&shared.name, true);
+                on_ready(&shared);
             }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                let mut book = book(&shared);
-                if pkid != 0 && book.resends.remove(&pkid) {
-                    continue; // a resend after a reconnect; already tracked
-                }
-                // Between a failure and the next CONNACK the only such events are stale ones:
-                // publishes rumqttc had taken from its channel (and numbered) just before the
-                // failure. They are not in `limbo`, which counts the unnumbered ones.
-                if let Some(e) = book.queued.pop_front() {
-                    if pkid == 0 {
-                        e.settle(Ok(())); // QoS 0: written, nothing more will come
-                    } else {
-                        book.inflight.insert(pkid, e);
-                    }
-                }
-            }
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => on_outgoing_publish(&shared, pkid),
             Ok(Event::Incoming(Packet::Publish(p)))
                 if p.topic.as_ref() == shared.response_topic.as_bytes() =>
             {
@@ -666,81 +871,134 @@ async fn run(
                     None => shared.metrics.broker_event(&shared.name, "reply_unmatched"),
                 }
             }
-            Ok(Event::Incoming(Packet::Publish(p))) => {
-                let topic = String::from_utf8_lossy(&p.topic).into_owned();
-                if let Ok(subs) = shared.subs.lock() {
-                    let shared_p = Arc::new(p.clone());
-                    for tx in subs.matching(&topic) {
-                        let _ = tx.send(shared_p.clone());
-                    }
-                }
-                let waiting = shared
-                    .readers
-                    .lock()
-                    .ok()
-                    .and_then(|mut r| r.remove(&topic))
-                    .unwrap_or_default();
-                for (_, tx) in waiting {
-                    let _ = tx.send(p.clone());
-                }
-            }
-            Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                let e = book(&shared).inflight.remove(&ack.pkid);
-                if let Some(e) = e {
-                    e.settle(match ack.reason {
-                        PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
-                        other => Err(Failure::Refused(format!("{other:?}"))),
-                    });
-                }
-            }
-            Ok(Event::Incoming(Packet::PubRec(rec))) => {
-                let mut book = book(&shared);
-                if let Some(e) = book.inflight.remove(&rec.pkid) {
-                    if matches!(
-                        rec.reason,
-                        PubRecReason::Success | PubRecReason::NoMatchingSubscribers
-                    ) {
-                        book.released.insert(rec.pkid, e);
-                    } else {
-                        e.settle(Err(Failure::Refused(format!("{:?}", rec.reason))));
-                    }
-                }
-            }
-            Ok(Event::Incoming(Packet::PubComp(comp))) => {
-                let e = book(&shared).released.remove(&comp.pkid);
-                if let Some(e) = e {
-                    e.settle(match comp.reason {
-                        PubCompReason::Success => Ok(()),
-                        other => Err(Failure::Refused(format!("{other:?}"))),
-                    });
-                }
-            }
+            Ok(Event::Incoming(Packet::Publish(p))) => deliver(&shared, p),
+            Ok(Event::Incoming(Packet::PubAck(ack))) => on_ack(
+                &shared,
+                ack.pkid,
+                false,
+                match ack.reason {
+                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
+                    other => Err(Failure::Refused(format!("{other:?}"))),
+                },
+            ),
+            Ok(Event::Incoming(Packet::PubRec(rec))) => on_pubrec(
+                &shared,
+                rec.pkid,
+                match rec.reason {
+                    PubRecReason::Success | PubRecReason::NoMatchingSubscribers => Ok(()),
+                    other => Err(Failure::Refused(format!("{other:?}"))),
+                },
+            ),
+            Ok(Event::Incoming(Packet::PubComp(comp))) => on_ack(
+                &shared,
+                comp.pkid,
+                true,
+                match comp.reason {
+                    PubCompReason::Success => Ok(()),
+                    other => Err(Failure::Refused(format!("{other:?}"))),
+                },
+            ),
             Ok(_) => {}
             Err(err) => {
-                let was = shared.connected.swap(false, Ordering::SeqCst);
-                shared.subscribing.store(false, Ordering::SeqCst);
-                {
-                    // What rumqttc took from its channel into `pending` (never sent, so no
-                    // packet id yet) is the head of the queue.
-                    let mut book = book(&shared);
-                    book.limbo = eventloop
-                        .pending
-                        .iter()
-                        .filter(|r| matches!(r, MqttRequest::Publish(p) if p.pkid == 0))
-                        .count();
-                }
-                if was {
-                    shared.metrics.broker_event(&shared.name, "disconnected");
-                    shared.metrics.backend_ready(&shared.name, false);
-                    tracing::warn!(backend = %shared.name, error = %err, "MQTT connection lost; publishes answer 503 until it is back.");
-                } else {
-                    tracing::debug!(backend = %shared.name, error = %err, "Cannot connect to the MQTT broker; retrying.");
-                }
-                set_problem(&shared, Some(format!("not connected: {err}")));
+                let limbo = eventloop
+                    .pending
+                    .iter()
+                    .filter(|r| matches!(r, MqttRequest::Publish(p) if p.pkid == 0))
+                    .count();
+                on_failure(&shared, limbo, &err);
                 drop(shared);
-                let wait = Duration::from_secs_f64(delay.as_secs_f64() * fastrand::f64()).max(min);
-                tokio::time::sleep(wait).await;
-                delay = delay.saturating_mul(2).min(max);
+                backoff(&mut delay, min, max).await;
+            }
+        }
+    }
+}
+
+/// One 3.1.1 event other than a CONNACK.
+fn on_event_311(shared: &Shared, ev: rumqttc::Event) {
+    use rumqttc::{Event as E, Packet as P};
+    match ev {
+        E::Outgoing(Outgoing::Publish(pkid)) => on_outgoing_publish(shared, pkid),
+        E::Incoming(P::Publish(p)) => deliver(shared, from311(p)),
+        E::Incoming(P::PubAck(ack)) => on_ack(shared, ack.pkid, false, Ok(())),
+        E::Incoming(P::PubRec(rec)) => on_pubrec(shared, rec.pkid, Ok(())),
+        E::Incoming(P::PubComp(comp)) => on_ack(shared, comp.pkid, true, Ok(())),
+        _ => {}
+    }
+}
+
+/// A 3.1.1 publish as the MQTT 5 type the backend keeps (no properties).
+fn from311(p: rumqttc::Publish) -> Publish {
+    let mut out = Publish::new(p.topic, qos5(p.qos), p.payload, None);
+    out.retain = p.retain;
+    out.pkid = p.pkid;
+    out.dup = p.dup;
+    out
+}
+
+/// A publish the book keeps, for a 3.1.1 client (its properties stay behind).
+fn to311(p: Publish) -> rumqttc::Publish {
+    let mut out = rumqttc::Publish::new(
+        String::from_utf8_lossy(&p.topic).into_owned(),
+        qos311(p.qos),
+        p.payload.to_vec(),
+    );
+    out.retain = p.retain;
+    out
+}
+
+/// The MQTT 3.1.1 event loop: the same book, no properties, no response topic (3.1.1 has no
+/// request/response), and retained messages sent again for every subscription placed again.
+async fn run_v311(
+    weak: std::sync::Weak<Shared>,
+    mut eventloop: rumqttc::EventLoop,
+    min: Duration,
+    max: Duration,
+    inflight_limit: u16,
+) {
+    use rumqttc::{Event as E, Packet as P, Request as R};
+    let mut delay = min;
+    loop {
+        let event = eventloop.poll().await;
+        let Some(shared) = weak.upgrade() else {
+            return;
+        };
+        match event {
+            Ok(E::Incoming(P::ConnAck(ack))) => {
+                // rumqttc 3.1.1 reports the CONNACK ahead of events it queued before the failure
+                // (a stale `Outgoing::Publish` of a publish numbered just before it); the book
+                // must see those first, as the MQTT 5 loop does.
+                let stale: Vec<E> = eventloop.state.events.drain(..).collect();
+                for ev in stale {
+                    on_event_311(&shared, ev);
+                }
+                let again = on_connack(&shared, ack.session_present, inflight_limit as usize);
+                let republished = again.len();
+                for p in again.into_iter().rev() {
+                    eventloop.pending.push_front(R::Publish(to311(p)));
+                }
+                for f in live_filters(&shared) {
+                    eventloop
+                        .pending
+                        .push_back(R::Subscribe(rumqttc::Subscribe::new(
+                            f,
+                            rumqttc::QoS::AtLeastOnce,
+                        )));
+                }
+                set_problem(&shared, None);
+                on_ready(&shared);
+                delay = min;
+                tracing::info!(backend = %shared.name, session_present = ack.session_present, republished, protocol = "3.1.1", "MQTT connection established.");
+            }
+            Ok(ev) => on_event_311(&shared, ev),
+            Err(err) => {
+                let limbo = eventloop
+                    .pending
+                    .iter()
+                    .filter(|r| matches!(r, R::Publish(p) if p.pkid == 0))
+                    .count();
+                on_failure(&shared, limbo, &err);
+                drop(shared);
+                backoff(&mut delay, min, max).await;
             }
         }
     }
@@ -937,12 +1195,7 @@ impl MqttRouteService {
                 let _ = shared.client.try_unsubscribe(topic.clone());
             }
         };
-        if self
-            .shared
-            .client
-            .try_subscribe(topic.clone(), QoS::AtLeastOnce)
-            .is_err()
-        {
+        if self.shared.client.try_subscribe(topic.clone()).is_err() {
             leave(&self.shared);
             return Err(self
                 .handle
@@ -1151,7 +1404,7 @@ impl Drop for SubGuard {
                     rt.spawn(async move {
                         let again = shared.subs.lock().is_ok_and(|s| s.contains_key(&filter));
                         if !again {
-                            let _ = shared.client.unsubscribe(filter).await;
+                            shared.client.unsubscribe(filter).await;
                         }
                     });
                 }

@@ -819,6 +819,11 @@ fn default_status_header() -> String {
 pub struct MqttBackendSpec {
     /// `mqtt://host:1883`.
     pub url: String,
+    /// `v5` (the default) or `v3.1.1`. MQTT 3.1.1 carries no properties: routes to a 3.1.1
+    /// backend publish without content type, correlation data, user properties or expiry, and
+    /// cannot wait for a response.
+    #[serde(default)]
+    pub protocol: MqttProtocol,
     /// The client id (the session's name); `switchyard-<backend>` when absent. Two gateways on
     /// one broker need different ids.
     #[serde(default)]
@@ -948,6 +953,16 @@ pub struct ClientTlsSpec {
     /// The client certificate's private key (PEM).
     #[serde(default)]
     pub key: Option<PathBuf>,
+}
+
+/// The MQTT protocol version a backend speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize, JsonSchema)]
+pub enum MqttProtocol {
+    #[default]
+    #[serde(rename = "v5")]
+    V5,
+    #[serde(rename = "v3.1.1", alias = "v311")]
+    V311,
 }
 
 /// How a route maps HTTP/JSON to one gRPC method.

@@ -1092,13 +1092,25 @@ fn validate_route(
                 validate_http_route(cx, &base, id, h, template.as_ref());
             }
         }
-        Some(BackendSpec::Mqtt(_)) => match &route.mqtt {
+        Some(BackendSpec::Mqtt(b)) => match &route.mqtt {
             None => cx.err(
                 &base,
                 id,
                 "a route to an mqtt backend needs `mqtt: { topic: … }`",
             ),
-            Some(m) => validate_mqtt_route(cx, &base, id, m, template.as_ref()),
+            Some(m) => {
+                validate_mqtt_route(cx, &base, id, m, template.as_ref());
+                if b.protocol == crate::config::MqttProtocol::V311 && m.response.is_some() {
+                    cx.err_key_route(
+                        &format!("{base}.mqtt.response"),
+                        id,
+                        format!(
+                            "request/response needs MQTT 5 (response topic and correlation data); backend `{}` speaks 3.1.1",
+                            route.backend
+                        ),
+                    );
+                }
+            }
         },
         Some(BackendSpec::Amqp(_)) => match &route.amqp {
             None => cx.err(

@@ -25,12 +25,18 @@ fn devices_backend(addr: &str) -> String {
 }
 
 fn config(addr: &str, prefix: &str) -> String {
+    config_with(addr, prefix, "v5")
+}
+
+/// [`config`] on MQTT `protocol`.
+fn config_with(addr: &str, prefix: &str, protocol: &str) -> String {
     format!(
         r#"
 backends:
   devices:
     type: mqtt
     url: "mqtt://{addr}"
+    protocol: "{protocol}"
     client_id: "gw-{id}"
     keep_alive: 5s
     max_packet_size: 32KiB
@@ -200,6 +206,15 @@ async fn a_broker_that_goes_away_gets_fast_503s_and_is_reconnected() {
 
 #[tokio::test]
 async fn no_acknowledged_qos1_publish_is_lost_when_the_broker_restarts() {
+    qos1_publishes_survive_a_broker_restart("v5").await;
+}
+
+#[tokio::test]
+async fn no_acknowledged_qos1_publish_is_lost_when_the_broker_restarts_on_mqtt_3_1_1() {
+    qos1_publishes_survive_a_broker_restart("v3.1.1").await;
+}
+
+async fn qos1_publishes_survive_a_broker_restart(protocol: &str) {
     // A broker of the test's own, restarted without the sessions: the gateway must publish
     // again what was not acknowledged. It reaches the broker through a proxy, held closed until
     // the subscriber has subscribed again, so the subscriber misses nothing.
@@ -207,7 +222,9 @@ async fn no_acknowledged_qos1_publish_is_lost_when_the_broker_restarts() {
     let proxy = BrokerProxy::start_to(broker.addr()).await;
     let prefix = unique();
     let mut sub = Subscriber::start(&broker.addr(), "persistent-sub", &format!("{prefix}/#")).await;
-    let gw = std::sync::Arc::new(Gateway::start(&config(&proxy.addr.to_string(), &prefix)).await);
+    let gw = std::sync::Arc::new(
+        Gateway::start(&config_with(&proxy.addr.to_string(), &prefix, protocol)).await,
+    );
     gw.wait_backend("devices", true).await;
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<usize>::new()));
@@ -298,6 +315,51 @@ async fn no_acknowledged_qos1_publish_is_lost_when_the_broker_restarts() {
         }
     }
     assert!(want.len() <= got.len());
+}
+
+#[tokio::test]
+async fn mqtt_3_1_1_publishes_at_every_qos_and_reads_the_retained_value() {
+    let addr = mq::broker_addr().await;
+    let prefix = unique();
+    let mut sub = Subscriber::start(
+        &addr,
+        &format!("sub-{}", uuid::Uuid::now_v7().simple()),
+        &format!("{prefix}/#"),
+    )
+    .await;
+    let gw = Gateway::start(&config_with(&addr, &prefix, "v3.1.1")).await;
+    gw.wait_backend("devices", true).await;
+    for (method, path, want) in [
+        (Method::PUT, "/devices/a/setpoint", 202),
+        (Method::POST, "/devices/a/fire", 200),
+        (Method::POST, "/devices/a/once", 202),
+    ] {
+        let (s, _, b) = send(request(method, &gw.url(path)).body(body("21.5")).unwrap()).await;
+        assert_eq!(s, want, "{path}: {}", String::from_utf8_lossy(&b));
+    }
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let m = sub.next().await;
+        got.push((
+            String::from_utf8_lossy(&m.topic).into_owned(),
+            m.qos as u8,
+            m.retain,
+        ));
+        assert_eq!(&m.payload[..], b"21.5");
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (format!("{prefix}/a/fire"), 0, false),
+            (format!("{prefix}/a/once"), 2, false),
+            (format!("{prefix}/a/setpoint"), 1, true),
+        ]
+    );
+    // Retained, and read back through a 3.1.1 subscription.
+    let (s, _, b) = get(&gw.url("/devices/a/setpoint")).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(&b[..], b"21.5");
 }
 
 #[tokio::test]
