@@ -289,10 +289,14 @@ impl MqttBackend {
             }
             MqttProtocol::V311 => {
                 let mut opts = rumqttc::MqttOptions::new(client_id, host, port);
+                // 3.1.1 cannot tell the broker our limit, and rumqttc drops the connection on
+                // a bigger incoming packet (which a kept session or a retained message would
+                // then bring back on every reconnect): incoming packets get the protocol's
+                // limit; outgoing ones the configured one.
                 let max = spec.max_packet_size.0 as usize;
                 opts.set_keep_alive(spec.keep_alive.0)
                     .set_clean_session(false)
-                    .set_max_packet_size(max, max)
+                    .set_max_packet_size(268_435_455, max)
                     .set_inflight(spec.inflight)
                     .set_request_channel_capacity(spec.inflight as usize);
                 if let Some(t) = transport {
@@ -482,6 +486,11 @@ impl MqttHandle {
     /// Publishes and waits up to `wait` for the broker's acknowledgement (QoS 1, 2) or for
     /// the write (QoS 0). Errors say whether the message may have arrived (`Unconfirmed`).
     pub async fn publish(&self, publish: Publish, wait: Duration) -> Result<(), GatewayError> {
+        let mut publish = publish;
+        if matches!(self.shared.client, Client::V311(_)) {
+            // 3.1.1 sends no properties: they count for nothing against the packet limit.
+            publish.properties = None;
+        }
         let limit = self.payload_limit();
         if publish.payload.len() > limit {
             return Err(GatewayError::PayloadTooLarge {
@@ -723,7 +732,7 @@ fn on_pubrec(shared: &Shared, pkid: u16, outcome: Outcome) {
 }
 
 /// The connection failed: `limbo` publishes rumqttc took from its channel (never sent, so no
-/// packet id yet) are the head of the queue. Returns how long to wait before reconnecting.
+/// packet id yet) are the head of the queue.
 fn on_failure(shared: &Shared, limbo: usize, err: &dyn std::fmt::Display) {
     let was = shared.connected.swap(false, Ordering::SeqCst);
     shared.subscribing.store(false, Ordering::SeqCst);
@@ -947,7 +956,7 @@ fn to311(p: Publish) -> rumqttc::Publish {
 }
 
 /// The MQTT 3.1.1 event loop: the same book, no properties, no response topic (3.1.1 has no
-/// request/response), and retained messages sent again for every subscription placed again.
+/// request/response), subscriptions placed again only when the broker lost the session.
 async fn run_v311(
     weak: std::sync::Weak<Shared>,
     mut eventloop: rumqttc::EventLoop,
@@ -976,13 +985,18 @@ async fn run_v311(
                 for p in again.into_iter().rev() {
                     eventloop.pending.push_front(R::Publish(to311(p)));
                 }
-                for f in live_filters(&shared) {
-                    eventloop
-                        .pending
-                        .push_back(R::Subscribe(rumqttc::Subscribe::new(
-                            f,
-                            rumqttc::QoS::AtLeastOnce,
-                        )));
+                // Only a broker that forgot the session needs the subscriptions again: 3.1.1
+                // cannot ask for retained messages only on new subscriptions, and placing them
+                // again would resend every retained message to live clients.
+                if !ack.session_present {
+                    for f in live_filters(&shared) {
+                        eventloop
+                            .pending
+                            .push_back(R::Subscribe(rumqttc::Subscribe::new(
+                                f,
+                                rumqttc::QoS::AtLeastOnce,
+                            )));
+                    }
                 }
                 set_problem(&shared, None);
                 on_ready(&shared);

@@ -449,7 +449,7 @@ pub enum BackendSpec {
     Grpc(GrpcBackendSpec),
     /// A RabbitMQ broker (AMQP 0-9-1): confirmed publishes and request/reply.
     Amqp(AmqpBackendSpec),
-    /// An MQTT 5 broker: acknowledged publishes.
+    /// An MQTT 5 or 3.1.1 broker: acknowledged publishes.
     Mqtt(MqttBackendSpec),
 }
 
@@ -812,7 +812,7 @@ fn default_status_header() -> String {
     "x-status".into()
 }
 
-/// An MQTT 5 broker: one client with a persistent session, its event loop polled in its own
+/// An MQTT 5 or 3.1.1 broker: one client with a persistent session, its event loop polled in its own
 /// task, every QoS 1/2 publish tracked until the broker acknowledged it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -181,10 +181,20 @@ async fn publishes_arrive_with_qos_retain_and_properties() {
 
 #[tokio::test]
 async fn a_broker_that_goes_away_gets_fast_503s_and_is_reconnected() {
+    broker_goes_away_and_comes_back("v5").await;
+}
+
+#[tokio::test]
+async fn a_broker_that_goes_away_gets_fast_503s_and_is_reconnected_on_mqtt_3_1_1() {
+    broker_goes_away_and_comes_back("v3.1.1").await;
+}
+
+/// The connection is cut (the broker keeps the session): fast 503s, then a reconnect.
+async fn broker_goes_away_and_comes_back(protocol: &str) {
     let addr = mq::broker_addr().await;
     let proxy = BrokerProxy::start_to(addr.clone()).await;
     let prefix = unique();
-    let gw = Gateway::start(&config(&proxy.addr.to_string(), &prefix)).await;
+    let gw = Gateway::start(&config_with(&proxy.addr.to_string(), &prefix, protocol)).await;
     gw.wait_backend("devices", true).await;
     let put = || {
         request(Method::PUT, &gw.url("/devices/d/setpoint"))
