@@ -1373,3 +1373,42 @@ routes:
     let seen = next_json(&mut ws).await;
     assert_eq!(seen["path"], "/chat", "{seen}");
 }
+
+#[tokio::test]
+async fn a_websocket_bridges_both_ways_over_an_mqtt_3_1_1_backend() {
+    let prefix = unique();
+    let addr = mq::broker_addr().await;
+    let yaml = config(
+        &addr,
+        &ws_route(
+            "fixed311",
+            "/ws/{device}",
+            &format!(
+                r#"mqtt: {{ subscribe: ["{prefix}/{{device}}/state"], publish: "{prefix}/{{device}}/cmd", qos: 1, acks: true }}"#
+            ),
+        ),
+    )
+    .replace("    keep_alive: 5s\n", "    keep_alive: 5s\n    protocol: v3.1.1\n");
+    let gw = Gateway::start(&yaml).await;
+    gw.wait_backend("devices", true).await;
+    let mut outside = watch(&addr, &format!("{prefix}/+/cmd")).await;
+    let mut ws = connect(&gw, "/ws/d1").await;
+    let mqtt = publisher(&addr).await;
+    mqtt.publish(format!("{prefix}/d1/state"), QoS::AtLeastOnce, false, "on")
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut ws).await, "on");
+    ws.send(Message::text("set 20")).await.unwrap();
+    assert_eq!(
+        next_json(&mut ws).await["seq"],
+        1,
+        "acknowledged after the PUBACK"
+    );
+    let p = outside.next().await;
+    assert_eq!(&p.payload[..], b"set 20");
+    assert!(
+        p.properties
+            .is_none_or(|pr| pr.payload_format_indicator.is_none()),
+        "3.1.1 carries no properties"
+    );
+}
