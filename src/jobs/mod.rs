@@ -967,15 +967,35 @@ fn accepted(job: &Job, jobs_path: &str, retry_after: Duration) -> Response {
 }
 
 /// `GET {jobs.path}/{id}` when `path` is under the job endpoint of a table with jobs; `None`
-/// for any other path.
+/// for any other path. The answer comes with the job's route, whose plugins (authentication,
+/// headers) the front end runs around it.
 pub async fn endpoint(
     jobs: &Arc<Jobs>,
     method: &Method,
     path: &str,
-) -> Option<Result<Response, BoxError>> {
+) -> Option<Result<(Response, String), BoxError>> {
     let spec = jobs.spec();
     let id = path.strip_prefix(spec.path.as_str())?.strip_prefix('/')?;
     Some(serve(jobs, &spec, method, id).await)
+}
+
+/// A job's answer, prepared by the front end, handed through the plugins of its route.
+#[derive(Clone)]
+pub struct Prepared(pub Arc<std::sync::Mutex<Option<Response>>>);
+
+/// The bottom of a route's job-reading stack: the answer the front end prepared.
+#[derive(Clone)]
+pub struct ReadJob;
+
+crate::backends::route_service!(ReadJob);
+
+impl ReadJob {
+    async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
+        req.extensions()
+            .get::<Prepared>()
+            .and_then(|p| p.0.lock().ok()?.take())
+            .ok_or_else(|| GatewayError::Internal("no job answer was prepared").into())
+    }
 }
 
 async fn serve(
@@ -983,7 +1003,7 @@ async fn serve(
     spec: &JobsSpec,
     method: &Method,
     id: &str,
-) -> Result<Response, BoxError> {
+) -> Result<(Response, String), BoxError> {
     if method != Method::GET && method != Method::HEAD {
         return Err(GatewayError::MethodNotAllowed {
             allow: vec![Method::GET, Method::HEAD],
@@ -1043,5 +1063,5 @@ async fn serve(
             HeaderValue::from(spec.retry_after.0.as_secs().max(1)),
         );
     }
-    Ok(resp)
+    Ok((resp, job.route))
 }

@@ -182,6 +182,25 @@ pub fn stack(
         let rl = Arc::new(limit::RateLimit::new(rl, id.clone(), metrics.clone()));
         svc = RouteService::new(limit::RateLimitService::new(svc, rl));
     }
+    svc = with_plugins(route, svc)?;
+    // Reading a job of the route passes the same plugins (its authentication, for one).
+    let job_reader = match &job {
+        Some(_) => Some(with_plugins(
+            route,
+            RouteService::new(crate::jobs::ReadJob),
+        )?),
+        None => None,
+    };
+    Ok(RouteStack {
+        service: svc,
+        spool_inner,
+        job,
+        job_reader,
+    })
+}
+
+/// `svc` inside the route's plugins, the first listed outermost.
+fn with_plugins(route: &RouteSpec, mut svc: RouteService) -> Result<RouteService, StackError> {
     for p in route.plugins.iter().rev() {
         let plugin = plugins::find(&p.name).ok_or_else(|| StackError {
             route: route.id.clone(),
@@ -194,11 +213,7 @@ pub fn stack(
             message,
         })?;
     }
-    Ok(RouteStack {
-        service: svc,
-        spool_inner,
-        job,
-    })
+    Ok(svc)
 }
 
 /// A route's stack, and the part below its spool layer that the spool's forwarder replays
@@ -208,4 +223,6 @@ pub struct RouteStack {
     pub spool_inner: Option<crate::spool::Forwarding>,
     /// The job layer, whose routes' jobs are run (and recovered) once the table serves.
     pub job: Option<crate::jobs::JobService>,
+    /// What `GET {jobs.path}/{id}` passes for a job of this route: its plugins.
+    pub job_reader: Option<RouteService>,
 }

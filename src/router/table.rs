@@ -30,6 +30,8 @@ pub struct CompiledRoute {
     pub spool_inner: Option<crate::spool::Forwarding>,
     /// The job layer of `mode: async` and `on_timeout: accept` routes.
     pub job: Option<crate::jobs::JobService>,
+    /// The route's plugins around the job endpoint's answer for its jobs.
+    pub job_reader: Option<RouteService>,
     /// `:verb` the last path variable must end with (annotated gRPC routes).
     pub verb: Option<String>,
 }
@@ -220,6 +222,7 @@ impl RouteTable {
                 service: built.service,
                 spool_inner: built.spool_inner,
                 job: built.job,
+                job_reader: built.job_reader,
             }));
         }
         let correlation_header = HeaderName::from_bytes(spec.server.correlation_header.as_bytes())

@@ -93,7 +93,35 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: HttpRequest<Incomi
             && let Some(answer) = crate::jobs::endpoint(&state.jobs, req.method(), &path).await
         {
             route_id = Arc::from(JOBS_ROUTE);
-            return answer;
+            let (resp, job_route) = answer?;
+            // The job's route's plugins run around the answer (a job of a route that no longer
+            // runs jobs gets none).
+            let Some(reader) = table
+                .routes
+                .iter()
+                .find(|r| *r.id == *job_route)
+                .and_then(|r| r.job_reader.clone())
+            else {
+                return Ok(resp);
+            };
+            let host = host_of(&req);
+            let (mut parts, _) = req.into_parts();
+            parts
+                .extensions
+                .insert(crate::jobs::Prepared(Arc::new(std::sync::Mutex::new(
+                    Some(resp),
+                ))));
+            parts.extensions.insert(RequestContext {
+                correlation_id: cid.clone(),
+                client_addr: conn.remote,
+                tls: conn.tls,
+                host,
+                route_id: Arc::from(job_route.as_str()),
+                params: Vec::new(),
+            });
+            return reader
+                .oneshot(http::Request::from_parts(parts, crate::empty_body()))
+                .await;
         }
         let host = host_of(&req);
         let host_key = host.as_deref().map(host_name);

@@ -599,3 +599,52 @@ async fn jobs_live_under_the_configured_path_and_expire_after_their_ttl() {
     let (s, _, _) = get(&gw.url(&format!("/jobs/{}", uuid::Uuid::now_v7()))).await;
     assert_eq!(s, 404);
 }
+
+#[tokio::test]
+async fn reading_a_job_passes_its_routes_plugins() {
+    let up = Upstream::start().await;
+    let key = "a-key-of-at-least-16-characters";
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  up: {{ type: http, endpoints: ["{}"] }}
+routes:
+  - id: guarded
+    match: {{ method: POST, path: /work }}
+    backend: up
+    mode: async
+    plugins:
+      - api_key: {{ keys: ["{key}"] }}
+      - headers: {{ response: {{ set: {{ x-guarded: "yes" }} }} }}
+"#,
+        up.url()
+    ))
+    .await;
+    let (s, _, _) = post_to(&gw.url("/work"), "{}", &[]).await;
+    assert_eq!(s, 401, "the job itself needs the key");
+    let (s, h, b) = post_to(&gw.url("/work"), "{}", &[("x-api-key", key)]).await;
+    assert_eq!(s, 202, "{b}");
+    let job = gw.url(h["location"].to_str().unwrap());
+    // Without the key: 401, and nothing of the job is shown.
+    let (s, h, b) = get(&job).await;
+    assert_eq!(s, 401, "{}", String::from_utf8_lossy(&b));
+    assert!(h.contains_key("www-authenticate"));
+    assert!(h.get("switchyard-job-status").is_none());
+    // With it: the job, and the route's other plugins applied to the answer.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let req = request(Method::GET, &job)
+            .header("x-api-key", key)
+            .body(body(""))
+            .unwrap();
+        let (s, h, b) = send(req).await;
+        assert_eq!(h["x-guarded"], "yes");
+        if s == 200 {
+            assert_eq!(json(&b)["status"], "succeeded");
+            break;
+        }
+        assert_eq!(s, 202);
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
