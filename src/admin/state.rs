@@ -193,42 +193,8 @@ async fn replay_locked(table: &crate::router::RouteTable, state: &State, id: &st
         Ok(d) => d,
         Err(r) => return r,
     };
-    if d.source == "webhook" {
-        if let Err(why) = state.jobs.redeliver(&d).await {
-            return problem(StatusCode::CONFLICT, why);
-        }
-        if let Err(e) = state.store.delete(Ns::DeadLetters, id).await {
-            tracing::warn!(dead_letter = %id, error = %e, "A replayed dead letter could not be deleted; it may be replayed twice.");
-        }
-        return json_response(
-            StatusCode::ACCEPTED,
-            json!({ "replayed": id, "route": d.route }),
-        );
-    }
-    let Some(route) = table
-        .routes
-        .iter()
-        .find(|r| *r.id == *d.route && r.spool_inner.is_some())
-    else {
-        return problem(
-            StatusCode::CONFLICT,
-            format!(
-                "route `{}` is not loaded with `spool: true`, so there is nothing to replay the message through",
-                d.route
-            ),
-        );
-    };
-    let body = match base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &d.body) {
-        Ok(b) => b,
-        Err(_) => {
-            return problem(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "the dead letter's body cannot be read",
-            );
-        }
-    };
-    if let Err(e) = state.spool.append(&route.id, &d.request, &body).await {
-        return problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    if let Err(refused) = requeue(table, state, &d).await {
+        return refused;
     }
     if let Err(e) = state.store.delete(Ns::DeadLetters, id).await {
         tracing::warn!(dead_letter = %id, error = %e, "A replayed dead letter could not be deleted; it may be replayed twice.");
@@ -237,4 +203,46 @@ async fn replay_locked(table: &crate::router::RouteTable, state: &State, id: &st
         StatusCode::ACCEPTED,
         json!({ "replayed": id, "route": d.route }),
     )
+}
+
+/// Sends a dead letter on its way again: a webhook is delivered again, a spooled message goes
+/// back into its route's spool.
+async fn requeue(
+    table: &crate::router::RouteTable,
+    state: &State,
+    d: &DeadLetter,
+) -> Result<(), Response> {
+    if d.source == "webhook" {
+        return state
+            .jobs
+            .redeliver(d)
+            .await
+            .map_err(|why| problem(StatusCode::CONFLICT, why));
+    }
+    let Some(route) = table
+        .routes
+        .iter()
+        .find(|r| *r.id == *d.route && r.spool_inner.is_some())
+    else {
+        return Err(problem(
+            StatusCode::CONFLICT,
+            format!(
+                "route `{}` is not loaded with `spool: true`, so there is nothing to replay the message through",
+                d.route
+            ),
+        ));
+    };
+    let body = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &d.body)
+        .map_err(|_| {
+            problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the dead letter's body cannot be read",
+            )
+        })?;
+    state
+        .spool
+        .append(&route.id, &d.request, &body)
+        .await
+        .map(drop)
+        .map_err(|e| problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
 }

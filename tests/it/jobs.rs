@@ -342,6 +342,15 @@ fn verify(headers: &HeaderMap, body: &[u8]) {
     assert!(age < 60, "the timestamp is current");
 }
 
+/// A gateway on [`webhook_config`] whose webhook goes to `rx` and tries `attempts` times.
+async fn hooked(up: &Upstream, rx: &Receiver, attempts: u32) -> Gateway {
+    Gateway::start(&webhook_config(
+        &up.url(),
+        &format!("url: \"{}\", attempts: {attempts}", rx.url("/hook")),
+    ))
+    .await
+}
+
 fn webhook_config(upstream: &str, webhook: &str) -> String {
     format!(
         r#"
@@ -362,11 +371,7 @@ routes:
 async fn webhooks_are_signed_and_retried_until_the_receiver_takes_them() {
     let up = Upstream::start().await;
     let rx = Receiver::start(vec![500, 503]).await;
-    let gw = Gateway::start(&webhook_config(
-        &up.url(),
-        &format!("url: \"{}\", attempts: 5", rx.url("/hook")),
-    ))
-    .await;
+    let gw = hooked(&up, &rx, 5).await;
     let (s, h, b) = post_to(&gw.url("/x"), "{}", &[]).await;
     assert_eq!(s, 202, "{b}");
     let id = b["id"].as_str().unwrap().to_string();
@@ -398,11 +403,7 @@ async fn webhooks_are_signed_and_retried_until_the_receiver_takes_them() {
 async fn a_webhook_that_keeps_failing_is_dead_lettered_and_can_be_replayed() {
     let up = Upstream::start().await;
     let rx = Receiver::start(vec![500, 500]).await;
-    let gw = Gateway::start(&webhook_config(
-        &up.url(),
-        &format!("url: \"{}\", attempts: 2", rx.url("/hook")),
-    ))
-    .await;
+    let gw = hooked(&up, &rx, 2).await;
     let (s, _, b) = post_to(&gw.url("/x"), "{}", &[]).await;
     assert_eq!(s, 202, "{b}");
     let dead = gw.first_dead_letter().await;
