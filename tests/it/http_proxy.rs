@@ -211,3 +211,72 @@ routes:
     let b = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(json(&b)["version"], "HTTP/2.0");
 }
+
+/// Sends `n` sequential GETs on one client connection and returns their statuses.
+async fn sequential(url: &str, n: usize) -> Vec<u16> {
+    let client = client();
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let resp = client
+            .request(http::Request::get(url).body(body("")).unwrap())
+            .await
+            .expect("request sent");
+        out.push(resp.status().as_u16());
+        resp.into_body().collect().await.expect("body read");
+    }
+    out
+}
+
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let up = Upstream::start().await;
+    let config = yaml(&up.url()).replace(
+        r#"type: http, endpoints"#,
+        r#"type: http, probe_interval: 1h, endpoints"#,
+    );
+    let gw = Gateway::start(&config).await;
+    // The readiness probe's connection is counted before the requests.
+    gw.wait_backend("up", true).await;
+    let conns = || up.conns.load(std::sync::atomic::Ordering::SeqCst);
+    let before = conns();
+    // Ten requests on one keep-alive connection travel on one upstream connection.
+    assert_eq!(sequential(&gw.url("/api/a"), 10).await, vec![200; 10]);
+    assert_eq!(conns() - before, 1);
+    assert_eq!(up.hits(), 10);
+    // Streamed answers read to the end leave the connection fit for the next request.
+    assert_eq!(sequential(&gw.url("/api/stream/64"), 3).await, vec![200; 3]);
+    assert_eq!(conns() - before, 1);
+}
+
+#[tokio::test]
+async fn an_upstream_that_drops_idle_connections_silently_is_reconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Answers one request per connection, then closes without `Connection: close`.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let s = served.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let s = s.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                s.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let gw = Gateway::start(&yaml(&format!("http://{addr}"))).await;
+    assert_eq!(sequential(&gw.url("/api/x"), 20).await, vec![200; 20]);
+    assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 20);
+    task.abort();
+}
