@@ -84,6 +84,14 @@ pub enum GatewayError {
         #[source]
         source: Option<crate::BoxError>,
     },
+    /// The MQTT broker refused the gateway's subscription to a filter (its SUBACK), as an ACL
+    /// does.
+    #[error("backend {backend} refused the subscription to {filter}: {reason}")]
+    SubscriptionRefused {
+        backend: String,
+        filter: String,
+        reason: String,
+    },
     /// A last-value read found no retained message on the topic.
     #[error("no retained message on {topic}")]
     NoValue { topic: String },
@@ -162,6 +170,7 @@ impl GatewayError {
             GatewayError::Unroutable { status, .. } => *status,
             GatewayError::Unconfirmed { .. } => StatusCode::SERVICE_UNAVAILABLE,
             GatewayError::NoValue { .. } => StatusCode::NOT_FOUND,
+            GatewayError::SubscriptionRefused { .. } => StatusCode::BAD_GATEWAY,
             GatewayError::UpgradeRequired { .. } => StatusCode::UPGRADE_REQUIRED,
             GatewayError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             GatewayError::Forbidden { .. } => StatusCode::FORBIDDEN,
@@ -197,7 +206,10 @@ impl GatewayError {
             GatewayError::Grpc { .. } if self.status().is_client_error() => Fault::Client,
             GatewayError::Grpc { .. } => Fault::Upstream,
             // A routing gap, not a broker in trouble: it never opens the breaker.
-            GatewayError::Unroutable { .. } | GatewayError::NoValue { .. } => Fault::Client,
+            // So is a filter the broker will not let the gateway read: the broker is fine.
+            GatewayError::Unroutable { .. }
+            | GatewayError::NoValue { .. }
+            | GatewayError::SubscriptionRefused { .. } => Fault::Client,
             GatewayError::StoreUnavailable { .. }
             | GatewayError::SpoolFull { .. }
             | GatewayError::Internal(_) => Fault::Gateway,
@@ -227,6 +239,7 @@ impl GatewayError {
             GatewayError::Unroutable { .. } => "unroutable",
             GatewayError::Unconfirmed { .. } => "unconfirmed",
             GatewayError::NoValue { .. } => "no-value",
+            GatewayError::SubscriptionRefused { .. } => "subscription-refused",
             GatewayError::UpgradeRequired { .. } => "upgrade-required",
             GatewayError::Unauthorized { .. } => "unauthorized",
             GatewayError::Forbidden { .. } => "forbidden",
@@ -257,6 +270,13 @@ impl GatewayError {
             GatewayError::NoValue { topic } => {
                 format!("No message is retained on topic `{topic}`.")
             }
+            GatewayError::SubscriptionRefused {
+                backend,
+                filter,
+                reason,
+            } => format!(
+                "The broker of backend '{backend}' refused the gateway's subscription to `{filter}` ({reason}); its access rules must let the gateway's client read this filter."
+            ),
             GatewayError::MethodNotAllowed { allow } => format!(
                 "This path accepts only: {}.",
                 allow

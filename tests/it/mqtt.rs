@@ -677,3 +677,97 @@ async fn tls_to_the_broker_with_a_private_ca() {
     let (s, _, _) = send(request(Method::PUT, &gw.url("/p")).body(body("x")).unwrap()).await;
     assert_eq!(s, 503);
 }
+
+#[tokio::test]
+async fn subscriptions_the_broker_refuses_are_answered_with_its_refusal() {
+    subscriptions_refused("v5").await;
+}
+
+#[tokio::test]
+async fn subscriptions_the_broker_refuses_are_answered_with_its_refusal_on_mqtt_3_1_1() {
+    subscriptions_refused("v3.1.1").await;
+}
+
+/// A broker that lets the gateway subscribe to `open/#` only: a live subscription or a last-value
+/// read elsewhere is answered 502 `subscription-refused` naming the filter, at once (after the
+/// SUBACK), not with a silent stream or a 404 after the wait; `open/#` streams as before.
+async fn subscriptions_refused(protocol: &str) {
+    use rumqttc::v5::{AsyncClient, MqttOptions};
+    let broker = PrivateBroker::start_with_subscribe_acl(&["open/#", "switchyard/#"]).await;
+    let gw = Gateway::start(&format!(
+        r#"{}    protocol: "{protocol}"
+routes:
+  - id: watch
+    match: {{ method: GET, path: "/watch/{{area}}/{{device}}" }}
+    backend: devices
+    mqtt: {{ topic: "{{area}}/{{device}}/#", subscribe: true }}
+  - id: last
+    match: {{ method: GET, path: "/last/{{area}}/{{device}}" }}
+    backend: devices
+    mqtt: {{ topic: "{{area}}/{{device}}", last_value: true, wait: 5s }}
+"#,
+        devices_backend(&broker.addr())
+    ))
+    .await;
+    gw.wait_backend("devices", true).await;
+
+    // Answered at once (a silent stream would hold this GET open).
+    let answer = |path: &'static str| {
+        let url = gw.url(path);
+        async move {
+            tokio::time::timeout(Duration::from_secs(10), get(&url))
+                .await
+                .expect("answered, not streamed")
+        }
+    };
+    for _ in 0..2 {
+        let (s, h, b) = answer("/watch/closed/d1").await;
+        assert_eq!(s, 502, "{}", String::from_utf8_lossy(&b));
+        assert_eq!(h["content-type"], "application/problem+json");
+        let v = json(&b);
+        assert_eq!(v["type"], "urn:switchyard:problem:subscription-refused");
+        assert!(
+            v["detail"].as_str().unwrap().contains("`closed/d1/#`"),
+            "{v}"
+        );
+    }
+    let started = Instant::now();
+    let (s, _, b) = answer("/last/closed/d1").await;
+    assert_eq!(s, 502, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(
+        json(&b)["type"],
+        "urn:switchyard:problem:subscription-refused"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "answered at once, not after the wait"
+    );
+
+    // A filter the broker allows streams, and a message published after the answer arrives.
+    let resp = client()
+        .request(
+            request(Method::GET, &gw.url("/watch/open/d1"))
+                .body(body(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut events = resp.into_body();
+    let (publisher, mut el) = AsyncClient::new(
+        MqttOptions::new(
+            format!("pub-{}", uuid::Uuid::now_v7().simple()),
+            "127.0.0.1",
+            broker.port,
+        ),
+        10,
+    );
+    tokio::spawn(async move { while el.poll().await.is_ok() {} });
+    publisher
+        .publish("open/d1/temp", QoS::AtLeastOnce, false, "21.5")
+        .await
+        .unwrap();
+    let (got, _) = read_events(&mut events, |e| !e.is_empty()).await;
+    assert_eq!(got[0]["topic"], "open/d1/temp");
+    assert_eq!(got[0]["payload"], 21.5);
+}

@@ -1246,8 +1246,7 @@ async fn mqtt_sockets_ride_out_a_broker_outage_and_amqp_sockets_close_1011() {
     gw.wait_backend("devices", true).await;
     let mut ws = connect(&gw, "/ws").await;
     subscribe(&mut ws, &format!("{prefix}/a")).await;
-    // `subscribed` means requested, not yet granted (see docs): a first message shows the
-    // broker has the subscription.
+    // `subscribed` comes after the broker's SUBACK: a message published now arrives.
     let mqtt = publisher(&addr).await;
     mqtt.publish(format!("{prefix}/a"), QoS::AtLeastOnce, false, "before")
         .await
@@ -1411,4 +1410,33 @@ async fn a_websocket_bridges_both_ways_over_an_mqtt_3_1_1_backend() {
             .is_none_or(|pr| pr.payload_format_indicator.is_none()),
         "3.1.1 carries no properties"
     );
+}
+
+#[tokio::test]
+async fn a_subscription_the_broker_refuses_gets_an_error_frame() {
+    let broker = mq::PrivateBroker::start_with_subscribe_acl(&["open/#", "switchyard/#"]).await;
+    let gw = Gateway::start(&config(
+        &broker.addr(),
+        &ws_route("live", "/ws", r##"mqtt: { allow: ["#"] }"##),
+    ))
+    .await;
+    gw.wait_backend("devices", true).await;
+    let mut ws = connect(&gw, "/ws").await;
+    send_json(
+        &mut ws,
+        json!({"op": "subscribe", "topic": "closed/+/state", "id": "s1"}),
+    )
+    .await;
+    let v = next_json(&mut ws).await;
+    assert_eq!(v["op"], "error", "{v}");
+    assert_eq!(v["error"], "subscription-refused", "{v}");
+    assert_eq!(v["id"], "s1");
+    // The socket stays open, and an allowed filter is granted.
+    send_json(
+        &mut ws,
+        json!({"op": "subscribe", "topic": "open/+/state", "id": "s2"}),
+    )
+    .await;
+    let v = next_json(&mut ws).await;
+    assert_eq!(v["op"], "subscribed", "{v}");
 }

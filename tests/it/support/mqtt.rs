@@ -135,6 +135,43 @@ impl PrivateBroker {
         b
     }
 
+    /// A broker that lets anonymous clients subscribe only to filters under `allowed` (its
+    /// dynamic-security plugin, which answers other SUBSCRIBEs "not authorized"; Mosquitto's
+    /// plain `acl_file` grants every subscription and filters deliveries instead).
+    pub async fn start_with_subscribe_acl(allowed: &[&str]) -> PrivateBroker {
+        let plugin = [
+            "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+            "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+            "/usr/lib/mosquitto_dynamic_security.so",
+            "/usr/local/lib/mosquitto_dynamic_security.so",
+        ]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("Mosquitto's dynamic-security plugin is installed (Debian's mosquitto package ships it)");
+        let acls: Vec<serde_json::Value> = allowed
+            .iter()
+            .map(|t| serde_json::json!({ "acltype": "subscribePattern", "topic": t, "priority": 0, "allow": true }))
+            .collect();
+        let config = serde_json::json!({
+            "defaultACLAccess": { "publishClientSend": true, "publishClientReceive": true, "subscribe": false, "unsubscribe": true },
+            "clients": [],
+            "groups": [{ "groupname": "anonymous", "roles": [{ "rolename": "reader" }], "clients": [] }],
+            "roles": [{ "rolename": "reader", "acls": acls }],
+            "anonymousGroup": "anonymous"
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dynamic-security.json");
+        std::fs::write(&path, config.to_string()).unwrap();
+        let b = Self::start_with(&format!(
+            "plugin {plugin}\nplugin_opt_config_file {}\n",
+            path.display()
+        ))
+        .await;
+        // Keep the file alive with the broker.
+        std::mem::forget(dir);
+        b
+    }
+
     async fn start_with(extra: &str) -> PrivateBroker {
         let port = crate::support::free_port().await.port();
         let dir = tempfile::tempdir().unwrap();

@@ -12,6 +12,8 @@
 //! session, rumqttc drops them, and the book publishes them again. A publish rumqttc numbered
 //! just before the failure reports its `Outgoing::Publish` only after the reconnect (a stale
 //! event); the book counts it as sent, not as one of the unnumbered ones in `pending`.
+//! SUBSCRIBEs are tracked the same way until their SUBACK (`asks`), so a client hears whether
+//! the broker granted or refused its filter.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -27,7 +29,10 @@ use rumqttc::v5::mqttbytes::v5::{
     Packet, PubAckReason, PubCompReason, PubRecReason, Publish, PublishProperties,
 };
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request as MqttRequest};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, oneshot, watch};
+
+mod asks;
+use asks::{Ask, Asks, Grant};
 
 use super::AbortOnDrop;
 use super::values::RequestValues;
@@ -37,6 +42,9 @@ use crate::error::GatewayError;
 use crate::middleware::context::{Deadline, RequestContext};
 use crate::telemetry::metrics::Metrics;
 use crate::{BodyError, BoxError, Request, Response, full_body};
+
+/// How long a new subscription waits for room in the client's queue, then for its SUBACK.
+const SUBACK_WAIT: Duration = Duration::from_secs(5);
 
 /// A last-value read waiting for a topic's retained message: its id and its sender.
 type Reader = (u64, oneshot::Sender<Publish>);
@@ -158,16 +166,6 @@ fn qos5(q: rumqttc::QoS) -> QoS {
 }
 
 impl Client {
-    async fn subscribe(&self, filter: String) -> Result<(), ()> {
-        match self {
-            Client::V5(c) => c.subscribe(filter, QoS::AtLeastOnce).await.map_err(|_| ()),
-            Client::V311(c) => c
-                .subscribe(filter, rumqttc::QoS::AtLeastOnce)
-                .await
-                .map_err(|_| ()),
-        }
-    }
-
     async fn unsubscribe(&self, filter: String) {
         let _ = match self {
             Client::V5(c) => c.unsubscribe(filter).await.map_err(|_| ()),
@@ -229,8 +227,8 @@ struct Shared {
     response_topic: String,
     /// Requests waiting for their response, by correlation data.
     responses: std::sync::Mutex<HashMap<Bytes, oneshot::Sender<Publish>>>,
-    /// Between a CONNACK and the SUBACK of the response topic: not ready yet.
-    subscribing: AtomicBool,
+    /// SUBSCRIBEs waiting for their SUBACK.
+    asks: std::sync::Mutex<Asks>,
     /// Whether the broker granted the response topic subscription.
     responses_ok: AtomicBool,
     /// Live subscriptions by topic filter; one broker subscription feeds every client.
@@ -326,7 +324,7 @@ impl MqttBackend {
             readers: std::sync::Mutex::new(HashMap::new()),
             response_topic,
             responses: std::sync::Mutex::new(HashMap::new()),
-            subscribing: AtomicBool::new(false),
+            asks: std::sync::Mutex::new(Asks::default()),
             responses_ok: AtomicBool::new(false),
             subs: std::sync::Mutex::new(SubTable::default()),
             gone: tokio_util::sync::CancellationToken::new(),
@@ -423,10 +421,11 @@ impl MqttHandle {
     }
 
     /// Joins the live subscription on `filter`, subscribing at the broker for the first
-    /// client. Clients on one filter share one broker subscription; a client `buffer` messages
-    /// behind sees `Lagged`, and the channel closes when the backend goes away. A burst of new
-    /// filters waits for room in the client's request queue (at most five seconds) rather
-    /// than failing.
+    /// client, and answers once the broker granted it (its SUBACK), or with the broker's
+    /// refusal. Clients on one filter share one broker subscription; a client `buffer`
+    /// messages behind sees `Lagged`, and the channel closes when the backend goes away. A
+    /// burst of new filters waits for room in the client's request queue (at most five
+    /// seconds) rather than failing.
     pub async fn subscribe(
         &self,
         filter: String,
@@ -435,18 +434,20 @@ impl MqttHandle {
         if !self.connected() {
             return Err(self.unavailable("not connected to the broker"));
         }
-        let (rx, first) = {
+        let (rx, first, grant) = {
             let mut subs = self
                 .shared
                 .subs
                 .lock()
                 .map_err(|_| GatewayError::Internal("the subscription table is poisoned"))?;
             match subs.get(&filter) {
-                Some(tx) => (tx.subscribe(), false),
+                Some(tx) => (tx.subscribe(), false, asks(&self.shared).pending(&filter)),
                 None => {
                     let (tx, rx) = broadcast::channel(buffer.max(1));
                     subs.insert(filter.clone(), tx);
-                    (rx, true)
+                    // Created with the entry, so that a client joining before the SUBSCRIBE
+                    // is even asked waits for its SUBACK too.
+                    (rx, true, Some(asks(&self.shared).grant(&filter)))
                 }
             }
         };
@@ -461,26 +462,40 @@ impl MqttHandle {
         if first {
             // Asked from a task of its own, so that a caller who stops waiting (a handshake
             // that timed out) cannot leave the filter in the table with no broker request
-            // behind it; on failure the entry goes and clients that joined meanwhile see their
-            // channel close.
+            // behind it; on failure the entry goes and clients that joined meanwhile hear so.
             let (shared, f) = (self.shared.clone(), filter.clone());
-            let asked = tokio::spawn(async move {
-                let sent = tokio::time::timeout(
-                    Duration::from_secs(5),
-                    shared.client.subscribe(f.clone()),
-                )
-                .await;
-                let ok = matches!(sent, Ok(Ok(())));
-                if !ok && let Ok(mut subs) = shared.subs.lock() {
-                    subs.remove(&f);
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + SUBACK_WAIT;
+                while shared.ask(&f).is_none() {
+                    if tokio::time::Instant::now() >= deadline {
+                        if let Ok(mut subs) = shared.subs.lock() {
+                            subs.remove(&f);
+                        }
+                        asks(&shared).settle(&f, Grant::NotAsked);
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                ok
             });
-            if !asked.await.unwrap_or(false) {
-                return Err(self.unavailable("too many requests in flight"));
-            }
         }
-        Ok(sub)
+        // A filter already granted has no grant under way.
+        let Some(mut grant) = grant else {
+            return Ok(sub);
+        };
+        let answer = tokio::time::timeout(SUBACK_WAIT, async {
+            grant
+                .wait_for(|g| *g != Grant::Pending)
+                .await
+                .map(|g| g.clone())
+        })
+        .await;
+        match answer {
+            Ok(Ok(Grant::Granted)) => Ok(sub),
+            Ok(Ok(Grant::Refused(reason))) => Err(self.shared.refused(&filter, &reason)),
+            Ok(Ok(_)) => Err(self.unavailable("too many requests in flight")),
+            Ok(Err(_)) => Err(self.unavailable("the backend was removed")),
+            Err(_) => Err(self.unavailable("the broker did not answer the subscription in time")),
+        }
     }
 
     /// Publishes and waits up to `wait` for the broker's acknowledgement (QoS 1, 2) or for
@@ -619,6 +634,46 @@ fn book(shared: &Shared) -> std::sync::MutexGuard<'_, Book> {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// The SUBSCRIBEs under way (kept consistent like the book: every change is one step).
+fn asks(shared: &Shared) -> std::sync::MutexGuard<'_, Asks> {
+    shared
+        .asks
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Shared {
+    /// Hands rumqttc a SUBSCRIBE for `filter` without waiting for room in its request queue;
+    /// returns what will tell the broker's answer.
+    fn ask(&self, filter: &str) -> Option<watch::Receiver<Grant>> {
+        let mut asks = asks(self);
+        // Under the lock, so that the order of `asks` is rumqttc's order.
+        self.client.try_subscribe(filter.to_string()).ok()?;
+        Some(asks.asked(filter))
+    }
+
+    fn refused(&self, filter: &str, reason: &str) -> GatewayError {
+        GatewayError::SubscriptionRefused {
+            backend: self.name.clone(),
+            filter: filter.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+/// A SUBACK (its first reason code): the waiting clients are told. A refused filter leaves
+/// the live subscriptions, so that the next client asks again (and hears the answer).
+fn on_suback(shared: &Shared, pkid: u16, outcome: Result<(), String>) -> Option<Ask> {
+    let ask = asks(shared).answered(pkid, outcome.clone());
+    if let (Some(Ask::Filter(filter)), Err(reason)) = (&ask, &outcome) {
+        tracing::warn!(backend = %shared.name, %filter, %reason, "The MQTT broker refused a subscription; allow the gateway's client to read this filter.");
+        if let Ok(mut subs) = shared.subs.lock() {
+            subs.remove(filter);
+        }
+    }
+    ask
+}
+
 fn set_problem(shared: &Shared, p: Option<String>) {
     if let Ok(mut cur) = shared.problem.lock() {
         *cur = p;
@@ -731,12 +786,34 @@ fn on_pubrec(shared: &Shared, pkid: u16, outcome: Outcome) {
     }
 }
 
-/// The connection failed: `limbo` publishes rumqttc took from its channel (never sent, so no
-/// packet id yet) are the head of the queue.
-fn on_failure(shared: &Shared, limbo: usize, err: &dyn std::fmt::Display) {
+/// A request in rumqttc's pending list, as the book and the asks see it.
+enum Held {
+    /// A publish and its packet id (0: never sent).
+    Publish(u16),
+    Subscribe,
+    Other,
+}
+
+/// The connection failed: the publishes rumqttc holds in `pending` unnumbered (taken from its
+/// channel, never sent) are the head of the book's queue, and its SUBSCRIBEs the head of the
+/// asks'.
+fn on_failure<R>(
+    shared: &Shared,
+    pending: &VecDeque<R>,
+    err: &dyn std::fmt::Display,
+    held: impl Fn(&R) -> Held,
+) {
+    let (mut limbo, mut sub_limbo) = (0, 0);
+    for r in pending {
+        match held(r) {
+            Held::Publish(0) => limbo += 1,
+            Held::Subscribe => sub_limbo += 1,
+            _ => {}
+        }
+    }
     let was = shared.connected.swap(false, Ordering::SeqCst);
-    shared.subscribing.store(false, Ordering::SeqCst);
     book(shared).limbo = limbo;
+    asks(shared).failed(sub_limbo);
     if was {
         shared.metrics.broker_event(&shared.name, "disconnected");
         shared.metrics.backend_ready(&shared.name, false);
@@ -819,9 +896,7 @@ async fn run_v5(
                     eventloop.pending.push_front(MqttRequest::Publish(p));
                 }
                 // Ready once the response topic is subscribed. Its SUBSCRIBE goes first of all
-                // (ahead of resends and of subscribes left from before), so the next SUBACK is
-                // its answer: brokers answer in order.
-                shared.subscribing.store(true, Ordering::SeqCst);
+                // (ahead of resends and of subscribes left from before).
                 eventloop.pending.push_front(MqttRequest::Subscribe(
                     rumqttc::v5::mqttbytes::v5::Subscribe::new(
                         rumqttc::v5::mqttbytes::v5::Filter::new(
@@ -832,7 +907,9 @@ async fn run_v5(
                     ),
                 ));
                 // Retained messages are only sent for a subscription that is new to the broker.
-                for f in live_filters(&shared) {
+                let again =
+                    asks(&shared).reconnected(ack.session_present, true, live_filters(&shared));
+                for f in again {
                     let mut filter = rumqttc::v5::mqttbytes::v5::Filter::new(f, QoS::AtLeastOnce);
                     filter.retain_forward_rule =
                         rumqttc::v5::mqttbytes::v5::RetainForwardRule::OnNewSubscribe;
@@ -843,13 +920,16 @@ async fn run_v5(
                 delay = min;
                 tracing::info!(backend = %shared.name, session_present = ack.session_present, republished, "MQTT connection established.");
             }
-            Ok(Event::Incoming(Packet::SubAck(ack)))
-                if shared.subscribing.swap(false, Ordering::SeqCst) =>
-            {
-                let ok = matches!(
-                    ack.return_codes.first(),
-                    Some(rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_))
-                );
+            Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => asks(&shared).written(pkid),
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                let outcome = match ack.return_codes.first() {
+                    Some(rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::Success(_)) => Ok(()),
+                    other => Err(other.map_or("no reason code".into(), |c| format!("{c:?}"))),
+                };
+                let ok = outcome.is_ok();
+                if on_suback(&shared, ack.pkid, outcome) != Some(Ask::ResponseTopic) {
+                    continue;
+                }
                 shared.responses_ok.store(ok, Ordering::SeqCst);
                 if ok {
                     set_problem(&shared, None);
@@ -909,12 +989,11 @@ async fn run_v5(
             ),
             Ok(_) => {}
             Err(err) => {
-                let limbo = eventloop
-                    .pending
-                    .iter()
-                    .filter(|r| matches!(r, MqttRequest::Publish(p) if p.pkid == 0))
-                    .count();
-                on_failure(&shared, limbo, &err);
+                on_failure(&shared, &eventloop.pending, &err, |r| match r {
+                    MqttRequest::Publish(p) => Held::Publish(p.pkid),
+                    MqttRequest::Subscribe(_) => Held::Subscribe,
+                    _ => Held::Other,
+                });
                 drop(shared);
                 backoff(&mut delay, min, max).await;
             }
@@ -931,6 +1010,15 @@ fn on_event_311(shared: &Shared, ev: rumqttc::Event) {
         E::Incoming(P::PubAck(ack)) => on_ack(shared, ack.pkid, false, Ok(())),
         E::Incoming(P::PubRec(rec)) => on_pubrec(shared, rec.pkid, Ok(())),
         E::Incoming(P::PubComp(comp)) => on_ack(shared, comp.pkid, true, Ok(())),
+        E::Outgoing(Outgoing::Subscribe(pkid)) => asks(shared).written(pkid),
+        E::Incoming(P::SubAck(ack)) => {
+            let outcome = match ack.return_codes.first() {
+                Some(rumqttc::SubscribeReasonCode::Success(_)) => Ok(()),
+                Some(rumqttc::SubscribeReasonCode::Failure) => Err("Failure (0x80)".into()),
+                None => Err("no reason code".into()),
+            };
+            on_suback(shared, ack.pkid, outcome);
+        }
         _ => {}
     }
 }
@@ -987,16 +1075,20 @@ async fn run_v311(
                 }
                 // Only a broker that forgot the session needs the subscriptions again: 3.1.1
                 // cannot ask for retained messages only on new subscriptions, and placing them
-                // again would resend every retained message to live clients.
-                if !ack.session_present {
-                    for f in live_filters(&shared) {
-                        eventloop
-                            .pending
-                            .push_back(R::Subscribe(rumqttc::Subscribe::new(
-                                f,
-                                rumqttc::QoS::AtLeastOnce,
-                            )));
-                    }
+                // again would resend every retained message to live clients. SUBSCRIBEs lost
+                // with the connection go again either way.
+                let live = if ack.session_present {
+                    Vec::new()
+                } else {
+                    live_filters(&shared)
+                };
+                for f in asks(&shared).reconnected(ack.session_present, false, live) {
+                    eventloop
+                        .pending
+                        .push_back(R::Subscribe(rumqttc::Subscribe::new(
+                            f,
+                            rumqttc::QoS::AtLeastOnce,
+                        )));
                 }
                 set_problem(&shared, None);
                 on_ready(&shared);
@@ -1005,12 +1097,11 @@ async fn run_v311(
             }
             Ok(ev) => on_event_311(&shared, ev),
             Err(err) => {
-                let limbo = eventloop
-                    .pending
-                    .iter()
-                    .filter(|r| matches!(r, R::Publish(p) if p.pkid == 0))
-                    .count();
-                on_failure(&shared, limbo, &err);
+                on_failure(&shared, &eventloop.pending, &err, |r| match r {
+                    R::Publish(p) => Held::Publish(p.pkid),
+                    R::Subscribe(_) => Held::Subscribe,
+                    _ => Held::Other,
+                });
                 drop(shared);
                 backoff(&mut delay, min, max).await;
             }
@@ -1209,17 +1300,38 @@ impl MqttRouteService {
                 let _ = shared.client.try_unsubscribe(topic.clone());
             }
         };
-        if self.shared.client.try_subscribe(topic.clone()).is_err() {
+        let Some(mut grant) = self.shared.ask(&topic) else {
             leave(&self.shared);
             return Err(self
                 .handle
                 .unavailable("too many requests in flight")
                 .into());
-        }
-        let got = tokio::time::timeout(self.route.wait.0, rx).await;
+        };
+        // The retained message, or the broker's refusal of the subscription.
+        let refused = async {
+            let seen = grant
+                .wait_for(|g| matches!(g, Grant::Refused(_)))
+                .await
+                .map(|g| g.clone());
+            match seen {
+                Ok(g) => g,
+                // Granted (or the backend went away): the message decides.
+                Err(_) => std::future::pending().await,
+            }
+        };
+        let got = tokio::time::timeout(self.route.wait.0, async {
+            tokio::select! {
+                p = rx => p.map_err(|_| Grant::Pending),
+                g = refused => Err(g),
+            }
+        })
+        .await;
         leave(&self.shared);
         let p = match got {
             Ok(Ok(p)) => p,
+            Ok(Err(Grant::Refused(reason))) => {
+                return Err(self.shared.refused(&topic, &reason).into());
+            }
             _ => return Err(GatewayError::NoValue { topic }.into()),
         };
         let ct = p
