@@ -771,3 +771,44 @@ routes:
     assert_eq!(got[0]["topic"], "open/d1/temp");
     assert_eq!(got[0]["payload"], 21.5);
 }
+
+/// An MQTT 3.1.1 broker refuses a message over its `max_packet_size` by closing the
+/// connection (3.1.1 has no reason codes, and no CONNACK property tells the limit). The
+/// message is not sent forever: after three connections closed on it, it is answered as
+/// refused, and the messages behind it go through.
+#[tokio::test]
+async fn a_message_a_3_1_1_broker_refuses_by_disconnecting_is_answered_and_dropped() {
+    let broker = PrivateBroker::start_with("max_packet_size 2048\n").await;
+    let prefix = unique();
+    let gw = Gateway::start(&config_with(&broker.addr(), &prefix, "v3.1.1")).await;
+    gw.wait_backend("devices", true).await;
+    let mut watcher = Subscriber::start(
+        &broker.addr(),
+        &format!("w-{}", uuid::Uuid::now_v7().simple()),
+        &format!("{prefix}/#"),
+    )
+    .await;
+    let put = |payload: String| {
+        request(Method::PUT, &gw.url("/devices/d/setpoint"))
+            .body(body(payload))
+            .unwrap()
+    };
+    let started = Instant::now();
+    let (s, _, b) = send(put("x".repeat(4000))).await;
+    assert_eq!(s, 400, "{}", String::from_utf8_lossy(&b));
+    let v = json(&b);
+    assert!(
+        v["detail"]
+            .as_str()
+            .unwrap()
+            .contains("closed the connection each of the 3 times"),
+        "{v}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // The connection is back, and the next message is delivered.
+    gw.wait_backend("devices", true).await;
+    let (s, _, b) = send(put("small".into())).await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    let got = watcher.next().await;
+    assert_eq!(&got.payload[..], b"small");
+}

@@ -66,6 +66,8 @@ enum Failure {
 struct Entry {
     seq: u64,
     publish: Publish,
+    /// Connections that closed while this publish was the first one resent (see `suspect`).
+    strikes: u8,
     /// Gone when the request stopped waiting (timed out); the entry is still tracked so that
     /// the book stays in step with rumqttc.
     tx: Option<oneshot::Sender<Outcome>>,
@@ -140,7 +142,17 @@ struct Book {
     /// Packet ids rumqttc will send again after a reconnect that kept the session.
     resends: std::collections::HashSet<u16>,
     limbo: usize,
+    /// The publish (by `seq`) sent first after the latest CONNACK. A broker refuses some
+    /// messages by closing the connection (an MQTT 3.1.1 broker has no reason codes: Mosquitto
+    /// does this with a packet over its `max_packet_size`); such a message would be sent again
+    /// on every reconnect and break every connection. When the connection fails before the
+    /// suspect was acknowledged, it gets a strike; at `MAX_STRIKES` it is answered as refused
+    /// and sent no more.
+    suspect: Option<u64>,
 }
+
+/// Connections a publish may see closed as the first one resent before it counts as refused.
+const MAX_STRIKES: u8 = 3;
 
 /// The client of either protocol version. The backend keeps MQTT 5 types throughout; a 3.1.1
 /// client sends them without their properties.
@@ -540,6 +552,7 @@ impl MqttHandle {
             book.queued.push_back(Entry {
                 seq: self.shared.seq.fetch_add(1, Ordering::Relaxed),
                 publish,
+                strikes: 0,
                 tx: Some(tx),
             });
         }
@@ -692,13 +705,22 @@ enum Loop {
 /// broker's receive window (`window`) goes again (more would collide on packet ids); the rest
 /// is answered `unconfirmed`. Returns the publishes to put at the head of rumqttc's pending
 /// list, oldest first.
-fn on_connack(shared: &Shared, session_present: bool, window: usize) -> Vec<Publish> {
+/// `first_resend`: the packet id of the first publish in rumqttc's pending list.
+fn on_connack(
+    shared: &Shared,
+    session_present: bool,
+    window: usize,
+    first_resend: Option<u16>,
+) -> Vec<Publish> {
     let mut book = book(shared);
     let mut again = Vec::new();
     if session_present {
         // rumqttc sends these again with their packet ids.
         let ids: Vec<u16> = book.inflight.keys().copied().collect();
         book.resends = ids.into_iter().collect();
+        book.suspect = first_resend
+            .and_then(|id| book.inflight.get(&id))
+            .map(|e| e.seq);
     } else {
         book.resends.clear();
         let mut lost: Vec<Entry> = book.inflight.drain().map(|(_, e)| e).collect();
@@ -712,6 +734,7 @@ fn on_connack(shared: &Shared, session_present: bool, window: usize) -> Vec<Publ
             }
         }
         again = lost.iter().map(|e| fresh_copy(&e.publish)).collect();
+        book.suspect = lost.first().map(|e| e.seq);
         for e in lost.into_iter().rev() {
             book.queued.push_front(e);
         }
@@ -797,14 +820,16 @@ enum Held {
 /// The connection failed: the publishes rumqttc holds in `pending` unnumbered (taken from its
 /// channel, never sent) are the head of the book's queue, and its SUBSCRIBEs the head of the
 /// asks'.
+/// A publish resent first on `MAX_STRIKES` connections that all closed before its
+/// acknowledgement is taken out of `pending` and answered as refused.
 fn on_failure<R>(
     shared: &Shared,
-    pending: &VecDeque<R>,
+    pending: &mut VecDeque<R>,
     err: &dyn std::fmt::Display,
     held: impl Fn(&R) -> Held,
 ) {
     let (mut limbo, mut sub_limbo) = (0, 0);
-    for r in pending {
+    for r in pending.iter() {
         match held(r) {
             Held::Publish(0) => limbo += 1,
             Held::Subscribe => sub_limbo += 1,
@@ -812,7 +837,33 @@ fn on_failure<R>(
         }
     }
     let was = shared.connected.swap(false, Ordering::SeqCst);
-    book(shared).limbo = limbo;
+    let refused = {
+        let mut book = book(shared);
+        book.limbo = limbo;
+        let suspect = book.suspect.take();
+        let struck = book
+            .inflight
+            .iter_mut()
+            .find(|(_, e)| Some(e.seq) == suspect)
+            .map(|(id, e)| {
+                e.strikes += 1;
+                (*id, e.strikes)
+            });
+        match struck {
+            Some((id, strikes)) if strikes >= MAX_STRIKES => {
+                book.inflight.remove(&id).map(|e| (id, e))
+            }
+            _ => None,
+        }
+    };
+    if let Some((id, e)) = refused {
+        pending.retain(|r| !matches!(held(r), Held::Publish(p) if p == id));
+        let topic = String::from_utf8_lossy(&e.publish.topic).into_owned();
+        tracing::warn!(backend = %shared.name, %topic, bytes = e.publish.payload.len(), "The MQTT broker closed the connection each time this message was sent; it is refused and sent no more.");
+        e.settle(Err(Failure::Refused(format!(
+            "it closed the connection each of the {MAX_STRIKES} times the message was sent (a broker refuses an MQTT 3.1.1 message it will not take this way, most often one over its maximum packet size)"
+        ))));
+    }
     asks(shared).failed(sub_limbo);
     if was {
         shared.metrics.broker_event(&shared.name, "disconnected");
@@ -890,7 +941,11 @@ async fn run_v5(
                     .and_then(|p| p.receive_max)
                     .unwrap_or(u16::MAX)
                     .min(inflight_limit) as usize;
-                let again = on_connack(&shared, ack.session_present, window);
+                let first = eventloop.pending.iter().find_map(|r| match r {
+                    MqttRequest::Publish(p) if p.pkid != 0 => Some(p.pkid),
+                    _ => None,
+                });
+                let again = on_connack(&shared, ack.session_present, window, first);
                 let republished = again.len();
                 for p in again.into_iter().rev() {
                     eventloop.pending.push_front(MqttRequest::Publish(p));
@@ -989,7 +1044,7 @@ async fn run_v5(
             ),
             Ok(_) => {}
             Err(err) => {
-                on_failure(&shared, &eventloop.pending, &err, |r| match r {
+                on_failure(&shared, &mut eventloop.pending, &err, |r| match r {
                     MqttRequest::Publish(p) => Held::Publish(p.pkid),
                     MqttRequest::Subscribe(_) => Held::Subscribe,
                     _ => Held::Other,
@@ -1068,7 +1123,12 @@ async fn run_v311(
                 for ev in stale {
                     on_event_311(&shared, ev);
                 }
-                let again = on_connack(&shared, ack.session_present, inflight_limit as usize);
+                let first = eventloop.pending.iter().find_map(|r| match r {
+                    R::Publish(p) if p.pkid != 0 => Some(p.pkid),
+                    _ => None,
+                });
+                let again =
+                    on_connack(&shared, ack.session_present, inflight_limit as usize, first);
                 let republished = again.len();
                 for p in again.into_iter().rev() {
                     eventloop.pending.push_front(R::Publish(to311(p)));
@@ -1097,7 +1157,7 @@ async fn run_v311(
             }
             Ok(ev) => on_event_311(&shared, ev),
             Err(err) => {
-                on_failure(&shared, &eventloop.pending, &err, |r| match r {
+                on_failure(&shared, &mut eventloop.pending, &err, |r| match r {
                     R::Publish(p) => Held::Publish(p.pkid),
                     R::Subscribe(_) => Held::Subscribe,
                     _ => Held::Other,

@@ -172,7 +172,8 @@ impl PrivateBroker {
         b
     }
 
-    async fn start_with(extra: &str) -> PrivateBroker {
+    /// A broker with `extra` lines in its configuration.
+    pub async fn start_with(extra: &str) -> PrivateBroker {
         let port = crate::support::free_port().await.port();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(
