@@ -696,6 +696,7 @@ async fn subscriptions_refused(protocol: &str) {
     let broker = PrivateBroker::start_with_subscribe_acl(&["open/#", "switchyard/#"]).await;
     let gw = Gateway::start(&format!(
         r#"{}    protocol: "{protocol}"
+    max_packet_size: 1KiB
 routes:
   - id: watch
     match: {{ method: GET, path: "/watch/{{area}}/{{device}}" }}
@@ -712,8 +713,8 @@ routes:
     gw.wait_backend("devices", true).await;
 
     // Answered at once (a silent stream would hold this GET open).
-    let answer = |path: &'static str| {
-        let url = gw.url(path);
+    let answer = |path: String| {
+        let url = gw.url(&path);
         async move {
             tokio::time::timeout(Duration::from_secs(10), get(&url))
                 .await
@@ -721,7 +722,7 @@ routes:
         }
     };
     for _ in 0..2 {
-        let (s, h, b) = answer("/watch/closed/d1").await;
+        let (s, h, b) = answer("/watch/closed/d1".into()).await;
         assert_eq!(s, 502, "{}", String::from_utf8_lossy(&b));
         assert_eq!(h["content-type"], "application/problem+json");
         let v = json(&b);
@@ -732,7 +733,7 @@ routes:
         );
     }
     let started = Instant::now();
-    let (s, _, b) = answer("/last/closed/d1").await;
+    let (s, _, b) = answer("/last/closed/d1".into()).await;
     assert_eq!(s, 502, "{}", String::from_utf8_lossy(&b));
     assert_eq!(
         json(&b)["type"],
@@ -742,6 +743,11 @@ routes:
         started.elapsed() < Duration::from_secs(4),
         "answered at once, not after the wait"
     );
+
+    // A filter too long for the packet limit is the client's to fix, before any SUBSCRIBE.
+    let (s, _, b) = answer(format!("/watch/open/{}", "x".repeat(1100))).await;
+    assert_eq!(s, 400, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["field"], "topic");
 
     // A filter the broker allows streams, and a message published after the answer arrives.
     let resp = client()

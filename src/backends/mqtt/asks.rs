@@ -107,13 +107,17 @@ impl Asks {
     /// A CONNACK. `again` are the filters the event loop places again itself (at the back of
     /// rumqttc's pending list, behind what it kept); to them are added the filters whose
     /// SUBSCRIBE was written and never answered, and, when the broker lost the session, those
-    /// rumqttc dropped from its pending list. Returns every filter to place again, in order.
-    /// `response_topic`: the loop puts the response topic's SUBSCRIBE first of all.
+    /// rumqttc dropped from its pending list — as long as someone still wants them (`wanted`:
+    /// a live subscription or a read holds the filter, or a client waits on its grant; the
+    /// others are settled, so that no broker subscription outlives its last client). Returns
+    /// every filter to place again, in order. `response_topic`: the loop puts the response
+    /// topic's SUBSCRIBE first of all.
     pub fn reconnected(
         &mut self,
         session_present: bool,
         response_topic: bool,
         again: Vec<String>,
+        wanted: impl Fn(&str) -> bool,
     ) -> Vec<String> {
         let limbo = std::mem::take(&mut self.limbo).min(self.queued.len());
         let mut lost: Vec<Ask> = self.sent.drain().flat_map(|(_, a)| a).collect();
@@ -125,10 +129,15 @@ impl Asks {
         };
         let mut all = again;
         for ask in lost {
-            if let Ask::Filter(f) = ask
-                && !all.contains(&f)
-            {
+            let Ask::Filter(f) = ask else { continue };
+            if all.contains(&f) {
+                continue;
+            }
+            let waited = self.grants.get(&f).is_some_and(|g| g.receiver_count() > 0);
+            if waited || wanted(&f) {
                 all.push(f);
+            } else {
+                self.settle(&f, Grant::NotAsked);
             }
         }
         let rest = self.queued.split_off(kept);
@@ -192,7 +201,7 @@ mod tests {
         a.written(1);
         // "limbo" sat in rumqttc's pending list; "later" came to its channel after the failure.
         a.failed(1);
-        let again = a.reconnected(true, true, vec!["live".into()]);
+        let again = a.reconnected(true, true, vec!["live".into()], |_| true);
         assert_eq!(again, vec!["live".to_string(), "sent".to_string()]);
         for (i, want) in [
             Ask::ResponseTopic,
@@ -215,11 +224,24 @@ mod tests {
         a.asked("limbo");
         a.asked("later");
         a.failed(1);
-        let again = a.reconnected(false, false, vec![]);
+        let again = a.reconnected(false, false, vec![], |_| true);
         assert_eq!(again, vec!["limbo".to_string()]);
         a.written(1);
         a.written(2);
         assert_eq!(a.answered(1, Ok(())), Some(f("limbo")));
         assert_eq!(a.answered(2, Ok(())), Some(f("later")));
+    }
+
+    #[test]
+    fn a_lost_subscribe_nobody_wants_is_not_asked_again() {
+        let mut a = Asks::default();
+        drop(a.asked("left"));
+        let kept = a.asked("waited");
+        a.written(1);
+        a.written(2);
+        let again = a.reconnected(true, false, vec![], |_| false);
+        assert_eq!(again, vec!["waited".to_string()]);
+        assert_eq!(*kept.borrow(), Grant::Pending);
+        assert!(a.pending("left").is_none());
     }
 }

@@ -385,6 +385,11 @@ impl Drop for MqttBackend {
         if let Ok(mut subs) = self.shared.subs.lock() {
             subs.clear();
         }
+        // Clients waiting on a SUBACK or a retained message hear at once.
+        *asks(&self.shared) = Asks::default();
+        if let Ok(mut r) = self.shared.readers.lock() {
+            r.clear();
+        }
     }
 }
 
@@ -446,20 +451,23 @@ impl MqttHandle {
         if !self.connected() {
             return Err(self.unavailable("not connected to the broker"));
         }
-        let (rx, first, grant) = {
+        self.fits(&filter)?;
+        let mut mine = None;
+        let (rx, grant) = {
             let mut subs = self
                 .shared
                 .subs
                 .lock()
                 .map_err(|_| GatewayError::Internal("the subscription table is poisoned"))?;
             match subs.get(&filter) {
-                Some(tx) => (tx.subscribe(), false, asks(&self.shared).pending(&filter)),
+                Some(tx) => (tx.subscribe(), asks(&self.shared).pending(&filter)),
                 None => {
                     let (tx, rx) = broadcast::channel(buffer.max(1));
+                    mine = Some(tx.clone());
                     subs.insert(filter.clone(), tx);
                     // Created with the entry, so that a client joining before the SUBSCRIBE
                     // is even asked waits for its SUBACK too.
-                    (rx, true, Some(asks(&self.shared).grant(&filter)))
+                    (rx, Some(asks(&self.shared).grant(&filter)))
                 }
             }
         };
@@ -471,20 +479,36 @@ impl MqttHandle {
                 filter: filter.clone(),
             },
         };
-        if first {
+        if let Some(mine) = mine {
             // Asked from a task of its own, so that a caller who stops waiting (a handshake
             // that timed out) cannot leave the filter in the table with no broker request
             // behind it; on failure the entry goes and clients that joined meanwhile hear so.
             let (shared, f) = (self.shared.clone(), filter.clone());
             tokio::spawn(async move {
                 let deadline = tokio::time::Instant::now() + SUBACK_WAIT;
-                while shared.ask(&f).is_none() {
-                    if tokio::time::Instant::now() >= deadline {
-                        if let Ok(mut subs) = shared.subs.lock() {
-                            subs.remove(&f);
+                loop {
+                    {
+                        // Asked only while this filter's entry still has clients, and under
+                        // the table's lock, so that an UNSUBSCRIBE of a client that left
+                        // cannot come before this SUBSCRIBE.
+                        let mut subs = shared
+                            .subs
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        let live = subs
+                            .get(&f)
+                            .is_some_and(|tx| tx.same_channel(&mine) && tx.receiver_count() > 0);
+                        if live && shared.ask(&f).is_some() {
+                            return;
                         }
-                        asks(&shared).settle(&f, Grant::NotAsked);
-                        return;
+                        if !live || tokio::time::Instant::now() >= deadline {
+                            if subs.get(&f).is_some_and(|tx| tx.same_channel(&mine)) {
+                                subs.remove(&f);
+                            }
+                            drop(subs);
+                            asks(&shared).settle(&f, Grant::NotAsked);
+                            return;
+                        }
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
@@ -508,6 +532,24 @@ impl MqttHandle {
             Ok(Err(_)) => Err(self.unavailable("the backend was removed")),
             Err(_) => Err(self.unavailable("the broker did not answer the subscription in time")),
         }
+    }
+
+    /// A SUBSCRIBE for `filter` fits the packet limit (one too big could never be sent, and
+    /// would break the connection on every attempt).
+    fn fits(&self, filter: &str) -> Result<(), GatewayError> {
+        // The filter, its length, the packet id, its options and MQTT 5's property length.
+        let limit = self.payload_limit();
+        if filter.len() + 6 > limit {
+            return Err(GatewayError::BadRequest {
+                detail: format!(
+                    "The topic filter is {} bytes, too long for the {}-byte packet limit.",
+                    filter.len(),
+                    limit + 5
+                ),
+                field: Some("topic".into()),
+            });
+        }
+        Ok(())
     }
 
     /// Publishes and waits up to `wait` for the broker's acknowledgement (QoS 1, 2) or for
@@ -677,12 +719,22 @@ impl Shared {
 /// A SUBACK (its first reason code): the waiting clients are told. A refused filter leaves
 /// the live subscriptions, so that the next client asks again (and hears the answer).
 fn on_suback(shared: &Shared, pkid: u16, outcome: Result<(), String>) -> Option<Ask> {
+    // `subs` first (the order `subscribe` takes): a client joining the filter between the
+    // grant and the removal would take the refused filter for a granted one.
+    let mut subs = shared
+        .subs
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let ask = asks(shared).answered(pkid, outcome.clone());
-    if let (Some(Ask::Filter(filter)), Err(reason)) = (&ask, &outcome) {
-        tracing::warn!(backend = %shared.name, %filter, %reason, "The MQTT broker refused a subscription; allow the gateway's client to read this filter.");
-        if let Ok(mut subs) = shared.subs.lock() {
+    match (&ask, &outcome) {
+        (Some(Ask::Filter(filter)), Err(reason)) => {
+            tracing::warn!(backend = %shared.name, %filter, %reason, "The MQTT broker refused a subscription; allow the gateway's client to read this filter.");
             subs.remove(filter);
         }
+        (None, _) => {
+            tracing::warn!(backend = %shared.name, pkid, "A SUBACK matched no SUBSCRIBE the gateway tracks.");
+        }
+        _ => {}
     }
     ask
 }
@@ -893,6 +945,15 @@ fn live_filters(shared: &Shared) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The filters a live subscription or a last-value read still holds.
+fn held_filters(shared: &Shared) -> std::collections::HashSet<String> {
+    let mut held: std::collections::HashSet<String> = live_filters(shared).into_iter().collect();
+    if let Ok(r) = shared.readers.lock() {
+        held.extend(r.keys().cloned());
+    }
+    held
+}
+
 /// Polls the event loop for as long as the backend exists, settling publishes as the broker
 /// acknowledges them and reconnecting with backoff when the connection fails.
 async fn run(
@@ -962,8 +1023,11 @@ async fn run_v5(
                     ),
                 ));
                 // Retained messages are only sent for a subscription that is new to the broker.
-                let again =
-                    asks(&shared).reconnected(ack.session_present, true, live_filters(&shared));
+                // The filters are read before the asks are locked (subscribe locks `subs`, then
+                // `asks`).
+                let (live, wanted) = (live_filters(&shared), held_filters(&shared));
+                let again = asks(&shared)
+                    .reconnected(ack.session_present, true, live, |f| wanted.contains(f));
                 for f in again {
                     let mut filter = rumqttc::v5::mqttbytes::v5::Filter::new(f, QoS::AtLeastOnce);
                     filter.retain_forward_rule =
@@ -1142,7 +1206,10 @@ async fn run_v311(
                 } else {
                     live_filters(&shared)
                 };
-                for f in asks(&shared).reconnected(ack.session_present, false, live) {
+                let wanted = held_filters(&shared);
+                let again = asks(&shared)
+                    .reconnected(ack.session_present, false, live, |f| wanted.contains(f));
+                for f in again {
                     eventloop
                         .pending
                         .push_back(R::Subscribe(rumqttc::Subscribe::new(
@@ -1329,6 +1396,7 @@ impl MqttRouteService {
     async fn read_last_value(&self, parts: &http::request::Parts) -> Result<Response, BoxError> {
         let empty = Bytes::new();
         let topic = self.topic(&RequestValues::new(parts, &empty))?;
+        self.handle.fits(&topic)?;
         if !self.shared.connected.load(Ordering::SeqCst) {
             return Err(self
                 .handle
