@@ -386,12 +386,33 @@ async fn connect(shared: &Arc<Shared>) -> Result<Live, SetupError> {
     let props = ConnectionProperties::default()
         .with_connection_name(format!("switchyard {}", shared.name).into());
     let connecting = async {
-        match &shared.tls {
-            Some(tls) => {
+        let server_name = spec.tls.as_ref().and_then(|t| t.server_name.clone());
+        match (&shared.tls, server_name) {
+            (Some(tls), None) => {
                 let runtime = lapin::runtime::default_runtime()?;
                 Connection::connect_with_config(&uri, props, tls.clone(), runtime).await
             }
-            None => Connection::connect(&uri, props).await,
+            // The certificate must carry `tls.server_name` rather than the URL's host (a
+            // broker reached by IP address or through an alias): the same connection, made
+            // here so that the TLS handshake checks that name.
+            (Some(tls), Some(name)) => {
+                let runtime = lapin::runtime::default_runtime()?;
+                let parsed: lapin::uri::AMQPUri = uri.parse().map_err(|e: String| {
+                    lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
+                })?;
+                let tls = tls.clone();
+                let connect = async move |uri: lapin::uri::AMQPUri, runtime| {
+                    let host = uri.authority.host.clone();
+                    let addrs: Vec<std::net::SocketAddr> =
+                        tokio::net::lookup_host((host.as_str(), uri.authority.port))
+                            .await?
+                            .collect();
+                    let stream = lapin::AsyncTcpStream::connect(&runtime, addrs).await?;
+                    Ok(stream.into_tls(&name, tls.as_ref()).await?)
+                };
+                Connection::connector(parsed, runtime, connect, props).await
+            }
+            (None, _) => Connection::connect(&uri, props).await,
         }
     };
     let conn = match tokio::time::timeout(spec.connect_timeout.0, connecting).await {

@@ -682,11 +682,15 @@ fn validate_amqp_backend(cx: &mut Ctx, base: &str, a: &AmqpBackendSpec) {
         }
     }
     if let Some(tls) = &a.tls {
-        if tls.server_name.is_some() {
+        if tls
+            .server_name
+            .as_deref()
+            .is_some_and(|n| rustls_pki_types::ServerName::try_from(n).is_err())
+        {
             cx.err(
                 &format!("{base}.tls.server_name"),
                 None,
-                "amqp backends verify the URL's host (the AMQP client cannot check another name); put the name the certificate carries in the URL",
+                "not a DNS name or an IP address",
             );
         }
         if tls.cert.is_some() != tls.key.is_some() {

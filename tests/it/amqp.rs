@@ -783,3 +783,59 @@ async fn named_reply_queues_are_consumed_only_while_a_serving_route_uses_them() 
     wait_consumers(r2.clone(), 0).await;
     mq::cleanup(&conn, &[&x], &[&q, &r1, &r2]).await;
 }
+
+#[tokio::test]
+async fn amqps_checks_tls_server_name_instead_of_the_url_host() {
+    // The broker's certificate names `broker.internal`; the URL reaches it as `localhost`.
+    let server = rcgen::generate_simple_self_signed(vec!["broker.internal".to_string()]).unwrap();
+    let front = mq::TlsBrokerFront::start(
+        &server.cert.pem(),
+        &server.signing_key.serialize_pem(),
+        None,
+    )
+    .await;
+    let (x, q) = (mq::unique("x"), mq::unique("q"));
+    let start = |tls: &'static str| {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("ca.pem"), server.cert.pem()).unwrap();
+        let yaml = mq::rabbit_backend(&front.url(), &x, &q).replace(
+            "    topology:",
+            &format!(
+                "    tls: {{ {tls} }}\n    reconnect: {{ min: 50ms, max: 200ms }}\n    topology:"
+            ),
+        );
+        let yaml = format!(
+            "{yaml}routes:\n  - id: p\n    match: {{ method: POST, path: /p }}\n    backend: rabbit\n    amqp: {{ exchange: \"{x}\", routing_key: tls }}\n"
+        );
+        std::fs::write(d.path().join("routes.yaml"), with_ephemeral_server(&yaml)).unwrap();
+        let path = d.path().join("routes.yaml");
+        Gateway::start_at(d, path, false)
+    };
+    let gw = start("ca: ca.pem, server_name: broker.internal").await;
+    gw.wait_backend("rabbit", true).await;
+    let (s, _, b) = send(
+        request(Method::POST, &gw.url("/p"))
+            .body(body("named"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    let conn = mq::client().await;
+    assert_eq!(mq::depth(&conn, &q).await, 1);
+
+    // Without it, the URL's host is checked, and the certificate does not carry it.
+    let gw2 = start("ca: ca.pem").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let entry = gw2.wait_backend("rabbit", false).await;
+        if entry["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("cannot connect"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never refused: {entry}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    mq::cleanup(&conn, &[&x], &[&q]).await;
+}
