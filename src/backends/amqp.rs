@@ -400,15 +400,22 @@ async fn connect(shared: &Arc<Shared>) -> Result<Live, SetupError> {
                 let parsed: lapin::uri::AMQPUri = uri.parse().map_err(|e: String| {
                     lapin::Error::from(std::io::Error::new(std::io::ErrorKind::InvalidInput, e))
                 })?;
-                let tls = tls.clone();
+                let (tls, within) = (tls.clone(), spec.connect_timeout.0);
                 let connect = async move |uri: lapin::uri::AMQPUri, runtime| {
-                    let host = uri.authority.host.clone();
-                    let addrs: Vec<std::net::SocketAddr> =
-                        tokio::net::lookup_host((host.as_str(), uri.authority.port))
-                            .await?
-                            .collect();
-                    let stream = lapin::AsyncTcpStream::connect(&runtime, addrs).await?;
-                    Ok(stream.into_tls(&name, tls.as_ref()).await?)
+                    // Bounded here too: lapin may run this apart from the caller's timeout.
+                    let handshake = async {
+                        let host = uri.authority.host.clone();
+                        let addrs: Vec<std::net::SocketAddr> =
+                            tokio::net::lookup_host((host.as_str(), uri.authority.port))
+                                .await?
+                                .collect();
+                        let stream = lapin::AsyncTcpStream::connect(&runtime, addrs).await?;
+                        stream.into_tls(&name, tls.as_ref()).await
+                    };
+                    match tokio::time::timeout(within, handshake).await {
+                        Ok(stream) => Ok(stream?),
+                        Err(_) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()),
+                    }
                 };
                 Connection::connector(parsed, runtime, connect, props).await
             }

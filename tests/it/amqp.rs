@@ -824,6 +824,7 @@ async fn amqps_checks_tls_server_name_instead_of_the_url_host() {
     assert_eq!(mq::depth(&conn, &q).await, 1);
 
     // Without it, the URL's host is checked, and the certificate does not carry it.
+    assert_eq!(front.refused.load(std::sync::atomic::Ordering::SeqCst), 0);
     let gw2 = start("ca: ca.pem").await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -837,5 +838,6 @@ async fn amqps_checks_tls_server_name_instead_of_the_url_host() {
         assert!(Instant::now() < deadline, "never refused: {entry}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    assert!(front.refused.load(std::sync::atomic::Ordering::SeqCst) > 0);
     mq::cleanup(&conn, &[&x], &[&q]).await;
 }
