@@ -11,12 +11,6 @@ use switchyard::{app, config};
 
 const EXIT_BAD_CONFIG: u8 = 64;
 
-/// mimalloc instead of the system allocator: a proxied request or a publish allocates and frees
-/// many small buffers across worker threads, where glibc's malloc spent a fifth of the
-/// gateway's CPU (docs/benchmarks.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "switchyard",
