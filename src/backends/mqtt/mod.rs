@@ -869,6 +869,30 @@ enum Held {
     Other,
 }
 
+fn held_v5(r: &MqttRequest) -> Held {
+    match r {
+        MqttRequest::Publish(p) => Held::Publish(p.pkid),
+        MqttRequest::Subscribe(_) => Held::Subscribe,
+        _ => Held::Other,
+    }
+}
+
+fn held_v311(r: &rumqttc::Request) -> Held {
+    match r {
+        rumqttc::Request::Publish(p) => Held::Publish(p.pkid),
+        rumqttc::Request::Subscribe(_) => Held::Subscribe,
+        _ => Held::Other,
+    }
+}
+
+/// The packet id of the first publish rumqttc will resend from its pending list.
+fn first_resend<R>(pending: &VecDeque<R>, held: impl Fn(&R) -> Held) -> Option<u16> {
+    pending.iter().find_map(|r| match held(r) {
+        Held::Publish(id) if id != 0 => Some(id),
+        _ => None,
+    })
+}
+
 /// The connection failed: the publishes rumqttc holds in `pending` unnumbered (taken from its
 /// channel, never sent) are the head of the book's queue, and its SUBSCRIBEs the head of the
 /// asks'.
@@ -1002,10 +1026,7 @@ async fn run_v5(
                     .and_then(|p| p.receive_max)
                     .unwrap_or(u16::MAX)
                     .min(inflight_limit) as usize;
-                let first = eventloop.pending.iter().find_map(|r| match r {
-                    MqttRequest::Publish(p) if p.pkid != 0 => Some(p.pkid),
-                    _ => None,
-                });
+                let first = first_resend(&eventloop.pending, held_v5);
                 let again = on_connack(&shared, ack.session_present, window, first);
                 let republished = again.len();
                 for p in again.into_iter().rev() {
@@ -1108,11 +1129,7 @@ async fn run_v5(
             ),
             Ok(_) => {}
             Err(err) => {
-                on_failure(&shared, &mut eventloop.pending, &err, |r| match r {
-                    MqttRequest::Publish(p) => Held::Publish(p.pkid),
-                    MqttRequest::Subscribe(_) => Held::Subscribe,
-                    _ => Held::Other,
-                });
+                on_failure(&shared, &mut eventloop.pending, &err, held_v5);
                 drop(shared);
                 backoff(&mut delay, min, max).await;
             }
@@ -1187,10 +1204,7 @@ async fn run_v311(
                 for ev in stale {
                     on_event_311(&shared, ev);
                 }
-                let first = eventloop.pending.iter().find_map(|r| match r {
-                    R::Publish(p) if p.pkid != 0 => Some(p.pkid),
-                    _ => None,
-                });
+                let first = first_resend(&eventloop.pending, held_v311);
                 let again =
                     on_connack(&shared, ack.session_present, inflight_limit as usize, first);
                 let republished = again.len();
@@ -1224,11 +1238,7 @@ async fn run_v311(
             }
             Ok(ev) => on_event_311(&shared, ev),
             Err(err) => {
-                on_failure(&shared, &mut eventloop.pending, &err, |r| match r {
-                    R::Publish(p) => Held::Publish(p.pkid),
-                    R::Subscribe(_) => Held::Subscribe,
-                    _ => Held::Other,
-                });
+                on_failure(&shared, &mut eventloop.pending, &err, held_v311);
                 drop(shared);
                 backoff(&mut delay, min, max).await;
             }
