@@ -35,6 +35,9 @@ pub const STATUS_HEADER: &str = "switchyard-job-status";
 const MAX_RESULT: usize = 8 * 1024 * 1024;
 /// Runs a job gets (its gateways dying mid-run) before it is failed instead.
 const MAX_RUNS: u32 = 5;
+/// How long a webhook replay waits for a job another task still holds (the run that has just
+/// dead-lettered it, which releases it at once) before answering that the job is busy.
+const REPLAY_WAITS_FOR_BUSY: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -525,11 +528,22 @@ impl Jobs {
             .installed(&dl.route)
             .filter(|i| i.webhook.is_some())
             .ok_or_else(|| format!("route `{}` is not loaded with a webhook", dl.route))?;
-        let lease = self
-            .claim(&job_id, installed.lease)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or_else(|| format!("job `{job_id}` is busy; try again shortly"))?;
+        // The run that dead-lettered the webhook releases the job just after the dead letter is
+        // written: a replay asked for at once waits for it, briefly.
+        let busy_until = tokio::time::Instant::now() + REPLAY_WAITS_FOR_BUSY;
+        let lease = loop {
+            match self
+                .claim(&job_id, installed.lease)
+                .await
+                .map_err(|e| e.to_string())?
+            {
+                Some(lease) => break lease,
+                None if tokio::time::Instant::now() < busy_until => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                None => return Err(format!("job `{job_id}` is busy; try again shortly")),
+            }
+        };
         let prepared = async {
             let mut job = self
                 .get(&job_id)
