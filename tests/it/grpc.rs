@@ -240,6 +240,42 @@ async fn a_server_that_is_down_gets_503_and_unknown_methods_are_rejected_at_load
     }
 }
 
+/// Calls are spread over a backend's endpoints; one that refuses connections is skipped after
+/// its first refusal, and that call is retried on another endpoint.
+#[tokio::test]
+async fn calls_are_balanced_over_endpoints_and_a_dead_one_is_skipped() {
+    let (a, b) = (GrpcServer::start().await, GrpcServer::start().await);
+    let dead = free_port().await;
+    let endpoints = format!(
+        "http://{}\", \"http://{dead}\", \"http://{}",
+        a.addr, b.addr
+    );
+    let text = config(&endpoints).replace(
+        "grpc: { method: shop.v1.Orders/GetOrder }",
+        "grpc: { method: shop.v1.Orders/GetOrder }\n    retry: { attempts: 3, backoff: 1ms, on: [connect-failure] }",
+    );
+    let gw = Gateway::start(&text).await;
+    for i in 0..30 {
+        let (s, _, body) = get(&gw.url(&format!("/v1/orders/{i}"))).await;
+        assert_eq!(s, 200, "call {i}: {}", String::from_utf8_lossy(&body));
+    }
+    let (ca, cb) = (
+        a.calls.load(std::sync::atomic::Ordering::SeqCst),
+        b.calls.load(std::sync::atomic::Ordering::SeqCst),
+    );
+    assert_eq!(ca + cb, 30);
+    assert!(ca >= 10 && cb >= 10, "calls {ca} and {cb}");
+    // The dead endpoint cost one retry: after its refusal it was ejected.
+    let (_, _, m) = get(&gw.admin_url("/metrics")).await;
+    let metrics = String::from_utf8_lossy(&m);
+    let retries: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("switchyard_retries_total") && l.contains("get-order"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(retries, 1.0, "{metrics}");
+}
+
 #[tokio::test]
 async fn annotated_methods_become_routes() {
     let server = GrpcServer::start().await;

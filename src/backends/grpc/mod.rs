@@ -11,6 +11,7 @@ pub mod reflection;
 pub mod status;
 mod stream;
 pub mod transcode;
+pub mod transport;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -195,6 +196,10 @@ pub struct GrpcBackend {
     native_routes: bool,
     /// Reloaded on every config reload, so edited protos take effect while connections stay.
     pool: arc_swap::ArcSwap<DescriptorPool>,
+    /// Transcoded and passed-through calls.
+    transport: transport::Transport,
+    /// WebSocket sessions, which wait for the connection before answering the handshake: a
+    /// lazy tonic channel, connected only when such a route is used.
     channel: Channel,
     reachable: Arc<AtomicBool>,
     _probe: Option<AbortOnDrop>,
@@ -215,6 +220,7 @@ impl GrpcBackend {
         };
         let pool = load_descriptors_with(spec, cx.base, reflected)?;
         let channel = channel(spec, cx.base)?;
+        let transport = transport::Transport::new(spec, cx.base)?;
         let reachable = Arc::new(AtomicBool::new(false));
         let addrs: Vec<String> = spec
             .endpoints
@@ -238,6 +244,7 @@ impl GrpcBackend {
             annotated_routes: spec.annotated_routes,
             native_routes: spec.native_routes,
             pool: arc_swap::ArcSwap::from_pointee(pool),
+            transport,
             channel,
             reachable,
             _probe: probe,
@@ -252,7 +259,7 @@ impl GrpcBackend {
         &self.name
     }
 
-    /// The backend's channel (cheap to clone; calls share its connections).
+    /// The backend's tonic channel, for WebSocket sessions (cheap to clone).
     pub fn channel(&self) -> Channel {
         self.channel.clone()
     }
@@ -480,7 +487,7 @@ impl GrpcRouteService {
         Ok(GrpcRouteService {
             passthrough: passthrough::Passthrough::new(
                 &backend.name,
-                backend.channel.clone(),
+                backend.transport.clone(),
                 path.clone(),
             ),
             backend,
@@ -600,18 +607,9 @@ impl GrpcRouteService {
         Ok(out)
     }
 
-    /// A gRPC client on the backend's channel, once the channel can take a call.
-    async fn client(&self) -> Result<tonic::client::Grpc<Channel>, BoxError> {
-        let mut grpc = tonic::client::Grpc::new(self.backend.channel.clone());
-        grpc.ready()
-            .await
-            .map_err(|e| GatewayError::BackendUnavailable {
-                backend: self.backend.name.clone(),
-                reason: "cannot connect to the backend",
-                retry_after: None,
-                source: Some(Box::new(e)),
-            })?;
-        Ok(grpc)
+    /// A gRPC client on the backend's connections; a failed connect shows in the call's status.
+    fn client(&self) -> tonic::client::Grpc<transport::Transport> {
+        tonic::client::Grpc::new(self.backend.transport.clone())
     }
 
     /// Wraps the request message(s) with the remaining deadline as `grpc-timeout` and the
@@ -650,7 +648,7 @@ impl GrpcRouteService {
         }
         let body = crate::collect_body(body).await?;
         let msg = self.message(&parts, &body)?;
-        let mut grpc = self.client().await?;
+        let mut grpc = self.client();
         let request = self.outgoing(&parts, msg);
         let codec = codec::DynamicCodec::new(self.method.output());
         if self.server_streaming {
@@ -692,7 +690,7 @@ impl GrpcRouteService {
             Ok(msg)
         });
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
-        let mut grpc = self.client().await?;
+        let mut grpc = self.client();
         let request = self.outgoing(&parts, ndjson::messages(body, parse, failed_tx));
         let codec = codec::DynamicCodec::new(self.method.output());
         let call = grpc.client_streaming(request, self.path.clone(), codec);

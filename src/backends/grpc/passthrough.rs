@@ -10,7 +10,6 @@ use std::time::Duration;
 use http::header::{self, HeaderValue};
 use http::uri::PathAndQuery;
 use http_body_util::BodyExt;
-use tonic::transport::Channel;
 use tower::{Layer, Service, ServiceExt};
 
 use crate::error::GatewayError;
@@ -41,15 +40,15 @@ impl Wire {
 #[derive(Clone)]
 pub struct Passthrough {
     backend: String,
-    channel: Channel,
+    transport: super::transport::Transport,
     path: PathAndQuery,
 }
 
 impl Passthrough {
-    pub fn new(backend: &str, channel: Channel, path: PathAndQuery) -> Self {
+    pub fn new(backend: &str, transport: super::transport::Transport, path: PathAndQuery) -> Self {
         Passthrough {
             backend: backend.to_string(),
-            channel,
+            transport,
             path,
         }
     }
@@ -106,15 +105,16 @@ impl Passthrough {
             }
         }
         let backend = self.backend.clone();
-        self.channel.oneshot(req).await.map_err(|e| -> BoxError {
+        let resp = self.transport.oneshot(req).await.map_err(|e| -> BoxError {
             GatewayError::BackendUnavailable {
                 backend,
                 reason: "cannot connect to the backend",
                 retry_after: None,
-                source: Some(e.into()),
+                source: Some(e),
             }
             .into()
-        })
+        })?;
+        Ok(resp.map(tonic::body::Body::new))
     }
 }
 

@@ -273,7 +273,10 @@ impl MqttBackend {
         let response_topic = format!("switchyard/responses/{client_id}");
         let transport = if tls {
             Some(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(Arc::new(client_tls(spec, base)?)),
+                rumqttc::TlsConfiguration::Rustls(Arc::new(super::rustls_client(
+                    spec.tls.as_ref(),
+                    base,
+                )?)),
             ))
         } else {
             None
@@ -620,63 +623,6 @@ impl MqttHandle {
                 source: None,
             }),
         }
-    }
-}
-
-/// The rustls client settings for `mqtts://`: the CA bundle of `tls.ca` or the system's roots,
-/// and a client certificate when given. Reads the files (a build step).
-fn client_tls(
-    spec: &MqttBackendSpec,
-    base: &std::path::Path,
-) -> Result<rustls::ClientConfig, String> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let tls = spec.tls.clone().unwrap_or_default();
-    let path = |p: &std::path::Path| {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            base.join(p)
-        }
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    match &tls.ca {
-        Some(ca) => {
-            let ca = path(ca);
-            for c in CertificateDer::pem_file_iter(&ca)
-                .map_err(|e| format!("tls.ca {}: {e}", ca.display()))?
-            {
-                let c = c.map_err(|e| format!("tls.ca {}: {e}", ca.display()))?;
-                roots
-                    .add(c)
-                    .map_err(|e| format!("tls.ca {}: {e}", ca.display()))?;
-            }
-        }
-        None => {
-            for c in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(c);
-            }
-        }
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| format!("tls: {e}"))?
-    .with_root_certificates(roots);
-    match (&tls.cert, &tls.key) {
-        (Some(cert), Some(key)) => {
-            let (cert, key) = (path(cert), path(key));
-            let chain = CertificateDer::pem_file_iter(&cert)
-                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("tls.cert {}: {e}", cert.display()))?;
-            let key = PrivateKeyDer::from_pem_file(&key)
-                .map_err(|e| format!("tls.key {}: {e}", key.display()))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("tls: {e}"))
-        }
-        _ => Ok(builder.with_no_client_auth()),
     }
 }
 

@@ -1,0 +1,189 @@
+//! The gRPC backend's connections, at the very bottom of a gRPC route's stack (under the
+//! transcoder and the pass-through): one multiplexed HTTP/2 connection per endpoint, shared by
+//! every route and call of the backend, with keep-alive pings, reconnects on demand, TLS for
+//! `https://` endpoints, and round robin over the endpoints that are not ejected.
+//!
+//! A call goes from the request's own task straight to the connection's task. tonic's
+//! `Channel` puts a `Buffer` (one more task, two more wake-ups per call) in between, which is
+//! most of what a gateway adds to a unary call at low load.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::Uri;
+use http::uri::{Authority, Scheme};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tower::Service;
+
+use crate::config::GrpcBackendSpec;
+
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
+/// How long an endpoint that refused a connection is skipped (while another one is left).
+const EJECT_FOR: Duration = Duration::from_secs(5);
+
+struct Endpoint {
+    scheme: Scheme,
+    authority: Authority,
+    /// Milliseconds since `Shared::epoch` until which the endpoint is skipped.
+    ejected_until: AtomicU64,
+}
+
+struct Shared {
+    endpoints: Vec<Endpoint>,
+    next: AtomicUsize,
+    epoch: Instant,
+}
+
+/// A backend's calls, over its endpoints' shared HTTP/2 connections. Cheap to clone.
+#[derive(Clone)]
+pub struct Transport {
+    client: Client<Connector, tonic::body::Body>,
+    shared: Arc<Shared>,
+}
+
+impl Transport {
+    /// The connections of a backend: nothing connects until the first call.
+    pub fn new(spec: &GrpcBackendSpec, base: &std::path::Path) -> Result<Self, String> {
+        let endpoints = spec
+            .endpoints
+            .iter()
+            .map(|e| {
+                let uri: Uri = e
+                    .parse()
+                    .map_err(|_| format!("endpoint `{e}`: not a URL"))?;
+                let parts = uri.into_parts();
+                match (parts.scheme, parts.authority) {
+                    (Some(scheme), Some(authority)) => Ok(Endpoint {
+                        scheme,
+                        authority,
+                        ejected_until: AtomicU64::new(0),
+                    }),
+                    _ => Err(format!("endpoint `{e}`: needs a scheme and a host")),
+                }
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        if endpoints.is_empty() {
+            return Err("a gRPC backend needs at least one endpoint".into());
+        }
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(spec.connect_timeout.0));
+        http.enforce_http(false);
+        // Plain `http://` endpoints never use the TLS settings; `https://` ones get the
+        // backend's CA, client identity and `server_name`, and ALPN `h2`.
+        let config = if spec.endpoints.iter().any(|e| e.starts_with("https:")) {
+            super::super::rustls_client(spec.tls.as_ref(), base)?
+        } else {
+            rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("tls: {e}"))?
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+        };
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_or_http();
+        let builder = match spec.tls.as_ref().and_then(|t| t.server_name.as_ref()) {
+            Some(name) => {
+                let name = rustls_pki_types::ServerName::try_from(name.clone()).map_err(|_| {
+                    format!("tls.server_name `{name}`: not a DNS name or an IP address")
+                })?;
+                builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+            }
+            None => builder,
+        };
+        let connector = builder.enable_http2().wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(true)
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            // HTTP/2 pings find dead connections before a call does.
+            .http2_keep_alive_interval(spec.keepalive.0)
+            .http2_keep_alive_timeout(spec.connect_timeout.0.max(Duration::from_secs(1)))
+            .http2_keep_alive_while_idle(true)
+            .build(connector);
+        Ok(Transport {
+            client,
+            shared: Arc::new(Shared {
+                endpoints,
+                next: AtomicUsize::new(0),
+                epoch: Instant::now(),
+            }),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.shared.epoch.elapsed().as_millis() as u64
+    }
+
+    /// Round robin over the endpoints that are not ejected; over all of them when every one is.
+    fn pick(&self) -> usize {
+        let eps = &self.shared.endpoints;
+        let n = eps.len();
+        let start = self.shared.next.fetch_add(1, Ordering::Relaxed);
+        if n == 1 {
+            return 0;
+        }
+        let now = self.now_ms();
+        (0..n)
+            .map(|i| (start + i) % n)
+            .find(|&i| eps[i].ejected_until.load(Ordering::Relaxed) <= now)
+            .unwrap_or(start % n)
+    }
+
+    fn eject(&self, i: usize) {
+        if self.shared.endpoints.len() > 1 {
+            let until = self.now_ms() + EJECT_FOR.as_millis() as u64;
+            self.shared.endpoints[i]
+                .ejected_until
+                .store(until, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Service<http::Request<tonic::body::Body>> for Transport {
+    type Response = http::Response<hyper::body::Incoming>;
+    /// A failed connect is a `tonic::Status` UNAVAILABLE whose source is the cause, which the
+    /// callers report as a backend that cannot be reached; other failures pass as they are.
+    type Error = crate::BoxError;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
+        let i = self.pick();
+        let ep = &self.shared.endpoints[i];
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = Some(ep.scheme.clone());
+        parts.authority = Some(ep.authority.clone());
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
+        let this = self.clone();
+        let call = self.client.request(req);
+        Box::pin(async move {
+            call.await.map_err(|e| -> crate::BoxError {
+                if e.is_connect() {
+                    this.eject(i);
+                    let mut status = tonic::Status::unavailable("cannot connect to the backend");
+                    status.set_source(Arc::new(e));
+                    status.into()
+                } else {
+                    e.into()
+                }
+            })
+        })
+    }
+}
