@@ -58,8 +58,95 @@ pub fn fail(err: impl Into<BoxError>) -> ResponseFuture {
     Box::pin(async move { Err(err) })
 }
 
-/// A route's whole stack (plugins, middleware, backend), built once when config loads.
-pub type RouteService = tower::util::BoxCloneSyncService<Request, Response, BoxError>;
+/// A route's whole stack (plugins, middleware, backend), built once when config loads, or one
+/// layer of it. Cloning one is a reference count, not a copy of the stack: the front end clones
+/// the route's service for every request, and layers clone the service below them for every
+/// call (tower's `BoxCloneSyncService` allocated once per layer for each).
+#[derive(Clone)]
+pub struct RouteService(std::sync::Arc<dyn SharedCall>);
+
+/// What a [`RouteService`] holds: a service called through a shared reference.
+trait SharedCall: Send + Sync {
+    fn call(&self, req: Request) -> ResponseFuture;
+}
+
+/// A layer of a route's stack: a service answering with a [`ResponseFuture`], cheap to clone.
+pub trait StackLayer:
+    tower::Service<Request, Response = Response, Error = BoxError, Future = ResponseFuture>
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> StackLayer for S where
+    S: tower::Service<Request, Response = Response, Error = BoxError, Future = ResponseFuture>
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// A service cloned for each call, so that `call` needs no `&mut`; the layers of a stack keep
+/// their state behind `Arc`s, so the clone is a few reference counts.
+struct CloneOnCall<S>(S);
+
+impl<S: StackLayer> SharedCall for CloneOnCall<S> {
+    fn call(&self, req: Request) -> ResponseFuture {
+        let mut svc = self.0.clone();
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        // The layers are ready at once (limits refuse rather than wait); a service that is
+        // not yet gets a future that waits for it.
+        match svc.poll_ready(&mut cx) {
+            std::task::Poll::Ready(Ok(())) => svc.call(req),
+            std::task::Poll::Ready(Err(e)) => fail(e),
+            std::task::Poll::Pending => {
+                Box::pin(async move { tower::ServiceExt::ready(&mut svc).await?.call(req).await })
+            }
+        }
+    }
+}
+
+impl RouteService {
+    /// A service whose future is already a [`ResponseFuture`] (every layer of the gateway).
+    pub fn new<S: StackLayer>(svc: S) -> Self {
+        RouteService(std::sync::Arc::new(CloneOnCall(svc)))
+    }
+
+    /// Any other service: its future is boxed.
+    pub fn boxing<S>(svc: S) -> Self
+    where
+        S: tower::Service<Request, Response = Response, Error = BoxError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        Self::new(tower::util::MapFuture::new(svc, |f| -> ResponseFuture {
+            Box::pin(f)
+        }))
+    }
+}
+
+impl tower::Service<Request> for RouteService {
+    type Response = Response;
+    type Error = BoxError;
+    type Future = ResponseFuture;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request) -> ResponseFuture {
+        self.0.call(req)
+    }
+}
 
 /// An empty body.
 pub fn empty_body() -> Body {

@@ -35,12 +35,22 @@ pub fn set_ratelimit_headers(
     remaining: u32,
     reset: u64,
 ) {
-    if let Ok(v) = HeaderValue::from_str(&format!("\"default\";q={quota};w={window}")) {
+    if let Some(v) = small_value(format_args!("\"default\";q={quota};w={window}")) {
         h.insert(RATELIMIT_POLICY.clone(), v);
     }
-    if let Ok(v) = HeaderValue::from_str(&format!("\"default\";r={remaining};t={reset}")) {
+    if let Some(v) = small_value(format_args!("\"default\";r={remaining};t={reset}")) {
         h.insert(RATELIMIT.clone(), v);
     }
+}
+
+/// A header value formatted on the stack (these headers go on every response of the route).
+fn small_value(args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
+    use std::io::Write;
+    let mut buf = [0u8; 80];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    cursor.write_fmt(args).ok()?;
+    let n = cursor.position() as usize;
+    HeaderValue::from_bytes(&buf[..n]).ok()
 }
 
 type KeyedLimiter =

@@ -274,7 +274,7 @@ mod tests {
         budget: TpsBudget,
     ) -> (RetryService, tower_test::mock::Handle<Request, Response>) {
         let (mock, handle) = tower_test::mock::pair::<Request, Response>();
-        let inner = RouteService::new(tower::util::MapErr::new(mock, |e: BoxError| e));
+        let inner = RouteService::boxing(tower::util::MapErr::new(mock, |e: BoxError| e));
         let svc = RetryService::new(
             inner,
             Arc::new(p),

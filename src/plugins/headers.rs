@@ -121,6 +121,6 @@ impl Plugin for HeadersPlugin {
                 resp
             })
             .service(inner);
-        Ok(RouteService::new(svc))
+        Ok(RouteService::boxing(svc))
     }
 }
