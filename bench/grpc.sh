@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # gRPC bridge benchmark: unary GetOrder through Switchyard (JSON over h2c → gRPC → JSON) versus
 # h2load speaking gRPC directly to the same server with the same message, same concurrency, in
-# one run. Prints requests/s and mean latency for both, at load (64 streams) and at low load
-# (one connection, one stream), and the ratios.
+# one run. A peer proxy runs beside them: nginx passing the same gRPC call through (grpc_pass,
+# no transcoding), which shows what any proxy costs on these shared cores. Prints requests/s and
+# mean latency for each, at load (64 streams) and at low load (one connection, one stream), and
+# the ratios.
 #
 #   bash bench/grpc.sh          # DURATION=15 (seconds) ROUNDS=3
 set -euo pipefail
@@ -13,13 +15,17 @@ ROUNDS=${ROUNDS:-3}
 GRPC_PORT=${GRPC_PORT:-18151}
 SY_PORT=${SY_PORT:-18153}
 SY_ADMIN=${SY_ADMIN:-18154}
+NGINX_PORT=${NGINX_PORT:-18155}
 . bench/common.sh
 
 need h2load nghttp2-client
+need nginx nginx
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 cargo build -q --release --locked --bin switchyard --example shop_server
 WORK=$(mktemp -d)
 cleanup() {
+  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
   [ -n "${SERVER_PID:-}" ] && kill "$SERVER_PID" 2>/dev/null || true
   [ -n "${SY_PID:-}" ] && kill "$SY_PID" 2>/dev/null || true
   rm -rf "$WORK"
@@ -28,6 +34,26 @@ trap cleanup EXIT
 
 SHOP_ADDR="127.0.0.1:$GRPC_PORT" "$BIN/examples/shop_server" >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
+# nginx as a plain gRPC proxy (h2c in, keep-alive h2c pool out), one worker per core as usual.
+mkdir -p "$WORK/logs"
+cat > "$WORK/nginx.conf" <<CONF
+worker_processes 2;
+pid $WORK/nginx.pid;
+error_log $WORK/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/body; proxy_temp_path $WORK/proxy;
+  fastcgi_temp_path $WORK/fcgi; uwsgi_temp_path $WORK/uwsgi; scgi_temp_path $WORK/scgi;
+  keepalive_requests 1000000;
+  upstream shop { server 127.0.0.1:$GRPC_PORT; keepalive 64; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT http2;
+    location / { grpc_pass grpc://shop; }
+  }
+}
+CONF
+"$NGINX" -c "$WORK/nginx.conf" -p "$WORK"
 cat > "$WORK/routes.yaml" <<YAML
 server: { listen: "127.0.0.1:$SY_PORT", admin: "127.0.0.1:$SY_ADMIN" }
 backends:
@@ -51,10 +77,13 @@ done
 # GetOrderRequest { id: "7" } as one gRPC frame: no compression, length 3, field 1 = "7".
 printf '\x00\x00\x00\x00\x03\x0a\x01\x37' > "$WORK/get.bin"
 
-direct() { # h2load args...
+grpc_call() { # PORT h2load args...
+  local port=$1; shift
   h2load "$@" -d "$WORK/get.bin" -H 'content-type: application/grpc' -H 'te: trailers' \
-    "http://127.0.0.1:$GRPC_PORT/shop.v1.Orders/GetOrder"
+    "http://127.0.0.1:$port/shop.v1.Orders/GetOrder"
 }
+direct() { grpc_call "$GRPC_PORT" "$@"; }
+peer() { grpc_call "$NGINX_PORT" "$@"; }
 via() {
   h2load "$@" "http://127.0.0.1:$SY_PORT/v1/orders/7"
 }
@@ -65,14 +94,18 @@ ok() { awk '/^requests:/ {print $8, "succeeded,", $10, "failed"}'; }
 echo "h2load, ${DURATION}s per target at load (-c 16 -m 4), 2000 requests at low load (-c 1 -m 1), $ROUNDS round(s)"
 : > "$WORK/results"
 for r in $(seq 1 "$ROUNDS"); do
-  d=$(direct -c 16 -m 4 -t 1 -D "$DURATION"); v=$(via -c 16 -m 4 -t 1 -D "$DURATION")
-  dl=$(direct -c 1 -m 1 -n 2000); vl=$(via -c 1 -m 1 -n 2000)
-  echo "round $r: direct $(rps <<<"$d") req/s ($(ok <<<"$d")), switchyard $(rps <<<"$v") req/s ($(ok <<<"$v")); low load mean: direct $(mean_us <<<"$dl") us, switchyard $(mean_us <<<"$vl") us"
-  echo "$(rps <<<"$d") $(rps <<<"$v") $(mean_us <<<"$dl") $(mean_us <<<"$vl")" >> "$WORK/results"
+  d=$(direct -c 16 -m 4 -t 1 -D "$DURATION"); n=$(peer -c 16 -m 4 -t 1 -D "$DURATION")
+  v=$(via -c 16 -m 4 -t 1 -D "$DURATION")
+  dl=$(direct -c 1 -m 1 -n 2000); nl=$(peer -c 1 -m 1 -n 2000); vl=$(via -c 1 -m 1 -n 2000)
+  echo "round $r: direct $(rps <<<"$d") req/s ($(ok <<<"$d")), nginx grpc_pass $(rps <<<"$n") req/s ($(ok <<<"$n")), switchyard $(rps <<<"$v") req/s ($(ok <<<"$v"))"
+  echo "         low load mean: direct $(mean_us <<<"$dl") us, nginx $(mean_us <<<"$nl") us, switchyard $(mean_us <<<"$vl") us"
+  echo "$(rps <<<"$d") $(rps <<<"$v") $(mean_us <<<"$dl") $(mean_us <<<"$vl") $(rps <<<"$n") $(mean_us <<<"$nl")" >> "$WORK/results"
 done
-D=$(awk '{print $1}' "$WORK/results" | median); V=$(awk '{print $2}' "$WORK/results" | median)
-DL=$(awk '{print $3}' "$WORK/results" | median); VL=$(awk '{print $4}' "$WORK/results" | median)
-awk -v d="$D" -v v="$V" -v dl="$DL" -v vl="$VL" 'BEGIN {
-  printf "medians: direct %.0f req/s, switchyard %.0f req/s; low-load mean latency direct %.0f us, switchyard %.0f us\n", d, v, dl, vl
+col() { awk -v c="$1" '{print $c}' "$WORK/results" | median; }
+D=$(col 1); V=$(col 2); DL=$(col 3); VL=$(col 4); N=$(col 5); NL=$(col 6)
+awk -v d="$D" -v v="$V" -v dl="$DL" -v vl="$VL" -v n="$N" -v nl="$NL" 'BEGIN {
+  printf "medians: direct %.0f req/s, nginx grpc_pass %.0f req/s, switchyard %.0f req/s\n", d, n, v
+  printf "         low-load mean latency direct %.0f us, nginx %.0f us, switchyard %.0f us\n", dl, nl, vl
   printf "ratios: switchyard/direct req/s = %.2f (target >= 0.80); added latency at low load = %.0f us (target < 100 us)\n", v / d, vl - dl
+  printf "        nginx grpc_pass/direct req/s = %.2f, added %.0f us (a pass-through proxy, no transcoding); switchyard/nginx req/s = %.2f\n", n / d, nl - dl, v / n
 }'
