@@ -148,6 +148,19 @@ impl tower::Service<Request> for RouteService {
     }
 }
 
+/// A header value formatted on the stack when it is short (up to 128 bytes), so that a value
+/// made for every request costs one allocation, not two. `None` when it is not a valid value.
+pub fn header_value(args: std::fmt::Arguments<'_>) -> Option<http::HeaderValue> {
+    use std::io::Write;
+    let mut buf = [0u8; 128];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    if cursor.write_fmt(args).is_err() {
+        return http::HeaderValue::from_str(&std::fmt::format(args)).ok();
+    }
+    let n = cursor.position() as usize;
+    http::HeaderValue::from_bytes(&buf[..n]).ok()
+}
+
 /// An empty body.
 pub fn empty_body() -> Body {
     Empty::<Bytes>::new()

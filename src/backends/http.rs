@@ -2,12 +2,14 @@
 //! connections to one or more endpoints (round robin, failed endpoints skipped for a while),
 //! HTTP/1.1 or h2c upstream, path rewrite, hop-by-hop removal, `X-Forwarded-*`, streamed bodies.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Uri, Version};
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
@@ -30,6 +32,8 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 struct Endpoint {
     scheme_authority: String,
+    scheme: http::uri::Scheme,
+    uri_authority: http::uri::Authority,
     base_path: String,
     authority: HeaderValue,
     /// Milliseconds since `HttpBackend::epoch` until which the endpoint is skipped.
@@ -64,6 +68,8 @@ impl HttpBackend {
                 let authority = u.authority()?.clone();
                 Some(Endpoint {
                     scheme_authority: format!("{}://{}", u.scheme_str()?, authority),
+                    scheme: u.scheme()?.clone(),
+                    uri_authority: authority.clone(),
                     base_path: u.path().trim_end_matches('/').to_string(),
                     authority: HeaderValue::from_str(authority.as_str()).ok()?,
                     ejected_until: AtomicU64::new(0),
@@ -226,23 +232,22 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 impl HttpRouteService {
-    fn upstream_path(
+    fn upstream_path<'p>(
         &self,
-        path: &str,
+        path: &'p str,
         ctx: Option<&RequestContext>,
-    ) -> Result<String, GatewayError> {
+    ) -> Result<Cow<'p, str>, GatewayError> {
         let path = match &*self.rewrite {
-            PathRewrite::Keep => path.to_string(),
+            PathRewrite::Keep => Cow::Borrowed(path),
             PathRewrite::StripPrefix(p) => match path.strip_prefix(p.as_str()) {
-                Some("") => "/".to_string(),
-                Some(rest) if rest.starts_with('/') => rest.to_string(),
-                _ => path.to_string(),
+                Some("") => Cow::Borrowed("/"),
+                Some(rest) if rest.starts_with('/') => Cow::Borrowed(rest),
+                _ => Cow::Borrowed(path),
             },
             PathRewrite::Template(t) => {
-                t.render(|name| ctx.and_then(|c| c.param(name)))
-                    .ok_or(GatewayError::Internal(
-                        "a rewrite variable was not captured",
-                    ))?
+                Cow::Owned(t.render(|name| ctx.and_then(|c| c.param(name))).ok_or(
+                    GatewayError::Internal("a rewrite variable was not captured"),
+                )?)
             }
         };
         Ok(path)
@@ -277,55 +282,72 @@ impl HttpRouteService {
         if backend.endpoints.is_empty() {
             return Err(GatewayError::Internal("backend has no endpoints"));
         }
-        let ctx = parts.extensions.get::<RequestContext>().cloned();
-        let path = self.upstream_path(parts.uri.path(), ctx.as_ref())?;
+        let ctx = parts.extensions.get::<RequestContext>();
         let i = backend.pick();
         let ep = &backend.endpoints[i];
-        let mut uri =
-            String::with_capacity(ep.scheme_authority.len() + ep.base_path.len() + path.len() + 32);
-        uri.push_str(&ep.scheme_authority);
-        uri.push_str(&ep.base_path);
-        uri.push_str(&path);
-        if let Some(q) = parts.uri.query() {
-            uri.push('?');
-            uri.push_str(q);
-        }
-        parts.uri = uri
-            .parse()
+        let path = self.upstream_path(parts.uri.path(), ctx)?;
+        // The client's own path and query are passed on as they are (a reference count) when
+        // neither a rewrite nor the endpoint's base path changes them.
+        let path_and_query = match (&path, parts.uri.path_and_query()) {
+            (Cow::Borrowed(p), Some(pq)) if ep.base_path.is_empty() && *p == pq.path() => {
+                pq.clone()
+            }
+            _ => {
+                let mut pq = String::with_capacity(ep.base_path.len() + path.len() + 32);
+                pq.push_str(&ep.base_path);
+                pq.push_str(&path);
+                if let Some(q) = parts.uri.query() {
+                    pq.push('?');
+                    pq.push_str(q);
+                }
+                PathAndQuery::try_from(pq).map_err(|_| {
+                    GatewayError::bad_request("the request path cannot be forwarded")
+                })?
+            }
+        };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(ep.scheme.clone());
+        uri.authority = Some(ep.uri_authority.clone());
+        uri.path_and_query = Some(path_and_query);
+        let uri = Uri::from_parts(uri)
             .map_err(|_| GatewayError::bad_request("the request path cannot be forwarded"))?;
+        // What the client asked for, for X-Forwarded-Host and a preserved Host: the Host
+        // header itself (a reference count) when that is where it came from.
+        let client = ctx.map(|c| {
+            let host = c
+                .host
+                .as_deref()
+                .and_then(|h| match parts.headers.get(header::HOST) {
+                    Some(v) if v.as_bytes() == h.as_bytes() => Some(v.clone()),
+                    _ => HeaderValue::from_str(h).ok(),
+                });
+            (c.client_addr.ip(), c.tls, host)
+        });
+        parts.uri = uri;
         let headers = &mut parts.headers;
         strip_hop_by_hop(headers);
-        if let Some(ctx) = &ctx {
-            let ip = ctx.client_addr.ip().to_string();
+        if let Some((ip, tls, host)) = &client {
             let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-                Some(prev) => format!("{prev}, {ip}"),
-                None => ip,
+                Some(prev) => crate::header_value(format_args!("{prev}, {ip}")),
+                None => crate::header_value(format_args!("{ip}")),
             };
-            if let Ok(v) = HeaderValue::from_str(&xff) {
+            if let Some(v) = xff {
                 headers.insert(X_FORWARDED_FOR.clone(), v);
             }
             headers.insert(
                 X_FORWARDED_PROTO.clone(),
-                HeaderValue::from_static(if ctx.tls { "https" } else { "http" }),
+                HeaderValue::from_static(if *tls { "https" } else { "http" }),
             );
-            if let Some(host) = ctx
-                .host
-                .as_deref()
-                .and_then(|h| HeaderValue::from_str(h).ok())
-            {
-                headers.insert(X_FORWARDED_HOST.clone(), host);
+            if let Some(host) = host {
+                headers.insert(X_FORWARDED_HOST.clone(), host.clone());
             }
         }
         match protocol {
             HttpProtocol::Http1 => {
                 parts.version = Version::HTTP_11;
                 if !self.preserve_host || !headers.contains_key(header::HOST) {
-                    let host = match (&ctx, self.preserve_host) {
-                        (Some(c), true) => c
-                            .host
-                            .as_deref()
-                            .and_then(|h| HeaderValue::from_str(h).ok())
-                            .unwrap_or_else(|| ep.authority.clone()),
+                    let host = match (client, self.preserve_host) {
+                        (Some((_, _, Some(h))), true) => h,
                         _ => ep.authority.clone(),
                     };
                     headers.insert(header::HOST, host);

@@ -1,21 +1,24 @@
 //! Correlation IDs and W3C trace context, assigned by the front end before routing so that every
 //! answer (including 404s and errors from the edge) carries them, and forwarded to backends.
 
+use std::sync::Arc;
+
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Accepts the client's correlation ID when it is sane (1–128 visible ASCII characters),
 /// otherwise mints a UUIDv7.
-pub fn correlation_id(headers: &HeaderMap, header: &HeaderName) -> String {
+pub fn correlation_id(headers: &HeaderMap, header: &HeaderName) -> Arc<str> {
     if let Some(v) = headers.get(header).and_then(|v| v.to_str().ok())
         && !v.is_empty()
         && v.len() <= 128
         && v.bytes().all(|b| b.is_ascii_graphic())
     {
-        return v.to_string();
+        return Arc::from(v);
     }
-    uuid::Uuid::now_v7().to_string()
+    let mut buf = uuid::Uuid::encode_buffer();
+    Arc::from(&*uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf))
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -24,30 +27,37 @@ fn is_hex(s: &str, len: usize) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// The trace id and flags of a valid `traceparent` (version `00`–`fe`, ids not all zeros).
+fn parse_traceparent(tp: &str) -> Option<(&str, &str)> {
+    let mut it = tp.trim().split('-');
+    let (version, trace, parent, flags) = (it.next()?, it.next()?, it.next()?, it.next()?);
+    let zeros = |s: &str| s.bytes().all(|b| b == b'0');
+    (is_hex(version, 2)
+        && version != "ff"
+        && is_hex(trace, 32)
+        && !zeros(trace)
+        && is_hex(parent, 16)
+        && !zeros(parent)
+        && is_hex(flags, 2))
+    .then_some((trace, flags))
+}
+
 /// Continues the client's trace with a new span ID, or starts a new trace. Returns the
 /// `traceparent` to forward.
 pub fn next_traceparent(headers: &HeaderMap) -> HeaderValue {
-    let span = format!("{:016x}", fastrand::u64(1..));
-    let incoming = headers.get(&TRACEPARENT).and_then(|v| v.to_str().ok());
-    if let Some(tp) = incoming {
-        let parts: Vec<&str> = tp.trim().split('-').collect();
-        if parts.len() >= 4
-            && is_hex(parts[0], 2)
-            && parts[0] != "ff"
-            && is_hex(parts[1], 32)
-            && parts[1] != "0".repeat(32)
-            && is_hex(parts[2], 16)
-            && parts[2] != "0".repeat(16)
-            && is_hex(parts[3], 2)
-        {
-            let v = format!("00-{}-{span}-{}", parts[1], parts[3]);
-            if let Ok(v) = HeaderValue::from_str(&v) {
-                return v;
-            }
-        }
-    }
-    let trace = format!("{:032x}", fastrand::u128(1..));
-    HeaderValue::from_str(&format!("00-{trace}-{span}-01")).expect("hex is a valid header value")
+    let span = fastrand::u64(1..);
+    let incoming = headers
+        .get(&TRACEPARENT)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_traceparent);
+    let value = match incoming {
+        Some((trace, flags)) => crate::header_value(format_args!("00-{trace}-{span:016x}-{flags}")),
+        None => crate::header_value(format_args!(
+            "00-{:032x}-{span:016x}-01",
+            fastrand::u128(1..)
+        )),
+    };
+    value.expect("hex is a valid header value")
 }
 
 #[cfg(test)]
@@ -75,8 +85,8 @@ mod tests {
         let name = HeaderName::from_static("x-request-id");
         let mut h = HeaderMap::new();
         h.insert(&name, HeaderValue::from_static("abc-123"));
-        assert_eq!(correlation_id(&h, &name), "abc-123");
+        assert_eq!(&*correlation_id(&h, &name), "abc-123");
         h.insert(&name, HeaderValue::from_static("has space"));
-        assert_ne!(correlation_id(&h, &name), "has space");
+        assert_ne!(&*correlation_id(&h, &name), "has space");
     }
 }

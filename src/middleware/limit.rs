@@ -13,7 +13,7 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName};
 use tokio::sync::Semaphore;
 use tower::Service;
 
@@ -35,22 +35,12 @@ pub fn set_ratelimit_headers(
     remaining: u32,
     reset: u64,
 ) {
-    if let Some(v) = small_value(format_args!("\"default\";q={quota};w={window}")) {
+    if let Some(v) = crate::header_value(format_args!("\"default\";q={quota};w={window}")) {
         h.insert(RATELIMIT_POLICY.clone(), v);
     }
-    if let Some(v) = small_value(format_args!("\"default\";r={remaining};t={reset}")) {
+    if let Some(v) = crate::header_value(format_args!("\"default\";r={remaining};t={reset}")) {
         h.insert(RATELIMIT.clone(), v);
     }
-}
-
-/// A header value formatted on the stack (these headers go on every response of the route).
-fn small_value(args: std::fmt::Arguments<'_>) -> Option<HeaderValue> {
-    use std::io::Write;
-    let mut buf = [0u8; 80];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    cursor.write_fmt(args).ok()?;
-    let n = cursor.position() as usize;
-    HeaderValue::from_bytes(&buf[..n]).ok()
 }
 
 type KeyedLimiter =

@@ -8,16 +8,17 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use crate::error::PayloadLimit;
-use crate::{Body, BodyError};
+use crate::{BodyError, BoxError};
 
-pub struct LimitedBody {
-    inner: Body,
+/// The client's body `B` (hyper's `Incoming`), counted as it streams.
+pub struct LimitedBody<B> {
+    inner: B,
     remaining: u64,
     limit: u64,
 }
 
-impl LimitedBody {
-    pub fn new(inner: Body, limit: u64) -> Self {
+impl<B> LimitedBody<B> {
+    pub fn new(inner: B, limit: u64) -> Self {
         LimitedBody {
             inner,
             remaining: limit,
@@ -26,7 +27,11 @@ impl LimitedBody {
     }
 }
 
-impl HttpBody for LimitedBody {
+impl<B> HttpBody for LimitedBody<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BodyError;
 
@@ -47,7 +52,9 @@ impl HttpBody for LimitedBody {
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            other => other,
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
     }
 

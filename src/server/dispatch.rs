@@ -2,8 +2,9 @@
 //! trace context, request hygiene (control characters, path normalisation), routing, the body
 //! limit, the route's stack, and finally THE error edge (`error::rescue`) and the access log.
 
+use std::borrow::Cow;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::Instant;
 
 use http::{HeaderValue, Request as HttpRequest, header};
@@ -19,7 +20,7 @@ use crate::middleware::context::RequestContext;
 use crate::middleware::correlation::{self, TRACEPARENT};
 use crate::router::{Lookup, normalize::normalize};
 use crate::telemetry::access::{AccessEntry, AccessLogBody};
-use crate::{BodyError, BoxError, Response};
+use crate::{BoxError, Response};
 
 /// Facts about the connection a request came in on.
 #[derive(Debug, Clone, Copy)]
@@ -44,13 +45,17 @@ fn host_of(req: &HttpRequest<Incoming>) -> Option<String> {
 }
 
 /// Host name without port, lower-cased, for matching.
-fn host_name(host: &str) -> String {
+fn host_name(host: &str) -> Cow<'_, str> {
     let h = if host.starts_with('[') {
         host.split_inclusive(']').next().unwrap_or(host)
     } else {
         host.rsplit_once(':').map_or(host, |(h, _)| h)
     };
-    h.to_ascii_lowercase()
+    if h.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(h.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(h)
+    }
 }
 
 fn has_control_chars(req: &HttpRequest<Incoming>) -> bool {
@@ -61,6 +66,9 @@ fn has_control_chars(req: &HttpRequest<Incoming>) -> bool {
     })
 }
 
+/// The route id of a request no route took (404, 405, 400 before routing).
+static NO_ROUTE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("-"));
+
 /// The route id the job endpoint's answers are counted and logged under.
 pub const JOBS_ROUTE: &str = "switchyard.jobs";
 
@@ -68,15 +76,14 @@ pub const JOBS_ROUTE: &str = "switchyard.jobs";
 pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: HttpRequest<Incoming>) -> Response {
     let started = Instant::now();
     let table = shared.table.load_full();
-    let cid: Arc<str> =
-        correlation::correlation_id(req.headers(), &table.correlation_header).into();
+    let cid = correlation::correlation_id(req.headers(), &table.correlation_header);
     let span = tracing::info_span!("request", correlation_id = %cid, route = tracing::field::Empty);
     let method = req.method().clone();
     let raw_uri = req.uri().clone();
     // gRPC clients understand only gRPC answers, errors included.
     let wire = crate::backends::grpc::passthrough::Wire::of(req.headers());
     let cid_header = HeaderValue::from_str(&cid).ok();
-    let mut route_id: Arc<str> = Arc::from("-");
+    let mut route_id: Arc<str> = NO_ROUTE.clone();
     let mut backend_name = None;
 
     let result: Result<Response, BoxError> = async {
@@ -164,16 +171,30 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: HttpRequest<Incomi
         if declared.is_some_and(|n| n > limit) {
             return Err(PayloadLimit(limit).into());
         }
-        let (mut parts, body) = req.into_parts();
-        let body =
-            LimitedBody::new(body.map_err(BodyError::new).boxed_unsync(), limit).boxed_unsync();
-        let path_and_query = match parts.uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path,
+        // The route's stack sees the normalised path (most paths already are: then the
+        // request's own URI is kept).
+        let rewritten = match path {
+            Cow::Owned(p) => Some(p),
+            Cow::Borrowed(_) => None,
         };
-        parts.uri = path_and_query
-            .parse()
-            .map_err(|_| GatewayError::bad_request("the request target is not a valid URI"))?;
+        let (mut parts, body) = req.into_parts();
+        let body = LimitedBody::new(body, limit).boxed_unsync();
+        if let Some(path) = rewritten {
+            let path_and_query = match parts.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path,
+            };
+            parts.uri = path_and_query
+                .parse()
+                .map_err(|_| GatewayError::bad_request("the request target is not a valid URI"))?;
+        } else if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+            // An absolute-form target (`GET http://host/path`, and every HTTP/2 request):
+            // the stack sees only the path and query, as for the origin form.
+            parts.uri = match parts.uri.path_and_query() {
+                Some(pq) => http::Uri::from(pq.clone()),
+                None => http::Uri::from_static("/"),
+            };
+        }
         let traceparent = correlation::next_traceparent(&parts.headers);
         parts.headers.insert(TRACEPARENT.clone(), traceparent);
         if let Some(v) = &cid_header {
