@@ -356,6 +356,13 @@ fn handle(
                 .get_field_by_name("id")
                 .and_then(|v| v.as_str().map(str::to_string))
                 .unwrap_or_default();
+            // `code-N` answers with gRPC status N, for the status-mapping tests.
+            if let Some(n) = id.strip_prefix("code-").and_then(|n| n.parse::<i32>().ok()) {
+                return Err(Status::new(
+                    tonic::Code::from(n),
+                    format!("asked for status {n}"),
+                ));
+            }
             match id.as_str() {
                 "missing" => return Err(Status::not_found("order missing does not exist")),
                 "down" => return Err(Status::unavailable("maintenance")),
@@ -444,6 +451,37 @@ fn handle(
             );
             body.set_field_by_name("data", Value::Bytes(format!("SHIP ORDER {id}\n").into()));
             Ok(Response::new(body))
+        }
+        "PutLabel" => {
+            let id = msg
+                .get_field_by_name("id")
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            let label = msg
+                .get_field_by_name("label")
+                .and_then(|v| v.as_message().cloned());
+            let (content_type, data) = label
+                .map(|l| {
+                    (
+                        l.get_field_by_name("content_type")
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default(),
+                        l.get_field_by_name("data")
+                            .and_then(|v| v.as_bytes().cloned())
+                            .unwrap_or_default(),
+                    )
+                })
+                .unwrap_or_default();
+            let mut o = order(&output, &id, "eu", 0);
+            o.set_field_by_name(
+                "note",
+                Value::String(format!(
+                    "label {content_type}, {} bytes: {}",
+                    data.len(),
+                    String::from_utf8_lossy(&data)
+                )),
+            );
+            Ok(Response::new(o))
         }
         "CancelOrder" => {
             let id = msg

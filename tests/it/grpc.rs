@@ -28,6 +28,11 @@ backends:
 }
 
 fn config(server: &str) -> String {
+    config_with(server, "")
+}
+
+/// [`config`], with more keys on the backend.
+fn config_with(server: &str, backend_keys: &str) -> String {
     format!(
         r#"{}
 routes:
@@ -52,7 +57,7 @@ routes:
     backend: shop
     grpc: {{ method: shop.v1.Orders/CreateOrder, body: "*", proto_names: true, emit_defaults: true }}
 "#,
-        shop_backend(server, "")
+        shop_backend(server, backend_keys)
     )
 }
 
@@ -166,6 +171,67 @@ async fn grpc_status_becomes_problem_json_with_the_code() {
             .unwrap()
             .contains("order missing does not exist")
     );
+    // The google.rpc.Status details the server sent, decoded to JSON.
+    let (_, _, b) = get(&gw.url("/v1/orders/bad")).await;
+    let details = &json(&b)["details"];
+    assert_eq!(
+        details[0]["@type"], "type.googleapis.com/google.rpc.BadRequest",
+        "{details}"
+    );
+    assert_eq!(details[0]["fieldViolations"][0]["field"], "id", "{details}");
+    assert_eq!(
+        details[0]["fieldViolations"][0]["description"], "digits only",
+        "{details}"
+    );
+    // Server errors in a row open the backend's breaker: then calls are refused at once.
+    let mut opened = None;
+    for i in 0..20 {
+        let (s, _, b) = get(&gw.url("/v1/orders/code-13")).await;
+        if json(&b)["type"] == "urn:switchyard:problem:circuit-open" {
+            assert_eq!(s, 503);
+            opened = Some(i);
+            break;
+        }
+        assert_eq!(s, 500, "{}", String::from_utf8_lossy(&b));
+    }
+    assert!(opened.is_some_and(|i| i >= 1), "{opened:?}");
+    // Every code the server can send, mapped as google/rpc/code.proto says (with the breaker
+    // off: a run of 5xx answers would open it, which is its job).
+    let gw = Gateway::start(&config_with(&server.url(), "breaker: { enabled: false }")).await;
+    for (code, http, name) in [
+        (1, 499, "CANCELLED"),
+        (2, 500, "UNKNOWN"),
+        (3, 400, "INVALID_ARGUMENT"),
+        (4, 504, "DEADLINE_EXCEEDED"),
+        (5, 404, "NOT_FOUND"),
+        (6, 409, "ALREADY_EXISTS"),
+        (7, 403, "PERMISSION_DENIED"),
+        (8, 429, "RESOURCE_EXHAUSTED"),
+        (9, 400, "FAILED_PRECONDITION"),
+        (10, 409, "ABORTED"),
+        (11, 400, "OUT_OF_RANGE"),
+        (12, 501, "UNIMPLEMENTED"),
+        (13, 500, "INTERNAL"),
+        (14, 503, "UNAVAILABLE"),
+        (15, 500, "DATA_LOSS"),
+        (16, 401, "UNAUTHENTICATED"),
+    ] {
+        let (s, _, b) = get(&gw.url(&format!("/v1/orders/code-{code}"))).await;
+        assert_eq!(s, http, "code {code}: {}", String::from_utf8_lossy(&b));
+        let v = json(&b);
+        assert_eq!(
+            (v["grpc_code"].as_i64(), v["grpc_status"].as_str()),
+            (Some(code), Some(name)),
+            "{v}"
+        );
+        assert!(
+            v["detail"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("asked for status {code}")),
+            "{v}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -307,6 +373,25 @@ async fn annotated_methods_become_routes() {
         (json(&b)["id"].as_str(), json(&b)["note"].as_str()),
         (Some("13"), Some("cancelled"))
     );
+    // google.api.HttpBody: a reply passes through with its content type, and a request body
+    // fills the `label` field as it is (PUT, `body: "label"`).
+    let (s, h, b) = get(&gw.url("/v2/orders/14/label")).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(h["content-type"], "text/plain; charset=utf-8");
+    assert_eq!(&b[..], b"SHIP ORDER 14\n");
+    let req = request(Method::PUT, &gw.url("/v2/orders/15/label"))
+        .header("content-type", "application/zpl")
+        .body(body("^XA^FDhello^XZ"))
+        .unwrap();
+    let (s, _, b) = send(req).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(
+        (json(&b)["id"].as_str(), json(&b)["note"].as_str()),
+        (
+            Some("15"),
+            Some("label application/zpl, 14 bytes: ^XA^FDhello^XZ")
+        )
+    );
     // Wrong method on an annotated path.
     let (s, h, _) = send(
         request(Method::DELETE, &gw.url("/v2/orders/13"))
@@ -329,6 +414,7 @@ async fn annotated_methods_become_routes() {
         "shop.GetOrder#1",
         "shop.CreateOrder",
         "shop.CancelOrder",
+        "shop.PutLabel",
     ] {
         assert!(ids.contains(&id), "{id} in {ids:?}");
     }

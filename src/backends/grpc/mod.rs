@@ -530,19 +530,25 @@ impl GrpcRouteService {
         req_parts: &http::request::Parts,
         body: &Bytes,
     ) -> Result<DynamicMessage, BoxError> {
-        let mut msg = self.body_message(body)?;
+        let content_type = req_parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        let mut msg = self.body_message(body, content_type)?;
         for (k, v) in self.param_pairs(req_parts)? {
             transcode::set_from_str(&mut msg, &k, &v).map_err(Self::bad_field)?;
         }
         Ok(msg)
     }
 
-    /// The request message as the body alone makes it, following the route's body rule.
-    fn body_message(&self, body: &[u8]) -> Result<DynamicMessage, BoxError> {
+    /// The request message as the body alone makes it, following the route's body rule. A
+    /// body that fills a `google.api.HttpBody` is taken as it is, with `content_type`.
+    fn body_message(&self, body: &[u8], content_type: &str) -> Result<DynamicMessage, BoxError> {
         let input = self.method.input();
         Ok(match &self.body {
             BodyRule::Whole => {
-                transcode::message_from_json(input, body).map_err(Self::bad_field)?
+                transcode::message_from_body(input, body, content_type).map_err(Self::bad_field)?
             }
             BodyRule::None => {
                 if !body.iter().all(u8::is_ascii_whitespace) {
@@ -556,7 +562,7 @@ impl GrpcRouteService {
                 let Kind::Message(m) = f.kind() else {
                     unreachable!("checked at build")
                 };
-                let inner = transcode::message_from_json(m, body)
+                let inner = transcode::message_from_body(m, body, content_type)
                     .map_err(|mut e| {
                         e.field = if e.field.is_empty() {
                             f.name().to_string()
@@ -683,7 +689,7 @@ impl GrpcRouteService {
         let params = self.param_pairs(&parts)?;
         let this = self.clone();
         let parse: ndjson::LineParser = Box::new(move |line| {
-            let mut msg = this.body_message(line)?;
+            let mut msg = this.body_message(line, "application/json")?;
             for (k, v) in &params {
                 transcode::set_from_str(&mut msg, k, v).map_err(Self::bad_field)?;
             }

@@ -29,6 +29,28 @@ pub fn field_by_name(desc: &MessageDescriptor, name: &str) -> Option<FieldDescri
         .or_else(|| desc.get_field_by_json_name(name))
 }
 
+/// The message a request body fills: for `google.api.HttpBody`, the bytes as they came and
+/// their content type; for any other message, the body parsed as proto3 JSON.
+pub fn message_from_body(
+    desc: MessageDescriptor,
+    body: &[u8],
+    content_type: &str,
+) -> Result<DynamicMessage, FieldError> {
+    if desc.full_name() != "google.api.HttpBody" {
+        return message_from_json(desc, body);
+    }
+    let mut msg = DynamicMessage::new(desc);
+    msg.set_field_by_name(
+        "content_type",
+        prost_reflect::Value::String(content_type.to_string()),
+    );
+    msg.set_field_by_name(
+        "data",
+        prost_reflect::Value::Bytes(bytes::Bytes::copy_from_slice(body)),
+    );
+    Ok(msg)
+}
+
 /// Parses JSON into a message of `desc`, refusing unknown fields.
 pub fn message_from_json(
     desc: MessageDescriptor,
