@@ -841,3 +841,248 @@ async fn amqps_checks_tls_server_name_instead_of_the_url_host() {
     assert!(front.refused.load(std::sync::atomic::Ordering::SeqCst) > 0);
     mq::cleanup(&conn, &[&x], &[&q]).await;
 }
+
+#[tokio::test]
+async fn under_concurrent_load_every_2xx_is_exactly_one_message_in_the_queue() {
+    let url = mq::broker_url().await;
+    let (x, q) = (mq::unique("x"), mq::unique("q"));
+    let gw = Gateway::start(&one_route(&url, &x, &q, "load", "/load")).await;
+    gw.wait_backend("rabbit", true).await;
+    let gw = std::sync::Arc::new(gw);
+    let (workers, each) = (16, 25);
+    let tasks: Vec<_> = (0..workers)
+        .map(|w| {
+            let gw = gw.clone();
+            tokio::spawn(async move {
+                let mut accepted = 0;
+                for i in 0..each {
+                    let req = request(Method::POST, &gw.url("/load"))
+                        .body(body(format!("{w}-{i}")))
+                        .unwrap();
+                    let (s, _, b) = send(req).await;
+                    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+                    accepted += 1;
+                }
+                accepted
+            })
+        })
+        .collect();
+    let mut accepted = 0;
+    for t in tasks {
+        accepted += t.await.unwrap();
+    }
+    assert_eq!(accepted, workers * each);
+    let conn = mq::client().await;
+    assert_eq!(mq::depth(&conn, &q).await as usize, accepted);
+    mq::cleanup(&conn, &[&x], &[&q]).await;
+}
+
+#[tokio::test]
+async fn the_topology_declares_quorum_queues_with_length_limits_and_dead_lettering() {
+    let url = mq::broker_url().await;
+    let (x, dlx, q, dead) = (
+        mq::unique("x"),
+        mq::unique("dlx"),
+        mq::unique("quorum"),
+        mq::unique("dead"),
+    );
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  rabbit:
+    type: amqp
+    url: "{url}"
+    topology:
+      exchanges:
+        - {{ name: "{x}", type: direct }}
+        - {{ name: "{dlx}", type: direct }}
+      queues:
+        - {{ name: "{q}", type: quorum, max_length: 1, dead_letter_exchange: "{dlx}", dead_letter_routing_key: dead }}
+        - {{ name: "{dead}", message_ttl: 10m }}
+      bindings:
+        - {{ queue: "{q}", exchange: "{x}", routing_key: k }}
+        - {{ queue: "{dead}", exchange: "{dlx}", routing_key: dead }}
+routes:
+  - id: p
+    match: {{ method: POST, path: /p }}
+    backend: rabbit
+    amqp: {{ exchange: "{x}", routing_key: k }}
+"#
+    ))
+    .await;
+    gw.wait_backend("rabbit", true).await;
+    for i in 0..3 {
+        let (s, _, b) = send(
+            request(Method::POST, &gw.url("/p"))
+                .body(body(format!("m{i}")))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    }
+    // The quorum queue keeps one message; the two pushed out are dead-lettered, with the
+    // routing key the topology set.
+    let conn = mq::client().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while mq::depth(&conn, &dead).await < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(mq::depth(&conn, &q).await, 1);
+    assert_eq!(mq::depth(&conn, &dead).await, 2);
+    // The broker holds them as declared: redeclaring with other arguments is refused.
+    for (name, args) in [(&q, vec![("x-queue-type", "classic")]), (&dead, vec![])] {
+        let ch = conn.create_channel().await.unwrap();
+        let mut table = FieldTable::default();
+        for (k, v) in args {
+            table.insert(k.into(), lapin::types::AMQPValue::LongString(v.into()));
+        }
+        let redeclared = ch
+            .queue_declare(
+                name.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                table,
+            )
+            .await;
+        let err = redeclared
+            .expect_err("the queue's arguments differ")
+            .to_string();
+        assert!(err.contains("PRECONDITION_FAILED"), "{name}: {err}");
+    }
+    mq::cleanup(&conn, &[&x, &dlx], &[&q, &dead]).await;
+}
+
+#[tokio::test]
+async fn a_publish_the_broker_nacks_is_a_503() {
+    let url = mq::broker_url().await;
+    let (x, q, full) = (mq::unique("x"), mq::unique("q"), mq::unique("full"));
+    let gw = Gateway::start(&one_route(&url, &x, &q, "k", "/p")).await;
+    gw.wait_backend("rabbit", true).await;
+    // A second queue on the same binding that takes one message and refuses the rest.
+    let conn = mq::client().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(1));
+    args.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(full.as_str().into(), Default::default(), args)
+        .await
+        .unwrap();
+    ch.queue_bind(
+        full.as_str().into(),
+        x.as_str().into(),
+        "k".into(),
+        Default::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let post = || {
+        send(
+            request(Method::POST, &gw.url("/p"))
+                .body(body("m"))
+                .unwrap(),
+        )
+    };
+    let (s, _, b) = post().await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    let (s, h, b) = post().await;
+    assert_eq!(s, 503, "{}", String::from_utf8_lossy(&b));
+    assert!(h.contains_key("retry-after"));
+    assert!(
+        json(&b)["detail"].as_str().unwrap().contains("nack"),
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    let (_, _, m) = get(&gw.admin_url("/metrics")).await;
+    assert!(
+        String::from_utf8_lossy(&m).lines().any(|l| l
+            .starts_with("switchyard_broker_events_total{backend=\"rabbit\",event=\"nacked\"}")),
+        "{}",
+        String::from_utf8_lossy(&m)
+    );
+    mq::cleanup(&conn, &[&x], &[&q, &full]).await;
+}
+
+#[tokio::test]
+async fn an_envelope_carries_the_request_and_content_encoding_passes_on_raw_bodies() {
+    let url = mq::broker_url().await;
+    let (x, q) = (mq::unique("x"), mq::unique("q"));
+    let routes = format!(
+        r#"  - id: env
+    match: {{ method: POST, path: "/orders/{{id}}" }}
+    backend: rabbit
+    amqp: {{ exchange: "{x}", routing_key: env, envelope: true, headers: [x-tenant] }}
+  - id: raw
+    match: {{ method: POST, path: /raw }}
+    backend: rabbit
+    amqp: {{ exchange: "{x}", routing_key: raw }}"#
+    );
+    let gw = Gateway::start(&config(&url, &x, &q, "#", &routes)).await;
+    gw.wait_backend("rabbit", true).await;
+    let (s, _, b) = send(
+        request(Method::POST, &gw.url("/orders/o%2D7?rush=yes"))
+            .header("content-type", "application/json")
+            .header("x-tenant", "acme")
+            .header("x-secret", "not copied")
+            .body(body(r#"{"qty":2}"#))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    let (s, _, b) = send(
+        request(Method::POST, &gw.url("/raw"))
+            .header("content-type", "text/plain")
+            .header("content-encoding", "gzip")
+            .body(body(&b"\x1f\x8b not really"[..]))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    let conn = mq::client().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let m = ch
+            .basic_get(q.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+            .expect("a message");
+        got.push(m.delivery);
+    }
+    let env = &got[0];
+    let v: serde_json::Value = serde_json::from_slice(&env.data).unwrap();
+    assert_eq!(v["method"], "POST", "{v}");
+    // The normalised path: `%2D` is an unreserved character, decoded.
+    assert_eq!(v["path"], "/orders/o-7", "{v}");
+    assert_eq!(v["params"]["id"], "o-7", "{v}");
+    assert_eq!(v["query"]["rush"], "yes", "{v}");
+    assert_eq!(
+        v["headers"],
+        serde_json::json!({ "x-tenant": "acme" }),
+        "{v}"
+    );
+    assert_eq!(v["body"], serde_json::json!({ "qty": 2 }), "{v}");
+    assert_eq!(
+        env.properties.content_type().as_ref().map(|c| c.as_str()),
+        Some("application/json")
+    );
+    let raw = &got[1];
+    assert_eq!(&raw.data[..], b"\x1f\x8b not really");
+    assert_eq!(
+        raw.properties
+            .content_encoding()
+            .as_ref()
+            .map(|c| c.as_str()),
+        Some("gzip")
+    );
+    assert_eq!(
+        raw.properties.content_type().as_ref().map(|c| c.as_str()),
+        Some("text/plain")
+    );
+    mq::cleanup(&conn, &[&x], &[&q]).await;
+}
