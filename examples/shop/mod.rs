@@ -344,6 +344,7 @@ fn handle(
         .unwrap_or("")
         .to_string();
     let has_timeout = r.metadata().get("grpc-timeout").is_some();
+    let traceparent = r.metadata().get("traceparent").cloned();
     let tenant = r
         .metadata()
         .get("x-tenant")
@@ -421,6 +422,10 @@ fn handle(
             let mut resp = Response::new(o);
             resp.metadata_mut()
                 .insert("x-order-version", "3".parse().unwrap());
+            // The trace context the call came with, echoed for the tests.
+            if let Some(tp) = traceparent {
+                resp.metadata_mut().insert("x-traceparent-seen", tp);
+            }
             Ok(resp)
         }
         "CreateOrder" => {

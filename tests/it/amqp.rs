@@ -1086,3 +1086,51 @@ async fn an_envelope_carries_the_request_and_content_encoding_passes_on_raw_bodi
     );
     mq::cleanup(&conn, &[&x], &[&q]).await;
 }
+
+#[tokio::test]
+async fn bad_header_values_and_oversized_bodies_publish_nothing() {
+    let url = mq::broker_url().await;
+    let (x, q) = (mq::unique("x"), mq::unique("q"));
+    let routes = format!(
+        r#"  - id: p
+    match: {{ method: POST, path: /p }}
+    backend: rabbit
+    max_body_size: 16B
+    amqp: {{ exchange: "{x}", routing_key: k, headers: [x-tenant] }}"#
+    );
+    let gw = Gateway::start(&config(&url, &x, &q, "k", &routes)).await;
+    gw.wait_backend("rabbit", true).await;
+    for (name, value) in [
+        ("x-tenant", "a\0b"),
+        ("x-tenant", "a\rb"),
+        ("x-other", "a\0b"),
+    ] {
+        let (s, b) = crate::matching::raw(
+            gw.listen,
+            "POST",
+            "/p",
+            &[(name, value), ("content-length", "0")],
+        )
+        .await;
+        assert_eq!(s, 400, "{name}: {value:?}: {b}");
+    }
+    let (s, _, b) = send(
+        request(Method::POST, &gw.url("/p"))
+            .body(body("x".repeat(17)))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 413, "{}", String::from_utf8_lossy(&b));
+    // A good request still goes through; it is the only message.
+    let (s, _, b) = send(
+        request(Method::POST, &gw.url("/p"))
+            .header("x-tenant", "acme")
+            .body(body("ok"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    let conn = mq::client().await;
+    assert_eq!(mq::depth(&conn, &q).await, 1);
+    mq::cleanup(&conn, &[&x], &[&q]).await;
+}

@@ -70,11 +70,22 @@ async fn get_maps_path_and_query_and_answers_proto3_json() {
         &gw.url("/v1/orders/7?verbose=true&status=OPEN"),
     )
     .header("x-request-id", "grpc-rid-1")
+    .header(
+        "traceparent",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    )
     .body(body(""))
     .unwrap();
     let (s, h, b) = send(req).await;
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     assert_eq!(h["content-type"], "application/json");
+    // The server saw the client's trace continued with the gateway's own span.
+    let seen = h["grpc-metadata-x-traceparent-seen"].to_str().unwrap();
+    assert!(
+        seen.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && seen.ends_with("-01"),
+        "{seen}"
+    );
+    assert!(!seen.contains("00f067aa0ba902b7"), "{seen}");
     assert_eq!(
         h["grpc-metadata-x-order-version"], "3",
         "response metadata becomes headers"
