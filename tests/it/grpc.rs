@@ -317,6 +317,41 @@ async fn a_server_that_is_down_gets_503_and_unknown_methods_are_rejected_at_load
     }
 }
 
+/// A reload that leaves the backend alone keeps its HTTP/2 connection; one that changes the
+/// backend opens a new one.
+#[tokio::test]
+async fn the_connection_outlives_reloads_that_keep_the_backend() {
+    let server = GrpcServer::start().await;
+    let proxy = crate::support::amqp::BrokerProxy::start_to(server.addr.to_string()).await;
+    let text = config(&format!("http://{}", proxy.addr));
+    let gw = Gateway::start(&text).await;
+    let call = || async {
+        let (s, _, b) = get(&gw.url("/v1/orders/5")).await;
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    };
+    call().await;
+    call().await;
+    assert_eq!(proxy.sessions(), 1);
+    // A new route, the same backend.
+    let more = format!(
+        "{text}  - id: another\n    match: {{ method: GET, path: \"/v9/orders/{{id}}\" }}\n    backend: shop\n    grpc: {{ method: shop.v1.Orders/GetOrder }}\n"
+    );
+    std::fs::write(gw.config_path(), &more).unwrap();
+    let (s, b) = gw.reload().await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    call().await;
+    let (s, _, _) = get(&gw.url("/v9/orders/6")).await;
+    assert_eq!(s, 200);
+    assert_eq!(proxy.sessions(), 1, "the reload kept the connection");
+    // The backend's settings change: a new backend, a new connection.
+    let changed = more.replace("import_paths:", "connect_timeout: 3s\n    import_paths:");
+    std::fs::write(gw.config_path(), &changed).unwrap();
+    let (s, b) = gw.reload().await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    call().await;
+    assert_eq!(proxy.sessions(), 2);
+}
+
 /// Calls are spread over a backend's endpoints; one that refuses connections is skipped after
 /// its first refusal, and that call is retried on another endpoint.
 #[tokio::test]

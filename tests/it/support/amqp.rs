@@ -4,12 +4,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use futures_util::StreamExt;
 use lapin::options::{BasicConsumeOptions, BasicPublishOptions};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 
@@ -99,6 +100,8 @@ pub struct BrokerProxy {
     upstream: String,
     accepting: Arc<AtomicBool>,
     cut: Arc<Notify>,
+    /// Connections that carried bytes (readiness probes only connect and close).
+    sessions: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -120,17 +123,20 @@ impl BrokerProxy {
         let addr = listener.local_addr().unwrap();
         let accepting = Arc::new(AtomicBool::new(true));
         let cut = Arc::new(Notify::new());
+        let sessions = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn(Self::serve(
             listener,
             upstream.clone(),
             accepting.clone(),
             cut.clone(),
+            sessions.clone(),
         ));
         BrokerProxy {
             addr,
             upstream,
             accepting,
             cut,
+            sessions,
             task,
         }
     }
@@ -140,16 +146,26 @@ impl BrokerProxy {
         upstream: String,
         accepting: Arc<AtomicBool>,
         cut: Arc<Notify>,
+        sessions: Arc<AtomicUsize>,
     ) {
         while let Ok((mut client, _)) = listener.accept().await {
             if !accepting.load(Ordering::SeqCst) {
                 continue; // dropped: connection refused, as near as TCP allows
             }
-            let (upstream, cut) = (upstream.clone(), cut.clone());
+            let (upstream, cut, sessions) = (upstream.clone(), cut.clone(), sessions.clone());
             tokio::spawn(async move {
                 let Ok(mut server) = TcpStream::connect(&upstream).await else {
                     return;
                 };
+                let mut first = [0u8; 4096];
+                let n = match client.read(&mut first).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                sessions.fetch_add(1, Ordering::SeqCst);
+                if server.write_all(&first[..n]).await.is_err() {
+                    return;
+                }
                 tokio::select! {
                     _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                     _ = cut.notified() => {}
@@ -181,6 +197,11 @@ impl BrokerProxy {
 
     pub fn upstream(&self) -> &str {
         &self.upstream
+    }
+
+    /// Connections through the proxy that carried bytes so far.
+    pub fn sessions(&self) -> usize {
+        self.sessions.load(Ordering::SeqCst)
     }
 }
 
