@@ -266,6 +266,11 @@ async fn request_reply_over_direct_reply_to_and_a_named_queue() {
     backend: rabbit
     timeout: 300ms
     amqp: {{ exchange: "{x}", routing_key: rpc, reply: {{}} }}
+  - id: ask-late
+    match: {{ method: POST, path: /ask-late }}
+    backend: rabbit
+    timeout: 300ms
+    amqp: {{ exchange: "{x}", routing_key: rpc, headers: [X-Delay-Ms], reply: {{}} }}
   - id: ask-nowhere
     match: {{ method: POST, path: /ask-nowhere }}
     backend: rabbit
@@ -327,14 +332,32 @@ async fn request_reply_over_direct_reply_to_and_a_named_queue() {
     assert!(started.elapsed() < Duration::from_secs(2));
     let (s, _, b) = send(ask("/ask", "stray", "200")).await;
     assert_eq!((s.as_u16(), &b[..]), (200, &b"re: stray"[..]));
-    let (_, _, m) = get(&gw.admin_url("/metrics")).await;
-    let m = String::from_utf8_lossy(&m);
-    assert!(
-        m.lines().any(|l| l.starts_with(
-            "switchyard_broker_events_total{backend=\"rabbit\",event=\"reply_unmatched\"}"
-        )),
-        "{m}"
-    );
+    let unmatched = || async {
+        let (_, _, m) = get(&gw.admin_url("/metrics")).await;
+        String::from_utf8_lossy(&m)
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(
+                    "switchyard_broker_events_total{backend=\"rabbit\",event=\"reply_unmatched\"} ",
+                )?
+                .parse::<f64>()
+                .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    assert_eq!(unmatched().await, 1.0, "the stray reply");
+    // A reply that comes after the request timed out is dropped and counted too.
+    let late = request(Method::POST, &gw.url("/ask-late"))
+        .header("x-delay-ms", "700")
+        .body(body("late"))
+        .unwrap();
+    let (s, _, b) = send(late).await;
+    assert_eq!(s, 504, "{}", String::from_utf8_lossy(&b));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while unmatched().await < 2.0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(unmatched().await, 2.0, "the late reply");
     let conn = mq::client().await;
     mq::cleanup(&conn, &[&x], &[&q, &replies]).await;
 }
