@@ -104,6 +104,8 @@ impl Transport {
             .http2_only(true)
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
+            // Like a gRPC channel, an idle connection stays (its pings keep it honest).
+            .pool_idle_timeout(None)
             // HTTP/2 pings find dead connections before a call does.
             .http2_keep_alive_interval(spec.keepalive.0)
             .http2_keep_alive_timeout(spec.connect_timeout.0.max(Duration::from_secs(1)))
