@@ -671,7 +671,7 @@ impl AmqpRouteService {
         &self,
         parts: &http::request::Parts,
         body: &Bytes,
-    ) -> Result<(ShortString, ShortString, Vec<u8>, BasicProperties), GatewayError> {
+    ) -> Result<(ShortString, ShortString, Bytes, BasicProperties), GatewayError> {
         let values = RequestValues::new(parts, body);
         let exchange = values.render(&self.exchange, "the exchange")?;
         let routing_key = values.render(&self.routing_key, "the routing key")?;
@@ -739,12 +739,12 @@ impl AmqpRouteService {
         };
         let (payload, content_type) = if route.envelope {
             (
-                envelope(parts, body, &values, &self.headers),
+                Bytes::from(envelope(parts, body, &values, &self.headers)),
                 Some("application/json".to_string()),
             )
         } else {
             (
-                body.to_vec(),
+                body.clone(),
                 parts
                     .headers
                     .get(header::CONTENT_TYPE)
@@ -1119,26 +1119,19 @@ impl AmqpRouteService {
         let (parts, body) = req.into_parts();
         let body = crate::collect_body(body).await?;
         let (exchange, routing_key, payload, props) = self.message(&parts, &body)?;
-        let message_id = props
-            .message_id()
-            .as_ref()
-            .map(|m| m.to_string())
-            .unwrap_or_default();
-        let correlation_id = props
-            .correlation_id()
-            .as_ref()
-            .map(|c| c.to_string())
-            .unwrap_or_default();
         let Some(reply) = &self.route.reply else {
+            // Written straight from the properties into one buffer: this answer goes out for
+            // every publish.
+            let answer = serde_json::to_vec(&Published {
+                message_id: props.message_id().as_ref().map_or("", |m| m.as_str()),
+                correlation_id: props.correlation_id().as_ref().map_or("", |c| c.as_str()),
+                exchange: exchange.as_str(),
+                routing_key: routing_key.as_str(),
+            })
+            .map_err(|_| GatewayError::Internal("the answer could not be written"))?;
             self.publish(&exchange, &routing_key, &payload, props)
                 .await?;
-            let json = serde_json::json!({
-                "message_id": message_id,
-                "correlation_id": correlation_id,
-                "exchange": exchange.as_str(),
-                "routing_key": routing_key.as_str(),
-            });
-            let mut r = http::Response::new(full_body(json.to_string()));
+            let mut r = http::Response::new(full_body(answer));
             *r.status_mut() = self.status;
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -1147,6 +1140,11 @@ impl AmqpRouteService {
             return Ok(r);
         };
         // Request/reply: wait for the reply after the broker took the request.
+        let correlation_id = props
+            .correlation_id()
+            .as_ref()
+            .map(|c| c.to_string())
+            .unwrap_or_default();
         let (tx, rx) = oneshot::channel();
         let replies = &self.shared.replies;
         replies
@@ -1190,6 +1188,15 @@ impl AmqpRouteService {
             },
         )
     }
+}
+
+/// The answer to a confirmed publish.
+#[derive(serde::Serialize)]
+struct Published<'a> {
+    message_id: &'a str,
+    correlation_id: &'a str,
+    exchange: &'a str,
+    routing_key: &'a str,
 }
 
 /// The HTTP answer made of a reply message: its body, its content type, and the status its
