@@ -289,7 +289,9 @@ impl HttpRouteService {
         // The client's own path and query are passed on as they are (a reference count) when
         // neither a rewrite nor the endpoint's base path changes them.
         let path_and_query = match (&path, parts.uri.path_and_query()) {
-            (Cow::Borrowed(p), Some(pq)) if ep.base_path.is_empty() && *p == pq.path() => {
+            (Cow::Borrowed(p), Some(pq))
+                if ep.base_path.is_empty() && *p == pq.path() && pq.as_str().starts_with('/') =>
+            {
                 pq.clone()
             }
             _ => {

@@ -49,8 +49,9 @@ pub fn normalize(path: &str, slash: EncodedSlash) -> Result<Cow<'_, str>, PathEr
 /// The normal form of an absolute path that is not already normal.
 fn rewrite(path: &str, slash: EncodedSlash) -> Result<String, PathError> {
     let bytes = path.as_bytes();
-    // Decode escapes of unreserved characters, upper-case the others.
-    let mut decoded = String::with_capacity(path.len());
+    // Decode escapes of unreserved characters, upper-case the others; every other byte (UTF-8
+    // included) is kept as written.
+    let mut decoded: Vec<u8> = Vec::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
         let b = bytes[i];
@@ -68,25 +69,26 @@ fn rewrite(path: &str, slash: EncodedSlash) -> Result<String, PathError> {
                     0 | b'\r' | b'\n' => return Err(PathError::ControlChar),
                     b'/' => match slash {
                         EncodedSlash::Reject => return Err(PathError::EncodedSlash),
-                        EncodedSlash::Decode => decoded.push('/'),
-                        EncodedSlash::Keep => decoded.push_str("%2F"),
+                        EncodedSlash::Decode => decoded.push(b'/'),
+                        EncodedSlash::Keep => decoded.extend_from_slice(b"%2F"),
                     },
-                    v if unreserved(v) => decoded.push(v as char),
+                    v if unreserved(v) => decoded.push(v),
                     v => {
-                        decoded.push('%');
-                        decoded.push(char::from(b"0123456789ABCDEF"[(v >> 4) as usize]));
-                        decoded.push(char::from(b"0123456789ABCDEF"[(v & 15) as usize]));
+                        decoded.push(b'%');
+                        decoded.push(b"0123456789ABCDEF"[(v >> 4) as usize]);
+                        decoded.push(b"0123456789ABCDEF"[(v & 15) as usize]);
                     }
                 }
                 i += 3;
             }
             _ => {
-                // Non-ASCII bytes cannot appear in a parsed URI; keep the rest as written.
-                decoded.push(b as char);
+                decoded.push(b);
                 i += 1;
             }
         }
     }
+    // Only ASCII was decoded from escapes, so the UTF-8 of `path` is intact.
+    let decoded = String::from_utf8(decoded).map_err(|_| PathError::BadEscape)?;
     // Merge `//`, resolve `.` and `..` (RFC 3986 §5.2.4); `..` above the root is refused.
     let mut out: Vec<&str> = Vec::new();
     let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
@@ -145,6 +147,7 @@ mod tests {
             ("/%2e%2e/etc", Keep, Err(PathError::AboveRoot)),
             ("/a/%2E%2E/b", Keep, Ok("/b")),
             ("/%61%62c", Keep, Ok("/abc")),
+            ("/caf\u{e9}//x", Keep, Ok("/caf\u{e9}/x")),
             ("/a%2fb", Keep, Ok("/a%2Fb")),
             ("/a%2Fb", Decode, Ok("/a/b")),
             ("/a%2F..%2F..%2Fb", Decode, Err(PathError::AboveRoot)),
@@ -168,7 +171,9 @@ mod tests {
 
     #[test]
     fn the_shortcut_for_normal_paths_agrees_with_the_rewrite() {
-        let parts = ["a", "", ".", "..", "%41", "b.", "..c", "%2F"];
+        let parts = [
+            "a", "", ".", "..", "%41", "b.", "..c", "%2F", "café", "é%C3%A9",
+        ];
         let mut paths = vec!["/".to_string()];
         for x in parts {
             for y in parts {

@@ -179,21 +179,30 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: HttpRequest<Incomi
         };
         let (mut parts, body) = req.into_parts();
         let body = LimitedBody::new(body, limit).boxed_unsync();
-        if let Some(path) = rewritten {
-            let path_and_query = match parts.uri.query() {
-                Some(q) => format!("{path}?{q}"),
-                None => path,
-            };
-            parts.uri = path_and_query
-                .parse()
-                .map_err(|_| GatewayError::bad_request("the request target is not a valid URI"))?;
-        } else if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
-            // An absolute-form target (`GET http://host/path`, and every HTTP/2 request):
-            // the stack sees only the path and query, as for the origin form.
-            parts.uri = match parts.uri.path_and_query() {
-                Some(pq) => http::Uri::from(pq.clone()),
-                None => http::Uri::from_static("/"),
-            };
+        // The request's own path and query, when they start with the path as matched.
+        let own = parts
+            .uri
+            .path_and_query()
+            .filter(|pq| pq.as_str().starts_with('/'))
+            .cloned();
+        match (rewritten, own) {
+            (None, Some(pq)) => {
+                // An absolute-form target (`GET http://host/path`, and every HTTP/2 request):
+                // the stack sees only the path and query, as for the origin form.
+                if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+                    parts.uri = http::Uri::from(pq);
+                }
+            }
+            (rewritten, _) => {
+                let path = rewritten.unwrap_or_else(|| parts.uri.path().to_string());
+                let path_and_query = match parts.uri.query() {
+                    Some(q) => format!("{path}?{q}"),
+                    None => path,
+                };
+                parts.uri = path_and_query.parse().map_err(|_| {
+                    GatewayError::bad_request("the request target is not a valid URI")
+                })?;
+            }
         }
         let traceparent = correlation::next_traceparent(&parts.headers);
         parts.headers.insert(TRACEPARENT.clone(), traceparent);

@@ -352,6 +352,34 @@ async fn the_connection_outlives_reloads_that_keep_the_backend() {
     assert_eq!(proxy.sessions(), 2);
 }
 
+/// A connection that dies while a call is under way is a 502 (the server may have acted), not
+/// the 503 of a backend that could not be reached, which retries treat as never sent.
+#[tokio::test]
+async fn a_connection_lost_mid_call_is_a_502() {
+    let server = GrpcServer::start().await;
+    let proxy = crate::support::amqp::BrokerProxy::start_to(server.addr.to_string()).await;
+    let text = format!(
+        "{}\nroutes: []\n",
+        shop_backend(&format!("http://{}", proxy.addr), "annotated_routes: true")
+    );
+    let gw = Gateway::start(&text).await;
+    let call = tokio::spawn({
+        let url = gw.url("/v2/sleep");
+        async move { send(request(Method::POST, &url).body(body("\"3s\"")).unwrap()).await }
+    });
+    while proxy.sessions() == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    proxy.cut();
+    let (s, _, b) = call.await.unwrap();
+    assert_eq!(s, 502, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b)["type"], "urn:switchyard:problem:bad-gateway");
+    // The next call connects again.
+    let (s, _, b) = get(&gw.url("/v2/orders/3")).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+}
+
 /// Calls are spread over a backend's endpoints; one that refuses connections is skipped after
 /// its first refusal, and that call is retried on another endpoint.
 #[tokio::test]

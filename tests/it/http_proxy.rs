@@ -188,21 +188,24 @@ routes:
     );
 }
 
+/// One route on `path` to an upstream spoken to over HTTP/2 (h2c).
+fn h2_upstream(upstream: &str, path: &str) -> String {
+    format!(
+        r#"
+backends:
+  up: {{ type: http, endpoints: ["{upstream}"], protocol: http2 }}
+routes:
+  - id: r
+    match: {{ path: "{path}" }}
+    backend: up
+"#
+    )
+}
+
 #[tokio::test]
 async fn h2c_client_and_h2_upstream() {
     let up = Upstream::start().await;
-    let gw = Gateway::start(&format!(
-        r#"
-backends:
-  up: {{ type: http, endpoints: ["{}"], protocol: http2 }}
-routes:
-  - id: r
-    match: {{ path: "/{{*rest}}" }}
-    backend: up
-"#,
-        up.url()
-    ))
-    .await;
+    let gw = Gateway::start(&h2_upstream(&up.url(), "/{*rest}")).await;
     let resp = h2c_client()
         .request(http::Request::get(gw.url("/h2")).body(body("")).unwrap())
         .await
@@ -279,4 +282,24 @@ async fn an_upstream_that_drops_idle_connections_silently_is_reconnected() {
     assert_eq!(sequential(&gw.url("/api/x"), 20).await, vec![200; 20]);
     assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 20);
     task.abort();
+}
+
+/// An absolute-form target with no path (`GET http://host?x=1`) reaches an HTTP/2 upstream as
+/// `/?x=1`, the origin form of the same target.
+#[tokio::test]
+async fn an_absolute_form_target_without_a_path_is_forwarded_as_the_root() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&h2_upstream(&up.url(), "/")).await;
+    for target in ["http://gw.test?x=1", "/?x=1"] {
+        let (s, b) = crate::matching::raw(gw.listen, "GET", target, &[]).await;
+        assert_eq!(s, 200, "{target}: {b}");
+        let v: serde_json::Value = serde_json::from_str(&b).unwrap();
+        // HTTP/2 servers see `:scheme` and `:authority` in the URI too.
+        assert!(
+            v["uri"].as_str().unwrap().ends_with("/?x=1"),
+            "{target}: {v}"
+        );
+        assert_eq!(v["path"], "/", "{target}: {v}");
+        assert_eq!(v["version"], "HTTP/2.0", "{target}: {v}");
+    }
 }

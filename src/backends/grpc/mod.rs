@@ -535,7 +535,7 @@ impl GrpcRouteService {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let mut msg = self.body_message(body, content_type)?;
+        let mut msg = self.body_message(body, Some(content_type))?;
         for (k, v) in self.param_pairs(req_parts)? {
             transcode::set_from_str(&mut msg, &k, &v).map_err(Self::bad_field)?;
         }
@@ -543,13 +543,20 @@ impl GrpcRouteService {
     }
 
     /// The request message as the body alone makes it, following the route's body rule. A
-    /// body that fills a `google.api.HttpBody` is taken as it is, with `content_type`.
-    fn body_message(&self, body: &[u8], content_type: &str) -> Result<DynamicMessage, BoxError> {
+    /// whole request body (`content_type` given) that fills a `google.api.HttpBody` is taken as
+    /// it is; the lines of a client stream (no content type) are always proto3 JSON.
+    fn body_message(
+        &self,
+        body: &[u8],
+        content_type: Option<&str>,
+    ) -> Result<DynamicMessage, BoxError> {
         let input = self.method.input();
+        let parse = |desc, body| match content_type {
+            Some(ct) => transcode::message_from_body(desc, body, ct),
+            None => transcode::message_from_json(desc, body),
+        };
         Ok(match &self.body {
-            BodyRule::Whole => {
-                transcode::message_from_body(input, body, content_type).map_err(Self::bad_field)?
-            }
+            BodyRule::Whole => parse(input, body).map_err(Self::bad_field)?,
             BodyRule::None => {
                 if !body.iter().all(u8::is_ascii_whitespace) {
                     return Err(
@@ -562,7 +569,7 @@ impl GrpcRouteService {
                 let Kind::Message(m) = f.kind() else {
                     unreachable!("checked at build")
                 };
-                let inner = transcode::message_from_body(m, body, content_type)
+                let inner = parse(m, body)
                     .map_err(|mut e| {
                         e.field = if e.field.is_empty() {
                             f.name().to_string()
@@ -689,7 +696,7 @@ impl GrpcRouteService {
         let params = self.param_pairs(&parts)?;
         let this = self.clone();
         let parse: ndjson::LineParser = Box::new(move |line| {
-            let mut msg = this.body_message(line, "application/json")?;
+            let mut msg = this.body_message(line, None)?;
             for (k, v) in &params {
                 transcode::set_from_str(&mut msg, k, v).map_err(Self::bad_field)?;
             }
@@ -788,12 +795,23 @@ impl GrpcRouteService {
             return GatewayError::Timeout { after: d.total }.into();
         }
         let backend = &self.backend;
-        if status.code() == tonic::Code::Unavailable && std::error::Error::source(&status).is_some()
-        {
-            return GatewayError::BackendUnavailable {
+        // A status with a cause was made on this side, not sent by the server: the call failed
+        // in transport. A failed connect means the backend never saw the call; any other
+        // failure (a reset, a dead connection) may come after it acted, so it is a 502,
+        // retried only when safe.
+        if std::error::Error::source(&status).is_some() {
+            if transport::is_connect_failure(&status) {
+                return GatewayError::BackendUnavailable {
+                    backend: backend.name.clone(),
+                    reason: "cannot connect to the backend",
+                    retry_after: None,
+                    source: Some(Box::new(status)),
+                }
+                .into();
+            }
+            return GatewayError::BadGateway {
                 backend: backend.name.clone(),
-                reason: "cannot connect to the backend",
-                retry_after: None,
+                reason: "the connection to the backend failed",
                 source: Some(Box::new(status)),
             }
             .into();

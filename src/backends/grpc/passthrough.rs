@@ -106,13 +106,23 @@ impl Passthrough {
         }
         let backend = self.backend.clone();
         let resp = self.transport.oneshot(req).await.map_err(|e| -> BoxError {
-            GatewayError::BackendUnavailable {
-                backend,
-                reason: "cannot connect to the backend",
-                retry_after: None,
-                source: Some(e),
+            if super::transport::is_connect_failure(&*e) {
+                GatewayError::BackendUnavailable {
+                    backend,
+                    reason: "cannot connect to the backend",
+                    retry_after: None,
+                    source: Some(e),
+                }
+                .into()
+            } else {
+                // The request may have reached the server before the connection failed.
+                GatewayError::BadGateway {
+                    backend,
+                    reason: "the connection to the backend failed",
+                    source: Some(e),
+                }
+                .into()
             }
-            .into()
         })?;
         Ok(resp.map(tonic::body::Body::new))
     }

@@ -39,6 +39,11 @@ pub fn message_from_body(
     if desc.full_name() != "google.api.HttpBody" {
         return message_from_json(desc, body);
     }
+    Ok(http_body(desc, body, content_type))
+}
+
+/// A `google.api.HttpBody` holding `body` as it is.
+fn http_body(desc: MessageDescriptor, body: &[u8], content_type: &str) -> DynamicMessage {
     let mut msg = DynamicMessage::new(desc);
     msg.set_field_by_name(
         "content_type",
@@ -48,7 +53,7 @@ pub fn message_from_body(
         "data",
         prost_reflect::Value::Bytes(bytes::Bytes::copy_from_slice(body)),
     );
-    Ok(msg)
+    msg
 }
 
 /// Parses JSON into a message of `desc`, refusing unknown fields.

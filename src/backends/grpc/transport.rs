@@ -189,3 +189,18 @@ impl Service<http::Request<tonic::body::Body>> for Transport {
         })
     }
 }
+
+/// Whether a call failed because its endpoint could not be connected to (so the backend never
+/// saw it): the `Status` this transport makes of a failed connect, or hyper-util's own error.
+pub fn is_connect_failure(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(|e| e.is_connect())
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
