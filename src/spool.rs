@@ -878,7 +878,7 @@ pub struct SpoolService {
     inner: RouteService,
     spool: Arc<Spool>,
     route: Arc<str>,
-    backend: String,
+    backend: Arc<str>,
 }
 
 impl SpoolService {
@@ -887,7 +887,7 @@ impl SpoolService {
             inner,
             spool,
             route,
-            backend,
+            backend: backend.into(),
         }
     }
 }

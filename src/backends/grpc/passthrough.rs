@@ -39,7 +39,7 @@ impl Wire {
 /// Forwards gRPC requests to one method of a backend.
 #[derive(Clone)]
 pub struct Passthrough {
-    backend: String,
+    backend: std::sync::Arc<str>,
     transport: super::transport::Transport,
     path: PathAndQuery,
 }
@@ -47,7 +47,7 @@ pub struct Passthrough {
 impl Passthrough {
     pub fn new(backend: &str, transport: super::transport::Transport, path: PathAndQuery) -> Self {
         Passthrough {
-            backend: backend.to_string(),
+            backend: backend.into(),
             transport,
             path,
         }
@@ -104,7 +104,7 @@ impl Passthrough {
                     .insert("grpc-timeout", grpc_timeout(remaining));
             }
         }
-        let backend = self.backend.clone();
+        let backend = self.backend.to_string();
         let resp = self.transport.oneshot(req).await.map_err(|e| -> BoxError {
             if super::transport::is_connect_failure(&*e) {
                 GatewayError::BackendUnavailable {
