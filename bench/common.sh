@@ -32,3 +32,26 @@ wrk.headers["content-type"] = "application/octet-stream"
 local f = io.open("$1/body", "rb"); wrk.body = f:read("*a"); f:close()
 LUA
 }
+
+# start_nginx WORK: runs nginx on WORK/nginx.conf, made of the preamble every bench shares (two
+# workers, pid, logs and temp files under WORK, no access log, long keep-alive) and the lines
+# of the http block read from standard input.
+start_nginx() {
+  mkdir -p "$1/logs"
+  {
+    cat <<CONF
+worker_processes 2;
+pid $1/nginx.pid;
+error_log $1/logs/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $1/body; proxy_temp_path $1/proxy;
+  fastcgi_temp_path $1/fcgi; uwsgi_temp_path $1/uwsgi; scgi_temp_path $1/scgi;
+  keepalive_requests 1000000;
+CONF
+    cat
+    echo "}"
+  } > "$1/nginx.conf"
+  "$(command -v nginx || echo /usr/sbin/nginx)" -c "$1/nginx.conf" -p "$1"
+}

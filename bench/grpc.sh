@@ -20,7 +20,6 @@ NGINX_PORT=${NGINX_PORT:-18155}
 
 need h2load nghttp2-client
 need nginx nginx
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 cargo build -q --release --locked --bin switchyard --example shop_server
 WORK=$(mktemp -d)
@@ -35,25 +34,13 @@ trap cleanup EXIT
 SHOP_ADDR="127.0.0.1:$GRPC_PORT" "$BIN/examples/shop_server" >"$WORK/server.log" 2>&1 &
 SERVER_PID=$!
 # nginx as a plain gRPC proxy (h2c in, keep-alive h2c pool out), one worker per core as usual.
-mkdir -p "$WORK/logs"
-cat > "$WORK/nginx.conf" <<CONF
-worker_processes 2;
-pid $WORK/nginx.pid;
-error_log $WORK/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/body; proxy_temp_path $WORK/proxy;
-  fastcgi_temp_path $WORK/fcgi; uwsgi_temp_path $WORK/uwsgi; scgi_temp_path $WORK/scgi;
-  keepalive_requests 1000000;
+start_nginx "$WORK" <<CONF
   upstream shop { server 127.0.0.1:$GRPC_PORT; keepalive 64; keepalive_requests 1000000; }
   server {
     listen 127.0.0.1:$NGINX_PORT http2;
     location / { grpc_pass grpc://shop; }
   }
-}
 CONF
-"$NGINX" -c "$WORK/nginx.conf" -p "$WORK"
 cat > "$WORK/routes.yaml" <<YAML
 server: { listen: "127.0.0.1:$SY_PORT", admin: "127.0.0.1:$SY_ADMIN" }
 backends:

@@ -17,15 +17,10 @@ UP_PORT=${UP_PORT:-18081}
 NGINX_PORT=${NGINX_PORT:-18082}
 SY_PORT=${SY_PORT:-18083}
 SY_ADMIN=${SY_ADMIN:-18084}
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/switchyard-target}"
+. bench/common.sh
 
-need() { command -v "$1" >/dev/null 2>&1 || NEED="${NEED:-} $2"; }
-need wrk wrk; need nginx nginx
-if [ -n "${NEED:-}" ]; then
-  echo "bench: installing${NEED} (apt-get)"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ${NEED} >/dev/null
-fi
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+need wrk wrk
+need nginx nginx
 
 cargo build --release --locked --bin switchyard >/dev/null
 SWITCHYARD="$CARGO_TARGET_DIR/release/switchyard"
@@ -41,17 +36,7 @@ trap cleanup EXIT
 # One nginx process serves two roles on two ports: the upstream (a small fixed answer, one
 # worker) and the peer proxy (keep-alive pool to the upstream). Access logs are off for both
 # nginx and Switchyard so the comparison is proxy work only.
-mkdir -p "$WORK/logs"
-cat > "$WORK/nginx.conf" <<CONF
-worker_processes 2;
-pid $WORK/nginx.pid;
-error_log $WORK/logs/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $WORK/body; proxy_temp_path $WORK/proxy;
-  fastcgi_temp_path $WORK/fcgi; uwsgi_temp_path $WORK/uwsgi; scgi_temp_path $WORK/scgi;
-  keepalive_requests 1000000;
+start_nginx "$WORK" <<CONF
   upstream up { server 127.0.0.1:$UP_PORT; keepalive 128; }
   server { listen 127.0.0.1:$UP_PORT; location / { default_type text/plain; return 200 "hello, world\n"; } }
   server {
@@ -63,9 +48,7 @@ http {
       proxy_set_header X-Forwarded-For \$remote_addr;
     }
   }
-}
 CONF
-"$NGINX" -c "$WORK/nginx.conf" -p "$WORK"
 
 cat > "$WORK/routes.yaml" <<YAML
 server: { listen: "127.0.0.1:$SY_PORT", admin: "127.0.0.1:$SY_ADMIN" }
@@ -123,7 +106,6 @@ for r in $(seq 1 "$ROUNDS"); do
   run sy-full-mw "http://127.0.0.1:$SY_PORT/full/bench"
 done
 
-median() { sort -n | awk '{a[NR] = $1} END { if (NR % 2) print a[(NR + 1) / 2]; else printf "%.3f\n", (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 col() { awk -v n="$1" -v c="$2" '$1 == n {print $c}' "$WORK/results" | median; }
 
 echo

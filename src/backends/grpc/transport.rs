@@ -120,16 +120,18 @@ impl Transport {
             }),
         })
     }
+}
 
+impl Shared {
     fn now_ms(&self) -> u64 {
-        self.shared.epoch.elapsed().as_millis() as u64
+        self.epoch.elapsed().as_millis() as u64
     }
 
     /// Round robin over the endpoints that are not ejected; over all of them when every one is.
     fn pick(&self) -> usize {
-        let eps = &self.shared.endpoints;
+        let eps = &self.endpoints;
         let n = eps.len();
-        let start = self.shared.next.fetch_add(1, Ordering::Relaxed);
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
         if n == 1 {
             return 0;
         }
@@ -141,9 +143,9 @@ impl Transport {
     }
 
     fn eject(&self, i: usize) {
-        if self.shared.endpoints.len() > 1 {
+        if self.endpoints.len() > 1 {
             let until = self.now_ms() + EJECT_FOR.as_millis() as u64;
-            self.shared.endpoints[i]
+            self.endpoints[i]
                 .ejected_until
                 .store(until, Ordering::Relaxed);
         }
@@ -164,7 +166,7 @@ impl Service<http::Request<tonic::body::Body>> for Transport {
     }
 
     fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
-        let i = self.pick();
+        let i = self.shared.pick();
         let ep = &self.shared.endpoints[i];
         let mut parts = std::mem::take(req.uri_mut()).into_parts();
         parts.scheme = Some(ep.scheme.clone());
@@ -173,12 +175,12 @@ impl Service<http::Request<tonic::body::Body>> for Transport {
             parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         }
         *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
-        let this = self.clone();
+        let shared = self.shared.clone();
         let call = self.client.request(req);
         Box::pin(async move {
             call.await.map_err(|e| -> crate::BoxError {
                 if e.is_connect() {
-                    this.eject(i);
+                    shared.eject(i);
                     let mut status = tonic::Status::unavailable("cannot connect to the backend");
                     status.set_source(Arc::new(e));
                     status.into()
