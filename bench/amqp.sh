@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # AMQP bridge benchmark: HTTP POST → confirmed persistent publish through Switchyard (wrk, one
 # request in flight per connection) versus a direct lapin publisher with confirms
-# (examples/amqp_direct.rs), same message size, same number of messages in flight, same broker,
-# in alternation in one run. Prints messages/s and latency percentiles, then the ratios.
+# (examples/amqp_direct.rs), same message (body and the properties the gateway sets), same number
+# of messages in flight, same broker, in alternation in one run. Prints messages/s and latency
+# percentiles, then the ratios. The direct publisher also runs with minimal properties (delivery
+# mode and content type only), printed for reference: "direct-min".
 #
 #   bash bench/amqp.sh          # DURATION=10 (seconds) ROUNDS=3 INFLIGHT=32 SIZE=256
 #                               # SY_WORKERS=N: the gateway's Tokio worker threads
@@ -52,8 +54,8 @@ wait_ready "$SY_ADMIN"
 
 post_lua "$WORK" "$SIZE"
 
-direct() {
-  AMQP_URL="$AMQP_URL" EXCHANGE=bench.x ROUTING_KEY=bench SIZE="$SIZE" CONCURRENCY="$INFLIGHT" \
+direct() { # PROPERTIES
+  PROPERTIES="$1" AMQP_URL="$AMQP_URL" EXCHANGE=bench.x ROUTING_KEY=bench SIZE="$SIZE" CONCURRENCY="$INFLIGHT" \
     DURATION="$DURATION" "$BIN/examples/amqp_direct"
 }
 via() {
@@ -64,17 +66,19 @@ us() { awk '{v = $1; if (v ~ /us$/) print v + 0; else if (v ~ /ms$/) print (v + 
 echo "${DURATION}s per target, $INFLIGHT messages in flight, $SIZE-byte persistent messages, $ROUNDS round(s)"
 : > "$WORK/results"
 for r in $(seq 1 "$ROUNDS"); do
-  d=$(direct); v=$(via)
+  d=$(direct gateway); m=$(direct minimal); v=$(via)
+  mrate=$(sed -n 's/.*= \([0-9]*\) msg\/s.*/\1/p' <<<"$m")
   drate=$(sed -n 's/.*= \([0-9]*\) msg\/s.*/\1/p' <<<"$d")
   dp50=$(sed -n 's/.*p50 \([0-9]*\) us.*/\1/p' <<<"$d"); dp99=$(sed -n 's/.*p99 \([0-9]*\) us.*/\1/p' <<<"$d")
   vrate=$(awk '/^Requests\/sec:/ {print $2}' <<<"$v")
   vp50=$(awk '$1 == "50%" {print $2}' <<<"$v" | us); vp99=$(awk '$1 == "99%" {print $2}' <<<"$v" | us)
   non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$v"); non2xx=${non2xx:-0}
-  echo "round $r: direct $drate msg/s (p50 $dp50 us, p99 $dp99 us); switchyard $vrate req/s (p50 $vp50 us, p99 $vp99 us, non-2xx $non2xx)"
-  echo "$drate $vrate $dp50 $vp50 $dp99 $vp99" >> "$WORK/results"
+  echo "round $r: direct $drate msg/s (p50 $dp50 us, p99 $dp99 us); direct-min $mrate msg/s; switchyard $vrate req/s (p50 $vp50 us, p99 $vp99 us, non-2xx $non2xx)"
+  echo "$drate $vrate $dp50 $vp50 $dp99 $vp99 $mrate" >> "$WORK/results"
 done
 col() { awk -v c="$1" '{print $c}' "$WORK/results" | median; }
-awk -v d="$(col 1)" -v v="$(col 2)" -v dp50="$(col 3)" -v vp50="$(col 4)" -v dp99="$(col 5)" -v vp99="$(col 6)" 'BEGIN {
+awk -v d="$(col 1)" -v m="$(col 7)" -v v="$(col 2)" -v dp50="$(col 3)" -v vp50="$(col 4)" -v dp99="$(col 5)" -v vp99="$(col 6)" 'BEGIN {
   printf "medians: direct %.0f msg/s (p50 %.0f us, p99 %.0f us), switchyard %.0f msg/s (p50 %.0f us, p99 %.0f us)\n", d, dp50, dp99, v, vp50, vp99
   printf "ratios: switchyard/direct msg/s = %.2f (target >= 0.80); added latency p50 %.0f us, p99 %.0f us\n", v / d, vp50 - dp50, vp99 - dp99
+  printf "        for reference: direct-min %.0f msg/s, switchyard/direct-min = %.2f\n", m, v / m
 }'

@@ -2,12 +2,18 @@
 //! publisher confirms straight to RabbitMQ with lapin, `CONCURRENCY` in flight at once (one per
 //! channel, as the gateway does), for `DURATION` seconds, and prints messages/s and latency
 //! percentiles. Settings from the environment: AMQP_URL, EXCHANGE, ROUTING_KEY, SIZE (bytes),
-//! CONCURRENCY, DURATION.
+//! CONCURRENCY, DURATION, PROPERTIES.
+//!
+//! `PROPERTIES=gateway` (the default) sends the properties the gateway's publish route sets on
+//! every message (message id, correlation id, timestamp, app id, an empty header table, content
+//! type, persistent), so both sides hand the broker the same message, not just the same body;
+//! `PROPERTIES=minimal` sends only delivery mode and content type.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Confirmation, Connection, ConnectionProperties};
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -28,6 +34,7 @@ async fn main() {
     let size: usize = env("SIZE", 256);
     let concurrency: usize = env("CONCURRENCY", 64);
     let duration = Duration::from_secs(env("DURATION", 10));
+    let full = env("PROPERTIES", "gateway".to_string()) != "minimal";
     let conn = Arc::new(
         Connection::connect(&url, ConnectionProperties::default())
             .await
@@ -47,6 +54,20 @@ async fn main() {
             let mut latencies = Vec::new();
             while Instant::now() < until {
                 let t = Instant::now();
+                let mut props = BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/octet-stream".into());
+                if full {
+                    let now = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .unwrap_or_default();
+                    props = props
+                        .with_message_id(uuid::Uuid::now_v7().to_string().into())
+                        .with_correlation_id(uuid::Uuid::now_v7().to_string().into())
+                        .with_timestamp(now.as_secs())
+                        .with_app_id("switchyard".into())
+                        .with_headers(FieldTable::default());
+                }
                 let confirm = ch
                     .basic_publish(
                         exchange.as_str().into(),
@@ -56,9 +77,7 @@ async fn main() {
                             immediate: false,
                         },
                         &payload,
-                        BasicProperties::default()
-                            .with_delivery_mode(2)
-                            .with_content_type("application/octet-stream".into()),
+                        props,
                     )
                     .await
                     .expect("publish");
