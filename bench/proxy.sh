@@ -2,8 +2,10 @@
 # Proxy benchmark: the upstream directly, nginx proxying to it, Switchyard proxying to it on a
 # bare route, and Switchyard on a route with the full middleware stack (timeout, per-try timeout,
 # retry with budget, breaker, rate limit set high, concurrency limits), measured in one run with
-# wrk (64 connections, keep-alive, small GET), ROUNDS times each in alternation. Prints
-# requests/s, p50 and p99 (medians over the rounds), the ratios, and Switchyard's idle RSS.
+# wrk (64 connections, keep-alive, small GET), ROUNDS times each in alternation. Also measured:
+# the floor of the building blocks, examples/hyper_proxy.rs (a bare hyper + hyper-util proxy) on
+# Tokio's work-stealing runtime (as Switchyard runs) and on per-core runtimes. Prints requests/s,
+# p50 and p99 (medians over the rounds), the ratios, and Switchyard's idle RSS.
 #
 #   bash bench/proxy.sh            # DURATION=15s ROUNDS=3 CONNECTIONS=64 by default
 set -euo pipefail
@@ -17,28 +19,35 @@ UP_PORT=${UP_PORT:-18081}
 NGINX_PORT=${NGINX_PORT:-18082}
 SY_PORT=${SY_PORT:-18083}
 SY_ADMIN=${SY_ADMIN:-18084}
+HY_PORT=${HY_PORT:-18087}
+HYPC_PORT=${HYPC_PORT:-18088}
 . bench/common.sh
 
 need wrk wrk
 need nginx nginx
 
-cargo build --release --locked --bin switchyard >/dev/null
+cargo build --release --locked --bin switchyard --example hyper_proxy >/dev/null
 SWITCHYARD="$CARGO_TARGET_DIR/release/switchyard"
 
 WORK=$(mktemp -d)
 cleanup() {
-  [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
-  [ -n "${SY_PID:-}" ] && kill "$SY_PID" 2>/dev/null || true
+  for f in "$WORK/nginx.pid" "$WORK/upstream/nginx.pid"; do
+    [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
+  done
+  for p in ${SY_PID:-} ${HY_PID:-} ${HYPC_PID:-}; do kill "$p" 2>/dev/null || true; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-# One nginx process serves two roles on two ports: the upstream (a small fixed answer, one
-# worker) and the peer proxy (keep-alive pool to the upstream). Access logs are off for both
-# nginx and Switchyard so the comparison is proxy work only.
+# Two nginx instances: the upstream (a small fixed answer) and the peer proxy (keep-alive pool
+# to the upstream), as separate processes, so the peer's proxied requests cross processes as
+# Switchyard's do. Access logs are off for both nginx and Switchyard so the comparison is proxy
+# work only.
+start_nginx "$WORK/upstream" <<CONF
+  server { listen 127.0.0.1:$UP_PORT; location / { default_type text/plain; return 200 "hello, world\n"; } }
+CONF
 start_nginx "$WORK" <<CONF
   upstream up { server 127.0.0.1:$UP_PORT; keepalive 128; }
-  server { listen 127.0.0.1:$UP_PORT; location / { default_type text/plain; return 200 "hello, world\n"; } }
   server {
     listen 127.0.0.1:$NGINX_PORT;
     location / {
@@ -75,6 +84,10 @@ routes:
 YAML
 RUST_LOG="warn" "$SWITCHYARD" run --no-watch --config "$WORK/routes.yaml" >"$WORK/logs/switchyard.log" 2>&1 &
 SY_PID=$!
+"$BIN/examples/hyper_proxy" "127.0.0.1:$HY_PORT" "http://127.0.0.1:$UP_PORT" &
+HY_PID=$!
+MODE=per-core "$BIN/examples/hyper_proxy" "127.0.0.1:$HYPC_PORT" "http://127.0.0.1:$UP_PORT" &
+HYPC_PID=$!
 for _ in $(seq 1 100); do
   (exec 3<>"/dev/tcp/127.0.0.1/$SY_PORT") 2>/dev/null && break
   sleep 0.1
@@ -94,7 +107,7 @@ run() { # name url
   p99=$(to_ms "$(awk '$1 == "99%" {print $2}' <<<"$out")")
   errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
   echo "$1 $rps $p50 $p99" >> "$WORK/results"
-  printf '  %-11s %10s req/s  p50 %8s ms  p99 %8s ms  %s\n' "$1" "$rps" "$p50" "$p99" "$errs"
+  printf '  %-13s %10s req/s  p50 %8s ms  p99 %8s ms  %s\n' "$1" "$rps" "$p50" "$p99" "$errs"
 }
 
 echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency, $ROUNDS round(s), $(nproc) cores"
@@ -104,20 +117,25 @@ for r in $(seq 1 "$ROUNDS"); do
   run nginx "http://127.0.0.1:$NGINX_PORT/bench"
   run switchyard "http://127.0.0.1:$SY_PORT/bare/bench"
   run sy-full-mw "http://127.0.0.1:$SY_PORT/full/bench"
+  run hyper-floor "http://127.0.0.1:$HY_PORT/bench"
+  run hyper-percore "http://127.0.0.1:$HYPC_PORT/bench"
 done
 
 col() { awk -v n="$1" -v c="$2" '$1 == n {print $c}' "$WORK/results" | median; }
 
 echo
 echo "medians over $ROUNDS round(s):"
-printf '  %-11s %12s %10s %10s\n' target "req/s" "p50 ms" "p99 ms"
-for t in direct nginx switchyard sy-full-mw; do
-  printf '  %-11s %12s %10s %10s\n' "$t" "$(col $t 2)" "$(col $t 3)" "$(col $t 4)"
+printf '  %-13s %12s %10s %10s\n' target "req/s" "p50 ms" "p99 ms"
+for t in direct nginx switchyard sy-full-mw hyper-floor hyper-percore; do
+  printf '  %-13s %12s %10s %10s\n' "$t" "$(col $t 2)" "$(col $t 3)" "$(col $t 4)"
 done
 SY_RPS=$(col switchyard 2); NG_RPS=$(col nginx 2); UP_RPS=$(col direct 2)
 SY_P99=$(col switchyard 4); NG_P99=$(col nginx 4); MW_RPS=$(col sy-full-mw 2)
-awk -v s="$SY_RPS" -v n="$NG_RPS" -v u="$UP_RPS" -v sp="$SY_P99" -v np="$NG_P99" -v m="$MW_RPS" 'BEGIN {
+HY_RPS=$(col hyper-floor 2); HC_RPS=$(col hyper-percore 2)
+awk -v s="$SY_RPS" -v n="$NG_RPS" -v u="$UP_RPS" -v sp="$SY_P99" -v np="$NG_P99" -v m="$MW_RPS" \
+  -v hy="$HY_RPS" -v hc="$HC_RPS" 'BEGIN {
   printf "ratios: switchyard/nginx req/s = %.2f (target >= 1.00), switchyard/nginx p99 = %.2f (target <= 1.00), switchyard/direct req/s = %.2f\n", s / n, sp / np, s / u
   printf "        full middleware/bare route req/s = %.2f (target >= 0.95)\n", m / s
+  printf "        hyper floor/nginx req/s = %.2f (work-stealing), %.2f (per-core); switchyard/hyper floor (work-stealing) = %.2f\n", hy / n, hc / n, s / hy
 }'
 echo "switchyard idle RSS: $((RSS_KB / 1024)) MiB ($RSS_KB KiB; target <= 20 MiB)"

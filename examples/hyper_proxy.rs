@@ -1,0 +1,101 @@
+//! The floor peer of the proxy benchmark (`bench/proxy.sh`): the least an HTTP/1.1 reverse
+//! proxy built on hyper and hyper-util can do (no routing, no headers added, no limits, no
+//! metrics), on Tokio's work-stealing runtime or, with `MODE=per-core`, on one single-threaded
+//! runtime per CPU, each accepting from its own `SO_REUSEPORT` listener with its own upstream
+//! pool. Usage: `hyper_proxy LISTEN_ADDR UPSTREAM_URL` (e.g. `http://127.0.0.1:18081`).
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+type C = Client<HttpConnector, Incoming>;
+
+async fn accept_loop(l: tokio::net::TcpListener, up: String, client: C) {
+    loop {
+        let Ok((s, _)) = l.accept().await else {
+            continue;
+        };
+        let _ = s.set_nodelay(true);
+        let client = client.clone();
+        let up = up.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |mut req: Request<Incoming>| {
+                let client = client.clone();
+                let uri = format!(
+                    "{}{}",
+                    up,
+                    req.uri().path_and_query().map_or("/", |p| p.as_str())
+                );
+                async move {
+                    *req.uri_mut() = uri.parse().unwrap();
+                    req.headers_mut().remove("host");
+                    Ok::<_, Infallible>(match client.request(req).await {
+                        Ok(r) => r.map(|b| b.boxed()),
+                        Err(_) => {
+                            let mut r = Response::new(
+                                Empty::<Bytes>::new().map_err(|e| match e {}).boxed(),
+                            );
+                            *r.status_mut() = hyper::StatusCode::BAD_GATEWAY;
+                            r
+                        }
+                    })
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        });
+    }
+}
+
+fn listener(addr: SocketAddr) -> tokio::net::TcpListener {
+    let s = tokio::net::TcpSocket::new_v4().unwrap();
+    s.set_reuseport(true).unwrap();
+    s.set_reuseaddr(true).unwrap();
+    s.bind(addr).unwrap();
+    s.listen(1024).unwrap()
+}
+
+fn client() -> C {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let (Some(addr), Some(up)) = (args.next(), args.next()) else {
+        eprintln!("usage: hyper_proxy LISTEN_ADDR UPSTREAM_URL");
+        std::process::exit(64);
+    };
+    let addr: SocketAddr = addr.parse().expect("LISTEN_ADDR is an address");
+    let mode = std::env::var("MODE").unwrap_or_default();
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if mode == "per-core" {
+        let hs: Vec<_> = (0..n)
+            .map(|_| {
+                let up = up.clone();
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    rt.block_on(async move { accept_loop(listener(addr), up, client()).await })
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+    } else {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move { accept_loop(listener(addr), up, client()).await });
+    }
+}
