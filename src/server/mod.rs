@@ -8,12 +8,13 @@ pub mod io;
 pub mod tls;
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -74,44 +75,77 @@ async fn serve_tcp(
 ) {
     let limits = shared.table.load().spec.server.limits.clone();
     let activity = Activity::new();
-    let io = ActivityIo::new(stream, activity.clone());
     match tls {
         None => {
-            serve_conn(
-                io,
-                ConnInfo { remote, tls: false },
-                None,
-                shared,
-                shutdown,
-                activity,
-            )
-            .await
+            // Prior knowledge: an HTTP/2 client opens with the preface, anything else is
+            // HTTP/1. Decided here, by peeking, so the connection is served by the HTTP/1 or
+            // HTTP/2 server directly instead of through a version-sniffing wrapper, which costs
+            // every request (`bench/proxy.sh`, docs/benchmarks.md).
+            let Some(proto) = sniff(&stream, limits.header_read_timeout.0).await else {
+                tracing::debug!(%remote, "The connection sent no request in time.");
+                return;
+            };
+            let io = ActivityIo::new(stream, activity.clone());
+            let info = ConnInfo { remote, tls: false };
+            serve_conn(io, info, proto, shared, shutdown, activity).await
         }
         Some(acceptor) => {
+            let io = ActivityIo::new(stream, activity.clone());
             let accepted =
                 tokio::time::timeout(limits.header_read_timeout.0, acceptor.accept(io)).await;
             let Ok(Ok(stream)) = accepted else {
                 tracing::debug!(%remote, "TLS handshake failed or timed out.");
                 return;
             };
-            let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
-            serve_conn(
-                stream,
-                ConnInfo { remote, tls: true },
-                alpn,
-                shared,
-                shutdown,
-                activity,
-            )
-            .await
+            // ALPN decides; a client that offered none speaks HTTP/1.1.
+            let proto = match stream.get_ref().1.alpn_protocol() {
+                Some(b"h2") => Proto::H2,
+                _ => Proto::H1,
+            };
+            let info = ConnInfo { remote, tls: true };
+            serve_conn(stream, info, proto, shared, shutdown, activity).await
         }
     }
+}
+
+/// The HTTP version a connection speaks, known before its server starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Proto {
+    H1,
+    H2,
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether a plaintext connection opens with the HTTP/2 preface, read with `peek` so the bytes
+/// stay in the socket for the server. `None`: closed, failed, or not decided `within` (a
+/// client that connects and sends nothing).
+async fn sniff(stream: &TcpStream, within: Duration) -> Option<Proto> {
+    let decide = async {
+        let mut buf = [0u8; H2_PREFACE.len()];
+        loop {
+            let n = stream.peek(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if buf[..n] != H2_PREFACE[..n] {
+                return Some(Proto::H1);
+            }
+            if n == H2_PREFACE.len() {
+                return Some(Proto::H2);
+            }
+            // Part of the preface so far (split across segments, rare): `peek` would return
+            // at once with the same bytes, so wait a little for the rest.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(within, decide).await.ok().flatten()
 }
 
 async fn serve_conn<I>(
     io: I,
     info: ConnInfo,
-    alpn: Option<Vec<u8>>,
+    proto: Proto,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     activity: Arc<Activity>,
@@ -119,32 +153,55 @@ async fn serve_conn<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = shared.table.load().spec.server.limits.clone();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout.0)
-        .max_buf_size(limits.max_header_size.0.max(8192) as usize);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_size.0.min(u32::MAX as u64) as u32)
-        .max_concurrent_streams(256)
-        // RFC 8441: WebSockets over HTTP/2 streams.
-        .enable_connect_protocol();
-    let builder = match alpn.as_deref() {
-        Some(b"h2") => builder.http2_only(),
-        Some(_) => builder.http1_only(),
-        None if info.tls => builder.http1_only(),
-        None => builder,
-    };
     let svc = service_fn(move |req| {
         let shared = shared.clone();
         async move { Ok::<_, Infallible>(dispatch::handle(shared, info, req).await) }
     });
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
-    tokio::pin!(conn);
+    let io = TokioIo::new(io);
     let idle = limits.idle_timeout.0;
+    match proto {
+        Proto::H1 => {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout.0)
+                .max_buf_size(limits.max_header_size.0.max(8192) as usize)
+                .serve_connection(io, svc)
+                .with_upgrades();
+            drive(conn, info, &shutdown, &activity, idle, |c| {
+                c.graceful_shutdown()
+            })
+            .await
+        }
+        Proto::H2 => {
+            let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(limits.max_header_size.0.min(u32::MAX as u64) as u32)
+                .max_concurrent_streams(256)
+                // RFC 8441: WebSockets over HTTP/2 streams.
+                .enable_connect_protocol()
+                .serve_connection(io, svc);
+            drive(conn, info, &shutdown, &activity, idle, |c| {
+                c.graceful_shutdown()
+            })
+            .await
+        }
+    }
+}
+
+/// Runs one connection to its end: shut down gracefully (in-flight requests finish, no new
+/// ones) when the gateway drains or when no bytes moved for `idle`.
+async fn drive<C, E>(
+    conn: C,
+    info: ConnInfo,
+    shutdown: &CancellationToken,
+    activity: &Activity,
+    idle: Duration,
+    graceful: impl Fn(Pin<&mut C>),
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::pin!(conn);
     let tick = (idle / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
     let mut closing = false;
     loop {
@@ -156,12 +213,12 @@ async fn serve_conn<I>(
                 break;
             }
             _ = shutdown.cancelled(), if !closing => {
-                conn.as_mut().graceful_shutdown();
+                graceful(conn.as_mut());
                 closing = true;
             }
             _ = tokio::time::sleep(tick), if !closing => {
                 if activity.idle_for() >= idle {
-                    conn.as_mut().graceful_shutdown();
+                    graceful(conn.as_mut());
                     closing = true;
                 }
             }

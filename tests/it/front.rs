@@ -249,3 +249,41 @@ async fn connection_limit_makes_extra_connections_wait() {
         .unwrap();
     assert!(String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"));
 }
+
+#[tokio::test]
+async fn h2c_preface_split_across_segments_is_still_http2() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&routes(&up.url())).await;
+    let mut c = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    c.set_nodelay(true).unwrap();
+    let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    c.write_all(&preface[..10]).await.unwrap();
+    // A slow client: the rest of the preface comes later, with an empty SETTINGS frame.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.write_all(&preface[10..]).await.unwrap();
+    c.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+    // The gateway answers as an HTTP/2 server: its first frame is SETTINGS (type 4).
+    let mut head = [0u8; 9];
+    tokio::time::timeout(Duration::from_secs(5), c.read_exact(&mut head))
+        .await
+        .expect("an answer")
+        .unwrap();
+    assert_eq!(head[3], 4, "{head:?}");
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&format!(
+        "server: {{ listen: \"127.0.0.1:0\", admin: \"127.0.0.1:0\", limits: {{ header_read_timeout: 200ms }} }}\n{}",
+        routes(&up.url())
+    ))
+    .await;
+    let mut silent = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the silent connection was not closed");
+    assert!(buf.is_empty());
+    let (s, _, _) = get(&gw.url("/ok")).await;
+    assert_eq!(s, 200);
+}
