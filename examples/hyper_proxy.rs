@@ -33,17 +33,20 @@ async fn accept_loop(l: tokio::net::TcpListener, up: String, client: C) {
                     req.uri().path_and_query().map_or("/", |p| p.as_str())
                 );
                 async move {
-                    *req.uri_mut() = uri.parse().unwrap();
+                    let status = |s| {
+                        let mut r =
+                            Response::new(Empty::<Bytes>::new().map_err(|e| match e {}).boxed());
+                        *r.status_mut() = s;
+                        r
+                    };
+                    let Ok(uri) = uri.parse() else {
+                        return Ok::<_, Infallible>(status(hyper::StatusCode::BAD_REQUEST));
+                    };
+                    *req.uri_mut() = uri;
                     req.headers_mut().remove("host");
-                    Ok::<_, Infallible>(match client.request(req).await {
+                    Ok(match client.request(req).await {
                         Ok(r) => r.map(|b| b.boxed()),
-                        Err(_) => {
-                            let mut r = Response::new(
-                                Empty::<Bytes>::new().map_err(|e| match e {}).boxed(),
-                            );
-                            *r.status_mut() = hyper::StatusCode::BAD_GATEWAY;
-                            r
-                        }
+                        Err(_) => status(hyper::StatusCode::BAD_GATEWAY),
                     })
                 }
             });
@@ -54,12 +57,17 @@ async fn accept_loop(l: tokio::net::TcpListener, up: String, client: C) {
     }
 }
 
+/// A listener on `addr` that other threads can share (`SO_REUSEPORT`): the kernel spreads the
+/// connections over them.
 fn listener(addr: SocketAddr) -> tokio::net::TcpListener {
-    let s = tokio::net::TcpSocket::new_v4().unwrap();
-    s.set_reuseport(true).unwrap();
-    s.set_reuseaddr(true).unwrap();
-    s.bind(addr).unwrap();
-    s.listen(1024).unwrap()
+    let bound = || -> std::io::Result<tokio::net::TcpListener> {
+        let s = tokio::net::TcpSocket::new_v4()?;
+        s.set_reuseport(true)?;
+        s.set_reuseaddr(true)?;
+        s.bind(addr)?;
+        s.listen(1024)
+    };
+    bound().unwrap_or_else(|e| panic!("cannot listen on {addr}: {e}"))
 }
 
 fn client() -> C {
@@ -83,19 +91,19 @@ fn main() {
                     let rt = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
-                        .unwrap();
+                        .expect("a Tokio runtime");
                     rt.block_on(async move { accept_loop(listener(addr), up, client()).await })
                 })
             })
             .collect();
         for h in hs {
-            h.join().unwrap();
+            let _ = h.join();
         }
     } else {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
-            .unwrap();
+            .expect("a Tokio runtime");
         rt.block_on(async move { accept_loop(listener(addr), up, client()).await });
     }
 }
