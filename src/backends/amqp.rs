@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwapOption;
@@ -70,10 +70,11 @@ impl Drop for Waiting<'_> {
     }
 }
 
-/// A pooled channel in confirm mode with its direct reply-to consumer.
+/// A pooled channel in confirm mode, with its direct reply-to consumer when a route of the
+/// backend asks for replies there.
 struct SlotChannel {
     channel: Channel,
-    _replies: AbortOnDrop,
+    replies: Option<AbortOnDrop>,
 }
 
 /// One pooled channel; the lock is held across a publish and its confirm, so a channel never
@@ -106,6 +107,10 @@ struct Shared {
     replies: Replies,
     /// Named reply queues the routes use; consumed while connected.
     reply_queues: std::sync::Mutex<BTreeSet<String>>,
+    /// Whether a serving route takes replies by direct reply-to: then channels opened at
+    /// connect consume it from the start. A channel without the consumer gets one (it is
+    /// reopened) when such a route takes it, whatever this says.
+    direct_replies: AtomicBool,
     next: AtomicUsize,
 }
 
@@ -186,6 +191,7 @@ impl AmqpBackend {
             broken: Notify::new(),
             replies: Replies::default(),
             reply_queues: std::sync::Mutex::new(BTreeSet::new()),
+            direct_replies: AtomicBool::new(false),
             next: AtomicUsize::new(0),
         });
         let task = tokio::runtime::Handle::try_current()
@@ -226,11 +232,13 @@ impl AmqpBackend {
 
     /// The named reply queues the serving routes use: the connection task consumes new ones
     /// within a second and stops consuming those no longer listed. Set when a table starts
-    /// serving, so a reload that is rejected never starts a consumer.
-    pub fn set_reply_queues(&self, queues: BTreeSet<String>) {
+    /// serving, so a reload that is rejected never starts a consumer. `direct`: whether a
+    /// serving route takes replies by direct reply-to.
+    pub fn set_reply_queues(&self, queues: BTreeSet<String>, direct: bool) {
         if let Ok(mut q) = self.shared.reply_queues.lock() {
             *q = queues;
         }
+        self.shared.direct_replies.store(direct, Ordering::Relaxed);
     }
 }
 
@@ -441,7 +449,8 @@ async fn connect(shared: &Arc<Shared>) -> Result<Live, SetupError> {
     declare_topology(&conn, spec).await?;
     let mut slots = Vec::with_capacity(spec.channels);
     for _ in 0..spec.channels {
-        let ch = open_slot(shared, &conn)
+        let direct = shared.direct_replies.load(Ordering::Relaxed);
+        let ch = open_slot(shared, &conn, direct)
             .await
             .map_err(|e| SetupError::transient(format!("opening a channel: {e}")))?;
         slots.push(Slot {
@@ -457,15 +466,23 @@ async fn connect(shared: &Arc<Shared>) -> Result<Live, SetupError> {
     Ok(live)
 }
 
-/// A channel in confirm mode, consuming direct reply-to (so request/reply works on every
-/// channel of the pool).
-async fn open_slot(shared: &Arc<Shared>, conn: &Connection) -> lapin::Result<SlotChannel> {
+/// A channel in confirm mode, consuming direct reply-to when `direct` (the broker refuses a
+/// publish whose `reply_to` is direct reply-to on a channel that does not consume it). Without
+/// a route that needs it the consumer is left out: it costs the broker on every publish.
+async fn open_slot(
+    shared: &Arc<Shared>,
+    conn: &Connection,
+    direct: bool,
+) -> lapin::Result<SlotChannel> {
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let pump = consume_replies(shared, &ch, DIRECT_REPLY_TO, true).await?;
+    let replies = match direct {
+        true => Some(consume_replies(shared, &ch, DIRECT_REPLY_TO, true).await?),
+        false => None,
+    };
     Ok(SlotChannel {
         channel: ch,
-        _replies: pump,
+        replies,
     })
 }
 
@@ -636,6 +653,8 @@ pub struct AmqpRouteService {
     headers: Arc<Vec<http::HeaderName>>,
     status: http::StatusCode,
     unroutable: http::StatusCode,
+    /// Replies come by direct reply-to: the channel must consume it before the publish.
+    direct_reply: bool,
 }
 
 impl AmqpRouteService {
@@ -653,6 +672,10 @@ impl AmqpRouteService {
             status: http::StatusCode::from_u16(spec.status).map_err(|e| e.to_string())?,
             unroutable: http::StatusCode::from_u16(spec.unroutable_status)
                 .map_err(|e| e.to_string())?,
+            direct_reply: spec
+                .reply
+                .as_ref()
+                .is_some_and(|r| r.queue == DIRECT_REPLY_TO),
             route: Arc::new(spec.clone()),
         })
     }
@@ -836,19 +859,31 @@ impl AmqpRouteService {
                     .map_err(|_| self.unavailable("every channel stayed busy", None))?
             }
         };
+        let direct = self.direct_reply || self.shared.direct_replies.load(Ordering::Relaxed);
         // A channel the broker closed, or one discarded after an unconfirmed publish, is
-        // replaced (with its reply consumer).
+        // replaced (with the reply consumer when a route needs it).
         if guard
             .as_ref()
             .is_none_or(|c| !c.channel.status().connected())
         {
-            let opened = tokio::time::timeout(within, open_slot(&self.shared, &live.conn))
+            let opened = tokio::time::timeout(within, open_slot(&self.shared, &live.conn, direct))
                 .await
                 .map_err(|_| self.unavailable("opening a channel timed out", None))?
                 .map_err(|e| self.publish_error(e, exchange, false))?;
             *guard = Some(opened);
         }
-        let ch = guard.as_ref().expect("set above").channel.clone();
+        let slot = guard.as_mut().expect("set above");
+        // This route's replies come by direct reply-to, and the channel was opened before any
+        // route needed that: it starts consuming now, before the publish.
+        if self.direct_reply && slot.replies.is_none() {
+            let consumer = consume_replies(&self.shared, &slot.channel, DIRECT_REPLY_TO, true);
+            let pump = tokio::time::timeout(within, consumer)
+                .await
+                .map_err(|_| self.unavailable("consuming direct reply-to timed out", None))?
+                .map_err(|e| self.publish_error(e, exchange, false))?;
+            slot.replies = Some(pump);
+        }
+        let ch = slot.channel.clone();
         Ok((guard, ch))
     }
 

@@ -355,18 +355,23 @@ pub struct BackendSet {
 
 impl BackendSet {
     /// What the serving routes need of their backends, applied once their table serves: the
-    /// named AMQP reply queues each AMQP backend consumes.
+    /// named AMQP reply queues each AMQP backend consumes, and whether its channels consume
+    /// direct reply-to.
     pub fn activate(&self, routes: &[RouteSpec]) {
         for (name, b) in &self.by_name {
             if let Handle::Amqp(a) = &b.handle {
-                let queues = routes
-                    .iter()
-                    .filter(|r| r.backend == *name)
-                    .filter_map(|r| r.amqp.as_ref()?.reply.as_ref())
+                let replies = || {
+                    routes
+                        .iter()
+                        .filter(|r| r.backend == *name)
+                        .filter_map(|r| r.amqp.as_ref()?.reply.as_ref())
+                };
+                let queues = replies()
                     .filter(|reply| reply.queue != crate::config::DIRECT_REPLY_TO)
                     .map(|reply| reply.queue.clone())
                     .collect();
-                a.set_reply_queues(queues);
+                let direct = replies().any(|reply| reply.queue == crate::config::DIRECT_REPLY_TO);
+                a.set_reply_queues(queues, direct);
             }
         }
     }

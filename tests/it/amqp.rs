@@ -1157,3 +1157,49 @@ async fn bad_header_values_and_oversized_bodies_publish_nothing() {
     assert_eq!(mq::depth(&conn, &q).await, 1);
     mq::cleanup(&conn, &[&x], &[&q]).await;
 }
+
+#[tokio::test]
+async fn a_reload_that_adds_a_direct_reply_route_gets_replies_at_once() {
+    // Without a route taking replies, the pool's channels do not consume direct reply-to; a
+    // reload that adds one must not leave it on channels that cannot take its replies.
+    let url = mq::broker_url().await;
+    let (x, q) = (mq::unique("x"), mq::unique("q"));
+    let plain = one_route(&url, &x, &q, "k", "/p");
+    let gw = Gateway::start_with(&plain, false).await;
+    gw.wait_backend("rabbit", true).await;
+    let publish = || {
+        request(Method::POST, &gw.url("/p"))
+            .body(body("m"))
+            .unwrap()
+    };
+    for _ in 0..4 {
+        assert_eq!(send(publish()).await.0, 202);
+    }
+    std::fs::write(
+        gw.config_path(),
+        with_ephemeral_server(&format!(
+            "{plain}\n  - id: ask\n    match: {{ method: POST, path: /ask }}\n    backend: rabbit\n    timeout: 5s\n    amqp: {{ exchange: \"{x}\", routing_key: k, reply: {{}} }}\n"
+        )),
+    )
+    .unwrap();
+    let (s, b) = gw.reload().await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let _responder = mq::responder(q.clone()).await;
+    // Concurrent asks take several channels of the pool, each opened without the consumer.
+    let answers = futures_util::future::join_all((0..8).map(|i| {
+        let req = request(Method::POST, &gw.url("/ask"))
+            .header("x-want", "200")
+            .body(body(format!("n{i}")))
+            .unwrap();
+        send(req)
+    }))
+    .await;
+    for (i, (s, _, b)) in answers.into_iter().enumerate() {
+        assert_eq!(s, 200, "ask {i}: {}", String::from_utf8_lossy(&b));
+        assert_eq!(b, format!("re: n{i}").as_bytes(), "ask {i}");
+    }
+    // Plain publishes still go through on the same channels.
+    assert_eq!(send(publish()).await.0, 202);
+    let conn = mq::client().await;
+    mq::cleanup(&conn, &[&x], &[&q]).await;
+}
