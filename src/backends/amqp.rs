@@ -108,8 +108,8 @@ struct Shared {
     /// Named reply queues the routes use; consumed while connected.
     reply_queues: std::sync::Mutex<BTreeSet<String>>,
     /// Whether a serving route takes replies by direct reply-to: then channels opened at
-    /// connect consume it from the start. A channel without the consumer gets one (it is
-    /// reopened) when such a route takes it, whatever this says.
+    /// connect consume it from the start. A channel without the consumer starts consuming
+    /// when such a route takes it, whatever this says.
     direct_replies: AtomicBool,
     next: AtomicUsize,
 }
@@ -448,8 +448,8 @@ async fn connect(shared: &Arc<Shared>) -> Result<Live, SetupError> {
     };
     declare_topology(&conn, spec).await?;
     let mut slots = Vec::with_capacity(spec.channels);
+    let direct = shared.direct_replies.load(Ordering::Relaxed);
     for _ in 0..spec.channels {
-        let direct = shared.direct_replies.load(Ordering::Relaxed);
         let ch = open_slot(shared, &conn, direct)
             .await
             .map_err(|e| SetupError::transient(format!("opening a channel: {e}")))?;
