@@ -26,7 +26,7 @@ use lapin::{
 use tokio::sync::{Mutex, Notify, oneshot};
 
 use super::AbortOnDrop;
-use super::values::RequestValues;
+use super::values::{RequestValues, Target};
 use crate::config::template::ValueTemplate;
 use crate::config::{
     AmqpBackendSpec, AmqpRouteSpec, DIRECT_REPLY_TO, ExchangeKindSpec, QueueKindSpec,
@@ -696,8 +696,9 @@ impl AmqpRouteService {
         body: &Bytes,
     ) -> Result<(ShortString, ShortString, Bytes, BasicProperties), GatewayError> {
         let values = RequestValues::new(parts, body);
-        let exchange = values.render(&self.exchange, "the exchange")?;
-        let routing_key = values.render(&self.routing_key, "the routing key")?;
+        let spans = &self.route.multi_word;
+        let exchange = values.render(&self.exchange, Target::AmqpExchange { spans })?;
+        let routing_key = values.render(&self.routing_key, Target::AmqpRoutingKey { spans })?;
         let short = |s: String, what: &str, field: &str| {
             ShortString::try_new(s).map_err(|_| GatewayError::BadRequest {
                 detail: format!("{what} would be longer than 255 bytes."),
@@ -1304,8 +1305,13 @@ fn envelope(
         })
         .unwrap_or_default();
     let mut query = serde_json::Map::new();
-    for (k, v) in values.query() {
-        query.entry(k.clone()).or_insert_with(|| v.clone().into());
+    let pairs = parts
+        .uri
+        .query()
+        .map(crate::backends::grpc::transcode::query_pairs)
+        .unwrap_or_default();
+    for (k, v) in pairs {
+        query.entry(k).or_insert_with(|| v.into());
     }
     let headers: serde_json::Map<String, serde_json::Value> = allowed
         .iter()

@@ -1,6 +1,8 @@
 //! Request values for the message bridges: fills a [`ValueTemplate`] (exchange, routing key,
-//! topic) from the request's path captures, query, headers and JSON body, at the bottom of the
-//! route's stack. A value that is missing or unfit is a 400 naming where it was looked for.
+//! queue, binding key, topic, topic filter) from the request's path captures, query, headers
+//! and JSON body, at the bottom of the route's stack. Every render names its [`Target`], whose
+//! rules each value the request supplies must pass; a value that is missing or breaks them is
+//! a 400 naming it, before anything reaches a broker.
 
 use std::sync::OnceLock;
 
@@ -10,12 +12,145 @@ use crate::config::template::{ValuePart, ValueTemplate};
 use crate::error::GatewayError;
 use crate::middleware::context::RequestContext;
 
+/// Where a rendered value lands. Each target has its rules for values that came from a
+/// request (the template's literal text is the operator's and is taken as written):
+///
+/// - every target: valid UTF-8 (escapes are decoded strictly, never lossily), not empty, and
+///   no control character (U+0000–U+001F, U+007F–U+009F), which brokers drop connections
+///   over;
+/// - AMQP names and keys: one word — no `.` (unless the value is listed in `spans`, and then
+///   no empty word), and no `*` or `#`; at most 255 bytes in all;
+/// - AMQP binding key: exactly one word, always (a pattern's wildcards are the operator's);
+/// - MQTT topic name or filter: no `+` or `#`, no `/` unless listed in `spans` (and then no
+///   empty level), a topic that starts with `$` only when the template says so; at most 65535
+///   bytes in all.
+#[derive(Debug, Clone, Copy)]
+pub enum Target<'a> {
+    AmqpExchange {
+        spans: &'a [String],
+    },
+    AmqpQueue {
+        spans: &'a [String],
+    },
+    /// The routing key of a publish.
+    AmqpRoutingKey {
+        spans: &'a [String],
+    },
+    /// The binding key of a queue (a pattern on topic exchanges).
+    AmqpBindingKey,
+    /// The topic of a publish.
+    MqttTopic {
+        spans: &'a [String],
+    },
+    /// The filter of a subscription (or a last-value read).
+    MqttFilter {
+        spans: &'a [String],
+    },
+}
+
+impl Target<'_> {
+    /// What the target is called in answers ("the routing key").
+    pub fn what(&self) -> &'static str {
+        match self {
+            Target::AmqpExchange { .. } => "the exchange",
+            Target::AmqpQueue { .. } => "the queue name",
+            Target::AmqpRoutingKey { .. } => "the routing key",
+            Target::AmqpBindingKey => "the binding key",
+            Target::MqttTopic { .. } => "the topic",
+            Target::MqttFilter { .. } => "the topic filter",
+        }
+    }
+
+    /// The field named when the whole result is unfit.
+    fn field(&self) -> &'static str {
+        match self {
+            Target::AmqpExchange { .. } => "exchange",
+            Target::AmqpQueue { .. } => "queue",
+            Target::AmqpRoutingKey { .. } => "routing_key",
+            Target::AmqpBindingKey => "bind.routing_key",
+            Target::MqttTopic { .. } | Target::MqttFilter { .. } => "topic",
+        }
+    }
+
+    fn spans(&self) -> &[String] {
+        match self {
+            Target::AmqpExchange { spans }
+            | Target::AmqpQueue { spans }
+            | Target::AmqpRoutingKey { spans }
+            | Target::MqttTopic { spans }
+            | Target::MqttFilter { spans } => spans,
+            Target::AmqpBindingKey => &[],
+        }
+    }
+
+    fn max_len(&self) -> usize {
+        match self {
+            Target::MqttTopic { .. } | Target::MqttFilter { .. } => 65535,
+            _ => 255,
+        }
+    }
+
+    /// Checks one value a request supplied (`name` as written in the template).
+    pub fn check(&self, name: &str, v: &str) -> Result<(), String> {
+        if v.is_empty() {
+            return Err("it is empty".into());
+        }
+        if let Some(c) = v.chars().find(|c| c.is_control()) {
+            return Err(format!(
+                "it holds the control character U+{:04X}",
+                u32::from(c)
+            ));
+        }
+        let spans = self.spans().iter().any(|s| s == name);
+        match self {
+            Target::MqttTopic { .. } | Target::MqttFilter { .. } => {
+                if v.contains(['+', '#']) {
+                    Err("it holds an MQTT wildcard (`+` or `#`)".into())
+                } else if v.contains('/') && !spans {
+                    Err("it holds `/`, and this value may not span topic levels".into())
+                } else if v.split('/').any(str::is_empty) {
+                    Err("it holds an empty topic level".into())
+                } else {
+                    Ok(())
+                }
+            }
+            _ => {
+                if v.contains(['*', '#']) {
+                    Err("it holds an AMQP wildcard (`*` or `#`)".into())
+                } else if v.contains('.') && !spans {
+                    Err("it holds `.`, and this value may not span words of the key".into())
+                } else if v.split('.').any(str::is_empty) {
+                    Err("it holds an empty word".into())
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Checks the whole result.
+    fn check_whole(&self, t: &ValueTemplate, out: &str) -> Result<(), String> {
+        if out.len() > self.max_len() {
+            return Err(format!(
+                "it would be longer than the broker allows ({} bytes)",
+                self.max_len()
+            ));
+        }
+        if matches!(self, Target::MqttTopic { .. } | Target::MqttFilter { .. })
+            && out.starts_with('$')
+            && !matches!(t.parts.first(), Some(ValuePart::Lit(l)) if l.starts_with('$'))
+        {
+            return Err("it would start with `$`, which the broker keeps for itself".into());
+        }
+        Ok(())
+    }
+}
+
 /// One request's values, with the JSON body parsed at most once and only when needed.
 pub struct RequestValues<'a> {
     parts: &'a http::request::Parts,
     body: &'a Bytes,
     json: OnceLock<Result<serde_json::Value, String>>,
-    query: OnceLock<Vec<(String, String)>>,
 }
 
 impl<'a> RequestValues<'a> {
@@ -24,7 +159,6 @@ impl<'a> RequestValues<'a> {
             parts,
             body,
             json: OnceLock::new(),
-            query: OnceLock::new(),
         }
     }
 
@@ -39,36 +173,32 @@ impl<'a> RequestValues<'a> {
             })
     }
 
-    /// The query parameters, percent-decoded, in order.
-    pub fn query(&self) -> &[(String, String)] {
-        self.query.get_or_init(|| {
-            self.parts
-                .uri
-                .query()
-                .map(crate::backends::grpc::transcode::query_pairs)
-                .unwrap_or_default()
-        })
+    /// The first value of query parameter `name`, percent-decoded (`+` is a space).
+    fn query(&self, name: &str) -> Result<Option<String>, GatewayError> {
+        let Some(q) = self.parts.uri.query() else {
+            return Ok(None);
+        };
+        for pair in q.split('&') {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            let field = || format!("query.{name}");
+            if decode(k, true).as_deref() == Some(name) {
+                return decode(v, true).map(Some).ok_or_else(|| not_utf8(&field()));
+            }
+        }
+        Ok(None)
     }
 
-    /// Fills `t`; `what` names the result in error messages ("the routing key").
-    pub fn render(&self, t: &ValueTemplate, what: &str) -> Result<String, GatewayError> {
-        self.render_checked(t, what, |_, _| Ok(()))
-    }
-
-    /// [`render`](Self::render), with `check(name, value)` run on every value the request
-    /// supplies (`name` as written in the template: `device`, `query.x`, `body.a.b`); its
-    /// error becomes a 400 naming the value.
-    pub fn render_checked(
-        &self,
-        t: &ValueTemplate,
-        what: &str,
-        check: impl Fn(&str, &str) -> Result<(), String>,
-    ) -> Result<String, GatewayError> {
+    /// Fills `t` for `target`: every value the request supplies must pass the target's rules
+    /// ([`Target::check`]), and so must the whole result; otherwise a 400 names the value.
+    pub fn render(&self, t: &ValueTemplate, target: Target<'_>) -> Result<String, GatewayError> {
+        let what = target.what();
         let mut out = String::new();
         for part in &t.parts {
-            let start = out.len();
-            match part {
-                ValuePart::Lit(l) => out.push_str(l),
+            let value: std::borrow::Cow<'_, str> = match part {
+                ValuePart::Lit(l) => {
+                    out.push_str(l);
+                    continue;
+                }
                 ValuePart::Param(p) => {
                     let v = self
                         .parts
@@ -76,28 +206,21 @@ impl<'a> RequestValues<'a> {
                         .get::<RequestContext>()
                         .and_then(|c| c.param(p))
                         .ok_or(GatewayError::Internal("a path variable was not captured"))?;
-                    out.push_str(&percent_encoding::percent_decode_str(v).decode_utf8_lossy());
+                    decode(v, false).ok_or_else(|| not_utf8(p))?.into()
                 }
-                ValuePart::Query(q) => {
-                    let v = self
-                        .query()
-                        .iter()
-                        .find(|(k, _)| k == q)
-                        .map(|(_, v)| v.as_str())
-                        .ok_or_else(|| missing(&format!("query.{q}"), what))?;
-                    out.push_str(v);
-                }
+                ValuePart::Query(q) => self
+                    .query(q)?
+                    .ok_or_else(|| missing(&format!("query.{q}"), what))?
+                    .into(),
                 ValuePart::Header(h) => {
                     let v = self
                         .parts
                         .headers
                         .get(h.as_str())
                         .ok_or_else(|| missing(&format!("header.{h}"), what))?;
-                    let v = v.to_str().map_err(|_| GatewayError::BadRequest {
-                        detail: format!("Header `{h}` is not plain text, so {what} cannot use it."),
-                        field: Some(format!("header.{h}")),
-                    })?;
-                    out.push_str(v);
+                    std::str::from_utf8(v.as_bytes())
+                        .map_err(|_| not_utf8(&format!("header.{h}")))?
+                        .into()
                 }
                 ValuePart::Body(path) => {
                     let field = format!("body.{}", path.join("."));
@@ -106,11 +229,9 @@ impl<'a> RequestValues<'a> {
                         v = v.get(key).ok_or_else(|| missing(&field, what))?;
                     }
                     match v {
-                        serde_json::Value::String(s) => out.push_str(s),
-                        serde_json::Value::Number(n) => out.push_str(&n.to_string()),
-                        serde_json::Value::Bool(b) => {
-                            out.push_str(if *b { "true" } else { "false" })
-                        }
+                        serde_json::Value::String(s) => s.as_str().into(),
+                        serde_json::Value::Number(n) => n.to_string().into(),
+                        serde_json::Value::Bool(b) => (if *b { "true" } else { "false" }).into(),
                         _ => {
                             return Err(GatewayError::BadRequest {
                                 detail: format!(
@@ -121,34 +242,54 @@ impl<'a> RequestValues<'a> {
                         }
                     }
                 }
-            }
-            if let Some(name) = part_name(part)
-                && let Err(why) = check(&name, &out[start..])
-            {
+            };
+            let name = part_name(part);
+            if let Err(why) = target.check(&name, &value) {
                 return Err(GatewayError::BadRequest {
                     detail: format!("The value of `{name}` cannot go into {what}: {why}."),
                     field: Some(name),
                 });
             }
+            out.push_str(&value);
         }
-        if out.bytes().any(|b| b == 0 || b == b'\r' || b == b'\n') {
+        if let Err(why) = target.check_whole(t, &out) {
             return Err(GatewayError::BadRequest {
-                detail: format!("{} would hold a NUL, CR or LF character.", capital(what)),
-                field: None,
+                detail: format!("{} cannot be used: {why}.", capital(what)),
+                field: Some(target.field().into()),
             });
         }
         Ok(out)
     }
 }
 
+/// Percent-decodes `s` (with `+` as a space in a query); `None` when the bytes are not UTF-8.
+fn decode(s: &str, plus: bool) -> Option<String> {
+    let s: std::borrow::Cow<'_, str> = if plus && s.contains('+') {
+        s.replace('+', " ").into()
+    } else {
+        s.into()
+    };
+    percent_encoding::percent_decode_str(&s)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
+}
+
 /// The name of a template part that takes a request value, as written in the template.
-fn part_name(p: &ValuePart) -> Option<String> {
+fn part_name(p: &ValuePart) -> String {
     match p {
-        ValuePart::Lit(_) => None,
-        ValuePart::Param(n) => Some(n.clone()),
-        ValuePart::Query(q) => Some(format!("query.{q}")),
-        ValuePart::Header(h) => Some(format!("header.{h}")),
-        ValuePart::Body(path) => Some(format!("body.{}", path.join("."))),
+        ValuePart::Lit(l) => l.clone(),
+        ValuePart::Param(n) => n.clone(),
+        ValuePart::Query(q) => format!("query.{q}"),
+        ValuePart::Header(h) => format!("header.{h}"),
+        ValuePart::Body(path) => format!("body.{}", path.join(".")),
+    }
+}
+
+fn not_utf8(field: &str) -> GatewayError {
+    GatewayError::BadRequest {
+        detail: format!("The value of `{field}` is not valid UTF-8 once percent-decoded."),
+        field: Some(field.to_string()),
     }
 }
 
@@ -167,5 +308,57 @@ fn capital(s: &str) -> String {
     match c.next() {
         Some(f) => f.to_uppercase().chain(c).collect(),
         None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(t: Target<'_>, v: &str) -> bool {
+        t.check("v", v).is_ok()
+    }
+
+    #[test]
+    fn each_target_refuses_what_would_change_its_meaning() {
+        let none: &[String] = &[];
+        let v = ["v".to_string()];
+        for t in [
+            Target::AmqpBindingKey,
+            Target::AmqpRoutingKey { spans: none },
+            Target::AmqpExchange { spans: none },
+            Target::AmqpQueue { spans: none },
+        ] {
+            assert!(check(t, "eu-1_x"), "{t:?}");
+            for bad in ["*", "#", "a.b", "", "a\u{1}", "\u{85}"] {
+                assert!(!check(t, bad), "{t:?} {bad:?}");
+            }
+        }
+        assert!(check(Target::AmqpRoutingKey { spans: &v }, "a.b"));
+        assert!(!check(Target::AmqpRoutingKey { spans: &v }, "a..b"));
+        assert!(!check(Target::AmqpRoutingKey { spans: &v }, "a.#"));
+        for t in [
+            Target::MqttTopic { spans: none },
+            Target::MqttFilter { spans: none },
+        ] {
+            assert!(check(t, "kitchen é"), "{t:?}");
+            for bad in [
+                "+", "#", "a/b", "", "\u{0}", "\u{1b}", "\u{7f}", "\u{80}", "\u{9f}",
+            ] {
+                assert!(!check(t, bad), "{t:?} {bad:?}");
+            }
+        }
+        assert!(check(Target::MqttTopic { spans: &v }, "a/b"));
+        assert!(!check(Target::MqttTopic { spans: &v }, "a//b"));
+        assert!(!check(Target::MqttTopic { spans: &v }, "/a"));
+    }
+
+    #[test]
+    fn decoding_is_strict() {
+        assert_eq!(decode("a%20b+c", true).as_deref(), Some("a b c"));
+        assert_eq!(decode("a+b", false).as_deref(), Some("a+b"));
+        assert_eq!(decode("%C3%A9", false).as_deref(), Some("é"));
+        assert_eq!(decode("%FF", false), None);
+        assert_eq!(decode("%FE", false), None);
     }
 }

@@ -773,6 +773,10 @@ pub struct AmqpRouteSpec {
     /// Request headers copied into the message's headers (never `CC` or `BCC`).
     #[serde(default)]
     pub headers: Vec<String>,
+    /// Template values (as written: `region`, `body.path`) that may hold `.` and so span
+    /// words of the routing key (or exchange name); any other value is one word.
+    #[serde(default)]
+    pub multi_word: Vec<String>,
     /// The answer once the broker confirmed the message.
     #[serde(default = "default_accepted")]
     pub status: u16,
@@ -1188,6 +1192,11 @@ pub struct WsAmqpSpec {
     /// Messages pushed to the client.
     #[serde(default)]
     pub consume: Option<WsConsumeSpec>,
+    /// Template values that may hold `.` and so span words of the publishes' routing key,
+    /// exchange or the consumed queue's name; never of a binding key, whose values are
+    /// always one word.
+    #[serde(default)]
+    pub multi_word: Vec<String>,
 }
 
 /// Where a WebSocket's messages come from: a named queue, or a queue of the connection's own

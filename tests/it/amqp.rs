@@ -208,7 +208,7 @@ async fn unroutable_messages_answer_as_configured() {
   - id: default
     match: {{ method: POST, path: "/a/{{key}}" }}
     backend: rabbit
-    amqp: {{ exchange: "{x}", routing_key: "{{key}}" }}
+    amqp: {{ exchange: "{x}", routing_key: "{{key}}", multi_word: [key] }}
   - id: as-404
     match: {{ method: POST, path: "/b/{{key}}" }}
     backend: rabbit

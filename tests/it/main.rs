@@ -5,6 +5,7 @@ mod cli;
 mod errors;
 mod front;
 mod grpc;
+mod hardening;
 mod http_proxy;
 mod httprule;
 mod idempotency;

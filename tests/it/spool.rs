@@ -502,7 +502,7 @@ async fn in_an_ordered_batch_only_the_unroutable_message_is_dead_lettered() {
     proxy.stop();
     let (x, q) = (mq::unique("x"), mq::unique("q"));
     // `mandatory` (the default) and a routing key from the path; the queue takes `order.#`.
-    let gw = Gateway::start(&keyed(&proxy.url(), &x, &q, "", "{n}", "")).await;
+    let gw = Gateway::start(&keyed(&proxy.url(), &x, &q, "", "{n}", ", multi_word: [n]")).await;
     let base = format!("http://{}", gw.listen);
     for (i, key) in ["order.a", "order.b", "lost.c", "order.d", "order.e"]
         .iter()

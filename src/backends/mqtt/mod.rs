@@ -35,7 +35,7 @@ mod asks;
 use asks::{Ask, Asks, Grant};
 
 use super::AbortOnDrop;
-use super::values::RequestValues;
+use super::values::{RequestValues, Target};
 use crate::config::template::ValueTemplate;
 use crate::config::{MqttBackendSpec, MqttProtocol, MqttRouteSpec, RouteSpec};
 use crate::error::GatewayError;
@@ -537,9 +537,16 @@ impl MqttHandle {
         }
     }
 
-    /// A SUBSCRIBE for `filter` fits the packet limit (one too big could never be sent, and
-    /// would break the connection on every attempt).
+    /// A SUBSCRIBE for `filter` is one the broker takes (see [`unfit_topic`]) and fits the
+    /// packet limit (one too big could never be sent, and would break the connection on every
+    /// attempt).
     fn fits(&self, filter: &str) -> Result<(), GatewayError> {
+        if let Some(why) = unfit_topic(filter, true) {
+            return Err(GatewayError::BadRequest {
+                detail: format!("The topic filter cannot be used: {why}."),
+                field: Some("topic".into()),
+            });
+        }
         // The filter, its length, the packet id, its options and MQTT 5's property length.
         let limit = self.payload_limit();
         if filter.len() + 6 > limit {
@@ -562,6 +569,14 @@ impl MqttHandle {
         if matches!(self.shared.client, Client::V311(_)) {
             // 3.1.1 sends no properties: they count for nothing against the packet limit.
             publish.properties = None;
+        }
+        if let Some(why) = std::str::from_utf8(&publish.topic)
+            .map_or(Some("it is not valid UTF-8"), |t| unfit_topic(t, false))
+        {
+            return Err(GatewayError::BadRequest {
+                detail: format!("The topic cannot be used: {why}."),
+                field: Some("topic".into()),
+            });
         }
         let limit = self.payload_limit();
         if publish.payload.len() > limit {
@@ -623,6 +638,27 @@ impl MqttHandle {
                 source: None,
             }),
         }
+    }
+}
+
+/// Why a broker would close the connection over this topic name (`filter == false`, a
+/// publish) or topic filter (a subscription), if it would. Checked by [`MqttHandle`] before
+/// anything reaches the shared connection, so that no request can break it for the others:
+/// an empty name, a control character (U+0000–U+001F, U+007F–U+009F; Mosquitto drops the
+/// connection over them), wildcards in a name, a malformed filter, over 65535 bytes.
+pub fn unfit_topic(topic: &str, filter: bool) -> Option<&'static str> {
+    if topic.is_empty() {
+        Some("it is empty")
+    } else if topic.len() > 65535 {
+        Some("it is longer than MQTT allows (65535 bytes)")
+    } else if topic.chars().any(char::is_control) {
+        Some("it holds a control character (U+0000–U+001F or U+007F–U+009F)")
+    } else if !filter && topic.contains(['+', '#']) {
+        Some("a topic name holds no `+` or `#` wildcards")
+    } else if filter && !crate::config::validate::valid_filter(topic) {
+        Some("`+` stands for one whole level, and `#` only for the last")
+    } else {
+        None
     }
 }
 
@@ -1200,33 +1236,6 @@ fn fresh_copy(p: &Publish) -> Publish {
     p
 }
 
-/// Renders a topic (or filter) template from request values, which may not hold wildcards or
-/// NUL, nor `/` unless listed in `multi_level`, and may not be empty.
-pub fn render_topic(
-    values: &RequestValues<'_>,
-    template: &ValueTemplate,
-    multi_level: &[String],
-) -> Result<String, GatewayError> {
-    let topic = values.render_checked(template, "the topic", |name, v| {
-        if v.contains(['+', '#', '\0']) {
-            Err("it holds an MQTT wildcard (`+`, `#`) or NUL".into())
-        } else if v.contains('/') && !multi_level.iter().any(|m| m == name) {
-            Err("it holds `/`, and this value may not span topic levels".into())
-        } else if v.is_empty() {
-            Err("it is empty".into())
-        } else {
-            Ok(())
-        }
-    })?;
-    if topic.len() > 65535 {
-        return Err(GatewayError::BadRequest {
-            detail: "The topic would be longer than MQTT allows (65535 bytes).".into(),
-            field: Some("topic".into()),
-        });
-    }
-    Ok(topic)
-}
-
 /// One route's service on top of a shared [`MqttBackend`].
 #[derive(Clone)]
 pub struct MqttRouteService {
@@ -1265,10 +1274,16 @@ impl MqttRouteService {
         })
     }
 
-    /// The topic: request values may not hold wildcards or NUL, nor `/` unless the template
-    /// lets that value span levels.
-    fn topic(&self, values: &RequestValues<'_>) -> Result<String, GatewayError> {
-        render_topic(values, &self.topic, &self.route.multi_level)
+    /// The topic of a publish, or (`filter`) the filter of a subscription: request values
+    /// follow the MQTT rules of [`Target`], `/` only where the route's `multi_level` says so.
+    fn topic(&self, values: &RequestValues<'_>, filter: bool) -> Result<String, GatewayError> {
+        let spans = &self.route.multi_level;
+        let target = if filter {
+            Target::MqttFilter { spans }
+        } else {
+            Target::MqttTopic { spans }
+        };
+        values.render(&self.topic, target)
     }
 
     fn publish(
@@ -1277,7 +1292,7 @@ impl MqttRouteService {
         body: Bytes,
     ) -> Result<(String, Publish), GatewayError> {
         let values = RequestValues::new(parts, &body);
-        let topic = self.topic(&values)?;
+        let topic = self.topic(&values, false)?;
         let ctx = parts.extensions.get::<RequestContext>();
         let mut user = Vec::new();
         let message_id = parts
@@ -1351,7 +1366,7 @@ impl MqttRouteService {
     /// sends at once, unsubscribe. 404 when none comes within `wait`.
     async fn read_last_value(&self, parts: &http::request::Parts) -> Result<Response, BoxError> {
         let empty = Bytes::new();
-        let topic = self.topic(&RequestValues::new(parts, &empty))?;
+        let topic = self.topic(&RequestValues::new(parts, &empty), true)?;
         self.handle.fits(&topic)?;
         if !self.shared.connected.load(Ordering::SeqCst) {
             return Err(self
@@ -1438,7 +1453,7 @@ impl MqttRouteService {
     /// never wait for it.
     async fn stream(&self, parts: &http::request::Parts) -> Result<Response, BoxError> {
         let empty = Bytes::new();
-        let filter = self.topic(&RequestValues::new(parts, &empty))?;
+        let filter = self.topic(&RequestValues::new(parts, &empty), true)?;
         let sub = self.handle.subscribe(filter, self.route.buffer).await?;
         let state = SseState {
             sub,

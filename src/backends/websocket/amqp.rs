@@ -29,7 +29,7 @@ use super::{
     read_only_frame,
 };
 use crate::backends::amqp::{AmqpBackend, AmqpRouteService};
-use crate::backends::values::RequestValues;
+use crate::backends::values::{RequestValues, Target};
 use crate::config::WsAmqpSpec;
 use crate::config::template::ValueTemplate;
 use crate::error::GatewayError;
@@ -44,6 +44,7 @@ pub struct AmqpBridge {
     queue: Option<ValueTemplate>,
     bind: Vec<(ValueTemplate, ValueTemplate)>,
     prefetch: Option<u16>,
+    multi_word: Vec<String>,
 }
 
 impl AmqpBridge {
@@ -80,6 +81,7 @@ impl AmqpBridge {
                 .transpose()?
                 .unwrap_or_default(),
             prefetch: consume.map(|c| c.prefetch),
+            multi_word: spec.multi_word.clone(),
         })
     }
 
@@ -97,20 +99,30 @@ impl AmqpBridge {
     pub async fn prepare(&self, parts: &http::request::Parts) -> Result<Session, GatewayError> {
         let empty = Bytes::new();
         let values = RequestValues::new(parts, &empty);
-        let render = |t: &ValueTemplate, what: &str| -> Result<String, GatewayError> {
-            let v = values.render_checked(t, what, |_, _| Ok(()))?;
-            if v.len() > 255 {
-                return Err(GatewayError::BadRequest {
-                    detail: format!("The {what} would be longer than AMQP allows (255 bytes)."),
-                    field: None,
-                });
-            }
-            Ok(v)
-        };
+        let spans = &self.multi_word;
         let target = match &self.exchange {
-            Some((e, k)) => Some((render(e, "exchange")?, render(k, "routing key")?)),
+            Some((e, k)) => Some((
+                values.render(e, Target::AmqpExchange { spans })?,
+                values.render(k, Target::AmqpRoutingKey { spans })?,
+            )),
             None => None,
         };
+        // Every name is rendered (and checked) before anything reaches the broker.
+        let queue = self
+            .queue
+            .as_ref()
+            .map(|q| values.render(q, Target::AmqpQueue { spans }))
+            .transpose()?;
+        let binds = self
+            .bind
+            .iter()
+            .map(|(e, k)| {
+                Ok((
+                    values.render(e, Target::AmqpExchange { spans })?,
+                    values.render(k, Target::AmqpBindingKey)?,
+                ))
+            })
+            .collect::<Result<Vec<_>, GatewayError>>()?;
         let consumer = match self.prefetch {
             None => None,
             Some(prefetch) => {
@@ -124,9 +136,8 @@ impl AmqpBridge {
                 ch.basic_qos(prefetch, BasicQosOptions::default())
                     .await
                     .map_err(fail)?;
-                let queue = match &self.queue {
-                    Some(q) => {
-                        let name = render(q, "queue")?;
+                let queue = match queue {
+                    Some(name) => {
                         // Passive: the queue must exist; the route does not make it.
                         ch.queue_declare(
                             name.as_str().into(),
@@ -158,8 +169,7 @@ impl AmqpBridge {
                             .await
                             .map_err(fail)?;
                         let name = q.name().to_string();
-                        for (e, k) in &self.bind {
-                            let (e, k) = (render(e, "exchange")?, render(k, "routing key")?);
+                        for (e, k) in &binds {
                             ch.queue_bind(
                                 name.as_str().into(),
                                 e.as_str().into(),

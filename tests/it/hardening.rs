@@ -1,0 +1,258 @@
+//! Hardening at the edge (issue 17), against real brokers and upstreams: request values that
+//! would change the meaning of a broker name are refused before anything reaches the broker,
+//! no request can break a shared connection, and a client's own faults never count against a
+//! backend.
+
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, StatusCode};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::support::amqp as rabbit;
+use crate::support::mqtt as mq;
+use crate::support::*;
+
+/// The status and problem body of a WebSocket handshake that must be refused.
+async fn refused_handshake(url: &str) -> (StatusCode, serde_json::Value) {
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tungstenite::Error::Http(resp)) => {
+            let body = resp.body().clone().unwrap_or_default();
+            (
+                resp.status(),
+                serde_json::from_slice(&body).unwrap_or_default(),
+            )
+        }
+        Ok(_) => panic!("{url}: the handshake was accepted"),
+        Err(e) => panic!("{url}: {e}"),
+    }
+}
+
+/// A counter of `/metrics`, 0 when absent.
+async fn metric(gw: &Gateway, line_start: &str) -> f64 {
+    let (_, _, b) = get(&gw.admin_url("/metrics")).await;
+    String::from_utf8_lossy(&b)
+        .lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn amqp_binding_and_routing_keys_take_one_word_per_value() {
+    let url = rabbit::broker_url().await;
+    let x = rabbit::unique("bind-x");
+    let q = rabbit::unique("bind-q");
+    let gw = Gateway::start(&format!(
+        r##"{backend}
+routes:
+  - id: live
+    match: {{ method: GET, path: "/v1/customers/{{customer}}/orders/live" }}
+    backend: rabbit
+    websocket:
+      amqp: {{ consume: {{ bind: [{{ exchange: "{x}", routing_key: "order.{{customer}}.#" }}] }} }}
+  - id: publish
+    match: {{ method: POST, path: "/v1/orders/{{region}}" }}
+    backend: rabbit
+    amqp: {{ exchange: "{x}", routing_key: "order.{{region}}.created" }}
+  - id: publish-spanning
+    match: {{ method: POST, path: "/v2/orders/{{region}}" }}
+    backend: rabbit
+    amqp: {{ exchange: "{x}", routing_key: "order.{{region}}", multi_word: [region] }}
+"##,
+        backend = rabbit::rabbit_backend(&url, &x, &q)
+    ))
+    .await;
+    gw.wait_backend("rabbit", true).await;
+    let ws = |p: &str| format!("ws://{}{}", gw.listen, p);
+
+    // A wildcard or a dot in the customer would bind other customers' messages.
+    for bad in ["*", "%2A", "%23", "a.b", "a%2Eb", "%01", "%C2%85"] {
+        let (status, problem) =
+            refused_handshake(&ws(&format!("/v1/customers/{bad}/orders/live"))).await;
+        assert_eq!(status, 400, "{bad}: {problem}");
+        assert_eq!(problem["field"], "customer", "{bad}: {problem}");
+    }
+
+    // A socket of customer c1 hears c1's orders and never c2's.
+    let (mut c1, _) = tokio_tungstenite::connect_async(ws("/v1/customers/c1/orders/live"))
+        .await
+        .unwrap();
+    let conn = rabbit::client().await;
+    let ch = conn.create_channel().await.unwrap();
+    for key in ["order.c2.created", "order.c1.created"] {
+        ch.basic_publish(
+            x.as_str().into(),
+            key.into(),
+            Default::default(),
+            key.as_bytes(),
+            Default::default(),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    }
+    let first = tokio::time::timeout(std::time::Duration::from_secs(5), c1.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first, Message::text("order.c1.created"));
+    c1.send(Message::Close(None)).await.ok();
+
+    // A publish's routing key: one word per value unless the route lets it span words.
+    let before = rabbit::depth(&conn, &q).await;
+    for bad in ["eu.west", "%2A", "%23", "e%09u"] {
+        let (s, _, b) = send(
+            request(Method::POST, &gw.url(&format!("/v1/orders/{bad}")))
+                .body(body("{}"))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, 400, "{bad}");
+        assert_eq!(json(&b)["field"], "region", "{bad}");
+    }
+    assert_eq!(
+        rabbit::depth(&conn, &q).await,
+        before,
+        "nothing was published"
+    );
+    let (s, _, _) = send(
+        request(Method::POST, &gw.url("/v2/orders/eu.west"))
+            .body(body("{}"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 202);
+    for bad in ["eu..west", ".eu", "eu.%23"] {
+        let (s, _, _) = send(
+            request(Method::POST, &gw.url(&format!("/v2/orders/{bad}")))
+                .body(body("{}"))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, 400, "{bad}");
+    }
+    assert_eq!(rabbit::depth(&conn, &q).await, before + 1);
+    rabbit::cleanup(&conn, &[&x], &[&q]).await;
+}
+
+#[tokio::test]
+async fn mqtt_values_that_would_break_the_shared_connection_are_refused() {
+    let addr = mq::broker_addr().await;
+    let base = format!("sy-hard/{}", uuid::Uuid::now_v7().simple());
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  devices: {{ type: mqtt, url: "mqtt://{addr}", client_id: "gw-{id}", keep_alive: 5s }}
+routes:
+  - id: set
+    match: {{ method: PUT, path: "/d/{{device}}/set" }}
+    backend: devices
+    mqtt: {{ topic: "{base}/{{device}}/set", qos: 1 }}
+  - id: by-query
+    match: {{ method: PUT, path: "/q/set" }}
+    backend: devices
+    mqtt: {{ topic: "{base}/{{query.d}}/set", qos: 1 }}
+  - id: events
+    match: {{ method: GET, path: "/d/{{device}}/events" }}
+    backend: devices
+    mqtt: {{ topic: "{base}/{{device}}/events", subscribe: true }}
+  - id: last
+    match: {{ method: GET, path: "/d/{{device}}/last" }}
+    backend: devices
+    mqtt: {{ topic: "{base}/{{device}}/last", last_value: true, wait: 200ms }}
+  - id: top
+    match: {{ method: PUT, path: "/t/{{device}}" }}
+    backend: devices
+    mqtt: {{ topic: "{{device}}/x", qos: 1 }}
+  - id: socket
+    match: {{ method: GET, path: "/d/{{device}}/socket" }}
+    backend: devices
+    websocket:
+      mqtt: {{ subscribe: ["{base}/{{device}}/out"], publish: "{base}/{{device}}/in" }}
+  - id: ops
+    match: {{ method: GET, path: "/ops" }}
+    backend: devices
+    websocket:
+      mqtt: {{ allow: ["{base}/#"] }}
+"#,
+        id = uuid::Uuid::now_v7().simple()
+    ))
+    .await;
+    gw.wait_backend("devices", true).await;
+    let disconnects = "switchyard_broker_events_total{backend=\"devices\",event=\"disconnected\"}";
+
+    let bad = [
+        "%01", "%1B", "%7F", "%C2%80", "%C2%9F", "%FF", "%FE", "a%2Fb", "%2B", "%23",
+    ];
+    for v in bad {
+        for (method, path) in [
+            (Method::PUT, format!("/d/{v}/set")),
+            (Method::PUT, format!("/q/set?d={v}")),
+            (Method::GET, format!("/d/{v}/events")),
+            (Method::GET, format!("/d/{v}/last")),
+        ] {
+            let (s, _, b) = send(request(method, &gw.url(&path)).body(body("1")).unwrap()).await;
+            assert_eq!(s, 400, "{path}: {}", String::from_utf8_lossy(&b));
+            let field = if path.starts_with("/q/") {
+                "query.d"
+            } else {
+                "device"
+            };
+            assert_eq!(json(&b)["field"], field, "{path}");
+        }
+        let (s, p) = refused_handshake(&format!("ws://{}/d/{v}/socket", gw.listen)).await;
+        assert_eq!(
+            (s, p["field"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("device"))
+        );
+    }
+    // `$` topics belong to the broker: a value may not start one.
+    let (s, _, _) = send(
+        request(Method::PUT, &gw.url("/t/$SYS"))
+            .body(body("1"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 400);
+
+    // Operations on a socket: a control character in a frame's topic is an error frame.
+    let (mut ops, _) = tokio_tungstenite::connect_async(format!("ws://{}/ops", gw.listen))
+        .await
+        .unwrap();
+    for op in ["subscribe", "publish"] {
+        let frame = serde_json::json!({"op": op, "topic": format!("{base}/a\u{1}b"), "id": op});
+        ops.send(Message::text(frame.to_string())).await.unwrap();
+        let reply = loop {
+            match ops.next().await.unwrap().unwrap() {
+                Message::Text(t) => break serde_json::from_str::<serde_json::Value>(&t).unwrap(),
+                _ => continue,
+            }
+        };
+        assert_eq!(reply["op"], "error", "{reply}");
+        assert_eq!(reply["field"], "topic", "{reply}");
+    }
+
+    // The shared connection never dropped, and a good publish still goes through.
+    assert_eq!(metric(&gw, disconnects).await, 0.0);
+    let mut sub = mq::Subscriber::start(
+        &addr,
+        &format!("t-{}", uuid::Uuid::now_v7()),
+        &format!("{base}/ok/set"),
+    )
+    .await;
+    let (s, _, _) = send(
+        request(Method::PUT, &gw.url("/d/ok/set"))
+            .body(body("21"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 202);
+    let got = tokio::time::timeout(std::time::Duration::from_secs(5), sub.rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got.payload[..], b"21");
+    assert_eq!(metric(&gw, disconnects).await, 0.0);
+}
