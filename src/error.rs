@@ -370,10 +370,13 @@ pub struct Classified<'a> {
     pub error: Option<&'a GatewayError>,
     /// Set when the request body went over its limit somewhere down the chain.
     pub too_large: Option<u64>,
+    /// Set when the client's body was broken or too slow somewhere down the chain.
+    pub client_body: Option<&'a ClientBody>,
 }
 
-/// Walks the cause chain. A body-limit error anywhere wins (the client sent too much, whatever
-/// the backend made of it); otherwise the outermost `GatewayError`; otherwise hyper's own kinds.
+/// Walks the cause chain. A fault of the client's body anywhere wins (the client sent too
+/// much, a broken body or too slowly, whatever the backend made of it); otherwise the outermost
+/// `GatewayError`; otherwise hyper's own kinds.
 pub fn classify<'a>(err: &'a (dyn StdError + 'static)) -> Classified<'a> {
     let mut gateway = None;
     let mut hyper_timeout = false;
@@ -385,6 +388,16 @@ pub fn classify<'a>(err: &'a (dyn StdError + 'static)) -> Classified<'a> {
                 fault: Fault::Client,
                 error: None,
                 too_large: Some(*limit),
+                client_body: None,
+            };
+        }
+        if let Some(body) = e.downcast_ref::<ClientBody>() {
+            return Classified {
+                status: body.status(),
+                fault: Fault::Client,
+                error: None,
+                too_large: None,
+                client_body: Some(body),
             };
         }
         if gateway.is_none() {
@@ -401,19 +414,44 @@ pub fn classify<'a>(err: &'a (dyn StdError + 'static)) -> Classified<'a> {
             fault: g.fault(),
             error: Some(g),
             too_large: None,
+            client_body: None,
         },
         None if hyper_timeout => Classified {
             status: StatusCode::GATEWAY_TIMEOUT,
             fault: Fault::Upstream,
             error: None,
             too_large: None,
+            client_body: None,
         },
         None => Classified {
             status: StatusCode::INTERNAL_SERVER_ERROR,
             fault: Fault::Gateway,
             error: None,
             too_large: None,
+            client_body: None,
         },
+    }
+}
+
+/// A fault of the client's request body, raised by the front end's body wrapper (a body cut
+/// mid-way or malformed, `Malformed`) or by a timeout that expired while the client was still
+/// sending its body (`TooSlow`). Wherever it sits in a cause chain it makes the error the
+/// client's (400 or 408): it never counts toward a breaker, a retry, an endpoint's ejection or
+/// a backend's error metrics, whatever the backend made of the broken body.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBody {
+    #[error("the request body was cut or malformed")]
+    Malformed(#[source] crate::BoxError),
+    #[error("the request body arrived too slowly")]
+    TooSlow,
+}
+
+impl ClientBody {
+    fn status(&self) -> StatusCode {
+        match self {
+            ClientBody::Malformed(_) => StatusCode::BAD_REQUEST,
+            ClientBody::TooSlow => StatusCode::REQUEST_TIMEOUT,
+        }
     }
 }
 
@@ -433,6 +471,21 @@ pub fn rescue(
 ) -> Response {
     let c = classify(err);
     let (slug, title, detail, field) = match (c.error, c.too_large) {
+        (_, None) if c.client_body.is_some() => match c.client_body {
+            Some(ClientBody::TooSlow) => (
+                "request-timeout",
+                "Request Timeout",
+                "The request body did not arrive in time.".to_string(),
+                Some("body".to_string()),
+            ),
+            _ => (
+                "bad-request-body",
+                "Bad Request",
+                "The request body was cut short or malformed (its length or chunk framing)."
+                    .to_string(),
+                Some("body".to_string()),
+            ),
+        },
         (_, Some(limit)) => (
             "payload-too-large",
             "Payload Too Large",

@@ -387,7 +387,10 @@ impl HttpRouteService {
                 .into())
             }
             Err(e) => {
-                backend.record(i, false);
+                // A body the client broke is not the endpoint's failure.
+                if crate::error::classify(&e).fault != crate::error::Fault::Client {
+                    backend.record(i, false);
+                }
                 Err(GatewayError::BadGateway {
                     backend: backend.name.clone(),
                     reason: "the upstream request failed",

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower::Service;
 
-use super::context::Deadline;
+use super::context::{BodyProgress, Deadline};
 use crate::config::{BreakerMode, BreakerSpec};
 use crate::error::{Fault, GatewayError, classify};
 use crate::telemetry::metrics::Metrics;
@@ -302,6 +302,7 @@ where
             }),
             Ok(ticket) => {
                 let deadline = req.extensions().get::<Deadline>().copied();
+                let progress = deadline.and(req.extensions().get::<BodyProgress>().cloned());
                 let fut = self.inner.call(req);
                 Box::pin(async move {
                     // The overall timeout sits above this layer and would drop the call without
@@ -310,7 +311,7 @@ where
                         Some(d) => {
                             match tokio::time::timeout_at(Instant::from_std(d.at), fut).await {
                                 Ok(r) => r,
-                                Err(_) => Err(GatewayError::Timeout { after: d.total }.into()),
+                                Err(_) => Err(super::timeout::expired(d.total, progress.as_ref())),
                             }
                         }
                         None => fut.await,

@@ -49,3 +49,19 @@ impl Deadline {
         self.at.saturating_duration_since(Instant::now())
     }
 }
+
+/// Whether the client has sent its whole request body: set by the front end's body wrapper,
+/// read by the timeout layers, which answer 408 (the client's fault) rather than 504 when
+/// they expire while the body is still arriving. Present only on requests that have a body.
+#[derive(Debug, Clone, Default)]
+pub struct BodyProgress(Arc<std::sync::atomic::AtomicBool>);
+
+impl BodyProgress {
+    pub fn finish(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn finished(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

@@ -14,7 +14,7 @@ use tower::{Service, ServiceExt};
 
 use super::context::Deadline;
 use crate::config::{RetryCondition, RetryOn, RetrySpec};
-use crate::error::GatewayError;
+use crate::error::{Fault, GatewayError, classify};
 use crate::telemetry::metrics::Metrics;
 use crate::{BoxError, Request, Response, ResponseFuture, RouteService, full_body};
 
@@ -67,6 +67,10 @@ impl RetryPolicy {
                     .then_some((status_reason(code), true))
             }
             Err(e) => {
+                // The client's fault (a broken body, say) is never retried.
+                if classify(e.as_ref()).fault == Fault::Client {
+                    return None;
+                }
                 let g = e.downcast_ref::<GatewayError>()?;
                 let reason = match g {
                     GatewayError::BackendUnavailable { .. }

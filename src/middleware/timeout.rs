@@ -1,5 +1,7 @@
 //! The overall deadline of a request: sets [`Deadline`] for the layers and backend below it and
-//! fails with a 504 (`GatewayError::Timeout`) when the backend has not answered in time.
+//! fails with a 504 (`GatewayError::Timeout`) when the backend has not answered in time — or
+//! with a 408 (`ClientBody::TooSlow`, the client's fault) when the client was still sending its
+//! body then.
 
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -7,8 +9,8 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower::{Layer, Service};
 
-use super::context::Deadline;
-use crate::error::GatewayError;
+use super::context::{BodyProgress, Deadline};
+use crate::error::{ClientBody, GatewayError};
 use crate::{BoxError, Request, Response, ResponseFuture};
 
 #[derive(Debug, Clone, Copy)]
@@ -76,13 +78,25 @@ where
             });
         }
         let after = self.after;
+        let progress = req.extensions().get::<BodyProgress>().cloned();
         let fut = self.inner.call(req);
         Box::pin(async move {
             match tokio::time::timeout_at(deadline, fut).await {
                 Ok(result) => result,
-                Err(_) => Err(GatewayError::Timeout { after }.into()),
+                Err(_) => Err(expired(after, progress.as_ref())),
             }
         })
+    }
+}
+
+/// The error of a deadline that passed: the client's (408) when its body was still arriving
+/// (`progress` unfinished), else the backend's (504). Every layer that races a deadline
+/// answers with this.
+pub fn expired(after: Duration, progress: Option<&BodyProgress>) -> BoxError {
+    if progress.is_some_and(|p| !p.finished()) {
+        ClientBody::TooSlow.into()
+    } else {
+        GatewayError::Timeout { after }.into()
     }
 }
 

@@ -1,5 +1,7 @@
-//! The request-body limit, applied by the front end to every request body before the route's
-//! stack sees it: a body that grows past the route's limit fails with `PayloadLimit` (413).
+//! The request-body wrapper, applied by the front end to every request body before the route's
+//! stack sees it: a body that grows past the route's limit fails with `PayloadLimit` (413), a
+//! body the client cut or framed wrongly with `ClientBody` (400, the client's fault), and the
+//! end of the body is recorded in [`BodyProgress`] for the timeout layers.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -7,7 +9,8 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
-use crate::error::PayloadLimit;
+use crate::error::{ClientBody, PayloadLimit};
+use crate::middleware::context::BodyProgress;
 use crate::{BodyError, BoxError};
 
 /// The client's body `B` (hyper's `Incoming`), counted as it streams.
@@ -15,14 +18,23 @@ pub struct LimitedBody<B> {
     inner: B,
     remaining: u64,
     limit: u64,
+    progress: Option<BodyProgress>,
 }
 
 impl<B> LimitedBody<B> {
-    pub fn new(inner: B, limit: u64) -> Self {
+    /// `progress` is marked finished once the body has ended (or failed).
+    pub fn new(inner: B, limit: u64, progress: Option<BodyProgress>) -> Self {
         LimitedBody {
             inner,
             remaining: limit,
             limit,
+            progress,
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(p) = self.progress.take() {
+            p.finish();
         }
     }
 }
@@ -46,14 +58,25 @@ where
                     let len = d.len() as u64;
                     if len > this.remaining {
                         this.remaining = 0;
+                        this.finish();
                         return Poll::Ready(Some(Err(BodyError::new(PayloadLimit(this.limit)))));
                     }
                     this.remaining -= len;
                 }
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Ready(Some(Err(e))) => {
+                // Only the client's connection feeds this body: its failure is the client's.
+                this.finish();
+                Poll::Ready(Some(Err(BodyError::new(ClientBody::Malformed(e.into())))))
+            }
+            Poll::Ready(None) => {
+                this.finish();
+                Poll::Ready(None)
+            }
             Poll::Pending => Poll::Pending,
         }
     }

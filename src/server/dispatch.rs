@@ -16,7 +16,7 @@ use tracing::Instrument;
 use super::body::LimitedBody;
 use crate::app::Shared;
 use crate::error::{GatewayError, PayloadLimit, rescue};
-use crate::middleware::context::RequestContext;
+use crate::middleware::context::{BodyProgress, RequestContext};
 use crate::middleware::correlation::{self, TRACEPARENT};
 use crate::router::{Lookup, normalize::normalize};
 use crate::telemetry::access::{AccessEntry, AccessLogBody};
@@ -178,7 +178,11 @@ pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: HttpRequest<Incomi
             Cow::Borrowed(_) => None,
         };
         let (mut parts, body) = req.into_parts();
-        let body = LimitedBody::new(body, limit).boxed_unsync();
+        let progress = (!http_body::Body::is_end_stream(&body)).then(BodyProgress::default);
+        if let Some(p) = &progress {
+            parts.extensions.insert(p.clone());
+        }
+        let body = LimitedBody::new(body, limit, progress).boxed_unsync();
         // The request's own path and query, when they start with the path as matched.
         let own = parts
             .uri

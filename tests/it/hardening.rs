@@ -256,3 +256,111 @@ routes:
     assert_eq!(&got.payload[..], b"21");
     assert_eq!(metric(&gw, disconnects).await, 0.0);
 }
+
+/// Sends `raw` on a new connection (then half-closes it when `close`) and returns the status
+/// the gateway answered, or `None` when it closed without one.
+async fn raw_status(gw: &Gateway, raw: &[u8], close: bool) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    if close {
+        s.shutdown().await.unwrap();
+    }
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the gateway neither answered nor closed");
+    let head = String::from_utf8_lossy(&buf);
+    head.split(' ').nth(1).and_then(|c| c.parse().ok())
+}
+
+#[tokio::test]
+async fn a_clients_broken_or_slow_body_is_its_own_fault_never_the_backends() {
+    let (a, b) = (Upstream::start().await, Upstream::start().await);
+    let url = rabbit::broker_url().await;
+    let (x, q) = (rabbit::unique("body-x"), rabbit::unique("body-q"));
+    let rabbit = rabbit::rabbit_backend(&url, &x, &q);
+    let gw = Gateway::start(&format!(
+        r#"{rabbit}
+  up:
+    type: http
+    endpoints: ["{}", "{}"]
+    eject_after_failures: 2
+    breaker: {{ consecutive_failures: 3, open_for: 60s }}
+routes:
+  - id: up
+    match: {{ path: "/up" }}
+    backend: up
+    timeout: 400ms
+    retry: {{ attempts: 3, backoff: 10ms, on: [reset, connect-failure, timeout] }}
+    idempotent: true
+  - id: publish
+    match: {{ method: POST, path: "/pub" }}
+    backend: rabbit
+    timeout: 400ms
+    amqp: {{ exchange: "{x}", routing_key: "k" }}
+"#,
+        a.url(),
+        b.url()
+    ))
+    .await;
+    gw.wait_backend("rabbit", true).await;
+    for path in ["/up", "/pub"] {
+        for _ in 0..4 {
+            // A malformed chunk size.
+            let malformed = format!(
+                "POST {path} HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n"
+            );
+            assert_eq!(
+                raw_status(&gw, malformed.as_bytes(), false).await,
+                Some(400),
+                "{path}"
+            );
+            // A body cut short: the client half-closes after 5 of 100 bytes.
+            let cut =
+                format!("POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nhello");
+            let status = raw_status(&gw, cut.as_bytes(), true).await;
+            assert!(matches!(status, None | Some(400)), "{path}: {status:?}");
+            // A body that never finishes: 408, not 504.
+            let slow = format!("POST {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\nhel");
+            assert_eq!(
+                raw_status(&gw, slow.as_bytes(), false).await,
+                Some(408),
+                "{path}"
+            );
+        }
+    }
+    // No breaker opened, no endpoint was ejected, no backend error was counted.
+    let (_, _, m) = get(&gw.admin_url("/metrics")).await;
+    let m = String::from_utf8_lossy(&m);
+    assert!(
+        m.contains(r#"switchyard_breaker_state{backend="up"} 0"#),
+        "{m}"
+    );
+    assert!(!m.contains("switchyard_backend_errors_total{"), "{m}");
+    assert!(!m.contains("switchyard_retries_total{"), "{m}");
+    let (a0, b0) = (a.hits(), b.hits());
+    for _ in 0..4 {
+        let (s, _, _) = send(
+            request(Method::POST, &gw.url("/up"))
+                .body(body("ok"))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, 200);
+    }
+    assert!(a.hits() > a0 && b.hits() > b0, "both endpoints still serve");
+    let conn = rabbit::client().await;
+    rabbit::cleanup(&conn, &[&x], &[&q]).await;
+}
