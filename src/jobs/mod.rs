@@ -830,9 +830,9 @@ impl JobService {
                     field,
                 });
             }
-            if !webhook::allowed(url, &spec.allow) {
+            if let Err(why) = webhook::allowed(url, &spec.allow) {
                 return Err(GatewayError::BadRequest {
-                    detail: "The callback URL is not one this route may call back.".into(),
+                    detail: format!("The callback URL cannot be used: {why}."),
                     field,
                 });
             }

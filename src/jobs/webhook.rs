@@ -131,16 +131,26 @@ impl Sender {
 }
 
 /// Whether `url` may be a callback given the route's allow-list: the same scheme, host and
-/// port as an entry, no user info, and a path under the entry's (on a segment boundary).
-pub fn allowed(url: &str, allow: &[String]) -> bool {
-    let Ok(u) = url.parse::<http::Uri>() else {
-        return false;
-    };
-    let Some(authority) = u.authority() else {
-        return false;
-    };
+/// port as an entry, and a path under the entry's (on a segment boundary). The path is compared
+/// as written, so a URL whose meaning a receiver could change after the comparison is refused
+/// first: user info, dot segments (`..`, `%2e%2e`, `.%2E`), encoded slashes or backslashes
+/// (`%2F`, `%5C`) and backslashes. The error says why, for the client.
+pub fn allowed(url: &str, allow: &[String]) -> Result<(), &'static str> {
+    let not_listed = "it is not one this route may call back";
+    let u = url.parse::<http::Uri>().map_err(|_| not_listed)?;
+    let authority = u.authority().ok_or(not_listed)?;
     if authority.as_str().contains('@') {
-        return false;
+        return Err("it holds user info (`user@`)");
+    }
+    let path = u.path();
+    if path.contains('\\') || ["%2f", "%5c"].iter().any(|e| contains_ci(path, e)) {
+        return Err("its path holds an encoded slash or a backslash");
+    }
+    if path.split('/').any(|seg| {
+        let seg = percent_encoding::percent_decode_str(seg).decode_utf8_lossy();
+        seg == "." || seg == ".."
+    }) {
+        return Err("its path holds a dot segment (`.` or `..`)");
     }
     let port = |x: &http::Uri| {
         x.port_u16().unwrap_or(if x.scheme_str() == Some("https") {
@@ -149,7 +159,7 @@ pub fn allowed(url: &str, allow: &[String]) -> bool {
             80
         })
     };
-    allow.iter().any(|entry| {
+    let listed = allow.iter().any(|entry| {
         let Ok(a) = entry.parse::<http::Uri>() else {
             return false;
         };
@@ -160,12 +170,17 @@ pub fn allowed(url: &str, allow: &[String]) -> bool {
         {
             return false;
         }
-        let (ap, up) = (a.path(), u.path());
-        match up.strip_prefix(ap) {
+        let ap = a.path();
+        match path.strip_prefix(ap) {
             Some(rest) => ap.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
             None => false,
         }
-    })
+    });
+    if listed { Ok(()) } else { Err(not_listed) }
+}
+
+fn contains_ci(haystack: &str, needle: &str) -> bool {
+    haystack.to_ascii_lowercase().contains(needle)
 }
 
 /// Whether `url` is an absolute http(s) URL with a host.
@@ -197,15 +212,20 @@ mod tests {
             "https://hooks.example.com/in/".to_string(),
             "http://127.0.0.1:8080".to_string(),
         ];
-        assert!(allowed("https://hooks.example.com/in/a", &allow));
-        assert!(allowed("https://HOOKS.example.com:443/in/a?x=1", &allow));
-        assert!(!allowed("https://hooks.example.com/inside", &allow));
-        assert!(!allowed("https://hooks.example.com.evil/in/a", &allow));
-        assert!(!allowed("https://hooks.example.com@evil.net/in/a", &allow));
-        assert!(!allowed("https://hooks.example.com:6379/in/a", &allow));
-        assert!(!allowed("http://hooks.example.com/in/a", &allow));
-        assert!(allowed("http://127.0.0.1:8080/any", &allow));
-        assert!(!allowed("http://127.0.0.1:8081/any", &allow));
+        let ok = |u: &str| allowed(u, &allow).is_ok();
+        assert!(ok("https://hooks.example.com/in/a"));
+        assert!(ok("https://HOOKS.example.com:443/in/a?x=1"));
+        assert!(ok("https://hooks.example.com/in/a..b/c.d"));
+        assert!(!ok("https://hooks.example.com/inside"));
+        assert!(!ok("https://hooks.example.com.evil/in/a"));
+        assert!(!ok("https://hooks.example.com@evil.net/in/a"));
+        assert!(!ok("https://hooks.example.com:6379/in/a"));
+        assert!(!ok("http://hooks.example.com/in/a"));
+        assert!(!ok("https://hooks.example.com/in/../admin"));
+        assert!(!ok("https://hooks.example.com/in/%2E%2e/admin"));
+        assert!(!ok("https://hooks.example.com/in/..%2Fadmin"));
+        assert!(ok("http://127.0.0.1:8080/any"));
+        assert!(!ok("http://127.0.0.1:8081/any"));
         assert!(valid_url("http://127.0.0.1:8080/x"));
         assert!(!valid_url("ftp://x/y"));
         assert!(!valid_url("/relative"));

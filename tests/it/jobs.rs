@@ -433,11 +433,29 @@ async fn callback_urls_from_the_request_must_be_allowed() {
         ),
     ))
     .await;
+    // Dot segments (plain or encoded), encoded slashes and user info never escape the list.
+    let escapes = [
+        "/hooks/../../admin",
+        "/hooks/%2e%2e/admin",
+        "/hooks/%2E%2e/admin",
+        "/hooks/..%2fadmin",
+        "/hooks/.%2E/admin",
+        "/hooks/./x",
+        "/hooks/a%2Fb",
+        "/hooks/a%5cb",
+        "/hooks/a\\b",
+    ]
+    .map(|p| rx.url(p));
+    let userinfo = rx.url("/hooks/a").replace("http://", "http://user:pass@");
     for bad in [
         "http://elsewhere.example/hooks/x",
         "not a url",
         &rx.url("/other"),
-    ] {
+        &userinfo,
+    ]
+    .into_iter()
+    .chain(escapes.iter().map(String::as_str))
+    {
         let (s, _, b) = post_to(&gw.url("/x"), "{}", &[("callback-url", bad)]).await;
         assert_eq!(s, 400, "{bad}: {b}");
         assert_eq!(b["field"], "header.callback-url");
