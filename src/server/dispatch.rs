@@ -72,8 +72,58 @@ static NO_ROUTE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("-"));
 /// The route id the job endpoint's answers are counted and logged under.
 pub const JOBS_ROUTE: &str = "switchyard.jobs";
 
+/// The `Connection` options the front end keeps: the protocol's own (`close`, `keep-alive`,
+/// the WebSocket `upgrade`, gRPC's `te`), which backends strip themselves when they forward.
+const CONNECTION_KEPT: [&str; 4] = ["close", "keep-alive", "upgrade", "te"];
+
+/// Removes, as the request arrives, the headers its `Connection` header names as hop-by-hop
+/// (RFC 9110 §7.6.1), and the names from `Connection`, so that a client can neither hide its
+/// own headers from the gateway's checks nor make a backend strip the headers the gateway adds
+/// later (correlation ID, `traceparent`, `x-forwarded-*`, plugins' headers). `Host` is never
+/// removed: the request is routed by it.
+fn strip_connection_named(headers: &mut http::HeaderMap) {
+    let Some(conn) = headers.get(header::CONNECTION) else {
+        return;
+    };
+    let tokens = |v: &HeaderValue| -> Vec<String> {
+        String::from_utf8_lossy(v.as_bytes())
+            .split(',')
+            .map(|t| t.trim().to_ascii_lowercase())
+            .filter(|t| !t.is_empty())
+            .collect()
+    };
+    let kept = |t: &str| CONNECTION_KEPT.contains(&t);
+    if headers.get_all(header::CONNECTION).iter().count() == 1
+        && tokens(conn).iter().all(|t| kept(t))
+    {
+        return;
+    }
+    let all: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(tokens)
+        .collect();
+    for name in all.iter().filter(|t| !kept(t) && t.as_str() != "host") {
+        if let Ok(n) = http::HeaderName::from_bytes(name.as_bytes()) {
+            headers.remove(n);
+        }
+    }
+    let left: Vec<&str> = all.iter().map(String::as_str).filter(|t| kept(t)).collect();
+    headers.remove(header::CONNECTION);
+    if let Ok(v) = HeaderValue::from_str(&left.join(", "))
+        && !left.is_empty()
+    {
+        headers.insert(header::CONNECTION, v);
+    }
+}
+
 /// Handles one request end to end. Never fails: every error becomes a problem+json answer.
-pub async fn handle(shared: Arc<Shared>, conn: ConnInfo, req: HttpRequest<Incoming>) -> Response {
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    mut req: HttpRequest<Incoming>,
+) -> Response {
+    strip_connection_named(req.headers_mut());
     let started = Instant::now();
     let table = shared.table.load_full();
     let cid = correlation::correlation_id(req.headers(), &table.correlation_header);

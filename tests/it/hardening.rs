@@ -364,3 +364,61 @@ routes:
     let conn = rabbit::client().await;
     rabbit::cleanup(&conn, &[&x], &[&q]).await;
 }
+
+/// Sends `raw` (which asks for `Connection: close`) and returns the whole answer as text.
+async fn raw_exchange(addr: std::net::SocketAddr, raw: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s.read_to_end(&mut buf))
+        .await
+        .expect("the gateway closes the connection")
+        .ok();
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+#[tokio::test]
+async fn headers_named_by_connection_go_before_the_gateway_adds_its_own() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  up: {{ type: http, endpoints: ["{}"] }}
+routes:
+  - id: up
+    match: {{ path: "/echo" }}
+    backend: up
+    plugins:
+      - headers: {{ request: {{ set: {{ x-gateway: switchyard }} }} }}
+"#,
+        up.url()
+    ))
+    .await;
+    let answer = raw_exchange(
+        gw.listen,
+        b"GET /echo HTTP/1.1\r\nhost: x\r\nx-request-id: client-chosen\r\nx-secret: 1\r\n\
+          connection: close, x-request-id, traceparent, x-gateway, x-secret, host\r\n\r\n",
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
+    let echoed: serde_json::Value = serde_json::from_str(body).unwrap();
+    let h = &echoed["headers"];
+    assert_eq!(h["x-gateway"], "switchyard", "{echoed}");
+    assert!(h["traceparent"].is_string(), "{echoed}");
+    assert!(h["x-forwarded-for"].is_string(), "{echoed}");
+    let cid = h["x-request-id"].as_str().expect("the gateway's own id");
+    assert_ne!(
+        cid, "client-chosen",
+        "a hop-by-hop header never reaches the gateway's checks"
+    );
+    assert!(h.get("x-secret").is_none(), "{echoed}");
+    assert!(h.get("connection").is_none(), "{echoed}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains(&format!("x-request-id: {cid}")),
+        "{answer}"
+    );
+}
