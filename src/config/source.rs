@@ -1,11 +1,13 @@
-//! Turning routes.yaml text into a [`ConfigSpec`] plus a [`Locator`]: `${VAR}` interpolation,
-//! the one YAML parse, and a map from each node's path to its line and column so that every
-//! validation error can point at the text. Runs at load time only; no I/O besides env lookups.
+//! Turning routes.yaml text into a [`ConfigSpec`] plus a [`Locator`]: the one YAML parse, a
+//! map from each node's path to its line and column so that every validation error can point at
+//! the text, duplicate keys refused, and `${VAR}` interpolation inside parsed scalar values (so
+//! an environment value can never change the YAML's structure). Runs at load time only; no I/O
+//! besides env lookups.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
-use yaml_rust2::scanner::Marker;
+use yaml_rust2::scanner::{Marker, TScalarStyle};
 
 use super::ConfigError;
 use super::model::ConfigSpec;
@@ -23,7 +25,9 @@ pub struct Locator {
     values: HashMap<String, Pos>,
     keys: HashMap<String, Pos>,
     scalars: HashMap<String, String>,
-    shifts: Shifts,
+    /// How each scalar was written: plain (unquoted) ones are typed after interpolation, and
+    /// an error inside one is placed at its column.
+    styles: HashMap<String, TScalarStyle>,
 }
 
 impl Locator {
@@ -56,21 +60,31 @@ impl Locator {
 }
 
 enum Frame {
-    Map { path: String, key: Option<String> },
-    Seq { path: String, index: usize },
+    Map {
+        path: String,
+        key: Option<String>,
+        seen: HashSet<String>,
+    },
+    Seq {
+        path: String,
+        index: usize,
+    },
 }
 
 #[derive(Default)]
 struct Builder {
     stack: Vec<Frame>,
     loc: Locator,
+    /// Keys written twice in one mapping: the path and where the second one is.
+    duplicates: Vec<(String, Pos)>,
 }
 
 impl Builder {
     fn pos(&self, m: Marker) -> Pos {
-        let line = m.line();
-        let column = self.loc.shifts.original_column(line, m.col() + 1);
-        Pos { line, column }
+        Pos {
+            line: m.line(),
+            column: m.col() + 1,
+        }
     }
 
     /// The path of the node that is starting now, or `None` when it is a mapping key.
@@ -82,7 +96,7 @@ impl Builder {
                 *index += 1;
                 Some(p)
             }
-            Some(Frame::Map { path, key }) => match key.take() {
+            Some(Frame::Map { path, key, seen }) => match key.take() {
                 Some(k) => Some(join(path, &k)),
                 None => {
                     let k = match ev {
@@ -90,7 +104,10 @@ impl Builder {
                         _ => String::from("?"),
                     };
                     let full = join(path, &k);
-                    self.loc.keys.insert(full, pos);
+                    if !seen.insert(k.clone()) {
+                        self.duplicates.push((full.clone(), pos));
+                    }
+                    self.loc.keys.entry(full).or_insert(pos);
                     *key = Some(k);
                     None
                 }
@@ -123,11 +140,16 @@ impl MarkedEventReceiver for Builder {
                 };
                 self.loc.values.entry(path.clone()).or_insert(pos);
                 match ev {
-                    Event::Scalar(s, ..) => {
+                    Event::Scalar(s, style, ..) => {
+                        self.loc.styles.insert(path.clone(), style);
                         self.loc.scalars.insert(path, s);
                     }
                     Event::SequenceStart(..) => self.stack.push(Frame::Seq { path, index: 0 }),
-                    Event::MappingStart(..) => self.stack.push(Frame::Map { path, key: None }),
+                    Event::MappingStart(..) => self.stack.push(Frame::Map {
+                        path,
+                        key: None,
+                        seen: HashSet::new(),
+                    }),
                     _ => {}
                 }
             }
@@ -136,165 +158,163 @@ impl MarkedEventReceiver for Builder {
     }
 }
 
-/// Column shifts made by interpolation, to report columns of the text the operator wrote.
-#[derive(Debug, Default, Clone)]
-struct Shifts {
-    /// Per 1-based line: (column in interpolated text where a substitution ended, delta).
-    by_line: HashMap<usize, Vec<(usize, isize)>>,
-}
-
-impl Shifts {
-    fn original_column(&self, line: usize, col: usize) -> usize {
-        let Some(list) = self.by_line.get(&line) else {
-            return col;
-        };
-        let mut delta = 0isize;
-        for (end, d) in list {
-            if col >= *end {
-                delta += d;
-            }
-        }
-        (col as isize - delta).max(1) as usize
-    }
-}
-
-/// Replaces `${VAR}` and `${VAR:-default}` outside comments; `$${` writes a literal `${`.
-/// Values may not contain newlines (they would change the YAML's structure).
+/// Replaces `${VAR}` and `${VAR:-default}` in one scalar value; `$${` writes a literal `${`.
+/// Errors carry the offset of the reference in the value.
 fn interpolate(
-    file: &str,
-    text: &str,
+    value: &str,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<(String, Shifts), Vec<ConfigError>> {
-    let mut out = String::with_capacity(text.len());
-    let mut shifts = Shifts::default();
-    let mut errors = Vec::new();
-    for (i, line) in text.split_inclusive('\n').enumerate() {
-        let lineno = i + 1;
-        let bytes = line.as_bytes();
-        let (mut quote, mut j, mut col_out) = (None::<u8>, 0usize, 1usize);
-        while j < bytes.len() {
-            let c = bytes[j];
-            match (quote, c) {
-                (None, b'#') if j == 0 || bytes[j - 1].is_ascii_whitespace() => {
-                    out.push_str(&line[j..]);
-                    break;
-                }
-                (None, b'\'' | b'"') => quote = Some(c),
-                (Some(q), _) if q == c => quote = None,
-                _ => {}
-            }
-            if c == b'$' && line[j..].starts_with("$${") {
-                out.push_str("${");
-                j += 3;
-                col_out += 2;
-                shifts
-                    .by_line
-                    .entry(lineno)
-                    .or_default()
-                    .push((col_out, -1));
-                continue;
-            }
-            if c == b'$' && line[j..].starts_with("${") {
-                let Some(end) = line[j..].find('}') else {
-                    errors.push(ConfigError::at(
-                        file,
-                        lineno,
-                        j + 1,
-                        "unterminated `${`: write `${VAR}` or `${VAR:-default}`, or `$${` for a literal `${`",
-                    ));
-                    out.push_str(&line[j..]);
-                    break;
-                };
-                let inner = &line[j + 2..j + end];
-                let (name, default) = match inner.split_once(":-") {
-                    Some((n, d)) => (n, Some(d)),
-                    None => (inner, None),
-                };
-                let valid = !name.is_empty()
-                    && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-                let value = if !valid {
-                    errors.push(ConfigError::at(
-                        file,
-                        lineno,
-                        j + 1,
-                        format!("`${{{inner}}}` is not a valid variable reference: names use letters, digits and `_`"),
-                    ));
-                    String::new()
-                } else {
-                    match (env(name), default) {
-                        (Some(v), None) => v,
-                        (Some(v), Some(_)) if !v.is_empty() => v,
-                        (_, Some(d)) => d.to_string(),
-                        (None, None) => {
-                            errors.push(ConfigError::at(
-                                file,
-                                lineno,
-                                j + 1,
-                                format!("environment variable `{name}` is not set; set it or write `${{{name}:-default}}`"),
-                            ));
-                            String::new()
-                        }
-                    }
-                };
-                if value.contains(['\n', '\r']) {
-                    errors.push(ConfigError::at(
-                        file,
-                        lineno,
-                        j + 1,
-                        format!("environment variable `{name}` contains a line break, which is not allowed in routes.yaml"),
-                    ));
-                }
-                let written = end + 1;
-                out.push_str(&value);
-                col_out += value.chars().count();
-                shifts
-                    .by_line
-                    .entry(lineno)
-                    .or_default()
-                    .push((col_out, value.chars().count() as isize - written as isize));
-                j += written;
-                continue;
-            }
-            let ch_len = line[j..].chars().next().map_or(1, char::len_utf8);
-            out.push_str(&line[j..j + ch_len]);
-            j += ch_len;
-            col_out += 1;
+) -> Result<String, (usize, String)> {
+    let mut out = String::with_capacity(value.len());
+    let mut rest = value;
+    let mut offset = 0;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let at = offset + i;
+        let tail = &rest[i..];
+        if let Some(after) = tail.strip_prefix("$${") {
+            out.push_str("${");
+            rest = after;
+            offset = at + 3;
+            continue;
         }
+        if !tail.starts_with("${") {
+            out.push('$');
+            rest = &tail[1..];
+            offset = at + 1;
+            continue;
+        }
+        let Some(end) = tail.find('}') else {
+            return Err((
+                at,
+                "unterminated `${`: write `${VAR}` or `${VAR:-default}`, or `$${` for a literal `${`"
+                    .into(),
+            ));
+        };
+        let inner = &tail[2..end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (inner, None),
+        };
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err((
+                at,
+                format!(
+                    "`${{{inner}}}` is not a valid variable reference: names use letters, digits and `_`"
+                ),
+            ));
+        }
+        match (env(name), default) {
+            (Some(v), None) => out.push_str(&v),
+            (Some(v), Some(_)) if !v.is_empty() => out.push_str(&v),
+            (_, Some(d)) => out.push_str(d),
+            (None, None) => {
+                return Err((
+                    at,
+                    format!(
+                        "environment variable `{name}` is not set; set it or write `${{{name}:-default}}`"
+                    ),
+                ));
+            }
+        }
+        rest = &tail[end + 1..];
+        offset = at + end + 1;
     }
-    if errors.is_empty() {
-        Ok((out, shifts))
-    } else {
-        Err(errors)
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Interpolates every string scalar of `v` (at `path`, as the [`Locator`] names nodes). A plain
+/// scalar whose text changed is typed again as YAML would type it (`${PORT}` → a number), but
+/// only ever as a scalar: whatever a variable holds (`,`, `}`, `: `, ` #`, line breaks) stays
+/// inside the value it was written in.
+fn interpolate_tree(
+    v: &mut serde_yaml::Value,
+    path: &str,
+    loc: &Locator,
+    file: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Vec<ConfigError>,
+) {
+    use serde_yaml::Value;
+    match v {
+        Value::String(s) if s.contains('$') => match interpolate(s, env) {
+            Ok(out) if out != *s => {
+                let typed = (loc.styles.get(path) == Some(&TScalarStyle::Plain))
+                    .then(|| serde_yaml::from_str::<Value>(&out).ok())
+                    .flatten()
+                    .filter(|t| matches!(t, Value::Bool(_) | Value::Number(_)));
+                *v = typed.unwrap_or(Value::String(out));
+            }
+            Ok(_) => {}
+            Err((offset, message)) => {
+                let mut pos = loc.at(path);
+                // Exact for values on one line (quoted ones without escapes before it).
+                if !s.contains('\n') {
+                    pos.column += match loc.styles.get(path) {
+                        Some(TScalarStyle::Plain) => offset,
+                        Some(TScalarStyle::SingleQuoted | TScalarStyle::DoubleQuoted) => offset + 1,
+                        _ => 0,
+                    };
+                }
+                errors.push(ConfigError::at(file, pos.line, pos.column, message));
+            }
+        },
+        Value::Sequence(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                interpolate_tree(item, &format!("{path}[{i}]"), loc, file, env, errors);
+            }
+        }
+        Value::Mapping(map) => {
+            for (k, item) in map.iter_mut() {
+                let key = match k {
+                    Value::String(k) => k.clone(),
+                    other => serde_yaml::to_string(other)
+                        .map(|s| s.trim().to_string())
+                        .unwrap_or_default(),
+                };
+                interpolate_tree(item, &join(path, &key), loc, file, env, errors);
+            }
+        }
+        Value::Tagged(t) => interpolate_tree(&mut t.value, path, loc, file, env, errors),
+        _ => {}
     }
 }
 
-/// THE YAML parse of the project: interpolate, locate, deserialize.
+/// THE YAML parse of the project: locate, refuse duplicate keys, parse, interpolate the
+/// values, deserialize.
 pub fn parse(
     file: &str,
     text: &str,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<(ConfigSpec, Locator), Vec<ConfigError>> {
-    let (text, shifts) = interpolate(file, text, env)?;
-    let mut builder = Builder {
-        loc: Locator {
-            shifts,
-            ..Locator::default()
-        },
-        ..Builder::default()
-    };
-    let mut parser = Parser::new_from_str(&text);
+    let mut builder = Builder::default();
+    let mut parser = Parser::new_from_str(text);
     if let Err(e) = parser.load(&mut builder, false) {
         let m = e.marker();
-        let line = m.line();
-        let column = builder.loc.shifts.original_column(line, m.col() + 1);
         return Err(vec![ConfigError::at(
             file,
-            line,
-            column,
+            m.line(),
+            m.col() + 1,
             format!("invalid YAML: {}", e.info()),
         )]);
     }
     let loc = builder.loc;
+    if !builder.duplicates.is_empty() {
+        return Err(builder
+            .duplicates
+            .iter()
+            .map(|(path, pos)| {
+                ConfigError::at(
+                    file,
+                    pos.line,
+                    pos.column,
+                    format!(
+                        "`{path}` is written twice in the same mapping; the second would silently replace the first"
+                    ),
+                )
+            })
+            .collect());
+    }
     if text.trim().is_empty() {
         return Err(vec![ConfigError::at(
             file,
@@ -303,8 +323,28 @@ pub fn parse(
             "the file is empty; it needs at least `routes:`",
         )]);
     }
-    let de = serde_yaml::Deserializer::from_str(&text);
-    match serde_path_to_error::deserialize::<_, ConfigSpec>(de) {
+    let mut value: serde_yaml::Value = match serde_yaml::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
+            let mut message = e.to_string();
+            if let Some(i) = message.rfind(" at line ") {
+                message.truncate(i);
+            }
+            return Err(vec![ConfigError::at(
+                file,
+                line,
+                column,
+                format!("invalid YAML: {message}"),
+            )]);
+        }
+    };
+    let mut errors = Vec::new();
+    interpolate_tree(&mut value, "", &loc, file, env, &mut errors);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    match serde_path_to_error::deserialize::<_, ConfigSpec>(value) {
         Ok(spec) => Ok((spec, loc)),
         Err(e) => {
             let path = e.path().to_string();
@@ -312,14 +352,10 @@ pub fn parse(
             // Prefer the exact node the path names; then the parser's own mark; then the
             // nearest enclosing node.
             let unknown_key = inner.to_string().contains("unknown field");
-            let pos = match (loc.values.get(&path), inner.location()) {
-                (Some(_), _) if unknown_key => loc.key(&path),
-                (Some(p), _) => *p,
-                (None, Some(l)) => Pos {
-                    line: l.line(),
-                    column: loc.shifts.original_column(l.line(), l.column()),
-                },
-                (None, None) => loc.at(&path),
+            let pos = match loc.values.get(&path) {
+                Some(_) if unknown_key => loc.key(&path),
+                Some(p) => *p,
+                None => loc.at(&path),
             };
             let mut message = inner.to_string();
             if let Some(i) = message.rfind(" at line ") {
@@ -358,20 +394,70 @@ mod tests {
     }
 
     #[test]
-    fn interpolates_outside_comments() {
-        let (out, _) =
-            interpolate("f", "a: ${HOST}:${PORT:-80} # ${NOPE}\nb: $${HOST}\n", &env).unwrap();
-        assert_eq!(out, "a: 10.0.0.1:80 # ${NOPE}\nb: ${HOST}\n");
+    fn interpolates_inside_values_only() {
+        assert_eq!(
+            interpolate("${HOST}:${PORT:-80}/$${HOST}", &env).unwrap(),
+            "10.0.0.1:80/${HOST}"
+        );
+        assert_eq!(interpolate("a$b", &env).unwrap(), "a$b");
+        let (offset, _) = interpolate("x ${NOPE}", &env).unwrap_err();
+        assert_eq!(offset, 2);
     }
 
     #[test]
     fn missing_variable_has_position() {
-        let errs = interpolate("f", "a: 1\nb:  ${NOPE}\n", &env).unwrap_err();
-        assert_eq!((errs[0].line, errs[0].column), (2, 5));
+        let errs = parse(
+            "f",
+            "routes: []
+b:  ${NOPE}
+",
+            &env,
+        )
+        .unwrap_err();
+        assert_eq!((errs[0].line, errs[0].column), (2, 5), "{errs:?}");
     }
 
     #[test]
-    fn locator_finds_nodes_and_maps_columns_back() {
+    fn variables_never_change_the_structure() {
+        let hostile = |name: &str| match name {
+            "URL" => Some(r#"http://h:1"], connect_timeout: "1ms"#.to_string()),
+            "ID" => Some("a, backend: evil } # x".to_string()),
+            "LIMIT" => Some("3".to_string()),
+            _ => None,
+        };
+        let text = "backends:\n  up: { type: http, endpoints: [\"${URL}\"] }\nroutes:\n  - id: \"${ID}\"\n    match: { path: /a }\n    backend: up\n    concurrency_limit: ${LIMIT}\n";
+        let (spec, _) = parse("f", text, &hostile).unwrap();
+        let route = &spec.routes[0];
+        assert_eq!(route.id, "a, backend: evil } # x");
+        assert_eq!(route.backend, "up");
+        assert_eq!(route.concurrency_limit, Some(3), "plain values are typed");
+        match &spec.backends["up"] {
+            crate::config::model::BackendSpec::Http(h) => {
+                assert_eq!(h.endpoints, [r#"http://h:1"], connect_timeout: "1ms"#]);
+                assert_eq!(h.connect_timeout.0, std::time::Duration::from_secs(2));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_where_written() {
+        let errs = parse(
+            "f",
+            "routes: []
+server:
+  listen: a
+  listen: b
+",
+            &env,
+        )
+        .unwrap_err();
+        assert_eq!((errs[0].line, errs[0].column), (4, 3), "{errs:?}");
+        assert!(errs[0].message.contains("server.listen"), "{errs:?}");
+    }
+
+    #[test]
+    fn locator_finds_nodes() {
         let text = "backends:\n  b: { type: http, endpoints: [\"${HOST}\"] }\nroutes:\n  - id: r1\n    match: { path: /x }\n    backend: ${HOST}\n";
         let (_, loc) = parse("f", text, &env).unwrap_err_or_ok();
         assert_eq!(loc.at("routes[0].id"), Pos { line: 4, column: 9 });
@@ -381,6 +467,10 @@ mod tests {
                 line: 6,
                 column: 14
             }
+        );
+        assert_eq!(
+            loc.styles.get("routes[0].backend"),
+            Some(&TScalarStyle::Plain)
         );
         assert_eq!(loc.key("backends.b"), Pos { line: 2, column: 3 });
     }
