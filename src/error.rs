@@ -141,6 +141,13 @@ pub enum GatewayError {
     /// No job has this id (never existed, or expired).
     #[error("no job {id}")]
     JobNotFound { id: String },
+    /// The request uses a feature of HTTP the gateway does not implement (a transfer coding
+    /// other than `chunked`): refused rather than misread.
+    #[error("not implemented: {detail}")]
+    NotImplemented {
+        detail: String,
+        field: Option<String>,
+    },
     #[error("internal gateway error: {0}")]
     Internal(&'static str),
 }
@@ -180,6 +187,7 @@ impl GatewayError {
             GatewayError::KeyInUse => StatusCode::CONFLICT,
             GatewayError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             GatewayError::JobNotFound { .. } => StatusCode::NOT_FOUND,
+            GatewayError::NotImplemented { .. } => StatusCode::NOT_IMPLEMENTED,
             GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -196,6 +204,7 @@ impl GatewayError {
             | GatewayError::KeyInUse
             | GatewayError::KeyReused
             | GatewayError::JobNotFound { .. }
+            | GatewayError::NotImplemented { .. }
             | GatewayError::RateLimited { .. } => Fault::Client,
             GatewayError::Timeout { .. }
             | GatewayError::BackendUnavailable { .. }
@@ -248,6 +257,7 @@ impl GatewayError {
             GatewayError::KeyInUse => "idempotency-key-in-use",
             GatewayError::KeyReused => "idempotency-key-reused",
             GatewayError::JobNotFound { .. } => "job-not-found",
+            GatewayError::NotImplemented { .. } => "not-implemented",
             GatewayError::Internal(_) => "internal",
         }
     }
@@ -256,6 +266,7 @@ impl GatewayError {
     pub fn field(&self) -> Option<&str> {
         match self {
             GatewayError::BadRequest { field, .. }
+            | GatewayError::NotImplemented { field, .. }
             | GatewayError::UpgradeRequired { field, .. }
             | GatewayError::Forbidden { field, .. } => field.as_deref(),
             GatewayError::KeyInUse | GatewayError::KeyReused => Some("header.idempotency-key"),
@@ -286,6 +297,7 @@ impl GatewayError {
                     .join(", ")
             ),
             GatewayError::BadRequest { detail, .. }
+            | GatewayError::NotImplemented { detail, .. }
             | GatewayError::UpgradeRequired { detail, .. }
             | GatewayError::Unauthorized { detail, .. }
             | GatewayError::Forbidden { detail, .. } => detail.clone(),

@@ -323,6 +323,9 @@ impl RouteTable {
         if allow.is_empty() {
             Lookup::NotFound
         } else {
+            if allow.contains(&Method::GET) {
+                allow.push(Method::HEAD);
+            }
             allow.sort_by(|a, b| a.as_str().cmp(b.as_str()));
             allow.dedup();
             Lookup::MethodNotAllowed(allow)

@@ -66,6 +66,50 @@ fn has_control_chars(req: &HttpRequest<Incoming>) -> bool {
     })
 }
 
+/// Framing and host rules the front end enforces before anything else reads the request:
+/// one `Host` (RFC 9112 §3.2), an HTTP/2 `host` that agrees with `:authority` (RFC 9113
+/// §8.3.1), and no transfer coding but `chunked` alone (RFC 9112 §6.1: 501 for the others,
+/// which hyper would otherwise leave undecoded).
+fn check_framing(req: &HttpRequest<Incoming>) -> Result<(), GatewayError> {
+    let bad = |detail: &str, field: &str| GatewayError::BadRequest {
+        detail: detail.into(),
+        field: Some(field.into()),
+    };
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(bad(
+            "The request has more than one Host header.",
+            "header.host",
+        ));
+    }
+    if req.version() == http::Version::HTTP_2
+        && let (Some(h), Some(a)) = (host, req.uri().authority())
+        && !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes())
+    {
+        return Err(bad(
+            "The request's Host header differs from its :authority.",
+            "header.host",
+        ));
+    }
+    let mut codings = req
+        .headers()
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(|c| c.trim_ascii())
+        .filter(|c| !c.is_empty());
+    if let Some(first) = codings.next()
+        && (!first.eq_ignore_ascii_case(b"chunked") || codings.next().is_some())
+    {
+        return Err(GatewayError::NotImplemented {
+            detail: "The only transfer coding the gateway accepts is `chunked` alone.".into(),
+            field: Some("header.transfer-encoding".into()),
+        });
+    }
+    Ok(())
+}
+
 /// The route id of a request no route took (404, 405, 400 before routing).
 static NO_ROUTE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("-"));
 
@@ -143,6 +187,7 @@ pub async fn handle(
             )
             .into());
         }
+        check_framing(&req)?;
         let path = normalize(req.uri().path(), table.spec.server.encoded_slash)
             .map_err(|e| GatewayError::bad_request(format!("{e}.")))?;
         if table.serves_jobs
@@ -194,14 +239,26 @@ pub async fn handle(
         } else {
             req.method()
         };
-        let (route, params) =
-            match table.lookup(host_key.as_deref(), lookup_method, &path, req.headers()) {
-                Lookup::Found { route, params } => (route.clone(), params),
-                Lookup::MethodNotAllowed(allow) => {
-                    return Err(GatewayError::MethodNotAllowed { allow }.into());
-                }
-                Lookup::NotFound => return Err(GatewayError::NotFound.into()),
-            };
+        let mut found = table.lookup(host_key.as_deref(), lookup_method, &path, req.headers());
+        // HEAD is served wherever GET is (RFC 9110 §9.3.2), by the GET route when no route
+        // takes HEAD itself; its answer loses its body below.
+        if req.method() == http::Method::HEAD
+            && matches!(&found, Lookup::MethodNotAllowed(allow) if allow.contains(&http::Method::GET))
+        {
+            found = table.lookup(
+                host_key.as_deref(),
+                &http::Method::GET,
+                &path,
+                req.headers(),
+            );
+        }
+        let (route, params) = match found {
+            Lookup::Found { route, params } => (route.clone(), params),
+            Lookup::MethodNotAllowed(allow) => {
+                return Err(GatewayError::MethodNotAllowed { allow }.into());
+            }
+            Lookup::NotFound => return Err(GatewayError::NotFound.into()),
+        };
         if websocket_h2 && route.spec.websocket.is_none() {
             return Err(GatewayError::BadRequest {
                 detail: "This route is not a WebSocket endpoint.".into(),
@@ -303,6 +360,10 @@ pub async fn handle(
     if let Some(v) = cid_header {
         resp.headers_mut()
             .insert(table.correlation_header.clone(), v);
+    }
+    if method == http::Method::HEAD {
+        // The headers of the GET answer, no body (a stream behind it ends here).
+        *resp.body_mut() = crate::empty_body();
     }
     let status = resp.status().as_u16();
     shared

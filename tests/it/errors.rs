@@ -53,7 +53,7 @@ async fn not_found_and_method_not_allowed() {
     )
     .await;
     assert_problem(s, &h, &b, 405);
-    assert_eq!(h["allow"], "GET, POST");
+    assert_eq!(h["allow"], "GET, HEAD, POST");
 }
 
 #[tokio::test]

@@ -474,7 +474,7 @@ async fn annotated_methods_become_routes() {
     )
     .await;
     assert_eq!(s, 405);
-    assert_eq!(h["allow"], "GET");
+    assert_eq!(h["allow"], "GET, HEAD");
     // The generated routes are listed by the admin API.
     let (_, v) = gw.admin_json("/routes").await;
     let ids: Vec<&str> = v["routes"]

@@ -422,3 +422,72 @@ routes:
         "{answer}"
     );
 }
+
+#[tokio::test]
+async fn lenient_framing_is_refused_and_head_is_served_where_get_is() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  up: {{ type: http, endpoints: ["{}"] }}
+routes:
+  - {{ id: get, match: {{ method: GET, path: "/echo" }}, backend: up }}
+  - {{ id: post, match: {{ method: POST, path: "/in" }}, backend: up }}
+"#,
+        up.url()
+    ))
+    .await;
+    let status = |answer: &str| answer.split(' ').nth(1).unwrap_or("").to_string();
+    // Two Host headers (RFC 9112 §3.2).
+    let a = raw_exchange(
+        gw.listen,
+        b"GET /echo HTTP/1.1\r\nhost: a\r\nhost: b\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&a), "400", "{a}");
+    assert!(a.contains("header.host"), "{a}");
+    // A transfer coding other than chunked alone is not silently dropped.
+    for te in ["gzip, chunked", "chunked, chunked", "identity"] {
+        let a = raw_exchange(
+            gw.listen,
+            format!(
+                "POST /in HTTP/1.1\r\nhost: a\r\ntransfer-encoding: {te}\r\nconnection: close\r\n\r\n0\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+        assert!(matches!(status(&a).as_str(), "501" | "400"), "{te}: {a}");
+        assert_eq!(up.hits(), 0, "{te}: nothing reached the upstream");
+    }
+    let a = raw_exchange(
+        gw.listen,
+        b"POST /in HTTP/1.1\r\nhost: a\r\ntransfer-encoding: gzip, chunked\r\nconnection: close\r\n\r\n0\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&a), "501", "{a}");
+    // HTTP/2: a host header that differs from :authority.
+    let req = http::Request::get(gw.url("/echo"))
+        .header("host", "elsewhere.example")
+        .body(body(""))
+        .unwrap();
+    let resp = h2c_client().request(req).await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let req = http::Request::get(gw.url("/echo")).body(body("")).unwrap();
+    assert_eq!(h2c_client().request(req).await.unwrap().status(), 200);
+    // HEAD is served by the GET route, without a body; 405s list HEAD with GET.
+    let a = raw_exchange(
+        gw.listen,
+        b"HEAD /echo HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status(&a), "200", "{a}");
+    assert!(a.ends_with("\r\n\r\n"), "no body: {a}");
+    let (s, h, _) = send(
+        request(Method::DELETE, &gw.url("/echo"))
+            .body(body(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 405);
+    assert_eq!(h["allow"], "GET, HEAD");
+}
