@@ -62,6 +62,8 @@ pub struct Options {
     pub watch: bool,
     /// Reload on SIGHUP (process-wide; the binary enables it, in-process tests do not).
     pub sighup: bool,
+    /// The largest config file read (`config::DEFAULT_MAX_FILE_SIZE` unless raised).
+    pub max_config_size: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -101,10 +103,15 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
 /// Loads the config and starts serving. Backends are not waited for.
 pub async fn start(opts: Options) -> Result<Running, StartError> {
     let metrics = Arc::new(Metrics::new());
-    let (table, hash) = reload::load_table(&opts.config, 1, &BackendSet::default(), None, &metrics)
+    let (spec, hash) = reload::load_spec(&opts.config, opts.max_config_size, None)
         .await
-        .map_err(StartError::Config)?;
-    let server = table.spec.server.clone();
+        .map_err(StartError::Config)?
+        .ok_or_else(|| StartError::Config(vec!["the config could not be read".into()]))?;
+    // The listeners are bound before anything connects to a broker or opens the state store:
+    // a second instance started by mistake fails here, without disturbing the running one
+    // (an MQTT broker would drop the running instance's connection for a second client with
+    // its client id).
+    let server = spec.server.clone();
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -122,6 +129,16 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             addr: server.admin,
             source,
         })?;
+    let table = reload::build_table(
+        spec,
+        &opts.config,
+        1,
+        &BackendSet::default(),
+        None,
+        &metrics,
+    )
+    .await
+    .map_err(StartError::Config)?;
     let shutdown = CancellationToken::new();
     let base = opts
         .config
@@ -157,7 +174,12 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
         },
     });
     shared.table.load().activate();
-    let reloader = reload::spawn(shared.clone(), opts.config.clone(), shutdown.clone());
+    let reloader = reload::spawn(
+        shared.clone(),
+        opts.config.clone(),
+        opts.max_config_size,
+        shutdown.clone(),
+    );
     let _ = shared.reloader.set(reloader.clone());
     let watcher = if opts.watch {
         Some(reload::watch(&opts.config, reloader.clone())?)

@@ -27,6 +27,9 @@ struct Cli {
         env = "SWITCHYARD_LOG_FORMAT"
     )]
     log_format: LogFormat,
+    /// The largest routes file read (`16MiB` by default; `64MiB`, `100000000`).
+    #[arg(long, global = true, value_parser = parse_size, default_value = "16MiB", env = "SWITCHYARD_MAX_CONFIG_SIZE")]
+    max_config_size: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -51,9 +54,13 @@ enum Command {
     Schema,
 }
 
-fn validate(file: &Path) -> ExitCode {
+fn parse_size(s: &str) -> Result<u64, String> {
+    s.parse::<bytesize::ByteSize>().map(|b| b.as_u64())
+}
+
+fn validate(file: &Path, max_size: u64) -> ExitCode {
     let name = file.display().to_string();
-    let result = config::read_file(file)
+    let result = config::read_file(file, max_size)
         .and_then(|text| config::load_str(&name, &text, &config::process_env));
     match result {
         Ok(spec) => {
@@ -100,11 +107,12 @@ fn build_check(file: &Path, spec: config::ConfigSpec) -> Result<(), String> {
     })
 }
 
-async fn run(config: PathBuf, watch: bool) -> anyhow::Result<ExitCode> {
+async fn run(config: PathBuf, watch: bool, max_config_size: u64) -> anyhow::Result<ExitCode> {
     let running = match app::start(app::Options {
         config,
         watch,
         sighup: true,
+        max_config_size,
     })
     .await
     {
@@ -130,7 +138,7 @@ async fn run(config: PathBuf, watch: bool) -> anyhow::Result<ExitCode> {
 fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { file } => Ok(validate(&file)),
+        Command::Validate { file } => Ok(validate(&file, cli.max_config_size)),
         Command::Schema => {
             println!("{}", serde_json::to_string_pretty(&config::json_schema())?);
             Ok(ExitCode::SUCCESS)
@@ -140,7 +148,7 @@ fn main() -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(run(config, !no_watch))
+            rt.block_on(run(config, !no_watch, cli.max_config_size))
         }
     }
 }

@@ -348,7 +348,7 @@ impl BuiltBackend {
 }
 
 /// Backends by name, reused across reloads when their spec is unchanged.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct BackendSet {
     pub by_name: HashMap<String, Arc<BuiltBackend>>,
 }

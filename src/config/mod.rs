@@ -86,16 +86,32 @@ pub fn load_str(
     }
 }
 
-/// Reads a config file (the only I/O of this module).
-pub fn read_file(path: &Path) -> Result<String, ConfigErrors> {
-    std::fs::read_to_string(path).map_err(|e| {
+/// The largest config file read by default (`--max-config-size` raises it): a file this large
+/// already holds tens of thousands of routes, and parsing is bounded by it.
+pub const DEFAULT_MAX_FILE_SIZE: u64 = 16 * 1024 * 1024;
+
+/// Reads a config file of at most `max` bytes (the only I/O of this module).
+pub fn read_file(path: &Path, max: u64) -> Result<String, ConfigErrors> {
+    use std::io::Read;
+    let fail = |message: String| {
         ConfigErrors(vec![ConfigError::at(
             &path.display().to_string(),
             1,
             1,
-            format!("cannot read the file: {e}"),
+            message,
         )])
-    })
+    };
+    let file = std::fs::File::open(path).map_err(|e| fail(format!("cannot read the file: {e}")))?;
+    let mut text = String::new();
+    file.take(max.saturating_add(1))
+        .read_to_string(&mut text)
+        .map_err(|e| fail(format!("cannot read the file: {e}")))?;
+    if text.len() as u64 > max {
+        return Err(fail(format!(
+            "the file is larger than the {max}-byte limit; raise it with `--max-config-size`"
+        )));
+    }
+    Ok(text)
 }
 
 /// The JSON Schema of routes.yaml.

@@ -87,30 +87,66 @@ pub fn content_hash(text: &str) -> String {
     format!("{:016x}", h.finish())
 }
 
-/// Reads, validates and builds a table from `path`. Used for start-up and every reload. The
-/// only awaits are the reflection requests made just before the build.
-pub async fn load_table(
+/// Reads, parses and validates `path` (at most `max_size` bytes) on a blocking thread, so a
+/// large file never holds an async worker: requests keep being served meanwhile. Pure apart
+/// from the read and env lookups; returns the spec and the file's content hash, or `None`
+/// when that hash is `skip_if` (the running content: nothing to parse).
+pub async fn load_spec(
+    path: &Path,
+    max_size: u64,
+    skip_if: Option<String>,
+) -> Result<Option<(config::ConfigSpec, String)>, Vec<String>> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let file = path.display().to_string();
+        let errors =
+            |e: config::ConfigErrors| e.0.iter().map(ToString::to_string).collect::<Vec<_>>();
+        let text = config::read_file(&path, max_size).map_err(errors)?;
+        let hash = content_hash(&text);
+        if skip_if.as_ref() == Some(&hash) {
+            return Ok(None);
+        }
+        let spec = config::load_str(&file, &text, &config::process_env).map_err(errors)?;
+        Ok(Some((spec, hash)))
+    })
+    .await
+    .unwrap_or_else(|_| Err(vec!["the config parse failed unexpectedly".into()]))
+}
+
+/// Builds a table from a validated spec: the reflection requests first (the only awaits), then
+/// the build itself on a blocking thread.
+pub async fn build_table(
+    spec: config::ConfigSpec,
     path: &Path,
     version: u64,
     previous: &crate::backends::BackendSet,
     previous_state: Option<Arc<crate::store::State>>,
     metrics: &Arc<crate::telemetry::metrics::Metrics>,
-) -> Result<(RouteTable, String), Vec<String>> {
+) -> Result<RouteTable, Vec<String>> {
     let file = path.display().to_string();
-    let text = config::read_file(path)
-        .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
-    let spec = config::load_str(&file, &text, &config::process_env)
-        .map_err(|e| e.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
-    let base = path.parent().unwrap_or(Path::new("."));
-    let mut cx = crate::backends::BuildContext::prepare(&spec.backends, base).await;
-    cx.previous_state = previous_state;
-    let table = RouteTable::build(spec, version, previous, metrics, &cx)
-        .map_err(|e| vec![format!("{file}: {e}")])?;
-    Ok((table, content_hash(&text)))
+    let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let reflected = crate::backends::BuildContext::prepare(&spec.backends, &base)
+        .await
+        .reflected;
+    let (previous, metrics) = (previous.clone(), metrics.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut cx = crate::backends::BuildContext::new(&base);
+        cx.reflected = reflected;
+        cx.previous_state = previous_state;
+        RouteTable::build(spec, version, &previous, &metrics, &cx)
+            .map_err(|e| vec![format!("{file}: {e}")])
+    })
+    .await
+    .unwrap_or_else(|_| Err(vec!["the config build failed unexpectedly".into()]))
 }
 
 /// Starts the reload task. It runs until `shutdown` is cancelled.
-pub fn spawn(shared: Arc<Shared>, path: PathBuf, shutdown: CancellationToken) -> Reloader {
+pub fn spawn(
+    shared: Arc<Shared>,
+    path: PathBuf,
+    max_size: u64,
+    shutdown: CancellationToken,
+) -> Reloader {
     let (tx, mut rx) = mpsc::channel::<ReloadRequest>(16);
     tokio::spawn(async move {
         loop {
@@ -133,7 +169,7 @@ pub fn spawn(shared: Arc<Shared>, path: PathBuf, shutdown: CancellationToken) ->
                     .find(|r| r.trigger != Trigger::Watch)
                     .map_or(Trigger::Watch, |r| r.trigger)
             };
-            let outcome = apply(&shared, &path, trigger).await;
+            let outcome = apply(&shared, &path, max_size, trigger).await;
             for r in reqs {
                 if let Some(reply) = r.reply {
                     let _ = reply.send(outcome.clone());
@@ -144,29 +180,40 @@ pub fn spawn(shared: Arc<Shared>, path: PathBuf, shutdown: CancellationToken) ->
     Reloader { tx }
 }
 
-async fn apply(shared: &Shared, path: &Path, trigger: Trigger) -> Outcome {
+async fn apply(shared: &Shared, path: &Path, max_size: u64, trigger: Trigger) -> Outcome {
     let current = shared.table.load_full();
-    if trigger == Trigger::Watch {
-        // An unchanged file (a touch, a write to a neighbour) is not a new version.
-        if let Ok(text) = std::fs::read_to_string(path)
-            && content_hash(&text) == shared.status().hash
-        {
+    let version = current.version + 1;
+    let now = SystemTime::now();
+    let skip_if = (trigger == Trigger::Watch).then(|| shared.status().hash);
+    let loaded = match load_spec(path, max_size, skip_if).await {
+        Ok(None) => {
+            // An unchanged file (a touch, a write to a neighbour, a revert to the running
+            // content) is not a new version; a revert clears the last rejection.
+            let status = shared.status();
+            if status.last_error.is_some() {
+                shared.update_status(|s| s.last_error = None);
+                tracing::info!(
+                    version = current.version,
+                    "The config file matches the running version again; its last error is cleared."
+                );
+            }
             return Outcome::Unchanged {
                 version: current.version,
             };
         }
-    }
-    let version = current.version + 1;
-    let now = SystemTime::now();
-    match load_table(
-        path,
-        version,
-        &current.backends,
-        current.state.clone(),
-        &shared.metrics,
-    )
-    .await
-    {
+        Ok(Some((spec, hash))) => build_table(
+            spec,
+            path,
+            version,
+            &current.backends,
+            current.state.clone(),
+            &shared.metrics,
+        )
+        .await
+        .map(|t| (t, hash)),
+        Err(e) => Err(e),
+    };
+    match loaded {
         Ok((table, hash)) => {
             if table.spec.server.listen != current.spec.server.listen
                 || table.spec.server.admin != current.spec.server.admin

@@ -110,9 +110,8 @@ impl RouteTable {
         metrics: &Arc<Metrics>,
         cx: &crate::backends::BuildContext<'_>,
     ) -> Result<RouteTable, BuildError> {
-        let backends = previous
-            .rebuild(&spec.backends, metrics, cx)
-            .map_err(BuildError::Backend)?;
+        // The state store (and its lock) before any backend connects: a store another
+        // process holds fails the build before this one touches a broker.
         let state = if spec.routes.iter().any(needs_state) {
             Some(
                 State::build(
@@ -127,6 +126,9 @@ impl RouteTable {
         } else {
             None
         };
+        let backends = previous
+            .rebuild(&spec.backends, metrics, cx)
+            .map_err(BuildError::Backend)?;
         let mut routes = Vec::with_capacity(spec.routes.len());
         let mut by_host: HashMap<String, PathIndex> = HashMap::new();
         let mut any_host = PathIndex::default();

@@ -159,3 +159,29 @@ fn docs_config_md_names_every_key_of_the_schema() {
         "docs/config.md does not name these routes.yaml keys: {missing:?}"
     );
 }
+
+#[test]
+fn a_file_over_the_size_limit_is_refused_and_the_limit_can_be_raised() {
+    let routes = root().join("routes.yaml");
+    let out = switchyard()
+        .args(["--max-config-size", "1KiB", "validate"])
+        .arg(&routes)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("larger than the 1024-byte limit"),
+        "{stderr}"
+    );
+    let out = switchyard()
+        .args(["validate", "--max-config-size", "1MiB"])
+        .arg(&routes)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -491,3 +491,115 @@ routes:
     assert_eq!(s, 405);
     assert_eq!(h["allow"], "GET, HEAD");
 }
+
+/// Polls `/config` until `f` holds for it (never a fixed sleep).
+async fn wait_config(gw: &Gateway, what: &str, f: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let (_, v) = gw.admin_json("/config").await;
+        if f(&v) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{what}: {v}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn reverting_the_file_clears_the_last_error() {
+    let up = Upstream::start().await;
+    let good = format!(
+        "backends:\n  up: {{ type: http, endpoints: [\"{}\"] }}\nroutes:\n  - {{ id: a, match: {{ path: /a }}, backend: up }}\n",
+        up.url()
+    );
+    let gw = Gateway::start(&good).await;
+    let running = std::fs::read_to_string(gw.config_path()).unwrap();
+    std::fs::write(
+        gw.config_path(),
+        running.replace("backend: up", "backend: nope"),
+    )
+    .unwrap();
+    wait_config(&gw, "the broken file is reported", |v| {
+        v["last_error"].as_str().is_some_and(|e| e.contains("nope"))
+    })
+    .await;
+    std::fs::write(gw.config_path(), &running).unwrap();
+    wait_config(&gw, "the revert clears it", |v| v["last_error"].is_null()).await;
+    assert_eq!(gw.version().await, 1, "a revert is not a new version");
+}
+
+#[tokio::test]
+async fn a_large_reload_never_stops_the_old_table_serving() {
+    let up = Upstream::start().await;
+    let mut yaml = format!(
+        "backends:\n  up: {{ type: http, endpoints: [\"{}\"] }}\nroutes:\n  - {{ id: a, match: {{ path: /a }}, backend: up }}\n",
+        up.url()
+    );
+    let gw = Gateway::start_with(&yaml, false).await;
+    let head = std::fs::read_to_string(gw.config_path()).unwrap();
+    let mut big = head.clone();
+    for i in 0..4000 {
+        big.push_str(&format!(
+            "  - {{ id: r{i}, match: {{ path: \"/gen/{i}/{{x}}\" }}, backend: up, timeout: 5s }}\n"
+        ));
+    }
+    yaml.clear();
+    std::fs::write(gw.config_path(), &big).unwrap();
+    // The reload runs while requests are served; on the test's single-threaded runtime they
+    // could not be answered before it finishes if the parse or build held the worker.
+    let admin = gw.admin_url("/reload");
+    let reload =
+        tokio::spawn(async move { send(http::Request::post(admin).body(body("")).unwrap()).await });
+    let mut served_during = 0;
+    while !reload.is_finished() {
+        let (s, _, _) = get(&gw.url("/a")).await;
+        assert_eq!(s, 200);
+        served_during += 1;
+    }
+    let (s, _, b) = reload.await.unwrap();
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert!(
+        served_during >= 3,
+        "only {served_during} requests were served during the reload"
+    );
+    assert_eq!(get(&gw.url("/gen/3999/x")).await.0, 200);
+}
+
+#[tokio::test]
+async fn a_second_instance_fails_before_it_connects_to_any_broker() {
+    let mosquitto = mq::broker_addr().await;
+    let proxy = rabbit::BrokerProxy::start_to(mosquitto).await;
+    let yaml = format!(
+        r#"
+backends:
+  devices: {{ type: mqtt, url: "mqtt://{}", client_id: "gw-{}", keep_alive: 5s }}
+routes:
+  - {{ id: set, match: {{ method: PUT, path: "/d/{{d}}" }}, backend: devices, mqtt: {{ topic: "sy-hard/{{d}}" }} }}
+"#,
+        proxy.addr,
+        uuid::Uuid::now_v7().simple()
+    );
+    let first = Gateway::start(&yaml).await;
+    first.wait_backend("devices", true).await;
+    assert_eq!(proxy.sessions(), 1);
+    // The same file, the same ports: the second instance fails on its listener...
+    let taken = format!(
+        "server: {{ listen: \"{}\", admin: \"127.0.0.1:0\" }}\n{yaml}",
+        first.listen
+    );
+    let err = start_error(&taken).await;
+    assert!(err.contains("cannot listen"), "{err}");
+    // ...without ever opening a connection to the broker (which would take over the client id).
+    let (s, _, _) = send(
+        request(Method::PUT, &first.url("/d/x"))
+            .body(body("1"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 202);
+    assert_eq!(
+        proxy.sessions(),
+        1,
+        "the second instance connected to the broker"
+    );
+}

@@ -60,6 +60,7 @@ impl Gateway {
             config,
             watch,
             sighup: false,
+            max_config_size: switchyard::config::DEFAULT_MAX_FILE_SIZE,
         })
         .await
         .expect("gateway starts");
@@ -181,6 +182,7 @@ pub async fn start_error(yaml: &str) -> String {
         config: path,
         watch: false,
         sighup: false,
+        max_config_size: switchyard::config::DEFAULT_MAX_FILE_SIZE,
     };
     match app::start(opts).await {
         Ok(_) => panic!("this config must not load:\n{yaml}"),
