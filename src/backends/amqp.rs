@@ -116,6 +116,7 @@ struct Shared {
 
 impl Shared {
     fn set_problem(&self, p: Option<String>) {
+        let p = p.map(|p| crate::telemetry::redact::secrets(&p).into_owned());
         if let Ok(mut cur) = self.problem.lock() {
             *cur = p;
         }
@@ -278,10 +279,11 @@ async fn run(shared: Arc<Shared>) {
                 .await;
             }
             Ok(Err(e)) => {
+                let error = crate::telemetry::redact::secrets(&e.message);
                 if e.operator {
-                    tracing::error!(backend = %shared.name, error = %e.message, "AMQP setup failed; fix the broker or the backend's topology.");
+                    tracing::error!(backend = %shared.name, %error, "AMQP setup failed; fix the broker or the backend's topology.");
                 } else {
-                    tracing::warn!(backend = %shared.name, error = %e.message, "Cannot connect to the AMQP broker; retrying.");
+                    tracing::warn!(backend = %shared.name, %error, "Cannot connect to the AMQP broker; retrying.");
                 }
                 shared.set_problem(Some(e.message));
             }

@@ -44,7 +44,8 @@ impl fmt::Display for ConfigError {
         if let Some(r) = &self.route {
             write!(f, "route `{r}`: ")?;
         }
-        f.write_str(&self.message)
+        // Messages quote what was written, which may hold a URL's credentials.
+        f.write_str(&crate::telemetry::redact::secrets(&self.message))
     }
 }
 

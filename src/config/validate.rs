@@ -345,7 +345,7 @@ fn validate_state_use(cx: &mut Ctx, spec: &ConfigSpec, i: usize, route: &RouteSp
         cx.err(
             &format!("{wb}.url"),
             id,
-            format!("`{u}` is not an absolute http or https URL"),
+            format!("`{u}` is not an absolute http or https URL without user info"),
         );
     }
     if let Some(h) = &w.from_header {
@@ -607,8 +607,21 @@ fn validate_mqtt_route(
     }
 }
 
+/// Whether a URL carries user info (`user:pass@`).
+fn has_userinfo(u: &Uri) -> bool {
+    u.authority().is_some_and(|a| a.as_str().contains('@'))
+}
+
+/// Why user info is refused in an HTTP or gRPC endpoint.
+const USERINFO_HTTP: &str = "an endpoint holds no user info (`user:pass@`): it would not be sent as credentials but could end up in the Host header; set `Authorization` with the `headers` plugin";
+
 fn validate_mqtt_backend(cx: &mut Ctx, base: &str, m: &MqttBackendSpec) {
     match m.url.parse::<Uri>() {
+        Ok(u) if has_userinfo(&u) => cx.err(
+            &format!("{base}.url"),
+            None,
+            "an MQTT url holds no user info (`user:pass@`); use `username` and `password` (from `${VAR}`)",
+        ),
         Ok(u) if u.scheme_str() == Some("mqtt") && u.host().is_some() => {
             if u.path() != "/" && !u.path().is_empty() {
                 cx.err(
@@ -859,6 +872,11 @@ fn validate_backend(cx: &mut Ctx, name: &str, b: &BackendSpec) {
             let mut https = 0;
             for (i, ep) in g.endpoints.iter().enumerate() {
                 match ep.parse::<Uri>() {
+                    Ok(u) if has_userinfo(&u) => cx.err(
+                        &format!("{base}.endpoints[{i}]"),
+                        None,
+                        USERINFO_HTTP,
+                    ),
                     Ok(u)
                         if matches!(u.scheme_str(), Some("http" | "https"))
                             && u.authority().is_some() =>
@@ -916,6 +934,7 @@ fn validate_backend(cx: &mut Ctx, name: &str, b: &BackendSpec) {
             for (i, ep) in h.endpoints.iter().enumerate() {
                 let path = format!("{base}.endpoints[{i}]");
                 match ep.parse::<Uri>() {
+                    Ok(u) if has_userinfo(&u) => cx.err(&path, None, USERINFO_HTTP),
                     Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => {
                         if u.query().is_some() {
                             cx.err(&path, None, format!("endpoint `{ep}`: an endpoint has no query string"));

@@ -183,10 +183,12 @@ fn contains_ci(haystack: &str, needle: &str) -> bool {
     haystack.to_ascii_lowercase().contains(needle)
 }
 
-/// Whether `url` is an absolute http(s) URL with a host.
+/// Whether `url` is an absolute http(s) URL with a host and no user info.
 pub fn valid_url(url: &str) -> bool {
     url.parse::<http::Uri>().is_ok_and(|u| {
-        matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())
+        matches!(u.scheme_str(), Some("http" | "https"))
+            && u.host().is_some_and(|h| !h.is_empty())
+            && u.authority().is_some_and(|a| !a.as_str().contains('@'))
     })
 }
 
@@ -229,5 +231,6 @@ mod tests {
         assert!(valid_url("http://127.0.0.1:8080/x"));
         assert!(!valid_url("ftp://x/y"));
         assert!(!valid_url("/relative"));
+        assert!(!valid_url("http://user:pass@127.0.0.1:8080/x"));
     }
 }

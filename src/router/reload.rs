@@ -133,8 +133,10 @@ pub async fn build_table(
         let mut cx = crate::backends::BuildContext::new(&base);
         cx.reflected = reflected;
         cx.previous_state = previous_state;
-        RouteTable::build(spec, version, &previous, &metrics, &cx)
-            .map_err(|e| vec![format!("{file}: {e}")])
+        RouteTable::build(spec, version, &previous, &metrics, &cx).map_err(|e| {
+            let message = format!("{file}: {e}");
+            vec![crate::telemetry::redact::secrets(&message).into_owned()]
+        })
     })
     .await
     .unwrap_or_else(|_| Err(vec!["the config build failed unexpectedly".into()]))

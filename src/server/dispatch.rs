@@ -386,7 +386,7 @@ pub async fn handle(
     http::Response::from_parts(parts, AccessLogBody::new(body, entry).boxed_unsync())
 }
 
-/// The cause chain of an error, for logs (never for clients).
+/// The cause chain of an error, for logs (never for clients), with credentials redacted.
 pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
     let mut out = err.to_string();
     let mut cur = err.source();
@@ -395,5 +395,5 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         out.push_str(&e.to_string());
         cur = e.source();
     }
-    out
+    crate::telemetry::redact::secrets(&out).into_owned()
 }

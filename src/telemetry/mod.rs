@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod metrics;
+pub mod redact;
 
 use tracing_subscriber::EnvFilter;
 

@@ -603,3 +603,55 @@ routes:
         "the second instance connected to the broker"
     );
 }
+
+#[tokio::test]
+async fn credentials_never_leave_in_errors_and_userinfo_is_refused_where_meaningless() {
+    let secret = "hunter2-do-not-print";
+    let gw = Gateway::start_with(
+        &format!(
+            r#"
+backends:
+  rabbit: {{ type: amqp, url: "amqp://guest:{secret}@127.0.0.1:1/%2f", connect_timeout: 200ms, reconnect: {{ min: 50ms, max: 100ms }} }}
+routes: []
+"#
+        ),
+        false,
+    )
+    .await;
+    // A broker that cannot be reached: the problem /readyz shows carries no password.
+    let entry = gw.wait_backend("rabbit", false).await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while gw.admin_json("/readyz").await.1["backends"]["rabbit"]["problem"].is_null() {
+        assert!(tokio::time::Instant::now() < deadline, "{entry}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let (_, ready) = gw.admin_json("/readyz").await;
+    assert!(!ready.to_string().contains(secret), "{ready}");
+
+    // Endpoints with user info are refused, and nothing printed holds the password.
+    std::fs::write(
+        gw.config_path(),
+        format!(
+            r#"server: {{ listen: "127.0.0.1:0", admin: "127.0.0.1:0" }}
+backends:
+  up: {{ type: http, endpoints: ["http://user:{secret}@127.0.0.1:9/"] }}
+  g: {{ type: grpc, endpoints: ["http://user:{secret}@127.0.0.1:9"], protos: [x.proto] }}
+  m: {{ type: mqtt, url: "mqtt://user:{secret}@127.0.0.1:1883" }}
+  rabbit: {{ type: amqp, url: "amqp://guest:{secret}@127.0.0.1:1/%2f", connect_timeout: 0s }}
+state: {{ store: redis, redis: {{ url: "http://default:{secret}@127.0.0.1:6379" }} }}
+routes: []
+"#
+        ),
+    )
+    .unwrap();
+    let (s, b) = gw.reload().await;
+    assert_eq!(s, 422);
+    let text = String::from_utf8_lossy(&b);
+    assert!(!text.contains(secret), "{text}");
+    assert_eq!(text.matches("user info").count(), 3, "{text}");
+    // A message that quotes the URL shows it with the password redacted.
+    assert!(text.contains("http://default:***@127.0.0.1:6379"), "{text}");
+    let (_, config) = gw.admin_json("/config").await;
+    assert!(config["last_error"].is_string());
+    assert!(!config.to_string().contains(secret), "{config}");
+}

@@ -722,6 +722,7 @@ fn on_suback(shared: &Shared, pkid: u16, outcome: Result<(), String>) -> Option<
 }
 
 fn set_problem(shared: &Shared, p: Option<String>) {
+    let p = p.map(|p| crate::telemetry::redact::secrets(&p).into_owned());
     if let Ok(mut cur) = shared.problem.lock() {
         *cur = p;
     }
