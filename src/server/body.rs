@@ -1,8 +1,10 @@
 //! The request-body wrapper, applied by the front end to every request body before the route's
 //! stack sees it: a body that grows past the route's limit fails with `PayloadLimit` (413), a
 //! body the client cut or framed wrongly with `ClientBody` (400, the client's fault), and the
-//! end of the body is recorded in [`BodyProgress`] for the timeout layers.
+//! end of the body is recorded in [`BodyProgress`] for the timeout layers. Also the one wrapper
+//! of response bodies: [`DrainingSse`] ends event streams when the gateway shuts down.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -87,5 +89,65 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A Server-Sent Events answer that ends when the gateway shuts down: a final
+    /// `event: shutdown` is sent and the stream ends, so a rolling deploy does not wait the whole
+    /// grace period for clients that would listen for ever. Clients reconnect (to another
+    /// replica) as the event asks.
+    pub struct DrainingSse<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        shutdown: tokio_util::sync::WaitForCancellationFutureOwned,
+        done: bool,
+    }
+}
+
+impl<B> DrainingSse<B> {
+    pub fn new(inner: B, shutdown: tokio_util::sync::CancellationToken) -> Self {
+        DrainingSse {
+            inner,
+            shutdown: shutdown.cancelled_owned(),
+            done: false,
+        }
+    }
+}
+
+/// The last event of a stream the gateway ends because it shuts down.
+const SHUTDOWN_EVENT: &str = "event: shutdown\ndata: {\"reason\":\"the gateway is shutting down; reconnect\"}\nretry: 1000\n\n";
+
+impl<B> HttpBody for DrainingSse<B>
+where
+    B: HttpBody<Data = Bytes, Error = BodyError>,
+{
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        if this.shutdown.poll(cx).is_ready() {
+            *this.done = true;
+            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
+                SHUTDOWN_EVENT.as_bytes(),
+            )))));
+        }
+        let polled = this.inner.poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) {
+            *this.done = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done || self.inner.is_end_stream()
     }
 }

@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use tower::ServiceExt;
 use tracing::Instrument;
 
-use super::body::LimitedBody;
+use super::body::{DrainingSse, LimitedBody};
 use crate::app::Shared;
 use crate::error::{GatewayError, PayloadLimit, rescue};
 use crate::middleware::context::{BodyProgress, RequestContext};
@@ -364,6 +364,15 @@ pub async fn handle(
     if method == http::Method::HEAD {
         // The headers of the GET answer, no body (a stream behind it ends here).
         *resp.body_mut() = crate::empty_body();
+    } else if resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
+    {
+        // Event streams end with a final event when the gateway shuts down.
+        let (parts, body) = resp.into_parts();
+        let body = DrainingSse::new(body, shared.sessions.shutdown.clone());
+        resp = http::Response::from_parts(parts, body.boxed_unsync());
     }
     let status = resp.status().as_u16();
     shared

@@ -655,3 +655,48 @@ routes: []
     assert!(config["last_error"].is_string());
     assert!(!config.to_string().contains(secret), "{config}");
 }
+
+#[tokio::test]
+async fn open_event_streams_end_with_a_final_event_on_shutdown() {
+    use http_body_util::BodyExt;
+    let addr = mq::broker_addr().await;
+    let base = format!("sy-hard/{}", uuid::Uuid::now_v7().simple());
+    let gw = Gateway::start(&format!(
+        r#"
+server: {{ listen: "127.0.0.1:0", admin: "127.0.0.1:0", shutdown_grace: 10s }}
+backends:
+  devices: {{ type: mqtt, url: "mqtt://{addr}", client_id: "gw-{id}", keep_alive: 5s }}
+routes:
+  - id: events
+    match: {{ method: GET, path: "/d/{{device}}/events" }}
+    backend: devices
+    mqtt: {{ topic: "{base}/{{device}}/events", subscribe: true }}
+"#,
+        id = uuid::Uuid::now_v7().simple()
+    ))
+    .await;
+    gw.wait_backend("devices", true).await;
+    let resp = client()
+        .request(
+            request(Method::GET, &gw.url("/d/k/events"))
+                .body(body(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let reader =
+        tokio::spawn(async move { resp.into_body().collect().await.map(|b| b.to_bytes()) });
+    let started = tokio::time::Instant::now();
+    assert!(
+        gw.shutdown().await,
+        "the stream held shutdown for the whole grace period"
+    );
+    let body = reader.await.unwrap().expect("the stream ended cleanly");
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.ends_with("retry: 1000\n\n") && text.contains("event: shutdown"),
+        "{text}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+}
