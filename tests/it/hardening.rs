@@ -700,3 +700,126 @@ routes:
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(10));
 }
+
+/// A TCP proxy to `upstream` that plays a broker closing the connection over a packet: any
+/// client bytes holding `marker` cut that connection. Counts the connections it accepted.
+struct PoisonProxy {
+    addr: std::net::SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for PoisonProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl PoisonProxy {
+    async fn start(upstream: String, marker: &'static [u8]) -> PoisonProxy {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let down = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    });
+                    let mut buf = vec![0u8; 65536];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        if buf[..n].windows(marker.len()).any(|w| w == marker) {
+                            break;
+                        }
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    down.abort();
+                });
+            }
+        });
+        PoisonProxy {
+            addr,
+            accepted,
+            task,
+        }
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[tokio::test]
+async fn a_subscription_the_broker_drops_the_connection_over_is_refused_without_a_storm() {
+    let proxy = PoisonProxy::start(mq::broker_addr().await, b"poison").await;
+    let base = format!("sy-hard/{}", uuid::Uuid::now_v7().simple());
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  devices:
+    type: mqtt
+    url: "mqtt://{}"
+    client_id: "gw-{id}"
+    keep_alive: 5s
+    reconnect: {{ min: 20ms, max: 50ms }}
+routes:
+  - id: events
+    match: {{ method: GET, path: "/d/{{device}}/events" }}
+    backend: devices
+    mqtt: {{ topic: "{base}/{{device}}/events", subscribe: true }}
+  - id: set
+    match: {{ method: PUT, path: "/d/{{device}}" }}
+    backend: devices
+    mqtt: {{ topic: "{base}/{{device}}/set" }}
+"#,
+        proxy.addr,
+        id = uuid::Uuid::now_v7().simple()
+    ))
+    .await;
+    gw.wait_backend("devices", true).await;
+    let before = proxy.accepted();
+    // The broker "closes the connection" each time this filter is asked for.
+    let (s, _, b) = get(&gw.url("/d/poison/events")).await;
+    assert_eq!(s, 502, "{}", String::from_utf8_lossy(&b));
+    let problem = json(&b);
+    assert_eq!(
+        problem["type"], "urn:switchyard:problem:subscription-refused",
+        "{problem}"
+    );
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("closed the connection"),
+        "{problem}"
+    );
+    let reconnects = proxy.accepted() - before;
+    assert!(reconnects <= 4, "{reconnects} reconnects for one request");
+    // The connection is back and serves the others; the filter is not asked again.
+    gw.wait_backend("devices", true).await;
+    let settled = proxy.accepted();
+    let (s, _, _) = send(
+        request(Method::PUT, &gw.url("/d/k"))
+            .body(body("1"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 202);
+    assert_eq!(proxy.accepted(), settled, "no reconnect after the refusal");
+}

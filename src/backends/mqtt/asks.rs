@@ -45,6 +45,10 @@ pub struct Asks {
     limbo: usize,
     /// Filters whose SUBSCRIBE is under way, with the clients waiting on it.
     grants: HashMap<String, watch::Sender<Grant>>,
+    /// Filters whose SUBSCRIBE was written and unanswered when the connection failed, with how
+    /// many connections in a row failed so: a broker that closes the connection over a
+    /// SUBSCRIBE must not be asked for it for ever (a reconnect storm every client pays for).
+    strikes: HashMap<String, u8>,
 }
 
 impl Asks {
@@ -90,6 +94,7 @@ impl Asks {
             self.sent.remove(&pkid);
         }
         if let Ask::Filter(f) = &ask {
+            self.strikes.remove(f);
             let grant = match outcome {
                 Ok(()) => Grant::Granted,
                 Err(reason) => Grant::Refused(reason),
@@ -99,9 +104,31 @@ impl Asks {
         Some(ask)
     }
 
-    /// The connection failed with `limbo` SUBSCRIBEs in rumqttc's pending list.
-    pub fn failed(&mut self, limbo: usize) {
+    /// The connection failed with `limbo` SUBSCRIBEs in rumqttc's pending list. Every filter
+    /// written and unanswered takes a strike; those at `max` strikes are refused (their waiting
+    /// clients told why) and returned, so the caller drops them from what is asked again.
+    pub fn failed(&mut self, limbo: usize, max: u8) -> Vec<String> {
         self.limbo = limbo.min(self.queued.len());
+        let mut out = Vec::new();
+        for ask in self.sent.values().flatten() {
+            if let Ask::Filter(f) = ask {
+                let n = self.strikes.entry(f.clone()).or_default();
+                *n += 1;
+                if *n >= max && !out.contains(f) {
+                    out.push(f.clone());
+                }
+            }
+        }
+        for f in &out {
+            self.strikes.remove(f);
+            self.settle(
+                f,
+                Grant::Refused(format!(
+                    "the broker closed the connection each of the {max} times it was asked for this filter"
+                )),
+            );
+        }
+        out
     }
 
     /// A CONNACK. `again` are the filters the event loop places again itself (at the back of
@@ -177,6 +204,29 @@ mod tests {
     }
 
     #[test]
+    fn a_filter_the_broker_drops_the_connection_over_is_refused_after_max_strikes() {
+        let mut a = Asks::default();
+        let g = a.asked("poison");
+        for round in 1..=3 {
+            a.written(1);
+            let struck = a.failed(0, 3);
+            assert_eq!(struck.is_empty(), round < 3, "round {round}");
+            // The backend drops a struck filter from its live subscriptions: not wanted.
+            let again = a.reconnected(true, false, vec![], |f| !struck.iter().any(|s| s == f));
+            assert_eq!(again.is_empty(), round == 3, "round {round}");
+        }
+        assert!(matches!(&*g.borrow(), Grant::Refused(r) if r.contains("closed the connection")));
+        // An answer in between clears the strikes.
+        let _ = a.asked("fine");
+        a.written(2);
+        a.failed(0, 3);
+        a.reconnected(true, false, vec![], |_| true);
+        a.written(3);
+        assert_eq!(a.answered(3, Ok(())), Some(f("fine")));
+        assert!(a.strikes.is_empty());
+    }
+
+    #[test]
     fn a_packet_id_in_flight_twice_is_answered_in_order() {
         let mut a = Asks::default();
         let first = a.asked("first");
@@ -200,7 +250,7 @@ mod tests {
         a.asked("later");
         a.written(1);
         // "limbo" sat in rumqttc's pending list; "later" came to its channel after the failure.
-        a.failed(1);
+        a.failed(1, 3);
         let again = a.reconnected(true, true, vec!["live".into()], |_| true);
         assert_eq!(again, vec!["live".to_string(), "sent".to_string()]);
         for (i, want) in [
@@ -223,7 +273,7 @@ mod tests {
         let mut a = Asks::default();
         a.asked("limbo");
         a.asked("later");
-        a.failed(1);
+        a.failed(1, 3);
         let again = a.reconnected(false, false, vec![], |_| true);
         assert_eq!(again, vec!["limbo".to_string()]);
         a.written(1);
