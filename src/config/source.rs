@@ -140,9 +140,16 @@ impl MarkedEventReceiver for Builder {
                 };
                 self.loc.values.entry(path.clone()).or_insert(pos);
                 match ev {
+                    // Kept only where they are read, so that a file of many routes costs
+                    // little beyond the positions: styles of values to interpolate, and the
+                    // ids that name routes in errors.
                     Event::Scalar(s, style, ..) => {
-                        self.loc.styles.insert(path.clone(), style);
-                        self.loc.scalars.insert(path, s);
+                        if s.contains('$') {
+                            self.loc.styles.insert(path.clone(), style);
+                        }
+                        if path.ends_with(".id") {
+                            self.loc.scalars.insert(path, s);
+                        }
                     }
                     Event::SequenceStart(..) => self.stack.push(Frame::Seq { path, index: 0 }),
                     Event::MappingStart(..) => self.stack.push(Frame::Map {
@@ -280,6 +287,40 @@ fn interpolate_tree(
     }
 }
 
+/// A deserialized spec, or serde's error with the path where it happened.
+type Deserialized = Result<ConfigSpec, serde_path_to_error::Error<serde_yaml::Error>>;
+
+/// The spec from `text` through a YAML tree whose string values are interpolated first.
+fn interpolated(
+    file: &str,
+    text: &str,
+    loc: &Locator,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Deserialized, Vec<ConfigError>> {
+    let mut value: serde_yaml::Value = match serde_yaml::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
+            let mut message = e.to_string();
+            if let Some(i) = message.rfind(" at line ") {
+                message.truncate(i);
+            }
+            return Err(vec![ConfigError::at(
+                file,
+                line,
+                column,
+                format!("invalid YAML: {message}"),
+            )]);
+        }
+    };
+    let mut errors = Vec::new();
+    interpolate_tree(&mut value, "", loc, file, env, &mut errors);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Ok(serde_path_to_error::deserialize::<_, ConfigSpec>(value))
+}
+
 /// THE YAML parse of the project: locate, refuse duplicate keys, parse, interpolate the
 /// values, deserialize.
 pub fn parse(
@@ -323,28 +364,14 @@ pub fn parse(
             "the file is empty; it needs at least `routes:`",
         )]);
     }
-    let mut value: serde_yaml::Value = match serde_yaml::from_str(text) {
-        Ok(v) => v,
-        Err(e) => {
-            let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
-            let mut message = e.to_string();
-            if let Some(i) = message.rfind(" at line ") {
-                message.truncate(i);
-            }
-            return Err(vec![ConfigError::at(
-                file,
-                line,
-                column,
-                format!("invalid YAML: {message}"),
-            )]);
-        }
+    // Without a `${` there is nothing to interpolate: the text is deserialized directly,
+    // without the intermediate tree (a large file's memory is mostly that tree).
+    let parsed = if text.contains("${") {
+        interpolated(file, text, &loc, env)?
+    } else {
+        serde_path_to_error::deserialize::<_, ConfigSpec>(serde_yaml::Deserializer::from_str(text))
     };
-    let mut errors = Vec::new();
-    interpolate_tree(&mut value, "", &loc, file, env, &mut errors);
-    if !errors.is_empty() {
-        return Err(errors);
-    }
-    match serde_path_to_error::deserialize::<_, ConfigSpec>(value) {
+    match parsed {
         Ok(spec) => Ok((spec, loc)),
         Err(e) => {
             let path = e.path().to_string();
