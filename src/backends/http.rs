@@ -244,11 +244,7 @@ impl HttpRouteService {
                 Some(rest) if rest.starts_with('/') => Cow::Borrowed(rest),
                 _ => Cow::Borrowed(path),
             },
-            PathRewrite::Template(t) => {
-                Cow::Owned(t.render(|name| ctx.and_then(|c| c.param(name))).ok_or(
-                    GatewayError::Internal("a rewrite variable was not captured"),
-                )?)
-            }
+            PathRewrite::Template(t) => Cow::Owned(super::values::render_path(t, ctx)?),
         };
         Ok(path)
     }

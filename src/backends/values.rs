@@ -2,13 +2,14 @@
 //! queue, binding key, topic, topic filter) from the request's path captures, query, headers
 //! and JSON body, at the bottom of the route's stack. Every render names its [`Target`], whose
 //! rules each value the request supplies must pass; a value that is missing or breaks them is
-//! a 400 naming it, before anything reaches a broker.
+//! a 400 naming it, before anything reaches a broker. Path rewrites for HTTP upstreams are
+//! filled here too ([`render_path`]), with the rules of an upstream path.
 
 use std::sync::OnceLock;
 
 use bytes::Bytes;
 
-use crate::config::template::{ValuePart, ValueTemplate};
+use crate::config::template::{Part, Template, ValuePart, ValueTemplate};
 use crate::error::GatewayError;
 use crate::middleware::context::RequestContext;
 
@@ -260,6 +261,46 @@ impl<'a> RequestValues<'a> {
         }
         Ok(out)
     }
+}
+
+/// Fills a path rewrite template (`http.rewrite`) from the request's path captures, for the
+/// upstream's request target. The captures come from the normalised path (no `.` or `..`
+/// segments, no NUL, CR or LF); here each value must also hold no encoded `/` or `\` (`%2F`,
+/// `%5C`, kept by `encoded_slash: keep`), which an upstream that decodes before routing would
+/// take as a separator. A catch-all's value spans segments by design.
+pub fn render_path(t: &Template, ctx: Option<&RequestContext>) -> Result<String, GatewayError> {
+    let mut out = String::new();
+    for part in &t.parts {
+        match part {
+            Part::Lit(l) => out.push_str(l),
+            Part::Var(name) => {
+                let v = ctx
+                    .and_then(|c| c.param(name))
+                    .ok_or(GatewayError::Internal(
+                        "a rewrite variable was not captured",
+                    ))?;
+                let lower = v.to_ascii_lowercase();
+                if lower.contains("%2f") || lower.contains("%5c") || v.contains('\\') {
+                    return Err(GatewayError::BadRequest {
+                        detail: format!(
+                            "The value of `{name}` cannot go into the upstream path: it holds an encoded `/` or `\\`."
+                        ),
+                        field: Some(name.clone()),
+                    });
+                }
+                if v.split('/').any(|seg| seg == "." || seg == "..") {
+                    return Err(GatewayError::BadRequest {
+                        detail: format!(
+                            "The value of `{name}` cannot go into the upstream path: it holds a dot segment."
+                        ),
+                        field: Some(name.clone()),
+                    });
+                }
+                out.push_str(v);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Percent-decodes `s` (with `+` as a space in a query); `None` when the bytes are not UTF-8.

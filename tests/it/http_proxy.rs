@@ -51,6 +51,15 @@ async fn rewrites_paths_and_sets_forwarded_headers() {
     let (s, _, b) = get(&gw.url("/v1/users/42")).await;
     assert_eq!(s, 200);
     assert_eq!(json(&b)["path"], "/users/42/profile");
+
+    // A value that an upstream decoding before routing would split is refused.
+    let hits = up.hits();
+    for bad in ["a%2F..%2Fadmin", "a%2fb", "a%5Cb"] {
+        let (s, _, b) = get(&gw.url(&format!("/v1/users/{bad}"))).await;
+        assert_eq!(s, 400, "{bad}");
+        assert_eq!(json(&b)["field"], "id", "{bad}");
+    }
+    assert_eq!(up.hits(), hits, "nothing reached the upstream");
 }
 
 #[tokio::test]
