@@ -1177,3 +1177,34 @@ routes: []
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     drop(back);
 }
+
+#[tokio::test]
+async fn a_broken_request_body_is_the_clients_fault_on_transcoded_calls() {
+    let server = GrpcServer::start().await;
+    let gw = Gateway::start(&format!(
+        "{}\nroutes: []\n",
+        shop_backend(
+            &server.url(),
+            "annotated_routes: true\n    breaker: { consecutive_failures: 3, open_for: 60s }"
+        )
+    ))
+    .await;
+    for path in ["/v2/orders", "/v2/orders:import"] {
+        for _ in 0..4 {
+            let malformed = format!(
+                "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-ndjson\r\ntransfer-encoding: chunked\r\n\r\n5\r\n{{\"id\"\r\nzz\r\n"
+            );
+            let status = crate::hardening::raw_status(&gw, malformed.as_bytes(), false).await;
+            assert_eq!(status, Some(400), "{path}");
+        }
+    }
+    let (_, _, m) = get(&gw.admin_url("/metrics")).await;
+    let m = String::from_utf8_lossy(&m);
+    assert!(
+        m.contains(r#"switchyard_breaker_state{backend="shop"} 0"#),
+        "{m}"
+    );
+    assert!(!m.contains("switchyard_backend_errors_total{"), "{m}");
+    let (s, _, _) = get(&gw.url("/v2/orders/7")).await;
+    assert_eq!(s, 200);
+}

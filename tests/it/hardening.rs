@@ -259,7 +259,7 @@ routes:
 
 /// Sends `raw` on a new connection (then half-closes it when `close`) and returns the status
 /// the gateway answered, or `None` when it closed without one.
-async fn raw_status(gw: &Gateway, raw: &[u8], close: bool) -> Option<u16> {
+pub(crate) async fn raw_status(gw: &Gateway, raw: &[u8], close: bool) -> Option<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
     s.write_all(raw).await.unwrap();
