@@ -37,6 +37,9 @@ pub struct Shared {
     reloader: OnceLock<Reloader>,
     /// Shutdown signal and drain tracker for WebSocket sessions, which outlive their request.
     pub sessions: crate::backends::websocket::Sessions,
+    /// The file watcher (when watching), and the directories it watches besides the config's.
+    watcher: Mutex<Option<notify::RecommendedWatcher>>,
+    watched: Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 impl Shared {
@@ -48,6 +51,30 @@ impl Shared {
             f(&mut s);
         }
     }
+    /// Watches the directories of the files a build read (protos, descriptor sets), so that a
+    /// change to one reloads; directories already watched are left as they are.
+    pub fn watch_files(&self, files: &[PathBuf]) {
+        let mut watcher = self.watcher.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(watcher) = watcher.as_mut() else {
+            return;
+        };
+        let mut watched = self.watched.lock().unwrap_or_else(|e| e.into_inner());
+        for dir in files.iter().filter_map(|f| f.parent()) {
+            if watched.contains(dir) {
+                continue;
+            }
+            use notify::Watcher;
+            match watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+                Ok(()) => {
+                    watched.insert(dir.to_path_buf());
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "Cannot watch a directory the config reads from; edits there need a reload.");
+                }
+            }
+        }
+    }
+
     pub fn reloader(&self) -> &Reloader {
         self.reloader
             .get()
@@ -89,7 +116,6 @@ pub struct Running {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     grace: Duration,
-    _watcher: Option<notify::RecommendedWatcher>,
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -129,8 +155,9 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             addr: server.admin,
             source,
         })?;
-    let table = reload::build_table(
+    let (table, hash) = reload::build_table(
         spec,
+        hash,
         &opts.config,
         1,
         &BackendSet::default(),
@@ -172,6 +199,8 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             shutdown: shutdown.clone(),
             tracker: tracker.clone(),
         },
+        watcher: Mutex::new(None),
+        watched: Mutex::new(Default::default()),
     });
     shared.table.load().activate();
     let reloader = reload::spawn(
@@ -181,11 +210,11 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
         shutdown.clone(),
     );
     let _ = shared.reloader.set(reloader.clone());
-    let watcher = if opts.watch {
-        Some(reload::watch(&opts.config, reloader.clone())?)
-    } else {
-        None
-    };
+    if opts.watch {
+        let watcher = reload::watch(&opts.config, reloader.clone())?;
+        *shared.watcher.lock().unwrap_or_else(|e| e.into_inner()) = Some(watcher);
+        shared.watch_files(&shared.table.load().files);
+    }
     if opts.sighup {
         let token = shutdown.clone();
         let reloader = reloader.clone();
@@ -223,7 +252,6 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
         shutdown,
         tracker,
         grace: server.shutdown_grace.0,
-        _watcher: watcher,
     })
 }
 

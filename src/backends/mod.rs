@@ -70,6 +70,9 @@ pub struct BuildContext<'a> {
     pub previous_state: Option<Arc<crate::store::State>>,
     /// A check build (`switchyard validate`): state opens in memory, never on disk.
     pub dry: bool,
+    /// Every file the build read besides routes.yaml (protos, descriptor sets), so that the
+    /// watcher reloads when one of them changes.
+    pub read: std::sync::Mutex<Vec<std::path::PathBuf>>,
 }
 
 impl<'a> BuildContext<'a> {
@@ -80,7 +83,15 @@ impl<'a> BuildContext<'a> {
             reflected: HashMap::new(),
             previous_state: None,
             dry: false,
+            read: Default::default(),
         }
+    }
+
+    /// The list of files read so far, to add to.
+    pub fn read_files(&self) -> std::sync::MutexGuard<'_, Vec<std::path::PathBuf>> {
+        self.read
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Asks every `reflection: true` backend for its descriptors, all at once, each within its
@@ -113,6 +124,7 @@ impl<'a> BuildContext<'a> {
                 .collect(),
             previous_state: None,
             dry: false,
+            read: Default::default(),
         }
     }
 }

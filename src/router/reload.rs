@@ -87,14 +87,37 @@ pub fn content_hash(text: &str) -> String {
     format!("{:016x}", h.finish())
 }
 
+/// The hash of a whole config: routes.yaml's (`text_hash`) folded with each file it read (path
+/// and content; a missing file counts as such), so that an edited proto is a changed config.
+/// Reads files: call it off the async workers.
+pub fn config_hash(text_hash: &str, files: &[PathBuf]) -> String {
+    if files.is_empty() {
+        return text_hash.to_string();
+    }
+    let mut h = DefaultHasher::new();
+    text_hash.hash(&mut h);
+    for f in files {
+        f.hash(&mut h);
+        std::fs::read(f).ok().hash(&mut h);
+    }
+    format!("{:016x}", h.finish())
+}
+
+/// What a reload compares with to skip a config that did not change: the running config's
+/// hash and the files its build read.
+pub struct Running {
+    pub hash: String,
+    pub files: Vec<PathBuf>,
+}
+
 /// Reads, parses and validates `path` (at most `max_size` bytes) on a blocking thread, so a
 /// large file never holds an async worker: requests keep being served meanwhile. Pure apart
-/// from the read and env lookups; returns the spec and the file's content hash, or `None`
-/// when that hash is `skip_if` (the running content: nothing to parse).
+/// from the reads and env lookups; returns the spec and routes.yaml's content hash, or `None`
+/// when the config (routes.yaml and the files it read) is still `unchanged`'s.
 pub async fn load_spec(
     path: &Path,
     max_size: u64,
-    skip_if: Option<String>,
+    unchanged: Option<Running>,
 ) -> Result<Option<(config::ConfigSpec, String)>, Vec<String>> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
@@ -103,7 +126,9 @@ pub async fn load_spec(
             |e: config::ConfigErrors| e.0.iter().map(ToString::to_string).collect::<Vec<_>>();
         let text = config::read_file(&path, max_size).map_err(errors)?;
         let hash = content_hash(&text);
-        if skip_if.as_ref() == Some(&hash) {
+        if let Some(running) = unchanged
+            && config_hash(&hash, &running.files) == running.hash
+        {
             return Ok(None);
         }
         let spec = config::load_str(&file, &text, &config::process_env).map_err(errors)?;
@@ -114,15 +139,17 @@ pub async fn load_spec(
 }
 
 /// Builds a table from a validated spec: the reflection requests first (the only awaits), then
-/// the build itself on a blocking thread.
+/// the build itself on a blocking thread. Returns the table and the whole config's hash
+/// ([`config_hash`] of `text_hash` and the files the build read).
 pub async fn build_table(
     spec: config::ConfigSpec,
+    text_hash: String,
     path: &Path,
     version: u64,
     previous: &crate::backends::BackendSet,
     previous_state: Option<Arc<crate::store::State>>,
     metrics: &Arc<crate::telemetry::metrics::Metrics>,
-) -> Result<RouteTable, Vec<String>> {
+) -> Result<(RouteTable, String), Vec<String>> {
     let file = path.display().to_string();
     let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let reflected = crate::backends::BuildContext::prepare(&spec.backends, &base)
@@ -133,10 +160,12 @@ pub async fn build_table(
         let mut cx = crate::backends::BuildContext::new(&base);
         cx.reflected = reflected;
         cx.previous_state = previous_state;
-        RouteTable::build(spec, version, &previous, &metrics, &cx).map_err(|e| {
+        let table = RouteTable::build(spec, version, &previous, &metrics, &cx).map_err(|e| {
             let message = format!("{file}: {e}");
             vec![crate::telemetry::redact::secrets(&message).into_owned()]
-        })
+        })?;
+        let hash = config_hash(&text_hash, &table.files);
+        Ok((table, hash))
     })
     .await
     .unwrap_or_else(|_| Err(vec!["the config build failed unexpectedly".into()]))
@@ -186,8 +215,11 @@ async fn apply(shared: &Shared, path: &Path, max_size: u64, trigger: Trigger) ->
     let current = shared.table.load_full();
     let version = current.version + 1;
     let now = SystemTime::now();
-    let skip_if = (trigger == Trigger::Watch).then(|| shared.status().hash);
-    let loaded = match load_spec(path, max_size, skip_if).await {
+    let unchanged = (trigger == Trigger::Watch).then(|| Running {
+        hash: shared.status().hash,
+        files: current.files.clone(),
+    });
+    let loaded = match load_spec(path, max_size, unchanged).await {
         Ok(None) => {
             // An unchanged file (a touch, a write to a neighbour, a revert to the running
             // content) is not a new version; a revert clears the last rejection.
@@ -203,16 +235,18 @@ async fn apply(shared: &Shared, path: &Path, max_size: u64, trigger: Trigger) ->
                 version: current.version,
             };
         }
-        Ok(Some((spec, hash))) => build_table(
-            spec,
-            path,
-            version,
-            &current.backends,
-            current.state.clone(),
-            &shared.metrics,
-        )
-        .await
-        .map(|t| (t, hash)),
+        Ok(Some((spec, text_hash))) => {
+            build_table(
+                spec,
+                text_hash,
+                path,
+                version,
+                &current.backends,
+                current.state.clone(),
+                &shared.metrics,
+            )
+            .await
+        }
         Err(e) => Err(e),
     };
     match loaded {
@@ -228,6 +262,7 @@ async fn apply(shared: &Shared, path: &Path, max_size: u64, trigger: Trigger) ->
             let table = Arc::new(table);
             shared.table.store(table.clone());
             table.activate();
+            shared.watch_files(&table.files);
             shared.update_status(|s| {
                 s.version = version;
                 s.hash = hash;

@@ -78,6 +78,9 @@ pub struct RouteTable {
     /// Whether a route runs jobs, so the job endpoint is served.
     pub serves_jobs: bool,
     pub correlation_header: HeaderName,
+    /// The files the build read besides routes.yaml (protos, descriptor sets): the watcher
+    /// reloads when one of them changes.
+    pub files: Vec<std::path::PathBuf>,
     by_host: HashMap<String, PathIndex>,
     any_host: PathIndex,
 }
@@ -238,6 +241,12 @@ impl RouteTable {
             backends,
             state,
             correlation_header,
+            files: {
+                let mut files = cx.read_files().clone();
+                files.sort();
+                files.dedup();
+                files
+            },
             by_host,
             any_host,
         })

@@ -285,3 +285,41 @@ async fn reload_by_sighup_in_the_real_binary() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test]
+async fn an_edited_proto_reloads_the_config() {
+    let server = crate::support::grpc::GrpcServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let proto = dir.path().join("protos").join("shop.proto");
+    std::fs::create_dir(dir.path().join("protos")).unwrap();
+    let original =
+        std::fs::read_to_string(crate::support::grpc::proto_dir().join("shop.proto")).unwrap();
+    std::fs::write(&proto, &original).unwrap();
+    let config = dir.path().join("routes.yaml");
+    std::fs::write(
+        &config,
+        with_ephemeral_server(&format!(
+            "backends:\n  shop: {{ type: grpc, endpoints: [\"{}\"], protos: [protos/shop.proto], annotated_routes: true }}\nroutes: []\n",
+            server.url()
+        )),
+    )
+    .unwrap();
+    let gw = Gateway::start_at(dir, config, true).await;
+    let import = |path: &str| {
+        request(http::Method::POST, &gw.url(path))
+            .header("content-type", "application/x-ndjson")
+            .body(body("{\"id\":\"a\"}\n"))
+            .unwrap()
+    };
+    assert_eq!(send(import("/v2/orders:import")).await.0, 200);
+    assert_eq!(send(import("/v3/orders:import")).await.0, 404);
+    // Only the proto changes; routes.yaml is untouched.
+    std::fs::write(
+        &proto,
+        original.replace("/v2/orders:import", "/v3/orders:import"),
+    )
+    .unwrap();
+    gw.wait_version(2).await;
+    assert_eq!(send(import("/v3/orders:import")).await.0, 200);
+    assert_eq!(send(import("/v2/orders:import")).await.0, 404);
+}

@@ -37,14 +37,17 @@ use super::AbortOnDrop;
 /// Loads the descriptor pool of a backend: `.proto` files compiled with protox, and/or a binary
 /// `FileDescriptorSet`. Paths are relative to `base` (routes.yaml's directory).
 pub fn load_descriptors(spec: &GrpcBackendSpec, base: &Path) -> Result<DescriptorPool, String> {
-    load_descriptors_with(spec, base, &[])
+    load_descriptors_with(spec, base, &[], &mut Vec::new())
 }
 
-/// [`load_descriptors`], plus the serialized files the server gave through reflection.
+/// [`load_descriptors`], plus the serialized files the server gave through reflection. Every
+/// file read from disk (the descriptor set, the protos and the imports found under the import
+/// paths) is added to `read`, so that a change to any of them reloads the config.
 pub fn load_descriptors_with(
     spec: &GrpcBackendSpec,
     base: &Path,
     reflected: &[Vec<u8>],
+    read: &mut Vec<std::path::PathBuf>,
 ) -> Result<DescriptorPool, String> {
     let resolve = |p: &Path| {
         if p.is_absolute() {
@@ -56,6 +59,7 @@ pub fn load_descriptors_with(
     let mut pool = DescriptorPool::new();
     if let Some(set) = &spec.descriptor_set {
         let path = resolve(set);
+        read.push(path.clone());
         let bytes = std::fs::read(&path)
             .map_err(|e| format!("{}: cannot read the descriptor set: {e}", path.display()))?;
         pool.decode_file_descriptor_set(bytes.as_slice())
@@ -76,6 +80,7 @@ pub fn load_descriptors_with(
     compiler.include_imports(true);
     for proto in &spec.protos {
         let path = resolve(proto);
+        read.push(path.clone());
         compiler
             .open_file(&path)
             .map_err(|e| match proto_position(&e) {
@@ -101,6 +106,17 @@ pub fn load_descriptors_with(
             compiler
                 .open_file(name)
                 .map_err(|e| format!("{name}: {e}"))?;
+        }
+    }
+    // The imports found under the import paths were read from disk too.
+    for file in &compiler.file_descriptor_set().file {
+        if let Some(found) = includes
+            .iter()
+            .map(|dir| dir.join(file.name()))
+            .find(|p| p.is_file())
+            && !read.contains(&found)
+        {
+            read.push(found);
         }
     }
     // The encoded form keeps method options (google.api.http) that prost-types would drop.
@@ -218,7 +234,7 @@ impl GrpcBackend {
             Some(Err(e)) => return Err(e.clone()),
             None => &[],
         };
-        let pool = load_descriptors_with(spec, cx.base, reflected)?;
+        let pool = load_descriptors_with(spec, cx.base, reflected, &mut cx.read_files())?;
         let channel = channel(spec, cx.base)?;
         let transport = transport::Transport::new(spec, cx.base)?;
         let reachable = Arc::new(AtomicBool::new(false));
@@ -279,7 +295,7 @@ impl GrpcBackend {
             }
             None => &[],
         };
-        let pool = load_descriptors_with(spec, cx.base, reflected)?;
+        let pool = load_descriptors_with(spec, cx.base, reflected, &mut cx.read_files())?;
         self.pool.store(Arc::new(pool));
         Ok(())
     }
