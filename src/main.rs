@@ -9,7 +9,20 @@ use clap::{Parser, Subcommand};
 use switchyard::telemetry::{self, LogFormat};
 use switchyard::{app, config};
 
+/// Exit codes, from sysexits(3): bad config (EX_USAGE), a config file that does not exist
+/// (EX_NOINPUT), a port in use (EX_CONFIG: another instance or service holds it).
 const EXIT_BAD_CONFIG: u8 = 64;
+const EXIT_NO_INPUT: u8 = 66;
+const EXIT_IN_USE: u8 = 78;
+
+/// The exit for a config file that does not exist, with the message saying so.
+fn missing(file: &Path) -> Option<ExitCode> {
+    if file.exists() {
+        return None;
+    }
+    eprintln!("error: {}: not found", file.display());
+    Some(ExitCode::from(EXIT_NO_INPUT))
+}
 
 #[derive(Parser)]
 #[command(
@@ -59,6 +72,9 @@ fn parse_size(s: &str) -> Result<u64, String> {
 }
 
 fn validate(file: &Path, max_size: u64) -> ExitCode {
+    if let Some(code) = missing(file) {
+        return code;
+    }
     let name = file.display().to_string();
     let result = config::read_file(file, max_size)
         .and_then(|text| config::load_str(&name, &text, &config::process_env));
@@ -108,6 +124,9 @@ fn build_check(file: &Path, spec: config::ConfigSpec) -> Result<(), String> {
 }
 
 async fn run(config: PathBuf, watch: bool, max_config_size: u64) -> anyhow::Result<ExitCode> {
+    if let Some(code) = missing(&config) {
+        return Ok(code);
+    }
     let running = match app::start(app::Options {
         config,
         watch,
@@ -122,6 +141,10 @@ async fn run(config: PathBuf, watch: bool, max_config_size: u64) -> anyhow::Resu
                 tracing::error!("{e}");
             }
             return Ok(ExitCode::from(EXIT_BAD_CONFIG));
+        }
+        Err(e @ app::StartError::Bind { .. }) => {
+            tracing::error!(error = %e, "Another process holds the address; is a second instance running?");
+            return Ok(ExitCode::from(EXIT_IN_USE));
         }
         Err(e) => return Err(e.into()),
     };

@@ -185,3 +185,38 @@ fn a_file_over_the_size_limit_is_refused_and_the_limit_can_be_raised() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_missing_file_exits_66_and_a_taken_port_78() {
+    for args in [
+        &["validate", "nope/routes.yaml"][..],
+        &["run", "--config", "nope/routes.yaml"],
+    ] {
+        let out = switchyard().args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(66), "{args:?}: {stderr}");
+        assert!(stderr.contains("nope/routes.yaml: not found"), "{stderr}");
+    }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("routes.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "server: {{ listen: \"{}\", admin: \"127.0.0.1:0\" }}\nroutes: []\n",
+            taken.local_addr().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = switchyard()
+        .args(["run", "--no-watch", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(78),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
