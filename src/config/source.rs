@@ -57,6 +57,35 @@ impl Locator {
     pub fn scalar(&self, path: &str) -> Option<&str> {
         self.scalars.get(path).map(String::as_str)
     }
+
+    /// This locator for a spec holding only some of the file's routes: `kept[j]` is the index
+    /// in the file of the spec's route `j`.
+    fn renumbered_routes(&self, kept: &[usize]) -> Locator {
+        let new_index: HashMap<usize, usize> =
+            kept.iter().enumerate().map(|(j, &i)| (i, j)).collect();
+        let rename = |path: &String| -> Option<String> {
+            let Some(rest) = path.strip_prefix("routes[") else {
+                return Some(path.clone());
+            };
+            let (n, tail) = rest.split_once(']')?;
+            let j = new_index.get(&n.parse::<usize>().ok()?)?;
+            Some(format!("routes[{j}]{tail}"))
+        };
+        fn remap<V: Clone>(
+            m: &HashMap<String, V>,
+            rename: &impl Fn(&String) -> Option<String>,
+        ) -> HashMap<String, V> {
+            m.iter()
+                .filter_map(|(k, v)| Some((rename(k)?, v.clone())))
+                .collect()
+        }
+        Locator {
+            values: remap(&self.values, &rename),
+            keys: remap(&self.keys, &rename),
+            scalars: remap(&self.scalars, &rename),
+            styles: remap(&self.styles, &rename),
+        }
+    }
 }
 
 enum Frame {
@@ -374,39 +403,189 @@ pub fn parse(
     match parsed {
         Ok(spec) => Ok((spec, loc)),
         Err(e) => {
-            let path = e.path().to_string();
-            let inner = e.into_inner();
-            // Prefer the exact node the path names; then the parser's own mark; then the
-            // nearest enclosing node.
-            let unknown_key = inner.to_string().contains("unknown field");
-            let pos = match loc.values.get(&path) {
-                Some(_) if unknown_key => loc.key(&path),
-                Some(p) => *p,
-                None => loc.at(&path),
+            // Serde stops at the first problem: read each section and item on its own to find
+            // every one, and validate what could be read.
+            let first = located(file, &loc, "", e);
+            let mut value: serde_yaml::Value = match serde_yaml::from_str(text) {
+                Ok(v) => v,
+                Err(_) => return Err(vec![first]),
             };
-            let mut message = inner.to_string();
-            if let Some(i) = message.rfind(" at line ") {
-                message.truncate(i);
-            }
-            if let Some((prefix, rest)) = message.split_once(": ")
-                && !prefix.contains(' ')
-            {
-                message = rest.to_string();
-            }
-            if path != "." && !path.is_empty() {
-                message = format!("`{path}`: {message}");
-            }
-            let route = path
-                .strip_prefix("routes[")
-                .and_then(|r| r.split_once(']'))
-                .and_then(|(n, _)| loc.scalar(&format!("routes[{n}].id")))
-                .map(str::to_string);
-            Err(vec![ConfigError {
-                route,
-                ..ConfigError::at(file, pos.line, pos.column, message)
-            }])
+            let mut ignored = Vec::new();
+            interpolate_tree(&mut value, "", &loc, file, env, &mut ignored);
+            let errors = every_problem(file, &loc, &value);
+            Err(if errors.is_empty() {
+                vec![first]
+            } else {
+                errors
+            })
         }
     }
+}
+
+/// A serde error at `prefix` + its own path, placed at the node it names (at the key for an
+/// unknown field), with the route's id when it is inside one.
+fn located(
+    file: &str,
+    loc: &Locator,
+    prefix: &str,
+    e: serde_path_to_error::Error<serde_yaml::Error>,
+) -> ConfigError {
+    let own = e.path().to_string();
+    let path = match (prefix.is_empty(), own.as_str()) {
+        (true, _) => own.clone(),
+        (false, "." | "") => prefix.to_string(),
+        (false, p) if p.starts_with('[') => format!("{prefix}{p}"),
+        (false, p) => format!("{prefix}.{p}"),
+    };
+    let inner = e.into_inner();
+    let unknown_key = inner.to_string().contains("unknown field");
+    let pos = match loc.values.get(&path) {
+        Some(_) if unknown_key => loc.key(&path),
+        Some(p) => *p,
+        None => loc.at(&path),
+    };
+    let mut message = inner.to_string();
+    if let Some(i) = message.rfind(" at line ") {
+        message.truncate(i);
+    }
+    if let Some((prefix, rest)) = message.split_once(": ")
+        && !prefix.contains(' ')
+    {
+        message = rest.to_string();
+    }
+    if path != "." && !path.is_empty() {
+        message = format!("`{path}`: {message}");
+    }
+    let route = path
+        .strip_prefix("routes[")
+        .and_then(|r| r.split_once(']'))
+        .and_then(|(n, _)| loc.scalar(&format!("routes[{n}].id")))
+        .map(str::to_string);
+    ConfigError {
+        route,
+        ..ConfigError::at(file, pos.line, pos.column, message)
+    }
+}
+
+/// Every problem of a file serde could not read whole: each section, backend and route is read
+/// on its own, and what could be read is validated — except for routes whose backend could not
+/// be read (they would only repeat that problem).
+fn every_problem(file: &str, loc: &Locator, value: &serde_yaml::Value) -> Vec<ConfigError> {
+    use serde_yaml::Value;
+    fn read<T: serde::de::DeserializeOwned>(
+        file: &str,
+        loc: &Locator,
+        path: &str,
+        v: &Value,
+        errors: &mut Vec<ConfigError>,
+    ) -> Option<T> {
+        serde_path_to_error::deserialize::<_, T>(v.clone())
+            .map_err(|e| errors.push(located(file, loc, path, e)))
+            .ok()
+    }
+    let Value::Mapping(top) = value else {
+        return Vec::new();
+    };
+    let Ok(mut partial) = serde_yaml::from_value::<ConfigSpec>(Value::Mapping(Default::default()))
+    else {
+        return Vec::new();
+    };
+    let mut errors = Vec::new();
+    let mut broken_backends = HashSet::new();
+    // The index in the file of each route read.
+    let mut kept = Vec::new();
+    for (k, v) in top {
+        let key = k.as_str().unwrap_or("?");
+        match key {
+            "server" => {
+                if let Some(x) = read(file, loc, key, v, &mut errors) {
+                    partial.server = x;
+                }
+            }
+            "defaults" => {
+                if let Some(x) = read(file, loc, key, v, &mut errors) {
+                    partial.defaults = x;
+                }
+            }
+            "state" => {
+                if let Some(x) = read(file, loc, key, v, &mut errors) {
+                    partial.state = x;
+                }
+            }
+            "backends" => match v {
+                Value::Mapping(m) => {
+                    for (name, b) in m {
+                        let name = name.as_str().unwrap_or("?").to_string();
+                        let path = join(key, &name);
+                        match read(file, loc, &path, b, &mut errors) {
+                            Some(x) => {
+                                partial.backends.insert(name, x);
+                            }
+                            None => {
+                                broken_backends.insert(name);
+                            }
+                        }
+                    }
+                }
+                other => {
+                    let _ = read::<ConfigSpec>(
+                        file,
+                        loc,
+                        "",
+                        &Value::Mapping([(k.clone(), other.clone())].into_iter().collect()),
+                        &mut errors,
+                    );
+                }
+            },
+            "routes" => match v {
+                Value::Sequence(items) => {
+                    for (i, r) in items.iter().enumerate() {
+                        if let Some(x) = read(file, loc, &format!("routes[{i}]"), r, &mut errors) {
+                            partial.routes.push(x);
+                            kept.push(i);
+                        }
+                    }
+                }
+                other => {
+                    let _ = read::<ConfigSpec>(
+                        file,
+                        loc,
+                        "",
+                        &Value::Mapping([(k.clone(), other.clone())].into_iter().collect()),
+                        &mut errors,
+                    );
+                }
+            },
+            _ => {
+                let _ = read::<ConfigSpec>(
+                    file,
+                    loc,
+                    "",
+                    &Value::Mapping([(k.clone(), v.clone())].into_iter().collect()),
+                    &mut errors,
+                );
+            }
+        }
+    }
+    if errors.is_empty() {
+        return errors;
+    }
+    let skipped: HashSet<&str> = partial
+        .routes
+        .iter()
+        .filter(|r| broken_backends.contains(&r.backend))
+        .map(|r| r.id.as_str())
+        .collect();
+    // Validation names routes by their index in the spec it checks: positions are looked up
+    // under the indices the routes have in the file.
+    let loc = loc.renumbered_routes(&kept);
+    errors.extend(
+        super::validate::validate(file, &partial, &loc)
+            .into_iter()
+            .filter(|e| e.route.as_deref().is_none_or(|r| !skipped.contains(r))),
+    );
+    errors.sort_by_key(|e| (e.line, e.column));
+    errors
 }
 
 #[cfg(test)]

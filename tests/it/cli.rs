@@ -220,3 +220,49 @@ fn a_missing_file_exits_66_and_a_taken_port_78() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn problems_serde_finds_and_problems_validation_finds_are_reported_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mixed.yaml");
+    std::fs::write(
+        &path,
+        "\
+backends:
+  up: { type: http, endpoints: [\"http://127.0.0.1:9\"] }
+  bad: { type: http, endpoints: \"not a list\" }
+routes:
+  - id: a
+    match: { path: /a }
+    backend: up
+    colour: blue
+  - id: b
+    match: { path: /b }
+    backend: nope
+  - id: c
+    match: { path: /c }
+    backend: bad
+  - id: d
+    match: { path: /d }
+    backend: up
+    timeout: soon
+extra: 1
+",
+    )
+    .unwrap();
+    let out = switchyard().arg("validate").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for want in [
+        "mixed.yaml:3:",
+        "mixed.yaml:8:5: route `a`: `routes[0].colour`: unknown field `colour`",
+        "mixed.yaml:11:14: route `b`: backend `nope` is not defined",
+        "mixed.yaml:18:14: route `d`: `routes[3].timeout`",
+        "mixed.yaml:19:1: `extra`: unknown field `extra`",
+    ] {
+        assert!(stderr.contains(want), "want {want}\n got: {stderr}");
+    }
+    // Route c uses the backend that could not be read: not reported a second time.
+    assert!(!stderr.contains("route `c`"), "{stderr}");
+    assert!(stderr.contains("5 problem(s) found"), "{stderr}");
+}
