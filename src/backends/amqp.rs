@@ -153,6 +153,7 @@ impl AmqpBackend {
         spec: &AmqpBackendSpec,
         metrics: &Arc<Metrics>,
         base: &std::path::Path,
+        gate: &super::StartGate,
     ) -> Result<Self, String> {
         let tls = match &spec.tls {
             Some(t) => {
@@ -195,9 +196,16 @@ impl AmqpBackend {
             direct_replies: AtomicBool::new(false),
             next: AtomicUsize::new(0),
         });
-        let task = tokio::runtime::Handle::try_current()
-            .ok()
-            .map(|rt| AbortOnDrop(rt.spawn(run(shared.clone())).abort_handle()));
+        let task = tokio::runtime::Handle::try_current().ok().map(|rt| {
+            let (gate, shared) = (gate.clone(), shared.clone());
+            AbortOnDrop(
+                rt.spawn(async move {
+                    gate.opened().await;
+                    run(shared).await
+                })
+                .abort_handle(),
+            )
+        });
         Ok(AmqpBackend {
             shared,
             _task: task,

@@ -59,7 +59,7 @@ pub struct HttpBackend {
 
 impl HttpBackend {
     /// Builds the pool and starts the readiness probe. Nothing here waits for the network.
-    pub fn new(name: &str, spec: &HttpBackendSpec) -> Self {
+    pub fn new(name: &str, spec: &HttpBackendSpec, gate: &super::StartGate) -> Self {
         let endpoints: Vec<Endpoint> = spec
             .endpoints
             .iter()
@@ -99,6 +99,7 @@ impl HttpBackend {
             reachable.clone(),
             spec.probe_interval.0,
             spec.connect_timeout.0,
+            gate,
         );
         HttpBackend {
             name: name.to_string(),

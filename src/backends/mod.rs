@@ -73,6 +73,8 @@ pub struct BuildContext<'a> {
     /// Every file the build read besides routes.yaml (protos, descriptor sets), so that the
     /// watcher reloads when one of them changes.
     pub read: std::sync::Mutex<Vec<std::path::PathBuf>>,
+    /// What the backends this build makes wait on before they connect.
+    pub gate: StartGate,
 }
 
 impl<'a> BuildContext<'a> {
@@ -84,6 +86,7 @@ impl<'a> BuildContext<'a> {
             previous_state: None,
             dry: false,
             read: Default::default(),
+            gate: StartGate::default(),
         }
     }
 
@@ -125,6 +128,7 @@ impl<'a> BuildContext<'a> {
             previous_state: None,
             dry: false,
             read: Default::default(),
+            gate: StartGate::default(),
         }
     }
 }
@@ -170,19 +174,41 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Probes `addrs` with TCP connects every `interval` and sets `reachable` when any answers.
-/// Returns `None` outside a runtime (benchmarks build tables without one).
+/// Holds the background tasks of the backends a build made (connection loops, probes) until
+/// their table serves: building makes inert values, so a rejected reload or a `validate`
+/// never opens a connection. One gate per build; the table opens it when it is activated.
+#[derive(Clone, Default, Debug)]
+pub struct StartGate(tokio_util::sync::CancellationToken);
+
+impl StartGate {
+    /// Lets the tasks waiting on this gate run (idempotent).
+    pub fn open(&self) {
+        self.0.cancel();
+    }
+
+    /// Resolves once the gate is open.
+    pub async fn opened(&self) {
+        self.0.cancelled().await
+    }
+}
+
+/// Probes `addrs` with TCP connects every `interval` and sets `reachable` when any answers,
+/// from the moment `gate` opens. Returns `None` outside a runtime (benchmarks build tables
+/// without one).
 pub fn spawn_probe(
     name: &str,
     addrs: Vec<String>,
     reachable: Arc<std::sync::atomic::AtomicBool>,
     interval: Duration,
     timeout: Duration,
+    gate: &StartGate,
 ) -> Option<AbortOnDrop> {
     use std::sync::atomic::Ordering;
     let rt = tokio::runtime::Handle::try_current().ok()?;
     let name = name.to_string();
+    let gate = gate.clone();
     let task = rt.spawn(async move {
+        gate.opened().await;
         let mut was = None;
         loop {
             let mut any = false;
@@ -219,17 +245,19 @@ impl BuiltBackend {
         cx: &BuildContext<'_>,
     ) -> Result<Self, String> {
         let handle = match spec {
-            BackendSpec::Http(h) => Handle::Http(Arc::new(http::HttpBackend::new(name, h))),
+            BackendSpec::Http(h) => {
+                Handle::Http(Arc::new(http::HttpBackend::new(name, h, &cx.gate)))
+            }
             BackendSpec::Grpc(g) => Handle::Grpc(Arc::new(
                 grpc::GrpcBackend::new(name, g, cx)
                     .map_err(|e| format!("backend `{name}`: {e}"))?,
             )),
             BackendSpec::Amqp(a) => Handle::Amqp(Arc::new(
-                amqp::AmqpBackend::new(name, a, metrics, cx.base)
+                amqp::AmqpBackend::new(name, a, metrics, cx.base, &cx.gate)
                     .map_err(|e| format!("backend `{name}`: {e}"))?,
             )),
             BackendSpec::Mqtt(m) => Handle::Mqtt(Arc::new(
-                mqtt::MqttBackend::new(name, m, metrics, cx.base)
+                mqtt::MqttBackend::new(name, m, metrics, cx.base, &cx.gate)
                     .map_err(|e| format!("backend `{name}`: {e}"))?,
             )),
         };

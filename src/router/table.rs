@@ -81,6 +81,8 @@ pub struct RouteTable {
     /// The files the build read besides routes.yaml (protos, descriptor sets): the watcher
     /// reloads when one of them changes.
     pub files: Vec<std::path::PathBuf>,
+    /// Opened by [`activate`](Self::activate): the backends this build made start then.
+    gate: crate::backends::StartGate,
     by_host: HashMap<String, PathIndex>,
     any_host: PathIndex,
 }
@@ -247,6 +249,7 @@ impl RouteTable {
                 files.dedup();
                 files
             },
+            gate: cx.gate.clone(),
             by_host,
             any_host,
         })
@@ -256,6 +259,9 @@ impl RouteTable {
     /// queues to consume) and hands the spool and the jobs the services they replay through
     /// (a table that is built but rejected never gets here).
     pub fn activate(&self) {
+        // The backends this build made connect now, and not before: a table that is built
+        // but never served (a rejected reload, `validate`) has touched no broker.
+        self.gate.open();
         self.backends.activate(&self.spec.routes);
         let Some(state) = &self.state else { return };
         state.apply();

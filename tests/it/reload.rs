@@ -323,3 +323,43 @@ async fn an_edited_proto_reloads_the_config() {
     assert_eq!(send(import("/v3/orders:import")).await.0, 200);
     assert_eq!(send(import("/v2/orders:import")).await.0, 404);
 }
+
+#[tokio::test]
+async fn a_rejected_reload_opens_no_connection() {
+    let up = Upstream::start().await;
+    let proxy = crate::support::amqp::BrokerProxy::start().await;
+    let gw = Gateway::start_with(&config(&up.url(), "one", false), false).await;
+    let proto = crate::support::grpc::proto_dir().join("shop.proto");
+    let with_rabbit = |method: &str| {
+        format!(
+            r#"server: {{ listen: "127.0.0.1:0", admin: "127.0.0.1:0" }}
+backends:
+  rabbit: {{ type: amqp, url: "{}" }}
+  shop: {{ type: grpc, endpoints: ["http://127.0.0.1:9"], protos: ["{}"], import_paths: ["{}"] }}
+routes:
+  - {{ id: publish, match: {{ method: POST, path: /p }}, backend: rabbit, amqp: {{ routing_key: k }} }}
+  - {{ id: call, match: {{ path: /c }}, backend: shop, grpc: {{ method: "{method}" }} }}
+"#,
+            proxy.url(),
+            proto.display(),
+            proto.parent().unwrap().display()
+        )
+    };
+    // Valid YAML, rejected by the build (no such gRPC method): the AMQP backend it made is
+    // never started.
+    std::fs::write(gw.config_path(), with_rabbit("shop.v1.Orders/NoSuchMethod")).unwrap();
+    let (s, b) = gw.reload().await;
+    assert_eq!(s, 422, "{}", String::from_utf8_lossy(&b));
+    let errors = String::from_utf8_lossy(&b);
+    assert!(errors.contains("NoSuchMethod"), "{errors}");
+    // The same backend in a config that is applied connects once: the first session is its.
+    std::fs::write(gw.config_path(), with_rabbit("shop.v1.Orders/GetOrder")).unwrap();
+    let (s, b) = gw.reload().await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    gw.wait_backend("rabbit", true).await;
+    assert_eq!(
+        proxy.sessions(),
+        1,
+        "the rejected build connected to the broker"
+    );
+}

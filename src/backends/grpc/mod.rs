@@ -254,6 +254,7 @@ impl GrpcBackend {
             reachable.clone(),
             Duration::from_secs(2),
             spec.connect_timeout.0,
+            &cx.gate,
         );
         Ok(GrpcBackend {
             name: name.to_string(),

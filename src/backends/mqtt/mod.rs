@@ -261,6 +261,7 @@ impl MqttBackend {
         spec: &MqttBackendSpec,
         metrics: &Arc<Metrics>,
         base: &std::path::Path,
+        gate: &super::StartGate,
     ) -> Result<Self, String> {
         let uri: http::Uri = spec.url.parse().map_err(|e| format!("url: {e}"))?;
         let host = uri.host().ok_or("url: no host")?.to_string();
@@ -345,14 +346,13 @@ impl MqttBackend {
             gone: tokio_util::sync::CancellationToken::new(),
         });
         let task = tokio::runtime::Handle::try_current().ok().map(|rt| {
+            let (gate, weak) = (gate.clone(), Arc::downgrade(&shared));
+            let (min, max, inflight) = (spec.reconnect.min.0, spec.reconnect.max.0, spec.inflight);
             AbortOnDrop(
-                rt.spawn(run(
-                    Arc::downgrade(&shared),
-                    eventloop,
-                    spec.reconnect.min.0,
-                    spec.reconnect.max.0,
-                    spec.inflight,
-                ))
+                rt.spawn(async move {
+                    gate.opened().await;
+                    run(weak, eventloop, min, max, inflight).await
+                })
                 .abort_handle(),
             )
         });
