@@ -263,6 +263,7 @@ async fn apply(shared: &Shared, path: &Path, max_size: u64, trigger: Trigger) ->
             shared.table.store(table.clone());
             table.activate();
             shared.watch_files(&table.files);
+            retire(current);
             shared.update_status(|s| {
                 s.version = version;
                 s.hash = hash;
@@ -288,6 +289,23 @@ async fn apply(shared: &Shared, path: &Path, max_size: u64, trigger: Trigger) ->
             Outcome::Rejected { errors }
         }
     }
+}
+
+/// Drops a replaced table off the async workers, once the requests that still hold it are
+/// done: freeing a table of many routes takes long (about 0.7 s for 150,000), and would stall
+/// every request on the worker that did it. Gives up waiting after 30 s (a request that holds it
+/// that long drops it itself).
+fn retire(table: Arc<RouteTable>) {
+    tokio::task::spawn_blocking(move || {
+        let mut table = table;
+        for _ in 0..3000 {
+            match Arc::try_unwrap(table) {
+                Ok(t) => return drop(t),
+                Err(still) => table = still,
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
 }
 
 /// Watches the config file's directory. Editors replace files by rename and Kubernetes swaps a
