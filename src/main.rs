@@ -84,7 +84,15 @@ fn validate(file: &Path, max_size: u64) -> ExitCode {
             // The pure checks passed; now build the table as a reload would (compiling protos,
             // resolving gRPC methods), without serving anything.
             if let Err(e) = build_check(file, spec) {
-                eprintln!("error: {name}: {e}");
+                // Placed like a validation error: at the route or backend it is about.
+                let at = std::fs::read_to_string(file)
+                    .ok()
+                    .and_then(|text| e.position(&config::source::locate(&text)));
+                let e = switchyard::telemetry::redact::secrets(&e.to_string()).into_owned();
+                match at {
+                    Some(p) => eprintln!("error: {name}:{}:{}: {e}", p.line, p.column),
+                    None => eprintln!("error: {name}: {e}"),
+                }
                 eprintln!("{name}: 1 problem(s) found");
                 return ExitCode::from(EXIT_BAD_CONFIG);
             }
@@ -101,11 +109,14 @@ fn validate(file: &Path, max_size: u64) -> ExitCode {
     }
 }
 
-fn build_check(file: &Path, spec: config::ConfigSpec) -> Result<(), String> {
+fn build_check(
+    file: &Path,
+    spec: config::ConfigSpec,
+) -> Result<(), switchyard::router::BuildError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| switchyard::router::BuildError::Backend(format!("cannot start: {e}")))?;
     let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
     rt.block_on(async move {
         let metrics = std::sync::Arc::new(switchyard::telemetry::metrics::Metrics::new());
@@ -119,7 +130,6 @@ fn build_check(file: &Path, spec: config::ConfigSpec) -> Result<(), String> {
             &cx,
         )
         .map(drop)
-        .map_err(|e| e.to_string())
     })
 }
 

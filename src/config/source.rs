@@ -316,6 +316,27 @@ fn interpolate_tree(
     }
 }
 
+/// The positions of `text`'s nodes, without deserializing it: where a problem found later (by
+/// a build) is placed. A file that is not valid YAML gives what could be read.
+pub fn locate(text: &str) -> Locator {
+    let mut builder = Builder::default();
+    let _ = Parser::new_from_str(text).load(&mut builder, false);
+    builder.loc
+}
+
+impl Locator {
+    /// Where the route with this `id` was written, when it was (a route a backend generated
+    /// was not).
+    pub fn route(&self, id: &str) -> Option<Pos> {
+        let path = self
+            .scalars
+            .iter()
+            .find(|(k, v)| v.as_str() == id && k.starts_with("routes[") && k.ends_with(".id"))
+            .map(|(k, _)| k.clone())?;
+        Some(self.key(&path))
+    }
+}
+
 /// A deserialized spec, or serde's error with the path where it happened.
 type Deserialized = Result<ConfigSpec, serde_path_to_error::Error<serde_yaml::Error>>;
 

@@ -6,4 +6,4 @@ pub mod normalize;
 pub mod reload;
 pub mod table;
 
-pub use table::{Lookup, RouteTable};
+pub use table::{BuildError, Lookup, RouteTable};

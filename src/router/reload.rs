@@ -151,6 +151,7 @@ pub async fn build_table(
     metrics: &Arc<crate::telemetry::metrics::Metrics>,
 ) -> Result<(RouteTable, String), Vec<String>> {
     let file = path.display().to_string();
+    let path_buf = path.to_path_buf();
     let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let reflected = crate::backends::BuildContext::prepare(&spec.backends, &base)
         .await
@@ -161,7 +162,15 @@ pub async fn build_table(
         cx.reflected = reflected;
         cx.previous_state = previous_state;
         let table = RouteTable::build(spec, version, &previous, &metrics, &cx).map_err(|e| {
-            let message = format!("{file}: {e}");
+            // Placed in the file on this (rare) path only: the text is read again rather than
+            // its positions kept through every build.
+            let at = std::fs::read_to_string(&path_buf)
+                .ok()
+                .and_then(|text| e.position(&config::source::locate(&text)));
+            let message = match at {
+                Some(p) => format!("{file}:{}:{}: {e}", p.line, p.column),
+                None => format!("{file}: {e}"),
+            };
             vec![crate::telemetry::redact::secrets(&message).into_owned()]
         })?;
         let hash = config_hash(&text_hash, &table.files);

@@ -106,6 +106,28 @@ pub enum BuildError {
     Backend(String),
 }
 
+impl BuildError {
+    /// Where in routes.yaml the problem is: the route's entry, or the backend's key, or the
+    /// state section; `None` for what the file does not hold (a generated route).
+    pub fn position(&self, loc: &crate::config::Locator) -> Option<crate::config::Pos> {
+        match self {
+            BuildError::Stack(e) => loc.route(&e.route),
+            BuildError::Route { route, .. } => loc.route(route),
+            BuildError::Backend(message) => {
+                let name = message
+                    .strip_prefix("backend `")
+                    .and_then(|r| r.split_once('`'))
+                    .map(|(n, _)| n);
+                match name {
+                    Some(n) => Some(loc.key(&format!("backends.{n}"))),
+                    None if message.starts_with("state") => Some(loc.key("state")),
+                    None => None,
+                }
+            }
+        }
+    }
+}
+
 impl RouteTable {
     /// Builds a table from validated config, reusing the previous backends where unchanged.
     pub fn build(
