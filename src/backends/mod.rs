@@ -29,6 +29,41 @@ pub struct BuiltBackend {
     pub spec: BackendSpec,
     pub policy: PolicyState,
     handle: Handle,
+    /// The content of the TLS files it was built with: a reload rebuilds the backend (new
+    /// connections) when they changed, though its spec did not.
+    tls_stamp: u64,
+}
+
+/// The TLS files a backend reads (CA bundle, client certificate and key), resolved against
+/// routes.yaml's directory.
+fn tls_files(spec: &BackendSpec, base: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let tls = match spec {
+        BackendSpec::Http(_) => None,
+        BackendSpec::Grpc(g) => g.tls.as_ref(),
+        BackendSpec::Amqp(a) => a.tls.as_ref(),
+        BackendSpec::Mqtt(m) => m.tls.as_ref(),
+    };
+    tls.into_iter()
+        .flat_map(|t| [&t.ca, &t.cert, &t.key])
+        .flatten()
+        .map(|p| {
+            if p.is_absolute() {
+                p.clone()
+            } else {
+                base.join(p)
+            }
+        })
+        .collect()
+}
+
+/// A hash of the content of `files` (a missing file counts as such).
+fn stamp(files: &[std::path::PathBuf]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for f in files {
+        std::fs::read(f).ok().hash(&mut h);
+    }
+    h.finish()
 }
 
 pub struct PolicyState {
@@ -261,11 +296,15 @@ impl BuiltBackend {
                     .map_err(|e| format!("backend `{name}`: {e}"))?,
             )),
         };
+        let tls = tls_files(spec, cx.base);
+        let tls_stamp = stamp(&tls);
+        cx.read_files().extend(tls);
         Ok(BuiltBackend {
             name: name.to_string(),
             spec: spec.clone(),
             policy: PolicyState::new(name, &spec.policy(), metrics),
             handle,
+            tls_stamp,
         })
     }
 
@@ -427,7 +466,11 @@ impl BackendSet {
             .iter()
             .map(|(name, spec)| {
                 let built = match self.by_name.get(name) {
-                    Some(old) if old.spec == *spec => {
+                    Some(old)
+                        if old.spec == *spec
+                            && old.tls_stamp == stamp(&tls_files(spec, cx.base)) =>
+                    {
+                        cx.read_files().extend(tls_files(spec, cx.base));
                         old.refresh(cx)?;
                         old.clone()
                     }

@@ -1203,3 +1203,37 @@ async fn a_reload_that_adds_a_direct_reply_route_gets_replies_at_once() {
     let conn = mq::client().await;
     mq::cleanup(&conn, &[&x], &[&q]).await;
 }
+
+#[tokio::test]
+async fn an_edited_ca_file_reloads_and_rebuilds_the_backend() {
+    let server = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let other = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let front = mq::TlsBrokerFront::start(
+        &server.cert.pem(),
+        &server.signing_key.serialize_pem(),
+        None,
+    )
+    .await;
+    let (x, q) = (mq::unique("x"), mq::unique("q"));
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("ca.pem"), server.cert.pem()).unwrap();
+    let yaml = mq::rabbit_backend(&front.url(), &x, &q).replace(
+        "    topology:",
+        "    tls: { ca: ca.pem }\n    reconnect: { min: 50ms, max: 200ms }\n    topology:",
+    );
+    std::fs::write(
+        d.path().join("routes.yaml"),
+        with_ephemeral_server(&format!("{yaml}routes: []\n")),
+    )
+    .unwrap();
+    let ca = d.path().join("ca.pem");
+    let path = d.path().join("routes.yaml");
+    let gw = Gateway::start_at(d, path, true).await;
+    gw.wait_backend("rabbit", true).await;
+    // Only the CA file changes: the config reloads and the backend is rebuilt with it, so the
+    // broker's certificate is no longer trusted.
+    std::fs::write(&ca, other.cert.pem()).unwrap();
+    gw.wait_version(2).await;
+    let entry = gw.wait_backend("rabbit", false).await;
+    assert!(entry["problem"].is_string(), "{entry}");
+}
