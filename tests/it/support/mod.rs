@@ -93,35 +93,25 @@ impl Gateway {
 
     /// Waits until the admin API reports at least `version` (never a fixed sleep).
     pub async fn wait_version(&self, version: u64) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        loop {
+        eventually(&format!("config version {version}"), || async {
             let v = self.version().await;
-            if v >= version {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "config version stayed at {v}, wanted {version}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            if v >= version { Ok(()) } else { Err(v) }
+        })
+        .await
     }
 
     /// Waits until `/readyz` reports `backend` ready or not (`want`), and returns its entry.
     pub async fn wait_backend(&self, backend: &str, want: bool) -> serde_json::Value {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        loop {
+        eventually(&format!("backend {backend} ready={want}"), || async {
             let (_, v) = self.admin_json("/readyz").await;
             let entry = v["backends"][backend].clone();
             if entry["ready"].as_bool() == Some(want) {
-                return entry;
+                Ok(entry)
+            } else {
+                Err(v)
             }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "backend {backend} never became ready={want}: {v}"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 
     /// `POST /reload` on the admin API: the status and the body.
@@ -169,6 +159,28 @@ impl Gateway {
 
     pub async fn shutdown(mut self) -> bool {
         self.running.take().unwrap().shutdown().await
+    }
+}
+
+/// Polls `f` every 20 ms until it gives `Ok`, for at most 20 s, and returns what it gave;
+/// panics with `what` and the last poll's state otherwise. The one way tests wait for
+/// something to happen (never a fixed sleep).
+pub async fn eventually<T, S, F, Fut>(what: &str, mut f: F) -> T
+where
+    S: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, S>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match f().await {
+            Ok(v) => return v,
+            Err(state) => assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}; last seen: {state:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
