@@ -266,3 +266,28 @@ extra: 1
     assert!(!stderr.contains("route `c`"), "{stderr}");
     assert!(stderr.contains("5 problem(s) found"), "{stderr}");
 }
+
+#[test]
+fn an_environment_value_cannot_add_keys_to_the_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.yaml");
+    std::fs::write(
+        &path,
+        "backends:\n  up: { type: http, endpoints: [\"http://127.0.0.1:9\"] }\nroutes:\n  - id: \"${SY_TEST_ID}\"\n    match: { path: /a }\n    backend: up\n",
+    )
+    .unwrap();
+    // Interpolated on the raw text, this value would give the route a second backend key.
+    let out = switchyard()
+        .arg("validate")
+        .arg(&path)
+        .env("SY_TEST_ID", "a\", backend: evil, x: \"")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("ok (1 routes, 1 backends)"), "{stdout}");
+}
