@@ -5,6 +5,7 @@
 //! a 400 naming it, before anything reaches a broker. Path rewrites for HTTP upstreams are
 //! filled here too ([`render_path`]), with the rules of an upstream path.
 
+use std::borrow::Cow;
 use std::sync::OnceLock;
 
 use bytes::Bytes;
@@ -183,7 +184,9 @@ impl<'a> RequestValues<'a> {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             let field = || format!("query.{name}");
             if decode(k, true).as_deref() == Some(name) {
-                return decode(v, true).map(Some).ok_or_else(|| not_utf8(&field()));
+                return decode(v, true)
+                    .map(|v| Some(v.into_owned()))
+                    .ok_or_else(|| not_utf8(&field()));
             }
         }
         Ok(None)
@@ -195,7 +198,7 @@ impl<'a> RequestValues<'a> {
         let what = target.what();
         let mut out = String::new();
         for part in &t.parts {
-            let value: std::borrow::Cow<'_, str> = match part {
+            let value: Cow<'_, str> = match part {
                 ValuePart::Lit(l) => {
                     out.push_str(l);
                     continue;
@@ -207,7 +210,7 @@ impl<'a> RequestValues<'a> {
                         .get::<RequestContext>()
                         .and_then(|c| c.param(p))
                         .ok_or(GatewayError::Internal("a path variable was not captured"))?;
-                    decode(v, false).ok_or_else(|| not_utf8(p))?.into()
+                    decode(v, false).ok_or_else(|| not_utf8(p))?
                 }
                 ValuePart::Query(q) => self
                     .query(q)?
@@ -248,7 +251,7 @@ impl<'a> RequestValues<'a> {
             if let Err(why) = target.check(&name, &value) {
                 return Err(GatewayError::BadRequest {
                     detail: format!("The value of `{name}` cannot go into {what}: {why}."),
-                    field: Some(name),
+                    field: Some(name.into_owned()),
                 });
             }
             out.push_str(&value);
@@ -304,26 +307,27 @@ pub fn render_path(t: &Template, ctx: Option<&RequestContext>) -> Result<String,
 }
 
 /// Percent-decodes `s` (with `+` as a space in a query); `None` when the bytes are not UTF-8.
-fn decode(s: &str, plus: bool) -> Option<String> {
-    let s: std::borrow::Cow<'_, str> = if plus && s.contains('+') {
-        s.replace('+', " ").into()
-    } else {
-        s.into()
-    };
-    percent_encoding::percent_decode_str(&s)
-        .decode_utf8()
-        .ok()
-        .map(|c| c.into_owned())
+/// Borrows `s` when there is nothing to decode.
+fn decode(s: &str, plus: bool) -> Option<Cow<'_, str>> {
+    if plus && s.contains('+') {
+        let spaced = s.replace('+', " ");
+        return percent_encoding::percent_decode_str(&spaced)
+            .decode_utf8()
+            .ok()
+            .map(|c| Cow::Owned(c.into_owned()));
+    }
+    percent_encoding::percent_decode_str(s).decode_utf8().ok()
 }
 
-/// The name of a template part that takes a request value, as written in the template.
-fn part_name(p: &ValuePart) -> String {
+/// The name of a template part that takes a request value, as written in the template
+/// (borrowed for a path capture, the common case, so that a publish allocates nothing for it).
+fn part_name(p: &ValuePart) -> Cow<'_, str> {
     match p {
-        ValuePart::Lit(l) => l.clone(),
-        ValuePart::Param(n) => n.clone(),
-        ValuePart::Query(q) => format!("query.{q}"),
-        ValuePart::Header(h) => format!("header.{h}"),
-        ValuePart::Body(path) => format!("body.{}", path.join(".")),
+        ValuePart::Lit(l) => Cow::Borrowed(l),
+        ValuePart::Param(n) => Cow::Borrowed(n),
+        ValuePart::Query(q) => Cow::Owned(format!("query.{q}")),
+        ValuePart::Header(h) => Cow::Owned(format!("header.{h}")),
+        ValuePart::Body(path) => Cow::Owned(format!("body.{}", path.join("."))),
     }
 }
 
