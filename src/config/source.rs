@@ -517,74 +517,48 @@ fn every_problem(file: &str, loc: &Locator, value: &serde_yaml::Value) -> Vec<Co
     let mut kept = Vec::new();
     for (k, v) in top {
         let key = k.as_str().unwrap_or("?");
-        match key {
-            "server" => {
+        match (key, v) {
+            ("server", _) => {
                 if let Some(x) = read(file, loc, key, v, &mut errors) {
                     partial.server = x;
                 }
             }
-            "defaults" => {
+            ("defaults", _) => {
                 if let Some(x) = read(file, loc, key, v, &mut errors) {
                     partial.defaults = x;
                 }
             }
-            "state" => {
+            ("state", _) => {
                 if let Some(x) = read(file, loc, key, v, &mut errors) {
                     partial.state = x;
                 }
             }
-            "backends" => match v {
-                Value::Mapping(m) => {
-                    for (name, b) in m {
-                        let name = name.as_str().unwrap_or("?").to_string();
-                        let path = join(key, &name);
-                        match read(file, loc, &path, b, &mut errors) {
-                            Some(x) => {
-                                partial.backends.insert(name, x);
-                            }
-                            None => {
-                                broken_backends.insert(name);
-                            }
+            ("backends", Value::Mapping(m)) => {
+                for (name, b) in m {
+                    let name = name.as_str().unwrap_or("?").to_string();
+                    let path = join(key, &name);
+                    match read(file, loc, &path, b, &mut errors) {
+                        Some(x) => {
+                            partial.backends.insert(name, x);
+                        }
+                        None => {
+                            broken_backends.insert(name);
                         }
                     }
                 }
-                other => {
-                    let _ = read::<ConfigSpec>(
-                        file,
-                        loc,
-                        "",
-                        &Value::Mapping([(k.clone(), other.clone())].into_iter().collect()),
-                        &mut errors,
-                    );
-                }
-            },
-            "routes" => match v {
-                Value::Sequence(items) => {
-                    for (i, r) in items.iter().enumerate() {
-                        if let Some(x) = read(file, loc, &format!("routes[{i}]"), r, &mut errors) {
-                            partial.routes.push(x);
-                            kept.push(i);
-                        }
+            }
+            ("routes", Value::Sequence(items)) => {
+                for (i, r) in items.iter().enumerate() {
+                    if let Some(x) = read(file, loc, &format!("routes[{i}]"), r, &mut errors) {
+                        partial.routes.push(x);
+                        kept.push(i);
                     }
                 }
-                other => {
-                    let _ = read::<ConfigSpec>(
-                        file,
-                        loc,
-                        "",
-                        &Value::Mapping([(k.clone(), other.clone())].into_iter().collect()),
-                        &mut errors,
-                    );
-                }
-            },
+            }
+            // An unknown key, or a section of the wrong shape: serde's own message for it.
             _ => {
-                let _ = read::<ConfigSpec>(
-                    file,
-                    loc,
-                    "",
-                    &Value::Mapping([(k.clone(), v.clone())].into_iter().collect()),
-                    &mut errors,
-                );
+                let alone = Value::Mapping([(k.clone(), v.clone())].into_iter().collect());
+                let _ = read::<ConfigSpec>(file, loc, "", &alone, &mut errors);
             }
         }
     }

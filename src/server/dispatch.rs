@@ -126,9 +126,21 @@ const CONNECTION_KEPT: [&str; 4] = ["close", "keep-alive", "upgrade", "te"];
 /// later (correlation ID, `traceparent`, `x-forwarded-*`, plugins' headers). `Host` is never
 /// removed: the request is routed by it.
 fn strip_connection_named(headers: &mut http::HeaderMap) {
-    let Some(conn) = headers.get(header::CONNECTION) else {
+    // The common cases (no `Connection`, or only the protocol's own options) allocate nothing.
+    let only_kept = headers.get_all(header::CONNECTION).iter().all(|v| {
+        v.as_bytes()
+            .split(|&b| b == b',')
+            .map(<[u8]>::trim_ascii)
+            .all(|t| {
+                t.is_empty()
+                    || CONNECTION_KEPT
+                        .iter()
+                        .any(|k| t.eq_ignore_ascii_case(k.as_bytes()))
+            })
+    });
+    if only_kept {
         return;
-    };
+    }
     let tokens = |v: &HeaderValue| -> Vec<String> {
         String::from_utf8_lossy(v.as_bytes())
             .split(',')
@@ -137,11 +149,6 @@ fn strip_connection_named(headers: &mut http::HeaderMap) {
             .collect()
     };
     let kept = |t: &str| CONNECTION_KEPT.contains(&t);
-    if headers.get_all(header::CONNECTION).iter().count() == 1
-        && tokens(conn).iter().all(|t| kept(t))
-    {
-        return;
-    }
     let all: Vec<String> = headers
         .get_all(header::CONNECTION)
         .iter()
