@@ -1,15 +1,21 @@
 //! The error edge: every failure on the request path ends here, in [`rescue`], which turns an
-//! error's cause chain into one RFC 9457 `application/problem+json` response.
+//! error's cause chain into one RFC 9457 `application/problem+json` response (or a trailers-only
+//! gRPC answer for gRPC clients).
 //!
-//! Errors know who is at fault ([`Fault`]) and whether they may be retried; the retry policy
-//! and the circuit breaker read the same facts through [`classify`].
+//! Errors are data. Every failure the gateway names is one [`Problem`]: its status, problem
+//! type, detail, the field at fault, who is at fault ([`Fault`]), how it may be retried
+//! ([`RetryClass`]), its gRPC code and the headers its answer carries. Modules build it with
+//! the constructors below, which are the one place each kind's facts are written; the edge, the
+//! retry policy, the breaker and the spool read its fields and never match on kinds of error.
 
+use std::borrow::Cow;
 use std::error::Error as StdError;
 use std::time::Duration;
 
-use http::{HeaderValue, Method, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, header};
+use tonic::Code;
 
-use crate::{Response, full_body};
+use crate::{BoxError, Response, full_body};
 
 /// Who caused a failure. Client faults never count against a backend's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -19,429 +25,619 @@ pub enum Fault {
     Gateway,
 }
 
-/// The gateway's own errors. Details are written for the client and never carry Rust error
-/// strings, addresses or stacks; the cause, when there is one, is kept for logs only.
-#[derive(Debug, thiserror::Error)]
-pub enum GatewayError {
-    #[error("no route matches the request")]
-    NotFound,
-    #[error("method not allowed")]
-    MethodNotAllowed { allow: Vec<Method> },
-    #[error("bad request: {detail}")]
-    BadRequest {
-        detail: String,
-        field: Option<String>,
-    },
-    #[error("request body larger than {limit} bytes")]
-    PayloadTooLarge { limit: u64 },
-    #[error("request timed out after {after:?}")]
-    Timeout { after: Duration },
-    #[error("backend {backend} unavailable: {reason}")]
-    BackendUnavailable {
-        backend: String,
-        reason: &'static str,
-        retry_after: Option<Duration>,
-        #[source]
-        source: Option<crate::BoxError>,
-    },
-    #[error("backend {backend} failed: {reason}")]
-    BadGateway {
-        backend: String,
-        reason: &'static str,
-        #[source]
-        source: Option<crate::BoxError>,
-    },
-    #[error("circuit open for backend {backend}")]
-    CircuitOpen {
-        backend: String,
-        retry_after: Duration,
-    },
-    #[error("{scope} over its concurrency limit")]
-    Overloaded { scope: String },
-    #[error("rate limited")]
-    RateLimited {
-        retry_after: Duration,
-        /// Requests per window and the window in seconds, for the `RateLimit-Policy` header.
-        quota: u32,
-        window_secs: u64,
-    },
-    /// The gRPC backend answered with a non-OK status.
-    #[error("backend {backend} answered gRPC status {code:?}")]
-    Grpc {
-        backend: String,
-        code: tonic::Code,
-        message: String,
-        /// `google.rpc.Status` details as JSON, when the server sent any.
-        details: Option<serde_json::Value>,
-    },
-    /// The message left for the broker but its confirm never came (the connection died, or
-    /// the broker did not answer in time): it may or may not have been delivered, so a retry
-    /// is not made for the client.
-    #[error("backend {backend} did not confirm the message: {reason}")]
-    Unconfirmed {
-        backend: String,
-        reason: &'static str,
-        #[source]
-        source: Option<crate::BoxError>,
-    },
-    /// The MQTT broker refused the gateway's subscription to a filter (its SUBACK), as an ACL
-    /// does.
-    #[error("backend {backend} refused the subscription to {filter}: {reason}")]
-    SubscriptionRefused {
-        backend: String,
-        filter: String,
-        reason: String,
-    },
-    /// A last-value read found no retained message on the topic.
-    #[error("no retained message on {topic}")]
-    NoValue { topic: String },
-    /// The broker returned a mandatory message that no queue took.
-    #[error("backend {backend} could not route the message")]
-    Unroutable {
-        backend: String,
-        exchange: String,
-        routing_key: String,
-        /// 404 or 502, as the route says.
-        status: StatusCode,
-    },
-    /// A WebSocket route asked for by a request that is not a valid WebSocket handshake.
-    #[error("upgrade required: {detail}")]
-    UpgradeRequired {
-        detail: String,
-        field: Option<String>,
-    },
-    /// The request carries no credential the route accepts.
-    #[error("unauthorized: {detail}")]
-    Unauthorized {
-        detail: String,
-        /// The `WWW-Authenticate` challenge.
-        challenge: String,
-    },
-    /// The request is understood but refused by the route's policy (an origin not allowed).
-    #[error("forbidden: {detail}")]
-    Forbidden {
-        detail: String,
-        field: Option<String>,
-    },
-    /// The state store could not record the request, so nothing was done with it.
-    #[error("state store failed")]
-    StoreUnavailable {
-        #[source]
-        source: crate::store::StoreError,
-    },
-    /// The route's backend is down and the spool is at its limit.
-    #[error("spool full for route {route}")]
-    SpoolFull { route: String },
-    /// A request with this `Idempotency-Key` is still running.
-    #[error("idempotency key in use")]
-    KeyInUse,
-    /// This `Idempotency-Key` was first used with another request.
-    #[error("idempotency key reused")]
-    KeyReused,
-    /// No job has this id (never existed, or expired).
-    #[error("no job {id}")]
-    JobNotFound { id: String },
-    /// The request uses a feature of HTTP the gateway does not implement (a transfer coding
-    /// other than `chunked`): refused rather than misread.
-    #[error("not implemented: {detail}")]
-    NotImplemented {
-        detail: String,
-        field: Option<String>,
-    },
-    #[error("internal gateway error: {0}")]
-    Internal(&'static str),
+/// How a failure may be retried, read by the retry policy against the route's `retry.on`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryClass {
+    /// Never retried by the gateway.
+    Never,
+    /// The backend could not be reached: it certainly did not act, so a retry is safe whatever
+    /// the method (`connect-failure`).
+    ConnectFailure,
+    /// The exchange broke after the request left (`reset`).
+    Reset,
+    /// The backend did not answer in time (`timeout`).
+    Timeout,
+    /// The backend said it is unavailable (gRPC `UNAVAILABLE`, `unavailable`); also retried
+    /// as its HTTP status.
+    Unavailable,
+    /// The backend answered with an error status: retried when the route lists that status.
+    Answered,
 }
 
-impl GatewayError {
-    pub fn bad_request(detail: impl Into<String>) -> Self {
-        GatewayError::BadRequest {
+impl RetryClass {
+    /// Whether the backend may have acted on the request.
+    pub fn may_have_acted(self) -> bool {
+        self != RetryClass::ConnectFailure
+    }
+}
+
+/// The problem type: its short name in `urn:switchyard:problem:<slug>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Kind(&'static str);
+
+impl Kind {
+    pub const ROUTE_NOT_FOUND: Kind = Kind("route-not-found");
+    pub const METHOD_NOT_ALLOWED: Kind = Kind("method-not-allowed");
+    pub const BAD_REQUEST: Kind = Kind("bad-request");
+    pub const BAD_REQUEST_BODY: Kind = Kind("bad-request-body");
+    pub const REQUEST_TIMEOUT: Kind = Kind("request-timeout");
+    pub const PAYLOAD_TOO_LARGE: Kind = Kind("payload-too-large");
+    pub const TIMEOUT: Kind = Kind("timeout");
+    pub const BACKEND_UNAVAILABLE: Kind = Kind("backend-unavailable");
+    pub const BAD_GATEWAY: Kind = Kind("bad-gateway");
+    pub const CIRCUIT_OPEN: Kind = Kind("circuit-open");
+    pub const OVERLOADED: Kind = Kind("overloaded");
+    pub const RATE_LIMITED: Kind = Kind("rate-limited");
+    pub const GRPC_STATUS: Kind = Kind("grpc-status");
+    pub const UNROUTABLE: Kind = Kind("unroutable");
+    pub const UNCONFIRMED: Kind = Kind("unconfirmed");
+    pub const NO_VALUE: Kind = Kind("no-value");
+    pub const SUBSCRIPTION_REFUSED: Kind = Kind("subscription-refused");
+    pub const UPGRADE_REQUIRED: Kind = Kind("upgrade-required");
+    pub const UNAUTHORIZED: Kind = Kind("unauthorized");
+    pub const FORBIDDEN: Kind = Kind("forbidden");
+    pub const STORE_UNAVAILABLE: Kind = Kind("store-unavailable");
+    pub const SPOOL_FULL: Kind = Kind("spool-full");
+    pub const KEY_IN_USE: Kind = Kind("idempotency-key-in-use");
+    pub const KEY_REUSED: Kind = Kind("idempotency-key-reused");
+    pub const JOB_NOT_FOUND: Kind = Kind("job-not-found");
+    pub const NOT_IMPLEMENTED: Kind = Kind("not-implemented");
+    pub const INTERNAL: Kind = Kind("internal");
+
+    pub fn slug(self) -> &'static str {
+        self.0
+    }
+}
+
+/// One failure, as data. Details are written for the client and never carry Rust error
+/// strings, addresses or stacks; the cause, when there is one, is kept for logs only.
+///
+/// A `Problem` is one pointer wide, so `Result<T, Problem>` costs the success path nothing;
+/// its facts are read and written through it.
+#[derive(Debug)]
+pub struct Problem(Box<Facts>);
+
+/// The facts of a [`Problem`].
+#[derive(Debug)]
+pub struct Facts {
+    pub kind: Kind,
+    pub status: StatusCode,
+    /// What went wrong, written for the client.
+    pub detail: String,
+    /// The field of the request at fault (`body`, `header.idempotency-key`, a path value).
+    pub field: Option<String>,
+    pub fault: Fault,
+    pub retry: RetryClass,
+    /// The code a gRPC client is answered with.
+    pub grpc_code: Code,
+    /// The backend's own gRPC message, passed on to gRPC clients as it is.
+    pub grpc_message: Option<String>,
+    /// Headers the answer carries (`Retry-After`, `Allow`, `WWW-Authenticate`, …).
+    pub headers: HeaderMap,
+    /// Members added to the problem+json body (`grpc_code`, `details`, …).
+    pub extensions: Vec<(&'static str, serde_json::Value)>,
+    /// The short cause of a backend failure, for the spool and the logs.
+    pub reason: Option<&'static str>,
+    source: Option<BoxError>,
+}
+
+impl std::ops::Deref for Problem {
+    type Target = Facts;
+    fn deref(&self) -> &Facts {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Problem {
+    fn deref_mut(&mut self) -> &mut Facts {
+        &mut self.0
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind.0, self.detail)
+    }
+}
+
+impl StdError for Problem {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
+/// Seconds for a `Retry-After` header: rounded up, at least one.
+fn retry_secs(d: Duration) -> u64 {
+    d.as_secs_f64().ceil().max(1.0) as u64
+}
+
+impl Problem {
+    /// A problem of `kind`, with the gRPC code that follows from its status; the constructors
+    /// below set what differs.
+    pub fn new(kind: Kind, status: StatusCode, fault: Fault, detail: impl Into<String>) -> Self {
+        Problem(Box::new(Facts {
+            kind,
+            status,
             detail: detail.into(),
             field: None,
+            fault,
+            retry: RetryClass::Never,
+            grpc_code: code_for_status(status),
+            grpc_message: None,
+            headers: HeaderMap::new(),
+            extensions: Vec::new(),
+            reason: None,
+            source: None,
+        }))
+    }
+
+    /// Names the field of the request at fault.
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.field = Some(field.into());
+        self
+    }
+
+    /// Names the field of the request at fault, when there is one.
+    pub fn with_optional_field(mut self, field: Option<String>) -> Self {
+        self.field = field;
+        self
+    }
+
+    /// Keeps the cause, for logs.
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// Sets `Retry-After` to `secs` seconds.
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.headers
+            .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        self
+    }
+
+    fn with_header(mut self, name: HeaderName, value: HeaderValue) -> Self {
+        self.headers.insert(name, value);
+        self
+    }
+
+    pub fn not_found() -> Self {
+        let mut p = Problem::new(
+            Kind::ROUTE_NOT_FOUND,
+            StatusCode::NOT_FOUND,
+            Fault::Client,
+            "No route matches this path.",
+        );
+        p.grpc_code = Code::Unimplemented;
+        p
+    }
+
+    pub fn method_not_allowed(allow: &[Method]) -> Self {
+        let allow = allow
+            .iter()
+            .map(Method::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut p = Problem::new(
+            Kind::METHOD_NOT_ALLOWED,
+            StatusCode::METHOD_NOT_ALLOWED,
+            Fault::Client,
+            format!("This path accepts only: {allow}."),
+        );
+        p.grpc_code = Code::Unimplemented;
+        match HeaderValue::from_str(&allow) {
+            Ok(v) => p.with_header(header::ALLOW, v),
+            Err(_) => p,
         }
     }
 
-    pub fn status(&self) -> StatusCode {
-        match self {
-            GatewayError::NotFound => StatusCode::NOT_FOUND,
-            GatewayError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            GatewayError::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            GatewayError::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            GatewayError::BackendUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            GatewayError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
-            GatewayError::CircuitOpen { .. } | GatewayError::Overloaded { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            GatewayError::Grpc { code, .. } => crate::backends::grpc::status::http_status(*code),
-            GatewayError::Unroutable { status, .. } => *status,
-            GatewayError::Unconfirmed { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            GatewayError::NoValue { .. } => StatusCode::NOT_FOUND,
-            GatewayError::SubscriptionRefused { .. } => StatusCode::BAD_GATEWAY,
-            GatewayError::UpgradeRequired { .. } => StatusCode::UPGRADE_REQUIRED,
-            GatewayError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
-            GatewayError::Forbidden { .. } => StatusCode::FORBIDDEN,
-            GatewayError::StoreUnavailable { .. } | GatewayError::SpoolFull { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            GatewayError::KeyInUse => StatusCode::CONFLICT,
-            GatewayError::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            GatewayError::JobNotFound { .. } => StatusCode::NOT_FOUND,
-            GatewayError::NotImplemented { .. } => StatusCode::NOT_IMPLEMENTED,
-            GatewayError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        let mut p = Problem::new(
+            Kind::BAD_REQUEST,
+            StatusCode::BAD_REQUEST,
+            Fault::Client,
+            detail,
+        );
+        p.grpc_code = Code::InvalidArgument;
+        p
     }
 
-    pub fn fault(&self) -> Fault {
-        match self {
-            GatewayError::NotFound
-            | GatewayError::MethodNotAllowed { .. }
-            | GatewayError::BadRequest { .. }
-            | GatewayError::PayloadTooLarge { .. }
-            | GatewayError::UpgradeRequired { .. }
-            | GatewayError::Unauthorized { .. }
-            | GatewayError::Forbidden { .. }
-            | GatewayError::KeyInUse
-            | GatewayError::KeyReused
-            | GatewayError::JobNotFound { .. }
-            | GatewayError::NotImplemented { .. }
-            | GatewayError::RateLimited { .. } => Fault::Client,
-            GatewayError::Timeout { .. }
-            | GatewayError::BackendUnavailable { .. }
-            | GatewayError::Unconfirmed { .. }
-            | GatewayError::BadGateway { .. } => Fault::Upstream,
-            // Refusals made to protect a backend say nothing new about its health.
-            GatewayError::CircuitOpen { .. } | GatewayError::Overloaded { .. } => Fault::Gateway,
-            GatewayError::Grpc { .. } if self.status().is_client_error() => Fault::Client,
-            GatewayError::Grpc { .. } => Fault::Upstream,
-            // A routing gap, not a broker in trouble: it never opens the breaker.
-            // So is a filter the broker will not let the gateway read: the broker is fine.
-            GatewayError::Unroutable { .. }
-            | GatewayError::NoValue { .. }
-            | GatewayError::SubscriptionRefused { .. } => Fault::Client,
-            GatewayError::StoreUnavailable { .. }
-            | GatewayError::SpoolFull { .. }
-            | GatewayError::Internal(_) => Fault::Gateway,
-        }
+    /// The client's body was cut short or malformed.
+    pub fn bad_request_body() -> Self {
+        Problem::new(
+            Kind::BAD_REQUEST_BODY,
+            StatusCode::BAD_REQUEST,
+            Fault::Client,
+            "The request body was cut short or malformed (its length or chunk framing).",
+        )
+        .with_field("body")
     }
 
-    /// Whether the backend certainly did not act on the request, so a retry is safe whatever
-    /// the method. The retry policy reads this.
-    pub fn retryable(&self) -> bool {
-        matches!(self, GatewayError::BackendUnavailable { .. })
+    /// The client's body did not arrive before a timeout fired.
+    pub fn request_timeout() -> Self {
+        Problem::new(
+            Kind::REQUEST_TIMEOUT,
+            StatusCode::REQUEST_TIMEOUT,
+            Fault::Client,
+            "The request body did not arrive in time.",
+        )
+        .with_field("body")
     }
 
-    /// The problem type's short name (`urn:switchyard:problem:<slug>`).
-    pub fn slug(&self) -> &'static str {
-        match self {
-            GatewayError::NotFound => "route-not-found",
-            GatewayError::MethodNotAllowed { .. } => "method-not-allowed",
-            GatewayError::BadRequest { .. } => "bad-request",
-            GatewayError::PayloadTooLarge { .. } => "payload-too-large",
-            GatewayError::Timeout { .. } => "timeout",
-            GatewayError::BackendUnavailable { .. } => "backend-unavailable",
-            GatewayError::BadGateway { .. } => "bad-gateway",
-            GatewayError::CircuitOpen { .. } => "circuit-open",
-            GatewayError::Overloaded { .. } => "overloaded",
-            GatewayError::RateLimited { .. } => "rate-limited",
-            GatewayError::Grpc { .. } => "grpc-status",
-            GatewayError::Unroutable { .. } => "unroutable",
-            GatewayError::Unconfirmed { .. } => "unconfirmed",
-            GatewayError::NoValue { .. } => "no-value",
-            GatewayError::SubscriptionRefused { .. } => "subscription-refused",
-            GatewayError::UpgradeRequired { .. } => "upgrade-required",
-            GatewayError::Unauthorized { .. } => "unauthorized",
-            GatewayError::Forbidden { .. } => "forbidden",
-            GatewayError::StoreUnavailable { .. } => "store-unavailable",
-            GatewayError::SpoolFull { .. } => "spool-full",
-            GatewayError::KeyInUse => "idempotency-key-in-use",
-            GatewayError::KeyReused => "idempotency-key-reused",
-            GatewayError::JobNotFound { .. } => "job-not-found",
-            GatewayError::NotImplemented { .. } => "not-implemented",
-            GatewayError::Internal(_) => "internal",
-        }
-    }
-
-    /// The field of the request at fault, when one is.
-    pub fn field(&self) -> Option<&str> {
-        match self {
-            GatewayError::BadRequest { field, .. }
-            | GatewayError::NotImplemented { field, .. }
-            | GatewayError::UpgradeRequired { field, .. }
-            | GatewayError::Forbidden { field, .. } => field.as_deref(),
-            GatewayError::KeyInUse | GatewayError::KeyReused => Some("header.idempotency-key"),
-            _ => None,
-        }
-    }
-
-    /// What went wrong, written for the client.
-    pub fn detail(&self) -> String {
-        match self {
-            GatewayError::NotFound => "No route matches this path.".into(),
-            GatewayError::NoValue { topic } => {
-                format!("No message is retained on topic `{topic}`.")
-            }
-            GatewayError::SubscriptionRefused {
-                backend,
-                filter,
-                reason,
-            } => format!(
-                "The broker of backend '{backend}' refused the gateway's subscription to `{filter}` ({reason}); its access rules must let the gateway's client read this filter."
-            ),
-            GatewayError::MethodNotAllowed { allow } => format!(
-                "This path accepts only: {}.",
-                allow
-                    .iter()
-                    .map(Method::as_str)
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            GatewayError::BadRequest { detail, .. }
-            | GatewayError::NotImplemented { detail, .. }
-            | GatewayError::UpgradeRequired { detail, .. }
-            | GatewayError::Unauthorized { detail, .. }
-            | GatewayError::Forbidden { detail, .. } => detail.clone(),
-            GatewayError::PayloadTooLarge { limit } => {
+    /// The body went over the route's limit of `limit` bytes (0: not known here).
+    pub fn payload_too_large(limit: u64) -> Self {
+        Problem::new(
+            Kind::PAYLOAD_TOO_LARGE,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Fault::Client,
+            if limit > 0 {
                 format!("The request body exceeds this route's limit of {limit} bytes.")
-            }
-            GatewayError::Timeout { after } => format!(
-                "The backend did not answer within {}.",
-                humantime::format_duration(*after)
-            ),
-            GatewayError::BackendUnavailable {
-                backend, reason, ..
-            } => {
-                format!("Backend '{backend}' is unavailable: {reason}.")
-            }
-            GatewayError::BadGateway {
-                backend, reason, ..
-            } => {
-                format!("Backend '{backend}' failed: {reason}.")
-            }
-            GatewayError::CircuitOpen {
-                backend,
-                retry_after,
-            } => format!(
+            } else {
+                "The request body exceeds this route's limit.".to_string()
+            },
+        )
+    }
+
+    /// The backend did not answer within `after`.
+    pub fn timeout(after: Duration) -> Self {
+        Problem::timeout_with(format!(
+            "The backend did not answer within {}.",
+            humantime::format_duration(after)
+        ))
+    }
+
+    fn timeout_with(detail: String) -> Self {
+        let mut p = Problem::new(
+            Kind::TIMEOUT,
+            StatusCode::GATEWAY_TIMEOUT,
+            Fault::Upstream,
+            detail,
+        );
+        p.retry = RetryClass::Timeout;
+        p.grpc_code = Code::DeadlineExceeded;
+        p
+    }
+
+    /// The backend could not be reached: it certainly did not act on the request. Answers
+    /// `Retry-After: 1` unless [`Problem::with_retry_after`] says otherwise.
+    pub fn backend_unavailable(backend: &str, reason: &'static str) -> Self {
+        let mut p = Problem::new(
+            Kind::BACKEND_UNAVAILABLE,
+            StatusCode::SERVICE_UNAVAILABLE,
+            Fault::Upstream,
+            format!("Backend '{backend}' is unavailable: {reason}."),
+        );
+        p.retry = RetryClass::ConnectFailure;
+        p.grpc_code = Code::Unavailable;
+        p.reason = Some(reason);
+        p.with_retry_after(1)
+    }
+
+    /// The exchange with the backend failed after the request left.
+    pub fn bad_gateway(backend: &str, reason: &'static str) -> Self {
+        let mut p = Problem::new(
+            Kind::BAD_GATEWAY,
+            StatusCode::BAD_GATEWAY,
+            Fault::Upstream,
+            format!("Backend '{backend}' failed: {reason}."),
+        );
+        p.retry = RetryClass::Reset;
+        p.grpc_code = Code::Unavailable;
+        p.reason = Some(reason);
+        p
+    }
+
+    /// The breaker refuses calls for `retry_after`. A refusal made to protect a backend says
+    /// nothing new about its health: the gateway's fault.
+    pub fn circuit_open(backend: &str, retry_after: Duration) -> Self {
+        let mut p = Problem::new(
+            Kind::CIRCUIT_OPEN,
+            StatusCode::SERVICE_UNAVAILABLE,
+            Fault::Gateway,
+            format!(
                 "Backend '{backend}' is failing; calls to it are paused for {}s.",
                 retry_after.as_secs().max(1)
             ),
-            GatewayError::Overloaded { scope } => {
-                format!("Too many requests in flight for {scope}; try again shortly.")
-            }
-            GatewayError::RateLimited { retry_after, .. } => format!(
-                "Rate limit exceeded; try again in {}s.",
-                retry_after.as_secs_f64().ceil().max(1.0) as u64
-            ),
-            GatewayError::Grpc {
-                backend,
-                code,
-                message,
-                ..
-            } => {
-                let name = crate::backends::grpc::status::code_name(*code);
-                if message.is_empty() {
-                    format!("Backend '{backend}' answered {name}.")
-                } else {
-                    format!("Backend '{backend}' answered {name}: {message}")
-                }
-            }
-            GatewayError::Unroutable {
-                backend,
-                exchange,
-                routing_key,
-                ..
-            } => format!(
-                "Backend '{backend}' has no queue for routing key `{routing_key}` on exchange `{}`; the message was not delivered.",
-                if exchange.is_empty() {
-                    "(default)"
-                } else {
-                    exchange
-                }
-            ),
-            GatewayError::Unconfirmed {
-                backend, reason, ..
-            } => format!(
+        );
+        p.grpc_code = Code::Unavailable;
+        p.with_retry_after(retry_secs(retry_after))
+    }
+
+    /// `scope` is over its concurrency limit.
+    pub fn overloaded(scope: &str) -> Self {
+        let mut p = Problem::new(
+            Kind::OVERLOADED,
+            StatusCode::SERVICE_UNAVAILABLE,
+            Fault::Gateway,
+            format!("Too many requests in flight for {scope}; try again shortly."),
+        );
+        p.grpc_code = Code::Unavailable;
+        p.with_retry_after(1)
+    }
+
+    /// The client went over `quota` requests per `window_secs`.
+    pub fn rate_limited(retry_after: Duration, quota: u32, window_secs: u64) -> Self {
+        let secs = retry_secs(retry_after);
+        let mut p = Problem::new(
+            Kind::RATE_LIMITED,
+            StatusCode::TOO_MANY_REQUESTS,
+            Fault::Client,
+            format!("Rate limit exceeded; try again in {secs}s."),
+        );
+        p.grpc_code = Code::ResourceExhausted;
+        crate::middleware::limit::set_ratelimit_headers(
+            &mut p.headers,
+            quota,
+            window_secs,
+            0,
+            secs,
+        );
+        p.with_retry_after(secs)
+    }
+
+    /// The message left for the broker but its confirm never came (the connection died, or
+    /// the broker did not answer in time): it may or may not have been delivered, so a retry
+    /// is not made for the client.
+    pub fn unconfirmed(backend: &str, reason: &'static str) -> Self {
+        let mut p = Problem::new(
+            Kind::UNCONFIRMED,
+            StatusCode::SERVICE_UNAVAILABLE,
+            Fault::Upstream,
+            format!(
                 "Backend '{backend}' did not confirm the message: {reason}. It may or may not have been delivered; repeat the request with the same Idempotency-Key so that consumers can recognise a repeat."
             ),
-            GatewayError::StoreUnavailable { .. } => "The gateway could not record the request durably, so nothing was done with it; try again shortly.".into(),
-            GatewayError::SpoolFull { route } => format!(
+        );
+        p.grpc_code = Code::Unavailable;
+        p.reason = Some(reason);
+        p.with_retry_after(1)
+    }
+
+    /// The MQTT broker refused the gateway's subscription to a filter (its SUBACK), as an ACL
+    /// does. The broker is fine and the filter is the client's: the client's fault.
+    pub fn subscription_refused(backend: &str, filter: &str, reason: &str) -> Self {
+        Problem::new(
+            Kind::SUBSCRIPTION_REFUSED,
+            StatusCode::BAD_GATEWAY,
+            Fault::Client,
+            format!(
+                "The broker of backend '{backend}' refused the gateway's subscription to `{filter}` ({reason}); its access rules must let the gateway's client read this filter."
+            ),
+        )
+    }
+
+    /// A last-value read found no retained message on the topic.
+    pub fn no_value(topic: &str) -> Self {
+        Problem::new(
+            Kind::NO_VALUE,
+            StatusCode::NOT_FOUND,
+            Fault::Client,
+            format!("No message is retained on topic `{topic}`."),
+        )
+    }
+
+    /// The broker returned a mandatory message that no queue took: a routing gap, not a broker
+    /// in trouble, so it never opens the breaker. `status` is 404 or 502, as the route says.
+    pub fn unroutable(
+        backend: &str,
+        exchange: &str,
+        routing_key: &str,
+        status: StatusCode,
+    ) -> Self {
+        let exchange = if exchange.is_empty() {
+            "(default)"
+        } else {
+            exchange
+        };
+        Problem::new(
+            Kind::UNROUTABLE,
+            status,
+            Fault::Client,
+            format!(
+                "Backend '{backend}' has no queue for routing key `{routing_key}` on exchange `{exchange}`; the message was not delivered."
+            ),
+        )
+    }
+
+    /// A WebSocket route asked for by a request that is not a valid WebSocket handshake.
+    pub fn upgrade_required(detail: impl Into<String>) -> Self {
+        Problem::new(
+            Kind::UPGRADE_REQUIRED,
+            StatusCode::UPGRADE_REQUIRED,
+            Fault::Client,
+            detail,
+        )
+        .with_header(header::UPGRADE, HeaderValue::from_static("websocket"))
+        .with_header(
+            HeaderName::from_static("sec-websocket-version"),
+            HeaderValue::from_static("13"),
+        )
+    }
+
+    /// The request carries no credential the route accepts; `challenge` is the
+    /// `WWW-Authenticate` header.
+    pub fn unauthorized(detail: impl Into<String>, challenge: &str) -> Self {
+        let p = Problem::new(
+            Kind::UNAUTHORIZED,
+            StatusCode::UNAUTHORIZED,
+            Fault::Client,
+            detail,
+        );
+        match HeaderValue::from_str(challenge) {
+            Ok(v) => p.with_header(header::WWW_AUTHENTICATE, v),
+            Err(_) => p,
+        }
+    }
+
+    /// The request is understood but refused by the route's policy (an origin not allowed).
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Problem::new(
+            Kind::FORBIDDEN,
+            StatusCode::FORBIDDEN,
+            Fault::Client,
+            detail,
+        )
+    }
+
+    /// The state store could not record the request, so nothing was done with it.
+    pub fn store_unavailable(source: crate::store::StoreError) -> Self {
+        Problem::new(
+            Kind::STORE_UNAVAILABLE,
+            StatusCode::SERVICE_UNAVAILABLE,
+            Fault::Gateway,
+            "The gateway could not record the request durably, so nothing was done with it; try again shortly.",
+        )
+        .with_retry_after(1)
+        .with_source(source)
+    }
+
+    /// The route's backend is down and the spool is at its limit.
+    pub fn spool_full(route: &str) -> Self {
+        Problem::new(
+            Kind::SPOOL_FULL,
+            StatusCode::SERVICE_UNAVAILABLE,
+            Fault::Gateway,
+            format!(
                 "The backend of route '{route}' is unavailable and the spool that holds requests for it is full; try again later."
             ),
-            GatewayError::KeyInUse => "A request with this Idempotency-Key is still being processed; repeat it once that one has finished.".into(),
-            GatewayError::KeyReused => "This Idempotency-Key was already used with a different request (method, path or body); use a new key for a new request.".into(),
-            GatewayError::JobNotFound { id } => format!("No job `{id}` exists; it may have expired."),
-            GatewayError::Internal(what) => format!("The gateway failed: {what}."),
+        )
+        .with_retry_after(1)
+    }
+
+    /// A request with this `Idempotency-Key` is still running.
+    pub fn key_in_use() -> Self {
+        Problem::new(
+            Kind::KEY_IN_USE,
+            StatusCode::CONFLICT,
+            Fault::Client,
+            "A request with this Idempotency-Key is still being processed; repeat it once that one has finished.",
+        )
+        .with_field("header.idempotency-key")
+        .with_retry_after(1)
+    }
+
+    /// This `Idempotency-Key` was first used with another request.
+    pub fn key_reused() -> Self {
+        Problem::new(
+            Kind::KEY_REUSED,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Fault::Client,
+            "This Idempotency-Key was already used with a different request (method, path or body); use a new key for a new request.",
+        )
+        .with_field("header.idempotency-key")
+    }
+
+    /// No job has this id (never existed, or expired).
+    pub fn job_not_found(id: &str) -> Self {
+        Problem::new(
+            Kind::JOB_NOT_FOUND,
+            StatusCode::NOT_FOUND,
+            Fault::Client,
+            format!("No job `{id}` exists; it may have expired."),
+        )
+    }
+
+    /// The request uses a feature of HTTP the gateway does not implement (a transfer coding
+    /// other than `chunked`): refused rather than misread.
+    pub fn not_implemented(detail: impl Into<String>) -> Self {
+        Problem::new(
+            Kind::NOT_IMPLEMENTED,
+            StatusCode::NOT_IMPLEMENTED,
+            Fault::Client,
+            detail,
+        )
+    }
+
+    /// The gateway itself failed at `what`.
+    pub fn internal(what: &str) -> Self {
+        Problem::new(
+            Kind::INTERNAL,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Fault::Gateway,
+            format!("The gateway failed: {what}."),
+        )
+    }
+}
+
+/// The gRPC code for an answer of `status` that no constructor chose a code for, in the
+/// spirit of gRPC's HTTP-to-gRPC mapping.
+fn code_for_status(status: StatusCode) -> Code {
+    match status.as_u16() {
+        400 => Code::InvalidArgument,
+        401 => Code::Unauthenticated,
+        403 => Code::PermissionDenied,
+        404 => Code::Unimplemented,
+        413 | 429 => Code::ResourceExhausted,
+        502 | 503 => Code::Unavailable,
+        504 => Code::DeadlineExceeded,
+        _ => Code::Internal,
+    }
+}
+
+/// What the error edge found in a cause chain: a [`Problem`] in it, or one made for what the
+/// chain holds instead.
+pub enum Seen<'a> {
+    Found(&'a Problem),
+    Made(Problem),
+}
+
+impl std::ops::Deref for Seen<'_> {
+    type Target = Problem;
+    fn deref(&self) -> &Problem {
+        match self {
+            Seen::Found(p) => p,
+            Seen::Made(p) => p,
         }
     }
 }
 
-/// What the error edge decided about an error.
-pub struct Classified<'a> {
-    pub status: StatusCode,
-    pub fault: Fault,
-    pub error: Option<&'a GatewayError>,
-    /// Set when the request body went over its limit somewhere down the chain.
-    pub too_large: Option<u64>,
-    /// Set when the client's body was broken or too slow somewhere down the chain.
-    pub client_body: Option<&'a ClientBody>,
+impl Seen<'_> {
+    /// The problem a module raised, when the chain holds one (and no client body fault).
+    pub fn raised(&self) -> Option<&Problem> {
+        match self {
+            Seen::Found(p) => Some(p),
+            Seen::Made(_) => None,
+        }
+    }
 }
 
 /// Walks the cause chain. A fault of the client's body anywhere wins (the client sent too
 /// much, a broken body or too slowly, whatever the backend made of it); otherwise the outermost
-/// `GatewayError`; otherwise hyper's own kinds.
-pub fn classify<'a>(err: &'a (dyn StdError + 'static)) -> Classified<'a> {
-    let mut gateway = None;
+/// [`Problem`]; otherwise hyper's timeout; otherwise an internal failure that leaks nothing.
+pub fn classify<'a>(err: &'a (dyn StdError + 'static)) -> Seen<'a> {
+    let mut found = None;
     let mut hyper_timeout = false;
     let mut cur: Option<&(dyn StdError + 'static)> = Some(err);
     while let Some(e) = cur {
         if let Some(PayloadLimit(limit)) = e.downcast_ref::<PayloadLimit>() {
-            return Classified {
-                status: StatusCode::PAYLOAD_TOO_LARGE,
-                fault: Fault::Client,
-                error: None,
-                too_large: Some(*limit),
-                client_body: None,
-            };
+            return Seen::Made(Problem::payload_too_large(*limit));
         }
         if let Some(body) = e.downcast_ref::<ClientBody>() {
-            return Classified {
-                status: body.status(),
-                fault: Fault::Client,
-                error: None,
-                too_large: None,
-                client_body: Some(body),
-            };
+            return Seen::Made(match body {
+                ClientBody::Malformed(_) => Problem::bad_request_body(),
+                ClientBody::TooSlow => Problem::request_timeout(),
+            });
         }
-        if gateway.is_none() {
-            gateway = e.downcast_ref::<GatewayError>();
+        if found.is_none() {
+            found = e.downcast_ref::<Problem>();
         }
         if let Some(h) = e.downcast_ref::<hyper::Error>() {
             hyper_timeout |= h.is_timeout();
         }
         cur = e.source();
     }
-    match gateway {
-        Some(g) => Classified {
-            status: g.status(),
-            fault: g.fault(),
-            error: Some(g),
-            too_large: None,
-            client_body: None,
-        },
-        None if hyper_timeout => Classified {
-            status: StatusCode::GATEWAY_TIMEOUT,
-            fault: Fault::Upstream,
-            error: None,
-            too_large: None,
-            client_body: None,
-        },
-        None => Classified {
-            status: StatusCode::INTERNAL_SERVER_ERROR,
-            fault: Fault::Gateway,
-            error: None,
-            too_large: None,
-            client_body: None,
-        },
+    match found {
+        Some(p) => Seen::Found(p),
+        None if hyper_timeout => Seen::Made(Problem::timeout_with(
+            "The backend did not answer in time.".into(),
+        )),
+        None => Seen::Made(Problem::new(
+            Kind::INTERNAL,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Fault::Gateway,
+            "The gateway failed to handle the request.",
+        )),
     }
 }
 
@@ -458,159 +654,69 @@ pub enum ClientBody {
     TooSlow,
 }
 
-impl ClientBody {
-    fn status(&self) -> StatusCode {
-        match self {
-            ClientBody::Malformed(_) => StatusCode::BAD_REQUEST,
-            ClientBody::TooSlow => StatusCode::REQUEST_TIMEOUT,
-        }
-    }
-}
-
 /// The body-limit error the front end raises, carrying the route's limit so the answer can
 /// name it.
 #[derive(Debug, thiserror::Error)]
 #[error("request body larger than {0} bytes")]
 pub struct PayloadLimit(pub u64);
 
+/// What kind of gRPC wire format a request's content type asks for, if any: the edge answers
+/// such a client in gRPC, since it reads nothing else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    Grpc,
+    GrpcWeb,
+}
+
+impl Wire {
+    pub fn of(headers: &HeaderMap) -> Option<Wire> {
+        let ct = headers.get(header::CONTENT_TYPE)?.as_bytes();
+        if ct.starts_with(b"application/grpc-web") {
+            Some(Wire::GrpcWeb)
+        } else if ct.starts_with(b"application/grpc") {
+            Some(Wire::Grpc)
+        } else {
+            None
+        }
+    }
+}
+
 /// THE error edge: maps any error to a problem+json response carrying the correlation ID — or,
 /// when the request was gRPC or gRPC-Web (`wire`), to a trailers-only gRPC answer whose
-/// `grpc-status` and `grpc-message` say the same, since gRPC clients read nothing else.
+/// `grpc-status` and `grpc-message` say the same. Either carries the problem's headers.
 pub fn rescue(
     err: &(dyn StdError + 'static),
     correlation_id: &str,
-    wire: Option<crate::backends::grpc::passthrough::Wire>,
+    wire: Option<Wire>,
 ) -> Response {
-    let c = classify(err);
-    let (slug, title, detail, field) = match (c.error, c.too_large) {
-        (_, None) if c.client_body.is_some() => match c.client_body {
-            Some(ClientBody::TooSlow) => (
-                "request-timeout",
-                "Request Timeout",
-                "The request body did not arrive in time.".to_string(),
-                Some("body".to_string()),
-            ),
-            _ => (
-                "bad-request-body",
-                "Bad Request",
-                "The request body was cut short or malformed (its length or chunk framing)."
-                    .to_string(),
-                Some("body".to_string()),
-            ),
-        },
-        (_, Some(limit)) => (
-            "payload-too-large",
-            "Payload Too Large",
-            if limit > 0 {
-                format!("The request body exceeds this route's limit of {limit} bytes.")
-            } else {
-                "The request body exceeds this route's limit.".to_string()
-            },
-            None,
-        ),
-        (Some(g), None) => (
-            g.slug(),
-            c.status.canonical_reason().unwrap_or("Error"),
-            g.detail(),
-            g.field().map(str::to_string),
-        ),
-        (None, None) if c.status == StatusCode::GATEWAY_TIMEOUT => (
-            "timeout",
-            "Gateway Timeout",
-            "The backend did not answer in time.".to_string(),
-            None,
-        ),
-        (None, None) => (
-            "internal",
-            "Internal Server Error",
-            "The gateway failed to handle the request.".to_string(),
-            None,
-        ),
-    };
+    let p = classify(err);
     let mut resp = match wire {
-        Some(wire) => grpc_answer(wire, &c, &detail, correlation_id),
-        None => problem_answer(&c, slug, title, &detail, field, correlation_id),
+        Some(wire) => grpc_answer(wire, &p, correlation_id),
+        None => problem_answer(&p, correlation_id),
     };
-    let headers = resp.headers_mut();
-    match c.error {
-        Some(GatewayError::MethodNotAllowed { allow }) => {
-            let allow = allow
-                .iter()
-                .map(Method::as_str)
-                .collect::<Vec<_>>()
-                .join(", ");
-            if let Ok(v) = HeaderValue::from_str(&allow) {
-                headers.insert(header::ALLOW, v);
-            }
-        }
-        Some(GatewayError::BackendUnavailable { retry_after, .. }) => {
-            let secs = retry_after.map_or(1, |d| d.as_secs().max(1));
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        Some(GatewayError::CircuitOpen { retry_after, .. }) => {
-            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        Some(GatewayError::Unauthorized { challenge, .. }) => {
-            if let Ok(v) = HeaderValue::from_str(challenge) {
-                headers.insert(header::WWW_AUTHENTICATE, v);
-            }
-        }
-        Some(GatewayError::UpgradeRequired { .. }) => {
-            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            headers.insert("sec-websocket-version", HeaderValue::from_static("13"));
-        }
-        Some(
-            GatewayError::Overloaded { .. }
-            | GatewayError::Unconfirmed { .. }
-            | GatewayError::StoreUnavailable { .. }
-            | GatewayError::SpoolFull { .. }
-            | GatewayError::KeyInUse,
-        ) => {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(1u64));
-        }
-        Some(GatewayError::RateLimited {
-            retry_after,
-            quota,
-            window_secs,
-        }) => {
-            let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-            crate::middleware::limit::set_ratelimit_headers(headers, *quota, *window_secs, 0, secs);
-        }
-        _ => {}
+    for (name, value) in &p.headers {
+        resp.headers_mut().insert(name, value.clone());
     }
     resp
 }
 
 /// The problem+json body of [`rescue`].
-fn problem_answer(
-    c: &Classified<'_>,
-    slug: &str,
-    title: &str,
-    detail: &str,
-    field: Option<String>,
-    correlation_id: &str,
-) -> Response {
+fn problem_answer(p: &Problem, correlation_id: &str) -> Response {
     let mut body = serde_json::json!({
-        "type": format!("urn:switchyard:problem:{slug}"),
-        "title": title,
-        "status": c.status.as_u16(),
-        "detail": detail,
+        "type": format!("urn:switchyard:problem:{}", p.kind.0),
+        "title": p.status.canonical_reason().unwrap_or("Error"),
+        "status": p.status.as_u16(),
+        "detail": p.detail,
         "correlation_id": correlation_id,
     });
-    if let Some(field) = field {
-        body["field"] = field.into();
+    if let Some(field) = &p.field {
+        body["field"] = field.as_str().into();
     }
-    if let Some(GatewayError::Grpc { code, details, .. }) = c.error {
-        body["grpc_code"] = (*code as i32).into();
-        body["grpc_status"] = crate::backends::grpc::status::code_name(*code).into();
-        if let Some(d) = details {
-            body["details"] = d.clone();
-        }
+    for (name, value) in &p.extensions {
+        body[*name] = value.clone();
     }
     let mut resp = http::Response::new(full_body(body.to_string()));
-    *resp.status_mut() = c.status;
+    *resp.status_mut() = p.status;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),
@@ -620,18 +726,11 @@ fn problem_answer(
 
 /// The trailers-only gRPC answer of [`rescue`]: HTTP 200 with `grpc-status` and
 /// `grpc-message` (percent-encoded) in the headers.
-fn grpc_answer(
-    wire: crate::backends::grpc::passthrough::Wire,
-    c: &Classified<'_>,
-    detail: &str,
-    correlation_id: &str,
-) -> Response {
-    use crate::backends::grpc::{passthrough::Wire, status};
+fn grpc_answer(wire: Wire, p: &Problem, correlation_id: &str) -> Response {
     const MESSAGE: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
-    let code = status::code_for(c.status, c.error);
-    let message = match c.error {
-        Some(GatewayError::Grpc { message, .. }) => message.clone(),
-        _ => format!("{detail} (correlation id {correlation_id})"),
+    let message: Cow<'_, str> = match &p.grpc_message {
+        Some(m) => m.into(),
+        None => format!("{} (correlation id {correlation_id})", p.detail).into(),
     };
     let mut resp = http::Response::new(crate::empty_body());
     let headers = resp.headers_mut();
@@ -642,7 +741,7 @@ fn grpc_answer(
             Wire::GrpcWeb => "application/grpc-web+proto",
         }),
     );
-    headers.insert("grpc-status", HeaderValue::from(code as i32));
+    headers.insert("grpc-status", HeaderValue::from(p.grpc_code as i32));
     if let Ok(v) =
         HeaderValue::from_str(&percent_encoding::utf8_percent_encode(&message, MESSAGE).to_string())
     {
@@ -657,14 +756,10 @@ mod tests {
 
     #[test]
     fn body_limit_wins_over_bad_gateway() {
-        let err = GatewayError::BadGateway {
-            backend: "b".into(),
-            reason: "request failed",
-            source: Some(Box::new(PayloadLimit(10))),
-        };
-        let c = classify(&err);
-        assert_eq!(c.status, StatusCode::PAYLOAD_TOO_LARGE);
-        assert_eq!(c.fault, Fault::Client);
+        let err = Problem::bad_gateway("b", "request failed").with_source(PayloadLimit(10));
+        let p = classify(&err);
+        assert_eq!(p.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(p.fault, Fault::Client);
     }
 
     #[test]
@@ -676,5 +771,29 @@ mod tests {
             resp.headers()[header::CONTENT_TYPE],
             "application/problem+json"
         );
+    }
+
+    #[test]
+    fn headers_and_grpc_codes_travel_with_the_problem() {
+        let resp = rescue(
+            &Problem::circuit_open("b", Duration::from_millis(1500)),
+            "c",
+            None,
+        );
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[header::RETRY_AFTER], "2");
+        let resp = rescue(
+            &Problem::method_not_allowed(&[Method::GET]),
+            "c",
+            Some(Wire::Grpc),
+        );
+        assert_eq!(
+            resp.headers()["grpc-status"],
+            (Code::Unimplemented as i32).to_string()
+        );
+        assert_eq!(resp.headers()[header::ALLOW], "GET");
+        let p = Problem::backend_unavailable("b", "down");
+        assert!(!p.retry.may_have_acted());
+        assert!(Problem::bad_gateway("b", "cut").retry.may_have_acted());
     }
 }

@@ -19,7 +19,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tower::ServiceExt;
 
 use crate::config::SpoolSpec;
-use crate::error::{Fault, GatewayError, classify};
+use crate::error::{Fault, Kind, Problem, classify};
 use crate::middleware::context::{MessageId, RequestContext};
 use crate::store::embedded::{LocalDb, unavailable};
 use crate::store::{Ns, SharedStore, StoreError, now_ms};
@@ -628,27 +628,23 @@ fn judge(result: Result<Response, BoxError>) -> Outcome {
         Err(e) => {
             let c = classify(e.as_ref());
             let reason = c
-                .error
-                .map(|g| g.detail())
+                .raised()
+                .map(|p| p.detail.clone())
                 .unwrap_or_else(|| crate::server::dispatch::error_chain(e.as_ref()));
-            match c.error {
+            match c.kind {
                 // The broker refused this message: counted, so that one it always refuses
                 // ends in the dead letters instead of blocking the route.
-                Some(GatewayError::BackendUnavailable { reason, .. })
-                    if *reason == crate::backends::amqp::NACKED =>
-                {
+                Kind::BACKEND_UNAVAILABLE if c.reason == Some(crate::backends::amqp::NACKED) => {
                     Outcome::Refused {
-                        reason: reason.to_string(),
+                        reason: crate::backends::amqp::NACKED.to_string(),
                         permanent: false,
                     }
                 }
-                Some(
-                    GatewayError::BackendUnavailable { .. }
-                    | GatewayError::CircuitOpen { .. }
-                    | GatewayError::Overloaded { .. }
-                    | GatewayError::Timeout { .. }
-                    | GatewayError::Unconfirmed { .. },
-                ) => Outcome::Down(reason),
+                Kind::BACKEND_UNAVAILABLE
+                | Kind::CIRCUIT_OPEN
+                | Kind::OVERLOADED
+                | Kind::TIMEOUT
+                | Kind::UNCONFIRMED => Outcome::Down(reason),
                 _ if c.status == StatusCode::GATEWAY_TIMEOUT => Outcome::Down(reason),
                 _ => Outcome::Refused {
                     reason,
@@ -916,8 +912,8 @@ impl SpoolService {
                 Err(e) => e,
             };
             let down = matches!(
-                classify(err.as_ref()).error,
-                Some(GatewayError::BackendUnavailable { .. } | GatewayError::CircuitOpen { .. })
+                classify(err.as_ref()).kind,
+                Kind::BACKEND_UNAVAILABLE | Kind::CIRCUIT_OPEN
             );
             if !down {
                 return Err(err);
@@ -926,14 +922,11 @@ impl SpoolService {
         let depth = match this.spool.append(&this.route, &record, &body).await {
             Ok(d) => d,
             Err(SpoolError::Full) => {
-                return Err(GatewayError::SpoolFull {
-                    route: this.route.to_string(),
-                }
-                .into());
+                return Err(Problem::spool_full(&this.route).into());
             }
             Err(SpoolError::Store(e)) => {
                 tracing::warn!(route = %this.route, error = %e, "Writing to the spool failed.");
-                return Err(GatewayError::StoreUnavailable { source: e }.into());
+                return Err(Problem::store_unavailable(e).into());
             }
         };
         let body = serde_json::json!({

@@ -31,7 +31,7 @@ use crate::config::template::ValueTemplate;
 use crate::config::{
     AmqpBackendSpec, AmqpRouteSpec, DIRECT_REPLY_TO, ExchangeKindSpec, QueueKindSpec,
 };
-use crate::error::GatewayError;
+use crate::error::Problem;
 use crate::middleware::context::{Deadline, RequestContext};
 use crate::telemetry::metrics::Metrics;
 use crate::{BoxError, Request, Response, full_body};
@@ -690,12 +690,11 @@ impl AmqpRouteService {
         })
     }
 
-    fn unavailable(&self, reason: &'static str, source: Option<BoxError>) -> GatewayError {
-        GatewayError::BackendUnavailable {
-            backend: self.shared.name.clone(),
-            reason,
-            retry_after: Some(Duration::from_secs(1)),
-            source,
+    fn unavailable(&self, reason: &'static str, source: Option<BoxError>) -> Problem {
+        let p = Problem::backend_unavailable(&self.shared.name, reason);
+        match source {
+            Some(e) => p.with_source(e),
+            None => p,
         }
     }
 
@@ -704,15 +703,15 @@ impl AmqpRouteService {
         &self,
         parts: &http::request::Parts,
         body: &Bytes,
-    ) -> Result<(ShortString, ShortString, Bytes, BasicProperties), GatewayError> {
+    ) -> Result<(ShortString, ShortString, Bytes, BasicProperties), Problem> {
         let values = RequestValues::new(parts, body);
         let spans = &self.route.multi_word;
         let exchange = values.render(&self.exchange, Target::AmqpExchange { spans })?;
         let routing_key = values.render(&self.routing_key, Target::AmqpRoutingKey { spans })?;
         let short = |s: String, what: &str, field: &str| {
-            ShortString::try_new(s).map_err(|_| GatewayError::BadRequest {
-                detail: format!("{what} would be longer than 255 bytes."),
-                field: Some(field.to_string()),
+            ShortString::try_new(s).map_err(|_| {
+                Problem::bad_request(format!("{what} would be longer than 255 bytes."))
+                    .with_field(field.to_string())
             })
         };
         let exchange = short(exchange, "The exchange name", "exchange")?;
@@ -730,11 +729,11 @@ impl AmqpRouteService {
         }
         for name in self.headers.iter() {
             if let Some(v) = parts.headers.get(name) {
-                let v = v.to_str().map_err(|_| GatewayError::BadRequest {
-                    detail: format!(
+                let v = v.to_str().map_err(|_| {
+                    Problem::bad_request(format!(
                         "Header `{name}` must be visible ASCII to travel with the message."
-                    ),
-                    field: Some(format!("header.{name}")),
+                    ))
+                    .with_field(format!("header.{name}"))
                 })?;
                 headers.insert(name.as_str().into(), AMQPValue::LongString(v.into()));
             }
@@ -750,9 +749,11 @@ impl AmqpRouteService {
                     .to_str()
                     .ok()
                     .filter(|k| !k.is_empty() && k.len() <= 255)
-                    .ok_or_else(|| GatewayError::BadRequest {
-                        detail: "Idempotency-Key must be 1 to 255 visible ASCII characters.".into(),
-                        field: Some("header.idempotency-key".into()),
+                    .ok_or_else(|| {
+                        Problem::bad_request(
+                            "Idempotency-Key must be 1 to 255 visible ASCII characters.",
+                        )
+                        .with_field("header.idempotency-key")
                     })?;
                 k.to_string()
             }
@@ -903,12 +904,12 @@ impl AmqpRouteService {
         self.shared
             .metrics
             .broker_event(&self.shared.name, "returned");
-        GatewayError::Unroutable {
-            backend: self.shared.name.clone(),
-            exchange: exchange.to_string(),
-            routing_key: routing_key.to_string(),
-            status: self.unroutable,
-        }
+        Problem::unroutable(
+            &self.shared.name,
+            exchange.as_str(),
+            routing_key.as_str(),
+            self.unroutable,
+        )
         .into()
     }
 
@@ -924,16 +925,15 @@ impl AmqpRouteService {
                 self.shared
                     .metrics
                     .broker_event(&self.shared.name, "confirm_timeout");
-                Err(GatewayError::Unconfirmed {
-                    backend: self.shared.name.clone(),
-                    reason: "no confirm came within the confirm timeout",
-                    source: None,
-                }
+                Err(Problem::unconfirmed(
+                    &self.shared.name,
+                    "no confirm came within the confirm timeout",
+                )
                 .into())
             }
             Ok(Ok(Confirmation::Ack(None))) => Ok(()),
             Ok(Ok(Confirmation::NotRequested)) => {
-                Err(GatewayError::Internal("a channel of the pool was not in confirm mode").into())
+                Err(Problem::internal("a channel of the pool was not in confirm mode").into())
             }
             Ok(Ok(Confirmation::Ack(Some(_)))) => Err(self.returned(exchange, routing_key)),
             Ok(Ok(Confirmation::Nack(_))) => {
@@ -1111,9 +1111,7 @@ impl AmqpRouteService {
                 let (exchange, routing_key, _, props) = r?;
                 let id = props.message_id().as_ref().map(|m| m.to_string());
                 match c {
-                    None => {
-                        Err(GatewayError::Internal("a message of the batch was not sent").into())
-                    }
+                    None => Err(Problem::internal("a message of the batch was not sent").into()),
                     Some(Err(())) => Err(broke(broken.as_deref().unwrap_or("the channel failed"))),
                     Some(Ok(_)) if id.is_some_and(|id| returned.contains(&id)) => {
                         Err(self.returned(&exchange, &routing_key))
@@ -1131,30 +1129,27 @@ impl AmqpRouteService {
     fn publish_error(&self, e: lapin::Error, exchange: &ShortString, sent: bool) -> BoxError {
         if let lapin::ErrorKind::ProtocolError(amqp) = e.kind() {
             if amqp.get_id() == 404 {
-                return GatewayError::Unroutable {
-                    backend: self.shared.name.clone(),
-                    exchange: exchange.to_string(),
-                    routing_key: String::new(),
-                    status: self.unroutable,
-                }
+                return Problem::unroutable(
+                    &self.shared.name,
+                    exchange.as_str(),
+                    "",
+                    self.unroutable,
+                )
                 .into();
             }
             if e.is_amqp_soft_error() {
-                return GatewayError::BadGateway {
-                    backend: self.shared.name.clone(),
-                    reason: "the broker refused the message",
-                    source: Some(Box::new(e)),
-                }
-                .into();
+                return Problem::bad_gateway(&self.shared.name, "the broker refused the message")
+                    .with_source(e)
+                    .into();
             }
         }
         self.shared.broken.notify_one();
         if sent {
-            return GatewayError::Unconfirmed {
-                backend: self.shared.name.clone(),
-                reason: "the connection to the broker failed before its confirm",
-                source: Some(Box::new(e)),
-            }
+            return Problem::unconfirmed(
+                &self.shared.name,
+                "the connection to the broker failed before its confirm",
+            )
+            .with_source(e)
             .into();
         }
         self.unavailable("the publish failed", Some(Box::new(e)))
@@ -1174,7 +1169,7 @@ impl AmqpRouteService {
                 exchange: exchange.as_str(),
                 routing_key: routing_key.as_str(),
             })
-            .map_err(|_| GatewayError::Internal("the answer could not be written"))?;
+            .map_err(|_| Problem::internal("the answer could not be written"))?;
             self.publish(&exchange, &routing_key, &payload, props)
                 .await?;
             let mut r = http::Response::new(full_body(answer));
@@ -1196,7 +1191,7 @@ impl AmqpRouteService {
         replies
             .waiting
             .lock()
-            .map_err(|_| GatewayError::Internal("the reply table is poisoned"))?
+            .map_err(|_| Problem::internal("the reply table is poisoned"))?
             .insert(correlation_id.clone(), (tx, reply.queue == DIRECT_REPLY_TO));
         let _waiting = Waiting {
             replies,
@@ -1209,27 +1204,22 @@ impl AmqpRouteService {
         let delivery = match tokio::time::timeout(wait, rx).await {
             Ok(Ok(d)) => d,
             Ok(Err(_)) => {
-                return Err(GatewayError::BadGateway {
-                    backend: self.shared.name.clone(),
-                    reason: "the connection to the broker was lost before the reply came",
-                    source: None,
-                }
+                return Err(Problem::bad_gateway(
+                    &self.shared.name,
+                    "the connection to the broker was lost before the reply came",
+                )
                 .into());
             }
             Err(_) => {
-                return Err(GatewayError::Timeout {
-                    after: deadline.map_or(wait, |d| d.total),
-                }
-                .into());
+                return Err(Problem::timeout(deadline.map_or(wait, |d| d.total)).into());
             }
         };
         reply_response(&delivery.properties, &delivery.data, &reply.status_header).ok_or_else(
             || {
-                GatewayError::BadGateway {
-                    backend: self.shared.name.clone(),
-                    reason: "the reply's status header does not hold an HTTP status (200-599)",
-                    source: None,
-                }
+                Problem::bad_gateway(
+                    &self.shared.name,
+                    "the reply's status header does not hold an HTTP status (200-599)",
+                )
                 .into()
             },
         )

@@ -20,7 +20,7 @@ use tower::Service;
 use super::{AbortOnDrop, spawn_probe};
 use crate::config::template::Template;
 use crate::config::{HttpBackendSpec, HttpProtocol, HttpRouteSpec};
-use crate::error::GatewayError;
+use crate::error::Problem;
 use crate::middleware::context::RequestContext;
 use crate::{Body, BodyError, BoxError, Request, Response, ResponseFuture};
 
@@ -237,7 +237,7 @@ impl HttpRouteService {
         &self,
         path: &'p str,
         ctx: Option<&RequestContext>,
-    ) -> Result<Cow<'p, str>, GatewayError> {
+    ) -> Result<Cow<'p, str>, Problem> {
         let path = match &*self.rewrite {
             PathRewrite::Keep => Cow::Borrowed(path),
             PathRewrite::StripPrefix(p) => match path.strip_prefix(p.as_str()) {
@@ -274,10 +274,10 @@ impl HttpRouteService {
         &self,
         parts: &mut http::request::Parts,
         protocol: HttpProtocol,
-    ) -> Result<usize, GatewayError> {
+    ) -> Result<usize, Problem> {
         let backend = &self.backend;
         if backend.endpoints.is_empty() {
-            return Err(GatewayError::Internal("backend has no endpoints"));
+            return Err(Problem::internal("backend has no endpoints"));
         }
         let ctx = parts.extensions.get::<RequestContext>();
         let i = backend.pick();
@@ -299,9 +299,8 @@ impl HttpRouteService {
                     pq.push('?');
                     pq.push_str(q);
                 }
-                PathAndQuery::try_from(pq).map_err(|_| {
-                    GatewayError::bad_request("the request path cannot be forwarded")
-                })?
+                PathAndQuery::try_from(pq)
+                    .map_err(|_| Problem::bad_request("the request path cannot be forwarded"))?
             }
         };
         let mut uri = http::uri::Parts::default();
@@ -309,7 +308,7 @@ impl HttpRouteService {
         uri.authority = Some(ep.uri_authority.clone());
         uri.path_and_query = Some(path_and_query);
         let uri = Uri::from_parts(uri)
-            .map_err(|_| GatewayError::bad_request("the request path cannot be forwarded"))?;
+            .map_err(|_| Problem::bad_request("the request path cannot be forwarded"))?;
         // What the client asked for, for X-Forwarded-Host and a preserved Host: the Host
         // header itself (a reference count) when that is where it came from.
         let client = ctx.map(|c| {
@@ -375,25 +374,23 @@ impl HttpRouteService {
             }
             Err(e) if e.is_connect() => {
                 backend.eject(i);
-                Err(GatewayError::BackendUnavailable {
-                    backend: backend.name.clone(),
-                    reason: "cannot connect to the backend",
-                    retry_after: Some(backend.eject_for),
-                    source: Some(Box::new(e)),
-                }
-                .into())
+                Err(
+                    Problem::backend_unavailable(&backend.name, "cannot connect to the backend")
+                        .with_retry_after(backend.eject_for.as_secs().max(1))
+                        .with_source(e)
+                        .into(),
+                )
             }
             Err(e) => {
                 // A body the client broke is not the endpoint's failure.
                 if crate::error::classify(&e).fault != crate::error::Fault::Client {
                     backend.record(i, false);
                 }
-                Err(GatewayError::BadGateway {
-                    backend: backend.name.clone(),
-                    reason: "the upstream request failed",
-                    source: Some(Box::new(e)),
-                }
-                .into())
+                Err(
+                    Problem::bad_gateway(&backend.name, "the upstream request failed")
+                        .with_source(e)
+                        .into(),
+                )
             }
         }
     }

@@ -11,7 +11,7 @@ use std::sync::OnceLock;
 use bytes::Bytes;
 
 use crate::config::template::{Part, Template, ValuePart, ValueTemplate};
-use crate::error::GatewayError;
+use crate::error::Problem;
 use crate::middleware::context::RequestContext;
 
 /// Where a rendered value lands. Each target has its rules for values that came from a
@@ -165,18 +165,20 @@ impl<'a> RequestValues<'a> {
     }
 
     /// The parsed JSON body (an error when the body is not JSON).
-    pub fn json(&self) -> Result<&serde_json::Value, GatewayError> {
+    pub fn json(&self) -> Result<&serde_json::Value, Problem> {
         self.json
             .get_or_init(|| serde_json::from_slice(self.body).map_err(|e| e.to_string()))
             .as_ref()
-            .map_err(|e| GatewayError::BadRequest {
-                detail: format!("The request body must be JSON for this route: {e}."),
-                field: Some("body".into()),
+            .map_err(|e| {
+                Problem::bad_request(format!(
+                    "The request body must be JSON for this route: {e}."
+                ))
+                .with_field("body")
             })
     }
 
     /// The first value of query parameter `name`, percent-decoded (`+` is a space).
-    fn query(&self, name: &str) -> Result<Option<String>, GatewayError> {
+    fn query(&self, name: &str) -> Result<Option<String>, Problem> {
         let Some(q) = self.parts.uri.query() else {
             return Ok(None);
         };
@@ -194,7 +196,7 @@ impl<'a> RequestValues<'a> {
 
     /// Fills `t` for `target`: every value the request supplies must pass the target's rules
     /// ([`Target::check`]), and so must the whole result; otherwise a 400 names the value.
-    pub fn render(&self, t: &ValueTemplate, target: Target<'_>) -> Result<String, GatewayError> {
+    pub fn render(&self, t: &ValueTemplate, target: Target<'_>) -> Result<String, Problem> {
         let what = target.what();
         let mut out = String::new();
         for part in &t.parts {
@@ -209,7 +211,7 @@ impl<'a> RequestValues<'a> {
                         .extensions
                         .get::<RequestContext>()
                         .and_then(|c| c.param(p))
-                        .ok_or(GatewayError::Internal("a path variable was not captured"))?;
+                        .ok_or(Problem::internal("a path variable was not captured"))?;
                     decode(v, false).ok_or_else(|| not_utf8(p))?
                 }
                 ValuePart::Query(q) => self
@@ -237,30 +239,28 @@ impl<'a> RequestValues<'a> {
                         serde_json::Value::Number(n) => n.to_string().into(),
                         serde_json::Value::Bool(b) => (if *b { "true" } else { "false" }).into(),
                         _ => {
-                            return Err(GatewayError::BadRequest {
-                                detail: format!(
-                                    "Field `{field}` must be a string, number or boolean for {what}."
-                                ),
-                                field: Some(field),
-                            });
+                            return Err(Problem::bad_request(format!(
+                                "Field `{field}` must be a string, number or boolean for {what}."
+                            ))
+                            .with_field(field));
                         }
                     }
                 }
             };
             let name = part_name(part);
             if let Err(why) = target.check(&name, &value) {
-                return Err(GatewayError::BadRequest {
-                    detail: format!("The value of `{name}` cannot go into {what}: {why}."),
-                    field: Some(name.into_owned()),
-                });
+                return Err(Problem::bad_request(format!(
+                    "The value of `{name}` cannot go into {what}: {why}."
+                ))
+                .with_field(name.into_owned()));
             }
             out.push_str(&value);
         }
         if let Err(why) = target.check_whole(t, &out) {
-            return Err(GatewayError::BadRequest {
-                detail: format!("{} cannot be used: {why}.", capital(what)),
-                field: Some(target.field().into()),
-            });
+            return Err(
+                Problem::bad_request(format!("{} cannot be used: {why}.", capital(what)))
+                    .with_field(target.field()),
+            );
         }
         Ok(out)
     }
@@ -271,7 +271,7 @@ impl<'a> RequestValues<'a> {
 /// segments, no NUL, CR or LF); here each value must also hold no encoded `/` or `\` (`%2F`,
 /// `%5C`, kept by `encoded_slash: keep`), which an upstream that decodes before routing would
 /// take as a separator. A catch-all's value spans segments by design.
-pub fn render_path(t: &Template, ctx: Option<&RequestContext>) -> Result<String, GatewayError> {
+pub fn render_path(t: &Template, ctx: Option<&RequestContext>) -> Result<String, Problem> {
     let mut out = String::new();
     for part in &t.parts {
         match part {
@@ -279,25 +279,17 @@ pub fn render_path(t: &Template, ctx: Option<&RequestContext>) -> Result<String,
             Part::Var(name) => {
                 let v = ctx
                     .and_then(|c| c.param(name))
-                    .ok_or(GatewayError::Internal(
-                        "a rewrite variable was not captured",
-                    ))?;
+                    .ok_or(Problem::internal("a rewrite variable was not captured"))?;
                 let lower = v.to_ascii_lowercase();
                 if lower.contains("%2f") || lower.contains("%5c") || v.contains('\\') {
-                    return Err(GatewayError::BadRequest {
-                        detail: format!(
+                    return Err(Problem::bad_request(format!(
                             "The value of `{name}` cannot go into the upstream path: it holds an encoded `/` or `\\`."
-                        ),
-                        field: Some(name.clone()),
-                    });
+                        )).with_field(name.clone()));
                 }
                 if v.split('/').any(|seg| seg == "." || seg == "..") {
-                    return Err(GatewayError::BadRequest {
-                        detail: format!(
+                    return Err(Problem::bad_request(format!(
                             "The value of `{name}` cannot go into the upstream path: it holds a dot segment."
-                        ),
-                        field: Some(name.clone()),
-                    });
+                        )).with_field(name.clone()));
                 }
                 out.push_str(v);
             }
@@ -331,21 +323,19 @@ fn part_name(p: &ValuePart) -> Cow<'_, str> {
     }
 }
 
-fn not_utf8(field: &str) -> GatewayError {
-    GatewayError::BadRequest {
-        detail: format!("The value of `{field}` is not valid UTF-8 once percent-decoded."),
-        field: Some(field.to_string()),
-    }
+fn not_utf8(field: &str) -> Problem {
+    Problem::bad_request(format!(
+        "The value of `{field}` is not valid UTF-8 once percent-decoded."
+    ))
+    .with_field(field.to_string())
 }
 
-fn missing(field: &str, what: &str) -> GatewayError {
-    GatewayError::BadRequest {
-        detail: format!(
-            "{} needs `{field}`, and the request has none.",
-            capital(what)
-        ),
-        field: Some(field.to_string()),
-    }
+fn missing(field: &str, what: &str) -> Problem {
+    Problem::bad_request(format!(
+        "{} needs `{field}`, and the request has none.",
+        capital(what)
+    ))
+    .with_field(field.to_string())
 }
 
 fn capital(s: &str) -> String {

@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use tower::ServiceExt;
 
 use crate::config::{JobsSpec, WebhookSpec};
-use crate::error::GatewayError;
+use crate::error::Problem;
 use crate::middleware::context::MessageId;
 use crate::spool::{DeadLetter, Spooled};
 use crate::store::{Ns, SharedStore, StoreError, StoredResponse, now_ms, read_limited};
@@ -390,10 +390,9 @@ impl Jobs {
             .unwrap_or_default();
         let result = match job.request.request(&route, Bytes::from(body)) {
             Ok(req) => installed.service.clone().oneshot(req).await,
-            Err(reason) => Err(GatewayError::BadRequest {
-                detail: format!("The stored request cannot be rebuilt: {reason}."),
-                field: None,
-            }
+            Err(reason) => Err(Problem::bad_request(format!(
+                "The stored request cannot be rebuilt: {reason}."
+            ))
             .into()),
         };
         let result = outcome(result, &job.request.correlation_id, installed.lease).await;
@@ -812,7 +811,7 @@ impl JobService {
 
     /// The job's callback URL: from the header the route names (checked against its
     /// allow-list), else the route's own.
-    fn callback(&self, parts: &http::request::Parts) -> Result<Option<String>, GatewayError> {
+    fn callback(&self, parts: &http::request::Parts) -> Result<Option<String>, Problem> {
         let Some(spec) = &self.webhook else {
             return Ok(None);
         };
@@ -820,21 +819,21 @@ impl JobService {
             && let Some(v) = parts.headers.get(h.as_str())
         {
             let field = Some(format!("header.{}", h.to_ascii_lowercase()));
-            let url = v.to_str().map_err(|_| GatewayError::BadRequest {
-                detail: "The callback URL must be visible ASCII.".into(),
-                field: field.clone(),
+            let url = v.to_str().map_err(|_| {
+                Problem::bad_request("The callback URL must be visible ASCII.")
+                    .with_optional_field(field.clone())
             })?;
             if !webhook::valid_url(url) {
-                return Err(GatewayError::BadRequest {
-                    detail: "The callback URL must be an absolute http or https URL.".into(),
-                    field,
-                });
+                return Err(Problem::bad_request(
+                    "The callback URL must be an absolute http or https URL.",
+                )
+                .with_optional_field(field));
             }
             if let Err(why) = webhook::allowed(url, &spec.allow) {
-                return Err(GatewayError::BadRequest {
-                    detail: format!("The callback URL cannot be used: {why}."),
-                    field,
-                });
+                return Err(Problem::bad_request(format!(
+                    "The callback URL cannot be used: {why}."
+                ))
+                .with_optional_field(field));
             }
             return Ok(Some(url.to_string()));
         }
@@ -905,7 +904,7 @@ impl JobService {
                 .await
                 .map_err(|e| StoreError::Unavailable(e.to_string()))
                 .and_then(|r| r)
-                .map_err(|source| GatewayError::StoreUnavailable { source })?;
+                .map_err(Problem::store_unavailable)?;
             return Ok(answer);
         };
         // on_timeout: accept — the call runs on its own so that it outlives the wait.
@@ -918,7 +917,7 @@ impl JobService {
         match tokio::time::timeout(wait, &mut rx).await {
             Ok(Ok(result)) => return result,
             Ok(Err(_)) => {
-                return Err(GatewayError::Internal("the call ended without an answer").into());
+                return Err(Problem::internal("the call ended without an answer").into());
             }
             Err(_) => {}
         }
@@ -940,14 +939,14 @@ impl JobService {
             };
             let holding = jobs.hold(&lease);
             let result = rx.await.unwrap_or_else(|_| {
-                Err(GatewayError::Internal("the call ended without an answer").into())
+                Err(Problem::internal("the call ended without an answer").into())
             });
             let result = outcome(result, &job.request.correlation_id, installed.lease).await;
             jobs.finish(job, result, installed.webhook, lease).await;
             holding.abort();
         });
         if created_rx.await != Ok(true) {
-            return Err(GatewayError::Timeout { after: wait }.into());
+            return Err(Problem::timeout(wait).into());
         }
         Ok(answer)
     }
@@ -1008,7 +1007,7 @@ impl ReadJob {
         req.extensions()
             .get::<Prepared>()
             .and_then(|p| p.0.lock().ok()?.take())
-            .ok_or_else(|| GatewayError::Internal("no job answer was prepared").into())
+            .ok_or_else(|| Problem::internal("no job answer was prepared").into())
     }
 }
 
@@ -1019,19 +1018,16 @@ async fn serve(
     id: &str,
 ) -> Result<(Response, String), BoxError> {
     if method != Method::GET && method != Method::HEAD {
-        return Err(GatewayError::MethodNotAllowed {
-            allow: vec![Method::GET, Method::HEAD],
-        }
-        .into());
+        return Err(Problem::method_not_allowed(&[Method::GET, Method::HEAD]).into());
     }
-    let not_found = || GatewayError::JobNotFound { id: id.to_string() };
+    let not_found = || Problem::job_not_found(id);
     if uuid::Uuid::parse_str(id).is_err() {
         return Err(not_found().into());
     }
     let job = jobs
         .get(id)
         .await
-        .map_err(|source| GatewayError::StoreUnavailable { source })?
+        .map_err(Problem::store_unavailable)?
         .ok_or_else(not_found)?;
     // Pending: 202 and the job; succeeded: 200 and the job with the backend's answer; failed:
     // the problem the route would have answered, with its status, naming the job.

@@ -13,7 +13,7 @@ use tower::Service;
 
 use super::context::{BodyProgress, Deadline};
 use crate::config::{BreakerMode, BreakerSpec};
-use crate::error::{Fault, GatewayError, classify};
+use crate::error::{Fault, Problem, classify};
 use crate::telemetry::metrics::Metrics;
 use crate::{BoxError, Request, Response, ResponseFuture, fail};
 
@@ -296,10 +296,7 @@ where
 
     fn call(&mut self, req: Request) -> Self::Future {
         match self.breaker.acquire() {
-            Err(retry_after) => fail(GatewayError::CircuitOpen {
-                backend: self.breaker.backend.to_string(),
-                retry_after,
-            }),
+            Err(retry_after) => fail(Problem::circuit_open(&self.breaker.backend, retry_after)),
             Ok(ticket) => {
                 let deadline = req.extensions().get::<Deadline>().copied();
                 let progress = deadline.and(req.extensions().get::<BodyProgress>().cloned());

@@ -15,7 +15,7 @@ use tower::ServiceExt;
 
 use super::context::MessageId;
 use crate::config::IdempotencySpec;
-use crate::error::GatewayError;
+use crate::error::Problem;
 use crate::store::{Ns, SharedStore, StoredResponse, now_ms, read_limited};
 use crate::{BoxError, Request, Response, RouteService, full_body};
 
@@ -46,16 +46,13 @@ impl Record {
     }
 }
 
-fn bad_key(detail: &str) -> GatewayError {
-    GatewayError::BadRequest {
-        detail: detail.into(),
-        field: Some("header.idempotency-key".into()),
-    }
+fn bad_key(detail: &str) -> Problem {
+    Problem::bad_request(detail).with_field("header.idempotency-key")
 }
 
 /// The key from the header: an sf-string (`"…"`, the draft's form) or, for older clients, a
 /// bare token of visible ASCII.
-pub fn parse_key(raw: &HeaderValue, max_len: usize) -> Result<String, GatewayError> {
+pub fn parse_key(raw: &HeaderValue, max_len: usize) -> Result<String, Problem> {
     let s = raw
         .to_str()
         .map_err(|_| bad_key("Idempotency-Key must be visible ASCII."))?
@@ -172,26 +169,25 @@ impl IdempotencyService {
             started_ms: now_ms(),
             token: uuid::Uuid::now_v7().to_string(),
         })
-        .map_err(|_| GatewayError::Internal("encoding an idempotency record"))?;
+        .map_err(|_| Problem::internal("encoding an idempotency record"))?;
         let found = this
             .store
             .insert(Ns::Idempotency, &store_key, &claim, this.lock_ttl)
             .await
-            .map_err(|source| GatewayError::StoreUnavailable { source })?;
+            .map_err(Problem::store_unavailable)?;
         if let Some(raw) = found {
-            let rec: Record =
-                serde_json::from_slice(&raw).map_err(|_| GatewayError::StoreUnavailable {
-                    source: crate::store::StoreError::Corrupt("idempotency record".into()),
-                })?;
+            let rec: Record = serde_json::from_slice(&raw).map_err(|_| {
+                Problem::store_unavailable(crate::store::StoreError::Corrupt(
+                    "idempotency record".into(),
+                ))
+            })?;
             if rec.fingerprint() != fp {
-                return Err(GatewayError::KeyReused.into());
+                return Err(Problem::key_reused().into());
             }
             return match rec {
-                Record::Running { .. } => Err(GatewayError::KeyInUse.into()),
+                Record::Running { .. } => Err(Problem::key_in_use().into()),
                 Record::Done { response, .. } => {
-                    let mut resp = response
-                        .response()
-                        .map_err(|source| GatewayError::StoreUnavailable { source })?;
+                    let mut resp = response.response().map_err(Problem::store_unavailable)?;
                     resp.headers_mut()
                         .insert(REPLAYED, HeaderValue::from_static("true"));
                     Ok(resp)

@@ -19,7 +19,7 @@ use tower::Service;
 
 use super::context::RequestContext;
 use crate::config::{RateLimitKey, RateLimitSpec};
-use crate::error::GatewayError;
+use crate::error::Problem;
 use crate::telemetry::metrics::Metrics;
 use crate::{BoxError, Request, Response, ResponseFuture, fail};
 
@@ -165,11 +165,7 @@ where
         match limit.check(&req) {
             Err(wait) => {
                 limit.metrics.rate_limited(&limit.route);
-                fail(GatewayError::RateLimited {
-                    retry_after: wait,
-                    quota: limit.quota,
-                    window_secs: limit.window_secs,
-                })
+                fail(Problem::rate_limited(wait, limit.quota, limit.window_secs))
             }
             Ok((remaining, reset)) => {
                 let fut = self.inner.call(req);
@@ -234,9 +230,7 @@ where
             }
             Err(_) => {
                 self.metrics.shed(&self.scope);
-                fail(GatewayError::Overloaded {
-                    scope: self.scope.to_string(),
-                })
+                fail(Problem::overloaded(&self.scope))
             }
         }
     }

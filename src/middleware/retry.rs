@@ -14,7 +14,7 @@ use tower::{Service, ServiceExt};
 
 use super::context::Deadline;
 use crate::config::{RetryCondition, RetryOn, RetrySpec};
-use crate::error::{Fault, GatewayError, classify};
+use crate::error::{Fault, Problem, RetryClass, classify};
 use crate::telemetry::metrics::Metrics;
 use crate::{BoxError, Request, Response, ResponseFuture, RouteService, full_body};
 
@@ -71,30 +71,24 @@ impl RetryPolicy {
                 if classify(e.as_ref()).fault == Fault::Client {
                     return None;
                 }
-                let g = e.downcast_ref::<GatewayError>()?;
-                let reason = match g {
-                    GatewayError::BackendUnavailable { .. }
-                        if wants(RetryCondition::ConnectFailure) =>
-                    {
+                let p = e.downcast_ref::<Problem>()?;
+                let status = p.status.as_u16();
+                let reason = match p.retry {
+                    RetryClass::ConnectFailure if wants(RetryCondition::ConnectFailure) => {
                         "connect-failure"
                     }
-                    GatewayError::BadGateway { .. } if wants(RetryCondition::Reset) => "reset",
-                    GatewayError::Timeout { .. } if wants(RetryCondition::Timeout) => "timeout",
-                    GatewayError::Grpc { code, .. }
-                        if *code == tonic::Code::Unavailable
-                            && wants(RetryCondition::Unavailable) =>
+                    RetryClass::Reset if wants(RetryCondition::Reset) => "reset",
+                    RetryClass::Timeout if wants(RetryCondition::Timeout) => "timeout",
+                    RetryClass::Unavailable if wants(RetryCondition::Unavailable) => "unavailable",
+                    RetryClass::Unavailable | RetryClass::Answered
+                        if self.on.contains(&RetryOn::Status(status)) =>
                     {
-                        "unavailable"
-                    }
-                    GatewayError::Grpc { .. }
-                        if self.on.contains(&RetryOn::Status(g.status().as_u16())) =>
-                    {
-                        status_reason(g.status().as_u16())
+                        status_reason(status)
                     }
                     _ => return None,
                 };
                 // The error itself knows whether the backend may have acted.
-                Some((reason, !g.retryable()))
+                Some((reason, p.retry.may_have_acted()))
             }
         }
     }
@@ -264,13 +258,7 @@ mod tests {
     }
 
     fn unavailable() -> BoxError {
-        GatewayError::BackendUnavailable {
-            backend: "b".into(),
-            reason: "cannot connect to the backend",
-            retry_after: None,
-            source: None,
-        }
-        .into()
+        Problem::backend_unavailable("b", "cannot connect to the backend").into()
     }
 
     fn service(
@@ -340,12 +328,12 @@ mod tests {
         let (svc, mut handle) = service(p, TpsBudget::new(Duration::from_secs(10), 100, 0.2));
         let call = tokio::spawn(svc.oneshot(http::Request::get("/x").body(empty_body()).unwrap()));
         let (_, send) = handle.next_request().await.unwrap();
-        send.send_error(GatewayError::Grpc {
-            backend: "b".into(),
-            code: tonic::Code::Unavailable,
-            message: String::new(),
-            details: None,
-        });
+        send.send_error(crate::backends::grpc::status::problem(
+            "b",
+            tonic::Code::Unavailable,
+            "",
+            None,
+        ));
         let (_, send) = handle.next_request().await.unwrap();
         send.send_response(http::Response::new(empty_body()));
         assert_eq!(call.await.unwrap().unwrap().status(), 200);

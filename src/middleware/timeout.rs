@@ -1,5 +1,5 @@
 //! The overall deadline of a request: sets [`Deadline`] for the layers and backend below it and
-//! fails with a 504 (`GatewayError::Timeout`) when the backend has not answered in time — or
+//! fails with a 504 (`Problem::timeout`) when the backend has not answered in time — or
 //! with a 408 (`ClientBody::TooSlow`, the client's fault) when the client was still sending its
 //! body then.
 
@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tower::{Layer, Service};
 
 use super::context::{BodyProgress, Deadline};
-use crate::error::{ClientBody, GatewayError};
+use crate::error::{ClientBody, Problem};
 use crate::{BoxError, Request, Response, ResponseFuture};
 
 #[derive(Debug, Clone, Copy)]
@@ -96,7 +96,7 @@ pub fn expired(after: Duration, progress: Option<&BodyProgress>) -> BoxError {
     if progress.is_some_and(|p| !p.finished()) {
         ClientBody::TooSlow.into()
     } else {
-        GatewayError::Timeout { after }.into()
+        Problem::timeout(after).into()
     }
 }
 
@@ -115,8 +115,8 @@ mod tests {
         assert!(req.extensions().get::<Deadline>().is_some());
         let err = call.await.unwrap().unwrap_err();
         assert!(matches!(
-            err.downcast_ref::<GatewayError>(),
-            Some(GatewayError::Timeout { .. })
+            err.downcast_ref::<Problem>(),
+            Some(p) if p.kind == crate::error::Kind::TIMEOUT
         ));
     }
 }

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use super::Plugin;
-use crate::error::GatewayError;
+use crate::error::Problem;
 use crate::{BoxError, Request, ResponseFuture, RouteService, fail};
 
 pub struct ApiKeyPlugin;
@@ -147,10 +147,7 @@ impl tower::Service<Request> for ApiKeyService {
                 None => format!("This route needs an API key in the `{}` header.", c.header),
             },
         };
-        fail(GatewayError::Unauthorized {
-            detail,
-            challenge: c.challenge.clone(),
-        })
+        fail(Problem::unauthorized(detail, &c.challenge))
     }
 }
 

@@ -15,7 +15,7 @@ use tracing::Instrument;
 
 use super::body::{DrainingSse, LimitedBody};
 use crate::app::Shared;
-use crate::error::{GatewayError, PayloadLimit, rescue};
+use crate::error::{PayloadLimit, Problem, rescue};
 use crate::middleware::context::{BodyProgress, RequestContext};
 use crate::middleware::correlation::{self, TRACEPARENT};
 use crate::router::{Lookup, normalize::normalize};
@@ -70,11 +70,8 @@ fn has_control_chars(req: &HttpRequest<Incoming>) -> bool {
 /// one `Host` (RFC 9112 §3.2), an HTTP/2 `host` that agrees with `:authority` (RFC 9113
 /// §8.3.1), and no transfer coding but `chunked` alone (RFC 9112 §6.1: 501 for the others,
 /// which hyper would otherwise leave undecoded).
-fn check_framing(req: &HttpRequest<Incoming>) -> Result<(), GatewayError> {
-    let bad = |detail: &str, field: &str| GatewayError::BadRequest {
-        detail: detail.into(),
-        field: Some(field.into()),
-    };
+fn check_framing(req: &HttpRequest<Incoming>) -> Result<(), Problem> {
+    let bad = |detail: &str, field: &str| Problem::bad_request(detail).with_field(field);
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {
@@ -102,10 +99,10 @@ fn check_framing(req: &HttpRequest<Incoming>) -> Result<(), GatewayError> {
     if let Some(first) = codings.next()
         && (!first.eq_ignore_ascii_case(b"chunked") || codings.next().is_some())
     {
-        return Err(GatewayError::NotImplemented {
-            detail: "The only transfer coding the gateway accepts is `chunked` alone.".into(),
-            field: Some("header.transfer-encoding".into()),
-        });
+        return Err(Problem::not_implemented(
+            "The only transfer coding the gateway accepts is `chunked` alone.",
+        )
+        .with_field("header.transfer-encoding"));
     }
     Ok(())
 }
@@ -182,21 +179,21 @@ pub async fn handle(
     let method = req.method().clone();
     let raw_uri = req.uri().clone();
     // gRPC clients understand only gRPC answers, errors included.
-    let wire = crate::backends::grpc::passthrough::Wire::of(req.headers());
+    let wire = crate::error::Wire::of(req.headers());
     let cid_header = HeaderValue::from_str(&cid).ok();
     let mut route_id: Arc<str> = NO_ROUTE.clone();
     let mut backend_name = None;
 
     let result: Result<Response, BoxError> = async {
         if has_control_chars(&req) {
-            return Err(GatewayError::bad_request(
+            return Err(Problem::bad_request(
                 "a header value holds a NUL, CR or LF character",
             )
             .into());
         }
         check_framing(&req)?;
         let path = normalize(req.uri().path(), table.spec.server.encoded_slash)
-            .map_err(|e| GatewayError::bad_request(format!("{e}.")))?;
+            .map_err(|e| Problem::bad_request(format!("{e}.")))?;
         if table.serves_jobs
             && let Some(state) = &table.state
             && let Some(answer) = crate::jobs::endpoint(&state.jobs, req.method(), &path).await
@@ -262,15 +259,12 @@ pub async fn handle(
         let (route, params) = match found {
             Lookup::Found { route, params } => (route.clone(), params),
             Lookup::MethodNotAllowed(allow) => {
-                return Err(GatewayError::MethodNotAllowed { allow }.into());
+                return Err(Problem::method_not_allowed(&allow).into());
             }
-            Lookup::NotFound => return Err(GatewayError::NotFound.into()),
+            Lookup::NotFound => return Err(Problem::not_found().into()),
         };
         if websocket_h2 && route.spec.websocket.is_none() {
-            return Err(GatewayError::BadRequest {
-                detail: "This route is not a WebSocket endpoint.".into(),
-                field: Some("protocol".into()),
-            }
+            return Err(Problem::bad_request("This route is not a WebSocket endpoint.").with_field("protocol")
             .into());
         }
         route_id = route.id.clone();
@@ -318,7 +312,7 @@ pub async fn handle(
                     None => path,
                 };
                 parts.uri = path_and_query.parse().map_err(|_| {
-                    GatewayError::bad_request("the request target is not a valid URI")
+                    Problem::bad_request("the request target is not a valid URI")
                 })?;
             }
         }

@@ -28,7 +28,7 @@ use tonic::transport::{Channel, Endpoint};
 use tower::Service;
 
 use crate::config::{GrpcBackendSpec, GrpcRouteSpec, RouteSpec};
-use crate::error::GatewayError;
+use crate::error::Problem;
 use crate::middleware::context::{Deadline, RequestContext};
 use crate::{BoxError, Request, Response, ResponseFuture, full_body};
 
@@ -533,11 +533,9 @@ impl GrpcRouteService {
         } else {
             format!("Field `{}`: {}.", e.field, e.message)
         };
-        GatewayError::BadRequest {
-            detail,
-            field: (!e.field.is_empty()).then_some(e.field),
-        }
-        .into()
+        Problem::bad_request(detail)
+            .with_optional_field((!e.field.is_empty()).then_some(e.field))
+            .into()
     }
 
     /// Builds the request message: body first, then query parameters, then path variables
@@ -576,9 +574,7 @@ impl GrpcRouteService {
             BodyRule::Whole => parse(input, body).map_err(Self::bad_field)?,
             BodyRule::None => {
                 if !body.iter().all(u8::is_ascii_whitespace) {
-                    return Err(
-                        GatewayError::bad_request("This route takes no request body.").into(),
-                    );
+                    return Err(Problem::bad_request("This route takes no request body.").into());
                 }
                 DynamicMessage::new(input)
             }
@@ -629,7 +625,7 @@ impl GrpcRouteService {
                 for (field, template) in self.path_fields.iter() {
                     let value = template
                         .render(|v| ctx.param(v))
-                        .ok_or(GatewayError::Internal("a path variable was not captured"))?;
+                        .ok_or(Problem::internal("a path variable was not captured"))?;
                     out.push((field.clone(), decode(&value)));
                 }
             }
@@ -668,7 +664,7 @@ impl GrpcRouteService {
     async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
         let (parts, body) = req.into_parts();
         if self.bidi {
-            return Err(GatewayError::bad_request(
+            return Err(Problem::bad_request(
                 "This method streams both ways; call it with a gRPC or gRPC-Web client.",
             )
             .into());
@@ -748,7 +744,7 @@ impl GrpcRouteService {
             return Ok(http_body_response(&out, &metadata));
         }
         let json = transcode::message_to_json(&out, self.emit_defaults, self.proto_names)
-            .map_err(|_| GatewayError::Internal("the reply could not be written as JSON"))?;
+            .map_err(|_| Problem::internal("the reply could not be written as JSON"))?;
         let mut r = http::Response::new(full_body(json));
         let headers = r.headers_mut();
         headers.insert(
@@ -809,7 +805,7 @@ impl GrpcRouteService {
             )
             && d.remaining().is_zero()
         {
-            return GatewayError::Timeout { after: d.total }.into();
+            return Problem::timeout(d.total).into();
         }
         let backend = &self.backend;
         // A status with a cause was made on this side, not sent by the server: the call failed
@@ -818,27 +814,23 @@ impl GrpcRouteService {
         // retried only when safe.
         if std::error::Error::source(&status).is_some() {
             if transport::is_connect_failure(&status) {
-                return GatewayError::BackendUnavailable {
-                    backend: backend.name.clone(),
-                    reason: "cannot connect to the backend",
-                    retry_after: None,
-                    source: Some(Box::new(status)),
-                }
+                return Problem::backend_unavailable(
+                    &backend.name,
+                    "cannot connect to the backend",
+                )
+                .with_source(status)
                 .into();
             }
-            return GatewayError::BadGateway {
-                backend: backend.name.clone(),
-                reason: "the connection to the backend failed",
-                source: Some(Box::new(status)),
-            }
-            .into();
+            return Problem::bad_gateway(&backend.name, "the connection to the backend failed")
+                .with_source(status)
+                .into();
         }
-        GatewayError::Grpc {
-            backend: backend.name.clone(),
-            code: status.code(),
-            message: status.message().to_string(),
-            details: self.details(&status),
-        }
+        status::problem(
+            &backend.name,
+            status.code(),
+            status.message(),
+            self.details(&status),
+        )
         .into()
     }
 

@@ -95,17 +95,12 @@ pub fn messages(
 
 /// Prefixes a bad-request detail with the NDJSON line it came from.
 fn at_line(e: BoxError, line: usize) -> BoxError {
-    match e.downcast::<crate::error::GatewayError>() {
-        Ok(g) => match *g {
-            crate::error::GatewayError::BadRequest { detail, field } => {
-                crate::error::GatewayError::BadRequest {
-                    detail: format!("Line {line}: {detail}"),
-                    field,
-                }
-                .into()
-            }
-            other => other.into(),
-        },
+    match e.downcast::<crate::error::Problem>() {
+        Ok(mut p) if p.kind == crate::error::Kind::BAD_REQUEST => {
+            p.detail = format!("Line {line}: {}", p.detail);
+            p
+        }
+        Ok(p) => p,
         Err(e) => e,
     }
 }

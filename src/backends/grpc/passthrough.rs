@@ -12,29 +12,11 @@ use http::uri::PathAndQuery;
 use http_body_util::BodyExt;
 use tower::{Layer, Service, ServiceExt};
 
-use crate::error::GatewayError;
+use crate::error::Problem;
 use crate::middleware::context::Deadline;
 use crate::{BodyError, BoxError, Request, Response, ResponseFuture};
 
-/// What kind of gRPC wire format a request's content type asks for, if any.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Wire {
-    Grpc,
-    GrpcWeb,
-}
-
-impl Wire {
-    pub fn of(headers: &http::HeaderMap) -> Option<Wire> {
-        let ct = headers.get(header::CONTENT_TYPE)?.as_bytes();
-        if ct.starts_with(b"application/grpc-web") {
-            Some(Wire::GrpcWeb)
-        } else if ct.starts_with(b"application/grpc") {
-            Some(Wire::Grpc)
-        } else {
-            None
-        }
-    }
-}
+pub use crate::error::Wire;
 
 /// Forwards gRPC requests to one method of a backend.
 #[derive(Clone)]
@@ -107,21 +89,14 @@ impl Passthrough {
         let backend = self.backend.to_string();
         let resp = self.transport.oneshot(req).await.map_err(|e| -> BoxError {
             if super::transport::is_connect_failure(&*e) {
-                GatewayError::BackendUnavailable {
-                    backend,
-                    reason: "cannot connect to the backend",
-                    retry_after: None,
-                    source: Some(e),
-                }
-                .into()
+                Problem::backend_unavailable(&backend, "cannot connect to the backend")
+                    .with_source(e)
+                    .into()
             } else {
                 // The request may have reached the server before the connection failed.
-                GatewayError::BadGateway {
-                    backend,
-                    reason: "the connection to the backend failed",
-                    source: Some(e),
-                }
-                .into()
+                Problem::bad_gateway(&backend, "the connection to the backend failed")
+                    .with_source(e)
+                    .into()
             }
         })?;
         Ok(resp.map(tonic::body::Body::new))

@@ -3,7 +3,7 @@
 use http::StatusCode;
 use tonic::Code;
 
-use crate::error::GatewayError;
+use crate::error::{Fault, Kind, Problem, RetryClass};
 
 pub fn http_status(code: Code) -> StatusCode {
     match code {
@@ -24,36 +24,41 @@ pub fn http_status(code: Code) -> StatusCode {
     }
 }
 
-/// The gRPC code for an answer the gateway makes itself to a gRPC client (its own errors, or a
-/// backend's status passed on), following the spirit of gRPC's HTTP-to-gRPC mapping.
-pub fn code_for(status: StatusCode, err: Option<&GatewayError>) -> Code {
-    match err {
-        Some(GatewayError::Grpc { code, .. }) => return *code,
-        Some(GatewayError::Timeout { .. }) => return Code::DeadlineExceeded,
-        Some(GatewayError::BadRequest { .. }) => return Code::InvalidArgument,
-        Some(GatewayError::NotFound | GatewayError::MethodNotAllowed { .. }) => {
-            return Code::Unimplemented;
-        }
-        Some(GatewayError::RateLimited { .. }) => return Code::ResourceExhausted,
-        Some(
-            GatewayError::BackendUnavailable { .. }
-            | GatewayError::BadGateway { .. }
-            | GatewayError::CircuitOpen { .. }
-            | GatewayError::Overloaded { .. }
-            | GatewayError::Unconfirmed { .. },
-        ) => return Code::Unavailable,
-        _ => {}
+/// The problem for a non-OK status a gRPC backend answered: its HTTP status follows
+/// code.proto, a 4xx is the client's fault, gRPC clients get the backend's code and message as
+/// they are, and problem+json carries the code, its name and the `google.rpc.Status` details.
+pub fn problem(
+    backend: &str,
+    code: Code,
+    message: &str,
+    details: Option<serde_json::Value>,
+) -> Problem {
+    let name = code_name(code);
+    let status = http_status(code);
+    let detail = if message.is_empty() {
+        format!("Backend '{backend}' answered {name}.")
+    } else {
+        format!("Backend '{backend}' answered {name}: {message}")
+    };
+    let fault = if status.is_client_error() {
+        Fault::Client
+    } else {
+        Fault::Upstream
+    };
+    let mut p = Problem::new(Kind::GRPC_STATUS, status, fault, detail);
+    p.retry = if code == Code::Unavailable {
+        RetryClass::Unavailable
+    } else {
+        RetryClass::Answered
+    };
+    p.grpc_code = code;
+    p.grpc_message = Some(message.to_string());
+    p.extensions.push(("grpc_code", (code as i32).into()));
+    p.extensions.push(("grpc_status", name.into()));
+    if let Some(d) = details {
+        p.extensions.push(("details", d));
     }
-    match status.as_u16() {
-        400 => Code::InvalidArgument,
-        401 => Code::Unauthenticated,
-        403 => Code::PermissionDenied,
-        404 => Code::Unimplemented,
-        413 | 429 => Code::ResourceExhausted,
-        502 | 503 => Code::Unavailable,
-        504 => Code::DeadlineExceeded,
-        _ => Code::Internal,
-    }
+    p
 }
 
 /// The `SCREAMING_CASE` name of a code, as in code.proto.

@@ -38,7 +38,7 @@ use super::AbortOnDrop;
 use super::values::{RequestValues, Target};
 use crate::config::template::ValueTemplate;
 use crate::config::{MqttBackendSpec, MqttProtocol, MqttRouteSpec, RouteSpec};
-use crate::error::GatewayError;
+use crate::error::Problem;
 use crate::middleware::context::{Deadline, RequestContext};
 use crate::telemetry::metrics::Metrics;
 use crate::{BodyError, BoxError, Request, Response, full_body};
@@ -423,13 +423,8 @@ impl MqttHandle {
         self.shared.gone.cancelled().await
     }
 
-    pub fn unavailable(&self, reason: &'static str) -> GatewayError {
-        GatewayError::BackendUnavailable {
-            backend: self.shared.name.clone(),
-            reason,
-            retry_after: Some(Duration::from_secs(1)),
-            source: None,
-        }
+    pub fn unavailable(&self, reason: &'static str) -> Problem {
+        Problem::backend_unavailable(&self.shared.name, reason)
     }
 
     /// The largest payload the client and the broker both accept, less the fixed header.
@@ -446,11 +441,7 @@ impl MqttHandle {
     /// messages behind sees `Lagged`, and the channel closes when the backend goes away. A
     /// burst of new filters waits for room in the client's request queue (at most five
     /// seconds) rather than failing.
-    pub async fn subscribe(
-        &self,
-        filter: String,
-        buffer: usize,
-    ) -> Result<Subscription, GatewayError> {
+    pub async fn subscribe(&self, filter: String, buffer: usize) -> Result<Subscription, Problem> {
         if !self.connected() {
             return Err(self.unavailable("not connected to the broker"));
         }
@@ -461,7 +452,7 @@ impl MqttHandle {
                 .shared
                 .subs
                 .lock()
-                .map_err(|_| GatewayError::Internal("the subscription table is poisoned"))?;
+                .map_err(|_| Problem::internal("the subscription table is poisoned"))?;
             match subs.get(&filter) {
                 Some(tx) => (tx.subscribe(), asks(&self.shared).pending(&filter)),
                 None => {
@@ -540,31 +531,29 @@ impl MqttHandle {
     /// A SUBSCRIBE for `filter` is one the broker takes (see [`unfit_topic`]) and fits the
     /// packet limit (one too big could never be sent, and would break the connection on every
     /// attempt).
-    fn fits(&self, filter: &str) -> Result<(), GatewayError> {
+    fn fits(&self, filter: &str) -> Result<(), Problem> {
         if let Some(why) = unfit_topic(filter, true) {
-            return Err(GatewayError::BadRequest {
-                detail: format!("The topic filter cannot be used: {why}."),
-                field: Some("topic".into()),
-            });
+            return Err(
+                Problem::bad_request(format!("The topic filter cannot be used: {why}."))
+                    .with_field("topic"),
+            );
         }
         // The filter, its length, the packet id, its options and MQTT 5's property length.
         let limit = self.payload_limit();
         if filter.len() + 6 > limit {
-            return Err(GatewayError::BadRequest {
-                detail: format!(
-                    "The topic filter is {} bytes, too long for the {}-byte packet limit.",
-                    filter.len(),
-                    limit + 5
-                ),
-                field: Some("topic".into()),
-            });
+            return Err(Problem::bad_request(format!(
+                "The topic filter is {} bytes, too long for the {}-byte packet limit.",
+                filter.len(),
+                limit + 5
+            ))
+            .with_field("topic"));
         }
         Ok(())
     }
 
     /// Publishes and waits up to `wait` for the broker's acknowledgement (QoS 1, 2) or for
     /// the write (QoS 0). Errors say whether the message may have arrived (`Unconfirmed`).
-    pub async fn publish(&self, publish: Publish, wait: Duration) -> Result<(), GatewayError> {
+    pub async fn publish(&self, publish: Publish, wait: Duration) -> Result<(), Problem> {
         let mut publish = publish;
         if matches!(self.shared.client, Client::V311(_)) {
             // 3.1.1 sends no properties: they count for nothing against the packet limit.
@@ -573,26 +562,21 @@ impl MqttHandle {
         if let Some(why) = std::str::from_utf8(&publish.topic)
             .map_or(Some("it is not valid UTF-8"), |t| unfit_topic(t, false))
         {
-            return Err(GatewayError::BadRequest {
-                detail: format!("The topic cannot be used: {why}."),
-                field: Some("topic".into()),
-            });
+            return Err(
+                Problem::bad_request(format!("The topic cannot be used: {why}."))
+                    .with_field("topic"),
+            );
         }
         let limit = self.payload_limit();
         if publish.payload.len() > limit {
-            return Err(GatewayError::PayloadTooLarge {
-                limit: limit as u64,
-            });
+            return Err(Problem::payload_too_large(limit as u64));
         }
         if publish.size() > limit {
-            return Err(GatewayError::BadRequest {
-                detail: format!(
+            return Err(Problem::bad_request(format!(
                     "The message with its topic and properties would be {} bytes, over the {}-byte packet limit.",
                     publish.size() + 5,
                     limit + 5
-                ),
-                field: Some("topic".into()),
-            });
+                )).with_field("topic"));
         }
         let (tx, rx) = oneshot::channel();
         {
@@ -600,7 +584,7 @@ impl MqttHandle {
                 .shared
                 .book
                 .lock()
-                .map_err(|_| GatewayError::Internal("the publish book is poisoned"))?;
+                .map_err(|_| Problem::internal("the publish book is poisoned"))?;
             if !self.connected() {
                 return Err(self.unavailable("not connected to the broker"));
             }
@@ -618,25 +602,22 @@ impl MqttHandle {
         }
         match tokio::time::timeout(wait, rx).await {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(Failure::Lost))) => Err(GatewayError::Unconfirmed {
-                backend: self.shared.name.clone(),
-                reason: "the broker lost the session before it acknowledged the message",
-                source: None,
-            }),
+            Ok(Ok(Err(Failure::Lost))) => Err(Problem::unconfirmed(
+                &self.shared.name,
+                "the broker lost the session before it acknowledged the message",
+            )),
             Ok(Ok(Err(Failure::Refused(reason)))) => {
                 self.shared
                     .metrics
                     .broker_event(&self.shared.name, "refused");
-                Err(GatewayError::BadRequest {
-                    detail: format!("The broker refused the message: {reason}."),
-                    field: None,
-                })
+                Err(Problem::bad_request(format!(
+                    "The broker refused the message: {reason}."
+                )))
             }
-            Ok(Err(_)) | Err(_) => Err(GatewayError::Unconfirmed {
-                backend: self.shared.name.clone(),
-                reason: "the broker did not acknowledge the message in time",
-                source: None,
-            }),
+            Ok(Err(_)) | Err(_) => Err(Problem::unconfirmed(
+                &self.shared.name,
+                "the broker did not acknowledge the message in time",
+            )),
         }
     }
 }
@@ -689,12 +670,8 @@ impl Shared {
         Some(asks.asked(filter))
     }
 
-    fn refused(&self, filter: &str, reason: &str) -> GatewayError {
-        GatewayError::SubscriptionRefused {
-            backend: self.name.clone(),
-            filter: filter.to_string(),
-            reason: reason.to_string(),
-        }
+    fn refused(&self, filter: &str, reason: &str) -> Problem {
+        Problem::subscription_refused(&self.name, filter, reason)
     }
 }
 
@@ -1288,7 +1265,7 @@ impl MqttRouteService {
 
     /// The topic of a publish, or (`filter`) the filter of a subscription: request values
     /// follow the MQTT rules of [`Target`], `/` only where the route's `multi_level` says so.
-    fn topic(&self, values: &RequestValues<'_>, filter: bool) -> Result<String, GatewayError> {
+    fn topic(&self, values: &RequestValues<'_>, filter: bool) -> Result<String, Problem> {
         let spans = &self.route.multi_level;
         let target = if filter {
             Target::MqttFilter { spans }
@@ -1302,7 +1279,7 @@ impl MqttRouteService {
         &self,
         parts: &http::request::Parts,
         body: Bytes,
-    ) -> Result<(String, Publish), GatewayError> {
+    ) -> Result<(String, Publish), Problem> {
         let values = RequestValues::new(parts, &body);
         let topic = self.topic(&values, false)?;
         let ctx = parts.extensions.get::<RequestContext>();
@@ -1323,11 +1300,11 @@ impl MqttRouteService {
         }
         for name in self.headers.iter() {
             for v in parts.headers.get_all(name) {
-                let v = v.to_str().map_err(|_| GatewayError::BadRequest {
-                    detail: format!(
+                let v = v.to_str().map_err(|_| {
+                    Problem::bad_request(format!(
                         "Header `{name}` must be visible ASCII to travel as a user property."
-                    ),
-                    field: Some(format!("header.{name}")),
+                    ))
+                    .with_field(format!("header.{name}"))
                 })?;
                 user.push((name.as_str().to_string(), v.to_string()));
             }
@@ -1391,7 +1368,7 @@ impl MqttRouteService {
         self.shared
             .readers
             .lock()
-            .map_err(|_| GatewayError::Internal("the reader table is poisoned"))?
+            .map_err(|_| Problem::internal("the reader table is poisoned"))?
             .entry(topic.clone())
             .or_default()
             .push((id, tx));
@@ -1443,7 +1420,7 @@ impl MqttRouteService {
             Ok(Err(Grant::Refused(reason))) => {
                 return Err(self.shared.refused(&topic, &reason).into());
             }
-            _ => return Err(GatewayError::NoValue { topic }.into()),
+            _ => return Err(Problem::no_value(&topic).into()),
         };
         let ct = p
             .properties
@@ -1529,10 +1506,7 @@ impl MqttRouteService {
         // anything else is done.
         let limit = self.handle.payload_limit();
         if body.len() > limit {
-            return Err(GatewayError::PayloadTooLarge {
-                limit: limit as u64,
-            }
-            .into());
+            return Err(Problem::payload_too_large(limit as u64).into());
         }
         let (topic, publish) = self.publish(&parts, body)?;
         // A response waiter exists before the request can be answered.
@@ -1553,7 +1527,7 @@ impl MqttRouteService {
                 self.shared
                     .responses
                     .lock()
-                    .map_err(|_| GatewayError::Internal("the response table is poisoned"))?
+                    .map_err(|_| Problem::internal("the response table is poisoned"))?
                     .insert(cid.clone(), tx);
                 Some((
                     rx,
@@ -1573,10 +1547,7 @@ impl MqttRouteService {
             let p = match tokio::time::timeout(wait, rx).await {
                 Ok(Ok(p)) => p,
                 _ => {
-                    return Err(GatewayError::Timeout {
-                        after: deadline.map_or(wait, |d| d.total),
-                    }
-                    .into());
+                    return Err(Problem::timeout(deadline.map_or(wait, |d| d.total)).into());
                 }
             };
             return response_answer(&self.shared.name, p, &spec.status_property);
@@ -1752,10 +1723,11 @@ fn response_answer(backend: &str, p: Publish, status_property: &str) -> Result<R
             .ok()
             .filter(|n| (200..600).contains(n))
             .and_then(|n| http::StatusCode::from_u16(n).ok())
-            .ok_or_else(|| GatewayError::BadGateway {
-                backend: backend.to_string(),
-                reason: "the response's status property does not hold an HTTP status (200-599)",
-                source: None,
+            .ok_or_else(|| {
+                Problem::bad_gateway(
+                    backend,
+                    "the response's status property does not hold an HTTP status (200-599)",
+                )
             })?,
     };
     let ct = props

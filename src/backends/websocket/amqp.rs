@@ -32,7 +32,7 @@ use crate::backends::amqp::{AmqpBackend, AmqpRouteService};
 use crate::backends::values::{RequestValues, Target};
 use crate::config::WsAmqpSpec;
 use crate::config::template::ValueTemplate;
-use crate::error::GatewayError;
+use crate::error::Problem;
 use crate::middleware::context::RequestContext;
 
 /// A route's AMQP bridge settings, compiled at load.
@@ -85,18 +85,17 @@ impl AmqpBridge {
         })
     }
 
-    fn unavailable(&self, reason: &'static str, source: Option<lapin::Error>) -> GatewayError {
-        GatewayError::BackendUnavailable {
-            backend: self.backend.name().to_string(),
-            reason,
-            retry_after: Some(Duration::from_secs(1)),
-            source: source.map(|e| Box::new(e) as crate::BoxError),
+    fn unavailable(&self, reason: &'static str, source: Option<lapin::Error>) -> Problem {
+        let p = Problem::backend_unavailable(self.backend.name(), reason);
+        match source {
+            Some(e) => p.with_source(e),
+            None => p,
         }
     }
 
     /// Renders the route's names for this request and, when the route pushes messages, opens
     /// the connection's channel and starts consuming, so a 101 means deliveries will come.
-    pub async fn prepare(&self, parts: &http::request::Parts) -> Result<Session, GatewayError> {
+    pub async fn prepare(&self, parts: &http::request::Parts) -> Result<Session, Problem> {
         let empty = Bytes::new();
         let values = RequestValues::new(parts, &empty);
         let spans = &self.multi_word;
@@ -122,7 +121,7 @@ impl AmqpBridge {
                     values.render(k, Target::AmqpBindingKey)?,
                 ))
             })
-            .collect::<Result<Vec<_>, GatewayError>>()?;
+            .collect::<Result<Vec<_>, Problem>>()?;
         let consumer = match self.prefetch {
             None => None,
             Some(prefetch) => {
@@ -148,10 +147,12 @@ impl AmqpBridge {
                             FieldTable::default(),
                         )
                         .await
-                        .map_err(|e| GatewayError::BadGateway {
-                            backend: self.backend.name().to_string(),
-                            reason: "the route's queue does not exist on the broker",
-                            source: Some(Box::new(e)),
+                        .map_err(|e| {
+                            Problem::bad_gateway(
+                                self.backend.name(),
+                                "the route's queue does not exist on the broker",
+                            )
+                            .with_source(e)
                         })?;
                         name
                     }
@@ -178,11 +179,7 @@ impl AmqpBridge {
                                 FieldTable::default(),
                             )
                             .await
-                            .map_err(|e| GatewayError::BadGateway {
-                                backend: self.backend.name().to_string(),
-                                reason: "the broker refused the route's binding (does the exchange exist?)",
-                                source: Some(Box::new(e)),
-                            })?;
+                            .map_err(|e| Problem::bad_gateway(self.backend.name(), "the broker refused the route's binding (does the exchange exist?)").with_source(e))?;
                         }
                         name
                     }
@@ -235,7 +232,7 @@ fn confirm_frame(acks: bool, seq: u64, outcome: Result<(), crate::BoxError>) -> 
     let mut v = match outcome {
         Ok(()) if acks => serde_json::json!({ "op": "ack" }),
         Ok(()) => return None,
-        Err(e) => match e.downcast_ref::<GatewayError>() {
+        Err(e) => match e.downcast_ref::<Problem>() {
             Some(g) => gateway_error_frame(g, None),
             None => error_frame("internal", "The publish failed.", None, None),
         },

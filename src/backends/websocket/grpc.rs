@@ -25,7 +25,7 @@ use tonic::Code;
 use super::{Ending, Inbound, Link, Session, close, error_frame};
 use crate::backends::grpc::{GrpcBackend, codec, status, transcode};
 use crate::config::WsGrpcSpec;
-use crate::error::GatewayError;
+use crate::error::Problem;
 
 /// The largest reply frame: a 4 MiB message (tonic's decoding limit) can grow as JSON, and
 /// the socket's write buffer holds twice that.
@@ -57,16 +57,12 @@ impl GrpcBridge {
 
     /// Connects the channel before the handshake is answered, so a 101 means the call can
     /// start; the metadata (correlation ID, trace context) comes from the handshake.
-    pub async fn prepare(&self, parts: &http::request::Parts) -> Result<Session, GatewayError> {
+    pub async fn prepare(&self, parts: &http::request::Parts) -> Result<Session, Problem> {
         let mut grpc = tonic::client::Grpc::new(self.backend.channel());
-        grpc.ready()
-            .await
-            .map_err(|e| GatewayError::BackendUnavailable {
-                backend: self.backend.name().to_string(),
-                reason: "cannot connect to the backend",
-                retry_after: None,
-                source: Some(Box::new(e)),
-            })?;
+        grpc.ready().await.map_err(|e| {
+            Problem::backend_unavailable(self.backend.name(), "cannot connect to the backend")
+                .with_source(e)
+        })?;
         let mut metadata = tonic::metadata::MetadataMap::new();
         for name in ["x-request-id", "traceparent"] {
             if let Some(v) = parts.headers.get(name)
@@ -241,10 +237,7 @@ impl GrpcSession {
                             }
                         }
                         Err(e) => {
-                            let g = GatewayError::BadRequest {
-                                detail: format!("The frame does not fit `{}`: {}", method.input().full_name(), e.message),
-                                field: (!e.field.is_empty()).then(|| e.field.clone()),
-                            };
+                            let g = Problem::bad_request(format!("The frame does not fit `{}`: {}", method.input().full_name(), e.message)).with_optional_field((!e.field.is_empty()).then(|| e.field.clone()));
                             let f = super::gateway_error_frame(&g, None);
                             if !link.send_json(&f).await {
                                 return None;

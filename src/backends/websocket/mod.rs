@@ -35,7 +35,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::config::{RouteSpec, WebSocketSpec};
-use crate::error::GatewayError;
+use crate::error::Problem;
 use crate::middleware::context::RequestContext;
 use crate::telemetry::metrics::{Metrics, WsCounters};
 use crate::{BoxError, Request, Response, empty_body};
@@ -212,7 +212,7 @@ impl WsRouteService {
             .extensions
             .get::<Sessions>()
             .cloned()
-            .ok_or(GatewayError::Internal("the session tracker is missing"))?;
+            .ok_or(Problem::internal("the session tracker is missing"))?;
         let ctx = parts.extensions.get::<RequestContext>().cloned();
         // The bridge's setup (topics, subscriptions) happens before the answer, so its
         // failures are HTTP answers and a 101 means the bridge is in place.
@@ -227,10 +227,7 @@ impl WsRouteService {
             },
         };
         let on_upgrade = parts.extensions.remove::<OnUpgrade>().ok_or_else(|| {
-            GatewayError::UpgradeRequired {
-                detail: "This connection cannot be upgraded to a WebSocket.".into(),
-                field: None,
-            }
+            Problem::upgrade_required("This connection cannot be upgraded to a WebSocket.")
         })?;
         let cid: Arc<str> = ctx.map_or_else(|| Arc::from("-"), |c| c.correlation_id);
         let span =
@@ -267,7 +264,7 @@ impl WsRouteService {
             h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             h.insert(
                 header::SEC_WEBSOCKET_ACCEPT,
-                HeaderValue::from_str(&accept).map_err(|_| GatewayError::Internal("accept key"))?,
+                HeaderValue::from_str(&accept).map_err(|_| Problem::internal("accept key"))?,
             );
         }
         if let Some(p) = protocol
@@ -288,11 +285,8 @@ struct Accepted {
     protocol: Option<String>,
 }
 
-fn upgrade_required(detail: &str, field: Option<&str>) -> GatewayError {
-    GatewayError::UpgradeRequired {
-        detail: detail.into(),
-        field: field.map(str::to_string),
-    }
+fn upgrade_required(detail: &str, field: Option<&str>) -> Problem {
+    Problem::upgrade_required(detail).with_optional_field(field.map(str::to_string))
 }
 
 fn header_has_token(req: &Request, name: header::HeaderName, token: &str) -> bool {
@@ -303,7 +297,7 @@ fn header_has_token(req: &Request, name: header::HeaderName, token: &str) -> boo
 }
 
 /// Checks the handshake (RFC 6455 §4.2.1, RFC 8441 §5), the origin and the subprotocol.
-fn handshake(settings: &WsSettings, req: &Request) -> Result<Accepted, GatewayError> {
+fn handshake(settings: &WsSettings, req: &Request) -> Result<Accepted, Problem> {
     let h2 = req.method() == http::Method::CONNECT;
     let accept = if h2 {
         let websocket = req
@@ -338,10 +332,11 @@ fn handshake(settings: &WsSettings, req: &Request) -> Result<Accepted, GatewayEr
                     .decode(k.as_bytes())
                     .is_ok_and(|b| b.len() == 16)
             })
-            .ok_or_else(|| GatewayError::BadRequest {
-                detail: "`Sec-WebSocket-Key` must be one header of 16 random bytes in base64."
-                    .into(),
-                field: Some("header.sec-websocket-key".into()),
+            .ok_or_else(|| {
+                Problem::bad_request(
+                    "`Sec-WebSocket-Key` must be one header of 16 random bytes in base64.",
+                )
+                .with_field("header.sec-websocket-key")
             })?;
         Some(tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes()))
     };
@@ -359,10 +354,10 @@ fn handshake(settings: &WsSettings, req: &Request) -> Result<Accepted, GatewayEr
             .and_then(|o| o.to_str().ok())
             .map(str::to_ascii_lowercase);
         if !origin.is_some_and(|o| settings.origins.contains(&o)) {
-            return Err(GatewayError::Forbidden {
-                detail: "This origin may not open WebSockets on this route.".into(),
-                field: Some("header.origin".into()),
-            });
+            return Err(
+                Problem::forbidden("This origin may not open WebSockets on this route.")
+                    .with_field("header.origin"),
+            );
         }
     }
     let protocol = if settings.subprotocols.is_empty() {
@@ -381,13 +376,11 @@ fn handshake(settings: &WsSettings, req: &Request) -> Result<Accepted, GatewayEr
             .find(|p| offered.iter().any(|o| o == *p))
             .cloned();
         if chosen.is_none() {
-            return Err(GatewayError::BadRequest {
-                detail: format!(
-                    "Offer one of these subprotocols in `Sec-WebSocket-Protocol`: {}.",
-                    settings.subprotocols.join(", ")
-                ),
-                field: Some("header.sec-websocket-protocol".into()),
-            });
+            return Err(Problem::bad_request(format!(
+                "Offer one of these subprotocols in `Sec-WebSocket-Protocol`: {}.",
+                settings.subprotocols.join(", ")
+            ))
+            .with_field("header.sec-websocket-protocol"));
         }
         chosen
     };
@@ -613,8 +606,8 @@ pub fn read_only_frame() -> serde_json::Value {
 }
 
 /// The error frame for a gateway error.
-pub fn gateway_error_frame(e: &GatewayError, id: Option<&serde_json::Value>) -> serde_json::Value {
-    error_frame(e.slug(), &e.detail(), e.field(), id)
+pub fn gateway_error_frame(e: &Problem, id: Option<&serde_json::Value>) -> serde_json::Value {
+    error_frame(e.kind.slug(), &e.detail, e.field.as_deref(), id)
 }
 
 /// A bridge's session, started once the socket is open.

@@ -36,7 +36,7 @@ use crate::backends::mqtt::{
 use crate::backends::values::{RequestValues, Target};
 use crate::config::WsMqttSpec;
 use crate::config::template::ValueTemplate;
-use crate::error::GatewayError;
+use crate::error::Problem;
 use crate::middleware::context::RequestContext;
 
 fn qos_of(n: u8) -> QoS {
@@ -88,7 +88,7 @@ impl MqttBridge {
         &self,
         parts: &http::request::Parts,
         settings: &WsSettings,
-    ) -> Result<Session, GatewayError> {
+    ) -> Result<Session, Problem> {
         if !self.handle.connected() {
             return Err(self.handle.unavailable("not connected to the broker"));
         }
@@ -170,7 +170,7 @@ struct Op {
 
 /// What a finished publish answers: the client's id (operations) or the frame's sequence
 /// number (fixed topics), the topic, and the outcome.
-type Acked = (Value, String, Result<(), GatewayError>);
+type Acked = (Value, String, Result<(), Problem>);
 
 /// Publishes waiting for the broker.
 type Pending = FuturesUnordered<futures_util::future::BoxFuture<'static, Acked>>;
@@ -297,7 +297,7 @@ impl MqttSession {
         (ops, acks): (bool, bool),
         id: Value,
         topic: String,
-        outcome: Result<(), GatewayError>,
+        outcome: Result<(), Problem>,
     ) -> Option<Value> {
         let key = if ops { "id" } else { "seq" };
         let mut v = match outcome {

@@ -21,7 +21,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use super::{Ending, Inbound, Link, Session, WsSettings, close};
 use crate::backends::http::{HttpBackend, HttpRouteService, strip_hop_by_hop};
 use crate::config::HttpProtocol;
-use crate::error::GatewayError;
+use crate::error::Problem;
 use crate::{Response, full_body};
 
 type Upstream = WebSocketStream<MaybeTlsStream<TcpStream>>;
@@ -54,7 +54,7 @@ impl UpstreamBridge {
         &self,
         parts: &http::request::Parts,
         settings: &WsSettings,
-    ) -> Result<Opened, GatewayError> {
+    ) -> Result<Opened, Problem> {
         let mut out = http::Request::new(());
         *out.uri_mut() = parts.uri.clone();
         *out.headers_mut() = parts.headers.clone();
@@ -85,28 +85,29 @@ impl UpstreamBridge {
         let key = tokio_tungstenite::tungstenite::handshake::client::generate_key();
         h.insert(
             header::SEC_WEBSOCKET_KEY,
-            HeaderValue::from_str(&key).map_err(|_| GatewayError::Internal("websocket key"))?,
+            HeaderValue::from_str(&key).map_err(|_| Problem::internal("websocket key"))?,
         );
         let uri = up.uri.to_string();
         let ws_uri = match uri.split_once("://") {
             Some(("http", rest)) => format!("ws://{rest}"),
             Some(("https", rest)) => format!("wss://{rest}"),
-            _ => return Err(GatewayError::Internal("an endpoint without a scheme")),
+            _ => return Err(Problem::internal("an endpoint without a scheme")),
         };
         up.uri = ws_uri
             .parse()
-            .map_err(|_| GatewayError::bad_request("the request path cannot be forwarded"))?;
+            .map_err(|_| Problem::bad_request("the request path cannot be forwarded"))?;
         let req = http::Request::from_parts(up, ());
         let backend = self.backend();
         let connect =
             tokio_tungstenite::connect_async_with_config(req, Some(settings.config), true);
-        let unavailable =
-            |reason, source: Option<crate::BoxError>| GatewayError::BackendUnavailable {
-                backend: backend.name().to_string(),
-                reason,
-                retry_after: Some(backend.eject_for()),
-                source,
-            };
+        let unavailable = |reason, source: Option<crate::BoxError>| {
+            let p = Problem::backend_unavailable(backend.name(), reason)
+                .with_retry_after(backend.eject_for().as_secs().max(1));
+            match source {
+                Some(e) => p.with_source(e),
+                None => p,
+            }
+        };
         match tokio::time::timeout(backend.connect_timeout(), connect).await {
             Ok(Ok((ws, resp))) => {
                 backend.record(i, true);
@@ -124,11 +125,10 @@ impl UpstreamBridge {
             // HTTP/2 client that its stream is open.
             Ok(Err(WsError::Http(resp))) if resp.status().as_u16() < 300 => {
                 backend.record(i, false);
-                Err(GatewayError::BadGateway {
-                    backend: backend.name().to_string(),
-                    reason: "the upstream answered the WebSocket handshake without upgrading",
-                    source: None,
-                })
+                Err(Problem::bad_gateway(
+                    backend.name(),
+                    "the upstream answered the WebSocket handshake without upgrading",
+                ))
             }
             Ok(Err(WsError::Http(resp))) => {
                 backend.record(i, !resp.status().is_server_error());
@@ -149,11 +149,10 @@ impl UpstreamBridge {
             }
             Ok(Err(e)) => {
                 backend.record(i, false);
-                Err(GatewayError::BadGateway {
-                    backend: backend.name().to_string(),
-                    reason: "the upstream WebSocket handshake failed",
-                    source: Some(Box::new(e)),
-                })
+                Err(
+                    Problem::bad_gateway(backend.name(), "the upstream WebSocket handshake failed")
+                        .with_source(e),
+                )
             }
             Err(_) => {
                 backend.record(i, false);
