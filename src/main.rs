@@ -10,9 +10,13 @@ use switchyard::telemetry::{self, LogFormat};
 use switchyard::{app, config};
 
 /// Exit codes, from sysexits(3): bad config (EX_USAGE), a config file that does not exist
-/// (EX_NOINPUT), a port in use (EX_CONFIG: another instance or service holds it).
+/// (EX_NOINPUT), a backend that does not work as configured (`validate --live`,
+/// EX_UNAVAILABLE), a failure of the gateway itself (EX_SOFTWARE), a port in use (EX_CONFIG:
+/// another instance or service holds it).
 const EXIT_BAD_CONFIG: u8 = 64;
 const EXIT_NO_INPUT: u8 = 66;
+const EXIT_UNAVAILABLE: u8 = 69;
+const EXIT_INTERNAL: u8 = 70;
 const EXIT_IN_USE: u8 = 78;
 
 /// The exit for a config file that does not exist, with the message saying so.
@@ -62,16 +66,30 @@ enum Command {
     Validate {
         /// The routes file.
         file: PathBuf,
+        /// Then try every backend against the real services, creating nothing: connections,
+        /// exchanges and queues (passive declarations), MQTT subscriptions, gRPC methods, HTTP
+        /// endpoints, the state store. Exit 69 when one fails.
+        #[arg(long)]
+        live: bool,
+        /// How `--live` reports: a table, or a JSON array of findings.
+        #[arg(long, value_enum, default_value = "table")]
+        format: Format,
     },
     /// Print the JSON Schema of routes.yaml.
     Schema,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Table,
+    Json,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
     s.parse::<bytesize::ByteSize>().map(|b| b.as_u64())
 }
 
-fn validate(file: &Path, max_size: u64) -> ExitCode {
+fn validate(file: &Path, max_size: u64, live: Option<Format>) -> ExitCode {
     if let Some(code) = missing(file) {
         return code;
     }
@@ -81,6 +99,7 @@ fn validate(file: &Path, max_size: u64) -> ExitCode {
     match result {
         Ok(spec) => {
             let (routes, backends) = (spec.routes.len(), spec.backends.len());
+            let checked = live.map(|_| spec.clone());
             // The pure checks passed; now build the table as a reload would (compiling protos,
             // resolving gRPC methods), without serving anything.
             if let Err(e) = build_check(file, spec) {
@@ -96,8 +115,13 @@ fn validate(file: &Path, max_size: u64) -> ExitCode {
                 eprintln!("{name}: 1 problem(s) found");
                 return ExitCode::from(EXIT_BAD_CONFIG);
             }
-            println!("{name}: ok ({routes} routes, {backends} backends)");
-            ExitCode::SUCCESS
+            match (checked, live) {
+                (Some(spec), Some(format)) => live_check(file, &spec, format),
+                _ => {
+                    println!("{name}: ok ({routes} routes, {backends} backends)");
+                    ExitCode::SUCCESS
+                }
+            }
         }
         Err(errors) => {
             for e in &errors.0 {
@@ -131,6 +155,40 @@ fn build_check(
         )
         .map(drop)
     })
+}
+
+/// `validate --live`: every backend against the real services; the report on stdout.
+fn live_check(file: &Path, spec: &config::ConfigSpec, format: Format) -> ExitCode {
+    use switchyard::backends::live;
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the checks: {e}");
+            return ExitCode::from(EXIT_INTERNAL);
+        }
+    };
+    let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let findings = rt.block_on(live::check(spec, &base));
+    match format {
+        Format::Table => print!("{}", live::table(&findings)),
+        Format::Json => match serde_json::to_string_pretty(&findings) {
+            Ok(json) => println!("{json}"),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EXIT_INTERNAL);
+            }
+        },
+    }
+    // The checkers' clients may keep background tasks; they end with the runtime.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    if findings.iter().any(|f| f.result == live::Verdict::Fail) {
+        ExitCode::from(EXIT_UNAVAILABLE)
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 async fn run(config: PathBuf, watch: bool, max_config_size: u64) -> anyhow::Result<ExitCode> {
@@ -171,7 +229,9 @@ async fn run(config: PathBuf, watch: bool, max_config_size: u64) -> anyhow::Resu
 fn main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { file } => Ok(validate(&file, cli.max_config_size)),
+        Command::Validate { file, live, format } => {
+            Ok(validate(&file, cli.max_config_size, live.then_some(format)))
+        }
         Command::Schema => {
             println!("{}", serde_json::to_string_pretty(&config::json_schema())?);
             Ok(ExitCode::SUCCESS)
@@ -181,7 +241,13 @@ fn main() -> anyhow::Result<ExitCode> {
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            rt.block_on(run(config, !no_watch, cli.max_config_size))
+            match rt.block_on(run(config, !no_watch, cli.max_config_size)) {
+                Ok(code) => Ok(code),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "The gateway failed.");
+                    Ok(ExitCode::from(EXIT_INTERNAL))
+                }
+            }
         }
     }
 }

@@ -5,6 +5,7 @@
 pub mod amqp;
 pub mod grpc;
 pub mod http;
+pub mod live;
 pub mod mqtt;
 pub mod values;
 pub mod websocket;

@@ -10,6 +10,7 @@ mod http_proxy;
 mod httprule;
 mod idempotency;
 mod jobs;
+mod live;
 mod matching;
 mod mqtt;
 mod reload;

@@ -5,6 +5,7 @@
 pub mod annotations;
 pub mod codec;
 mod embedded;
+pub mod live;
 mod ndjson;
 pub mod passthrough;
 pub mod reflection;

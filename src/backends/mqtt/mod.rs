@@ -32,6 +32,7 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request as MqttReq
 use tokio::sync::{broadcast, oneshot, watch};
 
 mod asks;
+pub mod live;
 use asks::{Ask, Asks, Grant};
 
 use super::AbortOnDrop;
@@ -263,25 +264,9 @@ impl MqttBackend {
         base: &std::path::Path,
         gate: &super::StartGate,
     ) -> Result<Self, String> {
-        let uri: http::Uri = spec.url.parse().map_err(|e| format!("url: {e}"))?;
-        let host = uri.host().ok_or("url: no host")?.to_string();
-        let tls = uri.scheme_str() == Some("mqtts");
-        let port = uri.port_u16().unwrap_or(if tls { 8883 } else { 1883 });
-        let client_id = spec
-            .client_id
-            .clone()
-            .unwrap_or_else(|| format!("switchyard-{name}"));
-        let response_topic = format!("switchyard/responses/{client_id}");
-        let transport = if tls {
-            Some(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(Arc::new(super::rustls_client(
-                    spec.tls.as_ref(),
-                    base,
-                )?)),
-            ))
-        } else {
-            None
-        };
+        let (host, port, transport) = broker(spec, base)?;
+        let client_id = client_id(name, spec);
+        let response_topic = response_topic(&client_id);
         let (client, eventloop) = match spec.protocol {
             MqttProtocol::V5 => {
                 let mut opts = MqttOptions::new(client_id, host, port);
@@ -394,6 +379,40 @@ impl Drop for MqttBackend {
             r.clear();
         }
     }
+}
+
+/// The broker's host and port, and the TLS transport for `mqtts://`.
+pub(crate) fn broker(
+    spec: &MqttBackendSpec,
+    base: &std::path::Path,
+) -> Result<(String, u16, Option<rumqttc::Transport>), String> {
+    let uri: http::Uri = spec.url.parse().map_err(|e| format!("url: {e}"))?;
+    let host = uri.host().ok_or("url: no host")?.to_string();
+    let tls = uri.scheme_str() == Some("mqtts");
+    let port = uri.port_u16().unwrap_or(if tls { 8883 } else { 1883 });
+    let transport = if tls {
+        Some(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(super::rustls_client(
+                spec.tls.as_ref(),
+                base,
+            )?)),
+        ))
+    } else {
+        None
+    };
+    Ok((host, port, transport))
+}
+
+/// The backend's client id: `client_id`, or `switchyard-<backend>`.
+pub(crate) fn client_id(name: &str, spec: &MqttBackendSpec) -> String {
+    spec.client_id
+        .clone()
+        .unwrap_or_else(|| format!("switchyard-{name}"))
+}
+
+/// The topic MQTT 5 responses come back on, for a client id.
+pub(crate) fn response_topic(client_id: &str) -> String {
+    format!("switchyard/responses/{client_id}")
 }
 
 /// A clonable view of a backend's client: confirmed publishes and shared subscriptions.

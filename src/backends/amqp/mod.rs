@@ -5,6 +5,8 @@
 //! confirm mode; each channel has at most one publish in flight, because lapin can hand a
 //! returned message to the wrong confirm when publishes are pipelined on one channel.
 
+pub mod live;
+
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -155,34 +157,7 @@ impl AmqpBackend {
         base: &std::path::Path,
         gate: &super::StartGate,
     ) -> Result<Self, String> {
-        let tls = match &spec.tls {
-            Some(t) => {
-                let read = |p: &std::path::PathBuf, what: &str| {
-                    let p = base.join(p);
-                    std::fs::read(&p)
-                        .map_err(|e| format!("cannot read `tls.{what}` ({}): {e}", p.display()))
-                };
-                let ca = match &t.ca {
-                    Some(p) => Some(
-                        String::from_utf8(read(p, "ca")?)
-                            .map_err(|_| "`tls.ca` is not a PEM file".to_string())?,
-                    ),
-                    None => None,
-                };
-                let identity = match (&t.cert, &t.key) {
-                    (Some(c), Some(k)) => Some(lapin::tcp::OwnedIdentity::PKCS8 {
-                        pem: read(c, "cert")?,
-                        key: read(k, "key")?,
-                    }),
-                    _ => None,
-                };
-                Some(lapin::tcp::OwnedTLSConfig {
-                    identity,
-                    cert_chain: ca,
-                })
-            }
-            None => None,
-        };
+        let tls = tls_config(spec, base)?;
         let shared = Arc::new(Shared {
             name: name.to_string(),
             tls,
@@ -311,8 +286,8 @@ async fn run(shared: Arc<Shared>) {
     }
 }
 
-struct SetupError {
-    message: String,
+pub(crate) struct SetupError {
+    pub(crate) message: String,
     /// The operator must act (a topology mismatch, refused credentials), not just wait.
     operator: bool,
 }
@@ -400,12 +375,39 @@ fn uri_with_heartbeat(url: &str, heartbeat: Duration) -> String {
 
 async fn connect(shared: &Arc<Shared>) -> Result<Live, SetupError> {
     let spec = &shared.spec;
+    let conn = Arc::new(open_connection(&shared.name, spec, shared.tls.as_ref()).await?);
+    declare_topology(&conn, spec).await?;
+    let mut slots = Vec::with_capacity(spec.channels);
+    let direct = shared.direct_replies.load(Ordering::Relaxed);
+    for _ in 0..spec.channels {
+        let ch = open_slot(shared, &conn, direct)
+            .await
+            .map_err(|e| SetupError::transient(format!("opening a channel: {e}")))?;
+        slots.push(Slot {
+            channel: Arc::new(Mutex::new(Some(ch))),
+        });
+    }
+    let live = Live {
+        conn,
+        slots,
+        named: std::sync::Mutex::new(HashMap::new()),
+    };
+    consume_named_queues(shared, &live).await;
+    Ok(live)
+}
+
+/// Opens a connection to the backend's broker (TLS included), within its connect timeout.
+pub(crate) async fn open_connection(
+    name: &str,
+    spec: &AmqpBackendSpec,
+    tls: Option<&lapin::tcp::OwnedTLSConfig>,
+) -> Result<Connection, SetupError> {
     let uri = uri_with_heartbeat(&spec.url, spec.heartbeat.0);
-    let props = ConnectionProperties::default()
-        .with_connection_name(format!("switchyard {}", shared.name).into());
+    let props =
+        ConnectionProperties::default().with_connection_name(format!("switchyard {name}").into());
     let connecting = async {
         let server_name = spec.tls.as_ref().and_then(|t| t.server_name.clone());
-        match (&shared.tls, server_name) {
+        match (tls, server_name) {
             (Some(tls), None) => {
                 let runtime = lapin::runtime::default_runtime()?;
                 Connection::connect_with_config(&uri, props, tls.clone(), runtime).await
@@ -454,26 +456,44 @@ async fn connect(shared: &Arc<Shared>) -> Result<Live, SetupError> {
                 operator,
             });
         }
-        Ok(Ok(c)) => Arc::new(c),
+        Ok(Ok(c)) => c,
     };
-    declare_topology(&conn, spec).await?;
-    let mut slots = Vec::with_capacity(spec.channels);
-    let direct = shared.direct_replies.load(Ordering::Relaxed);
-    for _ in 0..spec.channels {
-        let ch = open_slot(shared, &conn, direct)
-            .await
-            .map_err(|e| SetupError::transient(format!("opening a channel: {e}")))?;
-        slots.push(Slot {
-            channel: Arc::new(Mutex::new(Some(ch))),
-        });
-    }
-    let live = Live {
-        conn,
-        slots,
-        named: std::sync::Mutex::new(HashMap::new()),
-    };
-    consume_named_queues(shared, &live).await;
-    Ok(live)
+    Ok(conn)
+}
+
+/// The TLS settings of an `amqps://` backend, its files read relative to `base`.
+pub(crate) fn tls_config(
+    spec: &AmqpBackendSpec,
+    base: &std::path::Path,
+) -> Result<Option<lapin::tcp::OwnedTLSConfig>, String> {
+    Ok(match &spec.tls {
+        Some(t) => {
+            let read = |p: &std::path::PathBuf, what: &str| {
+                let p = base.join(p);
+                std::fs::read(&p)
+                    .map_err(|e| format!("cannot read `tls.{what}` ({}): {e}", p.display()))
+            };
+            let ca = match &t.ca {
+                Some(p) => Some(
+                    String::from_utf8(read(p, "ca")?)
+                        .map_err(|_| "`tls.ca` is not a PEM file".to_string())?,
+                ),
+                None => None,
+            };
+            let identity = match (&t.cert, &t.key) {
+                (Some(c), Some(k)) => Some(lapin::tcp::OwnedIdentity::PKCS8 {
+                    pem: read(c, "cert")?,
+                    key: read(k, "key")?,
+                }),
+                _ => None,
+            };
+            Some(lapin::tcp::OwnedTLSConfig {
+                identity,
+                cert_chain: ca,
+            })
+        }
+        None => None,
+    })
 }
 
 /// A channel in confirm mode, consuming direct reply-to when `direct` (the broker refuses a
@@ -515,67 +535,14 @@ async fn declare_topology(conn: &Connection, spec: &AmqpBackendSpec) -> Result<(
         }
     };
     for x in &t.exchanges {
-        let kind = match x.kind {
-            ExchangeKindSpec::Direct => ExchangeKind::Direct,
-            ExchangeKindSpec::Topic => ExchangeKind::Topic,
-            ExchangeKindSpec::Fanout => ExchangeKind::Fanout,
-            ExchangeKindSpec::Headers => ExchangeKind::Headers,
-        };
-        ch.exchange_declare(
-            x.name.as_str().into(),
-            kind,
-            ExchangeDeclareOptions {
-                durable: x.durable,
-                auto_delete: x.auto_delete,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .map_err(fail(format!("declaring exchange `{}`", x.name)))?;
+        declare_exchange(&ch, x, false)
+            .await
+            .map_err(fail(format!("declaring exchange `{}`", x.name)))?;
     }
     for q in &t.queues {
-        let mut args = FieldTable::default();
-        if q.kind == QueueKindSpec::Quorum {
-            args.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString("quorum".into()),
-            );
-        }
-        if let Some(ttl) = q.message_ttl {
-            args.insert(
-                "x-message-ttl".into(),
-                AMQPValue::LongLongInt(ttl.0.as_millis() as i64),
-            );
-        }
-        if let Some(n) = q.max_length {
-            args.insert(
-                "x-max-length".into(),
-                AMQPValue::LongLongInt(n.min(i64::MAX as u64) as i64),
-            );
-        }
-        if let Some(dlx) = &q.dead_letter_exchange {
-            args.insert(
-                "x-dead-letter-exchange".into(),
-                AMQPValue::LongString(dlx.as_str().into()),
-            );
-        }
-        if let Some(key) = &q.dead_letter_routing_key {
-            args.insert(
-                "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(key.as_str().into()),
-            );
-        }
-        ch.queue_declare(
-            q.name.as_str().into(),
-            QueueDeclareOptions {
-                durable: q.durable,
-                ..Default::default()
-            },
-            args,
-        )
-        .await
-        .map_err(fail(format!("declaring queue `{}`", q.name)))?;
+        declare_queue(&ch, q, false)
+            .await
+            .map_err(fail(format!("declaring queue `{}`", q.name)))?;
     }
     for b in &t.bindings {
         ch.queue_bind(
@@ -593,6 +560,82 @@ async fn declare_topology(conn: &Connection, spec: &AmqpBackendSpec) -> Result<(
     }
     let _ = ch.close(200, "declared".into()).await;
     Ok(())
+}
+
+/// Declares one exchange as the topology says; `passive` only asks whether it exists.
+pub(crate) async fn declare_exchange(
+    ch: &lapin::Channel,
+    x: &crate::config::ExchangeSpec,
+    passive: bool,
+) -> lapin::Result<()> {
+    let kind = match x.kind {
+        ExchangeKindSpec::Direct => ExchangeKind::Direct,
+        ExchangeKindSpec::Topic => ExchangeKind::Topic,
+        ExchangeKindSpec::Fanout => ExchangeKind::Fanout,
+        ExchangeKindSpec::Headers => ExchangeKind::Headers,
+    };
+    ch.exchange_declare(
+        x.name.as_str().into(),
+        kind,
+        ExchangeDeclareOptions {
+            durable: x.durable,
+            auto_delete: x.auto_delete,
+            passive,
+            ..Default::default()
+        },
+        FieldTable::default(),
+    )
+    .await
+}
+
+/// Declares one queue with its arguments as the topology says; `passive` only asks whether
+/// it exists.
+pub(crate) async fn declare_queue(
+    ch: &lapin::Channel,
+    q: &crate::config::QueueSpec,
+    passive: bool,
+) -> lapin::Result<lapin::Queue> {
+    let mut args = FieldTable::default();
+    if q.kind == QueueKindSpec::Quorum {
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+    }
+    if let Some(ttl) = q.message_ttl {
+        args.insert(
+            "x-message-ttl".into(),
+            AMQPValue::LongLongInt(ttl.0.as_millis() as i64),
+        );
+    }
+    if let Some(n) = q.max_length {
+        args.insert(
+            "x-max-length".into(),
+            AMQPValue::LongLongInt(n.min(i64::MAX as u64) as i64),
+        );
+    }
+    if let Some(dlx) = &q.dead_letter_exchange {
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(dlx.as_str().into()),
+        );
+    }
+    if let Some(key) = &q.dead_letter_routing_key {
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(key.as_str().into()),
+        );
+    }
+    ch.queue_declare(
+        q.name.as_str().into(),
+        QueueDeclareOptions {
+            durable: q.durable,
+            passive,
+            ..Default::default()
+        },
+        args,
+    )
+    .await
 }
 
 /// Consumes replies from `queue` on `ch` and hands each to its waiter by correlation id. A

@@ -2,6 +2,8 @@
 //! connections to one or more endpoints (round robin, failed endpoints skipped for a while),
 //! HTTP/1.1 or h2c upstream, path rewrite, hop-by-hop removal, `X-Forwarded-*`, streamed bodies.
 
+pub mod live;
+
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
