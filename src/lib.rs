@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod app;
 pub mod backends;
+pub mod backoff;
 pub mod config;
 pub mod error;
 pub mod jobs;

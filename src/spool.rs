@@ -676,7 +676,9 @@ async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
         spool: spool.clone(),
         route: route.clone(),
     };
+    // The wait before the next round, and the failed rounds in a row it counts.
     let mut backoff: Option<Duration> = None;
+    let mut failed: u32 = 0;
     let mut refusals: (u64, u32) = (u64::MAX, 0);
     // After an ordered batch broke, its messages go one at a time, so that each failure is
     // blamed on the message that caused it.
@@ -690,8 +692,10 @@ async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
         }
         let Some(sp) = spool.upgrade() else { return };
         let spec = sp.spec();
-        let next_backoff = |b: Option<Duration>| {
-            Some(b.map_or(spec.retry.min.0, |b| (b * 2).min(spec.retry.max.0)))
+        let pace = crate::backoff::Backoff::new(spec.retry.min.0, spec.retry.max.0);
+        let next_backoff = |failed: &mut u32| {
+            *failed += 1;
+            Some(pace.nth(*failed))
         };
         if !done.is_empty() {
             match sp.remove(&route, std::mem::take(&mut done)).await {
@@ -699,7 +703,7 @@ async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
                 Err((e, left)) => {
                     tracing::error!(route = %route, error = %e, "Removing forwarded messages from the spool failed; they are kept from being sent again.");
                     done = left;
-                    backoff = next_backoff(backoff);
+                    backoff = next_backoff(&mut failed);
                     continue;
                 }
             }
@@ -718,7 +722,7 @@ async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(route = %route, error = %e, "Reading the spool failed.");
-                backoff = next_backoff(backoff);
+                backoff = next_backoff(&mut failed);
                 continue;
             }
         };
@@ -726,7 +730,7 @@ async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
             drop(sp);
             // Idle: wake on a new message or install, and now and then to notice a drop.
             let _ = tokio::time::timeout(Duration::from_secs(5), notify.notified()).await;
-            backoff = None;
+            (backoff, failed) = (None, 0);
             continue;
         };
         let mut stalled = None;
@@ -858,11 +862,14 @@ async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
                 tracing::debug!(route = %route, %reason, "Forwarding from the spool paused.");
                 sp.note(&route, |s| s.last_error = Some(reason));
                 // A round that got messages through starts the wait over.
-                backoff = next_backoff(if progressed { None } else { backoff });
+                if progressed {
+                    failed = 0;
+                }
+                backoff = next_backoff(&mut failed);
             }
             None => {
                 sp.note(&route, |s| s.last_error = None);
-                backoff = None;
+                (backoff, failed) = (None, 0);
             }
         }
     }

@@ -455,7 +455,7 @@ impl Jobs {
         let jobs_path = self.spec().path;
         let body = Bytes::from(job.view(&jobs_path).to_string());
         let event = format!("job.{}", job.status.as_str());
-        let mut wait = spec.backoff.min.0;
+        let mut backoff = crate::backoff::Backoff::new(spec.backoff.min.0, spec.backoff.max.0);
         while !delivery.delivered && delivery.attempts < spec.attempts {
             delivery.attempts += 1;
             match self
@@ -471,8 +471,7 @@ impl Jobs {
                     tracing::debug!(job = %job.id, attempt = delivery.attempts, error = %e, "Webhook delivery failed.");
                     delivery.last_error = Some(e);
                     if delivery.attempts < spec.attempts {
-                        tokio::time::sleep(wait).await;
-                        wait = (wait * 2).min(spec.backoff.max.0);
+                        tokio::time::sleep(backoff.next_wait()).await;
                     }
                 }
             }

@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, Method, header};
@@ -13,6 +12,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Service, ServiceExt};
 
 use super::context::Deadline;
+use crate::backoff::Backoff;
 use crate::config::{RetryCondition, RetryOn, RetrySpec};
 use crate::error::{Fault, Problem, RetryClass, classify};
 use crate::telemetry::metrics::Metrics;
@@ -24,8 +24,8 @@ static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     pub attempts: u32,
-    pub backoff: Duration,
-    pub max_backoff: Duration,
+    /// Waits between tries, from zero (full jitter).
+    pub backoff: Backoff,
     pub on: Vec<RetryOn>,
     pub max_buffer: u64,
     /// The route declared its calls idempotent.
@@ -36,24 +36,11 @@ impl RetryPolicy {
     pub fn new(spec: &RetrySpec, idempotent: bool) -> Self {
         RetryPolicy {
             attempts: spec.attempts.max(1),
-            backoff: spec.backoff.0,
-            max_backoff: spec.max_backoff.0,
+            backoff: Backoff::from_zero(spec.backoff.0, spec.max_backoff.0),
             on: spec.on.clone(),
             max_buffer: spec.max_buffer.0,
             idempotent,
         }
-    }
-
-    /// Full jitter: a random wait between 0 and `min(max_backoff, backoff × 2^(retry-1))`.
-    pub fn backoff(&self, retry: u32) -> Duration {
-        let cap = self
-            .backoff
-            .saturating_mul(
-                1u32.checked_shl(retry.saturating_sub(1))
-                    .unwrap_or(u32::MAX),
-            )
-            .min(self.max_backoff);
-        cap.mul_f64(fastrand::f64())
     }
 
     /// Why `result` may be retried, and whether the backend may have acted on the request.
@@ -206,7 +193,7 @@ impl RetryService {
                 tracing::warn!(route = %self.route, backend = %self.backend, reason, "Retry budget exhausted; not retrying.");
                 return result;
             }
-            let wait = self.policy.backoff(attempt);
+            let wait = self.policy.backoff.nth(attempt);
             if deadline.is_some_and(|d| std::time::Instant::now() + wait >= d) {
                 return result;
             }
@@ -224,6 +211,7 @@ mod tests {
     use super::*;
     use crate::config::types::{Dur, Size};
     use crate::empty_body;
+    use std::time::Duration;
 
     fn policy(attempts: u32) -> RetryPolicy {
         RetryPolicy::new(
@@ -240,21 +228,6 @@ mod tests {
             },
             false,
         )
-    }
-
-    #[test]
-    fn backoff_is_bounded_full_jitter() {
-        let p = policy(5);
-        for retry in 1..10 {
-            let cap = Duration::from_millis((100u64 << (retry - 1)).min(1000));
-            for _ in 0..200 {
-                assert!(p.backoff(retry) <= cap, "retry {retry}");
-            }
-        }
-        // Full jitter spreads waits over the whole range.
-        let waits: Vec<_> = (0..500).map(|_| p.backoff(4)).collect();
-        assert!(waits.iter().any(|w| *w < Duration::from_millis(200)));
-        assert!(waits.iter().any(|w| *w > Duration::from_millis(600)));
     }
 
     fn unavailable() -> BoxError {

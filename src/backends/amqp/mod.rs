@@ -231,7 +231,7 @@ impl AmqpBackend {
 /// that lasted, so a broker that drops every new connection is not hammered.
 async fn run(shared: Arc<Shared>) {
     let spec = &shared.spec;
-    let mut delay = spec.reconnect.min.0;
+    let mut backoff = crate::backoff::Backoff::new(spec.reconnect.min.0, spec.reconnect.max.0);
     loop {
         // Everything after the TCP connect (topology, channels, consumers) is bounded too.
         let setup = spec.connect_timeout.0.saturating_mul(3);
@@ -252,7 +252,7 @@ async fn run(shared: Arc<Shared>) {
                 shared.set_problem(Some("connection lost; reconnecting".into()));
                 tracing::warn!(backend = %shared.name, "AMQP connection lost; requests answer 503 until it is back.");
                 if since.elapsed() > Duration::from_secs(10) {
-                    delay = spec.reconnect.min.0;
+                    backoff.reset();
                 }
                 // Close what is left without waiting for a broker that may be gone.
                 let _ = tokio::time::timeout(
@@ -279,10 +279,7 @@ async fn run(shared: Arc<Shared>) {
                 shared.set_problem(Some(msg));
             }
         }
-        let wait = Duration::from_secs_f64(delay.as_secs_f64() * fastrand::f64())
-            .max(spec.reconnect.min.0);
-        tokio::time::sleep(wait).await;
-        delay = delay.saturating_mul(2).min(spec.reconnect.max.0);
+        tokio::time::sleep(backoff.next_wait()).await;
     }
 }
 

@@ -983,12 +983,6 @@ async fn run(
     }
 }
 
-async fn backoff(delay: &mut Duration, min: Duration, max: Duration) {
-    let wait = Duration::from_secs_f64(delay.as_secs_f64() * fastrand::f64()).max(min);
-    tokio::time::sleep(wait).await;
-    *delay = delay.saturating_mul(2).min(max);
-}
-
 async fn run_v5(
     weak: std::sync::Weak<Shared>,
     mut eventloop: EventLoop,
@@ -996,7 +990,7 @@ async fn run_v5(
     max: Duration,
     inflight_limit: u16,
 ) {
-    let mut delay = min;
+    let mut backoff = crate::backoff::Backoff::new(min, max);
     loop {
         let event = eventloop.poll().await;
         let Some(shared) = weak.upgrade() else {
@@ -1047,7 +1041,7 @@ async fn run_v5(
                         rumqttc::v5::mqttbytes::v5::Subscribe::new(filter, None),
                     ));
                 }
-                delay = min;
+                backoff.reset();
                 tracing::info!(backend = %shared.name, session_present = ack.session_present, republished, "MQTT connection established.");
             }
             Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => asks(&shared).written(pkid),
@@ -1121,7 +1115,7 @@ async fn run_v5(
             Err(err) => {
                 on_failure(&shared, &mut eventloop.pending, &err, held_v5);
                 drop(shared);
-                backoff(&mut delay, min, max).await;
+                tokio::time::sleep(backoff.next_wait()).await;
             }
         }
     }
@@ -1179,7 +1173,7 @@ async fn run_v311(
     inflight_limit: u16,
 ) {
     use rumqttc::{Event as E, Packet as P, Request as R};
-    let mut delay = min;
+    let mut backoff = crate::backoff::Backoff::new(min, max);
     loop {
         let event = eventloop.poll().await;
         let Some(shared) = weak.upgrade() else {
@@ -1223,14 +1217,14 @@ async fn run_v311(
                 }
                 set_problem(&shared, None);
                 on_ready(&shared);
-                delay = min;
+                backoff.reset();
                 tracing::info!(backend = %shared.name, session_present = ack.session_present, republished, protocol = "3.1.1", "MQTT connection established.");
             }
             Ok(ev) => on_event_311(&shared, ev),
             Err(err) => {
                 on_failure(&shared, &mut eventloop.pending, &err, held_v311);
                 drop(shared);
-                backoff(&mut delay, min, max).await;
+                tokio::time::sleep(backoff.next_wait()).await;
             }
         }
     }
