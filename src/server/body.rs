@@ -117,7 +117,15 @@ impl<B> DrainingSse<B> {
 }
 
 /// The last event of a stream the gateway ends because it shuts down.
-const SHUTDOWN_EVENT: &str = "event: shutdown\ndata: {\"reason\":\"the gateway is shutting down; reconnect\"}\nretry: 1000\n\n";
+fn shutdown_event() -> Bytes {
+    super::sse::Event {
+        name: Some("shutdown"),
+        data: br#"{"reason":"the gateway is shutting down; reconnect"}"#,
+        retry_ms: Some(1000),
+        ..Default::default()
+    }
+    .to_bytes()
+}
 
 impl<B> HttpBody for DrainingSse<B>
 where
@@ -136,9 +144,7 @@ where
         }
         if this.shutdown.poll(cx).is_ready() {
             *this.done = true;
-            return Poll::Ready(Some(Ok(Frame::data(Bytes::from_static(
-                SHUTDOWN_EVENT.as_bytes(),
-            )))));
+            return Poll::Ready(Some(Ok(Frame::data(shutdown_event()))));
         }
         let polled = this.inner.poll_frame(cx);
         if matches!(polled, Poll::Ready(None)) {

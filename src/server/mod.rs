@@ -5,6 +5,7 @@
 pub mod body;
 pub mod dispatch;
 pub mod io;
+pub mod sse;
 pub mod tls;
 
 use std::convert::Infallible;

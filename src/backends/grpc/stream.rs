@@ -64,12 +64,13 @@ impl State {
                 out.push(b'\n');
             }
             Format::Sse => {
-                if let Some(e) = event {
-                    out.extend_from_slice(format!("event: {e}\n").as_bytes());
+                self.started = true;
+                return crate::server::sse::Event {
+                    name: event,
+                    data: json,
+                    ..Default::default()
                 }
-                out.extend_from_slice(b"data: ");
-                out.extend_from_slice(json);
-                out.extend_from_slice(b"\n\n");
+                .to_bytes();
             }
             Format::JsonArray => {
                 out.push(if self.started { b',' } else { b'[' });
@@ -136,13 +137,14 @@ pub fn response(
         Some((Ok::<_, BodyError>(Frame::data(bytes)), st))
     });
     let mut r = http::Response::new(StreamBody::new(frames).boxed_unsync());
-    let h = r.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(format.content_type()),
-    );
-    if format == Format::Sse {
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    match format {
+        Format::Sse => crate::server::sse::set_headers(r.headers_mut()),
+        _ => {
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(format.content_type()),
+            );
+        }
     }
     r
 }

@@ -1478,29 +1478,21 @@ impl MqttRouteService {
                     }
                     Err(broadcast::error::RecvError::Lagged(missed)) => {
                         st.done = true;
-                        Bytes::from(format!(
-                            "event: error\ndata: {}\n\n",
-                            serde_json::json!({ "error": "slow-consumer", "missed": missed,
-                                "detail": "This client fell too far behind and was disconnected; reconnect to continue." })
-                        ))
+                        let data = serde_json::json!({ "error": "slow-consumer", "missed": missed,
+                            "detail": "This client fell too far behind and was disconnected; reconnect to continue." });
+                        sse_error(&data)
                     }
                     Err(broadcast::error::RecvError::Closed) => {
                         st.done = true;
-                        Bytes::from_static(b"event: error\ndata: {\"error\":\"backend-gone\"}\n\n")
+                        sse_error(&serde_json::json!({ "error": "backend-gone" }))
                     }
                 },
-                _ = st.tick.tick() => Bytes::from_static(b": keep-alive\n\n"),
+                _ = st.tick.tick() => Bytes::from_static(crate::server::sse::KEEP_ALIVE),
             };
             Some((Ok::<_, BodyError>(http_body::Frame::data(chunk)), st))
         });
         let mut r = http::Response::new(http_body_util::StreamBody::new(events).boxed_unsync());
-        let h = r.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("text/event-stream"),
-        );
-        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-        h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+        crate::server::sse::set_headers(r.headers_mut());
         Ok(r)
     }
 
@@ -1637,8 +1629,25 @@ impl Drop for SubGuard {
 /// One message as an SSE event: its topic, and its payload as JSON when it is JSON, else text,
 /// else base64.
 fn sse_message(seq: u64, p: &Publish) -> Bytes {
-    let data = message_json(p);
-    Bytes::from(format!("id: {seq}\nevent: message\ndata: {data}\n\n"))
+    let data = message_json(p).to_string();
+    crate::server::sse::Event {
+        id: Some(seq),
+        name: Some("message"),
+        data: data.as_bytes(),
+        retry_ms: None,
+    }
+    .to_bytes()
+}
+
+/// An `error` event that ends a subscription stream.
+fn sse_error(data: &serde_json::Value) -> Bytes {
+    let data = data.to_string();
+    crate::server::sse::Event {
+        name: Some("error"),
+        data: data.as_bytes(),
+        ..Default::default()
+    }
+    .to_bytes()
 }
 
 /// A message as JSON for clients: its topic, its payload as JSON when it is JSON, else text,
