@@ -1,5 +1,41 @@
-//! Path templates (`/v1/orders/{id}`, `/static/{*rest}`) and rewrite templates, compiled at
-//! load time. The router matches with them; backends fill rewrite templates from the captures.
+//! Path templates (`/v1/orders/{id}`, `/static/{*rest}`), rewrite templates and value
+//! templates (`order.{region}.{body.kind}`), compiled at load time. The router matches with path
+//! templates; backends fill the others per request. All three read `{…}` references with one
+//! lexer, [`lex`].
+
+/// A piece of a template: literal text, or the inside of a `{…}` reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Piece<'a> {
+    Lit(&'a str),
+    Ref(&'a str),
+}
+
+/// The one lexer of every template: literal text and `{…}` references. A `{` without its `}`,
+/// or a `}` without its `{`, is an error.
+fn lex(raw: &str) -> Result<Vec<Piece<'_>>, String> {
+    let mut pieces = Vec::new();
+    let mut rest = raw;
+    while let Some(open) = rest.find('{') {
+        if open > 0 {
+            if rest[..open].contains('}') {
+                return Err("unmatched `}` in template".into());
+            }
+            pieces.push(Piece::Lit(&rest[..open]));
+        }
+        let Some(close) = rest[open..].find('}') else {
+            return Err("unclosed `{` in template".into());
+        };
+        pieces.push(Piece::Ref(&rest[open + 1..open + close]));
+        rest = &rest[open + close + 1..];
+    }
+    if rest.contains('}') {
+        return Err("unmatched `}` in template".into());
+    }
+    if !rest.is_empty() {
+        pieces.push(Piece::Lit(rest));
+    }
+    Ok(pieces)
+}
 
 /// One `/`-separated segment of a path template.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,7 +68,13 @@ impl PathTemplate {
         };
         for (i, part) in parts.iter().enumerate() {
             let last = i + 1 == parts.len();
-            if let Some(inner) = part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
+            let whole = |e: String| {
+                format!(
+                    "segment `{part}`: a variable must fill a whole segment, like `/{{id}}` ({e})"
+                )
+            };
+            let pieces = lex(part).map_err(whole)?;
+            if let [Piece::Ref(inner)] = pieces[..] {
                 if let Some(name) = inner.strip_prefix('*') {
                     if !valid_name(name) {
                         return Err(format!(
@@ -53,7 +95,7 @@ impl PathTemplate {
                     }
                     segments.push(Segment::Param(inner.to_string()));
                 }
-            } else if part.contains(['{', '}']) {
+            } else if pieces.iter().any(|p| matches!(p, Piece::Ref(_))) {
                 return Err(format!(
                     "segment `{part}`: a variable must fill a whole segment, like `/{{id}}`"
                 ));
@@ -139,30 +181,22 @@ pub enum Part {
 
 impl Template {
     pub fn parse(raw: &str) -> Result<Self, String> {
-        let mut parts = Vec::new();
-        let mut rest = raw;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                parts.push(Part::Lit(rest[..open].to_string()));
-            }
-            let Some(close) = rest[open..].find('}') else {
-                return Err("unclosed `{` in template".into());
-            };
-            let name = rest[open + 1..open + close].trim_start_matches('*');
-            if !valid_name(name) {
-                return Err(format!(
-                    "`{{{name}}}`: a variable name uses letters, digits and `_`"
-                ));
-            }
-            parts.push(Part::Var(name.to_string()));
-            rest = &rest[open + close + 1..];
-        }
-        if rest.contains('}') {
-            return Err("unmatched `}` in template".into());
-        }
-        if !rest.is_empty() {
-            parts.push(Part::Lit(rest.to_string()));
-        }
+        let parts = lex(raw)?
+            .into_iter()
+            .map(|p| match p {
+                Piece::Lit(l) => Ok(Part::Lit(l.to_string())),
+                Piece::Ref(r) => {
+                    let name = r.trim_start_matches('*');
+                    if valid_name(name) {
+                        Ok(Part::Var(name.to_string()))
+                    } else {
+                        Err(format!(
+                            "`{{{name}}}`: a variable name uses letters, digits and `_`"
+                        ))
+                    }
+                }
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Template { parts })
     }
 
@@ -207,46 +241,36 @@ pub enum ValuePart {
 
 impl ValueTemplate {
     pub fn parse(raw: &str) -> Result<Self, String> {
-        let mut parts = Vec::new();
-        let mut rest = raw;
-        while let Some(open) = rest.find('{') {
-            if open > 0 {
-                parts.push(ValuePart::Lit(rest[..open].to_string()));
-            }
-            let Some(close) = rest[open..].find('}') else {
-                return Err("unclosed `{` in template".into());
-            };
-            let name = &rest[open + 1..open + close];
-            let part = match name.split_once('.') {
-                None if valid_name(name) => ValuePart::Param(name.to_string()),
-                Some(("query", q)) if !q.is_empty() && !q.contains(['{', '}']) => {
-                    ValuePart::Query(q.to_string())
-                }
-                Some(("header", h))
-                    if !h.is_empty()
-                        && h.bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
-                {
-                    ValuePart::Header(h.to_ascii_lowercase())
-                }
-                Some(("body", b)) if b.split('.').all(|f| !f.is_empty()) => {
-                    ValuePart::Body(b.split('.').map(str::to_string).collect())
-                }
-                _ => {
-                    return Err(format!(
-                        "`{{{name}}}`: use `{{param}}`, `{{query.name}}`, `{{header.name}}` or `{{body.field.path}}`"
-                    ));
-                }
-            };
-            parts.push(part);
-            rest = &rest[open + close + 1..];
-        }
-        if rest.contains('}') {
-            return Err("unmatched `}` in template".into());
-        }
-        if !rest.is_empty() {
-            parts.push(ValuePart::Lit(rest.to_string()));
-        }
+        let parts = lex(raw)?
+            .into_iter()
+            .map(|p| {
+                let name = match p {
+                    Piece::Lit(l) => return Ok(ValuePart::Lit(l.to_string())),
+                    Piece::Ref(name) => name,
+                };
+                Ok(match name.split_once('.') {
+                    None if valid_name(name) => ValuePart::Param(name.to_string()),
+                    Some(("query", q)) if !q.is_empty() && !q.contains('{') => {
+                        ValuePart::Query(q.to_string())
+                    }
+                    Some(("header", h))
+                        if !h.is_empty()
+                            && h.bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') =>
+                    {
+                        ValuePart::Header(h.to_ascii_lowercase())
+                    }
+                    Some(("body", b)) if b.split('.').all(|f| !f.is_empty()) => {
+                        ValuePart::Body(b.split('.').map(str::to_string).collect())
+                    }
+                    _ => {
+                        return Err(format!(
+                            "`{{{name}}}`: use `{{param}}`, `{{query.name}}`, `{{header.name}}` or `{{body.field.path}}`"
+                        ));
+                    }
+                })
+            })
+            .collect::<Result<_, String>>()?;
         Ok(ValueTemplate { parts })
     }
 
@@ -287,7 +311,15 @@ mod tests {
         );
         assert!(t.needs_body());
         assert_eq!(t.params().collect::<Vec<_>>(), ["region"]);
-        for bad in ["{body.}", "{cookie.x}", "{a", "b}", "{header.a b}"] {
+        for bad in [
+            "{body.}",
+            "{cookie.x}",
+            "{a",
+            "b}",
+            "{header.a b}",
+            "{query.{x}",
+            "a}b{c}",
+        ] {
             assert!(ValueTemplate::parse(bad).is_err(), "{bad}");
         }
     }
@@ -301,6 +333,10 @@ mod tests {
         assert!(PathTemplate::parse("/a/{*x}/b").is_err());
         assert!(PathTemplate::parse("/a/x{y}").is_err());
         assert!(PathTemplate::parse("/a/{y}/{y}").is_err());
+        for whole in ["/a/x{y}", "/a/{y}x", "/a/{y", "/a/y}"] {
+            let e = PathTemplate::parse(whole).unwrap_err();
+            assert!(e.contains("must fill a whole segment"), "{whole}: {e}");
+        }
         assert_eq!(PathTemplate::parse("/").unwrap().router_key(), "/");
     }
 
