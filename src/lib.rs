@@ -7,13 +7,12 @@ pub mod app;
 pub mod backends;
 pub mod backoff;
 pub mod config;
+pub mod durable;
 pub mod error;
-pub mod jobs;
 pub mod middleware;
 pub mod plugins;
 pub mod router;
 pub mod server;
-pub mod spool;
 pub mod store;
 pub mod telemetry;
 

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use super::json_response;
 use crate::Response;
 use crate::app::Shared;
-use crate::spool::DeadLetter;
+use crate::durable::spool::DeadLetter;
 use crate::store::{Ns, State};
 
 fn problem(status: StatusCode, detail: impl Into<String>) -> Response {

@@ -354,7 +354,10 @@ impl BuiltBackend {
     /// An ordered batch sender for the spool's forwarder, where the backend can keep a
     /// route's order with several messages in flight: AMQP publishes without a reply, on a
     /// backend with at least two channels (a batch holds one channel while it lasts).
-    pub fn ordered_sender(&self, route: &RouteSpec) -> Option<Arc<dyn crate::spool::OrderedSend>> {
+    pub fn ordered_sender(
+        &self,
+        route: &RouteSpec,
+    ) -> Option<Arc<dyn crate::durable::spool::OrderedSend>> {
         match (&self.handle, &route.amqp, &self.spec) {
             (Handle::Amqp(a), Some(spec), BackendSpec::Amqp(b))
                 if spec.reply.is_none() && b.channels >= 2 =>

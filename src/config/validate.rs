@@ -340,7 +340,7 @@ fn validate_state_use(cx: &mut Ctx, spec: &ConfigSpec, i: usize, route: &RouteSp
         );
     }
     if let Some(u) = &w.url
-        && !crate::jobs::webhook::valid_url(u)
+        && !crate::durable::jobs::webhook::valid_url(u)
     {
         cx.err(
             &format!("{wb}.url"),
@@ -365,7 +365,7 @@ fn validate_state_use(cx: &mut Ctx, spec: &ConfigSpec, i: usize, route: &RouteSp
         }
     }
     for (j, a) in w.allow.iter().enumerate() {
-        if !crate::jobs::webhook::valid_url(a) {
+        if !crate::durable::jobs::webhook::valid_url(a) {
             cx.err(
                 &format!("{wb}.allow[{j}]"),
                 id,

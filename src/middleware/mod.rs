@@ -4,7 +4,7 @@
 pub mod breaker;
 pub mod context;
 pub mod correlation;
-pub mod idempotency;
+
 pub mod limit;
 pub mod retry;
 pub mod timeout;
@@ -129,11 +129,11 @@ pub fn stack(
     let mut spool_inner = None;
     if route.spool {
         let state = state.ok_or_else(needs_state)?;
-        spool_inner = Some(crate::spool::Forwarding {
+        spool_inner = Some(crate::durable::spool::Forwarding {
             service: svc.clone(),
             ordered: backend.ordered_sender(route),
         });
-        svc = RouteService::new(crate::spool::SpoolService::new(
+        svc = RouteService::new(crate::durable::spool::SpoolService::new(
             svc,
             state.spool.clone(),
             id.clone(),
@@ -143,7 +143,7 @@ pub fn stack(
     let mut job = None;
     if jobbed {
         let state = state.ok_or_else(needs_state)?;
-        let j = crate::jobs::JobService::new(
+        let j = crate::durable::jobs::JobService::new(
             svc,
             state.jobs.clone(),
             id.clone(),
@@ -161,7 +161,7 @@ pub fn stack(
     }
     if let Some(spec) = &route.idempotency {
         let state = state.ok_or_else(needs_state)?;
-        svc = RouteService::new(idempotency::IdempotencyService::new(
+        svc = RouteService::new(crate::durable::idempotency::IdempotencyService::new(
             svc,
             state.store.clone(),
             spec,
@@ -187,7 +187,7 @@ pub fn stack(
     let job_reader = match &job {
         Some(_) => Some(with_plugins(
             route,
-            RouteService::new(crate::jobs::ReadJob),
+            RouteService::new(crate::durable::jobs::ReadJob),
         )?),
         None => None,
     };
@@ -220,9 +220,9 @@ fn with_plugins(route: &RouteSpec, mut svc: RouteService) -> Result<RouteService
 /// messages through.
 pub struct RouteStack {
     pub service: RouteService,
-    pub spool_inner: Option<crate::spool::Forwarding>,
+    pub spool_inner: Option<crate::durable::spool::Forwarding>,
     /// The job layer, whose routes' jobs are run (and recovered) once the table serves.
-    pub job: Option<crate::jobs::JobService>,
+    pub job: Option<crate::durable::jobs::JobService>,
     /// What `GET {jobs.path}/{id}` passes for a job of this route: its plugins.
     pub job_reader: Option<RouteService>,
 }

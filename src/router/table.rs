@@ -27,9 +27,9 @@ pub struct CompiledRoute {
     pub backend: Arc<BuiltBackend>,
     pub service: RouteService,
     /// The stack below the spool layer, for `spool: true` routes.
-    pub spool_inner: Option<crate::spool::Forwarding>,
+    pub spool_inner: Option<crate::durable::spool::Forwarding>,
     /// The job layer of `mode: async` and `on_timeout: accept` routes.
-    pub job: Option<crate::jobs::JobService>,
+    pub job: Option<crate::durable::jobs::JobService>,
     /// The route's plugins around the job endpoint's answer for its jobs.
     pub job_reader: Option<RouteService>,
     /// `:verb` the last path variable must end with (annotated gRPC routes).

@@ -196,7 +196,7 @@ pub async fn handle(
             .map_err(|e| Problem::bad_request(format!("{e}.")))?;
         if table.serves_jobs
             && let Some(state) = &table.state
-            && let Some(answer) = crate::jobs::endpoint(&state.jobs, req.method(), &path).await
+            && let Some(answer) = crate::durable::jobs::endpoint(&state.jobs, req.method(), &path).await
         {
             route_id = Arc::from(JOBS_ROUTE);
             let (resp, job_route) = answer?;
@@ -214,7 +214,7 @@ pub async fn handle(
             let (mut parts, _) = req.into_parts();
             parts
                 .extensions
-                .insert(crate::jobs::Prepared(Arc::new(std::sync::Mutex::new(
+                .insert(crate::durable::jobs::Prepared(Arc::new(std::sync::Mutex::new(
                     Some(resp),
                 ))));
             parts.extensions.insert(RequestContext {

@@ -1,6 +1,6 @@
 //! The embedded state store: one redb file on local disk, for a single gateway or a sidecar.
 //! Every write transaction commits with redb's default `Durability::Immediate` (fsync before
-//! the commit returns). The same file holds the spool ([`crate::spool`]).
+//! the commit returns). The same file holds the spool ([`crate::durable::spool`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

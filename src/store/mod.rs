@@ -131,8 +131,8 @@ pub struct State {
     pub path: std::path::PathBuf,
     pub store: SharedStore,
     pub local: embedded::LocalDb,
-    pub spool: Arc<crate::spool::Spool>,
-    pub jobs: Arc<crate::jobs::Jobs>,
+    pub spool: Arc<crate::durable::spool::Spool>,
+    pub jobs: Arc<crate::durable::jobs::Jobs>,
 }
 
 impl State {
@@ -163,8 +163,11 @@ impl State {
                 } else {
                     embedded::LocalDb::open(&path)?
                 };
-                let spool =
-                    crate::spool::Spool::open(local.clone(), spec.spool.clone(), metrics.clone())?;
+                let spool = crate::durable::spool::Spool::open(
+                    local.clone(),
+                    spec.spool.clone(),
+                    metrics.clone(),
+                )?;
                 (local, spool, None)
             }
         };
@@ -192,9 +195,11 @@ impl State {
         };
         let jobs = match jobs {
             Some(j) => j,
-            None => {
-                crate::jobs::Jobs::new(store.clone(), spec.jobs.clone(), spec.dead_letter_ttl.0)
-            }
+            None => crate::durable::jobs::Jobs::new(
+                store.clone(),
+                spec.jobs.clone(),
+                spec.dead_letter_ttl.0,
+            ),
         };
         Ok(Arc::new(State {
             spec: spec.clone(),

@@ -13,9 +13,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tower::ServiceExt;
 
-use super::context::MessageId;
 use crate::config::IdempotencySpec;
 use crate::error::Problem;
+use crate::middleware::context::MessageId;
 use crate::store::{Ns, SharedStore, StoredResponse, now_ms, read_limited};
 use crate::{BoxError, Request, Response, RouteService, full_body};
 

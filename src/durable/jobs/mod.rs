@@ -23,9 +23,9 @@ use tokio::sync::oneshot;
 use tower::ServiceExt;
 
 use crate::config::{JobsSpec, WebhookSpec};
+use crate::durable::spool::{DeadLetter, Spooled};
 use crate::error::Problem;
 use crate::middleware::context::MessageId;
-use crate::spool::{DeadLetter, Spooled};
 use crate::store::{Ns, SharedStore, StoreError, StoredResponse, now_ms, read_limited};
 use crate::{BoxError, Request, Response, RouteService, full_body};
 
@@ -497,7 +497,7 @@ impl Jobs {
                 body: base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &body),
             };
             let (store, ttl) = self.store.lock().expect("jobs store").clone();
-            match crate::spool::put_dead_letter(&store, ttl, &dl).await {
+            match crate::durable::spool::put_dead_letter(&store, ttl, &dl).await {
                 Ok(()) => {
                     tracing::warn!(job = %job.id, route = %job.route, dead_letter = %dl.id, "A webhook was moved to the dead letters.");
                     delivery.dead_lettered = true;
