@@ -83,6 +83,10 @@ impl Kind {
     pub const JOB_NOT_FOUND: Kind = Kind("job-not-found");
     pub const NOT_IMPLEMENTED: Kind = Kind("not-implemented");
     pub const INTERNAL: Kind = Kind("internal");
+    /// The admin API: no such resource.
+    pub const NOT_FOUND: Kind = Kind("not-found");
+    /// The admin API: the resource is not in a state that allows this.
+    pub const CONFLICT: Kind = Kind("conflict");
 
     pub fn slug(self) -> &'static str {
         self.0
@@ -692,7 +696,7 @@ pub fn rescue(
     let p = classify(err);
     let mut resp = match wire {
         Some(wire) => grpc_answer(wire, &p, correlation_id),
-        None => problem_answer(&p, correlation_id),
+        None => problem_answer(&p, Some(correlation_id)),
     };
     for (name, value) in &p.headers {
         resp.headers_mut().insert(name, value.clone());
@@ -700,15 +704,27 @@ pub fn rescue(
     resp
 }
 
+/// The problem+json answer of a problem, with its headers: the body of [`rescue`], and the
+/// admin API's errors (which have no correlation ID).
+pub fn problem_json(p: &Problem, correlation_id: Option<&str>) -> Response {
+    let mut resp = problem_answer(p, correlation_id);
+    for (name, value) in &p.headers {
+        resp.headers_mut().insert(name, value.clone());
+    }
+    resp
+}
+
 /// The problem+json body of [`rescue`].
-fn problem_answer(p: &Problem, correlation_id: &str) -> Response {
+fn problem_answer(p: &Problem, correlation_id: Option<&str>) -> Response {
     let mut body = serde_json::json!({
         "type": format!("urn:switchyard:problem:{}", p.kind.0),
         "title": p.status.canonical_reason().unwrap_or("Error"),
         "status": p.status.as_u16(),
         "detail": p.detail,
-        "correlation_id": correlation_id,
     });
+    if let Some(id) = correlation_id {
+        body["correlation_id"] = id.into();
+    }
     if let Some(field) = &p.field {
         body["field"] = field.as_str().into();
     }

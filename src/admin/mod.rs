@@ -4,6 +4,7 @@
 
 pub mod state;
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -13,16 +14,19 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use serde_json::{Value, json};
+use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::app::Shared;
+use crate::error::{Fault, Kind, Problem};
 use crate::router::reload::{Outcome, Trigger};
 use crate::{Response, full_body};
 
-pub(crate) fn json_response(status: StatusCode, body: Value) -> Response {
-    let mut r = http::Response::new(full_body(body.to_string()));
+/// A JSON answer.
+pub(crate) fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    let body = serde_json::to_vec(body).unwrap_or_else(|_| b"null".to_vec());
+    let mut r = http::Response::new(full_body(body));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -31,40 +35,114 @@ pub(crate) fn json_response(status: StatusCode, body: Value) -> Response {
     r
 }
 
-fn time(t: Option<SystemTime>) -> Value {
-    t.map_or(Value::Null, |t| {
-        humantime::format_rfc3339_millis(t).to_string().into()
-    })
+/// An admin error, as problem+json: `not-found`, `method-not-allowed` (with `Allow`),
+/// `conflict`, `store-unavailable` or `internal`, by status.
+pub(crate) fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
+    let (kind, fault) = match status {
+        StatusCode::NOT_FOUND => (Kind::NOT_FOUND, Fault::Client),
+        StatusCode::CONFLICT => (Kind::CONFLICT, Fault::Client),
+        StatusCode::SERVICE_UNAVAILABLE => (Kind::STORE_UNAVAILABLE, Fault::Gateway),
+        _ => (Kind::INTERNAL, Fault::Gateway),
+    };
+    crate::error::problem_json(&Problem::new(kind, status, fault, detail), None)
+}
+
+/// 405, naming the methods the path takes.
+pub(crate) fn not_allowed(allow: &[Method]) -> Response {
+    crate::error::problem_json(&Problem::method_not_allowed(allow), None)
+}
+
+fn time(t: Option<SystemTime>) -> Option<String> {
+    t.map(|t| humantime::format_rfc3339_millis(t).to_string())
+}
+
+/// `GET /readyz`.
+#[derive(Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub config_version: u64,
+    pub backends: BTreeMap<String, BackendStatus>,
+}
+
+#[derive(Serialize)]
+pub struct BackendStatus {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub ready: bool,
+    pub used_by_routes: bool,
+    /// `closed`, `open` or `half_open`; absent when the backend has no breaker.
+    pub breaker: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
+}
+
+/// `GET /config`.
+#[derive(Serialize)]
+struct ConfigStatus {
+    version: u64,
+    path: String,
+    hash: String,
+    last_reload: Option<String>,
+    last_attempt: Option<String>,
+    last_error: Option<String>,
+}
+
+/// `GET /routes`.
+#[derive(Serialize)]
+struct Routes<'a> {
+    version: u64,
+    routes: Vec<RouteView<'a>>,
+}
+
+#[derive(Serialize)]
+struct RouteView<'a> {
+    id: &'a str,
+    methods: Option<Vec<&'a str>>,
+    path: &'a str,
+    host: Option<&'a str>,
+    headers: &'a BTreeMap<String, String>,
+    backend: &'a str,
+    backend_type: &'static str,
+    timeout: String,
+    max_body_size: u64,
+    plugins: Vec<&'a str>,
+}
+
+/// `POST /reload`.
+#[derive(Serialize)]
+#[serde(tag = "result", rename_all = "lowercase")]
+enum ReloadAnswer {
+    Applied { version: u64 },
+    Unchanged { version: u64 },
+    Rejected { errors: Vec<String> },
 }
 
 /// Whether the gateway can serve: config loaded and every backend a route uses is ready.
-pub fn readiness(shared: &Shared) -> (bool, Value) {
+pub fn readiness(shared: &Shared) -> Readiness {
     let table = shared.table.load();
-    let mut all = true;
-    let mut backends = serde_json::Map::new();
-    let mut names: Vec<_> = table.backends.by_name.iter().collect();
-    names.sort_by(|a, b| a.0.cmp(b.0));
-    for (name, b) in names {
+    let mut ready = true;
+    let mut backends = BTreeMap::new();
+    for (name, b) in &table.backends.by_name {
         let used = table.routes.iter().any(|r| r.spec.backend == *name);
-        let ready = b.ready();
-        shared.metrics.backend_ready(name, ready);
-        all &= ready || !used;
-        let breaker = b.policy.breaker.as_ref().map(|br| br.state().name());
+        let up = b.ready();
+        shared.metrics.backend_ready(name, up);
+        ready &= up || !used;
         backends.insert(
             name.clone(),
-            {
-                let mut v = json!({ "type": b.kind(), "ready": ready, "used_by_routes": used, "breaker": breaker });
-                if let Some(p) = b.problem().filter(|_| !ready) {
-                    v["problem"] = p.into();
-                }
-                v
+            BackendStatus {
+                kind: b.kind(),
+                ready: up,
+                used_by_routes: used,
+                breaker: b.policy.breaker.as_ref().map(|br| br.state().name()),
+                problem: b.problem().filter(|_| !up),
             },
         );
     }
-    (
-        all,
-        json!({ "ready": all, "config_version": table.version, "backends": backends }),
-    )
+    Readiness {
+        ready,
+        config_version: table.version,
+        backends,
+    }
 }
 
 async fn handle(shared: Arc<Shared>, req: http::Request<Incoming>) -> Response {
@@ -73,15 +151,17 @@ async fn handle(shared: Arc<Shared>, req: http::Request<Incoming>) -> Response {
         return r;
     }
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => json_response(StatusCode::OK, json!({ "status": "ok" })),
+        (&Method::GET, "/healthz") => {
+            json_response(StatusCode::OK, &BTreeMap::from([("status", "ok")]))
+        }
         (&Method::GET, "/readyz") => {
-            let (ready, body) = readiness(&shared);
-            let status = if ready {
+            let r = readiness(&shared);
+            let status = if r.ready {
                 StatusCode::OK
             } else {
                 StatusCode::SERVICE_UNAVAILABLE
             };
-            json_response(status, body)
+            json_response(status, &r)
         }
         (&Method::GET, "/metrics") => {
             readiness(&shared);
@@ -101,62 +181,68 @@ async fn handle(shared: Arc<Shared>, req: http::Request<Incoming>) -> Response {
             let s = shared.status();
             json_response(
                 StatusCode::OK,
-                json!({
-                    "version": s.version,
-                    "path": s.path.display().to_string(),
-                    "hash": s.hash,
-                    "last_reload": time(s.last_reload),
-                    "last_attempt": time(s.last_attempt),
-                    "last_error": s.last_error,
-                }),
+                &ConfigStatus {
+                    version: s.version,
+                    path: s.path.display().to_string(),
+                    hash: s.hash,
+                    last_reload: time(s.last_reload),
+                    last_attempt: time(s.last_attempt),
+                    last_error: s.last_error,
+                },
             )
         }
         (&Method::GET, "/routes") => {
             let table = shared.table.load();
-            let routes: Vec<Value> = table
+            let routes = table
                 .routes
                 .iter()
-                .map(|r| {
-                    json!({
-                        "id": &*r.id,
-                        "methods": r.methods.as_ref().map(|m| m.iter().map(|x| x.as_str().to_string()).collect::<Vec<_>>()),
-                        "path": r.template.raw,
-                        "host": r.spec.matcher.host,
-                        "headers": r.spec.matcher.headers,
-                        "backend": r.spec.backend,
-                        "backend_type": r.backend.kind(),
-                        "timeout": humantime::format_duration(r.spec.timeout.unwrap_or(table.spec.defaults.timeout).0).to_string(),
-                        "max_body_size": r.max_body_size,
-                        "plugins": r.spec.plugins.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
-                    })
+                .map(|r| RouteView {
+                    id: &r.id,
+                    methods: r
+                        .methods
+                        .as_ref()
+                        .map(|m| m.iter().map(Method::as_str).collect()),
+                    path: &r.template.raw,
+                    host: r.spec.matcher.host.as_deref(),
+                    headers: &r.spec.matcher.headers,
+                    backend: &r.spec.backend,
+                    backend_type: r.backend.kind(),
+                    timeout: humantime::format_duration(
+                        r.spec.timeout.unwrap_or(table.spec.defaults.timeout).0,
+                    )
+                    .to_string(),
+                    max_body_size: r.max_body_size,
+                    plugins: r.spec.plugins.iter().map(|p| p.name.as_str()).collect(),
                 })
                 .collect();
             json_response(
                 StatusCode::OK,
-                json!({ "version": table.version, "routes": routes }),
+                &Routes {
+                    version: table.version,
+                    routes,
+                },
             )
         }
         (&Method::POST, "/reload") => match shared.reloader().reload(Trigger::Admin).await {
-            Outcome::Applied { version } => json_response(
-                StatusCode::OK,
-                json!({ "result": "applied", "version": version }),
-            ),
-            Outcome::Unchanged { version } => json_response(
-                StatusCode::OK,
-                json!({ "result": "unchanged", "version": version }),
-            ),
+            Outcome::Applied { version } => {
+                json_response(StatusCode::OK, &ReloadAnswer::Applied { version })
+            }
+            Outcome::Unchanged { version } => {
+                json_response(StatusCode::OK, &ReloadAnswer::Unchanged { version })
+            }
             Outcome::Rejected { errors } => json_response(
                 StatusCode::UNPROCESSABLE_ENTITY,
-                json!({ "result": "rejected", "errors": errors }),
+                &ReloadAnswer::Rejected { errors },
             ),
         },
-        (_, "/healthz" | "/readyz" | "/metrics" | "/config" | "/routes" | "/reload") => {
-            json_response(
-                StatusCode::METHOD_NOT_ALLOWED,
-                json!({ "error": "method not allowed" }),
-            )
+        (_, "/reload") => not_allowed(&[Method::POST]),
+        (_, "/healthz" | "/readyz" | "/metrics" | "/config" | "/routes") => {
+            not_allowed(&[Method::GET])
         }
-        _ => json_response(StatusCode::NOT_FOUND, json!({ "error": "not found" })),
+        (_, path) => problem(
+            StatusCode::NOT_FOUND,
+            format!("The admin API has no `{path}`."),
+        ),
     }
 }
 

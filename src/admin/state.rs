@@ -8,15 +8,11 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use super::json_response;
+use super::{json_response, not_allowed, problem};
 use crate::Response;
 use crate::app::Shared;
 use crate::durable::spool::DeadLetter;
 use crate::store::{Ns, State};
-
-fn problem(status: StatusCode, detail: impl Into<String>) -> Response {
-    json_response(status, json!({ "error": detail.into() }))
-}
 
 fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
     query?
@@ -46,17 +42,17 @@ pub async fn handle(
     };
     Some(match (method, path, rest) {
         (&Method::GET, "/spool", _) => spool(&state),
-        (_, "/spool", _) => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        (_, "/spool", _) => not_allowed(&[Method::GET]),
         (&Method::GET, _, "") => list(&state, query).await,
-        (_, _, "") => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
+        (_, _, "") => not_allowed(&[Method::GET]),
         (m, _, r) => {
             let r = r.strip_prefix('/').unwrap_or(r);
             match (m, r.split_once('/')) {
                 (&Method::GET, None) => read(&state, r).await,
                 (&Method::DELETE, None) => delete(&state, r).await,
                 (&Method::POST, Some((id, "replay"))) => replay(&table, &state, id).await,
-                (_, None) => problem(StatusCode::METHOD_NOT_ALLOWED, "use GET or DELETE"),
-                (_, Some((_, "replay"))) => problem(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
+                (_, None) => not_allowed(&[Method::GET, Method::DELETE]),
+                (_, Some((_, "replay"))) => not_allowed(&[Method::POST]),
                 _ => problem(StatusCode::NOT_FOUND, "not found"),
             }
         }
@@ -72,7 +68,7 @@ fn spool(state: &State) -> Response {
         .collect();
     json_response(
         StatusCode::OK,
-        json!({ "path": state.spool.path().display().to_string(), "routes": routes }),
+        &json!({ "path": state.spool.path().display().to_string(), "routes": routes }),
     )
 }
 
@@ -113,7 +109,7 @@ async fn list(state: &State, query: Option<&str>) -> Response {
                 .flatten();
             json_response(
                 StatusCode::OK,
-                json!({ "dead_letters": items, "next_after": next }),
+                &json!({ "dead_letters": items, "next_after": next }),
             )
         }
         Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
@@ -147,7 +143,7 @@ async fn read(state: &State, id: &str) -> Response {
                 .map(|(n, v)| json!([n, String::from_utf8_lossy(v)]))
                 .collect();
             v["body_base64"] = d.body.into();
-            json_response(StatusCode::OK, v)
+            json_response(StatusCode::OK, &v)
         }
         Err(r) => r,
     }
@@ -155,7 +151,7 @@ async fn read(state: &State, id: &str) -> Response {
 
 async fn delete(state: &State, id: &str) -> Response {
     match state.store.delete(Ns::DeadLetters, id).await {
-        Ok(true) => json_response(StatusCode::OK, json!({ "deleted": id })),
+        Ok(true) => json_response(StatusCode::OK, &json!({ "deleted": id })),
         Ok(false) => problem(StatusCode::NOT_FOUND, format!("no dead letter `{id}`")),
         Err(e) => problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
     }
@@ -201,7 +197,7 @@ async fn replay_locked(table: &crate::router::RouteTable, state: &State, id: &st
     }
     json_response(
         StatusCode::ACCEPTED,
-        json!({ "replayed": id, "route": d.route }),
+        &json!({ "replayed": id, "route": d.route }),
     )
 }
 

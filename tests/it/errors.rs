@@ -180,3 +180,31 @@ routes:
     let (s, _, _) = get(&gw.url("/x")).await;
     assert_eq!(s, 200);
 }
+
+#[tokio::test]
+async fn the_admin_api_answers_its_errors_as_problem_json() {
+    let gw = Gateway::start("routes: []\n").await;
+    let (s, h, b) = send(
+        request(Method::DELETE, &gw.admin_url("/readyz"))
+            .body(body(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 405);
+    assert_eq!(h["content-type"], "application/problem+json");
+    assert_eq!(h["allow"], "GET");
+    assert_eq!(json(&b)["type"], "urn:switchyard:problem:method-not-allowed");
+    let (s, h, b) = get(&gw.admin_url("/nope")).await;
+    assert_eq!(s, 404);
+    assert_eq!(h["content-type"], "application/problem+json");
+    let v = json(&b);
+    assert_eq!(v["type"], "urn:switchyard:problem:not-found");
+    assert!(v["detail"].as_str().unwrap().contains("/nope"), "{v}");
+    // No route uses the state store: the dead letters are not there.
+    let (s, h, _) = get(&gw.admin_url("/dead-letters")).await;
+    assert_eq!(s, 404);
+    assert_eq!(h["content-type"], "application/problem+json");
+    let (s, _, b) = get(&gw.admin_url("/readyz")).await;
+    assert_eq!(s, 200);
+    assert_eq!(json(&b)["ready"], true);
+}
