@@ -193,7 +193,10 @@ async fn the_admin_api_answers_its_errors_as_problem_json() {
     assert_eq!(s, 405);
     assert_eq!(h["content-type"], "application/problem+json");
     assert_eq!(h["allow"], "GET");
-    assert_eq!(json(&b)["type"], "urn:switchyard:problem:method-not-allowed");
+    assert_eq!(
+        json(&b)["type"],
+        "urn:switchyard:problem:method-not-allowed"
+    );
     let (s, h, b) = get(&gw.admin_url("/nope")).await;
     assert_eq!(s, 404);
     assert_eq!(h["content-type"], "application/problem+json");

@@ -13,6 +13,7 @@ pub mod status;
 mod stream;
 pub mod transcode;
 pub mod transport;
+pub mod websocket;
 
 use std::path::Path;
 use std::sync::Arc;

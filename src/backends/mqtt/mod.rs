@@ -33,6 +33,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 mod asks;
 pub mod live;
+pub mod websocket;
 use asks::{Ask, Asks, Grant};
 
 use super::AbortOnDrop;

@@ -9,10 +9,11 @@
 //! Neither side buffers without limit: the queue towards the client holds `buffer` messages,
 //! and the bridge stops reading the client while `inflight` publishes wait for the backend.
 
-pub mod amqp;
-pub mod grpc;
-pub mod mqtt;
-pub mod upstream;
+// Each bridge lives in its protocol's folder.
+use super::amqp::websocket as amqp;
+use super::grpc::websocket as grpc;
+use super::http::websocket as upstream;
+use super::mqtt::websocket as mqtt;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -72,12 +73,12 @@ pub struct WsSettings {
     subprotocols: Vec<String>,
     ping_interval: Duration,
     idle_timeout: Duration,
-    write_timeout: Duration,
+    pub(crate) write_timeout: Duration,
     pub buffer: usize,
     pub inflight: usize,
     /// How long a client message waits for the backend's acknowledgement.
     pub ack_wait: Duration,
-    config: WebSocketConfig,
+    pub(crate) config: WebSocketConfig,
     metrics: Arc<Metrics>,
 }
 
@@ -447,7 +448,7 @@ pub struct Link {
     /// Cancelled by the writer when the client took no data for the write timeout.
     cut: Pin<Box<WaitForCancellationFutureOwned>>,
     /// The code of the client's close frame, once it sent one.
-    peer_code: Arc<AtomicU16>,
+    pub(crate) peer_code: Arc<AtomicU16>,
     pub settings: Arc<WsSettings>,
 }
 

@@ -24,12 +24,12 @@ use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Consumer};
 use serde_json::Value;
 
-use super::{
+use crate::backends::amqp::{AmqpBackend, AmqpRouteService};
+use crate::backends::values::{RequestValues, Target};
+use crate::backends::websocket::{
     Ending, Inbound, Link, Session, close, error_frame, gateway_error_frame, payload_frame,
     read_only_frame,
 };
-use crate::backends::amqp::{AmqpBackend, AmqpRouteService};
-use crate::backends::values::{RequestValues, Target};
 use crate::config::WsAmqpSpec;
 use crate::config::template::ValueTemplate;
 use crate::error::Problem;

@@ -26,14 +26,14 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::StreamMap;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{
-    Ending, Inbound, Link, Session, WsSettings, close, error_frame, gateway_error_frame,
-    payload_frame, read_only_frame,
-};
 use crate::backends::mqtt::{
     MqttHandle, Subscription, filter_covers, filter_matches, message_json, unfit_topic,
 };
 use crate::backends::values::{RequestValues, Target};
+use crate::backends::websocket::{
+    Ending, Inbound, Link, Session, WsSettings, close, error_frame, gateway_error_frame,
+    payload_frame, read_only_frame,
+};
 use crate::config::WsMqttSpec;
 use crate::config::template::ValueTemplate;
 use crate::error::Problem;

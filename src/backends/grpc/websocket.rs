@@ -22,8 +22,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tonic::Code;
 
-use super::{Ending, Inbound, Link, Session, close, error_frame};
 use crate::backends::grpc::{GrpcBackend, codec, status, transcode};
+use crate::backends::websocket::{Ending, Inbound, Link, Session, close, error_frame};
 use crate::config::WsGrpcSpec;
 use crate::error::Problem;
 
@@ -238,7 +238,7 @@ impl GrpcSession {
                         }
                         Err(e) => {
                             let g = Problem::bad_request(format!("The frame does not fit `{}`: {}", method.input().full_name(), e.message)).with_optional_field((!e.field.is_empty()).then(|| e.field.clone()));
-                            let f = super::gateway_error_frame(&g, None);
+                            let f = crate::backends::websocket::gateway_error_frame(&g, None);
                             if !link.send_json(&f).await {
                                 return None;
                             }

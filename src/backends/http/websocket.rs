@@ -18,8 +18,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use super::{Ending, Inbound, Link, Session, WsSettings, close};
 use crate::backends::http::{HttpBackend, HttpRouteService, strip_hop_by_hop};
+use crate::backends::websocket::{Ending, Inbound, Link, Session, WsSettings, close};
 use crate::config::HttpProtocol;
 use crate::error::Problem;
 use crate::{Response, full_body};
