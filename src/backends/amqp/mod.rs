@@ -6,6 +6,7 @@
 //! returned message to the wrong confirm when publishes are pipelined on one channel.
 
 pub mod live;
+pub mod spec;
 pub mod websocket;
 
 use std::collections::{BTreeSet, HashMap};

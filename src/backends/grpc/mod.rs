@@ -9,6 +9,7 @@ pub mod live;
 mod ndjson;
 pub mod passthrough;
 pub mod reflection;
+pub mod spec;
 pub mod status;
 mod stream;
 pub mod transcode;

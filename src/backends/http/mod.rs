@@ -3,6 +3,7 @@
 //! HTTP/1.1 or h2c upstream, path rewrite, hop-by-hop removal, `X-Forwarded-*`, streamed bodies.
 
 pub mod live;
+pub mod spec;
 pub mod websocket;
 
 use std::borrow::Cow;

@@ -33,6 +33,7 @@ use tokio::sync::{broadcast, oneshot, watch};
 
 mod asks;
 pub mod live;
+pub mod spec;
 pub mod websocket;
 use asks::{Ask, Asks, Grant};
 

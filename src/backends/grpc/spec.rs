@@ -1,0 +1,106 @@
+//! The `grpc` backend's section of routes.yaml, a route's `grpc:` settings and a WebSocket route's
+//! `websocket.grpc` (read at load time, before the request path exists).
+
+use std::path::PathBuf;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::config::model::{BreakerSpec, ClientTlsSpec, RetryBudgetSpec, default_connect_timeout};
+use crate::config::types::Dur;
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcBackendSpec {
+    /// Server URLs (`http://host:port`, HTTP/2 cleartext), balanced.
+    pub endpoints: Vec<String>,
+    /// `.proto` files compiled when the config loads (relative to routes.yaml's directory).
+    /// `google/protobuf/*` well-known types are always available.
+    #[serde(default)]
+    pub protos: Vec<PathBuf>,
+    /// Directories searched for imports (relative to routes.yaml's directory); the directory of
+    /// routes.yaml when empty.
+    #[serde(default)]
+    pub import_paths: Vec<PathBuf>,
+    /// A binary `FileDescriptorSet` (`protoc --include_imports -o`), instead of or beside `protos`.
+    #[serde(default)]
+    pub descriptor_set: Option<PathBuf>,
+    /// Ask the server for its descriptors by gRPC server reflection (v1, else v1alpha) at load
+    /// and on every reload, instead of or beside `protos`.
+    #[serde(default)]
+    pub reflection: bool,
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Interval of HTTP/2 keep-alive pings on idle channels.
+    #[serde(default = "default_keepalive")]
+    pub keepalive: Dur,
+    /// TLS settings for `https://` endpoints (the system's roots when absent).
+    #[serde(default)]
+    pub tls: Option<ClientTlsSpec>,
+    /// Make a route of every method that carries a `google.api.http` annotation (ids
+    /// `<backend>.<Method>`, `#n` for additional bindings).
+    #[serde(default)]
+    pub annotated_routes: bool,
+    /// Make a `POST /<package.Service>/<Method>` route of every method, so gRPC and gRPC-Web
+    /// clients reach the service through the gateway (ids `<backend>/<package.Service>/<Method>`).
+    /// JSON requests to those paths are transcoded with the whole body as the request message.
+    #[serde(default)]
+    pub native_routes: bool,
+    #[serde(default)]
+    pub breaker: BreakerSpec,
+    #[serde(default)]
+    pub retry_budget: RetryBudgetSpec,
+    #[serde(default)]
+    pub concurrency_limit: Option<usize>,
+}
+
+fn default_keepalive() -> Dur {
+    Dur::secs(30)
+}
+
+/// How a route maps HTTP/JSON to one gRPC method.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcRouteSpec {
+    /// The method, `package.Service/Method`.
+    pub method: String,
+    /// Where the JSON body goes: `"*"` (the whole request message), a top-level field name, or
+    /// `""` for no body. Default: `"*"` for POST, PUT and PATCH, no body otherwise.
+    #[serde(default)]
+    pub body: Option<String>,
+    /// Answer with this response field instead of the whole message.
+    #[serde(default)]
+    pub response_body: Option<String>,
+    /// Include fields that hold their default value in JSON answers.
+    #[serde(default)]
+    pub emit_defaults: bool,
+    /// Use the proto field names (`order_id`) instead of lowerCamelCase (`orderId`) in answers.
+    #[serde(default)]
+    pub proto_names: bool,
+    /// Request headers forwarded as gRPC metadata (besides `x-request-id` and `traceparent`,
+    /// which always are).
+    #[serde(default)]
+    pub metadata_headers: Vec<String>,
+    /// Request fields assembled from path variables (`name` ← `shelves/{v0_1}`); set only on
+    /// routes made from `google.api.http` annotations. Otherwise each variable names its field.
+    #[serde(skip)]
+    pub path_fields: Vec<(String, String)>,
+    /// Set only on native routes (`native_routes`): bidirectional methods are allowed, for
+    /// gRPC and gRPC-Web clients only.
+    #[serde(skip)]
+    pub native: bool,
+}
+
+/// A WebSocket bridged to one gRPC method: one JSON frame per protobuf message each way.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WsGrpcSpec {
+    /// `package.Service/Method`: unary, server-, client- or bidirectional-streaming.
+    pub method: String,
+    /// Write fields that hold their default value in response frames.
+    #[serde(default)]
+    pub emit_defaults: bool,
+    /// Name fields as in the .proto file instead of lowerCamelCase in response frames.
+    #[serde(default)]
+    pub proto_names: bool,
+}
