@@ -17,6 +17,10 @@ use tonic::Code;
 
 use crate::{BoxError, Response, full_body};
 
+/// The `reason` of a `backend-unavailable` problem whose broker refused the message itself
+/// (an AMQP nack): the spool counts it against the message rather than waiting for the broker.
+pub const REFUSED_BY_BROKER: &str = "the broker refused the message (nack)";
+
 /// Who caused a failure. Client faults never count against a backend's health.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {

@@ -86,14 +86,7 @@ pub async fn check(spec: &ConfigSpec, base: &Path) -> Vec<Finding> {
         async move {
             // Each step is bounded by the backend's connect timeout; a few steps in a row.
             let within = connect_timeout(b) * 3 + Duration::from_secs(10);
-            let run = async {
-                match b {
-                    BackendSpec::Http(h) => super::http::live::check(name, h, &routes).await,
-                    BackendSpec::Grpc(g) => super::grpc::live::check(name, g, &routes, base).await,
-                    BackendSpec::Amqp(a) => super::amqp::live::check(name, a, &routes, base).await,
-                    BackendSpec::Mqtt(m) => super::mqtt::live::check(name, m, &routes, base).await,
-                }
-            };
+            let run = b.live(name, &routes, base);
             match tokio::time::timeout(within, run).await {
                 Ok(f) => f.list,
                 Err(_) => {

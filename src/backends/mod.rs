@@ -3,6 +3,7 @@
 //! its spec unchanged; each route then gets its own service on top of the shared backend.
 
 pub mod amqp;
+pub mod bridge;
 pub mod grpc;
 pub mod http;
 pub mod live;
@@ -18,9 +19,12 @@ use tokio::sync::Semaphore;
 use tower::retry::budget::TpsBudget;
 
 use crate::RouteService;
+use crate::config::template::PathTemplate;
+use crate::config::validate::Checks;
 use crate::config::{BackendPolicy, BackendSpec, RouteSpec};
 use crate::middleware::breaker::Breaker;
 use crate::telemetry::metrics::Metrics;
+use bridge::{Bridge, BridgeSpec};
 
 /// A built backend: its shared connection state, its protection state (breaker, retry
 /// budget, concurrency slots) and a readiness view. All of it survives reloads that leave the
@@ -29,7 +33,8 @@ pub struct BuiltBackend {
     pub name: String,
     pub spec: BackendSpec,
     pub policy: PolicyState,
-    handle: Handle,
+    /// The protocol's own backend, behind the one trait every bridge implements.
+    bridge: Arc<dyn Bridge>,
     /// The content of the TLS files it was built with: a reload rebuilds the backend (new
     /// connections) when they changed, though its spec did not.
     tls_stamp: u64,
@@ -169,11 +174,81 @@ impl<'a> BuildContext<'a> {
     }
 }
 
-enum Handle {
-    Http(Arc<http::HttpBackend>),
-    Grpc(Arc<grpc::GrpcBackend>),
-    Amqp(Arc<amqp::AmqpBackend>),
-    Mqtt(Arc<mqtt::MqttBackend>),
+/// The closed set of backend kinds forwards to each bridge's [`BridgeSpec`].
+impl BackendSpec {
+    /// Builds the backend named `name` (inert until its build's gate opens).
+    pub fn build(
+        &self,
+        name: &str,
+        metrics: &Arc<Metrics>,
+        cx: &BuildContext<'_>,
+    ) -> Result<Arc<dyn Bridge>, String> {
+        let built: Arc<dyn Bridge> = match self {
+            BackendSpec::Http(s) => Arc::new(s.build(name, metrics, cx)?),
+            BackendSpec::Grpc(s) => Arc::new(s.build(name, metrics, cx)?),
+            BackendSpec::Amqp(s) => Arc::new(s.build(name, metrics, cx)?),
+            BackendSpec::Mqtt(s) => Arc::new(s.build(name, metrics, cx)?),
+        };
+        Ok(built)
+    }
+
+    /// The pure checks of the backend's section.
+    pub fn validate(&self, cx: &mut Checks, base: &str) {
+        match self {
+            BackendSpec::Http(s) => s.validate(cx, base),
+            BackendSpec::Grpc(s) => s.validate(cx, base),
+            BackendSpec::Amqp(s) => s.validate(cx, base),
+            BackendSpec::Mqtt(s) => s.validate(cx, base),
+        }
+    }
+
+    /// The pure checks of a route to this backend.
+    pub fn validate_route(
+        &self,
+        cx: &mut Checks,
+        base: &str,
+        route: &RouteSpec,
+        template: Option<&PathTemplate>,
+    ) {
+        match self {
+            BackendSpec::Http(s) => s.validate_route(cx, base, route, template),
+            BackendSpec::Grpc(s) => s.validate_route(cx, base, route, template),
+            BackendSpec::Amqp(s) => s.validate_route(cx, base, route, template),
+            BackendSpec::Mqtt(s) => s.validate_route(cx, base, route, template),
+        }
+    }
+
+    /// The pure checks of a WebSocket route's bridge settings.
+    pub fn validate_websocket(
+        &self,
+        cx: &mut Checks,
+        base: &str,
+        route: &RouteSpec,
+        ws: &crate::config::WebSocketSpec,
+        template: Option<&PathTemplate>,
+    ) {
+        match self {
+            BackendSpec::Http(s) => s.validate_websocket(cx, base, route, ws, template),
+            BackendSpec::Grpc(s) => s.validate_websocket(cx, base, route, ws, template),
+            BackendSpec::Amqp(s) => s.validate_websocket(cx, base, route, ws, template),
+            BackendSpec::Mqtt(s) => s.validate_websocket(cx, base, route, ws, template),
+        }
+    }
+
+    /// `validate --live` of the backend and its routes.
+    pub async fn live(
+        &self,
+        name: &str,
+        routes: &[&RouteSpec],
+        base: &std::path::Path,
+    ) -> live::Findings {
+        match self {
+            BackendSpec::Http(s) => s.live(name, routes, base).await,
+            BackendSpec::Grpc(s) => s.live(name, routes, base).await,
+            BackendSpec::Amqp(s) => s.live(name, routes, base).await,
+            BackendSpec::Mqtt(s) => s.live(name, routes, base).await,
+        }
+    }
 }
 
 /// The `tower::Service` of a route service that is cheap to clone and answers through its
@@ -280,23 +355,9 @@ impl BuiltBackend {
         metrics: &Arc<Metrics>,
         cx: &BuildContext<'_>,
     ) -> Result<Self, String> {
-        let handle = match spec {
-            BackendSpec::Http(h) => {
-                Handle::Http(Arc::new(http::HttpBackend::new(name, h, &cx.gate)))
-            }
-            BackendSpec::Grpc(g) => Handle::Grpc(Arc::new(
-                grpc::GrpcBackend::new(name, g, cx)
-                    .map_err(|e| format!("backend `{name}`: {e}"))?,
-            )),
-            BackendSpec::Amqp(a) => Handle::Amqp(Arc::new(
-                amqp::AmqpBackend::new(name, a, metrics, cx.base, &cx.gate)
-                    .map_err(|e| format!("backend `{name}`: {e}"))?,
-            )),
-            BackendSpec::Mqtt(m) => Handle::Mqtt(Arc::new(
-                mqtt::MqttBackend::new(name, m, metrics, cx.base, &cx.gate)
-                    .map_err(|e| format!("backend `{name}`: {e}"))?,
-            )),
-        };
+        let bridge = spec
+            .build(name, metrics, cx)
+            .map_err(|e| format!("backend `{name}`: {e}"))?;
         let tls = tls_files(spec, cx.base);
         let tls_stamp = stamp(&tls);
         cx.read_files().extend(tls);
@@ -304,28 +365,19 @@ impl BuiltBackend {
             name: name.to_string(),
             spec: spec.clone(),
             policy: PolicyState::new(name, &spec.policy(), metrics),
-            handle,
+            bridge,
             tls_stamp,
         })
     }
 
     /// Whether the backend can take requests now.
     pub fn ready(&self) -> bool {
-        match &self.handle {
-            Handle::Http(h) => h.ready(),
-            Handle::Grpc(g) => g.ready(),
-            Handle::Amqp(a) => a.ready(),
-            Handle::Mqtt(m) => m.ready(),
-        }
+        self.bridge.ready()
     }
 
     /// Why the backend is not ready, when the backend can say.
     pub fn problem(&self) -> Option<String> {
-        match &self.handle {
-            Handle::Amqp(a) => a.problem(),
-            Handle::Mqtt(m) => m.problem(),
-            _ => None,
-        }
+        self.bridge.problem()
     }
 
     pub fn kind(&self) -> &'static str {
@@ -334,39 +386,24 @@ impl BuiltBackend {
 
     /// Reloads what a kept backend reads from files (gRPC descriptors), keeping connections.
     pub fn refresh(&self, cx: &BuildContext<'_>) -> Result<(), String> {
-        match (&self.handle, &self.spec) {
-            (Handle::Grpc(g), BackendSpec::Grpc(spec)) => g
-                .reload_descriptors(spec, cx)
-                .map_err(|e| format!("backend `{}`: {e}", self.name)),
-            _ => Ok(()),
-        }
+        self.bridge
+            .refresh(&self.spec, cx)
+            .map_err(|e| format!("backend `{}`: {e}", self.name))
     }
 
     /// Routes the backend defines itself (gRPC methods with `google.api.http` annotations, and
     /// native gRPC routes).
     pub fn generated_routes(&self) -> Result<Vec<RouteSpec>, String> {
-        match &self.handle {
-            Handle::Http(_) | Handle::Amqp(_) | Handle::Mqtt(_) => Ok(vec![]),
-            Handle::Grpc(g) => g.generated_routes(),
-        }
+        self.bridge.generated_routes()
     }
 
     /// An ordered batch sender for the spool's forwarder, where the backend can keep a
-    /// route's order with several messages in flight: AMQP publishes without a reply, on a
-    /// backend with at least two channels (a batch holds one channel while it lasts).
+    /// route's order with several messages in flight.
     pub fn ordered_sender(
         &self,
         route: &RouteSpec,
     ) -> Option<Arc<dyn crate::durable::spool::OrderedSend>> {
-        match (&self.handle, &route.amqp, &self.spec) {
-            (Handle::Amqp(a), Some(spec), BackendSpec::Amqp(b))
-                if spec.reply.is_none() && b.channels >= 2 =>
-            {
-                let svc = amqp::AmqpRouteService::new(a, spec).ok()?;
-                Some(Arc::new(svc))
-            }
-            _ => None,
-        }
+        self.bridge.clone().ordered_sender(route)
     }
 
     /// The service at the bottom of `route`'s stack.
@@ -375,58 +412,10 @@ impl BuiltBackend {
         route: &RouteSpec,
         metrics: &Arc<Metrics>,
     ) -> Result<RouteService, String> {
-        if let Some(ws) = &route.websocket {
-            return match &self.handle {
-                Handle::Mqtt(m) => Ok(RouteService::new(websocket::WsRouteService::mqtt(
-                    m.handle(),
-                    route,
-                    ws,
-                    metrics,
-                )?)),
-                Handle::Amqp(a) => Ok(RouteService::new(websocket::WsRouteService::amqp(
-                    a.clone(),
-                    route,
-                    ws,
-                    metrics,
-                )?)),
-                Handle::Http(h) => Ok(RouteService::new(websocket::WsRouteService::upstream(
-                    http::HttpRouteService::new(h.clone(), route.http.clone().unwrap_or_default()),
-                    route,
-                    ws,
-                    metrics,
-                ))),
-                Handle::Grpc(g) => Ok(RouteService::new(websocket::WsRouteService::grpc(
-                    g.clone(),
-                    route,
-                    ws,
-                    metrics,
-                )?)),
-            };
+        match &route.websocket {
+            Some(ws) => self.bridge.clone().websocket(route, ws, metrics),
+            None => self.bridge.clone().route_service(route),
         }
-        Ok(match &self.handle {
-            Handle::Http(h) => RouteService::new(http::HttpRouteService::new(
-                h.clone(),
-                route.http.clone().unwrap_or_default(),
-            )),
-            Handle::Grpc(g) => {
-                let spec = route.grpc.as_ref().ok_or_else(|| {
-                    "a route to a grpc backend needs `grpc:` settings".to_string()
-                })?;
-                RouteService::new(grpc::GrpcRouteService::new(g.clone(), route, spec)?)
-            }
-            Handle::Amqp(a) => {
-                let spec = route.amqp.as_ref().ok_or_else(|| {
-                    "a route to an amqp backend needs `amqp:` settings".to_string()
-                })?;
-                RouteService::new(amqp::AmqpRouteService::new(a, spec)?)
-            }
-            Handle::Mqtt(m) => {
-                let spec = route.mqtt.as_ref().ok_or_else(|| {
-                    "a route to an mqtt backend needs `mqtt:` settings".to_string()
-                })?;
-                RouteService::new(mqtt::MqttRouteService::new(m, route, spec)?)
-            }
-        })
     }
 }
 
@@ -442,20 +431,7 @@ impl BackendSet {
     /// direct reply-to.
     pub fn activate(&self, routes: &[RouteSpec]) {
         for (name, b) in &self.by_name {
-            if let Handle::Amqp(a) = &b.handle {
-                let replies = || {
-                    routes
-                        .iter()
-                        .filter(|r| r.backend == *name)
-                        .filter_map(|r| r.amqp.as_ref()?.reply.as_ref())
-                };
-                let queues = replies()
-                    .filter(|reply| reply.queue != crate::config::DIRECT_REPLY_TO)
-                    .map(|reply| reply.queue.clone())
-                    .collect();
-                let direct = replies().any(|reply| reply.queue == crate::config::DIRECT_REPLY_TO);
-                a.set_reply_queues(queues, direct);
-            }
+            b.bridge.activate(name, routes);
         }
     }
 

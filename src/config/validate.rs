@@ -8,30 +8,35 @@ use http::{HeaderName, HeaderValue, Method, Uri};
 use super::ConfigError;
 use super::model::*;
 use super::source::Locator;
-use super::template::{PathTemplate, Template, ValueTemplate};
+use super::template::{PathTemplate, ValueTemplate};
 
-struct Ctx<'a> {
+pub struct Checks<'a> {
     file: &'a str,
     loc: &'a Locator,
     errors: Vec<ConfigError>,
 }
 
-impl Ctx<'_> {
-    fn err(&mut self, path: &str, route: Option<&str>, message: impl Into<String>) {
+impl Checks<'_> {
+    pub(crate) fn err(&mut self, path: &str, route: Option<&str>, message: impl Into<String>) {
         let pos = self.loc.at(path);
         self.errors.push(ConfigError {
             route: route.map(str::to_string),
             ..ConfigError::at(self.file, pos.line, pos.column, message)
         });
     }
-    fn err_key_route(&mut self, path: &str, route: Option<&str>, message: impl Into<String>) {
+    pub(crate) fn err_key_route(
+        &mut self,
+        path: &str,
+        route: Option<&str>,
+        message: impl Into<String>,
+    ) {
         let pos = self.loc.key(path);
         self.errors.push(ConfigError {
             route: route.map(str::to_string),
             ..ConfigError::at(self.file, pos.line, pos.column, message)
         });
     }
-    fn err_key(&mut self, path: &str, message: impl Into<String>) {
+    pub(crate) fn err_key(&mut self, path: &str, message: impl Into<String>) {
         let pos = self.loc.key(path);
         self.errors
             .push(ConfigError::at(self.file, pos.line, pos.column, message));
@@ -62,7 +67,7 @@ pub fn route_methods(m: &MatchSpec) -> Result<Option<BTreeSet<Method>>, String> 
 }
 
 pub fn validate(file: &str, spec: &ConfigSpec, loc: &Locator) -> Vec<ConfigError> {
-    let mut cx = Ctx {
+    let mut cx = Checks {
         file,
         loc,
         errors: Vec::new(),
@@ -152,7 +157,7 @@ pub fn validate(file: &str, spec: &ConfigSpec, loc: &Locator) -> Vec<ConfigError
     cx.errors
 }
 
-fn validate_state(cx: &mut Ctx, st: &crate::config::StateSpec) {
+fn validate_state(cx: &mut Checks, st: &crate::config::StateSpec) {
     if st.path.as_os_str().is_empty() {
         cx.err("state.path", None, "name the local database file");
     }
@@ -206,7 +211,7 @@ fn validate_state(cx: &mut Ctx, st: &crate::config::StateSpec) {
 }
 
 /// The route settings that use the state store: `idempotency`, `spool` and `mode`.
-fn validate_state_use(cx: &mut Ctx, spec: &ConfigSpec, i: usize, route: &RouteSpec) {
+fn validate_state_use(cx: &mut Checks, spec: &ConfigSpec, i: usize, route: &RouteSpec) {
     let base = format!("routes[{i}]");
     let id = Some(route.id.as_str());
     let ws = route.websocket.is_some();
@@ -408,412 +413,15 @@ pub fn indistinguishable(a: &RouteSpec, b: &RouteSpec) -> bool {
     overlap && a.matcher.headers == b.matcher.headers && a.matcher.verb == b.matcher.verb
 }
 
-/// Request headers that never travel as AMQP message headers: RabbitMQ routes again on `CC`
-/// and `BCC`, and the rest are about the HTTP hop itself.
-const AMQP_FORBIDDEN_HEADERS: [&str; 8] = [
-    "cc",
-    "bcc",
-    "host",
-    "connection",
-    "content-length",
-    "transfer-encoding",
-    "te",
-    "upgrade",
-];
-
-fn validate_amqp_route(
-    cx: &mut Ctx,
-    base: &str,
-    id: Option<&str>,
-    a: &AmqpRouteSpec,
-    template: Option<&PathTemplate>,
-) {
-    let captured: Vec<&str> = template.map(|t| t.captures()).unwrap_or_default();
-    for (key, raw) in [("exchange", &a.exchange), ("routing_key", &a.routing_key)] {
-        match ValueTemplate::parse(raw) {
-            Err(e) => cx.err(&format!("{base}.amqp.{key}"), id, e),
-            Ok(t) => {
-                for p in t.params() {
-                    if template.is_some() && !captured.contains(&p) {
-                        cx.err(
-                            &format!("{base}.amqp.{key}"),
-                            id,
-                            format!("`{{{p}}}` is not captured by the route's path; capture it or use `{{query.{p}}}`, `{{header.{p}}}` or `{{body.{p}}}`"),
-                        );
-                    }
-                }
-            }
-        }
-    }
-    if a.exchange.len() > 255 || a.routing_key.len() > 255 {
-        cx.err(
-            &format!("{base}.amqp"),
-            id,
-            "exchange names and routing keys are at most 255 bytes",
-        );
-    }
-    if !matches!(a.unroutable_status, 404 | 502) {
-        cx.err(
-            &format!("{base}.amqp.unroutable_status"),
-            id,
-            "an unroutable message answers 404 or 502",
-        );
-    }
-    if !(200..300).contains(&a.status) {
-        cx.err(
-            &format!("{base}.amqp.status"),
-            id,
-            "the answer after the broker's confirm is a 2xx status",
-        );
-    }
-    if a.expiration.is_some_and(|d| d.0.as_millis() == 0) {
-        cx.err(
-            &format!("{base}.amqp.expiration"),
-            id,
-            "at least 1ms (the property counts milliseconds)",
-        );
-    }
-    for (key, v) in [
-        ("app_id", Some(&a.app_id)),
-        ("type", a.message_type.as_ref()),
-        ("reply.queue", a.reply.as_ref().map(|r| &r.queue)),
-    ] {
-        if v.is_some_and(|v| v.len() > 255) {
-            cx.err(&format!("{base}.amqp.{key}"), id, "at most 255 bytes");
-        }
-    }
-    for (i, h) in a.headers.iter().enumerate() {
-        let lower = h.to_ascii_lowercase();
-        if HeaderName::from_bytes(h.as_bytes()).is_err()
-            || h.len() > 255
-            || AMQP_FORBIDDEN_HEADERS.contains(&lower.as_str())
-        {
-            cx.err(
-                &format!("{base}.amqp.headers[{i}]"),
-                id,
-                format!("`{h}` cannot be copied into a message's headers; name an application header (never CC or BCC, which RabbitMQ routes on)"),
-            );
-        }
-    }
-    if let Some(r) = &a.reply {
-        if r.queue.is_empty() {
-            cx.err(
-                &format!("{base}.amqp.reply.queue"),
-                id,
-                "name the reply queue, or leave it out for direct reply-to",
-            );
-        }
-        if HeaderName::from_bytes(r.status_header.as_bytes()).is_err() {
-            cx.err(
-                &format!("{base}.amqp.reply.status_header"),
-                id,
-                "not a valid header name",
-            );
-        }
-    }
-}
-
-fn validate_mqtt_route(
-    cx: &mut Ctx,
-    base: &str,
-    id: Option<&str>,
-    m: &MqttRouteSpec,
-    template: Option<&PathTemplate>,
-) {
-    let captured: Vec<&str> = template.map(|t| t.captures()).unwrap_or_default();
-    match ValueTemplate::parse(&m.topic) {
-        Err(e) => cx.err(&format!("{base}.mqtt.topic"), id, e),
-        Ok(t) => {
-            for p in t.params() {
-                if template.is_some() && !captured.contains(&p) {
-                    cx.err(
-                        &format!("{base}.mqtt.topic"),
-                        id,
-                        format!("`{{{p}}}` is not captured by the route's path; capture it or use `{{query.{p}}}`, `{{header.{p}}}` or `{{body.{p}}}`"),
-                    );
-                }
-            }
-            let literal: String = t
-                .parts
-                .iter()
-                .filter_map(|p| match p {
-                    crate::config::template::ValuePart::Lit(l) => Some(l.as_str()),
-                    _ => None,
-                })
-                .collect();
-            if m.subscribe {
-                if !valid_filter(&m.topic) || literal.contains('\0') {
-                    cx.err(
-                        &format!("{base}.mqtt.topic"),
-                        id,
-                        "a topic filter: `+` stands for one whole level, `#` only for the last",
-                    );
-                }
-            } else if m.topic.is_empty() || literal.contains(['+', '#', '\0']) {
-                cx.err(
-                    &format!("{base}.mqtt.topic"),
-                    id,
-                    "a publish topic is not empty and has no `+` or `#` wildcards",
-                );
-            }
-            if m.subscribe && (m.last_value || m.response.is_some()) {
-                cx.err(
-                    &format!("{base}.mqtt.subscribe"),
-                    id,
-                    "a route either subscribes, reads the last value or waits for a response",
-                );
-            }
-            if m.subscribe && t.needs_body() {
-                cx.err(
-                    &format!("{base}.mqtt.topic"),
-                    id,
-                    "a subscription has no request body to take `{body.…}` from",
-                );
-            }
-            if !(1..=65536).contains(&m.buffer) {
-                cx.err(
-                    &format!("{base}.mqtt.buffer"),
-                    id,
-                    "from 1 to 65536 messages",
-                );
-            }
-        }
-    }
-    if m.qos > 2 {
-        cx.err(&format!("{base}.mqtt.qos"), id, "0, 1 or 2");
-    }
-    if !(200..300).contains(&m.status) {
-        cx.err(
-            &format!("{base}.mqtt.status"),
-            id,
-            "the answer after the broker's acknowledgement is a 2xx status",
-        );
-    }
-    if m.message_expiry.is_some_and(|d| d.0.as_secs() == 0) {
-        cx.err(
-            &format!("{base}.mqtt.message_expiry"),
-            id,
-            "at least 1s (MQTT counts seconds)",
-        );
-    }
-    for (i, h) in m.headers.iter().enumerate() {
-        if HeaderName::from_bytes(h.as_bytes()).is_err() {
-            cx.err(
-                &format!("{base}.mqtt.headers[{i}]"),
-                id,
-                format!("`{h}` is not a header name"),
-            );
-        }
-    }
-}
-
 /// Whether a URL carries user info (`user:pass@`).
-fn has_userinfo(u: &Uri) -> bool {
+pub(crate) fn has_userinfo(u: &Uri) -> bool {
     u.authority().is_some_and(|a| a.as_str().contains('@'))
 }
 
 /// Why user info is refused in an HTTP or gRPC endpoint.
-const USERINFO_HTTP: &str = "an endpoint holds no user info (`user:pass@`): it would not be sent as credentials but could end up in the Host header; set `Authorization` with the `headers` plugin";
+pub(crate) const USERINFO_HTTP: &str = "an endpoint holds no user info (`user:pass@`): it would not be sent as credentials but could end up in the Host header; set `Authorization` with the `headers` plugin";
 
-fn validate_mqtt_backend(cx: &mut Ctx, base: &str, m: &MqttBackendSpec) {
-    match m.url.parse::<Uri>() {
-        Ok(u) if has_userinfo(&u) => cx.err(
-            &format!("{base}.url"),
-            None,
-            "an MQTT url holds no user info (`user:pass@`); use `username` and `password` (from `${VAR}`)",
-        ),
-        Ok(u) if u.scheme_str() == Some("mqtt") && u.host().is_some() => {
-            if u.path() != "/" && !u.path().is_empty() {
-                cx.err(
-                    &format!("{base}.url"),
-                    None,
-                    "an MQTT url has no path: `mqtt://host:1883`",
-                );
-            }
-        }
-        Ok(u) if u.scheme_str() == Some("mqtts") && u.host().is_some() => {}
-        _ => cx.err(
-            &format!("{base}.url"),
-            None,
-            format!("`{}` is not a URL like `mqtt://127.0.0.1:1883`", m.url),
-        ),
-    }
-    if m.client_id
-        .as_ref()
-        .is_some_and(|c| c.is_empty() || c.len() > 65535)
-    {
-        cx.err(&format!("{base}.client_id"), None, "1 to 65535 bytes");
-    }
-    if m.password.is_some() && m.username.is_none() {
-        cx.err(
-            &format!("{base}.password"),
-            None,
-            "a password needs a `username`",
-        );
-    }
-    if m.keep_alive.0.as_secs() < 5 || m.keep_alive.0.as_secs() > 65535 {
-        cx.err(&format!("{base}.keep_alive"), None, "from 5s to 65535s");
-    }
-    if m.max_packet_size.0 < 1024 || m.max_packet_size.0 > 268_435_455 {
-        cx.err(
-            &format!("{base}.max_packet_size"),
-            None,
-            "from 1KiB to 256MiB (the protocol's limit)",
-        );
-    }
-    if m.session_expiry.0.as_secs() == 0 || m.session_expiry.0.as_secs() > u32::MAX as u64 {
-        cx.err(
-            &format!("{base}.session_expiry"),
-            None,
-            "above zero: a persistent session is how unacknowledged publishes survive a reconnect",
-        );
-    }
-    if m.inflight == 0 {
-        cx.err(&format!("{base}.inflight"), None, "at least 1");
-    }
-    if m.connect_timeout.0.as_secs() == 0 {
-        cx.err(&format!("{base}.connect_timeout"), None, "at least 1s");
-    }
-}
-
-fn validate_amqp_backend(cx: &mut Ctx, base: &str, a: &AmqpBackendSpec) {
-    match a.url.parse::<lapin::uri::AMQPUri>() {
-        Err(e) => cx.err(
-            &format!("{base}.url"),
-            None,
-            format!("not an AMQP URL like `amqp://user:pass@127.0.0.1:5672/%2f`: {e}"),
-        ),
-        Ok(u) => {
-            let tls = u.scheme == lapin::uri::AMQPScheme::AMQPS;
-            if a.tls.is_some() && !tls {
-                cx.err(
-                    &format!("{base}.tls"),
-                    None,
-                    "`tls` applies to an `amqps://` url",
-                );
-            }
-        }
-    }
-    if let Some(tls) = &a.tls {
-        if tls
-            .server_name
-            .as_deref()
-            .is_some_and(|n| rustls_pki_types::ServerName::try_from(n).is_err())
-        {
-            cx.err(
-                &format!("{base}.tls.server_name"),
-                None,
-                "not a DNS name or an IP address",
-            );
-        }
-        if tls.cert.is_some() != tls.key.is_some() {
-            cx.err(
-                &format!("{base}.tls"),
-                None,
-                "a client certificate needs both `cert` and `key`",
-            );
-        }
-    }
-    if !(1..=64).contains(&a.channels) {
-        cx.err(&format!("{base}.channels"), None, "between 1 and 64");
-    }
-    for (key, d) in [
-        ("heartbeat", a.heartbeat),
-        ("connect_timeout", a.connect_timeout),
-        ("confirm_timeout", a.confirm_timeout),
-        ("reconnect.min", a.reconnect.min),
-    ] {
-        if d.0.is_zero() {
-            cx.err(&format!("{base}.{key}"), None, "must be above zero");
-        }
-    }
-    if a.reconnect.max.0 < a.reconnect.min.0 {
-        cx.err(
-            &format!("{base}.reconnect.max"),
-            None,
-            "must be at least `reconnect.min`",
-        );
-    }
-    let t = &a.topology;
-    let mut names: Vec<(String, &String)> = Vec::new();
-    for (i, e) in t.exchanges.iter().enumerate() {
-        names.push((format!("{base}.topology.exchanges[{i}].name"), &e.name));
-    }
-    for (i, q) in t.queues.iter().enumerate() {
-        names.push((format!("{base}.topology.queues[{i}].name"), &q.name));
-        if let Some(d) = &q.dead_letter_exchange {
-            names.push((
-                format!("{base}.topology.queues[{i}].dead_letter_exchange"),
-                d,
-            ));
-        }
-        if let Some(k) = &q.dead_letter_routing_key {
-            names.push((
-                format!("{base}.topology.queues[{i}].dead_letter_routing_key"),
-                k,
-            ));
-        }
-    }
-    for (i, b) in t.bindings.iter().enumerate() {
-        for (key, v) in [
-            ("queue", &b.queue),
-            ("exchange", &b.exchange),
-            ("routing_key", &b.routing_key),
-        ] {
-            names.push((format!("{base}.topology.bindings[{i}].{key}"), v));
-        }
-    }
-    for (path, v) in names {
-        if v.len() > 255 {
-            cx.err(&path, None, "at most 255 bytes");
-        }
-    }
-    for (i, e) in t.exchanges.iter().enumerate() {
-        if e.name.is_empty() || e.name.starts_with("amq.") {
-            cx.err(
-                &format!("{base}.topology.exchanges[{i}].name"),
-                None,
-                "name the exchange (names starting with `amq.` belong to the broker)",
-            );
-        }
-    }
-    for (i, q) in t.queues.iter().enumerate() {
-        if q.name.is_empty() || q.name.starts_with("amq.") {
-            cx.err(
-                &format!("{base}.topology.queues[{i}].name"),
-                None,
-                "name the queue (names starting with `amq.` belong to the broker)",
-            );
-        }
-        if q.kind == QueueKindSpec::Quorum && !q.durable {
-            cx.err(
-                &format!("{base}.topology.queues[{i}].durable"),
-                None,
-                "quorum queues are always durable",
-            );
-        }
-        if q.message_ttl
-            .is_some_and(|d| d.0.as_millis() > u32::MAX as u128)
-        {
-            cx.err(
-                &format!("{base}.topology.queues[{i}].message_ttl"),
-                None,
-                "at most about 49 days",
-            );
-        }
-    }
-    for (i, b) in t.bindings.iter().enumerate() {
-        if b.queue.is_empty() || b.exchange.is_empty() {
-            cx.err(
-                &format!("{base}.topology.bindings[{i}]"),
-                None,
-                "a binding names its `queue` and its `exchange`",
-            );
-        }
-    }
-}
-
-fn validate_server(cx: &mut Ctx, s: &ServerSpec) {
+fn validate_server(cx: &mut Checks, s: &ServerSpec) {
     if HeaderName::from_bytes(s.correlation_header.as_bytes()).is_err() {
         cx.err(
             "server.correlation_header",
@@ -848,7 +456,7 @@ fn validate_server(cx: &mut Ctx, s: &ServerSpec) {
     }
 }
 
-fn validate_backend(cx: &mut Ctx, name: &str, b: &BackendSpec) {
+fn validate_backend(cx: &mut Checks, name: &str, b: &BackendSpec) {
     let base = format!("backends.{name}");
     if name.is_empty()
         || !name
@@ -860,119 +468,12 @@ fn validate_backend(cx: &mut Ctx, name: &str, b: &BackendSpec) {
             format!("backend name `{name}`: use letters, digits, `-`, `_` and `.`"),
         );
     }
-    match b {
-        BackendSpec::Grpc(g) => {
-            if g.endpoints.is_empty() {
-                cx.err(
-                    &base,
-                    None,
-                    "a grpc backend needs at least one entry in `endpoints`",
-                );
-            }
-            let mut https = 0;
-            for (i, ep) in g.endpoints.iter().enumerate() {
-                match ep.parse::<Uri>() {
-                    Ok(u) if has_userinfo(&u) => cx.err(
-                        &format!("{base}.endpoints[{i}]"),
-                        None,
-                        USERINFO_HTTP,
-                    ),
-                    Ok(u)
-                        if matches!(u.scheme_str(), Some("http" | "https"))
-                            && u.authority().is_some() =>
-                    {
-                        https += usize::from(u.scheme_str() == Some("https"));
-                    }
-                    _ => cx.err(
-                        &format!("{base}.endpoints[{i}]"),
-                        None,
-                        format!("endpoint `{ep}` is not a URL like `http://127.0.0.1:50051` (or `https://` for TLS)"),
-                    ),
-                }
-            }
-            if https > 0 && https < g.endpoints.len() {
-                cx.err(
-                    &format!("{base}.endpoints"),
-                    None,
-                    "mix of `http://` and `https://` endpoints: one backend speaks either TLS or cleartext",
-                );
-            }
-            if let Some(tls) = &g.tls {
-                if https == 0 {
-                    cx.err(
-                        &format!("{base}.tls"),
-                        None,
-                        "`tls` applies to `https://` endpoints, and this backend has none",
-                    );
-                }
-                if tls.cert.is_some() != tls.key.is_some() {
-                    cx.err(
-                        &format!("{base}.tls"),
-                        None,
-                        "a client certificate needs both `cert` and `key`",
-                    );
-                }
-            }
-            if g.protos.is_empty() && g.descriptor_set.is_none() && !g.reflection {
-                cx.err(
-                    &base,
-                    None,
-                    "a grpc backend needs its descriptors: list `.proto` files under `protos`, give a `descriptor_set`, or set `reflection: true`",
-                );
-            }
-        }
-        BackendSpec::Amqp(a) => validate_amqp_backend(cx, &base, a),
-        BackendSpec::Mqtt(m) => validate_mqtt_backend(cx, &base, m),
-        BackendSpec::Http(h) => {
-            if h.endpoints.is_empty() {
-                cx.err(
-                    &base,
-                    None,
-                    "an http backend needs at least one entry in `endpoints`",
-                );
-            }
-            for (i, ep) in h.endpoints.iter().enumerate() {
-                let path = format!("{base}.endpoints[{i}]");
-                match ep.parse::<Uri>() {
-                    Ok(u) if has_userinfo(&u) => cx.err(&path, None, USERINFO_HTTP),
-                    Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => {
-                        if u.query().is_some() {
-                            cx.err(&path, None, format!("endpoint `{ep}`: an endpoint has no query string"));
-                        }
-                    }
-                    Ok(u) if u.scheme_str() == Some("https") => cx.err(
-                        &path,
-                        None,
-                        format!("endpoint `{ep}`: TLS to upstreams is not supported yet; use an `http://` endpoint"),
-                    ),
-                    _ => cx.err(
-                        &path,
-                        None,
-                        format!("endpoint `{ep}` is not a URL like `http://127.0.0.1:9000`"),
-                    ),
-                }
-            }
-            if h.connect_timeout.0.is_zero() {
-                cx.err(
-                    &format!("{base}.connect_timeout"),
-                    None,
-                    "must be above zero",
-                );
-            }
-            if h.probe_interval.0.is_zero() {
-                cx.err(
-                    &format!("{base}.probe_interval"),
-                    None,
-                    "must be above zero",
-                );
-            }
-        }
-    }
+    b.validate(cx, &base);
     validate_policy(cx, &base, &b.policy());
 }
 
 fn validate_route(
-    cx: &mut Ctx,
+    cx: &mut Checks,
     spec: &ConfigSpec,
     i: usize,
     route: &RouteSpec,
@@ -1108,87 +609,8 @@ fn validate_route(
         }
         (_, b) => b,
     };
-    match bridge {
-        None => {}
-        Some(BackendSpec::Http(_)) => {
-            if let Some(h) = &route.http {
-                validate_http_route(cx, &base, id, h, template.as_ref());
-            }
-        }
-        Some(BackendSpec::Mqtt(b)) => match &route.mqtt {
-            None => cx.err(
-                &base,
-                id,
-                "a route to an mqtt backend needs `mqtt: { topic: … }`",
-            ),
-            Some(m) => {
-                validate_mqtt_route(cx, &base, id, m, template.as_ref());
-                if b.protocol == crate::config::MqttProtocol::V311 && m.response.is_some() {
-                    cx.err_key_route(
-                        &format!("{base}.mqtt.response"),
-                        id,
-                        format!(
-                            "request/response needs MQTT 5 (response topic and correlation data); backend `{}` speaks 3.1.1",
-                            route.backend
-                        ),
-                    );
-                }
-            }
-        },
-        Some(BackendSpec::Amqp(_)) => match &route.amqp {
-            None => cx.err(
-                &base,
-                id,
-                "a route to an amqp backend needs `amqp: { exchange: …, routing_key: … }`",
-            ),
-            Some(a) => validate_amqp_route(cx, &base, id, a, template.as_ref()),
-        },
-        Some(BackendSpec::Grpc(_)) => match &route.grpc {
-            None => cx.err(
-                &base,
-                id,
-                "a route to a grpc backend needs `grpc: { method: package.Service/Method }`",
-            ),
-            Some(g) => {
-                if !valid_grpc_method(&g.method) {
-                    cx.err(
-                        &format!("{base}.grpc.method"),
-                        id,
-                        format!(
-                            "`{}` is not a method name like `package.Service/Method`",
-                            g.method
-                        ),
-                    );
-                }
-                for (i, h) in g.metadata_headers.iter().enumerate() {
-                    let lower = h.to_ascii_lowercase();
-                    if HeaderName::from_bytes(h.as_bytes()).is_err()
-                        || lower.starts_with("grpc-")
-                        || matches!(
-                            lower.as_str(),
-                            "te" | "content-type" | "host" | "connection"
-                        )
-                    {
-                        cx.err(
-                                &format!("{base}.grpc.metadata_headers[{i}]"),
-                                id,
-                                format!("`{h}` cannot be forwarded as gRPC metadata; name an application header"),
-                            );
-                    }
-                }
-                if let Some(b) = &g.body
-                    && b != "*"
-                    && !b.is_empty()
-                    && !b.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_')
-                {
-                    cx.err(
-                        &format!("{base}.grpc.body"),
-                        id,
-                        "`body` is `\"*\"`, a top-level field name, or `\"\"` for none",
-                    );
-                }
-            }
-        },
+    if let Some(b) = bridge {
+        b.validate_route(cx, &base, route, template.as_ref());
     }
     for (j, p) in route.plugins.iter().enumerate() {
         let path = format!("{base}.plugins[{j}]");
@@ -1219,7 +641,7 @@ fn validate_route(
 /// A WebSocket route: the handshake policy, connection care, and the bridge's settings, which
 /// replace the HTTP bridge's (`mqtt:`, `amqp:`, `grpc:`) on such a route.
 fn validate_websocket_route(
-    cx: &mut Ctx,
+    cx: &mut Checks,
     base: &str,
     id: Option<&str>,
     route: &RouteSpec,
@@ -1333,71 +755,12 @@ fn validate_websocket_route(
             );
         }
     }
-    match backend {
-        BackendSpec::Mqtt(_) => match &ws.mqtt {
-            None => cx.err(
-                &wb,
-                id,
-                "a WebSocket route to an mqtt backend needs `mqtt: { allow: [...] }` (JSON operations) or `mqtt: { subscribe: [...], publish: ... }` (fixed topics)",
-            ),
-            Some(m) => validate_ws_mqtt(cx, &format!("{wb}.mqtt"), id, m, template),
-        },
-        BackendSpec::Http(_) => {
-            if let Some(h) = &route.http {
-                validate_http_route(cx, base, id, h, template);
-            }
-        }
-        BackendSpec::Amqp(_) => match &ws.amqp {
-            None => cx.err(
-                &wb,
-                id,
-                "a WebSocket route to an amqp backend needs `amqp: { exchange: …, routing_key: … }` (publish frames) and/or `amqp: { consume: … }` (push messages)",
-            ),
-            Some(a) => validate_ws_amqp(cx, &format!("{wb}.amqp"), id, a, template),
-        },
-        BackendSpec::Grpc(_) => match &ws.grpc {
-            None => cx.err(
-                &wb,
-                id,
-                "a WebSocket route to a grpc backend needs `grpc: { method: package.Service/Method }`",
-            ),
-            Some(g) if !valid_grpc_method(&g.method) => cx.err(
-                &format!("{wb}.grpc.method"),
-                id,
-                format!(
-                    "`{}` is not a method name like `package.Service/Method`",
-                    g.method
-                ),
-            ),
-            Some(_) => {}
-        },
-    }
-}
-
-/// Whether `method` reads `package.Service/Method`.
-fn valid_grpc_method(method: &str) -> bool {
-    method.split_once('/').is_some_and(|(svc, m)| {
-        svc.contains('.')
-            && !m.is_empty()
-            && !m.contains(['/', '.'])
-            && svc.split('.').all(|p| !p.is_empty())
-    })
-}
-
-/// Whether `filter` is a well-formed MQTT topic filter: `+` a whole level, `#` only the last.
-pub fn valid_filter(filter: &str) -> bool {
-    let levels: Vec<&str> = filter.split('/').collect();
-    !filter.is_empty()
-        && !filter.contains('\0')
-        && !levels.iter().enumerate().any(|(i, l)| {
-            (l.contains('+') && *l != "+")
-                || (l.contains('#') && (*l != "#" || i + 1 != levels.len()))
-        })
+    backend.validate_websocket(cx, base, route, ws, template);
 }
 
 /// Checks a template for a WebSocket handshake: no body values, path values captured.
-fn check_handshake_template(
-    cx: &mut Ctx,
+pub(crate) fn check_handshake_template(
+    cx: &mut Checks,
     path: &str,
     id: Option<&str>,
     text: &str,
@@ -1431,188 +794,7 @@ fn check_handshake_template(
     }
 }
 
-fn validate_ws_amqp(
-    cx: &mut Ctx,
-    base: &str,
-    id: Option<&str>,
-    a: &WsAmqpSpec,
-    template: Option<&PathTemplate>,
-) {
-    if a.exchange.is_none() && a.consume.is_none() {
-        cx.err(
-            base,
-            id,
-            "give `exchange` (publish client frames), `consume` (push messages), or both",
-        );
-    }
-    if let Some(e) = &a.exchange {
-        check_handshake_template(cx, &format!("{base}.exchange"), id, e, template);
-        check_handshake_template(
-            cx,
-            &format!("{base}.routing_key"),
-            id,
-            &a.routing_key,
-            template,
-        );
-    } else if a.acks {
-        cx.err(
-            &format!("{base}.acks"),
-            id,
-            "`acks` answers publishes; give `exchange`",
-        );
-    }
-    if let Some(c) = &a.consume {
-        let cb = format!("{base}.consume");
-        match (&c.queue, c.bind.is_empty()) {
-            (Some(q), true) => {
-                if q.is_empty() {
-                    cx.err(&format!("{cb}.queue"), id, "name a queue");
-                }
-                check_handshake_template(cx, &format!("{cb}.queue"), id, q, template);
-            }
-            (None, false) => {
-                for (i, b) in c.bind.iter().enumerate() {
-                    check_handshake_template(cx, &format!("{cb}.bind[{i}].exchange"), id, &b.exchange, template);
-                    check_handshake_template(cx, &format!("{cb}.bind[{i}].routing_key"), id, &b.routing_key, template);
-                    if b.exchange.is_empty() {
-                        cx.err(
-                            &format!("{cb}.bind[{i}].exchange"),
-                            id,
-                            "the default exchange cannot be bound; name an exchange",
-                        );
-                    }
-                }
-            }
-            _ => cx.err(
-                &cb,
-                id,
-                "give either `queue` (consume a named queue) or `bind` (a queue of the connection's own, bound as listed)",
-            ),
-        }
-        if c.prefetch == 0 {
-            cx.err(&format!("{cb}.prefetch"), id, "at least 1");
-        }
-    }
-}
-
-fn validate_ws_mqtt(
-    cx: &mut Ctx,
-    base: &str,
-    id: Option<&str>,
-    m: &WsMqttSpec,
-    template: Option<&PathTemplate>,
-) {
-    let ops = !m.allow.is_empty();
-    let fixed = !m.subscribe.is_empty() || m.publish.is_some();
-    if ops == fixed {
-        cx.err(
-            base,
-            id,
-            "give either `allow` (clients send JSON operations within these filters) or `subscribe`/`publish` (fixed topics, frames are payloads)",
-        );
-    }
-    if ops && m.acks {
-        cx.err(
-            &format!("{base}.acks"),
-            id,
-            "operations mode always acknowledges publishes; `acks` is for fixed topics",
-        );
-    }
-    let check = |cx: &mut Ctx, path: String, text: &str, filter: bool| {
-        let Some(t) = check_handshake_template(cx, &path, id, text, template) else {
-            return;
-        };
-        let literal: String = t
-            .parts
-            .iter()
-            .map(|p| match p {
-                crate::config::template::ValuePart::Lit(l) => l.as_str(),
-                _ => "x",
-            })
-            .collect();
-        if filter && !valid_filter(&literal) {
-            cx.err(
-                &path,
-                id,
-                "a topic filter: `+` stands for one whole level, `#` only for the last",
-            );
-        } else if !filter && (literal.is_empty() || literal.contains(['+', '#', '\0'])) {
-            cx.err(
-                &path,
-                id,
-                "a publish topic is not empty and has no `+` or `#` wildcards",
-            );
-        }
-    };
-    for (i, f) in m.allow.iter().enumerate() {
-        check(cx, format!("{base}.allow[{i}]"), f, true);
-    }
-    for (i, f) in m.subscribe.iter().enumerate() {
-        check(cx, format!("{base}.subscribe[{i}]"), f, true);
-    }
-    if let Some(p) = &m.publish {
-        check(cx, format!("{base}.publish"), p, false);
-    }
-    if m.qos > 2 {
-        cx.err(&format!("{base}.qos"), id, "0, 1 or 2");
-    }
-}
-
-fn validate_http_route(
-    cx: &mut Ctx,
-    base: &str,
-    id: Option<&str>,
-    h: &HttpRouteSpec,
-    template: Option<&PathTemplate>,
-) {
-    if h.strip_prefix.is_some() && h.rewrite.is_some() {
-        cx.err(
-            &format!("{base}.http.rewrite"),
-            id,
-            "use either `strip_prefix` or `rewrite`, not both",
-        );
-    }
-    if let Some(p) = &h.strip_prefix
-        && !p.starts_with('/')
-    {
-        cx.err(
-            &format!("{base}.http.strip_prefix"),
-            id,
-            "a prefix starts with `/`",
-        );
-    }
-    if let Some(rw) = &h.rewrite {
-        let path = format!("{base}.http.rewrite");
-        match Template::parse(rw) {
-            Err(e) => cx.err(&path, id, e),
-            Ok(t) => {
-                if !rw.starts_with('/') {
-                    cx.err(&path, id, "a rewrite template starts with `/`");
-                }
-                let captured = template.map(|t| t.captures()).unwrap_or_default();
-                for v in t.vars() {
-                    if template.is_some() && !captured.contains(&v) {
-                        cx.err(
-                            &path,
-                            id,
-                            format!(
-                                "`{{{v}}}` is not captured by the path `{}`; captured: {}",
-                                template.map(|t| t.raw.as_str()).unwrap_or(""),
-                                if captured.is_empty() {
-                                    "none".to_string()
-                                } else {
-                                    captured.join(", ")
-                                }
-                            ),
-                        );
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn validate_retry(cx: &mut Ctx, base: &str, id: Option<&str>, r: &RetrySpec) {
+pub(crate) fn validate_retry(cx: &mut Checks, base: &str, id: Option<&str>, r: &RetrySpec) {
     if r.attempts == 0 {
         cx.err(
             &format!("{base}.attempts"),
@@ -1646,7 +828,7 @@ fn validate_retry(cx: &mut Ctx, base: &str, id: Option<&str>, r: &RetrySpec) {
     }
 }
 
-fn validate_policy(cx: &mut Ctx, base: &str, p: &BackendPolicy) {
+fn validate_policy(cx: &mut Checks, base: &str, p: &BackendPolicy) {
     let b = &p.breaker;
     let bp = format!("{base}.breaker");
     if b.consecutive_failures == 0 {

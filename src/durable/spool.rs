@@ -197,13 +197,6 @@ pub trait OrderedSend: Send + Sync {
     async fn send_ordered(&self, reqs: Vec<Request>) -> Vec<Result<(), BoxError>>;
 }
 
-#[async_trait::async_trait]
-impl OrderedSend for crate::backends::amqp::AmqpRouteService {
-    async fn send_ordered(&self, reqs: Vec<Request>) -> Vec<Result<(), BoxError>> {
-        self.publish_ordered(reqs).await
-    }
-}
-
 #[derive(Default)]
 struct Slot {
     service: Option<Forwarding>,
@@ -634,9 +627,9 @@ fn judge(result: Result<Response, BoxError>) -> Outcome {
             match c.kind {
                 // The broker refused this message: counted, so that one it always refuses
                 // ends in the dead letters instead of blocking the route.
-                Kind::BACKEND_UNAVAILABLE if c.reason == Some(crate::backends::amqp::NACKED) => {
+                Kind::BACKEND_UNAVAILABLE if c.reason == Some(crate::error::REFUSED_BY_BROKER) => {
                     Outcome::Refused {
-                        reason: crate::backends::amqp::NACKED.to_string(),
+                        reason: crate::error::REFUSED_BY_BROKER.to_string(),
                         permanent: false,
                     }
                 }

@@ -5,8 +5,10 @@
 //! confirm mode; each channel has at most one publish in flight, because lapin can hand a
 //! returned message to the wrong confirm when publishes are pipelined on one channel.
 
+pub mod bridge;
 pub mod live;
 pub mod spec;
+pub mod validate;
 pub mod websocket;
 
 use std::collections::{BTreeSet, HashMap};
@@ -41,7 +43,7 @@ use crate::telemetry::metrics::Metrics;
 use crate::{BoxError, Request, Response, full_body};
 
 /// Why a publish the broker nacked failed (the spool counts these as refusals).
-pub const NACKED: &str = "the broker refused the message (nack)";
+pub const NACKED: &str = crate::error::REFUSED_BY_BROKER;
 
 /// Waiters for replies, by correlation id. A reply nobody waits for is dropped and counted.
 #[derive(Default)]

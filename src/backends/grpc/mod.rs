@@ -3,6 +3,7 @@
 //! route's stack; the reply (or the gRPC status) comes back as JSON or problem+json.
 
 pub mod annotations;
+pub mod bridge;
 pub mod codec;
 mod embedded;
 pub mod live;
@@ -14,6 +15,7 @@ pub mod status;
 mod stream;
 pub mod transcode;
 pub mod transport;
+pub mod validate;
 pub mod websocket;
 
 use std::path::Path;

@@ -2,8 +2,10 @@
 //! connections to one or more endpoints (round robin, failed endpoints skipped for a while),
 //! HTTP/1.1 or h2c upstream, path rewrite, hop-by-hop removal, `X-Forwarded-*`, streamed bodies.
 
+pub mod bridge;
 pub mod live;
 pub mod spec;
+pub mod validate;
 pub mod websocket;
 
 use std::borrow::Cow;

@@ -32,8 +32,10 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request as MqttReq
 use tokio::sync::{broadcast, oneshot, watch};
 
 mod asks;
+pub mod bridge;
 pub mod live;
 pub mod spec;
+pub mod validate;
 pub mod websocket;
 use asks::{Ask, Asks, Grant};
 
@@ -657,7 +659,7 @@ pub fn unfit_topic(topic: &str, filter: bool) -> Option<&'static str> {
         Some("it holds a control character (U+0000–U+001F or U+007F–U+009F)")
     } else if !filter && topic.contains(['+', '#']) {
         Some("a topic name holds no `+` or `#` wildcards")
-    } else if filter && !crate::config::validate::valid_filter(topic) {
+    } else if filter && !validate::valid_filter(topic) {
         Some("`+` stands for one whole level, and `#` only for the last")
     } else {
         None
