@@ -3,6 +3,7 @@
 //! its spec unchanged; each route then gets its own service on top of the shared backend.
 
 pub mod amqp;
+pub mod balance;
 pub mod bridge;
 pub mod grpc;
 pub mod http;

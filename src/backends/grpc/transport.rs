@@ -8,9 +8,8 @@
 //! most of what a gateway adds to a unary call at low load.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::Uri;
 use http::uri::{Authority, Scheme};
@@ -29,14 +28,12 @@ const EJECT_FOR: Duration = Duration::from_secs(5);
 struct Endpoint {
     scheme: Scheme,
     authority: Authority,
-    /// Milliseconds since `Shared::epoch` until which the endpoint is skipped.
-    ejected_until: AtomicU64,
 }
 
 struct Shared {
     endpoints: Vec<Endpoint>,
-    next: AtomicUsize,
-    epoch: Instant,
+    /// Which endpoint takes the next call; one that refused a connection is skipped.
+    balancer: crate::backends::balance::Balancer,
 }
 
 /// A backend's calls, over its endpoints' shared HTTP/2 connections. Cheap to clone.
@@ -58,11 +55,7 @@ impl Transport {
                     .map_err(|_| format!("endpoint `{e}`: not a URL"))?;
                 let parts = uri.into_parts();
                 match (parts.scheme, parts.authority) {
-                    (Some(scheme), Some(authority)) => Ok(Endpoint {
-                        scheme,
-                        authority,
-                        ejected_until: AtomicU64::new(0),
-                    }),
+                    (Some(scheme), Some(authority)) => Ok(Endpoint { scheme, authority }),
                     _ => Err(format!("endpoint `{e}`: needs a scheme and a host")),
                 }
             })
@@ -114,41 +107,10 @@ impl Transport {
         Ok(Transport {
             client,
             shared: Arc::new(Shared {
+                balancer: crate::backends::balance::Balancer::new(endpoints.len(), EJECT_FOR, 1),
                 endpoints,
-                next: AtomicUsize::new(0),
-                epoch: Instant::now(),
             }),
         })
-    }
-}
-
-impl Shared {
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    /// Round robin over the endpoints that are not ejected; over all of them when every one is.
-    fn pick(&self) -> usize {
-        let eps = &self.endpoints;
-        let n = eps.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        if n == 1 {
-            return 0;
-        }
-        let now = self.now_ms();
-        (0..n)
-            .map(|i| (start + i) % n)
-            .find(|&i| eps[i].ejected_until.load(Ordering::Relaxed) <= now)
-            .unwrap_or(start % n)
-    }
-
-    fn eject(&self, i: usize) {
-        if self.endpoints.len() > 1 {
-            let until = self.now_ms() + EJECT_FOR.as_millis() as u64;
-            self.endpoints[i]
-                .ejected_until
-                .store(until, Ordering::Relaxed);
-        }
     }
 }
 
@@ -166,7 +128,7 @@ impl Service<http::Request<tonic::body::Body>> for Transport {
     }
 
     fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
-        let i = self.shared.pick();
+        let i = self.shared.balancer.pick();
         let ep = &self.shared.endpoints[i];
         let mut parts = std::mem::take(req.uri_mut()).into_parts();
         parts.scheme = Some(ep.scheme.clone());
@@ -180,7 +142,7 @@ impl Service<http::Request<tonic::body::Body>> for Transport {
         Box::pin(async move {
             call.await.map_err(|e| -> crate::BoxError {
                 if e.is_connect() {
-                    shared.eject(i);
+                    shared.balancer.eject(i);
                     let mut status = tonic::Status::unavailable("cannot connect to the backend");
                     status.set_source(Arc::new(e));
                     status.into()

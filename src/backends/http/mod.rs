@@ -10,9 +10,9 @@ pub mod websocket;
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
@@ -23,6 +23,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tower::Service;
 
+use super::balance::Balancer;
 use super::{AbortOnDrop, spawn_probe};
 use crate::config::template::Template;
 use crate::config::{HttpBackendSpec, HttpProtocol, HttpRouteSpec};
@@ -42,22 +43,17 @@ struct Endpoint {
     uri_authority: http::uri::Authority,
     base_path: String,
     authority: HeaderValue,
-    /// Milliseconds since `HttpBackend::epoch` until which the endpoint is skipped.
-    ejected_until: AtomicU64,
-    /// Calls that failed in a row (connect failure, reset, 5xx).
-    failures: AtomicU32,
 }
 
 pub struct HttpBackend {
     name: String,
     endpoints: Arc<Vec<Endpoint>>,
-    next: AtomicUsize,
+    /// Which endpoint takes the next call; failed calls (connect failure, reset, 5xx) eject.
+    balancer: Balancer,
     client: Client<HttpConnector, Body>,
     protocol: HttpProtocol,
     eject_for: Duration,
-    eject_after: u32,
     connect_timeout: Duration,
-    epoch: Instant,
     /// Result of the latest background probe: some endpoint accepted a TCP connection.
     reachable: Arc<AtomicBool>,
     _probe: Option<AbortOnDrop>,
@@ -78,8 +74,6 @@ impl HttpBackend {
                     uri_authority: authority.clone(),
                     base_path: u.path().trim_end_matches('/').to_string(),
                     authority: HeaderValue::from_str(authority.as_str()).ok()?,
-                    ejected_until: AtomicU64::new(0),
-                    failures: AtomicU32::new(0),
                 })
             })
             .collect();
@@ -109,14 +103,12 @@ impl HttpBackend {
         );
         HttpBackend {
             name: name.to_string(),
+            balancer: Balancer::new(endpoints.len(), spec.eject_for.0, spec.eject_after_failures),
             endpoints,
-            next: AtomicUsize::new(0),
             client,
             protocol: spec.protocol,
             eject_for: spec.eject_for.0,
-            eject_after: spec.eject_after_failures.max(1),
             connect_timeout: spec.connect_timeout.0,
-            epoch: Instant::now(),
             reachable,
             _probe: probe,
         }
@@ -139,41 +131,20 @@ impl HttpBackend {
         self.reachable.load(Ordering::Relaxed)
     }
 
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    /// Round robin over endpoints that are not ejected; when all are, round robin over all so
-    /// that a recovered backend is found again without waiting.
     fn pick(&self) -> usize {
-        let n = self.endpoints.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let now = self.now_ms();
-        (0..n)
-            .map(|i| (start + i) % n)
-            .find(|&i| self.endpoints[i].ejected_until.load(Ordering::Relaxed) <= now)
-            .unwrap_or(start % n)
+        self.balancer.pick()
     }
 
     pub(crate) fn eject(&self, i: usize) {
-        let until = self.now_ms() + self.eject_for.as_millis() as u64;
-        self.endpoints[i]
-            .ejected_until
-            .store(until, Ordering::Relaxed);
-        self.endpoints[i].failures.store(0, Ordering::Relaxed);
+        self.balancer.eject(i);
     }
 
     /// Records a call's outcome on endpoint `i`; enough failures in a row eject it, but only
     /// when another endpoint is left to take its traffic.
     pub(crate) fn record(&self, i: usize, ok: bool) {
-        let ep = &self.endpoints[i];
-        if ok {
-            ep.failures.store(0, Ordering::Relaxed);
-        } else if ep.failures.fetch_add(1, Ordering::Relaxed) + 1 >= self.eject_after
-            && self.endpoints.len() > 1
-        {
+        if self.balancer.record(i, ok) {
+            let ep = &self.endpoints[i];
             tracing::warn!(backend = %self.name, endpoint = %ep.scheme_authority, "Endpoint ejected after repeated failures.");
-            self.eject(i);
         }
     }
 }
