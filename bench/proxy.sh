@@ -8,6 +8,9 @@
 # p50 and p99 (medians over the rounds), the ratios, and Switchyard's idle RSS.
 #
 #   bash bench/proxy.sh            # DURATION=15s ROUNDS=3 CONNECTIONS=64 by default
+#   BASELINE_REV=<commit> bash bench/proxy.sh
+#                                  # also an earlier build of Switchyard, same routes, in the same
+#                                  # run: prints this build's ratio to it (no regression: >= 0.95)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +29,16 @@ HYPC_PORT=${HYPC_PORT:-18088}
 need wrk wrk
 need nginx nginx
 
+BASE_BIN=""
+if [ -n "${BASELINE_REV:-}" ]; then
+  # The earlier build first, from a worktree of that commit, kept beside the current one.
+  BASE_DIR=$(mktemp -d)
+  git worktree add --detach -f "$BASE_DIR/src" "$BASELINE_REV" >/dev/null
+  (cd "$BASE_DIR/src" && cargo build --release --locked --bin switchyard >/dev/null)
+  cp "$CARGO_TARGET_DIR/release/switchyard" "$BASE_DIR/switchyard"
+  git worktree remove --force "$BASE_DIR/src"
+  BASE_BIN="$BASE_DIR/switchyard"
+fi
 cargo build --release --locked --bin switchyard --example hyper_proxy >/dev/null
 SWITCHYARD="$CARGO_TARGET_DIR/release/switchyard"
 
@@ -34,8 +47,8 @@ cleanup() {
   for f in "$WORK/nginx.pid" "$WORK/upstream/nginx.pid"; do
     [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
   done
-  for p in ${SY_PID:-} ${HY_PID:-} ${HYPC_PID:-}; do kill "$p" 2>/dev/null || true; done
-  rm -rf "$WORK"
+  for p in ${SY_PID:-} ${BASE_PID:-} ${HY_PID:-} ${HYPC_PID:-}; do kill "$p" 2>/dev/null || true; done
+  rm -rf "$WORK" ${BASE_DIR:-}
 }
 trap cleanup EXIT
 
@@ -84,6 +97,13 @@ routes:
 YAML
 RUST_LOG="warn" "$SWITCHYARD" run --no-watch --config "$WORK/routes.yaml" >"$WORK/logs/switchyard.log" 2>&1 &
 SY_PID=$!
+BASE_PORT=$((SY_PORT + 10))
+if [ -n "$BASE_BIN" ]; then
+  sed -e "s/127.0.0.1:$SY_PORT/127.0.0.1:$BASE_PORT/" -e "s/127.0.0.1:$SY_ADMIN/127.0.0.1:$((SY_ADMIN + 10))/" \
+    "$WORK/routes.yaml" > "$WORK/baseline.yaml"
+  RUST_LOG="warn" "$BASE_BIN" run --no-watch --config "$WORK/baseline.yaml" >"$WORK/logs/baseline.log" 2>&1 &
+  BASE_PID=$!
+fi
 "$BIN/examples/hyper_proxy" "127.0.0.1:$HY_PORT" "http://127.0.0.1:$UP_PORT" &
 HY_PID=$!
 MODE=per-core "$BIN/examples/hyper_proxy" "127.0.0.1:$HYPC_PORT" "http://127.0.0.1:$UP_PORT" &
@@ -117,6 +137,10 @@ for r in $(seq 1 "$ROUNDS"); do
   run nginx "http://127.0.0.1:$NGINX_PORT/bench"
   run switchyard "http://127.0.0.1:$SY_PORT/bare/bench"
   run sy-full-mw "http://127.0.0.1:$SY_PORT/full/bench"
+  if [ -n "$BASE_BIN" ]; then
+    run baseline "http://127.0.0.1:$BASE_PORT/bare/bench"
+    run base-full-mw "http://127.0.0.1:$BASE_PORT/full/bench"
+  fi
   run hyper-floor "http://127.0.0.1:$HY_PORT/bench"
   run hyper-percore "http://127.0.0.1:$HYPC_PORT/bench"
 done
@@ -126,7 +150,9 @@ col() { awk -v n="$1" -v c="$2" '$1 == n {print $c}' "$WORK/results" | median; }
 echo
 echo "medians over $ROUNDS round(s):"
 printf '  %-13s %12s %10s %10s\n' target "req/s" "p50 ms" "p99 ms"
-for t in direct nginx switchyard sy-full-mw hyper-floor hyper-percore; do
+TARGETS="direct nginx switchyard sy-full-mw hyper-floor hyper-percore"
+[ -n "$BASE_BIN" ] && TARGETS="$TARGETS baseline base-full-mw"
+for t in $TARGETS; do
   printf '  %-13s %12s %10s %10s\n' "$t" "$(col $t 2)" "$(col $t 3)" "$(col $t 4)"
 done
 SY_RPS=$(col switchyard 2); NG_RPS=$(col nginx 2); UP_RPS=$(col direct 2)
@@ -138,4 +164,10 @@ awk -v s="$SY_RPS" -v n="$NG_RPS" -v u="$UP_RPS" -v sp="$SY_P99" -v np="$NG_P99"
   printf "        full middleware/bare route req/s = %.2f (target >= 0.95)\n", m / s
   printf "        hyper floor/nginx req/s = %.2f (work-stealing), %.2f (per-core); switchyard/hyper floor (work-stealing) = %.2f\n", hy / n, hc / n, s / hy
 }'
+if [ -n "$BASE_BIN" ]; then
+  awk -v s="$SY_RPS" -v b="$(col baseline 2)" -v m="$MW_RPS" -v bm="$(col base-full-mw 2)" \
+    -v sp="$SY_P99" -v bp="$(col baseline 4)" -v rev="$BASELINE_REV" 'BEGIN {
+    printf "this build/%s: bare route req/s = %.2f, full middleware req/s = %.2f, bare p99 = %.2f (no regression: req/s >= 0.95)\n", rev, s / b, m / bm, sp / bp
+  }'
+fi
 echo "switchyard idle RSS: $((RSS_KB / 1024)) MiB ($RSS_KB KiB; target <= 20 MiB)"
