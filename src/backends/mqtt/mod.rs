@@ -32,12 +32,14 @@ use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions, Request as MqttReq
 use tokio::sync::{broadcast, oneshot, watch};
 
 mod asks;
+mod book;
 pub mod bridge;
 pub mod live;
 pub mod spec;
 pub mod validate;
 pub mod websocket;
 use asks::{Ask, Asks, Grant};
+use book::{Book, Entry, Failure, MAX_STRIKES, Outcome};
 
 use super::AbortOnDrop;
 use super::values::{RequestValues, Target};
@@ -53,38 +55,6 @@ const SUBACK_WAIT: Duration = Duration::from_secs(5);
 
 /// A last-value read waiting for a topic's retained message: its id and its sender.
 type Reader = (u64, oneshot::Sender<Publish>);
-
-/// How a publish ended, for its waiting request.
-type Outcome = Result<(), Failure>;
-
-/// Why a publish was not acknowledged.
-#[derive(Debug)]
-enum Failure {
-    /// The broker answered with a reason code.
-    Refused(String),
-    /// The broker lost the session and the publish could not be sent again within the
-    /// broker's flow-control window; it may or may not have arrived before.
-    Lost,
-}
-
-/// One publish the gateway answers for, from enqueueing until the broker acknowledged it.
-struct Entry {
-    seq: u64,
-    publish: Publish,
-    /// Connections that closed while this publish was the first one resent (see `suspect`).
-    strikes: u8,
-    /// Gone when the request stopped waiting (timed out); the entry is still tracked so that
-    /// the book stays in step with rumqttc.
-    tx: Option<oneshot::Sender<Outcome>>,
-}
-
-impl Entry {
-    fn settle(mut self, outcome: Outcome) {
-        if let Some(tx) = self.tx.take() {
-            let _ = tx.send(outcome);
-        }
-    }
-}
 
 /// Live subscriptions by topic filter. Filters without wildcards are found by a hash lookup,
 /// so a message costs the same with ten thousand one-topic subscribers as with one; only
@@ -133,31 +103,6 @@ impl SubTable {
         )
     }
 }
-
-/// The publishes in rumqttc's hands: `queued` in the order rumqttc will send them, `inflight`
-/// by packet id once sent, `limbo` = how many of the queued ones rumqttc moved to its pending
-/// list when the connection failed.
-#[derive(Default)]
-struct Book {
-    queued: VecDeque<Entry>,
-    inflight: HashMap<u16, Entry>,
-    /// QoS 2 publishes past their PUBREC, waiting for PUBCOMP. Kept apart: rumqttc may give
-    /// their packet id to a new publish before the PUBCOMP.
-    released: HashMap<u16, Entry>,
-    /// Packet ids rumqttc will send again after a reconnect that kept the session.
-    resends: std::collections::HashSet<u16>,
-    limbo: usize,
-    /// The publish (by `seq`) sent first after the latest CONNACK. A broker refuses some
-    /// messages by closing the connection (an MQTT 3.1.1 broker has no reason codes: Mosquitto
-    /// does this with a packet over its `max_packet_size`); such a message would be sent again
-    /// on every reconnect and break every connection. When the connection fails before the
-    /// suspect was acknowledged, it gets a strike; at `MAX_STRIKES` it is answered as refused
-    /// and sent no more.
-    suspect: Option<u64>,
-}
-
-/// Connections a publish may see closed as the first one resent before it counts as refused.
-const MAX_STRIKES: u8 = 3;
 
 /// The client of either protocol version. The backend keeps MQTT 5 types throughout; a 3.1.1
 /// client sends them without their properties.
@@ -616,12 +561,11 @@ impl MqttHandle {
                 .client
                 .try_publish(&publish)
                 .map_err(|_| self.unavailable("too many publishes in flight"))?;
-            book.queued.push_back(Entry {
-                seq: self.shared.seq.fetch_add(1, Ordering::Relaxed),
+            book.push(Entry::new(
+                self.shared.seq.fetch_add(1, Ordering::Relaxed),
                 publish,
-                strikes: 0,
-                tx: Some(tx),
-            });
+                tx,
+            ));
         }
         match tokio::time::timeout(wait, rx).await {
             Ok(Ok(Ok(()))) => Ok(()),
@@ -734,66 +678,19 @@ enum Loop {
     V311(Box<rumqttc::EventLoop>),
 }
 
-/// What the book does on a CONNACK: with the session kept, rumqttc resends what it holds; without
-/// it, the publishes rumqttc dropped are published again, oldest first, ahead of anything newer
-/// in its channel. rumqttc sends its pending list without flow control, so no more than the
-/// broker's receive window (`window`) goes again (more would collide on packet ids); the rest
-/// is answered `unconfirmed`. Returns the publishes to put at the head of rumqttc's pending
-/// list, oldest first.
-/// `first_resend`: the packet id of the first publish in rumqttc's pending list.
+/// What the book does on a CONNACK (see [`Book::on_connack`]).
 fn on_connack(
     shared: &Shared,
     session_present: bool,
     window: usize,
     first_resend: Option<u16>,
 ) -> Vec<Publish> {
-    let mut book = book(shared);
-    let mut again = Vec::new();
-    if session_present {
-        // rumqttc sends these again with their packet ids.
-        let ids: Vec<u16> = book.inflight.keys().copied().collect();
-        book.resends = ids.into_iter().collect();
-        book.suspect = first_resend
-            .and_then(|id| book.inflight.get(&id))
-            .map(|e| e.seq);
-    } else {
-        book.resends.clear();
-        let mut lost: Vec<Entry> = book.inflight.drain().map(|(_, e)| e).collect();
-        lost.extend(book.released.drain().map(|(_, e)| e));
-        lost.sort_by_key(|e| e.seq);
-        let limbo = book.limbo.min(book.queued.len());
-        lost.extend(book.queued.drain(..limbo));
-        if lost.len() > window {
-            for e in lost.drain(window..) {
-                e.settle(Err(Failure::Lost));
-            }
-        }
-        again = lost.iter().map(|e| fresh_copy(&e.publish)).collect();
-        book.suspect = lost.first().map(|e| e.seq);
-        for e in lost.into_iter().rev() {
-            book.queued.push_front(e);
-        }
-    }
-    book.limbo = 0;
-    again
+    book(shared).on_connack(session_present, window, first_resend)
 }
 
-/// rumqttc wrote a publish: the head of the queue gets its packet id (or, at QoS 0, is done).
+/// rumqttc wrote a publish (see [`Book::on_outgoing_publish`]).
 fn on_outgoing_publish(shared: &Shared, pkid: u16) {
-    let mut book = book(shared);
-    if pkid != 0 && book.resends.remove(&pkid) {
-        return; // a resend after a reconnect; already tracked
-    }
-    // Between a failure and the next CONNACK the only such events are stale ones: publishes
-    // rumqttc had taken from its channel (and numbered) just before the failure. They are not
-    // in `limbo`, which counts the unnumbered ones.
-    if let Some(e) = book.queued.pop_front() {
-        if pkid == 0 {
-            e.settle(Ok(())); // QoS 0: written, nothing more will come
-        } else {
-            book.inflight.insert(pkid, e);
-        }
-    }
+    book(shared).on_outgoing_publish(pkid);
 }
 
 /// A message from the broker for live subscriptions and last-value reads.
@@ -816,16 +713,9 @@ fn deliver(shared: &Shared, p: Publish) {
     }
 }
 
-/// PUBACK (QoS 1) or PUBCOMP (QoS 2): the publish is settled.
+/// PUBACK (QoS 1) or PUBCOMP (QoS 2): the publish is settled (outside the book's lock).
 fn on_ack(shared: &Shared, pkid: u16, qos2: bool, outcome: Outcome) {
-    let e = {
-        let mut book = book(shared);
-        if qos2 {
-            book.released.remove(&pkid)
-        } else {
-            book.inflight.remove(&pkid)
-        }
-    };
+    let e = book(shared).take_acked(pkid, qos2);
     if let Some(e) = e {
         e.settle(outcome);
     }
@@ -833,15 +723,7 @@ fn on_ack(shared: &Shared, pkid: u16, qos2: bool, outcome: Outcome) {
 
 /// PUBREC: the QoS 2 publish waits for its PUBCOMP, unless the broker refused it.
 fn on_pubrec(shared: &Shared, pkid: u16, outcome: Outcome) {
-    let mut book = book(shared);
-    if let Some(e) = book.inflight.remove(&pkid) {
-        match outcome {
-            Ok(()) => {
-                book.released.insert(pkid, e);
-            }
-            Err(f) => e.settle(Err(f)),
-        }
-    }
+    book(shared).on_pubrec(pkid, outcome);
 }
 
 /// A request in rumqttc's pending list, as the book and the asks see it.
@@ -896,25 +778,7 @@ fn on_failure<R>(
         }
     }
     let was = shared.connected.swap(false, Ordering::SeqCst);
-    let refused = {
-        let mut book = book(shared);
-        book.limbo = limbo;
-        let suspect = book.suspect.take();
-        let struck = book
-            .inflight
-            .iter_mut()
-            .find(|(_, e)| Some(e.seq) == suspect)
-            .map(|(id, e)| {
-                e.strikes += 1;
-                (*id, e.strikes)
-            });
-        match struck {
-            Some((id, strikes)) if strikes >= MAX_STRIKES => {
-                book.inflight.remove(&id).map(|e| (id, e))
-            }
-            _ => None,
-        }
-    };
+    let refused = book(shared).on_failure(limbo);
     if let Some((id, e)) = refused {
         pending.retain(|r| !matches!(held(r), Held::Publish(p) if p == id));
         let topic = String::from_utf8_lossy(&e.publish.topic).into_owned();
@@ -1235,13 +1099,6 @@ async fn run_v311(
 }
 
 /// A copy of a publish for resending (rumqttc assigns a fresh packet id to `pkid == 0`).
-fn fresh_copy(p: &Publish) -> Publish {
-    let mut p = p.clone();
-    p.pkid = 0;
-    p.dup = false;
-    p
-}
-
 /// One route's service on top of a shared [`MqttBackend`].
 #[derive(Clone)]
 pub struct MqttRouteService {
