@@ -235,3 +235,88 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::config::types::Dur;
+    use crate::empty_body;
+    use crate::error::Kind;
+
+    type Mock =
+        tower::util::MapErr<tower_test::mock::Mock<Request, Response>, fn(BoxError) -> BoxError>;
+
+    fn mock() -> (Mock, tower_test::mock::Handle<Request, Response>) {
+        let (svc, handle) = tower_test::mock::pair::<Request, Response>();
+        (svc.map_err((|e| e) as fn(BoxError) -> BoxError), handle)
+    }
+
+    fn problem(e: &BoxError) -> &Problem {
+        e.downcast_ref::<Problem>().expect("a Problem")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_concurrency_limit_sheds_at_once_and_frees_its_slot() {
+        let (svc, mut handle) = mock();
+        let metrics = Arc::new(Metrics::new());
+        let svc =
+            ConcurrencyLimitService::new(svc, Arc::new(Semaphore::new(1)), "r".into(), metrics);
+        let first = tokio::spawn(svc.clone().oneshot(http::Request::new(empty_body())));
+        let (_, send) = handle.next_request().await.unwrap();
+        // The slot is taken: the next call is refused without waiting or reaching the backend.
+        let err = svc
+            .clone()
+            .oneshot(http::Request::new(empty_body()))
+            .await
+            .unwrap_err();
+        let p = problem(&err);
+        assert_eq!((p.kind, p.status.as_u16()), (Kind::OVERLOADED, 503));
+        assert_eq!(p.headers[http::header::RETRY_AFTER], "1");
+        send.send_response(http::Response::new(empty_body()));
+        first.await.unwrap().unwrap();
+        // The slot is back.
+        let next = tokio::spawn(svc.oneshot(http::Request::new(empty_body())));
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(http::Response::new(empty_body()));
+        assert!(next.await.unwrap().is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_rate_limit_answers_429_with_its_headers_per_key() {
+        let (svc, mut handle) = mock();
+        let spec = RateLimitSpec {
+            requests: 2,
+            per: Dur::secs(60),
+            burst: None,
+            key: RateLimitKey::Header("x-tenant".into()),
+        };
+        let limit = Arc::new(RateLimit::new(&spec, "r".into(), Arc::new(Metrics::new())));
+        let svc = RateLimitService::new(svc, limit);
+        let req = |tenant: &str| {
+            http::Request::get("/")
+                .header("x-tenant", tenant)
+                .body(empty_body())
+                .unwrap()
+        };
+        for remaining in ["1", "0"] {
+            let call = tokio::spawn(svc.clone().oneshot(req("a")));
+            let (_, send) = handle.next_request().await.unwrap();
+            send.send_response(http::Response::new(empty_body()));
+            let resp = call.await.unwrap().unwrap();
+            let h = resp.headers()["ratelimit"].to_str().unwrap();
+            assert!(h.contains(&format!("r={remaining}")), "{h}");
+        }
+        let err = svc.clone().oneshot(req("a")).await.unwrap_err();
+        let p = problem(&err);
+        assert_eq!((p.kind, p.status.as_u16()), (Kind::RATE_LIMITED, 429));
+        assert!(p.headers.contains_key(http::header::RETRY_AFTER));
+        assert_eq!(p.headers["ratelimit-policy"], "\"default\";q=2;w=60");
+        // Another tenant has its own bucket.
+        let call = tokio::spawn(svc.oneshot(req("b")));
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(http::Response::new(empty_body()));
+        assert!(call.await.unwrap().is_ok());
+    }
+}
