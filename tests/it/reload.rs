@@ -252,14 +252,14 @@ async fn reload_by_sighup_in_the_real_binary() {
         json(&b)["version"].as_u64()
     };
     let wait_for = |want: u64| async move {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-        while config_version().await != Some(want) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "version {want} never reached"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(&format!("version {want} never reached"), || async {
+            if config_version().await != Some(want) {
+                Err(())
+            } else {
+                Ok(())
+            }
+        })
+        .await;
     };
     wait_for(1).await;
     write("two");

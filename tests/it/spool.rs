@@ -307,14 +307,14 @@ pub(crate) fn spawn_gateway(config: &std::path::Path) -> Process {
 
 /// Waits until the process's admin API answers.
 pub(crate) async fn wait_up(admin: std::net::SocketAddr) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(admin).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the gateway never came up"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("the gateway never came up", || async {
+        if tokio::net::TcpStream::connect(admin).await.is_err() {
+            Err(())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
 }
 
 #[tokio::test]
@@ -459,14 +459,14 @@ async fn a_connection_cut_while_draining_loses_nothing_and_keeps_the_order() {
     proxy.start_again();
     let conn = mq::client().await;
     // Cut the gateway's connection once the drain is under way.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while depth(&conn, &q).await == 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the drain never started"
-        );
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    eventually("the drain never started", || async {
+        if depth(&conn, &q).await == 0 {
+            Err(())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
     proxy.cut();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {

@@ -9,18 +9,19 @@ use switchyard::store::embedded::{EmbeddedStore, LocalDb};
 use switchyard::store::redis::RedisStore;
 use switchyard::store::{Ns, SharedStore, Store, StoreError};
 
+use crate::support::eventually;
 use crate::support::redis as rd;
 
 /// Polls until `key` is gone (its TTL ran out), failing after a few seconds.
 async fn wait_expired(store: &SharedStore, ns: Ns, key: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while store.get(ns, key).await.unwrap().is_some() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{key} never expired"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(&format!("{key} never expired"), || async {
+        if store.get(ns, key).await.unwrap().is_some() {
+            Err(())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
 }
 
 async fn suite(store: SharedStore) {

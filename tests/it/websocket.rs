@@ -1110,14 +1110,14 @@ routes:
     out.send(Message::text("hello?")).await.unwrap();
     assert_eq!(next_json(&mut out).await["error"], "read-only");
     out.close(None).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while rabbit::depth(&conn, &outbox).await != 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the delivered messages were not acknowledged"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the delivered messages were not acknowledged", || async {
+        if rabbit::depth(&conn, &outbox).await != 0 {
+            Err(())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
     // And nothing is acknowledged twice or left unacknowledged: a new client finds the
     // queue empty.
     ch.basic_publish(
