@@ -32,12 +32,17 @@ need nginx nginx
 BASE_BIN=""
 if [ -n "${BASELINE_REV:-}" ]; then
   # The earlier build first, from a worktree of that commit, kept beside the current one.
-  BASE_DIR=$(mktemp -d)
-  git worktree add --detach -f "$BASE_DIR/src" "$BASELINE_REV" >/dev/null
-  (cd "$BASE_DIR/src" && cargo build --release --locked --bin switchyard >/dev/null)
-  cp "$CARGO_TARGET_DIR/release/switchyard" "$BASE_DIR/switchyard"
-  git worktree remove --force "$BASE_DIR/src"
-  BASE_BIN="$BASE_DIR/switchyard"
+  # Kept by commit under the build cache, so a second run does not build it again.
+  REV=$(git rev-parse --short "$BASELINE_REV")
+  BASE_BIN="$CARGO_TARGET_DIR/baseline/$REV/switchyard"
+  if [ ! -x "$BASE_BIN" ]; then
+    BASE_DIR=$(mktemp -d)
+    git worktree add --detach -f "$BASE_DIR/src" "$REV" >/dev/null
+    (cd "$BASE_DIR/src" && cargo build --release --locked --bin switchyard >/dev/null)
+    mkdir -p "$(dirname "$BASE_BIN")"
+    cp "$CARGO_TARGET_DIR/release/switchyard" "$BASE_BIN"
+    git worktree remove --force "$BASE_DIR/src"
+  fi
 fi
 cargo build --release --locked --bin switchyard --example hyper_proxy >/dev/null
 SWITCHYARD="$CARGO_TARGET_DIR/release/switchyard"
@@ -135,11 +140,21 @@ for r in $(seq 1 "$ROUNDS"); do
   echo "round $r"
   run direct "http://127.0.0.1:$UP_PORT/bench"
   run nginx "http://127.0.0.1:$NGINX_PORT/bench"
-  run switchyard "http://127.0.0.1:$SY_PORT/bare/bench"
-  run sy-full-mw "http://127.0.0.1:$SY_PORT/full/bench"
-  if [ -n "$BASE_BIN" ]; then
+  # With a baseline, each route is measured right beside its baseline, in turns, so that
+  # the machine's drift falls on both alike.
+  if [ -n "$BASE_BIN" ] && [ $((r % 2)) -eq 0 ]; then
     run baseline "http://127.0.0.1:$BASE_PORT/bare/bench"
+    run switchyard "http://127.0.0.1:$SY_PORT/bare/bench"
     run base-full-mw "http://127.0.0.1:$BASE_PORT/full/bench"
+    run sy-full-mw "http://127.0.0.1:$SY_PORT/full/bench"
+  elif [ -n "$BASE_BIN" ]; then
+    run switchyard "http://127.0.0.1:$SY_PORT/bare/bench"
+    run baseline "http://127.0.0.1:$BASE_PORT/bare/bench"
+    run sy-full-mw "http://127.0.0.1:$SY_PORT/full/bench"
+    run base-full-mw "http://127.0.0.1:$BASE_PORT/full/bench"
+  else
+    run switchyard "http://127.0.0.1:$SY_PORT/bare/bench"
+    run sy-full-mw "http://127.0.0.1:$SY_PORT/full/bench"
   fi
   run hyper-floor "http://127.0.0.1:$HY_PORT/bench"
   run hyper-percore "http://127.0.0.1:$HYPC_PORT/bench"
