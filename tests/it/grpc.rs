@@ -367,10 +367,15 @@ async fn a_connection_lost_mid_call_is_a_502() {
         let url = gw.url("/v2/sleep");
         async move { send(request(Method::POST, &url).body(body("\"3s\"")).unwrap()).await }
     });
-    while proxy.sessions() == 0 {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // The call is under way once the server has it (it sleeps 3 s): then the connection dies.
+    eventually("the call never reached the server", || async {
+        if server.calls() >= 1 {
+            Ok(())
+        } else {
+            Err(proxy.sessions())
+        }
+    })
+    .await;
     proxy.cut();
     let (s, _, b) = call.await.unwrap();
     assert_eq!(s, 502, "{}", String::from_utf8_lossy(&b));

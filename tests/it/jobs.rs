@@ -37,23 +37,19 @@ async fn post_to(url: &str, b: &str, headers: &[(&str, &str)]) -> (u16, HeaderMa
 
 /// Polls a job until it is no longer pending: its status code, headers and body.
 async fn settle(url: &str) -> (u16, HeaderMap, Value) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually("the job never finished", || async {
         let (s, h, b) = get(url).await;
         let v: Value = serde_json::from_slice(&b).unwrap_or_default();
         if h.get("switchyard-job-status")
             .is_some_and(|v| v != "pending")
         {
-            return (s.as_u16(), h, v);
+            return Ok((s.as_u16(), h, v));
         }
         assert_eq!(s, 202, "a pending job answers 202: {v}");
         assert!(h.contains_key("retry-after"));
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the job never finished: {v}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+        Err(v)
+    })
+    .await
 }
 
 /// The job URL from a 202.
@@ -385,17 +381,16 @@ async fn webhooks_are_signed_and_retried_until_the_receiver_takes_them() {
         assert_eq!(v["response"]["status"], 200);
     }
     // Delivered on the third try; the job says so once it has recorded it.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, _, b) = get(&location(&gw, &h)).await;
-        let v = json(&b);
+    let v = eventually("the webhook was never recorded as delivered", || async {
+        let v = json(&get(&location(&gw, &h)).await.2);
         if v["webhook"]["delivered"] == true {
-            assert_eq!(v["webhook"]["attempts"], 3);
-            break;
+            Ok(v)
+        } else {
+            Err(v)
         }
-        assert!(tokio::time::Instant::now() < deadline, "{v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
+    assert_eq!(v["webhook"]["attempts"], 3);
     assert_eq!(rx.count(), 3);
 }
 
@@ -601,19 +596,14 @@ async fn jobs_live_under_the_configured_path_and_expire_after_their_ttl() {
     let (s, _, _) = settle(&gw.url(&href)).await;
     assert_eq!(s, 200);
     // Gone once its TTL has passed.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (s, _, b) = get(&gw.url(&href)).await;
-        if s == 404 {
-            assert_eq!(json(&b)["type"], "urn:switchyard:problem:job-not-found");
-            break;
+    let b = eventually("the job outlived its TTL", || async {
+        match get(&gw.url(&href)).await {
+            (s, _, b) if s == 404 => Ok(b),
+            (s, _, _) => Err(s),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the job outlived its TTL"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert_eq!(json(&b)["type"], "urn:switchyard:problem:job-not-found");
     // The default prefix is not served when another is configured.
     let (s, _, _) = get(&gw.url(&format!("/jobs/{}", uuid::Uuid::now_v7()))).await;
     assert_eq!(s, 404);

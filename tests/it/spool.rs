@@ -158,15 +158,15 @@ async fn spooled_requests_are_forwarded_in_order_once_the_broker_is_back() {
         assert_eq!(id, &ids[i], "the message id the 202 gave");
     }
     // Once drained, the spool is empty and requests are published directly again.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually("the spool never drained", || async {
         let (_, spool) = gw.admin_json("/spool").await;
         if spool["routes"]["orders"]["messages"] == 0 {
-            break;
+            Ok(())
+        } else {
+            Err(spool)
         }
-        assert!(tokio::time::Instant::now() < deadline, "{spool}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     gw.wait_backend("rabbit", true).await;
     let (s, h, _) = post(&base, "/orders/99", "{\"seq\":99}").await;
     assert_eq!(s, 202);
@@ -349,16 +349,16 @@ async fn the_spool_survives_kill_9_and_delivers_exactly_what_it_acknowledged() {
     let conn = mq::client().await;
     wait_depth(&conn, &q, N as u32).await;
     // Give a duplicate the time to show up, judged by the spool being empty.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually("the spool never drained", || async {
         let (_, _, b) = get(&format!("http://{admin}/spool")).await;
         let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
         if v["routes"]["orders"]["messages"] == 0 {
-            break;
+            Ok(())
+        } else {
+            Err(v)
         }
-        assert!(tokio::time::Instant::now() < deadline, "{v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     let got = drain(&conn, &q).await;
     assert_eq!(got.len(), N, "exactly the acknowledged messages");
     for (i, (_, body, id)) in got.iter().enumerate() {
