@@ -102,7 +102,7 @@ struct RouteView<'a> {
     host: Option<&'a str>,
     headers: &'a BTreeMap<String, String>,
     backend: &'a str,
-    backend_type: &'static str,
+    backend_type: Option<&'static str>,
     timeout: String,
     max_body_size: u64,
     plugins: Vec<&'a str>,
@@ -206,7 +206,7 @@ async fn handle(shared: Arc<Shared>, req: http::Request<Incoming>) -> Response {
                     host: r.spec.matcher.host.as_deref(),
                     headers: &r.spec.matcher.headers,
                     backend: &r.spec.backend,
-                    backend_type: r.backend.kind(),
+                    backend_type: r.backend.as_ref().map(|b| b.kind()),
                     timeout: humantime::format_duration(
                         r.spec.timeout.unwrap_or(table.spec.defaults.timeout).0,
                     )

@@ -226,3 +226,16 @@ pub struct RouteStack {
     /// What `GET {jobs.path}/{id}` passes for a job of this route: its plugins.
     pub job_reader: Option<RouteService>,
 }
+
+impl RouteStack {
+    /// A stack that is only `service`, for routes the gateway generates with no layers of
+    /// their own (the job endpoint, whose answers pass through the plugins of the job's route).
+    pub fn bare(service: RouteService) -> Self {
+        RouteStack {
+            service,
+            spool_inner: None,
+            job: None,
+            job_reader: None,
+        }
+    }
+}

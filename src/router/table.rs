@@ -11,6 +11,7 @@ use crate::RouteService;
 use crate::backends::{BackendSet, BuiltBackend};
 use crate::config::template::PathTemplate;
 use crate::config::{ConfigSpec, RouteSpec, validate::route_methods};
+use crate::durable::jobs;
 use crate::middleware;
 use crate::store::State;
 use crate::telemetry::metrics::Metrics;
@@ -24,7 +25,8 @@ pub struct CompiledRoute {
     pub methods: Option<BTreeSet<Method>>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub max_body_size: u64,
-    pub backend: Arc<BuiltBackend>,
+    /// `None` for the job endpoint's generated route.
+    pub backend: Option<Arc<BuiltBackend>>,
     pub service: RouteService,
     /// The stack below the spool layer, for `spool: true` routes.
     pub spool_inner: Option<crate::durable::spool::Forwarding>,
@@ -75,8 +77,6 @@ pub struct RouteTable {
     pub backends: BackendSet,
     /// The state store and spool, open when a route needs them.
     pub state: Option<Arc<State>>,
-    /// Whether a route runs jobs, so the job endpoint is served.
-    pub serves_jobs: bool,
     pub correlation_header: HeaderName,
     /// The files the build read besides routes.yaml (protos, descriptor sets): the watcher
     /// reloads when one of them changes.
@@ -177,6 +177,17 @@ impl RouteTable {
                 all.push(g);
             }
         }
+        // A route that runs jobs makes the table serve `GET {jobs.path}/{id}`: one more
+        // generated route, the last, whose stack is the job endpoint.
+        let jobs = state.as_ref().filter(|_| {
+            all.iter().any(|r| {
+                r.mode == crate::config::RouteMode::Async
+                    || r.on_timeout == crate::config::OnTimeout::Accept
+            })
+        });
+        if jobs.is_some() {
+            all.push(jobs::endpoint_route(&spec.state.jobs));
+        }
         for (i, r) in all.iter().enumerate() {
             let err = |message: String| BuildError::Route {
                 route: r.id.clone(),
@@ -184,11 +195,7 @@ impl RouteTable {
             };
             let template = PathTemplate::parse(&r.matcher.path).map_err(err)?;
             let methods = route_methods(&r.matcher).map_err(err)?;
-            let backend = backends
-                .by_name
-                .get(&r.backend)
-                .cloned()
-                .ok_or_else(|| err(format!("backend `{}` is not defined", r.backend)))?;
+            let endpoint = jobs.filter(|_| i + 1 == all.len() && i >= spec.routes.len());
             let headers = r
                 .matcher
                 .headers
@@ -202,7 +209,30 @@ impl RouteTable {
                     ))
                 })
                 .collect::<Result<Vec<_>, BuildError>>()?;
-            let built = middleware::stack(r, &spec.defaults, &backend, metrics, state.as_ref())?;
+            let (backend, built) = match endpoint {
+                Some(state) => {
+                    let readers = routes
+                        .iter()
+                        .filter_map(|c: &Arc<CompiledRoute>| {
+                            Some((c.id.to_string(), c.job_reader.clone()?))
+                        })
+                        .collect();
+                    let service = jobs::JobEndpoint::new(state.jobs.clone(), readers);
+                    (
+                        None,
+                        middleware::RouteStack::bare(RouteService::new(service)),
+                    )
+                }
+                None => {
+                    let backend =
+                        backends.by_name.get(&r.backend).cloned().ok_or_else(|| {
+                            err(format!("backend `{}` is not defined", r.backend))
+                        })?;
+                    let built =
+                        middleware::stack(r, &spec.defaults, &backend, metrics, state.as_ref())?;
+                    (Some(backend), built)
+                }
+            };
             let key = template.router_key();
             let host = r.matcher.host.clone();
             let index = match &host {
@@ -254,11 +284,27 @@ impl RouteTable {
                 job_reader: built.job_reader,
             }));
         }
+        // The job endpoint serves every host: it is placed in each host's index too, where
+        // it comes before the host's own catch-alls, as in the index of any host.
+        if jobs.is_some()
+            && let Some(last) = routes.last()
+        {
+            let (i, key) = (routes.len() - 1, last.template.router_key());
+            for index in by_host.values_mut() {
+                let g = index.groups.len();
+                index
+                    .exact
+                    .insert(key.clone(), g)
+                    .map_err(|e| BuildError::Route {
+                        route: last.id.to_string(),
+                        message: format!("the job endpoint's path clashes with a route: {e}"),
+                    })?;
+                index.groups.push(vec![i]);
+            }
+        }
         let correlation_header = HeaderName::from_bytes(spec.server.correlation_header.as_bytes())
             .unwrap_or(HeaderName::from_static("x-request-id"));
-        let serves_jobs = routes.iter().any(|r| r.job.is_some());
         Ok(RouteTable {
-            serves_jobs,
             version,
             spec: Arc::new(spec),
             routes,

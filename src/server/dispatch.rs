@@ -110,9 +110,6 @@ fn check_framing(req: &HttpRequest<Incoming>) -> Result<(), Problem> {
 /// The route id of a request no route took (404, 405, 400 before routing).
 static NO_ROUTE: LazyLock<Arc<str>> = LazyLock::new(|| Arc::from("-"));
 
-/// The route id the job endpoint's answers are counted and logged under.
-pub const JOBS_ROUTE: &str = "switchyard.jobs";
-
 /// The `Connection` options the front end keeps: the protocol's own (`close`, `keep-alive`,
 /// the WebSocket `upgrade`, gRPC's `te`), which backends strip themselves when they forward.
 const CONNECTION_KEPT: [&str; 4] = ["close", "keep-alive", "upgrade", "te"];
@@ -194,41 +191,6 @@ pub async fn handle(
         check_framing(&req)?;
         let path = normalize(req.uri().path(), table.spec.server.encoded_slash)
             .map_err(|e| Problem::bad_request(format!("{e}.")))?;
-        if table.serves_jobs
-            && let Some(state) = &table.state
-            && let Some(answer) = crate::durable::jobs::endpoint(&state.jobs, req.method(), &path).await
-        {
-            route_id = Arc::from(JOBS_ROUTE);
-            let (resp, job_route) = answer?;
-            // The job's route's plugins run around the answer (a job of a route that no longer
-            // runs jobs gets none).
-            let Some(reader) = table
-                .routes
-                .iter()
-                .find(|r| *r.id == *job_route)
-                .and_then(|r| r.job_reader.clone())
-            else {
-                return Ok(resp);
-            };
-            let host = host_of(&req);
-            let (mut parts, _) = req.into_parts();
-            parts
-                .extensions
-                .insert(crate::durable::jobs::Prepared(Arc::new(std::sync::Mutex::new(
-                    Some(resp),
-                ))));
-            parts.extensions.insert(RequestContext {
-                correlation_id: cid.clone(),
-                client_addr: conn.remote,
-                tls: conn.tls,
-                host,
-                route_id: Arc::from(job_route.as_str()),
-                params: Vec::new(),
-            });
-            return reader
-                .oneshot(http::Request::from_parts(parts, crate::empty_body()))
-                .await;
-        }
         let host = host_of(&req);
         let host_key = host.as_deref().map(host_name);
         // An HTTP/2 WebSocket (extended CONNECT, RFC 8441) is routed like the GET of an
@@ -268,7 +230,8 @@ pub async fn handle(
             .into());
         }
         route_id = route.id.clone();
-        backend_name = Some(route.spec.backend.clone());
+        // The job endpoint's generated route has no backend of its own.
+        backend_name = (!route.spec.backend.is_empty()).then(|| route.spec.backend.clone());
         tracing::Span::current().record("route", &*route.id);
         let limit = route.max_body_size;
         let declared = req

@@ -657,3 +657,55 @@ routes:
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
+
+/// The job endpoint is a route the table generates; it serves every host, before any route's
+/// catch-all, whatever the method.
+#[tokio::test]
+async fn the_job_endpoint_serves_every_host_before_catch_all_routes() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  up: {{ type: http, endpoints: ["{}"] }}
+routes:
+  - id: report
+    match: {{ method: POST, path: "/reports/{{*rest}}" }}
+    backend: up
+    mode: async
+  - id: everything-on-api
+    match: {{ host: api.test, path: "/{{*rest}}" }}
+    backend: up
+  - id: everything
+    match: {{ path: "/{{*rest}}" }}
+    backend: up
+"#,
+        up.url()
+    ))
+    .await;
+    let job = format!("/jobs/{}", uuid::Uuid::now_v7());
+    for host in [None, Some("api.test")] {
+        let mut req = request(Method::GET, &gw.url(&job));
+        if let Some(h) = host {
+            req = req.header("host", h);
+        }
+        let (s, _, b) = send(req.body(body("")).unwrap()).await;
+        assert_eq!(s, 404, "{host:?}: {}", String::from_utf8_lossy(&b));
+        assert_eq!(json(&b)["type"], "urn:switchyard:problem:job-not-found");
+        let mut req = request(Method::DELETE, &gw.url(&job));
+        if let Some(h) = host {
+            req = req.header("host", h);
+        }
+        let (s, h, _) = send(req.body(body("")).unwrap()).await;
+        assert_eq!(s, 405);
+        assert_eq!(h["allow"], "GET, HEAD");
+    }
+    assert_eq!(up.hits(), 0, "no request reached a catch-all route");
+    let (_, v) = gw.admin_json("/routes").await;
+    let ids: Vec<&str> = v["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"switchyard.jobs"), "{ids:?}");
+}

@@ -25,7 +25,7 @@ use tower::ServiceExt;
 use crate::config::{JobsSpec, WebhookSpec};
 use crate::durable::spool::{DeadLetter, Spooled};
 use crate::error::Problem;
-use crate::middleware::context::MessageId;
+use crate::middleware::context::{MessageId, RequestContext};
 use crate::store::{Ns, SharedStore, StoreError, StoredResponse, now_ms, read_limited};
 use crate::{BoxError, Request, Response, RouteService, full_body};
 
@@ -978,18 +978,68 @@ fn accepted(job: &Job, jobs_path: &str, retry_after: Duration) -> Response {
     resp
 }
 
-/// `GET {jobs.path}/{id}` when `path` is under the job endpoint of a table with jobs; `None`
-/// for any other path. The answer comes with the job's route, whose plugins (authentication,
-/// headers) the front end runs around it.
-pub async fn endpoint(
-    jobs: &Arc<Jobs>,
-    method: &Method,
-    path: &str,
-) -> Option<Result<(Response, String), BoxError>> {
-    let spec = jobs.spec();
-    let id = path.strip_prefix(spec.path.as_str())?.strip_prefix('/')?;
-    Some(serve(jobs, &spec, method, id).await)
+/// The id the job endpoint's route carries: its answers are counted and logged under it.
+pub const JOBS_ROUTE: &str = "switchyard.jobs";
+
+/// The route the table generates for `GET {jobs.path}/{id}` when a route runs jobs, answered
+/// by [`JobEndpoint`].
+pub fn endpoint_route(spec: &JobsSpec) -> crate::config::RouteSpec {
+    let path = format!("{}/{{id}}", spec.path.trim_end_matches('/'));
+    serde_json::from_value(serde_json::json!({
+        "id": JOBS_ROUTE,
+        // Every method: the path is the job endpoint's alone (a catch-all route never takes
+        // it), and the endpoint answers 405 itself for what is not GET or HEAD.
+        "match": { "path": path },
+        "backend": "",
+    }))
+    .expect("the job endpoint's route is a valid route")
 }
+
+/// The bottom of the job endpoint's route: the job, passed through the plugins of the route
+/// that made it (authentication, headers), or as it is when that route is gone or no longer
+/// runs jobs.
+#[derive(Clone)]
+pub struct JobEndpoint {
+    jobs: Arc<Jobs>,
+    /// Per route id, the stack of its plugins around a prepared answer.
+    readers: Arc<HashMap<String, crate::RouteService>>,
+}
+
+impl JobEndpoint {
+    pub fn new(jobs: Arc<Jobs>, readers: HashMap<String, crate::RouteService>) -> Self {
+        JobEndpoint {
+            jobs,
+            readers: Arc::new(readers),
+        }
+    }
+
+    async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
+        let id = req
+            .extensions()
+            .get::<RequestContext>()
+            .and_then(|c| c.param("id"))
+            .unwrap_or_default()
+            .to_string();
+        let spec = self.jobs.spec();
+        let (resp, job_route) = serve(&self.jobs, &spec, req.method(), &id).await?;
+        let Some(reader) = self.readers.get(&job_route).cloned() else {
+            return Ok(resp);
+        };
+        let (mut parts, _) = req.into_parts();
+        parts
+            .extensions
+            .insert(Prepared(Arc::new(std::sync::Mutex::new(Some(resp)))));
+        if let Some(cx) = parts.extensions.get_mut::<RequestContext>() {
+            cx.route_id = Arc::from(job_route.as_str());
+            cx.params = Vec::new();
+        }
+        reader
+            .oneshot(http::Request::from_parts(parts, crate::empty_body()))
+            .await
+    }
+}
+
+crate::backends::route_service!(JobEndpoint);
 
 /// A job's answer, prepared by the front end, handed through the plugins of its route.
 #[derive(Clone)]
