@@ -305,12 +305,10 @@ where
                     // The overall timeout sits above this layer and would drop the call without
                     // an outcome; race the deadline here so a slow backend is judged slow.
                     let result = match deadline {
-                        Some(d) => {
-                            match tokio::time::timeout_at(Instant::from_std(d.at), fut).await {
-                                Ok(r) => r,
-                                Err(_) => Err(super::timeout::expired(d.total, progress.as_ref())),
-                            }
-                        }
+                        Some(d) => match tokio::time::timeout_at(d.at, fut).await {
+                            Ok(r) => r,
+                            Err(_) => Err(super::timeout::expired(d.total, progress.as_ref())),
+                        },
                         None => fut.await,
                     };
                     ticket.record(outcome_of(&result));

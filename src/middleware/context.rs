@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// Inserted by the front end into every request's extensions before the route stack runs.
 #[derive(Debug, Clone)]
@@ -36,7 +36,7 @@ pub struct MessageId(pub Arc<str>);
 
 /// The request's overall deadline, set by the timeout layer so backends can pass the remaining
 /// time on (gRPC `grpc-timeout`, message expiry) and inner layers can tell a deadline from a
-/// client that left.
+/// client that left. On Tokio's clock, so tests with paused time see it as the layers do.
 #[derive(Debug, Clone, Copy)]
 pub struct Deadline {
     pub at: Instant,

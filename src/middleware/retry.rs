@@ -194,7 +194,7 @@ impl RetryService {
                 return result;
             }
             let wait = self.policy.backoff.nth(attempt);
-            if deadline.is_some_and(|d| std::time::Instant::now() + wait >= d) {
+            if deadline.is_some_and(|d| tokio::time::Instant::now() + wait >= d) {
                 return result;
             }
             self.metrics.retry(&self.route, reason);
@@ -320,5 +320,36 @@ mod tests {
         let (_, send) = handle.next_request().await.unwrap();
         send.send_error(unavailable());
         assert!(call.await.unwrap().is_err());
+    }
+
+    /// The layer order's reason for retries inside the overall timeout: the retry layer reads
+    /// the deadline the timeout set (on Tokio's clock) and stops before a wait would pass it,
+    /// answering with the backend's last failure rather than a 504.
+    #[tokio::test(start_paused = true)]
+    async fn retries_inside_the_overall_timeout_stop_before_its_deadline() {
+        use tower::Layer;
+        let (svc, mut handle) = service(
+            policy(50),
+            TpsBudget::new(Duration::from_secs(10), 1000, 1.0),
+        );
+        let svc =
+            crate::middleware::timeout::TimeoutLayer::new(Duration::from_millis(700)).layer(svc);
+        let tries = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let counted = tries.clone();
+        tokio::spawn(async move {
+            while let Some((_, send)) = handle.next_request().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                send.send_error(unavailable());
+            }
+        });
+        let started = tokio::time::Instant::now();
+        let err = svc
+            .oneshot(http::Request::get("/x").body(empty_body()).unwrap())
+            .await
+            .unwrap_err();
+        let p = err.downcast_ref::<Problem>().expect("a Problem");
+        assert_eq!(p.kind, crate::error::Kind::BACKEND_UNAVAILABLE, "{p}");
+        assert!(started.elapsed() < Duration::from_millis(700));
+        assert!(tries.load(std::sync::atomic::Ordering::SeqCst) >= 2);
     }
 }

@@ -73,7 +73,7 @@ where
         let deadline = Instant::now() + self.after;
         if self.sets_deadline {
             req.extensions_mut().insert(Deadline {
-                at: deadline.into_std(),
+                at: deadline,
                 total: self.after,
             });
         }
