@@ -271,3 +271,99 @@ impl IdempotencyService {
         Ok(http::Response::from_parts(parts, full_body(bytes)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Kind;
+    use crate::store::embedded::{EmbeddedStore, LocalDb};
+
+    fn layer(
+        required: bool,
+    ) -> (
+        IdempotencyService,
+        tower_test::mock::Handle<Request, Response>,
+    ) {
+        let (mock, handle) = tower_test::mock::pair::<Request, Response>();
+        let inner = RouteService::boxing(tower::util::MapErr::new(mock, |e: BoxError| e));
+        let store: SharedStore = Arc::new(EmbeddedStore::new(
+            LocalDb::in_memory().unwrap(),
+            Duration::from_secs(60),
+        ));
+        let spec = IdempotencySpec {
+            required,
+            ..IdempotencySpec::default()
+        };
+        let svc = IdempotencyService::new(inner, store, &spec, "r".into(), Duration::from_secs(5));
+        (svc, handle)
+    }
+
+    fn post(key: Option<&str>, body: &'static str) -> Request {
+        let mut req = http::Request::post("/orders");
+        if let Some(k) = key {
+            req = req.header(HEADER, k);
+        }
+        req.body(full_body(body)).unwrap()
+    }
+
+    fn kind(e: &BoxError) -> Kind {
+        e.downcast_ref::<Problem>().expect("a Problem").kind
+    }
+
+    #[tokio::test]
+    async fn one_answer_per_key_replayed_and_guarded() {
+        let (svc, mut handle) = layer(false);
+        let first = tokio::spawn(svc.clone().oneshot(post(Some("k1"), "{\"n\":1}")));
+        let (_, send) = handle.next_request().await.unwrap();
+        // The same request while the first runs: 409, the backend is not called.
+        let busy = svc
+            .clone()
+            .oneshot(post(Some("k1"), "{\"n\":1}"))
+            .await
+            .unwrap_err();
+        assert_eq!(kind(&busy), Kind::KEY_IN_USE);
+        let mut answer = http::Response::new(full_body("done"));
+        *answer.status_mut() = http::StatusCode::CREATED;
+        send.send_response(answer);
+        let resp = first.await.unwrap().unwrap();
+        assert_eq!(resp.status(), 201);
+        assert!(resp.headers().get(REPLAYED).is_none());
+        // Again: the stored answer, marked as replayed, without the backend.
+        let again = svc
+            .clone()
+            .oneshot(post(Some("k1"), "{\"n\":1}"))
+            .await
+            .unwrap();
+        assert_eq!(again.status(), 201);
+        assert_eq!(again.headers()[REPLAYED], "true");
+        let body = crate::collect_body(again.into_body()).await.unwrap();
+        assert_eq!(&body[..], b"done");
+        // The same key with another body: 422.
+        let reused = svc
+            .clone()
+            .oneshot(post(Some("k1"), "{\"n\":2}"))
+            .await
+            .unwrap_err();
+        assert_eq!(kind(&reused), Kind::KEY_REUSED);
+        // Without a key the request passes as it is.
+        let plain = tokio::spawn(svc.oneshot(post(None, "{}")));
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(http::Response::new(full_body("")));
+        assert!(plain.await.unwrap().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_required_key_that_is_missing_or_malformed_is_a_400_naming_the_header() {
+        let (svc, _handle) = layer(true);
+        for key in [None, Some("")] {
+            let err = svc.clone().oneshot(post(key, "{}")).await.unwrap_err();
+            let p = err.downcast_ref::<Problem>().expect("a Problem");
+            assert_eq!(
+                (p.kind, p.status.as_u16()),
+                (Kind::BAD_REQUEST, 400),
+                "{key:?}"
+            );
+            assert_eq!(p.field.as_deref(), Some("header.idempotency-key"));
+        }
+    }
+}
