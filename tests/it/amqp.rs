@@ -353,10 +353,13 @@ async fn request_reply_over_direct_reply_to_and_a_named_queue() {
         .unwrap();
     let (s, _, b) = send(late).await;
     assert_eq!(s, 504, "{}", String::from_utf8_lossy(&b));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while unmatched().await < 2.0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the late reply was never counted as unmatched", || async {
+        match unmatched().await {
+            n if n >= 2.0 => Ok(()),
+            n => Err(n),
+        }
+    })
+    .await;
     assert_eq!(unmatched().await, 2.0, "the late reply");
     let conn = mq::client().await;
     mq::cleanup(&conn, &[&x], &[&q, &replies]).await;
@@ -379,18 +382,19 @@ async fn a_topology_that_does_not_match_the_broker_is_reported() {
     let gw = Gateway::start(&one_route(&url, &x, &q, "k", "/p")).await;
     let entry = gw.wait_backend("rabbit", false).await;
     // The first state is "connecting"; wait for the broker's verdict.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let problem = loop {
+    let problem = eventually("the broker's verdict never came", || async {
         let (_, v) = gw.admin_json("/readyz").await;
         let p = v["backends"]["rabbit"]["problem"]
             .as_str()
             .unwrap_or("")
             .to_string();
-        if p.contains("exchange") || Instant::now() > deadline {
-            break p;
+        if p.contains("exchange") {
+            Ok(p)
+        } else {
+            Err(p)
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     assert!(
         problem.contains(&format!("declaring exchange `{x}`")) && problem.contains("PRECONDITION"),
         "{problem} {entry}"
@@ -855,18 +859,14 @@ async fn amqps_checks_tls_server_name_instead_of_the_url_host() {
     // Without it, the URL's host is checked, and the certificate does not carry it.
     assert_eq!(front.refused.load(std::sync::atomic::Ordering::SeqCst), 0);
     let gw2 = start("ca: ca.pem").await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually("never refused", || async {
         let entry = gw2.wait_backend("rabbit", false).await;
-        if entry["problem"]
-            .as_str()
-            .is_some_and(|p| p.contains("cannot connect"))
-        {
-            break;
+        match entry["problem"].as_str() {
+            Some(p) if p.contains("cannot connect") => Ok(()),
+            _ => Err(entry),
         }
-        assert!(Instant::now() < deadline, "never refused: {entry}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     assert!(front.refused.load(std::sync::atomic::Ordering::SeqCst) > 0);
     mq::cleanup(&conn, &[&x], &[&q]).await;
 }
@@ -952,10 +952,13 @@ routes:
     // The quorum queue keeps one message; the two pushed out are dead-lettered, with the
     // routing key the topology set.
     let conn = mq::client().await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while mq::depth(&conn, &dead).await < 2 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the dead-letter queue never held two", || async {
+        match mq::depth(&conn, &dead).await {
+            n if n >= 2 => Ok(()),
+            n => Err(n),
+        }
+    })
+    .await;
     assert_eq!(mq::depth(&conn, &q).await, 1);
     assert_eq!(mq::depth(&conn, &dead).await, 2);
     // The broker holds them as declared: redeclaring with other arguments is refused.
