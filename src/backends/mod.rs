@@ -147,7 +147,7 @@ impl<'a> BuildContext<'a> {
     ) -> Self {
         let asks = backends.iter().filter_map(|(name, spec)| match spec {
             BackendSpec::Grpc(g) if g.reflection => Some(async move {
-                let files = match grpc::channel(g, base) {
+                let files = match grpc::transport::Transport::new(g, base) {
                     Ok(ch) => {
                         grpc::reflection::fetch(ch, g.connect_timeout.0 + Duration::from_secs(5))
                             .await

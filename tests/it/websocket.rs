@@ -1141,6 +1141,7 @@ async fn grpc_streams_of_every_kind_one_json_frame_per_message() {
     use crate::support::grpc::{GrpcServer, proto_dir};
     let server = GrpcServer::start().await;
     let dir = proto_dir();
+    let closed = free_port().await;
     let gw = Gateway::start(&format!(
         r#"
 backends:
@@ -1149,7 +1150,16 @@ backends:
     endpoints: ["{url}"]
     protos: ["{proto}"]
     import_paths: ["{dir}"]
+  gone:
+    type: grpc
+    endpoints: ["http://{closed}"]
+    protos: ["{proto}"]
+    import_paths: ["{dir}"]
 routes:
+  - id: gone
+    match: {{ method: GET, path: /ws/gone }}
+    backend: gone
+    websocket: {{ grpc: {{ method: shop.v1.Orders/WatchOrders }} }}
   - id: watch
     match: {{ method: GET, path: /ws/watch }}
     backend: shop
@@ -1168,6 +1178,16 @@ routes:
         dir = dir.display()
     ))
     .await;
+
+    // A backend none of whose endpoints accepts a connection: 503 before the handshake.
+    match tokio_tungstenite::connect_async(ws_url(&gw, "/ws/gone")).await {
+        Err(tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 503);
+            let body = json(&bytes::Bytes::from(resp.body().clone().unwrap_or_default()));
+            assert_eq!(body["type"], "urn:switchyard:problem:backend-unavailable");
+        }
+        other => panic!("expected 503, got {other:?}"),
+    }
 
     // Server streaming: the first frame is the request; three replies, then status OK, 1000.
     let mut ws = connect(&gw, "/ws/watch").await;

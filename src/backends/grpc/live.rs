@@ -7,9 +7,9 @@
 
 use std::time::Duration;
 
+use super::transport::Transport;
 use http_body_util::BodyExt;
 use prost_reflect::{DescriptorPool, MethodDescriptor};
-use tonic::transport::Channel;
 use tower::ServiceExt;
 
 use crate::backends::live::{Findings, Verdict};
@@ -46,7 +46,7 @@ pub async fn check(
             endpoints: vec![ep.clone()],
             ..spec.clone()
         };
-        let channel = match super::channel(&one, base) {
+        let channel = match Transport::new(&one, base) {
             Ok(c) => c,
             Err(e) => {
                 f.backend(format!("endpoint {ep}"), Verdict::Fail, &e);
@@ -188,7 +188,7 @@ fn compare(mine: &MethodDescriptor, theirs: Option<MethodDescriptor>) -> (Verdic
 }
 
 /// An empty call to a method: the gRPC status the server answers with.
-async fn probe(channel: Channel, full: &str, within: Duration) -> Result<tonic::Code, String> {
+async fn probe(channel: Transport, full: &str, within: Duration) -> Result<tonic::Code, String> {
     let req = http::Request::post(format!("/{full}"))
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers")

@@ -29,7 +29,6 @@ use http::uri::PathAndQuery;
 use prost_reflect::{
     DescriptorPool, DynamicMessage, FieldDescriptor, Kind, MethodDescriptor, ReflectMessage,
 };
-use tonic::transport::{Channel, Endpoint};
 use tower::Service;
 
 use crate::config::{GrpcBackendSpec, GrpcRouteSpec, RouteSpec};
@@ -141,68 +140,6 @@ pub fn load_descriptors_with(
     Ok(pool)
 }
 
-/// A lazy channel over all of a backend's endpoints (balanced when there are several), with
-/// keep-alive pings and, for `https://` endpoints, TLS.
-pub fn channel(spec: &GrpcBackendSpec, base: &Path) -> Result<Channel, String> {
-    let tls = client_tls(spec, base)?;
-    let endpoints = spec
-        .endpoints
-        .iter()
-        .map(|e| {
-            Endpoint::from_shared(e.clone())
-                .map(|ep| {
-                    ep.connect_timeout(spec.connect_timeout.0)
-                        .tcp_nodelay(true)
-                        // HTTP/2 pings find dead connections before a call does.
-                        .http2_keep_alive_interval(spec.keepalive.0)
-                        .keep_alive_timeout(spec.connect_timeout.0.max(Duration::from_secs(1)))
-                        .keep_alive_while_idle(true)
-                })
-                .and_then(|ep| match &tls {
-                    Some(t) if e.starts_with("https:") => ep.tls_config(t.clone()),
-                    _ => Ok(ep),
-                })
-                .map_err(|err| format!("endpoint `{e}`: {err}"))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(match endpoints.as_slice() {
-        [one] => one.connect_lazy(),
-        _ => Channel::balance_list(endpoints.into_iter()),
-    })
-}
-
-/// The TLS settings of a backend with `https://` endpoints, reading its certificate files.
-fn client_tls(
-    spec: &GrpcBackendSpec,
-    base: &Path,
-) -> Result<Option<tonic::transport::ClientTlsConfig>, String> {
-    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
-    if !spec.endpoints.iter().any(|e| e.starts_with("https:")) {
-        return Ok(None);
-    }
-    let read = |p: &Path| {
-        let path = if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            base.join(p)
-        };
-        std::fs::read(&path).map_err(|e| format!("tls: cannot read {}: {e}", path.display()))
-    };
-    let tls = spec.tls.clone().unwrap_or_default();
-    let mut cfg = ClientTlsConfig::new();
-    cfg = match &tls.ca {
-        Some(ca) => cfg.ca_certificate(Certificate::from_pem(read(ca)?)),
-        None => cfg.with_native_roots(),
-    };
-    if let Some(name) = &tls.server_name {
-        cfg = cfg.domain_name(name.clone());
-    }
-    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
-        cfg = cfg.identity(Identity::from_pem(read(cert)?, read(key)?));
-    }
-    Ok(Some(cfg))
-}
-
 /// Line and column (1-based) of a proto compile error, from its diagnostic label.
 fn proto_position(e: &protox::Error) -> Option<(usize, usize)> {
     use miette::Diagnostic;
@@ -219,10 +156,10 @@ pub struct GrpcBackend {
     pool: arc_swap::ArcSwap<DescriptorPool>,
     /// Transcoded and passed-through calls.
     transport: transport::Transport,
-    /// WebSocket sessions, which wait for the connection before answering the handshake: a
-    /// lazy tonic channel, connected only when such a route is used.
-    channel: Channel,
     reachable: Arc<AtomicBool>,
+    /// The endpoints' addresses, which the readiness probe connects to.
+    addrs: Vec<String>,
+    connect_timeout: Duration,
     _probe: Option<AbortOnDrop>,
 }
 
@@ -240,7 +177,6 @@ impl GrpcBackend {
             None => &[],
         };
         let pool = load_descriptors_with(spec, cx.base, reflected, &mut cx.read_files())?;
-        let channel = channel(spec, cx.base)?;
         let transport = transport::Transport::new(spec, cx.base)?;
         let reachable = Arc::new(AtomicBool::new(false));
         let addrs: Vec<String> = spec
@@ -255,7 +191,7 @@ impl GrpcBackend {
             .collect();
         let probe = super::spawn_probe(
             name,
-            addrs,
+            addrs.clone(),
             reachable.clone(),
             Duration::from_secs(2),
             spec.connect_timeout.0,
@@ -267,8 +203,9 @@ impl GrpcBackend {
             native_routes: spec.native_routes,
             pool: arc_swap::ArcSwap::from_pointee(pool),
             transport,
-            channel,
             reachable,
+            addrs,
+            connect_timeout: spec.connect_timeout.0,
             _probe: probe,
         })
     }
@@ -277,13 +214,31 @@ impl GrpcBackend {
         self.reachable.load(Ordering::Relaxed)
     }
 
+    /// Whether an endpoint accepts a connection now: the probe's answer when it found one,
+    /// else a connect tried here (the probe may not have run yet, or be out of date).
+    pub async fn reachable_now(&self) -> bool {
+        if self.ready() {
+            return true;
+        }
+        for addr in &self.addrs {
+            let connect = tokio::net::TcpStream::connect(addr.as_str());
+            if matches!(
+                tokio::time::timeout(self.connect_timeout, connect).await,
+                Ok(Ok(_))
+            ) {
+                return true;
+            }
+        }
+        false
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
 
-    /// The backend's tonic channel, for WebSocket sessions (cheap to clone).
-    pub fn channel(&self) -> Channel {
-        self.channel.clone()
+    /// The backend's connections, for WebSocket sessions (cheap to clone).
+    pub fn transport(&self) -> transport::Transport {
+        self.transport.clone()
     }
 
     /// Loads the descriptors again (a reload that kept this backend); the channel is kept.

@@ -6,10 +6,10 @@
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
+use super::transport::Transport;
 use http::uri::PathAndQuery;
 use prost::Message;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 use tonic_reflection::pb::v1::{
     ServerReflectionRequest, ServerReflectionResponse, server_reflection_request::MessageRequest,
     server_reflection_response::MessageResponse,
@@ -27,7 +27,7 @@ fn local(name: &str) -> bool {
 
 /// The serialized `FileDescriptorProto`s of every service the server offers (besides reflection
 /// itself) and of their imports, except the well-known types.
-pub async fn fetch(channel: Channel, within: Duration) -> Result<Vec<Vec<u8>>, String> {
+pub async fn fetch(channel: Transport, within: Duration) -> Result<Vec<Vec<u8>>, String> {
     let run = async {
         match session(channel.clone(), V1).await {
             Err(Failure::Unimplemented) => session(channel, V1ALPHA).await,
@@ -64,7 +64,7 @@ impl From<tonic::Status> for Failure {
 
 /// One reflection stream: list the services, then ask for the file of each and for every
 /// import not received yet, one request at a time.
-async fn session(channel: Channel, path: &'static str) -> Result<Vec<Vec<u8>>, Failure> {
+async fn session(channel: Transport, path: &'static str) -> Result<Vec<Vec<u8>>, Failure> {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready()
         .await

@@ -55,14 +55,18 @@ impl GrpcBridge {
         })
     }
 
-    /// Connects the channel before the handshake is answered, so a 101 means the call can
-    /// start; the metadata (correlation ID, trace context) comes from the handshake.
+    /// The session's call, on the backend's one connection stack (the transport its HTTP
+    /// routes use). A backend none of whose endpoints accepts a connection is refused before
+    /// the handshake is answered (503), so a 101 means the call can start; the metadata
+    /// (correlation ID, trace context) comes from the handshake.
     pub async fn prepare(&self, parts: &http::request::Parts) -> Result<Session, Problem> {
-        let mut grpc = tonic::client::Grpc::new(self.backend.channel());
-        grpc.ready().await.map_err(|e| {
-            Problem::backend_unavailable(self.backend.name(), "cannot connect to the backend")
-                .with_source(e)
-        })?;
+        if !self.backend.reachable_now().await {
+            return Err(Problem::backend_unavailable(
+                self.backend.name(),
+                "cannot connect to the backend",
+            ));
+        }
+        let grpc = tonic::client::Grpc::new(self.backend.transport());
         let mut metadata = tonic::metadata::MetadataMap::new();
         for name in ["x-request-id", "traceparent"] {
             if let Some(v) = parts.headers.get(name)
@@ -107,7 +111,7 @@ fn requests(
 
 /// One connection's call.
 pub struct GrpcSession {
-    grpc: tonic::client::Grpc<tonic::transport::Channel>,
+    grpc: tonic::client::Grpc<super::transport::Transport>,
     method: MethodDescriptor,
     path: PathAndQuery,
     metadata: tonic::metadata::MetadataMap,
