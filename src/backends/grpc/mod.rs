@@ -164,7 +164,7 @@ pub struct GrpcBackend {
 }
 
 impl GrpcBackend {
-    /// Loads descriptors (the only step that can fail) and prepares a lazy channel; nothing here
+    /// Loads descriptors (the only step that can fail) and prepares its connections; nothing here
     /// waits for the server.
     pub fn new(
         name: &str,
