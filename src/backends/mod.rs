@@ -302,6 +302,21 @@ impl StartGate {
     pub async fn opened(&self) {
         self.0.cancelled().await
     }
+
+    /// Spawns `task` to run once the gate opens, aborted when the handle is dropped (with
+    /// its backend). `None` outside a runtime (benchmarks build tables without one).
+    pub fn spawn<F>(&self, task: F) -> Option<AbortOnDrop>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let rt = tokio::runtime::Handle::try_current().ok()?;
+        let gate = self.clone();
+        let handle = rt.spawn(async move {
+            gate.opened().await;
+            task.await
+        });
+        Some(AbortOnDrop(handle.abort_handle()))
+    }
 }
 
 /// Probes `addrs` with TCP connects every `interval` and sets `reachable` when any answers,
@@ -316,11 +331,8 @@ pub fn spawn_probe(
     gate: &StartGate,
 ) -> Option<AbortOnDrop> {
     use std::sync::atomic::Ordering;
-    let rt = tokio::runtime::Handle::try_current().ok()?;
     let name = name.to_string();
-    let gate = gate.clone();
-    let task = rt.spawn(async move {
-        gate.opened().await;
+    gate.spawn(async move {
         let mut was = None;
         loop {
             let mut any = false;
@@ -341,8 +353,7 @@ pub fn spawn_probe(
             }
             tokio::time::sleep(interval).await;
         }
-    });
-    Some(AbortOnDrop(task.abort_handle()))
+    })
 }
 
 impl BuiltBackend {

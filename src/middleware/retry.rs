@@ -4,19 +4,18 @@
 //! reached the backend, or one whose method, `Idempotency-Key` or route says it may be repeated.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderName, Method, header};
+use tower::ServiceExt;
 use tower::retry::budget::{Budget, TpsBudget};
-use tower::{Service, ServiceExt};
 
 use super::context::Deadline;
 use crate::backoff::Backoff;
 use crate::config::{RetryCondition, RetryOn, RetrySpec};
 use crate::error::{Fault, Problem, RetryClass, classify};
 use crate::telemetry::metrics::Metrics;
-use crate::{BoxError, Request, Response, ResponseFuture, RouteService, full_body};
+use crate::{BoxError, Request, Response, RouteService, full_body};
 
 static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
@@ -145,23 +144,10 @@ fn rebuild(parts: &http::request::Parts, body: &Bytes) -> Request {
     req
 }
 
-impl Service<Request> for RetryService {
-    type Response = Response;
-    type Error = BoxError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { this.run(req).await })
-    }
-}
+crate::backends::route_service!(RetryService);
 
 impl RetryService {
-    async fn run(self, req: Request) -> Result<Response, BoxError> {
+    async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
         self.budget.deposit();
         let declared = req
             .headers()

@@ -175,16 +175,7 @@ impl AmqpBackend {
             direct_replies: AtomicBool::new(false),
             next: AtomicUsize::new(0),
         });
-        let task = tokio::runtime::Handle::try_current().ok().map(|rt| {
-            let (gate, shared) = (gate.clone(), shared.clone());
-            AbortOnDrop(
-                rt.spawn(async move {
-                    gate.opened().await;
-                    run(shared).await
-                })
-                .abort_handle(),
-            )
-        });
+        let task = gate.spawn(run(shared.clone()));
         Ok(AmqpBackend {
             shared,
             _task: task,

@@ -11,7 +11,6 @@ pub mod websocket;
 use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -21,7 +20,6 @@ use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use tower::Service;
 
 use super::balance::Balancer;
 use super::{AbortOnDrop, spawn_probe};
@@ -29,7 +27,7 @@ use crate::config::template::Template;
 use crate::config::{HttpBackendSpec, HttpProtocol, HttpRouteSpec};
 use crate::error::Problem;
 use crate::middleware::context::RequestContext;
-use crate::{Body, BodyError, BoxError, Request, Response, ResponseFuture};
+use crate::{Body, BodyError, BoxError, Request, Response};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -228,20 +226,7 @@ impl HttpRouteService {
     }
 }
 
-impl Service<Request> for HttpRouteService {
-    type Response = Response;
-    type Error = BoxError;
-    type Future = ResponseFuture;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { this.forward(req).await })
-    }
-}
+super::route_service!(HttpRouteService);
 
 impl HttpRouteService {
     /// Points `parts` at an endpoint (chosen round robin) and makes its headers fit to leave:
@@ -336,7 +321,7 @@ impl HttpRouteService {
         Ok(i)
     }
 
-    async fn forward(self, req: Request) -> Result<Response, BoxError> {
+    async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
         let backend = &self.backend;
         let (mut parts, body) = req.into_parts();
         let i = self.prepare(&mut parts, backend.protocol)?;

@@ -279,17 +279,8 @@ impl MqttBackend {
             subs: std::sync::Mutex::new(SubTable::default()),
             gone: tokio_util::sync::CancellationToken::new(),
         });
-        let task = tokio::runtime::Handle::try_current().ok().map(|rt| {
-            let (gate, weak) = (gate.clone(), Arc::downgrade(&shared));
-            let (min, max, inflight) = (spec.reconnect.min.0, spec.reconnect.max.0, spec.inflight);
-            AbortOnDrop(
-                rt.spawn(async move {
-                    gate.opened().await;
-                    run(weak, eventloop, min, max, inflight).await
-                })
-                .abort_handle(),
-            )
-        });
+        let (min, max, inflight) = (spec.reconnect.min.0, spec.reconnect.max.0, spec.inflight);
+        let task = gate.spawn(run(Arc::downgrade(&shared), eventloop, min, max, inflight));
         Ok(MqttBackend {
             shared,
             _task: task,
