@@ -765,18 +765,14 @@ async fn named_reply_queues_are_consumed_only_while_a_serving_route_uses_them() 
     let wait_consumers = |queue: String, want: u32| {
         let consumers = &consumers;
         async move {
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                let n = consumers(queue.clone()).await;
-                if n == want {
-                    return;
+            let what = format!("{queue}: never {want} consumers");
+            eventually(&what, || async {
+                match consumers(queue.clone()).await {
+                    n if n == want => Ok(()),
+                    n => Err(n),
                 }
-                assert!(
-                    Instant::now() < deadline,
-                    "{queue}: {n} consumers, wanted {want}"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            })
+            .await;
         }
     };
     let plain = one_route(&url, &x, &q, "k", "/p");

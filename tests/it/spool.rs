@@ -77,19 +77,15 @@ async fn depth(conn: &lapin::Connection, queue: &str) -> u32 {
 
 /// Waits until `queue` holds `n` messages.
 async fn wait_depth(conn: &lapin::Connection, queue: &str, n: u32) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let d = depth(conn, queue).await;
-        if d >= n {
-            assert_eq!(d, n, "more messages than were sent");
-            return;
+    let what = format!("the queue never held {n} messages");
+    let d = eventually_within(&what, Duration::from_secs(30), || async {
+        match depth(conn, queue).await {
+            d if d >= n => Ok(d),
+            d => Err(d),
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the queue holds {d} of {n} messages"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert_eq!(d, n, "more messages than were sent");
 }
 
 /// Takes every message from `queue`: (routing key, body as JSON, message id).
@@ -468,15 +464,19 @@ async fn a_connection_cut_while_draining_loses_nothing_and_keeps_the_order() {
     })
     .await;
     proxy.cut();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let (_, v) = gw.admin_json("/spool").await;
-        if v["routes"]["orders"]["messages"] == 0 {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "{v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually_within(
+        "the spool never drained",
+        Duration::from_secs(30),
+        || async {
+            let (_, v) = gw.admin_json("/spool").await;
+            if v["routes"]["orders"]["messages"] == 0 {
+                Ok(())
+            } else {
+                Err(v)
+            }
+        },
+    )
+    .await;
     let got = drain(&conn, &q).await;
     let seqs: Vec<u64> = got
         .iter()

@@ -165,13 +165,23 @@ impl Gateway {
 /// Polls `f` every 20 ms until it gives `Ok`, for at most 20 s, and returns what it gave;
 /// panics with `what` and the last poll's state otherwise. The one way tests wait for
 /// something to happen (never a fixed sleep).
-pub async fn eventually<T, S, F, Fut>(what: &str, mut f: F) -> T
+pub async fn eventually<T, S, F, Fut>(what: &str, f: F) -> T
 where
     S: std::fmt::Debug,
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, S>>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    eventually_within(what, Duration::from_secs(20), f).await
+}
+
+/// [`eventually`] with another bound, for what takes longer by design (a drain behind backoffs).
+pub async fn eventually_within<T, S, F, Fut>(what: &str, within: Duration, mut f: F) -> T
+where
+    S: std::fmt::Debug,
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, S>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
     loop {
         match f().await {
             Ok(v) => return v,
