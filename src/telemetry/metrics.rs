@@ -229,7 +229,7 @@ impl Metrics {
         );
         registry.register(
             "broker_events",
-            "Message broker events by backend: connected, disconnected, returned, nacked, confirm_timeout, reply_unmatched",
+            "Message broker events by backend: connected, disconnected, confirmed, returned, nacked, confirm_timeout, reply_unmatched",
             broker_events.clone(),
         );
         registry.register(

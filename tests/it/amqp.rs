@@ -598,17 +598,22 @@ async fn a_reply_wait_ends_at_once_when_the_connection_dies() {
         .body(body("ignore"))
         .unwrap();
     let call = tokio::spawn(send(req));
-    // Nobody answers: the request sits in the queue (confirmed) while the gateway waits.
+    // Nobody answers: the request sits in the queue while the gateway, which has the broker's
+    // confirm, waits for the reply.
     let conn = mq::client().await;
-    eventually("the request never reached the queue", || async {
-        if mq::depth(&conn, &q).await == 0 && !call.is_finished() {
-            Err(())
-        } else {
+    eventually("the publish was never confirmed", || async {
+        let (_, _, m) = get(&gw.admin_url("/metrics")).await;
+        let m = String::from_utf8_lossy(&m).to_string();
+        let confirmed =
+            m.contains("switchyard_broker_events_total{backend=\"rabbit\",event=\"confirmed\"} 1");
+        if confirmed || call.is_finished() {
             Ok(())
+        } else {
+            Err(m)
         }
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(mq::depth(&conn, &q).await, 1);
     proxy.cut();
     let (s, _, b) = call.await.unwrap();
     assert_eq!(s, 502, "{}", String::from_utf8_lossy(&b));

@@ -966,7 +966,12 @@ impl AmqpRouteService {
                 )
                 .into())
             }
-            Ok(Ok(Confirmation::Ack(None))) => Ok(()),
+            Ok(Ok(Confirmation::Ack(None))) => {
+                self.shared
+                    .metrics
+                    .broker_event(&self.shared.name, "confirmed");
+                Ok(())
+            }
             Ok(Ok(Confirmation::NotRequested)) => {
                 Err(Problem::internal("a channel of the pool was not in confirm mode").into())
             }
@@ -1151,7 +1156,12 @@ impl AmqpRouteService {
                     Some(Ok(_)) if id.is_some_and(|id| returned.contains(&id)) => {
                         Err(self.returned(&exchange, &routing_key))
                     }
-                    Some(Ok(Confirmation::Ack(_))) => Ok(()),
+                    Some(Ok(Confirmation::Ack(_))) => {
+                        self.shared
+                            .metrics
+                            .broker_event(&self.shared.name, "confirmed");
+                        Ok(())
+                    }
                     Some(Ok(other)) => self.confirmation(Ok(Ok(other)), &exchange, &routing_key),
                 }
             })
