@@ -160,10 +160,10 @@ async fn shutdown_drains_in_flight_requests() {
     let url = gw.url("/slow/500");
     let inflight = tokio::spawn(async move { get(&url).await });
     // Wait until the upstream has the request, then shut down.
-    while up.hits() == 0 {
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("the upstream never got the request", || async {
+        if up.hits() == 0 { Err(()) } else { Ok(()) }
+    })
+    .await;
     let listen = gw.listen;
     assert!(gw.shutdown().await, "drained within the grace period");
     let (s, _, _) = inflight.await.unwrap();

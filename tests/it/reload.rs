@@ -5,7 +5,6 @@
 use std::os::unix::fs::symlink;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
 
 use crate::support::*;
 
@@ -141,9 +140,10 @@ async fn in_flight_requests_finish_on_their_table() {
     let gw = Gateway::start_with(&config(&up.url(), "one", false), false).await;
     let url = gw.url("/r/slow/400");
     let slow = tokio::spawn(async move { get(&url).await });
-    while up.hits() == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("the upstream never got the request", || async {
+        if up.hits() == 0 { Err(()) } else { Ok(()) }
+    })
+    .await;
     // The new config no longer has route `r`.
     let next = config(&up.url(), "two", true).replace("/r/{*rest}", "/gone/{*rest}");
     std::fs::write(gw.config_path(), next).unwrap();

@@ -312,9 +312,10 @@ async fn a_route_concurrency_limit_sheds_load_at_once() {
     .await;
     let url = gw.url("/slow/800");
     let slow = tokio::spawn(async move { get(&url).await });
-    while up.hits() == 0 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    eventually("the upstream never got the request", || async {
+        if up.hits() == 0 { Err(()) } else { Ok(()) }
+    })
+    .await;
     let (s, h, b) = get(&gw.url("/x")).await;
     assert_eq!(s, 503);
     assert_eq!(json(&b)["type"], "urn:switchyard:problem:overloaded");
