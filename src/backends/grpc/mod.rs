@@ -85,10 +85,21 @@ pub fn load_descriptors_with(
     for proto in &spec.protos {
         let path = resolve(proto);
         read.push(path.clone());
+        if !path.is_file() {
+            return Err(format!(
+                "{}: not found; list `.proto` files that exist (a relative path starts at routes.yaml's directory)",
+                path.display()
+            ));
+        }
         compiler
             .open_file(&path)
             .map_err(|e| match proto_position(&e) {
                 Some((line, col)) => format!("{}:{line}:{col}: {e}", path.display()),
+                None if !includes.iter().any(|dir| path.starts_with(dir)) => format!(
+                    "{}: {e}; add its folder ({}), or the one its imports are written from, to `import_paths`",
+                    path.display(),
+                    path.parent().unwrap_or(base).display()
+                ),
                 None => format!("{}: {e}", path.display()),
             })?;
     }
