@@ -475,6 +475,19 @@ impl BackendSet {
     }
 }
 
+/// Refuses a file the config names that does not exist, saying so and what `key` it came from,
+/// before a reader's own error (which names neither) would.
+pub(crate) fn must_exist(key: &str, path: &std::path::Path) -> Result<(), String> {
+    if path.is_file() {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{key}` {}: not found (a relative path starts at routes.yaml's directory)",
+            path.display()
+        ))
+    }
+}
+
 /// The rustls client settings of a backend's `tls` block (`mqtts://`, gRPC `https://`): the CA
 /// bundle of `tls.ca` or the system's roots, and a client certificate when given. Reads the
 /// files (a build step); `server_name` is applied by the caller, per connection.
@@ -496,6 +509,7 @@ pub fn rustls_client(
     match &tls.ca {
         Some(ca) => {
             let ca = path(ca);
+            must_exist("tls.ca", &ca)?;
             for c in CertificateDer::pem_file_iter(&ca)
                 .map_err(|e| format!("tls.ca {}: {e}", ca.display()))?
             {
@@ -520,6 +534,8 @@ pub fn rustls_client(
     match (&tls.cert, &tls.key) {
         (Some(cert), Some(key)) => {
             let (cert, key) = (path(cert), path(key));
+            must_exist("tls.cert", &cert)?;
+            must_exist("tls.key", &key)?;
             let chain = CertificateDer::pem_file_iter(&cert)
                 .and_then(|i| i.collect::<Result<Vec<_>, _>>())
                 .map_err(|e| format!("tls.cert {}: {e}", cert.display()))?;

@@ -462,6 +462,7 @@ pub(crate) fn tls_config(
         Some(t) => {
             let read = |p: &std::path::PathBuf, what: &str| {
                 let p = base.join(p);
+                super::must_exist(&format!("tls.{what}"), &p)?;
                 std::fs::read(&p)
                     .map_err(|e| format!("cannot read `tls.{what}` ({}): {e}", p.display()))
             };

@@ -64,6 +64,7 @@ pub fn load_descriptors_with(
     if let Some(set) = &spec.descriptor_set {
         let path = resolve(set);
         read.push(path.clone());
+        super::must_exist("descriptor_set", &path)?;
         let bytes = std::fs::read(&path)
             .map_err(|e| format!("{}: cannot read the descriptor set: {e}", path.display()))?;
         pool.decode_file_descriptor_set(bytes.as_slice())
