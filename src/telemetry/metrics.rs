@@ -352,6 +352,17 @@ impl Metrics {
             .inc_by(delta);
     }
 
+    /// The counter of one backend's broker event, for a caller that counts it on every message
+    /// (no label lookup each time).
+    pub fn broker_event_counter(&self, backend: &str, event: &'static str) -> Counter {
+        self.broker_events
+            .get_or_create(&BrokerEventLabels {
+                backend: backend.to_string(),
+                event,
+            })
+            .clone()
+    }
+
     /// Counts an event of a broker connection (see `broker_events`).
     pub fn broker_event(&self, backend: &str, event: &'static str) {
         self.broker_events

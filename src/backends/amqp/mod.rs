@@ -105,6 +105,8 @@ struct Shared {
     /// The CA bundle and client identity for `amqps://`, read when the backend was built.
     tls: Option<lapin::tcp::OwnedTLSConfig>,
     metrics: Arc<Metrics>,
+    /// `switchyard_broker_events_total{event="confirmed"}`, counted on every confirmed publish.
+    confirmed: prometheus_client::metrics::counter::Counter,
     live: ArcSwapOption<Live>,
     /// Why the backend is not connected (shown on /readyz).
     problem: std::sync::Mutex<Option<String>>,
@@ -167,6 +169,7 @@ impl AmqpBackend {
             tls,
             spec: spec.clone(),
             metrics: metrics.clone(),
+            confirmed: metrics.broker_event_counter(name, "confirmed"),
             live: ArcSwapOption::empty(),
             problem: std::sync::Mutex::new(Some("connecting".into())),
             broken: Notify::new(),
@@ -968,9 +971,7 @@ impl AmqpRouteService {
                 .into())
             }
             Ok(Ok(Confirmation::Ack(None))) => {
-                self.shared
-                    .metrics
-                    .broker_event(&self.shared.name, "confirmed");
+                self.shared.confirmed.inc();
                 Ok(())
             }
             Ok(Ok(Confirmation::NotRequested)) => {
@@ -1158,9 +1159,7 @@ impl AmqpRouteService {
                         Err(self.returned(&exchange, &routing_key))
                     }
                     Some(Ok(Confirmation::Ack(_))) => {
-                        self.shared
-                            .metrics
-                            .broker_event(&self.shared.name, "confirmed");
+                        self.shared.confirmed.inc();
                         Ok(())
                     }
                     Some(Ok(other)) => self.confirmation(Ok(Ok(other)), &exchange, &routing_key),
