@@ -698,20 +698,20 @@ pub fn rescue(
     wire: Option<Wire>,
 ) -> Response {
     let p = classify(err);
-    let mut resp = match wire {
-        Some(wire) => grpc_answer(wire, &p, correlation_id),
-        None => problem_answer(&p, Some(correlation_id)),
-    };
-    for (name, value) in &p.headers {
-        resp.headers_mut().insert(name, value.clone());
+    match wire {
+        Some(wire) => with_headers(grpc_answer(wire, &p, correlation_id), &p),
+        None => problem_json(&p, Some(correlation_id)),
     }
-    resp
 }
 
 /// The problem+json answer of a problem, with its headers: the body of [`rescue`], and the
 /// admin API's errors (which have no correlation ID).
 pub fn problem_json(p: &Problem, correlation_id: Option<&str>) -> Response {
-    let mut resp = problem_answer(p, correlation_id);
+    with_headers(problem_answer(p, correlation_id), p)
+}
+
+/// The problem's own headers (`Retry-After`, `Allow`, …) on its answer.
+fn with_headers(mut resp: Response, p: &Problem) -> Response {
     for (name, value) in &p.headers {
         resp.headers_mut().insert(name, value.clone());
     }
