@@ -103,16 +103,13 @@ fn validate(file: &Path, max_size: u64, live: Option<Format>) -> ExitCode {
             // The pure checks passed; now build the table as a reload would (compiling protos,
             // resolving gRPC methods), without serving anything.
             if let Err(e) = build_check(file, spec) {
-                // Placed like a validation error: at the route or backend it is about.
-                let at = std::fs::read_to_string(file)
-                    .ok()
-                    .and_then(|text| e.position(&config::source::locate(&text)));
-                let e = switchyard::telemetry::redact::secrets(&e.to_string()).into_owned();
-                match at {
-                    Some(p) => eprintln!("error: {name}:{}:{}: {e}", p.line, p.column),
-                    None => eprintln!("error: {name}: {e}"),
+                // Placed like validation errors: each at the route or backend it is about.
+                let text = std::fs::read_to_string(file).unwrap_or_default();
+                let errors = e.placed(&name, &text);
+                for e in &errors.0 {
+                    eprintln!("error: {e}");
                 }
-                eprintln!("{name}: 1 problem(s) found");
+                eprintln!("{name}: {} problem(s) found", errors.0.len());
                 return ExitCode::from(EXIT_BAD_CONFIG);
             }
             match (checked, live) {
@@ -136,11 +133,11 @@ fn validate(file: &Path, max_size: u64, live: Option<Format>) -> ExitCode {
 fn build_check(
     file: &Path,
     spec: config::ConfigSpec,
-) -> Result<(), switchyard::router::BuildError> {
+) -> Result<(), switchyard::router::BuildErrors> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| switchyard::router::BuildError::Backend(format!("cannot start: {e}")))?;
+        .map_err(|e| switchyard::router::BuildError::process(format!("cannot start: {e}")))?;
     let base = file.parent().unwrap_or(Path::new(".")).to_path_buf();
     rt.block_on(async move {
         let metrics = std::sync::Arc::new(switchyard::telemetry::metrics::Metrics::new());

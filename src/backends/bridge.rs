@@ -13,7 +13,7 @@ use super::live::Findings;
 use crate::RouteService;
 use crate::config::template::PathTemplate;
 use crate::config::validate::Checks;
-use crate::config::{BackendSpec, RouteSpec, WebSocketSpec};
+use crate::config::{BackendSpec, FieldError, RouteSpec, WebSocketSpec};
 use crate::telemetry::metrics::Metrics;
 
 /// A bridge's config section.
@@ -72,7 +72,7 @@ pub trait Bridge: Send + Sync + 'static {
     }
 
     /// The service at the bottom of a route's stack.
-    fn route_service(self: Arc<Self>, route: &RouteSpec) -> Result<RouteService, String>;
+    fn route_service(self: Arc<Self>, route: &RouteSpec) -> Result<RouteService, FieldError>;
 
     /// The service of a WebSocket route: the handshake, then a session bridged to this backend.
     fn websocket(

@@ -154,10 +154,7 @@ impl<'a> BuildContext<'a> {
                     }
                     Err(e) => Err(e),
                 };
-                (
-                    name.clone(),
-                    files.map_err(|e| format!("backend `{name}`: {e}")),
-                )
+                (name.clone(), files)
             }),
             _ => None,
         });
@@ -367,9 +364,7 @@ impl BuiltBackend {
         metrics: &Arc<Metrics>,
         cx: &BuildContext<'_>,
     ) -> Result<Self, String> {
-        let bridge = spec
-            .build(name, metrics, cx)
-            .map_err(|e| format!("backend `{name}`: {e}"))?;
+        let bridge = spec.build(name, metrics, cx)?;
         let tls = tls_files(spec, cx.base);
         let tls_stamp = stamp(&tls);
         cx.read_files().extend(tls);
@@ -398,9 +393,7 @@ impl BuiltBackend {
 
     /// Reloads what a kept backend reads from files (gRPC descriptors), keeping connections.
     pub fn refresh(&self, cx: &BuildContext<'_>) -> Result<(), String> {
-        self.bridge
-            .refresh(&self.spec, cx)
-            .map_err(|e| format!("backend `{}`: {e}", self.name))
+        self.bridge.refresh(&self.spec, cx)
     }
 
     /// Routes the backend defines itself (gRPC methods with `google.api.http` annotations, and
@@ -423,9 +416,9 @@ impl BuiltBackend {
         &self,
         route: &RouteSpec,
         metrics: &Arc<Metrics>,
-    ) -> Result<RouteService, String> {
+    ) -> Result<RouteService, crate::config::FieldError> {
         match &route.websocket {
-            Some(ws) => self.bridge.clone().websocket(route, ws, metrics),
+            Some(ws) => Ok(self.bridge.clone().websocket(route, ws, metrics)?),
             None => self.bridge.clone().route_service(route),
         }
     }
@@ -447,31 +440,35 @@ impl BackendSet {
         }
     }
 
-    /// The backends for a new config: unchanged specs keep their connections.
+    /// The backends for a new config: unchanged specs keep their connections. Every backend
+    /// is built, so that all broken definitions are reported at once: the set of those that
+    /// built, and the name and reason of each that did not.
     pub fn rebuild(
         &self,
         specs: &std::collections::BTreeMap<String, BackendSpec>,
         metrics: &Arc<Metrics>,
         cx: &BuildContext<'_>,
-    ) -> Result<BackendSet, String> {
-        let by_name = specs
-            .iter()
-            .map(|(name, spec)| {
-                let built = match self.by_name.get(name) {
-                    Some(old)
-                        if old.spec == *spec
-                            && old.tls_stamp == stamp(&tls_files(spec, cx.base)) =>
-                    {
-                        cx.read_files().extend(tls_files(spec, cx.base));
-                        old.refresh(cx)?;
-                        old.clone()
-                    }
-                    _ => Arc::new(BuiltBackend::build(name, spec, metrics, cx)?),
-                };
-                Ok((name.clone(), built))
-            })
-            .collect::<Result<_, String>>()?;
-        Ok(BackendSet { by_name })
+    ) -> (BackendSet, Vec<(String, String)>) {
+        let mut by_name = HashMap::new();
+        let mut failed = Vec::new();
+        for (name, spec) in specs {
+            let built = match self.by_name.get(name) {
+                Some(old)
+                    if old.spec == *spec && old.tls_stamp == stamp(&tls_files(spec, cx.base)) =>
+                {
+                    cx.read_files().extend(tls_files(spec, cx.base));
+                    old.refresh(cx).map(|()| old.clone())
+                }
+                _ => BuiltBackend::build(name, spec, metrics, cx).map(Arc::new),
+            };
+            match built {
+                Ok(b) => {
+                    by_name.insert(name.clone(), b);
+                }
+                Err(e) => failed.push((name.clone(), e)),
+            }
+        }
+        (BackendSet { by_name }, failed)
     }
 }
 

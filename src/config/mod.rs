@@ -49,6 +49,45 @@ impl fmt::Display for ConfigError {
     }
 }
 
+/// A setting refused while building (a gRPC method the descriptors do not hold, a plugin's
+/// settings): the message, and the setting it is about, relative to the route or backend
+/// (`grpc.method`, `plugins[0]`), so that the problem is placed at it in routes.yaml.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn at(field: impl Into<String>, message: impl Into<String>) -> Self {
+        FieldError {
+            field: Some(field.into()),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<String> for FieldError {
+    fn from(message: String) -> Self {
+        FieldError {
+            field: None,
+            message,
+        }
+    }
+}
+
+impl From<&str> for FieldError {
+    fn from(message: &str) -> Self {
+        message.to_string().into()
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
 /// All problems of one load attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigErrors(pub Vec<ConfigError>);

@@ -1,6 +1,6 @@
-//! Turning routes.yaml text into a [`ConfigSpec`] plus a [`Locator`]: the one YAML parse, a
-//! map from each node's path to its line and column so that every validation error can point at
-//! the text, duplicate keys refused, and `${VAR}` interpolation inside parsed scalar values (so
+//! Turning routes.yaml text into a [`ConfigSpec`] plus a [`Locator`]: the YAML parse (see
+//! [`parse`]), a map from each node's path to its line and column so that every validation
+//! error can point at the text, duplicate keys refused, and `${VAR}` interpolation inside parsed scalar values (so
 //! an environment value can never change the YAML's structure). Runs at load time only; no I/O
 //! besides env lookups.
 
@@ -328,12 +328,24 @@ impl Locator {
     /// Where the route with this `id` was written, when it was (a route a backend generated
     /// was not).
     pub fn route(&self, id: &str) -> Option<Pos> {
+        self.route_field(id, None)
+    }
+
+    /// Where `field` (`grpc.method`, `plugins[0]`) of the route with this `id` was written,
+    /// or the route's entry when the field was not written or is `None`.
+    pub fn route_field(&self, id: &str, field: Option<&str>) -> Option<Pos> {
         let path = self
             .scalars
             .iter()
             .find(|(k, v)| v.as_str() == id && k.starts_with("routes[") && k.ends_with(".id"))
             .map(|(k, _)| k.clone())?;
-        Some(self.key(&path))
+        let entry = path.strip_suffix(".id").unwrap_or(&path);
+        Some(
+            match field.and_then(|f| self.values.get(&format!("{entry}.{f}"))) {
+                Some(pos) => *pos,
+                None => self.key(&path),
+            },
+        )
     }
 }
 
@@ -373,6 +385,13 @@ fn interpolated(
 
 /// THE YAML parse of the project: locate, refuse duplicate keys, parse, interpolate the
 /// values, deserialize.
+///
+/// Two parsers read the text, behind this one function. yaml-rust2's events give every node's
+/// position (serde_yaml gives one only for its first error, and validation places problems
+/// found after deserializing). serde_yaml deserializes the model straight from the text,
+/// without a tree: a large file's memory is mostly that tree. No maintained crate does both:
+/// serde-saphyr 2.2 records node paths only inside its garde/validator integrations (its path
+/// recorder is private), and its `Spanned<T>` would have to wrap every field of the model.
 pub fn parse(
     file: &str,
     text: &str,

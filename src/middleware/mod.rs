@@ -17,20 +17,10 @@ use tower::Layer;
 
 use crate::RouteService;
 use crate::backends::BuiltBackend;
-use crate::config::{DefaultsSpec, OnTimeout, RouteMode, RouteSpec};
+use crate::config::{DefaultsSpec, FieldError, OnTimeout, RouteMode, RouteSpec};
 use crate::plugins;
 use crate::store::State;
 use crate::telemetry::metrics::Metrics;
-
-/// Failure to assemble a route's stack (a plugin refusing its settings, a gRPC method that is
-/// not in the descriptors).
-#[derive(Debug, thiserror::Error)]
-#[error("route `{route}`: {}{message}", if plugin.is_empty() { String::new() } else { format!("plugin `{plugin}`: ") })]
-pub struct StackError {
-    pub route: String,
-    pub plugin: String,
-    pub message: String,
-}
 
 /// Builds one route's service around its backend. Outermost first, the order is:
 ///
@@ -69,21 +59,11 @@ pub fn stack(
     backend: &BuiltBackend,
     metrics: &Arc<Metrics>,
     state: Option<&Arc<State>>,
-) -> Result<RouteStack, StackError> {
-    let needs_state = || StackError {
-        route: route.id.clone(),
-        plugin: String::new(),
-        message: "the route needs the state store, which is not open".into(),
-    };
+) -> Result<RouteStack, FieldError> {
+    let needs_state = || FieldError::from("the route needs the state store, which is not open");
     let id: Arc<str> = route.id.as_str().into();
     let backend_name: Arc<str> = backend.name.as_str().into();
-    let mut svc = backend
-        .route_service(route, metrics)
-        .map_err(|message| StackError {
-            route: route.id.clone(),
-            plugin: String::new(),
-            message,
-        })?;
+    let mut svc = backend.route_service(route, metrics)?;
     if let Some(t) = route.per_try_timeout.or(defaults.per_try_timeout) {
         svc = RouteService::new(timeout::TimeoutLayer::per_try(t.0).layer(svc));
     }
@@ -200,18 +180,16 @@ pub fn stack(
 }
 
 /// `svc` inside the route's plugins, the first listed outermost.
-fn with_plugins(route: &RouteSpec, mut svc: RouteService) -> Result<RouteService, StackError> {
-    for p in route.plugins.iter().rev() {
-        let plugin = plugins::find(&p.name).ok_or_else(|| StackError {
-            route: route.id.clone(),
-            plugin: p.name.clone(),
-            message: "unknown plugin".into(),
-        })?;
-        svc = plugin.wrap(&p.config, svc).map_err(|message| StackError {
-            route: route.id.clone(),
-            plugin: p.name.clone(),
-            message,
-        })?;
+fn with_plugins(route: &RouteSpec, mut svc: RouteService) -> Result<RouteService, FieldError> {
+    for (j, p) in route.plugins.iter().enumerate().rev() {
+        let refused = |message: String| {
+            FieldError::at(
+                format!("plugins[{j}]"),
+                format!("plugin `{}`: {message}", p.name),
+            )
+        };
+        let plugin = plugins::find(&p.name).ok_or_else(|| refused("unknown plugin".into()))?;
+        svc = plugin.wrap(&p.config, svc).map_err(refused)?;
     }
     Ok(svc)
 }

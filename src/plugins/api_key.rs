@@ -43,10 +43,14 @@ struct Compiled {
     challenge: String,
 }
 
+/// What the settings look like, for the messages that refuse them.
+const USAGE: &str = "write `api_key: { keys: [\"${API_KEY}\"] }`, optionally with `header:` (default `x-api-key`) and `query:`";
+
 fn compile(config: &serde_json::Value) -> Result<Compiled, String> {
-    let cfg: ApiKeyConfig = serde_json::from_value(config.clone()).map_err(|e| e.to_string())?;
+    let cfg: ApiKeyConfig =
+        serde_json::from_value(config.clone()).map_err(|e| format!("{e}; {USAGE}"))?;
     if cfg.keys.is_empty() {
-        return Err("`keys` lists at least one key".into());
+        return Err(format!("`keys` lists no key; {USAGE}"));
     }
     if let Some(i) = cfg.keys.iter().position(|k| k.len() < 16) {
         return Err(format!(
@@ -54,9 +58,17 @@ fn compile(config: &serde_json::Value) -> Result<Compiled, String> {
         ));
     }
     let header = HeaderName::from_bytes(cfg.header.as_bytes())
-        .map_err(|_| format!("`{}` is not a valid header name", cfg.header))?;
+        .map_err(|_| {
+            format!(
+                "`header: {}` is not a valid header name; use letters, digits and `-`, such as `x-api-key`",
+                cfg.header
+            )
+        })?;
     if cfg.query.as_deref().is_some_and(str::is_empty) {
-        return Err("`query` names a parameter".into());
+        return Err(
+            "`query` is empty; name the query parameter that may carry the key (`query: api_key`), or leave `query` out"
+                .into(),
+        );
     }
     Ok(Compiled {
         keys: cfg.keys.into_iter().map(String::into_bytes).collect(),

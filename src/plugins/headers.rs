@@ -47,8 +47,9 @@ struct HeaderOps {
 impl HeaderOps {
     fn compile(spec: &HeaderOpsSpec, side: &str) -> Result<Self, String> {
         let name = |n: &str| {
-            HeaderName::from_bytes(n.as_bytes())
-                .map_err(|_| format!("{side}: `{n}` is not a valid header name"))
+            HeaderName::from_bytes(n.as_bytes()).map_err(|_| {
+                format!("{side}: `{n}` is not a valid header name; use letters, digits and `-`")
+            })
         };
         let pair =
             |(n, v): (&String, &serde_json::Value)| -> Result<(HeaderName, HeaderValue), String> {
@@ -56,10 +57,16 @@ impl HeaderOps {
                     serde_json::Value::String(s) => s.clone(),
                     serde_json::Value::Number(n) => n.to_string(),
                     serde_json::Value::Bool(b) => b.to_string(),
-                    _ => return Err(format!("{side}: the value of `{n}` must be a string")),
+                    _ => {
+                        return Err(format!(
+                            "{side}: the value of `{n}` must be a string; quote it, such as `{n}: \"v1\"`"
+                        ));
+                    }
                 };
                 let value = HeaderValue::from_str(&v).map_err(|_| {
-                    format!("{side}: the value of `{n}` holds characters not allowed in headers")
+                    format!(
+                        "{side}: the value of `{n}` holds characters not allowed in headers; remove control characters (line breaks, NUL)"
+                    )
                 })?;
                 Ok((name(n)?, value))
             };
@@ -88,7 +95,11 @@ impl HeaderOps {
 }
 
 fn compile(config: &serde_json::Value) -> Result<(HeaderOps, HeaderOps), String> {
-    let cfg: HeadersConfig = serde_json::from_value(config.clone()).map_err(|e| e.to_string())?;
+    let cfg: HeadersConfig = serde_json::from_value(config.clone()).map_err(|e| {
+        format!(
+            "{e}; write `headers: {{ request: {{ set: {{ x-a: v }}, add: {{ x-b: v }}, remove: [x-c] }}, response: {{ … }} }}`"
+        )
+    })?;
     Ok((
         HeaderOps::compile(&cfg.request, "request")?,
         HeaderOps::compile(&cfg.response, "response")?,

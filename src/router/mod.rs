@@ -2,8 +2,10 @@
 //! [`reload::Reloader`], the only writer of that table. Sits between the front end and each
 //! route's stack.
 
+pub mod build_error;
 pub mod normalize;
 pub mod reload;
 pub mod table;
 
-pub use table::{BuildError, Lookup, RouteTable};
+pub use build_error::{BuildError, BuildErrors};
+pub use table::{Lookup, RouteTable};

@@ -162,16 +162,12 @@ pub async fn build_table(
         cx.reflected = reflected;
         cx.previous_state = previous_state;
         let table = RouteTable::build(spec, version, &previous, &metrics, &cx).map_err(|e| {
-            // Placed in the file on this (rare) path only: the text is read again rather than
-            // its positions kept through every build.
-            let at = std::fs::read_to_string(&path_buf)
-                .ok()
-                .and_then(|text| e.position(&config::source::locate(&text)));
-            let message = match at {
-                Some(p) => format!("{file}:{}:{}: {e}", p.line, p.column),
-                None => format!("{file}: {e}"),
-            };
-            vec![crate::telemetry::redact::secrets(&message).into_owned()]
+            let text = std::fs::read_to_string(&path_buf).unwrap_or_default();
+            e.placed(&file, &text)
+                .0
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
         })?;
         let hash = config_hash(&text_hash, &table.files);
         Ok((table, hash))

@@ -10,9 +10,10 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use crate::RouteService;
 use crate::backends::{BackendSet, BuiltBackend};
 use crate::config::template::PathTemplate;
-use crate::config::{ConfigSpec, RouteSpec, validate::route_methods};
+use crate::config::{ConfigSpec, FieldError, RouteSpec, validate::route_methods};
 use crate::durable::jobs;
 use crate::middleware;
+use crate::router::build_error::{BuildError, BuildErrors};
 use crate::store::State;
 use crate::telemetry::metrics::Metrics;
 
@@ -60,6 +61,24 @@ struct PathIndex {
     groups: Vec<Vec<usize>>,
 }
 
+/// The route that a router insert clashed with, for the message: "route `x` (`/a/{id}`)",
+/// or "another path" when the router does not say which.
+fn clashing_route(
+    e: &matchit::InsertError,
+    keys: &HashMap<(Option<String>, String), usize>,
+    host: &Option<String>,
+    index: &PathIndex,
+    all: &[RouteSpec],
+) -> String {
+    let matchit::InsertError::Conflict { with } = e else {
+        return "another path".into();
+    };
+    keys.get(&(host.clone(), with.clone()))
+        .and_then(|&g| index.groups.get(g)?.first())
+        .map(|&j| format!("route `{}` (`{}`)", all[j].id, all[j].matcher.path))
+        .unwrap_or_else(|| "another path".into())
+}
+
 /// What the router found for a request.
 pub enum Lookup<'a> {
     Found {
@@ -95,39 +114,6 @@ pub fn needs_state(r: &RouteSpec) -> bool {
         || r.on_timeout == crate::config::OnTimeout::Accept
 }
 
-/// Building failed for a reason validation could not see (a plugin refused, a router conflict).
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    #[error(transparent)]
-    Stack(#[from] middleware::StackError),
-    #[error("route `{route}`: {message}")]
-    Route { route: String, message: String },
-    #[error("{0}")]
-    Backend(String),
-}
-
-impl BuildError {
-    /// Where in routes.yaml the problem is: the route's entry, or the backend's key, or the
-    /// state section; `None` for what the file does not hold (a generated route).
-    pub fn position(&self, loc: &crate::config::Locator) -> Option<crate::config::Pos> {
-        match self {
-            BuildError::Stack(e) => loc.route(&e.route),
-            BuildError::Route { route, .. } => loc.route(route),
-            BuildError::Backend(message) => {
-                let name = message
-                    .strip_prefix("backend `")
-                    .and_then(|r| r.split_once('`'))
-                    .map(|(n, _)| n);
-                match name {
-                    Some(n) => Some(loc.key(&format!("backends.{n}"))),
-                    None if message.starts_with("state") => Some(loc.key("state")),
-                    None => None,
-                }
-            }
-        }
-    }
-}
-
 impl RouteTable {
     /// Builds a table from validated config, reusing the previous backends where unchanged.
     pub fn build(
@@ -136,26 +122,33 @@ impl RouteTable {
         previous: &BackendSet,
         metrics: &Arc<Metrics>,
         cx: &crate::backends::BuildContext<'_>,
-    ) -> Result<RouteTable, BuildError> {
+    ) -> Result<RouteTable, BuildErrors> {
+        // Every problem is collected, so that one build reports them all; a route whose
+        // backend (or state store) failed is left out rather than reported again.
+        let mut errors = Vec::new();
         // The state store (and its lock) before any backend connects: a store another
         // process holds fails the build before this one touches a broker.
+        let mut state_failed = false;
         let state = if spec.routes.iter().any(needs_state) {
-            Some(
-                State::build(
-                    &spec.state,
-                    cx.base,
-                    cx.previous_state.as_ref(),
-                    metrics,
-                    cx.dry,
-                )
-                .map_err(|e| BuildError::Backend(format!("state: {e}")))?,
+            State::build(
+                &spec.state,
+                cx.base,
+                cx.previous_state.as_ref(),
+                metrics,
+                cx.dry,
             )
+            .map_err(|e| {
+                state_failed = true;
+                errors.push(BuildError::state(e.to_string()));
+            })
+            .ok()
         } else {
             None
         };
-        let backends = previous
-            .rebuild(&spec.backends, metrics, cx)
-            .map_err(BuildError::Backend)?;
+        let (backends, failed) = previous.rebuild(&spec.backends, metrics, cx);
+        for (name, e) in failed {
+            errors.push(BuildError::backend(&name, e));
+        }
         let mut routes = Vec::with_capacity(spec.routes.len());
         let mut by_host: HashMap<String, PathIndex> = HashMap::new();
         let mut any_host = PathIndex::default();
@@ -164,15 +157,23 @@ impl RouteTable {
         let mut names: Vec<&String> = backends.by_name.keys().collect();
         names.sort();
         for name in names {
-            let generated = backends.by_name[name]
-                .generated_routes()
-                .map_err(|e| BuildError::Backend(format!("backend `{name}`: {e}")))?;
+            let generated = match backends.by_name[name].generated_routes() {
+                Ok(g) => g,
+                Err(e) => {
+                    errors.push(BuildError::backend(name, e));
+                    continue;
+                }
+            };
             for g in generated {
                 if all.iter().any(|r| r.id == g.id) {
-                    return Err(BuildError::Route {
-                        route: g.id,
-                        message: "a route the backend generated (annotated or native) has the id of another route".into(),
-                    });
+                    errors.push(BuildError::backend(
+                        name,
+                        format!(
+                            "the route it generates (annotated or native) for `{}` has the id `{}` of another route; rename that route",
+                            g.matcher.path, g.id
+                        ),
+                    ));
+                    continue;
                 }
                 all.push(g);
             }
@@ -189,26 +190,47 @@ impl RouteTable {
             all.push(jobs::endpoint_route(&spec.state.jobs));
         }
         for (i, r) in all.iter().enumerate() {
-            let err = |message: String| BuildError::Route {
-                route: r.id.clone(),
-                message,
+            let generated = i >= spec.routes.len();
+            // A generated route is not in the file: its problem is placed at its backend.
+            let err = |e: FieldError| match generated {
+                false => BuildError::route(&r.id, e),
+                true => BuildError::backend(
+                    &r.backend,
+                    format!("generated route `{}` (`{}`): {e}", r.id, r.matcher.path),
+                ),
             };
-            let template = PathTemplate::parse(&r.matcher.path).map_err(err)?;
-            let methods = route_methods(&r.matcher).map_err(err)?;
-            let endpoint = jobs.filter(|_| i + 1 == all.len() && i >= spec.routes.len());
-            let headers = r
-                .matcher
-                .headers
-                .iter()
-                .map(|(n, v)| {
-                    Ok((
-                        HeaderName::from_bytes(n.as_bytes())
-                            .map_err(|_| err(format!("bad header name `{n}`")))?,
-                        HeaderValue::from_str(v)
-                            .map_err(|_| err(format!("bad header value for `{n}`")))?,
-                    ))
-                })
-                .collect::<Result<Vec<_>, BuildError>>()?;
+            if !backends.by_name.contains_key(&r.backend) && spec.backends.contains_key(&r.backend)
+                || state_failed && needs_state(r)
+            {
+                continue;
+            }
+            // The route's problem, recorded; the next route is built.
+            macro_rules! refuse {
+                ($e:expr) => {{
+                    errors.push(err(FieldError::from($e)));
+                    continue;
+                }};
+            }
+            let template = match PathTemplate::parse(&r.matcher.path) {
+                Ok(t) => t,
+                Err(e) => refuse!(FieldError::at("match.path", e)),
+            };
+            let methods = match route_methods(&r.matcher) {
+                Ok(m) => m,
+                Err(e) => refuse!(FieldError::at("match.method", e)),
+            };
+            let endpoint = jobs.filter(|_| i + 1 == all.len() && generated);
+            let mut headers = Vec::with_capacity(r.matcher.headers.len());
+            for (n, v) in &r.matcher.headers {
+                let field = format!("match.headers.{n}");
+                let Ok(name) = HeaderName::from_bytes(n.as_bytes()) else {
+                    refuse!(FieldError::at(field, format!("bad header name `{n}`")))
+                };
+                let Ok(value) = HeaderValue::from_str(v) else {
+                    refuse!(FieldError::at(field, format!("bad header value for `{n}`")))
+                };
+                headers.push((name, value));
+            }
             let (backend, built) = match endpoint {
                 Some(state) => {
                     let readers = routes
@@ -224,13 +246,16 @@ impl RouteTable {
                     )
                 }
                 None => {
-                    let backend =
-                        backends.by_name.get(&r.backend).cloned().ok_or_else(|| {
-                            err(format!("backend `{}` is not defined", r.backend))
-                        })?;
-                    let built =
-                        middleware::stack(r, &spec.defaults, &backend, metrics, state.as_ref())?;
-                    (Some(backend), built)
+                    let Some(backend) = backends.by_name.get(&r.backend).cloned() else {
+                        refuse!(FieldError::at(
+                            "backend",
+                            format!("backend `{}` is not defined", r.backend)
+                        ))
+                    };
+                    match middleware::stack(r, &spec.defaults, &backend, metrics, state.as_ref()) {
+                        Ok(built) => (Some(backend), built),
+                        Err(e) => refuse!(e),
+                    }
                 }
             };
             let key = template.router_key();
@@ -248,24 +273,31 @@ impl RouteTable {
                     } else {
                         &mut index.exact
                     };
-                    router
-                        .insert(key.clone(), g)
-                        .map_err(|e| err(e.to_string()))?;
+                    if let Err(e) = router.insert(key.clone(), g) {
+                        let clash = clashing_route(&e, &keys, &host, index, &all);
+                        refuse!(FieldError::at(
+                            "match.path",
+                            format!(
+                                "the path `{}` clashes with {clash} in the router ({e}); make the two paths differ in a literal segment, or give them one host each",
+                                r.matcher.path
+                            )
+                        ))
+                    }
                     index.groups.push(Vec::new());
                     keys.insert((host, key), g);
                     g
                 }
             };
             // Explicit routes were checked by validation; a generated one is checked here.
-            if i >= spec.routes.len()
+            if generated
                 && let Some(&j) = index.groups[group]
                     .iter()
                     .find(|&&j| crate::config::validate::indistinguishable(&all[j], r))
             {
-                return Err(err(format!(
-                    "this generated route (`{}`) can never be told apart from route `{}`: same host, path shape and methods",
-                    r.matcher.path, all[j].id
-                )));
+                refuse!(format!(
+                    "it can never be told apart from route `{}`: same host, path shape and methods",
+                    all[j].id
+                ))
             }
             index.groups[group].push(i);
             routes.push(Arc::new(CompiledRoute {
@@ -292,15 +324,17 @@ impl RouteTable {
             let (i, key) = (routes.len() - 1, last.template.router_key());
             for index in by_host.values_mut() {
                 let g = index.groups.len();
-                index
-                    .exact
-                    .insert(key.clone(), g)
-                    .map_err(|e| BuildError::Route {
-                        route: last.id.to_string(),
-                        message: format!("the job endpoint's path clashes with a route: {e}"),
-                    })?;
-                index.groups.push(vec![i]);
+                match index.exact.insert(key.clone(), g) {
+                    Ok(()) => index.groups.push(vec![i]),
+                    Err(e) => errors.push(BuildError::state(format!(
+                        "the job endpoint's path `{}` clashes with a route in the router ({e}); change `state.jobs.path`",
+                        last.spec.matcher.path
+                    ))),
+                }
             }
+        }
+        if !errors.is_empty() {
+            return Err(BuildErrors(errors));
         }
         let correlation_header = HeaderName::from_bytes(spec.server.correlation_header.as_bytes())
             .unwrap_or(HeaderName::from_static("x-request-id"));

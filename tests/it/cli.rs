@@ -75,6 +75,30 @@ fn every_problem_is_reported_at_once() {
 }
 
 #[test]
+fn every_build_problem_is_reported_at_once_at_its_setting() {
+    // Problems found only by building (descriptors, methods, fields): every backend and every
+    // route is built, and each problem is placed at the setting it is about.
+    let path = root().join("tests/fixtures/invalid/build-problems.yaml");
+    let out = switchyard().arg("validate").arg(&path).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let at = |rest: &str| format!("{}:{rest}", path.display());
+    for want in [
+        at("4:3: backend `gone`: "),
+        at("10:21: route `one`: service `spec.v1.Messaging` has no method `NoSuchMethod`"),
+        at("14:57: route `two`: `body: nofield`: spec.v1.GetMessageRequest has no field"),
+    ] {
+        assert!(stderr.contains(&want), "want {want}\n got: {stderr}");
+    }
+    assert!(stderr.contains("no-such.proto: not found"), "{stderr}");
+    assert!(
+        !stderr.contains("route `three`"),
+        "a route of a broken backend only repeats its backend's problem: {stderr}"
+    );
+    assert!(stderr.contains("3 problem(s) found"), "{stderr}");
+}
+
+#[test]
 fn repository_routes_and_examples_validate() {
     let mut files = vec![root().join("routes.yaml")];
     for entry in std::fs::read_dir(root().join("examples")).unwrap() {

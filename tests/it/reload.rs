@@ -352,8 +352,11 @@ routes:
     assert_eq!(s, 422, "{}", String::from_utf8_lossy(&b));
     let errors = String::from_utf8_lossy(&b);
     assert!(errors.contains("NoSuchMethod"), "{errors}");
-    // A problem the build finds is placed like a validation error: at the route.
-    assert!(errors.contains("routes.yaml:7:7: route `call`"), "{errors}");
+    // A problem the build finds is placed like a validation error: at the route's setting.
+    assert!(
+        errors.contains("routes.yaml:7:69: route `call`"),
+        "{errors}"
+    );
     // The same backend in a config that is applied connects once: the first session is its.
     std::fs::write(gw.config_path(), with_rabbit("shop.v1.Orders/GetOrder")).unwrap();
     let (s, b) = gw.reload().await;

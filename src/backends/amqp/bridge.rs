@@ -12,7 +12,7 @@ use crate::backends::live::Findings;
 use crate::backends::websocket::WsRouteService;
 use crate::config::template::PathTemplate;
 use crate::config::validate::Checks;
-use crate::config::{AmqpBackendSpec, DIRECT_REPLY_TO, RouteSpec, WebSocketSpec};
+use crate::config::{AmqpBackendSpec, DIRECT_REPLY_TO, FieldError, RouteSpec, WebSocketSpec};
 use crate::telemetry::metrics::Metrics;
 
 impl BridgeSpec for AmqpBackendSpec {
@@ -95,7 +95,7 @@ impl Bridge for AmqpBackend {
         AmqpBackend::problem(self)
     }
 
-    fn route_service(self: Arc<Self>, route: &RouteSpec) -> Result<RouteService, String> {
+    fn route_service(self: Arc<Self>, route: &RouteSpec) -> Result<RouteService, FieldError> {
         let spec = route
             .amqp
             .as_ref()

@@ -12,7 +12,7 @@ use crate::backends::live::Findings;
 use crate::backends::websocket::WsRouteService;
 use crate::config::template::PathTemplate;
 use crate::config::validate::Checks;
-use crate::config::{BackendSpec, GrpcBackendSpec, RouteSpec, WebSocketSpec};
+use crate::config::{BackendSpec, FieldError, GrpcBackendSpec, RouteSpec, WebSocketSpec};
 use crate::telemetry::metrics::Metrics;
 
 impl BridgeSpec for GrpcBackendSpec {
@@ -91,7 +91,7 @@ impl Bridge for GrpcBackend {
         GrpcBackend::ready(self)
     }
 
-    fn route_service(self: Arc<Self>, route: &RouteSpec) -> Result<RouteService, String> {
+    fn route_service(self: Arc<Self>, route: &RouteSpec) -> Result<RouteService, FieldError> {
         let spec = route
             .grpc
             .as_ref()

@@ -31,7 +31,7 @@ use prost_reflect::{
 };
 use tower::Service;
 
-use crate::config::{GrpcBackendSpec, GrpcRouteSpec, RouteSpec};
+use crate::config::{FieldError, GrpcBackendSpec, GrpcRouteSpec, RouteSpec};
 use crate::error::Problem;
 use crate::middleware::context::{Deadline, RequestContext};
 use crate::{BoxError, Request, Response, ResponseFuture, full_body};
@@ -410,13 +410,18 @@ impl GrpcRouteService {
         backend: Arc<GrpcBackend>,
         route: &RouteSpec,
         spec: &GrpcRouteSpec,
-    ) -> Result<Self, String> {
-        let method = backend.method(&spec.method)?;
+    ) -> Result<Self, FieldError> {
+        let method = backend
+            .method(&spec.method)
+            .map_err(|e| FieldError::at("grpc.method", e))?;
         let bidi = method.is_client_streaming() && method.is_server_streaming();
         if bidi && !spec.native {
-            return Err(format!(
-                "`{}` is a bidirectional-streaming method; plain HTTP routes bridge unary, server-streaming and client-streaming methods",
-                spec.method
+            return Err(FieldError::at(
+                "grpc.method",
+                format!(
+                    "`{}` is a bidirectional-streaming method; plain HTTP routes bridge unary, server-streaming and client-streaming methods",
+                    spec.method
+                ),
             ));
         }
         let input = method.input();
@@ -431,21 +436,30 @@ impl GrpcRouteService {
             None => BodyRule::None,
             Some(name) => {
                 let f = transcode::field_by_name(&input, name).ok_or_else(|| {
-                    format!(
-                        "`body: {name}`: {} has no field `{name}`",
-                        input.full_name()
+                    FieldError::at(
+                        "grpc.body",
+                        format!(
+                            "`body: {name}`: {} has no field `{name}`",
+                            input.full_name()
+                        ),
                     )
                 })?;
                 if !matches!(f.kind(), Kind::Message(_)) || f.is_list() || f.is_map() {
-                    return Err(format!("`body: {name}` must name a message field"));
+                    return Err(FieldError::at(
+                        "grpc.body",
+                        format!("`body: {name}` must name a message field"),
+                    ));
                 }
                 BodyRule::Field(f)
             }
         };
         if method.is_client_streaming() && !bidi && matches!(body, BodyRule::None) {
-            return Err(format!(
-                "`{}` is client-streaming: its messages come from the NDJSON request body, so the route needs `body: \"*\"` (or a field) and a method that takes a body",
-                spec.method
+            return Err(FieldError::at(
+                "grpc.body",
+                format!(
+                    "`{}` is client-streaming: its messages come from the NDJSON request body, so the route needs `body: \"*\"` (or a field) and a method that takes a body",
+                    spec.method
+                ),
             ));
         }
         let response_body = match &spec.response_body {
@@ -453,13 +467,19 @@ impl GrpcRouteService {
             Some(name) => {
                 let output = method.output();
                 let f = transcode::field_by_name(&output, name).ok_or_else(|| {
-                    format!(
-                        "`response_body: {name}`: {} has no field `{name}`",
-                        output.full_name()
+                    FieldError::at(
+                        "grpc.response_body",
+                        format!(
+                            "`response_body: {name}`: {} has no field `{name}`",
+                            output.full_name()
+                        ),
                     )
                 })?;
                 if !matches!(f.kind(), Kind::Message(_)) || f.is_list() || f.is_map() {
-                    return Err(format!("`response_body: {name}` must name a message field"));
+                    return Err(FieldError::at(
+                        "grpc.response_body",
+                        format!("`response_body: {name}` must name a message field"),
+                    ));
                 }
                 Some(f)
             }

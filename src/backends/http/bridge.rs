@@ -12,7 +12,7 @@ use crate::backends::live::Findings;
 use crate::backends::websocket::WsRouteService;
 use crate::config::template::PathTemplate;
 use crate::config::validate::Checks;
-use crate::config::{HttpBackendSpec, RouteSpec, WebSocketSpec};
+use crate::config::{FieldError, HttpBackendSpec, RouteSpec, WebSocketSpec};
 use crate::telemetry::metrics::Metrics;
 
 impl BridgeSpec for HttpBackendSpec {
@@ -70,7 +70,7 @@ impl Bridge for HttpBackend {
         HttpBackend::ready(self)
     }
 
-    fn route_service(self: Arc<Self>, route: &RouteSpec) -> Result<RouteService, String> {
+    fn route_service(self: Arc<Self>, route: &RouteSpec) -> Result<RouteService, FieldError> {
         Ok(RouteService::new(HttpRouteService::new(
             self,
             route.http.clone().unwrap_or_default(),

@@ -12,7 +12,7 @@ use crate::backends::live::Findings;
 use crate::backends::websocket::WsRouteService;
 use crate::config::template::PathTemplate;
 use crate::config::validate::Checks;
-use crate::config::{MqttBackendSpec, MqttProtocol, RouteSpec, WebSocketSpec};
+use crate::config::{FieldError, MqttBackendSpec, MqttProtocol, RouteSpec, WebSocketSpec};
 use crate::telemetry::metrics::Metrics;
 
 impl BridgeSpec for MqttBackendSpec {
@@ -98,7 +98,7 @@ impl Bridge for MqttBackend {
         MqttBackend::problem(self)
     }
 
-    fn route_service(self: Arc<Self>, route: &RouteSpec) -> Result<RouteService, String> {
+    fn route_service(self: Arc<Self>, route: &RouteSpec) -> Result<RouteService, FieldError> {
         let spec = route
             .mqtt
             .as_ref()
