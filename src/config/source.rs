@@ -493,6 +493,9 @@ fn located(
     {
         message = rest.to_string();
     }
+    if let Some(hint) = did_you_mean(&message) {
+        message.push_str(&hint);
+    }
     if path != "." && !path.is_empty() {
         message = format!("`{path}`: {message}");
     }
@@ -505,6 +508,24 @@ fn located(
         route,
         ..ConfigError::at(file, pos.line, pos.column, message)
     }
+}
+
+/// For serde's "unknown field `timout`, expected one of `id`, …, `timeout`" (or "unknown
+/// variant"): "; did you mean `timeout`?" when one expected name is close to what was written.
+fn did_you_mean(message: &str) -> Option<String> {
+    let rest = message
+        .strip_prefix("unknown field `")
+        .or_else(|| message.strip_prefix("unknown variant `"))?;
+    let (written, expected) = rest.split_once('`')?;
+    let best = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|name| (strsim::damerau_levenshtein(written, name), name))
+        .min()?;
+    // One or two edits, and never more than a third of the name (`ab` is not `id`).
+    (best.0 <= 2 && best.0 * 3 <= written.len().max(best.1.len()))
+        .then(|| format!("; did you mean `{}`?", best.1))
 }
 
 /// Every problem of a file serde could not read whole: each section, backend and route is read
@@ -611,6 +632,19 @@ mod tests {
             "HOST" => Some("10.0.0.1".into()),
             _ => None,
         }
+    }
+
+    #[test]
+    fn unknown_names_suggest_the_close_one() {
+        let m = "unknown field `timout`, expected one of `id`, `timeout`, `retry`";
+        assert_eq!(
+            did_you_mean(m).as_deref(),
+            Some("; did you mean `timeout`?")
+        );
+        let m = "unknown variant `grcp`, expected one of `http`, `grpc`, `amqp`, `mqtt`";
+        assert_eq!(did_you_mean(m).as_deref(), Some("; did you mean `grpc`?"));
+        assert_eq!(did_you_mean("unknown field `zz`, expected `id`"), None);
+        assert_eq!(did_you_mean("invalid type: integer `5`"), None);
     }
 
     #[test]

@@ -75,6 +75,14 @@ fn every_problem_is_reported_at_once() {
 }
 
 #[test]
+fn a_misspelt_key_names_the_one_meant() {
+    let path = root().join("tests/fixtures/invalid/misspelt-key.yaml");
+    let out = switchyard().arg("validate").arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("; did you mean `timeout`?"), "{stderr}");
+}
+
+#[test]
 fn every_build_problem_is_reported_at_once_at_its_setting() {
     // Problems found only by building (descriptors, methods, fields): every backend and every
     // route is built, and each problem is placed at the setting it is about.
