@@ -102,15 +102,26 @@ fn validate(file: &Path, max_size: u64, live: Option<Format>) -> ExitCode {
             let checked = live.map(|_| spec.clone());
             // The pure checks passed; now build the table as a reload would (compiling protos,
             // resolving gRPC methods), without serving anything.
-            if let Err(e) = build_check(file, spec) {
-                // Placed like validation errors: each at the route or backend it is about.
-                let text = std::fs::read_to_string(file).unwrap_or_default();
-                let errors = e.placed(&name, &text);
-                for e in &errors.0 {
-                    eprintln!("error: {e}");
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            match build_check(file, spec) {
+                Err(e) => {
+                    // Placed like validation errors: each at the route or backend it is about.
+                    let errors = e.placed(&name, &text);
+                    for e in &errors.0 {
+                        eprintln!("error: {e}");
+                    }
+                    eprintln!("{name}: {} problem(s) found", errors.0.len());
+                    return ExitCode::from(EXIT_BAD_CONFIG);
                 }
-                eprintln!("{name}: {} problem(s) found", errors.0.len());
-                return ExitCode::from(EXIT_BAD_CONFIG);
+                // Generated routes that cannot be served: the others can, so a warning, at the
+                // backend that would make them.
+                Ok(unserved) => {
+                    let loc = config::source::locate(&text);
+                    for u in unserved {
+                        let at = loc.key(&format!("backends.{}", u.backend));
+                        eprintln!("warning: {name}:{}:{}: {u}", at.line, at.column);
+                    }
+                }
             }
             match (checked, live) {
                 (Some(spec), Some(format)) => live_check(file, &spec, format),
@@ -133,7 +144,7 @@ fn validate(file: &Path, max_size: u64, live: Option<Format>) -> ExitCode {
 fn build_check(
     file: &Path,
     spec: config::ConfigSpec,
-) -> Result<(), switchyard::router::BuildErrors> {
+) -> Result<Vec<switchyard::backends::bridge::Unserved>, switchyard::router::BuildErrors> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -150,7 +161,7 @@ fn build_check(
             &metrics,
             &cx,
         )
-        .map(drop)
+        .map(|t| t.unserved)
     })
 }
 

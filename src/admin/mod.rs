@@ -92,6 +92,8 @@ struct ConfigStatus {
 struct Routes<'a> {
     version: u64,
     routes: Vec<RouteView<'a>>,
+    /// Routes the backends would make but cannot serve, and why.
+    unserved: &'a [crate::backends::bridge::Unserved],
 }
 
 #[derive(Serialize)]
@@ -202,7 +204,7 @@ async fn handle(shared: Arc<Shared>, req: http::Request<Incoming>) -> Response {
                         .methods
                         .as_ref()
                         .map(|m| m.iter().map(Method::as_str).collect()),
-                    path: &r.template.raw,
+                    path: &r.spec.matcher.path,
                     host: r.spec.matcher.host.as_deref(),
                     headers: &r.spec.matcher.headers,
                     backend: &r.spec.backend,
@@ -220,6 +222,7 @@ async fn handle(shared: Arc<Shared>, req: http::Request<Incoming>) -> Response {
                 &Routes {
                     version: table.version,
                     routes,
+                    unserved: &table.unserved,
                 },
             )
         }

@@ -61,6 +61,35 @@ pub trait BridgeSpec {
     ) -> impl Future<Output = Findings> + Send;
 }
 
+/// The routes a backend defines itself ([`Bridge::generated_routes`]). One it cannot serve is
+/// left out and said (logged, listed by `/routes` and `validate`), and the others serve.
+#[derive(Debug, Default)]
+pub struct Generated {
+    pub routes: Vec<RouteSpec>,
+    pub unserved: Vec<Unserved>,
+}
+
+/// A route a backend would make but cannot serve, and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Unserved {
+    pub backend: String,
+    /// The route id it would have.
+    pub id: String,
+    /// What it stands for (`GET /v1/{name=**}/x` of `pkg.Service/Method`).
+    pub what: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Unserved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "backend `{}`: route `{}`, {}, is not served: {}",
+            self.backend, self.id, self.what, self.reason
+        )
+    }
+}
+
 /// A built backend, shared by its routes and kept across reloads that leave its spec as it was.
 pub trait Bridge: Send + Sync + 'static {
     /// Whether the backend can take requests now.
@@ -94,9 +123,9 @@ pub trait Bridge: Send + Sync + 'static {
     /// What the serving routes need of the backend, applied once their table serves.
     fn activate(&self, _name: &str, _routes: &[RouteSpec]) {}
 
-    /// Routes the backend defines itself.
-    fn generated_routes(&self) -> Result<Vec<RouteSpec>, String> {
-        Ok(Vec::new())
+    /// Routes the backend defines itself, and those it cannot serve.
+    fn generated_routes(&self) -> Generated {
+        Generated::default()
     }
 
     /// Reloads what a kept backend reads from files, keeping its connections.

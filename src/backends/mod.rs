@@ -398,7 +398,7 @@ impl BuiltBackend {
 
     /// Routes the backend defines itself (gRPC methods with `google.api.http` annotations, and
     /// native gRPC routes).
-    pub fn generated_routes(&self) -> Result<Vec<RouteSpec>, String> {
+    pub fn generated_routes(&self) -> bridge::Generated {
         self.bridge.generated_routes()
     }
 

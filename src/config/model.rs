@@ -633,10 +633,11 @@ pub struct MatchSpec {
     /// Headers that must be present with exactly these values.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    /// A custom verb the last path variable must end with (`:cancel`); set only on routes made
-    /// from `google.api.http` annotations.
+    /// The `google.api.http` template the path was read as (`path` holds it as written); set
+    /// only on routes made from annotations, which the router matches by this template.
     #[serde(skip)]
-    pub verb: Option<String>,
+    #[schemars(skip)]
+    pub rule: Option<std::sync::Arc<crate::config::template::RuleTemplate>>,
 }
 
 /// A WebSocket endpoint: handshake policy, connection care, and the bridge's settings.

@@ -410,7 +410,8 @@ pub fn indistinguishable(a: &RouteSpec, b: &RouteSpec) -> bool {
         (Some(x), Some(y)) => x.intersection(y).next().is_some(),
         _ => true,
     };
-    overlap && a.matcher.headers == b.matcher.headers && a.matcher.verb == b.matcher.verb
+    let shape = |r: &RouteSpec| r.matcher.rule.as_ref().map(|t| t.shape());
+    overlap && a.matcher.headers == b.matcher.headers && shape(a) == shape(b)
 }
 
 /// Whether a URL carries user info (`user:pass@`).

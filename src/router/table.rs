@@ -21,8 +21,8 @@ use crate::telemetry::metrics::Metrics;
 pub struct CompiledRoute {
     pub id: Arc<str>,
     pub spec: RouteSpec,
-    pub template: PathTemplate,
-    pub names: Vec<Arc<str>>,
+    /// How the path is matched and its variables read.
+    pub pattern: Pattern,
     pub methods: Option<BTreeSet<Method>>,
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub max_body_size: u64,
@@ -35,8 +35,30 @@ pub struct CompiledRoute {
     pub job: Option<crate::durable::jobs::JobService>,
     /// The route's plugins around the job endpoint's answer for its jobs.
     pub job_reader: Option<RouteService>,
-    /// `:verb` the last path variable must end with (annotated gRPC routes).
-    pub verb: Option<String>,
+}
+
+/// How a route's path is matched.
+pub enum Pattern {
+    /// A route's own template (`/v1/orders/{id}`, `/files/{*rest}`): the router's match is
+    /// final, and each variable is named as written.
+    Path { names: Vec<Arc<str>> },
+    /// A `google.api.http` template (annotated gRPC routes): the router only finds candidates;
+    /// the rule decides, and binds each variable to its field.
+    Rule(Arc<crate::config::template::RuleTemplate>),
+}
+
+impl Pattern {
+    /// The router keys of a path, each with whether it goes to the catch-all router.
+    fn compile(r: &RouteSpec) -> Result<(Pattern, Vec<(String, bool)>), FieldError> {
+        if let Some(rule) = &r.matcher.rule {
+            return Ok((Pattern::Rule(rule.clone()), rule.router_keys()));
+        }
+        let template =
+            PathTemplate::parse(&r.matcher.path).map_err(|e| FieldError::at("match.path", e))?;
+        let names = template.captures().into_iter().map(Arc::from).collect();
+        let key = (template.router_key(), template.ends_with_catch_all());
+        Ok((Pattern::Path { names }, vec![key]))
+    }
 }
 
 impl CompiledRoute {
@@ -104,6 +126,10 @@ pub struct RouteTable {
     gate: crate::backends::StartGate,
     by_host: HashMap<String, PathIndex>,
     any_host: PathIndex,
+    /// The custom verbs of the rule routes: a request path ending in `:<verb>` is that verb.
+    verbs: std::collections::HashSet<String>,
+    /// Routes the backends would make but cannot serve, and why.
+    pub unserved: Vec<crate::backends::bridge::Unserved>,
 }
 
 /// Whether a route uses the state store or the spool.
@@ -156,15 +182,11 @@ impl RouteTable {
         let mut all = spec.routes.clone();
         let mut names: Vec<&String> = backends.by_name.keys().collect();
         names.sort();
+        let mut unserved = Vec::new();
         for name in names {
-            let generated = match backends.by_name[name].generated_routes() {
-                Ok(g) => g,
-                Err(e) => {
-                    errors.push(BuildError::backend(name, e));
-                    continue;
-                }
-            };
-            for g in generated {
+            let generated = backends.by_name[name].generated_routes();
+            unserved.extend(generated.unserved);
+            for g in generated.routes {
                 if all.iter().any(|r| r.id == g.id) {
                     errors.push(BuildError::backend(
                         name,
@@ -191,13 +213,28 @@ impl RouteTable {
         }
         for (i, r) in all.iter().enumerate() {
             let generated = i >= spec.routes.len();
-            // A generated route is not in the file: its problem is placed at its backend.
-            let err = |e: FieldError| match generated {
-                false => BuildError::route(&r.id, e),
-                true => BuildError::backend(
-                    &r.backend,
-                    format!("generated route `{}` (`{}`): {e}", r.id, r.matcher.path),
-                ),
+            // A problem of a generated route leaves that route out, said, and the others
+            // serve; one of a route in the file is an error there.
+            let mut refused = |e: FieldError| match generated {
+                false => errors.push(BuildError::route(&r.id, e)),
+                true => unserved.push(crate::backends::bridge::Unserved {
+                    backend: r.backend.clone(),
+                    id: r.id.clone(),
+                    what: format!(
+                        "`{} {}`{}",
+                        r.matcher
+                            .method
+                            .as_ref()
+                            .map(|m| m.0.join(","))
+                            .unwrap_or_default(),
+                        r.matcher.path,
+                        r.grpc
+                            .as_ref()
+                            .map(|g| format!(" of `{}`", g.method))
+                            .unwrap_or_default()
+                    ),
+                    reason: e.message,
+                }),
             };
             if !backends.by_name.contains_key(&r.backend) && spec.backends.contains_key(&r.backend)
                 || state_failed && needs_state(r)
@@ -207,13 +244,13 @@ impl RouteTable {
             // The route's problem, recorded; the next route is built.
             macro_rules! refuse {
                 ($e:expr) => {{
-                    errors.push(err(FieldError::from($e)));
+                    refused(FieldError::from($e));
                     continue;
                 }};
             }
-            let template = match PathTemplate::parse(&r.matcher.path) {
-                Ok(t) => t,
-                Err(e) => refuse!(FieldError::at("match.path", e)),
+            let (pattern, route_keys) = match Pattern::compile(r) {
+                Ok(p) => p,
+                Err(e) => refuse!(e),
             };
             let methods = match route_methods(&r.matcher) {
                 Ok(m) => m,
@@ -258,53 +295,56 @@ impl RouteTable {
                     }
                 }
             };
-            let key = template.router_key();
             let host = r.matcher.host.clone();
             let index = match &host {
                 Some(h) => by_host.entry(h.clone()).or_default(),
                 None => &mut any_host,
             };
-            let group = match keys.get(&(host.clone(), key.clone())) {
-                Some(&g) => g,
-                None => {
-                    let g = index.groups.len();
-                    let router = if template.ends_with_catch_all() {
-                        &mut index.catch_all
-                    } else {
-                        &mut index.exact
-                    };
-                    if let Err(e) = router.insert(key.clone(), g) {
-                        let clash = clashing_route(&e, &keys, &host, index, &all);
-                        refuse!(FieldError::at(
-                            "match.path",
-                            format!(
-                                "the path `{}` clashes with {clash} in the router ({e}); make the two paths differ in a literal segment, or give them one host each",
-                                r.matcher.path
-                            )
-                        ))
+            let mut groups = Vec::with_capacity(route_keys.len());
+            for (key, catch_all) in route_keys {
+                let group = match keys.get(&(host.clone(), key.clone())) {
+                    Some(&g) => g,
+                    None => {
+                        let g = index.groups.len();
+                        let router = if catch_all {
+                            &mut index.catch_all
+                        } else {
+                            &mut index.exact
+                        };
+                        if let Err(e) = router.insert(key.clone(), g) {
+                            let clash = clashing_route(&e, &keys, &host, index, &all);
+                            refuse!(FieldError::at(
+                                "match.path",
+                                format!(
+                                    "the path `{}` clashes with {clash} in the router ({e}); make the two paths differ in a literal segment, or give them one host each",
+                                    r.matcher.path
+                                )
+                            ))
+                        }
+                        index.groups.push(Vec::new());
+                        keys.insert((host.clone(), key), g);
+                        g
                     }
-                    index.groups.push(Vec::new());
-                    keys.insert((host, key), g);
-                    g
+                };
+                // Explicit routes were checked by validation; a generated one is checked here.
+                if generated
+                    && let Some(&j) = index.groups[group]
+                        .iter()
+                        .find(|&&j| crate::config::validate::indistinguishable(&all[j], r))
+                {
+                    refuse!(format!(
+                        "it can never be told apart from route `{}`: same host, path shape and methods",
+                        all[j].id
+                    ))
                 }
-            };
-            // Explicit routes were checked by validation; a generated one is checked here.
-            if generated
-                && let Some(&j) = index.groups[group]
-                    .iter()
-                    .find(|&&j| crate::config::validate::indistinguishable(&all[j], r))
-            {
-                refuse!(format!(
-                    "it can never be told apart from route `{}`: same host, path shape and methods",
-                    all[j].id
-                ))
+                groups.push(group);
             }
-            index.groups[group].push(i);
+            for g in groups {
+                index.groups[g].push(i);
+            }
             routes.push(Arc::new(CompiledRoute {
-                verb: r.matcher.verb.as_ref().map(|v| format!(":{v}")),
                 id: r.id.as_str().into(),
-                names: template.captures().into_iter().map(Arc::from).collect(),
-                template,
+                pattern,
                 spec: r.clone(),
                 methods,
                 headers,
@@ -321,7 +361,10 @@ impl RouteTable {
         if jobs.is_some()
             && let Some(last) = routes.last()
         {
-            let (i, key) = (routes.len() - 1, last.template.router_key());
+            let i = routes.len() - 1;
+            let key = PathTemplate::parse(&last.spec.matcher.path)
+                .map(|t| t.router_key())
+                .unwrap_or_default();
             for index in by_host.values_mut() {
                 let g = index.groups.len();
                 match index.exact.insert(key.clone(), g) {
@@ -336,6 +379,16 @@ impl RouteTable {
         if !errors.is_empty() {
             return Err(BuildErrors(errors));
         }
+        for u in &unserved {
+            tracing::warn!(backend = %u.backend, route = %u.id, reason = %u.reason, "{u}");
+        }
+        let verbs = routes
+            .iter()
+            .filter_map(|r| match &r.pattern {
+                Pattern::Rule(t) => t.verb.clone(),
+                Pattern::Path { .. } => None,
+            })
+            .collect();
         let correlation_header = HeaderName::from_bytes(spec.server.correlation_header.as_bytes())
             .unwrap_or(HeaderName::from_static("x-request-id"));
         Ok(RouteTable {
@@ -354,6 +407,8 @@ impl RouteTable {
             gate: cx.gate.clone(),
             by_host,
             any_host,
+            verbs,
+            unserved,
         })
     }
 
@@ -409,29 +464,23 @@ impl RouteTable {
                 if !route.headers_match(headers) {
                     continue;
                 }
-                // Annotated gRPC routes with a custom verb: the last variable must carry it.
-                let verb_len = match &route.verb {
-                    None => None,
-                    Some(verb) => match m
-                        .params
-                        .iter()
-                        .last()
-                        .and_then(|(_, v)| v.strip_suffix(verb.as_str()))
-                    {
-                        Some(rest) if !rest.is_empty() => Some(rest.len()),
-                        _ => continue,
+                let bound = match &route.pattern {
+                    Pattern::Path { .. } => None,
+                    Pattern::Rule(rule) => match rule.bind(path, &self.verbs) {
+                        Some(fields) => Some(fields),
+                        None => continue,
                     },
                 };
                 if route.accepts(method) {
-                    let mut params: Vec<(Arc<str>, String)> = route
-                        .names
-                        .iter()
-                        .cloned()
-                        .zip(m.params.iter().map(|(_, v)| v.to_string()))
-                        .collect();
-                    if let (Some(len), Some((_, last))) = (verb_len, params.last_mut()) {
-                        last.truncate(len);
-                    }
+                    let params = match (bound, &route.pattern) {
+                        (Some(fields), _) => fields,
+                        (None, Pattern::Path { names }) => names
+                            .iter()
+                            .cloned()
+                            .zip(m.params.iter().map(|(_, v)| v.to_string()))
+                            .collect(),
+                        (None, Pattern::Rule(_)) => Vec::new(),
+                    };
                     return Lookup::Found { route, params };
                 }
                 if let Some(ms) = &route.methods {

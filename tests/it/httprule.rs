@@ -154,7 +154,7 @@ async fn requests_map_to_messages_as_the_http_rule_spec_says() {
 }
 
 #[tokio::test]
-async fn annotations_that_clash_reject_the_load() {
+async fn an_annotation_that_cannot_be_served_is_said_and_the_others_serve() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("clash.proto"),
@@ -165,18 +165,61 @@ message Req { string name = 1; string id = 2; }
 service Clash {
   rpc ByName(Req) returns (Req) { option (google.api.http) = { get: "/v1/{name=messages/*}" }; }
   rpc ById(Req) returns (Req) { option (google.api.http) = { get: "/v1/messages/{id}" }; }
+  rpc Twice(Req) returns (Req) { option (google.api.http) = { get: "/v1/{name=**}/x/{id=**}" }; }
 }
 "#,
     )
     .unwrap();
+    let spec: switchyard::config::GrpcBackendSpec = serde_json::from_value(serde_json::json!({
+        "endpoints": ["http://127.0.0.1:1"],
+        "protos": ["clash.proto"],
+    }))
+    .unwrap();
+    let pool = switchyard::backends::grpc::load_descriptors(&spec, dir.path()).unwrap();
+    let server = EchoServer::start(pool).await;
     let yaml = format!(
-        "backends:\n  c:\n    type: grpc\n    endpoints: [\"http://127.0.0.1:9\"]\n    protos: [\"{}\"]\n    import_paths: [\"{}\"]\n    annotated_routes: true\nroutes: []\n",
+        "backends:\n  c:\n    type: grpc\n    endpoints: [\"{}\"]\n    protos: [\"{}\"]\n    import_paths: [\"{}\"]\n    annotated_routes: true\nroutes: []\n",
+        server.url(),
         dir.path().join("clash.proto").display(),
         dir.path().display()
     );
-    let err = start_error(&yaml).await;
+    let gw = Gateway::start(&yaml).await;
+    let (s, routes) = gw.admin_json("/routes").await;
+    assert_eq!(s, 200);
+    let unserved = routes["unserved"].as_array().unwrap();
+    let reasons: Vec<(&str, &str)> = unserved
+        .iter()
+        .map(|u| (u["id"].as_str().unwrap(), u["reason"].as_str().unwrap()))
+        .collect();
     assert!(
-        err.contains("can never be told apart from route `c.ByName`"),
-        "{err}"
+        reasons.iter().any(|(id, r)| *id == "c.ById"
+            && r.contains("can never be told apart from route `c.ByName`")),
+        "{routes}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|(id, r)| *id == "c.Twice" && r.contains("`**` appears more than once")),
+        "{routes}"
+    );
+    // The method that can be served is.
+    let (s, _, b) = get(&gw.url("/v1/messages/7")).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(json(&b), serde_json::json!({ "name": "messages/7" }));
+    // `validate` says the same as warnings, and passes.
+    let path = dir.path().join("routes.yaml");
+    std::fs::write(&path, &yaml).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .arg("validate")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stderr.contains("warning: ")
+            && stderr.contains("route `c.Twice`")
+            && stderr.contains("is not served"),
+        "{stderr}"
     );
 }

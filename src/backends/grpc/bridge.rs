@@ -7,7 +7,7 @@ use super::validate::{valid_grpc_method, validate_grpc_backend, validate_grpc_ro
 use super::{GrpcBackend, GrpcRouteService};
 use crate::RouteService;
 use crate::backends::BuildContext;
-use crate::backends::bridge::{Bridge, BridgeSpec};
+use crate::backends::bridge::{Bridge, BridgeSpec, Generated};
 use crate::backends::live::Findings;
 use crate::backends::websocket::WsRouteService;
 use crate::config::template::PathTemplate;
@@ -111,7 +111,7 @@ impl Bridge for GrpcBackend {
     }
 
     /// Methods with `google.api.http` annotations and native routes, when enabled.
-    fn generated_routes(&self) -> Result<Vec<RouteSpec>, String> {
+    fn generated_routes(&self) -> Generated {
         GrpcBackend::generated_routes(self)
     }
 

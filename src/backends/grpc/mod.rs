@@ -37,6 +37,7 @@ use crate::middleware::context::{Deadline, RequestContext};
 use crate::{BoxError, Request, Response, ResponseFuture, full_body};
 
 use super::AbortOnDrop;
+use super::bridge::{Generated, Unserved};
 
 /// Loads the descriptor pool of a backend: `.proto` files compiled with protox, and/or a binary
 /// `FileDescriptorSet`. Paths are relative to `base` (routes.yaml's directory).
@@ -275,79 +276,116 @@ impl GrpcBackend {
 
     /// The routes the backend makes itself: from `google.api.http` annotations and, for gRPC
     /// clients, one native route per method, each when enabled.
-    pub fn generated_routes(&self) -> Result<Vec<RouteSpec>, String> {
-        let mut out = self.annotated_routes()?;
+    pub fn generated_routes(&self) -> Generated {
+        let mut out = self.annotated_routes();
         if self.native_routes {
             let pool = self.pool.load();
             for service in pool.services() {
                 for method in service.methods() {
                     let full = format!("{}/{}", service.full_name(), method.name());
                     let id = format!("{}/{full}", self.name);
-                    let mut route: RouteSpec = serde_json::from_value(serde_json::json!({
-                        "id": id,
-                        "match": { "path": format!("/{full}"), "method": "POST" },
-                        "backend": self.name,
-                    }))
-                    .map_err(|e| format!("{id}: {e}"))?;
+                    let mut route = match self.generated_route(&id, &format!("/{full}"), "POST") {
+                        Ok(r) => r,
+                        Err(reason) => {
+                            out.unserved.push(self.unserved(
+                                id,
+                                format!("the native route of `{full}`"),
+                                reason,
+                            ));
+                            continue;
+                        }
+                    };
                     route.grpc = Some(GrpcRouteSpec {
                         method: full,
                         body: Some("*".into()),
                         native: true,
                         ..GrpcRouteSpec::default()
                     });
-                    out.push(route);
+                    out.routes.push(route);
                 }
             }
         }
-        Ok(out)
+        out
     }
 
-    /// Routes made from the `google.api.http` annotations of every method, when enabled.
-    fn annotated_routes(&self) -> Result<Vec<RouteSpec>, String> {
-        if !self.annotated_routes {
-            return Ok(vec![]);
+    /// A route of this backend that cannot be served, and why.
+    fn unserved(&self, id: String, what: String, reason: String) -> Unserved {
+        Unserved {
+            backend: self.name.clone(),
+            id,
+            what,
+            reason,
         }
-        let mut out = Vec::new();
+    }
+
+    /// A route of this backend with nothing but its id, path and method.
+    fn generated_route(&self, id: &str, path: &str, method: &str) -> Result<RouteSpec, String> {
+        serde_json::from_value(serde_json::json!({
+            "id": id,
+            "match": { "path": path, "method": method },
+            "backend": self.name,
+        }))
+        .map_err(|e| e.to_string())
+    }
+
+    /// Routes made from the `google.api.http` annotations of every method, when enabled. A
+    /// binding that cannot be served is listed with its reason; the others serve.
+    fn annotated_routes(&self) -> Generated {
+        let mut out = Generated::default();
+        if !self.annotated_routes {
+            return out;
+        }
         let pool = self.pool.load();
         for service in pool.services() {
             for method in service.methods() {
-                let bindings = annotations::bindings(&pool, &method)
-                    .map_err(|e| format!("{}: {e}", method.full_name()))?;
-                for (i, b) in bindings.into_iter().enumerate() {
+                let full = format!("{}/{}", service.full_name(), method.name());
+                for (i, b) in annotations::bindings(&pool, &method)
+                    .into_iter()
+                    .enumerate()
+                {
                     let id = if i == 0 {
                         format!("{}.{}", self.name, method.name())
                     } else {
                         format!("{}.{}#{i}", self.name, method.name())
                     };
-                    let mut matcher: crate::config::MatchSpec =
-                        serde_json::from_value(serde_json::json!({
-                            "path": b.path,
-                            "method": b.method,
-                        }))
-                        .map_err(|e| format!("{id}: {e}"))?;
-                    matcher.verb = b.verb;
-                    let grpc = GrpcRouteSpec {
-                        method: format!("{}/{}", service.full_name(), method.name()),
+                    let b = match b {
+                        Ok(b) => b,
+                        Err(reason) => {
+                            out.unserved.push(self.unserved(
+                                id,
+                                format!("a binding of `{full}`"),
+                                reason,
+                            ));
+                            continue;
+                        }
+                    };
+                    let route = self.generated_route(&id, &b.rule.raw, &b.method);
+                    let mut route = match route {
+                        Ok(r) => r,
+                        Err(reason) => {
+                            out.unserved.push(self.unserved(
+                                id,
+                                format!("`{} {}` of `{full}`", b.method, b.rule.raw),
+                                reason,
+                            ));
+                            continue;
+                        }
+                    };
+                    route.matcher.rule = Some(Arc::new(b.rule));
+                    route.grpc = Some(GrpcRouteSpec {
+                        method: full.clone(),
                         body: Some(b.body),
                         response_body: (!b.response_body.is_empty()).then_some(b.response_body),
-                        path_fields: b.fields,
                         ..GrpcRouteSpec::default()
-                    };
-                    let mut route: RouteSpec = serde_json::from_value(serde_json::json!({
-                        "id": id,
-                        "match": { "path": "/" },
-                        "backend": self.name,
-                    }))
-                    .map_err(|e| format!("{id}: {e}"))?;
-                    route.matcher = matcher;
-                    route.grpc = Some(grpc);
-                    out.push(route);
+                    });
+                    out.routes.push(route);
                 }
             }
         }
         // Verb routes first: they are stricter than a plain variable of the same shape.
-        out.sort_by_key(|r| r.matcher.verb.is_none());
-        Ok(out)
+        out.routes
+            .sort_by_key(|r| r.matcher.rule.as_ref().is_none_or(|t| t.verb.is_none()));
+        out
     }
 
     /// The descriptor of `package.Service/Method`, or a message listing what is there.
@@ -376,6 +414,12 @@ impl GrpcBackend {
 }
 
 #[derive(Clone)]
+enum PathVars {
+    Bound,
+    Named { multi: Vec<String> },
+}
+
+#[derive(Clone)]
 enum BodyRule {
     None,
     Whole,
@@ -392,8 +436,10 @@ pub struct GrpcRouteService {
     response_body: Option<FieldDescriptor>,
     emit_defaults: bool,
     proto_names: bool,
-    /// Fields assembled from path variables (annotated routes).
-    path_fields: Arc<Vec<(String, crate::config::template::Template)>>,
+    /// How path variables become fields: by their rule (annotated routes, whose variables
+    /// the router binds to fields, decoded), or by name (a route's own `{id}` and
+    /// `{*rest}`, the catch-alls listed here keeping `%2F`).
+    path_vars: PathVars,
     /// Allow-listed request headers forwarded as metadata, lower-cased.
     metadata_headers: Arc<Vec<String>>,
     server_streaming: bool,
@@ -488,11 +534,22 @@ impl GrpcRouteService {
             format!("/{}/{}", method.parent_service().full_name(), method.name())
                 .parse()
                 .map_err(|_| "the method's path is not a valid URI path".to_string())?;
-        let path_fields = spec
-            .path_fields
-            .iter()
-            .map(|(f, t)| crate::config::template::Template::parse(t).map(|t| (f.clone(), t)))
-            .collect::<Result<Vec<_>, _>>()?;
+        let path_vars = match &route.matcher.rule {
+            Some(_) => PathVars::Bound,
+            None => PathVars::Named {
+                multi: crate::config::template::PathTemplate::parse(&route.matcher.path)
+                    .map(|t| {
+                        t.segments
+                            .into_iter()
+                            .filter_map(|s| match s {
+                                crate::config::template::Segment::CatchAll(n) => Some(n),
+                                _ => None,
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+            },
+        };
         Ok(GrpcRouteService {
             passthrough: passthrough::Passthrough::new(
                 &backend.name,
@@ -509,7 +566,7 @@ impl GrpcRouteService {
             response_body,
             emit_defaults: spec.emit_defaults,
             proto_names: spec.proto_names,
-            path_fields: Arc::new(path_fields),
+            path_vars,
             metadata_headers: Arc::new(
                 spec.metadata_headers
                     .iter()
@@ -604,22 +661,17 @@ impl GrpcRouteService {
             out.extend(transcode::query_pairs(q));
         }
         if let Some(ctx) = req_parts.extensions.get::<RequestContext>() {
-            let decode = |v: &str| {
-                percent_encoding::percent_decode_str(v)
-                    .decode_utf8_lossy()
-                    .into_owned()
-            };
-            if self.path_fields.is_empty() {
-                for (name, value) in &ctx.params {
-                    out.push((name.to_string(), decode(value)));
-                }
-            } else {
-                for (field, template) in self.path_fields.iter() {
-                    let value = template
-                        .render(|v| ctx.param(v))
-                        .ok_or(Problem::internal("a path variable was not captured"))?;
-                    out.push((field.clone(), decode(&value)));
-                }
+            for (name, value) in &ctx.params {
+                let value = match &self.path_vars {
+                    PathVars::Bound => value.clone(),
+                    PathVars::Named { multi } if multi.iter().any(|m| **m == **name) => {
+                        crate::config::template::decode_keeping_slashes(value)
+                    }
+                    PathVars::Named { .. } => percent_encoding::percent_decode_str(value)
+                        .decode_utf8_lossy()
+                        .into_owned(),
+                };
+                out.push((name.to_string(), value));
             }
         }
         Ok(out)

@@ -81,10 +81,6 @@ pub struct GrpcRouteSpec {
     /// which always are).
     #[serde(default)]
     pub metadata_headers: Vec<String>,
-    /// Request fields assembled from path variables (`name` ← `shelves/{v0_1}`); set only on
-    /// routes made from `google.api.http` annotations. Otherwise each variable names its field.
-    #[serde(skip)]
-    pub path_fields: Vec<(String, String)>,
     /// Set only on native routes (`native_routes`): bidirectional methods are allowed, for
     /// gRPC and gRPC-Web clients only.
     #[serde(skip)]
