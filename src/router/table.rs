@@ -128,6 +128,8 @@ pub struct RouteTable {
     any_host: PathIndex,
     /// The custom verbs of the rule routes: a request path ending in `:<verb>` is that verb.
     verbs: std::collections::HashSet<String>,
+    /// The routes matched by a rule template, in table order.
+    rule_routes: Vec<usize>,
     /// Routes the backends would make but cannot serve, and why.
     pub unserved: Vec<crate::backends::bridge::Unserved>,
 }
@@ -382,6 +384,9 @@ impl RouteTable {
         for u in &unserved {
             tracing::warn!(backend = %u.backend, route = %u.id, reason = %u.reason, "{u}");
         }
+        let rule_routes = (0..routes.len())
+            .filter(|&i| matches!(routes[i].pattern, Pattern::Rule(_)))
+            .collect();
         let verbs = routes
             .iter()
             .filter_map(|r| match &r.pattern {
@@ -408,6 +413,7 @@ impl RouteTable {
             by_host,
             any_host,
             verbs,
+            rule_routes,
             unserved,
         })
     }
@@ -440,6 +446,38 @@ impl RouteTable {
         state.jobs.retain_routes(&keep);
     }
 
+    /// Route `i`, when it takes the request; the methods it would take otherwise are added to
+    /// `allow`. `params` are the router's, for a route's own template.
+    fn candidate(
+        &self,
+        i: usize,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        params: Option<&matchit::Params<'_, '_>>,
+        allow: &mut Vec<Method>,
+    ) -> Option<Lookup<'_>> {
+        let route = &self.routes[i];
+        if !route.headers_match(headers) {
+            return None;
+        }
+        let params = match &route.pattern {
+            Pattern::Path { names } => names
+                .iter()
+                .cloned()
+                .zip(params?.iter().map(|(_, v)| v.to_string()))
+                .collect(),
+            Pattern::Rule(rule) => rule.bind(path, &self.verbs)?,
+        };
+        if route.accepts(method) {
+            return Some(Lookup::Found { route, params });
+        }
+        if let Some(ms) = &route.methods {
+            allow.extend(ms.iter().cloned());
+        }
+        None
+    }
+
     /// Finds the route for a request. Host-specific routes are tried before host-less ones;
     /// within a path shape, routes are tried in config order.
     pub fn lookup(
@@ -460,32 +498,22 @@ impl RouteTable {
                 continue;
             };
             for &i in &index.groups[*m.value] {
-                let route = &self.routes[i];
-                if !route.headers_match(headers) {
-                    continue;
+                if let Some(found) =
+                    self.candidate(i, method, path, headers, Some(&m.params), &mut allow)
+                {
+                    return found;
                 }
-                let bound = match &route.pattern {
-                    Pattern::Path { .. } => None,
-                    Pattern::Rule(rule) => match rule.bind(path, &self.verbs) {
-                        Some(fields) => Some(fields),
-                        None => continue,
-                    },
-                };
-                if route.accepts(method) {
-                    let params = match (bound, &route.pattern) {
-                        (Some(fields), _) => fields,
-                        (None, Pattern::Path { names }) => names
-                            .iter()
-                            .cloned()
-                            .zip(m.params.iter().map(|(_, v)| v.to_string()))
-                            .collect(),
-                        (None, Pattern::Rule(_)) => Vec::new(),
-                    };
-                    return Lookup::Found { route, params };
-                }
-                if let Some(ms) = &route.methods {
-                    allow.extend(ms.iter().cloned());
-                }
+            }
+        }
+        // The router gives one candidate group per router, the most specific: a rule template
+        // that a more specific one shadowed (`/**` behind `/a/**/b` for `/a/x/c`) is found
+        // here, trying the rule routes of this host in order. Only a path no route took pays.
+        for &i in &self.rule_routes {
+            let h = self.routes[i].spec.matcher.host.as_deref();
+            if (h.is_none() || h == host)
+                && let Some(found) = self.candidate(i, method, path, headers, None, &mut allow)
+            {
+                return found;
             }
         }
         if allow.is_empty() {

@@ -18,4 +18,5 @@ mod resilience;
 mod spool;
 mod store;
 mod support;
+mod transcoding;
 mod websocket;

@@ -490,12 +490,6 @@ impl GrpcRouteService {
                         ),
                     )
                 })?;
-                if !matches!(f.kind(), Kind::Message(_)) || f.is_list() || f.is_map() {
-                    return Err(FieldError::at(
-                        "grpc.body",
-                        format!("`body: {name}` must name a message field"),
-                    ));
-                }
                 BodyRule::Field(f)
             }
         };
@@ -521,12 +515,6 @@ impl GrpcRouteService {
                         ),
                     )
                 })?;
-                if !matches!(f.kind(), Kind::Message(_)) || f.is_list() || f.is_map() {
-                    return Err(FieldError::at(
-                        "grpc.response_body",
-                        format!("`response_body: {name}` must name a message field"),
-                    ));
-                }
                 Some(f)
             }
         };
@@ -600,9 +588,8 @@ impl GrpcRouteService {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
         let mut msg = self.body_message(body, Some(content_type))?;
-        for (k, v) in self.param_pairs(req_parts)? {
-            transcode::set_from_str(&mut msg, &k, &v).map_err(Self::bad_field)?;
-        }
+        let (pairs, query) = self.param_pairs(req_parts)?;
+        transcode::set_params(&mut msg, &pairs, query).map_err(Self::bad_field)?;
         Ok(msg)
     }
 
@@ -628,8 +615,9 @@ impl GrpcRouteService {
                 DynamicMessage::new(input)
             }
             BodyRule::Field(f) => {
-                let Kind::Message(m) = f.kind() else {
-                    unreachable!("checked at build")
+                // A scalar, repeated or map field: the body is its JSON value.
+                let (Kind::Message(m), false) = (f.kind(), f.is_list() || f.is_map()) else {
+                    return transcode::field_from_json(input, f, body).map_err(Self::bad_field);
                 };
                 let inner = parse(m, body)
                     .map_err(|mut e| {
@@ -649,17 +637,19 @@ impl GrpcRouteService {
     }
 
     /// Field paths and values from the query string (unless the body is the whole message)
-    /// and then from path variables, in the order they are applied.
+    /// and then from path variables, in the order they are applied; and how many of them came
+    /// from the query.
     fn param_pairs(
         &self,
         req_parts: &http::request::Parts,
-    ) -> Result<Vec<(String, String)>, BoxError> {
+    ) -> Result<(Vec<(String, String)>, usize), BoxError> {
         let mut out = Vec::new();
         if !matches!(self.body, BodyRule::Whole)
             && let Some(q) = req_parts.uri.query()
         {
             out.extend(transcode::query_pairs(q));
         }
+        let query = out.len();
         if let Some(ctx) = req_parts.extensions.get::<RequestContext>() {
             for (name, value) in &ctx.params {
                 let value = match &self.path_vars {
@@ -674,7 +664,7 @@ impl GrpcRouteService {
                 out.push((name.to_string(), value));
             }
         }
-        Ok(out)
+        Ok((out, query))
     }
 
     /// A gRPC client on the backend's connections; a failed connect shows in the call's status.
@@ -750,13 +740,11 @@ impl GrpcRouteService {
         parts: http::request::Parts,
         body: crate::Body,
     ) -> Result<Response, BoxError> {
-        let params = self.param_pairs(&parts)?;
+        let (params, query) = self.param_pairs(&parts)?;
         let this = self.clone();
         let parse: ndjson::LineParser = Box::new(move |line| {
             let mut msg = this.body_message(line, None)?;
-            for (k, v) in &params {
-                transcode::set_from_str(&mut msg, k, v).map_err(Self::bad_field)?;
-            }
+            transcode::set_params(&mut msg, &params, query).map_err(Self::bad_field)?;
             Ok(msg)
         });
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
@@ -778,9 +766,17 @@ impl GrpcRouteService {
     fn reply(&self, resp: tonic::Response<DynamicMessage>) -> Result<Response, BoxError> {
         let (metadata, reply, _) = resp.into_parts();
         let out = match &self.response_body {
-            Some(f) => match reply.get_field(f).as_message() {
-                Some(m) => m.clone(),
-                None => DynamicMessage::new(self.method.output()),
+            Some(f) => match (f.kind(), f.is_list() || f.is_map()) {
+                (Kind::Message(m), false) => match reply.get_field(f).as_message() {
+                    Some(inner) => inner.clone(),
+                    None => DynamicMessage::new(m),
+                },
+                // A scalar, repeated or map field: the answer is its JSON value.
+                _ => {
+                    let json = transcode::field_to_json(&reply, f, self.proto_names)
+                        .map_err(|_| Problem::internal("the reply could not be written as JSON"))?;
+                    return Ok(json_response(json, &metadata));
+                }
             },
             None => reply,
         };
@@ -789,15 +785,20 @@ impl GrpcRouteService {
         }
         let json = transcode::message_to_json(&out, self.emit_defaults, self.proto_names)
             .map_err(|_| Problem::internal("the reply could not be written as JSON"))?;
-        let mut r = http::Response::new(full_body(json));
-        let headers = r.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        metadata_to_headers(&metadata, headers);
-        Ok(r)
+        Ok(json_response(json, &metadata))
     }
+}
+
+/// A JSON answer with the reply's metadata as headers.
+fn json_response(json: Vec<u8>, metadata: &tonic::metadata::MetadataMap) -> Response {
+    let mut r = http::Response::new(full_body(json));
+    let headers = r.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    metadata_to_headers(metadata, headers);
+    r
 }
 
 /// A `google.api.HttpBody` reply is passed through: `data` as the body, `content_type` as its

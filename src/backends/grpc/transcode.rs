@@ -96,6 +96,48 @@ pub fn message_from_json(
     Ok(msg)
 }
 
+/// Parses a body that is the JSON value of one field (`body: "text"` naming a scalar, repeated
+/// or map field) into a message of `desc` with that field set. The body is read as one JSON
+/// value first, so that it can never set another field.
+pub fn field_from_json(
+    desc: MessageDescriptor,
+    field: &FieldDescriptor,
+    json: &[u8],
+) -> Result<DynamicMessage, FieldError> {
+    if json.iter().all(u8::is_ascii_whitespace) {
+        return Ok(DynamicMessage::new(desc));
+    }
+    let value: serde_json::Value = serde_json::from_slice(json).map_err(|e| {
+        FieldError::new(field.name(), format!("the body is not one JSON value: {e}"))
+    })?;
+    let wrapped =
+        serde_json::Value::Object([(field.name().to_string(), value)].into_iter().collect());
+    let bytes =
+        serde_json::to_vec(&wrapped).map_err(|e| FieldError::new(field.name(), e.to_string()))?;
+    message_from_json(desc, &bytes)
+}
+
+/// The JSON value of one field of `msg` (`response_body` naming a scalar, repeated or map
+/// field), its default when unset.
+pub fn field_to_json(
+    msg: &DynamicMessage,
+    field: &FieldDescriptor,
+    proto_names: bool,
+) -> Result<Vec<u8>, String> {
+    let options = SerializeOptions::new()
+        .skip_default_fields(false)
+        .use_proto_field_name(proto_names);
+    let whole = msg
+        .serialize_with_options(serde_json::value::Serializer, &options)
+        .map_err(|e| e.to_string())?;
+    let key = if proto_names {
+        field.name()
+    } else {
+        field.json_name()
+    };
+    serde_json::to_vec(&whole[key]).map_err(|e| e.to_string())
+}
+
 fn scalar(field: &FieldDescriptor, path: &str, raw: &str) -> Result<Value, FieldError> {
     let bad = |what: &str| FieldError::new(path, format!("`{raw}` is not {what}"));
     Ok(match field.kind() {
@@ -136,11 +178,24 @@ fn scalar(field: &FieldDescriptor, path: &str, raw: &str) -> Result<Value, Field
                 }
             },
         },
-        Kind::Bytes => {
-            return Err(FieldError::new(
-                path,
-                "a bytes field can only be set from the JSON body",
-            ));
+        Kind::Bytes => Value::Bytes(
+            base64_any(raw)
+                .ok_or_else(|| bad("base64 (standard or URL-safe)"))?
+                .into(),
+        ),
+        Kind::Message(m) if one_value_types(m.full_name()) => {
+            // A well-known type written as one value is its proto3 JSON form: a Timestamp's
+            // RFC 3339 text, a Duration's `1.5s`, a FieldMask's `a,b.c`, a wrapper's value.
+            let json = match (m.full_name(), raw) {
+                ("google.protobuf.BoolValue", "true") => serde_json::Value::Bool(true),
+                ("google.protobuf.BoolValue", "false") => serde_json::Value::Bool(false),
+                _ => serde_json::Value::String(raw.to_string()),
+            };
+            let name = m.full_name().to_string();
+            Value::Message(
+                DynamicMessage::deserialize(m, json)
+                    .map_err(|e| FieldError::new(path, format!("`{raw}` is not a {name}: {e}")))?,
+            )
         }
         Kind::Message(m) => {
             return Err(FieldError::new(
@@ -154,17 +209,94 @@ fn scalar(field: &FieldDescriptor, path: &str, raw: &str) -> Result<Value, Field
     })
 }
 
+/// The well-known types whose proto3 JSON form is one value, so that a path variable or a query
+/// parameter can set them.
+fn one_value_types(name: &str) -> bool {
+    matches!(
+        name,
+        "google.protobuf.Timestamp"
+            | "google.protobuf.Duration"
+            | "google.protobuf.FieldMask"
+            | "google.protobuf.DoubleValue"
+            | "google.protobuf.FloatValue"
+            | "google.protobuf.Int64Value"
+            | "google.protobuf.UInt64Value"
+            | "google.protobuf.Int32Value"
+            | "google.protobuf.UInt32Value"
+            | "google.protobuf.BoolValue"
+            | "google.protobuf.StringValue"
+            | "google.protobuf.BytesValue"
+    )
+}
+
+/// Bytes from base64, standard or URL-safe, padded or not (proto3 JSON accepts both alphabets).
+fn base64_any(raw: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+        .iter()
+        .find_map(|e| e.decode(raw).ok())
+}
+
+/// Sets fields from strings: first the query parameters (`query` of them), then the path
+/// variables, which win (as in google.api.HttpRule). Repeated fields collect every value given.
+/// In the query, a field that is not repeated takes one value, and one member of a oneof
+/// may be given: a second is refused, naming both, rather than the last one winning.
+pub fn set_params(
+    msg: &mut DynamicMessage,
+    pairs: &[(String, String)],
+    query: usize,
+) -> Result<(), FieldError> {
+    // What the query set: each field once (by its proto path), each oneof once.
+    let mut given: std::collections::HashMap<String, &str> = Default::default();
+    for (n, (name, raw)) in pairs.iter().enumerate() {
+        let (canonical, field) = set_from_str(msg, name, raw)?;
+        if n >= query || field.is_list() {
+            continue;
+        }
+        let parent = canonical.rsplit_once('.').map_or("", |(p, _)| p);
+        if let Some(earlier) = given.insert(canonical.clone(), name) {
+            return Err(FieldError::new(
+                name.as_str(),
+                format!(
+                    "is given twice (as `{earlier}` and `{name}`); a field that is not repeated takes one value"
+                ),
+            ));
+        }
+        if let Some(oneof) = field.containing_oneof().filter(|o| !o.is_synthetic()) {
+            let key = format!("{parent}#{}", oneof.name());
+            if let Some(earlier) = given.insert(key, name) {
+                return Err(FieldError::new(
+                    name.as_str(),
+                    format!(
+                        "`{earlier}` and `{name}` are members of one oneof (`{}`); give one of them",
+                        oneof.name()
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Sets the (possibly nested, dotted) field `path` from a string, as path variables and query
-/// parameters do. Repeated fields collect every value given.
-pub fn set_from_str(msg: &mut DynamicMessage, path: &str, raw: &str) -> Result<(), FieldError> {
+/// parameters do, and gives its path in proto names and its descriptor. Repeated fields
+/// collect every value given.
+fn set_from_str(
+    msg: &mut DynamicMessage,
+    path: &str,
+    raw: &str,
+) -> Result<(String, FieldDescriptor), FieldError> {
     let mut cur = msg;
     let parts: Vec<&str> = path.split('.').collect();
+    let mut canonical = Vec::with_capacity(parts.len());
     for (i, name) in parts.iter().enumerate() {
         let here = parts[..=i].join(".");
         let desc = cur.descriptor();
         let field = field_by_name(&desc, name).ok_or_else(|| {
             FieldError::new(&here, format!("{} has no field `{name}`", desc.full_name()))
         })?;
+        canonical.push(field.name().to_string());
         if i + 1 < parts.len() {
             if !matches!(field.kind(), Kind::Message(_)) || field.is_list() || field.is_map() {
                 return Err(FieldError::new(
@@ -192,8 +324,9 @@ pub fn set_from_str(msg: &mut DynamicMessage, path: &str, raw: &str) -> Result<(
         } else {
             cur.set_field(&field, value);
         }
+        return Ok((canonical.join("."), field));
     }
-    Ok(())
+    Err(FieldError::new(path, "names no field"))
 }
 
 /// Decodes `application/x-www-form-urlencoded`-style query pairs (`+` is a space).
