@@ -222,7 +222,8 @@ async fn dispatch(
 
 type OrderStream = futures_util::stream::Iter<std::vec::IntoIter<Result<DynamicMessage, Status>>>;
 
-/// WatchOrders: three updates of the order, or two and then an error for id `fail`.
+/// WatchOrders: three updates of the order; two and then an error for id `fail`; an error as
+/// the first item of an accepted stream (after the response headers) for id `late`.
 fn watch(
     output: MessageDescriptor,
     r: Request<DynamicMessage>,
@@ -245,6 +246,11 @@ fn watch(
     if id == "fail" {
         items.truncate(2);
         items.push(Err(Status::aborted("stream broke")));
+    }
+    if id == "late" {
+        items = vec![Err(Status::failed_precondition(
+            "the order is not ready to watch",
+        ))];
     }
     Ok(Response::new(futures_util::stream::iter(items)))
 }

@@ -546,6 +546,17 @@ async fn server_streaming_as_ndjson_sse_and_a_json_array() {
     let (s, h, _) = send(watch("none", "application/x-ndjson")).await;
     assert_eq!(s, 404);
     assert_eq!(h["content-type"], "application/problem+json");
+    // So is one that comes after the server's response headers but before the first message.
+    for accept in [
+        "application/json",
+        "text/event-stream",
+        "application/x-ndjson",
+    ] {
+        let (s, h, b) = send(watch("late", accept)).await;
+        assert_eq!(s, 400, "{accept}: {}", String::from_utf8_lossy(&b));
+        assert_eq!(h["content-type"], "application/problem+json");
+        assert!(String::from_utf8_lossy(&b).contains("not ready to watch"));
+    }
 }
 
 #[tokio::test]

@@ -718,9 +718,24 @@ impl GrpcRouteService {
                 .await
             {
                 Ok(resp) => {
-                    let (metadata, messages, _) = resp.into_parts();
-                    let mut r =
-                        stream::response(messages, format, self.emit_defaults, self.proto_names);
+                    let (metadata, mut messages, _) = resp.into_parts();
+                    // The HTTP status goes with the first message: a status that comes before
+                    // it is answered like a unary call's.
+                    let first = match messages.message().await {
+                        Ok(first) => first,
+                        Err(status) => {
+                            return Err(
+                                self.status_error(status, parts.extensions.get::<Deadline>())
+                            );
+                        }
+                    };
+                    let mut r = stream::response(
+                        messages,
+                        first,
+                        format,
+                        self.emit_defaults,
+                        self.proto_names,
+                    );
                     metadata_to_headers(&metadata, r.headers_mut());
                     Ok(r)
                 }

@@ -1,7 +1,7 @@
 //! Server-streaming replies for HTTP clients: each gRPC message is written as soon as it arrives,
-//! as NDJSON, Server-Sent Events or a JSON array, chosen by the request's `Accept` header. A
-//! status that ends the stream early is written as a final error item, since the HTTP status has
-//! already been sent.
+//! as NDJSON, Server-Sent Events or a JSON array, chosen by the request's `Accept` header. The
+//! HTTP status goes out with the first message, so a status before it is a normal error answer
+//! (the caller's); a status that ends the stream after it is written as a final error item.
 
 use bytes::Bytes;
 use http::HeaderValue;
@@ -47,6 +47,8 @@ impl Format {
 
 struct State {
     messages: Streaming<DynamicMessage>,
+    /// The first message, read before the answer started; `None` once written.
+    first: Option<DynamicMessage>,
     format: Format,
     started: bool,
     finished: bool,
@@ -91,18 +93,21 @@ impl State {
     }
 }
 
-/// The streaming HTTP response for a server-streaming call.
+/// The streaming HTTP response for a server-streaming call whose `first` message has been read
+/// (`None`: the stream ended, OK, before any).
 pub fn response(
     messages: Streaming<DynamicMessage>,
+    first: Option<DynamicMessage>,
     format: Format,
     emit_defaults: bool,
     proto_names: bool,
 ) -> Response {
     let state = State {
+        finished: false,
         messages,
+        first,
         format,
         started: false,
-        finished: false,
         emit_defaults,
         proto_names,
     };
@@ -110,7 +115,11 @@ pub fn response(
         if st.finished {
             return None;
         }
-        let bytes = match st.messages.message().await {
+        let next = match st.first.take() {
+            Some(m) => Ok(Some(m)),
+            None => st.messages.message().await,
+        };
+        let bytes = match next {
             Ok(Some(msg)) => {
                 match transcode::message_to_json(&msg, st.emit_defaults, st.proto_names) {
                     Ok(json) => st.item(&json, None),
