@@ -20,6 +20,24 @@ wait_ready() {
   echo "bench: the gateway did not become ready" >&2
 }
 
+# baseline_bin REV: the path of the release `switchyard` of an earlier commit, built once from a
+# worktree of that commit and kept by commit under the build cache (a second run reuses it).
+baseline_bin() {
+  local rev dir bin
+  rev=$(git rev-parse --short "$1")
+  bin="$CARGO_TARGET_DIR/baseline/$rev/switchyard"
+  if [ ! -x "$bin" ]; then
+    dir=$(mktemp -d)
+    git worktree add --detach -f "$dir/src" "$rev" >/dev/null
+    (cd "$dir/src" && cargo build --release --locked --bin switchyard >/dev/null)
+    mkdir -p "$(dirname "$bin")"
+    cp "$CARGO_TARGET_DIR/release/switchyard" "$bin"
+    git worktree remove --force "$dir/src"
+    rm -rf "$dir"
+  fi
+  echo "$bin"
+}
+
 # The median of the numbers on standard input, one per line.
 median() { sort -n | awk '{a[NR] = $1} END { if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'; }
 

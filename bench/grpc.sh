@@ -7,6 +7,10 @@
 # the ratios.
 #
 #   bash bench/grpc.sh          # DURATION=15 (seconds) ROUNDS=3
+#   BASELINE_REV=<commit> bash bench/grpc.sh
+#
+# With BASELINE_REV, that commit's build runs beside this one (same config, its own port) and is
+# measured in the same rounds, right after it, and the ratio this/baseline is printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,17 +20,22 @@ GRPC_PORT=${GRPC_PORT:-18151}
 SY_PORT=${SY_PORT:-18153}
 SY_ADMIN=${SY_ADMIN:-18154}
 NGINX_PORT=${NGINX_PORT:-18155}
+BASE_PORT=${BASE_PORT:-18156}
+BASE_ADMIN=${BASE_ADMIN:-18157}
 . bench/common.sh
 
 need h2load nghttp2-client
 need nginx nginx
 
+BASE_BIN=""
+if [ -n "${BASELINE_REV:-}" ]; then
+  BASE_BIN=$(baseline_bin "$BASELINE_REV")
+fi
 cargo build -q --release --locked --bin switchyard --example shop_server
 WORK=$(mktemp -d)
 cleanup() {
   [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
-  [ -n "${SERVER_PID:-}" ] && kill "$SERVER_PID" 2>/dev/null || true
-  [ -n "${SY_PID:-}" ] && kill "$SY_PID" 2>/dev/null || true
+  for p in ${SERVER_PID:-} ${SY_PID:-} ${BASE_PID:-}; do kill "$p" 2>/dev/null || true; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -41,8 +50,9 @@ start_nginx "$WORK" <<CONF
     location / { grpc_pass grpc://shop; }
   }
 CONF
-cat > "$WORK/routes.yaml" <<YAML
-server: { listen: "127.0.0.1:$SY_PORT", admin: "127.0.0.1:$SY_ADMIN" }
+routes() { # LISTEN_PORT ADMIN_PORT
+  cat <<YAML
+server: { listen: "127.0.0.1:$1", admin: "127.0.0.1:$2" }
 backends:
   shop:
     type: grpc
@@ -55,9 +65,18 @@ routes:
     backend: shop
     grpc: { method: shop.v1.Orders/GetOrder }
 YAML
+}
+routes "$SY_PORT" "$SY_ADMIN" > "$WORK/routes.yaml"
 RUST_LOG=warn "$BIN/switchyard" run --no-watch --config "$WORK/routes.yaml" >"$WORK/switchyard.log" 2>&1 &
 SY_PID=$!
-for port in "$GRPC_PORT" "$SY_PORT"; do
+PORTS="$GRPC_PORT $SY_PORT"
+if [ -n "$BASE_BIN" ]; then
+  routes "$BASE_PORT" "$BASE_ADMIN" > "$WORK/base.yaml"
+  RUST_LOG=warn "$BASE_BIN" run --no-watch --config "$WORK/base.yaml" >"$WORK/base.log" 2>&1 &
+  BASE_PID=$!
+  PORTS="$PORTS $BASE_PORT"
+fi
+for port in $PORTS; do
   for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
 done
 
@@ -74,6 +93,9 @@ peer() { grpc_call "$NGINX_PORT" "$@"; }
 via() {
   h2load "$@" "http://127.0.0.1:$SY_PORT/v1/orders/7"
 }
+via_base() {
+  h2load "$@" "http://127.0.0.1:$BASE_PORT/v1/orders/7"
+}
 rps() { awk '/^finished in/ {for (i = 1; i <= NF; i++) if ($i == "req/s,") print $(i - 1)}'; }
 mean_us() { awk '/^time for request:/ {v = $6; if (v ~ /us$/) n = v + 0; else if (v ~ /ms$/) n = (v + 0) * 1000; else n = (v + 0) * 1e6; print n}'; }
 ok() { awk '/^requests:/ {print $8, "succeeded,", $10, "failed"}'; }
@@ -86,13 +108,24 @@ for r in $(seq 1 "$ROUNDS"); do
   dl=$(direct -c 1 -m 1 -n 2000); nl=$(peer -c 1 -m 1 -n 2000); vl=$(via -c 1 -m 1 -n 2000)
   echo "round $r: direct $(rps <<<"$d") req/s ($(ok <<<"$d")), nginx grpc_pass $(rps <<<"$n") req/s ($(ok <<<"$n")), switchyard $(rps <<<"$v") req/s ($(ok <<<"$v"))"
   echo "         low load mean: direct $(mean_us <<<"$dl") us, nginx $(mean_us <<<"$nl") us, switchyard $(mean_us <<<"$vl") us"
-  echo "$(rps <<<"$d") $(rps <<<"$v") $(mean_us <<<"$dl") $(mean_us <<<"$vl") $(rps <<<"$n") $(mean_us <<<"$nl")" >> "$WORK/results"
+  b=0; bl=0
+  if [ -n "$BASE_BIN" ]; then
+    bo=$(via_base -c 16 -m 4 -t 1 -D "$DURATION"); bol=$(via_base -c 1 -m 1 -n 2000)
+    b=$(rps <<<"$bo"); bl=$(mean_us <<<"$bol")
+    echo "         baseline $BASELINE_REV: $b req/s ($(ok <<<"$bo")), low load mean $bl us"
+  fi
+  echo "$(rps <<<"$d") $(rps <<<"$v") $(mean_us <<<"$dl") $(mean_us <<<"$vl") $(rps <<<"$n") $(mean_us <<<"$nl") $b $bl" >> "$WORK/results"
 done
 col() { awk -v c="$1" '{print $c}' "$WORK/results" | median; }
-D=$(col 1); V=$(col 2); DL=$(col 3); VL=$(col 4); N=$(col 5); NL=$(col 6)
+D=$(col 1); V=$(col 2); DL=$(col 3); VL=$(col 4); N=$(col 5); NL=$(col 6); B=$(col 7); BL=$(col 8)
 awk -v d="$D" -v v="$V" -v dl="$DL" -v vl="$VL" -v n="$N" -v nl="$NL" 'BEGIN {
   printf "medians: direct %.0f req/s, nginx grpc_pass %.0f req/s, switchyard %.0f req/s\n", d, n, v
   printf "         low-load mean latency direct %.0f us, nginx %.0f us, switchyard %.0f us\n", dl, nl, vl
   printf "ratios: switchyard/direct req/s = %.2f (target >= 0.80); added latency at low load = %.0f us (target < 100 us)\n", v / d, vl - dl
   printf "        nginx grpc_pass/direct req/s = %.2f, added %.0f us (a pass-through proxy, no transcoding); switchyard/nginx req/s = %.2f\n", n / d, nl - dl, v / n
 }'
+if [ -n "$BASE_BIN" ]; then
+  awk -v v="$V" -v vl="$VL" -v b="$B" -v bl="$BL" -v rev="$BASELINE_REV" 'BEGIN {
+    printf "this build/%s: req/s %.2f, low-load mean latency %.2f (medians %.0f/%.0f req/s, %.0f/%.0f us)\n", rev, v / b, vl / bl, v, b, vl, bl
+  }'
+fi

@@ -31,18 +31,8 @@ need nginx nginx
 
 BASE_BIN=""
 if [ -n "${BASELINE_REV:-}" ]; then
-  # The earlier build first, from a worktree of that commit, kept beside the current one.
-  # Kept by commit under the build cache, so a second run does not build it again.
-  REV=$(git rev-parse --short "$BASELINE_REV")
-  BASE_BIN="$CARGO_TARGET_DIR/baseline/$REV/switchyard"
-  if [ ! -x "$BASE_BIN" ]; then
-    BASE_DIR=$(mktemp -d)
-    git worktree add --detach -f "$BASE_DIR/src" "$REV" >/dev/null
-    (cd "$BASE_DIR/src" && cargo build --release --locked --bin switchyard >/dev/null)
-    mkdir -p "$(dirname "$BASE_BIN")"
-    cp "$CARGO_TARGET_DIR/release/switchyard" "$BASE_BIN"
-    git worktree remove --force "$BASE_DIR/src"
-  fi
+  # The earlier build first, kept beside the current one.
+  BASE_BIN=$(baseline_bin "$BASELINE_REV")
 fi
 cargo build --release --locked --bin switchyard --example hyper_proxy >/dev/null
 SWITCHYARD="$CARGO_TARGET_DIR/release/switchyard"
@@ -53,7 +43,7 @@ cleanup() {
     [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
   done
   for p in ${SY_PID:-} ${BASE_PID:-} ${HY_PID:-} ${HYPC_PID:-}; do kill "$p" 2>/dev/null || true; done
-  rm -rf "$WORK" ${BASE_DIR:-}
+  rm -rf "$WORK"
 }
 trap cleanup EXIT
 

@@ -304,10 +304,45 @@ fn cases() -> Vec<Case> {
         .with_body(r#""many""#),
         ok("7 bodies", get.clone(), "/b/reply/1?text=hi", json!("hi")),
         ok("7 bodies", get.clone(), "/b/reply/1", json!("")),
+        // Options at their defaults: `+` is a plus (as in Envoy), unknown query parameters and
+        // body fields are refused, enum names are written as declared.
+        ok(
+            "options",
+            get.clone(),
+            "/q/1?text=a+b%20c",
+            json!({ "id": "1", "text": "a+b c" }),
+        ),
+        refused(
+            "options",
+            get.clone(),
+            "/q/1?nope=1",
+            400,
+            "\"field\":\"nope\"",
+        ),
+        refused(
+            "options",
+            get.clone(),
+            "/q/1?kind=mail",
+            400,
+            "\"field\":\"kind\"",
+        ),
+        refused(
+            "options",
+            post.clone(),
+            "/b/all/1",
+            400,
+            "\"field\":\"bogus\"",
+        )
+        .with_body(r#"{ "text": "x", "bogus": 1 }"#),
     ]
 }
 
 async fn gateway(server: &EchoServer) -> Gateway {
+    gateway_with(server, "", "[]").await
+}
+
+/// The conformance backend with `transcoding` settings and explicit routes.
+async fn gateway_with(server: &EchoServer, transcoding: &str, routes: &str) -> Gateway {
     Gateway::start(&format!(
         r#"
 backends:
@@ -317,7 +352,8 @@ backends:
     protos: ["{}"]
     import_paths: ["{}"]
     annotated_routes: true
-routes: []
+    {transcoding}
+routes: {routes}
 "#,
         server.url(),
         fixtures().join("conformance.proto").display(),
@@ -326,15 +362,65 @@ routes: []
     .await
 }
 
-#[tokio::test]
-async fn transcoding_conforms_case_by_case() {
+async fn echo_server() -> EchoServer {
     let spec: switchyard::config::GrpcBackendSpec = serde_json::from_value(serde_json::json!({
         "endpoints": ["http://127.0.0.1:1"],
         "protos": ["conformance.proto"],
     }))
     .unwrap();
-    let pool = switchyard::backends::grpc::load_descriptors(&spec, &fixtures()).unwrap();
-    let server = EchoServer::start(pool).await;
+    EchoServer::start(switchyard::backends::grpc::load_descriptors(&spec, &fixtures()).unwrap())
+        .await
+}
+
+#[tokio::test]
+async fn transcoding_options_per_backend_and_per_route() {
+    let server = echo_server().await;
+    let gw = gateway_with(
+        &server,
+        "transcoding: { enums_as_numbers: true, case_insensitive_enums: true, ignore_unknown_query_parameters: true, allow_unknown_body_fields: true, query_unescape_plus: true }",
+        r#"
+  - id: opt
+    match: { method: GET, path: "/opt/{id}" }
+    backend: conf
+    grpc: { method: conf.v1.Conformance/Query, transcoding: { enums_as_numbers: false, emit_defaults: true, proto_names: true } }
+"#,
+    )
+    .await;
+    // The backend's settings, on its annotated routes.
+    let (s, _, b) = get(&gw.url("/q/1?kind=mail&nope=1&text=a+b")).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(
+        json(&b),
+        serde_json::json!({ "id": "1", "kind": 1, "text": "a b" })
+    );
+    let req = request(Method::POST, &gw.url("/b/all/1"))
+        .header("content-type", "application/json")
+        .body(body(
+            r#"{ "text": "x", "bogus": 1, "kind": "note", "nums": [1] }"#,
+        ))
+        .unwrap();
+    let (s, _, b) = send(req).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(
+        json(&b),
+        serde_json::json!({ "id": "1", "text": "x", "kind": 2, "nums": [1] })
+    );
+    // A route's own settings over the backend's.
+    let (s, _, b) = get(&gw.url("/opt/1?kind=Note")).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let v = json(&b);
+    assert_eq!(v["kind"], "NOTE", "{v}");
+    assert_eq!(
+        v["display_name"], "",
+        "defaults are written, with proto names: {v}"
+    );
+    assert_eq!(v["flag"], false, "{v}");
+    assert!(v.get("displayName").is_none(), "{v}");
+}
+
+#[tokio::test]
+async fn transcoding_conforms_case_by_case() {
+    let server = echo_server().await;
     let gw = gateway(&server).await;
     let mut failures = Vec::new();
     let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
@@ -374,13 +460,7 @@ async fn transcoding_conforms_case_by_case() {
 
 #[tokio::test]
 async fn routes_show_templates_as_written() {
-    let spec: switchyard::config::GrpcBackendSpec = serde_json::from_value(serde_json::json!({
-        "endpoints": ["http://127.0.0.1:1"],
-        "protos": ["conformance.proto"],
-    }))
-    .unwrap();
-    let pool = switchyard::backends::grpc::load_descriptors(&spec, &fixtures()).unwrap();
-    let server = EchoServer::start(pool).await;
+    let server = echo_server().await;
     let gw = gateway(&server).await;
     let (s, routes) = gw.admin_json("/routes").await;
     assert_eq!(s, 200);

@@ -1353,7 +1353,7 @@ fn envelope(
     let pairs = parts
         .uri
         .query()
-        .map(crate::backends::grpc::transcode::query_pairs)
+        .map(|q| crate::backends::grpc::transcode::query_pairs(q, true))
         .unwrap_or_default();
     for (k, v) in pairs {
         query.entry(k).or_insert_with(|| v.into());

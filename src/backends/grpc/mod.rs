@@ -165,6 +165,8 @@ pub struct GrpcBackend {
     name: String,
     annotated_routes: bool,
     native_routes: bool,
+    /// How its routes read and write JSON, unless a route says otherwise.
+    pub transcoding: crate::config::TranscodingSpec,
     /// Reloaded on every config reload, so edited protos take effect while connections stay.
     pool: arc_swap::ArcSwap<DescriptorPool>,
     /// Transcoded and passed-through calls.
@@ -214,6 +216,7 @@ impl GrpcBackend {
             name: name.to_string(),
             annotated_routes: spec.annotated_routes,
             native_routes: spec.native_routes,
+            transcoding: spec.transcoding,
             pool: arc_swap::ArcSwap::from_pointee(pool),
             transport,
             reachable,
@@ -434,8 +437,8 @@ pub struct GrpcRouteService {
     path: PathAndQuery,
     body: BodyRule,
     response_body: Option<FieldDescriptor>,
-    emit_defaults: bool,
-    proto_names: bool,
+    /// How JSON is read and written.
+    opts: transcode::Options,
     /// How path variables become fields: by their rule (annotated routes, whose variables
     /// the router binds to fields, decoded), or by name (a route's own `{id}` and
     /// `{*rest}`, the catch-alls listed here keeping `%2F`).
@@ -538,6 +541,15 @@ impl GrpcRouteService {
                     .unwrap_or_default(),
             },
         };
+        let opts = transcode::Options::from_spec(
+            crate::config::TranscodingSpec {
+                emit_defaults: spec.emit_defaults,
+                proto_names: spec.proto_names,
+                ..Default::default()
+            }
+            .over(spec.transcoding)
+            .over(backend.transcoding),
+        );
         Ok(GrpcRouteService {
             passthrough: passthrough::Passthrough::new(
                 &backend.name,
@@ -552,8 +564,7 @@ impl GrpcRouteService {
             path,
             body,
             response_body,
-            emit_defaults: spec.emit_defaults,
-            proto_names: spec.proto_names,
+            opts,
             path_vars,
             metadata_headers: Arc::new(
                 spec.metadata_headers
@@ -589,7 +600,7 @@ impl GrpcRouteService {
             .unwrap_or("");
         let mut msg = self.body_message(body, Some(content_type))?;
         let (pairs, query) = self.param_pairs(req_parts)?;
-        transcode::set_params(&mut msg, &pairs, query).map_err(Self::bad_field)?;
+        transcode::set_params(&mut msg, &pairs, query, &self.opts).map_err(Self::bad_field)?;
         Ok(msg)
     }
 
@@ -603,8 +614,8 @@ impl GrpcRouteService {
     ) -> Result<DynamicMessage, BoxError> {
         let input = self.method.input();
         let parse = |desc, body| match content_type {
-            Some(ct) => transcode::message_from_body(desc, body, ct),
-            None => transcode::message_from_json(desc, body),
+            Some(ct) => transcode::message_from_body(desc, body, ct, &self.opts),
+            None => transcode::message_from_json(desc, body, &self.opts),
         };
         Ok(match &self.body {
             BodyRule::Whole => parse(input, body).map_err(Self::bad_field)?,
@@ -617,7 +628,8 @@ impl GrpcRouteService {
             BodyRule::Field(f) => {
                 // A scalar, repeated or map field: the body is its JSON value.
                 let (Kind::Message(m), false) = (f.kind(), f.is_list() || f.is_map()) else {
-                    return transcode::field_from_json(input, f, body).map_err(Self::bad_field);
+                    return transcode::field_from_json(input, f, body, &self.opts)
+                        .map_err(Self::bad_field);
                 };
                 let inner = parse(m, body)
                     .map_err(|mut e| {
@@ -647,7 +659,7 @@ impl GrpcRouteService {
         if !matches!(self.body, BodyRule::Whole)
             && let Some(q) = req_parts.uri.query()
         {
-            out.extend(transcode::query_pairs(q));
+            out.extend(transcode::query_pairs(q, self.opts.query_unescape_plus));
         }
         let query = out.len();
         if let Some(ctx) = req_parts.extensions.get::<RequestContext>() {
@@ -729,13 +741,7 @@ impl GrpcRouteService {
                             );
                         }
                     };
-                    let mut r = stream::response(
-                        messages,
-                        first,
-                        format,
-                        self.emit_defaults,
-                        self.proto_names,
-                    );
+                    let mut r = stream::response(messages, first, format, self.opts);
                     metadata_to_headers(&metadata, r.headers_mut());
                     Ok(r)
                 }
@@ -759,7 +765,7 @@ impl GrpcRouteService {
         let this = self.clone();
         let parse: ndjson::LineParser = Box::new(move |line| {
             let mut msg = this.body_message(line, None)?;
-            transcode::set_params(&mut msg, &params, query).map_err(Self::bad_field)?;
+            transcode::set_params(&mut msg, &params, query, &this.opts).map_err(Self::bad_field)?;
             Ok(msg)
         });
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
@@ -788,7 +794,7 @@ impl GrpcRouteService {
                 },
                 // A scalar, repeated or map field: the answer is its JSON value.
                 _ => {
-                    let json = transcode::field_to_json(&reply, f, self.proto_names)
+                    let json = transcode::field_to_json(&reply, f, &self.opts)
                         .map_err(|_| Problem::internal("the reply could not be written as JSON"))?;
                     return Ok(json_response(json, &metadata));
                 }
@@ -798,7 +804,7 @@ impl GrpcRouteService {
         if out.descriptor().full_name() == "google.api.HttpBody" {
             return Ok(http_body_response(&out, &metadata));
         }
-        let json = transcode::message_to_json(&out, self.emit_defaults, self.proto_names)
+        let json = transcode::message_to_json(&out, &self.opts)
             .map_err(|_| Problem::internal("the reply could not be written as JSON"))?;
         Ok(json_response(json, &metadata))
     }

@@ -46,6 +46,10 @@ pub struct GrpcBackendSpec {
     /// JSON requests to those paths are transcoded with the whole body as the request message.
     #[serde(default)]
     pub native_routes: bool,
+    /// How this backend's routes read and write JSON; a route's `grpc.transcoding` overrides
+    /// each setting it gives.
+    #[serde(default)]
+    pub transcoding: TranscodingSpec,
     #[serde(default)]
     pub breaker: BreakerSpec,
     #[serde(default)]
@@ -71,12 +75,17 @@ pub struct GrpcRouteSpec {
     /// Answer with this response field instead of the whole message.
     #[serde(default)]
     pub response_body: Option<String>,
-    /// Include fields that hold their default value in JSON answers.
+    /// Include fields that hold their default value in JSON answers (the same as
+    /// `transcoding.emit_defaults`).
     #[serde(default)]
-    pub emit_defaults: bool,
-    /// Use the proto field names (`order_id`) instead of lowerCamelCase (`orderId`) in answers.
+    pub emit_defaults: Option<bool>,
+    /// Use the proto field names (`order_id`) instead of lowerCamelCase (`orderId`) in answers
+    /// (the same as `transcoding.proto_names`).
     #[serde(default)]
-    pub proto_names: bool,
+    pub proto_names: Option<bool>,
+    /// How this route reads and writes JSON, over the backend's `transcoding`.
+    #[serde(default)]
+    pub transcoding: TranscodingSpec,
     /// Request headers forwarded as gRPC metadata (besides `x-request-id` and `traceparent`,
     /// which always are).
     #[serde(default)]
@@ -93,10 +102,65 @@ pub struct GrpcRouteSpec {
 pub struct WsGrpcSpec {
     /// `package.Service/Method`: unary, server-, client- or bidirectional-streaming.
     pub method: String,
-    /// Write fields that hold their default value in response frames.
+    /// Write fields that hold their default value in response frames (the backend's
+    /// `transcoding.emit_defaults` when absent).
     #[serde(default)]
-    pub emit_defaults: bool,
-    /// Name fields as in the .proto file instead of lowerCamelCase in response frames.
+    pub emit_defaults: Option<bool>,
+    /// Name fields as in the .proto file instead of lowerCamelCase in response frames (the
+    /// backend's `transcoding.proto_names` when absent).
     #[serde(default)]
-    pub proto_names: bool,
+    pub proto_names: Option<bool>,
+}
+
+/// How HTTP/JSON is turned into request messages and replies into JSON: the options of Envoy's
+/// gRPC-JSON transcoder, each off unless set. At a route, each setting given overrides the
+/// backend's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TranscodingSpec {
+    /// Write fields that hold their default value (Envoy: `print_options.always_print_primitive_fields`).
+    #[serde(default)]
+    pub emit_defaults: Option<bool>,
+    /// Write enums as numbers instead of names (Envoy: `print_options.always_print_enums_as_ints`).
+    #[serde(default)]
+    pub enums_as_numbers: Option<bool>,
+    /// Write the proto field names (`order_id`) instead of lowerCamelCase (Envoy:
+    /// `print_options.preserve_proto_field_names`).
+    #[serde(default)]
+    pub proto_names: Option<bool>,
+    /// Accept enum names in any case (`mail` for `MAIL`), in the body, the path and the query
+    /// (Envoy: `case_insensitive_enum_parsing`).
+    #[serde(default)]
+    pub case_insensitive_enums: Option<bool>,
+    /// Ignore query parameters that name no field, instead of a 400 (Envoy:
+    /// `ignore_unknown_query_parameters`).
+    #[serde(default)]
+    pub ignore_unknown_query_parameters: Option<bool>,
+    /// Ignore body fields the message does not have, instead of a 400 (proto3 JSON parsers'
+    /// `ignore_unknown_fields`).
+    #[serde(default)]
+    pub allow_unknown_body_fields: Option<bool>,
+    /// Read `+` in query values as a space, as HTML forms write it (Envoy:
+    /// `query_param_unescape_plus`); otherwise `+` is a plus and a space is `%20`.
+    #[serde(default)]
+    pub query_unescape_plus: Option<bool>,
+}
+
+impl TranscodingSpec {
+    /// These settings, each taken from `base` where not given here.
+    pub fn over(self, base: TranscodingSpec) -> TranscodingSpec {
+        TranscodingSpec {
+            emit_defaults: self.emit_defaults.or(base.emit_defaults),
+            enums_as_numbers: self.enums_as_numbers.or(base.enums_as_numbers),
+            proto_names: self.proto_names.or(base.proto_names),
+            case_insensitive_enums: self.case_insensitive_enums.or(base.case_insensitive_enums),
+            ignore_unknown_query_parameters: self
+                .ignore_unknown_query_parameters
+                .or(base.ignore_unknown_query_parameters),
+            allow_unknown_body_fields: self
+                .allow_unknown_body_fields
+                .or(base.allow_unknown_body_fields),
+            query_unescape_plus: self.query_unescape_plus.or(base.query_unescape_plus),
+        }
+    }
 }

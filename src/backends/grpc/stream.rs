@@ -52,8 +52,7 @@ struct State {
     format: Format,
     started: bool,
     finished: bool,
-    emit_defaults: bool,
-    proto_names: bool,
+    opts: transcode::Options,
 }
 
 impl State {
@@ -99,8 +98,7 @@ pub fn response(
     messages: Streaming<DynamicMessage>,
     first: Option<DynamicMessage>,
     format: Format,
-    emit_defaults: bool,
-    proto_names: bool,
+    opts: transcode::Options,
 ) -> Response {
     let state = State {
         finished: false,
@@ -108,8 +106,7 @@ pub fn response(
         first,
         format,
         started: false,
-        emit_defaults,
-        proto_names,
+        opts,
     };
     let frames = futures_util::stream::unfold(state, |mut st| async move {
         if st.finished {
@@ -120,17 +117,15 @@ pub fn response(
             None => st.messages.message().await,
         };
         let bytes = match next {
-            Ok(Some(msg)) => {
-                match transcode::message_to_json(&msg, st.emit_defaults, st.proto_names) {
-                    Ok(json) => st.item(&json, None),
-                    Err(_) => {
-                        let err = serde_json::json!({ "error": { "message": "a message could not be written as JSON" } });
-                        let mut b = st.item(err.to_string().as_bytes(), Some("error")).to_vec();
-                        b.extend_from_slice(&st.end().unwrap_or_default());
-                        Bytes::from(b)
-                    }
+            Ok(Some(msg)) => match transcode::message_to_json(&msg, &st.opts) {
+                Ok(json) => st.item(&json, None),
+                Err(_) => {
+                    let err = serde_json::json!({ "error": { "message": "a message could not be written as JSON" } });
+                    let mut b = st.item(err.to_string().as_bytes(), Some("error")).to_vec();
+                    b.extend_from_slice(&st.end().unwrap_or_default());
+                    Bytes::from(b)
                 }
-            }
+            },
             Ok(None) => st.end()?,
             Err(s) => {
                 let err = serde_json::json!({ "error": {

@@ -12,6 +12,8 @@ use prost_reflect::{
 pub struct FieldError {
     pub field: String,
     pub message: String,
+    /// The field does not exist (a query parameter that may be ignored).
+    pub unknown: bool,
 }
 
 impl FieldError {
@@ -19,7 +21,42 @@ impl FieldError {
         FieldError {
             field: field.into(),
             message: message.into(),
+            unknown: false,
         }
+    }
+}
+
+/// How JSON is read and written: a backend's `transcoding` with its route's over it, each
+/// setting resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Options {
+    pub emit_defaults: bool,
+    pub enums_as_numbers: bool,
+    pub proto_names: bool,
+    pub case_insensitive_enums: bool,
+    pub ignore_unknown_query_parameters: bool,
+    pub allow_unknown_body_fields: bool,
+    pub query_unescape_plus: bool,
+}
+
+impl Options {
+    pub fn from_spec(t: crate::config::TranscodingSpec) -> Options {
+        Options {
+            emit_defaults: t.emit_defaults.unwrap_or(false),
+            enums_as_numbers: t.enums_as_numbers.unwrap_or(false),
+            proto_names: t.proto_names.unwrap_or(false),
+            case_insensitive_enums: t.case_insensitive_enums.unwrap_or(false),
+            ignore_unknown_query_parameters: t.ignore_unknown_query_parameters.unwrap_or(false),
+            allow_unknown_body_fields: t.allow_unknown_body_fields.unwrap_or(false),
+            query_unescape_plus: t.query_unescape_plus.unwrap_or(false),
+        }
+    }
+
+    fn print(&self) -> SerializeOptions {
+        SerializeOptions::new()
+            .skip_default_fields(!self.emit_defaults)
+            .use_proto_field_name(self.proto_names)
+            .use_enum_numbers(self.enums_as_numbers)
     }
 }
 
@@ -35,9 +72,10 @@ pub fn message_from_body(
     desc: MessageDescriptor,
     body: &[u8],
     content_type: &str,
+    opts: &Options,
 ) -> Result<DynamicMessage, FieldError> {
     if desc.full_name() != "google.api.HttpBody" {
-        return message_from_json(desc, body);
+        return message_from_json(desc, body, opts);
     }
     Ok(http_body(desc, body, content_type))
 }
@@ -56,17 +94,29 @@ fn http_body(desc: MessageDescriptor, body: &[u8], content_type: &str) -> Dynami
     msg
 }
 
-/// Parses JSON into a message of `desc`, refusing unknown fields.
+/// Parses JSON into a message of `desc`, refusing unknown fields unless `opts` allows them.
 pub fn message_from_json(
     desc: MessageDescriptor,
     json: &[u8],
+    opts: &Options,
 ) -> Result<DynamicMessage, FieldError> {
     if json.iter().all(u8::is_ascii_whitespace) {
         return Ok(DynamicMessage::new(desc));
     }
+    // Enum names in any case: each is rewritten as the enum spells it, then parsed as usual.
+    let fixed;
+    let json = if opts.case_insensitive_enums {
+        let mut value: serde_json::Value = serde_json::from_slice(json)
+            .map_err(|e| FieldError::new("", format!("the body is not JSON: {e}")))?;
+        spell_enums(&desc, &mut value);
+        fixed = serde_json::to_vec(&value).map_err(|e| FieldError::new("", e.to_string()))?;
+        fixed.as_slice()
+    } else {
+        json
+    };
     let mut de = serde_json::Deserializer::from_slice(json);
     let mut track = serde_path_to_error::Track::new();
-    let options = DeserializeOptions::new().deny_unknown_fields(true);
+    let options = DeserializeOptions::new().deny_unknown_fields(!opts.allow_unknown_body_fields);
     let msg = DynamicMessage::deserialize_with_options(
         desc,
         serde_path_to_error::Deserializer::new(&mut de, &mut track),
@@ -103,6 +153,7 @@ pub fn field_from_json(
     desc: MessageDescriptor,
     field: &FieldDescriptor,
     json: &[u8],
+    opts: &Options,
 ) -> Result<DynamicMessage, FieldError> {
     if json.iter().all(u8::is_ascii_whitespace) {
         return Ok(DynamicMessage::new(desc));
@@ -114,7 +165,7 @@ pub fn field_from_json(
         serde_json::Value::Object([(field.name().to_string(), value)].into_iter().collect());
     let bytes =
         serde_json::to_vec(&wrapped).map_err(|e| FieldError::new(field.name(), e.to_string()))?;
-    message_from_json(desc, &bytes)
+    message_from_json(desc, &bytes, opts)
 }
 
 /// The JSON value of one field of `msg` (`response_body` naming a scalar, repeated or map
@@ -122,15 +173,13 @@ pub fn field_from_json(
 pub fn field_to_json(
     msg: &DynamicMessage,
     field: &FieldDescriptor,
-    proto_names: bool,
+    opts: &Options,
 ) -> Result<Vec<u8>, String> {
-    let options = SerializeOptions::new()
-        .skip_default_fields(false)
-        .use_proto_field_name(proto_names);
+    let options = opts.print().skip_default_fields(false);
     let whole = msg
         .serialize_with_options(serde_json::value::Serializer, &options)
         .map_err(|e| e.to_string())?;
-    let key = if proto_names {
+    let key = if opts.proto_names {
         field.name()
     } else {
         field.json_name()
@@ -138,7 +187,49 @@ pub fn field_to_json(
     serde_json::to_vec(&whole[key]).map_err(|e| e.to_string())
 }
 
-fn scalar(field: &FieldDescriptor, path: &str, raw: &str) -> Result<Value, FieldError> {
+/// Rewrites, in a JSON body for `desc`, each enum name written in another case as the enum
+/// spells it (`mail` → `MAIL`); what is no enum name is left for the parser to refuse.
+fn spell_enums(desc: &MessageDescriptor, value: &mut serde_json::Value) {
+    let serde_json::Value::Object(map) = value else {
+        return;
+    };
+    for (key, v) in map.iter_mut() {
+        let Some(field) = field_by_name(desc, key) else {
+            continue;
+        };
+        let kind = if field.is_map() {
+            match field.kind() {
+                Kind::Message(entry) => entry.map_entry_value_field().kind(),
+                k => k,
+            }
+        } else {
+            field.kind()
+        };
+        let fix = |v: &mut serde_json::Value| match (&kind, v) {
+            (Kind::Enum(e), serde_json::Value::String(s)) => {
+                if let Some(found) = e.values().find(|x| x.name().eq_ignore_ascii_case(s)) {
+                    *s = found.name().to_string();
+                }
+            }
+            (Kind::Message(m), v) => spell_enums(m, v),
+            _ => {}
+        };
+        match v {
+            serde_json::Value::Array(items) if field.is_list() => items.iter_mut().for_each(fix),
+            serde_json::Value::Object(entries) if field.is_map() => {
+                entries.values_mut().for_each(fix)
+            }
+            v => fix(v),
+        }
+    }
+}
+
+fn scalar(
+    field: &FieldDescriptor,
+    path: &str,
+    raw: &str,
+    opts: &Options,
+) -> Result<Value, FieldError> {
     let bad = |what: &str| FieldError::new(path, format!("`{raw}` is not {what}"));
     Ok(match field.kind() {
         Kind::String => Value::String(raw.to_string()),
@@ -161,7 +252,11 @@ fn scalar(field: &FieldDescriptor, path: &str, raw: &str) -> Result<Value, Field
         }
         Kind::Float => Value::F32(raw.parse().map_err(|_| bad("a number"))?),
         Kind::Double => Value::F64(raw.parse().map_err(|_| bad("a number"))?),
-        Kind::Enum(e) => match e.get_value_by_name(raw) {
+        Kind::Enum(e) => match e.get_value_by_name(raw).or_else(|| {
+            opts.case_insensitive_enums
+                .then(|| e.values().find(|v| v.name().eq_ignore_ascii_case(raw)))
+                .flatten()
+        }) {
             Some(v) => Value::EnumNumber(v.number()),
             None => match raw.parse::<i32>() {
                 Ok(n) if e.get_value(n).is_some() => Value::EnumNumber(n),
@@ -246,11 +341,16 @@ pub fn set_params(
     msg: &mut DynamicMessage,
     pairs: &[(String, String)],
     query: usize,
+    opts: &Options,
 ) -> Result<(), FieldError> {
     // What the query set: each field once (by its proto path), each oneof once.
     let mut given: std::collections::HashMap<String, &str> = Default::default();
     for (n, (name, raw)) in pairs.iter().enumerate() {
-        let (canonical, field) = set_from_str(msg, name, raw)?;
+        let (canonical, field) = match set_from_str(msg, name, raw, opts) {
+            Ok(set) => set,
+            Err(e) if e.unknown && n < query && opts.ignore_unknown_query_parameters => continue,
+            Err(e) => return Err(e),
+        };
         if n >= query || field.is_list() {
             continue;
         }
@@ -286,6 +386,7 @@ fn set_from_str(
     msg: &mut DynamicMessage,
     path: &str,
     raw: &str,
+    opts: &Options,
 ) -> Result<(String, FieldDescriptor), FieldError> {
     let mut cur = msg;
     let parts: Vec<&str> = path.split('.').collect();
@@ -293,8 +394,9 @@ fn set_from_str(
     for (i, name) in parts.iter().enumerate() {
         let here = parts[..=i].join(".");
         let desc = cur.descriptor();
-        let field = field_by_name(&desc, name).ok_or_else(|| {
-            FieldError::new(&here, format!("{} has no field `{name}`", desc.full_name()))
+        let field = field_by_name(&desc, name).ok_or_else(|| FieldError {
+            unknown: true,
+            ..FieldError::new(&here, format!("{} has no field `{name}`", desc.full_name()))
         })?;
         canonical.push(field.name().to_string());
         if i + 1 < parts.len() {
@@ -316,7 +418,7 @@ fn set_from_str(
                 "a map field can only be set from the JSON body",
             ));
         }
-        let value = scalar(&field, &here, raw)?;
+        let value = scalar(&field, &here, raw, opts)?;
         if field.is_list() {
             if let Value::List(items) = cur.get_field_mut(&field) {
                 items.push(value);
@@ -329,15 +431,20 @@ fn set_from_str(
     Err(FieldError::new(path, "names no field"))
 }
 
-/// Decodes `application/x-www-form-urlencoded`-style query pairs (`+` is a space).
-pub fn query_pairs(query: &str) -> Vec<(String, String)> {
+/// Decodes query pairs; `+` is a space when `plus_is_space` (HTML forms), a plus otherwise.
+pub fn query_pairs(query: &str, plus_is_space: bool) -> Vec<(String, String)> {
     query
         .split('&')
         .filter(|p| !p.is_empty())
         .map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
             let dec = |s: &str| {
-                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                let s = if plus_is_space {
+                    std::borrow::Cow::Owned(s.replace('+', " "))
+                } else {
+                    std::borrow::Cow::Borrowed(s)
+                };
+                percent_encoding::percent_decode_str(&s)
                     .decode_utf8_lossy()
                     .into_owned()
             };
@@ -347,14 +454,8 @@ pub fn query_pairs(query: &str) -> Vec<(String, String)> {
 }
 
 /// Serialises a reply as proto3 JSON.
-pub fn message_to_json(
-    msg: &DynamicMessage,
-    emit_defaults: bool,
-    proto_names: bool,
-) -> Result<Vec<u8>, String> {
-    let options = SerializeOptions::new()
-        .skip_default_fields(!emit_defaults)
-        .use_proto_field_name(proto_names);
+pub fn message_to_json(msg: &DynamicMessage, opts: &Options) -> Result<Vec<u8>, String> {
+    let options = opts.print();
     let mut ser = serde_json::Serializer::new(Vec::with_capacity(128));
     msg.serialize_with_options(&mut ser, &options)
         .map_err(|e| e.to_string())?;

@@ -36,8 +36,7 @@ pub struct GrpcBridge {
     backend: Arc<GrpcBackend>,
     method: MethodDescriptor,
     path: PathAndQuery,
-    emit_defaults: bool,
-    proto_names: bool,
+    opts: transcode::Options,
 }
 
 impl GrpcBridge {
@@ -47,11 +46,17 @@ impl GrpcBridge {
             .parse()
             .map_err(|e| format!("method path: {e}"))?;
         Ok(GrpcBridge {
-            backend,
             method,
             path,
-            emit_defaults: spec.emit_defaults,
-            proto_names: spec.proto_names,
+            opts: transcode::Options::from_spec(
+                crate::config::TranscodingSpec {
+                    emit_defaults: spec.emit_defaults,
+                    proto_names: spec.proto_names,
+                    ..Default::default()
+                }
+                .over(backend.transcoding),
+            ),
+            backend,
         })
     }
 
@@ -80,8 +85,7 @@ impl GrpcBridge {
             method: self.method.clone(),
             path: self.path.clone(),
             metadata,
-            emit_defaults: self.emit_defaults,
-            proto_names: self.proto_names,
+            opts: self.opts,
         })))
     }
 }
@@ -115,8 +119,7 @@ pub struct GrpcSession {
     method: MethodDescriptor,
     path: PathAndQuery,
     metadata: tonic::metadata::MetadataMap,
-    emit_defaults: bool,
-    proto_names: bool,
+    opts: transcode::Options,
 }
 
 /// The final frame and the close for a call's status.
@@ -154,8 +157,7 @@ impl GrpcSession {
             method,
             path,
             metadata,
-            emit_defaults,
-            proto_names,
+            opts,
         } = self;
         let single = !method.is_client_streaming();
         let (tx, rx) = mpsc::channel::<Req>(link.settings.inflight);
@@ -177,7 +179,7 @@ impl GrpcSession {
                 },
                 m = async { replies.as_mut()?.next().await }, if replies.is_some() => match m {
                     Some(Ok(msg)) => {
-                        let json = match transcode::message_to_json(&msg, emit_defaults, proto_names) {
+                        let json = match transcode::message_to_json(&msg, &opts) {
                             Ok(j) => j,
                             Err(e) => break finish(Code::Internal, &format!("the reply could not be written as JSON: {e}")),
                         };
@@ -231,7 +233,7 @@ impl GrpcSession {
                         }
                         continue;
                     };
-                    match transcode::message_from_json(method.input(), text.as_bytes()) {
+                    match transcode::message_from_json(method.input(), text.as_bytes(), &opts) {
                         Ok(msg) => {
                             // Room was checked before reading; the call may have ended meanwhile.
                             let _ = sender.send(Req::Message(msg)).await;
