@@ -10,7 +10,8 @@
 #   BASELINE_REV=<commit> bash bench/grpc.sh
 #
 # With BASELINE_REV, that commit's build runs beside this one (same config, its own port) and is
-# measured in the same rounds, right after it, and the ratio this/baseline is printed.
+# measured in the same rounds, the two taking turns going first, and the ratio this/baseline is
+# printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -104,13 +105,24 @@ echo "h2load, ${DURATION}s per target at load (-c 16 -m 4), 2000 requests at low
 : > "$WORK/results"
 for r in $(seq 1 "$ROUNDS"); do
   d=$(direct -c 16 -m 4 -t 1 -D "$DURATION"); n=$(peer -c 16 -m 4 -t 1 -D "$DURATION")
-  v=$(via -c 16 -m 4 -t 1 -D "$DURATION")
-  dl=$(direct -c 1 -m 1 -n 2000); nl=$(peer -c 1 -m 1 -n 2000); vl=$(via -c 1 -m 1 -n 2000)
+  # With a baseline, the two builds take turns going first, so neither always follows the other.
+  if [ -n "$BASE_BIN" ] && [ $((r % 2)) -eq 0 ]; then
+    bo=$(via_base -c 16 -m 4 -t 1 -D "$DURATION"); v=$(via -c 16 -m 4 -t 1 -D "$DURATION")
+  else
+    v=$(via -c 16 -m 4 -t 1 -D "$DURATION")
+    [ -n "$BASE_BIN" ] && bo=$(via_base -c 16 -m 4 -t 1 -D "$DURATION")
+  fi
+  dl=$(direct -c 1 -m 1 -n 2000); nl=$(peer -c 1 -m 1 -n 2000)
+  if [ -n "$BASE_BIN" ] && [ $((r % 2)) -eq 0 ]; then
+    bol=$(via_base -c 1 -m 1 -n 2000); vl=$(via -c 1 -m 1 -n 2000)
+  else
+    vl=$(via -c 1 -m 1 -n 2000)
+    [ -n "$BASE_BIN" ] && bol=$(via_base -c 1 -m 1 -n 2000)
+  fi
   echo "round $r: direct $(rps <<<"$d") req/s ($(ok <<<"$d")), nginx grpc_pass $(rps <<<"$n") req/s ($(ok <<<"$n")), switchyard $(rps <<<"$v") req/s ($(ok <<<"$v"))"
   echo "         low load mean: direct $(mean_us <<<"$dl") us, nginx $(mean_us <<<"$nl") us, switchyard $(mean_us <<<"$vl") us"
   b=0; bl=0
   if [ -n "$BASE_BIN" ]; then
-    bo=$(via_base -c 16 -m 4 -t 1 -D "$DURATION"); bol=$(via_base -c 1 -m 1 -n 2000)
     b=$(rps <<<"$bo"); bl=$(mean_us <<<"$bol")
     echo "         baseline $BASELINE_REV: $b req/s ($(ok <<<"$bo")), low load mean $bl us"
   fi

@@ -346,12 +346,14 @@ pub fn set_params(
     // What the query set: each field once (by its proto path), each oneof once.
     let mut given: std::collections::HashMap<String, &str> = Default::default();
     for (n, (name, raw)) in pairs.iter().enumerate() {
-        let (canonical, field) = match set_from_str(msg, name, raw, opts) {
-            Ok(set) => set,
-            Err(e) if e.unknown && n < query && opts.ignore_unknown_query_parameters => continue,
+        let mut canonical = String::new();
+        let from_query = n < query;
+        let field = match set_from_str(msg, name, raw, opts, from_query.then_some(&mut canonical)) {
+            Ok(f) => f,
+            Err(e) if e.unknown && from_query && opts.ignore_unknown_query_parameters => continue,
             Err(e) => return Err(e),
         };
-        if n >= query || field.is_list() {
+        if !from_query || field.is_list() {
             continue;
         }
         let parent = canonical.rsplit_once('.').map_or("", |(p, _)| p);
@@ -380,41 +382,54 @@ pub fn set_params(
 }
 
 /// Sets the (possibly nested, dotted) field `path` from a string, as path variables and query
-/// parameters do, and gives its path in proto names and its descriptor. Repeated fields
-/// collect every value given.
+/// parameters do, and gives its descriptor; with `canonical`, writes its path in proto names
+/// there. Repeated fields collect every value given.
 fn set_from_str(
     msg: &mut DynamicMessage,
     path: &str,
     raw: &str,
     opts: &Options,
-) -> Result<(String, FieldDescriptor), FieldError> {
+    mut canonical: Option<&mut String>,
+) -> Result<FieldDescriptor, FieldError> {
     let mut cur = msg;
     let parts: Vec<&str> = path.split('.').collect();
-    let mut canonical = Vec::with_capacity(parts.len());
     for (i, name) in parts.iter().enumerate() {
-        let here = parts[..=i].join(".");
+        // The path so far, for messages (the whole path, without a copy, when it is one name).
+        let here: std::borrow::Cow<'_, str> = if parts.len() == 1 {
+            path.into()
+        } else {
+            parts[..=i].join(".").into()
+        };
         let desc = cur.descriptor();
         let field = field_by_name(&desc, name).ok_or_else(|| FieldError {
             unknown: true,
-            ..FieldError::new(&here, format!("{} has no field `{name}`", desc.full_name()))
+            ..FieldError::new(
+                &*here,
+                format!("{} has no field `{name}`", desc.full_name()),
+            )
         })?;
-        canonical.push(field.name().to_string());
+        if let Some(c) = canonical.as_deref_mut() {
+            if i > 0 {
+                c.push('.');
+            }
+            c.push_str(field.name());
+        }
         if i + 1 < parts.len() {
             if !matches!(field.kind(), Kind::Message(_)) || field.is_list() || field.is_map() {
                 return Err(FieldError::new(
-                    &here,
+                    &*here,
                     "is not a message field, so it has no sub-fields",
                 ));
             }
             match cur.get_field_mut(&field) {
                 Value::Message(m) => cur = m,
-                _ => return Err(FieldError::new(&here, "is not a message field")),
+                _ => return Err(FieldError::new(&*here, "is not a message field")),
             }
             continue;
         }
         if field.is_map() {
             return Err(FieldError::new(
-                &here,
+                &*here,
                 "a map field can only be set from the JSON body",
             ));
         }
@@ -426,7 +441,7 @@ fn set_from_str(
         } else {
             cur.set_field(&field, value);
         }
-        return Ok((canonical.join("."), field));
+        return Ok(field);
     }
     Err(FieldError::new(path, "names no field"))
 }
