@@ -116,6 +116,26 @@ pub struct Running {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     grace: Duration,
+    /// The per-core workers, when serving per core; dropped last, ending their runtimes.
+    _workers: Option<server::percore::Workers>,
+}
+
+/// The public listener(s), bound before anything else starts.
+enum Front {
+    Shared(TcpListener),
+    PerCore(Vec<std::net::TcpListener>),
+}
+
+impl Front {
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Front::Shared(l) => l.local_addr(),
+            Front::PerCore(ls) => ls
+                .first()
+                .ok_or_else(|| std::io::Error::other("no listener"))?
+                .local_addr(),
+        }
+    }
 }
 
 fn resolve(base: &Path, p: &Path) -> PathBuf {
@@ -143,9 +163,24 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             .await
             .map_err(|source| StartError::Bind { addr, source })
     };
-    let listener = bind(server.listen).await?;
+    let front = match server.runtime {
+        crate::config::RuntimeMode::Shared => Front::Shared(bind(server.listen).await?),
+        crate::config::RuntimeMode::PerCore => {
+            let workers = server.workers.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            });
+            Front::PerCore(
+                server::percore::bind(server.listen, workers).map_err(|source| {
+                    StartError::Bind {
+                        addr: server.listen,
+                        source,
+                    }
+                })?,
+            )
+        }
+    };
     let admin_listener = bind(server.admin).await?;
-    let listen = listener.local_addr().map_err(|source| StartError::Bind {
+    let listen = front.local_addr().map_err(|source| StartError::Bind {
         addr: server.listen,
         source,
     })?;
@@ -232,13 +267,35 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             }
         });
     }
-    tokio::spawn(server::serve(
-        listener,
-        shared.clone(),
-        tls,
-        shutdown.clone(),
-        tracker.clone(),
-    ));
+    // Every listener of the process shares one budget of connections.
+    let slots = Arc::new(tokio::sync::Semaphore::new(server.limits.max_connections));
+    let workers = match front {
+        Front::Shared(listener) => {
+            tokio::spawn(server::serve(
+                listener,
+                shared.clone(),
+                tls,
+                shutdown.clone(),
+                tracker.clone(),
+                slots,
+            ));
+            None
+        }
+        Front::PerCore(listeners) => Some(
+            server::percore::start(
+                listeners,
+                shared.clone(),
+                tls,
+                shutdown.clone(),
+                &tracker,
+                slots,
+            )
+            .map_err(|source| StartError::Bind {
+                addr: listen,
+                source,
+            })?,
+        ),
+    };
     tokio::spawn(admin::serve(
         admin_listener,
         shared.clone(),
@@ -252,6 +309,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
         shutdown,
         tracker,
         grace: server.shutdown_grace.0,
+        _workers: workers,
     })
 }
 

@@ -65,6 +65,26 @@ pub struct ServerSpec {
     /// Serve HTTPS (HTTP/2 via ALPN, and HTTP/1.1). Certificate files are reloaded when they change.
     #[serde(default)]
     pub tls: Option<TlsSpec>,
+    /// How the public listener's requests are run: `shared` (one work-stealing runtime) or
+    /// `per_core` (one single-threaded runtime per worker, each with its own listening socket,
+    /// the kernel spreading connections over them). Read at start.
+    #[serde(default)]
+    pub runtime: RuntimeMode,
+    /// The workers of `runtime: per_core`; the number of cores when absent.
+    #[serde(default)]
+    pub workers: Option<usize>,
+}
+
+/// How requests are run ([`ServerSpec::runtime`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeMode {
+    /// One work-stealing runtime runs connections, backends and the admin API.
+    #[default]
+    Shared,
+    /// Each worker thread runs its own connections, accepted on its own `SO_REUSEPORT` socket;
+    /// backends, brokers and the admin API run on the shared runtime.
+    PerCore,
 }
 
 impl Default for ServerSpec {
@@ -77,6 +97,8 @@ impl Default for ServerSpec {
             encoded_slash: EncodedSlash::default(),
             limits: LimitsSpec::default(),
             tls: None,
+            runtime: RuntimeMode::default(),
+            workers: None,
         }
     }
 }

@@ -448,6 +448,18 @@ fn validate_server(cx: &mut Checks, s: &ServerSpec) {
             cx.err(&format!("server.limits.{what}"), None, "must be above zero");
         }
     }
+    match (s.workers, s.runtime) {
+        (Some(0), _) => cx.err("server.workers", None, "`workers` must be at least 1"),
+        (Some(n), _) if n > 1024 => {
+            cx.err("server.workers", None, "`workers` must be at most 1024")
+        }
+        (Some(_), crate::config::RuntimeMode::Shared) => cx.err(
+            "server.workers",
+            None,
+            "`workers` applies to `runtime: per_core`; set `runtime: per_core`, or remove `workers` (the shared runtime uses every core)",
+        ),
+        _ => {}
+    }
     if s.listen == s.admin && s.listen.port() != 0 {
         cx.err(
             "server.admin",

@@ -5,6 +5,7 @@
 pub mod body;
 pub mod dispatch;
 pub mod io;
+pub mod percore;
 pub mod sse;
 pub mod tls;
 
@@ -27,16 +28,16 @@ use dispatch::ConnInfo;
 use io::{Activity, ActivityIo};
 
 /// Accepts connections until `shutdown` is cancelled. Connections are tracked by `tracker` so
-/// the caller can wait for them to drain.
+/// the caller can wait for them to drain; each holds one of `slots` (`server.limits.
+/// max_connections`, shared by every listener of the process).
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    slots: Arc<Semaphore>,
 ) {
-    let max = shared.table.load().spec.server.limits.max_connections;
-    let slots = Arc::new(Semaphore::new(max));
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },

@@ -13,6 +13,7 @@ mod jobs;
 mod live;
 mod matching;
 mod mqtt;
+mod percore;
 mod reload;
 mod resilience;
 mod spool;

@@ -1,0 +1,106 @@
+//! The per-core front end (`server.runtime: per_core`): one OS thread per worker, each running a
+//! single-threaded Tokio runtime that accepts on its own `SO_REUSEPORT` socket (the kernel
+//! spreads connections over them) and serves its connections through [`super::serve`] itself,
+//! so a request's front-end work never leaves its thread. Backends, brokers, the reloader and
+//! the admin API stay on the shared runtime.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::Shared;
+
+/// Binds `workers` listening sockets to `addr` with `SO_REUSEPORT`. The address is first bound
+/// alone, without the option: a port another process holds (a second instance started by
+/// mistake, even one serving per core) is refused as with one listener, and port 0 is given
+/// its number.
+pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let probe = std::net::TcpListener::bind(addr)?;
+    let addr = probe.local_addr()?;
+    drop(probe);
+    (0..workers.max(1))
+        .map(|_| {
+            use socket2::{Domain, Protocol, Socket, Type};
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(1024)?;
+            Ok(socket.into())
+        })
+        .collect()
+}
+
+/// The running workers: their connections are tracked by the app's `tracker` through one
+/// task per worker, which ends when the worker's connections have drained.
+pub struct Workers {
+    /// Cancelled when the app is done draining: the workers' runtimes end then (WebSocket
+    /// sessions and jobs spawned on them ran until that moment).
+    finished: CancellationToken,
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.finished.cancel();
+    }
+}
+
+/// Starts one worker per listener. Called from the shared runtime.
+pub fn start(
+    listeners: Vec<std::net::TcpListener>,
+    shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+    tracker: &TaskTracker,
+    slots: Arc<Semaphore>,
+) -> std::io::Result<Workers> {
+    let finished = CancellationToken::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+        let (shared, tls, shutdown, slots, finished) = (
+            shared.clone(),
+            tls.clone(),
+            shutdown.clone(),
+            slots.clone(),
+            finished.clone(),
+        );
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name(format!("switchyard-w{i}"))
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let serving = async {
+                        match tokio::net::TcpListener::from_std(listener) {
+                            Ok(listener) => {
+                                let local = TaskTracker::new();
+                                super::serve(listener, shared, tls, shutdown, local.clone(), slots)
+                                    .await;
+                                local.close();
+                                local.wait().await;
+                            }
+                            Err(e) => {
+                                tracing::error!(worker = i, error = %e, "A worker cannot accept.")
+                            }
+                        }
+                    };
+                    // An app dropped without draining ends its workers too.
+                    tokio::select! {
+                        _ = serving => {}
+                        _ = finished.cancelled() => {}
+                    }
+                    let _ = drained_tx.send(());
+                    finished.cancelled().await;
+                });
+            })?;
+        tracker.spawn(async move {
+            let _ = drained_rx.await;
+        });
+    }
+    Ok(Workers { finished })
+}
