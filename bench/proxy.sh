@@ -42,7 +42,7 @@ cleanup() {
   for f in "$WORK/nginx.pid" "$WORK/upstream/nginx.pid"; do
     [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
   done
-  for p in ${SY_PID:-} ${BASE_PID:-} ${HY_PID:-} ${HYPC_PID:-}; do kill "$p" 2>/dev/null || true; done
+  for p in ${SY_PID:-} ${PC_PID:-} ${BASE_PID:-} ${HY_PID:-} ${HYPC_PID:-}; do kill "$p" 2>/dev/null || true; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -92,6 +92,12 @@ routes:
 YAML
 RUST_LOG="warn" "$SWITCHYARD" run --no-watch --config "$WORK/routes.yaml" >"$WORK/logs/switchyard.log" 2>&1 &
 SY_PID=$!
+# The same routes served per core (`server.runtime: per_core`, one worker per core).
+PC_PORT=$((SY_PORT + 20))
+sed -e "s/listen: \"127.0.0.1:$SY_PORT\", admin: \"127.0.0.1:$SY_ADMIN\"/listen: \"127.0.0.1:$PC_PORT\", admin: \"127.0.0.1:$((SY_ADMIN + 20))\", runtime: per_core/" \
+  "$WORK/routes.yaml" > "$WORK/percore.yaml"
+RUST_LOG="warn" "$SWITCHYARD" run --no-watch --config "$WORK/percore.yaml" >"$WORK/logs/percore.log" 2>&1 &
+PC_PID=$!
 BASE_PORT=$((SY_PORT + 10))
 if [ -n "$BASE_BIN" ]; then
   sed -e "s/127.0.0.1:$SY_PORT/127.0.0.1:$BASE_PORT/" -e "s/127.0.0.1:$SY_ADMIN/127.0.0.1:$((SY_ADMIN + 10))/" \
@@ -103,9 +109,11 @@ fi
 HY_PID=$!
 MODE=per-core "$BIN/examples/hyper_proxy" "127.0.0.1:$HYPC_PORT" "http://127.0.0.1:$UP_PORT" &
 HYPC_PID=$!
-for _ in $(seq 1 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$SY_PORT") 2>/dev/null && break
-  sleep 0.1
+for port in "$SY_PORT" "$PC_PORT"; do
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.1
+  done
 done
 sleep 1
 RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$SY_PID/status")
@@ -146,6 +154,8 @@ for r in $(seq 1 "$ROUNDS"); do
     run switchyard "http://127.0.0.1:$SY_PORT/bare/bench"
     run sy-full-mw "http://127.0.0.1:$SY_PORT/full/bench"
   fi
+  run sy-percore "http://127.0.0.1:$PC_PORT/bare/bench"
+  run pc-full-mw "http://127.0.0.1:$PC_PORT/full/bench"
   run hyper-floor "http://127.0.0.1:$HY_PORT/bench"
   run hyper-percore "http://127.0.0.1:$HYPC_PORT/bench"
 done
@@ -155,7 +165,7 @@ col() { awk -v n="$1" -v c="$2" '$1 == n {print $c}' "$WORK/results" | median; }
 echo
 echo "medians over $ROUNDS round(s):"
 printf '  %-13s %12s %10s %10s\n' target "req/s" "p50 ms" "p99 ms"
-TARGETS="direct nginx switchyard sy-full-mw hyper-floor hyper-percore"
+TARGETS="direct nginx switchyard sy-full-mw sy-percore pc-full-mw hyper-floor hyper-percore"
 [ -n "$BASE_BIN" ] && TARGETS="$TARGETS baseline base-full-mw"
 for t in $TARGETS; do
   printf '  %-13s %12s %10s %10s\n' "$t" "$(col $t 2)" "$(col $t 3)" "$(col $t 4)"
@@ -168,6 +178,10 @@ awk -v s="$SY_RPS" -v n="$NG_RPS" -v u="$UP_RPS" -v sp="$SY_P99" -v np="$NG_P99"
   printf "ratios: switchyard/nginx req/s = %.2f (target >= 1.00), switchyard/nginx p99 = %.2f (target <= 1.00), switchyard/direct req/s = %.2f\n", s / n, sp / np, s / u
   printf "        full middleware/bare route req/s = %.2f (target >= 0.95)\n", m / s
   printf "        hyper floor/nginx req/s = %.2f (work-stealing), %.2f (per-core); switchyard/hyper floor (work-stealing) = %.2f\n", hy / n, hc / n, s / hy
+}'
+awk -v pc="$(col sy-percore 2)" -v pm="$(col pc-full-mw 2)" -v hc="$HC_RPS" -v s="$SY_RPS" -v n="$NG_RPS" \
+  -v pp="$(col sy-percore 4)" -v np="$NG_P99" 'BEGIN {
+  printf "per core: switchyard per_core/hyper-percore req/s = %.2f (target >= 0.90), per_core/shared = %.2f, per_core/nginx = %.2f, p99 per_core/nginx = %.2f (target <= 1.20), full middleware/bare = %.2f\n", pc / hc, pc / s, pc / n, pp / np, pm / pc
 }'
 if [ -n "$BASE_BIN" ]; then
   awk -v s="$SY_RPS" -v b="$(col baseline 2)" -v m="$MW_RPS" -v bm="$(col base-full-mw 2)" \

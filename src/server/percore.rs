@@ -4,14 +4,55 @@
 //! so a request's front-end work never leaves its thread. Backends, brokers, the reloader and
 //! the admin API stay on the shared runtime.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::Shared;
+
+/// The number of per-core workers of this process (0 when serving on the shared runtime); set
+/// once, when the listeners are bound, before any backend is built.
+static WORKERS: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// The worker this thread is, on a per-core worker's thread.
+    static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// One value per per-core worker, made when that worker first asks, and one for every other
+/// thread: what must not be shared between workers so that a request never wakes another
+/// thread (an upstream connection pool, whose connections are driven by the runtime that
+/// opened them).
+pub struct PerWorker<T> {
+    shared: T,
+    own: Box<[OnceLock<T>]>,
+    make: Box<dyn Fn() -> T + Send + Sync>,
+}
+
+impl<T> PerWorker<T> {
+    pub fn new(make: impl Fn() -> T + Send + Sync + 'static) -> Self {
+        PerWorker {
+            shared: make(),
+            own: (0..WORKERS.load(Ordering::Relaxed))
+                .map(|_| OnceLock::new())
+                .collect(),
+            make: Box::new(make),
+        }
+    }
+
+    /// This thread's value.
+    pub fn get(&self) -> &T {
+        match WORKER.with(Cell::get).and_then(|i| self.own.get(i)) {
+            Some(cell) => cell.get_or_init(|| (self.make)()),
+            None => &self.shared,
+        }
+    }
+}
 
 /// Binds `workers` listening sockets to `addr` with `SO_REUSEPORT`. The address is first bound
 /// alone, without the option: a port another process holds (a second instance started by
@@ -21,6 +62,7 @@ pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::T
     let probe = std::net::TcpListener::bind(addr)?;
     let addr = probe.local_addr()?;
     drop(probe);
+    WORKERS.store(workers.max(1), Ordering::Relaxed);
     (0..workers.max(1))
         .map(|_| {
             use socket2::{Domain, Protocol, Socket, Type};
@@ -74,6 +116,7 @@ pub fn start(
         std::thread::Builder::new()
             .name(format!("switchyard-w{i}"))
             .spawn(move || {
+                WORKER.with(|w| w.set(Some(i)));
                 runtime.block_on(async move {
                     let serving = async {
                         match tokio::net::TcpListener::from_std(listener) {

@@ -39,7 +39,9 @@ struct Shared {
 /// A backend's calls, over its endpoints' shared HTTP/2 connections. Cheap to clone.
 #[derive(Clone)]
 pub struct Transport {
-    client: Client<Connector, tonic::body::Body>,
+    /// One per per-core worker (`server.runtime: per_core`), so that a worker's calls use
+    /// connections its own runtime drives.
+    client: Arc<crate::server::percore::PerWorker<Client<Connector, tonic::body::Body>>>,
     shared: Arc<Shared>,
 }
 
@@ -93,19 +95,22 @@ impl Transport {
             None => builder,
         };
         let connector = builder.enable_http2().wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .http2_only(true)
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            // Like a gRPC channel, an idle connection stays (its pings keep it honest).
-            .pool_idle_timeout(None)
-            // HTTP/2 pings find dead connections before a call does.
-            .http2_keep_alive_interval(spec.keepalive.0)
-            .http2_keep_alive_timeout(spec.connect_timeout.0.max(Duration::from_secs(1)))
-            .http2_keep_alive_while_idle(true)
-            .build(connector);
+        let (keepalive, connect_timeout) = (spec.keepalive.0, spec.connect_timeout.0);
+        let client = crate::server::percore::PerWorker::new(move || {
+            Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                // Like a gRPC channel, an idle connection stays (its pings keep it honest).
+                .pool_idle_timeout(None)
+                // HTTP/2 pings find dead connections before a call does.
+                .http2_keep_alive_interval(keepalive)
+                .http2_keep_alive_timeout(connect_timeout.max(Duration::from_secs(1)))
+                .http2_keep_alive_while_idle(true)
+                .build(connector.clone())
+        });
         Ok(Transport {
-            client,
+            client: Arc::new(client),
             shared: Arc::new(Shared {
                 balancer: crate::backends::balance::Balancer::new(endpoints.len(), EJECT_FOR, 1),
                 endpoints,
@@ -138,7 +143,7 @@ impl Service<http::Request<tonic::body::Body>> for Transport {
         }
         *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
         let shared = self.shared.clone();
-        let call = self.client.request(req);
+        let call = self.client.get().request(req);
         Box::pin(async move {
             call.await.map_err(|e| -> crate::BoxError {
                 if e.is_connect() {

@@ -48,7 +48,9 @@ pub struct HttpBackend {
     endpoints: Arc<Vec<Endpoint>>,
     /// Which endpoint takes the next call; failed calls (connect failure, reset, 5xx) eject.
     balancer: Balancer,
-    client: Client<HttpConnector, Body>,
+    /// The connection pool: one per per-core worker (`server.runtime: per_core`), so that a
+    /// worker's requests use connections its own runtime drives.
+    client: crate::server::percore::PerWorker<Client<HttpConnector, Body>>,
     protocol: HttpProtocol,
     eject_for: Duration,
     connect_timeout: Duration,
@@ -79,13 +81,20 @@ impl HttpBackend {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(spec.connect_timeout.0));
         connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(spec.pool_idle_timeout.0)
-            .pool_max_idle_per_host(spec.pool_max_idle_per_endpoint)
-            .http2_only(spec.protocol == HttpProtocol::Http2)
-            .build(connector);
+        let (idle, max_idle, h2) = (
+            spec.pool_idle_timeout.0,
+            spec.pool_max_idle_per_endpoint,
+            spec.protocol == HttpProtocol::Http2,
+        );
+        let client = crate::server::percore::PerWorker::new(move || {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .pool_idle_timeout(idle)
+                .pool_max_idle_per_host(max_idle)
+                .http2_only(h2)
+                .build(connector.clone())
+        });
         let reachable = Arc::new(AtomicBool::new(false));
         let addrs = endpoints
             .iter()
@@ -326,7 +335,7 @@ impl HttpRouteService {
         let (mut parts, body) = req.into_parts();
         let i = self.prepare(&mut parts, backend.protocol)?;
         let req = http::Request::from_parts(parts, body);
-        match backend.client.request(req).await {
+        match backend.client.get().request(req).await {
             Ok(resp) => {
                 backend.record(i, !resp.status().is_server_error());
                 let (mut parts, body) = resp.into_parts();
