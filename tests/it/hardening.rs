@@ -813,12 +813,12 @@ routes:
     // The connection is back and serves the others; the filter is not asked again.
     gw.wait_backend("devices", true).await;
     let settled = proxy.accepted();
-    let (s, _, _) = send(
+    let (s, _, b) = send(
         request(Method::PUT, &gw.url("/d/k"))
             .body(body("1"))
             .unwrap(),
     )
     .await;
-    assert_eq!(s, 202);
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
     assert_eq!(proxy.accepted(), settled, "no reconnect after the refusal");
 }
