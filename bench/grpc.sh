@@ -23,6 +23,8 @@ SY_ADMIN=${SY_ADMIN:-18154}
 NGINX_PORT=${NGINX_PORT:-18155}
 BASE_PORT=${BASE_PORT:-18156}
 BASE_ADMIN=${BASE_ADMIN:-18157}
+PC_PORT=${PC_PORT:-18158}
+PC_ADMIN=${PC_ADMIN:-18159}
 . bench/common.sh
 
 need h2load nghttp2-client
@@ -36,7 +38,7 @@ cargo build -q --release --locked --bin switchyard --example shop_server
 WORK=$(mktemp -d)
 cleanup() {
   [ -f "$WORK/nginx.pid" ] && kill "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
-  for p in ${SERVER_PID:-} ${SY_PID:-} ${BASE_PID:-}; do kill "$p" 2>/dev/null || true; done
+  for p in ${SERVER_PID:-} ${SY_PID:-} ${PC_PID:-} ${BASE_PID:-}; do kill "$p" 2>/dev/null || true; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -51,9 +53,9 @@ start_nginx "$WORK" <<CONF
     location / { grpc_pass grpc://shop; }
   }
 CONF
-routes() { # LISTEN_PORT ADMIN_PORT
+routes() { # LISTEN_PORT ADMIN_PORT [RUNTIME]
   cat <<YAML
-server: { listen: "127.0.0.1:$1", admin: "127.0.0.1:$2" }
+server: { listen: "127.0.0.1:$1", admin: "127.0.0.1:$2", runtime: ${3:-shared} }
 backends:
   shop:
     type: grpc
@@ -70,7 +72,11 @@ YAML
 routes "$SY_PORT" "$SY_ADMIN" > "$WORK/routes.yaml"
 RUST_LOG=warn "$BIN/switchyard" run --no-watch --config "$WORK/routes.yaml" >"$WORK/switchyard.log" 2>&1 &
 SY_PID=$!
-PORTS="$GRPC_PORT $SY_PORT"
+# The same gateway serving per core (`server.runtime: per_core`).
+routes "$PC_PORT" "$PC_ADMIN" per_core > "$WORK/percore.yaml"
+RUST_LOG=warn "$BIN/switchyard" run --no-watch --config "$WORK/percore.yaml" >"$WORK/percore.log" 2>&1 &
+PC_PID=$!
+PORTS="$GRPC_PORT $SY_PORT $PC_PORT"
 if [ -n "$BASE_BIN" ]; then
   routes "$BASE_PORT" "$BASE_ADMIN" > "$WORK/base.yaml"
   RUST_LOG=warn "$BASE_BIN" run --no-watch --config "$WORK/base.yaml" >"$WORK/base.log" 2>&1 &
@@ -93,6 +99,9 @@ direct() { grpc_call "$GRPC_PORT" "$@"; }
 peer() { grpc_call "$NGINX_PORT" "$@"; }
 via() {
   h2load "$@" "http://127.0.0.1:$SY_PORT/v1/orders/7"
+}
+via_pc() {
+  h2load "$@" "http://127.0.0.1:$PC_PORT/v1/orders/7"
 }
 via_base() {
   h2load "$@" "http://127.0.0.1:$BASE_PORT/v1/orders/7"
@@ -121,20 +130,26 @@ for r in $(seq 1 "$ROUNDS"); do
   fi
   echo "round $r: direct $(rps <<<"$d") req/s ($(ok <<<"$d")), nginx grpc_pass $(rps <<<"$n") req/s ($(ok <<<"$n")), switchyard $(rps <<<"$v") req/s ($(ok <<<"$v"))"
   echo "         low load mean: direct $(mean_us <<<"$dl") us, nginx $(mean_us <<<"$nl") us, switchyard $(mean_us <<<"$vl") us"
+  p=$(via_pc -c 16 -m 4 -t 1 -D "$DURATION"); pl=$(via_pc -c 1 -m 1 -n 2000)
+  echo "         per core: $(rps <<<"$p") req/s ($(ok <<<"$p")), low load mean $(mean_us <<<"$pl") us"
   b=0; bl=0
   if [ -n "$BASE_BIN" ]; then
     b=$(rps <<<"$bo"); bl=$(mean_us <<<"$bol")
     echo "         baseline $BASELINE_REV: $b req/s ($(ok <<<"$bo")), low load mean $bl us"
   fi
-  echo "$(rps <<<"$d") $(rps <<<"$v") $(mean_us <<<"$dl") $(mean_us <<<"$vl") $(rps <<<"$n") $(mean_us <<<"$nl") $b $bl" >> "$WORK/results"
+  echo "$(rps <<<"$d") $(rps <<<"$v") $(mean_us <<<"$dl") $(mean_us <<<"$vl") $(rps <<<"$n") $(mean_us <<<"$nl") $b $bl $(rps <<<"$p") $(mean_us <<<"$pl")" >> "$WORK/results"
 done
 col() { awk -v c="$1" '{print $c}' "$WORK/results" | median; }
 D=$(col 1); V=$(col 2); DL=$(col 3); VL=$(col 4); N=$(col 5); NL=$(col 6); B=$(col 7); BL=$(col 8)
+P=$(col 9); PL=$(col 10)
 awk -v d="$D" -v v="$V" -v dl="$DL" -v vl="$VL" -v n="$N" -v nl="$NL" 'BEGIN {
   printf "medians: direct %.0f req/s, nginx grpc_pass %.0f req/s, switchyard %.0f req/s\n", d, n, v
   printf "         low-load mean latency direct %.0f us, nginx %.0f us, switchyard %.0f us\n", dl, nl, vl
   printf "ratios: switchyard/direct req/s = %.2f (target >= 0.80); added latency at low load = %.0f us (target < 100 us)\n", v / d, vl - dl
   printf "        nginx grpc_pass/direct req/s = %.2f, added %.0f us (a pass-through proxy, no transcoding); switchyard/nginx req/s = %.2f\n", n / d, nl - dl, v / n
+}'
+awk -v p="$P" -v pl="$PL" -v v="$V" -v n="$N" -v d="$D" 'BEGIN {
+  printf "per core: %.0f req/s, low-load mean %.0f us; per_core/shared req/s = %.2f, per_core/nginx = %.2f (target >= 1.20), per_core/direct = %.2f\n", p, pl, p / v, p / n, p / d
 }'
 if [ -n "$BASE_BIN" ]; then
   awk -v v="$V" -v vl="$VL" -v b="$B" -v bl="$BL" -v rev="$BASELINE_REV" 'BEGIN {
