@@ -166,9 +166,14 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
     let front = match server.runtime {
         crate::config::RuntimeMode::Shared => Front::Shared(bind(server.listen).await?),
         crate::config::RuntimeMode::PerCore => {
-            let workers = server.workers.unwrap_or_else(|| {
-                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
-            });
+            // Each worker serves its share of `max_connections` (connections the kernel hands
+            // a worker wait for that worker): never more workers than connections.
+            let workers = server
+                .workers
+                .unwrap_or_else(|| {
+                    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+                })
+                .min(server.limits.max_connections.max(1));
             Front::PerCore(
                 server::percore::bind(server.listen, workers).map_err(|source| {
                     StartError::Bind {
@@ -267,8 +272,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             }
         });
     }
-    // Every listener of the process shares one budget of connections.
-    let slots = Arc::new(tokio::sync::Semaphore::new(server.limits.max_connections));
+    let max_connections = server.limits.max_connections;
     let workers = match front {
         Front::Shared(listener) => {
             tokio::spawn(server::serve(
@@ -277,7 +281,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
                 tls,
                 shutdown.clone(),
                 tracker.clone(),
-                slots,
+                Arc::new(tokio::sync::Semaphore::new(max_connections)),
             ));
             None
         }
@@ -288,7 +292,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
                 tls,
                 shutdown.clone(),
                 &tracker,
-                slots,
+                max_connections,
             )
             .map_err(|source| StartError::Bind {
                 addr: listen,

@@ -29,7 +29,7 @@ use io::{Activity, ActivityIo};
 
 /// Accepts connections until `shutdown` is cancelled. Connections are tracked by `tracker` so
 /// the caller can wait for them to drain; each holds one of `slots` (`server.limits.
-/// max_connections`, shared by every listener of the process).
+/// max_connections`, or a per-core worker's share of it).
 pub async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,

@@ -91,23 +91,28 @@ impl Drop for Workers {
     }
 }
 
-/// Starts one worker per listener. Called from the shared runtime.
+/// Starts one worker per listener. Called from the shared runtime. Each worker serves its
+/// share of `max_connections`: a connection the kernel gave a worker can only be served by it,
+/// so one budget shared by all would let a worker hold the last slot while waiting on its own
+/// empty socket, and a connection waiting on another's never be served.
 pub fn start(
     listeners: Vec<std::net::TcpListener>,
     shared: Arc<Shared>,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: CancellationToken,
     tracker: &TaskTracker,
-    slots: Arc<Semaphore>,
+    max_connections: usize,
 ) -> std::io::Result<Workers> {
     let finished = CancellationToken::new();
+    let n = listeners.len().max(1);
     for (i, listener) in listeners.into_iter().enumerate() {
+        let share = max_connections / n + usize::from(i < max_connections % n);
+        let slots = Arc::new(Semaphore::new(share.max(1)));
         let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-        let (shared, tls, shutdown, slots, finished) = (
+        let (shared, tls, shutdown, finished) = (
             shared.clone(),
             tls.clone(),
             shutdown.clone(),
-            slots.clone(),
             finished.clone(),
         );
         let runtime = tokio::runtime::Builder::new_current_thread()

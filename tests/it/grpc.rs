@@ -323,7 +323,12 @@ async fn a_server_that_is_down_gets_503_and_unknown_methods_are_rejected_at_load
 async fn the_connection_outlives_reloads_that_keep_the_backend() {
     let server = GrpcServer::start().await;
     let proxy = crate::support::amqp::BrokerProxy::start_to(server.addr.to_string()).await;
-    let text = config(&format!("http://{}", proxy.addr));
+    // On the shared runtime the backend has one connection per endpoint; per core, one per
+    // worker (tests/it/runtimes.rs).
+    let text = format!(
+        "server: {{ listen: \"127.0.0.1:0\", admin: \"127.0.0.1:0\", runtime: shared }}\n{}",
+        config(&format!("http://{}", proxy.addr))
+    );
     let gw = Gateway::start(&text).await;
     let call = || async {
         let (s, _, b) = get(&gw.url("/v1/orders/5")).await;

@@ -242,9 +242,13 @@ async fn sequential(url: &str, n: usize) -> Vec<u16> {
 #[tokio::test]
 async fn upstream_connections_are_kept_alive_and_reused() {
     let up = Upstream::start().await;
-    let config = yaml(&up.url()).replace(
-        r#"type: http, endpoints"#,
-        r#"type: http, probe_interval: 1h, endpoints"#,
+    // One pool: the shared runtime's (per core, each worker has its own).
+    let config = format!(
+        "server: {{ listen: \"127.0.0.1:0\", admin: \"127.0.0.1:0\", runtime: shared }}\n{}",
+        yaml(&up.url()).replace(
+            r#"type: http, endpoints"#,
+            r#"type: http, probe_interval: 1h, endpoints"#,
+        )
     );
     let gw = Gateway::start(&config).await;
     // The readiness probe's connection is counted before the requests.

@@ -1,17 +1,22 @@
-//! The per-core front end (`server.runtime: per_core`), a smoke set run beside the suite, which
-//! runs in the default mode: requests over HTTP/1.1 and HTTP/2 on many connections, a reload,
-//! the drain, and a port no second process can join.
+//! Both runtimes (`server.runtime`): the suite runs in the default, `shared`; this smoke set
+//! runs in each — requests over HTTP/1.1 and HTTP/2 on many connections, a reload, the drain —
+//! and checks that no second process joins a per-core port and that each worker keeps its own
+//! upstream connections.
 
 use crate::support::*;
 
 fn config(upstream: &str, listen: &str, extra_route: bool) -> String {
+    config_for("per_core, workers: 2", upstream, listen, extra_route)
+}
+
+fn config_for(runtime: &str, upstream: &str, listen: &str, extra_route: bool) -> String {
     let extra = if extra_route {
         "  - { id: added, match: { path: /added }, backend: up }\n"
     } else {
         ""
     };
     format!(
-        r#"server: {{ listen: "{listen}", admin: "127.0.0.1:0", runtime: per_core, workers: 2 }}
+        r#"server: {{ listen: "{listen}", admin: "127.0.0.1:0", runtime: {runtime} }}
 backends:
   up: {{ type: http, endpoints: ["{upstream}"] }}
 routes:
@@ -24,8 +29,17 @@ routes:
 
 #[tokio::test]
 async fn per_core_serves_reloads_and_drains() {
+    serves_reloads_and_drains("per_core, workers: 2").await;
+}
+
+#[tokio::test]
+async fn shared_serves_reloads_and_drains() {
+    serves_reloads_and_drains("shared").await;
+}
+
+async fn serves_reloads_and_drains(runtime: &str) {
     let up = Upstream::start().await;
-    let gw = Gateway::start(&config(&up.url(), "127.0.0.1:0", false)).await;
+    let gw = Gateway::start(&config_for(runtime, &up.url(), "127.0.0.1:0", false)).await;
     // Many connections, which the kernel spreads over the workers' sockets, each answered.
     let mut calls = Vec::new();
     for i in 0..24 {
@@ -47,7 +61,7 @@ async fn per_core_serves_reloads_and_drains() {
     // A reload reaches every worker: they read the one route table.
     std::fs::write(
         gw.config_path(),
-        config(&up.url(), &gw.listen.to_string(), true),
+        config_for(runtime, &up.url(), &gw.listen.to_string(), true),
     )
     .unwrap();
     let (s, _) = gw.reload().await;
@@ -88,4 +102,27 @@ async fn no_second_process_joins_a_per_core_port() {
         assert!(err.contains("cannot listen on"), "{runtime}: {err}");
     }
     assert_eq!(get(&gw.url("/still")).await.0, 200);
+}
+
+#[tokio::test]
+async fn each_worker_keeps_its_own_upstream_connections() {
+    let up = Upstream::start().await;
+    let yaml = config(&up.url(), "127.0.0.1:0", false).replace(
+        "type: http, endpoints",
+        "type: http, probe_interval: 1h, endpoints",
+    );
+    let gw = Gateway::start(&yaml).await;
+    gw.wait_backend("up", true).await;
+    let conns = || up.conns.load(std::sync::atomic::Ordering::SeqCst);
+    let before = conns();
+    // Requests on fresh client connections land on either worker; each worker opens at most
+    // one upstream connection for them, one request at a time, and reuses it.
+    for i in 0..20 {
+        assert_eq!(get(&gw.url(&format!("/n/{i}"))).await.0, 200);
+    }
+    let opened = conns() - before;
+    assert!(
+        (1..=2).contains(&opened),
+        "{opened} upstream connections for 2 workers"
+    );
 }
