@@ -541,14 +541,11 @@ impl GrpcRouteService {
                     .unwrap_or_default(),
             },
         };
-        let opts = transcode::Options::from_spec(
-            crate::config::TranscodingSpec {
-                emit_defaults: spec.emit_defaults,
-                proto_names: spec.proto_names,
-                ..Default::default()
-            }
-            .over(spec.transcoding)
-            .over(backend.transcoding),
+        let opts = transcode::Options::for_route(
+            spec.emit_defaults,
+            spec.proto_names,
+            spec.transcoding,
+            backend.transcoding,
         );
         Ok(GrpcRouteService {
             passthrough: passthrough::Passthrough::new(

@@ -40,7 +40,26 @@ pub struct Options {
 }
 
 impl Options {
-    pub fn from_spec(t: crate::config::TranscodingSpec) -> Options {
+    /// A route's settings: its `emit_defaults` and `proto_names` shorthands, over its own
+    /// `transcoding`, over its backend's.
+    pub fn for_route(
+        emit_defaults: Option<bool>,
+        proto_names: Option<bool>,
+        route: crate::config::TranscodingSpec,
+        backend: crate::config::TranscodingSpec,
+    ) -> Options {
+        Options::from_spec(
+            crate::config::TranscodingSpec {
+                emit_defaults,
+                proto_names,
+                ..Default::default()
+            }
+            .over(route)
+            .over(backend),
+        )
+    }
+
+    fn from_spec(t: crate::config::TranscodingSpec) -> Options {
         Options {
             emit_defaults: t.emit_defaults.unwrap_or(false),
             enums_as_numbers: t.enums_as_numbers.unwrap_or(false),

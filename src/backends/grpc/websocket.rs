@@ -48,13 +48,11 @@ impl GrpcBridge {
         Ok(GrpcBridge {
             method,
             path,
-            opts: transcode::Options::from_spec(
-                crate::config::TranscodingSpec {
-                    emit_defaults: spec.emit_defaults,
-                    proto_names: spec.proto_names,
-                    ..Default::default()
-                }
-                .over(backend.transcoding),
+            opts: transcode::Options::for_route(
+                spec.emit_defaults,
+                spec.proto_names,
+                Default::default(),
+                backend.transcoding,
             ),
             backend,
         })
