@@ -778,15 +778,17 @@ fn on_failure<R>(
             "it closed the connection each of the {MAX_STRIKES} times the message was sent (a broker refuses an MQTT 3.1.1 message it will not take this way, most often one over its maximum packet size)"
         ))));
     }
-    let struck = asks(shared).failed(sub_limbo, MAX_STRIKES);
-    if !struck.is_empty() {
-        // Not asked again: its live subscribers' streams end, and they were told why.
+    {
+        // The table is locked before the refusals are settled: a client woken by its refusal
+        // (on another thread) must find its filter gone, or its guard would UNSUBSCRIBE it,
+        // and that packet would close the next connection too.
         let mut subs = shared
             .subs
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for filter in &struck {
-            subs.remove(filter);
+        // Not asked again: its live subscribers' streams end, and they were told why.
+        for filter in asks(shared).failed(sub_limbo, MAX_STRIKES) {
+            subs.remove(&filter);
             tracing::warn!(backend = %shared.name, %filter, "The MQTT broker closed the connection each time this filter was subscribed; it is refused and asked no more.");
         }
     }
