@@ -2,10 +2,11 @@
 # Proxy benchmark: the upstream directly, nginx proxying to it, Switchyard proxying to it on a
 # bare route, and Switchyard on a route with the full middleware stack (timeout, per-try timeout,
 # retry with budget, breaker, rate limit set high, concurrency limits), measured in one run with
-# wrk (64 connections, keep-alive, small GET), ROUNDS times each in alternation. Also measured:
+# wrk (64 connections, keep-alive, small GET), ROUNDS times each in alternation. Switchyard runs
+# twice: in its default runtime (`per_core`) and with `server.runtime: shared`. Also measured:
 # the floor of the building blocks, examples/hyper_proxy.rs (a bare hyper + hyper-util proxy) on
-# Tokio's work-stealing runtime (as Switchyard runs) and on per-core runtimes. Prints requests/s,
-# p50 and p99 (medians over the rounds), the ratios, and Switchyard's idle RSS.
+# Tokio's work-stealing runtime and on per-core runtimes. Prints requests/s, p50 and p99
+# (medians over the rounds), the ratios, and Switchyard's idle RSS.
 #
 #   bash bench/proxy.sh            # DURATION=15s ROUNDS=3 CONNECTIONS=64 by default
 #   BASELINE_REV=<commit> bash bench/proxy.sh
@@ -42,7 +43,7 @@ cleanup() {
   for f in "$WORK/nginx.pid" "$WORK/upstream/nginx.pid"; do
     [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
   done
-  for p in ${SY_PID:-} ${PC_PID:-} ${BASE_PID:-} ${HY_PID:-} ${HYPC_PID:-}; do kill "$p" 2>/dev/null || true; done
+  for p in ${SY_PID:-} ${SH_PID:-} ${BASE_PID:-} ${HY_PID:-} ${HYPC_PID:-}; do kill "$p" 2>/dev/null || true; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -92,12 +93,12 @@ routes:
 YAML
 RUST_LOG="warn" "$SWITCHYARD" run --no-watch --config "$WORK/routes.yaml" >"$WORK/logs/switchyard.log" 2>&1 &
 SY_PID=$!
-# The same routes served per core (`server.runtime: per_core`, one worker per core).
-PC_PORT=$((SY_PORT + 20))
-sed -e "s/listen: \"127.0.0.1:$SY_PORT\", admin: \"127.0.0.1:$SY_ADMIN\"/listen: \"127.0.0.1:$PC_PORT\", admin: \"127.0.0.1:$((SY_ADMIN + 20))\", runtime: per_core/" \
-  "$WORK/routes.yaml" > "$WORK/percore.yaml"
-RUST_LOG="warn" "$SWITCHYARD" run --no-watch --config "$WORK/percore.yaml" >"$WORK/logs/percore.log" 2>&1 &
-PC_PID=$!
+# The same routes on the shared work-stealing runtime (`server.runtime: shared`).
+SH_PORT=$((SY_PORT + 20))
+sed -e "s/listen: \"127.0.0.1:$SY_PORT\", admin: \"127.0.0.1:$SY_ADMIN\"/listen: \"127.0.0.1:$SH_PORT\", admin: \"127.0.0.1:$((SY_ADMIN + 20))\", runtime: shared/" \
+  "$WORK/routes.yaml" > "$WORK/shared.yaml"
+RUST_LOG="warn" "$SWITCHYARD" run --no-watch --config "$WORK/shared.yaml" >"$WORK/logs/shared.log" 2>&1 &
+SH_PID=$!
 BASE_PORT=$((SY_PORT + 10))
 if [ -n "$BASE_BIN" ]; then
   sed -e "s/127.0.0.1:$SY_PORT/127.0.0.1:$BASE_PORT/" -e "s/127.0.0.1:$SY_ADMIN/127.0.0.1:$((SY_ADMIN + 10))/" \
@@ -109,7 +110,7 @@ fi
 HY_PID=$!
 MODE=per-core "$BIN/examples/hyper_proxy" "127.0.0.1:$HYPC_PORT" "http://127.0.0.1:$UP_PORT" &
 HYPC_PID=$!
-for port in "$SY_PORT" "$PC_PORT"; do
+for port in "$SY_PORT" "$SH_PORT"; do
   for _ in $(seq 1 100); do
     (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
     sleep 0.1
@@ -154,8 +155,8 @@ for r in $(seq 1 "$ROUNDS"); do
     run switchyard "http://127.0.0.1:$SY_PORT/bare/bench"
     run sy-full-mw "http://127.0.0.1:$SY_PORT/full/bench"
   fi
-  run sy-percore "http://127.0.0.1:$PC_PORT/bare/bench"
-  run pc-full-mw "http://127.0.0.1:$PC_PORT/full/bench"
+  run sy-shared "http://127.0.0.1:$SH_PORT/bare/bench"
+  run shared-full-mw "http://127.0.0.1:$SH_PORT/full/bench"
   run hyper-floor "http://127.0.0.1:$HY_PORT/bench"
   run hyper-percore "http://127.0.0.1:$HYPC_PORT/bench"
 done
@@ -165,7 +166,7 @@ col() { awk -v n="$1" -v c="$2" '$1 == n {print $c}' "$WORK/results" | median; }
 echo
 echo "medians over $ROUNDS round(s):"
 printf '  %-13s %12s %10s %10s\n' target "req/s" "p50 ms" "p99 ms"
-TARGETS="direct nginx switchyard sy-full-mw sy-percore pc-full-mw hyper-floor hyper-percore"
+TARGETS="direct nginx switchyard sy-full-mw sy-shared shared-full-mw hyper-floor hyper-percore"
 [ -n "$BASE_BIN" ] && TARGETS="$TARGETS baseline base-full-mw"
 for t in $TARGETS; do
   printf '  %-13s %12s %10s %10s\n' "$t" "$(col $t 2)" "$(col $t 3)" "$(col $t 4)"
@@ -175,13 +176,12 @@ SY_P99=$(col switchyard 4); NG_P99=$(col nginx 4); MW_RPS=$(col sy-full-mw 2)
 HY_RPS=$(col hyper-floor 2); HC_RPS=$(col hyper-percore 2)
 awk -v s="$SY_RPS" -v n="$NG_RPS" -v u="$UP_RPS" -v sp="$SY_P99" -v np="$NG_P99" -v m="$MW_RPS" \
   -v hy="$HY_RPS" -v hc="$HC_RPS" 'BEGIN {
-  printf "ratios: switchyard/nginx req/s = %.2f (target >= 1.00), switchyard/nginx p99 = %.2f (target <= 1.00), switchyard/direct req/s = %.2f\n", s / n, sp / np, s / u
+  printf "ratios: switchyard/nginx req/s = %.2f, switchyard/direct req/s = %.2f\n", s / n, s / u
   printf "        full middleware/bare route req/s = %.2f (target >= 0.95)\n", m / s
-  printf "        hyper floor/nginx req/s = %.2f (work-stealing), %.2f (per-core); switchyard/hyper floor (work-stealing) = %.2f\n", hy / n, hc / n, s / hy
+  printf "        switchyard/hyper-percore req/s = %.2f (target >= 0.90), p99 switchyard/nginx = %.2f (target <= 1.20); hyper floor/nginx req/s = %.2f (work-stealing), %.2f (per-core)\n", s / hc, sp / np, hy / n, hc / n
 }'
-awk -v pc="$(col sy-percore 2)" -v pm="$(col pc-full-mw 2)" -v hc="$HC_RPS" -v s="$SY_RPS" -v n="$NG_RPS" \
-  -v pp="$(col sy-percore 4)" -v np="$NG_P99" 'BEGIN {
-  printf "per core: switchyard per_core/hyper-percore req/s = %.2f (target >= 0.90), per_core/shared = %.2f, per_core/nginx = %.2f, p99 per_core/nginx = %.2f (target <= 1.20), full middleware/bare = %.2f\n", pc / hc, pc / s, pc / n, pp / np, pm / pc
+awk -v sh="$(col sy-shared 2)" -v shm="$(col shared-full-mw 2)" -v hy="$HY_RPS" -v s="$SY_RPS" 'BEGIN {
+  printf "shared runtime: per_core/shared req/s = %.2f, shared/hyper-floor (work-stealing) = %.2f, full middleware/bare = %.2f\n", s / sh, sh / hy, shm / sh
 }'
 if [ -n "$BASE_BIN" ]; then
   awk -v s="$SY_RPS" -v b="$(col baseline 2)" -v m="$MW_RPS" -v bm="$(col base-full-mw 2)" \

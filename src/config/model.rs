@@ -65,9 +65,9 @@ pub struct ServerSpec {
     /// Serve HTTPS (HTTP/2 via ALPN, and HTTP/1.1). Certificate files are reloaded when they change.
     #[serde(default)]
     pub tls: Option<TlsSpec>,
-    /// How the public listener's requests are run: `shared` (one work-stealing runtime, the
-    /// default) or `per_core` (one single-threaded runtime per worker, each with its own
-    /// listening socket, the kernel spreading connections over them). Read at start.
+    /// How the public listener's requests are run: `per_core` (one single-threaded runtime per
+    /// worker, each with its own listening socket, the kernel spreading connections over them;
+    /// the default) or `shared` (one work-stealing runtime). Read at start.
     #[serde(default)]
     pub runtime: RuntimeMode,
     /// The workers of `runtime: per_core`; the number of cores when absent.
@@ -79,14 +79,12 @@ pub struct ServerSpec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum RuntimeMode {
-    /// One work-stealing runtime runs connections, backends and the admin API. The default
-    /// until `per_core`, which serves more (docs/benchmarks.md), passes the whole suite as the
-    /// default without a flaky test.
-    #[default]
+    /// One work-stealing runtime runs connections, backends and the admin API.
     Shared,
     /// Each worker thread runs its own connections, accepted on its own `SO_REUSEPORT` socket;
-    /// backends, brokers and the admin API run on the shared runtime. It serves 1.2 to 1.5
-    /// times the requests of `shared` (docs/benchmarks.md).
+    /// backends, brokers and the admin API run on the shared runtime. The default: it serves
+    /// 1.2 to 1.5 times the requests of `shared` (docs/benchmarks.md).
+    #[default]
     PerCore,
 }
 
