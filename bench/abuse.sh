@@ -16,7 +16,7 @@ AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 MQTT_ADDR=${MQTT_ADDR:-127.0.0.1:1883}
 . bench/common.sh
 
-cargo build -q --release --locked --bin switchyard
+cargo build -q --release --locked --bin switchyard --example hyper_proxy
 SWITCHYARD="$CARGO_TARGET_DIR/release/switchyard"
 
 WORK=$(mktemp -d)

@@ -29,7 +29,9 @@ baseline_bin() {
   if [ ! -x "$bin" ]; then
     dir=$(mktemp -d)
     git worktree add --detach -f "$dir/src" "$rev" >/dev/null
-    (cd "$dir/src" && cargo build --release --locked --bin switchyard >/dev/null)
+    # With an example, as the bench scripts build, so that the dependencies are built with the
+    # same features and the next build of this tree does not rebuild them.
+    (cd "$dir/src" && cargo build --release --locked --bin switchyard --example hyper_proxy >/dev/null)
     mkdir -p "$(dirname "$bin")"
     cp "$CARGO_TARGET_DIR/release/switchyard" "$bin"
     git worktree remove --force "$dir/src"

@@ -2,7 +2,7 @@
 //! proxy built on hyper and hyper-util can do (no routing, no headers added, no limits, no
 //! metrics), on Tokio's work-stealing runtime or, with `MODE=per-core`, on one single-threaded
 //! runtime per CPU, each accepting from its own `SO_REUSEPORT` listener with its own upstream
-//! pool. Usage: `hyper_proxy LISTEN_ADDR UPSTREAM_URL` (e.g. `http://127.0.0.1:18081`).
+//! pool (`MODE=per-core-one-socket`: all accepting from one listening socket). Usage: `hyper_proxy LISTEN_ADDR UPSTREAM_URL` (e.g. `http://127.0.0.1:18081`).
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
@@ -83,16 +83,34 @@ fn main() {
     let addr: SocketAddr = addr.parse().expect("LISTEN_ADDR is an address");
     let mode = std::env::var("MODE").unwrap_or_default();
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if mode == "per-core" {
+    if mode == "per-core" || mode == "per-core-one-socket" {
+        // `per-core-one-socket`: every thread accepts on the same listening socket (as nginx's
+        // workers do), instead of one `SO_REUSEPORT` socket each.
+        let one = (mode == "per-core-one-socket").then(|| {
+            std::net::TcpListener::bind(addr)
+                .unwrap_or_else(|e| panic!("cannot listen on {addr}: {e}"))
+        });
         let hs: Vec<_> = (0..n)
             .map(|_| {
                 let up = up.clone();
+                let own = one
+                    .as_ref()
+                    .map(|l| l.try_clone().expect("a listener clone"));
                 std::thread::spawn(move || {
                     let rt = tokio::runtime::Builder::new_current_thread()
                         .enable_all()
                         .build()
                         .expect("a Tokio runtime");
-                    rt.block_on(async move { accept_loop(listener(addr), up, client()).await })
+                    rt.block_on(async move {
+                        let l = match own {
+                            Some(l) => {
+                                l.set_nonblocking(true).expect("a non-blocking listener");
+                                tokio::net::TcpListener::from_std(l).expect("a listener")
+                            }
+                            None => listener(addr),
+                        };
+                        accept_loop(l, up, client()).await
+                    })
                 })
             })
             .collect();

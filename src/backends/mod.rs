@@ -16,8 +16,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
-use tower::retry::budget::TpsBudget;
+use crate::middleware::window::RetryBudget;
 
 use crate::RouteService;
 use crate::config::template::PathTemplate;
@@ -75,8 +74,8 @@ fn stamp(files: &[std::path::PathBuf]) -> u64 {
 
 pub struct PolicyState {
     pub breaker: Option<Arc<Breaker>>,
-    pub budget: Arc<TpsBudget>,
-    pub concurrency: Option<Arc<Semaphore>>,
+    pub budget: Arc<RetryBudget>,
+    pub concurrency: Option<Arc<crate::middleware::limit::Slots>>,
 }
 
 impl PolicyState {
@@ -87,8 +86,8 @@ impl PolicyState {
                 .breaker
                 .enabled
                 .then(|| Breaker::new(name, policy.breaker.clone(), metrics.clone())),
-            // Validation keeps ttl within 1–60 s and the ratio within 0–1, as TpsBudget requires.
-            budget: Arc::new(TpsBudget::new(
+            // Validation keeps ttl within 1–60 s and the ratio within 0–1, as the budget expects.
+            budget: Arc::new(RetryBudget::new(
                 b.ttl
                     .0
                     .clamp(Duration::from_secs(1), Duration::from_secs(60)),
@@ -97,7 +96,7 @@ impl PolicyState {
             )),
             concurrency: policy
                 .concurrency_limit
-                .map(|n| Arc::new(Semaphore::new(n))),
+                .map(crate::middleware::limit::Slots::new),
         }
     }
 }

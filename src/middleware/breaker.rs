@@ -1,9 +1,11 @@
 //! The circuit breaker, one per backend, inside the retry layer of every route that uses the
 //! backend: after enough failures it answers 503 with `Retry-After` at once instead of calling
 //! the backend, lets a few probes through after `open_for`, and closes when they succeed.
-//! Only upstream and gateway faults count as failures; client errors never trip it.
+//! Only upstream and gateway faults count as failures; client errors never trip it. A closed
+//! breaker costs a call two atomic reads and no lock; counts are global (not per worker), so
+//! it trips on the backend's whole traffic.
 
-use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -12,6 +14,7 @@ use tokio::time::Instant;
 use tower::Service;
 
 use super::context::{BodyProgress, Deadline};
+use super::window::Window;
 use crate::config::{BreakerMode, BreakerSpec};
 use crate::error::{Fault, Problem, classify};
 use crate::telemetry::metrics::Metrics;
@@ -42,27 +45,32 @@ pub enum Outcome {
     Ignore,
 }
 
-struct Inner {
-    state: State,
-    consecutive: u32,
-    /// (second, successes, failures) buckets covering the window, for `rate` mode.
-    buckets: VecDeque<(Instant, u32, u32)>,
-}
-
 pub struct Breaker {
     backend: Arc<str>,
     spec: BreakerSpec,
-    inner: Mutex<Inner>,
+    /// Whether the state is `Closed`, read without the lock by every call: a closed breaker's
+    /// calls and their successes take no lock; only failures and the other states do.
+    closed: AtomicBool,
+    /// Failures in a row (`consecutive` mode); a success stores 0 without the lock.
+    consecutive: AtomicU32,
+    /// Successes and failures per second over the window (`rate` mode).
+    succeeded: Window,
+    failed: Window,
+    state: Mutex<State>,
     metrics: Arc<Metrics>,
 }
 
-/// Permission to call the backend. Dropped without a recorded outcome (the client left) it says
-/// nothing about the backend, but frees its half-open probe slot. Deadlines are not such a
-/// case: [`BreakerService`] enforces the request's deadline itself and records the timeout.
+/// Permission to call the backend. Dropped without a recorded outcome it judges by the
+/// request's deadline: dropped at or after it, the overall timeout above ended the call, so
+/// the backend was too slow (a failure, unless the client was still sending its body); before
+/// it, the client left, which says nothing about the backend but frees a half-open probe slot.
+/// So one timer per request (the overall timeout's) serves the breaker too.
 pub struct Ticket {
     breaker: Arc<Breaker>,
     probe: bool,
     done: bool,
+    deadline: Option<Deadline>,
+    progress: Option<BodyProgress>,
 }
 
 impl Ticket {
@@ -75,7 +83,14 @@ impl Ticket {
 impl Drop for Ticket {
     fn drop(&mut self) {
         if !self.done {
-            self.breaker.record(self.probe, Outcome::Ignore);
+            let timed_out = self.deadline.is_some_and(|d| Instant::now() >= d.at)
+                && self.progress.as_ref().is_none_or(BodyProgress::finished);
+            let outcome = if timed_out {
+                Outcome::Failure
+            } else {
+                Outcome::Ignore
+            };
+            self.breaker.record(self.probe, outcome);
         }
     }
 }
@@ -85,23 +100,25 @@ impl Breaker {
         metrics.breaker_state(backend, State::Closed);
         Arc::new(Breaker {
             backend: backend.into(),
+            succeeded: Window::new(spec.window.0),
+            failed: Window::new(spec.window.0),
             spec,
-            inner: Mutex::new(Inner {
-                state: State::Closed,
-                consecutive: 0,
-                buckets: VecDeque::new(),
-            }),
+            closed: AtomicBool::new(true),
+            consecutive: AtomicU32::new(0),
+            state: Mutex::new(State::Closed),
             metrics,
         })
     }
 
     pub fn state(&self) -> State {
-        self.inner.lock().map(|i| i.state).unwrap_or(State::Closed)
+        self.state.lock().map(|s| *s).unwrap_or(State::Closed)
     }
 
-    fn transition(&self, inner: &mut Inner, to: State) {
-        let from = inner.state;
-        inner.state = to;
+    fn transition(&self, state: &mut State, to: State) {
+        let from = *state;
+        *state = to;
+        self.closed
+            .store(matches!(to, State::Closed), Ordering::Release);
         if from.name() != to.name() {
             self.metrics.breaker_state(&self.backend, to);
             match to {
@@ -122,14 +139,24 @@ impl Breaker {
 
     /// Asks to call the backend: a ticket, or how long until it may be tried again.
     pub fn acquire(self: &Arc<Self>) -> Result<Ticket, Duration> {
-        let mut inner = self.inner.lock().map_err(|_| Duration::from_secs(1))?;
+        let ticket = |probe| Ticket {
+            breaker: self.clone(),
+            probe,
+            done: false,
+            deadline: None,
+            progress: None,
+        };
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(ticket(false));
+        }
+        let mut state = self.state.lock().map_err(|_| Duration::from_secs(1))?;
         let now = Instant::now();
-        let probe = match inner.state {
+        let probe = match *state {
             State::Closed => false,
             State::Open { until } if now < until => return Err(until - now),
             State::Open { .. } => {
                 self.transition(
-                    &mut inner,
+                    &mut state,
                     State::HalfOpen {
                         in_flight: 1,
                         succeeded: 0,
@@ -144,115 +171,97 @@ impl Breaker {
                 if in_flight + succeeded >= self.spec.half_open_probes.max(1) {
                     return Err(Duration::from_millis(100));
                 }
-                inner.state = State::HalfOpen {
+                *state = State::HalfOpen {
                     in_flight: in_flight + 1,
                     succeeded,
                 };
                 true
             }
         };
-        Ok(Ticket {
-            breaker: self.clone(),
-            probe,
-            done: false,
-        })
+        Ok(ticket(probe))
     }
 
     fn record(&self, probe: bool, outcome: Outcome) {
-        let Ok(mut inner) = self.inner.lock() else {
-            return;
-        };
-        let now = Instant::now();
         if probe {
-            if let State::HalfOpen {
-                in_flight,
-                succeeded,
-            } = inner.state
-            {
-                match outcome {
-                    Outcome::Failure => {
-                        let until = now + self.spec.open_for.0;
-                        self.transition(&mut inner, State::Open { until });
-                    }
-                    Outcome::Success => {
-                        let succeeded = succeeded + 1;
-                        if succeeded >= self.spec.half_open_probes.max(1) {
-                            inner.consecutive = 0;
-                            inner.buckets.clear();
-                            self.transition(&mut inner, State::Closed);
-                        } else {
-                            inner.state = State::HalfOpen {
-                                in_flight: in_flight.saturating_sub(1),
-                                succeeded,
-                            };
-                        }
-                    }
-                    Outcome::Ignore => {
-                        inner.state = State::HalfOpen {
-                            in_flight: in_flight.saturating_sub(1),
-                            succeeded,
-                        };
-                    }
-                }
-            }
-            return;
+            return self.record_probe(outcome);
         }
-        if inner.state != State::Closed {
-            return;
-        }
-        let trip = match outcome {
-            Outcome::Ignore => false,
+        let rate = self.spec.mode == BreakerMode::Rate;
+        match outcome {
+            Outcome::Ignore => return,
             Outcome::Success => {
-                inner.consecutive = 0;
-                self.count(&mut inner, now, true);
-                false
-            }
-            Outcome::Failure => {
-                inner.consecutive += 1;
-                self.count(&mut inner, now, false);
-                match self.spec.mode {
-                    BreakerMode::Consecutive => {
-                        inner.consecutive >= self.spec.consecutive_failures.max(1)
-                    }
-                    BreakerMode::Rate => {
-                        let (ok, failed) = inner
-                            .buckets
-                            .iter()
-                            .fold((0u32, 0u32), |(a, b), (_, s, f)| (a + s, b + f));
-                        let total = ok + failed;
-                        total >= self.spec.min_requests.max(1)
-                            && f64::from(failed) / f64::from(total) >= self.spec.failure_rate
-                    }
+                // The fast path: no lock, and no write when there is nothing to reset.
+                if self.consecutive.load(Ordering::Relaxed) != 0 {
+                    self.consecutive.store(0, Ordering::Relaxed);
                 }
+                if rate {
+                    self.succeeded.add(1);
+                }
+                return;
+            }
+            Outcome::Failure => {}
+        }
+        if !self.closed.load(Ordering::Acquire) {
+            // A call let through before the breaker opened: it has already been judged.
+            return;
+        }
+        let failures = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+        let trip = match self.spec.mode {
+            BreakerMode::Consecutive => failures >= self.spec.consecutive_failures.max(1),
+            BreakerMode::Rate => {
+                self.failed.add(1);
+                let failed = self.failed.sum();
+                let total = self.succeeded.sum() + failed;
+                total >= u64::from(self.spec.min_requests.max(1))
+                    && failed as f64 / total as f64 >= self.spec.failure_rate
             }
         };
         if trip {
-            let until = now + self.spec.open_for.0;
-            self.transition(&mut inner, State::Open { until });
+            let Ok(mut state) = self.state.lock() else {
+                return;
+            };
+            if *state == State::Closed {
+                let until = Instant::now() + self.spec.open_for.0;
+                self.transition(&mut state, State::Open { until });
+            }
         }
     }
 
-    /// Adds a call to the one-second bucket of `now`, dropping buckets older than the window.
-    fn count(&self, inner: &mut Inner, now: Instant, ok: bool) {
-        let window = self.spec.window.0;
-        while inner
-            .buckets
-            .front()
-            .is_some_and(|(t, _, _)| now.saturating_duration_since(*t) >= window)
-        {
-            inner.buckets.pop_front();
-        }
-        match inner.buckets.back_mut() {
-            Some((t, s, f)) if now.saturating_duration_since(*t) < Duration::from_secs(1) => {
-                if ok {
-                    *s += 1
+    fn record_probe(&self, outcome: Outcome) {
+        let Ok(mut state) = self.state.lock() else {
+            return;
+        };
+        let State::HalfOpen {
+            in_flight,
+            succeeded,
+        } = *state
+        else {
+            return;
+        };
+        match outcome {
+            Outcome::Failure => {
+                let until = Instant::now() + self.spec.open_for.0;
+                self.transition(&mut state, State::Open { until });
+            }
+            Outcome::Success => {
+                let succeeded = succeeded + 1;
+                if succeeded >= self.spec.half_open_probes.max(1) {
+                    self.consecutive.store(0, Ordering::Relaxed);
+                    self.succeeded.clear();
+                    self.failed.clear();
+                    self.transition(&mut state, State::Closed);
                 } else {
-                    *f += 1
+                    *state = State::HalfOpen {
+                        in_flight: in_flight.saturating_sub(1),
+                        succeeded,
+                    };
                 }
             }
-            _ => inner
-                .buckets
-                .push_back((now, u32::from(ok), u32::from(!ok))),
+            Outcome::Ignore => {
+                *state = State::HalfOpen {
+                    in_flight: in_flight.saturating_sub(1),
+                    succeeded,
+                };
+            }
         }
     }
 }
@@ -297,20 +306,16 @@ where
     fn call(&mut self, req: Request) -> Self::Future {
         match self.breaker.acquire() {
             Err(retry_after) => fail(Problem::circuit_open(&self.breaker.backend, retry_after)),
-            Ok(ticket) => {
-                let deadline = req.extensions().get::<Deadline>().copied();
-                let progress = deadline.and(req.extensions().get::<BodyProgress>().cloned());
+            Ok(mut ticket) => {
+                // The overall timeout above ends a slow call by dropping it; the ticket then
+                // judges it by the deadline (no timer of this layer's own).
+                ticket.deadline = req.extensions().get::<Deadline>().copied();
+                ticket.progress = ticket
+                    .deadline
+                    .and(req.extensions().get::<BodyProgress>().cloned());
                 let fut = self.inner.call(req);
                 Box::pin(async move {
-                    // The overall timeout sits above this layer and would drop the call without
-                    // an outcome; race the deadline here so a slow backend is judged slow.
-                    let result = match deadline {
-                        Some(d) => match tokio::time::timeout_at(d.at, fut).await {
-                            Ok(r) => r,
-                            Err(_) => Err(super::timeout::expired(d.total, progress.as_ref())),
-                        },
-                        None => fut.await,
-                    };
+                    let result = fut.await;
                     ticket.record(outcome_of(&result));
                     result
                 })
@@ -400,6 +405,45 @@ mod tests {
         p1.record(Outcome::Success);
         p2.record(Outcome::Success);
         assert_eq!(b.state(), State::Closed);
+    }
+
+    /// The breaker keeps no timer: a call the overall timeout above ends is dropped, and its
+    /// ticket judges it by the deadline, a failure; a caller who leaves before the deadline
+    /// proves nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_call_the_deadline_ends_is_a_failure_and_one_the_client_leaves_is_not() {
+        use tower::{Layer, ServiceExt};
+        let b = Breaker::new(
+            "b",
+            spec(BreakerMode::Consecutive),
+            Arc::new(Metrics::new()),
+        );
+        let (mock, mut handle) = tower_test::mock::pair::<Request, Response>();
+        let inner = BreakerService::new(tower::util::MapErr::new(mock, |e: BoxError| e), b.clone());
+        let svc = super::super::timeout::TimeoutLayer::new(Duration::from_secs(1)).layer(inner);
+        // The backend never answers.
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Some(pair) = handle.next_request().await {
+                held.push(pair);
+            }
+        });
+        let req = || http::Request::new(crate::empty_body());
+        // Two callers leave early: nothing is counted.
+        for _ in 0..2 {
+            let call = tokio::spawn(svc.clone().oneshot(req()));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            call.abort();
+            let _ = call.await;
+        }
+        assert_eq!(b.consecutive.load(Ordering::Relaxed), 0);
+        // Three calls end at the deadline: three failures in a row open it.
+        for _ in 0..3 {
+            let err = svc.clone().oneshot(req()).await.unwrap_err();
+            let p = err.downcast_ref::<Problem>().expect("a Problem");
+            assert_eq!(p.kind, crate::error::Kind::TIMEOUT, "{p}");
+        }
+        assert!(matches!(b.state(), State::Open { .. }));
     }
 
     #[tokio::test(start_paused = true)]

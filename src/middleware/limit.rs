@@ -1,10 +1,11 @@
 //! Admission control on a route's stack: the token-bucket rate limit (429 with `Retry-After` and
 //! the IETF `RateLimit` / `RateLimit-Policy` headers) and the concurrency limits (per route and
-//! per backend) that shed load with 503 instead of queueing without bound.
+//! per backend) that shed load with 503 instead of queueing without bound. Neither takes a lock
+//! on a request's path: the bucket is governor's (one compare-and-swap), the slots a counter.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -14,7 +15,6 @@ use governor::state::keyed::DefaultKeyedStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use http::{HeaderMap, HeaderName};
-use tokio::sync::Semaphore;
 use tower::Service;
 
 use super::context::RequestContext;
@@ -185,17 +185,53 @@ where
     }
 }
 
+/// At most `max` calls in flight, counted without a lock: a call takes a slot or is refused at
+/// once (the limits shed load, they never queue), and gives it back when its answer (or its
+/// failure) is in.
+pub struct Slots {
+    max: usize,
+    used: AtomicUsize,
+}
+
+impl Slots {
+    pub fn new(max: usize) -> Arc<Self> {
+        Arc::new(Slots {
+            max,
+            used: AtomicUsize::new(0),
+        })
+    }
+
+    /// A slot, or `None` when all are taken.
+    pub fn take(self: &Arc<Self>) -> Option<Slot> {
+        self.used
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot(self.clone()))
+    }
+}
+
+/// A taken slot, given back when dropped.
+pub struct Slot(Arc<Slots>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.used.fetch_sub(1, Ordering::Release);
+    }
+}
+
 /// Fails fast with 503 when `limit` calls are already in flight (no queue).
 #[derive(Clone)]
 pub struct ConcurrencyLimitService<S> {
     inner: S,
-    slots: Arc<Semaphore>,
+    slots: Arc<Slots>,
     scope: Arc<str>,
     metrics: Arc<Metrics>,
 }
 
 impl<S> ConcurrencyLimitService<S> {
-    pub fn new(inner: S, slots: Arc<Semaphore>, scope: Arc<str>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(inner: S, slots: Arc<Slots>, scope: Arc<str>, metrics: Arc<Metrics>) -> Self {
         ConcurrencyLimitService {
             inner,
             slots,
@@ -219,16 +255,16 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        match self.slots.clone().try_acquire_owned() {
-            Ok(permit) => {
+        match self.slots.take() {
+            Some(slot) => {
                 let fut = self.inner.call(req);
                 Box::pin(async move {
                     let r = fut.await;
-                    drop(permit);
+                    drop(slot);
                     r
                 })
             }
-            Err(_) => {
+            None => {
                 self.metrics.shed(&self.scope);
                 fail(Problem::overloaded(&self.scope))
             }
@@ -261,8 +297,7 @@ mod tests {
     async fn the_concurrency_limit_sheds_at_once_and_frees_its_slot() {
         let (svc, mut handle) = mock();
         let metrics = Arc::new(Metrics::new());
-        let svc =
-            ConcurrencyLimitService::new(svc, Arc::new(Semaphore::new(1)), "r".into(), metrics);
+        let svc = ConcurrencyLimitService::new(svc, Slots::new(1), "r".into(), metrics);
         let first = tokio::spawn(svc.clone().oneshot(http::Request::new(empty_body())));
         let (_, send) = handle.next_request().await.unwrap();
         // The slot is taken: the next call is refused without waiting or reaching the backend.

@@ -8,11 +8,11 @@ pub mod correlation;
 pub mod limit;
 pub mod retry;
 pub mod timeout;
+pub mod window;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
 use tower::Layer;
 
 use crate::RouteService;
@@ -153,7 +153,7 @@ pub fn stack(
         let scope: Arc<str> = format!("route {}", route.id).into();
         svc = RouteService::new(limit::ConcurrencyLimitService::new(
             svc,
-            Arc::new(Semaphore::new(n)),
+            limit::Slots::new(n),
             scope,
             metrics.clone(),
         ));

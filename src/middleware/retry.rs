@@ -5,10 +5,10 @@
 
 use std::sync::Arc;
 
+use super::window::RetryBudget;
 use bytes::Bytes;
 use http::{HeaderName, Method, header};
 use tower::ServiceExt;
-use tower::retry::budget::{Budget, TpsBudget};
 
 use super::context::Deadline;
 use crate::backoff::Backoff;
@@ -108,7 +108,7 @@ fn safe_to_repeat(req: &Request, route_idempotent: bool) -> bool {
 pub struct RetryService {
     inner: RouteService,
     policy: Arc<RetryPolicy>,
-    budget: Arc<TpsBudget>,
+    budget: Arc<RetryBudget>,
     route: Arc<str>,
     backend: Arc<str>,
     metrics: Arc<Metrics>,
@@ -118,7 +118,7 @@ impl RetryService {
     pub fn new(
         inner: RouteService,
         policy: Arc<RetryPolicy>,
-        budget: Arc<TpsBudget>,
+        budget: Arc<RetryBudget>,
         route: Arc<str>,
         backend: Arc<str>,
         metrics: Arc<Metrics>,
@@ -222,7 +222,7 @@ mod tests {
 
     fn service(
         p: RetryPolicy,
-        budget: TpsBudget,
+        budget: RetryBudget,
     ) -> (RetryService, tower_test::mock::Handle<Request, Response>) {
         let (mock, handle) = tower_test::mock::pair::<Request, Response>();
         let inner = RouteService::boxing(tower::util::MapErr::new(mock, |e: BoxError| e));
@@ -239,8 +239,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn connect_failures_are_retried_even_for_post() {
-        let (svc, mut handle) =
-            service(policy(3), TpsBudget::new(Duration::from_secs(10), 100, 0.2));
+        let (svc, mut handle) = service(
+            policy(3),
+            RetryBudget::new(Duration::from_secs(10), 100, 0.2),
+        );
         let req = http::Request::post("/x").body(empty_body()).unwrap();
         let call = tokio::spawn(svc.oneshot(req));
         for _ in 0..2 {
@@ -254,8 +256,10 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn post_is_not_retried_after_the_backend_may_have_acted() {
-        let (svc, mut handle) =
-            service(policy(3), TpsBudget::new(Duration::from_secs(10), 100, 0.2));
+        let (svc, mut handle) = service(
+            policy(3),
+            RetryBudget::new(Duration::from_secs(10), 100, 0.2),
+        );
         let req = http::Request::post("/x").body(empty_body()).unwrap();
         let call = tokio::spawn(svc.oneshot(req));
         let (_, send) = handle.next_request().await.unwrap();
@@ -268,8 +272,10 @@ mod tests {
             .header("idempotency-key", "k1")
             .body(empty_body())
             .unwrap();
-        let (svc, mut handle) =
-            service(policy(2), TpsBudget::new(Duration::from_secs(10), 100, 0.2));
+        let (svc, mut handle) = service(
+            policy(2),
+            RetryBudget::new(Duration::from_secs(10), 100, 0.2),
+        );
         let call = tokio::spawn(svc.oneshot(req));
         let (_, send) = handle.next_request().await.unwrap();
         let mut resp = http::Response::new(empty_body());
@@ -284,7 +290,7 @@ mod tests {
     async fn grpc_unavailable_is_retried_when_the_route_names_it() {
         let mut p = policy(2);
         p.on.push(RetryOn::Condition(RetryCondition::Unavailable));
-        let (svc, mut handle) = service(p, TpsBudget::new(Duration::from_secs(10), 100, 0.2));
+        let (svc, mut handle) = service(p, RetryBudget::new(Duration::from_secs(10), 100, 0.2));
         let call = tokio::spawn(svc.oneshot(http::Request::get("/x").body(empty_body()).unwrap()));
         let (_, send) = handle.next_request().await.unwrap();
         send.send_error(crate::backends::grpc::status::problem(
@@ -301,7 +307,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_exhausted_budget_stops_retries() {
         // No reserve, 0 % of deposits: no retry is ever allowed.
-        let (svc, mut handle) = service(policy(5), TpsBudget::new(Duration::from_secs(1), 0, 0.0));
+        let (svc, mut handle) =
+            service(policy(5), RetryBudget::new(Duration::from_secs(1), 0, 0.0));
         let call = tokio::spawn(svc.oneshot(http::Request::get("/x").body(empty_body()).unwrap()));
         let (_, send) = handle.next_request().await.unwrap();
         send.send_error(unavailable());
@@ -316,7 +323,7 @@ mod tests {
         use tower::Layer;
         let (svc, mut handle) = service(
             policy(50),
-            TpsBudget::new(Duration::from_secs(10), 1000, 1.0),
+            RetryBudget::new(Duration::from_secs(10), 1000, 1.0),
         );
         let svc =
             crate::middleware::timeout::TimeoutLayer::new(Duration::from_millis(700)).layer(svc);

@@ -1,7 +1,9 @@
 //! The overall deadline of a request: sets [`Deadline`] for the layers and backend below it and
 //! fails with a 504 (`Problem::timeout`) when the backend has not answered in time — or
 //! with a 408 (`ClientBody::TooSlow`, the client's fault) when the client was still sending its
-//! body then.
+//! body then. Its timer is the request's only one unless a per-try timeout ends sooner: the
+//! breaker judges a call the deadline ended when the call is dropped, and a per-try timeout
+//! longer than what is left of the deadline sets no timer.
 
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -76,6 +78,14 @@ where
                 at: deadline,
                 total: self.after,
             });
+        } else if req
+            .extensions()
+            .get::<Deadline>()
+            .is_some_and(|d| d.at <= deadline)
+        {
+            // A try that cannot outlast the request's deadline needs no timer of its own: the
+            // overall timeout ends it. One timer per request on the fast path.
+            return Box::pin(self.inner.call(req));
         }
         let after = self.after;
         let progress = req.extensions().get::<BodyProgress>().cloned();
