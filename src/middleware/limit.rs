@@ -14,7 +14,7 @@ use governor::middleware::StateInformationMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use tower::Service;
 
 use super::context::RequestContext;
@@ -35,12 +35,36 @@ pub fn set_ratelimit_headers(
     remaining: u32,
     reset: u64,
 ) {
-    if let Some(v) = crate::header_value(format_args!("\"default\";q={quota};w={window}")) {
+    if let Some(v) = policy_value(quota, window) {
         h.insert(RATELIMIT_POLICY.clone(), v);
     }
-    if let Some(v) = crate::header_value(format_args!("\"default\";r={remaining};t={reset}")) {
+    if let Some(v) = counted_value(b"r=", remaining.into(), b"t=", reset) {
         h.insert(RATELIMIT.clone(), v);
     }
+}
+
+fn policy_value(quota: u32, window: u64) -> Option<HeaderValue> {
+    counted_value(b"q=", quota.into(), b"w=", window)
+}
+
+/// `"default";{a}{x};{b}{y}`, written without the formatting machinery: the `RateLimit` header
+/// is on every answer of a limited route.
+fn counted_value(a: &[u8], x: u64, b: &[u8], y: u64) -> Option<HeaderValue> {
+    let (mut nx, mut ny) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let mut buf = [0u8; 64];
+    let mut len = 0;
+    for part in [
+        &b"\"default\";"[..],
+        a,
+        nx.format(x).as_bytes(),
+        b";",
+        b,
+        ny.format(y).as_bytes(),
+    ] {
+        buf.get_mut(len..len + part.len())?.copy_from_slice(part);
+        len += part.len();
+    }
+    HeaderValue::from_bytes(&buf[..len]).ok()
 }
 
 type KeyedLimiter =
@@ -60,6 +84,8 @@ pub struct RateLimit {
     header: Option<HeaderName>,
     quota: u32,
     window_secs: u64,
+    /// `RateLimit-Policy`, the same on every answer.
+    policy: Option<HeaderValue>,
     checks: AtomicU64,
     route: Arc<str>,
     metrics: Arc<Metrics>,
@@ -93,6 +119,7 @@ impl RateLimit {
             header,
             quota: requests,
             window_secs: spec.per.0.as_secs().max(1),
+            policy: policy_value(requests, spec.per.0.as_secs().max(1)),
             checks: AtomicU64::new(0),
             route,
             metrics,
@@ -171,13 +198,13 @@ where
                 let fut = self.inner.call(req);
                 Box::pin(async move {
                     let mut resp = fut.await?;
-                    set_ratelimit_headers(
-                        resp.headers_mut(),
-                        limit.quota,
-                        limit.window_secs,
-                        remaining,
-                        reset,
-                    );
+                    let h = resp.headers_mut();
+                    if let Some(v) = &limit.policy {
+                        h.insert(RATELIMIT_POLICY.clone(), v.clone());
+                    }
+                    if let Some(v) = counted_value(b"r=", remaining.into(), b"t=", reset) {
+                        h.insert(RATELIMIT.clone(), v);
+                    }
                     Ok(resp)
                 })
             }
