@@ -1,7 +1,7 @@
-//! Both runtimes (`server.runtime`): the suite runs in the default, `shared`; this smoke set
-//! runs in each — requests over HTTP/1.1 and HTTP/2 on many connections, a reload, the drain —
-//! and checks that no second process joins a per-core port and that each worker keeps its own
-//! upstream connections.
+//! Both runtimes (`server.runtime`): the suite runs in the default, `per_core` (TLS included);
+//! this smoke set runs in each — requests over HTTP/1.1 and HTTP/2 on many connections, a
+//! reload, the drain — and checks that no second process joins a per-core port and that each
+//! worker keeps its own upstream connections.
 
 use crate::support::*;
 
