@@ -20,6 +20,8 @@ use crate::telemetry::metrics::Metrics;
 /// One route, ready to serve.
 pub struct CompiledRoute {
     pub id: Arc<str>,
+    /// The route's request counters and latency histogram, looked up once.
+    pub counters: crate::telemetry::metrics::RouteMetrics,
     pub spec: RouteSpec,
     /// How the path is matched and its variables read.
     pub pattern: Pattern,
@@ -344,8 +346,10 @@ impl RouteTable {
             for g in groups {
                 index.groups[g].push(i);
             }
+            let id: Arc<str> = r.id.as_str().into();
             routes.push(Arc::new(CompiledRoute {
-                id: r.id.as_str().into(),
+                counters: metrics.route(&id),
+                id,
                 pattern,
                 spec: r.clone(),
                 methods,

@@ -179,6 +179,7 @@ pub async fn handle(
     let wire = crate::error::Wire::of(req.headers());
     let cid_header = HeaderValue::from_str(&cid).ok();
     let mut route_id: Arc<str> = NO_ROUTE.clone();
+    let mut counters = None;
     let mut backend_name = None;
 
     let result: Result<Response, BoxError> = async {
@@ -230,6 +231,7 @@ pub async fn handle(
             .into());
         }
         route_id = route.id.clone();
+        counters = Some(route.counters.clone());
         // The job endpoint's generated route has no backend of its own.
         backend_name = (!route.spec.backend.is_empty()).then(|| route.spec.backend.clone());
         tracing::Span::current().record("route", &*route.id);
@@ -339,9 +341,11 @@ pub async fn handle(
         resp = http::Response::from_parts(parts, body.boxed_unsync());
     }
     let status = resp.status().as_u16();
-    shared
-        .metrics
-        .request(&route_id, &method, status, started.elapsed().as_secs_f64());
+    let seconds = started.elapsed().as_secs_f64();
+    match &counters {
+        Some(c) => shared.metrics.request_on(c, &method, status, seconds),
+        None => shared.metrics.request(&route_id, &method, status, seconds),
+    }
     if !tracing::enabled!(target: "switchyard::access", tracing::Level::INFO) {
         return resp;
     }

@@ -22,6 +22,34 @@ struct RouteLabels {
     route: Arc<str>,
 }
 
+/// The methods and statuses whose counters a route keeps at hand ([`RouteMetrics`]); other
+/// answers are counted through the family.
+const COMMON_METHODS: [http::Method; 5] = [
+    http::Method::GET,
+    http::Method::POST,
+    http::Method::PUT,
+    http::Method::DELETE,
+    http::Method::PATCH,
+];
+const COMMON_STATUS: [u16; 8] = [200, 201, 202, 204, 400, 404, 429, 503];
+
+fn common_slot(method: &http::Method, status: u16) -> Option<usize> {
+    let m = COMMON_METHODS.iter().position(|c| c == method)?;
+    let s = COMMON_STATUS.iter().position(|&c| c == status)?;
+    Some(m * COMMON_STATUS.len() + s)
+}
+
+/// One route's counters and histogram, resolved once per route (a reload makes a new handle
+/// on the same series). Made empty: a route that serves nothing allocates nothing more.
+#[derive(Clone)]
+pub struct RouteMetrics(Arc<RouteCells>);
+
+struct RouteCells {
+    route: Arc<str>,
+    latency: std::sync::OnceLock<Histogram>,
+    common: std::sync::OnceLock<Box<[std::sync::OnceLock<Counter>]>>,
+}
+
 /// Methods as bounded label values: anything non-standard is `OTHER`.
 fn method_label(m: &http::Method) -> &'static str {
     use http::Method as M;
@@ -420,6 +448,59 @@ impl Metrics {
             .inc();
     }
 
+    /// A route's handle on its request counters and latency histogram, made when the route is
+    /// built.
+    pub fn route(&self, route: &Arc<str>) -> RouteMetrics {
+        RouteMetrics(Arc::new(RouteCells {
+            route: route.clone(),
+            latency: std::sync::OnceLock::new(),
+            common: std::sync::OnceLock::new(),
+        }))
+    }
+
+    /// Counts one answered request of a route through its handle: the common answers' counters
+    /// and the latency histogram are looked up once per route (the first time each is needed),
+    /// not hashed and looked up in their family on every request.
+    pub fn request_on(
+        &self,
+        route: &RouteMetrics,
+        method: &http::Method,
+        status: u16,
+        seconds: f64,
+    ) {
+        let cells = &route.0;
+        let labels = || RequestLabels {
+            route: cells.route.clone(),
+            method: method_label(method),
+            status,
+        };
+        match common_slot(method, status) {
+            Some(i) => {
+                let slots = cells.common.get_or_init(|| {
+                    (0..COMMON_METHODS.len() * COMMON_STATUS.len())
+                        .map(|_| std::sync::OnceLock::new())
+                        .collect()
+                });
+                slots[i]
+                    .get_or_init(|| self.requests.get_or_create(&labels()).clone())
+                    .inc();
+            }
+            None => {
+                self.requests.get_or_create(&labels()).inc();
+            }
+        }
+        cells
+            .latency
+            .get_or_init(|| {
+                self.latency
+                    .get_or_create(&RouteLabels {
+                        route: cells.route.clone(),
+                    })
+                    .clone()
+            })
+            .observe(seconds);
+    }
+
     /// Counts one answered request. Label values are shared, so this allocates nothing once a
     /// route/method/status combination has been seen.
     pub fn request(&self, route: &Arc<str>, method: &http::Method, status: u16, seconds: f64) {
@@ -490,5 +571,40 @@ impl Metrics {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A route's handle counts into the same series as the family, common answers or not, and
+    /// a new handle for the same route (a reload) goes on counting them.
+    #[test]
+    fn a_route_handle_counts_into_the_routes_series() {
+        let m = Metrics::new();
+        let id: Arc<str> = "r".into();
+        let first = m.route(&id);
+        m.request_on(&first, &http::Method::GET, 200, 0.001);
+        m.request_on(&first, &http::Method::GET, 200, 0.001);
+        m.request_on(&first, &http::Method::OPTIONS, 418, 0.001);
+        let reloaded = m.route(&id);
+        m.request_on(&reloaded, &http::Method::GET, 200, 0.001);
+        m.request(&id, &http::Method::GET, 200, 0.001);
+        let text = m.render();
+        assert!(
+            text.contains(r#"switchyard_requests_total{route="r",method="GET",status="200"} 4"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"switchyard_requests_total{route="r",method="OPTIONS",status="418"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"switchyard_request_duration_seconds_count{route="r"} 5"#),
+            "{text}"
+        );
     }
 }
