@@ -43,21 +43,31 @@ fn parse_traceparent(tp: &str) -> Option<(&str, &str)> {
 }
 
 /// Continues the client's trace with a new span ID, or starts a new trace. Returns the
-/// `traceparent` to forward.
+/// `traceparent` to forward. Written digit by digit (every request makes one).
 pub fn next_traceparent(headers: &HeaderMap) -> HeaderValue {
-    let span = fastrand::u64(1..);
+    let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-01";
     let incoming = headers
         .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(parse_traceparent);
-    let value = match incoming {
-        Some((trace, flags)) => crate::header_value(format_args!("00-{trace}-{span:016x}-{flags}")),
-        None => crate::header_value(format_args!(
-            "00-{:032x}-{span:016x}-01",
-            fastrand::u128(1..)
-        )),
-    };
-    value.expect("hex is a valid header value")
+    match incoming {
+        Some((trace, flags)) => {
+            buf[3..35].copy_from_slice(trace.as_bytes());
+            buf[53..55].copy_from_slice(flags.as_bytes());
+        }
+        None => hex_into(&mut buf[3..35], fastrand::u128(1..)),
+    }
+    hex_into(&mut buf[36..52], u128::from(fastrand::u64(1..)));
+    HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
+}
+
+/// Writes the low `out.len()` hex digits of `v` into `out`, lower case.
+fn hex_into(out: &mut [u8], mut v: u128) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in out.iter_mut().rev() {
+        *b = DIGITS[(v & 0xf) as usize];
+        v >>= 4;
+    }
 }
 
 #[cfg(test)]
@@ -78,6 +88,14 @@ mod tests {
         h.insert(&TRACEPARENT, HeaderValue::from_static("garbage"));
         let s = next_traceparent(&h).to_str().unwrap().to_string();
         assert_eq!(s.len(), 55);
+        assert!(parse_traceparent(&s).is_some(), "{s}");
+        // The client's flags are kept; the span is new, hex, and not all zeros.
+        h.insert(
+            &TRACEPARENT,
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+        );
+        let s = next_traceparent(&h).to_str().unwrap().to_string();
+        assert!(s.ends_with("-00") && parse_traceparent(&s).is_some(), "{s}");
     }
 
     #[test]

@@ -444,7 +444,9 @@ pub struct GrpcRouteService {
     /// `{*rest}`, the catch-alls listed here keeping `%2F`).
     path_vars: PathVars,
     /// Allow-listed request headers forwarded as metadata, lower-cased.
-    metadata_headers: Arc<Vec<String>>,
+    /// The request headers forwarded as metadata (the trace context, the request id, and the
+    /// route's `metadata_headers`), their metadata keys made once.
+    metadata_headers: Arc<Vec<(http::HeaderName, tonic::metadata::AsciiMetadataKey)>>,
     server_streaming: bool,
     /// Client streaming: the body is NDJSON, one request message per line.
     client_streaming: bool,
@@ -564,9 +566,16 @@ impl GrpcRouteService {
             opts,
             path_vars,
             metadata_headers: Arc::new(
-                spec.metadata_headers
-                    .iter()
-                    .map(|h| h.to_ascii_lowercase())
+                ["x-request-id", "traceparent"]
+                    .into_iter()
+                    .map(str::to_string)
+                    .chain(spec.metadata_headers.iter().map(|h| h.to_ascii_lowercase()))
+                    .filter_map(|h| {
+                        Some((
+                            http::HeaderName::from_bytes(h.as_bytes()).ok()?,
+                            tonic::metadata::AsciiMetadataKey::from_bytes(h.as_bytes()).ok()?,
+                        ))
+                    })
                     .collect(),
             ),
         })
@@ -688,16 +697,10 @@ impl GrpcRouteService {
         if let Some(d) = parts.extensions.get::<Deadline>() {
             request.set_timeout(d.remaining());
         }
-        for name in ["x-request-id", "traceparent"]
-            .into_iter()
-            .chain(self.metadata_headers.iter().map(String::as_str))
-        {
+        for (name, key) in self.metadata_headers.iter() {
             for v in parts.headers.get_all(name) {
-                if let (Ok(key), Ok(v)) = (
-                    tonic::metadata::AsciiMetadataKey::from_bytes(name.as_bytes()),
-                    tonic::metadata::AsciiMetadataValue::try_from(v.as_bytes()),
-                ) {
-                    request.metadata_mut().append(key, v);
+                if let Ok(v) = tonic::metadata::AsciiMetadataValue::try_from(v.as_bytes()) {
+                    request.metadata_mut().append(key.clone(), v);
                 }
             }
         }
@@ -846,8 +849,21 @@ fn metadata_to_headers(metadata: &tonic::metadata::MetadataMap, headers: &mut ht
             {
                 continue;
             }
+            // `grpc-metadata-` and the key, on the stack unless the key is long.
+            const PREFIX: &[u8] = b"grpc-metadata-";
+            let (mut buf, long);
+            let full = PREFIX.len() + key.len();
+            let joined: &[u8] = if full <= 128 {
+                buf = [0u8; 128];
+                buf[..PREFIX.len()].copy_from_slice(PREFIX);
+                buf[PREFIX.len()..full].copy_from_slice(key.as_bytes());
+                &buf[..full]
+            } else {
+                long = [PREFIX, key.as_bytes()].concat();
+                &long
+            };
             if let (Ok(name), Ok(value)) = (
-                http::HeaderName::from_bytes(format!("grpc-metadata-{key}").as_bytes()),
+                http::HeaderName::from_bytes(joined),
                 HeaderValue::from_bytes(v.as_encoded_bytes()),
             ) {
                 headers.append(name, value);
