@@ -8,6 +8,7 @@
 #
 #   bash bench/amqp.sh          # DURATION=10 (seconds) ROUNDS=3 INFLIGHT=32 SIZE=256
 #                               # SY_WORKERS=N: the gateway's Tokio worker threads
+#                               # RUNTIME=shared: server.runtime (default per_core)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +16,7 @@ DURATION=${DURATION:-10}
 ROUNDS=${ROUNDS:-3}
 INFLIGHT=${INFLIGHT:-32}
 SIZE=${SIZE:-256}
+RUNTIME=${RUNTIME:-per_core}
 SY_PORT=${SY_PORT:-18163}
 SY_ADMIN=${SY_ADMIN:-18164}
 AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
@@ -32,7 +34,7 @@ trap cleanup EXIT
 
 # A queue that keeps at most 10 000 messages (the oldest are dropped), so runs do not fill the disk.
 cat > "$WORK/routes.yaml" <<YAML
-server: { listen: "127.0.0.1:$SY_PORT", admin: "127.0.0.1:$SY_ADMIN" }
+server: { listen: "127.0.0.1:$SY_PORT", admin: "127.0.0.1:$SY_ADMIN", runtime: $RUNTIME }
 backends:
   rabbit:
     type: amqp

@@ -109,10 +109,35 @@ impl<S: StackLayer> SharedCall for CloneOnCall<S> {
     }
 }
 
+/// A layer called through a shared reference: it clones only what its future keeps (a
+/// breaker ticket, a concurrency slot), not itself, so a request does not touch the reference
+/// counts of every layer's state (which all workers share).
+pub trait DirectCall: Send + Sync + 'static {
+    fn call(&self, req: Request) -> ResponseFuture;
+}
+
+struct Direct<S>(S);
+
+impl<S: DirectCall> SharedCall for Direct<S> {
+    fn call(&self, req: Request) -> ResponseFuture {
+        self.0.call(req)
+    }
+}
+
 impl RouteService {
     /// A service whose future is already a [`ResponseFuture`] (every layer of the gateway).
     pub fn new<S: StackLayer>(svc: S) -> Self {
         RouteService(std::sync::Arc::new(CloneOnCall(svc)))
+    }
+
+    /// A layer of the gateway's own, called without a clone ([`DirectCall`]).
+    pub fn direct<S: DirectCall>(svc: S) -> Self {
+        RouteService(std::sync::Arc::new(Direct(svc)))
+    }
+
+    /// Calls the service through a shared reference.
+    pub fn call_shared(&self, req: Request) -> ResponseFuture {
+        self.0.call(req)
     }
 
     /// Any other service: its future is boxed.

@@ -304,22 +304,40 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        match self.breaker.acquire() {
-            Err(retry_after) => fail(Problem::circuit_open(&self.breaker.backend, retry_after)),
-            Ok(mut ticket) => {
-                // The overall timeout above ends a slow call by dropping it; the ticket then
-                // judges it by the deadline (no timer of this layer's own).
-                ticket.deadline = req.extensions().get::<Deadline>().copied();
-                ticket.progress = ticket
-                    .deadline
-                    .and(req.extensions().get::<BodyProgress>().cloned());
-                let fut = self.inner.call(req);
-                Box::pin(async move {
-                    let result = fut.await;
-                    ticket.record(outcome_of(&result));
-                    result
-                })
-            }
+        around(&self.breaker, req, |r| self.inner.call(r))
+    }
+}
+
+impl crate::DirectCall for BreakerService<crate::RouteService> {
+    fn call(&self, req: Request) -> ResponseFuture {
+        around(&self.breaker, req, |r| self.inner.call_shared(r))
+    }
+}
+
+/// The layer's work around the call below it (`call`).
+fn around<F>(
+    breaker: &Arc<Breaker>,
+    req: Request,
+    call: impl FnOnce(Request) -> F,
+) -> ResponseFuture
+where
+    F: std::future::Future<Output = Result<Response, BoxError>> + Send + 'static,
+{
+    match breaker.acquire() {
+        Err(retry_after) => fail(Problem::circuit_open(&breaker.backend, retry_after)),
+        Ok(mut ticket) => {
+            // The overall timeout above ends a slow call by dropping it; the ticket then
+            // judges it by the deadline (no timer of this layer's own).
+            ticket.deadline = req.extensions().get::<Deadline>().copied();
+            ticket.progress = ticket
+                .deadline
+                .and(req.extensions().get::<BodyProgress>().cloned());
+            let fut = call(req);
+            Box::pin(async move {
+                let result = fut.await;
+                ticket.record(outcome_of(&result));
+                result
+            })
         }
     }
 }

@@ -188,26 +188,44 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        let limit = self.limit.clone();
-        match limit.check(&req) {
-            Err(wait) => {
-                limit.metrics.rate_limited(&limit.route);
-                fail(Problem::rate_limited(wait, limit.quota, limit.window_secs))
-            }
-            Ok((remaining, reset)) => {
-                let fut = self.inner.call(req);
-                Box::pin(async move {
-                    let mut resp = fut.await?;
-                    let h = resp.headers_mut();
-                    if let Some(v) = &limit.policy {
-                        h.insert(RATELIMIT_POLICY.clone(), v.clone());
-                    }
-                    if let Some(v) = counted_value(b"r=", remaining.into(), b"t=", reset) {
-                        h.insert(RATELIMIT.clone(), v);
-                    }
-                    Ok(resp)
-                })
-            }
+        rate_limited(&self.limit, req, |r| self.inner.call(r))
+    }
+}
+
+impl crate::DirectCall for RateLimitService<crate::RouteService> {
+    fn call(&self, req: Request) -> ResponseFuture {
+        rate_limited(&self.limit, req, |r| self.inner.call_shared(r))
+    }
+}
+
+/// The rate limit's work around the call below it (`call`).
+fn rate_limited<F>(
+    limit: &Arc<RateLimit>,
+    req: Request,
+    call: impl FnOnce(Request) -> F,
+) -> ResponseFuture
+where
+    F: std::future::Future<Output = Result<Response, BoxError>> + Send + 'static,
+{
+    match limit.check(&req) {
+        Err(wait) => {
+            limit.metrics.rate_limited(&limit.route);
+            fail(Problem::rate_limited(wait, limit.quota, limit.window_secs))
+        }
+        Ok((remaining, reset)) => {
+            let fut = call(req);
+            let policy = limit.policy.clone();
+            Box::pin(async move {
+                let mut resp = fut.await?;
+                let h = resp.headers_mut();
+                if let Some(v) = policy {
+                    h.insert(RATELIMIT_POLICY.clone(), v);
+                }
+                if let Some(v) = counted_value(b"r=", remaining.into(), b"t=", reset) {
+                    h.insert(RATELIMIT.clone(), v);
+                }
+                Ok(resp)
+            })
         }
     }
 }
@@ -282,19 +300,42 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        match self.slots.take() {
-            Some(slot) => {
-                let fut = self.inner.call(req);
-                Box::pin(async move {
-                    let r = fut.await;
-                    drop(slot);
-                    r
-                })
-            }
-            None => {
-                self.metrics.shed(&self.scope);
-                fail(Problem::overloaded(&self.scope))
-            }
+        let (slots, scope, metrics) = (&self.slots, &self.scope, &self.metrics);
+        limited(slots, scope, metrics, req, |r| self.inner.call(r))
+    }
+}
+
+impl crate::DirectCall for ConcurrencyLimitService<crate::RouteService> {
+    fn call(&self, req: Request) -> ResponseFuture {
+        limited(&self.slots, &self.scope, &self.metrics, req, |r| {
+            self.inner.call_shared(r)
+        })
+    }
+}
+
+/// The concurrency limit's work around the call below it (`call`).
+fn limited<F>(
+    slots: &Arc<Slots>,
+    scope: &Arc<str>,
+    metrics: &Metrics,
+    req: Request,
+    call: impl FnOnce(Request) -> F,
+) -> ResponseFuture
+where
+    F: std::future::Future<Output = Result<Response, BoxError>> + Send + 'static,
+{
+    match slots.take() {
+        Some(slot) => {
+            let fut = call(req);
+            Box::pin(async move {
+                let r = fut.await;
+                drop(slot);
+                r
+            })
+        }
+        None => {
+            metrics.shed(scope);
+            fail(Problem::overloaded(scope))
         }
     }
 }

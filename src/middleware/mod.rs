@@ -1,5 +1,6 @@
 //! Tower middleware shared by every route, and [`stack`], THE function that orders a route's
-//! layers. It runs once per route when config loads; the request path only clones the result.
+//! layers. It runs once per route when config loads; the request path calls the result through
+//! shared references (`RouteService::direct`): a layer clones only what its future keeps.
 
 pub mod breaker;
 pub mod context;
@@ -65,11 +66,11 @@ pub fn stack(
     let backend_name: Arc<str> = backend.name.as_str().into();
     let mut svc = backend.route_service(route, metrics)?;
     if let Some(t) = route.per_try_timeout.or(defaults.per_try_timeout) {
-        svc = RouteService::new(timeout::TimeoutLayer::per_try(t.0).layer(svc));
+        svc = RouteService::direct(timeout::TimeoutLayer::per_try(t.0).layer(svc));
     }
     if let Some(slots) = &backend.policy.concurrency {
         let scope: Arc<str> = format!("backend {}", backend.name).into();
-        svc = RouteService::new(limit::ConcurrencyLimitService::new(
+        svc = RouteService::direct(limit::ConcurrencyLimitService::new(
             svc,
             slots.clone(),
             scope,
@@ -77,13 +78,13 @@ pub fn stack(
         ));
     }
     if let Some(b) = &backend.policy.breaker {
-        svc = RouteService::new(breaker::BreakerService::new(svc, b.clone()));
+        svc = RouteService::direct(breaker::BreakerService::new(svc, b.clone()));
     }
     if let Some(r) = route.retry.as_ref().or(defaults.retry.as_ref())
         && r.attempts > 1
     {
         let policy = Arc::new(retry::RetryPolicy::new(r, route.idempotent));
-        svc = RouteService::new(retry::RetryService::new(
+        svc = RouteService::direct(retry::RetryService::new(
             svc,
             policy,
             backend.policy.budget.clone(),
@@ -105,7 +106,7 @@ pub fn stack(
         (_, OnTimeout::Accept) => background.unwrap_or(Duration::from_secs(300)),
         _ => timeout,
     };
-    svc = RouteService::new(timeout::TimeoutLayer::new(deadline).layer(svc));
+    svc = RouteService::direct(timeout::TimeoutLayer::new(deadline).layer(svc));
     let mut spool_inner = None;
     if route.spool {
         let state = state.ok_or_else(needs_state)?;
@@ -151,7 +152,7 @@ pub fn stack(
     }
     if let Some(n) = route.concurrency_limit {
         let scope: Arc<str> = format!("route {}", route.id).into();
-        svc = RouteService::new(limit::ConcurrencyLimitService::new(
+        svc = RouteService::direct(limit::ConcurrencyLimitService::new(
             svc,
             limit::Slots::new(n),
             scope,
@@ -160,7 +161,7 @@ pub fn stack(
     }
     if let Some(rl) = &route.rate_limit {
         let rl = Arc::new(limit::RateLimit::new(rl, id.clone(), metrics.clone()));
-        svc = RouteService::new(limit::RateLimitService::new(svc, rl));
+        svc = RouteService::direct(limit::RateLimitService::new(svc, rl));
     }
     svc = with_plugins(route, svc)?;
     // Reading a job of the route passes the same plugins (its authentication, for one).

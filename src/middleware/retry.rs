@@ -8,7 +8,6 @@ use std::sync::Arc;
 use super::window::RetryBudget;
 use bytes::Bytes;
 use http::{HeaderName, Method, header};
-use tower::ServiceExt;
 
 use super::context::Deadline;
 use crate::backoff::Backoff;
@@ -104,8 +103,11 @@ fn safe_to_repeat(req: &Request, route_idempotent: bool) -> bool {
         || req.headers().contains_key(&IDEMPOTENCY_KEY)
 }
 
+/// The retry layer. Its state is behind one `Arc`: a call clones that, not each part.
 #[derive(Clone)]
-pub struct RetryService {
+pub struct RetryService(Arc<Retrying>);
+
+struct Retrying {
     inner: RouteService,
     policy: Arc<RetryPolicy>,
     budget: Arc<RetryBudget>,
@@ -123,14 +125,14 @@ impl RetryService {
         backend: Arc<str>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        RetryService {
+        RetryService(Arc::new(Retrying {
             inner,
             policy,
             budget,
             route,
             backend,
             metrics,
-        }
+        }))
     }
 }
 
@@ -146,9 +148,16 @@ fn rebuild(parts: &http::request::Parts, body: &Bytes) -> Request {
 
 crate::backends::route_service!(RetryService);
 
+impl crate::DirectCall for RetryService {
+    fn call(&self, req: Request) -> crate::ResponseFuture {
+        Box::pin(self.clone().call_backend(req))
+    }
+}
+
 impl RetryService {
     async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
-        self.budget.deposit();
+        let this = &*self.0;
+        this.budget.deposit();
         let declared = req
             .headers()
             .get(header::CONTENT_LENGTH)
@@ -156,35 +165,35 @@ impl RetryService {
             .and_then(|v| v.parse::<u64>().ok());
         use http_body::Body as _;
         let bufferable =
-            req.body().is_end_stream() || declared.is_some_and(|n| n <= self.policy.max_buffer);
-        if !bufferable || self.policy.attempts <= 1 {
+            req.body().is_end_stream() || declared.is_some_and(|n| n <= this.policy.max_buffer);
+        if !bufferable || this.policy.attempts <= 1 {
             // Too large (or of unknown length) to keep for a second try: one attempt only.
-            return self.inner.clone().oneshot(req).await;
+            return this.inner.call_shared(req).await;
         }
-        let safe = safe_to_repeat(&req, self.policy.idempotent);
+        let safe = safe_to_repeat(&req, this.policy.idempotent);
         let (parts, body) = req.into_parts();
         let body: Bytes = crate::collect_body(body).await?;
         let deadline = parts.extensions.get::<Deadline>().map(|d| d.at);
         let mut attempt = 1;
         loop {
-            let result = self.inner.clone().oneshot(rebuild(&parts, &body)).await;
-            let Some((reason, acted)) = self.policy.condition(&result) else {
+            let result = this.inner.call_shared(rebuild(&parts, &body)).await;
+            let Some((reason, acted)) = this.policy.condition(&result) else {
                 return result;
             };
-            if attempt >= self.policy.attempts || (acted && !safe) {
+            if attempt >= this.policy.attempts || (acted && !safe) {
                 return result;
             }
-            if !self.budget.withdraw() {
-                self.metrics.retry_budget_exhausted(&self.backend);
-                tracing::warn!(route = %self.route, backend = %self.backend, reason, "Retry budget exhausted; not retrying.");
+            if !this.budget.withdraw() {
+                this.metrics.retry_budget_exhausted(&this.backend);
+                tracing::warn!(route = %this.route, backend = %this.backend, reason, "Retry budget exhausted; not retrying.");
                 return result;
             }
-            let wait = self.policy.backoff.nth(attempt);
+            let wait = this.policy.backoff.nth(attempt);
             if deadline.is_some_and(|d| tokio::time::Instant::now() + wait >= d) {
                 return result;
             }
-            self.metrics.retry(&self.route, reason);
-            tracing::info!(route = %self.route, backend = %self.backend, attempt = attempt + 1, reason, wait_ms = wait.as_millis() as u64, "Retrying.");
+            this.metrics.retry(&this.route, reason);
+            tracing::info!(route = %this.route, backend = %this.backend, attempt = attempt + 1, reason, wait_ms = wait.as_millis() as u64, "Retrying.");
             drop(result);
             tokio::time::sleep(wait).await;
             attempt += 1;
@@ -198,6 +207,7 @@ mod tests {
     use crate::config::types::{Dur, Size};
     use crate::empty_body;
     use std::time::Duration;
+    use tower::ServiceExt;
 
     fn policy(attempts: u32) -> RetryPolicy {
         RetryPolicy::new(

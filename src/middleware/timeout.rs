@@ -71,32 +71,52 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request) -> Self::Future {
-        let deadline = Instant::now() + self.after;
-        if self.sets_deadline {
-            req.extensions_mut().insert(Deadline {
-                at: deadline,
-                total: self.after,
-            });
-        } else if req
-            .extensions()
-            .get::<Deadline>()
-            .is_some_and(|d| d.at <= deadline)
-        {
-            // A try that cannot outlast the request's deadline needs no timer of its own: the
-            // overall timeout ends it. One timer per request on the fast path.
-            return Box::pin(self.inner.call(req));
-        }
-        let after = self.after;
-        let progress = req.extensions().get::<BodyProgress>().cloned();
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            match tokio::time::timeout_at(deadline, fut).await {
-                Ok(result) => result,
-                Err(_) => Err(expired(after, progress.as_ref())),
-            }
+    fn call(&mut self, req: Request) -> Self::Future {
+        around(self.after, self.sets_deadline, req, |r| self.inner.call(r))
+    }
+}
+
+impl crate::DirectCall for TimeoutService<crate::RouteService> {
+    fn call(&self, req: Request) -> ResponseFuture {
+        around(self.after, self.sets_deadline, req, |r| {
+            self.inner.call_shared(r)
         })
     }
+}
+
+/// The layer's work around the call below it (`call`).
+fn around<F>(
+    after: Duration,
+    sets_deadline: bool,
+    mut req: Request,
+    call: impl FnOnce(Request) -> F,
+) -> ResponseFuture
+where
+    F: std::future::Future<Output = Result<Response, BoxError>> + Send + 'static,
+{
+    let deadline = Instant::now() + after;
+    if sets_deadline {
+        req.extensions_mut().insert(Deadline {
+            at: deadline,
+            total: after,
+        });
+    } else if req
+        .extensions()
+        .get::<Deadline>()
+        .is_some_and(|d| d.at <= deadline)
+    {
+        // A try that cannot outlast the request's deadline needs no timer of its own: the
+        // overall timeout ends it. One timer per request on the fast path.
+        return Box::pin(call(req));
+    }
+    let progress = req.extensions().get::<BodyProgress>().cloned();
+    let fut = call(req);
+    Box::pin(async move {
+        match tokio::time::timeout_at(deadline, fut).await {
+            Ok(result) => result,
+            Err(_) => Err(expired(after, progress.as_ref())),
+        }
+    })
 }
 
 /// The error of a deadline that passed: the client's (408) when its body was still arriving
