@@ -24,6 +24,12 @@ thread_local! {
     static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
 }
 
+/// The per-core worker this thread is, and how many there are (0 on the shared runtime): for
+/// values kept in one slot per worker, such as the request metrics' shards.
+pub fn worker() -> (Option<usize>, usize) {
+    (WORKER.with(Cell::get), WORKERS.load(Ordering::Relaxed))
+}
+
 /// One value per per-core worker, made when that worker first asks, and one for every other
 /// thread: what must not be shared between workers so that a request never wakes another
 /// thread (an upstream connection pool, whose connections are driven by the runtime that

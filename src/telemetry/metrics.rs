@@ -7,64 +7,13 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    route: Arc<str>,
-    method: &'static str,
-    status: u16,
-}
+pub use super::requests::RouteMetrics;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
     route: Arc<str>,
-}
-
-/// The methods and statuses whose counters a route keeps at hand ([`RouteMetrics`]); other
-/// answers are counted through the family.
-const COMMON_METHODS: [http::Method; 5] = [
-    http::Method::GET,
-    http::Method::POST,
-    http::Method::PUT,
-    http::Method::DELETE,
-    http::Method::PATCH,
-];
-const COMMON_STATUS: [u16; 8] = [200, 201, 202, 204, 400, 404, 429, 503];
-
-fn common_slot(method: &http::Method, status: u16) -> Option<usize> {
-    let m = COMMON_METHODS.iter().position(|c| c == method)?;
-    let s = COMMON_STATUS.iter().position(|&c| c == status)?;
-    Some(m * COMMON_STATUS.len() + s)
-}
-
-/// One route's counters and histogram, resolved once per route (a reload makes a new handle
-/// on the same series). Made empty: a route that serves nothing allocates nothing more.
-#[derive(Clone)]
-pub struct RouteMetrics(Arc<RouteCells>);
-
-struct RouteCells {
-    route: Arc<str>,
-    latency: std::sync::OnceLock<Histogram>,
-    common: std::sync::OnceLock<Box<[std::sync::OnceLock<Counter>]>>,
-}
-
-/// Methods as bounded label values: anything non-standard is `OTHER`.
-fn method_label(m: &http::Method) -> &'static str {
-    use http::Method as M;
-    match *m {
-        M::GET => "GET",
-        M::POST => "POST",
-        M::PUT => "PUT",
-        M::DELETE => "DELETE",
-        M::PATCH => "PATCH",
-        M::HEAD => "HEAD",
-        M::OPTIONS => "OPTIONS",
-        M::CONNECT => "CONNECT",
-        M::TRACE => "TRACE",
-        _ => "OTHER",
-    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -112,12 +61,10 @@ struct ScopeLabels {
     scope: Arc<str>,
 }
 
-type HistogramFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
-
 pub struct Metrics {
     registry: Registry,
-    requests: Family<RequestLabels, Counter>,
-    latency: HistogramFamily,
+    /// Requests and their latency, per route, in per-worker shards.
+    requests: Arc<super::requests::Requests>,
     backend_errors: Family<BackendErrorLabels, Counter>,
     backend_ready: Family<BackendLabels, Gauge>,
     reloads: Family<ReloadLabels, Counter>,
@@ -181,10 +128,6 @@ impl Drop for WsCounters {
     }
 }
 
-fn latency_histogram() -> Histogram {
-    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
-}
-
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -194,8 +137,7 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("switchyard");
-        let requests = Family::<RequestLabels, Counter>::default();
-        let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        let requests = Arc::new(super::requests::Requests::default());
         let backend_errors = Family::<BackendErrorLabels, Counter>::default();
         let backend_ready = Family::<BackendLabels, Gauge>::default();
         let reloads = Family::<ReloadLabels, Counter>::default();
@@ -285,16 +227,8 @@ impl Metrics {
             "Requests refused with 503 by a concurrency limit, by route or backend",
             shed.clone(),
         );
-        registry.register(
-            "requests",
-            "Requests answered, by route, method and status",
-            requests.clone(),
-        );
-        registry.register(
-            "request_duration_seconds",
-            "Time to the response head, by route",
-            latency.clone(),
-        );
+        // `requests_total` and `request_duration_seconds`, merged from their shards.
+        registry.register_collector(Box::new(requests.clone()));
         registry.register(
             "backend_errors",
             "Backend calls that failed, by backend and the status answered",
@@ -323,7 +257,6 @@ impl Metrics {
         Metrics {
             registry,
             requests,
-            latency,
             backend_errors,
             backend_ready,
             reloads,
@@ -448,19 +381,13 @@ impl Metrics {
             .inc();
     }
 
-    /// A route's handle on its request counters and latency histogram, made when the route is
-    /// built.
+    /// A route's handle on its request counts, made when the route is built; handles for one
+    /// route id share their counts, across reloads.
     pub fn route(&self, route: &Arc<str>) -> RouteMetrics {
-        RouteMetrics(Arc::new(RouteCells {
-            route: route.clone(),
-            latency: std::sync::OnceLock::new(),
-            common: std::sync::OnceLock::new(),
-        }))
+        self.requests.route(route)
     }
 
-    /// Counts one answered request of a route through its handle: the common answers' counters
-    /// and the latency histogram are looked up once per route (the first time each is needed),
-    /// not hashed and looked up in their family on every request.
+    /// Counts one answered request of a route through its handle (no lock, no hashing).
     pub fn request_on(
         &self,
         route: &RouteMetrics,
@@ -468,54 +395,12 @@ impl Metrics {
         status: u16,
         seconds: f64,
     ) {
-        let cells = &route.0;
-        let labels = || RequestLabels {
-            route: cells.route.clone(),
-            method: method_label(method),
-            status,
-        };
-        match common_slot(method, status) {
-            Some(i) => {
-                let slots = cells.common.get_or_init(|| {
-                    (0..COMMON_METHODS.len() * COMMON_STATUS.len())
-                        .map(|_| std::sync::OnceLock::new())
-                        .collect()
-                });
-                slots[i]
-                    .get_or_init(|| self.requests.get_or_create(&labels()).clone())
-                    .inc();
-            }
-            None => {
-                self.requests.get_or_create(&labels()).inc();
-            }
-        }
-        cells
-            .latency
-            .get_or_init(|| {
-                self.latency
-                    .get_or_create(&RouteLabels {
-                        route: cells.route.clone(),
-                    })
-                    .clone()
-            })
-            .observe(seconds);
+        route.record(method, status, seconds);
     }
 
-    /// Counts one answered request. Label values are shared, so this allocates nothing once a
-    /// route/method/status combination has been seen.
+    /// Counts one answered request that has no route handle (no route matched).
     pub fn request(&self, route: &Arc<str>, method: &http::Method, status: u16, seconds: f64) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                route: route.clone(),
-                method: method_label(method),
-                status,
-            })
-            .inc();
-        self.latency
-            .get_or_create(&RouteLabels {
-                route: route.clone(),
-            })
-            .observe(seconds);
+        self.requests.route(route).record(method, status, seconds);
     }
 
     pub fn backend_error(&self, backend: &str, status: u16) {
@@ -578,8 +463,8 @@ impl Metrics {
 mod tests {
     use super::*;
 
-    /// A route's handle counts into the same series as the family, common answers or not, and
-    /// a new handle for the same route (a reload) goes on counting them.
+    /// A route's handle counts into the route's series, common answers or not, and a new
+    /// handle for the same route (a reload) goes on counting them.
     #[test]
     fn a_route_handle_counts_into_the_routes_series() {
         let m = Metrics::new();

@@ -4,6 +4,7 @@
 pub mod access;
 pub mod metrics;
 pub mod redact;
+pub mod requests;
 
 use tracing_subscriber::EnvFilter;
 

@@ -1,0 +1,309 @@
+//! The request metrics, counted by the front end after each answer (`server::dispatch`):
+//! `switchyard_requests_total{route,method,status}` and
+//! `switchyard_request_duration_seconds{route}`. Each route counts into one shard per per-core
+//! worker (plus one for every other thread), in atomics, so that workers never write the same
+//! cache line and no request takes a lock or hashes its labels; `/metrics` merges the shards
+//! when it is read.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+
+/// The methods and statuses counted in a slot of their own; other answers go to a short list.
+const COMMON_METHODS: [http::Method; 5] = [
+    http::Method::GET,
+    http::Method::POST,
+    http::Method::PUT,
+    http::Method::DELETE,
+    http::Method::PATCH,
+];
+const COMMON_STATUS: [u16; 8] = [200, 201, 202, 204, 400, 404, 429, 503];
+const COMMON: usize = COMMON_METHODS.len() * COMMON_STATUS.len();
+
+/// The latency buckets' upper bounds: 0.5 ms doubling 16 times (about 16 s), then +Inf.
+const BUCKETS: usize = 16;
+
+fn bound(i: usize) -> f64 {
+    0.0005 * f64::from(1u32 << i)
+}
+
+/// Methods as bounded label values: anything non-standard is `OTHER`.
+pub fn method_label(m: &http::Method) -> &'static str {
+    use http::Method as M;
+    match *m {
+        M::GET => "GET",
+        M::POST => "POST",
+        M::PUT => "PUT",
+        M::DELETE => "DELETE",
+        M::PATCH => "PATCH",
+        M::HEAD => "HEAD",
+        M::OPTIONS => "OPTIONS",
+        M::CONNECT => "CONNECT",
+        M::TRACE => "TRACE",
+        _ => "OTHER",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: Arc<str>,
+    method: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: Arc<str>,
+}
+
+/// One worker's counts for one route, on cache lines of its own.
+#[repr(align(128))]
+struct Shard {
+    common: [AtomicU64; COMMON],
+    /// Answers outside the common slots: (method, status) and their count.
+    other: Mutex<Vec<(&'static str, u16, u64)>>,
+    /// Per bucket (not cumulative), the last one +Inf.
+    buckets: [AtomicU64; BUCKETS + 1],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Shard {
+            common: std::array::from_fn(|_| AtomicU64::new(0)),
+            other: Mutex::new(Vec::new()),
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            count: AtomicU64::new(0),
+            sum_nanos: AtomicU64::new(0),
+        }
+    }
+}
+
+struct RouteCells {
+    route: Arc<str>,
+    /// Made at the route's first answer: a route that serves nothing costs no shards.
+    shards: OnceLock<Box<[Shard]>>,
+}
+
+/// A route's handle on its counts. Handles for one route id share them, across reloads.
+#[derive(Clone)]
+pub struct RouteMetrics(Arc<RouteCells>);
+
+impl RouteMetrics {
+    /// Counts one answer, in this thread's shard.
+    pub fn record(&self, method: &http::Method, status: u16, seconds: f64) {
+        let shards = self.0.shards.get_or_init(|| {
+            let (_, workers) = crate::server::percore::worker();
+            (0..=workers).map(|_| Shard::default()).collect()
+        });
+        let shard = match crate::server::percore::worker() {
+            (Some(i), _) if i + 1 < shards.len() => &shards[i],
+            _ => &shards[shards.len() - 1],
+        };
+        let m = COMMON_METHODS.iter().position(|c| c == method);
+        let s = COMMON_STATUS.iter().position(|&c| c == status);
+        match (m, s) {
+            (Some(m), Some(s)) => {
+                shard.common[m * COMMON_STATUS.len() + s].fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {
+                let label = method_label(method);
+                let mut other = shard
+                    .other
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                match other
+                    .iter_mut()
+                    .find(|(m, s, _)| *m == label && *s == status)
+                {
+                    Some(e) => e.2 += 1,
+                    None => other.push((label, status, 1)),
+                }
+            }
+        }
+        let bucket = (0..BUCKETS)
+            .find(|&i| seconds <= bound(i))
+            .unwrap_or(BUCKETS);
+        shard.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        shard.count.fetch_add(1, Ordering::Relaxed);
+        shard
+            .sum_nanos
+            .fetch_add((seconds * 1e9) as u64, Ordering::Relaxed);
+    }
+}
+
+/// Every route's counts, kept by route id for the life of the process (a counter does not
+/// restart when a reload rebuilds its route), and encoded merged when `/metrics` is read.
+#[derive(Default)]
+pub struct Requests {
+    routes: Mutex<HashMap<Arc<str>, RouteMetrics>>,
+}
+
+impl std::fmt::Debug for Requests {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Requests")
+    }
+}
+
+impl Requests {
+    /// The handle of route `id`, made on first use.
+    pub fn route(&self, id: &Arc<str>) -> RouteMetrics {
+        let mut routes = self
+            .routes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        routes
+            .entry(id.clone())
+            .or_insert_with(|| {
+                RouteMetrics(Arc::new(RouteCells {
+                    route: id.clone(),
+                    shards: OnceLock::new(),
+                }))
+            })
+            .clone()
+    }
+
+    /// The handles that have counted something, by route id.
+    fn counted(&self) -> Vec<RouteMetrics> {
+        let routes = self
+            .routes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut out: Vec<RouteMetrics> = routes
+            .values()
+            .filter(|r| r.0.shards.get().is_some())
+            .cloned()
+            .collect();
+        out.sort_by(|a, b| a.0.route.cmp(&b.0.route));
+        out
+    }
+}
+
+impl Collector for Requests {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let routes = self.counted();
+        let merged =
+            |f: &dyn Fn(&Shard) -> u64, shards: &[Shard]| -> u64 { shards.iter().map(f).sum() };
+        let mut counters = encoder.encode_descriptor(
+            "requests",
+            "Requests answered, by route, method and status",
+            None,
+            MetricType::Counter,
+        )?;
+        for r in &routes {
+            let Some(shards) = r.0.shards.get() else {
+                continue;
+            };
+            let mut answers: Vec<(&'static str, u16, u64)> = Vec::new();
+            for (i, m) in COMMON_METHODS.iter().enumerate() {
+                for (j, &status) in COMMON_STATUS.iter().enumerate() {
+                    let k = i * COMMON_STATUS.len() + j;
+                    let n = merged(&|s| s.common[k].load(Ordering::Relaxed), shards);
+                    if n > 0 {
+                        answers.push((method_label(m), status, n));
+                    }
+                }
+            }
+            for shard in shards.iter() {
+                let other = shard
+                    .other
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for &(m, status, n) in other.iter() {
+                    match answers.iter_mut().find(|(a, b, _)| *a == m && *b == status) {
+                        Some(e) => e.2 += n,
+                        None => answers.push((m, status, n)),
+                    }
+                }
+            }
+            for (method, status, n) in answers {
+                let labels = RequestLabels {
+                    route: r.0.route.clone(),
+                    method,
+                    status,
+                };
+                ConstCounter::new(n).encode(counters.encode_family(&labels)?)?;
+            }
+        }
+        let mut histograms = encoder.encode_descriptor(
+            "request_duration_seconds",
+            "Time to the response head, by route",
+            None,
+            MetricType::Histogram,
+        )?;
+        for r in &routes {
+            let Some(shards) = r.0.shards.get() else {
+                continue;
+            };
+            let buckets: Vec<(f64, u64)> = (0..=BUCKETS)
+                .map(|i| {
+                    let upper = if i == BUCKETS {
+                        f64::INFINITY
+                    } else {
+                        bound(i)
+                    };
+                    (
+                        upper,
+                        merged(&|s| s.buckets[i].load(Ordering::Relaxed), shards),
+                    )
+                })
+                .collect();
+            let count = merged(&|s| s.count.load(Ordering::Relaxed), shards);
+            let sum = merged(&|s| s.sum_nanos.load(Ordering::Relaxed), shards) as f64 / 1e9;
+            let labels = RouteLabels {
+                route: r.0.route.clone(),
+            };
+            histograms
+                .encode_family(&labels)?
+                .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counts from several threads (each a shard of its own when it is a worker) come out
+    /// merged, with the histogram's buckets cumulative and +Inf last.
+    #[test]
+    fn shards_are_merged_when_read() {
+        let requests = Arc::new(Requests::default());
+        let id: Arc<str> = "r".into();
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let route = requests.route(&id);
+                std::thread::spawn(move || {
+                    for _ in 0..100 {
+                        route.record(&http::Method::GET, 200, 0.0004);
+                    }
+                    route.record(&http::Method::POST, 500, 30.0);
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        let mut registry = prometheus_client::registry::Registry::with_prefix("switchyard");
+        registry.register_collector(Box::new(requests.clone()));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        for line in [
+            r#"switchyard_requests_total{route="r",method="GET",status="200"} 400"#,
+            r#"switchyard_requests_total{route="r",method="POST",status="500"} 4"#,
+            r#"switchyard_request_duration_seconds_count{route="r"} 404"#,
+            r#"switchyard_request_duration_seconds_bucket{le="0.0005",route="r"} 400"#,
+            r#"switchyard_request_duration_seconds_bucket{le="16.384",route="r"} 400"#,
+            r#"switchyard_request_duration_seconds_bucket{le="+Inf",route="r"} 404"#,
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+    }
+}
