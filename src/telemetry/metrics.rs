@@ -65,6 +65,9 @@ pub struct Metrics {
     registry: Registry,
     /// Requests and their latency, per route, in per-worker shards.
     requests: Arc<super::requests::Requests>,
+    /// The handle of the answers no route made (404s, bad requests), kept at hand: a flood of
+    /// them must not queue on the table of handles.
+    unrouted: std::sync::OnceLock<(Arc<str>, RouteMetrics)>,
     backend_errors: Family<BackendErrorLabels, Counter>,
     backend_ready: Family<BackendLabels, Gauge>,
     reloads: Family<ReloadLabels, Counter>,
@@ -257,6 +260,7 @@ impl Metrics {
         Metrics {
             registry,
             requests,
+            unrouted: std::sync::OnceLock::new(),
             backend_errors,
             backend_ready,
             reloads,
@@ -400,7 +404,14 @@ impl Metrics {
 
     /// Counts one answered request that has no route handle (no route matched).
     pub fn request(&self, route: &Arc<str>, method: &http::Method, status: u16, seconds: f64) {
-        self.requests.route(route).record(method, status, seconds);
+        let (id, handle) = self
+            .unrouted
+            .get_or_init(|| (route.clone(), self.requests.route(route)));
+        if id == route {
+            handle.record(method, status, seconds);
+        } else {
+            self.requests.route(route).record(method, status, seconds);
+        }
     }
 
     pub fn backend_error(&self, backend: &str, status: u16) {
@@ -476,7 +487,17 @@ mod tests {
         let reloaded = m.route(&id);
         m.request_on(&reloaded, &http::Method::GET, 200, 0.001);
         m.request(&id, &http::Method::GET, 200, 0.001);
+        // Answers of no route: the first id seen is kept at hand, any other still counts.
+        let none: Arc<str> = "(none)".into();
+        m.request(&none, &http::Method::GET, 404, 0.001);
+        m.request(&none, &http::Method::GET, 404, 0.001);
         let text = m.render();
+        assert!(
+            text.contains(
+                r#"switchyard_requests_total{route="(none)",method="GET",status="404"} 2"#
+            ),
+            "{text}"
+        );
         assert!(
             text.contains(r#"switchyard_requests_total{route="r",method="GET",status="200"} 4"#),
             "{text}"
