@@ -81,7 +81,7 @@ pub struct ServerSpec {
 pub enum RuntimeMode {
     /// One work-stealing runtime runs connections, backends and the admin API.
     Shared,
-    /// Each worker thread runs its own connections, accepted from the one listening socket;
+    /// Each worker thread runs its own connections, accepted on its own `SO_REUSEPORT` socket;
     /// backends, brokers and the admin API run on the shared runtime. The default: it serves
     /// 1.2 to 1.5 times the requests of `shared` (docs/benchmarks.md).
     #[default]

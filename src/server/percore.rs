@@ -1,7 +1,7 @@
 //! The per-core front end (`server.runtime: per_core`): one OS thread per worker, each running a
-//! single-threaded Tokio runtime that accepts from the one listening socket (whichever worker
-//! is free first takes a connection) and serves its connections through [`super::serve`]
-//! itself, so a request's front-end work never leaves its thread. Backends, brokers, the reloader and
+//! single-threaded Tokio runtime that accepts on its own `SO_REUSEPORT` socket (the kernel
+//! spreads connections over them) and serves its connections through [`super::serve`] itself,
+//! so a request's front-end work never leaves its thread. Backends, brokers, the reloader and
 //! the admin API stay on the shared runtime.
 
 use std::cell::Cell;
@@ -60,23 +60,26 @@ impl<T> PerWorker<T> {
     }
 }
 
-/// Binds one listening socket to `addr` and gives each of the `workers` a handle on it (port 0
-/// is given its number). The workers accept from the one queue: a worker busy with its own
-/// connections is late to take the next one, and one whose share of `max_connections` is full
-/// stops asking, so connections go where there is room. One `SO_REUSEPORT` socket per worker
-/// (the kernel hashing each connection to a worker) was measured first: its split of a fixed
-/// set of connections is random, and a worker that drew more of them held back their requests
-/// (docs/benchmarks.md). A port another process holds is refused.
+/// Binds `workers` listening sockets to `addr` with `SO_REUSEPORT`. The address is first bound
+/// alone, without the option: a port another process holds (a second instance started by
+/// mistake, even one serving per core) is refused as with one listener, and port 0 is given
+/// its number.
 pub fn bind(addr: SocketAddr, workers: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    socket.set_nonblocking(true)?;
+    let probe = std::net::TcpListener::bind(addr)?;
+    let addr = probe.local_addr()?;
+    drop(probe);
     WORKERS.store(workers.max(1), Ordering::Relaxed);
     (0..workers.max(1))
-        .map(|_| Ok(socket.try_clone()?.into()))
+        .map(|_| {
+            use socket2::{Domain, Protocol, Socket, Type};
+            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            socket.set_reuse_address(true)?;
+            socket.set_reuse_port(true)?;
+            socket.set_nonblocking(true)?;
+            socket.bind(&addr.into())?;
+            socket.listen(1024)?;
+            Ok(socket.into())
+        })
         .collect()
 }
 
@@ -94,9 +97,10 @@ impl Drop for Workers {
     }
 }
 
-/// Starts one worker per listener handle. Called from the shared runtime. Each worker serves
-/// its share of `max_connections` and stops accepting while its share is full, leaving the
-/// queue's connections to the workers with room.
+/// Starts one worker per listener. Called from the shared runtime. Each worker serves its
+/// share of `max_connections`: a connection the kernel gave a worker can only be served by it,
+/// so one budget shared by all would let a worker hold the last slot while waiting on its own
+/// empty socket, and a connection waiting on another's never be served.
 pub fn start(
     listeners: Vec<std::net::TcpListener>,
     shared: Arc<Shared>,

@@ -40,7 +40,7 @@ async fn shared_serves_reloads_and_drains() {
 async fn serves_reloads_and_drains(runtime: &str) {
     let up = Upstream::start().await;
     let gw = Gateway::start(&config_for(runtime, &up.url(), "127.0.0.1:0", false)).await;
-    // Many connections, which the workers take from the one listening socket, each answered.
+    // Many connections, which the kernel spreads over the workers' sockets, each answered.
     let mut calls = Vec::new();
     for i in 0..24 {
         let url = gw.url(&format!("/count/{i}"));
@@ -91,8 +91,8 @@ async fn no_second_process_joins_a_per_core_port() {
     let up = Upstream::start().await;
     let gw = Gateway::start(&config(&up.url(), "127.0.0.1:0", false)).await;
     let taken = gw.listen.to_string();
-    // Neither a shared nor a per-core instance may bind it, though every worker of the first
-    // listens on it.
+    // Neither a shared nor a per-core instance may bind it, although the workers' sockets
+    // allow port reuse among themselves.
     for runtime in ["shared", "per_core"] {
         let yaml = config(&up.url(), &taken, false).replace(
             "runtime: per_core, workers: 2",
