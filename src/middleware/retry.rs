@@ -136,8 +136,12 @@ impl RetryService {
     }
 }
 
-fn rebuild(parts: &http::request::Parts, body: &Bytes) -> Request {
-    let mut req = http::Request::new(full_body(body.clone()));
+/// A try's copy of the request; `None` for a request without a body (no body to buffer).
+fn rebuild(parts: &http::request::Parts, body: Option<&Bytes>) -> Request {
+    let mut req = http::Request::new(match body {
+        Some(b) => full_body(b.clone()),
+        None => crate::empty_body(),
+    });
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = parts.uri.clone();
     *req.version_mut() = parts.version;
@@ -171,12 +175,17 @@ impl RetryService {
             return this.inner.call_shared(req).await;
         }
         let safe = safe_to_repeat(&req, this.policy.idempotent);
+        let empty = req.body().is_end_stream();
         let (parts, body) = req.into_parts();
-        let body: Bytes = crate::collect_body(body).await?;
+        let body = if empty {
+            None
+        } else {
+            Some(crate::collect_body(body).await?)
+        };
         let deadline = parts.extensions.get::<Deadline>().map(|d| d.at);
         let mut attempt = 1;
         loop {
-            let result = this.inner.call_shared(rebuild(&parts, &body)).await;
+            let result = this.inner.call_shared(rebuild(&parts, body.as_ref())).await;
             let Some((reason, acted)) = this.policy.condition(&result) else {
                 return result;
             };
