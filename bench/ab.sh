@@ -35,19 +35,8 @@ trap cleanup EXIT
 start_nginx "$WORK/up" <<CONF
   server { listen 127.0.0.1:$UP_PORT; location / { default_type text/plain; return 200 "hello, world\n"; } }
 CONF
-routes() { # PORT ADMIN_PORT
-  cat <<YAML
-server: { listen: "127.0.0.1:$1", admin: "127.0.0.1:$2" }
-backends:
-  up: { type: http, endpoints: ["http://127.0.0.1:$UP_PORT"], breaker: { enabled: false } }
-routes:
-  - id: bare
-    match: { method: GET, path: "/bare/{*rest}" }
-    backend: up
-YAML
-}
-routes "$A_PORT" $((A_PORT + 100)) > "$WORK/a.yaml"
-routes "$B_PORT" $((B_PORT + 100)) > "$WORK/b.yaml"
+proxy_routes "$A_PORT" $((A_PORT + 100)) "$UP_PORT" > "$WORK/a.yaml"
+proxy_routes "$B_PORT" $((B_PORT + 100)) "$UP_PORT" > "$WORK/b.yaml"
 RUST_LOG=warn "$WORK/this" run --no-watch --config "$WORK/a.yaml" >"$WORK/a.log" 2>&1 &
 A_PID=$!
 RUST_LOG=warn "$BASE_BIN" run --no-watch --config "$WORK/b.yaml" >"$WORK/b.log" 2>&1 &
@@ -55,7 +44,6 @@ B_PID=$!
 wait_ready $((A_PORT + 100))
 wait_ready $((B_PORT + 100))
 
-to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'; }
 run() { # NAME PORT
   local out rps p99
   out=$(wrk -t2 -c"$CONNECTIONS" -d"$DURATION" --latency "http://127.0.0.1:$2/bare/bench")

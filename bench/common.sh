@@ -75,3 +75,37 @@ CONF
   } > "$1/nginx.conf"
   "$(command -v nginx || echo /usr/sbin/nginx)" -c "$1/nginx.conf" -p "$1"
 }
+
+# proxy_routes LISTEN_PORT ADMIN_PORT UPSTREAM_PORT [SERVER_KEYS]: the gateway config of the proxy
+# benchmarks (proxy.sh, instructions.sh, ab.sh), so that they measure the same routes: `bare`
+# (/bare/...) and `full` (/full/...: timeout, per-try timeout, retry with budget, breaker, rate
+# limit set high, concurrency limits), both to the HTTP upstream on UPSTREAM_PORT. SERVER_KEYS
+# are added to `server:` (`runtime: shared`, `workers: 1`).
+proxy_routes() {
+  cat <<YAML
+server: { listen: "127.0.0.1:$1", admin: "127.0.0.1:$2"${4:+, $4} }
+backends:
+  up: { type: http, endpoints: ["http://127.0.0.1:$3"], breaker: { enabled: false } }
+  guarded:
+    type: http
+    endpoints: ["http://127.0.0.1:$3"]
+    breaker: { consecutive_failures: 5 }
+    retry_budget: { ratio: 0.2 }
+    concurrency_limit: 100000
+routes:
+  - id: bare
+    match: { method: GET, path: "/bare/{*rest}" }
+    backend: up
+  - id: full
+    match: { method: GET, path: "/full/{*rest}" }
+    backend: guarded
+    timeout: 10s
+    per_try_timeout: 5s
+    retry: { attempts: 3, backoff: 10ms }
+    rate_limit: { requests: 10000000, per: 1s }
+    concurrency_limit: 100000
+YAML
+}
+
+# to_ms VALUE: wrk's latencies (812.00us / 1.23ms / 1.02s) in milliseconds.
+to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'; }

@@ -46,29 +46,7 @@ trap cleanup EXIT
 start_nginx "$WORK/upstream" <<CONF
   server { listen 127.0.0.1:$UP_PORT; location / { default_type text/plain; return 200 "hello, world\n"; } }
 CONF
-cat > "$WORK/routes.yaml" <<YAML
-server: { listen: "127.0.0.1:$SY_PORT", admin: "127.0.0.1:$SY_ADMIN", workers: 1 }
-backends:
-  up: { type: http, endpoints: ["http://127.0.0.1:$UP_PORT"], breaker: { enabled: false } }
-  guarded:
-    type: http
-    endpoints: ["http://127.0.0.1:$UP_PORT"]
-    breaker: { consecutive_failures: 5 }
-    retry_budget: { ratio: 0.2 }
-    concurrency_limit: 100000
-routes:
-  - id: bare
-    match: { method: GET, path: "/bare/{*rest}" }
-    backend: up
-  - id: full
-    match: { method: GET, path: "/full/{*rest}" }
-    backend: guarded
-    timeout: 10s
-    per_try_timeout: 5s
-    retry: { attempts: 3, backoff: 10ms }
-    rate_limit: { requests: 10000000, per: 1s }
-    concurrency_limit: 100000
-YAML
+proxy_routes "$SY_PORT" "$SY_ADMIN" "$UP_PORT" "workers: 1" > "$WORK/routes.yaml"
 
 # count BIN NAME: instructions per request on each route of the gateway BIN.
 count() {

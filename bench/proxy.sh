@@ -68,41 +68,17 @@ start_nginx "$WORK" <<CONF
   }
 CONF
 
-cat > "$WORK/routes.yaml" <<YAML
-server: { listen: "127.0.0.1:$SY_PORT", admin: "127.0.0.1:$SY_ADMIN" }
-backends:
-  up: { type: http, endpoints: ["http://127.0.0.1:$UP_PORT"], breaker: { enabled: false } }
-  guarded:
-    type: http
-    endpoints: ["http://127.0.0.1:$UP_PORT"]
-    breaker: { consecutive_failures: 5 }
-    retry_budget: { ratio: 0.2 }
-    concurrency_limit: 100000
-routes:
-  - id: bare
-    match: { method: GET, path: "/bare/{*rest}" }
-    backend: up
-  - id: full
-    match: { method: GET, path: "/full/{*rest}" }
-    backend: guarded
-    timeout: 10s
-    per_try_timeout: 5s
-    retry: { attempts: 3, backoff: 10ms }
-    rate_limit: { requests: 10000000, per: 1s }
-    concurrency_limit: 100000
-YAML
+proxy_routes "$SY_PORT" "$SY_ADMIN" "$UP_PORT" > "$WORK/routes.yaml"
 RUST_LOG="warn" "$SWITCHYARD" run --no-watch --config "$WORK/routes.yaml" >"$WORK/logs/switchyard.log" 2>&1 &
 SY_PID=$!
 # The same routes on the shared work-stealing runtime (`server.runtime: shared`).
 SH_PORT=$((SY_PORT + 20))
-sed -e "s/listen: \"127.0.0.1:$SY_PORT\", admin: \"127.0.0.1:$SY_ADMIN\"/listen: \"127.0.0.1:$SH_PORT\", admin: \"127.0.0.1:$((SY_ADMIN + 20))\", runtime: shared/" \
-  "$WORK/routes.yaml" > "$WORK/shared.yaml"
+proxy_routes "$SH_PORT" $((SY_ADMIN + 20)) "$UP_PORT" "runtime: shared" > "$WORK/shared.yaml"
 RUST_LOG="warn" "$SWITCHYARD" run --no-watch --config "$WORK/shared.yaml" >"$WORK/logs/shared.log" 2>&1 &
 SH_PID=$!
 BASE_PORT=$((SY_PORT + 10))
 if [ -n "$BASE_BIN" ]; then
-  sed -e "s/127.0.0.1:$SY_PORT/127.0.0.1:$BASE_PORT/" -e "s/127.0.0.1:$SY_ADMIN/127.0.0.1:$((SY_ADMIN + 10))/" \
-    "$WORK/routes.yaml" > "$WORK/baseline.yaml"
+  proxy_routes "$BASE_PORT" $((SY_ADMIN + 10)) "$UP_PORT" > "$WORK/baseline.yaml"
   RUST_LOG="warn" "$BASE_BIN" run --no-watch --config "$WORK/baseline.yaml" >"$WORK/logs/baseline.log" 2>&1 &
   BASE_PID=$!
 fi
@@ -119,8 +95,6 @@ done
 sleep 1
 RSS_KB=$(awk '/VmRSS/ {print $2}' "/proc/$SY_PID/status")
 
-# wrk prints latencies as 812.00us / 1.23ms / 1.02s; convert to milliseconds.
-to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'; }
 
 run() { # name url
   local out
