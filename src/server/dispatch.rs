@@ -343,7 +343,7 @@ pub async fn handle(
     let status = resp.status().as_u16();
     let seconds = started.elapsed().as_secs_f64();
     match &counters {
-        Some(c) => shared.metrics.request_on(c, &method, status, seconds),
+        Some(c) => c.record(&method, status, seconds),
         None => shared.metrics.request(&route_id, &method, status, seconds),
     }
     if !tracing::enabled!(target: "switchyard::access", tracing::Level::INFO) {

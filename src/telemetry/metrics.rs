@@ -386,20 +386,10 @@ impl Metrics {
     }
 
     /// A route's handle on its request counts, made when the route is built; handles for one
-    /// route id share their counts, across reloads.
+    /// route id share their counts, across reloads. The front end counts each answer of the
+    /// route through it (`RouteMetrics::record`: no lock, no hashing).
     pub fn route(&self, route: &Arc<str>) -> RouteMetrics {
         self.requests.route(route)
-    }
-
-    /// Counts one answered request of a route through its handle (no lock, no hashing).
-    pub fn request_on(
-        &self,
-        route: &RouteMetrics,
-        method: &http::Method,
-        status: u16,
-        seconds: f64,
-    ) {
-        route.record(method, status, seconds);
     }
 
     /// Counts one answered request that has no route handle (no route matched).
@@ -481,11 +471,11 @@ mod tests {
         let m = Metrics::new();
         let id: Arc<str> = "r".into();
         let first = m.route(&id);
-        m.request_on(&first, &http::Method::GET, 200, 0.001);
-        m.request_on(&first, &http::Method::GET, 200, 0.001);
-        m.request_on(&first, &http::Method::OPTIONS, 418, 0.001);
+        first.record(&http::Method::GET, 200, 0.001);
+        first.record(&http::Method::GET, 200, 0.001);
+        first.record(&http::Method::OPTIONS, 418, 0.001);
         let reloaded = m.route(&id);
-        m.request_on(&reloaded, &http::Method::GET, 200, 0.001);
+        reloaded.record(&http::Method::GET, 200, 0.001);
         m.request(&id, &http::Method::GET, 200, 0.001);
         // Answers of no route: the first id seen is kept at hand, any other still counts.
         let none: Arc<str> = "(none)".into();

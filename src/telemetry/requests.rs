@@ -96,6 +96,11 @@ struct RouteCells {
 pub struct RouteMetrics(Arc<RouteCells>);
 
 impl RouteMetrics {
+    /// The shards, none before the route's first answer.
+    fn shards(&self) -> &[Shard] {
+        self.0.shards.get().map_or(&[], |s| &s[..])
+    }
+
     /// Counts one answer, in this thread's shard.
     pub fn record(&self, method: &http::Method, status: u16, seconds: f64) {
         let shards = self.0.shards.get_or_init(|| {
@@ -197,9 +202,7 @@ impl Collector for Requests {
             MetricType::Counter,
         )?;
         for r in &routes {
-            let Some(shards) = r.0.shards.get() else {
-                continue;
-            };
+            let shards = r.shards();
             let mut answers: Vec<(&'static str, u16, u64)> = Vec::new();
             for (i, m) in COMMON_METHODS.iter().enumerate() {
                 for (j, &status) in COMMON_STATUS.iter().enumerate() {
@@ -238,9 +241,7 @@ impl Collector for Requests {
             MetricType::Histogram,
         )?;
         for r in &routes {
-            let Some(shards) = r.0.shards.get() else {
-                continue;
-            };
+            let shards = r.shards();
             let buckets: Vec<(f64, u64)> = (0..=BUCKETS)
                 .map(|i| {
                     let upper = if i == BUCKETS {
