@@ -126,6 +126,9 @@ pub struct Facts {
     pub extensions: Vec<(&'static str, serde_json::Value)>,
     /// The short cause of a backend failure, for the spool and the logs.
     pub reason: Option<&'static str>,
+    /// The cause was logged where it was found, once rather than per request: the edge does
+    /// not log the request's failure again at WARN.
+    pub logged: bool,
     source: Option<BoxError>,
 }
 
@@ -177,6 +180,7 @@ impl Problem {
             headers: HeaderMap::new(),
             extensions: Vec::new(),
             reason: None,
+            logged: false,
             source: None,
         }))
     }
@@ -334,6 +338,23 @@ impl Problem {
         p.retry = RetryClass::Reset;
         p.grpc_code = Code::Unavailable;
         p.reason = Some(reason);
+        p
+    }
+
+    /// The TLS handshake with the backend failed (`reason` says why: an expired certificate,
+    /// an unknown issuer, another name, …), so the request never left. The cause is logged
+    /// once per endpoint where it is found, so the edge does not log each request's.
+    pub fn upstream_tls(backend: &str, reason: &str) -> Self {
+        let mut p = Problem::new(
+            Kind::BAD_GATEWAY,
+            StatusCode::BAD_GATEWAY,
+            Fault::Upstream,
+            format!("Backend '{backend}' failed: TLS to the upstream failed: {reason}."),
+        );
+        p.retry = RetryClass::ConnectFailure;
+        p.grpc_code = Code::Unavailable;
+        p.reason = Some("TLS to the upstream failed");
+        p.logged = true;
         p
     }
 

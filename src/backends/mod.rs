@@ -9,6 +9,7 @@ pub mod grpc;
 pub mod http;
 pub mod live;
 pub mod mqtt;
+pub mod tls;
 pub mod values;
 pub mod websocket;
 
@@ -44,7 +45,7 @@ pub struct BuiltBackend {
 /// routes.yaml's directory.
 fn tls_files(spec: &BackendSpec, base: &std::path::Path) -> Vec<std::path::PathBuf> {
     let tls = match spec {
-        BackendSpec::Http(_) => None,
+        BackendSpec::Http(h) => h.tls.as_ref(),
         BackendSpec::Grpc(g) => g.tls.as_ref(),
         BackendSpec::Amqp(a) => a.tls.as_ref(),
         BackendSpec::Mqtt(m) => m.tls.as_ref(),
@@ -146,7 +147,7 @@ impl<'a> BuildContext<'a> {
     ) -> Self {
         let asks = backends.iter().filter_map(|(name, spec)| match spec {
             BackendSpec::Grpc(g) if g.reflection => Some(async move {
-                let files = match grpc::transport::Transport::new(g, base) {
+                let files = match grpc::transport::Transport::new(name, g, base) {
                     Ok(ch) => {
                         grpc::reflection::fetch(ch, g.connect_timeout.0 + Duration::from_secs(5))
                             .await
@@ -481,66 +482,5 @@ pub(crate) fn must_exist(key: &str, path: &std::path::Path) -> Result<(), String
             "`{key}` {}: not found (a relative path starts at routes.yaml's directory)",
             path.display()
         ))
-    }
-}
-
-/// The rustls client settings of a backend's `tls` block (`mqtts://`, gRPC `https://`): the CA
-/// bundle of `tls.ca` or the system's roots, and a client certificate when given. Reads the
-/// files (a build step); `server_name` is applied by the caller, per connection.
-pub fn rustls_client(
-    tls: Option<&crate::config::ClientTlsSpec>,
-    base: &std::path::Path,
-) -> Result<rustls::ClientConfig, String> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let tls = tls.cloned().unwrap_or_default();
-    let path = |p: &std::path::Path| {
-        if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            base.join(p)
-        }
-    };
-    let mut roots = rustls::RootCertStore::empty();
-    match &tls.ca {
-        Some(ca) => {
-            let ca = path(ca);
-            must_exist("tls.ca", &ca)?;
-            for c in CertificateDer::pem_file_iter(&ca)
-                .map_err(|e| format!("tls.ca {}: {e}", ca.display()))?
-            {
-                let c = c.map_err(|e| format!("tls.ca {}: {e}", ca.display()))?;
-                roots
-                    .add(c)
-                    .map_err(|e| format!("tls.ca {}: {e}", ca.display()))?;
-            }
-        }
-        None => {
-            for c in rustls_native_certs::load_native_certs().certs {
-                let _ = roots.add(c);
-            }
-        }
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| format!("tls: {e}"))?
-    .with_root_certificates(roots);
-    match (&tls.cert, &tls.key) {
-        (Some(cert), Some(key)) => {
-            let (cert, key) = (path(cert), path(key));
-            must_exist("tls.cert", &cert)?;
-            must_exist("tls.key", &key)?;
-            let chain = CertificateDer::pem_file_iter(&cert)
-                .and_then(|i| i.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| format!("tls.cert {}: {e}", cert.display()))?;
-            let key = PrivateKeyDer::from_pem_file(&key)
-                .map_err(|e| format!("tls.key {}: {e}", key.display()))?;
-            builder
-                .with_client_auth_cert(chain, key)
-                .map_err(|e| format!("tls: {e}"))
-        }
-        _ => Ok(builder.with_no_client_auth()),
     }
 }

@@ -318,7 +318,13 @@ pub async fn handle(
                     shared.metrics.backend_error(b, status.as_u16());
                 }
                 let _enter = span.enter();
-                tracing::warn!(route = %route_id, status = status.as_u16(), error = %error_chain(err.as_ref()), "Request failed.");
+                // A cause logged once where it was found (a failing TLS handshake) is not
+                // logged again per request.
+                if crate::error::classify(err.as_ref()).logged {
+                    tracing::debug!(route = %route_id, status = status.as_u16(), error = %error_chain(err.as_ref()), "Request failed.");
+                } else {
+                    tracing::warn!(route = %route_id, status = status.as_u16(), error = %error_chain(err.as_ref()), "Request failed.");
+                }
             }
             resp
         }

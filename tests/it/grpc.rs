@@ -1110,7 +1110,8 @@ async fn tls_to_the_backend_with_a_private_ca() {
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     assert_eq!(json(&b)["id"], "9");
 
-    // A certificate for another name is refused: 503, never a cleartext fallback.
+    // A certificate for another name is refused: a 502 that says so, never a cleartext
+    // fallback.
     let gw = Gateway::start(&format!(
         "{}\nroutes: []\n",
         shop_backend(
@@ -1120,7 +1121,9 @@ async fn tls_to_the_backend_with_a_private_ca() {
     ))
     .await;
     let (s, _, b) = get(&gw.url("/v2/orders/9")).await;
-    assert_eq!(s, 503, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(s, 502, "{}", String::from_utf8_lossy(&b));
+    let detail = json(&b)["detail"].as_str().unwrap().to_string();
+    assert!(detail.contains("for another name"), "{detail}");
     assert_eq!(server.calls(), 1);
 }
 

@@ -20,4 +20,5 @@ mod spool;
 mod store;
 mod support;
 mod transcoding;
+mod upstream_tls;
 mod websocket;

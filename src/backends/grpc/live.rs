@@ -46,7 +46,7 @@ pub async fn check(
             endpoints: vec![ep.clone()],
             ..spec.clone()
         };
-        let channel = match Transport::new(&one, base) {
+        let channel = match Transport::new(name, &one, base) {
             Ok(c) => c,
             Err(e) => {
                 f.backend(format!("endpoint {ep}"), Verdict::Fail, &e);

@@ -192,7 +192,7 @@ impl GrpcBackend {
             None => &[],
         };
         let pool = load_descriptors_with(spec, cx.base, reflected, &mut cx.read_files())?;
-        let transport = transport::Transport::new(spec, cx.base)?;
+        let transport = transport::Transport::new(name, spec, cx.base)?;
         let reachable = Arc::new(AtomicBool::new(false));
         let addrs: Vec<String> = spec
             .endpoints
@@ -892,6 +892,11 @@ impl GrpcRouteService {
         // failure (a reset, a dead connection) may come after it acted, so it is a 502,
         // retried only when safe.
         if std::error::Error::source(&status).is_some() {
+            if let Some(reason) = crate::backends::tls::failure(&status) {
+                return Problem::upstream_tls(&backend.name, &reason)
+                    .with_source(status)
+                    .into();
+            }
             if transport::is_connect_failure(&status) {
                 return Problem::backend_unavailable(
                     &backend.name,

@@ -88,7 +88,11 @@ impl Passthrough {
         }
         let backend = self.backend.to_string();
         let resp = self.transport.oneshot(req).await.map_err(|e| -> BoxError {
-            if super::transport::is_connect_failure(&*e) {
+            if let Some(reason) = crate::backends::tls::failure(&*e) {
+                Problem::upstream_tls(&backend, &reason)
+                    .with_source(e)
+                    .into()
+            } else if super::transport::is_connect_failure(&*e) {
                 Problem::backend_unavailable(&backend, "cannot connect to the backend")
                     .with_source(e)
                     .into()

@@ -20,7 +20,7 @@ use tower::Service;
 
 use crate::config::GrpcBackendSpec;
 
-type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+type Connector = crate::backends::tls::HttpsConnector;
 
 /// How long an endpoint that refused a connection is skipped (while another one is left).
 const EJECT_FOR: Duration = Duration::from_secs(5);
@@ -34,6 +34,8 @@ struct Shared {
     endpoints: Vec<Endpoint>,
     /// Which endpoint takes the next call; one that refused a connection is skipped.
     balancer: crate::backends::balance::Balancer,
+    /// The TLS failures logged, per endpoint.
+    tls_failures: crate::backends::tls::Failures,
 }
 
 /// A backend's calls, over its endpoints' shared HTTP/2 connections. Cheap to clone.
@@ -47,7 +49,7 @@ pub struct Transport {
 
 impl Transport {
     /// The connections of a backend: nothing connects until the first call.
-    pub fn new(spec: &GrpcBackendSpec, base: &std::path::Path) -> Result<Self, String> {
+    pub fn new(name: &str, spec: &GrpcBackendSpec, base: &std::path::Path) -> Result<Self, String> {
         let endpoints = spec
             .endpoints
             .iter()
@@ -68,33 +70,15 @@ impl Transport {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(spec.connect_timeout.0));
-        http.enforce_http(false);
         // Plain `http://` endpoints never use the TLS settings; `https://` ones get the
         // backend's CA, client identity and `server_name`, and ALPN `h2`.
-        let config = if spec.endpoints.iter().any(|e| e.starts_with("https:")) {
-            super::super::rustls_client(spec.tls.as_ref(), base)?
-        } else {
-            rustls::ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("tls: {e}"))?
-            .with_root_certificates(rustls::RootCertStore::empty())
-            .with_no_client_auth()
-        };
-        let builder = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(config)
-            .https_or_http();
-        let builder = match spec.tls.as_ref().and_then(|t| t.server_name.as_ref()) {
-            Some(name) => {
-                let name = rustls_pki_types::ServerName::try_from(name.clone()).map_err(|_| {
-                    format!("tls.server_name `{name}`: not a DNS name or an IP address")
-                })?;
-                builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
-            }
-            None => builder,
-        };
-        let connector = builder.enable_http2().wrap_connector(http);
+        let connector = crate::backends::tls::connector_for(
+            &spec.endpoints,
+            spec.tls.as_ref(),
+            base,
+            http,
+            crate::backends::tls::Alpn::H2,
+        )?;
         let (keepalive, connect_timeout) = (spec.keepalive.0, spec.connect_timeout.0);
         let client = crate::server::percore::PerWorker::new(move || {
             Client::builder(TokioExecutor::new())
@@ -113,6 +97,12 @@ impl Transport {
             client: Arc::new(client),
             shared: Arc::new(Shared {
                 balancer: crate::backends::balance::Balancer::new(endpoints.len(), EJECT_FOR, 1),
+                tls_failures: crate::backends::tls::Failures::new(
+                    name,
+                    endpoints
+                        .iter()
+                        .map(|e| format!("{}://{}", e.scheme, e.authority)),
+                ),
                 endpoints,
             }),
         })
@@ -145,17 +135,32 @@ impl Service<http::Request<tonic::body::Body>> for Transport {
         let shared = self.shared.clone();
         let call = self.client.get().request(req);
         Box::pin(async move {
-            call.await.map_err(|e| -> crate::BoxError {
-                if e.is_connect() {
-                    shared.balancer.eject(i);
-                    let mut status = tonic::Status::unavailable("cannot connect to the backend");
-                    status.set_source(Arc::new(e));
-                    status.into()
-                } else {
-                    e.into()
+            match call.await {
+                Ok(resp) => {
+                    shared.tls_failures.ok(i);
+                    Ok(resp)
                 }
-            })
+                Err(e) => Err(Self::failed(&shared, i, e)),
+            }
         })
+    }
+}
+
+impl Transport {
+    /// A failed call on endpoint `i`; a failed connect ejects the endpoint, and a failed TLS
+    /// handshake is logged once per endpoint and reason.
+    fn failed(shared: &Shared, i: usize, e: hyper_util::client::legacy::Error) -> crate::BoxError {
+        if let Some(reason) = crate::backends::tls::failure(&e) {
+            shared.tls_failures.failed(i, &reason);
+        }
+        if e.is_connect() {
+            shared.balancer.eject(i);
+            let mut status = tonic::Status::unavailable("cannot connect to the backend");
+            status.set_source(Arc::new(e));
+            status.into()
+        } else {
+            e.into()
+        }
     }
 }
 

@@ -69,6 +69,11 @@ pub(crate) fn validate_grpc_backend(cx: &mut Checks, base: &str, g: &GrpcBackend
                 "a client certificate needs both `cert` and `key`",
             );
         }
+        if let Some(name) = &tls.server_name
+            && let Err(e) = crate::backends::tls::server_name(name)
+        {
+            cx.err(&format!("{base}.tls.server_name"), None, e);
+        }
     }
     if g.protos.is_empty() && g.descriptor_set.is_none() && !g.reflection {
         cx.err(

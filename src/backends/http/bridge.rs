@@ -52,16 +52,16 @@ impl BridgeSpec for HttpBackendSpec {
         _metrics: &Arc<Metrics>,
         cx: &BuildContext<'_>,
     ) -> Result<HttpBackend, String> {
-        Ok(HttpBackend::new(name, self, &cx.gate))
+        HttpBackend::new(name, self, cx.base, &cx.gate)
     }
 
     fn live(
         &self,
         name: &str,
         routes: &[&RouteSpec],
-        _base: &Path,
+        base: &Path,
     ) -> impl Future<Output = Findings> + Send {
-        super::live::check(name, self, routes)
+        super::live::check(name, self, routes, base)
     }
 }
 

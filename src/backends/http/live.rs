@@ -1,5 +1,7 @@
-//! `validate --live` for an HTTP backend: one GET to each endpoint's base URL. Any answer means
-//! the endpoint is there; only a failure to connect or to answer in time fails.
+//! `validate --live` for an HTTP backend: one GET to each endpoint's base URL, through TLS for
+//! `https://` ones as the gateway would connect. Any answer means the endpoint is there; only a
+//! failure to connect (a TLS handshake the gateway would refuse included, with its reason) or
+//! to answer in time fails.
 
 use std::time::Duration;
 
@@ -9,13 +11,28 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::backends::live::{Findings, Verdict};
+use crate::backends::tls;
 use crate::config::{HttpBackendSpec, HttpProtocol, RouteSpec};
 
-pub async fn check(name: &str, spec: &HttpBackendSpec, _routes: &[&RouteSpec]) -> Findings {
+pub async fn check(
+    name: &str,
+    spec: &HttpBackendSpec,
+    _routes: &[&RouteSpec],
+    base: &std::path::Path,
+) -> Findings {
     let mut f = Findings::new(name);
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(spec.connect_timeout.0));
     connector.set_nodelay(true);
+    let alpn = spec.protocol.alpn();
+    let connector =
+        match tls::connector_for(&spec.endpoints, spec.tls.as_ref(), base, connector, alpn) {
+            Ok(c) => c,
+            Err(e) => {
+                f.backend("tls".to_string(), Verdict::Fail, &e);
+                return f;
+            }
+        };
     let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new())
         .http2_only(spec.protocol == HttpProtocol::Http2)
         .build(connector);
@@ -42,7 +59,7 @@ pub async fn check(name: &str, spec: &HttpBackendSpec, _routes: &[&RouteSpec]) -
             Ok(Err(e)) => f.backend(
                 check,
                 Verdict::Fail,
-                &crate::server::dispatch::error_chain(&e),
+                &tls::failure(&e).unwrap_or_else(|| crate::server::dispatch::error_chain(&e)),
             ),
             Err(_) => f.backend(
                 check,

@@ -1,6 +1,7 @@
 //! The HTTP backend: the reverse-proxy bridge at the bottom of a route's stack. Pooled
 //! connections to one or more endpoints (round robin, failed endpoints skipped for a while),
-//! HTTP/1.1 or h2c upstream, path rewrite, hop-by-hop removal, `X-Forwarded-*`, streamed bodies.
+//! HTTP/1.1, h2c, or TLS with HTTP/2 by ALPN upstream, path rewrite, hop-by-hop removal,
+//! `X-Forwarded-*`, streamed bodies.
 
 pub mod bridge;
 pub mod live;
@@ -17,11 +18,12 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Uri, Version};
 use http_body_util::BodyExt;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{Connect, HttpConnector};
+use hyper_util::client::legacy::{Client, ResponseFuture};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use super::balance::Balancer;
+use super::tls::{self, Alpn};
 use super::{AbortOnDrop, spawn_probe};
 use crate::config::template::Template;
 use crate::config::{HttpBackendSpec, HttpProtocol, HttpRouteSpec};
@@ -48,10 +50,13 @@ pub struct HttpBackend {
     endpoints: Arc<Vec<Endpoint>>,
     /// Which endpoint takes the next call; failed calls (connect failure, reset, 5xx) eject.
     balancer: Balancer,
-    /// The connection pool: one per per-core worker (`server.runtime: per_core`), so that a
-    /// worker's requests use connections its own runtime drives.
-    client: crate::server::percore::PerWorker<Client<HttpConnector, Body>>,
+    /// The connection pools.
+    pool: Pool,
     protocol: HttpProtocol,
+    /// The TLS client of WebSocket pass-through to `https://` endpoints (ALPN `http/1.1`).
+    ws_tls: Option<tls::Client>,
+    /// The TLS failures logged, per endpoint.
+    tls_failures: Arc<tls::Failures>,
     eject_for: Duration,
     connect_timeout: Duration,
     /// Result of the latest background probe: some endpoint accepted a TCP connection.
@@ -59,9 +64,67 @@ pub struct HttpBackend {
     _probe: Option<AbortOnDrop>,
 }
 
+impl HttpProtocol {
+    /// What a TLS connection of this protocol offers by ALPN.
+    pub(crate) fn alpn(self) -> Alpn {
+        match self {
+            HttpProtocol::Auto => Alpn::Both,
+            HttpProtocol::Http1 => Alpn::Http1,
+            HttpProtocol::Http2 => Alpn::H2,
+        }
+    }
+}
+
+/// The connection pools, one per per-core worker (`server.runtime: per_core`), so that a
+/// worker's requests use connections its own runtime drives: in clear when every endpoint is
+/// `http://` (nothing between the pool and the socket), else through the HTTPS connector.
+enum Pool {
+    Plain(crate::server::percore::PerWorker<Client<HttpConnector, Body>>),
+    Tls(crate::server::percore::PerWorker<Client<tls::WatchedConnector, Body>>),
+}
+
+impl Pool {
+    fn clients<C>(
+        connector: C,
+        spec: &HttpBackendSpec,
+    ) -> crate::server::percore::PerWorker<Client<C, Body>>
+    where
+        C: Connect + Clone + Send + Sync + 'static,
+    {
+        let (idle, max_idle, h2) = (
+            spec.pool_idle_timeout.0,
+            spec.pool_max_idle_per_endpoint,
+            spec.protocol == HttpProtocol::Http2,
+        );
+        crate::server::percore::PerWorker::new(move || {
+            Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .timer(TokioTimer::new())
+                .pool_idle_timeout(idle)
+                .pool_max_idle_per_host(max_idle)
+                .http2_only(h2)
+                .build(connector.clone())
+        })
+    }
+
+    fn request(&self, req: Request) -> ResponseFuture {
+        match self {
+            Pool::Plain(c) => c.get().request(req),
+            Pool::Tls(c) => c.get().request(req),
+        }
+    }
+}
+
 impl HttpBackend {
-    /// Builds the pool and starts the readiness probe. Nothing here waits for the network.
-    pub fn new(name: &str, spec: &HttpBackendSpec, gate: &super::StartGate) -> Self {
+    /// Builds the pool and starts the readiness probe. Nothing here waits for the network; the
+    /// TLS files of `https://` endpoints are read (relative to `base`), and a missing or broken
+    /// one fails the build.
+    pub fn new(
+        name: &str,
+        spec: &HttpBackendSpec,
+        base: &std::path::Path,
+        gate: &super::StartGate,
+    ) -> Result<Self, String> {
         let endpoints: Vec<Endpoint> = spec
             .endpoints
             .iter()
@@ -81,20 +144,32 @@ impl HttpBackend {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(spec.connect_timeout.0));
         connector.set_nodelay(true);
-        let (idle, max_idle, h2) = (
-            spec.pool_idle_timeout.0,
-            spec.pool_max_idle_per_endpoint,
-            spec.protocol == HttpProtocol::Http2,
-        );
-        let client = crate::server::percore::PerWorker::new(move || {
-            Client::builder(TokioExecutor::new())
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .pool_idle_timeout(idle)
-                .pool_max_idle_per_host(max_idle)
-                .http2_only(h2)
-                .build(connector.clone())
-        });
+        let https = endpoints
+            .iter()
+            .any(|e| e.scheme == http::uri::Scheme::HTTPS);
+        let tls_failures = Arc::new(tls::Failures::new(
+            name,
+            endpoints.iter().map(|e| e.scheme_authority.clone()),
+        ));
+        let (pool, ws_tls) = if https {
+            let config = tls::rustls_client(spec.tls.as_ref(), base)?;
+            let server_name = spec.tls.as_ref().and_then(|t| t.server_name.as_deref());
+            let alpn = spec.protocol.alpn();
+            // A WebSocket upgrade is HTTP/1.1; the session cache is the pool's.
+            let mut ws = config.clone();
+            ws.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let ws = tls::Client {
+                config: Arc::new(ws),
+                server_name: server_name.map(tls::server_name).transpose()?,
+            };
+            let connector = tls::WatchedConnector::new(
+                tls::https_connector(connector, config, server_name, alpn)?,
+                tls_failures.clone(),
+            );
+            (Pool::Tls(Pool::clients(connector, spec)), Some(ws))
+        } else {
+            (Pool::Plain(Pool::clients(connector, spec)), None)
+        };
         let reachable = Arc::new(AtomicBool::new(false));
         let addrs = endpoints
             .iter()
@@ -108,17 +183,19 @@ impl HttpBackend {
             spec.connect_timeout.0,
             gate,
         );
-        HttpBackend {
+        Ok(HttpBackend {
             name: name.to_string(),
             balancer: Balancer::new(endpoints.len(), spec.eject_for.0, spec.eject_after_failures),
+            tls_failures,
             endpoints,
-            client,
+            pool,
             protocol: spec.protocol,
+            ws_tls,
             eject_for: spec.eject_for.0,
             connect_timeout: spec.connect_timeout.0,
             reachable,
             _probe: probe,
-        }
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -144,6 +221,30 @@ impl HttpBackend {
 
     pub(crate) fn eject(&self, i: usize) {
         self.balancer.eject(i);
+    }
+
+    /// The TLS client of WebSocket pass-through, when the backend has `https://` endpoints.
+    pub(crate) fn ws_tls(&self) -> Option<&tls::Client> {
+        self.ws_tls.as_ref()
+    }
+
+    /// Endpoint `i` answered through TLS (or in clear): a failure logged before is over.
+    pub(crate) fn tls_ok(&self, i: usize) {
+        self.tls_failures.ok(i);
+    }
+
+    /// What a failed connect to endpoint `i` answers, the endpoint ejected for a while: a TLS
+    /// handshake that failed is a 502 naming why (logged once per endpoint and reason, not per
+    /// request); any other failure is a 503 (the endpoint never saw the request either way).
+    pub(crate) fn connect_failed(&self, i: usize, e: BoxError) -> Problem {
+        self.eject(i);
+        if let Some(reason) = tls::failure(e.as_ref()) {
+            self.tls_failures.failed(i, &reason);
+            return Problem::upstream_tls(&self.name, &reason).with_source(e);
+        }
+        Problem::backend_unavailable(&self.name, "cannot connect to the backend")
+            .with_retry_after(self.eject_for.as_secs().max(1))
+            .with_source(e)
     }
 
     /// Records a call's outcome on endpoint `i`; enough failures in a row eject it, but only
@@ -312,7 +413,9 @@ impl HttpRouteService {
             }
         }
         match protocol {
-            HttpProtocol::Http1 => {
+            // With `auto`, HTTP/2 is known only once connected; a request made for HTTP/1.1
+            // goes over HTTP/2 as it is (`Host` the same as `:authority`, RFC 9113 §8.3.1).
+            HttpProtocol::Auto | HttpProtocol::Http1 => {
                 parts.version = Version::HTTP_11;
                 if !self.preserve_host || !headers.contains_key(header::HOST) {
                     let host = match (client, self.preserve_host) {
@@ -335,22 +438,27 @@ impl HttpRouteService {
         let (mut parts, body) = req.into_parts();
         let i = self.prepare(&mut parts, backend.protocol)?;
         let req = http::Request::from_parts(parts, body);
-        match backend.client.get().request(req).await {
+        match backend.pool.request(req).await {
             Ok(resp) => {
                 backend.record(i, !resp.status().is_server_error());
+                backend.tls_failures.ok(i);
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 let body = body.map_err(BodyError::new).boxed_unsync();
                 Ok(http::Response::from_parts(parts, body))
             }
-            Err(e) if e.is_connect() => {
+            // A refused client certificate shows after the handshake (TLS 1.3), at the first
+            // read: a TLS failure all the same, and the request was never read.
+            Err(e) if e.is_connect() || tls::failure(&e).is_some() => {
+                Err(backend.connect_failed(i, e.into()).into())
+            }
+            // HTTP/2 does not pass its connection's error to the requests on it; the
+            // connection recorded a TLS failure as it read it.
+            Err(e) if let Some(reason) = backend.tls_failures.current(i) => {
                 backend.eject(i);
-                Err(
-                    Problem::backend_unavailable(&backend.name, "cannot connect to the backend")
-                        .with_retry_after(backend.eject_for.as_secs().max(1))
-                        .with_source(e)
-                        .into(),
-                )
+                Err(Problem::upstream_tls(&backend.name, &reason)
+                    .with_source(e)
+                    .into())
             }
             Err(e) => {
                 // A body the client broke is not the endpoint's failure.

@@ -4,7 +4,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::config::model::{BreakerSpec, RetryBudgetSpec, default_connect_timeout};
+use crate::config::model::{BreakerSpec, ClientTlsSpec, RetryBudgetSpec, default_connect_timeout};
 use crate::config::types::Dur;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
@@ -12,9 +12,13 @@ use crate::config::types::Dur;
 pub struct HttpBackendSpec {
     /// Base URLs (`http://host:port[/base]`), used round robin.
     pub endpoints: Vec<String>,
-    /// Upstream protocol: `http1` or `http2` (h2c prior knowledge).
+    /// Upstream protocol: `auto` (HTTP/2 when an `https://` endpoint offers it by ALPN, else
+    /// HTTP/1.1), `http1`, or `http2` (h2c with prior knowledge on `http://`).
     #[serde(default)]
     pub protocol: HttpProtocol,
+    /// TLS to `https://` endpoints: the CAs to trust, the name to check, a client certificate.
+    #[serde(default)]
+    pub tls: Option<ClientTlsSpec>,
     /// Time allowed to open a TCP connection to an endpoint.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: Dur,
@@ -68,7 +72,10 @@ fn default_pool_max_idle() -> usize {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum HttpProtocol {
+    /// HTTP/1.1 to `http://` endpoints; HTTP/2 to `https://` ones that offer `h2` by ALPN,
+    /// HTTP/1.1 to those that do not.
     #[default]
+    Auto,
     Http1,
     Http2,
 }

@@ -75,21 +75,42 @@ pub(crate) fn validate_http_backend(cx: &mut Checks, base: &str, h: &HttpBackend
         let path = format!("{base}.endpoints[{i}]");
         match ep.parse::<Uri>() {
             Ok(u) if has_userinfo(&u) => cx.err(&path, None, USERINFO_HTTP),
-            Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => {
+            Ok(u)
+                if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() =>
+            {
                 if u.query().is_some() {
                     cx.err(&path, None, format!("endpoint `{ep}`: an endpoint has no query string"));
                 }
             }
-            Ok(u) if u.scheme_str() == Some("https") => cx.err(
-                &path,
-                None,
-                format!("endpoint `{ep}`: TLS to upstreams is not supported yet; use an `http://` endpoint"),
-            ),
             _ => cx.err(
                 &path,
                 None,
-                format!("endpoint `{ep}` is not a URL like `http://127.0.0.1:9000`"),
+                format!(
+                    "endpoint `{ep}` is not a URL like `http://127.0.0.1:9000` or `https://api.internal`"
+                ),
             ),
+        }
+    }
+    if let Some(tls) = &h.tls {
+        let path = format!("{base}.tls");
+        if !h.endpoints.iter().any(|e| e.starts_with("https://")) {
+            cx.err(
+                &path,
+                None,
+                "`tls` applies to `https://` endpoints, and this backend has none",
+            );
+        }
+        if tls.cert.is_some() != tls.key.is_some() {
+            cx.err(
+                &path,
+                None,
+                "a client certificate needs both `cert` and `key`",
+            );
+        }
+        if let Some(name) = &tls.server_name
+            && let Err(e) = crate::backends::tls::server_name(name)
+        {
+            cx.err(&format!("{path}.server_name"), None, e);
         }
     }
     if h.connect_timeout.0.is_zero() {

@@ -13,10 +13,11 @@ use std::sync::Arc;
 use futures_util::{SinkExt, StreamExt};
 use http::header::{self, HeaderValue};
 use tokio::net::TcpStream;
+use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::either::Either;
 
 use crate::backends::http::{HttpBackend, HttpRouteService, strip_hop_by_hop};
 use crate::backends::websocket::{Ending, Inbound, Link, Session, WsSettings, close};
@@ -24,7 +25,18 @@ use crate::config::HttpProtocol;
 use crate::error::Problem;
 use crate::{Response, full_body};
 
-type Upstream = WebSocketStream<MaybeTlsStream<TcpStream>>;
+/// The upstream WebSocket: over TCP to `http://` endpoints, over TLS to `https://` ones.
+type Upstream = WebSocketStream<Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>>;
+
+/// Where opening the upstream WebSocket stopped.
+enum Failed {
+    /// No TCP connection.
+    Connect(std::io::Error),
+    /// The TLS handshake failed.
+    Tls(std::io::Error),
+    /// The WebSocket handshake failed.
+    Ws(WsError),
+}
 
 /// A route's pass-through settings: the HTTP route service that knows the path rewrite and
 /// the endpoints.
@@ -87,6 +99,18 @@ impl UpstreamBridge {
             header::SEC_WEBSOCKET_KEY,
             HeaderValue::from_str(&key).map_err(|_| Problem::internal("websocket key"))?,
         );
+        let target = up.uri.authority().map(|a| {
+            let secure = up.uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+            let host = a.host().trim_start_matches('[').trim_end_matches(']');
+            (
+                secure,
+                host.to_string(),
+                a.port_u16().unwrap_or(if secure { 443 } else { 80 }),
+            )
+        });
+        let Some((secure, host, port)) = target else {
+            return Err(Problem::internal("an endpoint without a host"));
+        };
         let uri = up.uri.to_string();
         let ws_uri = match uri.split_once("://") {
             Some(("http", rest)) => format!("ws://{rest}"),
@@ -98,8 +122,22 @@ impl UpstreamBridge {
             .map_err(|_| Problem::bad_request("the request path cannot be forwarded"))?;
         let req = http::Request::from_parts(up, ());
         let backend = self.backend();
-        let connect =
-            tokio_tungstenite::connect_async_with_config(req, Some(settings.config), true);
+        let config = settings.config;
+        let connect = async {
+            let tcp = TcpStream::connect((host.as_str(), port))
+                .await
+                .map_err(Failed::Connect)?;
+            let _ = tcp.set_nodelay(true);
+            let stream = match (secure, backend.ws_tls()) {
+                (true, Some(tls)) => {
+                    Either::Right(tls.connect(&host, tcp).await.map_err(Failed::Tls)?)
+                }
+                _ => Either::Left(tcp),
+            };
+            tokio_tungstenite::client_async_with_config(req, stream, Some(config))
+                .await
+                .map_err(Failed::Ws)
+        };
         let unavailable = |reason, source: Option<crate::BoxError>| {
             let p = Problem::backend_unavailable(backend.name(), reason)
                 .with_retry_after(backend.eject_for().as_secs().max(1));
@@ -111,26 +149,30 @@ impl UpstreamBridge {
         match tokio::time::timeout(backend.connect_timeout(), connect).await {
             Ok(Ok((ws, resp))) => {
                 backend.record(i, true);
+                backend.tls_ok(i);
                 let protocol = resp
                     .headers()
                     .get(header::SEC_WEBSOCKET_PROTOCOL)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
                 Ok(Opened::Open(
-                    Box::new(Session::Upstream(UpstreamSession { ws })),
+                    Box::new(Session::Upstream(Box::new(UpstreamSession { ws }))),
                     protocol,
                 ))
             }
+            Ok(Err(Failed::Connect(e) | Failed::Tls(e) | Failed::Ws(WsError::Io(e)))) => {
+                Err(backend.connect_failed(i, Box::new(e)))
+            }
             // A success that is not a 101 is not a WebSocket server; relayed, it would tell an
             // HTTP/2 client that its stream is open.
-            Ok(Err(WsError::Http(resp))) if resp.status().as_u16() < 300 => {
+            Ok(Err(Failed::Ws(WsError::Http(resp)))) if resp.status().as_u16() < 300 => {
                 backend.record(i, false);
                 Err(Problem::bad_gateway(
                     backend.name(),
                     "the upstream answered the WebSocket handshake without upgrading",
                 ))
             }
-            Ok(Err(WsError::Http(resp))) => {
+            Ok(Err(Failed::Ws(WsError::Http(resp)))) => {
                 backend.record(i, !resp.status().is_server_error());
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -140,14 +182,7 @@ impl UpstreamBridge {
                     full_body(body.unwrap_or_default()),
                 )))
             }
-            Ok(Err(WsError::Io(e))) => {
-                backend.eject(i);
-                Err(unavailable(
-                    "cannot connect to the backend",
-                    Some(Box::new(e)),
-                ))
-            }
-            Ok(Err(e)) => {
+            Ok(Err(Failed::Ws(e))) => {
                 backend.record(i, false);
                 Err(
                     Problem::bad_gateway(backend.name(), "the upstream WebSocket handshake failed")

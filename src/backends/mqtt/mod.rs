@@ -332,7 +332,7 @@ pub(crate) fn broker(
     let port = uri.port_u16().unwrap_or(if tls { 8883 } else { 1883 });
     let transport = if tls {
         Some(rumqttc::Transport::tls_with_config(
-            rumqttc::TlsConfiguration::Rustls(Arc::new(super::rustls_client(
+            rumqttc::TlsConfiguration::Rustls(Arc::new(super::tls::rustls_client(
                 spec.tls.as_ref(),
                 base,
             )?)),

@@ -616,7 +616,7 @@ pub enum Session {
     Amqp(Box<amqp::AmqpSession>),
     Grpc(Box<grpc::GrpcSession>),
     Mqtt(mqtt::MqttSession),
-    Upstream(upstream::UpstreamSession),
+    Upstream(Box<upstream::UpstreamSession>),
 }
 
 /// Runs one connection until either side ends it, then closes the socket with the code that
