@@ -667,8 +667,9 @@ pub struct MatchSpec {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WebSocketSpec {
-    /// Origins allowed to connect (`https://app.example.com`, compared without case); any
-    /// origin, and clients that send none, when empty.
+    /// Origins allowed to connect (`https://app.example.com`, compared without case;
+    /// `https://*.example.com` for every subdomain); any origin, and clients that send none,
+    /// when empty.
     #[serde(default)]
     pub origins: Vec<String>,
     /// Subprotocols the route speaks, preferred first. When set, the client must offer one.

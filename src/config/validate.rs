@@ -685,21 +685,8 @@ fn validate_websocket_route(
             );
         }
     }
-    for (i, o) in ws.origins.iter().enumerate() {
-        let ok = o == "null"
-            || o.parse::<Uri>().is_ok_and(|u| {
-                matches!(u.scheme_str(), Some("http" | "https"))
-                    && u.host().is_some()
-                    && u.path_and_query().is_none_or(|p| p.as_str() == "/")
-                    && !o.ends_with('/')
-            });
-        if !ok {
-            cx.err(
-                &format!("{wb}.origins[{i}]"),
-                id,
-                format!("`{o}` is not an origin: write `https://host` or `https://host:port`, without a path"),
-            );
-        }
+    if let Err((i, e)) = crate::plugins::cors::Origins::parse(&ws.origins) {
+        cx.err(&format!("{wb}.origins[{i}]"), id, e);
     }
     for (i, p) in ws.subprotocols.iter().enumerate() {
         let token = !p.is_empty()

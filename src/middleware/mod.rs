@@ -180,9 +180,14 @@ pub fn stack(
     })
 }
 
-/// `svc` inside the route's plugins, the first listed outermost.
+/// `svc` inside the route's plugins, the first listed outermost; except `cors`, which is
+/// always outermost, so that a preflight (which carries no credentials) is answered before any
+/// authentication plugin would refuse it.
 fn with_plugins(route: &RouteSpec, mut svc: RouteService) -> Result<RouteService, FieldError> {
-    for (j, p) in route.plugins.iter().enumerate().rev() {
+    let mut order: Vec<(usize, &crate::config::PluginSpec)> =
+        route.plugins.iter().enumerate().collect();
+    order.sort_by_key(|(_, p)| p.name != "cors");
+    for (j, p) in order.into_iter().rev() {
         let refused = |message: String| {
             FieldError::at(
                 format!("plugins[{j}]"),

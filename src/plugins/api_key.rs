@@ -7,15 +7,14 @@
 //! on. Write keys as `${ENV_VAR}` so that they stay out of routes.yaml.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use http::HeaderName;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use super::Plugin;
+use super::Guard;
 use crate::error::Problem;
-use crate::{BoxError, Request, ResponseFuture, RouteService, fail};
+use crate::{Request, ResponseFuture, RouteService, fail};
 
 pub struct ApiKeyPlugin;
 
@@ -36,7 +35,7 @@ fn default_header() -> String {
     "x-api-key".into()
 }
 
-struct Compiled {
+pub struct Compiled {
     keys: Vec<Vec<u8>>,
     header: HeaderName,
     query: Option<String>,
@@ -84,23 +83,17 @@ fn accepted(keys: &[Vec<u8>], given: &[u8]) -> bool {
         .fold(false, |ok, k| ok | bool::from(k.ct_eq(given)))
 }
 
-#[derive(Clone)]
-struct ApiKeyService {
-    inner: RouteService,
-    config: Arc<Compiled>,
-}
-
-impl ApiKeyService {
+impl Compiled {
     /// The key the request carries (the header first, then the query parameter), and the
     /// request without any of them: every copy of the header and every parameter whose
     /// decoded name matches are removed, whichever carried the key.
     fn take_key(&self, req: &mut Request) -> Option<Vec<u8>> {
         let mut key = req
             .headers()
-            .get(&self.config.header)
+            .get(&self.header)
             .map(|v| v.as_bytes().to_vec());
-        while req.headers_mut().remove(&self.config.header).is_some() {}
-        let (Some(name), Some(query)) = (self.config.query.as_deref(), req.uri().query()) else {
+        while req.headers_mut().remove(&self.header).is_some() {}
+        let (Some(name), Some(query)) = (self.query.as_deref(), req.uri().query()) else {
             return key;
         };
         let decode = |s: &str| percent_encoding::percent_decode_str(s).collect::<Vec<u8>>();
@@ -136,20 +129,18 @@ impl ApiKeyService {
     }
 }
 
-impl tower::Service<Request> for ApiKeyService {
-    type Response = crate::Response;
-    type Error = BoxError;
-    type Future = ResponseFuture;
+impl Guard for ApiKeyPlugin {
+    const NAME: &'static str = "api_key";
+    type Settings = Compiled;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        Poll::Ready(Ok(()))
+    fn compile(config: &serde_json::Value) -> Result<Compiled, String> {
+        compile(config)
     }
 
-    fn call(&mut self, mut req: Request) -> ResponseFuture {
+    fn call(c: &Arc<Compiled>, inner: &RouteService, mut req: Request) -> ResponseFuture {
         use tower::ServiceExt;
-        let c = &self.config;
-        let detail = match self.take_key(&mut req) {
-            Some(k) if accepted(&c.keys, &k) => return Box::pin(self.inner.clone().oneshot(req)),
+        let detail = match c.take_key(&mut req) {
+            Some(k) if accepted(&c.keys, &k) => return Box::pin(inner.clone().oneshot(req)),
             Some(_) => "The API key is not accepted.".to_string(),
             None => match &c.query {
                 Some(q) => format!(
@@ -160,27 +151,6 @@ impl tower::Service<Request> for ApiKeyService {
             },
         };
         fail(Problem::unauthorized(detail, &c.challenge))
-    }
-}
-
-impl Plugin for ApiKeyPlugin {
-    fn name(&self) -> &'static str {
-        "api_key"
-    }
-
-    fn validate(&self, config: &serde_json::Value) -> Result<(), String> {
-        compile(config).map(|_| ())
-    }
-
-    fn wrap(
-        &self,
-        config: &serde_json::Value,
-        inner: RouteService,
-    ) -> Result<RouteService, String> {
-        Ok(RouteService::new(ApiKeyService {
-            inner,
-            config: Arc::new(compile(config)?),
-        }))
     }
 }
 

@@ -219,6 +219,21 @@ pub async fn handle(
                 req.headers(),
             );
         }
+        // A CORS preflight goes to the route the actual request would take (its method in
+        // `Access-Control-Request-Method`), when that route answers preflights (`cors`).
+        if let Lookup::MethodNotAllowed(_) = &found
+            && req.method() == http::Method::OPTIONS
+            && req.headers().contains_key(header::ORIGIN)
+            && let Some(asked) = req
+                .headers()
+                .get(header::ACCESS_CONTROL_REQUEST_METHOD)
+                .and_then(|m| http::Method::from_bytes(m.as_bytes()).ok())
+            && let Lookup::Found { route, params } =
+                table.lookup(host_key.as_deref(), &asked, &path, req.headers())
+            && route.spec.plugins.iter().any(|p| p.name == "cors")
+        {
+            found = Lookup::Found { route, params };
+        }
         let (route, params) = match found {
             Lookup::Found { route, params } => (route.clone(), params),
             Lookup::MethodNotAllowed(allow) => {

@@ -1,6 +1,7 @@
 //! Integration tests: the gateway on real sockets, with real upstreams and real files.
 
 mod amqp;
+mod auth;
 mod cli;
 mod errors;
 mod front;

@@ -69,7 +69,8 @@ pub struct Sessions {
 /// A route's WebSocket settings, compiled at load.
 pub struct WsSettings {
     pub route: Arc<str>,
-    origins: Vec<String>,
+    /// The origins allowed to connect; any, and none sent, when `None`.
+    origins: Option<crate::plugins::cors::Origins>,
     subprotocols: Vec<String>,
     ping_interval: Duration,
     idle_timeout: Duration,
@@ -106,11 +107,10 @@ impl WsSettings {
             .max_frame_size(Some(max_frame));
         WsSettings {
             route: route.id.as_str().into(),
-            origins: spec
-                .origins
-                .iter()
-                .map(|o| o.to_ascii_lowercase())
-                .collect(),
+            // Validation refused entries that are not origins; were one left, nothing would
+            // be allowed rather than everything.
+            origins: (!spec.origins.is_empty())
+                .then(|| crate::plugins::cors::Origins::parse(&spec.origins).unwrap_or_default()),
             subprotocols: spec.subprotocols.clone(),
             ping_interval: spec.ping_interval.0,
             idle_timeout: spec.idle_timeout.0,
@@ -348,13 +348,12 @@ fn handshake(settings: &WsSettings, req: &Request) -> Result<Accepted, Problem> 
             Some("header.sec-websocket-version"),
         ));
     }
-    if !settings.origins.is_empty() {
+    if let Some(origins) = &settings.origins {
         let origin = req
             .headers()
             .get(header::ORIGIN)
-            .and_then(|o| o.to_str().ok())
-            .map(str::to_ascii_lowercase);
-        if !origin.is_some_and(|o| settings.origins.contains(&o)) {
+            .and_then(|o| o.to_str().ok());
+        if !origin.is_some_and(|o| origins.allows(o)) {
             return Err(
                 Problem::forbidden("This origin may not open WebSockets on this route.")
                     .with_field("header.origin"),

@@ -1,0 +1,266 @@
+//! Access plugins on real sockets: `cors` (preflights answered from the route's settings,
+//! before authentication; headers on actual answers; WebSocket handshakes from other origins
+//! refused) and `ip` (allow and deny lists, `X-Forwarded-For` believed only from trusted
+//! proxies).
+
+use futures_util::StreamExt;
+use http::{Method, Request};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::support::{Gateway, Upstream, body, json, send};
+
+fn cors_routes(up: &str) -> String {
+    format!(
+        r#"
+backends:
+  up: {{ type: http, endpoints: ["{up}"] }}
+routes:
+  - id: orders
+    match: {{ method: [GET, POST, DELETE], path: "/orders" }}
+    backend: up
+    plugins:
+      - api_key: {{ keys: ["0123456789abcdef"] }}
+      - cors:
+          origins: ["https://app.example.com", "https://*.example.org"]
+          methods: [GET, POST]
+          headers: [content-type, x-api-key]
+          expose_headers: [x-request-id]
+          credentials: true
+          max_age: 10m
+  - id: plain
+    match: {{ method: GET, path: "/plain" }}
+    backend: up
+"#
+    )
+}
+
+fn preflight(
+    gw: &Gateway,
+    path: &str,
+    origin: &str,
+    method: &str,
+    headers: &str,
+) -> Request<crate::support::TestBody> {
+    let mut r = Request::builder()
+        .method(Method::OPTIONS)
+        .uri(gw.url(path))
+        .header("origin", origin)
+        .header("access-control-request-method", method);
+    if !headers.is_empty() {
+        r = r.header("access-control-request-headers", headers);
+    }
+    r.body(body("")).unwrap()
+}
+
+#[tokio::test]
+async fn cors_preflights_are_answered_before_authentication() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&cors_routes(&up.url())).await;
+
+    let (s, h, b) = send(preflight(
+        &gw,
+        "/orders",
+        "https://app.example.com",
+        "POST",
+        "Content-Type, X-API-Key",
+    ))
+    .await;
+    assert_eq!(s, 204, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    assert_eq!(h["access-control-allow-methods"], "GET, POST");
+    assert_eq!(h["access-control-allow-headers"], "content-type, x-api-key");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert_eq!(h["access-control-max-age"], "600");
+    let vary: Vec<_> = h
+        .get_all("vary")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert!(vary.contains(&"Origin"), "{vary:?}");
+
+    // Every subdomain of a `*.` entry.
+    let (s, h, _) = send(preflight(
+        &gw,
+        "/orders",
+        "https://a.b.example.org",
+        "GET",
+        "",
+    ))
+    .await;
+    assert_eq!(s, 204);
+    assert_eq!(h["access-control-allow-origin"], "https://a.b.example.org");
+
+    // Refusals name what was refused.
+    for (origin, method, headers, field) in [
+        ("https://evil.example.net", "GET", "", "header.origin"),
+        (
+            "https://app.example.com",
+            "DELETE",
+            "",
+            "header.access-control-request-method",
+        ),
+        (
+            "https://app.example.com",
+            "GET",
+            "x-secret",
+            "header.access-control-request-headers",
+        ),
+    ] {
+        let (s, h, b) = send(preflight(&gw, "/orders", origin, method, headers)).await;
+        assert_eq!(s, 403, "{origin} {method} {headers}");
+        assert_eq!(h["content-type"], "application/problem+json");
+        assert_eq!(json(&b)["field"], field);
+        assert!(!h.contains_key("access-control-allow-origin"));
+    }
+    // A route without `cors` still says 405 to OPTIONS.
+    let (s, h, _) = send(preflight(
+        &gw,
+        "/plain",
+        "https://app.example.com",
+        "GET",
+        "",
+    ))
+    .await;
+    assert_eq!(s, 405);
+    assert!(!h.contains_key("access-control-allow-origin"));
+    // No preflight reached the upstream.
+    assert_eq!(up.hits(), 0);
+}
+
+#[tokio::test]
+async fn cors_headers_on_actual_answers_only_for_allowed_origins() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&cors_routes(&up.url())).await;
+    let get = |origin: &'static str| {
+        Request::get(gw.url("/orders"))
+            .header("origin", origin)
+            .header("x-api-key", "0123456789abcdef")
+            .body(body(""))
+            .unwrap()
+    };
+    let (s, h, _) = send(get("https://app.example.com")).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
+    assert_eq!(h["access-control-allow-credentials"], "true");
+    assert_eq!(h["access-control-expose-headers"], "x-request-id");
+    assert!(h.get_all("vary").iter().any(|v| v == "Origin"));
+
+    // Another origin is served without CORS headers: the browser keeps the answer from the page.
+    let (s, h, _) = send(get("https://evil.example.net")).await;
+    assert_eq!(s, 200);
+    assert!(!h.contains_key("access-control-allow-origin"));
+    assert!(h.get_all("vary").iter().any(|v| v == "Origin"));
+    // Authentication still applies to actual requests.
+    let (s, _, _) = send(
+        Request::get(gw.url("/orders"))
+            .header("origin", "https://app.example.com")
+            .body(body(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 401);
+}
+
+#[tokio::test]
+async fn cors_refuses_websocket_handshakes_from_other_origins() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await {
+                    while ws.next().await.is_some() {}
+                }
+            });
+        }
+    });
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  up: {{ type: http, endpoints: ["http://{addr}"] }}
+routes:
+  - id: live
+    match: {{ method: GET, path: "/live" }}
+    backend: up
+    websocket: {{}}
+    plugins:
+      - cors: {{ origins: ["https://*.example.com"] }}
+"#
+    ))
+    .await;
+    let open = |origin: &'static str| {
+        let mut req = format!("ws://{}/live", gw.listen)
+            .into_client_request()
+            .unwrap();
+        req.headers_mut().insert("origin", origin.parse().unwrap());
+        tokio_tungstenite::connect_async(req)
+    };
+    let (_, resp) = open("https://app.example.com")
+        .await
+        .expect("allowed origin");
+    assert_eq!(resp.status(), 101);
+    match open("https://example.com.evil.net").await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 403);
+            let b = resp.body().clone().unwrap_or_default();
+            assert_eq!(json(&b.into())["field"], "header.origin");
+        }
+        other => panic!("want a 403, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn ip_rules_admit_by_the_clients_address() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  up: {{ type: http, endpoints: ["{}"] }}
+routes:
+  - id: open
+    match: {{ path: "/open" }}
+    backend: up
+    plugins: [ {{ ip: {{ allow: ["127.0.0.0/8"] }} }} ]
+  - id: closed
+    match: {{ path: "/closed" }}
+    backend: up
+    plugins: [ {{ ip: {{ allow: ["127.0.0.0/8"], deny: ["127.0.0.1"] }} }} ]
+  - id: behind
+    match: {{ path: "/behind" }}
+    backend: up
+    plugins:
+      - ip: {{ allow: ["203.0.113.0/24"], trusted_proxies: ["127.0.0.1", "10.0.0.0/8"] }}
+"#,
+        up.url()
+    ))
+    .await;
+    let get = |path: &str, xff: Option<&str>| {
+        let mut r = Request::get(gw.url(path));
+        if let Some(x) = xff {
+            r = r.header("x-forwarded-for", x);
+        }
+        r.body(body("")).unwrap()
+    };
+    assert_eq!(send(get("/open", None)).await.0, 200);
+    let (s, h, b) = send(get("/closed", None)).await;
+    assert_eq!(s, 403);
+    assert_eq!(h["content-type"], "application/problem+json");
+    assert!(
+        json(&b)["detail"].as_str().unwrap().contains("127.0.0.1"),
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    // The gateway's peer (127.0.0.1) is a trusted proxy: the right-most untrusted hop is the
+    // client, and what the client wrote further left is not believed.
+    for (xff, want) in [
+        ("203.0.113.9", 200),
+        ("203.0.113.9, 10.1.2.3", 200),
+        ("198.51.100.1", 403),
+        ("203.0.113.9, 198.51.100.1", 403),
+        ("198.51.100.1, 203.0.113.9", 200),
+    ] {
+        assert_eq!(send(get("/behind", Some(xff))).await.0, want, "{xff}");
+    }
+    // Without the header, the proxy itself is the client, and it is not allowed.
+    assert_eq!(send(get("/behind", None)).await.0, 403);
+}
