@@ -228,23 +228,23 @@ impl<'a> RequestValues<'a> {
                         .map_err(|_| not_utf8(&format!("header.{h}")))?
                         .into()
                 }
+                ValuePart::Claim(path) => {
+                    let field = format!("claims.{}", path.join("."));
+                    let v = self
+                        .parts
+                        .extensions
+                        .get::<crate::plugins::jwt::Claims>()
+                        .and_then(|c| c.get(path))
+                        .ok_or_else(|| missing(&field, what))?;
+                    scalar(v, &field, what)?
+                }
                 ValuePart::Body(path) => {
                     let field = format!("body.{}", path.join("."));
                     let mut v = self.json()?;
                     for key in path {
                         v = v.get(key).ok_or_else(|| missing(&field, what))?;
                     }
-                    match v {
-                        serde_json::Value::String(s) => s.as_str().into(),
-                        serde_json::Value::Number(n) => n.to_string().into(),
-                        serde_json::Value::Bool(b) => (if *b { "true" } else { "false" }).into(),
-                        _ => {
-                            return Err(Problem::bad_request(format!(
-                                "Field `{field}` must be a string, number or boolean for {what}."
-                            ))
-                            .with_field(field));
-                        }
-                    }
+                    scalar(v, &field, what)?
                 }
             };
             let name = part_name(part);
@@ -320,6 +320,20 @@ fn part_name(p: &ValuePart) -> Cow<'_, str> {
         ValuePart::Query(q) => Cow::Owned(format!("query.{q}")),
         ValuePart::Header(h) => Cow::Owned(format!("header.{h}")),
         ValuePart::Body(path) => Cow::Owned(format!("body.{}", path.join("."))),
+        ValuePart::Claim(path) => Cow::Owned(format!("claims.{}", path.join("."))),
+    }
+}
+
+/// A JSON value as a template's text: strings, numbers and booleans only.
+fn scalar<'v>(v: &'v serde_json::Value, field: &str, what: &str) -> Result<Cow<'v, str>, Problem> {
+    match v {
+        serde_json::Value::String(s) => Ok(s.as_str().into()),
+        serde_json::Value::Number(n) => Ok(n.to_string().into()),
+        serde_json::Value::Bool(b) => Ok((if *b { "true" } else { "false" }).into()),
+        _ => Err(Problem::bad_request(format!(
+            "Field `{field}` must be a string, number or boolean for {what}."
+        ))
+        .with_field(field.to_string())),
     }
 }
 

@@ -238,6 +238,8 @@ pub enum ValuePart {
     Header(String),
     /// A path into the JSON body.
     Body(Vec<String>),
+    /// A path into the verified token's claims (the `jwt` plugin's).
+    Claim(Vec<String>),
 }
 
 impl ValueTemplate {
@@ -264,9 +266,12 @@ impl ValueTemplate {
                     Some(("body", b)) if b.split('.').all(|f| !f.is_empty()) => {
                         ValuePart::Body(b.split('.').map(str::to_string).collect())
                     }
+                    Some(("claims", c)) if c.split('.').all(|f| !f.is_empty()) => {
+                        ValuePart::Claim(c.split('.').map(str::to_string).collect())
+                    }
                     _ => {
                         return Err(format!(
-                            "`{{{name}}}`: use `{{param}}`, `{{query.name}}`, `{{header.name}}` or `{{body.field.path}}`"
+                            "`{{{name}}}`: use `{{param}}`, `{{query.name}}`, `{{header.name}}`, `{{body.field.path}}` or `{{claims.name}}`"
                         ));
                     }
                 })
@@ -281,6 +286,11 @@ impl ValueTemplate {
             ValuePart::Param(v) => Some(v.as_str()),
             _ => None,
         })
+    }
+
+    /// Whether it reads a token's claims.
+    pub fn uses_claims(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, ValuePart::Claim(_)))
     }
 
     /// Whether filling it needs the JSON body.

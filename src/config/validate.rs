@@ -14,9 +14,17 @@ pub struct Checks<'a> {
     file: &'a str,
     loc: &'a Locator,
     errors: Vec<ConfigError>,
+    /// A template of the route being checked reads `{claims.…}`.
+    claims_used: bool,
 }
 
 impl Checks<'_> {
+    /// Notes that `t`, a template of the route being checked, reads `{claims.…}`, which only
+    /// a `jwt` plugin on the route provides.
+    pub(crate) fn template(&mut self, t: &ValueTemplate) {
+        self.claims_used |= t.uses_claims();
+    }
+
     pub(crate) fn err(&mut self, path: &str, route: Option<&str>, message: impl Into<String>) {
         let pos = self.loc.at(path);
         self.errors.push(ConfigError {
@@ -71,6 +79,7 @@ pub fn validate(file: &str, spec: &ConfigSpec, loc: &Locator) -> Vec<ConfigError
         file,
         loc,
         errors: Vec::new(),
+        claims_used: false,
     };
     validate_server(&mut cx, &spec.server);
     if let Some(r) = &spec.defaults.retry {
@@ -625,6 +634,13 @@ fn validate_route(
     if let Some(b) = bridge {
         b.validate_route(cx, &base, route, template.as_ref());
     }
+    if std::mem::take(&mut cx.claims_used) && !route.plugins.iter().any(|p| p.name == "jwt") {
+        cx.err(
+            &base,
+            id,
+            "a template reads `{claims.…}`, which only a `jwt` plugin on the route provides; add one, or use `{header.…}`",
+        );
+    }
     for (j, p) in route.plugins.iter().enumerate() {
         let path = format!("{base}.plugins[{j}]");
         match crate::plugins::find(&p.name) {
@@ -773,6 +789,7 @@ pub(crate) fn check_handshake_template(
             None
         }
         Ok(t) => {
+            cx.template(&t);
             if t.needs_body() {
                 cx.err(
                     path,

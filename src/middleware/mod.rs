@@ -60,6 +60,7 @@ pub fn stack(
     backend: &BuiltBackend,
     metrics: &Arc<Metrics>,
     state: Option<&Arc<State>>,
+    cx: &crate::backends::BuildContext<'_>,
 ) -> Result<RouteStack, FieldError> {
     let needs_state = || FieldError::from("the route needs the state store, which is not open");
     let id: Arc<str> = route.id.as_str().into();
@@ -163,12 +164,13 @@ pub fn stack(
         let rl = Arc::new(limit::RateLimit::new(rl, id.clone(), metrics.clone()));
         svc = RouteService::direct(limit::RateLimitService::new(svc, rl));
     }
-    svc = with_plugins(route, svc)?;
+    svc = with_plugins(route, svc, cx)?;
     // Reading a job of the route passes the same plugins (its authentication, for one).
     let job_reader = match &job {
         Some(_) => Some(with_plugins(
             route,
             RouteService::new(crate::durable::jobs::ReadJob),
+            cx,
         )?),
         None => None,
     };
@@ -183,7 +185,11 @@ pub fn stack(
 /// `svc` inside the route's plugins, the first listed outermost; except `cors`, which is
 /// always outermost, so that a preflight (which carries no credentials) is answered before any
 /// authentication plugin would refuse it.
-fn with_plugins(route: &RouteSpec, mut svc: RouteService) -> Result<RouteService, FieldError> {
+fn with_plugins(
+    route: &RouteSpec,
+    mut svc: RouteService,
+    cx: &crate::backends::BuildContext<'_>,
+) -> Result<RouteService, FieldError> {
     let mut order: Vec<(usize, &crate::config::PluginSpec)> =
         route.plugins.iter().enumerate().collect();
     order.sort_by_key(|(_, p)| p.name != "cors");
@@ -195,7 +201,7 @@ fn with_plugins(route: &RouteSpec, mut svc: RouteService) -> Result<RouteService
             )
         };
         let plugin = plugins::find(&p.name).ok_or_else(|| refused("unknown plugin".into()))?;
-        svc = plugin.wrap(&p.config, svc).map_err(refused)?;
+        svc = plugin.wrap(&p.config, svc, cx).map_err(refused)?;
     }
     Ok(svc)
 }

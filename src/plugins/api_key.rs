@@ -93,37 +93,14 @@ impl Compiled {
             .get(&self.header)
             .map(|v| v.as_bytes().to_vec());
         while req.headers_mut().remove(&self.header).is_some() {}
-        let (Some(name), Some(query)) = (self.query.as_deref(), req.uri().query()) else {
+        let Some(name) = self.query.as_deref() else {
             return key;
         };
-        let decode = |s: &str| percent_encoding::percent_decode_str(s).collect::<Vec<u8>>();
-        let mut found = false;
-        let rest: Vec<&str> = query
-            .split('&')
-            .filter(|pair| {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                if decode(k) != name.as_bytes() {
-                    return true;
-                }
-                found = true;
-                if key.is_none() {
-                    key = Some(decode(v));
-                }
-                false
-            })
-            .collect();
-        if found {
-            let path = req.uri().path();
-            let target = if rest.is_empty() {
-                path.to_string()
-            } else {
-                format!("{path}?{}", rest.join("&"))
-            };
-            match target.parse() {
-                Ok(uri) => *req.uri_mut() = uri,
-                // Never forward a target that still holds the key.
-                Err(_) => return None,
-            }
+        match super::take_query_param(req, name) {
+            Ok(Some(v)) if key.is_none() => key = Some(v),
+            Ok(_) => {}
+            // Never forward a target that still holds the key.
+            Err(()) => return None,
         }
         key
     }

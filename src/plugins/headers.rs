@@ -119,6 +119,7 @@ impl Plugin for HeadersPlugin {
         &self,
         config: &serde_json::Value,
         inner: RouteService,
+        _cx: &crate::backends::BuildContext<'_>,
     ) -> Result<RouteService, String> {
         let (req_ops, resp_ops) = compile(config)?;
         let (req_ops, resp_ops) = (Arc::new(req_ops), Arc::new(resp_ops));

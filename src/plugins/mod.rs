@@ -8,10 +8,12 @@ pub mod api_key;
 pub mod cors;
 pub mod headers;
 pub mod ip;
+pub mod jwt;
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::backends::BuildContext;
 use crate::{BoxError, Request, ResponseFuture, RouteService};
 
 pub trait Plugin: Send + Sync + 'static {
@@ -19,9 +21,15 @@ pub trait Plugin: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Checks the plugin's settings. Pure.
     fn validate(&self, config: &serde_json::Value) -> Result<(), String>;
-    /// Wraps `inner` with this plugin. Called once per route when config loads.
-    fn wrap(&self, config: &serde_json::Value, inner: RouteService)
-    -> Result<RouteService, String>;
+    /// Wraps `inner` with this plugin. Called once per route when config loads; may read the
+    /// files the settings name (recorded in `cx`, so that a change reloads the config) and
+    /// start background work that waits on `cx`'s gate.
+    fn wrap(
+        &self,
+        config: &serde_json::Value,
+        inner: RouteService,
+        cx: &BuildContext<'_>,
+    ) -> Result<RouteService, String>;
 }
 
 /// Every plugin Switchyard knows.
@@ -30,6 +38,7 @@ pub static REGISTRY: &[&dyn Plugin] = &[
     &cors::CorsPlugin,
     &headers::HeadersPlugin,
     &ip::IpPlugin,
+    &jwt::JwtPlugin,
 ];
 
 pub fn find(name: &str) -> Option<&'static dyn Plugin> {
@@ -50,6 +59,12 @@ pub trait Guard: Send + Sync + 'static {
     type Settings: Send + Sync + 'static;
     /// Reads and checks the settings. Pure.
     fn compile(config: &serde_json::Value) -> Result<Self::Settings, String>;
+    /// Builds the settings for a route: [`Guard::compile`], unless the plugin reads files or
+    /// the network (see [`Plugin::wrap`]).
+    fn build(config: &serde_json::Value, cx: &BuildContext<'_>) -> Result<Self::Settings, String> {
+        let _ = cx;
+        Self::compile(config)
+    }
     /// Handles one request.
     fn call(settings: &Arc<Self::Settings>, inner: &RouteService, req: Request) -> ResponseFuture;
 }
@@ -67,10 +82,11 @@ impl<G: Guard> Plugin for G {
         &self,
         config: &serde_json::Value,
         inner: RouteService,
+        cx: &BuildContext<'_>,
     ) -> Result<RouteService, String> {
         Ok(RouteService::new(Guarded::<G> {
             inner,
-            settings: Arc::new(G::compile(config)?),
+            settings: Arc::new(G::build(config, cx)?),
         }))
     }
 }
@@ -102,4 +118,41 @@ impl<G: Guard> tower::Service<Request> for Guarded<G> {
     fn call(&mut self, req: Request) -> ResponseFuture {
         G::call(&self.settings, &self.inner, req)
     }
+}
+
+/// Removes every query parameter whose decoded name is `name` from the request's target, and
+/// returns the first one's decoded value: a credential in the query (browsers' WebSockets
+/// cannot set headers) never goes on to the backend. `Err` when the target left could not be
+/// made, and the request must not go on.
+pub(crate) fn take_query_param(req: &mut Request, name: &str) -> Result<Option<Vec<u8>>, ()> {
+    let Some(query) = req.uri().query() else {
+        return Ok(None);
+    };
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).collect::<Vec<u8>>();
+    let mut value = None;
+    let mut found = false;
+    let rest: Vec<&str> = query
+        .split('&')
+        .filter(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            if decode(k) != name.as_bytes() {
+                return true;
+            }
+            found = true;
+            if value.is_none() {
+                value = Some(decode(v));
+            }
+            false
+        })
+        .collect();
+    if found {
+        let path = req.uri().path();
+        let target = if rest.is_empty() {
+            path.to_string()
+        } else {
+            format!("{path}?{}", rest.join("&"))
+        };
+        *req.uri_mut() = target.parse().map_err(|_| ())?;
+    }
+    Ok(value)
 }

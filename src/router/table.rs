@@ -293,7 +293,14 @@ impl RouteTable {
                             format!("backend `{}` is not defined", r.backend)
                         ))
                     };
-                    match middleware::stack(r, &spec.defaults, &backend, metrics, state.as_ref()) {
+                    match middleware::stack(
+                        r,
+                        &spec.defaults,
+                        &backend,
+                        metrics,
+                        state.as_ref(),
+                        cx,
+                    ) {
                         Ok(built) => (Some(backend), built),
                         Err(e) => refuse!(e),
                     }

@@ -11,6 +11,7 @@ mod http_proxy;
 mod httprule;
 mod idempotency;
 mod jobs;
+mod jwt;
 mod live;
 mod matching;
 mod mqtt;

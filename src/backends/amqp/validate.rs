@@ -33,6 +33,7 @@ pub(crate) fn validate_amqp_route(
         match ValueTemplate::parse(raw) {
             Err(e) => cx.err(&format!("{base}.amqp.{key}"), id, e),
             Ok(t) => {
+                cx.template(&t);
                 for p in t.params() {
                     if template.is_some() && !captured.contains(&p) {
                         cx.err(

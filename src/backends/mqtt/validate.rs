@@ -19,6 +19,7 @@ pub(crate) fn validate_mqtt_route(
     match ValueTemplate::parse(&m.topic) {
         Err(e) => cx.err(&format!("{base}.mqtt.topic"), id, e),
         Ok(t) => {
+            cx.template(&t);
             for p in t.params() {
                 if template.is_some() && !captured.contains(&p) {
                     cx.err(
