@@ -6,6 +6,7 @@
 
 pub mod api_key;
 pub mod cors;
+pub mod forward_auth;
 pub mod headers;
 pub mod ip;
 pub mod jwt;
@@ -36,6 +37,7 @@ pub trait Plugin: Send + Sync + 'static {
 pub static REGISTRY: &[&dyn Plugin] = &[
     &api_key::ApiKeyPlugin,
     &cors::CorsPlugin,
+    &forward_auth::ForwardAuthPlugin,
     &headers::HeadersPlugin,
     &ip::IpPlugin,
     &jwt::JwtPlugin,

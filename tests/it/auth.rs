@@ -264,3 +264,182 @@ routes:
     // Without the header, the proxy itself is the client, and it is not allowed.
     assert_eq!(send(get("/behind", None)).await.0, 403);
 }
+
+/// An authorization service: `Bearer good` passes (with `x-user-id: u1`), `Bearer redirect`
+/// is sent to a login page, anything else is refused with its own 401; paths under `/slow`
+/// answer after 2 s. Records what it was asked.
+struct AuthService {
+    url: String,
+    asked: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for AuthService {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl AuthService {
+    async fn start() -> AuthService {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = asked.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let log = log.clone();
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let h = |n: &str| {
+                            req.headers()
+                                .get(n)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string)
+                        };
+                        log.lock().unwrap().push(serde_json::json!({
+                            "method": req.method().as_str(),
+                            "uri": req.uri().to_string(),
+                            "authorization": h("authorization"),
+                            "cookie": h("cookie"),
+                            "x-forwarded-method": h("x-forwarded-method"),
+                            "x-forwarded-uri": h("x-forwarded-uri"),
+                            "x-forwarded-for": h("x-forwarded-for"),
+                        }));
+                        let slow = req.uri().path().contains("/slow");
+                        let auth = h("authorization").unwrap_or_default();
+                        async move {
+                            if slow {
+                                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                            }
+                            let b = http::Response::builder();
+                            let r = match auth.as_str() {
+                                "Bearer good" => b
+                                    .status(200)
+                                    .header("x-user-id", "u1")
+                                    .header("x-other", "not forwarded")
+                                    .body(http_body_util::Full::new(bytes::Bytes::new())),
+                                "Bearer redirect" => b
+                                    .status(302)
+                                    .header("location", "https://login.example.com/")
+                                    .body(http_body_util::Full::new(bytes::Bytes::new())),
+                                _ => b
+                                    .status(401)
+                                    .header("www-authenticate", "Bearer realm=\"shop\"")
+                                    .header("content-type", "application/json")
+                                    .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                                        br#"{"error":"who are you?"}"#,
+                                    ))),
+                            };
+                            Ok::<_, std::convert::Infallible>(r.unwrap())
+                        }
+                    });
+                tokio::spawn(async move {
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        AuthService { url, asked, task }
+    }
+
+    fn count(&self) -> usize {
+        self.asked.lock().unwrap().len()
+    }
+}
+
+#[tokio::test]
+async fn forward_auth_decides_and_its_answers_reach_the_client() {
+    let auth = AuthService::start().await;
+    let up = Upstream::start().await;
+    let gone = crate::support::free_port().await;
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  up: {{ type: http, endpoints: ["{up}"] }}
+routes:
+  - id: api
+    match: {{ path: "/api/{{*rest}}" }}
+    backend: up
+    plugins:
+      - forward_auth:
+          url: "{auth}/check"
+          request_headers: [authorization]
+          response_headers: [x-user-id]
+          timeout: 300ms
+          cache: {{ ttl: 30s, key: [authorization] }}
+  - id: closed
+    match: {{ path: "/closed" }}
+    backend: up
+    plugins: [ {{ forward_auth: {{ url: "http://{gone}/check" }} }} ]
+  - id: open
+    match: {{ path: "/open" }}
+    backend: up
+    plugins: [ {{ forward_auth: {{ url: "http://{gone}/check", on_error: allow }} }} ]
+"#,
+        up = up.url(),
+        auth = auth.url,
+    ))
+    .await;
+    let req = |method: &str, path: &str, token: &str| {
+        Request::builder()
+            .method(method)
+            .uri(gw.url(path))
+            .header("authorization", format!("Bearer {token}"))
+            .header("x-user-id", "spoofed")
+            .header("cookie", "secret=1")
+            .body(body("payload"))
+            .unwrap()
+    };
+
+    // Allowed: the service's named header goes on, the client's own copy does not.
+    let (s, _, b) = send(req("POST", "/api/orders?q=1", "good")).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let seen = json(&b);
+    assert_eq!(seen["headers"]["x-user-id"], "u1", "{seen}");
+    assert!(seen["headers"].get("x-other").is_none());
+    assert_eq!(seen["body_len"], 7);
+    // What the service was asked: the method, the path under its own, the named headers only.
+    let asked = auth.asked.lock().unwrap()[0].clone();
+    assert_eq!(asked["method"], "POST");
+    assert_eq!(asked["uri"], "/check/api/orders?q=1");
+    assert_eq!(asked["authorization"], "Bearer good");
+    assert_eq!(asked["cookie"], serde_json::Value::Null);
+    assert_eq!(asked["x-forwarded-method"], "POST");
+    assert_eq!(asked["x-forwarded-uri"], "/api/orders?q=1");
+    assert_eq!(asked["x-forwarded-for"], "127.0.0.1");
+
+    // The decision is cached per method, path and key header.
+    assert_eq!(send(req("POST", "/api/orders?q=1", "good")).await.0, 200);
+    assert_eq!(auth.count(), 1);
+    assert_eq!(send(req("POST", "/api/orders?q=2", "good")).await.0, 200);
+    assert_eq!(auth.count(), 2);
+
+    // Refused: the service's answer is the client's, as it made it.
+    let (s, h, b) = send(req("GET", "/api/orders", "bad")).await;
+    assert_eq!(s, 401);
+    assert_eq!(h["www-authenticate"], "Bearer realm=\"shop\"");
+    assert_eq!(json(&b)["error"], "who are you?");
+    let (s, h, _) = send(req("GET", "/api/orders", "redirect")).await;
+    assert_eq!(s, 302);
+    assert_eq!(h["location"], "https://login.example.com/");
+    assert_eq!(up.hits(), 3);
+
+    // A service that does not answer in time, or cannot be reached, fails closed…
+    let (s, _, b) = send(req("GET", "/api/slow", "good")).await;
+    assert_eq!(s, 503, "{}", String::from_utf8_lossy(&b));
+    assert!(
+        json(&b)["detail"]
+            .as_str()
+            .unwrap()
+            .contains("within 300ms")
+    );
+    let (s, h, _) = send(req("GET", "/closed", "good")).await;
+    assert_eq!(s, 503);
+    assert!(h.contains_key("retry-after"));
+    // …unless the route says otherwise.
+    assert_eq!(send(req("GET", "/open", "good")).await.0, 200);
+    assert_eq!(up.hits(), 4);
+}
