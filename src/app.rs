@@ -216,6 +216,12 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
         Some(t) => Some(server::tls::acceptor(
             resolve(&base, &t.cert),
             resolve(&base, &t.key),
+            t.client_auth.as_ref().map(|c| {
+                (
+                    resolve(&base, &c.ca),
+                    c.mode == crate::config::ClientAuthMode::Required,
+                )
+            }),
             shutdown.clone(),
         )?),
         None => None,

@@ -228,6 +228,30 @@ impl<'a> RequestValues<'a> {
                         .map_err(|_| not_utf8(&format!("header.{h}")))?
                         .into()
                 }
+                ValuePart::ClientCert(f) => {
+                    let field = format!("client_cert.{f}");
+                    let cert = self
+                        .parts
+                        .extensions
+                        .get::<RequestContext>()
+                        .and_then(|c| c.client_cert.as_deref())
+                        .ok_or_else(|| {
+                            Problem::forbidden(format!(
+                                "{} is made from the client certificate, and the connection presented none.",
+                                capital(what)
+                            ))
+                            .with_field(field.clone())
+                        })?;
+                    let v = match f.as_str() {
+                        "cn" => cert.cn(),
+                        "subject" => Some(cert.subject.as_str()),
+                        "dns" => cert.dns.first().map(String::as_str),
+                        "uri" => cert.uri.first().map(String::as_str),
+                        "email" => cert.email.first().map(String::as_str),
+                        _ => Some(cert.hash.as_str()),
+                    };
+                    v.ok_or_else(|| missing(&field, what))?.to_string().into()
+                }
                 ValuePart::Claim(path) => {
                     let field = format!("claims.{}", path.join("."));
                     let v = self
@@ -321,6 +345,7 @@ fn part_name(p: &ValuePart) -> Cow<'_, str> {
         ValuePart::Header(h) => Cow::Owned(format!("header.{h}")),
         ValuePart::Body(path) => Cow::Owned(format!("body.{}", path.join("."))),
         ValuePart::Claim(path) => Cow::Owned(format!("claims.{}", path.join("."))),
+        ValuePart::ClientCert(f) => Cow::Owned(format!("client_cert.{f}")),
     }
 }
 

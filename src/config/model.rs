@@ -178,6 +178,29 @@ pub struct TlsSpec {
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1), relative to routes.yaml's directory.
     pub key: PathBuf,
+    /// Client certificates (mutual TLS): the CAs that sign them, and whether one is required.
+    #[serde(default)]
+    pub client_auth: Option<ClientAuthSpec>,
+}
+
+/// Mutual TLS on the public listener.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ClientAuthSpec {
+    /// PEM bundle of the CAs that sign client certificates, relative to routes.yaml's directory.
+    pub ca: PathBuf,
+    /// `required`: a client without a certificate the CAs signed cannot connect; `optional`:
+    /// it can, and routes decide (the `client_cert` plugin).
+    #[serde(default)]
+    pub mode: ClientAuthMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuthMode {
+    #[default]
+    Required,
+    Optional,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]

@@ -240,6 +240,9 @@ pub enum ValuePart {
     Body(Vec<String>),
     /// A path into the verified token's claims (the `jwt` plugin's).
     Claim(Vec<String>),
+    /// A fact of the client's certificate (mutual TLS): `cn`, `subject`, `dns`, `uri`,
+    /// `email` (the first of each SAN kind) or `hash`.
+    ClientCert(String),
 }
 
 impl ValueTemplate {
@@ -269,9 +272,19 @@ impl ValueTemplate {
                     Some(("claims", c)) if c.split('.').all(|f| !f.is_empty()) => {
                         ValuePart::Claim(c.split('.').map(str::to_string).collect())
                     }
+                    Some(("client_cert", f)) => match f {
+                        "cn" | "subject" | "dns" | "uri" | "email" | "hash" => {
+                            ValuePart::ClientCert(f.to_string())
+                        }
+                        _ => {
+                            return Err(format!(
+                                "`{{{name}}}`: a client certificate gives `cn`, `subject`, `dns`, `uri`, `email` or `hash`"
+                            ));
+                        }
+                    },
                     _ => {
                         return Err(format!(
-                            "`{{{name}}}`: use `{{param}}`, `{{query.name}}`, `{{header.name}}`, `{{body.field.path}}` or `{{claims.name}}`"
+                            "`{{{name}}}`: use `{{param}}`, `{{query.name}}`, `{{header.name}}`, `{{body.field.path}}`, `{{claims.name}}` or `{{client_cert.cn}}`"
                         ));
                     }
                 })

@@ -121,6 +121,7 @@ impl Spooled {
             tls: false,
             host: self.host.clone(),
             route_id: route.clone(),
+            client_cert: None,
             params: self
                 .params
                 .iter()

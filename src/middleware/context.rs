@@ -17,6 +17,8 @@ pub struct RequestContext {
     pub route_id: Arc<str>,
     /// Path variables captured by the route's template, by name.
     pub params: Vec<(Arc<str>, String)>,
+    /// The client's verified certificate (mutual TLS).
+    pub client_cert: Option<Arc<crate::server::client_cert::ClientCert>>,
 }
 
 impl RequestContext {

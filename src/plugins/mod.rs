@@ -5,6 +5,7 @@
 //! registry is an explicit list: adding a plugin means adding it to [`REGISTRY`].
 
 pub mod api_key;
+pub mod client_cert;
 pub mod cors;
 pub mod forward_auth;
 pub mod headers;
@@ -36,6 +37,7 @@ pub trait Plugin: Send + Sync + 'static {
 /// Every plugin Switchyard knows.
 pub static REGISTRY: &[&dyn Plugin] = &[
     &api_key::ApiKeyPlugin,
+    &client_cert::ClientCertPlugin,
     &cors::CorsPlugin,
     &forward_auth::ForwardAuthPlugin,
     &headers::HeadersPlugin,

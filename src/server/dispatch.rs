@@ -22,11 +22,16 @@ use crate::router::{Lookup, normalize::normalize};
 use crate::telemetry::access::{AccessEntry, AccessLogBody};
 use crate::{BoxError, Response};
 
+static X_FORWARDED_CLIENT_CERT: http::HeaderName =
+    http::HeaderName::from_static("x-forwarded-client-cert");
+
 /// Facts about the connection a request came in on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub remote: SocketAddr,
     pub tls: bool,
+    /// The client's verified certificate (mutual TLS).
+    pub client_cert: Option<Arc<crate::server::client_cert::ClientCert>>,
 }
 
 fn host_of(req: &HttpRequest<Incoming>) -> Option<String> {
@@ -306,6 +311,16 @@ pub async fn handle(
         if websocket_h2 || parts.headers.contains_key(header::UPGRADE) {
             parts.extensions.insert(shared.sessions.clone());
         }
+        // `X-Forwarded-Client-Cert` says who the client's certificate names, and only the
+        // gateway says it: a client's own is removed (Envoy's SANITIZE_SET).
+        match conn.client_cert.as_ref().and_then(|c| c.xfcc.clone()) {
+            Some(v) => {
+                parts.headers.insert(X_FORWARDED_CLIENT_CERT.clone(), v);
+            }
+            None => {
+                parts.headers.remove(&X_FORWARDED_CLIENT_CERT);
+            }
+        }
         parts.extensions.insert(RequestContext {
             correlation_id: cid.clone(),
             client_addr: conn.remote,
@@ -313,6 +328,7 @@ pub async fn handle(
             host,
             route_id: route.id.clone(),
             params,
+            client_cert: conn.client_cert.clone(),
         });
         route
             .service

@@ -3,6 +3,7 @@
 //! timeouts, and drains on shutdown. Each request goes to [`dispatch::handle`].
 
 pub mod body;
+pub mod client_cert;
 pub mod dispatch;
 pub mod io;
 pub mod percore;
@@ -89,7 +90,11 @@ async fn serve_tcp(
                 return;
             };
             let io = ActivityIo::new(stream, activity.clone());
-            let info = ConnInfo { remote, tls: false };
+            let info = ConnInfo {
+                remote,
+                tls: false,
+                client_cert: None,
+            };
             serve_conn(io, info, proto, shared, shutdown, activity).await
         }
         Some(acceptor) => {
@@ -105,7 +110,19 @@ async fn serve_tcp(
                 Some(b"h2") => Proto::H2,
                 _ => Proto::H1,
             };
-            let info = ConnInfo { remote, tls: true };
+            // A verified client certificate (mutual TLS), read once for the connection.
+            let client_cert = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .and_then(|c| client_cert::ClientCert::parse(c))
+                .map(Arc::new);
+            let info = ConnInfo {
+                remote,
+                tls: true,
+                client_cert,
+            };
             serve_conn(stream, info, proto, shared, shutdown, activity).await
         }
     }
@@ -156,8 +173,9 @@ async fn serve_conn<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = shared.table.load().spec.server.limits.clone();
+    let remote = info.remote;
     let svc = service_fn(move |req| {
-        let shared = shared.clone();
+        let (shared, info) = (shared.clone(), info.clone());
         async move { Ok::<_, Infallible>(dispatch::handle(shared, info, req).await) }
     });
     let io = TokioIo::new(io);
@@ -170,7 +188,7 @@ async fn serve_conn<I>(
                 .max_buf_size(limits.max_header_size.0.max(8192) as usize)
                 .serve_connection(io, svc)
                 .with_upgrades();
-            drive(conn, info, &shutdown, &activity, idle, |c| {
+            drive(conn, remote, &shutdown, &activity, idle, |c| {
                 c.graceful_shutdown()
             })
             .await
@@ -183,7 +201,7 @@ async fn serve_conn<I>(
                 // RFC 8441: WebSockets over HTTP/2 streams.
                 .enable_connect_protocol()
                 .serve_connection(io, svc);
-            drive(conn, info, &shutdown, &activity, idle, |c| {
+            drive(conn, remote, &shutdown, &activity, idle, |c| {
                 c.graceful_shutdown()
             })
             .await
@@ -195,7 +213,7 @@ async fn serve_conn<I>(
 /// ones) when the gateway drains or when no bytes moved for `idle`.
 async fn drive<C, E>(
     conn: C,
-    info: ConnInfo,
+    remote: std::net::SocketAddr,
     shutdown: &CancellationToken,
     activity: &Activity,
     idle: Duration,
@@ -211,7 +229,7 @@ async fn drive<C, E>(
         tokio::select! {
             res = conn.as_mut() => {
                 if let Err(e) = res {
-                    tracing::debug!(remote = %info.remote, error = %e, "Connection ended with an error.");
+                    tracing::debug!(%remote, error = %e, "Connection ended with an error.");
                 }
                 break;
             }

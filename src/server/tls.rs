@@ -59,23 +59,61 @@ fn stamp(p: &Path) -> Option<(SystemTime, u64)> {
 
 /// Loads the key pair, builds the acceptor and starts watching the files (polled every second,
 /// which follows symlink swaps as well as rewrites).
+///
+/// With `client_auth` (the CA bundle, and whether a certificate is required), clients present
+/// certificates the CAs signed; the bundle is read once, at start.
 pub fn acceptor(
     cert: PathBuf,
     key: PathBuf,
+    client_auth: Option<(PathBuf, bool)>,
     shutdown: CancellationToken,
 ) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
     let resolver = Arc::new(CertResolver {
         current: ArcSwap::from_pointee(load(&cert, &key)?),
     });
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError {
             path: cert.display().to_string(),
             message: e.to_string(),
-        })?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver.clone());
+        })?;
+    let builder = match client_auth {
+        None => builder.with_no_client_auth(),
+        Some((ca, required)) => {
+            let err = |m: String| TlsError {
+                path: ca.display().to_string(),
+                message: m,
+            };
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(&ca)
+                .map_err(|e| err(format!("cannot read the client CA bundle: {e}")))?
+            {
+                let c = c.map_err(|e| err(format!("not a PEM certificate: {e}")))?;
+                roots
+                    .add(c)
+                    .map_err(|e| err(format!("not a CA certificate: {e}")))?;
+            }
+            if roots.is_empty() {
+                return Err(err("holds no certificate".into()));
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            );
+            let verifier = if required {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(
+                verifier
+                    .build()
+                    .map_err(|e| err(format!("client verification: {e}")))?,
+            )
+        }
+    };
+    let mut config = builder.with_cert_resolver(resolver.clone());
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     tokio::spawn(async move {
         let mut seen = (stamp(&cert), stamp(&key));

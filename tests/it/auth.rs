@@ -443,3 +443,212 @@ routes:
     assert_eq!(send(req("GET", "/open", "good")).await.0, 200);
     assert_eq!(up.hits(), 4);
 }
+
+/// A client of the gateway's TLS listener, presenting `identity` (a PEM certificate and key)
+/// when given; HTTP/1.1 over one connection.
+async fn mtls_get(
+    addr: std::net::SocketAddr,
+    server_ca: &str,
+    identity: Option<&(String, String)>,
+    path: &str,
+    xfcc: Option<&str>,
+) -> Result<(u16, serde_json::Value), String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_slice(server_ca.as_bytes()).unwrap())
+        .unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots);
+    let config = match identity {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut req = Request::get(path).header("host", "localhost");
+    if let Some(x) = xfcc {
+        req = req.header("x-forwarded-client-cert", x);
+    }
+    let resp = send
+        .send_request(req.body(body("")).unwrap())
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    use http_body_util::BodyExt;
+    let b = resp.into_body().collect().await.unwrap().to_bytes();
+    Ok((status, serde_json::from_slice(&b).unwrap_or_default()))
+}
+
+#[tokio::test]
+async fn client_certificates_identify_clients_to_routes_and_upstreams() {
+    use crate::upstream_tls::{Ca, Files};
+    let server_ca = Ca::new("gateway CA");
+    let clients = Ca::new("client CA");
+    let stranger = Ca::new("another CA");
+    let files = Files::new();
+    let (cert, key) = server_ca.issue(&["localhost"], false, false);
+    let svc_a = clients.issue(&["svc-a"], true, false);
+    let svc_b = clients.issue(&["svc-b.internal"], true, false);
+    let outsider = stranger.issue(&["svc-a"], true, false);
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&format!(
+        r#"
+server:
+  listen: "127.0.0.1:0"
+  admin: "127.0.0.1:0"
+  tls:
+    cert: "{}"
+    key: "{}"
+    client_auth: {{ ca: "{}", mode: optional }}
+backends:
+  up: {{ type: http, endpoints: ["{}"] }}
+routes:
+  - id: any
+    match: {{ path: "/any" }}
+    backend: up
+  - id: svc-a
+    match: {{ path: "/a" }}
+    backend: up
+    plugins: [ {{ client_cert: {{ subjects: ["CN=svc-a"] }} }} ]
+  - id: svc-b
+    match: {{ path: "/b" }}
+    backend: up
+    plugins: [ {{ client_cert: {{ sans: ["svc-b.internal"] }} }} ]
+"#,
+        files.put("cert.pem", &cert).display(),
+        files.put("key.pem", &key).display(),
+        files.put("clients.pem", &clients.pem()).display(),
+        up.url()
+    ))
+    .await;
+    let addr = gw.listen;
+    let ca = server_ca.pem();
+
+    // The upstream learns who the client is, and only from the gateway.
+    let (s, seen) = mtls_get(addr, &ca, Some(&svc_a), "/any", Some("Hash=forged"))
+        .await
+        .unwrap();
+    assert_eq!(s, 200);
+    let xfcc = seen["headers"]["x-forwarded-client-cert"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(xfcc.starts_with("Hash="), "{xfcc}");
+    assert!(xfcc.contains(";Subject=\"CN=svc-a\""), "{xfcc}");
+    assert!(xfcc.contains(";DNS=svc-a"), "{xfcc}");
+    assert!(!xfcc.contains("forged"));
+    let (s, seen) = mtls_get(addr, &ca, None, "/any", Some("Hash=forged"))
+        .await
+        .unwrap();
+    assert_eq!(s, 200, "optional: a client without a certificate connects");
+    assert!(
+        seen["headers"].get("x-forwarded-client-cert").is_none(),
+        "{seen}"
+    );
+
+    // Routes choose among the verified clients.
+    assert_eq!(
+        mtls_get(addr, &ca, Some(&svc_a), "/a", None)
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    assert_eq!(
+        mtls_get(addr, &ca, Some(&svc_b), "/a", None)
+            .await
+            .unwrap()
+            .0,
+        403
+    );
+    assert_eq!(
+        mtls_get(addr, &ca, Some(&svc_b), "/b", None)
+            .await
+            .unwrap()
+            .0,
+        200
+    );
+    let (s, p) = mtls_get(addr, &ca, None, "/a", None).await.unwrap();
+    assert_eq!(s, 403);
+    assert_eq!(p["field"], "tls.client_certificate");
+
+    // A certificate another CA signed does not complete the handshake.
+    assert!(
+        mtls_get(addr, &ca, Some(&outsider), "/any", None)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn a_required_client_certificate_names_the_topic() {
+    use crate::upstream_tls::{Ca, Files};
+    let addr = crate::support::mqtt::broker_addr().await;
+    let prefix = format!("sy-test/{}", uuid::Uuid::now_v7().simple());
+    let mut sub = crate::support::mqtt::Subscriber::start(
+        &addr,
+        &format!("sub-{}", uuid::Uuid::now_v7().simple()),
+        &format!("{prefix}/#"),
+    )
+    .await;
+    let server_ca = Ca::new("gateway CA");
+    let clients = Ca::new("client CA");
+    let files = Files::new();
+    let (cert, key) = server_ca.issue(&["localhost"], false, false);
+    let device = clients.issue(&["device-7"], true, false);
+    let gw = Gateway::start(&format!(
+        r#"
+server:
+  listen: "127.0.0.1:0"
+  admin: "127.0.0.1:0"
+  tls: {{ cert: "{}", key: "{}", client_auth: {{ ca: "{}" }} }}
+backends:
+  devices: {{ type: mqtt, url: "mqtt://{addr}", client_id: "gw-{id}" }}
+routes:
+  - id: telemetry
+    match: {{ method: GET, path: "/telemetry" }}
+    backend: devices
+    mqtt: {{ topic: "{prefix}/{{client_cert.cn}}", qos: 1 }}
+"#,
+        files.put("cert.pem", &cert).display(),
+        files.put("key.pem", &key).display(),
+        files.put("clients.pem", &clients.pem()).display(),
+        id = uuid::Uuid::now_v7().simple(),
+    ))
+    .await;
+    gw.wait_backend("devices", true).await;
+    let ca = server_ca.pem();
+    // Required: no certificate, no connection.
+    assert!(
+        mtls_get(gw.listen, &ca, None, "/telemetry", None)
+            .await
+            .is_err()
+    );
+    let (s, p) = mtls_get(gw.listen, &ca, Some(&device), "/telemetry", None)
+        .await
+        .unwrap();
+    assert_eq!(s, 202, "{p}");
+    let m = sub.next().await;
+    assert_eq!(&m.topic[..], format!("{prefix}/device-7").as_bytes());
+}

@@ -25,10 +25,10 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::support::{Gateway, get, json};
 
 /// A certificate authority made for one test.
-struct Ca(CertifiedIssuer<'static, KeyPair>);
+pub(crate) struct Ca(CertifiedIssuer<'static, KeyPair>);
 
 impl Ca {
-    fn new(name: &str) -> Ca {
+    pub(crate) fn new(name: &str) -> Ca {
         let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         p.distinguished_name.push(DnType::CommonName, name);
@@ -40,13 +40,13 @@ impl Ca {
         Ca(CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap())
     }
 
-    fn pem(&self) -> String {
+    pub(crate) fn pem(&self) -> String {
         self.0.pem()
     }
 
     /// A certificate for `names` (its common name the first), for a server or a client, and
     /// its key, both PEM. An expired one ended in 2021.
-    fn issue(&self, names: &[&str], client: bool, expired: bool) -> (String, String) {
+    pub(crate) fn issue(&self, names: &[&str], client: bool, expired: bool) -> (String, String) {
         let mut p = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
             .unwrap();
         p.distinguished_name.push(DnType::CommonName, names[0]);
@@ -66,14 +66,14 @@ impl Ca {
 }
 
 /// Files in a directory of the test's own, named by absolute path in the config.
-struct Files(tempfile::TempDir);
+pub(crate) struct Files(pub(crate) tempfile::TempDir);
 
 impl Files {
-    fn new() -> Files {
+    pub(crate) fn new() -> Files {
         Files(tempfile::tempdir().unwrap())
     }
 
-    fn put(&self, name: &str, content: &str) -> PathBuf {
+    pub(crate) fn put(&self, name: &str, content: &str) -> PathBuf {
         let p = self.0.path().join(name);
         std::fs::write(&p, content).unwrap();
         p
