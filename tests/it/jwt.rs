@@ -620,3 +620,63 @@ routes:
         "{e}"
     );
 }
+
+#[tokio::test]
+async fn a_changed_jwks_file_reloads_and_websockets_are_checked_before_the_upgrade() {
+    use futures_util::StreamExt;
+    let old = SigningKey::ec(Algorithm::ES256, "old");
+    let new = SigningKey::ec(Algorithm::EdDSA, "new");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_up = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await {
+                    while ws.next().await.is_some() {}
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let write = |keys: Vec<Jwk>| {
+        let tmp = dir.path().join("jwks.json.tmp");
+        std::fs::write(&tmp, serde_json::to_string(&JwkSet { keys }).unwrap()).unwrap();
+        std::fs::rename(&tmp, dir.path().join("jwks.json")).unwrap();
+    };
+    write(vec![old.jwk()]);
+    std::fs::write(
+        dir.path().join("routes.yaml"),
+        crate::support::with_ephemeral_server(&format!(
+            r#"
+backends:
+  live: {{ type: http, endpoints: ["http://{ws_up}"] }}
+routes:
+  - id: live
+    match: {{ method: GET, path: "/live" }}
+    backend: live
+    websocket: {{}}
+    plugins: [ {{ jwt: {{ jwks_file: jwks.json, query: access_token }} }} ]
+"#
+        )),
+    )
+    .unwrap();
+    let config = dir.path().join("routes.yaml");
+    let gw = Gateway::start_at(tempfile::tempdir().unwrap(), config, true).await;
+    let open = |key: &SigningKey| {
+        let token = key.sign(&json!({ "sub": "a", "exp": now_secs() + 60 }));
+        tokio_tungstenite::connect_async(format!("ws://{}/live?access_token={token}", gw.listen))
+    };
+    let (_, resp) = open(&old).await.expect("the old key opens the socket");
+    assert_eq!(resp.status(), 101);
+    match open(&new).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 401),
+        other => panic!("want a 401 before the upgrade, got {other:?}"),
+    }
+    // The JWKS file changes: the config reloads with the new keys.
+    let before = gw.version().await;
+    write(vec![new.jwk()]);
+    gw.wait_version(before + 1).await;
+    let (_, resp) = open(&new).await.expect("the new key opens the socket");
+    assert_eq!(resp.status(), 101);
+    assert!(open(&old).await.is_err());
+}
