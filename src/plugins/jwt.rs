@@ -34,6 +34,7 @@ use jsonwebtoken::jwk::{Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, AlgorithmFamily, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::Value;
+use sha2::Digest;
 
 use super::Guard;
 use crate::backends::{AbortOnDrop, BuildContext};
@@ -121,6 +122,14 @@ struct JwtConfig {
     /// Claims passed on as request headers: claim name → header name.
     #[serde(default)]
     forward: BTreeMap<String, String>,
+    /// Verified tokens kept (by SHA-256) until they expire, so that a client's next request
+    /// with the same token skips the signature check; 0 turns the cache off.
+    #[serde(default = "default_cache_size")]
+    cache_size: usize,
+}
+
+fn default_cache_size() -> usize {
+    10_000
 }
 
 fn default_leeway() -> Dur {
@@ -175,6 +184,61 @@ pub struct Compiled {
     fetch_timeout: Duration,
     /// The keys, once built (`None` after `compile`, which reads nothing).
     keys: Option<Arc<Jwks>>,
+    leeway: u64,
+    cache: Option<Verified>,
+}
+
+/// Tokens verified, by SHA-256 of the token: their claims, valid until `exp` (with leeway)
+/// and while the key set they were checked with is the one held.
+struct Verified {
+    capacity: usize,
+    entries: Mutex<HashMap<[u8; 32], VerifiedToken>>,
+}
+
+struct VerifiedToken {
+    claims: Arc<serde_json::Map<String, Value>>,
+    /// `exp` plus the leeway, in Unix seconds.
+    until: u64,
+    /// `nbf` minus the leeway, when the token has one.
+    from: Option<u64>,
+    /// The key set's generation it was verified with.
+    generation: u64,
+}
+
+impl Verified {
+    fn get(&self, key: &[u8; 32], generation: u64) -> Option<Arc<serde_json::Map<String, Value>>> {
+        let now = jsonwebtoken::get_current_timestamp();
+        let entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let v = entries.get(key)?;
+        (v.generation == generation && now <= v.until && v.from.is_none_or(|f| f <= now))
+            .then(|| v.claims.clone())
+    }
+
+    fn put(&self, key: [u8; 32], v: VerifiedToken) {
+        let now = jsonwebtoken::get_current_timestamp();
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if entries.len() >= self.capacity {
+            entries.retain(|_, e| e.until >= now);
+        }
+        if entries.len() >= self.capacity {
+            // Full of live tokens: make room by dropping a quarter of them, whichever.
+            let drop: Vec<[u8; 32]> = entries
+                .keys()
+                .take(self.capacity / 4 + 1)
+                .copied()
+                .collect();
+            for k in drop {
+                entries.remove(&k);
+            }
+        }
+        entries.insert(key, v);
+    }
 }
 
 fn compile(config: &serde_json::Value) -> Result<Compiled, String> {
@@ -332,6 +396,11 @@ fn compile(config: &serde_json::Value) -> Result<Compiled, String> {
         min_refresh: cfg.min_refresh_interval.0,
         fetch_timeout: cfg.fetch_timeout.0,
         keys: None,
+        leeway: cfg.leeway.0.as_secs(),
+        cache: (cfg.cache_size > 0).then(|| Verified {
+            capacity: cfg.cache_size,
+            entries: Mutex::new(HashMap::new()),
+        }),
     })
 }
 
@@ -413,6 +482,8 @@ impl KeySet {
 pub struct Jwks {
     source: Source,
     set: ArcSwap<KeySet>,
+    /// Bumped each time the set is replaced: tokens verified before are checked again.
+    generation: std::sync::atomic::AtomicU64,
     /// Whether keys were ever loaded; waited on by the first requests after start-up.
     loaded: tokio::sync::watch::Sender<bool>,
     client: Option<Client<crate::backends::tls::HttpsConnector, Empty<Bytes>>>,
@@ -443,6 +514,7 @@ impl Jwks {
         Ok(Arc::new(Jwks {
             source: Source::File(path),
             set: ArcSwap::from_pointee(set),
+            generation: Default::default(),
             loaded: tokio::sync::watch::Sender::new(true),
             client: None,
             jwks_uri: Mutex::new(None),
@@ -481,6 +553,7 @@ impl Jwks {
         let jwks = Arc::new(Jwks {
             source: source.clone(),
             set: ArcSwap::from_pointee(KeySet::default()),
+            generation: Default::default(),
             loaded: tokio::sync::watch::Sender::new(false),
             client: Some(Client::builder(TokioExecutor::new()).build(connector)),
             jwks_uri: Mutex::new(None),
@@ -609,6 +682,8 @@ impl Jwks {
             Ok(set) => {
                 let n = set.by_kid.len() + set.unnamed.len();
                 self.set.store(Arc::new(set));
+                self.generation
+                    .fetch_add(1, std::sync::atomic::Ordering::Release);
                 if !self.loaded.send_replace(true) {
                     tracing::info!(jwks = %self.describe(), keys = n, "JWT keys loaded.");
                 }
@@ -695,8 +770,36 @@ impl Compiled {
         Ok(None)
     }
 
+    /// [`Compiled::check`], through the cache of verified tokens.
+    async fn verify(&self, token: &str) -> Result<Arc<serde_json::Map<String, Value>>, Refusal> {
+        let Some(cache) = &self.cache else {
+            return self.check(token).await.map(Arc::new);
+        };
+        let generation = self.keys.as_ref().map_or(0, |k| {
+            k.generation.load(std::sync::atomic::Ordering::Acquire)
+        });
+        let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+        if let Some(claims) = cache.get(&key, generation) {
+            return Ok(claims);
+        }
+        let claims = Arc::new(self.check(token).await?);
+        let secs = |name: &str| claims.get(name).and_then(Value::as_u64);
+        if let Some(exp) = secs("exp") {
+            cache.put(
+                key,
+                VerifiedToken {
+                    claims: claims.clone(),
+                    until: exp.saturating_add(self.leeway),
+                    from: secs("nbf").map(|n| n.saturating_sub(self.leeway)),
+                    generation,
+                },
+            );
+        }
+        Ok(claims)
+    }
+
     /// Verifies the signature and the registered claims.
-    async fn verify(&self, token: &str) -> Result<serde_json::Map<String, Value>, Refusal> {
+    async fn check(&self, token: &str) -> Result<serde_json::Map<String, Value>, Refusal> {
         let invalid = |s: &str| Refusal::Invalid(s.to_string());
         let head =
             jsonwebtoken::decode_header(token).map_err(|_| invalid("the token is malformed"))?;
@@ -887,7 +990,7 @@ impl Guard for JwtPlugin {
             };
             c.authorize(&claims)?;
             c.forward(&claims, req.headers_mut())?;
-            req.extensions_mut().insert(Claims(Arc::new(claims)));
+            req.extensions_mut().insert(Claims(claims));
             inner.oneshot(req).await
         })
     }

@@ -680,3 +680,46 @@ routes:
     assert_eq!(resp.status(), 101);
     assert!(open(&old).await.is_err());
 }
+
+#[tokio::test]
+async fn verified_tokens_are_cached_only_while_they_and_their_key_hold() {
+    let a = SigningKey::ec(Algorithm::ES256, "a");
+    let b = SigningKey::ec(Algorithm::ES256, "b");
+    let idp = Issuer::start(&[&a]).await;
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&routes(
+        &up.url(),
+        &format!(
+            "{{ jwks_url: \"{}/jwks\", leeway: 0s, min_refresh_interval: 1s }}",
+            idp.url
+        ),
+    ))
+    .await;
+    // A token that expires in two seconds passes, then stops passing once it expires.
+    let short = a.sign(&json!({ "sub": "s", "exp": now_secs() + 2 }));
+    assert_eq!(call(&gw, "/orders/1", Some(&short)).await.0, 200);
+    assert_eq!(call(&gw, "/orders/1", Some(&short)).await.0, 200);
+    eventually("the cached token expires", || async {
+        match call(&gw, "/orders/1", Some(&short)).await {
+            (401, _, p) if p["detail"].as_str().unwrap_or("").contains("expired") => Ok(()),
+            (s, _, p) => Err((s, p)),
+        }
+    })
+    .await;
+
+    // The issuer rotates key `a` out: once the gateway holds the new set, a token verified
+    // with `a` before is checked again, and refused.
+    let long_a = a.sign(&json!({ "sub": "s", "exp": now_secs() + 600 }));
+    assert_eq!(call(&gw, "/orders/1", Some(&long_a)).await.0, 200);
+    *idp.keys.lock().unwrap() = vec![b.jwk()];
+    let long_b = b.sign(&json!({ "sub": "s", "exp": now_secs() + 600 }));
+    eventually("the new set is held", || async {
+        match call(&gw, "/orders/1", Some(&long_b)).await.0 {
+            200 => Ok(()),
+            s => Err(s),
+        }
+    })
+    .await;
+    let (s, _, p) = call(&gw, "/orders/1", Some(&long_a)).await;
+    assert_eq!(s, 401, "{p}");
+}
