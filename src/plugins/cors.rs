@@ -362,17 +362,31 @@ impl Guard for CorsPlugin {
         let this = c.clone();
         let inner = inner.clone().oneshot(req);
         Box::pin(async move {
-            let mut resp = inner.await?;
-            let h = resp.headers_mut();
-            if allowed {
-                this.allow_origin(h, &origin);
-                if let Some(v) = &this.expose {
-                    h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
+            let headers = |h: &mut http::HeaderMap| {
+                if allowed {
+                    this.allow_origin(h, &origin);
+                    if let Some(v) = &this.expose {
+                        h.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, v.clone());
+                    }
+                } else {
+                    h.append(header::VARY, HeaderValue::from_static("Origin"));
                 }
-            } else {
-                h.append(header::VARY, HeaderValue::from_static("Origin"));
+            };
+            match inner.await {
+                Ok(mut resp) => {
+                    headers(resp.headers_mut());
+                    Ok(resp)
+                }
+                // A refusal or failure of the layers inside (401, 429, 502…) reaches the page
+                // too, so its answer carries the same headers.
+                Err(e) => match e.downcast::<Problem>() {
+                    Ok(mut p) => {
+                        headers(&mut p.headers);
+                        Err(p as crate::BoxError)
+                    }
+                    Err(e) => Err(e),
+                },
             }
-            Ok(resp)
         })
     }
 }

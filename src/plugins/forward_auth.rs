@@ -60,9 +60,6 @@ struct ForwardAuthConfig {
 #[serde(deny_unknown_fields)]
 struct CacheConfig {
     ttl: Dur,
-    /// Headers whose values, with the method and the path, key a decision.
-    #[serde(default = "default_request_headers")]
-    key: Vec<String>,
     #[serde(default = "default_cache_entries")]
     max_entries: usize,
 }
@@ -105,7 +102,7 @@ pub struct Compiled {
     response_headers: Vec<HeaderName>,
     timeout: Duration,
     on_error: OnError,
-    cache: Option<(Duration, Vec<HeaderName>, usize)>,
+    cache: Option<(Duration, usize)>,
     tls: Option<ClientTlsSpec>,
     client: Option<Client<HttpsConnector, Empty<Bytes>>>,
     decisions: Mutex<HashMap<[u8; 32], (Instant, Decision)>>,
@@ -172,7 +169,7 @@ fn compile(config: &serde_json::Value) -> Result<Compiled, String> {
         Some(c) if c.max_entries == 0 => {
             return Err("cache.max_entries must be at least 1".into());
         }
-        Some(c) => Some((c.ttl.0, names(&c.key, "cache.key")?, c.max_entries)),
+        Some(c) => Some((c.ttl.0, c.max_entries)),
         None => None,
     };
     Ok(Compiled {
@@ -189,19 +186,32 @@ fn compile(config: &serde_json::Value) -> Result<Compiled, String> {
 }
 
 impl Compiled {
-    /// The cache key of a request: the method, the path and query, and the key headers.
+    /// The cache key of a request: everything the service is sent (the method, the host, the
+    /// path and query, the client's address and every `request_headers` value), so that a
+    /// decision is reused only for a request the service would be asked about the same way.
     fn key(&self, req: &Request) -> Option<[u8; 32]> {
-        let (_, headers, _) = self.cache.as_ref()?;
+        self.cache.as_ref()?;
         let mut h = sha2::Sha256::new();
-        h.update(req.method().as_str());
-        h.update([0]);
-        h.update(req.uri().path_and_query().map_or("/", |p| p.as_str()));
-        for name in headers {
-            h.update([0]);
+        let mut field = |b: &[u8]| {
+            h.update((b.len() as u64).to_le_bytes());
+            h.update(b);
+        };
+        field(req.method().as_str().as_bytes());
+        field(
+            req.uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .as_bytes(),
+        );
+        if let Some(c) = req.extensions().get::<RequestContext>() {
+            field(c.client_addr.ip().to_string().as_bytes());
+            field(c.host.as_deref().unwrap_or("").as_bytes());
+        }
+        for name in &self.request_headers {
             for v in req.headers().get_all(name) {
-                h.update(v.as_bytes());
-                h.update([1]);
+                field(v.as_bytes());
             }
+            field(b"\0");
         }
         Some(h.finalize().into())
     }
@@ -217,7 +227,7 @@ impl Compiled {
     }
 
     fn remember(&self, key: [u8; 32], decision: &Decision) {
-        let Some((ttl, _, max)) = &self.cache else {
+        let Some((ttl, max)) = &self.cache else {
             return;
         };
         let mut d = self
@@ -252,8 +262,15 @@ impl Compiled {
             .path_and_query(format!("{base}{pq}"))
             .build()
             .map_err(|_| Problem::bad_request("the request target cannot be checked"))?;
+        // An HTTP/2 WebSocket (extended CONNECT) is asked about as the GET of its handshake:
+        // a CONNECT would open a tunnel to the service.
+        let method = if req.method() == http::Method::CONNECT {
+            http::Method::GET
+        } else {
+            req.method().clone()
+        };
         let mut out = http::Request::builder()
-            .method(req.method().clone())
+            .method(method)
             .uri(uri)
             .body(Empty::new())
             .map_err(|_| Problem::internal("the check request"))?;
@@ -316,11 +333,13 @@ impl Compiled {
                     .collect();
                 return Ok(Decision::Allow(add));
             }
+            // A refusal stays a refusal whatever happens to its body (too large, cut off):
+            // only its status decides.
             let body = http_body_util::Limited::new(body, MAX_BODY)
                 .collect()
                 .await
                 .map(|b| b.to_bytes())
-                .map_err(|e| format!("the answer's body: {e}"))?;
+                .unwrap_or_default();
             let mut headers = parts.headers;
             crate::backends::http::strip_hop_by_hop(&mut headers);
             headers.remove(header::CONTENT_LENGTH);
@@ -455,6 +474,10 @@ mod tests {
             (
                 serde_json::json!({ "url": "http://a/check", "cache": { "ttl": "0s" } }),
                 "above zero",
+            ),
+            (
+                serde_json::json!({ "url": "http://a/check", "cache": { "ttl": "1s", "key": ["x"] } }),
+                "unknown field `key`",
             ),
             (
                 serde_json::json!({ "url": "http://a/check", "on_error": "maybe" }),

@@ -85,12 +85,12 @@ fn compile(config: &serde_json::Value) -> Result<Compiled, String> {
 
 impl Compiled {
     /// The client's address: the peer, or, when the peer is a trusted proxy, the right-most
-    /// address of `X-Forwarded-For` that is not one. A hop that is not an address ends the
-    /// walk at the last trusted proxy.
-    fn client(&self, peer: IpAddr, headers: &http::HeaderMap) -> IpAddr {
+    /// address of `X-Forwarded-For` that is not one (the proxy itself when it sent none).
+    /// `None` when a hop to read is not an address: nobody can be judged.
+    fn client(&self, peer: IpAddr, headers: &http::HeaderMap) -> Option<IpAddr> {
         let mut client = peer.to_canonical();
         if !self.trusted.contains(client) {
-            return client;
+            return Some(client);
         }
         let hops: Vec<&str> = headers
             .get_all("x-forwarded-for")
@@ -99,15 +99,12 @@ impl Compiled {
             .flat_map(|v| v.split(','))
             .collect();
         for hop in hops.into_iter().rev() {
-            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
-                break;
-            };
-            client = ip.to_canonical();
+            client = hop.trim().parse::<IpAddr>().ok()?.to_canonical();
             if !self.trusted.contains(client) {
                 break;
             }
         }
-        client
+        Some(client)
     }
 
     fn admits(&self, ip: IpAddr) -> bool {
@@ -132,7 +129,14 @@ impl Guard for IpPlugin {
         else {
             return fail(Problem::internal("the request has no client address"));
         };
-        let client = c.client(peer, req.headers());
+        let Some(client) = c.client(peer, req.headers()) else {
+            return fail(
+                Problem::forbidden(
+                    "X-Forwarded-For holds a hop that is not an address; the client cannot be told.",
+                )
+                .with_field("header.x-forwarded-for"),
+            );
+        };
         if c.admits(client) {
             Box::pin(inner.clone().oneshot(req))
         } else {
@@ -166,21 +170,26 @@ mod tests {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         // A client behind two trusted proxies; what it wrote itself (left) is ignored.
         let h = xff("10.9.9.9, 203.0.113.5, 192.168.1.1");
-        assert_eq!(c.client(ip("127.0.0.1"), &h), ip("203.0.113.5"));
+        assert_eq!(c.client(ip("127.0.0.1"), &h), Some(ip("203.0.113.5")));
         // An untrusted peer is the client, whatever the header says.
         assert_eq!(
             c.client(ip("198.51.100.1"), &xff("10.1.1.1")),
-            ip("198.51.100.1")
+            Some(ip("198.51.100.1"))
         );
         // IPv4-mapped IPv6 peers are their IPv4 address.
         assert_eq!(
             c.client(ip("::ffff:127.0.0.1"), &xff("10.1.1.1")),
-            ip("10.1.1.1")
+            Some(ip("10.1.1.1"))
         );
-        // A hop that is not an address ends the walk at the last trusted proxy.
+        // A hop that is not an address: nobody to judge.
         assert_eq!(
             c.client(ip("127.0.0.1"), &xff("10.1.1.1, junk, 192.168.1.1")),
-            ip("192.168.1.1")
+            None
+        );
+        // A trusted proxy that sent no header is the client itself.
+        assert_eq!(
+            c.client(ip("127.0.0.1"), &http::HeaderMap::new()),
+            Some(ip("127.0.0.1"))
         );
     }
 

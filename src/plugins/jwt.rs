@@ -482,8 +482,10 @@ impl KeySet {
 pub struct Jwks {
     source: Source,
     set: ArcSwap<KeySet>,
-    /// Bumped each time the set is replaced: tokens verified before are checked again.
+    /// Bumped each time the set changes: tokens verified before are checked again.
     generation: std::sync::atomic::AtomicU64,
+    /// SHA-256 of the JWKS document last loaded, to tell a change from a fetch of the same.
+    digest: Mutex<[u8; 32]>,
     /// Whether keys were ever loaded; waited on by the first requests after start-up.
     loaded: tokio::sync::watch::Sender<bool>,
     client: Option<Client<crate::backends::tls::HttpsConnector, Empty<Bytes>>>,
@@ -515,6 +517,7 @@ impl Jwks {
             source: Source::File(path),
             set: ArcSwap::from_pointee(set),
             generation: Default::default(),
+            digest: Mutex::new([0; 32]),
             loaded: tokio::sync::watch::Sender::new(true),
             client: None,
             jwks_uri: Mutex::new(None),
@@ -554,6 +557,7 @@ impl Jwks {
             source: source.clone(),
             set: ArcSwap::from_pointee(KeySet::default()),
             generation: Default::default(),
+            digest: Mutex::new([0; 32]),
             loaded: tokio::sync::watch::Sender::new(false),
             client: Some(Client::builder(TokioExecutor::new()).build(connector)),
             jwks_uri: Mutex::new(None),
@@ -568,7 +572,7 @@ impl Jwks {
         let task = cx.gate.spawn(async move {
             loop {
                 let Some(j) = weak.upgrade() else { return };
-                let ok = j.refresh().await;
+                let ok = j.refresh(false).await;
                 drop(j);
                 tokio::time::sleep(if ok { every } else { retry }).await;
             }
@@ -645,10 +649,24 @@ impl Jwks {
                 let doc = self.get(&url).await?;
                 #[derive(Deserialize)]
                 struct Discovery {
+                    issuer: String,
                     jwks_uri: String,
                 }
                 let d: Discovery = serde_json::from_slice(&doc)
                     .map_err(|e| format!("{url}: no `jwks_uri` in the discovery document: {e}"))?;
+                // OpenID Connect Discovery §4.3: the document speaks for the issuer asked.
+                if d.issuer.trim_end_matches('/') != issuer.trim_end_matches('/') {
+                    return Err(format!(
+                        "{url}: the discovery document is for the issuer `{}`, not `{issuer}`",
+                        d.issuer
+                    ));
+                }
+                if issuer.starts_with("https:") && !d.jwks_uri.starts_with("https:") {
+                    return Err(format!(
+                        "{url}: `jwks_uri` {} is not https, and the issuer is",
+                        d.jwks_uri
+                    ));
+                }
                 *self
                     .jwks_uri
                     .lock()
@@ -660,12 +678,18 @@ impl Jwks {
 
     /// Fetches the keys again (one refresh at a time; a caller that waited for another's gets
     /// its result). On failure the keys held keep serving. Whether keys are held now.
-    async fn refresh(&self) -> bool {
+    /// `unknown_kid`: asked for by a token whose key is not held, which may start a fetch at
+    /// most once per `min_refresh` (decided under the same lock, so requests arriving
+    /// together start one).
+    async fn refresh(&self, unknown_kid: bool) -> bool {
         let asked = Instant::now();
         let _one = self.refreshing.lock().await;
+        let last = self.last_started();
         // A refresh that started after this one was asked for has just ended: its result
         // stands.
-        if self.last_started().is_some_and(|t| t >= asked) {
+        if last.is_some_and(|t| t >= asked)
+            || (unknown_kid && last.is_some_and(|t| t.elapsed() < self.min_refresh))
+        {
             return *self.loaded.borrow();
         }
         *self
@@ -675,15 +699,26 @@ impl Jwks {
         let fetched = async {
             let url = self.jwks_url().await?;
             let doc = self.get(&url).await?;
-            KeySet::parse(&doc).map_err(|e| format!("{url}: {e}"))
+            let digest: [u8; 32] = sha2::Sha256::digest(&doc).into();
+            KeySet::parse(&doc)
+                .map(|set| (set, digest))
+                .map_err(|e| format!("{url}: {e}"))
         }
         .await;
         match fetched {
-            Ok(set) => {
+            Ok((set, digest)) => {
                 let n = set.by_kid.len() + set.unnamed.len();
-                self.set.store(Arc::new(set));
-                self.generation
-                    .fetch_add(1, std::sync::atomic::Ordering::Release);
+                let mut last = self
+                    .digest
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if *last != digest {
+                    *last = digest;
+                    self.set.store(Arc::new(set));
+                    self.generation
+                        .fetch_add(1, std::sync::atomic::Ordering::Release);
+                }
+                drop(last);
                 if !self.loaded.send_replace(true) {
                     tracing::info!(jwks = %self.describe(), keys = n, "JWT keys loaded.");
                 }
@@ -730,30 +765,42 @@ enum Refusal {
 impl Compiled {
     /// The token the request carries, and the request without a query parameter that held it.
     fn take_token(&self, req: &mut Request) -> Result<Option<String>, Problem> {
+        let invalid_request = |why: &str| {
+            Problem::unauthorized(
+                format!("The request's bearer token cannot be read: {why}."),
+                &format!("Bearer error=\"invalid_request\", error_description=\"{why}\""),
+            )
+        };
+        // Every place the route reads a token from, so that a request that carries more than
+        // one (RFC 6750 §2: one method only) is refused rather than one checked and another
+        // passed on.
+        let mut found: Vec<String> = Vec::new();
         if let Some(name) = &self.query {
             match super::take_query_param(req, name) {
-                Ok(Some(v)) => {
-                    return String::from_utf8(v)
-                        .map(Some)
-                        .map_err(|_| invalid_token("the token is not text"));
-                }
+                Ok(Some(v)) => found.push(
+                    String::from_utf8(v).map_err(|_| invalid_request("the token is not text"))?,
+                ),
                 Ok(None) => {}
                 Err(()) => return Err(Problem::bad_request("the request target is not valid")),
             }
         }
-        if let Some(v) = req.headers().get(header::AUTHORIZATION) {
-            let v = v.to_str().unwrap_or("");
-            return match v.split_once(' ') {
+        let mut authorization = req.headers().get_all(header::AUTHORIZATION).iter();
+        if let Some(v) = authorization.next() {
+            if authorization.next().is_some() {
+                return Err(invalid_request("more than one Authorization header"));
+            }
+            match v.to_str().unwrap_or("").split_once(' ') {
                 Some((scheme, t))
                     if scheme.eq_ignore_ascii_case("bearer") && !t.trim().is_empty() =>
                 {
-                    Ok(Some(t.trim().to_string()))
+                    found.push(t.trim().to_string());
                 }
-                _ => Err(Problem::unauthorized(
-                    "This route needs a bearer token (`Authorization: Bearer <token>`).",
-                    "Bearer error=\"invalid_request\", error_description=\"the Authorization header is not a bearer token\"",
-                )),
-            };
+                _ => {
+                    return Err(invalid_request(
+                        "the Authorization header is not a bearer token",
+                    ));
+                }
+            }
         }
         if let Some(name) = &self.cookie {
             for v in req.headers().get_all(header::COOKIE) {
@@ -762,12 +809,17 @@ impl Compiled {
                         && k == name
                         && !t.is_empty()
                     {
-                        return Ok(Some(t.to_string()));
+                        found.push(t.to_string());
                     }
                 }
             }
         }
-        Ok(None)
+        if found.len() > 1 {
+            return Err(invalid_request(
+                "the token comes more than once (header, query or cookie); send it one way",
+            ));
+        }
+        Ok(found.pop())
     }
 
     /// [`Compiled::check`], through the cache of verified tokens.
@@ -826,7 +878,7 @@ impl Compiled {
         let mut candidates = keys.set.load().candidates(head.kid.as_deref(), head.alg);
         if candidates.is_empty() && keys.may_refresh() {
             // A key the gateway has not seen: the issuer may have rotated its keys.
-            keys.refresh().await;
+            keys.refresh(true).await;
             candidates = keys.set.load().candidates(head.kid.as_deref(), head.alg);
         }
         if candidates.is_empty() {

@@ -101,11 +101,7 @@ impl ClientCert {
 
     /// `X-Forwarded-Client-Cert` as Envoy writes it: `Hash=…;Subject="…";URI=…;DNS=…`.
     fn forwarded(&self) -> String {
-        let mut out = format!(
-            "Hash={};Subject=\"{}\"",
-            self.hash,
-            self.subject.replace('"', "\\\"")
-        );
+        let mut out = format!("Hash={};Subject={}", self.hash, quote(&self.subject));
         for u in &self.uri {
             let _ = write!(out, ";URI={}", quoted(u));
         }
@@ -126,13 +122,28 @@ impl ClientCert {
     }
 }
 
-/// An XFCC value, quoted when it holds a separator.
+/// An XFCC value, quoted when it holds a separator, a quote or a backslash.
 fn quoted(v: &str) -> String {
-    if v.contains([',', ';', '=', '"']) {
-        format!("\"{}\"", v.replace('"', "\\\""))
+    if v.contains([',', ';', '=', '"', '\\']) {
+        quote(v)
     } else {
         v.to_string()
     }
+}
+
+/// `v` in double quotes, its backslashes and quotes escaped (each once), so that nothing in
+/// it can end the quoted value.
+fn quote(v: &str) -> String {
+    let mut out = String::with_capacity(v.len() + 2);
+    out.push('"');
+    for c in v.chars() {
+        if matches!(c, '"' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out.push('"');
+    out
 }
 
 /// An attribute value as RFC 4514 writes it.
@@ -181,5 +192,9 @@ mod tests {
             xfcc.ends_with(";URI=spiffe://acme/ns/default/sa/svc-a;DNS=svc-a.internal"),
             "{xfcc}"
         );
+        // The subject's own escape (`\,`) is escaped once more inside the quotes, and nothing
+        // a certificate holds can end a quoted value.
+        assert!(xfcc.contains(r#"O=Acme\\, Inc"#), "{xfcc}");
+        assert_eq!(quote(r#"a\";URI=x"#), r#""a\\\";URI=x""#);
     }
 }

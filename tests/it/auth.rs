@@ -150,8 +150,9 @@ async fn cors_headers_on_actual_answers_only_for_allowed_origins() {
     assert_eq!(s, 200);
     assert!(!h.contains_key("access-control-allow-origin"));
     assert!(h.get_all("vary").iter().any(|v| v == "Origin"));
-    // Authentication still applies to actual requests.
-    let (s, _, _) = send(
+    // Authentication still applies to actual requests, and its refusal carries the CORS
+    // headers, so that the page can read it.
+    let (s, h, _) = send(
         Request::get(gw.url("/orders"))
             .header("origin", "https://app.example.com")
             .body(body(""))
@@ -159,6 +160,7 @@ async fn cors_headers_on_actual_answers_only_for_allowed_origins() {
     )
     .await;
     assert_eq!(s, 401);
+    assert_eq!(h["access-control-allow-origin"], "https://app.example.com");
 }
 
 #[tokio::test]
@@ -258,6 +260,8 @@ routes:
         ("198.51.100.1", 403),
         ("203.0.113.9, 198.51.100.1", 403),
         ("198.51.100.1, 203.0.113.9", 200),
+        // A hop that is not an address: nobody can be judged.
+        ("203.0.113.9, junk", 403),
     ] {
         assert_eq!(send(get("/behind", Some(xff))).await.0, want, "{xff}");
     }
@@ -369,7 +373,7 @@ routes:
           request_headers: [authorization]
           response_headers: [x-user-id]
           timeout: 300ms
-          cache: {{ ttl: 30s, key: [authorization] }}
+          cache: {{ ttl: 30s }}
   - id: closed
     match: {{ path: "/closed" }}
     backend: up

@@ -587,6 +587,22 @@ async fn a_token_in_the_query_is_taken_out_and_never_logged() {
     // A refused one too.
     let bad = format!("http://{listen}/orders/1?access_token=eyJhbGciOi.not.valid");
     assert_eq!(crate::support::get(&bad).await.0, 401);
+    // A token in the query and another in the header: one checked and the other passed on
+    // would be a hole, so neither is taken.
+    let (s, h, _) = send(
+        Request::get(&url)
+            .header("authorization", "Bearer something-else")
+            .body(body(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 401);
+    assert!(
+        h["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .contains("invalid_request")
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     let log = std::fs::read_to_string(dir.path().join("gateway.log")).unwrap();

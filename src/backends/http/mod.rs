@@ -447,18 +447,21 @@ impl HttpRouteService {
                 let body = body.map_err(BodyError::new).boxed_unsync();
                 Ok(http::Response::from_parts(parts, body))
             }
-            // A refused client certificate shows after the handshake (TLS 1.3), at the first
-            // read: a TLS failure all the same, and the request was never read.
-            Err(e) if e.is_connect() || tls::failure(&e).is_some() => {
-                Err(backend.connect_failed(i, e.into()).into())
-            }
-            // HTTP/2 does not pass its connection's error to the requests on it; the
-            // connection recorded a TLS failure as it read it.
-            Err(e) if let Some(reason) = backend.tls_failures.current(i) => {
+            Err(e) if e.is_connect() => Err(backend.connect_failed(i, e.into()).into()),
+            // A TLS failure after the connection was made: a refused client certificate shows
+            // at the first read (TLS 1.3), and HTTP/2 does not pass its connection's error to
+            // the requests on it (the watched connection recorded it). Named as a TLS failure,
+            // but the request may have left, so it is retried only when safe to repeat.
+            Err(e)
+                if crate::error::classify(&e).fault != crate::error::Fault::Client
+                    && let Some(reason) =
+                        tls::failure(&e).or_else(|| backend.tls_failures.current(i)) =>
+            {
                 backend.eject(i);
-                Err(Problem::upstream_tls(&backend.name, &reason)
-                    .with_source(e)
-                    .into())
+                backend.tls_failures.failed(i, &reason);
+                let mut p = Problem::upstream_tls(&backend.name, &reason);
+                p.retry = crate::error::RetryClass::Reset;
+                Err(p.with_source(e).into())
             }
             Err(e) => {
                 // A body the client broke is not the endpoint's failure.
