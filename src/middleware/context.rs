@@ -52,18 +52,32 @@ impl Deadline {
     }
 }
 
-/// Whether the client has sent its whole request body: set by the front end's body wrapper,
-/// read by the timeout layers, which answer 408 (the client's fault) rather than 504 when
-/// they expire while the body is still arriving. Present only on requests that have a body.
+/// Whether the client has sent its whole request body, and how many bytes it was: set by the
+/// front end's body wrapper, read by the timeout layers, which answer 408 (the client's fault)
+/// rather than 504 when they expire while the body is still arriving, and by the access log.
+/// Present only on requests that have a body.
 #[derive(Debug, Clone, Default)]
-pub struct BodyProgress(Arc<std::sync::atomic::AtomicBool>);
+pub struct BodyProgress(Arc<std::sync::atomic::AtomicU64>);
+
+/// The bit of [`BodyProgress`] that says the body ended; the others hold its length.
+const FINISHED: u64 = 1 << 63;
 
 impl BodyProgress {
-    pub fn finish(&self) {
-        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    /// The body ended (or failed) after `bytes` bytes.
+    pub fn finish(&self, bytes: u64) {
+        self.0.store(
+            FINISHED | (bytes & !FINISHED),
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     pub fn finished(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
+        self.0.load(std::sync::atomic::Ordering::Relaxed) & FINISHED != 0
+    }
+
+    /// The body's length, once it ended.
+    pub fn bytes(&self) -> Option<u64> {
+        let v = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        (v & FINISHED != 0).then_some(v & !FINISHED)
     }
 }

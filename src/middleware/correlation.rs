@@ -61,6 +61,12 @@ pub fn next_traceparent(headers: &HeaderMap) -> HeaderValue {
     HeaderValue::from_bytes(&buf).expect("hex is a valid header value")
 }
 
+/// The trace id and the span id of a `traceparent` [`next_traceparent`] made.
+pub fn trace_ids(traceparent: &HeaderValue) -> (&str, &str) {
+    let s = traceparent.to_str().unwrap_or("");
+    (s.get(3..35).unwrap_or(""), s.get(36..52).unwrap_or(""))
+}
+
 /// Writes the low `out.len()` hex digits of `v` into `out`, lower case.
 fn hex_into(out: &mut [u8], mut v: u128) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

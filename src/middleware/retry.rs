@@ -184,22 +184,32 @@ impl RetryService {
         };
         let deadline = parts.extensions.get::<Deadline>().map(|d| d.at);
         let mut attempt = 1;
+        // The answer, marked with the tries it took when more than one (for the access log).
+        let tried = |mut result: Result<Response, BoxError>, attempt: u32| {
+            if attempt > 1
+                && let Ok(r) = &mut result
+            {
+                r.extensions_mut()
+                    .insert(crate::telemetry::access::Tries(attempt));
+            }
+            result
+        };
         loop {
             let result = this.inner.call_shared(rebuild(&parts, body.as_ref())).await;
             let Some((reason, acted)) = this.policy.condition(&result) else {
-                return result;
+                return tried(result, attempt);
             };
             if attempt >= this.policy.attempts || (acted && !safe) {
-                return result;
+                return tried(result, attempt);
             }
             if !this.budget.withdraw() {
                 this.metrics.retry_budget_exhausted(&this.backend);
                 tracing::warn!(route = %this.route, backend = %this.backend, reason, "Retry budget exhausted; not retrying.");
-                return result;
+                return tried(result, attempt);
             }
             let wait = this.policy.backoff.nth(attempt);
             if deadline.is_some_and(|d| tokio::time::Instant::now() + wait >= d) {
-                return result;
+                return tried(result, attempt);
             }
             this.metrics.retry(&this.route, reason);
             tracing::info!(route = %this.route, backend = %this.backend, attempt = attempt + 1, reason, wait_ms = wait.as_millis() as u64, "Retrying.");

@@ -20,6 +20,8 @@ use crate::telemetry::metrics::Metrics;
 /// One route, ready to serve.
 pub struct CompiledRoute {
     pub id: Arc<str>,
+    /// The path template as written (`/v1/orders/{id}`), for the access log.
+    pub template: Arc<str>,
     /// The route's request counters and latency histogram, looked up once.
     pub counters: crate::telemetry::metrics::RouteMetrics,
     pub spec: RouteSpec,
@@ -356,6 +358,7 @@ impl RouteTable {
             let id: Arc<str> = r.id.as_str().into();
             routes.push(Arc::new(CompiledRoute {
                 counters: metrics.route(&id),
+                template: r.matcher.path.as_str().into(),
                 id,
                 pattern,
                 spec: r.clone(),

@@ -36,7 +36,7 @@ impl<B> LimitedBody<B> {
 
     fn finish(&mut self) {
         if let Some(p) = self.progress.take() {
-            p.finish();
+            p.finish(self.limit - self.remaining);
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::error::{PayloadLimit, Problem, rescue};
 use crate::middleware::context::{BodyProgress, RequestContext};
 use crate::middleware::correlation::{self, TRACEPARENT};
 use crate::router::{Lookup, normalize::normalize};
-use crate::telemetry::access::{AccessEntry, AccessLogBody};
+use crate::telemetry::access::{AccessEntry, AccessLogBody, Tries, Upstream};
 use crate::{BoxError, Response};
 
 static X_FORWARDED_CLIENT_CERT: http::HeaderName =
@@ -177,7 +177,11 @@ pub async fn handle(
     let started = Instant::now();
     let table = shared.table.load_full();
     let cid = correlation::correlation_id(req.headers(), &table.correlation_header);
-    let span = tracing::info_span!("request", correlation_id = %cid, route = tracing::field::Empty);
+    // The W3C trace context this request carries on (the client's trace, a span of the
+    // gateway's own): its ids are in every log line of the request.
+    let traceparent = correlation::next_traceparent(req.headers());
+    let (trace_id, span_id) = correlation::trace_ids(&traceparent);
+    let span = tracing::info_span!("request", correlation_id = %cid, trace_id, span_id, route = tracing::field::Empty);
     let method = req.method().clone();
     let raw_uri = req.uri().clone();
     // gRPC clients understand only gRPC answers, errors included.
@@ -186,6 +190,9 @@ pub async fn handle(
     let mut route_id: Arc<str> = NO_ROUTE.clone();
     let mut counters = None;
     let mut backend_name = None;
+    let mut template = None;
+    let mut body_progress = None;
+    let user_agent = req.headers().get(header::USER_AGENT).cloned();
 
     let result: Result<Response, BoxError> = async {
         if has_control_chars(&req) {
@@ -251,6 +258,7 @@ pub async fn handle(
             .into());
         }
         route_id = route.id.clone();
+        template = Some(route.template.clone());
         counters = Some(route.counters.clone());
         // The job endpoint's generated route has no backend of its own.
         backend_name = (!route.spec.backend.is_empty()).then(|| route.spec.backend.clone());
@@ -275,6 +283,7 @@ pub async fn handle(
         if let Some(p) = &progress {
             parts.extensions.insert(p.clone());
         }
+        body_progress = progress.clone();
         let body = LimitedBody::new(body, limit, progress).boxed_unsync();
         // The request's own path and query, when they start with the path as matched.
         let own = parts
@@ -301,8 +310,7 @@ pub async fn handle(
                 })?;
             }
         }
-        let traceparent = correlation::next_traceparent(&parts.headers);
-        parts.headers.insert(TRACEPARENT.clone(), traceparent);
+        parts.headers.insert(TRACEPARENT.clone(), traceparent.clone());
         if let Some(v) = &cid_header {
             parts
                 .headers
@@ -352,9 +360,9 @@ pub async fn handle(
                 // A cause logged once where it was found (a failing TLS handshake) is not
                 // logged again per request.
                 if crate::error::classify(err.as_ref()).logged {
-                    tracing::debug!(route = %route_id, status = status.as_u16(), error = %error_chain(err.as_ref()), "Request failed.");
+                    tracing::debug!(status = status.as_u16(), error = %error_chain(err.as_ref()), "Request failed.");
                 } else {
-                    tracing::warn!(route = %route_id, status = status.as_u16(), error = %error_chain(err.as_ref()), "Request failed.");
+                    tracing::warn!(status = status.as_u16(), error = %error_chain(err.as_ref()), "Request failed.");
                 }
             }
             resp
@@ -388,13 +396,19 @@ pub async fn handle(
     }
     let entry = AccessEntry {
         route: route_id,
+        template,
         method,
         path: raw_uri.path().to_string(),
         status,
         started,
         correlation_id: cid,
+        trace_id: trace_id.into(),
         backend: backend_name,
         client: conn.remote,
+        user_agent,
+        request_body: body_progress,
+        upstream: resp.extensions().get::<Upstream>().cloned(),
+        tries: resp.extensions().get::<Tries>().map_or(1, |t| t.0),
     };
     let (parts, body) = resp.into_parts();
     http::Response::from_parts(parts, AccessLogBody::new(body, entry).boxed_unsync())

@@ -13,13 +13,41 @@ use crate::{Body, BodyError};
 
 pub struct AccessEntry {
     pub route: Arc<str>,
+    /// The route's path template; `None` when no route took the request.
+    pub template: Option<Arc<str>>,
     pub method: http::Method,
     pub path: String,
     pub status: u16,
     pub started: Instant,
     pub correlation_id: Arc<str>,
+    pub trace_id: Arc<str>,
     pub backend: Option<String>,
     pub client: std::net::SocketAddr,
+    pub user_agent: Option<http::HeaderValue>,
+    /// The request body's progress (its length once read); `None` without a body.
+    pub request_body: Option<crate::middleware::context::BodyProgress>,
+    pub upstream: Option<Upstream>,
+    pub tries: u32,
+}
+
+/// Which upstream endpoint answered, and how long after the request left its answer's head
+/// came: put in the answer's extensions by the bridges that talk to an endpoint, when the
+/// access log is on.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    pub addr: Arc<str>,
+    pub took: std::time::Duration,
+}
+
+/// How many tries an answer took, put in its extensions by the retry layer when it took more
+/// than one.
+#[derive(Debug, Clone, Copy)]
+pub struct Tries(pub u32);
+
+/// Whether access lines are written (the `switchyard::access` target at INFO): the bridges
+/// gather [`Upstream`] facts only then.
+pub fn enabled() -> bool {
+    tracing::enabled!(target: "switchyard::access", tracing::Level::INFO)
 }
 
 struct Guard {
@@ -31,18 +59,26 @@ struct Guard {
 impl Drop for Guard {
     fn drop(&mut self) {
         let e = &self.entry;
+        let user_agent = e.user_agent.as_ref().and_then(|v| v.to_str().ok());
         tracing::info!(
             target: "switchyard::access",
             route = %e.route,
+            template = e.template.as_deref().unwrap_or("-"),
             method = %e.method,
             path = %e.path,
             status = e.status,
-            latency_ms = e.started.elapsed().as_secs_f64() * 1000.0,
-            bytes = self.bytes,
+            latency_us = e.started.elapsed().as_micros() as u64,
+            upstream = e.upstream.as_ref().map_or("-", |u| &*u.addr),
+            upstream_us = e.upstream.as_ref().map(|u| u.took.as_micros() as u64),
+            tries = e.tries,
+            bytes_in = e.request_body.as_ref().map_or(Some(0), |p| p.bytes()),
+            bytes_out = self.bytes,
             complete = self.complete,
             correlation_id = %e.correlation_id,
+            trace_id = %e.trace_id,
             backend = e.backend.as_deref().unwrap_or("-"),
             client = %e.client,
+            user_agent = user_agent.unwrap_or("-"),
             "Request served."
         );
     }

@@ -13,6 +13,7 @@ mod idempotency;
 mod jobs;
 mod jwt;
 mod live;
+mod logs;
 mod matching;
 mod mqtt;
 mod reload;

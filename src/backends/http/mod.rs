@@ -39,6 +39,8 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 struct Endpoint {
     scheme_authority: String,
+    /// `scheme_authority`, shared with the access log.
+    addr: Arc<str>,
     scheme: http::uri::Scheme,
     uri_authority: http::uri::Authority,
     base_path: String,
@@ -131,8 +133,10 @@ impl HttpBackend {
             .filter_map(|e| e.parse::<Uri>().ok())
             .filter_map(|u| {
                 let authority = u.authority()?.clone();
+                let scheme_authority = format!("{}://{}", u.scheme_str()?, authority);
                 Some(Endpoint {
-                    scheme_authority: format!("{}://{}", u.scheme_str()?, authority),
+                    addr: scheme_authority.as_str().into(),
+                    scheme_authority,
                     scheme: u.scheme()?.clone(),
                     uri_authority: authority.clone(),
                     base_path: u.path().trim_end_matches('/').to_string(),
@@ -438,11 +442,18 @@ impl HttpRouteService {
         let (mut parts, body) = req.into_parts();
         let i = self.prepare(&mut parts, backend.protocol)?;
         let req = http::Request::from_parts(parts, body);
+        let sent = crate::telemetry::access::enabled().then(std::time::Instant::now);
         match backend.pool.request(req).await {
             Ok(resp) => {
                 backend.record(i, !resp.status().is_server_error());
                 backend.tls_failures.ok(i);
                 let (mut parts, body) = resp.into_parts();
+                if let Some(sent) = sent {
+                    parts.extensions.insert(crate::telemetry::access::Upstream {
+                        addr: backend.endpoints[i].addr.clone(),
+                        took: sent.elapsed(),
+                    });
+                }
                 strip_hop_by_hop(&mut parts.headers);
                 let body = body.map_err(BodyError::new).boxed_unsync();
                 Ok(http::Response::from_parts(parts, body))

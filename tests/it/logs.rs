@@ -1,0 +1,147 @@
+//! The gateway's logs, read from the real binary's output: one access line per request with
+//! the fields an operator looks for (route template, latency in whole microseconds, the
+//! upstream that answered and its time, tries, bytes both ways, user agent, trace id), each
+//! once; trace ids on the lines of a request; no colour codes when the output is not a
+//! terminal.
+
+use http::Request;
+
+use crate::support::{Upstream, body, eventually, free_port, json};
+
+/// Runs the binary on `yaml` (its `server:` block added) with `--log-format FORMAT`, calls
+/// `requests` against its listen address, stops it and returns its output.
+async fn logs_of<F, Fut>(yaml: &str, format: &str, requests: F) -> String
+where
+    F: FnOnce(std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin) = (free_port().await, free_port().await);
+    let config = dir.path().join("routes.yaml");
+    std::fs::write(
+        &config,
+        format!("server: {{ listen: \"{listen}\", admin: \"{admin}\" }}\n{yaml}"),
+    )
+    .unwrap();
+    let log = std::fs::File::create(dir.path().join("out.log")).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["--log-format", format, "run", "--no-watch", "--config"])
+        .arg(&config)
+        .env_remove("RUST_LOG")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    eventually("the gateway is ready", || async {
+        crate::support::client()
+            .request(
+                Request::get(format!("http://{admin}/readyz"))
+                    .body(body(""))
+                    .unwrap(),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .await;
+    requests(listen).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::fs::read_to_string(dir.path().join("out.log")).unwrap()
+}
+
+#[tokio::test]
+async fn the_access_line_says_what_an_operator_asks() {
+    let up = Upstream::start().await;
+    let dead = free_port().await;
+    let yaml = format!(
+        r#"
+backends:
+  up: {{ type: http, endpoints: ["http://{dead}", "{}"], eject_after_failures: 100 }}
+routes:
+  - id: orders
+    match: {{ path: "/orders/{{id}}" }}
+    backend: up
+    retry: {{ attempts: 3, backoff: 1ms }}
+"#,
+        up.url()
+    );
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(serde_json::Value::Null));
+    let s = seen.clone();
+    let out = logs_of(&yaml, "json", |listen| async move {
+        let (status, _, b) = crate::support::send(
+            Request::post(format!("http://{listen}/orders/7"))
+                .header("user-agent", "ops-check/1.0")
+                .header("x-request-id", "log-rid-1")
+                .body(body("twelve bytes"))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200);
+        *s.lock().unwrap() = json(&b);
+    })
+    .await;
+    assert!(!out.contains('\u{1b}'), "colour codes in a file:\n{out}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let access = lines
+        .iter()
+        .find(|l| l["target"] == "switchyard::access" && l["correlation_id"] == "log-rid-1")
+        .unwrap_or_else(|| panic!("no access line:\n{out}"));
+    assert_eq!(access["route"], "orders");
+    assert_eq!(access["template"], "/orders/{id}");
+    assert_eq!(access["method"], "POST");
+    assert_eq!(access["path"], "/orders/7");
+    assert_eq!(access["status"], 200);
+    assert!(access["latency_us"].is_u64(), "{access}");
+    assert!(access["upstream_us"].is_u64(), "{access}");
+    assert_eq!(access["upstream"], up.url());
+    // The first endpoint refused the connection; the second try answered.
+    assert_eq!(access["tries"], 2, "{access}");
+    assert_eq!(access["bytes_in"], 12);
+    assert!(access["bytes_out"].as_u64().unwrap() > 0);
+    assert_eq!(access["user_agent"], "ops-check/1.0");
+    // The trace id is the one the upstream was given.
+    let upstream_saw = seen.lock().unwrap()["headers"]["traceparent"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(access["trace_id"], upstream_saw[3..35]);
+    // The retry's line, inside the request, carries the trace and span ids and the route once.
+    let retry = lines
+        .iter()
+        .find(|l| l["message"] == "Retrying.")
+        .unwrap_or_else(|| panic!("no retry line:\n{out}"));
+    assert_eq!(retry["span"]["trace_id"], access["trace_id"], "{retry}");
+    assert_eq!(retry["span"]["span_id"].as_str().unwrap().len(), 16);
+    assert_eq!(retry["span"]["span_id"], upstream_saw[36..52]);
+}
+
+#[tokio::test]
+async fn a_failed_request_is_logged_with_its_route_once() {
+    let dead = free_port().await;
+    let yaml = format!(
+        r#"
+backends:
+  gone: {{ type: http, endpoints: ["http://{dead}"] }}
+routes:
+  - id: gone
+    match: {{ path: "/gone" }}
+    backend: gone
+"#
+    );
+    let out = logs_of(&yaml, "pretty", |listen| async move {
+        let (s, _, _) = crate::support::get(&format!("http://{listen}/gone")).await;
+        assert_eq!(s, 503);
+    })
+    .await;
+    assert!(!out.contains('\u{1b}'), "colour codes in a file:\n{out}");
+    let failed = out
+        .lines()
+        .find(|l| l.contains("Request failed."))
+        .unwrap_or_else(|| panic!("no failure line:\n{out}"));
+    assert_eq!(failed.matches("route=").count(), 1, "{failed}");
+    assert!(failed.contains("trace_id="), "{failed}");
+}
