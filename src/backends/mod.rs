@@ -6,6 +6,7 @@ pub mod amqp;
 pub mod balance;
 pub mod bridge;
 pub mod grpc;
+pub mod health;
 pub mod http;
 pub mod live;
 pub mod mqtt;
@@ -321,6 +322,7 @@ impl StartGate {
 /// without one).
 pub fn spawn_probe(
     name: &str,
+    kind: &'static str,
     addrs: Vec<String>,
     reachable: Arc<std::sync::atomic::AtomicBool>,
     interval: Duration,
@@ -328,25 +330,31 @@ pub fn spawn_probe(
     gate: &StartGate,
 ) -> Option<AbortOnDrop> {
     use std::sync::atomic::Ordering;
-    let name = name.to_string();
+    let health = health::Health::new(name, kind);
     gate.spawn(async move {
-        let mut was = None;
         loop {
+            let mut last_error = None;
             let mut any = false;
             for addr in &addrs {
-                any |= matches!(
-                    tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await,
-                    Ok(Ok(_))
-                );
+                match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
+                    Ok(Ok(_)) => any = true,
+                    Ok(Err(e)) => last_error = Some(format!("{addr}: {e}")),
+                    Err(_) => {
+                        last_error = Some(format!(
+                            "{addr}: no TCP connection within {}",
+                            humantime::format_duration(timeout)
+                        ))
+                    }
+                }
             }
             reachable.store(any, Ordering::Relaxed);
-            if was != Some(any) {
-                if any {
-                    tracing::info!(backend = %name, "Backend reachable.");
-                } else {
-                    tracing::warn!(backend = %name, "Backend unreachable; its routes answer 503 until it is back.");
-                }
-                was = Some(any);
+            if any {
+                health.up();
+            } else {
+                health.down(&format!(
+                    "no endpoint accepts a TCP connection ({})",
+                    last_error.unwrap_or_default()
+                ));
             }
             tokio::time::sleep(interval).await;
         }

@@ -145,3 +145,75 @@ routes:
     assert_eq!(failed.matches("route=").count(), 1, "{failed}");
     assert!(failed.contains("trace_id="), "{failed}");
 }
+
+#[tokio::test]
+async fn backend_outages_are_logged_once_whatever_the_protocol() {
+    let proxy = crate::support::amqp::BrokerProxy::start().await;
+    let dead = free_port().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (listen, admin) = (free_port().await, free_port().await);
+    let config = dir.path().join("routes.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"server: {{ listen: "{listen}", admin: "{admin}" }}
+backends:
+  rabbit: {{ type: amqp, url: "{}", reconnect: {{ min: 10ms, max: 40ms }} }}
+  devices: {{ type: mqtt, url: "mqtt://{dead}", client_id: "gw-{}", reconnect: {{ min: 10ms, max: 40ms }} }}
+routes: []
+"#,
+            proxy.url(),
+            uuid::Uuid::now_v7().simple()
+        ),
+    )
+    .unwrap();
+    let path = dir.path().join("out.log");
+    let log = std::fs::File::create(&path).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["run", "--no-watch", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info,switchyard::backends::health=debug")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let lines = |backend: &'static str, what: &'static str| {
+        let path = path.clone();
+        move || {
+            std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(&format!("backend={backend}")) && l.contains(what))
+                .count()
+        }
+    };
+    let count = |backend, what, at_least: usize| {
+        let n = lines(backend, what);
+        async move {
+            eventually(&format!("{at_least}× `{what}` for {backend}"), || async {
+                let seen = n();
+                if seen >= at_least { Ok(()) } else { Err(seen) }
+            })
+            .await
+        }
+    };
+    // The MQTT broker is not there: one WARN, however many attempts.
+    count("devices", "Backend still unavailable.", 5).await;
+    assert_eq!(lines("devices", "Backend unavailable;")(), 1);
+    // RabbitMQ is: one INFO.
+    count("rabbit", "Backend available.", 1).await;
+    // It goes away, and comes back.
+    proxy.stop();
+    count("rabbit", "Backend still unavailable.", 5).await;
+    assert_eq!(lines("rabbit", "Backend unavailable;")(), 1);
+    proxy.start_again();
+    count("rabbit", "Backend available again.", 1).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = std::fs::read_to_string(&path).unwrap();
+    assert_eq!(
+        out.lines().filter(|l| l.contains(" WARN ")).count(),
+        2,
+        "one WARN per outage:\n{out}"
+    );
+}

@@ -230,6 +230,7 @@ impl AmqpBackend {
 async fn run(shared: Arc<Shared>) {
     let spec = &shared.spec;
     let mut backoff = crate::backoff::Backoff::new(spec.reconnect.min.0, spec.reconnect.max.0);
+    let health = super::health::Health::new(&shared.name, "amqp");
     loop {
         // Everything after the TCP connect (topology, channels, consumers) is bounded too.
         let setup = spec.connect_timeout.0.saturating_mul(3);
@@ -240,7 +241,8 @@ async fn run(shared: Arc<Shared>) {
                 shared.set_problem(None);
                 shared.metrics.broker_event(&shared.name, "connected");
                 shared.metrics.backend_ready(&shared.name, true);
-                tracing::info!(backend = %shared.name, "AMQP connection established.");
+                tracing::debug!(backend = %shared.name, "AMQP connection established.");
+                health.up();
                 let since = tokio::time::Instant::now();
                 wait_for_death(&shared, &live).await;
                 shared.live.store(None);
@@ -248,7 +250,7 @@ async fn run(shared: Arc<Shared>) {
                 shared.metrics.broker_event(&shared.name, "disconnected");
                 shared.metrics.backend_ready(&shared.name, false);
                 shared.set_problem(Some("connection lost; reconnecting".into()));
-                tracing::warn!(backend = %shared.name, "AMQP connection lost; requests answer 503 until it is back.");
+                health.down("the AMQP connection was lost; reconnecting");
                 if since.elapsed() > Duration::from_secs(10) {
                     backoff.reset();
                 }
@@ -263,9 +265,8 @@ async fn run(shared: Arc<Shared>) {
                 let error = crate::telemetry::redact::secrets(&e.message);
                 if e.operator {
                     tracing::error!(backend = %shared.name, %error, "AMQP setup failed; fix the broker or the backend's topology.");
-                } else {
-                    tracing::warn!(backend = %shared.name, %error, "Cannot connect to the AMQP broker; retrying.");
                 }
+                health.down(&error);
                 shared.set_problem(Some(e.message));
             }
             Err(_) => {
@@ -273,7 +274,7 @@ async fn run(shared: Arc<Shared>) {
                     "the broker did not finish the setup within {}",
                     humantime::format_duration(setup)
                 );
-                tracing::warn!(backend = %shared.name, error = %msg, "Cannot connect to the AMQP broker; retrying.");
+                health.down(&msg);
                 shared.set_problem(Some(msg));
             }
         }

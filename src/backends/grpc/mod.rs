@@ -206,6 +206,7 @@ impl GrpcBackend {
             .collect();
         let probe = super::spawn_probe(
             name,
+            "grpc",
             addrs.clone(),
             reachable.clone(),
             Duration::from_secs(2),

@@ -181,6 +181,7 @@ impl HttpBackend {
             .collect();
         let probe = spawn_probe(
             name,
+            "http",
             addrs,
             reachable.clone(),
             spec.probe_interval.0,

@@ -173,6 +173,8 @@ impl Client {
 
 struct Shared {
     name: String,
+    /// How the connection's availability is logged.
+    health: super::health::Health,
     metrics: Arc<Metrics>,
     client: Client,
     connected: AtomicBool,
@@ -263,6 +265,7 @@ impl MqttBackend {
         };
         let shared = Arc::new(Shared {
             name: name.to_string(),
+            health: super::health::Health::new(name, "mqtt"),
             metrics: metrics.clone(),
             client,
             connected: AtomicBool::new(false),
@@ -795,9 +798,13 @@ fn on_failure<R>(
     if was {
         shared.metrics.broker_event(&shared.name, "disconnected");
         shared.metrics.backend_ready(&shared.name, false);
-        tracing::warn!(backend = %shared.name, error = %err, "MQTT connection lost; publishes answer 503 until it is back.");
+        shared
+            .health
+            .down(&format!("the MQTT connection was lost: {err}"));
     } else {
-        tracing::debug!(backend = %shared.name, error = %err, "Cannot connect to the MQTT broker; retrying.");
+        shared
+            .health
+            .down(&format!("cannot connect to the MQTT broker: {err}"));
     }
     set_problem(shared, Some(format!("not connected: {err}")));
 }
@@ -903,7 +910,8 @@ async fn run_v5(
                     ));
                 }
                 backoff.reset();
-                tracing::info!(backend = %shared.name, session_present = ack.session_present, republished, "MQTT connection established.");
+                tracing::debug!(backend = %shared.name, session_present = ack.session_present, republished, "MQTT connection established.");
+                shared.health.up();
             }
             Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => asks(&shared).written(pkid),
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -1079,7 +1087,8 @@ async fn run_v311(
                 set_problem(&shared, None);
                 on_ready(&shared);
                 backoff.reset();
-                tracing::info!(backend = %shared.name, session_present = ack.session_present, republished, protocol = "3.1.1", "MQTT connection established.");
+                tracing::debug!(backend = %shared.name, session_present = ack.session_present, republished, protocol = "3.1.1", "MQTT connection established.");
+                shared.health.up();
             }
             Ok(ev) => on_event_311(&shared, ev),
             Err(err) => {
