@@ -121,16 +121,25 @@ impl Breaker {
             .store(matches!(to, State::Closed), Ordering::Release);
         if from.name() != to.name() {
             self.metrics.breaker_state(&self.backend, to);
-            match to {
-                State::Open { until } => tracing::warn!(
+            // One WARN when the circuit opens and one INFO when it closes: a probe that fails
+            // (half-open, then open again, every `open_for` of a long outage) is DEBUG.
+            let open_for =
+                |until: Instant| until.saturating_duration_since(Instant::now()).as_millis() as u64;
+            match (from, to) {
+                (State::Closed, State::Open { until }) => tracing::warn!(
                     backend = %self.backend,
-                    open_for_ms = until.saturating_duration_since(Instant::now()).as_millis() as u64,
+                    open_for_ms = open_for(until),
                     "Circuit opened; calls to the backend fail fast."
                 ),
-                State::HalfOpen { .. } => {
-                    tracing::info!(backend = %self.backend, "Circuit half-open; probing the backend.")
+                (_, State::Open { until }) => tracing::debug!(
+                    backend = %self.backend,
+                    open_for_ms = open_for(until),
+                    "Circuit opened again; the probe failed."
+                ),
+                (_, State::HalfOpen { .. }) => {
+                    tracing::debug!(backend = %self.backend, "Circuit half-open; probing the backend.")
                 }
-                State::Closed => {
+                (_, State::Closed) => {
                     tracing::info!(backend = %self.backend, "Circuit closed; backend healthy.")
                 }
             }
