@@ -19,14 +19,17 @@ COPY plugins /etc/switchyard/plugins
 COPY examples/protos /etc/switchyard/examples/protos
 WORKDIR /etc/switchyard
 USER switchyard
-# The admin listener must be reachable for the health check inside the container only.
+# The admin listener (health, readiness, metrics, config, reload) binds 127.0.0.1:9901 by
+# default, which the health check below reaches from inside the container. It has no
+# authentication: to scrape /metrics from outside, set SWITCHYARD_ADMIN=0.0.0.0:9901 (the
+# example routes.yaml reads it) and publish 9901 only on a network you trust.
 # The state store and the spool (fsynced; keep it on a volume so that spooled messages
 # survive the container).
 ENV SWITCHYARD_CONFIG=/etc/switchyard/routes.yaml \
     SWITCHYARD_STATE=/var/lib/switchyard/state.redb \
     SWITCHYARD_LOG_FORMAT=json
 VOLUME /var/lib/switchyard
-EXPOSE 8080 9901
+EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=2s --start-period=5s --retries=3 \
     CMD curl -fsS http://127.0.0.1:9901/healthz || exit 1
 STOPSIGNAL SIGTERM
