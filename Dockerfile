@@ -20,9 +20,9 @@ COPY examples/protos /etc/switchyard/examples/protos
 WORKDIR /etc/switchyard
 USER switchyard
 # The admin listener (health, readiness, metrics, config, reload) binds 127.0.0.1:9901 by
-# default, which the health check below reaches from inside the container. It has no
-# authentication: to scrape /metrics from outside, set SWITCHYARD_ADMIN=0.0.0.0:9901 (the
-# example routes.yaml reads it) and publish 9901 only on a network you trust.
+# default, which the health check below reaches from inside the container. To scrape /metrics
+# from outside, set SWITCHYARD_ADMIN=0.0.0.0:9901 (the example routes.yaml reads it), set
+# server.admin_token from an env var, and publish 9901 only on a network you trust.
 # The state store and the spool (fsynced; keep it on a volume so that spooled messages
 # survive the container).
 ENV SWITCHYARD_CONFIG=/etc/switchyard/routes.yaml \

@@ -147,7 +147,35 @@ pub fn readiness(shared: &Shared) -> Readiness {
     }
 }
 
+/// Whether `req` may use the admin API: the health checks always; everything else only with
+/// `server.admin_token` as a bearer token when one is set (compared in constant time).
+fn authorized(shared: &Shared, req: &http::Request<Incoming>) -> bool {
+    if matches!(req.uri().path(), "/healthz" | "/readyz") {
+        return true;
+    }
+    let table = shared.table.load();
+    let Some(token) = table.spec.server.admin_token.as_deref() else {
+        return true;
+    };
+    use subtle::ConstantTimeEq;
+    req.headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .is_some_and(|(_, t)| bool::from(t.trim().as_bytes().ct_eq(token.as_bytes())))
+}
+
 async fn handle(shared: Arc<Shared>, req: http::Request<Incoming>) -> Response {
+    if !authorized(&shared, &req) {
+        return crate::error::problem_json(
+            &crate::error::Problem::unauthorized(
+                "The admin API needs `Authorization: Bearer <server.admin_token>`.",
+                "Bearer realm=\"switchyard-admin\"",
+            ),
+            None,
+        );
+    }
     if let Some(r) = state::handle(&shared, req.method(), req.uri().path(), req.uri().query()).await
     {
         return r;

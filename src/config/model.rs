@@ -73,6 +73,11 @@ pub struct ServerSpec {
     /// The workers of `runtime: per_core`; the number of cores when absent.
     #[serde(default)]
     pub workers: Option<usize>,
+    /// A bearer token the admin API requires (all but `/healthz` and `/readyz`); write it as
+    /// `${ADMIN_TOKEN}` so that it stays out of the file. None: the admin API is open to
+    /// whoever reaches its address.
+    #[serde(default)]
+    pub admin_token: Option<String>,
 }
 
 /// How requests are run ([`ServerSpec::runtime`]).
@@ -100,6 +105,7 @@ impl Default for ServerSpec {
             tls: None,
             runtime: RuntimeMode::default(),
             workers: None,
+            admin_token: None,
         }
     }
 }

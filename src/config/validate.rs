@@ -432,6 +432,15 @@ pub(crate) fn has_userinfo(u: &Uri) -> bool {
 pub(crate) const USERINFO_HTTP: &str = "an endpoint holds no user info (`user:pass@`): it would not be sent as credentials but could end up in the Host header; set `Authorization` with the `headers` plugin";
 
 fn validate_server(cx: &mut Checks, s: &ServerSpec) {
+    if let Some(t) = &s.admin_token
+        && t.len() < 16
+    {
+        cx.err(
+            "server.admin_token",
+            None,
+            "shorter than 16 characters; use a long random token from the environment (`${ADMIN_TOKEN}`)",
+        );
+    }
     if HeaderName::from_bytes(s.correlation_header.as_bytes()).is_err() {
         cx.err(
             "server.correlation_header",

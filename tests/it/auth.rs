@@ -656,3 +656,49 @@ routes:
     let m = sub.next().await;
     assert_eq!(&m.topic[..], format!("{prefix}/device-7").as_bytes());
 }
+
+#[tokio::test]
+async fn the_admin_api_can_require_a_bearer_token() {
+    let gw = Gateway::start(
+        r#"
+server: { listen: "127.0.0.1:0", admin: "127.0.0.1:0", admin_token: "admin-token-0123456789" }
+backends: {}
+routes: []
+"#,
+    )
+    .await;
+    let admin = |path: &str, token: Option<&str>| {
+        let mut r = Request::get(gw.admin_url(path));
+        if let Some(t) = token {
+            r = r.header("authorization", format!("Bearer {t}"));
+        }
+        send(r.body(body("")).unwrap())
+    };
+    // Health checks stay open (container and load-balancer probes carry no token).
+    assert_eq!(admin("/healthz", None).await.0, 200);
+    assert_eq!(admin("/readyz", None).await.0, 200);
+    for path in ["/config", "/routes", "/metrics", "/dead-letters"] {
+        let (s, h, b) = admin(path, None).await;
+        assert_eq!(s, 401, "{path}");
+        assert_eq!(h["www-authenticate"], "Bearer realm=\"switchyard-admin\"");
+        assert_eq!(
+            h["content-type"],
+            "application/problem+json",
+            "{}",
+            String::from_utf8_lossy(&b)
+        );
+        assert_eq!(
+            admin(path, Some("admin-token-012345678X")).await.0,
+            401,
+            "{path}"
+        );
+    }
+    assert_eq!(
+        admin("/config", Some("admin-token-0123456789")).await.0,
+        200
+    );
+    assert_eq!(
+        admin("/metrics", Some("admin-token-0123456789")).await.0,
+        200
+    );
+}
