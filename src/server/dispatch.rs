@@ -192,7 +192,9 @@ pub async fn handle(
     let mut backend_name = None;
     let mut template = None;
     let mut body_progress = None;
-    let user_agent = req.headers().get(header::USER_AGENT).cloned();
+    let user_agent = crate::telemetry::access::enabled()
+        .then(|| req.headers().get(header::USER_AGENT).cloned())
+        .flatten();
 
     let result: Result<Response, BoxError> = async {
         if has_control_chars(&req) {
