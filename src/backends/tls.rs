@@ -252,10 +252,12 @@ impl Failures {
         let Some((endpoint, failing, last)) = self.endpoints.get(i) else {
             return;
         };
-        failing.store(true, Ordering::Relaxed);
+        // The flag and the reason change together, under the lock, so that a success and a
+        // failure racing cannot leave a reason behind that hides the next warning.
         let mut last = last
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        failing.store(true, Ordering::Relaxed);
         if last.as_deref() != Some(reason) {
             tracing::warn!(backend = %self.backend, endpoint = %endpoint, %reason, "TLS to the upstream failed; its requests answer 502 until it is fixed (logged once per reason).");
             *last = Some(reason.to_string());
@@ -268,10 +270,14 @@ impl Failures {
         let Some((endpoint, failing, last)) = self.endpoints.get(i) else {
             return;
         };
-        if failing.load(Ordering::Relaxed) && failing.swap(false, Ordering::Relaxed) {
-            last.lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .take();
+        if !failing.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut last = last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if failing.swap(false, Ordering::Relaxed) {
+            last.take();
             tracing::info!(backend = %self.backend, endpoint = %endpoint, "TLS to the upstream works again.");
         }
     }
