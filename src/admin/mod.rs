@@ -147,6 +147,10 @@ pub fn readiness(shared: &Shared) -> Readiness {
     }
 }
 
+/// The admin API described (OpenAPI 3.1), served at `/openapi.json`; a test checks it
+/// against the answers.
+const OPENAPI: &str = include_str!("openapi.json");
+
 /// Whether `req` may use the admin API: the health checks always; everything else only with
 /// `server.admin_token` as a bearer token when one is set (compared in constant time).
 fn authorized(shared: &Shared, req: &http::Request<Incoming>) -> bool {
@@ -181,6 +185,16 @@ async fn handle(shared: Arc<Shared>, req: http::Request<Incoming>) -> Response {
         return r;
     }
     match (req.method(), req.uri().path()) {
+        (&Method::GET, "/openapi.json") => {
+            let mut r = http::Response::new(crate::full_body(bytes::Bytes::from_static(
+                OPENAPI.as_bytes(),
+            )));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/json"),
+            );
+            r
+        }
         (&Method::GET, "/healthz") => {
             json_response(StatusCode::OK, &BTreeMap::from([("status", "ok")]))
         }
@@ -267,7 +281,7 @@ async fn handle(shared: Arc<Shared>, req: http::Request<Incoming>) -> Response {
             ),
         },
         (_, "/reload") => not_allowed(&[Method::POST]),
-        (_, "/healthz" | "/readyz" | "/metrics" | "/config" | "/routes") => {
+        (_, "/healthz" | "/readyz" | "/metrics" | "/config" | "/routes" | "/openapi.json") => {
             not_allowed(&[Method::GET])
         }
         (_, path) => problem(

@@ -280,3 +280,128 @@ async fn a_connection_that_sends_nothing_is_closed() {
     let (s, _, _) = get(&gw.url("/ok")).await;
     assert_eq!(s, 200);
 }
+
+/// Checks `v` against `schema` (resolving `#/components/schemas/…` in `doc`): an object has
+/// every `required` member and none that `properties` does not name; arrays are checked item
+/// by item. Enough to keep the document and the answers from drifting apart.
+fn conforms(doc: &serde_json::Value, schema: &serde_json::Value, v: &serde_json::Value, at: &str) {
+    let schema = match schema.get("$ref").and_then(|r| r.as_str()) {
+        Some(r) => {
+            let name = r.rsplit('/').next().unwrap();
+            &doc["components"]["schemas"][name]
+        }
+        None => schema,
+    };
+    if let Some(all) = schema.get("allOf").and_then(|a| a.as_array()) {
+        let mut merged = schema.clone();
+        let props = merged["properties"].as_object_mut().unwrap();
+        for part in all {
+            let part = &doc["components"]["schemas"]
+                [part["$ref"].as_str().unwrap().rsplit('/').next().unwrap()];
+            for (k, p) in part["properties"].as_object().unwrap() {
+                props.insert(k.clone(), p.clone());
+            }
+        }
+        return conforms(doc, &merged, v, at);
+    }
+    if let (Some(obj), Some(props)) = (
+        v.as_object(),
+        schema.get("properties").and_then(|p| p.as_object()),
+    ) {
+        for r in schema["required"].as_array().into_iter().flatten() {
+            assert!(
+                obj.contains_key(r.as_str().unwrap()),
+                "{at}: `{r}` is required and missing: {v}"
+            );
+        }
+        for (k, member) in obj {
+            let p = props
+                .get(k)
+                .unwrap_or_else(|| panic!("{at}: `{k}` is not in the document's schema: {v}"));
+            conforms(doc, p, member, &format!("{at}.{k}"));
+        }
+    }
+    if let (Some(items), Some(schema)) = (v.as_array(), schema.get("items")) {
+        for (i, item) in items.iter().enumerate() {
+            conforms(doc, schema, item, &format!("{at}[{i}]"));
+        }
+    }
+    if let (Some(obj), Some(each)) = (
+        v.as_object(),
+        schema.get("additionalProperties").filter(|a| a.is_object()),
+    ) {
+        for (k, member) in obj {
+            conforms(doc, each, member, &format!("{at}.{k}"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_admin_api_answers_as_its_openapi_document_says() {
+    let dead = free_port().await;
+    let gw = Gateway::start(&format!(
+        r#"
+state: {{ spool: {{ retry: {{ min: 50ms, max: 300ms }} }} }}
+backends:
+  rabbit: {{ type: amqp, url: "amqp://guest:guest@{dead}/%2f", connect_timeout: 200ms }}
+routes:
+  - id: orders
+    match: {{ method: POST, path: "/orders" }}
+    backend: rabbit
+    amqp: {{ exchange: "x", routing_key: "k" }}
+    spool: true
+"#
+    ))
+    .await;
+    // Something in the spool, so that its answer is not empty.
+    let (s, _, b) = send(
+        http::Request::post(gw.url("/orders"))
+            .body(body("{}"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    let (s, doc) = gw.admin_json("/openapi.json").await;
+    assert_eq!(s, 200);
+    assert_eq!(doc["openapi"], "3.1.0");
+    let paths = doc["paths"].as_object().unwrap();
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/config",
+        "/routes",
+        "/spool",
+        "/dead-letters",
+    ] {
+        let (s, v) = gw.admin_json(path).await;
+        let answer = &paths[path]["get"]["responses"][s.as_str()];
+        assert!(
+            answer.is_object(),
+            "{path} answered {s}, which the document does not list"
+        );
+        let schema = &answer["content"]["application/json"]["schema"];
+        conforms(&doc, schema, &v, path);
+    }
+    // A problem answer, and a reload's.
+    let (s, v) = gw.admin_json("/dead-letters/nope").await;
+    assert_eq!(s, 404);
+    conforms(
+        &doc,
+        &serde_json::json!({ "$ref": "#/components/schemas/Problem" }),
+        &v,
+        "problem",
+    );
+    let (s, b) = gw.reload().await;
+    let answer = &paths["/reload"]["post"]["responses"][s.as_str()];
+    conforms(
+        &doc,
+        &answer["content"]["application/json"]["schema"],
+        &json(&b),
+        "/reload",
+    );
+    // Every path the document names is served (no 404 from the router for a documented path).
+    for path in paths.keys().filter(|p| !p.contains('{')) {
+        let (s, _, _) = get(&gw.admin_url(path)).await;
+        assert_ne!(s, 404, "{path}");
+    }
+}
