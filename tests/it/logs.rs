@@ -217,3 +217,30 @@ routes: []
         "one WARN per outage:\n{out}"
     );
 }
+
+#[tokio::test]
+async fn a_transcoded_grpc_call_names_its_upstream() {
+    let server = crate::support::grpc::GrpcServer::start().await;
+    let yaml = format!(
+        r#"{}
+routes:
+  - id: get-order
+    match: {{ method: GET, path: "/v1/orders/{{id}}" }}
+    backend: shop
+    grpc: {{ method: shop.v1.Orders/GetOrder }}
+"#,
+        crate::grpc::shop_backend(&server.url(), "")
+    );
+    let out = logs_of(&yaml, "json", |listen| async move {
+        let (s, _, b) = crate::support::get(&format!("http://{listen}/v1/orders/7")).await;
+        assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    })
+    .await;
+    let access = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["target"] == "switchyard::access" && l["route"] == "get-order")
+        .unwrap_or_else(|| panic!("no access line:\n{out}"));
+    assert_eq!(access["upstream"], server.url(), "{access}");
+    assert!(access["upstream_us"].is_u64(), "{access}");
+}

@@ -731,7 +731,7 @@ impl GrpcRouteService {
                 .await
             {
                 Ok(resp) => {
-                    let (metadata, mut messages, _) = resp.into_parts();
+                    let (metadata, mut messages, extensions) = resp.into_parts();
                     // The HTTP status goes with the first message: a status that comes before
                     // it is answered like a unary call's.
                     let first = match messages.message().await {
@@ -744,7 +744,7 @@ impl GrpcRouteService {
                     };
                     let mut r = stream::response(messages, first, format, self.opts);
                     metadata_to_headers(&metadata, r.headers_mut());
-                    Ok(r)
+                    Ok(with_upstream(r, &extensions))
                 }
                 Err(status) => Err(self.status_error(status, parts.extensions.get::<Deadline>())),
             };
@@ -786,7 +786,16 @@ impl GrpcRouteService {
 
     /// A unary reply as JSON (or its `response_body` field, or a passed-through HttpBody).
     fn reply(&self, resp: tonic::Response<DynamicMessage>) -> Result<Response, BoxError> {
-        let (metadata, reply, _) = resp.into_parts();
+        let (metadata, reply, extensions) = resp.into_parts();
+        self.reply_json(metadata, reply)
+            .map(|r| with_upstream(r, &extensions))
+    }
+
+    fn reply_json(
+        &self,
+        metadata: tonic::metadata::MetadataMap,
+        reply: DynamicMessage,
+    ) -> Result<Response, BoxError> {
         let out = match &self.response_body {
             Some(f) => match (f.kind(), f.is_list() || f.is_map()) {
                 (Kind::Message(m), false) => match reply.get_field(f).as_message() {
@@ -974,4 +983,13 @@ impl Service<Request> for GrpcRouteService {
         let this = self.clone();
         Box::pin(this.call_backend(req))
     }
+}
+
+/// The answer, with the upstream facts the transport put on the call's answer (for the access
+/// log).
+fn with_upstream(mut r: Response, extensions: &tonic::Extensions) -> Response {
+    if let Some(u) = extensions.get::<crate::telemetry::access::Upstream>() {
+        r.extensions_mut().insert(u.clone());
+    }
+    r
 }

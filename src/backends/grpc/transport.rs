@@ -28,6 +28,8 @@ const EJECT_FOR: Duration = Duration::from_secs(5);
 struct Endpoint {
     scheme: Scheme,
     authority: Authority,
+    /// `scheme://authority`, for the access log.
+    addr: Arc<str>,
 }
 
 struct Shared {
@@ -59,7 +61,11 @@ impl Transport {
                     .map_err(|_| format!("endpoint `{e}`: not a URL"))?;
                 let parts = uri.into_parts();
                 match (parts.scheme, parts.authority) {
-                    (Some(scheme), Some(authority)) => Ok(Endpoint { scheme, authority }),
+                    (Some(scheme), Some(authority)) => Ok(Endpoint {
+                        addr: format!("{scheme}://{authority}").into(),
+                        scheme,
+                        authority,
+                    }),
                     _ => Err(format!("endpoint `{e}`: needs a scheme and a host")),
                 }
             })
@@ -134,10 +140,18 @@ impl Service<http::Request<tonic::body::Body>> for Transport {
         *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
         let shared = self.shared.clone();
         let call = self.client.get().request(req);
+        let sent = crate::telemetry::access::enabled().then(std::time::Instant::now);
         Box::pin(async move {
             match call.await {
-                Ok(resp) => {
+                Ok(mut resp) => {
                     shared.tls_failures.ok(i);
+                    if let Some(sent) = sent {
+                        resp.extensions_mut()
+                            .insert(crate::telemetry::access::Upstream {
+                                addr: shared.endpoints[i].addr.clone(),
+                                took: sent.elapsed(),
+                            });
+                    }
                     Ok(resp)
                 }
                 Err(e) => Err(Self::failed(&shared, i, e)),
