@@ -3,7 +3,6 @@
 //! refused) and `ip` (allow and deny lists, `X-Forwarded-For` believed only from trusted
 //! proxies).
 
-use futures_util::StreamExt;
 use http::{Method, Request};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
@@ -165,17 +164,7 @@ async fn cors_headers_on_actual_answers_only_for_allowed_origins() {
 
 #[tokio::test]
 async fn cors_refuses_websocket_handshakes_from_other_origins() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await {
-                    while ws.next().await.is_some() {}
-                }
-            });
-        }
-    });
+    let addr = crate::support::websocket_sink().await;
     let gw = Gateway::start(&format!(
         r#"
 backends:
@@ -609,13 +598,7 @@ routes:
 async fn a_required_client_certificate_names_the_topic() {
     use crate::upstream_tls::{Ca, Files};
     let addr = crate::support::mqtt::broker_addr().await;
-    let prefix = format!("sy-test/{}", uuid::Uuid::now_v7().simple());
-    let mut sub = crate::support::mqtt::Subscriber::start(
-        &addr,
-        &format!("sub-{}", uuid::Uuid::now_v7().simple()),
-        &format!("{prefix}/#"),
-    )
-    .await;
+    let (prefix, mut sub) = crate::support::mqtt::Subscriber::on_fresh_prefix(&addr).await;
     let server_ca = Ca::new("gateway CA");
     let clients = Ca::new("client CA");
     let files = Files::new();

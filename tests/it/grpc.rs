@@ -27,7 +27,7 @@ backends:
     )
 }
 
-fn config(server: &str) -> String {
+pub(crate) fn config(server: &str) -> String {
     config_with(server, "")
 }
 

@@ -487,13 +487,7 @@ routes:
 #[tokio::test]
 async fn claims_fill_a_topic_with_the_topics_rules() {
     let addr = crate::support::mqtt::broker_addr().await;
-    let prefix = format!("sy-test/{}", uuid::Uuid::now_v7().simple());
-    let mut sub = crate::support::mqtt::Subscriber::start(
-        &addr,
-        &format!("sub-{}", uuid::Uuid::now_v7().simple()),
-        &format!("{prefix}/#"),
-    )
-    .await;
+    let (prefix, mut sub) = crate::support::mqtt::Subscriber::on_fresh_prefix(&addr).await;
     let key = SigningKey::ec(Algorithm::ES256, "k");
     let idp = Issuer::start(&[&key]).await;
     let gw = Gateway::start(&format!(
@@ -542,32 +536,16 @@ async fn a_token_in_the_query_is_taken_out_and_never_logged() {
     let key = SigningKey::ec(Algorithm::ES256, "k");
     let idp = Issuer::start(&[&key]).await;
     let up = Upstream::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (listen, admin) = (
-        crate::support::free_port().await,
-        crate::support::free_port().await,
-    );
-    let routes_file = dir.path().join("routes.yaml");
-    std::fs::write(
-        &routes_file,
-        format!(
-            "server: {{ listen: \"{listen}\", admin: \"{admin}\" }}\n{}",
-            routes(
-                &up.url(),
-                &format!("{{ jwks_url: \"{}/jwks\", query: access_token }}", idp.url)
-            )
+    let gw = crate::support::Binary::start(
+        &routes(
+            &up.url(),
+            &format!("{{ jwks_url: \"{}/jwks\", query: access_token }}", idp.url),
         ),
+        &[],
+        Some("debug"),
     )
-    .unwrap();
-    let log = std::fs::File::create(dir.path().join("gateway.log")).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["run", "--no-watch", "--config"])
-        .arg(&routes_file)
-        .env("RUST_LOG", "debug")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    .await;
+    let listen = gw.listen;
     let token = key.sign(&json!({ "sub": "alice", "exp": now_secs() + 60 }));
     let url = format!("http://{listen}/orders/1?a=1&access_token={token}&b=2");
     let seen = eventually("the gateway answers", || async {
@@ -603,9 +581,7 @@ async fn a_token_in_the_query_is_taken_out_and_never_logged() {
             .unwrap()
             .contains("invalid_request")
     );
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let log = std::fs::read_to_string(dir.path().join("gateway.log")).unwrap();
+    let log = gw.stop();
     assert!(
         log.contains("/orders/1"),
         "the access log has the path:\n{log}"
@@ -639,20 +615,9 @@ routes:
 
 #[tokio::test]
 async fn a_changed_jwks_file_reloads_and_websockets_are_checked_before_the_upgrade() {
-    use futures_util::StreamExt;
     let old = SigningKey::ec(Algorithm::ES256, "old");
     let new = SigningKey::ec(Algorithm::EdDSA, "new");
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws_up = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                if let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await {
-                    while ws.next().await.is_some() {}
-                }
-            });
-        }
-    });
+    let ws_up = crate::support::websocket_sink().await;
     let dir = tempfile::tempdir().unwrap();
     let write = |keys: Vec<Jwk>| {
         let tmp = dir.path().join("jwks.json.tmp");

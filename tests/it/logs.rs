@@ -6,48 +6,18 @@
 
 use http::Request;
 
-use crate::support::{Upstream, body, eventually, free_port, json};
+use crate::support::{Binary, Upstream, body, eventually, free_port, json};
 
-/// Runs the binary on `yaml` (its `server:` block added) with `--log-format FORMAT`, calls
-/// `requests` against its listen address, stops it and returns its output.
+/// Runs the binary on `yaml` with `--log-format FORMAT`, calls `requests` against its listen
+/// address, stops it and returns its output.
 async fn logs_of<F, Fut>(yaml: &str, format: &str, requests: F) -> String
 where
     F: FnOnce(std::net::SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let dir = tempfile::tempdir().unwrap();
-    let (listen, admin) = (free_port().await, free_port().await);
-    let config = dir.path().join("routes.yaml");
-    std::fs::write(
-        &config,
-        format!("server: {{ listen: \"{listen}\", admin: \"{admin}\" }}\n{yaml}"),
-    )
-    .unwrap();
-    let log = std::fs::File::create(dir.path().join("out.log")).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["--log-format", format, "run", "--no-watch", "--config"])
-        .arg(&config)
-        .env_remove("RUST_LOG")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    eventually("the gateway is ready", || async {
-        crate::support::client()
-            .request(
-                Request::get(format!("http://{admin}/readyz"))
-                    .body(body(""))
-                    .unwrap(),
-            )
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    })
-    .await;
-    requests(listen).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
-    std::fs::read_to_string(dir.path().join("out.log")).unwrap()
+    let gw = Binary::start(yaml, &["--log-format", format], None).await;
+    requests(gw.listen).await;
+    gw.stop()
 }
 
 #[tokio::test]
@@ -150,13 +120,9 @@ routes:
 async fn backend_outages_are_logged_once_whatever_the_protocol() {
     let proxy = crate::support::amqp::BrokerProxy::start().await;
     let dead = free_port().await;
-    let dir = tempfile::tempdir().unwrap();
-    let (listen, admin) = (free_port().await, free_port().await);
-    let config = dir.path().join("routes.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"server: {{ listen: "{listen}", admin: "{admin}" }}
+    let gw = Binary::start(
+        &format!(
+            r#"
 backends:
   rabbit: {{ type: amqp, url: "{}", reconnect: {{ min: 10ms, max: 40ms }} }}
   devices: {{ type: mqtt, url: "mqtt://{dead}", client_id: "gw-{}", reconnect: {{ min: 10ms, max: 40ms }} }}
@@ -165,23 +131,14 @@ routes: []
             proxy.url(),
             uuid::Uuid::now_v7().simple()
         ),
+        &[],
+        Some("info,switchyard::backends::health=debug"),
     )
-    .unwrap();
-    let path = dir.path().join("out.log");
-    let log = std::fs::File::create(&path).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["run", "--no-watch", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info,switchyard::backends::health=debug")
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    .await;
     let lines = |backend: &'static str, what: &'static str| {
-        let path = path.clone();
+        let gw = &gw;
         move || {
-            std::fs::read_to_string(&path)
-                .unwrap_or_default()
+            gw.log()
                 .lines()
                 .filter(|l| l.contains(&format!("backend={backend}")) && l.contains(what))
                 .count()
@@ -208,9 +165,7 @@ routes: []
     assert_eq!(lines("rabbit", "Backend unavailable;")(), 1);
     proxy.start_again();
     count("rabbit", "Backend available again.", 1).await;
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let out = std::fs::read_to_string(&path).unwrap();
+    let out = gw.stop();
     assert_eq!(
         out.lines().filter(|l| l.contains(" WARN ")).count(),
         2,
@@ -221,16 +176,7 @@ routes: []
 #[tokio::test]
 async fn a_transcoded_grpc_call_names_its_upstream() {
     let server = crate::support::grpc::GrpcServer::start().await;
-    let yaml = format!(
-        r#"{}
-routes:
-  - id: get-order
-    match: {{ method: GET, path: "/v1/orders/{{id}}" }}
-    backend: shop
-    grpc: {{ method: shop.v1.Orders/GetOrder }}
-"#,
-        crate::grpc::shop_backend(&server.url(), "")
-    );
+    let yaml = crate::grpc::config(&server.url());
     let out = logs_of(&yaml, "json", |listen| async move {
         let (s, _, b) = crate::support::get(&format!("http://{listen}/v1/orders/7")).await;
         assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));

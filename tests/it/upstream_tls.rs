@@ -531,23 +531,10 @@ async fn a_tls_failure_is_logged_once_per_endpoint_not_per_request() {
         Serve::Http,
     )
     .await;
-    let (listen, admin) = (
-        crate::support::free_port().await,
-        crate::support::free_port().await,
-    );
-    let yaml = format!(
-        "server: {{ listen: \"{listen}\", admin: \"{admin}\" }}\n{}",
-        config(&expired.url(), &ca_only(&ca_file), "")
-    );
-    let routes = files.put("routes.yaml", &yaml);
-    let log = std::fs::File::create(files.0.path().join("gateway.log")).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["run", "--no-watch", "--config"])
-        .arg(&routes)
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let gw =
+        crate::support::Binary::start(&config(&expired.url(), &ca_only(&ca_file), ""), &[], None)
+            .await;
+    let listen = gw.listen;
     let url = format!("http://{listen}/b/x");
     crate::support::eventually("the gateway answers", || async {
         match crate::support::client()
@@ -568,9 +555,7 @@ async fn a_tls_failure_is_logged_once_per_endpoint_not_per_request() {
         let (s, _, b) = get(&url).await;
         assert_eq!(s, 502, "{}", String::from_utf8_lossy(&b));
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let log = std::fs::read_to_string(files.0.path().join("gateway.log")).unwrap();
+    let log = gw.stop();
     assert_eq!(
         log.matches("TLS to the upstream failed;").count(),
         1,

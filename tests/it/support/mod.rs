@@ -451,3 +451,93 @@ pub fn now_secs() -> u64 {
         .unwrap()
         .as_secs()
 }
+
+/// The real binary, run on `yaml` (a `server:` block on free ports added) in a directory of its
+/// own, its standard output and error kept in a file: for what only the process shows (its
+/// logs, its exit).
+pub struct Binary {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl Drop for Binary {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Binary {
+    /// `args` come before `run` (`--log-format json`); `rust_log` is `RUST_LOG` (`None`:
+    /// unset, the default level). Returns once the admin listener answers.
+    pub async fn start(yaml: &str, args: &[&str], rust_log: Option<&str>) -> Binary {
+        let dir = tempfile::tempdir().unwrap();
+        let (listen, admin) = (free_port().await, free_port().await);
+        let config = dir.path().join("routes.yaml");
+        std::fs::write(
+            &config,
+            format!("server: {{ listen: \"{listen}\", admin: \"{admin}\" }}\n{yaml}"),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("out.log")).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
+        cmd.args(args)
+            .args(["run", "--no-watch", "--config"])
+            .arg(&config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        match rust_log {
+            Some(l) => cmd.env("RUST_LOG", l),
+            None => cmd.env_remove("RUST_LOG"),
+        };
+        let child = cmd.spawn().unwrap();
+        let b = Binary {
+            listen,
+            admin,
+            dir,
+            child,
+        };
+        let healthz = format!("http://{admin}/healthz");
+        eventually("the gateway's admin listener answers", || async {
+            client()
+                .request(Request::get(&healthz).body(body("")).unwrap())
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .await;
+        b
+    }
+
+    /// Its output so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("out.log")).unwrap_or_default()
+    }
+
+    /// Stops it and returns its output.
+    pub fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.log()
+    }
+}
+
+/// A WebSocket server that accepts every handshake and reads what it is sent: an upstream for
+/// tests of what happens before the upgrade. Its address.
+pub async fn websocket_sink() -> SocketAddr {
+    use futures_util::StreamExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await {
+                    while ws.next().await.is_some() {}
+                }
+            });
+        }
+    });
+    addr
+}

@@ -34,6 +34,15 @@ pub struct Subscriber {
 
 impl Subscriber {
     /// Subscribes to `filter` at QoS 2 on the broker at `addr` and returns once subscribed.
+    /// A subscriber to everything under a topic prefix of its own (`sy-test/<uuid>`), and
+    /// the prefix.
+    pub async fn on_fresh_prefix(addr: &str) -> (String, Subscriber) {
+        let prefix = format!("sy-test/{}", uuid::Uuid::now_v7().simple());
+        let id = format!("sub-{}", uuid::Uuid::now_v7().simple());
+        let sub = Subscriber::start(addr, &id, &format!("{prefix}/#")).await;
+        (prefix, sub)
+    }
+
     pub async fn start(addr: &str, id: &str, filter: &str) -> Subscriber {
         let (host, port) = addr.rsplit_once(':').unwrap();
         let mut opts = MqttOptions::new(id, host, port.parse().unwrap());
