@@ -11,7 +11,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::backends::BackendSet;
 use crate::router::RouteTable;
 use crate::router::reload::{self, Reloader, Trigger};
 use crate::telemetry::metrics::Metrics;
@@ -195,17 +194,9 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
             addr: server.admin,
             source,
         })?;
-    let (table, hash) = reload::build_table(
-        spec,
-        hash,
-        &opts.config,
-        1,
-        &BackendSet::default(),
-        None,
-        &metrics,
-    )
-    .await
-    .map_err(StartError::Config)?;
+    let (table, hash) = reload::build_table(spec, hash, &opts.config, 1, None, &metrics)
+        .await
+        .map_err(StartError::Config)?;
     let shutdown = CancellationToken::new();
     let base = opts
         .config

@@ -40,6 +40,9 @@ pub struct ConfigSpec {
     /// routes that use `idempotency`, `mode: async` or `spool`.
     #[serde(default)]
     pub state: StateSpec,
+    /// Traces: OpenTelemetry export over OTLP.
+    #[serde(default)]
+    pub telemetry: crate::telemetry::otel::spec::TelemetrySpec,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]

@@ -98,6 +98,7 @@ pub fn validate(file: &str, spec: &ConfigSpec, loc: &Locator) -> Vec<ConfigError
         validate_backend(&mut cx, name, backend);
     }
     validate_state(&mut cx, &spec.state);
+    crate::telemetry::otel::spec::validate(&mut cx, &spec.telemetry);
     let mut ids: HashMap<&str, usize> = HashMap::new();
     let mut shapes: HashMap<(Option<String>, String), Vec<usize>> = HashMap::new();
     let mut catch_all_keys = std::collections::HashSet::new();

@@ -137,7 +137,8 @@ impl RetryService {
 }
 
 /// A try's copy of the request; `None` for a request without a body (no body to buffer).
-fn rebuild(parts: &http::request::Parts, body: Option<&Bytes>) -> Request {
+/// The request of try number `attempt` (from 1), marked as a resend after the first.
+fn rebuild(parts: &http::request::Parts, body: Option<&Bytes>, attempt: u32) -> Request {
     let mut req = http::Request::new(match body {
         Some(b) => full_body(b.clone()),
         None => crate::empty_body(),
@@ -147,6 +148,10 @@ fn rebuild(parts: &http::request::Parts, body: Option<&Bytes>) -> Request {
     *req.version_mut() = parts.version;
     *req.headers_mut() = parts.headers.clone();
     *req.extensions_mut() = parts.extensions.clone();
+    if attempt > 1 {
+        req.extensions_mut()
+            .insert(crate::telemetry::otel::Resend(attempt - 1));
+    }
     req
 }
 
@@ -195,7 +200,10 @@ impl RetryService {
             result
         };
         loop {
-            let result = this.inner.call_shared(rebuild(&parts, body.as_ref())).await;
+            let result = this
+                .inner
+                .call_shared(rebuild(&parts, body.as_ref(), attempt))
+                .await;
             let Some((reason, acted)) = this.policy.condition(&result) else {
                 return tried(result, attempt);
             };
@@ -212,6 +220,15 @@ impl RetryService {
                 return tried(result, attempt);
             }
             this.metrics.retry(&this.route, reason);
+            if let Some(t) = crate::telemetry::otel::Trace::of(&parts.extensions) {
+                t.event("retry", || {
+                    vec![
+                        crate::telemetry::otel::Attr::new("retry.attempt", i64::from(attempt + 1)),
+                        crate::telemetry::otel::Attr::new("retry.reason", reason),
+                        crate::telemetry::otel::Attr::new("retry.wait_ms", wait.as_millis() as i64),
+                    ]
+                });
+            }
             tracing::info!(route = %this.route, backend = %this.backend, attempt = attempt + 1, reason, wait_ms = wait.as_millis() as u64, "Retrying.");
             drop(result);
             tokio::time::sleep(wait).await;

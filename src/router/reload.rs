@@ -146,29 +146,50 @@ pub async fn build_table(
     text_hash: String,
     path: &Path,
     version: u64,
-    previous: &crate::backends::BackendSet,
-    previous_state: Option<Arc<crate::store::State>>,
+    previous: Option<&RouteTable>,
     metrics: &Arc<crate::telemetry::metrics::Metrics>,
 ) -> Result<(RouteTable, String), Vec<String>> {
+    // What the running table has that the new one keeps where unchanged.
+    let (previous, previous_state, previous_otel) = match previous {
+        Some(t) => (t.backends.clone(), t.state.clone(), t.otel.clone()),
+        None => (crate::backends::BackendSet::default(), None, None),
+    };
     let file = path.display().to_string();
     let path_buf = path.to_path_buf();
     let base = path.parent().unwrap_or(Path::new(".")).to_path_buf();
     let reflected = crate::backends::BuildContext::prepare(&spec.backends, &base)
         .await
         .reflected;
-    let (previous, metrics) = (previous.clone(), metrics.clone());
+    let metrics = metrics.clone();
     tokio::task::spawn_blocking(move || {
         let mut cx = crate::backends::BuildContext::new(&base);
         cx.reflected = reflected;
         cx.previous_state = previous_state;
-        let table = RouteTable::build(spec, version, &previous, &metrics, &cx).map_err(|e| {
-            let text = std::fs::read_to_string(&path_buf).unwrap_or_default();
-            e.placed(&file, &text)
-                .0
-                .iter()
-                .map(ToString::to_string)
-                .collect::<Vec<_>>()
-        })?;
+        let mut table =
+            RouteTable::build(spec, version, &previous, &metrics, &cx).map_err(|e| {
+                let text = std::fs::read_to_string(&path_buf).unwrap_or_default();
+                e.placed(&file, &text)
+                    .0
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+            })?;
+        // The trace exporter, and the certificate files it read (a change reloads).
+        let otlp = table.spec.telemetry.otlp.clone();
+        table.otel = crate::telemetry::otel::Otel::reuse_or_build(
+            previous_otel.as_ref(),
+            otlp.as_ref(),
+            &base,
+        )
+        .map_err(|e| vec![format!("{file}: {e}")])?;
+        if let Some(tls) = otlp.as_ref().and_then(|o| o.tls.as_ref()) {
+            let files = [&tls.ca, &tls.cert, &tls.key];
+            table
+                .files
+                .extend(files.into_iter().flatten().map(|p| base.join(p)));
+            table.files.sort();
+            table.files.dedup();
+        }
         let hash = config_hash(&text_hash, &table.files);
         Ok((table, hash))
     })
@@ -246,8 +267,7 @@ async fn apply(shared: &Shared, path: &Path, max_size: u64, trigger: Trigger) ->
                 text_hash,
                 path,
                 version,
-                &current.backends,
-                current.state.clone(),
+                Some(&current),
                 &shared.metrics,
             )
             .await

@@ -136,6 +136,9 @@ pub struct RouteTable {
     rule_routes: Vec<usize>,
     /// Routes the backends would make but cannot serve, and why.
     pub unserved: Vec<crate::backends::bridge::Unserved>,
+    /// The trace exporter of `telemetry.otlp` (set by the reloader, which keeps it across
+    /// reloads that do not change it).
+    pub otel: Option<Arc<crate::telemetry::otel::Otel>>,
 }
 
 /// Whether a route uses the state store or the spool.
@@ -429,6 +432,7 @@ impl RouteTable {
             verbs,
             rule_routes,
             unserved,
+            otel: None,
         })
     }
 

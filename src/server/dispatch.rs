@@ -17,9 +17,10 @@ use super::body::{DrainingSse, LimitedBody};
 use crate::app::Shared;
 use crate::error::{PayloadLimit, Problem, rescue};
 use crate::middleware::context::{BodyProgress, RequestContext};
-use crate::middleware::correlation::{self, TRACEPARENT};
+use crate::middleware::correlation;
 use crate::router::{Lookup, normalize::normalize};
 use crate::telemetry::access::{AccessEntry, AccessLogBody, Tries, Upstream};
+use crate::telemetry::otel::{Attr, Trace, semconv};
 use crate::{BoxError, Response};
 
 static X_FORWARDED_CLIENT_CERT: http::HeaderName =
@@ -177,11 +178,13 @@ pub async fn handle(
     let started = Instant::now();
     let table = shared.table.load_full();
     let cid = correlation::correlation_id(req.headers(), &table.correlation_header);
-    // The W3C trace context this request carries on (the client's trace, a span of the
-    // gateway's own): its ids are in every log line of the request.
-    let traceparent = correlation::next_traceparent(req.headers());
-    let (trace_id, span_id) = correlation::trace_ids(&traceparent);
-    let span = tracing::info_span!("request", correlation_id = %cid, trace_id, span_id, route = tracing::field::Empty);
+    // The request's server span, in the client's trace or a new one (exported with
+    // `telemetry.otlp`): its ids are in every log line of the request.
+    let trace = Trace::server(table.otel.as_ref(), req.headers(), req.method(), || {
+        server_attributes(&req, &conn)
+    });
+    let ids = trace.span_context();
+    let span = tracing::info_span!("request", correlation_id = %cid, trace_id = %ids.trace_id(), span_id = %ids.span_id(), route = tracing::field::Empty);
     let method = req.method().clone();
     let raw_uri = req.uri().clone();
     // gRPC clients understand only gRPC answers, errors included.
@@ -312,7 +315,8 @@ pub async fn handle(
                 })?;
             }
         }
-        parts.headers.insert(TRACEPARENT.clone(), traceparent.clone());
+        trace.inject(&mut parts.headers);
+        parts.extensions.insert(trace.clone());
         if let Some(v) = &cid_header {
             parts
                 .headers
@@ -355,6 +359,12 @@ pub async fn handle(
             let resp = rescue(err.as_ref(), &cid, wire);
             let status = resp.status();
             if status.is_server_error() {
+                trace.event("exception", || {
+                    vec![Attr::new(
+                        semconv::EXCEPTION_MESSAGE,
+                        error_chain(err.as_ref()),
+                    )]
+                });
                 if let Some(b) = &backend_name {
                     shared.metrics.backend_error(b, status.as_u16());
                 }
@@ -388,6 +398,7 @@ pub async fn handle(
         resp = http::Response::from_parts(parts, body.boxed_unsync());
     }
     let status = resp.status().as_u16();
+    trace.finish_server(&method, status, &route_id, template.as_deref());
     let seconds = started.elapsed().as_secs_f64();
     match &counters {
         Some(c) => c.record(&method, status, seconds),
@@ -404,7 +415,7 @@ pub async fn handle(
         status,
         started,
         correlation_id: cid,
-        trace_id: trace_id.into(),
+        trace_id: ids.trace_id().to_string().into(),
         backend: backend_name,
         client: conn.remote,
         user_agent,
@@ -426,4 +437,40 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
         cur = e.source();
     }
     crate::telemetry::redact::secrets(&out).into_owned()
+}
+
+/// The attributes a request's server span starts with (HTTP server semantic conventions).
+fn server_attributes(req: &HttpRequest<Incoming>, conn: &ConnInfo) -> Vec<Attr> {
+    let mut attrs = vec![
+        Attr::new(
+            semconv::HTTP_REQUEST_METHOD,
+            req.method().as_str().to_owned(),
+        ),
+        Attr::new(semconv::URL_PATH, req.uri().path().to_owned()),
+        Attr::new(semconv::URL_SCHEME, if conn.tls { "https" } else { "http" }),
+        Attr::new(
+            semconv::NETWORK_PROTOCOL_VERSION,
+            match req.version() {
+                http::Version::HTTP_2 => "2",
+                http::Version::HTTP_10 => "1.0",
+                _ => "1.1",
+            },
+        ),
+        Attr::new(semconv::CLIENT_ADDRESS, conn.remote.ip().to_string()),
+        Attr::new(semconv::CLIENT_PORT, i64::from(conn.remote.port())),
+    ];
+    if let Some(host) = host_of(req) {
+        attrs.push(Attr::new(
+            semconv::SERVER_ADDRESS,
+            host_name(&host).to_string(),
+        ));
+    }
+    if let Some(ua) = req
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+    {
+        attrs.push(Attr::new(semconv::USER_AGENT_ORIGINAL, ua.to_owned()));
+    }
+    attrs
 }

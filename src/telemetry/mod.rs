@@ -3,6 +3,7 @@
 
 pub mod access;
 pub mod metrics;
+pub mod otel;
 pub mod redact;
 pub mod requests;
 

@@ -22,6 +22,7 @@ mod runtimes;
 mod spool;
 mod store;
 mod support;
+mod traces;
 mod transcoding;
 mod upstream_tls;
 mod websocket;

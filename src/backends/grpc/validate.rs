@@ -55,25 +55,12 @@ pub(crate) fn validate_grpc_backend(cx: &mut Checks, base: &str, g: &GrpcBackend
         );
     }
     if let Some(tls) = &g.tls {
-        if https == 0 {
-            cx.err(
-                &format!("{base}.tls"),
-                None,
-                "`tls` applies to `https://` endpoints, and this backend has none",
-            );
-        }
-        if tls.cert.is_some() != tls.key.is_some() {
-            cx.err(
-                &format!("{base}.tls"),
-                None,
-                "a client certificate needs both `cert` and `key`",
-            );
-        }
-        if let Some(name) = &tls.server_name
-            && let Err(e) = crate::backends::tls::server_name(name)
-        {
-            cx.err(&format!("{base}.tls.server_name"), None, e);
-        }
+        crate::backends::http::validate::validate_client_tls(
+            cx,
+            &format!("{base}.tls"),
+            tls,
+            https > 0,
+        );
     }
     if g.protos.is_empty() && g.descriptor_set.is_none() && !g.reflection {
         cx.err(

@@ -29,6 +29,7 @@ use crate::config::template::Template;
 use crate::config::{HttpBackendSpec, HttpProtocol, HttpRouteSpec};
 use crate::error::Problem;
 use crate::middleware::context::RequestContext;
+use crate::telemetry::otel::{Attr, Kind, Resend, Trace, semconv};
 use crate::{Body, BodyError, BoxError, Request, Response};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -442,9 +443,37 @@ impl HttpRouteService {
         let backend = &self.backend;
         let (mut parts, body) = req.into_parts();
         let i = self.prepare(&mut parts, backend.protocol)?;
+        // The try's client span, whose context the endpoint receives.
+        let span = Trace::of(&parts.extensions).map(|t| {
+            t.child(parts.method.as_str().to_owned(), Kind::Client, || {
+                client_attributes(&parts)
+            })
+        });
+        if let Some(span) = &span {
+            span.inject(&mut parts.headers);
+        }
         let req = http::Request::from_parts(parts, body);
         let sent = crate::telemetry::access::enabled().then(std::time::Instant::now);
-        match backend.pool.request(req).await {
+        let result = backend.pool.request(req).await;
+        if let Some(span) = &span {
+            match &result {
+                Ok(resp) => {
+                    let status = resp.status().as_u16();
+                    span.set(|| {
+                        vec![Attr::new(
+                            semconv::HTTP_RESPONSE_STATUS_CODE,
+                            i64::from(status),
+                        )]
+                    });
+                    if status >= 500 {
+                        span.fail(&status.to_string(), "");
+                    }
+                }
+                Err(e) => span.fail("connection", crate::server::dispatch::error_chain(e)),
+            }
+            span.end();
+        }
+        match result {
             Ok(resp) => {
                 backend.record(i, !resp.status().is_server_error());
                 backend.tls_failures.ok(i);
@@ -488,6 +517,30 @@ impl HttpRouteService {
             }
         }
     }
+}
+
+/// The attributes of an HTTP try's client span (HTTP client semantic conventions).
+fn client_attributes(parts: &http::request::Parts) -> Vec<Attr> {
+    let uri = &parts.uri;
+    let mut attrs = vec![
+        Attr::new(
+            semconv::HTTP_REQUEST_METHOD,
+            parts.method.as_str().to_owned(),
+        ),
+        Attr::new(semconv::URL_FULL, uri.to_string()),
+        Attr::new(semconv::SERVER_ADDRESS, uri.host().unwrap_or("").to_owned()),
+        Attr::new(
+            semconv::SERVER_PORT,
+            i64::from(uri.port_u16().unwrap_or(match uri.scheme_str() {
+                Some("https") => 443,
+                _ => 80,
+            })),
+        ),
+    ];
+    if let Some(Resend(n)) = parts.extensions.get::<Resend>() {
+        attrs.push(Attr::new(semconv::HTTP_REQUEST_RESEND_COUNT, i64::from(*n)));
+    }
+    attrs
 }
 
 #[cfg(test)]

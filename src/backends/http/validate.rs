@@ -92,26 +92,8 @@ pub(crate) fn validate_http_backend(cx: &mut Checks, base: &str, h: &HttpBackend
         }
     }
     if let Some(tls) = &h.tls {
-        let path = format!("{base}.tls");
-        if !h.endpoints.iter().any(|e| e.starts_with("https://")) {
-            cx.err(
-                &path,
-                None,
-                "`tls` applies to `https://` endpoints, and this backend has none",
-            );
-        }
-        if tls.cert.is_some() != tls.key.is_some() {
-            cx.err(
-                &path,
-                None,
-                "a client certificate needs both `cert` and `key`",
-            );
-        }
-        if let Some(name) = &tls.server_name
-            && let Err(e) = crate::backends::tls::server_name(name)
-        {
-            cx.err(&format!("{path}.server_name"), None, e);
-        }
+        let https = h.endpoints.iter().any(|e| e.starts_with("https://"));
+        validate_client_tls(cx, &format!("{base}.tls"), tls, https);
     }
     if h.connect_timeout.0.is_zero() {
         cx.err(
@@ -126,5 +108,28 @@ pub(crate) fn validate_http_backend(cx: &mut Checks, base: &str, h: &HttpBackend
             None,
             "must be above zero",
         );
+    }
+}
+
+/// The checks of a client `tls` block at `path`, for a destination that is `https` or not.
+pub(crate) fn validate_client_tls(cx: &mut Checks, path: &str, tls: &ClientTlsSpec, https: bool) {
+    if !https {
+        cx.err(
+            path,
+            None,
+            "`tls` applies to `https://` endpoints, and this backend has none",
+        );
+    }
+    if tls.cert.is_some() != tls.key.is_some() {
+        cx.err(
+            path,
+            None,
+            "a client certificate needs both `cert` and `key`",
+        );
+    }
+    if let Some(name) = &tls.server_name
+        && let Err(e) = crate::backends::tls::server_name(name)
+    {
+        cx.err(&format!("{path}.server_name"), None, e);
     }
 }

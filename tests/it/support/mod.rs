@@ -6,6 +6,7 @@
 pub mod amqp;
 pub mod grpc;
 pub mod mqtt;
+pub mod otlp;
 pub mod redis;
 
 use std::convert::Infallible;

@@ -1,0 +1,129 @@
+//! OpenTelemetry traces: a collector receives the gateway's spans over OTLP (gRPC and
+//! HTTP/protobuf), with parent and child ids, semantic-convention attributes, events and
+//! links, and every backend receives the context of the span that called it.
+
+use http::Method;
+
+use crate::support::otlp::{Collector, named, trace_of};
+use crate::support::*;
+
+const CLIENT_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const CLIENT_SPAN: &str = "00f067aa0ba902b7";
+
+fn otlp(collector: &Collector, protocol: &str) -> String {
+    let endpoint = match protocol {
+        "grpc" => collector.grpc_url(),
+        _ => format!("{}/v1/traces", collector.grpc_url()),
+    };
+    format!(
+        r#"
+telemetry:
+  otlp:
+    endpoint: "{endpoint}"
+    protocol: {protocol}
+    headers: {{ authorization: "Bearer collector-key" }}
+    flush_interval: 50ms
+    service_name: edge-gw
+    resource: {{ deployment.environment.name: test }}
+"#
+    )
+}
+
+async fn traced_get(url: &str) -> (http::StatusCode, serde_json::Value) {
+    let (s, _, b) = send(
+        request(Method::GET, url)
+            .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+            .body(body(""))
+            .unwrap(),
+    )
+    .await;
+    (s, serde_json::from_slice(&b).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn http_requests_are_server_spans_with_a_client_span_per_try() {
+    for protocol in ["grpc", "http_protobuf"] {
+        let collector = Collector::start().await;
+        let up = Upstream::start().await;
+        let gw = Gateway::start(&format!(
+            r#"{otlp}
+backends:
+  up: {{ type: http, endpoints: ["{up}"] }}
+routes:
+  - id: users
+    match: {{ method: GET, path: "/users/{{id}}" }}
+    backend: up
+  - id: flaky
+    match: {{ method: GET, path: "/status/{{code}}" }}
+    backend: up
+    retry: {{ attempts: 2, backoff: 1ms, on: [503] }}
+"#,
+            otlp = otlp(&collector, protocol),
+            up = up.url()
+        ))
+        .await;
+
+        // The client's trace goes on: the server span is its child, the try the server
+        // span's, and the upstream receives the try's context.
+        let (s, v) = traced_get(&gw.url("/users/7")).await;
+        assert_eq!(s, 200);
+        let sent = v["headers"]["traceparent"].as_str().unwrap().to_string();
+        assert_eq!(trace_of(&sent), CLIENT_TRACE);
+        let spans = collector.trace(CLIENT_TRACE, 2).await;
+        let server = named(&spans, "GET /users/{id}");
+        assert_eq!(server.kind, "server", "{protocol}");
+        assert_eq!(server.parent, CLIENT_SPAN);
+        assert_eq!(server.attr("http.route"), "/users/{id}");
+        assert_eq!(server.attr("http.request.method"), "GET");
+        assert_eq!(server.attr("url.path"), "/users/7");
+        assert_eq!(server.attr("http.response.status_code"), "200");
+        assert_eq!(server.attr("switchyard.route"), "users");
+        assert_eq!(server.resource["service.name"], "edge-gw");
+        assert_eq!(server.resource["deployment.environment.name"], "test");
+        let client = named(&spans, "GET");
+        assert_eq!(client.kind, "client");
+        assert_eq!(client.parent, server.span_id);
+        assert_eq!(client.attr("server.address"), "127.0.0.1");
+        assert_eq!(client.attr("server.port"), up.addr.port().to_string());
+        assert_eq!(client.attr("http.response.status_code"), "200");
+        assert!(sent.contains(&client.span_id), "{sent} {client:?}");
+
+        // A retried try: two client spans, the second a resend, a retry event on the server
+        // span, and both marked failed.
+        let (s, _, _) = get(&gw.url("/status/503")).await;
+        assert_eq!(s, 503);
+        let server = collector
+            .find("GET /status/{code}", |s| s.name == "GET /status/{code}")
+            .await;
+        let spans = collector.trace(&server.trace_id, 3).await;
+        let tries: Vec<_> = spans.iter().filter(|s| s.kind == "client").collect();
+        assert_eq!(tries.len(), 2, "{spans:#?}");
+        assert!(
+            tries
+                .iter()
+                .all(|t| t.parent == server.span_id && t.status == 2)
+        );
+        assert!(
+            tries
+                .iter()
+                .any(|t| t.attrs.get("http.request.resend_count").map(String::as_str) == Some("1"))
+        );
+        let retry = server
+            .events
+            .iter()
+            .find(|(n, _)| n == "retry")
+            .expect("a retry event");
+        assert_eq!(retry.1["retry.attempt"], "2");
+        assert_eq!(server.status, 2, "a 503 answer is an error");
+        assert_eq!(server.attr("error.type"), "503");
+
+        let seen = collector.seen.lock().unwrap().clone();
+        let path = if protocol == "grpc" { "grpc" } else { "http" };
+        assert!(
+            seen.iter()
+                .all(|(p, auth)| p == path && auth.as_deref() == Some("Bearer collector-key")),
+            "{seen:?}"
+        );
+        drop(gw);
+    }
+}
