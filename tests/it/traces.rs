@@ -127,3 +127,49 @@ routes:
         drop(gw);
     }
 }
+
+#[tokio::test]
+async fn a_transcoded_grpc_call_is_a_client_span_whose_context_the_server_receives() {
+    let collector = Collector::start().await;
+    let server = crate::support::grpc::GrpcServer::start().await;
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        otlp(&collector, "grpc"),
+        crate::grpc::config(&server.url())
+    ))
+    .await;
+    let (s, h, _) = send(
+        request(Method::GET, &gw.url("/v1/orders/7"))
+            .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+            .body(body(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let seen = h["grpc-metadata-x-traceparent-seen"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let spans = collector.trace(CLIENT_TRACE, 2).await;
+    let server_span = named(&spans, "GET /v1/orders/{id}");
+    let call = named(&spans, "shop.v1.Orders/GetOrder");
+    assert_eq!(call.kind, "client");
+    assert_eq!(call.parent, server_span.span_id);
+    assert_eq!(call.attr("rpc.system.name"), "grpc");
+    assert_eq!(call.attr("rpc.method"), "shop.v1.Orders/GetOrder");
+    assert_eq!(call.attr("rpc.response.status_code"), "OK");
+    assert_eq!(call.attr("server.address"), "127.0.0.1");
+    assert_eq!(call.attr("server.port"), server.addr.port().to_string());
+    assert_eq!(seen, format!("00-{CLIENT_TRACE}-{}-01", call.span_id));
+
+    // A status other than OK fails the call's span with the status's name.
+    let (s, _, _) = get(&gw.url("/v1/orders/missing")).await;
+    assert_eq!(s, 404);
+    let failed = collector
+        .find("a NOT_FOUND call", |s| {
+            s.attrs.get("rpc.response.status_code").map(String::as_str) == Some("NOT_FOUND")
+        })
+        .await;
+    assert_eq!(failed.status, 2);
+    assert_eq!(failed.attr("error.type"), "NOT_FOUND");
+}

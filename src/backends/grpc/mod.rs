@@ -34,6 +34,7 @@ use tower::Service;
 use crate::config::{FieldError, GrpcBackendSpec, GrpcRouteSpec, RouteSpec};
 use crate::error::Problem;
 use crate::middleware::context::{Deadline, RequestContext};
+use crate::telemetry::otel::{self, Attr, Trace, semconv};
 use crate::{BoxError, Request, Response, ResponseFuture, full_body};
 
 use super::AbortOnDrop;
@@ -567,7 +568,7 @@ impl GrpcRouteService {
             opts,
             path_vars,
             metadata_headers: Arc::new(
-                ["x-request-id", "traceparent"]
+                ["x-request-id", "traceparent", "tracestate"]
                     .into_iter()
                     .map(str::to_string)
                     .chain(spec.metadata_headers.iter().map(|h| h.to_ascii_lowercase()))
@@ -698,6 +699,10 @@ impl GrpcRouteService {
         if let Some(d) = parts.extensions.get::<Deadline>() {
             request.set_timeout(d.remaining());
         }
+        // The try's span, for the transport to name the endpoint on.
+        if let Some(t) = Trace::of(&parts.extensions) {
+            request.extensions_mut().insert(t.clone());
+        }
         for (name, key) in self.metadata_headers.iter() {
             for v in parts.headers.get_all(name) {
                 if let Ok(v) = tonic::metadata::AsciiMetadataValue::try_from(v.as_bytes()) {
@@ -708,8 +713,51 @@ impl GrpcRouteService {
         request
     }
 
+    /// One call, in a client span (RPC semantic conventions) whose context the server receives
+    /// in its metadata.
     async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        let Some(span) = Trace::of(&parts.extensions).map(|t| {
+            let method = self.path.as_str().trim_start_matches('/');
+            t.child(method.to_owned(), otel::Kind::Client, || {
+                vec![
+                    Attr::new(semconv::RPC_SYSTEM_NAME, "grpc"),
+                    Attr::new(semconv::RPC_METHOD, method.to_owned()),
+                ]
+            })
+        }) else {
+            return self.call(parts, body).await;
+        };
+        span.inject(&mut parts.headers);
+        parts.extensions.insert(span.clone());
+        let result = self.call(parts, body).await;
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(e) => e
+                .downcast_ref::<Problem>()
+                .map_or(tonic::Code::Unknown, |p| p.grpc_code),
+        };
+        span.set(|| {
+            vec![Attr::new(
+                semconv::RPC_RESPONSE_STATUS_CODE,
+                status::code_name(code),
+            )]
+        });
+        if let Err(e) = &result {
+            span.fail(
+                status::code_name(code),
+                crate::server::dispatch::error_chain(e.as_ref()),
+            );
+        }
+        span.end();
+        result
+    }
+
+    async fn call(
+        self,
+        parts: http::request::Parts,
+        body: crate::Body,
+    ) -> Result<Response, BoxError> {
         if self.bidi {
             return Err(Problem::bad_request(
                 "This method streams both ways; call it with a gRPC or gRPC-Web client.",

@@ -138,6 +138,21 @@ impl Service<http::Request<tonic::body::Body>> for Transport {
             parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
         }
         *req.uri_mut() = Uri::from_parts(parts).unwrap_or_default();
+        if let Some(span) = crate::telemetry::otel::Trace::of(req.extensions()) {
+            let (host, port) = (ep.authority.host(), ep.authority.port_u16());
+            span.set(|| {
+                use crate::telemetry::otel::{Attr, semconv};
+                let port = port.unwrap_or(if ep.scheme == http::uri::Scheme::HTTPS {
+                    443
+                } else {
+                    80
+                });
+                vec![
+                    Attr::new(semconv::SERVER_ADDRESS, host.to_owned()),
+                    Attr::new(semconv::SERVER_PORT, i64::from(port)),
+                ]
+            });
+        }
         let shared = self.shared.clone();
         let call = self.client.get().request(req);
         let sent = crate::telemetry::access::enabled().then(std::time::Instant::now);
