@@ -173,3 +173,101 @@ async fn a_transcoded_grpc_call_is_a_client_span_whose_context_the_server_receiv
     assert_eq!(failed.status, 2);
     assert_eq!(failed.attr("error.type"), "NOT_FOUND");
 }
+
+#[tokio::test]
+async fn amqp_publishes_are_producer_spans_and_replies_link_to_their_sender() {
+    use crate::support::amqp as mq;
+    let collector = Collector::start().await;
+    let url = mq::broker_url().await;
+    let (x, q, rq) = (mq::unique("x"), mq::unique("q"), mq::unique("rpc"));
+    let mut yaml = format!(
+        "{}{}",
+        otlp(&collector, "grpc"),
+        mq::rabbit_backend(&url, &x, &q)
+    );
+    yaml = yaml.replace(
+        &format!("queues: [{{ name: \"{q}\", durable: false }}]"),
+        &format!(
+            "queues: [{{ name: \"{q}\", durable: false }}, {{ name: \"{rq}\", durable: false }}]"
+        ),
+    );
+    yaml = yaml.replace(
+        &format!("bindings: [{{ queue: \"{q}\", exchange: \"{x}\", routing_key: \"#\" }}]"),
+        &format!("bindings: [{{ queue: \"{q}\", exchange: \"{x}\", routing_key: \"event.#\" }}, {{ queue: \"{rq}\", exchange: \"{x}\", routing_key: rpc }}]"),
+    );
+    yaml.push_str(&format!(
+        r#"
+routes:
+  - id: emit
+    match: {{ method: POST, path: "/events/{{kind}}" }}
+    backend: rabbit
+    amqp: {{ exchange: "{x}", routing_key: "event.{{kind}}" }}
+  - id: ask
+    match: {{ method: POST, path: /ask }}
+    backend: rabbit
+    timeout: 5s
+    amqp: {{ exchange: "{x}", routing_key: rpc, reply: {{}} }}
+"#
+    ));
+    let gw = Gateway::start(&yaml).await;
+    gw.wait_backend("rabbit", true).await;
+    let _responder = mq::responder(rq.clone()).await;
+    let traced = |path: &str| {
+        request(Method::POST, &gw.url(path))
+            .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+            .body(body("hello"))
+            .unwrap()
+    };
+
+    // A publish: the message carries the producer span's context.
+    let (s, _, b) = send(traced("/events/created")).await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    let message_id = json(&b)["message_id"].as_str().unwrap().to_string();
+    let conn = mq::client().await;
+    let ch = conn.create_channel().await.unwrap();
+    let got = ch
+        .basic_get(
+            q.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("the message is in the queue");
+    let carried = mq::header_str(&got.delivery.properties, "traceparent").unwrap();
+    let spans = collector.trace(CLIENT_TRACE, 2).await;
+    let server = named(&spans, "POST /events/{kind}");
+    let publish = named(&spans, &format!("publish {x}"));
+    assert_eq!(publish.kind, "producer");
+    assert_eq!(publish.parent, server.span_id);
+    assert_eq!(publish.attr("messaging.system"), "rabbitmq");
+    assert_eq!(publish.attr("messaging.operation.type"), "send");
+    assert_eq!(publish.attr("messaging.destination.name"), x);
+    assert_eq!(
+        publish.attr("messaging.rabbitmq.destination.routing_key"),
+        "event.created"
+    );
+    assert_eq!(publish.attr("messaging.message.id"), message_id);
+    assert_eq!(publish.attr("messaging.message.body.size"), "5");
+    assert_eq!(carried, format!("00-{CLIENT_TRACE}-{}-01", publish.span_id));
+
+    // Request/reply: the reply's receipt is linked to the span that sent the reply.
+    let (s, _, b) = send(traced("/ask")).await;
+    assert_eq!((s.as_u16(), &b[..]), (200, &b"re: hello"[..]));
+    let spans = collector.trace(CLIENT_TRACE, 5).await;
+    let server = named(&spans, "POST /ask");
+    let receive = named(&spans, "receive amq.rabbitmq.reply-to");
+    assert_eq!(receive.kind, "consumer");
+    assert_eq!(receive.parent, server.span_id);
+    assert_eq!(
+        receive.links,
+        vec![(CLIENT_TRACE.to_string(), mq::REPLIER_SPAN.to_string())]
+    );
+    let ask = spans
+        .iter()
+        .find(|s| s.kind == "producer" && s.parent == server.span_id)
+        .expect("the request's publish");
+    assert_eq!(
+        ask.attr("messaging.rabbitmq.destination.routing_key"),
+        "rpc"
+    );
+}

@@ -40,6 +40,7 @@ use crate::config::{
 use crate::error::Problem;
 use crate::middleware::context::{Deadline, RequestContext};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::otel::{Attr, Trace, semconv};
 use crate::{BoxError, Request, Response, full_body};
 
 /// Why a publish the broker nacked failed (the spool counts these as refusals).
@@ -760,12 +761,11 @@ impl AmqpRouteService {
         let route = &self.route;
 
         let mut headers = FieldTable::default();
-        if let Some(tp) = parts
-            .headers
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-        {
-            headers.insert("traceparent".into(), AMQPValue::LongString(tp.into()));
+        // The trace context (the publish span's, put in the request's headers by the caller).
+        for name in ["traceparent", "tracestate"] {
+            if let Some(v) = parts.headers.get(name).and_then(|v| v.to_str().ok()) {
+                headers.insert(name.into(), AMQPValue::LongString(v.into()));
+            }
         }
         for name in self.headers.iter() {
             if let Some(v) = parts.headers.get(name) {
@@ -1202,10 +1202,36 @@ impl AmqpRouteService {
             .into()
     }
 
+    /// One publish (and its reply), in a producer span whose context the message carries.
     async fn call_backend(self, req: Request) -> Result<Response, BoxError> {
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        let Some(span) = Trace::of(&parts.extensions).map(|t| t.publish("rabbitmq")) else {
+            return self.exchange_messages(parts, body, None).await;
+        };
+        span.inject(&mut parts.headers);
+        let result = self.exchange_messages(parts, body, Some(&span)).await;
+        span.end_with(&result);
+        result
+    }
+
+    async fn exchange_messages(
+        self,
+        parts: http::request::Parts,
+        body: crate::Body,
+        span: Option<&Trace>,
+    ) -> Result<Response, BoxError> {
         let body = crate::collect_body(body).await?;
         let (exchange, routing_key, payload, props) = self.message(&parts, &body)?;
+        if let Some(span) = span {
+            let destination = if exchange.as_str().is_empty() {
+                "amq.default"
+            } else {
+                exchange.as_str()
+            };
+            span.published(destination, || {
+                message_attributes(Some(&routing_key), &props, payload.len())
+            });
+        }
         let Some(reply) = &self.route.reply else {
             // Written straight from the properties into one buffer: this answer goes out for
             // every publish.
@@ -1245,6 +1271,10 @@ impl AmqpRouteService {
         };
         self.publish(&exchange, &routing_key, &payload, props)
             .await?;
+        // The publish span covers the publish; the wait for the reply is the request's.
+        if let Some(span) = span {
+            span.end();
+        }
         let deadline = parts.extensions.get::<Deadline>().copied();
         let wait = deadline.map_or(Duration::from_secs(30), |d| d.remaining());
         let delivery = match tokio::time::timeout(wait, rx).await {
@@ -1260,6 +1290,14 @@ impl AmqpRouteService {
                 return Err(Problem::timeout(deadline.map_or(wait, |d| d.total)).into());
             }
         };
+        if let Some(request) = Trace::of(&parts.extensions) {
+            request.reply_received(
+                "rabbitmq",
+                &reply.queue,
+                reply_context(&delivery.properties),
+                || message_attributes(None, &delivery.properties, delivery.data.len()),
+            );
+        }
         reply_response(&delivery.properties, &delivery.data, &reply.status_header).ok_or_else(
             || {
                 Problem::bad_gateway(
@@ -1270,6 +1308,47 @@ impl AmqpRouteService {
             },
         )
     }
+}
+
+/// The messaging attributes of a message (RabbitMQ semantic conventions).
+fn message_attributes(
+    routing_key: Option<&ShortString>,
+    props: &BasicProperties,
+    size: usize,
+) -> Vec<Attr> {
+    let mut attrs = vec![Attr::new(semconv::MESSAGING_MESSAGE_BODY_SIZE, size as i64)];
+    if let Some(key) = routing_key {
+        attrs.push(Attr::new(
+            semconv::MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY,
+            key.to_string(),
+        ));
+    }
+    if let Some(id) = props.message_id() {
+        attrs.push(Attr::new(semconv::MESSAGING_MESSAGE_ID, id.to_string()));
+    }
+    if let Some(c) = props.correlation_id() {
+        attrs.push(Attr::new(
+            semconv::MESSAGING_MESSAGE_CONVERSATION_ID,
+            c.to_string(),
+        ));
+    }
+    attrs
+}
+
+/// The trace context a reply carries in its headers (`traceparent`, `tracestate`), when the
+/// replier sent one.
+fn reply_context(p: &BasicProperties) -> Option<opentelemetry::trace::SpanContext> {
+    let headers = p.headers().as_ref()?;
+    let text = |name: &str| {
+        headers.inner().iter().find_map(|(k, v)| match v {
+            AMQPValue::LongString(s) if k.as_str().eq_ignore_ascii_case(name) => {
+                std::str::from_utf8(s.as_bytes()).ok()
+            }
+            AMQPValue::ShortString(s) if k.as_str().eq_ignore_ascii_case(name) => Some(s.as_str()),
+            _ => None,
+        })
+    };
+    crate::telemetry::otel::remote(text("traceparent")?, text("tracestate"))
 }
 
 /// The answer to a confirmed publish.

@@ -240,6 +240,74 @@ impl Trace {
         }
     }
 
+    /// A publish to a broker (messaging semantic conventions), a child of this span; named
+    /// and described further by [`Trace::published`] once the message is made.
+    pub fn publish(&self, system: &'static str) -> Trace {
+        self.child("publish", SpanKind::Producer, || {
+            vec![
+                KeyValue::new(semconv::MESSAGING_SYSTEM, system),
+                KeyValue::new(semconv::MESSAGING_OPERATION_TYPE, "send"),
+                KeyValue::new(semconv::MESSAGING_OPERATION_NAME, "publish"),
+            ]
+        })
+    }
+
+    /// Names a publish span after its `destination` and adds the message's facts.
+    pub fn published(&self, destination: &str, attrs: impl FnOnce() -> Vec<KeyValue>) {
+        if self.recording() {
+            let span = self.cx.span();
+            span.update_name(format!("publish {destination}"));
+            let mut all = attrs();
+            all.push(KeyValue::new(
+                semconv::MESSAGING_DESTINATION_NAME,
+                destination.to_owned(),
+            ));
+            span.set_attributes(all);
+        }
+    }
+
+    /// The receipt of a reply on `source` for this request, linked to the span that sent
+    /// the reply when it carried a context. Ended at once: the wait is the publish's sibling.
+    pub fn reply_received(
+        &self,
+        system: &'static str,
+        source: &str,
+        sender: Option<SpanContext>,
+        attrs: impl FnOnce() -> Vec<KeyValue>,
+    ) {
+        if !self.recording() {
+            return;
+        }
+        let span = self.child(format!("receive {source}"), SpanKind::Consumer, || {
+            let mut all = attrs();
+            all.extend([
+                KeyValue::new(semconv::MESSAGING_SYSTEM, system),
+                KeyValue::new(semconv::MESSAGING_OPERATION_TYPE, "receive"),
+                KeyValue::new(semconv::MESSAGING_OPERATION_NAME, "receive"),
+                KeyValue::new(semconv::MESSAGING_DESTINATION_NAME, source.to_owned()),
+            ]);
+            all
+        });
+        if let Some(sender) = sender {
+            span.link(sender, vec![KeyValue::new("switchyard.link", "reply")]);
+        }
+        span.end();
+    }
+
+    /// Ends the span with the outcome of what it covered: an error fails it, with the
+    /// problem's type as `error.type`.
+    pub fn end_with<T>(&self, result: &Result<T, crate::BoxError>) {
+        if let Err(e) = result
+            && self.recording()
+        {
+            let kind = e
+                .downcast_ref::<crate::error::Problem>()
+                .map_or("error", |p| p.kind.slug());
+            self.fail(kind, crate::server::dispatch::error_chain(e.as_ref()));
+        }
+        self.end();
+    }
+
     /// Ends the span (a no-op when not recorded, or ended already).
     pub fn end(&self) {
         if self.recording() {

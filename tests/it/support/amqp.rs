@@ -216,9 +216,13 @@ pub fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
     }
 }
 
+/// The span id of the [`responder`]'s replies, in the trace of the request they answer.
+pub const REPLIER_SPAN: &str = "feedfacecafebeef";
+
 /// Answers every request on `queue`: body `re: <body>`, status from the request's `x-want`
 /// header; a request whose body is `ignore` gets no answer, `stray` gets a reply with another
 /// correlation id first, and one with an `x-delay-ms` header is answered that much later.
+/// A request with a `traceparent` is answered in its trace, as span [`REPLIER_SPAN`].
 pub async fn responder(queue: String) -> tokio::task::JoinHandle<()> {
     let conn = client().await;
     let ch = conn.create_channel().await.unwrap();
@@ -251,6 +255,13 @@ pub async fn responder(queue: String) -> tokio::task::JoinHandle<()> {
             let want = header_str(p, "x-want").unwrap_or_else(|| "200".into());
             let mut h = FieldTable::default();
             h.insert("x-status".into(), AMQPValue::LongString(want.into()));
+            // An instrumented service continues the request's trace in its reply.
+            if let Some(trace) =
+                header_str(p, "traceparent").and_then(|tp| tp.split('-').nth(1).map(str::to_string))
+            {
+                let tp = format!("00-{trace}-{REPLIER_SPAN}-01");
+                h.insert("traceparent".into(), AMQPValue::LongString(tp.into()));
+            }
             let reply = |cid: lapin::types::ShortString| {
                 BasicProperties::default()
                     .with_correlation_id(cid)
