@@ -1,6 +1,7 @@
 //! The example device for the MQTT bridge: a simulated thermostat. It answers commands sent to
-//! `<prefix>/<id>/cmd` on their MQTT 5 response topic (with the correlation data and a `status`
-//! user property), and publishes its temperature, retained, to `<prefix>/<id>/telemetry`.
+//! `<prefix>/<id>/cmd` on their MQTT 5 response topic (with the correlation data, a `status`
+//! user property, and a `traceparent` continuing the command's trace), and publishes its
+//! temperature, retained, to `<prefix>/<id>/telemetry`.
 //! `cargo run --example thermostat` runs it; the integration tests start it in-process.
 
 #![allow(dead_code)]
@@ -63,10 +64,20 @@ impl Device {
                             let props = p.properties.clone().unwrap_or_default();
                             let Some(to) = props.response_topic.clone() else { continue };
                             let (status, body) = answer(&id, &p.payload);
+                            let mut user_properties = vec![("status".to_string(), status.to_string())];
+                            // A command that came in a trace is answered in it, from a span of
+                            // the device's own.
+                            if let Some(trace) = props.user_properties.iter()
+                                .find(|(k, _)| k == "traceparent")
+                                .and_then(|(_, tp)| tp.split('-').nth(1))
+                            {
+                                let span = format!("{:016x}", fastrand::u64(1..));
+                                user_properties.push(("traceparent".into(), format!("00-{trace}-{span}-01")));
+                            }
                             let reply = PublishProperties {
                                 correlation_data: props.correlation_data.clone(),
                                 content_type: Some("application/json".into()),
-                                user_properties: vec![("status".into(), status.to_string())],
+                                user_properties,
                                 ..Default::default()
                             };
                             let _ = client.publish_with_properties(to, QoS::AtLeastOnce, false, body, reply).await;

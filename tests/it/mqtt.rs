@@ -17,7 +17,7 @@ fn unique() -> String {
 }
 
 /// A `devices` backend on the broker at `addr` with a client id of its own.
-fn devices_backend(addr: &str) -> String {
+pub(crate) fn devices_backend(addr: &str) -> String {
     format!(
         "backends:\n  devices:\n    type: mqtt\n    url: \"mqtt://{addr}\"\n    client_id: \"gw-{}\"\n",
         uuid::Uuid::now_v7().simple()

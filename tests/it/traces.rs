@@ -2,6 +2,8 @@
 //! HTTP/protobuf), with parent and child ids, semantic-convention attributes, events and
 //! links, and every backend receives the context of the span that called it.
 
+use std::time::Duration;
+
 use http::Method;
 
 use crate::support::otlp::{Collector, named, trace_of};
@@ -269,5 +271,84 @@ routes:
     assert_eq!(
         ask.attr("messaging.rabbitmq.destination.routing_key"),
         "rpc"
+    );
+}
+
+#[tokio::test]
+async fn mqtt_publishes_are_producer_spans_and_responses_link_to_their_sender() {
+    use crate::support::mqtt as mq;
+    let collector = Collector::start().await;
+    let addr = mq::broker_addr().await;
+    let (prefix, mut sub) = mq::Subscriber::on_fresh_prefix(&addr).await;
+    let gw = Gateway::start(&format!(
+        r#"{otlp}{backend}
+routes:
+  - id: emit
+    match: {{ method: POST, path: "/rooms/{{room}}/events" }}
+    backend: devices
+    mqtt: {{ topic: "{prefix}/{{room}}/events", qos: 1 }}
+  - id: command
+    match: {{ method: POST, path: "/devices/{{device}}/commands" }}
+    backend: devices
+    timeout: 5s
+    mqtt: {{ topic: "{prefix}/{{device}}/cmd", response: {{}} }}
+"#,
+        otlp = otlp(&collector, "http_protobuf"),
+        backend = crate::mqtt::devices_backend(&addr),
+    ))
+    .await;
+    gw.wait_backend("devices", true).await;
+    let traced = |path: &str, b: &'static str| {
+        request(Method::POST, &gw.url(path))
+            .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+            .body(body(b))
+            .unwrap()
+    };
+
+    // A publish: the message's user properties carry the producer span's context.
+    let (s, _, b) = send(traced("/rooms/hall/events", "on")).await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    let got = sub.next().await;
+    let user = got.properties.unwrap().user_properties;
+    let carried = user
+        .iter()
+        .find(|(k, _)| k == "traceparent")
+        .map(|(_, v)| v.clone())
+        .expect("a traceparent user property");
+    let spans = collector.trace(CLIENT_TRACE, 2).await;
+    let server = named(&spans, "POST /rooms/{room}/events");
+    let topic = format!("{prefix}/hall/events");
+    let publish = named(&spans, &format!("publish {topic}"));
+    assert_eq!(publish.kind, "producer");
+    assert_eq!(publish.parent, server.span_id);
+    assert_eq!(publish.attr("messaging.system"), "mqtt");
+    assert_eq!(publish.attr("messaging.destination.name"), topic);
+    assert_eq!(publish.attr("messaging.mqtt.qos"), "1");
+    assert_eq!(carried, format!("00-{CLIENT_TRACE}-{}-01", publish.span_id));
+
+    // Request/response: the response's receipt is linked to the device's span.
+    let _device =
+        crate::support::device::Device::start(&addr, &prefix, "kitchen", Duration::from_secs(60))
+            .await;
+    let (s, _, b) = send(traced("/devices/kitchen/commands", r#"{"setpoint":21}"#)).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let spans = collector.trace(CLIENT_TRACE, 5).await;
+    let server = named(&spans, "POST /devices/{device}/commands");
+    let receive = spans
+        .iter()
+        .find(|s| s.kind == "consumer" && s.parent == server.span_id)
+        .expect("the response's receipt");
+    assert!(receive.name.starts_with("receive "), "{receive:?}");
+    assert_eq!(receive.links.len(), 1, "{receive:?}");
+    assert_eq!(receive.links[0].0, CLIENT_TRACE);
+    let command = spans
+        .iter()
+        .find(|s| s.kind == "producer" && s.parent == server.span_id)
+        .expect("the command's publish");
+    assert_ne!(receive.links[0].1, command.span_id);
+    assert!(
+        command
+            .attrs
+            .contains_key("messaging.message.conversation_id")
     );
 }

@@ -48,6 +48,7 @@ use crate::config::{MqttBackendSpec, MqttProtocol, MqttRouteSpec, RouteSpec};
 use crate::error::Problem;
 use crate::middleware::context::{Deadline, RequestContext};
 use crate::telemetry::metrics::Metrics;
+use crate::telemetry::otel::{Attr, Trace, semconv};
 use crate::{BodyError, BoxError, Request, Response, full_body};
 
 /// How long a new subscription waits for room in the client's queue, then for its SUBACK.
@@ -1167,12 +1168,11 @@ impl MqttRouteService {
         if let Some(id) = &message_id {
             user.push(("message-id".to_string(), id.to_string()));
         }
-        if let Some(tp) = parts
-            .headers
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-        {
-            user.push(("traceparent".to_string(), tp.to_string()));
+        // The trace context (the publish span's, put in the request's headers by the caller).
+        for name in ["traceparent", "tracestate"] {
+            if let Some(v) = parts.headers.get(name).and_then(|v| v.to_str().ok()) {
+                user.push((name.to_string(), v.to_string()));
+            }
         }
         for name in self.headers.iter() {
             for v in parts.headers.get_all(name) {
@@ -1368,7 +1368,24 @@ impl MqttRouteService {
             let (parts, _) = req.into_parts();
             return self.read_last_value(&parts).await;
         }
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        let Some(span) = Trace::of(&parts.extensions).map(|t| t.publish("mqtt")) else {
+            return self.publish_and_answer(parts, body, None).await;
+        };
+        span.inject(&mut parts.headers);
+        let result = self.publish_and_answer(parts, body, Some(&span)).await;
+        span.end_with(&result);
+        result
+    }
+
+    /// One publish (and its response), in the producer span `span` whose context the message
+    /// carries in its user properties.
+    async fn publish_and_answer(
+        self,
+        parts: http::request::Parts,
+        body: crate::Body,
+        span: Option<&Trace>,
+    ) -> Result<Response, BoxError> {
         let body = crate::collect_body(body).await?;
         // A packet over either side's limit would break the connection: refused before
         // anything else is done.
@@ -1377,6 +1394,14 @@ impl MqttRouteService {
             return Err(Problem::payload_too_large(limit as u64).into());
         }
         let (topic, publish) = self.publish(&parts, body)?;
+        if let Some(span) = span {
+            span.published(&topic, || {
+                let mut attrs = message_attributes(&publish);
+                attrs.push(Attr::new("messaging.mqtt.qos", publish.qos as i64));
+                attrs.push(Attr::new("messaging.mqtt.retain", publish.retain));
+                attrs
+            });
+        }
         // A response waiter exists before the request can be answered.
         let response = match &self.route.response {
             Some(_) if !self.shared.responses_ok.load(Ordering::SeqCst) => {
@@ -1411,6 +1436,10 @@ impl MqttRouteService {
         let wait = deadline.map_or(Duration::from_secs(30), |d| d.remaining());
         self.handle.publish(publish, wait).await?;
         if let (Some((rx, _forget)), Some(spec)) = (response, &self.route.response) {
+            // The publish span covers the publish; the wait for the response is the request's.
+            if let Some(span) = span {
+                span.end();
+            }
             let wait = deadline.map_or(Duration::from_secs(30), |d| d.remaining());
             let p = match tokio::time::timeout(wait, rx).await {
                 Ok(Ok(p)) => p,
@@ -1418,6 +1447,20 @@ impl MqttRouteService {
                     return Err(Problem::timeout(deadline.map_or(wait, |d| d.total)).into());
                 }
             };
+            if let Some(request) = Trace::of(&parts.extensions) {
+                let sender = p.properties.as_ref().and_then(|props| {
+                    let user = |name: &str| {
+                        props
+                            .user_properties
+                            .iter()
+                            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                            .map(|(_, v)| v.as_str())
+                    };
+                    crate::telemetry::otel::remote(user("traceparent")?, user("tracestate"))
+                });
+                let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                request.reply_received("mqtt", &topic, sender, || message_attributes(&p));
+            }
             return response_answer(&self.shared.name, p, &spec.status_property);
         }
         let json = serde_json::json!({
@@ -1594,6 +1637,33 @@ impl Drop for Forget<'_> {
 
 /// The HTTP answer made of a response message: payload, content type, and the status in its
 /// `status_property` user property (200 when absent; 502 when it is not a status 200–599).
+/// The messaging attributes of an MQTT 5 message: its size, and its ids when it has them
+/// (a `message-id` user property, correlation data as the conversation).
+fn message_attributes(p: &Publish) -> Vec<Attr> {
+    let mut attrs = vec![Attr::new(
+        semconv::MESSAGING_MESSAGE_BODY_SIZE,
+        p.payload.len() as i64,
+    )];
+    let Some(props) = &p.properties else {
+        return attrs;
+    };
+    if let Some((_, id)) = props
+        .user_properties
+        .iter()
+        .find(|(k, _)| k == "message-id")
+    {
+        attrs.push(Attr::new(semconv::MESSAGING_MESSAGE_ID, id.clone()));
+    }
+    if let Some(c) = &props.correlation_data {
+        let c = match uuid::Uuid::from_slice(c) {
+            Ok(u) => u.to_string(),
+            Err(_) => String::from_utf8_lossy(c).into_owned(),
+        };
+        attrs.push(Attr::new(semconv::MESSAGING_MESSAGE_CONVERSATION_ID, c));
+    }
+    attrs
+}
+
 fn response_answer(backend: &str, p: Publish, status_property: &str) -> Result<Response, BoxError> {
     let props = p.properties.unwrap_or_default();
     let status = match props
