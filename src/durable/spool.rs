@@ -24,6 +24,7 @@ use crate::middleware::context::{MessageId, RequestContext};
 use crate::store::embedded::{LocalDb, unavailable};
 use crate::store::{Ns, SharedStore, StoreError, now_ms};
 use crate::telemetry::metrics::{Metrics, SpoolGauges};
+use crate::telemetry::otel::{self, Attr, Trace, semconv};
 use crate::{BoxError, Request, Response, RouteService, full_body};
 
 /// Spooled requests: (route id, sequence) → encoded [`Spooled`] and body.
@@ -94,6 +95,31 @@ impl Spooled {
             params: Vec::new(),
             accepted_ms: now_ms(),
         }
+    }
+
+    /// The trace context of the captured request (its `traceparent`), when it had one.
+    pub fn trace_context(&self) -> Option<opentelemetry::trace::SpanContext> {
+        let get = |name: &str| {
+            self.headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        };
+        crate::telemetry::otel::remote(get("traceparent")?, get("tracestate"))
+    }
+
+    /// [`Spooled::request`] sent later on the request's behalf, in `trace` (a span linked to
+    /// the captured request): the backends see that span's context, not the request's.
+    pub fn traced_request(
+        &self,
+        route: &Arc<str>,
+        body: Bytes,
+        trace: &Trace,
+    ) -> Result<Request, String> {
+        let mut req = self.request(route, body)?;
+        trace.inject(req.headers_mut());
+        req.extensions_mut().insert(trace.clone());
+        Ok(req)
     }
 
     /// The request again, with its context, ready for the route's inner stack.
@@ -233,6 +259,9 @@ pub struct Spool {
     totals: Mutex<(u64, u64)>,
     dead: Mutex<Option<(SharedStore, Duration)>>,
     metrics: Arc<Metrics>,
+    /// The trace exporter of the serving table: each forward is a span linked to the request
+    /// that was spooled.
+    pub otel: crate::telemetry::otel::Current,
 }
 
 impl Spool {
@@ -286,6 +315,7 @@ impl Spool {
             totals: Mutex::new(totals),
             dead: Mutex::new(None),
             metrics,
+            otel: Default::default(),
         }))
     }
 
@@ -758,13 +788,19 @@ async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
         let careful = careful_until
             .zip(records.first())
             .is_some_and(|(c, (first, ..))| *first <= c);
+        // The forward spans of a batch sent in order, ended with their outcomes below.
+        let mut traces: Vec<Trace> = Vec::new();
         let outcomes: Vec<Outcome> = match &service.ordered {
             Some(ordered) if records.len() > 1 && !careful => {
                 let mut reqs = Vec::with_capacity(records.len());
                 let mut bad = None;
                 for (i, (_, _, rec, body)) in records.iter().enumerate() {
-                    match rec.request(&route, body.clone()) {
-                        Ok(r) => reqs.push(r),
+                    let trace = forward_trace(&sp, &route, rec);
+                    match rec.traced_request(&route, body.clone(), &trace) {
+                        Ok(r) => {
+                            reqs.push(r);
+                            traces.push(trace);
+                        }
                         Err(_) => {
                             bad = Some(i);
                             break;
@@ -797,19 +833,29 @@ async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
             }
             _ => Vec::new(),
         };
-        let mut outcomes = outcomes.into_iter();
+        let mut outcomes = outcomes.into_iter().zip(traces);
         for (seq, size, rec, body) in records {
             sp.note(&route, |s| s.oldest_ms = Some(rec.accepted_ms));
-            let outcome = match outcomes.next() {
+            let (outcome, trace) = match outcomes.next() {
                 Some(o) => o,
-                None => match rec.request(&route, body.clone()) {
-                    Ok(req) => judge(service.service.clone().oneshot(req).await),
-                    Err(reason) => Outcome::Refused {
-                        reason,
-                        permanent: true,
-                    },
-                },
+                None => {
+                    let trace = forward_trace(&sp, &route, &rec);
+                    let outcome = match rec.traced_request(&route, body.clone(), &trace) {
+                        Ok(req) => judge(service.service.clone().oneshot(req).await),
+                        Err(reason) => Outcome::Refused {
+                            reason,
+                            permanent: true,
+                        },
+                    };
+                    (outcome, trace)
+                }
             };
+            match &outcome {
+                Outcome::Delivered => {}
+                Outcome::Down(reason) => trace.fail("backend-unavailable", reason.clone()),
+                Outcome::Refused { reason, .. } => trace.fail("refused", reason.clone()),
+            }
+            trace.end();
             match outcome {
                 Outcome::Delivered => {
                     sp.metrics.spool_event(&route, "forwarded");
@@ -869,6 +915,25 @@ async fn forward(spool: Weak<Spool>, route: Arc<str>, notify: Arc<Notify>) {
     }
 }
 
+/// The span of one forward of a spooled message: a new trace, linked to the request that was
+/// spooled; the backend's span is its child.
+fn forward_trace(sp: &Spool, route: &Arc<str>, rec: &Spooled) -> Trace {
+    Trace::linked(
+        sp.otel.get().as_ref(),
+        format!("forward {route}"),
+        otel::Kind::Consumer,
+        rec.trace_context(),
+        || {
+            vec![
+                Attr::new("switchyard.route", route.to_string()),
+                Attr::new(semconv::MESSAGING_MESSAGE_ID, rec.message_id.clone()),
+                Attr::new(semconv::MESSAGING_OPERATION_TYPE, "process"),
+                Attr::new(semconv::MESSAGING_OPERATION_NAME, "forward"),
+            ]
+        },
+    )
+}
+
 /// The spool layer of one route (see the module docs).
 #[derive(Clone)]
 pub struct SpoolService {
@@ -905,6 +970,7 @@ impl SpoolService {
             }
         };
         let record = Spooled::capture(&parts, &message_id);
+        let trace = Trace::of(&parts.extensions).cloned();
         // Behind messages already waiting, a new one waits too: order is kept per route.
         if !this.spool.holds(&this.route) {
             let req = http::Request::from_parts(parts, full_body(body.clone()));
@@ -930,6 +996,14 @@ impl SpoolService {
                 return Err(Problem::store_unavailable(e).into());
             }
         };
+        if let Some(t) = &trace {
+            t.event("spooled", || {
+                vec![
+                    Attr::new(semconv::MESSAGING_MESSAGE_ID, message_id.to_string()),
+                    Attr::new("switchyard.spool.depth", depth as i64),
+                ]
+            });
+        }
         let body = serde_json::json!({
             "status": "spooled",
             "detail": format!("Backend '{}' is unavailable; the message is kept and will be delivered in order once it is back.", this.backend),

@@ -333,7 +333,23 @@ where
     F: std::future::Future<Output = Result<Response, BoxError>> + Send + 'static,
 {
     match breaker.acquire() {
-        Err(retry_after) => fail(Problem::circuit_open(&breaker.backend, retry_after)),
+        Err(retry_after) => {
+            if let Some(t) = crate::telemetry::otel::Trace::of(req.extensions()) {
+                t.event("circuit_open", || {
+                    vec![
+                        crate::telemetry::otel::Attr::new(
+                            "switchyard.backend",
+                            breaker.backend.to_string(),
+                        ),
+                        crate::telemetry::otel::Attr::new(
+                            "retry_after_ms",
+                            retry_after.as_millis() as i64,
+                        ),
+                    ]
+                });
+            }
+            fail(Problem::circuit_open(&breaker.backend, retry_after))
+        }
         Ok(mut ticket) => {
             // The overall timeout above ends a slow call by dropping it; the ticket then
             // judges it by the deadline (no timer of this layer's own).

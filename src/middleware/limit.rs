@@ -210,6 +210,20 @@ where
     match limit.check(&req) {
         Err(wait) => {
             limit.metrics.rate_limited(&limit.route);
+            if let Some(t) = crate::telemetry::otel::Trace::of(req.extensions()) {
+                t.event("rate_limited", || {
+                    vec![
+                        crate::telemetry::otel::Attr::new(
+                            "rate_limit.quota",
+                            i64::from(limit.quota),
+                        ),
+                        crate::telemetry::otel::Attr::new(
+                            "retry_after_ms",
+                            wait.as_millis() as i64,
+                        ),
+                    ]
+                });
+            }
             fail(Problem::rate_limited(wait, limit.quota, limit.window_secs))
         }
         Ok((remaining, reset)) => {
@@ -335,6 +349,14 @@ where
         }
         None => {
             metrics.shed(scope);
+            if let Some(t) = crate::telemetry::otel::Trace::of(req.extensions()) {
+                t.event("overloaded", || {
+                    vec![crate::telemetry::otel::Attr::new(
+                        "switchyard.limit",
+                        scope.to_string(),
+                    )]
+                });
+            }
             fail(Problem::overloaded(scope))
         }
     }

@@ -446,6 +446,9 @@ impl RouteTable {
         self.backends.activate(&self.spec.routes);
         let Some(state) = &self.state else { return };
         state.apply();
+        // Background work traces with the exporter of the table that serves.
+        state.spool.otel.set(self.otel.clone());
+        state.jobs.otel.set(self.otel.clone());
         let mut keep = Vec::new();
         for r in &self.routes {
             if let Some(inner) = &r.spool_inner {

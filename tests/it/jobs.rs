@@ -36,7 +36,7 @@ async fn post_to(url: &str, b: &str, headers: &[(&str, &str)]) -> (u16, HeaderMa
 }
 
 /// Polls a job until it is no longer pending: its status code, headers and body.
-async fn settle(url: &str) -> (u16, HeaderMap, Value) {
+pub(crate) async fn settle(url: &str) -> (u16, HeaderMap, Value) {
     eventually("the job never finished", || async {
         let (s, h, b) = get(url).await;
         let v: Value = serde_json::from_slice(&b).unwrap_or_default();
@@ -53,7 +53,7 @@ async fn settle(url: &str) -> (u16, HeaderMap, Value) {
 }
 
 /// The job URL from a 202.
-fn location(gw: &Gateway, h: &HeaderMap) -> String {
+pub(crate) fn location(gw: &Gateway, h: &HeaderMap) -> String {
     gw.url(h["location"].to_str().unwrap())
 }
 
@@ -252,7 +252,7 @@ routes:
 
 /// A webhook receiver: records each delivery and answers with the next status of `script`
 /// (then 200).
-struct Receiver {
+pub(crate) struct Receiver {
     addr: std::net::SocketAddr,
     got: Arc<Mutex<Vec<(HeaderMap, Bytes)>>>,
     task: tokio::task::JoinHandle<()>,
@@ -265,7 +265,7 @@ impl Drop for Receiver {
 }
 
 impl Receiver {
-    async fn start(script: Vec<u16>) -> Receiver {
+    pub(crate) async fn start(script: Vec<u16>) -> Receiver {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let got: Arc<Mutex<Vec<(HeaderMap, Bytes)>>> = Arc::default();
@@ -296,7 +296,7 @@ impl Receiver {
         Receiver { addr, got, task }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
@@ -304,7 +304,7 @@ impl Receiver {
         self.got.lock().unwrap().len()
     }
 
-    async fn wait_for(&self, n: usize) -> Vec<(HeaderMap, Bytes)> {
+    pub(crate) async fn wait_for(&self, n: usize) -> Vec<(HeaderMap, Bytes)> {
         eventually(&format!("{n} deliveries never came"), || async {
             match self.count() {
                 c if c >= n => Ok(()),
@@ -345,7 +345,7 @@ async fn hooked(up: &Upstream, rx: &Receiver, attempts: u32) -> Gateway {
     .await
 }
 
-fn webhook_config(upstream: &str, webhook: &str) -> String {
+pub(crate) fn webhook_config(upstream: &str, webhook: &str) -> String {
     format!(
         r#"
 backends:

@@ -15,7 +15,7 @@ use crate::support::*;
 
 /// A backend `rabbit` at `url` with an exchange and a queue bound to `order.#`, and a route
 /// `POST /orders/{n}` that publishes `order.{n}` with `spool: true`.
-fn config(url: &str, x: &str, q: &str, state: &str, route_extra: &str) -> String {
+pub(crate) fn config(url: &str, x: &str, q: &str, state: &str, route_extra: &str) -> String {
     keyed(url, x, q, state, "order.{n}", route_extra)
 }
 

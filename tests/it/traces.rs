@@ -352,3 +352,147 @@ routes:
             .contains_key("messaging.message.conversation_id")
     );
 }
+
+#[tokio::test]
+async fn a_spooled_message_is_forwarded_in_a_span_linked_to_the_request() {
+    use crate::support::amqp::{self as mq, BrokerProxy};
+    let collector = Collector::start().await;
+    let proxy = BrokerProxy::start().await;
+    proxy.stop();
+    let (x, q) = (mq::unique("x"), mq::unique("q"));
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        otlp(&collector, "grpc"),
+        crate::spool::config(&proxy.url(), &x, &q, "", "")
+    ))
+    .await;
+    let (s, h, _) = send(
+        request(Method::POST, &gw.url("/orders/1"))
+            .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+            .header("content-type", "application/json")
+            .body(body(r#"{"seq":1}"#))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (s.as_u16(), h.get("switchyard-spooled").is_some()),
+        (202, true)
+    );
+    let server = collector
+        .find("the spooling request", |s| s.name == "POST /orders/{n}")
+        .await;
+    assert_eq!(server.trace_id, CLIENT_TRACE);
+    let spooled = server
+        .events
+        .iter()
+        .find(|(n, _)| n == "spooled")
+        .expect("a spooled event");
+    assert!(spooled.1.contains_key("messaging.message.id"));
+
+    proxy.start_again();
+    let conn = mq::client().await;
+    let got = eventually("the forwarded message never arrived", || async {
+        // A fresh channel each time: a get before the queue exists closes its channel.
+        let ch = conn.create_channel().await.unwrap();
+        match ch
+            .basic_get(
+                q.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+        {
+            Ok(Some(m)) => Ok(m),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let carried = mq::header_str(&got.delivery.properties, "traceparent").unwrap();
+    let (trace, span) = (
+        trace_of(&carried),
+        carried.split('-').nth(2).unwrap().to_string(),
+    );
+    assert_ne!(trace, CLIENT_TRACE, "the forward is a trace of its own");
+    let spans = collector.trace(&trace, 2).await;
+    let forward = named(&spans, "forward orders");
+    assert_eq!(forward.kind, "consumer");
+    assert_eq!(
+        forward.links,
+        vec![(CLIENT_TRACE.to_string(), server.span_id.clone())]
+    );
+    let publish = spans
+        .iter()
+        .find(|s| s.span_id == span)
+        .expect("the publish span");
+    assert_eq!(publish.name, format!("publish {x}"));
+    assert_eq!(publish.parent, forward.span_id);
+    mq::cleanup(&conn, &[&x], &[&q]).await;
+}
+
+#[tokio::test]
+async fn a_job_run_and_its_webhook_are_spans_linked_to_the_request() {
+    use crate::jobs::{Receiver, webhook_config};
+    let collector = Collector::start().await;
+    let up = Upstream::start().await;
+    let rx = Receiver::start(vec![503]).await;
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        otlp(&collector, "grpc"),
+        webhook_config(
+            &up.url(),
+            &format!("url: \"{}\", attempts: 3", rx.url("/hook"))
+        )
+    ))
+    .await;
+    let (s, _, b) = send(
+        request(Method::POST, &gw.url("/work"))
+            .header("traceparent", format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"))
+            .body(body("{}"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    let job_id = json(&b)["id"].as_str().unwrap().to_string();
+    let got = rx.wait_for(2).await;
+    let server = collector
+        .find("the accepting request", |s| s.name == "POST /{*rest}")
+        .await;
+    let request_link = vec![(CLIENT_TRACE.to_string(), server.span_id.clone())];
+
+    let run = collector
+        .find("the job's run", |s| s.name == "job hooked")
+        .await;
+    assert_eq!(run.links, request_link);
+    assert_eq!(run.attr("switchyard.job.id"), job_id);
+    assert_eq!(run.attr("switchyard.job.status"), "succeeded");
+    let spans = collector.trace(&run.trace_id, 2).await;
+    let call = spans
+        .iter()
+        .find(|s| s.kind == "client" && s.parent == run.span_id)
+        .expect("the job's HTTP call");
+    assert_eq!(call.attr("http.response.status_code"), "200");
+
+    let hook = collector
+        .find("the webhook", |s| s.name == "webhook job.succeeded")
+        .await;
+    assert_eq!(hook.links, request_link);
+    let spans = collector.trace(&hook.trace_id, 3).await;
+    let mut posts: Vec<_> = spans
+        .iter()
+        .filter(|s| s.kind == "client" && s.parent == hook.span_id)
+        .collect();
+    posts.sort_by_key(|s| s.attrs.get("http.response.status_code").cloned());
+    assert_eq!(posts.len(), 2, "{spans:#?}");
+    assert_eq!(posts[0].attr("http.response.status_code"), "200");
+    assert_eq!(posts[1].attr("http.response.status_code"), "503");
+    assert_eq!(posts[1].status, 2);
+    // Each delivery carried its own attempt's context.
+    for (headers, _) in &got {
+        let tp = headers["traceparent"].to_str().unwrap();
+        assert!(
+            posts
+                .iter()
+                .any(|p| tp == format!("00-{}-{}-01", hook.trace_id, p.span_id)),
+            "{tp}"
+        );
+    }
+}

@@ -457,18 +457,7 @@ impl HttpRouteService {
         let result = backend.pool.request(req).await;
         if let Some(span) = &span {
             match &result {
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    span.set(|| {
-                        vec![Attr::new(
-                            semconv::HTTP_RESPONSE_STATUS_CODE,
-                            i64::from(status),
-                        )]
-                    });
-                    if status >= 500 {
-                        span.fail(&status.to_string(), "");
-                    }
-                }
+                Ok(resp) => span.answered(resp.status().as_u16(), 400),
                 Err(e) => span.fail("connection", crate::server::dispatch::error_chain(e)),
             }
             span.end();
@@ -527,7 +516,16 @@ fn client_attributes(parts: &http::request::Parts) -> Vec<Attr> {
             semconv::HTTP_REQUEST_METHOD,
             parts.method.as_str().to_owned(),
         ),
-        Attr::new(semconv::URL_FULL, uri.to_string()),
+        // Without the query, which may hold credentials (as in the access log).
+        Attr::new(
+            semconv::URL_FULL,
+            format!(
+                "{}://{}{}",
+                uri.scheme_str().unwrap_or("http"),
+                uri.authority().map_or("", |a| a.as_str()),
+                uri.path()
+            ),
+        ),
         Attr::new(semconv::SERVER_ADDRESS, uri.host().unwrap_or("").to_owned()),
         Attr::new(
             semconv::SERVER_PORT,

@@ -27,6 +27,7 @@ use crate::durable::spool::{DeadLetter, Spooled};
 use crate::error::Problem;
 use crate::middleware::context::{MessageId, RequestContext};
 use crate::store::{Ns, SharedStore, StoreError, StoredResponse, now_ms, read_limited};
+use crate::telemetry::otel::{self, Attr, Trace};
 use crate::{BoxError, Request, Response, RouteService, full_body};
 
 /// Carries a job's state on every answer about it.
@@ -48,7 +49,7 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             JobStatus::Pending => "pending",
             JobStatus::Succeeded => "succeeded",
@@ -165,6 +166,9 @@ pub struct Jobs {
     /// This process, as a lease holder.
     instance: String,
     recovering: AtomicBool,
+    /// The trace exporter of the serving table: a job's run and its webhook are spans linked
+    /// to the request that made the job.
+    pub otel: crate::telemetry::otel::Current,
 }
 
 impl Jobs {
@@ -176,6 +180,7 @@ impl Jobs {
             sender: webhook::Sender::new(),
             instance: uuid::Uuid::now_v7().to_string(),
             recovering: AtomicBool::new(false),
+            otel: Default::default(),
         })
     }
 
@@ -388,7 +393,24 @@ impl Jobs {
         let route: Arc<str> = job.route.as_str().into();
         let body = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &job.body)
             .unwrap_or_default();
-        let result = match job.request.request(&route, Bytes::from(body)) {
+        // The run is a new trace, linked to the request that made the job.
+        let trace = Trace::linked(
+            self.otel.get().as_ref(),
+            format!("job {route}"),
+            otel::Kind::Consumer,
+            job.request.trace_context(),
+            || {
+                vec![
+                    Attr::new("switchyard.route", job.route.clone()),
+                    Attr::new("switchyard.job.id", job.id.clone()),
+                    Attr::new("switchyard.job.run", i64::from(job.runs)),
+                ]
+            },
+        );
+        let result = match job
+            .request
+            .traced_request(&route, Bytes::from(body), &trace)
+        {
             Ok(req) => installed.service.clone().oneshot(req).await,
             Err(reason) => Err(Problem::bad_request(format!(
                 "The stored request cannot be rebuilt: {reason}."
@@ -396,6 +418,11 @@ impl Jobs {
             .into()),
         };
         let result = outcome(result, &job.request.correlation_id, installed.lease).await;
+        trace.set(|| vec![Attr::new("switchyard.job.status", result.status.as_str())]);
+        if result.status == JobStatus::Failed {
+            trace.fail("job-failed", "");
+        }
+        trace.end();
         self.finish(job, result, installed.webhook, lease).await;
         holding.abort();
     }
@@ -456,11 +483,25 @@ impl Jobs {
         let body = Bytes::from(job.view(&jobs_path).to_string());
         let event = format!("job.{}", job.status.as_str());
         let mut backoff = crate::backoff::Backoff::new(spec.backoff.min.0, spec.backoff.max.0);
+        // The delivery is a new trace, linked to the request that made the job; each attempt
+        // is an HTTP client span in it.
+        let trace = Trace::linked(
+            self.otel.get().as_ref(),
+            format!("webhook {event}"),
+            otel::Kind::Producer,
+            job.request.trace_context(),
+            || {
+                vec![
+                    Attr::new("switchyard.route", job.route.clone()),
+                    Attr::new("switchyard.job.id", job.id.clone()),
+                ]
+            },
+        );
         while !delivery.delivered && delivery.attempts < spec.attempts {
             delivery.attempts += 1;
             match self
                 .sender
-                .send(url, spec, &job.id, &event, body.clone())
+                .send(url, spec, &job.id, &event, body.clone(), &trace)
                 .await
             {
                 Ok(()) => {
@@ -476,6 +517,13 @@ impl Jobs {
                 }
             }
         }
+        if !delivery.delivered {
+            trace.fail(
+                "undelivered",
+                delivery.last_error.clone().unwrap_or_default(),
+            );
+        }
+        trace.end();
         if !delivery.delivered {
             let dl = DeadLetter {
                 id: uuid::Uuid::now_v7().to_string(),

@@ -85,23 +85,49 @@ impl Sender {
         job_id: &str,
         event: &str,
         body: Bytes,
+        trace: &crate::telemetry::otel::Trace,
     ) -> Result<(), String> {
+        use crate::telemetry::otel::{Attr, Kind, semconv};
         let t = crate::store::now_ms() / 1000;
         let sig = signature(spec.secret.as_bytes(), t, &body);
-        let req = http::Request::builder()
-            .method(Method::POST)
-            .uri(url)
-            .header(header::CONTENT_TYPE, "application/json")
-            .header(header::USER_AGENT, "switchyard-webhook")
-            .header(SIGNATURE_HEADER, sig)
-            .header(
-                JOB_HEADER,
-                HeaderValue::from_str(job_id).map_err(|e| e.to_string())?,
-            )
-            .header(EVENT_HEADER, event)
-            .body(Full::new(body))
-            .map_err(|e| format!("bad callback request: {e}"))?;
-        let answer = tokio::time::timeout(spec.timeout.0, async {
+        let span = trace.child("POST", Kind::Client, || {
+            vec![
+                Attr::new(semconv::HTTP_REQUEST_METHOD, "POST"),
+                // The query may hold a receiver's token: never recorded.
+                Attr::new(
+                    semconv::URL_FULL,
+                    url.split('?').next().unwrap_or("").to_owned(),
+                ),
+            ]
+        });
+        let result = match request(url, job_id, event, body, sig) {
+            Ok(mut req) => {
+                span.inject(req.headers_mut());
+                self.post(req, spec.timeout.0).await
+            }
+            Err(e) => Err(e),
+        };
+        match &result {
+            // A receiver that does not take the webhook fails the attempt.
+            Ok(status) => span.answered(status.as_u16(), 300),
+            Err(e) => span.fail("connection", e.clone()),
+        }
+        span.end();
+        let answer = result?;
+        if answer.is_success() {
+            Ok(())
+        } else {
+            Err(format!("the receiver answered {answer}"))
+        }
+    }
+
+    /// One POST, bounded by `timeout`; its answer's status.
+    async fn post(
+        &self,
+        req: http::Request<Full<Bytes>>,
+        timeout: std::time::Duration,
+    ) -> Result<http::StatusCode, String> {
+        tokio::time::timeout(timeout, async {
             let resp = self.client.request(req).await.map_err(|e| {
                 let mut s = e.to_string();
                 let mut cur = std::error::Error::source(&e);
@@ -116,18 +142,31 @@ impl Sender {
             Ok::<_, String>(resp.status())
         })
         .await
-        .map_err(|_| {
-            format!(
-                "no answer within {}",
-                humantime::format_duration(spec.timeout.0)
-            )
-        })??;
-        if answer.is_success() {
-            Ok(())
-        } else {
-            Err(format!("the receiver answered {answer}"))
-        }
+        .map_err(|_| format!("no answer within {}", humantime::format_duration(timeout)))?
     }
+}
+
+/// A webhook's signed POST.
+fn request(
+    url: &str,
+    job_id: &str,
+    event: &str,
+    body: Bytes,
+    sig: String,
+) -> Result<http::Request<Full<Bytes>>, String> {
+    http::Request::builder()
+        .method(Method::POST)
+        .uri(url)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::USER_AGENT, "switchyard-webhook")
+        .header(SIGNATURE_HEADER, sig)
+        .header(
+            JOB_HEADER,
+            HeaderValue::from_str(job_id).map_err(|e| e.to_string())?,
+        )
+        .header(EVENT_HEADER, event)
+        .body(Full::new(body))
+        .map_err(|e| format!("bad callback request: {e}"))
 }
 
 /// Whether `url` may be a callback given the route's allow-list: the same scheme, host and

@@ -218,6 +218,19 @@ impl Trace {
         }
     }
 
+    /// Records an HTTP answer's status on a client span, failing it from `error_from` on.
+    pub fn answered(&self, status: u16, error_from: u16) {
+        self.set(|| {
+            vec![KeyValue::new(
+                semconv::HTTP_RESPONSE_STATUS_CODE,
+                i64::from(status),
+            )]
+        });
+        if status >= error_from {
+            self.fail(&status.to_string(), "");
+        }
+    }
+
     /// Adds a link to another trace's span (a reply's sender).
     pub fn link(&self, to: SpanContext, attrs: Vec<KeyValue>) {
         if self.recording() && to.is_valid() {
@@ -341,6 +354,20 @@ impl Trace {
         }
         span.set_attributes(attrs);
         span.end();
+    }
+}
+
+/// The exporter that work done in the background (spool forwards, job runs, webhooks) uses:
+/// the serving table's, set each time a table starts serving.
+#[derive(Default)]
+pub struct Current(arc_swap::ArcSwapOption<Otel>);
+
+impl Current {
+    pub fn set(&self, otel: Option<Arc<Otel>>) {
+        self.0.store(otel);
+    }
+    pub fn get(&self) -> Option<Arc<Otel>> {
+        self.0.load_full()
     }
 }
 
