@@ -496,3 +496,139 @@ async fn a_job_run_and_its_webhook_are_spans_linked_to_the_request() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_exporter_follows_reloads_and_sampling_follows_the_parent() {
+    let (first, second) = (Collector::start().await, Collector::start().await);
+    let up = Upstream::start().await;
+    let routes = format!(
+        r#"
+backends:
+  up: {{ type: http, endpoints: ["{}"] }}
+routes:
+  - id: users
+    match: {{ method: GET, path: "/users/{{id}}" }}
+    backend: up
+"#,
+        up.url()
+    );
+    let gw = Gateway::start(&format!("{}{routes}", otlp(&first, "grpc"))).await;
+    let (s, _) = traced_get(&gw.url("/users/1")).await;
+    assert_eq!(s, 200);
+    first.trace(CLIENT_TRACE, 2).await;
+
+    // Another collector, and sampling off for new traces: a sampled client's trace is still
+    // recorded (parent-based), a new one is not.
+    let yaml = std::fs::read_to_string(gw.config_path()).unwrap();
+    let yaml = yaml.replace(&first.grpc_url(), &second.grpc_url()).replace(
+        "service_name: edge-gw",
+        "service_name: edge-gw-2\n    sampling: 0",
+    );
+    let v = gw.version().await;
+    std::fs::write(gw.config_path(), yaml).unwrap();
+    gw.wait_version(v + 1).await;
+    let (s, _) = traced_get(&gw.url("/users/2")).await;
+    assert_eq!(s, 200);
+    let (s, _, b) = get(&gw.url("/users/3")).await;
+    assert_eq!(s, 200);
+    let unsampled = trace_of(json(&b)["headers"]["traceparent"].as_str().unwrap());
+    let spans = second.trace(CLIENT_TRACE, 2).await;
+    assert!(
+        spans
+            .iter()
+            .all(|s| s.resource["service.name"] == "edge-gw-2")
+    );
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.attrs.get("url.path").map(String::as_str) == Some("/users/2"))
+    );
+    let before = first.spans().len();
+
+    // Off again: nothing is exported, and the context still goes on.
+    let yaml = std::fs::read_to_string(gw.config_path()).unwrap();
+    let cut = yaml.find("telemetry:").unwrap();
+    let end = yaml.find("backends:").unwrap();
+    let v = gw.version().await;
+    std::fs::write(
+        gw.config_path(),
+        format!("{}{}", &yaml[..cut], &yaml[end..]),
+    )
+    .unwrap();
+    gw.wait_version(v + 1).await;
+    let (s, v) = traced_get(&gw.url("/users/4")).await;
+    assert_eq!(s, 200);
+    let sent = v["headers"]["traceparent"].as_str().unwrap();
+    assert_eq!(trace_of(sent), CLIENT_TRACE);
+    assert!(!sent.contains(CLIENT_SPAN));
+    // Give a (wrongly) running exporter time to send before looking.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let all: Vec<_> = first.spans().into_iter().chain(second.spans()).collect();
+    assert!(
+        !all.iter().any(|s| s.trace_id == unsampled),
+        "an unsampled trace was exported"
+    );
+    assert!(
+        !all.iter()
+            .any(|s| s.attrs.get("url.path").map(String::as_str) == Some("/users/4"))
+    );
+    assert_eq!(first.spans().len(), before, "the first exporter stopped");
+}
+
+#[tokio::test]
+async fn an_unreachable_collector_is_logged_once_and_again_when_it_answers() {
+    let addr = free_port().await;
+    let up = Upstream::start().await;
+    let gw = Binary::start(
+        &format!(
+            r#"
+telemetry:
+  otlp: {{ endpoint: "http://{addr}", flush_interval: 50ms, timeout: 300ms }}
+backends:
+  up: {{ type: http, endpoints: ["{}"] }}
+routes:
+  - id: users
+    match: {{ method: GET, path: "/users/{{id}}" }}
+    backend: up
+"#,
+            up.url()
+        ),
+        &[],
+        None,
+    )
+    .await;
+    let url = |p: &str| format!("http://{}{p}", gw.listen);
+    // Exports are retried within `timeout`; this outage outlasts several of them.
+    for i in 0..12 {
+        let (s, _, _) = get(&url(&format!("/users/{i}"))).await;
+        assert_eq!(s, 200, "tracing never holds a request");
+        tokio::time::sleep(Duration::from_millis(120)).await;
+    }
+    let collector = Collector::start_on(addr).await;
+    eventually("the export never recovered", || async {
+        let (s, _, _) = get(&url("/users/again")).await;
+        assert_eq!(s, 200);
+        if collector.spans().is_empty() {
+            Err(())
+        } else {
+            Ok(())
+        }
+    })
+    .await;
+    eventually("the recovery was never logged", || async {
+        let log = gw.log();
+        if log.contains("Trace export works again.") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    })
+    .await;
+    let log = gw.stop();
+    assert_eq!(
+        log.matches("Trace export failing").count(),
+        1,
+        "one WARN for the outage: {log}"
+    );
+    assert_eq!(log.matches("Trace export works again.").count(), 1, "{log}");
+}

@@ -98,7 +98,11 @@ fn attrs(kvs: &[opentelemetry_proto::tonic::common::v1::KeyValue]) -> BTreeMap<S
 
 impl Collector {
     pub async fn start() -> Collector {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on("127.0.0.1:0".parse().unwrap()).await
+    }
+
+    pub async fn start_on(addr: SocketAddr) -> Collector {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let me = Collector {
             addr: Some(listener.local_addr().unwrap()),
             ..Collector::default()
