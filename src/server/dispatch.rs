@@ -398,10 +398,14 @@ pub async fn handle(
         resp = http::Response::from_parts(parts, body.boxed_unsync());
     }
     let status = resp.status().as_u16();
+    // An exported trace is its latency bucket's exemplar.
+    let exemplar = trace
+        .recording()
+        .then(|| u128::from_be_bytes(ids.trace_id().to_bytes()));
     trace.finish_server(&method, status, &route_id, template.as_deref());
     let seconds = started.elapsed().as_secs_f64();
     match &counters {
-        Some(c) => c.record(&method, status, seconds),
+        Some(c) => c.record(&method, status, seconds, exemplar),
         None => shared.metrics.request(&route_id, &method, status, seconds),
     }
     if !tracing::enabled!(target: "switchyard::access", tracing::Level::INFO) {

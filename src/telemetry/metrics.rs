@@ -398,9 +398,11 @@ impl Metrics {
             .unrouted
             .get_or_init(|| (route.clone(), self.requests.route(route)));
         if id == route {
-            handle.record(method, status, seconds);
+            handle.record(method, status, seconds, None);
         } else {
-            self.requests.route(route).record(method, status, seconds);
+            self.requests
+                .route(route)
+                .record(method, status, seconds, None);
         }
     }
 
@@ -456,7 +458,7 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        self.requests.add_exemplars(out)
     }
 }
 
@@ -471,11 +473,11 @@ mod tests {
         let m = Metrics::new();
         let id: Arc<str> = "r".into();
         let first = m.route(&id);
-        first.record(&http::Method::GET, 200, 0.001);
-        first.record(&http::Method::GET, 200, 0.001);
-        first.record(&http::Method::OPTIONS, 418, 0.001);
+        first.record(&http::Method::GET, 200, 0.001, None);
+        first.record(&http::Method::GET, 200, 0.001, None);
+        first.record(&http::Method::OPTIONS, 418, 0.001, None);
         let reloaded = m.route(&id);
-        reloaded.record(&http::Method::GET, 200, 0.001);
+        reloaded.record(&http::Method::GET, 200, 0.001, None);
         m.request(&id, &http::Method::GET, 200, 0.001);
         // Answers of no route: the first id seen is kept at hand, any other still counts.
         let none: Arc<str> = "(none)".into();

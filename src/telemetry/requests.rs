@@ -3,11 +3,13 @@
 //! `switchyard_request_duration_seconds{route}`. Each route counts into one shard per per-core
 //! worker (plus one for every other thread), in atomics, so that workers never write the same
 //! cache line and no request takes a lock or hashes its labels; `/metrics` merges the shards
-//! when it is read.
+//! when it is read. A request whose trace is exported leaves its trace id as its latency
+//! bucket's exemplar (OpenMetrics), in its worker's shard.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, NoLabelSet};
@@ -71,6 +73,17 @@ struct Shard {
     buckets: [AtomicU64; BUCKETS + 1],
     count: AtomicU64,
     sum_nanos: AtomicU64,
+    /// Per bucket, the last traced request's exemplar (taken only by traced requests, and
+    /// only by this shard's worker then).
+    exemplars: Mutex<[Option<Exemplar>; BUCKETS + 1]>,
+}
+
+/// A traced request in a latency bucket: its trace id, latency and time.
+#[derive(Clone, Copy, Debug)]
+pub struct Exemplar {
+    pub trace_id: u128,
+    pub seconds: f64,
+    pub at: SystemTime,
 }
 
 impl Default for Shard {
@@ -81,6 +94,7 @@ impl Default for Shard {
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             count: AtomicU64::new(0),
             sum_nanos: AtomicU64::new(0),
+            exemplars: Mutex::new([None; BUCKETS + 1]),
         }
     }
 }
@@ -101,8 +115,8 @@ impl RouteMetrics {
         self.0.shards.get().map_or(&[], |s| &s[..])
     }
 
-    /// Counts one answer, in this thread's shard.
-    pub fn record(&self, method: &http::Method, status: u16, seconds: f64) {
+    /// Counts one answer, in this thread's shard; `trace` is its exported trace's id.
+    pub fn record(&self, method: &http::Method, status: u16, seconds: f64, trace: Option<u128>) {
         let shards = self.0.shards.get_or_init(|| {
             let (_, workers) = crate::server::percore::worker();
             (0..=workers).map(|_| Shard::default()).collect()
@@ -136,6 +150,17 @@ impl RouteMetrics {
             .find(|&i| seconds <= bound(i))
             .unwrap_or(BUCKETS);
         shard.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        if let Some(trace_id) = trace {
+            let mut ex = shard
+                .exemplars
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            ex[bucket] = Some(Exemplar {
+                trace_id,
+                seconds,
+                at: SystemTime::now(),
+            });
+        }
         shard.count.fetch_add(1, Ordering::Relaxed);
         shard
             .sum_nanos
@@ -188,6 +213,95 @@ impl Requests {
         out.sort_by(|a, b| a.0.route.cmp(&b.0.route));
         out
     }
+}
+
+impl Requests {
+    /// Each route's latest exemplar per latency bucket, merged over its shards.
+    fn exemplars(&self) -> HashMap<(Arc<str>, usize), Exemplar> {
+        let mut out: HashMap<(Arc<str>, usize), Exemplar> = HashMap::new();
+        for r in self.counted() {
+            for shard in r.shards() {
+                let ex = shard
+                    .exemplars
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                for (i, e) in ex.iter().enumerate() {
+                    if let Some(e) = e {
+                        let slot = out.entry((r.0.route.clone(), i)).or_insert(*e);
+                        if e.at > slot.at {
+                            *slot = *e;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Adds the exemplars to the latency buckets of `text` (the OpenMetrics exposition):
+    /// `…_bucket{le="0.004",route="r"} 7 # {trace_id="…"} 0.0031 1733331234.567`. The
+    /// encoder of prometheus-client takes exemplars only from its own histogram type, which
+    /// would take a lock per request; the shards keep theirs, and they are written here.
+    pub fn add_exemplars(&self, text: String) -> String {
+        const BUCKET: &str = "switchyard_request_duration_seconds_bucket{";
+        let exemplars = self.exemplars();
+        if exemplars.is_empty() {
+            return text;
+        }
+        let mut out = String::with_capacity(text.len() + exemplars.len() * 80);
+        for line in text.split_inclusive('\n') {
+            let found = line.strip_prefix(BUCKET).and_then(|rest| {
+                let le = label(rest, "le")?;
+                let i = if le == "+Inf" {
+                    BUCKETS
+                } else {
+                    let le: f64 = le.parse().ok()?;
+                    (0..BUCKETS).find(|&i| bound(i) == le)?
+                };
+                let route: Arc<str> = label(rest, "route")?.into();
+                exemplars.get(&(route, i))
+            });
+            match found {
+                Some(e) => {
+                    let at =
+                        e.at.duration_since(SystemTime::UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_secs_f64();
+                    out.push_str(line.trim_end_matches('\n'));
+                    out.push_str(&format!(
+                        " # {{trace_id=\"{:032x}\"}} {} {at:.3}\n",
+                        e.trace_id, e.seconds
+                    ));
+                }
+                None => out.push_str(line),
+            }
+        }
+        out
+    }
+}
+
+/// The value of label `name` in an exposition line's label set (`name="value",…}`),
+/// unescaped.
+fn label(labels: &str, name: &str) -> Option<String> {
+    let start = labels
+        .match_indices(&format!("{name}=\""))
+        .find(|(i, _)| *i == 0 || labels.as_bytes()[i - 1] == b',')?
+        .0
+        + name.len()
+        + 2;
+    let mut value = String::new();
+    let mut chars = labels[start..].chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some(value),
+            '\\' => match chars.next()? {
+                'n' => value.push('\n'),
+                other => value.push(other),
+            },
+            c => value.push(c),
+        }
+    }
+    None
 }
 
 impl Collector for Requests {
@@ -283,9 +397,9 @@ mod tests {
                 let route = requests.route(&id);
                 std::thread::spawn(move || {
                     for _ in 0..100 {
-                        route.record(&http::Method::GET, 200, 0.0004);
+                        route.record(&http::Method::GET, 200, 0.0004, None);
                     }
-                    route.record(&http::Method::POST, 500, 30.0);
+                    route.record(&http::Method::POST, 500, 30.0, None);
                 })
             })
             .collect();
@@ -306,5 +420,39 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} in\n{text}");
         }
+    }
+
+    /// A traced request's trace id is its bucket's exemplar; a later one in the same bucket
+    /// replaces it, and route names are matched as the exposition escapes them.
+    #[test]
+    fn traced_requests_are_their_buckets_exemplars() {
+        let requests = Arc::new(Requests::default());
+        let id: Arc<str> = "a\"b".into();
+        let route = requests.route(&id);
+        route.record(&http::Method::GET, 200, 0.0004, Some(1));
+        route.record(&http::Method::GET, 200, 0.0003, Some(0xabc));
+        route.record(&http::Method::GET, 200, 0.003, None);
+        route.record(&http::Method::GET, 200, 99.0, Some(7));
+        let mut registry = prometheus_client::registry::Registry::with_prefix("switchyard");
+        registry.register_collector(Box::new(requests.clone()));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        let text = requests.add_exemplars(text);
+        let line = |le: &str| {
+            text.lines()
+                .find(|l| l.contains(&format!("_bucket{{le=\"{le}\"")))
+                .unwrap()
+                .to_string()
+        };
+        assert!(
+            line("0.0005")
+                .contains(r#"} 2 # {trace_id="00000000000000000000000000000abc"} 0.0003 "#),
+            "{text}"
+        );
+        assert!(!line("0.004").contains('#'), "{text}");
+        assert!(
+            line("+Inf").contains(r#"# {trace_id="00000000000000000000000000000007"} 99 "#),
+            "{text}"
+        );
     }
 }

@@ -89,6 +89,17 @@ routes:
         assert_eq!(client.attr("server.port"), up.addr.port().to_string());
         assert_eq!(client.attr("http.response.status_code"), "200");
         assert!(sent.contains(&client.span_id), "{sent} {client:?}");
+        // The request is its latency bucket's exemplar.
+        let (_, _, metrics) = get(&gw.admin_url("/metrics")).await;
+        let metrics = String::from_utf8_lossy(&metrics);
+        assert!(
+            metrics.lines().any(
+                |l| l.starts_with("switchyard_request_duration_seconds_bucket{")
+                    && l.contains("route=\"users\"")
+                    && l.contains(&format!("# {{trace_id=\"{CLIENT_TRACE}\"}}"))
+            ),
+            "{metrics}"
+        );
 
         // A retried try: two client spans, the second a resend, a retry event on the server
         // span, and both marked failed.
