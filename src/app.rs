@@ -39,6 +39,8 @@ pub struct Shared {
     /// The file watcher (when watching), and the directories it watches besides the config's.
     watcher: Mutex<Option<notify::RecommendedWatcher>>,
     watched: Mutex<std::collections::HashSet<PathBuf>>,
+    /// The last minutes of traffic, sampled every second, for the dashboard.
+    pub history: admin::ui::History,
 }
 
 impl Shared {
@@ -238,6 +240,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
         },
         watcher: Mutex::new(None),
         watched: Mutex::new(Default::default()),
+        history: Default::default(),
     });
     shared.table.load().activate();
     let reloader = reload::spawn(
@@ -302,6 +305,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
         shared.clone(),
         shutdown.clone(),
     ));
+    tokio::spawn(admin::ui::sample(shared.clone(), shutdown.clone()));
     tracing::info!(%listen, admin = %admin_addr, version = 1, "Switchyard listening.");
     Ok(Running {
         listen,

@@ -3,6 +3,7 @@
 //! `POST /reload`, and the spool and dead letters ([`state`]).
 
 pub mod state;
+pub mod ui;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -78,13 +79,26 @@ pub struct BackendStatus {
 
 /// `GET /config`.
 #[derive(Serialize)]
-struct ConfigStatus {
-    version: u64,
-    path: String,
-    hash: String,
-    last_reload: Option<String>,
-    last_attempt: Option<String>,
-    last_error: Option<String>,
+pub struct ConfigStatus {
+    pub version: u64,
+    pub path: String,
+    pub hash: String,
+    pub last_reload: Option<String>,
+    pub last_attempt: Option<String>,
+    /// Why the last reload was rejected, until one is applied (or the file is reverted).
+    pub last_error: Option<String>,
+}
+
+pub fn config_status(shared: &Shared) -> ConfigStatus {
+    let s = shared.status();
+    ConfigStatus {
+        version: s.version,
+        path: s.path.display().to_string(),
+        hash: s.hash,
+        last_reload: time(s.last_reload),
+        last_attempt: time(s.last_attempt),
+        last_error: s.last_error,
+    }
 }
 
 /// `GET /routes`.
@@ -154,7 +168,7 @@ const OPENAPI: &str = include_str!("openapi.json");
 /// Whether `req` may use the admin API: the health checks always; everything else only with
 /// `server.admin_token` as a bearer token when one is set (compared in constant time).
 fn authorized(shared: &Shared, req: &http::Request<Incoming>) -> bool {
-    if matches!(req.uri().path(), "/healthz" | "/readyz") {
+    if matches!(req.uri().path(), "/healthz" | "/readyz") || ui::is_asset(req.uri().path()) {
         return true;
     }
     let table = shared.table.load();
@@ -179,6 +193,9 @@ async fn handle(shared: Arc<Shared>, req: http::Request<Incoming>) -> Response {
             ),
             None,
         );
+    }
+    if let Some(r) = ui::handle(&shared, req.method(), req.uri().path(), req.uri().query()) {
+        return r;
     }
     if let Some(r) = state::handle(&shared, req.method(), req.uri().path(), req.uri().query()).await
     {
@@ -221,20 +238,7 @@ async fn handle(shared: Arc<Shared>, req: http::Request<Incoming>) -> Response {
             );
             r
         }
-        (&Method::GET, "/config") => {
-            let s = shared.status();
-            json_response(
-                StatusCode::OK,
-                &ConfigStatus {
-                    version: s.version,
-                    path: s.path.display().to_string(),
-                    hash: s.hash,
-                    last_reload: time(s.last_reload),
-                    last_attempt: time(s.last_attempt),
-                    last_error: s.last_error,
-                },
-            )
-        }
+        (&Method::GET, "/config") => json_response(StatusCode::OK, &config_status(&shared)),
         (&Method::GET, "/routes") => {
             let table = shared.table.load();
             let routes = table

@@ -455,6 +455,11 @@ impl Metrics {
             .inc();
     }
 
+    /// Every route's request counts, for the dashboard.
+    pub fn route_stats(&self) -> Vec<super::requests::RouteStats> {
+        self.requests.stats()
+    }
+
     pub fn render(&self) -> String {
         let mut out = String::new();
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

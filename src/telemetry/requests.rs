@@ -215,7 +215,77 @@ impl Requests {
     }
 }
 
+/// A route's counts as the dashboard reads them (`GET /stats` on the admin listener), merged
+/// over its shards.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RouteStats {
+    #[serde(serialize_with = "as_str")]
+    pub route: Arc<str>,
+    pub requests: u64,
+    /// Answers by status class, `1xx` to `5xx`.
+    pub status: std::collections::BTreeMap<&'static str, u64>,
+    /// Answers per latency bucket (not cumulative) of [`latency_bounds`], then one above them.
+    pub latency: Vec<u64>,
+    pub latency_sum_seconds: f64,
+}
+
+fn as_str<S: serde::Serializer>(s: &Arc<str>, out: S) -> Result<S::Ok, S::Error> {
+    out.serialize_str(s)
+}
+
+/// The upper bounds of the latency buckets, in seconds.
+pub fn latency_bounds() -> Vec<f64> {
+    (0..BUCKETS).map(bound).collect()
+}
+
 impl Requests {
+    /// Every route that has answered, by id.
+    pub fn stats(&self) -> Vec<RouteStats> {
+        self.counted()
+            .iter()
+            .map(|r| {
+                let shards = r.shards();
+                let sum = |f: &dyn Fn(&Shard) -> u64| shards.iter().map(f).sum::<u64>();
+                let mut status: std::collections::BTreeMap<&'static str, u64> =
+                    ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                        .into_iter()
+                        .map(|c| (c, 0))
+                        .collect();
+                let mut count = |code: u16, n: u64| {
+                    let class = match code {
+                        100..200 => "1xx",
+                        200..300 => "2xx",
+                        300..400 => "3xx",
+                        400..500 => "4xx",
+                        _ => "5xx",
+                    };
+                    *status.entry(class).or_default() += n;
+                };
+                for (k, &code) in (0..COMMON).zip(COMMON_STATUS.iter().cycle()) {
+                    count(code, sum(&|s| s.common[k].load(Ordering::Relaxed)));
+                }
+                for shard in shards {
+                    let other = shard
+                        .other
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    for &(_, code, n) in other.iter() {
+                        count(code, n);
+                    }
+                }
+                RouteStats {
+                    route: r.0.route.clone(),
+                    requests: sum(&|s| s.count.load(Ordering::Relaxed)),
+                    status,
+                    latency: (0..=BUCKETS)
+                        .map(|i| sum(&|s| s.buckets[i].load(Ordering::Relaxed)))
+                        .collect(),
+                    latency_sum_seconds: sum(&|s| s.sum_nanos.load(Ordering::Relaxed)) as f64 / 1e9,
+                }
+            })
+            .collect()
+    }
+
     /// Each route's latest exemplar per latency bucket, merged over its shards.
     fn exemplars(&self) -> HashMap<(Arc<str>, usize), Exemplar> {
         let mut out: HashMap<(Arc<str>, usize), Exemplar> = HashMap::new();
@@ -454,5 +524,24 @@ mod tests {
             line("+Inf").contains(r#"# {trace_id="00000000000000000000000000000007"} 99 "#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn stats_sort_answers_into_classes_and_buckets() {
+        let requests = Requests::default();
+        let id: Arc<str> = "r".into();
+        let route = requests.route(&id);
+        route.record(&http::Method::GET, 200, 0.0004, None);
+        route.record(&http::Method::DELETE, 503, 0.0004, None);
+        route.record(&http::Method::OPTIONS, 502, 0.003, None);
+        route.record(&http::Method::GET, 404, 99.0, None);
+        let s = &requests.stats()[0];
+        assert_eq!(s.requests, 4);
+        assert_eq!(
+            (s.status["2xx"], s.status["4xx"], s.status["5xx"]),
+            (1, 1, 2)
+        );
+        assert_eq!(s.latency.len(), latency_bounds().len() + 1);
+        assert_eq!((s.latency[0], s.latency[3], s.latency[BUCKETS]), (2, 1, 1));
     }
 }

@@ -660,7 +660,18 @@ routes: []
     // Health checks stay open (container and load-balancer probes carry no token).
     assert_eq!(admin("/healthz", None).await.0, 200);
     assert_eq!(admin("/readyz", None).await.0, 200);
-    for path in ["/config", "/routes", "/metrics", "/dead-letters"] {
+    // So does the dashboard's page (it holds no data, and asks for the token).
+    for path in ["/ui/", "/ui/app.js", "/ui/style.css"] {
+        assert_eq!(admin(path, None).await.0, 200, "{path}");
+    }
+    for path in [
+        "/config",
+        "/routes",
+        "/metrics",
+        "/dead-letters",
+        "/stats",
+        "/events",
+    ] {
         let (s, h, b) = admin(path, None).await;
         assert_eq!(s, 401, "{path}");
         assert_eq!(h["www-authenticate"], "Bearer realm=\"switchyard-admin\"");

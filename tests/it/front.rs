@@ -372,6 +372,8 @@ routes:
         "/routes",
         "/spool",
         "/dead-letters",
+        "/stats",
+        "/stats/history",
     ] {
         let (s, v) = gw.admin_json(path).await;
         let answer = &paths[path]["get"]["responses"][s.as_str()];
@@ -400,8 +402,130 @@ routes:
         "/reload",
     );
     // Every path the document names is served (no 404 from the router for a documented path).
+    // Only the answer's head is read: `/events` streams for as long as the client stays.
     for path in paths.keys().filter(|p| !p.contains('{')) {
-        let (s, _, _) = get(&gw.admin_url(path)).await;
-        assert_ne!(s, 404, "{path}");
+        let resp = client()
+            .request(
+                http::Request::get(gw.admin_url(path))
+                    .body(body(""))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_ne!(resp.status(), 404, "{path}");
     }
+}
+
+#[tokio::test]
+async fn the_dashboard_and_its_live_stats_are_served_by_the_admin_listener() {
+    let up = Upstream::start().await;
+    let gw = Gateway::start(&users_route(&up.url())).await;
+    for i in 0..3 {
+        assert_eq!(get(&gw.url(&format!("/users/{i}"))).await.0, 200);
+    }
+    assert_eq!(get(&gw.url("/status/x")).await.0, 404);
+
+    // The page and its assets, with a strict policy.
+    let (s, h, _) = get(&gw.admin_url("/ui")).await;
+    assert_eq!((s.as_u16(), h["location"].to_str().unwrap()), (308, "/ui/"));
+    let (s, h, b) = get(&gw.admin_url("/ui/")).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["content-type"], "text/html; charset=utf-8");
+    assert!(
+        h["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("script-src 'self'")
+    );
+    assert!(String::from_utf8_lossy(&b).contains("/ui/app.js"));
+    for (path, ct) in [
+        ("/ui/app.js", "text/javascript"),
+        ("/ui/style.css", "text/css"),
+    ] {
+        let (s, h, _) = get(&gw.admin_url(path)).await;
+        assert_eq!(s, 200, "{path}");
+        assert!(
+            h["content-type"].to_str().unwrap().starts_with(ct),
+            "{path}"
+        );
+    }
+    let (s, _, b) = get(&gw.admin_url("/ui/nope.js")).await;
+    assert_eq!(
+        (s.as_u16(), json(&b)["type"].as_str()),
+        (404, Some("urn:switchyard:problem:not-found"))
+    );
+
+    // The stats: the route's answers in classes and latency buckets, and the unrouted 404.
+    let (s, v) = gw.admin_json("/stats").await;
+    assert_eq!(s, 200);
+    let route = |v: &serde_json::Value, id: &str| {
+        v["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["route"] == id)
+            .cloned()
+            .unwrap()
+    };
+    let users = route(&v, "users");
+    assert_eq!(users["requests"], 3);
+    assert_eq!(users["status"]["2xx"], 3);
+    let buckets = users["latency"].as_array().unwrap();
+    assert_eq!(
+        buckets.len(),
+        v["latency_bounds"].as_array().unwrap().len() + 1
+    );
+    assert_eq!(buckets.iter().map(|b| b.as_u64().unwrap()).sum::<u64>(), 3);
+    assert_eq!(route(&v, "-")["status"]["4xx"], 1);
+    assert_eq!(v["backends"]["up"]["ready"], true);
+    assert!(v["spool"].is_null());
+
+    // The event stream: stats at once, then again, the counts moving.
+    let resp = client()
+        .request(
+            http::Request::get(gw.admin_url("/events?interval=200ms"))
+                .body(body(""))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut stream = resp.into_body();
+    let mut text = String::new();
+    let mut events = Vec::new();
+    while events.len() < 2 {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(5), stream.frame())
+            .await
+            .expect("an event within 5 s")
+            .unwrap()
+            .unwrap();
+        if let Ok(data) = frame.into_data() {
+            text.push_str(&String::from_utf8_lossy(&data));
+        }
+        while let Some(end) = text.find("\n\n") {
+            let ev: String = text.drain(..end + 2).collect();
+            assert!(ev.starts_with("event: stats\ndata: "), "{ev}");
+            let data = ev.trim_end().trim_start_matches("event: stats\ndata: ");
+            events.push(serde_json::from_str::<serde_json::Value>(data).unwrap());
+            if events.len() == 1 {
+                assert_eq!(get(&gw.url("/users/9")).await.0, 200);
+            }
+        }
+    }
+    assert!(events[1]["at_ms"].as_u64() > events[0]["at_ms"].as_u64());
+    assert_eq!(route(&events[0], "users")["requests"], 3);
+    assert_eq!(route(&events[1], "users")["requests"], 4);
+
+    let (s, _, b) = get(&gw.admin_url("/events?interval=1ms")).await;
+    assert_eq!(
+        (s.as_u16(), json(&b)["field"].as_str()),
+        (400, Some("interval"))
+    );
+    let (s, _, _) = send(
+        http::Request::post(gw.admin_url("/stats"))
+            .body(body(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 405);
 }

@@ -24,5 +24,6 @@ mod store;
 mod support;
 mod traces;
 mod transcoding;
+mod ui;
 mod upstream_tls;
 mod websocket;

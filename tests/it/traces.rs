@@ -512,17 +512,7 @@ async fn a_job_run_and_its_webhook_are_spans_linked_to_the_request() {
 async fn the_exporter_follows_reloads_and_sampling_follows_the_parent() {
     let (first, second) = (Collector::start().await, Collector::start().await);
     let up = Upstream::start().await;
-    let routes = format!(
-        r#"
-backends:
-  up: {{ type: http, endpoints: ["{}"] }}
-routes:
-  - id: users
-    match: {{ method: GET, path: "/users/{{id}}" }}
-    backend: up
-"#,
-        up.url()
-    );
+    let routes = users_route(&up.url());
     let gw = Gateway::start(&format!("{}{routes}", otlp(&first, "grpc"))).await;
     let (s, _) = traced_get(&gw.url("/users/1")).await;
     assert_eq!(s, 200);
@@ -595,14 +585,8 @@ async fn an_unreachable_collector_is_logged_once_and_again_when_it_answers() {
             r#"
 telemetry:
   otlp: {{ endpoint: "http://{addr}", flush_interval: 50ms, timeout: 300ms }}
-backends:
-  up: {{ type: http, endpoints: ["{}"] }}
-routes:
-  - id: users
-    match: {{ method: GET, path: "/users/{{id}}" }}
-    backend: up
-"#,
-            up.url()
+{}"#,
+            users_route(&up.url())
         ),
         &[],
         None,

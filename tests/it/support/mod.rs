@@ -246,6 +246,20 @@ pub fn json(b: &Bytes) -> serde_json::Value {
     serde_json::from_slice(b).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(b)))
 }
 
+/// A backend `up` at `upstream` and one route, `users`: `GET /users/{id}` to it.
+pub fn users_route(upstream: &str) -> String {
+    format!(
+        r#"
+backends:
+  up: {{ type: http, endpoints: ["{upstream}"] }}
+routes:
+  - id: users
+    match: {{ method: GET, path: "/users/{{id}}" }}
+    backend: up
+"#
+    )
+}
+
 /// A real upstream that answers every request with JSON describing what it received.
 /// `/slow/{ms}` waits before answering; `/status/{code}` answers with that status;
 /// `/stream/{n}` streams n chunks of 1 KiB.
