@@ -482,6 +482,27 @@ impl BackendSet {
 
 /// Refuses a file the config names that does not exist, saying so and what `key` it came from,
 /// before a reader's own error (which names neither) would.
+/// A broker's address as the access log names it: `scheme://host:port` of its URL, without
+/// credentials or path (`amqp://127.0.0.1:5672`).
+pub(crate) fn broker_address(url: &str) -> Arc<str> {
+    let Ok(u) = url.parse::<::http::Uri>() else {
+        return Arc::from("-");
+    };
+    let scheme = u.scheme_str().unwrap_or("");
+    let port = u.port_u16().unwrap_or(match scheme {
+        "amqps" => 5671,
+        "mqtt" | "tcp" => 1883,
+        "mqtts" | "ssl" => 8883,
+        "ws" => 80,
+        "wss" => 443,
+        _ => 5672,
+    });
+    match u.host() {
+        Some(host) => Arc::from(format!("{scheme}://{host}:{port}")),
+        None => Arc::from("-"),
+    }
+}
+
 pub(crate) fn must_exist(key: &str, path: &std::path::Path) -> Result<(), String> {
     if path.is_file() {
         Ok(())

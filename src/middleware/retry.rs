@@ -189,35 +189,33 @@ impl RetryService {
         };
         let deadline = parts.extensions.get::<Deadline>().map(|d| d.at);
         let mut attempt = 1;
-        // The answer, marked with the tries it took when more than one (for the access log).
-        let tried = |mut result: Result<Response, BoxError>, attempt: u32| {
-            if attempt > 1
-                && let Ok(r) = &mut result
-            {
-                r.extensions_mut()
-                    .insert(crate::telemetry::access::Tries(attempt));
-            }
-            result
-        };
+        // The access log's count of tries, when it is on.
+        let tries = parts
+            .extensions
+            .get::<crate::telemetry::access::Tries>()
+            .cloned();
         loop {
+            if let Some(t) = &tries {
+                t.set(attempt);
+            }
             let result = this
                 .inner
                 .call_shared(rebuild(&parts, body.as_ref(), attempt))
                 .await;
             let Some((reason, acted)) = this.policy.condition(&result) else {
-                return tried(result, attempt);
+                return result;
             };
             if attempt >= this.policy.attempts || (acted && !safe) {
-                return tried(result, attempt);
+                return result;
             }
             if !this.budget.withdraw() {
                 this.metrics.retry_budget_exhausted(&this.backend);
                 tracing::warn!(route = %this.route, backend = %this.backend, reason, "Retry budget exhausted; not retrying.");
-                return tried(result, attempt);
+                return result;
             }
             let wait = this.policy.backoff.nth(attempt);
             if deadline.is_some_and(|d| tokio::time::Instant::now() + wait >= d) {
-                return tried(result, attempt);
+                return result;
             }
             this.metrics.retry(&this.route, reason);
             if let Some(t) = crate::telemetry::otel::Trace::of(&parts.extensions) {

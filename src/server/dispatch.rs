@@ -195,9 +195,12 @@ pub async fn handle(
     let mut backend_name = None;
     let mut template = None;
     let mut body_progress = None;
-    let user_agent = crate::telemetry::access::enabled()
+    let logged = crate::telemetry::access::enabled();
+    let user_agent = logged
         .then(|| req.headers().get(header::USER_AGENT).cloned())
         .flatten();
+    // The retry layer counts its tries here, for the access line (answer or error).
+    let tries = logged.then(Tries::default);
 
     let result: Result<Response, BoxError> = async {
         if has_control_chars(&req) {
@@ -322,6 +325,9 @@ pub async fn handle(
                 .headers
                 .insert(table.correlation_header.clone(), v.clone());
         }
+        if let Some(t) = &tries {
+            parts.extensions.insert(t.clone());
+        }
         if websocket_h2 || parts.headers.contains_key(header::UPGRADE) {
             parts.extensions.insert(shared.sessions.clone());
         }
@@ -425,7 +431,7 @@ pub async fn handle(
         user_agent,
         request_body: body_progress,
         upstream: resp.extensions().get::<Upstream>().cloned(),
-        tries: resp.extensions().get::<Tries>().map_or(1, |t| t.0),
+        tries: tries.map_or(1, |t| t.get()),
     };
     let (parts, body) = resp.into_parts();
     http::Response::from_parts(parts, AccessLogBody::new(body, entry).boxed_unsync())

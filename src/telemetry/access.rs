@@ -39,10 +39,33 @@ pub struct Upstream {
     pub took: std::time::Duration,
 }
 
-/// How many tries an answer took, put in its extensions by the retry layer when it took more
-/// than one.
-#[derive(Debug, Clone, Copy)]
-pub struct Tries(pub u32);
+/// Marks an answer with the endpoint that made it and the time since the request left
+/// (`sent`, taken only when the access log is on).
+pub fn mark_upstream(r: &mut crate::Response, addr: &Arc<str>, sent: Option<Instant>) {
+    if let Some(sent) = sent {
+        r.extensions_mut().insert(Upstream {
+            addr: addr.clone(),
+            took: sent.elapsed(),
+        });
+    }
+}
+
+/// How many tries a request took: put in the request's extensions by the front end when the
+/// access log is on, counted by the retry layer, read when the answer (or the error) is
+/// logged.
+#[derive(Debug, Clone, Default)]
+pub struct Tries(Arc<std::sync::atomic::AtomicU32>);
+
+impl Tries {
+    /// Try number `n` (from 1) is under way.
+    pub fn set(&self, n: u32) {
+        self.0.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u32 {
+        self.0.load(std::sync::atomic::Ordering::Relaxed).max(1)
+    }
+}
 
 /// Whether access lines are written (the `switchyard::access` target at INFO): the bridges
 /// gather [`Upstream`] facts only then.

@@ -190,3 +190,87 @@ async fn a_transcoded_grpc_call_names_its_upstream() {
     assert_eq!(access["upstream"], server.url(), "{access}");
     assert!(access["upstream_us"].is_u64(), "{access}");
 }
+
+#[tokio::test]
+async fn failed_answers_count_their_tries_and_broker_publishes_name_the_broker() {
+    let dead = free_port().await;
+    let amqp = crate::support::amqp::broker_url().await;
+    let mqtt = crate::support::mqtt::broker_addr().await;
+    let (x, q) = (
+        crate::support::amqp::unique("x"),
+        crate::support::amqp::unique("q"),
+    );
+    let yaml = format!(
+        r#"{rabbit}
+  gone: {{ type: http, endpoints: ["http://{dead}"] }}
+  devices: {{ type: mqtt, url: "mqtt://{mqtt}", client_id: "gw-logs-{id}" }}
+routes:
+  - id: gone
+    match: {{ path: "/gone" }}
+    backend: gone
+    retry: {{ attempts: 3, backoff: 1ms, on: [connect-failure] }}
+  - id: publish
+    match: {{ method: POST, path: "/publish" }}
+    backend: rabbit
+    amqp: {{ exchange: "{x}", routing_key: "k" }}
+  - id: telemetry
+    match: {{ method: POST, path: "/telemetry" }}
+    backend: devices
+    mqtt: {{ topic: "sy-test/{id}/t", qos: 1 }}
+"#,
+        rabbit = crate::support::amqp::rabbit_backend(&amqp, &x, &q),
+        id = uuid::Uuid::now_v7().simple(),
+    );
+    let out = logs_of(&yaml, "json", |listen| async move {
+        let until_ok = |path: &'static str| async move {
+            eventually(path, || async {
+                let (s, _, _) = crate::support::send(
+                    Request::post(format!("http://{listen}{path}"))
+                        .body(body("{}"))
+                        .unwrap(),
+                )
+                .await;
+                if s.is_success() { Ok(()) } else { Err(s) }
+            })
+            .await
+        };
+        let (s, _, _) = crate::support::get(&format!("http://{listen}/gone")).await;
+        assert!(s.is_server_error(), "{s}");
+        until_ok("/publish").await;
+        until_ok("/telemetry").await;
+    })
+    .await;
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["target"] == "switchyard::access")
+        .collect();
+    let of = |route: &str| {
+        lines
+            .iter()
+            .rev()
+            .find(|l| l["route"] == route)
+            .cloned()
+            .unwrap_or_else(|| panic!("no access line of {route}:\n{out}"))
+    };
+    // Every endpoint refused; the error answer still says it took three tries.
+    assert_eq!(of("gone")["tries"], 3, "{out}");
+    let host = |url: &str| {
+        let u: http::Uri = url.parse().unwrap();
+        format!("{}:{}", u.host().unwrap(), u.port_u16().unwrap_or(5672))
+    };
+    let publish = of("publish");
+    assert_eq!(
+        publish["upstream"],
+        format!("amqp://{}", host(&amqp)),
+        "{publish}"
+    );
+    assert!(publish["upstream_us"].is_u64(), "{publish}");
+    let telemetry = of("telemetry");
+    assert_eq!(
+        telemetry["upstream"],
+        format!("mqtt://{mqtt}"),
+        "{telemetry}"
+    );
+    assert!(telemetry["upstream_us"].is_u64(), "{telemetry}");
+}

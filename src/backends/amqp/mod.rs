@@ -102,6 +102,8 @@ struct Live {
 /// State shared by the backend, its routes and its connection task.
 struct Shared {
     name: String,
+    /// The broker as the access log names it (no credentials).
+    addr: Arc<str>,
     spec: AmqpBackendSpec,
     /// The CA bundle and client identity for `amqps://`, read when the backend was built.
     tls: Option<lapin::tcp::OwnedTLSConfig>,
@@ -167,6 +169,7 @@ impl AmqpBackend {
         let tls = tls_config(spec, base)?;
         let shared = Arc::new(Shared {
             name: name.to_string(),
+            addr: super::broker_address(&spec.url),
             tls,
             spec: spec.clone(),
             metrics: metrics.clone(),
@@ -1222,6 +1225,7 @@ impl AmqpRouteService {
     ) -> Result<Response, BoxError> {
         let body = crate::collect_body(body).await?;
         let (exchange, routing_key, payload, props) = self.message(&parts, &body)?;
+        let sent = crate::telemetry::access::enabled().then(std::time::Instant::now);
         if let Some(span) = span {
             let destination = if exchange.as_str().is_empty() {
                 "amq.default"
@@ -1246,6 +1250,7 @@ impl AmqpRouteService {
                 .await?;
             let mut r = http::Response::new(full_body(answer));
             *r.status_mut() = self.status;
+            crate::telemetry::access::mark_upstream(&mut r, &self.shared.addr, sent);
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
@@ -1298,15 +1303,15 @@ impl AmqpRouteService {
                 || message_attributes(None, &delivery.properties, delivery.data.len()),
             );
         }
-        reply_response(&delivery.properties, &delivery.data, &reply.status_header).ok_or_else(
-            || {
+        let mut r = reply_response(&delivery.properties, &delivery.data, &reply.status_header)
+            .ok_or_else(|| {
                 Problem::bad_gateway(
                     &self.shared.name,
                     "the reply's status header does not hold an HTTP status (200-599)",
                 )
-                .into()
-            },
-        )
+            })?;
+        crate::telemetry::access::mark_upstream(&mut r, &self.shared.addr, sent);
+        Ok(r)
     }
 }
 

@@ -174,6 +174,8 @@ impl Client {
 
 struct Shared {
     name: String,
+    /// The broker as the access log names it (no credentials).
+    addr: Arc<str>,
     /// How the connection's availability is logged.
     health: super::health::Health,
     metrics: Arc<Metrics>,
@@ -266,6 +268,7 @@ impl MqttBackend {
         };
         let shared = Arc::new(Shared {
             name: name.to_string(),
+            addr: super::broker_address(&spec.url),
             health: super::health::Health::new(name, "mqtt"),
             metrics: metrics.clone(),
             client,
@@ -1394,6 +1397,7 @@ impl MqttRouteService {
             return Err(Problem::payload_too_large(limit as u64).into());
         }
         let (topic, publish) = self.publish(&parts, body)?;
+        let sent = crate::telemetry::access::enabled().then(std::time::Instant::now);
         if let Some(span) = span {
             span.published(&topic, || {
                 let mut attrs = message_attributes(&publish);
@@ -1461,7 +1465,9 @@ impl MqttRouteService {
                 let topic = String::from_utf8_lossy(&p.topic).into_owned();
                 request.reply_received("mqtt", &topic, sender, || message_attributes(&p));
             }
-            return response_answer(&self.shared.name, p, &spec.status_property);
+            let mut r = response_answer(&self.shared.name, p, &spec.status_property)?;
+            crate::telemetry::access::mark_upstream(&mut r, &self.shared.addr, sent);
+            return Ok(r);
         }
         let json = serde_json::json!({
             "topic": topic,
@@ -1474,6 +1480,7 @@ impl MqttRouteService {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        crate::telemetry::access::mark_upstream(&mut r, &self.shared.addr, sent);
         Ok(r)
     }
 }
