@@ -839,7 +839,7 @@ async fn empty_any_and_a_deadline_shorter_than_a_slow_method() {
 }
 
 /// A message of `shop.v1.<name>` with string fields set.
-fn shop_msg(name: &str, fields: &[(&str, &str)]) -> prost_reflect::DynamicMessage {
+pub(crate) fn shop_msg(name: &str, fields: &[(&str, &str)]) -> prost_reflect::DynamicMessage {
     let desc = crate::support::grpc::pool()
         .get_message_by_name(&format!("shop.v1.{name}"))
         .unwrap();

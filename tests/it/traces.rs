@@ -627,3 +627,57 @@ telemetry:
     );
     assert_eq!(log.matches("Trace export works again.").count(), 1, "{log}");
 }
+
+#[tokio::test]
+async fn a_native_grpc_call_passed_through_is_a_client_span_too() {
+    use switchyard::backends::grpc::codec::DynamicCodec;
+    let collector = Collector::start().await;
+    let server = crate::support::grpc::GrpcServer::start().await;
+    let gw = Gateway::start(&format!(
+        "{}{}\nroutes: []\n",
+        otlp(&collector, "grpc"),
+        crate::grpc::shop_backend(&server.url(), "native_routes: true")
+    ))
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(gw.url(""))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let msg = crate::grpc::shop_msg("GetOrderRequest", &[("id", "5")]);
+    let out = {
+        use prost_reflect::ReflectMessage;
+        crate::grpc::shop_msg("Order", &[]).descriptor()
+    };
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")
+            .parse()
+            .unwrap(),
+    );
+    let resp = grpc
+        .unary(
+            req,
+            "/shop.v1.Orders/GetOrder".parse().unwrap(),
+            DynamicCodec::new(out),
+        )
+        .await
+        .unwrap();
+    let seen = resp
+        .metadata()
+        .get("x-traceparent-seen")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    let spans = collector.trace(CLIENT_TRACE, 2).await;
+    let call = named(&spans, "shop.v1.Orders/GetOrder");
+    let server_span = spans.iter().find(|s| s.kind == "server").unwrap();
+    assert_eq!(call.kind, "client");
+    assert_eq!(call.parent, server_span.span_id);
+    assert_eq!(call.attr("server.port"), server.addr.port().to_string());
+    assert_eq!(seen, format!("00-{CLIENT_TRACE}-{}-01", call.span_id));
+}

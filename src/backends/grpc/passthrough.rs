@@ -86,8 +86,33 @@ impl Passthrough {
                     .insert("grpc-timeout", grpc_timeout(remaining));
             }
         }
+        // The call's client span (the stream's head: its status may come in the trailers),
+        // whose context the server receives; the transport names the endpoint on it.
+        let span = crate::telemetry::otel::Trace::of(req.extensions()).map(|t| {
+            let method = self.path.as_str().trim_start_matches('/').to_owned();
+            t.child(method.clone(), crate::telemetry::otel::Kind::Client, || {
+                use crate::telemetry::otel::{Attr, semconv};
+                vec![
+                    Attr::new(semconv::RPC_SYSTEM_NAME, "grpc"),
+                    Attr::new(semconv::RPC_METHOD, method),
+                ]
+            })
+        });
+        if let Some(span) = &span {
+            span.inject(req.headers_mut());
+            req.extensions_mut().insert(span.clone());
+        }
         let backend = self.backend.to_string();
-        let resp = self.transport.oneshot(req).await.map_err(|e| -> BoxError {
+        let result = self.transport.oneshot(req).await;
+        if let Some(span) = &span {
+            span.end_with(
+                &result
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| e.to_string().into()),
+            );
+        }
+        let resp = result.map_err(|e| -> BoxError {
             if let Some(reason) = crate::backends::tls::failure(&*e) {
                 Problem::upstream_tls(&backend, &reason)
                     .with_source(e)
