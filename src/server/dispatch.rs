@@ -183,8 +183,10 @@ pub async fn handle(
     let trace = Trace::server(table.otel.as_ref(), req.headers(), req.method(), || {
         server_attributes(&req, &conn)
     });
-    let ids = trace.span_context();
-    let span = tracing::info_span!("request", correlation_id = %cid, trace_id = %ids.trace_id(), span_id = %ids.span_id(), route = tracing::field::Empty);
+    // Written once, as the backends receive it; the log lines take the ids from it.
+    let carried = trace.carried();
+    let (trace_id, span_id) = carried.ids();
+    let span = tracing::info_span!("request", correlation_id = %cid, trace_id, span_id, route = tracing::field::Empty);
     let method = req.method().clone();
     let raw_uri = req.uri().clone();
     // gRPC clients understand only gRPC answers, errors included.
@@ -318,7 +320,7 @@ pub async fn handle(
                 })?;
             }
         }
-        trace.inject(&mut parts.headers);
+        carried.insert(&mut parts.headers);
         parts.extensions.insert(trace.clone());
         if let Some(v) = &cid_header {
             parts
@@ -407,7 +409,7 @@ pub async fn handle(
     // An exported trace is its latency bucket's exemplar.
     let exemplar = trace
         .recording()
-        .then(|| u128::from_be_bytes(ids.trace_id().to_bytes()));
+        .then(|| u128::from_be_bytes(trace.span_context().trace_id().to_bytes()));
     trace.finish_server(&method, status, &route_id, template.as_deref());
     let seconds = started.elapsed().as_secs_f64();
     match &counters {
@@ -425,7 +427,7 @@ pub async fn handle(
         status,
         started,
         correlation_id: cid,
-        trace_id: ids.trace_id().to_string().into(),
+        trace_id: trace_id.into(),
         backend: backend_name,
         client: conn.remote,
         user_agent,

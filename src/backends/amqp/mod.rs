@@ -1211,7 +1211,7 @@ impl AmqpRouteService {
         let Some(span) = Trace::of(&parts.extensions).map(|t| t.publish("rabbitmq")) else {
             return self.exchange_messages(parts, body, None).await;
         };
-        span.inject(&mut parts.headers);
+        span.inject_if_recorded(&mut parts.headers);
         let result = self.exchange_messages(parts, body, Some(&span)).await;
         span.end_with(&result);
         result

@@ -728,8 +728,10 @@ impl GrpcRouteService {
         }) else {
             return self.call(parts, body).await;
         };
-        span.inject(&mut parts.headers);
-        parts.extensions.insert(span.clone());
+        if span.recording() {
+            span.inject(&mut parts.headers);
+            parts.extensions.insert(span.clone());
+        }
         let result = self.call(parts, body).await;
         let code = match &result {
             Ok(_) => tonic::Code::Ok,

@@ -98,7 +98,7 @@ impl Passthrough {
                 ]
             })
         });
-        if let Some(span) = &span {
+        if let Some(span) = span.as_ref().filter(|s| s.recording()) {
             span.inject(req.headers_mut());
             req.extensions_mut().insert(span.clone());
         }

@@ -450,7 +450,7 @@ impl HttpRouteService {
             })
         });
         if let Some(span) = &span {
-            span.inject(&mut parts.headers);
+            span.inject_if_recorded(&mut parts.headers);
         }
         let req = http::Request::from_parts(parts, body);
         let sent = crate::telemetry::access::enabled().then(std::time::Instant::now);

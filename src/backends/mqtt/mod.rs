@@ -1375,7 +1375,7 @@ impl MqttRouteService {
         let Some(span) = Trace::of(&parts.extensions).map(|t| t.publish("mqtt")) else {
             return self.publish_and_answer(parts, body, None).await;
         };
-        span.inject(&mut parts.headers);
+        span.inject_if_recorded(&mut parts.headers);
         let result = self.publish_and_answer(parts, body, Some(&span)).await;
         span.end_with(&result);
         result

@@ -171,10 +171,35 @@ impl Trace {
         self.cx.span().span_context().clone()
     }
 
+    /// This span's context as headers: `traceparent`, and `tracestate` when it has one.
+    pub fn carried(&self) -> Carried {
+        let mut out = Carried {
+            traceparent: HeaderValue::from_static(""),
+            tracestate: None,
+        };
+        self.inject_with(|k, v| {
+            if let Ok(v) = HeaderValue::try_from(v) {
+                match k {
+                    "traceparent" => out.traceparent = v,
+                    _ => out.tracestate = Some(v),
+                }
+            }
+        });
+        out
+    }
+
     /// Puts this span's context into outgoing HTTP headers (or gRPC metadata), replacing the
-    /// client's; an empty `tracestate` is removed rather than sent empty.
+    /// client's.
     pub fn inject(&self, headers: &mut HeaderMap) {
-        PROPAGATOR.inject_context(&self.cx, &mut HeadersMut(headers));
+        self.carried().insert(headers);
+    }
+
+    /// [`Trace::inject`] for a backend's child span, when it is a recorded span of its own;
+    /// otherwise the request's context, which the front end put in the headers, stands.
+    pub fn inject_if_recorded(&self, headers: &mut HeaderMap) {
+        if self.recording() {
+            self.inject(headers);
+        }
     }
 
     /// Puts this span's context into a message's properties (`traceparent`, and `tracestate`
@@ -406,19 +431,33 @@ impl Extractor for Headers<'_> {
     }
 }
 
-struct HeadersMut<'a>(&'a mut HeaderMap);
+static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
-impl Injector for HeadersMut<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        let Ok(name) = HeaderName::from_bytes(key.as_bytes()) else {
-            return;
-        };
-        match HeaderValue::try_from(value) {
-            Ok(v) if !v.is_empty() => {
-                self.0.insert(name, v);
+/// A span's context as HTTP header values ([`Trace::carried`]).
+#[derive(Clone, Debug)]
+pub struct Carried {
+    pub traceparent: HeaderValue,
+    pub tracestate: Option<HeaderValue>,
+}
+
+impl Carried {
+    /// The trace id and the span id, as the `traceparent` writes them (hex).
+    pub fn ids(&self) -> (&str, &str) {
+        let s = self.traceparent.to_str().unwrap_or("");
+        (s.get(3..35).unwrap_or(""), s.get(36..52).unwrap_or(""))
+    }
+
+    /// Into outgoing headers, replacing the client's; a `tracestate` the context does not
+    /// carry is removed rather than passed on.
+    pub fn insert(&self, headers: &mut HeaderMap) {
+        headers.insert(&TRACEPARENT, self.traceparent.clone());
+        match &self.tracestate {
+            Some(v) => {
+                headers.insert(&TRACESTATE, v.clone());
             }
-            _ => {
-                self.0.remove(name);
+            None => {
+                headers.remove(&TRACESTATE);
             }
         }
     }
