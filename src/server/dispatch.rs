@@ -321,7 +321,11 @@ pub async fn handle(
             }
         }
         carried.insert(&mut parts.headers);
-        parts.extensions.insert(trace.clone());
+        // Backends and layers add spans and events only to a recorded trace; otherwise the
+        // context in the headers is all they pass on.
+        if trace.recording() {
+            parts.extensions.insert(trace.clone());
+        }
         if let Some(v) = &cid_header {
             parts
                 .headers

@@ -76,7 +76,8 @@ impl Trace {
 
     /// A span that starts a new trace for work done later on behalf of requests (a job's run,
     /// a spooled message's forward, a webhook delivery), linked to the spans that accepted it.
-    /// Without an exporter, a context of its own that backends still receive.
+    /// Without an exporter, a span id of its own in the (first) linked span's trace, which
+    /// backends still receive.
     pub fn linked(
         otel: Option<&Arc<Otel>>,
         name: impl Into<Cow<'static, str>>,
@@ -84,13 +85,10 @@ impl Trace {
         links: impl IntoIterator<Item = SpanContext>,
         attrs: impl FnOnce() -> Vec<KeyValue>,
     ) -> Trace {
+        let links: Vec<SpanContext> = links.into_iter().filter(SpanContext::is_valid).collect();
         match otel {
             Some(o) => {
-                let links = links
-                    .into_iter()
-                    .filter(SpanContext::is_valid)
-                    .map(Link::with_context)
-                    .collect();
+                let links = links.into_iter().map(Link::with_context).collect();
                 let span = o
                     .tracer
                     .span_builder(name)
@@ -103,7 +101,9 @@ impl Trace {
                     cx: Context::new().with_span(span),
                 }
             }
-            None => Trace::unexported(None),
+            // Not exported: the work goes on in the request's trace, so that its log lines
+            // and its messages share the request's trace id.
+            None => Trace::unexported(links.first()),
         }
     }
 
@@ -424,7 +424,13 @@ struct Headers<'a>(&'a HeaderMap);
 
 impl Extractor for Headers<'_> {
     fn get(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| v.to_str().ok())
+        // The propagator asks for these two: looked up by their names made once.
+        let v = match key {
+            "traceparent" => self.0.get(&TRACEPARENT),
+            "tracestate" => self.0.get(&TRACESTATE),
+            other => self.0.get(other),
+        };
+        v.and_then(|v| v.to_str().ok())
     }
     fn keys(&self) -> Vec<&str> {
         self.0.keys().map(HeaderName::as_str).collect()
@@ -512,6 +518,23 @@ mod tests {
                 None
             )
             .is_none()
+        );
+    }
+
+    #[test]
+    fn unexported_background_work_stays_in_the_requests_trace() {
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let later = Trace::linked(None, "job", SpanKind::Consumer, remote(tp, None), Vec::new);
+        let out = later.traceparent();
+        assert!(
+            out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+            "{out}"
+        );
+        assert!(!out.contains("00f067aa0ba902b7"), "{out}");
+        let fresh = Trace::linked(None, "job", SpanKind::Consumer, None, Vec::new).traceparent();
+        assert!(
+            remote(&fresh, None).is_some() && !fresh.contains("4bf92f35"),
+            "{fresh}"
         );
     }
 }
