@@ -681,3 +681,82 @@ async fn a_native_grpc_call_passed_through_is_a_client_span_too() {
     assert_eq!(call.attr("server.port"), server.addr.port().to_string());
     assert_eq!(seen, format!("00-{CLIENT_TRACE}-{}-01", call.span_id));
 }
+
+#[tokio::test]
+async fn each_websocket_frame_published_is_a_producer_span_of_the_session() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let collector = Collector::start().await;
+    let addr = crate::support::mqtt::broker_addr().await;
+    let (prefix, mut sub) = crate::support::mqtt::Subscriber::on_fresh_prefix(&addr).await;
+    let gw = Gateway::start(&format!(
+        r#"{otlp}{backend}
+routes:
+  - id: socket
+    match: {{ method: GET, path: "/ws/{{device}}" }}
+    backend: devices
+    websocket:
+      mqtt: {{ publish: "{prefix}/{{device}}/cmd", qos: 1, acks: true }}
+"#,
+        otlp = otlp(&collector, "grpc"),
+        backend = crate::mqtt::devices_backend(&addr),
+    ))
+    .await;
+    gw.wait_backend("devices", true).await;
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        format!("ws://{}/ws/d1", gw.listen),
+    )
+    .unwrap();
+    req.headers_mut().insert(
+        "traceparent",
+        format!("00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")
+            .parse()
+            .unwrap(),
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+    for frame in ["one", "two"] {
+        ws.send(Message::text(frame)).await.unwrap();
+        loop {
+            match ws.next().await.unwrap().unwrap() {
+                Message::Text(t) if t.contains("\"ack\"") => break,
+                _ => {}
+            }
+        }
+    }
+    let topic = format!("{prefix}/d1/cmd");
+    let spans = collector.trace(CLIENT_TRACE, 3).await;
+    let upgrade = spans
+        .iter()
+        .find(|s| s.kind == "server")
+        .expect("the upgrade's span");
+    let frames: Vec<_> = spans
+        .iter()
+        .filter(|s| s.name == format!("publish {topic}"))
+        .collect();
+    assert_eq!(frames.len(), 2, "{spans:#?}");
+    for f in &frames {
+        assert_eq!(
+            (f.kind.as_str(), f.parent.as_str()),
+            ("producer", upgrade.span_id.as_str())
+        );
+        assert_eq!(f.attr("messaging.system"), "mqtt");
+    }
+    // Each message carries its own frame's context.
+    for _ in 0..2 {
+        let m = sub.next().await;
+        let tp = m
+            .properties
+            .unwrap()
+            .user_properties
+            .into_iter()
+            .find(|(k, _)| k == "traceparent")
+            .map(|(_, v)| v)
+            .expect("a traceparent");
+        assert!(
+            frames
+                .iter()
+                .any(|f| tp == format!("00-{CLIENT_TRACE}-{}-01", f.span_id)),
+            "{tp}"
+        );
+    }
+}

@@ -206,6 +206,7 @@ impl AmqpBridge {
             acks: self.acks,
             consumer,
             correlation,
+            frames: crate::telemetry::otel::Frames::of(parts),
             sent: 0,
         })))
     }
@@ -224,6 +225,8 @@ pub struct AmqpSession {
     acks: bool,
     consumer: Option<(Channel, Consumer)>,
     correlation: Option<String>,
+    /// Each frame's publish span, and the trace context its message carries.
+    frames: crate::telemetry::otel::Frames,
     sent: u64,
 }
 
@@ -374,6 +377,33 @@ impl AmqpSession {
         if let Some(c) = &self.correlation {
             props = props.with_correlation_id(c.as_str().into());
         }
+        let (span, context) = self.frames.publish("rabbitmq");
+        let mut headers = FieldTable::default();
+        for (k, v) in context {
+            headers.insert(k.into(), lapin::types::AMQPValue::LongString(v.into()));
+        }
+        props = props.with_headers(headers);
+        if let Some(span) = &span {
+            use crate::telemetry::otel::{Attr, semconv};
+            let destination = if exchange.is_empty() {
+                "amq.default"
+            } else {
+                exchange.as_str()
+            };
+            span.published(destination, || {
+                let mut attrs = vec![
+                    Attr::new(
+                        semconv::MESSAGING_RABBITMQ_DESTINATION_ROUTING_KEY,
+                        routing_key.clone(),
+                    ),
+                    Attr::new(semconv::MESSAGING_MESSAGE_BODY_SIZE, payload.len() as i64),
+                ];
+                if let Some(id) = props.message_id() {
+                    attrs.push(Attr::new(semconv::MESSAGING_MESSAGE_ID, id.to_string()));
+                }
+                attrs
+            });
+        }
         let publisher = self.publisher.clone();
         pending.push(Box::pin(async move {
             let outcome = publisher
@@ -384,6 +414,9 @@ impl AmqpSession {
                     props,
                 )
                 .await;
+            if let Some(span) = span {
+                span.end_with(&outcome);
+            }
             (seq, outcome)
         }));
         None

@@ -129,6 +129,7 @@ impl MqttBridge {
             acks: self.acks,
             max_subscriptions: self.max_subscriptions,
             correlation,
+            frames: crate::telemetry::otel::Frames::of(parts),
             subs,
             sent: 0,
         }))
@@ -197,6 +198,8 @@ pub struct MqttSession {
     acks: bool,
     max_subscriptions: usize,
     correlation: Option<Bytes>,
+    /// Each frame's publish span, and the trace context its message carries.
+    frames: crate::telemetry::otel::Frames,
     subs: StreamMap<String, SubStream>,
     /// Client frames published so far (fixed topics number their acks with it).
     sent: u64,
@@ -334,19 +337,43 @@ impl MqttSession {
             qos,
             retain,
         } = out;
+        let (span, context) = self.frames.publish("mqtt");
         let props = PublishProperties {
             payload_format_indicator: text.then_some(1),
             content_type: json.then(|| "application/json".to_string()),
             correlation_data: self.correlation.clone(),
+            user_properties: context
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
             ..Default::default()
         };
         let mut publish = Publish::new(topic.clone(), qos_of(qos), payload, Some(props));
         publish.retain = retain;
+        if let Some(span) = &span {
+            use crate::telemetry::otel::{Attr, semconv};
+            span.published(&topic, || {
+                vec![
+                    Attr::new(
+                        semconv::MESSAGING_MESSAGE_BODY_SIZE,
+                        publish.payload.len() as i64,
+                    ),
+                    Attr::new("messaging.mqtt.qos", i64::from(qos)),
+                    Attr::new("messaging.mqtt.retain", retain),
+                ]
+            });
+        }
         let handle = self.handle.clone();
         let wait = link.settings.ack_wait;
         self.sent += 1;
         pending.push(Box::pin(async move {
             let outcome = handle.publish(publish, wait).await;
+            if let Some(span) = span {
+                if let Err(p) = &outcome {
+                    span.fail(p.kind.slug(), p.detail.clone());
+                }
+                span.end();
+            }
             (id, topic, outcome)
         }));
     }

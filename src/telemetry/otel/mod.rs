@@ -137,8 +137,9 @@ impl Trace {
         extensions.get::<Trace>()
     }
 
-    /// A child span (a backend try, a publish), when this span is recorded; otherwise this
-    /// trace itself, so that what is sent carries the request's context.
+    /// A child span (a backend try, a publish), when this trace is exported and sampled
+    /// (this span may have ended: a WebSocket session's frames outlive the upgrade's span);
+    /// otherwise this trace itself, so that what is sent carries the request's context.
     pub fn child(
         &self,
         name: impl Into<Cow<'static, str>>,
@@ -146,7 +147,7 @@ impl Trace {
         attrs: impl FnOnce() -> Vec<KeyValue>,
     ) -> Trace {
         match &self.otel {
-            Some(o) if self.recording() => {
+            Some(o) if self.cx.span().span_context().is_sampled() => {
                 let span = o
                     .tracer
                     .span_builder(name)
@@ -379,6 +380,42 @@ impl Trace {
         }
         span.set_attributes(attrs);
         span.end();
+    }
+}
+
+/// The trace of a WebSocket session's frames: each frame published is a producer span, a
+/// child of the upgrade request's span when that is recorded; the message carries that span's
+/// context, or else the request's.
+#[derive(Clone, Debug, Default)]
+pub struct Frames {
+    parent: Option<Trace>,
+    carried: Vec<(&'static str, String)>,
+}
+
+impl Frames {
+    /// Of the upgrade request `parts`.
+    pub fn of(parts: &http::request::Parts) -> Frames {
+        let carried = [("traceparent", &TRACEPARENT), ("tracestate", &TRACESTATE)]
+            .into_iter()
+            .filter_map(|(k, n)| Some((k, parts.headers.get(n)?.to_str().ok()?.to_string())))
+            .collect();
+        Frames {
+            parent: Trace::of(&parts.extensions).cloned(),
+            carried,
+        }
+    }
+
+    /// A frame's publish span (when recorded), and the context properties its message
+    /// carries.
+    pub fn publish(&self, system: &'static str) -> (Option<Trace>, Vec<(&'static str, String)>) {
+        match self.parent.as_ref().map(|p| p.publish(system)) {
+            Some(span) if span.recording() => {
+                let mut carried = Vec::with_capacity(2);
+                span.inject_with(|k, v| carried.push((k, v)));
+                (Some(span), carried)
+            }
+            _ => (None, self.carried.clone()),
+        }
     }
 }
 
