@@ -118,6 +118,8 @@ pub struct BuildContext<'a> {
     pub read: std::sync::Mutex<Vec<std::path::PathBuf>>,
     /// What the backends this build makes wait on before they connect.
     pub gate: StartGate,
+    /// The gateway's metrics, for plugins that count (none in a check build).
+    pub metrics: Option<Arc<crate::telemetry::metrics::Metrics>>,
 }
 
 impl<'a> BuildContext<'a> {
@@ -130,6 +132,7 @@ impl<'a> BuildContext<'a> {
             dry: false,
             read: Default::default(),
             gate: StartGate::default(),
+            metrics: None,
         }
     }
 
@@ -169,6 +172,7 @@ impl<'a> BuildContext<'a> {
             dry: false,
             read: Default::default(),
             gate: StartGate::default(),
+            metrics: None,
         }
     }
 }

@@ -252,6 +252,16 @@ impl<'a> RequestValues<'a> {
                     };
                     v.ok_or_else(|| missing(&field, what))?.to_string().into()
                 }
+                ValuePart::Ctx(name) => {
+                    let field = format!("ctx.{name}");
+                    let v = self
+                        .parts
+                        .extensions
+                        .get::<crate::plugins::script::Values>()
+                        .and_then(|c| c.0.get(name))
+                        .ok_or_else(|| missing(&field, what))?;
+                    Cow::Owned(v.clone())
+                }
                 ValuePart::Claim(path) => {
                     let field = format!("claims.{}", path.join("."));
                     let v = self
@@ -346,6 +356,7 @@ fn part_name(p: &ValuePart) -> Cow<'_, str> {
         ValuePart::Body(path) => Cow::Owned(format!("body.{}", path.join("."))),
         ValuePart::Claim(path) => Cow::Owned(format!("claims.{}", path.join("."))),
         ValuePart::ClientCert(f) => Cow::Owned(format!("client_cert.{f}")),
+        ValuePart::Ctx(c) => Cow::Owned(format!("ctx.{c}")),
     }
 }
 

@@ -243,6 +243,8 @@ pub enum ValuePart {
     /// A fact of the client's certificate (mutual TLS): `cn`, `subject`, `dns`, `uri`,
     /// `email` (the first of each SAN kind) or `hash`.
     ClientCert(String),
+    /// A value a `script` plugin set (`req.set_ctx("tenant", …)`).
+    Ctx(String),
 }
 
 impl ValueTemplate {
@@ -272,6 +274,7 @@ impl ValueTemplate {
                     Some(("claims", c)) if c.split('.').all(|f| !f.is_empty()) => {
                         ValuePart::Claim(c.split('.').map(str::to_string).collect())
                     }
+                    Some(("ctx", c)) if valid_name(c) => ValuePart::Ctx(c.to_string()),
                     Some(("client_cert", f)) => match f {
                         "cn" | "subject" | "dns" | "uri" | "email" | "hash" => {
                             ValuePart::ClientCert(f.to_string())
@@ -284,7 +287,7 @@ impl ValueTemplate {
                     },
                     _ => {
                         return Err(format!(
-                            "`{{{name}}}`: use `{{param}}`, `{{query.name}}`, `{{header.name}}`, `{{body.field.path}}`, `{{claims.name}}` or `{{client_cert.cn}}`"
+                            "`{{{name}}}`: use `{{param}}`, `{{query.name}}`, `{{header.name}}`, `{{body.field.path}}`, `{{claims.name}}`, `{{client_cert.cn}}` or `{{ctx.name}}`"
                         ));
                     }
                 })
@@ -304,6 +307,11 @@ impl ValueTemplate {
     /// Whether it reads a token's claims.
     pub fn uses_claims(&self) -> bool {
         self.parts.iter().any(|p| matches!(p, ValuePart::Claim(_)))
+    }
+
+    /// Whether it reads a value a script sets.
+    pub fn uses_ctx(&self) -> bool {
+        self.parts.iter().any(|p| matches!(p, ValuePart::Ctx(_)))
     }
 
     /// Whether filling it needs the JSON body.

@@ -16,6 +16,8 @@ pub struct Checks<'a> {
     errors: Vec<ConfigError>,
     /// A template of the route being checked reads `{claims.…}`.
     claims_used: bool,
+    /// A template of the route being checked reads `{ctx.…}`.
+    ctx_used: bool,
 }
 
 impl Checks<'_> {
@@ -23,6 +25,7 @@ impl Checks<'_> {
     /// a `jwt` plugin on the route provides.
     pub(crate) fn template(&mut self, t: &ValueTemplate) {
         self.claims_used |= t.uses_claims();
+        self.ctx_used |= t.uses_ctx();
     }
 
     pub(crate) fn err(&mut self, path: &str, route: Option<&str>, message: impl Into<String>) {
@@ -80,6 +83,7 @@ pub fn validate(file: &str, spec: &ConfigSpec, loc: &Locator) -> Vec<ConfigError
         loc,
         errors: Vec::new(),
         claims_used: false,
+        ctx_used: false,
     };
     validate_server(&mut cx, &spec.server);
     if let Some(r) = &spec.defaults.retry {
@@ -649,6 +653,13 @@ fn validate_route(
             &base,
             id,
             "a template reads `{claims.…}`, which only a `jwt` plugin on the route provides; add one, or use `{header.…}`",
+        );
+    }
+    if std::mem::take(&mut cx.ctx_used) && !route.plugins.iter().any(|p| p.name == "script") {
+        cx.err(
+            &base,
+            id,
+            "a template reads `{ctx.…}`, which only a `script` plugin on the route sets; add one",
         );
     }
     for (j, p) in route.plugins.iter().enumerate() {

@@ -11,6 +11,7 @@ pub mod forward_auth;
 pub mod headers;
 pub mod ip;
 pub mod jwt;
+pub mod script;
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -43,6 +44,7 @@ pub static REGISTRY: &[&dyn Plugin] = &[
     &headers::HeadersPlugin,
     &ip::IpPlugin,
     &jwt::JwtPlugin,
+    &script::ScriptPlugin,
 ];
 
 pub fn find(name: &str) -> Option<&'static dyn Plugin> {

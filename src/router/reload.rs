@@ -163,6 +163,7 @@ pub async fn build_table(
     let metrics = metrics.clone();
     tokio::task::spawn_blocking(move || {
         let mut cx = crate::backends::BuildContext::new(&base);
+        cx.metrics = Some(metrics.clone());
         cx.reflected = reflected;
         cx.previous_state = previous_state;
         let mut table =

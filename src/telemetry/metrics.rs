@@ -86,7 +86,14 @@ pub struct Metrics {
     spool_bytes: Family<RouteLabels, Gauge>,
     spool_age: Family<RouteLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     spool_events: Family<SpoolEventLabels, Counter>,
+    script_failures: Family<ScriptLabels, Counter>,
     pub open_connections: Gauge,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ScriptLabels {
+    route: String,
+    script: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -151,6 +158,12 @@ impl Metrics {
         let breaker = Family::<BackendLabels, Gauge>::default();
         let rate_limited = Family::<RouteLabels, Counter>::default();
         let shed = Family::<ScopeLabels, Counter>::default();
+        let script_failures = Family::<ScriptLabels, Counter>::default();
+        registry.register(
+            "script_failures",
+            "Requests a script plugin failed (an error, a limit), answered 500, by route and script",
+            script_failures.clone(),
+        );
         let broker_events = Family::<BrokerEventLabels, Counter>::default();
         let streams = Family::<BackendLabels, Gauge>::default();
         registry.register(
@@ -279,8 +292,19 @@ impl Metrics {
             spool_bytes,
             spool_age,
             spool_events,
+            script_failures,
             open_connections,
         }
+    }
+
+    /// A script failed on a request of `route`.
+    pub fn script_failure(&self, route: &str, script: &str) {
+        self.script_failures
+            .get_or_create(&ScriptLabels {
+                route: route.to_string(),
+                script: script.to_string(),
+            })
+            .inc();
     }
 
     /// A WebSocket connection opened on `route`: its counters.

@@ -19,6 +19,7 @@ mod mqtt;
 mod reload;
 mod resilience;
 mod runtimes;
+mod scripts;
 mod spool;
 mod store;
 mod support;

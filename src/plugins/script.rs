@@ -1,0 +1,675 @@
+//! The `script` plugin: a Rhai script from `plugins/`, wrapped around a route's inner service
+//! like every plugin. Its `on_request(req)` runs before the route's middleware and backend,
+//! its `on_response(res)` on the answer. Compiled when the config loads (a syntax error is a
+//! config error with the script's line and column), sandboxed (no files, network or
+//! processes; bounded operations, call depth, sizes and time per call).
+
+use std::cell::Cell;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, StatusCode};
+use http_body_util::BodyExt;
+use rhai::{AST, Dynamic, Engine, EvalAltResult, Map};
+use serde::Deserialize;
+
+use crate::backends::BuildContext;
+use crate::config::types::{Dur, Size};
+use crate::error::Problem;
+use crate::middleware::context::RequestContext;
+use crate::{BoxError, Request, RouteService, full_body};
+
+pub struct ScriptPlugin;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Spec {
+    /// The script, relative to routes.yaml's directory.
+    file: PathBuf,
+    /// Settings the hooks read as `config`.
+    #[serde(default)]
+    config: serde_json::Value,
+    /// `json`: the hooks read (and may replace) the JSON body as `req.body` / `res.body`.
+    #[serde(default)]
+    body: Option<BodyMode>,
+    #[serde(default)]
+    limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum BodyMode {
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct Limits {
+    /// Operations one hook call may take.
+    operations: u64,
+    /// Time one hook call may take.
+    time: Dur,
+    /// Nested function calls.
+    call_depth: usize,
+    /// The longest string a script may make.
+    string_size: Size,
+    /// The most items of an array, or entries of a map.
+    collection_size: usize,
+    /// The largest body read with `body: json`.
+    body_size: Size,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            operations: 100_000,
+            time: Dur::millis(20),
+            call_depth: 32,
+            string_size: Size(1 << 20),
+            collection_size: 10_000,
+            body_size: Size(1 << 20),
+        }
+    }
+}
+
+/// A compiled script, shared by the route's requests.
+pub struct Settings {
+    /// As written in the config, for errors and logs.
+    file: String,
+    engine: Engine,
+    ast: AST,
+    config: Dynamic,
+    body: bool,
+    body_size: usize,
+    budget: Duration,
+    on_request: bool,
+    on_response: bool,
+    metrics: Option<Arc<crate::telemetry::metrics::Metrics>>,
+}
+
+thread_local! {
+    /// When the hook running on this thread must stop (read by the engine's progress check).
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+fn spec_of(config: &serde_json::Value) -> Result<Spec, String> {
+    let spec: Spec = serde_json::from_value(config.clone()).map_err(|e| e.to_string())?;
+    let f = spec.file.to_string_lossy();
+    if f.is_empty()
+        || spec.file.is_absolute()
+        || spec
+            .file
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+    {
+        return Err(format!(
+            "`file`: `{f}` is not a path under routes.yaml's directory (such as plugins/tenant.rhai)"
+        ));
+    }
+    let l = &spec.limits;
+    if l.operations == 0 || l.time.0.is_zero() || l.call_depth == 0 || l.collection_size == 0 {
+        return Err("`limits`: every limit must be above zero".into());
+    }
+    Ok(spec)
+}
+
+/// The sandbox: Rhai's engine has no file, network or process access of its own; module
+/// imports are compiled out (the `no_module` feature) and `eval` is disabled, so a script
+/// runs only the code it holds, within its limits.
+fn engine(limits: &Limits) -> Engine {
+    let mut e = Engine::new();
+    e.set_max_operations(limits.operations)
+        .set_max_call_levels(limits.call_depth)
+        .set_max_expr_depths(64, 32)
+        .set_max_string_size(limits.string_size.0 as usize)
+        .set_max_array_size(limits.collection_size)
+        .set_max_map_size(limits.collection_size)
+        .set_max_variables(1_000)
+        .set_max_functions(1_000);
+    e.disable_symbol("eval");
+    e.on_progress(|ops| {
+        // Checked every 256 operations: the clock is read often enough to stop a runaway
+        // loop within its budget, and rarely enough to cost nothing.
+        if ops % 256 == 0
+            && DEADLINE
+                .with(Cell::get)
+                .is_some_and(|d| Instant::now() >= d)
+        {
+            Some("the script's time budget ran out".into())
+        } else {
+            None
+        }
+    });
+    e.on_print(|s| tracing::info!(target: "switchyard::script", "{s}"));
+    e.on_debug(|s, _, pos| tracing::debug!(target: "switchyard::script", line = pos.line(), "{s}"));
+    register(&mut e);
+    e
+}
+
+/// `file:line:column: message` of an error at `pos` in the script.
+fn at(file: &str, pos: rhai::Position, what: impl std::fmt::Display) -> String {
+    match (pos.line(), pos.position()) {
+        (Some(l), Some(c)) => format!("{file}:{l}:{c}: {what}"),
+        (Some(l), None) => format!("{file}:{l}: {what}"),
+        _ => format!("{file}: {what}"),
+    }
+}
+
+impl super::Plugin for ScriptPlugin {
+    fn name(&self) -> &'static str {
+        "script"
+    }
+
+    /// Pure: the settings are checked; the script is read and compiled when the route is built.
+    fn validate(&self, config: &serde_json::Value) -> Result<(), String> {
+        spec_of(config).map(|_| ())
+    }
+
+    fn wrap(
+        &self,
+        config: &serde_json::Value,
+        inner: RouteService,
+        cx: &BuildContext<'_>,
+    ) -> Result<RouteService, String> {
+        Ok(RouteService::new(Scripted {
+            settings: Arc::new(build(config, cx)?),
+            inner,
+        }))
+    }
+}
+
+/// Reads and compiles the script (recorded in `cx`, so that an edit reloads the config).
+fn build(config: &serde_json::Value, cx: &BuildContext<'_>) -> Result<Settings, String> {
+    let spec = spec_of(config)?;
+    let path = cx.base.join(&spec.file);
+    cx.read_files().push(path.clone());
+    let file = spec.file.display().to_string();
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("`file`: cannot read {}: {e}", path.display()))?;
+    let engine = engine(&spec.limits);
+    let ast = engine.compile(&text).map_err(|e| at(&file, e.1, e.0))?;
+    let has = |name: &str| {
+        ast.iter_functions()
+            .any(|f| f.name == name && f.params.len() == 1)
+    };
+    let (on_request, on_response) = (has("on_request"), has("on_response"));
+    if !on_request && !on_response {
+        return Err(format!(
+            "{file}: defines neither `fn on_request(req)` nor `fn on_response(res)`"
+        ));
+    }
+    Ok(Settings {
+        config: rhai::serde::to_dynamic(&spec.config).map_err(|e| e.to_string())?,
+        file,
+        engine,
+        ast,
+        body: spec.body == Some(BodyMode::Json),
+        body_size: spec.limits.body_size.0 as usize,
+        budget: spec.limits.time.0,
+        on_request,
+        on_response,
+        metrics: cx.metrics.clone(),
+    })
+}
+
+/// The script around a route's inner service.
+#[derive(Clone)]
+struct Scripted {
+    settings: Arc<Settings>,
+    inner: RouteService,
+}
+
+crate::backends::route_service!(Scripted);
+
+impl Scripted {
+    async fn call_backend(self, req: Request) -> Result<crate::Response, BoxError> {
+        run(&self.settings, self.inner, req).await
+    }
+}
+
+/// What a hook sees and changes of a request or an answer (`req`, `res`): a handle, so that
+/// what the script sets through it is what the gateway reads back.
+#[derive(Clone, Default)]
+pub struct Exchange(Arc<Mutex<Facts>>);
+
+#[derive(Default)]
+struct Facts {
+    method: String,
+    path: String,
+    query: String,
+    route: String,
+    client: String,
+    status: i64,
+    params: Map,
+    claims: Dynamic,
+    cert: Dynamic,
+    /// Header changes: `Some` sets, `None` removes.
+    headers: Vec<(String, Option<String>)>,
+    /// The headers as they came.
+    seen: Vec<(String, String)>,
+    body: Option<Dynamic>,
+    body_changed: bool,
+    path_changed: bool,
+    ctx: BTreeMap<String, String>,
+}
+
+impl Exchange {
+    fn with<T>(&self, f: impl FnOnce(&mut Facts) -> T) -> T {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn header(&self, name: &str) -> Dynamic {
+        let name = name.to_ascii_lowercase();
+        self.with(|f| {
+            if let Some((_, v)) = f.headers.iter().rev().find(|(k, _)| *k == name) {
+                return v.clone().map_or(Dynamic::UNIT, Dynamic::from);
+            }
+            f.seen
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map_or(Dynamic::UNIT, |(_, v)| Dynamic::from(v.clone()))
+        })
+    }
+}
+
+/// The values scripts set for templates (`{ctx.name}`), in the request's extensions.
+#[derive(Clone, Debug, Default)]
+pub struct Values(pub Arc<BTreeMap<String, String>>);
+
+type Fail = Box<EvalAltResult>;
+
+fn register(e: &mut Engine) {
+    e.register_type_with_name::<Exchange>("Exchange");
+    let text = |f: fn(&Facts) -> String| move |x: &mut Exchange| x.with(|facts| f(facts));
+    e.register_get("method", text(|f| f.method.clone()));
+    e.register_get("path", text(|f| f.path.clone()));
+    e.register_get("query", text(|f| f.query.clone()));
+    e.register_get("route", text(|f| f.route.clone()));
+    e.register_get("client", text(|f| f.client.clone()));
+    e.register_get("status", |x: &mut Exchange| x.with(|f| f.status));
+    e.register_get("params", |x: &mut Exchange| x.with(|f| f.params.clone()));
+    e.register_get("claims", |x: &mut Exchange| x.with(|f| f.claims.clone()));
+    e.register_get("cert", |x: &mut Exchange| x.with(|f| f.cert.clone()));
+    e.register_get("headers", |x: &mut Exchange| {
+        x.with(|f| {
+            let mut m = Map::new();
+            for (k, v) in &f.seen {
+                m.insert(k.as_str().into(), v.clone().into());
+            }
+            for (k, v) in &f.headers {
+                match v {
+                    Some(v) => m.insert(k.as_str().into(), v.clone().into()),
+                    None => m.remove(k.as_str()),
+                };
+            }
+            m
+        })
+    });
+    e.register_fn("header", |x: &mut Exchange, name: &str| x.header(name));
+    e.register_fn(
+        "set_header",
+        |x: &mut Exchange, name: &str, value: &str| -> Result<(), Fail> {
+            let n = HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("`{name}` is not a header name"))?;
+            HeaderValue::from_str(value)
+                .map_err(|_| format!("the value of `{name}` is not a valid header value"))?;
+            x.with(|f| {
+                f.headers
+                    .push((n.as_str().to_string(), Some(value.to_string())))
+            });
+            Ok(())
+        },
+    );
+    e.register_fn("remove_header", |x: &mut Exchange, name: &str| {
+        x.with(|f| f.headers.push((name.to_ascii_lowercase(), None)));
+    });
+    e.register_set("path", |x: &mut Exchange, path: &str| -> Result<(), Fail> {
+        // A path a script makes (often of request values) may not climb out of where it
+        // points: no dot segments, encoded or not, and no encoded slashes.
+        let lower = path.to_ascii_lowercase();
+        if !path.starts_with('/')
+            || path.contains(['?', '#', '\\'])
+            || path.bytes().any(|b| b.is_ascii_control() || b == b' ')
+            || lower.contains("%2f")
+            || lower.contains("%5c")
+            || lower
+                .replace("%2e", ".")
+                .split('/')
+                .any(|seg| seg == "." || seg == "..")
+        {
+            return Err(format!(
+                "`{path}` is not a request path (no dot segments, no encoded slashes)"
+            )
+            .into());
+        }
+        x.with(|f| {
+            f.path = path.to_string();
+            f.path_changed = true;
+        });
+        Ok(())
+    });
+    e.register_set(
+        "query",
+        |x: &mut Exchange, query: &str| -> Result<(), Fail> {
+            if query.contains('#') || query.bytes().any(|b| b.is_ascii_control() || b == b' ') {
+                return Err(format!("`{query}` is not a query string").into());
+            }
+            x.with(|f| {
+                f.query = query.to_string();
+                f.path_changed = true;
+            });
+            Ok(())
+        },
+    );
+    e.register_set(
+        "status",
+        |x: &mut Exchange, status: i64| -> Result<(), Fail> {
+            if !(200..=599).contains(&status) {
+                return Err(format!("{status} is not a status from 200 to 599").into());
+            }
+            x.with(|f| f.status = status);
+            Ok(())
+        },
+    );
+    e.register_get("body", |x: &mut Exchange| {
+        x.with(|f| f.body.clone().unwrap_or(Dynamic::UNIT))
+    });
+    e.register_set(
+        "body",
+        |x: &mut Exchange, body: Dynamic| -> Result<(), Fail> {
+            x.with(|f| {
+                if f.body.is_none() {
+                    return Err("the body is read only with `body: json`".into());
+                }
+                f.body = Some(body);
+                f.body_changed = true;
+                Ok(())
+            })
+        },
+    );
+    e.register_fn("set_ctx", |x: &mut Exchange, name: &str, value: Dynamic| {
+        x.with(|f| f.ctx.insert(name.to_string(), value.to_string()));
+    });
+    // `return respond(403, "why")` ends the request with that status and a problem+json body.
+    e.register_fn("respond", |status: i64, detail: &str| -> Map {
+        let mut m = Map::new();
+        m.insert("status".into(), status.into());
+        m.insert("detail".into(), detail.into());
+        m
+    });
+}
+
+/// What ending a hook means for the request.
+enum Verdict {
+    Continue,
+    Respond(StatusCode, String),
+}
+
+/// Calls `hook` with `x`, within the time budget.
+fn call_hook(s: &Settings, hook: &str, x: &Exchange) -> Result<Verdict, String> {
+    let mut scope = rhai::Scope::new();
+    scope.push_constant("config", s.config.clone());
+    DEADLINE.with(|d| d.set(Some(Instant::now() + s.budget)));
+    let out = s
+        .engine
+        .call_fn::<Dynamic>(&mut scope, &s.ast, hook, (x.clone(),));
+    DEADLINE.with(|d| d.set(None));
+    let out = out.map_err(|e| {
+        let pos = e.position();
+        at(&s.file, pos, describe(&e))
+    })?;
+    let Some(map) = out.try_cast::<Map>() else {
+        return Ok(Verdict::Continue);
+    };
+    let status = map
+        .get("status")
+        .and_then(|v| v.as_int().ok())
+        .and_then(|n| u16::try_from(n).ok())
+        .and_then(|n| StatusCode::from_u16(n).ok())
+        .filter(|s| s.is_client_error() || s.is_server_error() || s.is_success())
+        .ok_or_else(|| {
+            format!(
+                "{}: `{hook}` returned a map without a `status` from 200 to 599",
+                s.file
+            )
+        })?;
+    let detail = map
+        .get("detail")
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    Ok(Verdict::Respond(status, detail))
+}
+
+/// Rhai's error without its position (given apart): the limits by name.
+fn describe(e: &EvalAltResult) -> String {
+    match e {
+        EvalAltResult::ErrorTooManyOperations(_) => {
+            "too many operations (limits.operations)".into()
+        }
+        EvalAltResult::ErrorStackOverflow(_) => "calls nested too deep (limits.call_depth)".into(),
+        EvalAltResult::ErrorDataTooLarge(what, _) => format!("{what} too large (limits)"),
+        EvalAltResult::ErrorTerminated(v, _) => v.to_string(),
+        other => {
+            let s = other.to_string();
+            s.split(" (line ").next().unwrap_or(&s).to_string()
+        }
+    }
+}
+
+/// A script that failed: 500 naming the route and the script, never its internals.
+fn failed(s: &Settings, route: &str, hook: &str, why: &str) -> BoxError {
+    tracing::warn!(route, script = %s.file, hook, error = %why, "A script failed; the request is answered 500.");
+    if let Some(m) = &s.metrics {
+        m.script_failure(route, &s.file);
+    }
+    let mut p = Problem::new(
+        crate::error::Kind::INTERNAL,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        crate::error::Fault::Gateway,
+        format!(
+            "The script {} of route `{route}` failed in `{hook}`.",
+            s.file
+        ),
+    );
+    p.logged = true;
+    p.into()
+}
+
+async fn run(s: &Settings, inner: RouteService, req: Request) -> Result<crate::Response, BoxError> {
+    let (mut parts, body) = req.into_parts();
+    let ctx = parts.extensions.get::<RequestContext>().cloned();
+    let route = ctx
+        .as_ref()
+        .map_or_else(String::new, |c| c.route_id.to_string());
+    let mut body = body;
+    if s.on_request {
+        let mut json = None;
+        if s.body {
+            let bytes = http_body_util::Limited::new(body, s.body_size)
+                .collect()
+                .await
+                .map_err(|_| Problem::payload_too_large(s.body_size as u64))?
+                .to_bytes();
+            json = Some(if bytes.is_empty() {
+                Dynamic::UNIT
+            } else {
+                let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
+                    Problem::bad_request(format!("The body is not JSON: {e}.")).with_field("body")
+                })?;
+                rhai::serde::to_dynamic(&v)
+                    .map_err(|_| Problem::internal("reading the body for the script"))?
+            });
+            body = full_body(bytes);
+        }
+        let x = Exchange::default();
+        x.with(|f| {
+            f.method = parts.method.to_string();
+            f.path = parts.uri.path().to_string();
+            f.query = parts.uri.query().unwrap_or("").to_string();
+            f.route = route.clone();
+            if let Some(c) = &ctx {
+                f.client = c.client_addr.ip().to_string();
+                f.params = c
+                    .params
+                    .iter()
+                    .map(|(k, v)| (k.as_ref().into(), v.clone().into()))
+                    .collect();
+                if let Some(cert) = &c.client_cert {
+                    let mut m = Map::new();
+                    m.insert("subject".into(), cert.subject.clone().into());
+                    m.insert("hash".into(), cert.hash.clone().into());
+                    if let Some(cn) = cert.cn() {
+                        m.insert("cn".into(), cn.to_string().into());
+                    }
+                    f.cert = m.into();
+                }
+            }
+            if let Some(c) = parts.extensions.get::<crate::plugins::jwt::Claims>() {
+                f.claims = rhai::serde::to_dynamic(&*c.0).unwrap_or(Dynamic::UNIT);
+            }
+            f.seen = parts
+                .headers
+                .iter()
+                .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+                .collect();
+            f.body = json;
+        });
+        match call_hook(s, "on_request", &x) {
+            Err(why) => return Err(failed(s, &route, "on_request", &why)),
+            Ok(Verdict::Respond(status, detail)) => {
+                let mut p = Problem::new(
+                    if status.is_server_error() {
+                        crate::error::Kind::INTERNAL
+                    } else {
+                        crate::error::Kind::FORBIDDEN
+                    },
+                    status,
+                    crate::error::Fault::Client,
+                    detail,
+                );
+                p.logged = true;
+                return Err(p.into());
+            }
+            Ok(Verdict::Continue) => {}
+        }
+        let facts = std::mem::take(&mut *x.0.lock().unwrap_or_else(|e| e.into_inner()));
+        apply_headers(&mut parts.headers, &facts.headers);
+        if facts.path_changed {
+            let target = if facts.query.is_empty() {
+                facts.path.clone()
+            } else {
+                format!("{}?{}", facts.path, facts.query)
+            };
+            parts.uri = target.parse().map_err(|_| {
+                failed(
+                    s,
+                    &route,
+                    "on_request",
+                    "the path it set is not a valid URI",
+                )
+            })?;
+        }
+        if facts.body_changed
+            && let Some(b) = facts.body
+        {
+            let v: serde_json::Value = rhai::serde::from_dynamic(&b)
+                .map_err(|e| failed(s, &route, "on_request", &e.to_string()))?;
+            let bytes = Bytes::from(serde_json::to_vec(&v).unwrap_or_default());
+            parts
+                .headers
+                .insert(http::header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+            body = full_body(bytes);
+        }
+        if !facts.ctx.is_empty() {
+            parts.extensions.insert(Values(Arc::new(facts.ctx)));
+        }
+    }
+    let resp = inner.call_shared(Request::from_parts(parts, body)).await?;
+    if !s.on_response {
+        return Ok(resp);
+    }
+    let (mut rparts, rbody) = resp.into_parts();
+    let mut rbody = rbody;
+    let x = Exchange::default();
+    let mut json = None;
+    let is_json = rparts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if s.body && is_json {
+        let bytes = http_body_util::Limited::new(rbody, s.body_size)
+            .collect()
+            .await
+            .map_err(|_| {
+                failed(
+                    s,
+                    &route,
+                    "on_response",
+                    "the answer's body is over limits.body_size",
+                )
+            })?
+            .to_bytes();
+        json = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| rhai::serde::to_dynamic(&v).ok());
+        rbody = full_body(bytes);
+    }
+    x.with(|f| {
+        f.route = route.clone();
+        f.status = i64::from(rparts.status.as_u16());
+        f.seen = rparts
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .collect();
+        f.body = json;
+    });
+    match call_hook(s, "on_response", &x) {
+        Err(why) => return Err(failed(s, &route, "on_response", &why)),
+        Ok(Verdict::Respond(status, detail)) => {
+            return Err(Problem::new(
+                crate::error::Kind::FORBIDDEN,
+                status,
+                crate::error::Fault::Client,
+                detail,
+            )
+            .into());
+        }
+        Ok(Verdict::Continue) => {}
+    }
+    let facts = std::mem::take(&mut *x.0.lock().unwrap_or_else(|e| e.into_inner()));
+    apply_headers(&mut rparts.headers, &facts.headers);
+    if let Ok(status) = StatusCode::from_u16(facts.status as u16) {
+        rparts.status = status;
+    }
+    if facts.body_changed
+        && let Some(b) = facts.body
+    {
+        let v: serde_json::Value = rhai::serde::from_dynamic(&b)
+            .map_err(|e| failed(s, &route, "on_response", &e.to_string()))?;
+        let bytes = Bytes::from(serde_json::to_vec(&v).unwrap_or_default());
+        rparts.headers.remove(http::header::CONTENT_LENGTH);
+        rbody = full_body(bytes);
+    }
+    Ok(http::Response::from_parts(rparts, rbody))
+}
+
+fn apply_headers(headers: &mut http::HeaderMap, changes: &[(String, Option<String>)]) {
+    for (name, value) in changes {
+        let Ok(name) = HeaderName::from_bytes(name.as_bytes()) else {
+            continue;
+        };
+        match value.as_deref().map(HeaderValue::from_str) {
+            Some(Ok(v)) => {
+                headers.insert(name, v);
+            }
+            Some(Err(_)) => {}
+            None => {
+                headers.remove(name);
+            }
+        }
+    }
+}
