@@ -530,29 +530,12 @@ async fn run(s: &Settings, inner: RouteService, req: Request) -> Result<crate::R
             if let Some(c) = parts.extensions.get::<crate::plugins::jwt::Claims>() {
                 f.claims = rhai::serde::to_dynamic(&*c.0).unwrap_or(Dynamic::UNIT);
             }
-            f.seen = parts
-                .headers
-                .iter()
-                .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
-                .collect();
+            f.seen = text_headers(&parts.headers);
             f.body = json;
         });
         match call_hook(s, "on_request", &x) {
             Err(why) => return Err(failed(s, &route, "on_request", &why)),
-            Ok(Verdict::Respond(status, detail)) => {
-                let mut p = Problem::new(
-                    if status.is_server_error() {
-                        crate::error::Kind::INTERNAL
-                    } else {
-                        crate::error::Kind::FORBIDDEN
-                    },
-                    status,
-                    crate::error::Fault::Client,
-                    detail,
-                );
-                p.logged = true;
-                return Err(p.into());
-            }
+            Ok(Verdict::Respond(status, detail)) => return Err(refused(status, detail)),
             Ok(Verdict::Continue) => {}
         }
         let facts = std::mem::take(&mut *x.0.lock().unwrap_or_else(|e| e.into_inner()));
@@ -575,9 +558,7 @@ async fn run(s: &Settings, inner: RouteService, req: Request) -> Result<crate::R
         if facts.body_changed
             && let Some(b) = facts.body
         {
-            let v: serde_json::Value = rhai::serde::from_dynamic(&b)
-                .map_err(|e| failed(s, &route, "on_request", &e.to_string()))?;
-            let bytes = Bytes::from(serde_json::to_vec(&v).unwrap_or_default());
+            let bytes = json_bytes(s, &route, "on_request", &b)?;
             parts
                 .headers
                 .insert(http::header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
@@ -620,24 +601,12 @@ async fn run(s: &Settings, inner: RouteService, req: Request) -> Result<crate::R
     x.with(|f| {
         f.route = route.clone();
         f.status = i64::from(rparts.status.as_u16());
-        f.seen = rparts
-            .headers
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
-            .collect();
+        f.seen = text_headers(&rparts.headers);
         f.body = json;
     });
     match call_hook(s, "on_response", &x) {
         Err(why) => return Err(failed(s, &route, "on_response", &why)),
-        Ok(Verdict::Respond(status, detail)) => {
-            return Err(Problem::new(
-                crate::error::Kind::FORBIDDEN,
-                status,
-                crate::error::Fault::Client,
-                detail,
-            )
-            .into());
-        }
+        Ok(Verdict::Respond(status, detail)) => return Err(refused(status, detail)),
         Ok(Verdict::Continue) => {}
     }
     let facts = std::mem::take(&mut *x.0.lock().unwrap_or_else(|e| e.into_inner()));
@@ -648,13 +617,42 @@ async fn run(s: &Settings, inner: RouteService, req: Request) -> Result<crate::R
     if facts.body_changed
         && let Some(b) = facts.body
     {
-        let v: serde_json::Value = rhai::serde::from_dynamic(&b)
-            .map_err(|e| failed(s, &route, "on_response", &e.to_string()))?;
-        let bytes = Bytes::from(serde_json::to_vec(&v).unwrap_or_default());
+        let bytes = json_bytes(s, &route, "on_response", &b)?;
         rparts.headers.remove(http::header::CONTENT_LENGTH);
         rbody = full_body(bytes);
     }
     Ok(http::Response::from_parts(rparts, rbody))
+}
+
+/// The headers a hook sees: those with a text value.
+fn text_headers(headers: &http::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_string(), v.to_str().ok()?.to_string())))
+        .collect()
+}
+
+/// A request or an answer a hook ended with `respond(status, detail)`: problem+json with the
+/// script's detail.
+fn refused(status: StatusCode, detail: String) -> BoxError {
+    let kind = match status.as_u16() {
+        401 => crate::error::Kind::UNAUTHORIZED,
+        403 => crate::error::Kind::FORBIDDEN,
+        s if s >= 500 => crate::error::Kind::INTERNAL,
+        _ => crate::error::Kind::BAD_REQUEST,
+    };
+    let mut p = Problem::new(kind, status, crate::error::Fault::Client, detail);
+    p.logged = true;
+    p.into()
+}
+
+/// A body a hook set, as JSON bytes.
+fn json_bytes(s: &Settings, route: &str, hook: &str, body: &Dynamic) -> Result<Bytes, BoxError> {
+    let v: serde_json::Value =
+        rhai::serde::from_dynamic(body).map_err(|e| failed(s, route, hook, &e.to_string()))?;
+    serde_json::to_vec(&v)
+        .map(Bytes::from)
+        .map_err(|e| failed(s, route, hook, &e.to_string()))
 }
 
 fn apply_headers(headers: &mut http::HeaderMap, changes: &[(String, Option<String>)]) {
