@@ -87,6 +87,7 @@ pub struct Settings {
     budget: Duration,
     on_request: bool,
     on_response: bool,
+    on_message: bool,
     metrics: Option<Arc<crate::telemetry::metrics::Metrics>>,
 }
 
@@ -195,10 +196,11 @@ fn build(config: &serde_json::Value, cx: &BuildContext<'_>) -> Result<Settings, 
         ast.iter_functions()
             .any(|f| f.name == name && f.params.len() == 1)
     };
-    let (on_request, on_response) = (has("on_request"), has("on_response"));
-    if !on_request && !on_response {
+    let (on_request, on_response, on_message) =
+        (has("on_request"), has("on_response"), has("on_message"));
+    if !on_request && !on_response && !on_message {
         return Err(format!(
-            "{file}: defines neither `fn on_request(req)` nor `fn on_response(res)`"
+            "{file}: defines none of `fn on_request(req)`, `fn on_response(res)` and `fn on_message(msg)`"
         ));
     }
     Ok(Settings {
@@ -211,7 +213,23 @@ fn build(config: &serde_json::Value, cx: &BuildContext<'_>) -> Result<Settings, 
         budget: spec.limits.time.0,
         on_request,
         on_response,
+        on_message,
         metrics: cx.metrics.clone(),
+    })
+}
+
+/// Whether the script of a `script` plugin's `config` defines `on_message` (false when it
+/// cannot be read or compiled: the build reports that itself).
+pub fn defines_on_message(config: &serde_json::Value, base: &std::path::Path) -> bool {
+    let Ok(spec) = spec_of(config) else {
+        return false;
+    };
+    let Ok(text) = std::fs::read_to_string(base.join(&spec.file)) else {
+        return false;
+    };
+    engine(&spec.limits).compile(&text).is_ok_and(|ast| {
+        ast.iter_functions()
+            .any(|f| f.name == "on_message" && f.params.len() == 1)
     })
 }
 
@@ -254,6 +272,10 @@ struct Facts {
     body_changed: bool,
     path_changed: bool,
     ctx: BTreeMap<String, String>,
+    /// A message's topic (MQTT) or routing key (AMQP), and its exchange (read only).
+    destination: String,
+    destination_changed: bool,
+    exchange: String,
 }
 
 impl Exchange {
@@ -393,6 +415,32 @@ fn register(e: &mut Engine) {
     e.register_fn("set_ctx", |x: &mut Exchange, name: &str, value: Dynamic| {
         x.with(|f| f.ctx.insert(name.to_string(), value.to_string()));
     });
+    e.register_get("topic", |x: &mut Exchange| {
+        x.with(|f| f.destination.clone())
+    });
+    e.register_get("routing_key", |x: &mut Exchange| {
+        x.with(|f| f.destination.clone())
+    });
+    e.register_get("exchange", |x: &mut Exchange| {
+        x.with(|f| f.exchange.clone())
+    });
+    let destination = |x: &mut Exchange, v: &str| -> Result<(), Fail> {
+        // What the broker takes on a shared connection: no wildcards in a topic, no control
+        // characters, within the protocols' lengths.
+        if v.is_empty()
+            || v.len() > 255
+            || v.chars().any(|c| c.is_control() || c == '+' || c == '#')
+        {
+            return Err(format!("`{v}` cannot be a topic or routing key (empty, over 255 bytes, a wildcard or a control character)").into());
+        }
+        x.with(|f| {
+            f.destination = v.to_string();
+            f.destination_changed = true;
+        });
+        Ok(())
+    };
+    e.register_set("topic", destination);
+    e.register_set("routing_key", destination);
     // `return respond(403, "why")` ends the request with that status and a problem+json body.
     e.register_fn("respond", |status: i64, detail: &str| -> Map {
         let mut m = Map::new();
@@ -478,7 +526,11 @@ fn failed(s: &Settings, route: &str, hook: &str, why: &str) -> BoxError {
     p.into()
 }
 
-async fn run(s: &Settings, inner: RouteService, req: Request) -> Result<crate::Response, BoxError> {
+async fn run(
+    s: &Arc<Settings>,
+    inner: RouteService,
+    req: Request,
+) -> Result<crate::Response, BoxError> {
     let (mut parts, body) = req.into_parts();
     let ctx = parts.extensions.get::<RequestContext>().cloned();
     let route = ctx
@@ -568,6 +620,12 @@ async fn run(s: &Settings, inner: RouteService, req: Request) -> Result<crate::R
             parts.extensions.insert(Values(Arc::new(facts.ctx)));
         }
     }
+    if s.on_message {
+        parts.extensions.insert(MessageHook {
+            settings: s.clone(),
+            route: route.clone(),
+        });
+    }
     let resp = inner.call_shared(Request::from_parts(parts, body)).await?;
     if !s.on_response {
         return Ok(resp);
@@ -622,6 +680,75 @@ async fn run(s: &Settings, inner: RouteService, req: Request) -> Result<crate::R
         rbody = full_body(bytes);
     }
     Ok(http::Response::from_parts(rparts, rbody))
+}
+
+/// A script's `on_message(msg)`, put in the request's extensions for the bridge that makes
+/// the message (AMQP, MQTT): it runs on the message as made, before it is published.
+#[derive(Clone)]
+pub struct MessageHook {
+    settings: Arc<Settings>,
+    route: String,
+}
+
+/// A message as `on_message` sees it and leaves it.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// The MQTT topic, or the AMQP routing key.
+    pub destination: String,
+    /// The AMQP exchange (read only; empty for MQTT).
+    pub exchange: String,
+    /// AMQP headers, or MQTT 5 user properties (text values).
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+impl MessageHook {
+    /// Runs `on_message`: the message as the script left it, or the end of the request (a
+    /// `respond(…)`, or the script's failure).
+    pub fn run(&self, m: Message) -> Result<Message, BoxError> {
+        let s = &self.settings;
+        let x = Exchange::default();
+        let body = if s.body {
+            serde_json::from_slice::<serde_json::Value>(&m.body)
+                .ok()
+                .and_then(|v| rhai::serde::to_dynamic(&v).ok())
+        } else {
+            None
+        };
+        let body = body.unwrap_or_else(|| String::from_utf8_lossy(&m.body).into_owned().into());
+        x.with(|f| {
+            f.route = self.route.clone();
+            f.destination = m.destination.clone();
+            f.exchange = m.exchange.clone();
+            f.seen = m.headers.clone();
+            f.body = Some(body);
+        });
+        match call_hook(s, "on_message", &x) {
+            Err(why) => return Err(failed(s, &self.route, "on_message", &why)),
+            Ok(Verdict::Respond(status, detail)) => return Err(refused(status, detail)),
+            Ok(Verdict::Continue) => {}
+        }
+        let facts = std::mem::take(&mut *x.0.lock().unwrap_or_else(|e| e.into_inner()));
+        let mut out = m;
+        if facts.destination_changed {
+            out.destination = facts.destination;
+        }
+        for (name, value) in facts.headers {
+            out.headers.retain(|(k, _)| !k.eq_ignore_ascii_case(&name));
+            if let Some(v) = value {
+                out.headers.push((name, v));
+            }
+        }
+        if facts.body_changed
+            && let Some(b) = facts.body
+        {
+            out.body = match b.clone().into_string() {
+                Ok(text) => Bytes::from(text),
+                Err(_) => json_bytes(s, &self.route, "on_message", &b)?,
+            };
+        }
+        Ok(out)
+    }
 }
 
 /// The headers a hook sees: those with a text value.

@@ -295,7 +295,7 @@ async fn compile_errors_name_the_scripts_line_and_column_and_edits_apply_without
         "{err}"
     );
     let err = load_error("fn helper(x) { x }").await;
-    assert!(err.contains("defines neither"), "{err}");
+    assert!(err.contains("defines none of"), "{err}");
 
     // Serving: a broken edit is refused and the old script keeps serving; a good one applies.
     let gw = with_scripts(&route(&up.url(), ""), &[("tenant.rhai", TENANT)]).await;
@@ -334,4 +334,134 @@ async fn compile_errors_name_the_scripts_line_and_column_and_edits_apply_without
         (s.as_u16(), json(&b)["detail"].as_str()),
         (418, Some("edited"))
     );
+}
+
+const SORT: &str = r#"
+// Sorts messages by their kind, marks them, and keeps a secret out of the broker.
+fn on_message(msg) {
+    let b = msg.body;
+    if msg.exchange != "" {
+        msg.routing_key = "orders." + b.kind;
+    } else {
+        msg.topic = msg.topic + "/" + b.kind;
+    }
+    msg.set_header("x-script", "on_message");
+    b.remove("secret");
+    msg.body = b;
+}
+"#;
+
+#[tokio::test]
+async fn on_message_changes_amqp_and_mqtt_messages_before_they_are_published() {
+    use crate::support::amqp as rabbit;
+    let url = rabbit::broker_url().await;
+    let (x, q) = (rabbit::unique("x"), rabbit::unique("q"));
+    let addr = crate::support::mqtt::broker_addr().await;
+    let (prefix, mut sub) = crate::support::mqtt::Subscriber::on_fresh_prefix(&addr).await;
+    let mqtt = crate::mqtt::devices_backend(&addr);
+    let gw = with_scripts(
+        &format!(
+            r#"{rabbit}{devices}
+routes:
+  - id: orders
+    match: {{ method: POST, path: /orders }}
+    backend: rabbit
+    amqp: {{ exchange: "{x}", routing_key: orders.unsorted }}
+    plugins:
+      - script: {{ file: plugins/sort.rhai, body: json }}
+  - id: events
+    match: {{ method: POST, path: /events }}
+    backend: devices
+    mqtt: {{ topic: "{prefix}/events", qos: 1 }}
+    plugins:
+      - script: {{ file: plugins/sort.rhai, body: json }}
+"#,
+            rabbit = rabbit::rabbit_backend(&url, &x, &q),
+            devices = mqtt.trim_start_matches("backends:\n"),
+        ),
+        &[("sort.rhai", SORT)],
+    )
+    .await;
+    gw.wait_backend("rabbit", true).await;
+    gw.wait_backend("devices", true).await;
+    let post = |path: &str| {
+        send(
+            request(Method::POST, &gw.url(path))
+                .header("content-type", "application/json")
+                .body(body(r#"{"kind":"book","secret":"s3cr3t","n":1}"#))
+                .unwrap(),
+        )
+    };
+    let (s, _, b) = post("/orders").await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(
+        json(&b)["routing_key"],
+        "orders.book",
+        "the answer names where it went"
+    );
+    let conn = rabbit::client().await;
+    let ch = conn.create_channel().await.unwrap();
+    let m = ch
+        .basic_get(
+            q.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("the message");
+    assert_eq!(m.delivery.routing_key.as_str(), "orders.book");
+    assert_eq!(
+        rabbit::header_str(&m.delivery.properties, "x-script").as_deref(),
+        Some("on_message")
+    );
+    let v: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
+    assert_eq!(v, serde_json::json!({"kind": "book", "n": 1}));
+
+    let (s, _, b) = post("/events").await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    let p = sub.next().await;
+    assert_eq!(&p.topic[..], format!("{prefix}/events/book").as_bytes());
+    let props = p.properties.unwrap();
+    assert!(
+        props
+            .user_properties
+            .iter()
+            .any(|(k, v)| k == "x-script" && v == "on_message")
+    );
+    assert!(!String::from_utf8_lossy(&p.payload).contains("s3cr3t"));
+    rabbit::cleanup(&conn, &[&x], &[&q]).await;
+
+    // A spooling route would send later messages without it: refused at load.
+    let dir = tempfile::tempdir().unwrap();
+    write_scripts(dir.path(), &[("sort.rhai", SORT)]);
+    let config = dir.path().join("routes.yaml");
+    std::fs::write(
+        &config,
+        with_ephemeral_server(&format!(
+            r#"{}
+routes:
+  - id: orders
+    match: {{ method: POST, path: /orders }}
+    backend: rabbit
+    spool: true
+    amqp: {{ exchange: "{x}", routing_key: orders.unsorted }}
+    plugins:
+      - script: {{ file: plugins/sort.rhai, body: json }}
+"#,
+            rabbit::rabbit_backend(&url, &x, &q)
+        )),
+    )
+    .unwrap();
+    let err = match switchyard::app::start(switchyard::app::Options {
+        config,
+        watch: false,
+        sighup: false,
+        max_config_size: switchyard::config::DEFAULT_MAX_FILE_SIZE,
+    })
+    .await
+    {
+        Ok(_) => panic!("on_message on a spooling route must not load"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("does not run when a spooled message"), "{err}");
 }

@@ -1224,7 +1224,14 @@ impl AmqpRouteService {
         span: Option<&Trace>,
     ) -> Result<Response, BoxError> {
         let body = crate::collect_body(body).await?;
-        let (exchange, routing_key, payload, props) = self.message(&parts, &body)?;
+        let (exchange, mut routing_key, mut payload, mut props) = self.message(&parts, &body)?;
+        // A script's `on_message` sees the message as made, and may change it.
+        if let Some(hook) = parts
+            .extensions
+            .get::<crate::plugins::script::MessageHook>()
+        {
+            (routing_key, payload, props) = scripted(hook, &exchange, routing_key, payload, props)?;
+        }
         let sent = crate::telemetry::access::enabled().then(std::time::Instant::now);
         if let Some(span) = span {
             let destination = if exchange.as_str().is_empty() {
@@ -1313,6 +1320,46 @@ impl AmqpRouteService {
         crate::telemetry::access::mark_upstream(&mut r, &self.shared.addr, sent);
         Ok(r)
     }
+}
+
+/// A message after a script's `on_message`: its routing key, body and text headers as the
+/// script left them (other header values are kept).
+fn scripted(
+    hook: &crate::plugins::script::MessageHook,
+    exchange: &ShortString,
+    routing_key: ShortString,
+    payload: Bytes,
+    props: BasicProperties,
+) -> Result<(ShortString, Bytes, BasicProperties), BoxError> {
+    let table = props.headers().clone().unwrap_or_default();
+    let text = |v: &AMQPValue| match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    };
+    let headers = table
+        .inner()
+        .iter()
+        .filter_map(|(k, v)| Some((k.to_string(), text(v)?)))
+        .collect();
+    let m = hook.run(crate::plugins::script::Message {
+        destination: routing_key.to_string(),
+        exchange: exchange.to_string(),
+        headers,
+        body: payload,
+    })?;
+    let mut out = FieldTable::default();
+    for (k, v) in table.inner() {
+        if text(v).is_none() {
+            out.insert(k.clone(), v.clone());
+        }
+    }
+    for (k, v) in m.headers {
+        out.insert(k.into(), AMQPValue::LongString(v.into()));
+    }
+    let key = ShortString::try_new(m.destination)
+        .map_err(|_| Problem::internal("the script's routing key is longer than 255 bytes"))?;
+    Ok((key, m.body, props.with_headers(out)))
 }
 
 /// The messaging attributes of a message (RabbitMQ semantic conventions).

@@ -1396,7 +1396,34 @@ impl MqttRouteService {
         if body.len() > limit {
             return Err(Problem::payload_too_large(limit as u64).into());
         }
-        let (topic, publish) = self.publish(&parts, body)?;
+        let (mut topic, mut publish) = self.publish(&parts, body)?;
+        // A script's `on_message` sees the message as made, and may change it.
+        if let Some(hook) = parts
+            .extensions
+            .get::<crate::plugins::script::MessageHook>()
+        {
+            let props = publish.properties.get_or_insert_with(Default::default);
+            let m = hook.run(crate::plugins::script::Message {
+                destination: topic.clone(),
+                exchange: String::new(),
+                headers: std::mem::take(&mut props.user_properties),
+                body: publish.payload.clone(),
+            })?;
+            props.user_properties = m.headers;
+            if let Some(why) = unfit_topic(&m.destination, false) {
+                return Err(Problem::bad_request(format!(
+                    "The topic the route's script made cannot be published to: {why}."
+                ))
+                .with_field("topic")
+                .into());
+            }
+            if m.body.len() > limit {
+                return Err(Problem::payload_too_large(limit as u64).into());
+            }
+            publish.topic = Bytes::from(m.destination.clone());
+            publish.payload = m.body;
+            topic = m.destination;
+        }
         let sent = crate::telemetry::access::enabled().then(std::time::Instant::now);
         if let Some(span) = span {
             span.published(&topic, || {
