@@ -461,9 +461,13 @@ fn call_hook(s: &Settings, hook: &str, x: &Exchange) -> Result<Verdict, String> 
     let mut scope = rhai::Scope::new();
     scope.push_constant("config", s.config.clone());
     DEADLINE.with(|d| d.set(Some(Instant::now() + s.budget)));
-    let out = s
-        .engine
-        .call_fn::<Dynamic>(&mut scope, &s.ast, hook, (x.clone(),));
+    // Only the hook runs: a script's top-level statements are not evaluated per call.
+    let options = rhai::CallFnOptions::new()
+        .eval_ast(false)
+        .rewind_scope(false);
+    let out =
+        s.engine
+            .call_fn_with_options::<Dynamic>(options, &mut scope, &s.ast, hook, (x.clone(),));
     DEADLINE.with(|d| d.set(None));
     let out = out.map_err(|e| {
         let pos = e.position();
