@@ -42,7 +42,10 @@ struct Spec {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum BodyMode {
+    /// Parsed as JSON into maps and arrays.
     Json,
+    /// As text (UTF-8), exactly as sent: for checking a signature over it.
+    Text,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -82,7 +85,7 @@ pub struct Settings {
     engine: Engine,
     ast: AST,
     config: Dynamic,
-    body: bool,
+    body: Option<BodyMode>,
     body_size: usize,
     budget: Duration,
     on_request: bool,
@@ -208,7 +211,7 @@ fn build(config: &serde_json::Value, cx: &BuildContext<'_>) -> Result<Settings, 
         file,
         engine,
         ast,
-        body: spec.body == Some(BodyMode::Json),
+        body: spec.body,
         body_size: spec.limits.body_size.0 as usize,
         budget: spec.limits.time.0,
         on_request,
@@ -441,6 +444,23 @@ fn register(e: &mut Engine) {
     };
     e.register_set("topic", destination);
     e.register_set("routing_key", destination);
+    // Signatures: HMAC-SHA256 in hex, and a comparison that takes the same time whatever
+    // the strings hold.
+    e.register_fn("hmac_sha256", |key: &str, data: &str| -> String {
+        use hmac::{KeyInit, Mac};
+        let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(key.as_bytes())
+            .expect("HMAC takes any key");
+        mac.update(data.as_bytes());
+        mac.finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    });
+    e.register_fn("same", |a: &str, b: &str| -> bool {
+        use subtle::ConstantTimeEq;
+        a.len() == b.len() && bool::from(a.as_bytes().ct_eq(b.as_bytes()))
+    });
     // `return respond(403, "why")` ends the request with that status and a problem+json body.
     e.register_fn("respond", |status: i64, detail: &str| -> Map {
         let mut m = Map::new();
@@ -543,13 +563,19 @@ async fn run(
     let mut body = body;
     if s.on_request {
         let mut json = None;
-        if s.body {
+        if let Some(mode) = s.body {
             let bytes = http_body_util::Limited::new(body, s.body_size)
                 .collect()
                 .await
                 .map_err(|_| Problem::payload_too_large(s.body_size as u64))?
                 .to_bytes();
-            json = Some(if bytes.is_empty() {
+            json = Some(if mode == BodyMode::Text {
+                String::from_utf8(bytes.to_vec())
+                    .map_err(|_| {
+                        Problem::bad_request("The body is not UTF-8 text.").with_field("body")
+                    })?
+                    .into()
+            } else if bytes.is_empty() {
                 Dynamic::UNIT
             } else {
                 let v: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
@@ -614,7 +640,10 @@ async fn run(
         if facts.body_changed
             && let Some(b) = facts.body
         {
-            let bytes = json_bytes(s, &route, "on_request", &b)?;
+            let bytes = match b.clone().into_string() {
+                Ok(text) if s.body == Some(BodyMode::Text) => Bytes::from(text),
+                _ => json_bytes(s, &route, "on_request", &b)?,
+            };
             parts
                 .headers
                 .insert(http::header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
@@ -642,7 +671,7 @@ async fn run(
         .headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if s.body && is_json {
+    if s.body == Some(BodyMode::Json) && is_json {
         let bytes = http_body_util::Limited::new(rbody, s.body_size)
             .collect()
             .await
@@ -712,7 +741,7 @@ impl MessageHook {
     pub fn run(&self, m: Message) -> Result<Message, BoxError> {
         let s = &self.settings;
         let x = Exchange::default();
-        let body = if s.body {
+        let body = if s.body == Some(BodyMode::Json) {
             serde_json::from_slice::<serde_json::Value>(&m.body)
                 .ok()
                 .and_then(|v| rhai::serde::to_dynamic(&v).ok())

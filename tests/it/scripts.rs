@@ -28,6 +28,22 @@ fn write_scripts(dir: &Path, scripts: &[(&str, &str)]) {
 /// The tenant example of the repository's `plugins/`.
 const TENANT: &str = include_str!("../../plugins/tenant.rhai");
 
+/// A backend `up` at `up` and a route `POST {path}` to it with the script plugin `script`.
+fn post_route(up: &str, path: &str, script: &str) -> String {
+    format!(
+        r#"
+backends:
+  up: {{ type: http, endpoints: ["{up}"] }}
+routes:
+  - id: scripted
+    match: {{ method: POST, path: {path} }}
+    backend: up
+    plugins:
+      - script: {script}
+"#
+    )
+}
+
 fn route(up: &str, extra: &str) -> String {
     format!(
         r#"
@@ -142,18 +158,10 @@ async fn json_bodies_are_reshaped_both_ways() {
     let up = Upstream::start().await;
     let script = include_str!("../../plugins/redact.rhai");
     let gw = with_scripts(
-        &format!(
-            r#"
-backends:
-  up: {{ type: http, endpoints: ["{}"] }}
-routes:
-  - id: pay
-    match: {{ method: POST, path: /pay }}
-    backend: up
-    plugins:
-      - script: {{ file: plugins/redact.rhai, body: json, config: {{ hide: [headers, uri] }} }}
-"#,
-            up.url()
+        &post_route(
+            &up.url(),
+            "/pay",
+            "{ file: plugins/redact.rhai, body: json, config: { hide: [headers, uri] } }",
         ),
         &[("redact.rhai", script)],
     )
@@ -464,4 +472,74 @@ routes:
         Err(e) => e.to_string(),
     };
     assert!(err.contains("does not run when a spooled message"), "{err}");
+}
+
+#[tokio::test]
+async fn a_webhook_signature_is_checked_over_the_exact_body() {
+    use hmac::{KeyInit, Mac};
+    let up = Upstream::start().await;
+    let gw = with_scripts(
+        &post_route(
+            &up.url(),
+            "/hooks",
+            r#"{ file: plugins/webhook_hmac.rhai, body: text, config: { secret: "s3cret" } }"#,
+        ),
+        &[(
+            "webhook_hmac.rhai",
+            include_str!("../../plugins/webhook_hmac.rhai"),
+        )],
+    )
+    .await;
+    let payload = r#"{"event":"paid","id":7}"#;
+    let mut mac = <hmac::Hmac<sha2::Sha256> as KeyInit>::new_from_slice(b"s3cret").unwrap();
+    mac.update(payload.as_bytes());
+    let sig: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let post = |sig: Option<String>, b: &'static str| {
+        let mut r = request(Method::POST, &gw.url("/hooks"));
+        if let Some(s) = sig {
+            r = r.header("x-signature", s);
+        }
+        send(r.body(body(b)).unwrap())
+    };
+    let (s, _, b) = post(Some(format!("sha256={sig}")), payload).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    let v = json(&b);
+    assert_eq!(v["body_len"], payload.len(), "the body went on as it was");
+    assert!(v["headers"].get("x-signature").is_none());
+    let (s, _, _) = post(Some(format!("sha256={sig}")), r#"{"event":"paid","id":8}"#).await;
+    assert_eq!(s, 401);
+    let (s, _, b) = post(None, payload).await;
+    assert_eq!(
+        (s.as_u16(), json(&b)["detail"].as_str()),
+        (401, Some("X-Signature is required"))
+    );
+    assert_eq!(up.hits(), 1);
+}
+
+#[tokio::test]
+async fn a_transcoded_grpc_answer_is_reshaped() {
+    let server = crate::support::grpc::GrpcServer::start().await;
+    let script = r#"
+fn on_response(res) {
+    let o = res.body;
+    res.body = #{ order: o.id, where: o.region, tags: o.tags.len() };
+}
+"#;
+    let yaml = crate::grpc::config(&server.url()).replace(
+        "    grpc: { method: shop.v1.Orders/GetOrder }",
+        "    grpc: { method: shop.v1.Orders/GetOrder }\n    plugins:\n      - script: { file: plugins/shape.rhai, body: json }",
+    );
+    assert!(yaml.contains("shape.rhai"));
+    let gw = with_scripts(&yaml, &[("shape.rhai", script)]).await;
+    let (s, _, b) = get(&gw.url("/v1/orders/7")).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(
+        json(&b),
+        serde_json::json!({"order": "7", "where": "eu", "tags": 2})
+    );
 }
