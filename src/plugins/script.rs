@@ -91,6 +91,7 @@ pub struct Settings {
     on_request: bool,
     on_response: bool,
     on_message: bool,
+    on_reply: bool,
     metrics: Option<Arc<crate::telemetry::metrics::Metrics>>,
 }
 
@@ -199,11 +200,15 @@ fn build(config: &serde_json::Value, cx: &BuildContext<'_>) -> Result<Settings, 
         ast.iter_functions()
             .any(|f| f.name == name && f.params.len() == 1)
     };
-    let (on_request, on_response, on_message) =
-        (has("on_request"), has("on_response"), has("on_message"));
-    if !on_request && !on_response && !on_message {
+    let (on_request, on_response, on_message, on_reply) = (
+        has("on_request"),
+        has("on_response"),
+        has("on_message"),
+        has("on_reply"),
+    );
+    if !on_request && !on_response && !on_message && !on_reply {
         return Err(format!(
-            "{file}: defines none of `fn on_request(req)`, `fn on_response(res)` and `fn on_message(msg)`"
+            "{file}: defines none of `fn on_request(req)`, `fn on_response(res)`, `fn on_message(msg)` and `fn on_reply(msg)`"
         ));
     }
     Ok(Settings {
@@ -217,12 +222,13 @@ fn build(config: &serde_json::Value, cx: &BuildContext<'_>) -> Result<Settings, 
         on_request,
         on_response,
         on_message,
+        on_reply,
         metrics: cx.metrics.clone(),
     })
 }
 
-/// Whether the script of a `script` plugin's `config` defines `on_message` (false when it
-/// cannot be read or compiled: the build reports that itself).
+/// Whether the script of a `script` plugin's `config` defines `on_message` or `on_reply`
+/// (false when it cannot be read or compiled: the build reports that itself).
 pub fn defines_on_message(config: &serde_json::Value, base: &std::path::Path) -> bool {
     let Ok(spec) = spec_of(config) else {
         return false;
@@ -232,7 +238,7 @@ pub fn defines_on_message(config: &serde_json::Value, base: &std::path::Path) ->
     };
     engine(&spec.limits).compile(&text).is_ok_and(|ast| {
         ast.iter_functions()
-            .any(|f| f.name == "on_message" && f.params.len() == 1)
+            .any(|f| (f.name == "on_message" || f.name == "on_reply") && f.params.len() == 1)
     })
 }
 
@@ -653,7 +659,7 @@ async fn run(
             parts.extensions.insert(Values(Arc::new(facts.ctx)));
         }
     }
-    if s.on_message {
+    if s.on_message || s.on_reply {
         parts.extensions.insert(MessageHook {
             settings: s.clone(),
             route: route.clone(),
@@ -736,9 +742,25 @@ pub struct Message {
 }
 
 impl MessageHook {
-    /// Runs `on_message`: the message as the script left it, or the end of the request (a
-    /// `respond(…)`, or the script's failure).
+    /// Runs `on_message` (when the script defines it): the message as the script left it, or
+    /// the end of the request (a `respond(…)`, or the script's failure).
     pub fn run(&self, m: Message) -> Result<Message, BoxError> {
+        if !self.settings.on_message {
+            return Ok(m);
+        }
+        self.hook("on_message", m)
+    }
+
+    /// Runs `on_reply` (when the script defines it) on a reply (AMQP) or response (MQTT 5)
+    /// before it becomes the answer; `destination` is where it came in.
+    pub fn reply(&self, m: Message) -> Result<Message, BoxError> {
+        if !self.settings.on_reply {
+            return Ok(m);
+        }
+        self.hook("on_reply", m)
+    }
+
+    fn hook(&self, hook: &'static str, m: Message) -> Result<Message, BoxError> {
         let s = &self.settings;
         let x = Exchange::default();
         let body = if s.body == Some(BodyMode::Json) {
@@ -756,8 +778,8 @@ impl MessageHook {
             f.seen = m.headers.clone();
             f.body = Some(body);
         });
-        match call_hook(s, "on_message", &x) {
-            Err(why) => return Err(failed(s, &self.route, "on_message", &why)),
+        match call_hook(s, hook, &x) {
+            Err(why) => return Err(failed(s, &self.route, hook, &why)),
             Ok(Verdict::Respond(status, detail)) => return Err(refused(status, detail)),
             Ok(Verdict::Continue) => {}
         }
@@ -777,7 +799,7 @@ impl MessageHook {
         {
             out.body = match b.clone().into_string() {
                 Ok(text) => Bytes::from(text),
-                Err(_) => json_bytes(s, &self.route, "on_message", &b)?,
+                Err(_) => json_bytes(s, &self.route, hook, &b)?,
             };
         }
         Ok(out)

@@ -471,7 +471,7 @@ routes:
         Ok(_) => panic!("on_message on a spooling route must not load"),
         Err(e) => e.to_string(),
     };
-    assert!(err.contains("does not run when a spooled message"), "{err}");
+    assert!(err.contains("do not run when a spooled message"), "{err}");
 }
 
 #[tokio::test]
@@ -541,5 +541,80 @@ fn on_response(res) {
     assert_eq!(
         json(&b),
         serde_json::json!({"order": "7", "where": "eu", "tags": 2})
+    );
+}
+
+const CHECK_REPLY: &str = r#"
+// Marks every reply before it becomes the answer, and overrides its status.
+fn on_reply(msg) {
+    msg.set_header(config.status_key, "203");
+    msg.body = msg.body + " (checked " + msg.header("x-original") + ")";
+}
+"#;
+
+#[tokio::test]
+async fn on_reply_changes_amqp_replies_and_mqtt_responses_before_they_are_answered() {
+    use crate::support::amqp as rabbit;
+    let url = rabbit::broker_url().await;
+    let (x, q) = (rabbit::unique("x"), rabbit::unique("q"));
+    let addr = crate::support::mqtt::broker_addr().await;
+    let prefix = format!("sy-test/{}", uuid::Uuid::now_v7().simple());
+    let mqtt = crate::mqtt::devices_backend(&addr);
+    let gw = with_scripts(
+        &format!(
+            r#"{rabbit}{devices}
+routes:
+  - id: ask
+    match: {{ method: POST, path: /ask }}
+    backend: rabbit
+    timeout: 5s
+    amqp: {{ exchange: "{x}", routing_key: rpc, reply: {{}} }}
+    plugins:
+      - script: {{ file: plugins/reply.rhai, config: {{ status_key: x-status }} }}
+  - id: command
+    match: {{ method: POST, path: "/devices/{{device}}/commands" }}
+    backend: devices
+    timeout: 5s
+    mqtt: {{ topic: "{prefix}/{{device}}/cmd", response: {{}} }}
+    plugins:
+      - script: {{ file: plugins/reply.rhai, config: {{ status_key: status }} }}
+"#,
+            rabbit = rabbit::rabbit_backend(&url, &x, &q),
+            devices = mqtt.trim_start_matches("backends:\n"),
+        ),
+        &[("reply.rhai", CHECK_REPLY)],
+    )
+    .await;
+    gw.wait_backend("rabbit", true).await;
+    gw.wait_backend("devices", true).await;
+    let _responder = rabbit::responder(q.clone()).await;
+    let (s, _, b) = send(
+        request(Method::POST, &gw.url("/ask"))
+            .header("x-want", "200")
+            .body(body("hello"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 203, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(&b[..], b"re: hello (checked )".as_slice());
+
+    let _device = crate::support::device::Device::start(
+        &addr,
+        &prefix,
+        "kitchen",
+        std::time::Duration::from_secs(60),
+    )
+    .await;
+    let (s, _, b) = send(
+        request(Method::POST, &gw.url("/devices/kitchen/commands"))
+            .body(body(r#"{"setpoint":21}"#))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 203, "{}", String::from_utf8_lossy(&b));
+    assert!(
+        String::from_utf8_lossy(&b).ends_with(" (checked )"),
+        "{}",
+        String::from_utf8_lossy(&b)
     );
 }

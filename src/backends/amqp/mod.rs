@@ -1310,13 +1310,27 @@ impl AmqpRouteService {
                 || message_attributes(None, &delivery.properties, delivery.data.len()),
             );
         }
-        let mut r = reply_response(&delivery.properties, &delivery.data, &reply.status_header)
-            .ok_or_else(|| {
-                Problem::bad_gateway(
-                    &self.shared.name,
-                    "the reply's status header does not hold an HTTP status (200-599)",
-                )
+        // A script's `on_reply` sees the reply before it becomes the answer.
+        let (mut data, mut properties) = (Bytes::from(delivery.data), delivery.properties);
+        if let Some(hook) = parts
+            .extensions
+            .get::<crate::plugins::script::MessageHook>()
+        {
+            let m = hook.reply(crate::plugins::script::Message {
+                destination: reply.queue.clone(),
+                exchange: String::new(),
+                headers: text_headers(&properties),
+                body: data,
             })?;
+            properties = with_text_headers(properties, m.headers);
+            data = m.body;
+        }
+        let mut r = reply_response(&properties, &data, &reply.status_header).ok_or_else(|| {
+            Problem::bad_gateway(
+                &self.shared.name,
+                "the reply's status header does not hold an HTTP status (200-599)",
+            )
+        })?;
         crate::telemetry::access::mark_upstream(&mut r, &self.shared.addr, sent);
         Ok(r)
     }
@@ -1331,35 +1345,50 @@ fn scripted(
     payload: Bytes,
     props: BasicProperties,
 ) -> Result<(ShortString, Bytes, BasicProperties), BoxError> {
-    let table = props.headers().clone().unwrap_or_default();
-    let text = |v: &AMQPValue| match v {
-        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        _ => None,
-    };
-    let headers = table
-        .inner()
-        .iter()
-        .filter_map(|(k, v)| Some((k.to_string(), text(v)?)))
-        .collect();
+    let headers = text_headers(&props);
     let m = hook.run(crate::plugins::script::Message {
         destination: routing_key.to_string(),
         exchange: exchange.to_string(),
         headers,
         body: payload,
     })?;
+    let props = with_text_headers(props, m.headers);
+    let key = ShortString::try_new(m.destination)
+        .map_err(|_| Problem::internal("the script's routing key is longer than 255 bytes"))?;
+    Ok((key, m.body, props))
+}
+
+fn header_text(v: &AMQPValue) -> Option<String> {
+    match v {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+/// A message's headers with text values, as a script sees them.
+fn text_headers(props: &BasicProperties) -> Vec<(String, String)> {
+    props.headers().as_ref().map_or_else(Vec::new, |t| {
+        t.inner()
+            .iter()
+            .filter_map(|(k, v)| Some((k.to_string(), header_text(v)?)))
+            .collect()
+    })
+}
+
+/// `props` with its text headers replaced by `headers` (other values kept).
+fn with_text_headers(props: BasicProperties, headers: Vec<(String, String)>) -> BasicProperties {
+    let table = props.headers().clone().unwrap_or_default();
     let mut out = FieldTable::default();
     for (k, v) in table.inner() {
-        if text(v).is_none() {
+        if header_text(v).is_none() {
             out.insert(k.clone(), v.clone());
         }
     }
-    for (k, v) in m.headers {
+    for (k, v) in headers {
         out.insert(k.into(), AMQPValue::LongString(v.into()));
     }
-    let key = ShortString::try_new(m.destination)
-        .map_err(|_| Problem::internal("the script's routing key is longer than 255 bytes"))?;
-    Ok((key, m.body, props.with_headers(out)))
+    props.with_headers(out)
 }
 
 /// The messaging attributes of a message (RabbitMQ semantic conventions).

@@ -1478,6 +1478,23 @@ impl MqttRouteService {
                     return Err(Problem::timeout(deadline.map_or(wait, |d| d.total)).into());
                 }
             };
+            let mut p = p;
+            // A script's `on_reply` sees the response before it becomes the answer.
+            if let Some(hook) = parts
+                .extensions
+                .get::<crate::plugins::script::MessageHook>()
+            {
+                let topic = String::from_utf8_lossy(&p.topic).into_owned();
+                let props = p.properties.get_or_insert_with(Default::default);
+                let m = hook.reply(crate::plugins::script::Message {
+                    destination: topic,
+                    exchange: String::new(),
+                    headers: std::mem::take(&mut props.user_properties),
+                    body: p.payload.clone(),
+                })?;
+                props.user_properties = m.headers;
+                p.payload = m.body;
+            }
             if let Some(request) = Trace::of(&parts.extensions) {
                 let sender = p.properties.as_ref().and_then(|props| {
                     let user = |name: &str| {
