@@ -323,3 +323,30 @@ fn an_environment_value_cannot_add_keys_to_the_config() {
     );
     assert!(stdout.contains("ok (1 routes, 1 backends)"), "{stdout}");
 }
+
+#[test]
+fn validate_names_a_broken_scripts_line_and_column() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("plugins")).unwrap();
+    std::fs::write(
+        dir.path().join("plugins/check.rhai"),
+        "fn on_request(req) {\n    let = 1;\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("routes.yaml"),
+        "backends:\n  up: { type: http, endpoints: [\"http://127.0.0.1:9\"] }\nroutes:\n  - id: checked\n    match: { path: /checked }\n    backend: up\n    plugins:\n      - script: { file: plugins/check.rhai }\n",
+    )
+    .unwrap();
+    let out = switchyard()
+        .arg("validate")
+        .arg(dir.path().join("routes.yaml"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(
+        err.contains("route `checked`") && err.contains("plugins/check.rhai:2:9:"),
+        "{err}"
+    );
+}
