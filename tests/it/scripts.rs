@@ -618,3 +618,33 @@ routes:
         String::from_utf8_lossy(&b)
     );
 }
+
+#[tokio::test]
+async fn a_scripts_log_lines_carry_the_requests_correlation_id() {
+    let up = Upstream::start().await;
+    let gw = Binary::start_with_files(
+        &route(&up.url(), ""),
+        &[("plugins/tenant.rhai", TENANT)],
+        &["--log-format", "json"],
+        None,
+    )
+    .await;
+    let (s, _, _) = send(
+        request(Method::GET, &format!("http://{}/items", gw.listen))
+            .header("x-tenant", "acme")
+            .header("x-request-id", "script-log-1")
+            .body(body(""))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 200);
+    let out = gw.stop();
+    let line = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["target"] == "switchyard::script")
+        .unwrap_or_else(|| panic!("no script line:\n{out}"));
+    assert_eq!(line["message"], "tenant acme on tenants");
+    assert_eq!(line["span"]["correlation_id"], "script-log-1", "{line}");
+    assert_eq!(line["span"]["route"], "tenants", "{line}");
+}

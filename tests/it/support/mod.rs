@@ -488,7 +488,23 @@ impl Binary {
     /// `args` come before `run` (`--log-format json`); `rust_log` is `RUST_LOG` (`None`:
     /// unset, the default level). Returns once the admin listener answers.
     pub async fn start(yaml: &str, args: &[&str], rust_log: Option<&str>) -> Binary {
+        Self::start_with_files(yaml, &[], args, rust_log).await
+    }
+
+    /// [`Binary::start`] with `files` (path relative to the config's directory, content)
+    /// written beside the config first.
+    pub async fn start_with_files(
+        yaml: &str,
+        files: &[(&str, &str)],
+        args: &[&str],
+        rust_log: Option<&str>,
+    ) -> Binary {
         let dir = tempfile::tempdir().unwrap();
+        for (path, content) in files {
+            let path = dir.path().join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, content).unwrap();
+        }
         let (listen, admin) = (free_port().await, free_port().await);
         let config = dir.path().join("routes.yaml");
         std::fs::write(
