@@ -222,6 +222,10 @@ async fn every_sandbox_limit_is_answered_500_naming_the_route_and_the_script() {
             "fn on_request(req) { let s = \"x\"; loop { s += s; } }",
         ),
         ("throws.rhai", "fn on_request(req) { throw \"no\"; }"),
+        (
+            "wide.rhai",
+            "fn on_request(req) { let a = []; loop { a.push(1); } }",
+        ),
     ];
     let routes: String = scripts
         .iter()
