@@ -18,6 +18,25 @@ async fn with_scripts(yaml: &str, scripts: &[(&str, &str)]) -> Gateway {
     Gateway::start_at(dir, config, true).await
 }
 
+/// Why a config of `yaml` with `scripts` does not load (it must not).
+async fn load_error(yaml: &str, scripts: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    write_scripts(dir.path(), scripts);
+    let config = dir.path().join("routes.yaml");
+    std::fs::write(&config, with_ephemeral_server(yaml)).unwrap();
+    match switchyard::app::start(switchyard::app::Options {
+        config,
+        watch: false,
+        sighup: false,
+        max_config_size: switchyard::config::DEFAULT_MAX_FILE_SIZE,
+    })
+    .await
+    {
+        Ok(_) => panic!("this config must not load:\n{yaml}"),
+        Err(e) => e.to_string(),
+    }
+}
+
 fn write_scripts(dir: &Path, scripts: &[(&str, &str)]) {
     std::fs::create_dir_all(dir.join("plugins")).unwrap();
     for (name, src) in scripts {
@@ -279,34 +298,23 @@ async fn compile_errors_name_the_scripts_line_and_column_and_edits_apply_without
     let up = Upstream::start().await;
     // At start: the config does not load. `eval` (code the script did not hold) is refused
     // the same way.
-    let load_error = |source: &'static str| {
-        let yaml = route(&up.url(), "");
-        async move {
-            let dir = tempfile::tempdir().unwrap();
-            write_scripts(dir.path(), &[("tenant.rhai", source)]);
-            let config = dir.path().join("routes.yaml");
-            std::fs::write(&config, with_ephemeral_server(&yaml)).unwrap();
-            match switchyard::app::start(switchyard::app::Options {
-                config,
-                watch: false,
-                sighup: false,
-                max_config_size: switchyard::config::DEFAULT_MAX_FILE_SIZE,
-            })
-            .await
-            {
-                Ok(_) => panic!("a script that does not compile must not load"),
-                Err(e) => e.to_string(),
-            }
-        }
-    };
-    let err = load_error("fn on_request(req) {\n  let x = ;\n}\n").await;
+    let yaml = route(&up.url(), "");
+    let err = load_error(
+        &yaml,
+        &[("tenant.rhai", "fn on_request(req) {\n  let x = ;\n}\n")],
+    )
+    .await;
     assert!(err.contains("plugins/tenant.rhai:2:11:"), "{err}");
-    let err = load_error("fn on_request(req) { eval(\"1\") }").await;
+    let err = load_error(
+        &yaml,
+        &[("tenant.rhai", "fn on_request(req) { eval(\"1\") }")],
+    )
+    .await;
     assert!(
         err.contains("plugins/tenant.rhai:1:22: reserved keyword 'eval' is disabled"),
         "{err}"
     );
-    let err = load_error("fn helper(x) { x }").await;
+    let err = load_error(&yaml, &[("tenant.rhai", "fn helper(x) { x }")]).await;
     assert!(err.contains("defines none of"), "{err}");
 
     // Serving: a broken edit is refused and the old script keeps serving; a good one applies.
@@ -444,12 +452,8 @@ routes:
     rabbit::cleanup(&conn, &[&x], &[&q]).await;
 
     // A spooling route would send later messages without it: refused at load.
-    let dir = tempfile::tempdir().unwrap();
-    write_scripts(dir.path(), &[("sort.rhai", SORT)]);
-    let config = dir.path().join("routes.yaml");
-    std::fs::write(
-        &config,
-        with_ephemeral_server(&format!(
+    let err = load_error(
+        &format!(
             r#"{}
 routes:
   - id: orders
@@ -461,20 +465,10 @@ routes:
       - script: {{ file: plugins/sort.rhai, body: json }}
 "#,
             rabbit::rabbit_backend(&url, &x, &q)
-        )),
+        ),
+        &[("sort.rhai", SORT)],
     )
-    .unwrap();
-    let err = match switchyard::app::start(switchyard::app::Options {
-        config,
-        watch: false,
-        sighup: false,
-        max_config_size: switchyard::config::DEFAULT_MAX_FILE_SIZE,
-    })
-    .await
-    {
-        Ok(_) => panic!("on_message on a spooling route must not load"),
-        Err(e) => e.to_string(),
-    };
+    .await;
     assert!(err.contains("do not run when a spooled message"), "{err}");
 }
 
