@@ -109,3 +109,23 @@ YAML
 
 # to_ms VALUE: wrk's latencies (812.00us / 1.23ms / 1.02s) in milliseconds.
 to_ms() { awk -v v="$1" 'BEGIN { n = v + 0; if (v ~ /us$/) n /= 1000; else if (v ~ /ms$/) n = n; else if (v ~ /s$/) n *= 1000; printf "%.3f", n }'; }
+
+# cpu_run NAME PID RESULTS WRK_ARGS...: runs wrk with WRK_ARGS while reading process PID's CPU
+# time (utime + stime), prints req/s and CPU µs per request, and appends "NAME req/s µs" to
+# RESULTS.
+cpu_run() {
+  local name=$1 pid=$2 results=$3 out before after n rps us tick
+  shift 3
+  tick=$((1000000 / $(getconf CLK_TCK)))
+  before=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+  out=$(wrk "$@")
+  after=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+  n=$(awk '/requests in/ {print $1}' <<<"$out")
+  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+  us=$(awk -v t=$((after - before)) -v n="$n" -v u="$tick" 'BEGIN { printf "%.2f", t * u / n }')
+  echo "$name $rps $us" >> "$results"
+  printf '  %-8s %10s req/s  %6s CPU µs/request\n' "$name" "$rps" "$us"
+}
+
+# result_median RESULTS NAME COLUMN: the median of COLUMN over RESULTS' lines of NAME.
+result_median() { awk -v n="$2" -v c="$3" '$1 == n {print $c}' "$1" | median; }

@@ -61,24 +61,13 @@ YAML
 RUST_LOG=warn "$WORK/switchyard" run --no-watch --config "$WORK/routes.yaml" >"$WORK/gw.log" 2>&1 &
 GW_PID=$!
 wait_ready "$ADMIN_PORT"
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
-
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$GW_PID/stat"; }
-
 run() { # ROUTE [TOKEN_FILE]
-  local auth=() out before after n rps us
+  local auth=()
   [ -n "${2:-}" ] && auth=(-H "Authorization: Bearer $(cat "$2")")
   # Every request must pass: a refused token would measure the refusal.
   [ "$(curl -s -o /dev/null -w '%{http_code}' "${auth[@]}" "http://127.0.0.1:$GW_PORT/$1/x")" = 200 ] \
     || { echo "bench: /$1 does not answer 200" >&2; exit 1; }
-  before=$(cpu_ticks)
-  out=$(wrk -t2 -c"$CONNECTIONS" -d"$DURATION" "${auth[@]}" "http://127.0.0.1:$GW_PORT/$1/x")
-  after=$(cpu_ticks)
-  n=$(awk '/requests in/ {print $1}' <<<"$out")
-  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-  us=$(awk -v t=$((after - before)) -v n="$n" -v u="$TICK_US" 'BEGIN { printf "%.2f", t * u / n }')
-  echo "$1 $rps $us" >> "$WORK/results"
-  printf '  %-6s %10s req/s  %6s CPU µs/request\n' "$1" "$rps" "$us"
+  cpu_run "$1" "$GW_PID" "$WORK/results" -t2 -c"$CONNECTIONS" -d"$DURATION" "${auth[@]}" "http://127.0.0.1:$GW_PORT/$1/x"
 }
 
 echo "wrk -t2 -c$CONNECTIONS -d$DURATION per run, $ROUNDS round(s); CPU is the gateway's (all threads)"
@@ -90,7 +79,7 @@ for r in $(seq 1 "$ROUNDS"); do
   run es256c "$WORK/es256.token"
 done
 
-med() { awk -v n="$1" -v c="$2" '$1 == n {print $c}' "$WORK/results" | median; }
+med() { result_median "$WORK/results" "$1" "$2"; }
 echo "medians"
 B_RPS=$(med bare 2); B_US=$(med bare 3)
 for route in bare rs256 es256 es256c; do

@@ -90,24 +90,13 @@ YAML
 RUST_LOG=warn "$WORK/switchyard" run --no-watch --config "$WORK/routes.yaml" >"$WORK/gw.log" 2>&1 &
 GW_PID=$!
 wait_ready "$ADMIN_PORT"
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
-
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$GW_PID/stat"; }
-
 run() { # ROUTE [wrk args...]
-  local route=$1 out before after n rps us code
+  local route=$1 code
   shift
   code=$(curl -s -o /dev/null -w '%{http_code}' -H "x-tenant: acme" -H "content-type: application/json" \
     ${1:+--data-binary @"$WORK/body.json"} "http://127.0.0.1:$GW_PORT/$route/x")
   [ "$code" = 200 ] || { echo "bench: /$route answers $code" >&2; exit 1; }
-  before=$(cpu_ticks)
-  out=$(wrk -t2 -c"$CONNECTIONS" -d"$DURATION" -H "x-tenant: acme" "$@" "http://127.0.0.1:$GW_PORT/$route/x")
-  after=$(cpu_ticks)
-  n=$(awk '/requests in/ {print $1}' <<<"$out")
-  rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-  us=$(awk -v t=$((after - before)) -v n="$n" -v u="$TICK_US" 'BEGIN { printf "%.2f", t * u / n }')
-  echo "$route $rps $us" >> "$WORK/results"
-  printf '  %-8s %10s req/s  %6s CPU µs/request\n' "$route" "$rps" "$us"
+  cpu_run "$route" "$GW_PID" "$WORK/results" -t2 -c"$CONNECTIONS" -d"$DURATION" -H "x-tenant: acme" "$@" "http://127.0.0.1:$GW_PORT/$route/x"
 }
 
 echo "wrk -t2 -c$CONNECTIONS -d$DURATION per run, $ROUNDS round(s); CPU is the gateway's (all threads)"
@@ -119,7 +108,7 @@ for r in $(seq 1 "$ROUNDS"); do
   run json -s "$WORK/post.lua"
 done
 
-med() { awk -v n="$1" -v c="$2" '$1 == n {print $c}' "$WORK/results" | median; }
+med() { result_median "$WORK/results" "$1" "$2"; }
 echo "medians"
 for pair in "bare bare" "header bare" "jsonbare jsonbare" "json jsonbare"; do
   set -- $pair
