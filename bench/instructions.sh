@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Instructions per request, counted by valgrind's callgrind: Switchyard proxying a small GET to
 # nginx on a bare route and on a route with the full middleware stack (the routes of
-# bench/proxy.sh), so that what the middleware costs is a count, not a noisy rate. Callgrind
+# bench/proxy.sh), so that what the middleware costs is a count, not a noisy rate; and a
+# transcoded gRPC call (`GET /v1/orders/7` → `shop.v1.Orders/GetOrder`, bench/grpc.sh's route). Callgrind
 # counts instructions whatever else the machine is doing, so two builds can be compared on a
 # shared machine: run this once per build (or with BASELINE_REV, both in one go).
 #
@@ -12,7 +13,8 @@
 #
 # The gateway runs with its default runtime (per core) and one worker, so that every request
 # is counted on one thread. Counters are zeroed after a warm-up, then REQUESTS requests are
-# sent by h2load over 4 keep-alive connections, and the count is dumped.
+# sent by h2load over 4 keep-alive connections (HTTP/1.1 to the proxy routes, h2c with 4
+# streams each to the gRPC route), and the count is dumped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,6 +22,7 @@ REQUESTS=${REQUESTS:-4000}
 UP_PORT=${UP_PORT:-18181}
 SY_PORT=${SY_PORT:-18183}
 SY_ADMIN=${SY_ADMIN:-18184}
+GRPC_PORT=${GRPC_PORT:-18185}
 TOP=${TOP:-0}
 . bench/common.sh
 
@@ -33,12 +36,13 @@ if [ -n "${BASELINE_REV:-}" ]; then
 fi
 # The same build as bench/proxy.sh's (an example turns the dev-dependencies' features on), so
 # that running one after the other does not rebuild.
-cargo build --release --locked --bin switchyard --example hyper_proxy >/dev/null
+cargo build --release --locked --bin switchyard --example hyper_proxy --example shop_server >/dev/null
 
 WORK=$(mktemp -d)
 cleanup() {
   [ -f "$WORK/upstream/nginx.pid" ] && kill "$(cat "$WORK/upstream/nginx.pid")" 2>/dev/null || true
   [ -n "${VG_PID:-}" ] && kill "$VG_PID" 2>/dev/null || true
+  [ -n "${SHOP_PID:-}" ] && kill "$SHOP_PID" 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -46,7 +50,24 @@ trap cleanup EXIT
 start_nginx "$WORK/upstream" <<CONF
   server { listen 127.0.0.1:$UP_PORT; location / { default_type text/plain; return 200 "hello, world\n"; } }
 CONF
-proxy_routes "$SY_PORT" "$SY_ADMIN" "$UP_PORT" "workers: 1" > "$WORK/routes.yaml"
+SHOP_ADDR="127.0.0.1:$GRPC_PORT" "$BIN/examples/shop_server" >"$WORK/shop.log" 2>&1 &
+SHOP_PID=$!
+proxy_routes "$SY_PORT" "$SY_ADMIN" "$UP_PORT" "workers: 1" \
+  | awk -v port="$GRPC_PORT" -v protos="$PWD/examples/protos" '
+    { print }
+    /^backends:/ {
+      print "  shop:"
+      print "    type: grpc"
+      print "    endpoints: [\"http://127.0.0.1:" port "\"]"
+      print "    protos: [\"" protos "/shop.proto\"]"
+      print "    import_paths: [\"" protos "\"]"
+    }
+    END {
+      print "  - id: grpc"
+      print "    match: { method: GET, path: \"/v1/orders/{id}\" }"
+      print "    backend: shop"
+      print "    grpc: { method: shop.v1.Orders/GetOrder }"
+    }' > "$WORK/routes.yaml"
 
 # count BIN NAME: instructions per request on each route of the gateway BIN.
 count() {
@@ -58,11 +79,14 @@ count() {
     curl -fsS "http://127.0.0.1:$SY_ADMIN/readyz" >/dev/null 2>&1 && break
     sleep 0.2
   done
-  for route in bare full; do
-    h2load --h1 -n 400 -c 4 "http://127.0.0.1:$SY_PORT/$route/bench" >/dev/null
+  for route in bare full grpc; do
+    local load=(--h1 -c 4) url="http://127.0.0.1:$SY_PORT/$route/bench"
+    if [ "$route" = grpc ]; then
+      load=(-c 4 -m 4) url="http://127.0.0.1:$SY_PORT/v1/orders/7"
+    fi
+    h2load "${load[@]}" -n 400 "$url" >/dev/null
     callgrind_control -z "$VG_PID" >/dev/null
-    h2load --h1 -n "$REQUESTS" -c 4 "http://127.0.0.1:$SY_PORT/$route/bench" \
-      | awk '/^requests:/ {print "  " $0}'
+    h2load "${load[@]}" -n "$REQUESTS" "$url" | awk '/^requests:/ {print "  " $0}'
     callgrind_control -d "$VG_PID" >/dev/null
     local file ir
     file=$(ls -t "$out".* | head -1)
@@ -82,15 +106,18 @@ count "$BIN/switchyard" this
 
 ir() { awk -v n="$1" -v r="$2" '$1 == n && $2 == r {print $3}' "$WORK/results"; }
 echo
-awk -v b="$(ir this bare)" -v f="$(ir this full)" -v n="$REQUESTS" 'BEGIN {
+awk -v b="$(ir this bare)" -v f="$(ir this full)" -v g="$(ir this grpc)" -v n="$REQUESTS" 'BEGIN {
   printf "this build: bare %d, full %d instructions/request; the middleware adds %d (%.1f %%)\n",
-    b / n, f / n, (f - b) / n, 100 * (f - b) / b }'
+    b / n, f / n, (f - b) / n, 100 * (f - b) / b
+  printf "this build: transcoded gRPC %d instructions/request\n", g / n }'
 if [ -n "$BASE_BIN" ]; then
   awk -v b="$(ir baseline bare)" -v f="$(ir baseline full)" -v tb="$(ir this bare)" \
     -v tf="$(ir this full)" -v n="$REQUESTS" -v rev="$BASELINE_REV" 'BEGIN {
     printf "%s: bare %d, full %d instructions/request; the middleware adds %d (%.1f %%)\n",
       rev, b / n, f / n, (f - b) / n, 100 * (f - b) / b
     printf "this/%s instructions: bare %.3f, full %.3f\n", rev, tb / b, tf / f }'
+  awk -v b="$(ir baseline grpc)" -v t="$(ir this grpc)" -v n="$REQUESTS" -v rev="$BASELINE_REV" 'BEGIN {
+    printf "%s: transcoded gRPC %d instructions/request; this/%s %.3f\n", rev, b / n, rev, t / b }'
 fi
 if [ "$TOP" -gt 0 ]; then
   echo

@@ -1,6 +1,7 @@
 //! A tonic codec for dynamic messages: encodes and decodes any protobuf message described by
 //! descriptors loaded at run time, so no code is generated for the services Switchyard bridges.
 
+use bytes::{Buf, Bytes};
 use prost::Message;
 use prost_reflect::{DynamicMessage, MessageDescriptor};
 use tonic::Status;
@@ -58,5 +59,37 @@ impl Codec for DynamicCodec {
 
     fn decoder(&mut self) -> DynamicDecoder {
         DynamicDecoder(self.decodes.clone())
+    }
+}
+
+/// Encodes any `DynamicMessage` and hands a reply over as its bytes, for
+/// [`super::reply::write`] to write as JSON without decoding it first.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReplyCodec;
+
+#[derive(Debug)]
+pub struct BytesDecoder;
+
+impl Decoder for BytesDecoder {
+    type Item = Bytes;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, Status> {
+        Ok(Some(src.copy_to_bytes(src.remaining())))
+    }
+}
+
+impl Codec for ReplyCodec {
+    type Encode = DynamicMessage;
+    type Decode = Bytes;
+    type Encoder = DynamicEncoder;
+    type Decoder = BytesDecoder;
+
+    fn encoder(&mut self) -> DynamicEncoder {
+        DynamicEncoder
+    }
+
+    fn decoder(&mut self) -> BytesDecoder {
+        BytesDecoder
     }
 }

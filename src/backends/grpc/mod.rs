@@ -10,6 +10,7 @@ pub mod live;
 mod ndjson;
 pub mod passthrough;
 pub mod reflection;
+pub mod reply;
 pub mod spec;
 pub mod status;
 mod stream;
@@ -799,7 +800,10 @@ impl GrpcRouteService {
                 Err(status) => Err(self.status_error(status, parts.extensions.get::<Deadline>())),
             };
         }
-        match grpc.unary(request, self.path.clone(), codec).await {
+        match grpc
+            .unary(request, self.path.clone(), codec::ReplyCodec)
+            .await
+        {
             Ok(resp) => self.reply(resp),
             Err(status) => Err(self.status_error(status, parts.extensions.get::<Deadline>())),
         }
@@ -822,8 +826,7 @@ impl GrpcRouteService {
         let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
         let mut grpc = self.client();
         let request = self.outgoing(&parts, ndjson::messages(body, parse, failed_tx));
-        let codec = codec::DynamicCodec::new(self.method.output());
-        let call = grpc.client_streaming(request, self.path.clone(), codec);
+        let call = grpc.client_streaming(request, self.path.clone(), codec::ReplyCodec);
         tokio::select! {
             // A bad line or a failed body: dropping the call cancels the stream on the server.
             Ok(e) = failed_rx => Err(e),
@@ -834,9 +837,24 @@ impl GrpcRouteService {
         }
     }
 
-    /// A unary reply as JSON (or its `response_body` field, or a passed-through HttpBody).
-    fn reply(&self, resp: tonic::Response<DynamicMessage>) -> Result<Response, BoxError> {
-        let (metadata, reply, extensions) = resp.into_parts();
+    /// A unary reply as JSON (or its `response_body` field, or a passed-through HttpBody). A
+    /// whole reply is written from its bytes when their encoding allows (`reply::write`);
+    /// otherwise, and for the other two, it is decoded first.
+    fn reply(&self, resp: tonic::Response<Bytes>) -> Result<Response, BoxError> {
+        let (metadata, raw, extensions) = resp.into_parts();
+        let output = self.method.output();
+        if self.response_body.is_none() && output.full_name() != "google.api.HttpBody" {
+            let mut json = Vec::with_capacity(64 + 2 * raw.len());
+            if reply::write(&output, &raw, &self.opts, &mut json).is_ok() {
+                return Ok(with_upstream(json_response(json, &metadata), &extensions));
+            }
+        }
+        let reply = DynamicMessage::decode(output, raw).map_err(|e| {
+            self.status_error(
+                tonic::Status::internal(format!("decoding the message failed: {e}")),
+                None,
+            )
+        })?;
         self.reply_json(metadata, reply)
             .map(|r| with_upstream(r, &extensions))
     }

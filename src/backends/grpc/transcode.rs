@@ -71,7 +71,7 @@ impl Options {
         }
     }
 
-    fn print(&self) -> SerializeOptions {
+    pub(super) fn print(&self) -> SerializeOptions {
         SerializeOptions::new()
             .skip_default_fields(!self.emit_defaults)
             .use_proto_field_name(self.proto_names)
