@@ -614,6 +614,11 @@ pub struct RouteSpec {
     pub matcher: MatchSpec,
     /// Name of an entry under `backends`.
     pub backend: String,
+    /// Other backends, of the same type as `backend`, that a `script` plugin of the route may
+    /// send a request to instead (`req.backend = "name"`): a canary, a blue/green switch. Each
+    /// gets the route's own tries, breaker and limits.
+    #[serde(default)]
+    pub alternatives: Vec<String>,
     /// Settings for an `http` backend.
     #[serde(default)]
     pub http: Option<HttpRouteSpec>,

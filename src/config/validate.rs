@@ -638,6 +638,7 @@ fn validate_route(
             }
         }
     }
+    validate_alternatives(cx, spec, &base, id, route);
     let bridge = match (&route.websocket, spec.backends.get(&route.backend)) {
         (Some(ws), Some(backend)) => {
             validate_websocket_route(cx, &base, id, route, ws, backend, template.as_ref());
@@ -686,6 +687,69 @@ fn validate_route(
         }
     }
     template
+}
+
+/// A route's `alternatives`: declared backends of `backend`'s type, each once, chosen by a
+/// script, on a route whose requests are not kept for later (what the spool or a job sends
+/// later does not pass the script again, so it could not keep the choice).
+fn validate_alternatives(
+    cx: &mut Checks,
+    spec: &ConfigSpec,
+    base: &str,
+    id: Option<&str>,
+    route: &RouteSpec,
+) {
+    if route.alternatives.is_empty() {
+        return;
+    }
+    let kind = spec.backends.get(&route.backend).map(BackendSpec::kind);
+    for (j, name) in route.alternatives.iter().enumerate() {
+        let path = format!("{base}.alternatives[{j}]");
+        let why = match spec.backends.get(name) {
+            None => Some(format!("backend `{name}` is not defined")),
+            Some(_) if *name == route.backend => Some(format!(
+                "`{name}` is the route's `backend`; list only the others"
+            )),
+            Some(_) if route.alternatives[..j].contains(name) => {
+                Some(format!("`{name}` is listed twice"))
+            }
+            Some(b) if kind.is_some_and(|k| k != b.kind()) => Some(format!(
+                "`{name}` is a {} backend and `{}` a {}; alternatives share the route's settings, so they are of one type",
+                b.kind(),
+                route.backend,
+                kind.unwrap_or_default()
+            )),
+            Some(_) => None,
+        };
+        if let Some(why) = why {
+            cx.err(&path, id, why);
+        }
+    }
+    let kept = if route.spool {
+        Some("`spool: true`")
+    } else if route.mode == crate::config::RouteMode::Async {
+        Some("`mode: async`")
+    } else if route.on_timeout == crate::config::OnTimeout::Accept {
+        Some("`on_timeout: accept`")
+    } else {
+        None
+    };
+    if let Some(kept) = kept {
+        cx.err_key_route(
+            &format!("{base}.alternatives"),
+            id,
+            format!(
+                "a route with {kept} sends requests later, past its script, which could not choose among `alternatives` then; remove one of the two"
+            ),
+        );
+    }
+    if !route.plugins.iter().any(|p| p.name == "script") {
+        cx.err_key_route(
+            &format!("{base}.alternatives"),
+            id,
+            "only a `script` plugin on the route chooses among `alternatives` (`req.backend = \"name\"`); add one",
+        );
+    }
 }
 
 /// A WebSocket route: the handshake policy, connection care, and the bridge's settings, which

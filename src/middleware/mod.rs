@@ -3,6 +3,7 @@
 //! shared references (`RouteService::direct`): a layer clones only what its future keeps.
 
 pub mod breaker;
+pub mod choose;
 pub mod context;
 pub mod correlation;
 
@@ -44,12 +45,15 @@ use crate::telemetry::metrics::Metrics;
 ///    the same tries and breaker as a direct request.
 /// 8. **Overall timeout**: one deadline for everything below it, retries and backoff included;
 ///    it sets the `Deadline` extension so backends can pass the remaining time on.
-/// 9. **Retry** (with the backend's budget): outside the breaker so that every try is judged by
-///    it, and a breaker that opens mid-way stops further tries at once.
-/// 10. **Circuit breaker** (per backend, shared by its routes): sees each try's outcome.
-/// 11. **Backend concurrency limit**: each try holds a slot on the backend.
-/// 12. **Per-try timeout**: bounds one try, so a hung try can be retried within the deadline.
-/// 13. **Backend**: the protocol bridge itself.
+/// 9. **Backend choice** (`alternatives` only): the backend a script chose; each backend has
+///    its own layers 10 to 14 below, so a canary's failures open its own breaker and spend its
+///    own retry budget, while the route's rate, limits and deadline above stay one.
+/// 10. **Retry** (with the backend's budget): outside the breaker so that every try is judged by
+///     it, and a breaker that opens mid-way stops further tries at once.
+/// 11. **Circuit breaker** (per backend, shared by its routes): sees each try's outcome.
+/// 12. **Backend concurrency limit**: each try holds a slot on the backend.
+/// 13. **Per-try timeout**: bounds one try, so a hung try can be retried within the deadline.
+/// 14. **Backend**: the protocol bridge itself.
 ///
 /// A WebSocket route gets the same layers, but they see only its handshake: the answer (101)
 /// ends the request, so the timeout bounds the handshake and the breaker and limits judge
@@ -58,41 +62,27 @@ pub fn stack(
     route: &RouteSpec,
     defaults: &DefaultsSpec,
     backend: &BuiltBackend,
+    alternatives: &[Arc<BuiltBackend>],
     metrics: &Arc<Metrics>,
     state: Option<&Arc<State>>,
     cx: &crate::backends::BuildContext<'_>,
 ) -> Result<RouteStack, FieldError> {
     let needs_state = || FieldError::from("the route needs the state store, which is not open");
     let id: Arc<str> = route.id.as_str().into();
-    let backend_name: Arc<str> = backend.name.as_str().into();
-    let mut svc = backend.route_service(route, metrics)?;
-    if let Some(t) = route.per_try_timeout.or(defaults.per_try_timeout) {
-        svc = RouteService::direct(timeout::TimeoutLayer::per_try(t.0).layer(svc));
-    }
-    if let Some(slots) = &backend.policy.concurrency {
-        let scope: Arc<str> = format!("backend {}", backend.name).into();
-        svc = RouteService::direct(limit::ConcurrencyLimitService::new(
-            svc,
-            slots.clone(),
-            scope,
-            metrics.clone(),
-        ));
-    }
-    if let Some(b) = &backend.policy.breaker {
-        svc = RouteService::direct(breaker::BreakerService::new(svc, b.clone()));
-    }
-    if let Some(r) = route.retry.as_ref().or(defaults.retry.as_ref())
-        && r.attempts > 1
-    {
-        let policy = Arc::new(retry::RetryPolicy::new(r, route.idempotent));
-        svc = RouteService::direct(retry::RetryService::new(
-            svc,
-            policy,
-            backend.policy.budget.clone(),
-            id.clone(),
-            backend_name,
-            metrics.clone(),
-        ));
+    let mut svc = tries(route, defaults, backend, metrics)?;
+    if !alternatives.is_empty() {
+        let mut others = Vec::with_capacity(alternatives.len());
+        for (j, alt) in alternatives.iter().enumerate() {
+            let below = tries(route, defaults, alt, metrics).map_err(|e| {
+                let on = e.field.map(|f| format!(" (`{f}`)")).unwrap_or_default();
+                FieldError::at(
+                    format!("alternatives[{j}]"),
+                    format!("backend `{}`{on}: {}", alt.name, e.message),
+                )
+            })?;
+            others.push((Arc::from(alt.name.as_str()), below));
+        }
+        svc = RouteService::direct(choose::Choose::new(svc, others));
     }
     let timeout = route.timeout.unwrap_or(defaults.timeout).0;
     let background = route
@@ -182,6 +172,45 @@ pub fn stack(
     })
 }
 
+/// Layers 10 to 14 of [`stack`] around one backend: what each try of a request passes.
+fn tries(
+    route: &RouteSpec,
+    defaults: &DefaultsSpec,
+    backend: &BuiltBackend,
+    metrics: &Arc<Metrics>,
+) -> Result<RouteService, FieldError> {
+    let mut svc = backend.route_service(route, metrics)?;
+    if let Some(t) = route.per_try_timeout.or(defaults.per_try_timeout) {
+        svc = RouteService::direct(timeout::TimeoutLayer::per_try(t.0).layer(svc));
+    }
+    if let Some(slots) = &backend.policy.concurrency {
+        let scope: Arc<str> = format!("backend {}", backend.name).into();
+        svc = RouteService::direct(limit::ConcurrencyLimitService::new(
+            svc,
+            slots.clone(),
+            scope,
+            metrics.clone(),
+        ));
+    }
+    if let Some(b) = &backend.policy.breaker {
+        svc = RouteService::direct(breaker::BreakerService::new(svc, b.clone()));
+    }
+    if let Some(r) = route.retry.as_ref().or(defaults.retry.as_ref())
+        && r.attempts > 1
+    {
+        let policy = Arc::new(retry::RetryPolicy::new(r, route.idempotent));
+        svc = RouteService::direct(retry::RetryService::new(
+            svc,
+            policy,
+            backend.policy.budget.clone(),
+            route.id.as_str().into(),
+            backend.name.as_str().into(),
+            metrics.clone(),
+        ));
+    }
+    Ok(svc)
+}
+
 /// `svc` inside the route's plugins, the first listed outermost; except `cors`, which is
 /// always outermost, so that a preflight (which carries no credentials) is answered before any
 /// authentication plugin would refuse it.
@@ -201,7 +230,7 @@ fn with_plugins(
             )
         };
         let plugin = plugins::find(&p.name).ok_or_else(|| refused("unknown plugin".into()))?;
-        svc = plugin.wrap(&p.config, svc, cx).map_err(refused)?;
+        svc = plugin.wrap(&p.config, svc, route, cx).map_err(refused)?;
     }
     Ok(svc)
 }

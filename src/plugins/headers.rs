@@ -119,6 +119,7 @@ impl Plugin for HeadersPlugin {
         &self,
         config: &serde_json::Value,
         inner: RouteService,
+        _route: &crate::config::RouteSpec,
         _cx: &crate::backends::BuildContext<'_>,
     ) -> Result<RouteService, String> {
         let (req_ops, resp_ops) = compile(config)?;

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use crate::backends::BuildContext;
+use crate::config::RouteSpec;
 use crate::{BoxError, Request, ResponseFuture, RouteService};
 
 pub trait Plugin: Send + Sync + 'static {
@@ -24,13 +25,14 @@ pub trait Plugin: Send + Sync + 'static {
     fn name(&self) -> &'static str;
     /// Checks the plugin's settings. Pure.
     fn validate(&self, config: &serde_json::Value) -> Result<(), String>;
-    /// Wraps `inner` with this plugin. Called once per route when config loads; may read the
-    /// files the settings name (recorded in `cx`, so that a change reloads the config) and
-    /// start background work that waits on `cx`'s gate.
+    /// Wraps `inner` with this plugin for `route`. Called once per route when config loads;
+    /// may read the files the settings name (recorded in `cx`, so that a change reloads the
+    /// config) and start background work that waits on `cx`'s gate.
     fn wrap(
         &self,
         config: &serde_json::Value,
         inner: RouteService,
+        route: &RouteSpec,
         cx: &BuildContext<'_>,
     ) -> Result<RouteService, String>;
 }
@@ -88,6 +90,7 @@ impl<G: Guard> Plugin for G {
         &self,
         config: &serde_json::Value,
         inner: RouteService,
+        _route: &RouteSpec,
         cx: &BuildContext<'_>,
     ) -> Result<RouteService, String> {
         Ok(RouteService::new(Guarded::<G> {

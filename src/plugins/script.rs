@@ -19,6 +19,7 @@ use serde::Deserialize;
 use crate::backends::BuildContext;
 use crate::config::types::{Dur, Size};
 use crate::error::Problem;
+use crate::middleware::choose::Chosen;
 use crate::middleware::context::RequestContext;
 use crate::{BoxError, Request, RouteService, full_body};
 
@@ -93,6 +94,8 @@ pub struct Settings {
     on_message: bool,
     on_reply: bool,
     metrics: Option<Arc<crate::telemetry::metrics::Metrics>>,
+    /// The route's `backend`, then its `alternatives`: what `req.backend` may be set to.
+    backends: Arc<[Arc<str>]>,
 }
 
 thread_local! {
@@ -177,10 +180,16 @@ impl super::Plugin for ScriptPlugin {
         &self,
         config: &serde_json::Value,
         inner: RouteService,
+        route: &crate::config::RouteSpec,
         cx: &BuildContext<'_>,
     ) -> Result<RouteService, String> {
+        let mut settings = build(config, cx)?;
+        settings.backends = std::iter::once(&route.backend)
+            .chain(&route.alternatives)
+            .map(|b| Arc::from(b.as_str()))
+            .collect();
         Ok(RouteService::new(Scripted {
-            settings: Arc::new(build(config, cx)?),
+            settings: Arc::new(settings),
             inner,
         }))
     }
@@ -224,6 +233,7 @@ fn build(config: &serde_json::Value, cx: &BuildContext<'_>) -> Result<Settings, 
         on_message,
         on_reply,
         metrics: cx.metrics.clone(),
+        backends: Arc::default(),
     })
 }
 
@@ -285,6 +295,10 @@ struct Facts {
     destination: String,
     destination_changed: bool,
     exchange: String,
+    /// The backend the request goes to, among `backends` (the route's, then its alternatives).
+    backend: String,
+    backend_changed: bool,
+    backends: Arc<[Arc<str>]>,
 }
 
 impl Exchange {
@@ -421,6 +435,25 @@ fn register(e: &mut Engine) {
             })
         },
     );
+    e.register_get("backend", |x: &mut Exchange| x.with(|f| f.backend.clone()));
+    e.register_set(
+        "backend",
+        |x: &mut Exchange, name: &str| -> Result<(), Fail> {
+            x.with(|f| {
+                if !f.backends.iter().any(|b| &**b == name) {
+                    let known: Vec<&str> = f.backends.iter().map(|b| &**b).collect();
+                    return Err(format!(
+                        "`{name}` is not a backend of this route ({}); list it under the route's `alternatives`",
+                        known.join(", ")
+                    )
+                    .into());
+                }
+                f.backend = name.to_string();
+                f.backend_changed = true;
+                Ok(())
+            })
+        },
+    );
     e.register_fn("set_ctx", |x: &mut Exchange, name: &str, value: Dynamic| {
         x.with(|f| f.ctx.insert(name.to_string(), value.to_string()));
     });
@@ -462,6 +495,14 @@ fn register(e: &mut Engine) {
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect()
+    });
+    // A stable share of users: the same text always falls in the same bucket, 0 to 99
+    // (the first bytes of its SHA-256), for canaries that keep a user on one version.
+    e.register_fn("bucket", |text: &str| -> i64 {
+        use sha2::Digest;
+        let digest = sha2::Sha256::digest(text.as_bytes());
+        let head = u64::from_be_bytes(digest[..8].try_into().expect("eight bytes"));
+        (head % 100) as i64
     });
     e.register_fn("same", |a: &str, b: &str| -> bool {
         use subtle::ConstantTimeEq;
@@ -620,6 +661,13 @@ async fn run(
             }
             f.seen = text_headers(&parts.headers);
             f.body = json;
+            f.backends = s.backends.clone();
+            f.backend = parts
+                .extensions
+                .get::<Chosen>()
+                .map(|c| &c.0)
+                .or(s.backends.first())
+                .map_or_else(String::new, |b| b.to_string());
         });
         match call_hook(s, "on_request", &x) {
             Err(why) => return Err(failed(s, &route, "on_request", &why)),
@@ -657,6 +705,11 @@ async fn run(
         }
         if !facts.ctx.is_empty() {
             parts.extensions.insert(Values(Arc::new(facts.ctx)));
+        }
+        if facts.backend_changed
+            && let Some(b) = s.backends.iter().find(|b| ***b == *facts.backend)
+        {
+            parts.extensions.insert(Chosen(b.clone()));
         }
     }
     if s.on_message || s.on_reply {

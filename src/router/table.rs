@@ -245,7 +245,10 @@ impl RouteTable {
                     reason: e.message,
                 }),
             };
-            if !backends.by_name.contains_key(&r.backend) && spec.backends.contains_key(&r.backend)
+            let unbuilt =
+                |b: &String| !backends.by_name.contains_key(b) && spec.backends.contains_key(b);
+            if unbuilt(&r.backend)
+                || r.alternatives.iter().any(unbuilt)
                 || state_failed && needs_state(r)
             {
                 continue;
@@ -311,10 +314,21 @@ impl RouteTable {
                             format!("backend `{}` is not defined", r.backend)
                         ))
                     };
+                    let mut alternatives = Vec::with_capacity(r.alternatives.len());
+                    for (j, name) in r.alternatives.iter().enumerate() {
+                        match backends.by_name.get(name) {
+                            Some(b) => alternatives.push(b.clone()),
+                            None => refuse!(FieldError::at(
+                                format!("alternatives[{j}]"),
+                                format!("backend `{name}` is not defined")
+                            )),
+                        }
+                    }
                     match middleware::stack(
                         r,
                         &spec.defaults,
                         &backend,
+                        &alternatives,
                         metrics,
                         state.as_ref(),
                         cx,

@@ -646,3 +646,167 @@ async fn a_scripts_log_lines_carry_the_requests_correlation_id() {
     assert_eq!(line["span"]["correlation_id"], "script-log-1", "{line}");
     assert_eq!(line["span"]["route"], "tenants", "{line}");
 }
+
+/// The canary example of the repository's `plugins/`.
+const CANARY: &str = include_str!("../../plugins/canary.rhai");
+
+/// A route `GET /orders/{id}` to `main`, with `canary` as its alternative and the canary
+/// script choosing between them; `extra` follows the canary backend's endpoints.
+fn canary_routes(main: &str, canary: &str, extra: &str) -> String {
+    format!(
+        r#"
+backends:
+  main: {{ type: http, endpoints: ["{main}"] }}
+  canary: {{ type: http, endpoints: ["{canary}"]{extra} }}
+routes:
+  - id: orders
+    match: {{ method: GET, path: "/orders/{{id}}" }}
+    backend: main
+    alternatives: [canary]
+    plugins:
+      - script:
+          file: plugins/canary.rhai
+          config: {{ backend: canary, header: x-canary, sticky: x-user, percent: 30 }}
+"#
+    )
+}
+
+fn order(
+    gw: &Gateway,
+    headers: &[(&str, &str)],
+) -> impl std::future::Future<Output = (http::StatusCode, http::HeaderMap, bytes::Bytes)> {
+    let mut r = request(Method::GET, &gw.url("/orders/7"));
+    for (k, v) in headers {
+        r = r.header(*k, *v);
+    }
+    send(r.body(body("")).unwrap())
+}
+
+#[tokio::test]
+async fn a_header_or_a_stable_share_of_users_goes_to_the_canary_backend() {
+    let (main, canary) = (Upstream::start().await, Upstream::start().await);
+    let gw = with_scripts(
+        &canary_routes(&main.url(), &canary.url(), ""),
+        &[("canary.rhai", CANARY)],
+    )
+    .await;
+    let (s, _, b) = order(&gw, &[("x-canary", "on")]).await;
+    assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
+    assert_eq!((main.hits(), canary.hits()), (0, 1), "asked for the canary");
+    assert_eq!(json(&b)["path"], "/orders/7");
+    order(&gw, &[("x-canary", "off"), ("x-user", "u1")]).await;
+    order(&gw, &[]).await;
+    assert_eq!(
+        (main.hits(), canary.hits()),
+        (2, 1),
+        "asked for the main one, or no user"
+    );
+
+    // Users by their id: about 30 in 100 on the canary, each one always on the same side.
+    let before = canary.hits();
+    let mut on_canary = Vec::new();
+    for i in 0..200 {
+        let user = format!("user-{i}");
+        let hits = canary.hits();
+        let (s, _, _) = order(&gw, &[("x-user", &user)]).await;
+        assert_eq!(s, 200);
+        on_canary.push(canary.hits() > hits);
+    }
+    let share = on_canary.iter().filter(|c| **c).count();
+    assert!(
+        (30..=90).contains(&share),
+        "{share} of 200 users on the canary, for 30 %"
+    );
+    for i in (0..200).step_by(7) {
+        let hits = canary.hits();
+        order(&gw, &[("x-user", &format!("user-{i}"))]).await;
+        assert_eq!(canary.hits() > hits, on_canary[i], "user-{i} moved");
+    }
+    assert!(canary.hits() > before);
+}
+
+#[tokio::test]
+async fn a_failing_canary_opens_its_own_breaker_and_the_main_backend_keeps_serving() {
+    let main = Upstream::start().await;
+    let canary = Upstream::fixed(503).await;
+    let gw = with_scripts(
+        &canary_routes(
+            &main.url(),
+            &canary.url(),
+            ", breaker: { consecutive_failures: 2, open_for: 60s }",
+        ),
+        &[("canary.rhai", CANARY)],
+    )
+    .await;
+    for _ in 0..2 {
+        let (s, _, _) = order(&gw, &[("x-canary", "on")]).await;
+        assert_eq!(s, 503);
+    }
+    let (s, _, b) = order(&gw, &[("x-canary", "on")]).await;
+    assert_eq!(s, 503);
+    assert!(
+        json(&b)["type"]
+            .as_str()
+            .unwrap_or("")
+            .ends_with("circuit-open"),
+        "{}",
+        String::from_utf8_lossy(&b)
+    );
+    assert_eq!(
+        canary.hits(),
+        2,
+        "the open breaker keeps requests off the canary"
+    );
+    for _ in 0..3 {
+        let (s, _, _) = order(&gw, &[]).await;
+        assert_eq!(s, 200, "the route's main backend has a breaker of its own");
+    }
+    assert_eq!(main.hits(), 3);
+}
+
+#[tokio::test]
+async fn a_backend_the_route_does_not_list_fails_the_script() {
+    let (main, canary) = (Upstream::start().await, Upstream::start().await);
+    let yaml = canary_routes(&main.url(), &canary.url(), "");
+    let gw = with_scripts(
+        &yaml,
+        &[(
+            "canary.rhai",
+            "fn on_request(req) { req.backend = \"elsewhere\"; }",
+        )],
+    )
+    .await;
+    let (s, _, b) = order(&gw, &[]).await;
+    assert_eq!(s, 500, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(
+        json(&b)["detail"],
+        "The script plugins/canary.rhai of route `orders` failed in `on_request`."
+    );
+    assert_eq!((main.hits(), canary.hits()), (0, 0));
+}
+
+#[tokio::test]
+async fn alternatives_are_checked_when_the_config_loads() {
+    let yaml = canary_routes("http://127.0.0.1:9", "http://127.0.0.1:9", "");
+    let scripts = [("canary.rhai", CANARY)];
+    let cases = [
+        (yaml.replace("[canary]", "[nowhere]"), "backend `nowhere` is not defined"),
+        (yaml.replace("[canary]", "[main]"), "`main` is the route's `backend`"),
+        (yaml.replace("[canary]", "[canary, canary]"), "`canary` is listed twice"),
+        (
+            yaml.replace(
+                "  canary: { type: http,",
+                "  canary: { type: mqtt, url: \"mqtt://127.0.0.1:1883\", client_id: gw-canary }\n  unused: { type: http,",
+            ),
+            "`canary` is a mqtt backend and `main` a http",
+        ),
+        (
+            yaml.replace("      - script:", "      - headers: { request: { set: { x-a: b } } }\n      - unused:"),
+            "only a `script` plugin on the route chooses among `alternatives`",
+        ),
+    ];
+    for (yaml, says) in cases {
+        let e = load_error(&yaml, &scripts).await;
+        assert!(e.contains(says), "want {says:?} in:\n{e}");
+    }
+}
