@@ -371,6 +371,36 @@ fn on_message(msg) {
 }
 "#;
 
+/// The next message in queue `q` is the order as `SORT` left it.
+async fn assert_sorted_amqp(conn: &lapin::Connection, q: &str) {
+    let ch = conn.create_channel().await.unwrap();
+    let m = ch
+        .basic_get(q.into(), lapin::options::BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+        .expect("the message");
+    assert_eq!(m.delivery.routing_key.as_str(), "orders.book");
+    assert_eq!(
+        crate::support::amqp::header_str(&m.delivery.properties, "x-script").as_deref(),
+        Some("on_message")
+    );
+    let v: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
+    assert_eq!(v, serde_json::json!({"kind": "book", "n": 1}));
+}
+
+/// An MQTT publish is the order as `SORT` left it, on its topic under `prefix`.
+fn assert_sorted_mqtt(p: &rumqttc::v5::mqttbytes::v5::Publish, prefix: &str) {
+    assert_eq!(&p.topic[..], format!("{prefix}/events/book").as_bytes());
+    let props = p.properties.as_ref().unwrap();
+    assert!(
+        props
+            .user_properties
+            .iter()
+            .any(|(k, v)| k == "x-script" && v == "on_message")
+    );
+    assert!(!String::from_utf8_lossy(&p.payload).contains("s3cr3t"));
+}
+
 #[tokio::test]
 async fn on_message_changes_amqp_and_mqtt_messages_before_they_are_published() {
     use crate::support::amqp as rabbit;
@@ -420,35 +450,11 @@ routes:
         "the answer names where it went"
     );
     let conn = rabbit::client().await;
-    let ch = conn.create_channel().await.unwrap();
-    let m = ch
-        .basic_get(
-            q.as_str().into(),
-            lapin::options::BasicGetOptions { no_ack: true },
-        )
-        .await
-        .unwrap()
-        .expect("the message");
-    assert_eq!(m.delivery.routing_key.as_str(), "orders.book");
-    assert_eq!(
-        rabbit::header_str(&m.delivery.properties, "x-script").as_deref(),
-        Some("on_message")
-    );
-    let v: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
-    assert_eq!(v, serde_json::json!({"kind": "book", "n": 1}));
+    assert_sorted_amqp(&conn, &q).await;
 
     let (s, _, b) = post("/events").await;
     assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
-    let p = sub.next().await;
-    assert_eq!(&p.topic[..], format!("{prefix}/events/book").as_bytes());
-    let props = p.properties.unwrap();
-    assert!(
-        props
-            .user_properties
-            .iter()
-            .any(|(k, v)| k == "x-script" && v == "on_message")
-    );
-    assert!(!String::from_utf8_lossy(&p.payload).contains("s3cr3t"));
+    assert_sorted_mqtt(&sub.next().await, &prefix);
     rabbit::cleanup(&conn, &[&x], &[&q]).await;
 
     // A spooling route would send later messages without it: refused at load.
@@ -809,4 +815,105 @@ async fn alternatives_are_checked_when_the_config_loads() {
         let e = load_error(&yaml, &scripts).await;
         assert!(e.contains(says), "want {says:?} in:\n{e}");
     }
+}
+
+/// The next text frame of a WebSocket as JSON (pings skipped).
+async fn ws_json<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> serde_json::Value
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use futures_util::StreamExt;
+    loop {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(10), ws.next())
+            .await
+            .expect("a frame within 10 s")
+            .expect("the socket is open")
+            .expect("a frame");
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = frame {
+            return serde_json::from_str(&t).expect("a JSON frame");
+        }
+    }
+}
+
+#[tokio::test]
+async fn on_message_changes_the_messages_of_websocket_frames() {
+    use crate::support::amqp as rabbit;
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message as Frame;
+    let url = rabbit::broker_url().await;
+    let (x, q) = (rabbit::unique("x"), rabbit::unique("q"));
+    let addr = crate::support::mqtt::broker_addr().await;
+    let (prefix, mut sub) = crate::support::mqtt::Subscriber::on_fresh_prefix(&addr).await;
+    let mqtt = crate::mqtt::devices_backend(&addr);
+    let gw = with_scripts(
+        &format!(
+            r#"{rabbit}{devices}
+routes:
+  - id: orders-ws
+    match: {{ method: GET, path: /ws/orders }}
+    backend: rabbit
+    websocket:
+      amqp: {{ exchange: "{x}", routing_key: orders.unsorted, acks: true }}
+    plugins:
+      - script: {{ file: plugins/sort.rhai, body: json }}
+  - id: events-ws
+    match: {{ method: GET, path: /ws/events }}
+    backend: devices
+    websocket:
+      mqtt: {{ publish: "{prefix}/events", qos: 1, acks: true }}
+    plugins:
+      - script: {{ file: plugins/sort.rhai, body: json }}
+"#,
+            rabbit = rabbit::rabbit_backend(&url, &x, &q),
+            devices = mqtt.trim_start_matches("backends:\n"),
+        ),
+        &[("sort.rhai", SORT)],
+    )
+    .await;
+    gw.wait_backend("rabbit", true).await;
+    gw.wait_backend("devices", true).await;
+    let order = r#"{"kind":"book","secret":"s3cr3t","n":1}"#;
+
+    // AMQP: each frame's message as the script left it; a frame it fails on gets an error
+    // frame naming the script, and the socket carries on.
+    let ws_url = |path: &str| format!("ws://{}{path}", gw.listen);
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url("/ws/orders"))
+        .await
+        .unwrap();
+    ws.send(Frame::text("not json")).await.unwrap();
+    let err = ws_json(&mut ws).await;
+    assert_eq!(
+        (err["op"].as_str(), err["seq"].as_u64()),
+        (Some("error"), Some(1)),
+        "{err}"
+    );
+    assert_eq!(
+        err["detail"],
+        "The script plugins/sort.rhai of route `orders-ws` failed in `on_message`."
+    );
+    ws.send(Frame::text(order)).await.unwrap();
+    assert_eq!(
+        ws_json(&mut ws).await,
+        serde_json::json!({"op": "ack", "seq": 2})
+    );
+    let conn = rabbit::client().await;
+    assert_sorted_amqp(&conn, &q).await;
+
+    // MQTT: the same, on the topic the script made.
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url("/ws/events"))
+        .await
+        .unwrap();
+    ws.send(Frame::text("not json")).await.unwrap();
+    let err = ws_json(&mut ws).await;
+    assert_eq!(
+        (err["op"].as_str(), err["seq"].as_u64()),
+        (Some("error"), Some(1)),
+        "{err}"
+    );
+    ws.send(Frame::text(order)).await.unwrap();
+    let ack = ws_json(&mut ws).await;
+    assert_eq!(ack["seq"], 2, "{ack}");
+    assert_eq!(ack["topic"], format!("{prefix}/events/book"));
+    assert_sorted_mqtt(&sub.next().await, &prefix);
+    rabbit::cleanup(&conn, &[&x], &[&q]).await;
 }

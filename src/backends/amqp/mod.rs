@@ -1338,7 +1338,7 @@ impl AmqpRouteService {
 
 /// A message after a script's `on_message`: its routing key, body and text headers as the
 /// script left them (other header values are kept).
-fn scripted(
+pub(super) fn scripted(
     hook: &crate::plugins::script::MessageHook,
     exchange: &ShortString,
     routing_key: ShortString,

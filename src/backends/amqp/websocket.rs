@@ -20,7 +20,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions, QueueBindOptions,
     QueueDeclareOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Consumer};
 use serde_json::Value;
 
@@ -207,6 +207,10 @@ impl AmqpBridge {
             consumer,
             correlation,
             frames: crate::telemetry::otel::Frames::of(parts),
+            hook: parts
+                .extensions
+                .get::<crate::plugins::script::MessageHook>()
+                .cloned(),
             sent: 0,
         })))
     }
@@ -227,6 +231,8 @@ pub struct AmqpSession {
     correlation: Option<String>,
     /// Each frame's publish span, and the trace context its message carries.
     frames: crate::telemetry::otel::Frames,
+    /// A script's `on_message`, run on each client frame's message before it is published.
+    hook: Option<crate::plugins::script::MessageHook>,
     sent: u64,
 }
 
@@ -383,6 +389,26 @@ impl AmqpSession {
             headers.insert(k.into(), lapin::types::AMQPValue::LongString(v.into()));
         }
         props = props.with_headers(headers);
+        let (mut routing_key, mut payload) = (routing_key, payload);
+        if let Some(hook) = &self.hook {
+            let key = match ShortString::try_new(routing_key) {
+                Ok(k) => k,
+                Err(_) => {
+                    let e = Problem::internal("the routing key is longer than 255 bytes");
+                    return confirm_frame(true, seq, Err(e.into()));
+                }
+            };
+            match super::scripted(hook, &exchange.as_str().into(), key, payload, props) {
+                Ok((k, p, pr)) => (routing_key, payload, props) = (k.to_string(), p, pr),
+                Err(e) => {
+                    let failed = Err(e);
+                    if let Some(span) = span {
+                        span.end_with(&failed);
+                    }
+                    return confirm_frame(true, seq, failed);
+                }
+            }
+        }
         if let Some(span) = &span {
             use crate::telemetry::otel::{Attr, semconv};
             let destination = if exchange.is_empty() {

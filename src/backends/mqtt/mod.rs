@@ -587,6 +587,38 @@ impl MqttHandle {
     }
 }
 
+/// A publish after a script's `on_message`, which sees the topic, the user properties and the
+/// payload as made and may change them; its topic, which must still be one the broker takes
+/// on a shared connection, and its payload, within `limit`.
+pub(crate) fn scripted(
+    hook: &crate::plugins::script::MessageHook,
+    topic: String,
+    publish: &mut Publish,
+    limit: usize,
+) -> Result<String, BoxError> {
+    let props = publish.properties.get_or_insert_with(Default::default);
+    let m = hook.run(crate::plugins::script::Message {
+        destination: topic,
+        exchange: String::new(),
+        headers: std::mem::take(&mut props.user_properties),
+        body: publish.payload.clone(),
+    })?;
+    props.user_properties = m.headers;
+    if let Some(why) = unfit_topic(&m.destination, false) {
+        return Err(Problem::bad_request(format!(
+            "The topic the route's script made cannot be published to: {why}."
+        ))
+        .with_field("topic")
+        .into());
+    }
+    if m.body.len() > limit {
+        return Err(Problem::payload_too_large(limit as u64).into());
+    }
+    publish.topic = Bytes::from(m.destination.clone());
+    publish.payload = m.body;
+    Ok(m.destination)
+}
+
 /// Why a broker would close the connection over this topic name (`filter == false`, a
 /// publish) or topic filter (a subscription), if it would. Checked by [`MqttHandle`] before
 /// anything reaches the shared connection, so that no request can break it for the others:
@@ -1402,27 +1434,7 @@ impl MqttRouteService {
             .extensions
             .get::<crate::plugins::script::MessageHook>()
         {
-            let props = publish.properties.get_or_insert_with(Default::default);
-            let m = hook.run(crate::plugins::script::Message {
-                destination: topic.clone(),
-                exchange: String::new(),
-                headers: std::mem::take(&mut props.user_properties),
-                body: publish.payload.clone(),
-            })?;
-            props.user_properties = m.headers;
-            if let Some(why) = unfit_topic(&m.destination, false) {
-                return Err(Problem::bad_request(format!(
-                    "The topic the route's script made cannot be published to: {why}."
-                ))
-                .with_field("topic")
-                .into());
-            }
-            if m.body.len() > limit {
-                return Err(Problem::payload_too_large(limit as u64).into());
-            }
-            publish.topic = Bytes::from(m.destination.clone());
-            publish.payload = m.body;
-            topic = m.destination;
+            topic = scripted(hook, topic, &mut publish, limit)?;
         }
         let sent = crate::telemetry::access::enabled().then(std::time::Instant::now);
         if let Some(span) = span {

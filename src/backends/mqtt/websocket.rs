@@ -27,7 +27,7 @@ use tokio_stream::StreamMap;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::backends::mqtt::{
-    MqttHandle, Subscription, filter_covers, filter_matches, message_json, unfit_topic,
+    MqttHandle, Subscription, filter_covers, filter_matches, message_json, scripted, unfit_topic,
 };
 use crate::backends::values::{RequestValues, Target};
 use crate::backends::websocket::{
@@ -119,7 +119,7 @@ impl MqttBridge {
             .extensions
             .get::<RequestContext>()
             .map(|c| Bytes::copy_from_slice(c.correlation_id.as_bytes()));
-        Ok(Session::Mqtt(MqttSession {
+        Ok(Session::Mqtt(Box::new(MqttSession {
             handle: self.handle.clone(),
             ops: !allow.is_empty(),
             allow,
@@ -130,9 +130,13 @@ impl MqttBridge {
             max_subscriptions: self.max_subscriptions,
             correlation,
             frames: crate::telemetry::otel::Frames::of(parts),
+            hook: parts
+                .extensions
+                .get::<crate::plugins::script::MessageHook>()
+                .cloned(),
             subs,
             sent: 0,
-        }))
+        })))
     }
 }
 
@@ -200,6 +204,8 @@ pub struct MqttSession {
     correlation: Option<Bytes>,
     /// Each frame's publish span, and the trace context its message carries.
     frames: crate::telemetry::otel::Frames,
+    /// A script's `on_message`, run on each client frame's message before it is published.
+    hook: Option<crate::plugins::script::MessageHook>,
     subs: StreamMap<String, SubStream>,
     /// Client frames published so far (fixed topics number their acks with it).
     sent: u64,
@@ -350,6 +356,30 @@ impl MqttSession {
         };
         let mut publish = Publish::new(topic.clone(), qos_of(qos), payload, Some(props));
         publish.retain = retain;
+        let mut topic = topic;
+        if let Some(hook) = &self.hook {
+            match scripted(
+                hook,
+                topic.clone(),
+                &mut publish,
+                self.handle.payload_limit(),
+            ) {
+                Ok(t) => topic = t,
+                Err(e) => {
+                    // Answered as the frame's failed publish: an `error` frame with its id.
+                    let problem = e
+                        .downcast::<Problem>()
+                        .map_or_else(|_| Problem::internal("the route's script failed"), |p| *p);
+                    if let Some(span) = span {
+                        span.fail(problem.kind.slug(), problem.detail.clone());
+                        span.end();
+                    }
+                    self.sent += 1;
+                    pending.push(Box::pin(async move { (id, topic, Err(problem)) }));
+                    return;
+                }
+            }
+        }
         if let Some(span) = &span {
             use crate::telemetry::otel::{Attr, semconv};
             span.published(&topic, || {

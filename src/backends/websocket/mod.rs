@@ -614,7 +614,7 @@ pub fn gateway_error_frame(e: &Problem, id: Option<&serde_json::Value>) -> serde
 pub enum Session {
     Amqp(Box<amqp::AmqpSession>),
     Grpc(Box<grpc::GrpcSession>),
-    Mqtt(mqtt::MqttSession),
+    Mqtt(Box<mqtt::MqttSession>),
     Upstream(Box<upstream::UpstreamSession>),
 }
 
