@@ -6,7 +6,7 @@
 //! is back, so they get the same confirms and properties as a direct publish. Messages the
 //! backend refuses for good go to the dead letters.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -51,6 +51,15 @@ pub struct Spooled {
     pub params: Vec<(String, String)>,
     /// When the client's request was accepted (ms since the epoch).
     pub accepted_ms: u64,
+    /// What the request's plugins established, which its templates may read when it is sent
+    /// later: the values a script set (`{ctx.…}`), the verified token's claims (`{claims.…}`)
+    /// and the client certificate (`{cert.…}`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ctx: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claims: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<crate::server::client_cert::ClientCert>,
 }
 
 impl Spooled {
@@ -79,6 +88,16 @@ impl Spooled {
                 })
                 .unwrap_or_default(),
             accepted_ms: now_ms(),
+            ctx: parts
+                .extensions
+                .get::<crate::plugins::script::Values>()
+                .map(|v| (*v.0).clone())
+                .unwrap_or_default(),
+            claims: parts
+                .extensions
+                .get::<crate::plugins::jwt::Claims>()
+                .map(|c| (*c.0).clone()),
+            cert: ctx.and_then(|c| c.client_cert.as_deref().cloned()),
         }
     }
 
@@ -94,6 +113,9 @@ impl Spooled {
             host: None,
             params: Vec::new(),
             accepted_ms: now_ms(),
+            ctx: BTreeMap::new(),
+            claims: None,
+            cert: None,
         }
     }
 
@@ -147,7 +169,7 @@ impl Spooled {
             tls: false,
             host: self.host.clone(),
             route_id: route.clone(),
-            client_cert: None,
+            client_cert: self.cert.clone().map(Arc::new),
             params: self
                 .params
                 .iter()
@@ -155,6 +177,12 @@ impl Spooled {
                 .collect(),
         });
         ext.insert(MessageId(self.message_id.as_str().into()));
+        if !self.ctx.is_empty() {
+            ext.insert(crate::plugins::script::Values(Arc::new(self.ctx.clone())));
+        }
+        if let Some(c) = &self.claims {
+            ext.insert(crate::plugins::jwt::Claims(Arc::new(c.clone())));
+        }
         Ok(req)
     }
 
@@ -1019,5 +1047,85 @@ impl SpoolService {
         );
         h.insert(SPOOLED_HEADER, HeaderValue::from_static("true"));
         Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert() -> crate::server::client_cert::ClientCert {
+        crate::server::client_cert::ClientCert {
+            subject: "CN=svc-a,O=Acme".into(),
+            attributes: vec![("CN".into(), "svc-a".into())],
+            dns: vec!["svc-a.internal".into()],
+            uri: Vec::new(),
+            email: Vec::new(),
+            ip: Vec::new(),
+            hash: "ab".repeat(32),
+            xfcc: None,
+        }
+    }
+
+    /// What the plugins established comes back with the request rebuilt from a record.
+    #[test]
+    fn a_record_keeps_the_script_values_the_claims_and_the_certificate() {
+        let mut req = http::Request::builder()
+            .method("POST")
+            .uri("/orders/7")
+            .header("x-tenant", "acme")
+            .body(())
+            .unwrap();
+        let ctx = BTreeMap::from([("tenant".to_string(), "acme".to_string())]);
+        let claims: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(r#"{"sub":"u1","org":{"id":7}}"#).unwrap();
+        let ext = req.extensions_mut();
+        ext.insert(crate::plugins::script::Values(Arc::new(ctx.clone())));
+        ext.insert(crate::plugins::jwt::Claims(Arc::new(claims.clone())));
+        ext.insert(RequestContext {
+            correlation_id: "c1".into(),
+            client_addr: SocketAddr::from(([127, 0, 0, 1], 4000)),
+            tls: true,
+            host: None,
+            route_id: "orders".into(),
+            client_cert: Some(Arc::new(cert())),
+            params: Vec::new(),
+        });
+        let (parts, ()) = req.into_parts();
+        let raw = Spooled::capture(&parts, "m1").encode(b"{}");
+        let (rec, body) = Spooled::decode(&raw).unwrap();
+        assert_eq!(&body[..], b"{}");
+        let back = rec.request(&Arc::from("orders"), body).unwrap();
+        let ext = back.extensions();
+        assert_eq!(*ext.get::<crate::plugins::script::Values>().unwrap().0, ctx);
+        assert_eq!(*ext.get::<crate::plugins::jwt::Claims>().unwrap().0, claims);
+        let c = ext
+            .get::<RequestContext>()
+            .unwrap()
+            .client_cert
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (c.cn(), c.hash.as_str()),
+            (Some("svc-a"), cert().hash.as_str())
+        );
+    }
+
+    /// Records written before these fields existed still read, with none of them.
+    #[test]
+    fn a_record_without_the_plugins_facts_still_reads() {
+        let head = br#"{"method":"POST","uri":"/o","headers":[],"correlation_id":"c","message_id":"m","client":"127.0.0.1:1","host":null,"params":[],"accepted_ms":1}"#;
+        let mut raw = (head.len() as u32).to_be_bytes().to_vec();
+        raw.extend_from_slice(head);
+        raw.extend_from_slice(b"body");
+        let (rec, body) = Spooled::decode(&raw).unwrap();
+        assert_eq!(&body[..], b"body");
+        assert!(rec.ctx.is_empty() && rec.claims.is_none() && rec.cert.is_none());
+        let back = rec.request(&Arc::from("o"), body).unwrap();
+        assert!(
+            back.extensions()
+                .get::<crate::plugins::script::Values>()
+                .is_none()
+        );
     }
 }

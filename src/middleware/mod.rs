@@ -42,7 +42,9 @@ use crate::telemetry::metrics::Metrics;
 ///    stack below, with its own deadline (`async.timeout`).
 /// 7. **Spool**: above the timeout, retry and breaker, so that it sees the final verdict of
 ///    all tries (backend unreachable, breaker open) and the forwarder's replays go through
-///    the same tries and breaker as a direct request.
+///    the same tries and breaker as a direct request. Below it (and the job), the route's
+///    script's `on_message` and `on_reply` are attached to what is sent later, which does not
+///    pass the plugins again.
 /// 8. **Overall timeout**: one deadline for everything below it, retries and backoff included;
 ///    it sets the `Deadline` extension so backends can pass the remaining time on.
 /// 9. **Backend choice** (`alternatives` only): the backend a script chose; each backend has
@@ -98,6 +100,9 @@ pub fn stack(
         _ => timeout,
     };
     svc = RouteService::direct(timeout::TimeoutLayer::new(deadline).layer(svc));
+    if route.spool || jobbed {
+        svc = with_message_hook(route, svc, cx)?;
+    }
     let mut spool_inner = None;
     if route.spool {
         let state = state.ok_or_else(needs_state)?;
@@ -207,6 +212,30 @@ fn tries(
             backend.name.as_str().into(),
             metrics.clone(),
         ));
+    }
+    Ok(svc)
+}
+
+/// `svc` with the route's script's `on_message` and `on_reply` (the innermost script that has
+/// them, as on the live path), for the requests the spool and jobs rebuild and send later.
+fn with_message_hook(
+    route: &RouteSpec,
+    svc: RouteService,
+    cx: &crate::backends::BuildContext<'_>,
+) -> Result<RouteService, FieldError> {
+    for (j, p) in route.plugins.iter().enumerate().rev() {
+        if p.name != "script" {
+            continue;
+        }
+        let hook = plugins::script::message_hook(&p.config, &route.id, cx).map_err(|e| {
+            FieldError::at(format!("plugins[{j}]"), format!("plugin `script`: {e}"))
+        })?;
+        if let Some(hook) = hook {
+            return Ok(RouteService::direct(plugins::script::AttachHook {
+                inner: svc,
+                hook,
+            }));
+        }
     }
     Ok(svc)
 }

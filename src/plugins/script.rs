@@ -237,19 +237,38 @@ fn build(config: &serde_json::Value, cx: &BuildContext<'_>) -> Result<Settings, 
     })
 }
 
-/// Whether the script of a `script` plugin's `config` defines `on_message` or `on_reply`
-/// (false when it cannot be read or compiled: the build reports that itself).
-pub fn defines_on_message(config: &serde_json::Value, base: &std::path::Path) -> bool {
-    let Ok(spec) = spec_of(config) else {
-        return false;
-    };
-    let Ok(text) = std::fs::read_to_string(base.join(&spec.file)) else {
-        return false;
-    };
-    engine(&spec.limits).compile(&text).is_ok_and(|ast| {
-        ast.iter_functions()
-            .any(|f| (f.name == "on_message" || f.name == "on_reply") && f.params.len() == 1)
-    })
+/// The `on_message` and `on_reply` hooks of the script of a `script` plugin's `config` on
+/// route `route`, when it defines one: for what the spool and jobs send later, below the
+/// plugins ([`AttachHook`]).
+pub fn message_hook(
+    config: &serde_json::Value,
+    route: &str,
+    cx: &BuildContext<'_>,
+) -> Result<Option<MessageHook>, String> {
+    let settings = build(config, cx)?;
+    Ok(
+        (settings.on_message || settings.on_reply).then(|| MessageHook {
+            settings: Arc::new(settings),
+            route: route.to_string(),
+        }),
+    )
+}
+
+/// Gives the requests that pass it a route's message hook, unless its plugins gave one: the
+/// requests the spool and jobs send later, rebuilt from what they kept, pass the script's
+/// `on_message` and `on_reply` as the live ones do.
+pub struct AttachHook {
+    pub inner: RouteService,
+    pub hook: MessageHook,
+}
+
+impl crate::DirectCall for AttachHook {
+    fn call(&self, mut req: Request) -> crate::ResponseFuture {
+        if req.extensions().get::<MessageHook>().is_none() {
+            req.extensions_mut().insert(self.hook.clone());
+        }
+        self.inner.call_shared(req)
+    }
 }
 
 /// The script around a route's inner service.

@@ -268,19 +268,6 @@ impl RouteTable {
                 Ok(m) => m,
                 Err(e) => refuse!(FieldError::at("match.method", e)),
             };
-            // A message the spool or a job sends later goes through the stack below the
-            // plugins: a script's `on_message` or `on_reply` would not run on it.
-            if needs_state(r)
-                && let Some(j) = r.plugins.iter().position(|p| {
-                    p.name == "script"
-                        && crate::plugins::script::defines_on_message(&p.config, cx.base)
-                })
-            {
-                refuse!(FieldError::at(
-                    format!("plugins[{j}]"),
-                    "the script defines `on_message` or `on_reply`, which do not run when a spooled message or a job is sent later; make the change in `on_request` (what the spool and jobs keep is the request as it left)"
-                ))
-            }
             let endpoint = jobs.filter(|_| i + 1 == all.len() && generated);
             let mut headers = Vec::with_capacity(r.matcher.headers.len());
             for (n, v) in &r.matcher.headers {

@@ -10,8 +10,9 @@ use http::HeaderValue;
 use sha2::Digest;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-/// What a client's certificate says about it.
-#[derive(Debug, Clone)]
+/// What a client's certificate says about it (kept with a spooled request or a job, for the
+/// templates that read it when it is sent later).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct ClientCert {
     /// The subject, RFC 4514 style (`CN=svc-a,O=Acme`).
     pub subject: String,
@@ -23,7 +24,8 @@ pub struct ClientCert {
     pub ip: Vec<String>,
     /// SHA-256 of the certificate's DER, lower-case hex.
     pub hash: String,
-    /// `X-Forwarded-Client-Cert`.
+    /// `X-Forwarded-Client-Cert` (not kept: the request's headers carry it).
+    #[serde(skip)]
     pub xfcc: Option<HeaderValue>,
 }
 

@@ -456,26 +456,6 @@ routes:
     assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
     assert_sorted_mqtt(&sub.next().await, &prefix);
     rabbit::cleanup(&conn, &[&x], &[&q]).await;
-
-    // A spooling route would send later messages without it: refused at load.
-    let err = load_error(
-        &format!(
-            r#"{}
-routes:
-  - id: orders
-    match: {{ method: POST, path: /orders }}
-    backend: rabbit
-    spool: true
-    amqp: {{ exchange: "{x}", routing_key: orders.unsorted }}
-    plugins:
-      - script: {{ file: plugins/sort.rhai, body: json }}
-"#,
-            rabbit::rabbit_backend(&url, &x, &q)
-        ),
-        &[("sort.rhai", SORT)],
-    )
-    .await;
-    assert!(err.contains("do not run when a spooled message"), "{err}");
 }
 
 #[tokio::test]
@@ -915,5 +895,107 @@ routes:
     assert_eq!(ack["seq"], 2, "{ack}");
     assert_eq!(ack["topic"], format!("{prefix}/events/book"));
     assert_sorted_mqtt(&sub.next().await, &prefix);
+    rabbit::cleanup(&conn, &[&x], &[&q]).await;
+}
+
+/// Puts the tenant in `{ctx.tenant}` and a message's kind at the end of its routing key.
+const TENANT_KIND: &str = r#"
+fn on_request(req) {
+    req.set_ctx("tenant", req.header("x-tenant"));
+}
+fn on_message(msg) {
+    msg.routing_key = msg.routing_key + "." + msg.body.kind;
+    msg.set_header("x-script", "on_message");
+}
+"#;
+
+#[tokio::test]
+async fn what_the_spool_and_jobs_send_later_keeps_the_scripts_values_and_passes_on_message() {
+    use crate::support::amqp::{self as rabbit, BrokerProxy};
+    let proxy = BrokerProxy::start().await;
+    proxy.stop();
+    let (x, q) = (rabbit::unique("x"), rabbit::unique("q"));
+    let backend = rabbit::rabbit_backend(&proxy.url(), &x, &q).replace(
+        "    type: amqp\n",
+        "    type: amqp\n    connect_timeout: 1s\n    reconnect: { min: 50ms, max: 300ms }\n    breaker: { open_for: 300ms }\n",
+    );
+    let gw = with_scripts(
+        &format!(
+            r#"
+state: {{ spool: {{ retry: {{ min: 50ms, max: 300ms }} }} }}
+{backend}
+routes:
+  - id: spooled
+    match: {{ method: POST, path: /spooled }}
+    backend: rabbit
+    spool: true
+    amqp: {{ exchange: "{x}", routing_key: "s.{{ctx.tenant}}" }}
+    plugins:
+      - script: {{ file: plugins/tk.rhai, body: json }}
+  - id: jobbed
+    match: {{ method: POST, path: /jobbed }}
+    backend: rabbit
+    mode: async
+    amqp: {{ exchange: "{x}", routing_key: "j.{{ctx.tenant}}" }}
+    plugins:
+      - script: {{ file: plugins/tk.rhai, body: json }}
+"#
+        ),
+        &[("tk.rhai", TENANT_KIND)],
+    )
+    .await;
+    let post = |path: &str| {
+        send(
+            request(Method::POST, &gw.url(path))
+                .header("content-type", "application/json")
+                .header("x-tenant", "acme")
+                .body(body(r#"{"kind":"book"}"#))
+                .unwrap(),
+        )
+    };
+    // Spooled while the broker is away, sent once it is back: the tenant the script set and
+    // its on_message, both applied to the message sent later.
+    let (s, h, b) = post("/spooled").await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    assert_eq!(h["switchyard-spooled"], "true");
+    proxy.start_again();
+    // Connected again, the gateway has declared the queue.
+    gw.wait_backend("rabbit", true).await;
+    let conn = rabbit::client().await;
+    let ch = conn.create_channel().await.unwrap();
+    let next = || async {
+        eventually("a message in the queue", || async {
+            ch.basic_get(
+                q.as_str().into(),
+                lapin::options::BasicGetOptions { no_ack: true },
+            )
+            .await
+            .unwrap()
+            .ok_or("none yet")
+        })
+        .await
+    };
+    let m = next().await;
+    assert_eq!(m.delivery.routing_key.as_str(), "s.acme.book");
+    assert_eq!(
+        rabbit::header_str(&m.delivery.properties, "x-script").as_deref(),
+        Some("on_message")
+    );
+
+    // A job runs later, from what was kept of the request: the same.
+    let (s, h, b) = post("/jobbed").await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    let (s, _, v) = crate::jobs::settle(&crate::jobs::location(&gw, &h)).await;
+    assert_eq!(
+        (s, &v["response"]["status"]),
+        (200, &serde_json::json!(202)),
+        "{v}"
+    );
+    let m = next().await;
+    assert_eq!(m.delivery.routing_key.as_str(), "j.acme.book");
+    assert_eq!(
+        rabbit::header_str(&m.delivery.properties, "x-script").as_deref(),
+        Some("on_message")
+    );
     rabbit::cleanup(&conn, &[&x], &[&q]).await;
 }
