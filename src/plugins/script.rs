@@ -221,7 +221,11 @@ fn build(config: &serde_json::Value, cx: &BuildContext<'_>) -> Result<Settings, 
         ));
     }
     Ok(Settings {
-        config: rhai::serde::to_dynamic(&spec.config).map_err(|e| e.to_string())?,
+        // No `config` is an empty map (as documented), so that `config.name` reads `()`.
+        config: match &spec.config {
+            serde_json::Value::Null => Dynamic::from_map(Map::new()),
+            c => rhai::serde::to_dynamic(c).map_err(|e| e.to_string())?,
+        },
         file,
         engine,
         ast,

@@ -221,6 +221,51 @@ async fn json_bodies_are_reshaped_both_ways() {
 }
 
 #[tokio::test]
+async fn a_card_number_is_redacted_before_the_amqp_publish() {
+    use crate::support::amqp as rabbit;
+    let url = rabbit::broker_url().await;
+    let (x, q) = (rabbit::unique("x"), rabbit::unique("q"));
+    let gw = with_scripts(
+        &format!(
+            r#"{}
+routes:
+  - id: payments
+    match: {{ method: POST, path: /payments }}
+    backend: rabbit
+    amqp: {{ exchange: "{x}", routing_key: payments.new }}
+    plugins:
+      - script: {{ file: plugins/redact.rhai, body: json }}
+"#,
+            rabbit::rabbit_backend(&url, &x, &q)
+        ),
+        &[("redact.rhai", include_str!("../../plugins/redact.rhai"))],
+    )
+    .await;
+    gw.wait_backend("rabbit", true).await;
+    let (s, _, b) = send(
+        request(Method::POST, &gw.url("/payments"))
+            .header("content-type", "application/json")
+            .body(body(r#"{"card":"4111111111111111","amount":5}"#))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    let conn = rabbit::client().await;
+    let ch = conn.create_channel().await.unwrap();
+    let m = ch
+        .basic_get(
+            q.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("the message");
+    let v: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
+    assert_eq!(v, serde_json::json!({"card": "****1111", "amount": 5}));
+    rabbit::cleanup(&conn, &[&x], &[&q]).await;
+}
+
+#[tokio::test]
 async fn every_sandbox_limit_is_answered_500_naming_the_route_and_the_script() {
     let up = Upstream::start().await;
     let scripts = [
@@ -508,24 +553,31 @@ async fn a_webhook_signature_is_checked_over_the_exact_body() {
 #[tokio::test]
 async fn a_transcoded_grpc_answer_is_reshaped() {
     let server = crate::support::grpc::GrpcServer::start().await;
-    let script = r#"
-fn on_response(res) {
-    let o = res.body;
-    res.body = #{ order: o.id, where: o.region, tags: o.tags.len() };
-}
-"#;
     let yaml = crate::grpc::config(&server.url()).replace(
         "    grpc: { method: shop.v1.Orders/GetOrder }",
-        "    grpc: { method: shop.v1.Orders/GetOrder }\n    plugins:\n      - script: { file: plugins/shape.rhai, body: json }",
+        r#"    grpc: { method: shop.v1.Orders/GetOrder }
+    plugins:
+      - script:
+          file: plugins/reshape.rhai
+          body: json
+          config: { fields: { order: id, where: region, tags: "tags#", lost: no.such.path } }"#,
     );
-    assert!(yaml.contains("shape.rhai"));
-    let gw = with_scripts(&yaml, &[("shape.rhai", script)]).await;
+    assert!(yaml.contains("reshape.rhai"));
+    let gw = with_scripts(
+        &yaml,
+        &[("reshape.rhai", include_str!("../../plugins/reshape.rhai"))],
+    )
+    .await;
     let (s, _, b) = get(&gw.url("/v1/orders/7")).await;
     assert_eq!(s, 200, "{}", String::from_utf8_lossy(&b));
     assert_eq!(
         json(&b),
-        serde_json::json!({"order": "7", "where": "eu", "tags": 2})
+        serde_json::json!({"order": "7", "where": "eu", "tags": 2, "lost": null})
     );
+    // An error answer is the gateway's problem+json, left as it is.
+    let (s, h, _) = get(&gw.url("/v1/orders/missing")).await;
+    assert!(s.is_client_error() || s.is_server_error(), "{s}");
+    assert_eq!(h["content-type"], "application/problem+json");
 }
 
 const CHECK_REPLY: &str = r#"
