@@ -251,15 +251,7 @@ routes:
     .await;
     assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
     let conn = rabbit::client().await;
-    let ch = conn.create_channel().await.unwrap();
-    let m = ch
-        .basic_get(
-            q.as_str().into(),
-            lapin::options::BasicGetOptions { no_ack: true },
-        )
-        .await
-        .unwrap()
-        .expect("the message");
+    let m = take(&conn, &q).await;
     let v: serde_json::Value = serde_json::from_slice(&m.delivery.data).unwrap();
     assert_eq!(v, serde_json::json!({"card": "****1111", "amount": 5}));
     rabbit::cleanup(&conn, &[&x], &[&q]).await;
@@ -416,14 +408,18 @@ fn on_message(msg) {
 }
 "#;
 
-/// The next message in queue `q` is the order as `SORT` left it.
-async fn assert_sorted_amqp(conn: &lapin::Connection, q: &str) {
+/// The next message in queue `q`, which must hold one.
+async fn take(conn: &lapin::Connection, q: &str) -> lapin::message::BasicGetMessage {
     let ch = conn.create_channel().await.unwrap();
-    let m = ch
-        .basic_get(q.into(), lapin::options::BasicGetOptions { no_ack: true })
+    ch.basic_get(q.into(), lapin::options::BasicGetOptions { no_ack: true })
         .await
         .unwrap()
-        .expect("the message");
+        .expect("the message")
+}
+
+/// The next message in queue `q` is the order as `SORT` left it.
+async fn assert_sorted_amqp(conn: &lapin::Connection, q: &str) {
+    let m = take(conn, q).await;
     assert_eq!(m.delivery.routing_key.as_str(), "orders.book");
     assert_eq!(
         crate::support::amqp::header_str(&m.delivery.properties, "x-script").as_deref(),
@@ -1049,5 +1045,131 @@ routes:
         rabbit::header_str(&m.delivery.properties, "x-script").as_deref(),
         Some("on_message")
     );
+    rabbit::cleanup(&conn, &[&x], &[&q]).await;
+}
+
+/// Runs on every kind of route: refuses what asks to be denied, sets a value for the route's
+/// templates and a header on the way in, and marks the answer.
+const HOOKED: &str = r#"
+fn on_request(req) {
+    if req.header("x-deny") != () {
+        return respond(403, "denied on " + req.route);
+    }
+    req.set_ctx("who", "script");
+    req.set_header("x-hooked", "on_request");
+}
+fn on_response(res) {
+    res.set_header("x-hooked", "on_response");
+}
+"#;
+
+#[tokio::test]
+async fn on_request_and_on_response_run_on_every_kind_of_route() {
+    use crate::support::amqp as rabbit;
+    let up = Upstream::start().await;
+    let grpc = crate::support::grpc::GrpcServer::start().await;
+    let url = rabbit::broker_url().await;
+    let (x, q) = (rabbit::unique("x"), rabbit::unique("q"));
+    let addr = crate::support::mqtt::broker_addr().await;
+    let (prefix, mut sub) = crate::support::mqtt::Subscriber::on_fresh_prefix(&addr).await;
+    let plugin = "    plugins:\n      - script: { file: plugins/hooked.rhai }\n";
+    let gw = with_scripts(
+        &format!(
+            r#"{rabbit}{devices}{shop}  up: {{ type: http, endpoints: ["{up}"] }}
+routes:
+  - id: http
+    match: {{ method: GET, path: /http }}
+    backend: up
+{plugin}  - id: grpc
+    match: {{ method: GET, path: "/v1/orders/{{id}}" }}
+    backend: shop
+    grpc: {{ method: shop.v1.Orders/GetOrder }}
+{plugin}  - id: amqp
+    match: {{ method: POST, path: /amqp }}
+    backend: rabbit
+    amqp: {{ exchange: "{x}", routing_key: "hooked.{{ctx.who}}" }}
+{plugin}  - id: mqtt
+    match: {{ method: POST, path: /mqtt }}
+    backend: devices
+    mqtt: {{ topic: "{prefix}/{{ctx.who}}", qos: 1 }}
+{plugin}  - id: websocket
+    match: {{ method: GET, path: /ws }}
+    backend: devices
+    websocket:
+      mqtt: {{ publish: "{prefix}/ws/{{ctx.who}}", qos: 1, acks: true }}
+{plugin}"#,
+            rabbit = rabbit::rabbit_backend(&url, &x, &q),
+            devices = crate::mqtt::devices_backend(&addr).trim_start_matches("backends:\n"),
+            shop = crate::grpc::shop_backend(&grpc.url(), "").trim_start_matches("\nbackends:\n"),
+            up = up.url(),
+        ),
+        &[("hooked.rhai", HOOKED)],
+    )
+    .await;
+    gw.wait_backend("rabbit", true).await;
+    gw.wait_backend("devices", true).await;
+    let call = |method: Method, path: &str, deny: bool| {
+        let b = if method == Method::POST {
+            "{\"n\":1}"
+        } else {
+            ""
+        };
+        let mut r = request(method, &gw.url(path)).header("content-type", "application/json");
+        if deny {
+            r = r.header("x-deny", "1");
+        }
+        send(r.body(body(b)).unwrap())
+    };
+    for (method, path, route, ok) in [
+        (Method::GET, "/http", "http", 200),
+        (Method::GET, "/v1/orders/7", "grpc", 200),
+        (Method::POST, "/amqp", "amqp", 202),
+        (Method::POST, "/mqtt", "mqtt", 202),
+    ] {
+        let (s, _, b) = call(method.clone(), path, true).await;
+        assert_eq!(
+            (s.as_u16(), json(&b)["detail"].as_str()),
+            (403, Some(format!("denied on {route}").as_str())),
+            "{route}"
+        );
+        let (s, h, b) = call(method, path, false).await;
+        assert_eq!(s, ok, "{route}: {}", String::from_utf8_lossy(&b));
+        assert_eq!(h["x-hooked"], "on_response", "{route}");
+        if route == "http" {
+            assert_eq!(json(&b)["headers"]["x-hooked"], "on_request");
+        }
+    }
+    // The values on_request set made the routing key and the topic.
+    let conn = rabbit::client().await;
+    let m = take(&conn, &q).await;
+    assert_eq!(m.delivery.routing_key.as_str(), "hooked.script");
+    assert_eq!(
+        &sub.next().await.topic[..],
+        format!("{prefix}/script").as_bytes()
+    );
+
+    // A WebSocket route: the hooks see its handshake.
+    let ws_url = format!("ws://{}/ws", gw.listen);
+    let refused = tokio_tungstenite::connect_async(
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(&ws_url)
+            .map(|mut r| {
+                r.headers_mut().insert("x-deny", "1".parse().unwrap());
+                r
+            })
+            .unwrap(),
+    )
+    .await
+    .unwrap_err();
+    match refused {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 403),
+        other => panic!("expected a 403 answer, got {other}"),
+    }
+    let (mut ws, resp) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+    assert_eq!(resp.headers()["x-hooked"], "on_response");
+    futures_util::SinkExt::send(&mut ws, tokio_tungstenite::tungstenite::Message::text("hi"))
+        .await
+        .unwrap();
+    let ack = ws_json(&mut ws).await;
+    assert_eq!(ack["topic"], format!("{prefix}/ws/script"), "{ack}");
     rabbit::cleanup(&conn, &[&x], &[&q]).await;
 }
