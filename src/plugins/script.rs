@@ -318,6 +318,10 @@ struct Facts {
     destination: String,
     destination_changed: bool,
     exchange: String,
+    /// A message's properties (text), and what they may be set to.
+    properties: Vec<(&'static str, String)>,
+    properties_changed: bool,
+    protocol: Option<Protocol>,
     /// The backend the request goes to, among `backends` (the route's, then its alternatives).
     backend: String,
     backend_changed: bool,
@@ -506,6 +510,29 @@ fn register(e: &mut Engine) {
     };
     e.register_set("topic", destination);
     e.register_set("routing_key", destination);
+    e.register_get("properties", |x: &mut Exchange| {
+        x.with(|f| {
+            f.properties
+                .iter()
+                .map(|(k, v)| ((*k).into(), Dynamic::from(v.clone())))
+                .collect::<Map>()
+        })
+    });
+    e.register_fn(
+        "set_property",
+        |x: &mut Exchange, name: &str, value: Dynamic| -> Result<(), Fail> {
+            x.with(|f| {
+                let protocol = f
+                    .protocol
+                    .ok_or("only a message (`on_message`) has properties to set")?;
+                let (name, value) = protocol.property(name, &value)?;
+                f.properties.retain(|(k, _)| *k != name);
+                f.properties.push((name, value));
+                f.properties_changed = true;
+                Ok(())
+            })
+        },
+    );
     // Signatures: HMAC-SHA256 in hex, and a comparison that takes the same time whatever
     // the strings hold.
     e.register_fn("hmac_sha256", |key: &str, data: &str| -> String {
@@ -815,6 +842,73 @@ pub struct Message {
     /// AMQP headers, or MQTT 5 user properties (text values).
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
+    /// The protocol's own properties that are set (`content_type`, `priority`, …), as text;
+    /// those of [`Protocol::settable`] may be changed.
+    pub properties: Vec<(&'static str, String)>,
+    pub protocol: Protocol,
+}
+
+/// The broker protocol of a message, which says what properties a script may set on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Amqp,
+    Mqtt,
+}
+
+impl Protocol {
+    /// The properties a script may set. The others (the message and correlation ids, the
+    /// app id, the delivery mode, an MQTT response topic) are the gateway's: read only.
+    pub fn settable(self) -> &'static [&'static str] {
+        match self {
+            Protocol::Amqp => &[
+                "content_type",
+                "content_encoding",
+                "type",
+                "priority",
+                "expiration",
+            ],
+            Protocol::Mqtt => &["content_type", "message_expiry_interval"],
+        }
+    }
+
+    /// `value` as property `name` takes it on the wire, or why it cannot be: nothing a
+    /// script sets may make the broker refuse the message or close the shared channel
+    /// (RabbitMQ closes a channel over an `expiration` that is not a number of milliseconds).
+    fn property(self, name: &str, value: &Dynamic) -> Result<(&'static str, String), String> {
+        let Some(&known) = self.settable().iter().find(|k| **k == name) else {
+            return Err(format!(
+                "the property `{name}` cannot be set; these can: {}",
+                self.settable().join(", ")
+            ));
+        };
+        let text = value
+            .as_int()
+            .map(|n| n.to_string())
+            .or_else(|_| value.clone().into_string())
+            .map_err(|_| format!("`{name}` takes a string or an integer"))?;
+        let number = |max: u64| {
+            text.parse::<u64>()
+                .ok()
+                .filter(|n| *n <= max && !text.starts_with('+'))
+                .map(|n| n.to_string())
+                .ok_or_else(|| format!("`{name}` takes a whole number from 0 to {max}"))
+        };
+        let value = match known {
+            "priority" => number(255)?,
+            "expiration" => number(u64::from(u32::MAX))?,
+            "message_expiry_interval" => number(u64::from(u32::MAX))?,
+            _ => {
+                let max = if self == Protocol::Amqp { 255 } else { 65535 };
+                if text.len() > max || text.chars().any(char::is_control) {
+                    return Err(format!(
+                        "`{name}` takes text of {max} bytes at most, without control characters"
+                    ));
+                }
+                text
+            }
+        };
+        Ok((known, value))
+    }
 }
 
 impl MessageHook {
@@ -853,6 +947,8 @@ impl MessageHook {
             f.exchange = m.exchange.clone();
             f.seen = m.headers.clone();
             f.body = Some(body);
+            f.properties = m.properties.clone();
+            f.protocol = (hook == "on_message").then_some(m.protocol);
         });
         match call_hook(s, hook, &x) {
             Err(why) => return Err(failed(s, &self.route, hook, &why)),
@@ -863,6 +959,9 @@ impl MessageHook {
         let mut out = m;
         if facts.destination_changed {
             out.destination = facts.destination;
+        }
+        if facts.properties_changed {
+            out.properties = facts.properties;
         }
         for (name, value) in facts.headers {
             out.headers.retain(|(k, _)| !k.eq_ignore_ascii_case(&name));
@@ -927,5 +1026,49 @@ fn apply_headers(headers: &mut http::HeaderMap, changes: &[(String, Option<Strin
                 headers.remove(name);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_property_is_set_only_as_the_broker_takes_it() {
+        let amqp = |name: &str, v: Dynamic| Protocol::Amqp.property(name, &v);
+        let mqtt = |name: &str, v: Dynamic| Protocol::Mqtt.property(name, &v);
+        assert_eq!(amqp("priority", 9.into()), Ok(("priority", "9".into())));
+        assert_eq!(
+            amqp("priority", "255".into()),
+            Ok(("priority", "255".into()))
+        );
+        assert_eq!(amqp("expiration", 0.into()), Ok(("expiration", "0".into())));
+        assert_eq!(
+            amqp("content_type", "text/plain".into()),
+            Ok(("content_type", "text/plain".into()))
+        );
+        for (name, v) in [
+            ("priority", Dynamic::from(256_i64)),
+            ("priority", Dynamic::from(-1_i64)),
+            ("expiration", Dynamic::from("+5")),
+            ("expiration", Dynamic::from("5s")),
+            ("expiration", Dynamic::from(4_294_967_296_i64)),
+            ("type", Dynamic::from("a\nb")),
+            ("content_type", Dynamic::from("x".repeat(256))),
+            ("content_type", Dynamic::from(true)),
+            ("message_id", Dynamic::from("mine")),
+            ("user_id", Dynamic::from("admin")),
+            ("message_expiry_interval", Dynamic::from(5_i64)),
+        ] {
+            assert!(amqp(name, v.clone()).is_err(), "AMQP {name} = {v}");
+        }
+        assert_eq!(
+            mqtt("message_expiry_interval", 60.into()),
+            Ok(("message_expiry_interval", "60".into()))
+        );
+        assert!(mqtt("content_type", "x".repeat(300).into()).is_ok());
+        assert!(mqtt("content_type", "\u{7f}".into()).is_err());
+        assert!(mqtt("response_topic", "a/b".into()).is_err());
+        assert!(mqtt("priority", 1.into()).is_err());
     }
 }

@@ -442,39 +442,78 @@ fn assert_sorted_mqtt(p: &rumqttc::v5::mqttbytes::v5::Publish, prefix: &str) {
     assert!(!String::from_utf8_lossy(&p.payload).contains("s3cr3t"));
 }
 
-#[tokio::test]
-async fn on_message_changes_amqp_and_mqtt_messages_before_they_are_published() {
+/// A gateway with the backends `rabbit` (exchange `x`, its queue `q` bound to every key) and
+/// `devices` (MQTT), up, with the routes `routes(x, prefix)` writes under `routes:` (`prefix`
+/// a fresh topic prefix, which `sub` watches) and `scripts` under `plugins/`.
+struct Brokers {
+    gw: Gateway,
+    x: String,
+    q: String,
+    prefix: String,
+    sub: crate::support::mqtt::Subscriber,
+}
+
+async fn on_brokers(routes: impl Fn(&str, &str) -> String, scripts: &[(&str, &str)]) -> Brokers {
     use crate::support::amqp as rabbit;
     let url = rabbit::broker_url().await;
     let (x, q) = (rabbit::unique("x"), rabbit::unique("q"));
     let addr = crate::support::mqtt::broker_addr().await;
-    let (prefix, mut sub) = crate::support::mqtt::Subscriber::on_fresh_prefix(&addr).await;
-    let mqtt = crate::mqtt::devices_backend(&addr);
+    let (prefix, sub) = crate::support::mqtt::Subscriber::on_fresh_prefix(&addr).await;
     let gw = with_scripts(
         &format!(
-            r#"{rabbit}{devices}
-routes:
-  - id: orders
+            "{}{}routes:\n{}",
+            rabbit::rabbit_backend(&url, &x, &q),
+            crate::mqtt::devices_backend(&addr).trim_start_matches("backends:\n"),
+            routes(&x, &prefix)
+        ),
+        scripts,
+    )
+    .await;
+    gw.wait_backend("rabbit", true).await;
+    gw.wait_backend("devices", true).await;
+    Brokers {
+        gw,
+        x,
+        q,
+        prefix,
+        sub,
+    }
+}
+
+/// Routes `POST /orders` (an AMQP publish with routing key `key` to exchange `x`) and `POST
+/// /events` (an MQTT publish to `{prefix}/events`), both with the script `script`.
+fn publish_routes(x: &str, prefix: &str, key: &str, script: &str) -> String {
+    format!(
+        r#"  - id: orders
     match: {{ method: POST, path: /orders }}
     backend: rabbit
-    amqp: {{ exchange: "{x}", routing_key: orders.unsorted }}
+    amqp: {{ exchange: "{x}", routing_key: {key} }}
     plugins:
-      - script: {{ file: plugins/sort.rhai, body: json }}
+      - script: {{ file: plugins/{script}, body: json }}
   - id: events
     match: {{ method: POST, path: /events }}
     backend: devices
     mqtt: {{ topic: "{prefix}/events", qos: 1 }}
     plugins:
-      - script: {{ file: plugins/sort.rhai, body: json }}
-"#,
-            rabbit = rabbit::rabbit_backend(&url, &x, &q),
-            devices = mqtt.trim_start_matches("backends:\n"),
-        ),
+      - script: {{ file: plugins/{script}, body: json }}
+"#
+    )
+}
+
+#[tokio::test]
+async fn on_message_changes_amqp_and_mqtt_messages_before_they_are_published() {
+    use crate::support::amqp as rabbit;
+    let Brokers {
+        gw,
+        x,
+        q,
+        prefix,
+        mut sub,
+    } = on_brokers(
+        |x, prefix| publish_routes(x, prefix, "orders.unsorted", "sort.rhai"),
         &[("sort.rhai", SORT)],
     )
     .await;
-    gw.wait_backend("rabbit", true).await;
-    gw.wait_backend("devices", true).await;
     let post = |path: &str| {
         send(
             request(Method::POST, &gw.url(path))
@@ -868,16 +907,16 @@ async fn on_message_changes_the_messages_of_websocket_frames() {
     use crate::support::amqp as rabbit;
     use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message as Frame;
-    let url = rabbit::broker_url().await;
-    let (x, q) = (rabbit::unique("x"), rabbit::unique("q"));
-    let addr = crate::support::mqtt::broker_addr().await;
-    let (prefix, mut sub) = crate::support::mqtt::Subscriber::on_fresh_prefix(&addr).await;
-    let mqtt = crate::mqtt::devices_backend(&addr);
-    let gw = with_scripts(
-        &format!(
-            r#"{rabbit}{devices}
-routes:
-  - id: orders-ws
+    let Brokers {
+        gw,
+        x,
+        q,
+        prefix,
+        mut sub,
+    } = on_brokers(
+        |x, prefix| {
+            format!(
+                r#"  - id: orders-ws
     match: {{ method: GET, path: /ws/orders }}
     backend: rabbit
     websocket:
@@ -891,15 +930,12 @@ routes:
       mqtt: {{ publish: "{prefix}/events", qos: 1, acks: true }}
     plugins:
       - script: {{ file: plugins/sort.rhai, body: json }}
-"#,
-            rabbit = rabbit::rabbit_backend(&url, &x, &q),
-            devices = mqtt.trim_start_matches("backends:\n"),
-        ),
+"#
+            )
+        },
         &[("sort.rhai", SORT)],
     )
     .await;
-    gw.wait_backend("rabbit", true).await;
-    gw.wait_backend("devices", true).await;
     let order = r#"{"kind":"book","secret":"s3cr3t","n":1}"#;
 
     // AMQP: each frame's message as the script left it; a frame it fails on gets an error
@@ -1171,5 +1207,109 @@ routes:
         .unwrap();
     let ack = ws_json(&mut ws).await;
     assert_eq!(ack["topic"], format!("{prefix}/ws/script"), "{ack}");
+    rabbit::cleanup(&conn, &[&x], &[&q]).await;
+}
+
+/// Sets the protocols' own properties, and one that must be refused when asked to.
+const PROPS: &str = r#"
+fn on_message(msg) {
+    let p = msg.properties;
+    if msg.exchange != "" {
+        msg.set_property("priority", 7);
+        msg.set_property("expiration", "60000");
+        msg.set_property("type", "order.created");
+        msg.set_header("x-message-id", p.message_id);
+    } else {
+        msg.set_property("content_type", "application/vnd.order+json");
+        msg.set_property("message_expiry_interval", 120);
+        msg.set_header("x-qos", p.qos);
+    }
+    let bad = msg.body.bad;
+    if bad == "expiration" {
+        msg.set_property("expiration", "soon");
+    } else if bad == "message_id" {
+        msg.set_property("message_id", "mine");
+    }
+}
+"#;
+
+#[tokio::test]
+async fn on_message_sets_amqp_and_mqtt_properties_within_what_the_broker_takes() {
+    use crate::support::amqp as rabbit;
+    let Brokers {
+        gw,
+        x,
+        q,
+        prefix: _,
+        mut sub,
+    } = on_brokers(
+        |x, prefix| publish_routes(x, prefix, "orders.new", "props.rhai"),
+        &[("props.rhai", PROPS)],
+    )
+    .await;
+    let post = |path: &str, b: &'static str| {
+        send(
+            request(Method::POST, &gw.url(path))
+                .header("content-type", "application/json")
+                .body(body(b))
+                .unwrap(),
+        )
+    };
+    // Values the broker would refuse, or the gateway's own ids: the script fails, nothing is
+    // published, and the shared channel is untouched.
+    for bad in [r#"{"bad":"expiration"}"#, r#"{"bad":"message_id"}"#] {
+        let (s, _, b) = post("/orders", bad).await;
+        assert_eq!(s, 500, "{}", String::from_utf8_lossy(&b));
+        assert_eq!(
+            json(&b)["detail"],
+            "The script plugins/props.rhai of route `orders` failed in `on_message`."
+        );
+    }
+    let (s, _, b) = post("/orders", r#"{"n":1}"#).await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    let conn = rabbit::client().await;
+    let m = take(&conn, &q).await;
+    let props = &m.delivery.properties;
+    assert_eq!(*props.priority(), Some(7));
+    assert_eq!(
+        props.expiration().as_ref().map(|e| e.as_str()),
+        Some("60000")
+    );
+    assert_eq!(
+        props.kind().as_ref().map(|e| e.as_str()),
+        Some("order.created")
+    );
+    assert_eq!(
+        rabbit::header_str(props, "x-message-id"),
+        props.message_id().as_ref().map(|m| m.to_string()),
+        "the message id, read by the script"
+    );
+    assert_eq!(
+        rabbit::depth(&conn, &q).await,
+        0,
+        "only that message was published"
+    );
+
+    let (s, _, b) = post("/events", r#"{"n":2}"#).await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    let p = sub.next().await;
+    let props = p.properties.unwrap();
+    assert_eq!(
+        props.content_type.as_deref(),
+        Some("application/vnd.order+json")
+    );
+    assert!(
+        props
+            .message_expiry_interval
+            .is_some_and(|e| (100..=120).contains(&e)),
+        "{:?}",
+        props.message_expiry_interval
+    );
+    assert!(
+        props
+            .user_properties
+            .iter()
+            .any(|(k, v)| k == "x-qos" && v == "1")
+    );
     rabbit::cleanup(&conn, &[&x], &[&q]).await;
 }

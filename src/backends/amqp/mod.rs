@@ -1321,6 +1321,8 @@ impl AmqpRouteService {
                 exchange: String::new(),
                 headers: text_headers(&properties),
                 body: data,
+                properties: property_texts(&properties),
+                protocol: crate::plugins::script::Protocol::Amqp,
             })?;
             properties = with_text_headers(properties, m.headers);
             data = m.body;
@@ -1346,16 +1348,59 @@ pub(super) fn scripted(
     props: BasicProperties,
 ) -> Result<(ShortString, Bytes, BasicProperties), BoxError> {
     let headers = text_headers(&props);
+    let properties = property_texts(&props);
     let m = hook.run(crate::plugins::script::Message {
         destination: routing_key.to_string(),
         exchange: exchange.to_string(),
         headers,
         body: payload,
+        properties: properties.clone(),
+        protocol: crate::plugins::script::Protocol::Amqp,
     })?;
-    let props = with_text_headers(props, m.headers);
+    let mut props = with_text_headers(props, m.headers);
+    // What the script set: the values were checked when it set them.
+    for (name, value) in m.properties.iter().filter(|p| !properties.contains(p)) {
+        let text = || ShortString::from(value.as_str());
+        props = match *name {
+            "content_type" => props.with_content_type(text()),
+            "content_encoding" => props.with_content_encoding(text()),
+            "type" => props.with_type(text()),
+            "expiration" => props.with_expiration(text()),
+            "priority" => props.with_priority(value.parse().unwrap_or_default()),
+            _ => props,
+        };
+    }
     let key = ShortString::try_new(m.destination)
         .map_err(|_| Problem::internal("the script's routing key is longer than 255 bytes"))?;
     Ok((key, m.body, props))
+}
+
+/// A message's properties that are set, as text, as a script sees them.
+fn property_texts(props: &BasicProperties) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    let mut text = |name: &'static str, v: &Option<ShortString>| {
+        if let Some(v) = v {
+            out.push((name, v.to_string()));
+        }
+    };
+    text("content_type", props.content_type());
+    text("content_encoding", props.content_encoding());
+    text("type", props.kind());
+    text("expiration", props.expiration());
+    text("message_id", props.message_id());
+    text("correlation_id", props.correlation_id());
+    text("app_id", props.app_id());
+    text("reply_to", props.reply_to());
+    if let Some(p) = props.priority() {
+        out.push(("priority", p.to_string()));
+    }
+    if let Some(d) = props.delivery_mode() {
+        out.push(("delivery_mode", d.to_string()));
+    }
+    if let Some(t) = props.timestamp() {
+        out.push(("timestamp", t.to_string()));
+    }
+    out
 }
 
 fn header_text(v: &AMQPValue) -> Option<String> {

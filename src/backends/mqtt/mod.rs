@@ -587,6 +587,32 @@ impl MqttHandle {
     }
 }
 
+/// A publish's properties that are set, as text, as a script sees them (`qos` and `retain`
+/// among them, read only).
+fn property_texts(
+    props: &PublishProperties,
+    qos: QoS,
+    retain: bool,
+) -> Vec<(&'static str, String)> {
+    let mut out = vec![
+        ("qos", (qos as u8).to_string()),
+        ("retain", retain.to_string()),
+    ];
+    if let Some(c) = &props.content_type {
+        out.push(("content_type", c.clone()));
+    }
+    if let Some(e) = props.message_expiry_interval {
+        out.push(("message_expiry_interval", e.to_string()));
+    }
+    if let Some(f) = props.payload_format_indicator {
+        out.push(("payload_format_indicator", f.to_string()));
+    }
+    if let Some(t) = &props.response_topic {
+        out.push(("response_topic", t.clone()));
+    }
+    out
+}
+
 /// A publish after a script's `on_message`, which sees the topic, the user properties and the
 /// payload as made and may change them; its topic, which must still be one the broker takes
 /// on a shared connection, and its payload, within `limit`.
@@ -597,13 +623,24 @@ pub(crate) fn scripted(
     limit: usize,
 ) -> Result<String, BoxError> {
     let props = publish.properties.get_or_insert_with(Default::default);
+    let properties = property_texts(props, publish.qos, publish.retain);
     let m = hook.run(crate::plugins::script::Message {
         destination: topic,
         exchange: String::new(),
         headers: std::mem::take(&mut props.user_properties),
         body: publish.payload.clone(),
+        properties: properties.clone(),
+        protocol: crate::plugins::script::Protocol::Mqtt,
     })?;
     props.user_properties = m.headers;
+    // What the script set: the values were checked when it set them.
+    for (name, value) in m.properties.iter().filter(|p| !properties.contains(p)) {
+        match *name {
+            "content_type" => props.content_type = Some(value.clone()),
+            "message_expiry_interval" => props.message_expiry_interval = value.parse().ok(),
+            _ => {}
+        }
+    }
     if let Some(why) = unfit_topic(&m.destination, false) {
         return Err(Problem::bad_request(format!(
             "The topic the route's script made cannot be published to: {why}."
@@ -1498,11 +1535,14 @@ impl MqttRouteService {
             {
                 let topic = String::from_utf8_lossy(&p.topic).into_owned();
                 let props = p.properties.get_or_insert_with(Default::default);
+                let properties = property_texts(props, p.qos, p.retain);
                 let m = hook.reply(crate::plugins::script::Message {
                     destination: topic,
                     exchange: String::new(),
                     headers: std::mem::take(&mut props.user_properties),
                     body: p.payload.clone(),
+                    properties,
+                    protocol: crate::plugins::script::Protocol::Mqtt,
                 })?;
                 props.user_properties = m.headers;
                 p.payload = m.body;
