@@ -4,7 +4,9 @@
 # (examples/amqp_direct.rs), same message (body and the properties the gateway sets), same number
 # of messages in flight, same broker, in alternation in one run. Prints messages/s and latency
 # percentiles, then the ratios. The direct publisher also runs with minimal properties (delivery
-# mode and content type only), printed for reference: "direct-min".
+# mode and content type only), printed for reference: "direct-min". Each round also gives the CPU
+# time per message of the publisher (the direct one, or the gateway) and of the broker's Erlang
+# VM, read from /proc, so that where the two paths differ is a count, not a guess.
 #
 #   bash bench/amqp.sh          # DURATION=10 (seconds) ROUNDS=3 INFLIGHT=32 SIZE=256
 #                               # SY_WORKERS=N: the gateway's Tokio worker threads
@@ -64,11 +66,29 @@ via() {
   wrk -t 2 -c "$INFLIGHT" -d "${DURATION}s" --latency -s "$WORK/post.lua" "http://127.0.0.1:$SY_PORT/bench"
 }
 us() { awk '{v = $1; if (v ~ /us$/) print v + 0; else if (v ~ /ms$/) print (v + 0) * 1000; else print (v + 0) * 1e6}'; }
+# ticks PID...: the CPU time (user + system, clock ticks) the processes have used so far.
+ticks() { for p in "$@"; do awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || echo 0; done | awk '{s += $1} END {print s + 0}'; }
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+# The broker's processes (the Erlang VM), whose CPU per message is compared on both paths.
+BROKER_PIDS=$(pgrep -f beam.smp || true)
+per_msg() { awk -v t="$1" -v n="$2" -v u="$TICK_US" 'BEGIN { if (n > 0) printf "%.1f", t * u / n; else print 0 }'; }
 
 echo "${DURATION}s per target, $INFLIGHT messages in flight, $SIZE-byte persistent messages, $ROUNDS round(s)"
 : > "$WORK/results"
 for r in $(seq 1 "$ROUNDS"); do
-  d=$(direct gateway); m=$(direct minimal); v=$(via)
+  b0=$(ticks $BROKER_PIDS)
+  d=$(direct gateway)
+  b1=$(ticks $BROKER_PIDS)
+  m=$(direct minimal)
+  b2=$(ticks $BROKER_PIDS); g2=$(ticks "$SY_PID")
+  v=$(via)
+  b3=$(ticks $BROKER_PIDS); g3=$(ticks "$SY_PID")
+  dn=$(sed -n 's/.*direct: \([0-9]*\) messages.*/\1/p' <<<"$d")
+  vn=$(awk '/requests in/ {print $1}' <<<"$v")
+  dcpu=$(per_msg "$(sed -n 's/.*cpu_ticks \([0-9]*\).*/\1/p' <<<"$d")" "$dn")
+  dbroker=$(per_msg $((b1 - b0)) "$dn")
+  vcpu=$(per_msg $((g3 - g2)) "$vn")
+  vbroker=$(per_msg $((b3 - b2)) "$vn")
   mrate=$(sed -n 's/.*= \([0-9]*\) msg\/s.*/\1/p' <<<"$m")
   drate=$(sed -n 's/.*= \([0-9]*\) msg\/s.*/\1/p' <<<"$d")
   dp50=$(sed -n 's/.*p50 \([0-9]*\) us.*/\1/p' <<<"$d"); dp99=$(sed -n 's/.*p99 \([0-9]*\) us.*/\1/p' <<<"$d")
@@ -76,11 +96,15 @@ for r in $(seq 1 "$ROUNDS"); do
   vp50=$(awk '$1 == "50%" {print $2}' <<<"$v" | us); vp99=$(awk '$1 == "99%" {print $2}' <<<"$v" | us)
   non2xx=$(awk '/Non-2xx/ {print $NF}' <<<"$v"); non2xx=${non2xx:-0}
   echo "round $r: direct $drate msg/s (p50 $dp50 us, p99 $dp99 us); direct-min $mrate msg/s; switchyard $vrate req/s (p50 $vp50 us, p99 $vp99 us, non-2xx $non2xx)"
-  echo "$drate $vrate $dp50 $vp50 $dp99 $vp99 $mrate" >> "$WORK/results"
+  echo "         CPU µs per message: direct publisher $dcpu, broker $dbroker; gateway $vcpu, broker $vbroker"
+  echo "$drate $vrate $dp50 $vp50 $dp99 $vp99 $mrate $dcpu $dbroker $vcpu $vbroker" >> "$WORK/results"
 done
 col() { awk -v c="$1" '{print $c}' "$WORK/results" | median; }
 awk -v d="$(col 1)" -v m="$(col 7)" -v v="$(col 2)" -v dp50="$(col 3)" -v vp50="$(col 4)" -v dp99="$(col 5)" -v vp99="$(col 6)" 'BEGIN {
   printf "medians: direct %.0f msg/s (p50 %.0f us, p99 %.0f us), switchyard %.0f msg/s (p50 %.0f us, p99 %.0f us)\n", d, dp50, dp99, v, vp50, vp99
-  printf "ratios: switchyard/direct msg/s = %.2f (target >= 0.80); added latency p50 %.0f us, p99 %.0f us\n", v / d, vp50 - dp50, vp99 - dp99
+  printf "ratios: switchyard/direct msg/s = %.2f (target >= 0.85); added latency p50 %.0f us, p99 %.0f us\n", v / d, vp50 - dp50, vp99 - dp99
   printf "        for reference: direct-min %.0f msg/s, switchyard/direct-min = %.2f\n", m, v / m
+}'
+awk -v dc="$(col 8)" -v db="$(col 9)" -v vc="$(col 10)" -v vb="$(col 11)" 'BEGIN {
+  printf "CPU µs per message (medians): direct publisher %.1f + broker %.1f; gateway %.1f + broker %.1f (wrk not counted)\n", dc, db, vc, vb
 }'
