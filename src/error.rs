@@ -510,6 +510,19 @@ impl Problem {
     }
 
     /// The state store could not record the request, so nothing was done with it.
+    /// A cluster-wide rate limit with `fallback: closed` whose count the store could not give.
+    pub fn rate_uncounted() -> Self {
+        let mut p = Problem::new(
+            Kind::STORE_UNAVAILABLE,
+            StatusCode::SERVICE_UNAVAILABLE,
+            Fault::Gateway,
+            "The route's cluster-wide rate limit could not be counted (the state store did not answer in time), and the route refuses requests until it can; try again shortly.",
+        );
+        p.headers
+            .insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        p
+    }
+
     pub fn store_unavailable(source: crate::store::StoreError) -> Self {
         Problem::new(
             Kind::STORE_UNAVAILABLE,

@@ -318,6 +318,39 @@ pub struct RateLimitSpec {
     /// What a bucket belongs to: `global`, `client_ip`, or `{ header: name }`.
     #[serde(default)]
     pub key: RateLimitKey,
+    /// `local`: each replica counts in its own memory. `cluster`: one count for every replica
+    /// sharing the state store (`state.store: redis`), kept there.
+    #[serde(default)]
+    pub scope: RateScope,
+    /// With `scope: cluster`, what a request gets while Redis does not answer within
+    /// `store_timeout`: `local` (this replica's own bucket, with the whole quota), `open` (let
+    /// through) or `closed` (503).
+    #[serde(default)]
+    pub fallback: RateFallback,
+    /// With `scope: cluster`, the longest a request waits for Redis's count.
+    #[serde(default = "default_rate_store_timeout")]
+    pub store_timeout: Dur,
+}
+
+fn default_rate_store_timeout() -> Dur {
+    Dur::millis(100)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RateScope {
+    #[default]
+    Local,
+    Cluster,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RateFallback {
+    #[default]
+    Local,
+    Open,
+    Closed,
 }
 
 fn default_rate_per() -> Dur {

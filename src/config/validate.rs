@@ -590,6 +590,24 @@ fn validate_route(
         if rl.burst == Some(0) {
             cx.err(&format!("{p}.burst"), id, "must be at least 1");
         }
+        let cluster = rl.scope == crate::config::RateScope::Cluster;
+        if cluster && spec.state.store != crate::config::StoreKind::Redis {
+            cx.err(
+                &format!("{p}.scope"),
+                id,
+                "`scope: cluster` keeps the count in the shared state store; set `state.store: redis`",
+            );
+        }
+        if !cluster && rl.fallback != crate::config::RateFallback::Local {
+            cx.err_key_route(
+                &format!("{p}.fallback"),
+                id,
+                "`fallback` says what a cluster-wide limit does while Redis is away; it needs `scope: cluster`",
+            );
+        }
+        if cluster && rl.store_timeout.0.is_zero() {
+            cx.err(&format!("{p}.store_timeout"), id, "must be above zero");
+        }
         if let RateLimitKey::Header(h) = &rl.key
             && HeaderName::from_bytes(h.as_bytes()).is_err()
         {

@@ -18,8 +18,9 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use tower::Service;
 
 use super::context::RequestContext;
-use crate::config::{RateLimitKey, RateLimitSpec};
+use crate::config::{RateFallback, RateLimitKey, RateLimitSpec, RateScope};
 use crate::error::Problem;
+use crate::store::{RateTaken, SharedStore};
 use crate::telemetry::metrics::Metrics;
 use crate::{BoxError, Request, Response, ResponseFuture, fail};
 
@@ -77,9 +78,37 @@ enum Limiter {
     Keyed(KeyedLimiter),
 }
 
+/// A limit counted in the shared store (`scope: cluster`), and what decides while the store
+/// does not answer.
+struct Cluster {
+    store: SharedStore,
+    emission: Duration,
+    burst: u32,
+    fallback: RateFallback,
+    timeout: Duration,
+    /// When a fallback was last logged (ms since the epoch): once in 10 s at most.
+    warned: AtomicU64,
+}
+
+/// The shared count, or none (the store did not answer in time).
+enum Fallible {
+    Counted(Result<(u32, u64), Refusal>),
+    Uncounted,
+}
+
+/// Why a request is not let through.
+enum Refusal {
+    /// Over the rate: 429, and when to come back.
+    Wait(Duration),
+    /// A cluster-wide count the store could not give, with `fallback: closed`: 503.
+    Uncounted,
+}
+
 /// A compiled rate limit, shared by clones of the route's service.
 pub struct RateLimit {
     limiter: Limiter,
+    /// `scope: cluster`: the shared count, before the local bucket.
+    cluster: Option<Cluster>,
     key: RateLimitKey,
     header: Option<HeaderName>,
     quota: u32,
@@ -92,12 +121,29 @@ pub struct RateLimit {
 }
 
 impl RateLimit {
-    /// Builds the bucket. `spec` has been validated (requests ≥ 1, per > 0).
-    pub fn new(spec: &RateLimitSpec, route: Arc<str>, metrics: Arc<Metrics>) -> Self {
+    /// Builds the bucket. `spec` has been validated (requests ≥ 1, per > 0); `store` is the
+    /// state store, which a `scope: cluster` limit counts in.
+    pub fn new(
+        spec: &RateLimitSpec,
+        route: Arc<str>,
+        metrics: Arc<Metrics>,
+        store: Option<SharedStore>,
+    ) -> Self {
         let requests = spec.requests.max(1);
         let burst =
             NonZeroU32::new(spec.burst.unwrap_or(requests).max(1)).unwrap_or(NonZeroU32::MIN);
         let period = (spec.per.0 / requests).max(Duration::from_nanos(1));
+        let cluster = match (spec.scope, store) {
+            (RateScope::Cluster, Some(store)) => Some(Cluster {
+                store,
+                emission: period,
+                burst: burst.get(),
+                fallback: spec.fallback,
+                timeout: spec.store_timeout.0,
+                warned: AtomicU64::new(0),
+            }),
+            _ => None,
+        };
         let quota = Quota::with_period(period)
             .unwrap_or_else(|| Quota::per_second(NonZeroU32::MIN))
             .allow_burst(burst);
@@ -115,6 +161,7 @@ impl RateLimit {
         };
         RateLimit {
             limiter,
+            cluster,
             key: spec.key.clone(),
             header,
             quota: requests,
@@ -144,8 +191,45 @@ impl RateLimit {
         }
     }
 
+    /// Takes a token from the shared bucket (`scope: cluster`); while the store does not
+    /// answer in time, the fallback decides.
+    async fn check_cluster(&self, c: &Cluster, key: String) -> Fallible {
+        let why =
+            match tokio::time::timeout(c.timeout, c.store.take_rate(&key, c.emission, c.burst))
+                .await
+            {
+                Ok(Ok(RateTaken::Allowed { remaining })) => {
+                    return Fallible::Counted(Ok((remaining, self.window_secs)));
+                }
+                Ok(Ok(RateTaken::Refused { wait })) => {
+                    return Fallible::Counted(Err(Refusal::Wait(wait)));
+                }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("no answer within {:?}", c.timeout),
+            };
+        let now = crate::store::now_ms();
+        let last = c.warned.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= 10_000
+            && c.warned
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(route = %self.route, error = %why, fallback = ?c.fallback, "The cluster-wide rate limit could not be counted; the fallback decides until the store answers again.");
+        }
+        Fallible::Uncounted
+    }
+
+    /// What `fallback` says while the shared count cannot be had.
+    fn fall_back(&self, c: &Cluster, req: &Request) -> Result<(u32, u64), Refusal> {
+        match c.fallback {
+            RateFallback::Local => self.check(req),
+            RateFallback::Open => Ok((self.quota, self.window_secs)),
+            RateFallback::Closed => Err(Refusal::Uncounted),
+        }
+    }
+
     /// Takes a token: `Ok(remaining)` or `Err(wait)`.
-    fn check(&self, req: &Request) -> Result<(u32, u64), Duration> {
+    fn check(&self, req: &Request) -> Result<(u32, u64), Refusal> {
         let outcome = match &self.limiter {
             Limiter::Direct(l) => l.check().map_err(|n| n.wait_time_from(l.clock().now())),
             Limiter::Keyed(l) => {
@@ -157,7 +241,9 @@ impl RateLimit {
                     .map_err(|n| n.wait_time_from(l.clock().now()))
             }
         };
-        outcome.map(|snapshot| (snapshot.remaining_burst_capacity(), self.window_secs))
+        outcome
+            .map(|snapshot| (snapshot.remaining_burst_capacity(), self.window_secs))
+            .map_err(Refusal::Wait)
     }
 }
 
@@ -194,7 +280,20 @@ where
 
 impl crate::DirectCall for RateLimitService<crate::RouteService> {
     fn call(&self, req: Request) -> ResponseFuture {
-        rate_limited(&self.limit, req, |r| self.inner.call_shared(r))
+        if self.limit.cluster.is_none() {
+            return rate_limited(&self.limit, req, |r| self.inner.call_shared(r));
+        }
+        // The shared count is a round trip to the store, before the call.
+        let (limit, inner) = (self.limit.clone(), self.inner.clone());
+        Box::pin(async move {
+            let c = limit.cluster.as_ref().expect("a cluster-wide limit");
+            let key = format!("{}:{}", limit.route, limit.key_of(&req));
+            let outcome = match limit.check_cluster(c, key).await {
+                Fallible::Counted(outcome) => outcome,
+                Fallible::Uncounted => limit.fall_back(c, &req),
+            };
+            admit(&limit, req, outcome, |r| inner.call_shared(r)).await
+        })
     }
 }
 
@@ -207,8 +306,24 @@ fn rate_limited<F>(
 where
     F: std::future::Future<Output = Result<Response, BoxError>> + Send + 'static,
 {
-    match limit.check(&req) {
-        Err(wait) => {
+    let outcome = limit.check(&req);
+    admit(limit, req, outcome, call)
+}
+
+/// The call below (`call`) when `outcome` lets `req` through, with the `RateLimit` headers on
+/// its answer; else the refusal.
+fn admit<F>(
+    limit: &Arc<RateLimit>,
+    req: Request,
+    outcome: Result<(u32, u64), Refusal>,
+    call: impl FnOnce(Request) -> F,
+) -> ResponseFuture
+where
+    F: std::future::Future<Output = Result<Response, BoxError>> + Send + 'static,
+{
+    match outcome {
+        Err(Refusal::Uncounted) => fail(Problem::rate_uncounted()),
+        Err(Refusal::Wait(wait)) => {
             limit.metrics.rate_limited(&limit.route);
             if let Some(t) = crate::telemetry::otel::Trace::of(req.extensions()) {
                 t.event("rate_limited", || {
@@ -416,8 +531,16 @@ mod tests {
             per: Dur::secs(60),
             burst: None,
             key: RateLimitKey::Header("x-tenant".into()),
+            scope: RateScope::Local,
+            fallback: RateFallback::Local,
+            store_timeout: Dur::millis(100),
         };
-        let limit = Arc::new(RateLimit::new(&spec, "r".into(), Arc::new(Metrics::new())));
+        let limit = Arc::new(RateLimit::new(
+            &spec,
+            "r".into(),
+            Arc::new(Metrics::new()),
+            None,
+        ));
         let svc = RateLimitService::new(svc, limit);
         let req = |tenant: &str| {
             http::Request::get("/")

@@ -156,7 +156,16 @@ pub fn stack(
         ));
     }
     if let Some(rl) = &route.rate_limit {
-        let rl = Arc::new(limit::RateLimit::new(rl, id.clone(), metrics.clone()));
+        let store = match rl.scope {
+            crate::config::RateScope::Cluster => Some(state.ok_or_else(needs_state)?.store.clone()),
+            crate::config::RateScope::Local => None,
+        };
+        let rl = Arc::new(limit::RateLimit::new(
+            rl,
+            id.clone(),
+            metrics.clone(),
+            store,
+        ));
         svc = RouteService::direct(limit::RateLimitService::new(svc, rl));
     }
     svc = with_plugins(route, svc, cx)?;

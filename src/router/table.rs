@@ -145,6 +145,9 @@ pub struct RouteTable {
 pub fn needs_state(r: &RouteSpec) -> bool {
     r.spool
         || r.idempotency.is_some()
+        || r.rate_limit
+            .as_ref()
+            .is_some_and(|l| l.scope == crate::config::RateScope::Cluster)
         || r.mode == crate::config::RouteMode::Async
         || r.on_timeout == crate::config::OnTimeout::Accept
 }

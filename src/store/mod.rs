@@ -28,6 +28,9 @@ pub enum Ns {
     /// Who holds a piece of work now (a job's run, a dead letter's replay), keyed by what is
     /// held; expires if that gateway dies.
     Leases,
+    /// Cluster-wide rate limits (`rate_limit.scope: cluster`): each bucket's theoretical
+    /// arrival time, keyed by route and bucket.
+    Rates,
 }
 
 impl Ns {
@@ -38,6 +41,7 @@ impl Ns {
             Ns::DeadLetters => "dead",
             Ns::PendingJobs => "pending",
             Ns::Leases => "lease",
+            Ns::Rates => "rate",
         }
     }
 
@@ -104,6 +108,30 @@ pub trait Store: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<(String, Vec<u8>)>, StoreError>;
+
+    /// Takes one request from the shared bucket `key` (GCRA: one request per `emission`, up
+    /// to `burst` at once), by the store's one clock, so that every replica counts in the same
+    /// bucket. Only a shared store keeps such buckets.
+    async fn take_rate(
+        &self,
+        key: &str,
+        emission: Duration,
+        burst: u32,
+    ) -> Result<RateTaken, StoreError> {
+        let _ = (key, emission, burst);
+        Err(StoreError::Unavailable(format!(
+            "the {} store keeps no shared rate limits",
+            self.kind()
+        )))
+    }
+}
+
+/// What a shared bucket said: a request let through (with what is left of the burst), or
+/// refused (with how long until one would be let through).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateTaken {
+    Allowed { remaining: u32 },
+    Refused { wait: Duration },
 }
 
 pub type SharedStore = Arc<dyn Store>;

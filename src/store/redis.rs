@@ -29,6 +29,25 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
 end
 return redis.call('GET', KEYS[1])";
 
+/// GCRA on one key, by Redis's clock (every replica reads the same one): KEYS[1] holds the
+/// bucket's theoretical arrival time in microseconds; ARGV[1] is the emission interval and
+/// ARGV[2] the burst, both in microseconds (burst × interval). Answers `{1, remaining}` when
+/// the request is let through and `{0, wait_us}` when not.
+const GCRA: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local emission = tonumber(ARGV[1])
+local window = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local new_tat = tat + emission
+local over = new_tat - now - window
+if over > 0 then
+  return {0, over}
+end
+redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
+return {1, math.floor((window - (new_tat - now)) / emission)}";
+
 pub struct RedisStore {
     client: redis::Client,
     prefix: String,
@@ -38,6 +57,7 @@ pub struct RedisStore {
     conn: Mutex<Option<ConnectionManager>>,
     insert: redis::Script,
     swap: redis::Script,
+    gcra: redis::Script,
     /// When connecting last failed: for a moment after, requests fail at once instead of each
     /// waiting for a connect of its own.
     failed_at: std::sync::Mutex<Option<tokio::time::Instant>>,
@@ -65,6 +85,7 @@ impl RedisStore {
             conn: Mutex::new(None),
             insert: redis::Script::new(INSERT),
             swap: redis::Script::new(SWAP),
+            gcra: redis::Script::new(GCRA),
             failed_at: std::sync::Mutex::new(None),
         })
     }
@@ -227,6 +248,36 @@ impl Store for RedisStore {
             })
             .await?;
         Ok(n > 0)
+    }
+
+    async fn take_rate(
+        &self,
+        key: &str,
+        emission: Duration,
+        burst: u32,
+    ) -> Result<super::RateTaken, StoreError> {
+        let k = self.key(Ns::Rates, key);
+        let emission_us = (emission.as_micros() as u64).max(1);
+        let window_us = emission_us.saturating_mul(u64::from(burst.max(1)));
+        let (allowed, n): (i64, i64) = self
+            .run(async |c| {
+                self.gcra
+                    .key(&k)
+                    .arg(emission_us)
+                    .arg(window_us)
+                    .invoke_async(c)
+                    .await
+            })
+            .await?;
+        Ok(if allowed == 1 {
+            super::RateTaken::Allowed {
+                remaining: u32::try_from(n.max(0)).unwrap_or(u32::MAX),
+            }
+        } else {
+            super::RateTaken::Refused {
+                wait: Duration::from_micros(n.max(1) as u64),
+            }
+        })
     }
 
     async fn list(

@@ -17,6 +17,7 @@ mod logs;
 mod matching;
 mod mqtt;
 mod reload;
+mod replicas;
 mod resilience;
 mod runtimes;
 mod scripts;
