@@ -41,6 +41,9 @@ pub struct Shared {
     watched: Mutex<std::collections::HashSet<PathBuf>>,
     /// The last minutes of traffic, sampled every second, for the dashboard.
     pub history: admin::ui::History,
+    /// Set when the gateway starts draining (`server.drain_delay`): `/readyz` answers 503 and
+    /// HTTP/1.1 answers close their connection.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -241,6 +244,7 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
         watcher: Mutex::new(None),
         watched: Mutex::new(Default::default()),
         history: Default::default(),
+        draining: Default::default(),
     });
     shared.table.load().activate();
     let reloader = reload::spawn(
@@ -319,6 +323,28 @@ pub async fn start(opts: Options) -> Result<Running, StartError> {
 }
 
 impl Running {
+    /// The start of a shutdown: for `server.drain_delay`, the gateway goes on serving while
+    /// `/readyz` says it is draining and HTTP/1.1 answers close their connections, so that a
+    /// load balancer stops sending before the port closes. A second signal (`stop`) ends the
+    /// wait early.
+    pub async fn drain(&self, stop: impl std::future::Future<Output = ()>) {
+        let delay = self.shared.table.load().spec.server.drain_delay.0;
+        self.shared
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        if delay.is_zero() {
+            return;
+        }
+        tracing::info!(
+            ?delay,
+            "Draining: not ready, still serving until the delay is over."
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop => {}
+        }
+    }
+
     /// Stops accepting, lets in-flight requests finish within the grace period, and returns
     /// whether every connection drained in time.
     pub async fn shutdown(self) -> bool {

@@ -229,6 +229,15 @@ async fn run(config: PathBuf, watch: bool, max_config_size: u64) -> anyhow::Resu
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+    // `server.drain_delay` first (a second signal cuts it short), then the drain itself.
+    running
+        .drain(async {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        })
+        .await;
     tracing::info!("Shutting down; draining in-flight requests.");
     running.shutdown().await;
     Ok(ExitCode::SUCCESS)

@@ -61,6 +61,8 @@ fn time(t: Option<SystemTime>) -> Option<String> {
 #[derive(Serialize)]
 pub struct Readiness {
     pub ready: bool,
+    /// The gateway is shutting down (`server.drain_delay`): still serving, not ready.
+    pub draining: bool,
     pub config_version: u64,
     pub backends: BTreeMap<String, BackendStatus>,
 }
@@ -154,8 +156,10 @@ pub fn readiness(shared: &Shared) -> Readiness {
             },
         );
     }
+    let draining = shared.draining.load(std::sync::atomic::Ordering::Relaxed);
     Readiness {
-        ready,
+        ready: ready && !draining,
+        draining,
         config_version: table.version,
         backends,
     }

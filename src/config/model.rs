@@ -57,6 +57,12 @@ pub struct ServerSpec {
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     #[serde(default = "default_grace")]
     pub shutdown_grace: Dur,
+    /// After SIGTERM/SIGINT, how long the gateway goes on serving before it stops accepting,
+    /// while `/readyz` answers 503 (`draining`) and HTTP/1.1 answers close their connection:
+    /// time for a load balancer's health check to take it out of rotation, so that no request
+    /// meets a closed port. `0s` stops accepting at once.
+    #[serde(default = "default_drain_delay")]
+    pub drain_delay: Dur,
     /// Request header that carries the correlation ID (accepted, minted when absent, echoed).
     #[serde(default = "default_correlation_header")]
     pub correlation_header: String,
@@ -102,6 +108,7 @@ impl Default for ServerSpec {
             listen: default_listen(),
             admin: default_admin(),
             shutdown_grace: default_grace(),
+            drain_delay: default_drain_delay(),
             correlation_header: default_correlation_header(),
             encoded_slash: EncodedSlash::default(),
             limits: LimitsSpec::default(),
@@ -121,6 +128,9 @@ fn default_admin() -> SocketAddr {
 }
 fn default_grace() -> Dur {
     Dur::secs(30)
+}
+fn default_drain_delay() -> Dur {
+    Dur::secs(0)
 }
 fn default_correlation_header() -> String {
     "x-request-id".into()

@@ -174,9 +174,21 @@ async fn serve_conn<I>(
 {
     let limits = shared.table.load().spec.server.limits.clone();
     let remote = info.remote;
+    let h1 = matches!(proto, Proto::H1);
     let svc = service_fn(move |req| {
         let (shared, info) = (shared.clone(), info.clone());
-        async move { Ok::<_, Infallible>(dispatch::handle(shared, info, req).await) }
+        async move {
+            let mut resp = dispatch::handle(shared.clone(), info, req).await;
+            // Draining: an HTTP/1.1 client reconnects (through its load balancer) for its
+            // next request, instead of finding this connection closed under it later.
+            if h1 && shared.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                resp.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            Ok::<_, Infallible>(resp)
+        }
     });
     let io = TokioIo::new(io);
     let idle = limits.idle_timeout.0;

@@ -4,6 +4,7 @@
 use http::Method;
 
 use crate::support::amqp::BrokerProxy;
+use crate::support::haproxy::Haproxy;
 use crate::support::redis as rd;
 use crate::support::*;
 
@@ -175,4 +176,206 @@ routes:
     .await;
     assert!(e.contains("set `state.store: redis`"), "{e}");
     assert!(e.contains("it needs `scope: cluster`"), "{e}");
+}
+
+/// Requests through `lb` from `clients` tasks until `stop`: a GET to the upstream and a POST
+/// that publishes, in turn. What each answered, and the message ids of the 202s.
+#[derive(Default)]
+struct Traffic {
+    answers: std::collections::BTreeMap<u16, usize>,
+    published: Vec<String>,
+    /// The body of the first answer that was neither 200 nor 202.
+    failure: Option<String>,
+}
+
+async fn traffic(
+    lb: String,
+    clients: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Traffic {
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (lb, stop) = (lb.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut t = Traffic::default();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let req = if i.is_multiple_of(2) {
+                    request(Method::GET, &format!("{lb}/up/{c}/{i}")).body(body(""))
+                } else {
+                    request(Method::POST, &format!("{lb}/orders"))
+                        .header("content-type", "application/json")
+                        .body(body(format!("{{\"client\":{c},\"n\":{i}}}")))
+                };
+                let (s, _, b) = send(req.unwrap()).await;
+                *t.answers.entry(s.as_u16()).or_default() += 1;
+                if s == 202 {
+                    t.published
+                        .push(json(&b)["message_id"].as_str().unwrap().to_string());
+                } else if s != 200 && t.failure.is_none() {
+                    t.failure = Some(String::from_utf8_lossy(&b).into_owned());
+                }
+            }
+            t
+        }));
+    }
+    let mut all = Traffic::default();
+    for task in tasks {
+        let t = task.await.unwrap();
+        for (s, n) in t.answers {
+            *all.answers.entry(s).or_default() += n;
+        }
+        all.published.extend(t.published);
+        all.failure = all.failure.or(t.failure);
+    }
+    all
+}
+
+/// Whether a replica has answered a request since it started (its counters start at zero).
+async fn has_served(admin: std::net::SocketAddr) -> bool {
+    let (_, _, m) = get(&format!("http://{admin}/metrics")).await;
+    String::from_utf8_lossy(&m).contains("switchyard_requests_total{")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_behind_haproxy_fails_no_request_and_loses_no_message() {
+    use crate::support::amqp as rabbit;
+    let up = Upstream::start().await;
+    let url = rabbit::broker_url().await;
+    let (x, q) = (rabbit::unique("x"), rabbit::unique("q"));
+    let yaml = format!(
+        r#"{}  up: {{ type: http, endpoints: ["{}"] }}
+routes:
+  - id: up
+    match: {{ method: GET, path: "/up/{{*rest}}" }}
+    backend: up
+  - id: orders
+    match: {{ method: POST, path: /orders }}
+    backend: rabbit
+    amqp: {{ exchange: "{x}", routing_key: orders.new }}
+"#,
+        rabbit::rabbit_backend(&url, &x, &q),
+        up.url()
+    );
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        replicas
+            .push(Binary::start_with_server(&yaml, "drain_delay: 600ms, shutdown_grace: 5s").await);
+    }
+    let lb = Haproxy::start(
+        &replicas
+            .iter()
+            .map(|r| (r.listen, r.admin))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn(traffic(lb.url(""), 4, stop.clone()));
+
+    // Each replica in turn: SIGTERM, out of rotation while it drains, started again, back in.
+    for r in &mut replicas {
+        eventually("the replica to serve through HAProxy", || async {
+            if has_served(r.admin).await {
+                Ok(())
+            } else {
+                Err("not yet")
+            }
+        })
+        .await;
+        let status = r.terminate().await;
+        assert!(status.success(), "{status}: {}", r.log());
+        r.restart().await;
+        // Back in rotation before the next one goes.
+        eventually("the restarted replica to serve through HAProxy", || async {
+            if has_served(r.admin).await {
+                Ok(())
+            } else {
+                Err("not yet")
+            }
+        })
+        .await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let t = load.await.unwrap();
+    let total: usize = t.answers.values().sum();
+    assert_eq!(
+        t.answers.keys().copied().collect::<Vec<_>>(),
+        [200, 202],
+        "every request answered 200 or 202 through the restarts: {:?}; {:?}",
+        t.answers,
+        t.failure
+    );
+    assert!(total > 100, "{:?}", t.answers);
+
+    // Every acknowledged publish is in the queue, once.
+    let conn = rabbit::client().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut delivered = std::collections::BTreeMap::<String, usize>::new();
+    while let Some(m) = ch
+        .basic_get(
+            q.as_str().into(),
+            lapin::options::BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+    {
+        let id = m
+            .delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .unwrap()
+            .to_string();
+        *delivered.entry(id).or_default() += 1;
+    }
+    let lost: Vec<&String> = t
+        .published
+        .iter()
+        .filter(|id| !delivered.contains_key(*id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged messages lost",
+        lost.len(),
+        t.published.len()
+    );
+    assert!(
+        delivered.values().all(|n| *n == 1),
+        "a message delivered twice"
+    );
+    rabbit::cleanup(&conn, &[&x], &[&q]).await;
+}
+
+#[tokio::test]
+async fn a_draining_gateway_says_so_and_serves_until_the_delay_is_over() {
+    let up = Upstream::start().await;
+    let mut gw = Binary::start_with_server(
+        &format!(
+            "backends:\n  up: {{ type: http, endpoints: [\"{}\"] }}\nroutes:\n  - id: up\n    match: {{ path: \"/{{*rest}}\" }}\n    backend: up\n",
+            up.url()
+        ),
+        "drain_delay: 30s",
+    )
+    .await;
+    let ready = format!("http://{}/readyz", gw.admin);
+    assert_eq!(get(&ready).await.0, 200);
+    gw.sigterm();
+    let v = eventually("the gateway to say it drains", || async {
+        let (s, _, b) = get(&ready).await;
+        if s == 503 { Ok(json(&b)) } else { Err(s) }
+    })
+    .await;
+    assert_eq!(
+        (v["ready"].as_bool(), v["draining"].as_bool()),
+        (Some(false), Some(true)),
+        "{v}"
+    );
+    // Still serving, each HTTP/1.1 answer closing its connection.
+    let (s, h, _) = get(&format!("http://{}/x", gw.listen)).await;
+    assert_eq!(s, 200);
+    assert_eq!(h["connection"], "close");
+    // A second signal ends the delay: the gateway drains and exits.
+    let status = gw.terminate().await;
+    assert!(status.success(), "{status}");
 }

@@ -5,6 +5,7 @@
 
 pub mod amqp;
 pub mod grpc;
+pub mod haproxy;
 pub mod mqtt;
 pub mod otlp;
 pub mod redis;
@@ -453,6 +454,34 @@ pub async fn free_port() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// A free port below the kernel's ephemeral range (which starts at 32768), for a process
+/// that is stopped and started again on the same port: while it is down, no other test can be
+/// handed the port by `bind(0)` (and, binding it with `SO_REUSEPORT` as the gateway does,
+/// share it). Each call gives another port.
+pub async fn stable_port() -> SocketAddr {
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    // The ports just below the ephemeral range: 8,000 of them, from a point this process
+    // picks.
+    let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    assert!(
+        low > 9000,
+        "the ephemeral port range starts at {low}; the tests need room below it"
+    );
+    let first = low - 8000 + (std::process::id() % 4000) as u16;
+    let _ = NEXT.compare_exchange(0, first, Ordering::SeqCst, Ordering::SeqCst);
+    loop {
+        let port = NEXT.fetch_add(1, Ordering::SeqCst);
+        assert!(port < low, "no stable port left below {low}");
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)).await {
+            return l.local_addr().unwrap();
+        }
+    }
+}
+
 #[path = "../../../examples/worker/mod.rs"]
 pub mod worker;
 
@@ -475,6 +504,9 @@ pub struct Binary {
     pub admin: SocketAddr,
     dir: tempfile::TempDir,
     child: std::process::Child,
+    /// How it was started, to start it again ([`Binary::restart`]).
+    command: Vec<std::ffi::OsString>,
+    rust_log: Option<String>,
 }
 
 impl Drop for Binary {
@@ -499,38 +531,78 @@ impl Binary {
         args: &[&str],
         rust_log: Option<&str>,
     ) -> Binary {
+        Self::start_full(yaml, files, args, rust_log, "").await
+    }
+
+    /// [`Binary::start`] with more keys in its `server:` block (`drain_delay: 1s`).
+    pub async fn start_with_server(yaml: &str, server_keys: &str) -> Binary {
+        Self::start_full(yaml, &[], &[], None, server_keys).await
+    }
+
+    async fn start_full(
+        yaml: &str,
+        files: &[(&str, &str)],
+        args: &[&str],
+        rust_log: Option<&str>,
+        server_keys: &str,
+    ) -> Binary {
         let dir = tempfile::tempdir().unwrap();
         for (path, content) in files {
             let path = dir.path().join(path);
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(path, content).unwrap();
         }
-        let (listen, admin) = (free_port().await, free_port().await);
+        // Ports it keeps while it restarts.
+        let (listen, admin) = (stable_port().await, stable_port().await);
         let config = dir.path().join("routes.yaml");
         std::fs::write(
             &config,
-            format!("server: {{ listen: \"{listen}\", admin: \"{admin}\" }}\n{yaml}"),
+            format!(
+                "server: {{ listen: \"{listen}\", admin: \"{admin}\"{sep}{server_keys} }}\n{yaml}",
+                sep = if server_keys.is_empty() { "" } else { ", " }
+            ),
         )
         .unwrap();
-        let log = std::fs::File::create(dir.path().join("out.log")).unwrap();
+        let mut command: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+        command.extend(["run", "--no-watch", "--config"].map(Into::into));
+        command.push(config.into_os_string());
+        let rust_log = rust_log.map(str::to_string);
+        let child = Self::spawn(dir.path(), &command, rust_log.as_deref());
+        let b = Binary {
+            listen,
+            admin,
+            dir,
+            child,
+            command,
+            rust_log,
+        };
+        b.wait_healthy().await;
+        b
+    }
+
+    fn spawn(
+        dir: &std::path::Path,
+        command: &[std::ffi::OsString],
+        rust_log: Option<&str>,
+    ) -> std::process::Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("out.log"))
+            .unwrap();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_switchyard"));
-        cmd.args(args)
-            .args(["run", "--no-watch", "--config"])
-            .arg(&config)
+        cmd.args(command)
             .stdout(log.try_clone().unwrap())
             .stderr(log);
         match rust_log {
             Some(l) => cmd.env("RUST_LOG", l),
             None => cmd.env_remove("RUST_LOG"),
         };
-        let child = cmd.spawn().unwrap();
-        let b = Binary {
-            listen,
-            admin,
-            dir,
-            child,
-        };
-        let healthz = format!("http://{admin}/healthz");
+        cmd.spawn().unwrap()
+    }
+
+    async fn wait_healthy(&self) {
+        let healthz = format!("http://{}/healthz", self.admin);
         eventually("the gateway's admin listener answers", || async {
             client()
                 .request(Request::get(&healthz).body(body("")).unwrap())
@@ -539,7 +611,40 @@ impl Binary {
                 .map_err(|e| e.to_string())
         })
         .await;
-        b
+    }
+
+    /// Sends it SIGTERM.
+    pub fn sigterm(&self) {
+        let pid = self.child.id().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success(), "kill -TERM {pid}");
+    }
+
+    /// Sends it SIGTERM and waits for it to exit (its drain included).
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        self.sigterm();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Kills it at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again, as it was started (same ports, same directory and state), once it
+    /// has exited; returns once its admin listener answers.
+    pub async fn restart(&mut self) {
+        self.child = Self::spawn(self.dir.path(), &self.command, self.rust_log.as_deref());
+        self.wait_healthy().await;
     }
 
     /// Its output so far.
