@@ -379,3 +379,233 @@ async fn a_draining_gateway_says_so_and_serves_until_the_delay_is_over() {
     let status = gw.terminate().await;
     assert!(status.success(), "{status}");
 }
+
+/// A GET on a replica's admin API, as JSON.
+async fn admin(r: &Binary, path: &str) -> (u16, serde_json::Value) {
+    let (s, _, b) = get(&format!("http://{}{path}", r.admin)).await;
+    (s.as_u16(), serde_json::from_slice(&b).unwrap_or_default())
+}
+
+async fn post_on(
+    base: &str,
+    path: &str,
+    key: Option<&str>,
+) -> (u16, http::HeaderMap, serde_json::Value) {
+    let mut req =
+        request(Method::POST, &format!("{base}{path}")).header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("idempotency-key", format!("\"{k}\""));
+    }
+    let (s, h, b) = send(req.body(body(r#"{"n":1}"#)).unwrap()).await;
+    (
+        s.as_u16(),
+        h,
+        serde_json::from_slice(&b).unwrap_or_default(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_idempotency_keys_jobs_and_dead_letters() {
+    use crate::support::amqp as rabbit;
+    let up = Upstream::start().await;
+    // The webhook receiver refuses twice (the webhook is dead-lettered), then takes it.
+    let rx = crate::jobs::Receiver::start(vec![500, 500]).await;
+    let url = rabbit::broker_url().await;
+    let (x, q) = (rabbit::unique("x"), rabbit::unique("q"));
+    let yaml = format!(
+        r#"state: {{ store: redis, redis: {{ url: "{redis}", prefix: "{prefix}" }} }}
+{rabbit}  up: {{ type: http, endpoints: ["{up}"] }}
+routes:
+  - id: orders
+    match: {{ method: POST, path: /orders }}
+    backend: rabbit
+    amqp: {{ exchange: "{x}", routing_key: orders.new }}
+    idempotency: {{}}
+  - id: work
+    match: {{ method: POST, path: /work }}
+    backend: up
+    mode: async
+    async:
+      webhook: {{ url: "{hook}", secret: "a-test-secret-of-32-characters!!", attempts: 2, backoff: {{ min: 20ms, max: 50ms }} }}
+"#,
+        redis = rd::url().await,
+        prefix = rd::prefix(),
+        rabbit = rabbit::rabbit_backend(&url, &x, &q).trim_start_matches('\n'),
+        up = up.url(),
+        hook = rx.url("/hook"),
+    );
+    let a = Binary::start(&yaml, &[], None).await;
+    let b = Binary::start(&yaml, &[], None).await;
+    let (on_a, on_b) = (
+        format!("http://{}", a.listen),
+        format!("http://{}", b.listen),
+    );
+    for r in [&a, &b] {
+        eventually("the replica to be ready", || async {
+            match admin(r, "/readyz").await {
+                (200, _) => Ok(()),
+                (_, v) => Err(v),
+            }
+        })
+        .await;
+    }
+
+    // An Idempotency-Key used on A is replayed by B, with A's answer.
+    let (s, h, first) = post_on(&on_a, "/orders", Some("k1")).await;
+    assert_eq!(s, 202, "{first}");
+    assert!(!h.contains_key("idempotent-replayed"));
+    let (s, h, again) = post_on(&on_b, "/orders", Some("k1")).await;
+    assert_eq!(s, 202, "{again}");
+    assert!(h.contains_key("idempotent-replayed"), "{h:?}");
+    assert_eq!(again["message_id"], first["message_id"]);
+    // Concurrent duplicates on both replicas: one publish.
+    let tasks: Vec<_> = (0..12)
+        .map(|i| {
+            let base = if i % 2 == 0 {
+                on_a.clone()
+            } else {
+                on_b.clone()
+            };
+            tokio::spawn(async move { post_on(&base, "/orders", Some("k2")).await })
+        })
+        .collect();
+    let mut fresh = 0;
+    for t in tasks {
+        let (s, h, v) = t.await.unwrap();
+        assert!(s == 202 || s == 409, "{s}: {v}");
+        fresh += usize::from(s == 202 && !h.contains_key("idempotent-replayed"));
+    }
+    assert_eq!(fresh, 1, "one of the duplicates ran");
+    let conn = rabbit::client().await;
+    assert_eq!(rabbit::depth(&conn, &q).await, 2, "k1 and k2, once each");
+
+    // A job accepted on A is read from B.
+    let (s, h, v) = post_on(&on_a, "/work", None).await;
+    assert_eq!(s, 202, "{v}");
+    let (s, _, job) =
+        crate::jobs::settle(&format!("{on_b}{}", h["location"].to_str().unwrap())).await;
+    assert_eq!(s, 200, "{job}");
+    assert_eq!(job["response"]["status"], 200);
+    // Its webhook, refused twice, is a dead letter that both replicas list; replayed from B,
+    // it is delivered once.
+    let listed = |r: &'static str, who: &Binary| {
+        let admin_addr = who.admin;
+        async move {
+            eventually(&format!("the dead letter listed on {r}"), || async {
+                let (_, _, b) = get(&format!("http://{admin_addr}/dead-letters")).await;
+                let v: serde_json::Value = serde_json::from_slice(&b).unwrap_or_default();
+                match v["dead_letters"]
+                    .as_array()
+                    .and_then(|d| d.first())
+                    .cloned()
+                {
+                    Some(d) => Ok(d),
+                    None => Err(v),
+                }
+            })
+            .await
+        }
+    };
+    let (dead_a, dead_b) = (listed("A", &a).await, listed("B", &b).await);
+    assert_eq!(dead_a["id"], dead_b["id"]);
+    assert_eq!(dead_b["source"], "webhook");
+    let id = dead_b["id"].as_str().unwrap();
+    let (s, _, body_) = send(
+        request(
+            Method::POST,
+            &format!("http://{}/dead-letters/{id}/replay", b.admin),
+        )
+        .body(body(""))
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(s, 202, "{}", String::from_utf8_lossy(&body_));
+    let got = rx.wait_for(3).await;
+    assert_eq!(got.len(), 3, "two refused tries and the replay");
+    let (s, _) = admin(&a, &format!("/dead-letters/{id}")).await;
+    assert_eq!(s, 404, "gone for A too");
+    rabbit::cleanup(&conn, &[&x], &[&q]).await;
+}
+
+/// An upstream whose first call never gets an answer and whose later calls get 200: the
+/// address and the number of calls so far.
+async fn hangs_once() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let calls = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |_req| {
+                    let n = counted.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        if n == 0 {
+                            std::future::pending::<()>().await;
+                        }
+                        Ok::<_, std::convert::Infallible>(http::Response::new(body("done")))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                .await;
+            });
+        }
+    });
+    (addr, calls)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_replica_is_killed_mid_run_is_finished_by_another() {
+    let (up, calls) = hangs_once().await;
+    let yaml = format!(
+        r#"state: {{ store: redis, redis: {{ url: "{}", prefix: "{}" }} }}
+backends:
+  up: {{ type: http, endpoints: ["http://{up}"] }}
+routes:
+  - id: work
+    match: {{ method: POST, path: /work }}
+    backend: up
+    mode: async
+    async: {{ timeout: 1s }}
+"#,
+        rd::url().await,
+        rd::prefix(),
+    );
+    let mut a = Binary::start(&yaml, &[], None).await;
+    let b = Binary::start(&yaml, &[], None).await;
+    let (s, h, v) = post_on(&format!("http://{}", a.listen), "/work", None).await;
+    assert_eq!(s, 202, "{v}");
+    // A holds the job's lease, its call hanging; then A dies.
+    eventually("A's call to reach the upstream", || async {
+        match calls.load(std::sync::atomic::Ordering::SeqCst) {
+            0 => Err(()),
+            _ => Ok(()),
+        }
+    })
+    .await;
+    a.kill();
+    // B takes the job over once the dead replica's lease runs out, and finishes it.
+    let (s, _, job) = crate::jobs::settle(&format!(
+        "http://{}{}",
+        b.listen,
+        h["location"].to_str().unwrap()
+    ))
+    .await;
+    assert_eq!(s, 200, "{job}");
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["response"]["status"], 200);
+    assert!(job["runs"].as_u64().unwrap_or(2) >= 1);
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        2,
+        "run again once"
+    );
+}
