@@ -3,6 +3,7 @@
 mod amqp;
 mod auth;
 mod cli;
+mod deploy;
 mod errors;
 mod front;
 mod grpc;
