@@ -312,21 +312,7 @@ routes:
     let conn = rabbit::client().await;
     let ch = conn.create_channel().await.unwrap();
     let mut delivered = std::collections::BTreeMap::<String, usize>::new();
-    while let Some(m) = ch
-        .basic_get(
-            q.as_str().into(),
-            lapin::options::BasicGetOptions { no_ack: true },
-        )
-        .await
-        .unwrap()
-    {
-        let id = m
-            .delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .unwrap()
-            .to_string();
+    for id in message_ids(&ch, &q).await {
         *delivered.entry(id).or_default() += 1;
     }
     let lost: Vec<&String> = t
@@ -608,4 +594,88 @@ routes:
         2,
         "run again once"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_replicas_spool_drains_after_that_replica_restarts() {
+    use crate::support::amqp as rabbit;
+    let proxy = BrokerProxy::start().await;
+    proxy.stop();
+    let (x, q) = (rabbit::unique("x"), rabbit::unique("q"));
+    let state = format!(
+        "state: {{ store: redis, redis: {{ url: \"{}\", prefix: \"{}\" }}, spool: {{ retry: {{ min: 50ms, max: 300ms }} }} }}",
+        rd::url().await,
+        rd::prefix()
+    );
+    let yaml = crate::spool::config(&proxy.url(), &x, &q, &state, "");
+    let mut a = Binary::start(&yaml, &[], None).await;
+    let mut b = Binary::start(&yaml, &[], None).await;
+    // The broker is away: each replica spools what it is sent, on its own disk.
+    let mut acknowledged = std::collections::BTreeSet::new();
+    for (i, r) in [&a, &b, &a, &b, &a, &b].into_iter().enumerate() {
+        let (s, h, v) = send(
+            request(Method::POST, &format!("http://{}/orders/{i}", r.listen))
+                .header("content-type", "application/json")
+                .body(body(format!("{{\"seq\":{i}}}")))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, 202, "{}", String::from_utf8_lossy(&v));
+        assert_eq!(h["switchyard-spooled"], "true");
+        acknowledged.insert(json(&v)["message_id"].as_str().unwrap().to_string());
+    }
+    // A crashes, B is stopped; the broker comes back while both are down.
+    a.kill();
+    let status = b.terminate().await;
+    assert!(status.success(), "{status}");
+    proxy.start_again();
+    let conn = rabbit::client().await;
+    let ch = conn.create_channel().await.unwrap();
+    let mut delivered = Vec::new();
+    // Each replica, started again on its own disk, sends what it spooled: A's three first.
+    for (r, want) in [(&mut a, 3), (&mut b, 6)] {
+        r.restart().await;
+        // Ready: connected, the queue declared.
+        eventually("the replica to be ready", || async {
+            match admin(r, "/readyz").await {
+                (200, _) => Ok(()),
+                (_, v) => Err(v),
+            }
+        })
+        .await;
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        while delivered.len() < want {
+            delivered.extend(message_ids(&ch, &q).await);
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the replica's spool did not drain: {} of {want}",
+                delivered.len()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+    }
+    assert_eq!(delivered.len(), 6, "{delivered:?}");
+    let got: std::collections::BTreeSet<String> = delivered.into_iter().collect();
+    assert_eq!(got, acknowledged, "every acknowledged message, once");
+    rabbit::cleanup(&conn, &[&x], &[&q]).await;
+}
+
+/// The message ids of what queue `q` holds now, taken from it.
+async fn message_ids(ch: &lapin::Channel, q: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    while let Some(m) = ch
+        .basic_get(q.into(), lapin::options::BasicGetOptions { no_ack: true })
+        .await
+        .unwrap()
+    {
+        ids.push(
+            m.delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    ids
 }
