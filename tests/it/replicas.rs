@@ -679,3 +679,78 @@ async fn message_ids(ch: &lapin::Channel, q: &str) -> Vec<String> {
     }
     ids
 }
+
+#[tokio::test]
+async fn an_amqp_backend_fails_over_to_the_next_broker_and_back_to_the_first() {
+    use crate::support::amqp as rabbit;
+    // Two "nodes": two proxies to the local RabbitMQ; the first is down.
+    let (first, second) = (BrokerProxy::start().await, BrokerProxy::start().await);
+    first.stop();
+    let (x, q) = (rabbit::unique("x"), rabbit::unique("q"));
+    let backend = rabbit::rabbit_backend(&first.url(), &x, &q).replace(
+        "    type: amqp\n",
+        &format!(
+            "    type: amqp\n    failover: [\"{}\"]\n    connect_timeout: 1s\n    reconnect: {{ min: 50ms, max: 200ms }}\n",
+            second.url()
+        ),
+    );
+    let gw = Gateway::start(&format!(
+        r#"{backend}
+routes:
+  - id: orders
+    match: {{ method: POST, path: /orders }}
+    backend: rabbit
+    amqp: {{ exchange: "{x}", routing_key: orders.new }}
+"#
+    ))
+    .await;
+    gw.wait_backend("rabbit", true).await;
+    let publish = || async {
+        let (s, _, b) = send(
+            request(Method::POST, &gw.url("/orders"))
+                .header("content-type", "application/json")
+                .body(body("{}"))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+    };
+    publish().await;
+    assert_eq!(
+        (first.sessions(), second.sessions()),
+        (0, 1),
+        "through the second broker"
+    );
+    // The second goes down and the first comes back: the reconnect starts from the first.
+    first.start_again();
+    second.stop();
+    gw.wait_backend("rabbit", false).await;
+    gw.wait_backend("rabbit", true).await;
+    publish().await;
+    assert_eq!(first.sessions(), 1, "back on the first broker");
+    let conn = rabbit::client().await;
+    assert_eq!(rabbit::depth(&conn, &q).await, 2);
+    rabbit::cleanup(&conn, &[&x], &[&q]).await;
+}
+
+#[tokio::test]
+async fn failover_brokers_are_checked_when_the_config_loads() {
+    let e = start_error(
+        r#"
+backends:
+  rabbit:
+    type: amqp
+    url: "amqp://guest:guest@127.0.0.1:5672/%2f"
+    failover: ["amqps://guest:guest@127.0.0.2:5671/%2f", "not a url", "amqp://guest:guest@127.0.0.1:5672/%2f"]
+routes:
+  - id: orders
+    match: { method: POST, path: /orders }
+    backend: rabbit
+    amqp: { exchange: x, routing_key: k }
+"#,
+    )
+    .await;
+    assert!(e.contains("use the scheme of `url`"), "{e}");
+    assert!(e.contains("not an AMQP URL"), "{e}");
+    assert!(e.contains("this broker is listed already"), "{e}");
+}

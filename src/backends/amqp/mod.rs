@@ -396,13 +396,43 @@ async fn connect(shared: &Arc<Shared>) -> Result<Live, SetupError> {
     Ok(live)
 }
 
-/// Opens a connection to the backend's broker (TLS included), within its connect timeout.
+/// Opens a connection to the backend's broker (TLS included): `url`, else each of `failover`
+/// in order, each within the connect timeout. The last broker's error when none answers.
 pub(crate) async fn open_connection(
     name: &str,
     spec: &AmqpBackendSpec,
     tls: Option<&lapin::tcp::OwnedTLSConfig>,
 ) -> Result<Connection, SetupError> {
-    let uri = uri_with_heartbeat(&spec.url, spec.heartbeat.0);
+    let mut failed = None;
+    for (i, url) in std::iter::once(&spec.url).chain(&spec.failover).enumerate() {
+        match connect_to(name, url, spec, tls).await {
+            Ok(c) => {
+                if i > 0 {
+                    tracing::warn!(backend = name, broker = %super::broker_address(url), "Connected to a failover broker: the ones before it could not be reached.");
+                }
+                return Ok(c);
+            }
+            // A broker that refuses our credentials or vhost would refuse them again: the
+            // others are tried, and the operator told.
+            Err(e) => {
+                if !spec.failover.is_empty() {
+                    tracing::debug!(backend = name, broker = %super::broker_address(url), error = %e.message, "A broker could not be reached; trying the next.");
+                }
+                failed = Some(e);
+            }
+        }
+    }
+    Err(failed.expect("at least `url` was tried"))
+}
+
+/// [`open_connection`] to one broker.
+async fn connect_to(
+    name: &str,
+    url: &str,
+    spec: &AmqpBackendSpec,
+    tls: Option<&lapin::tcp::OwnedTLSConfig>,
+) -> Result<Connection, SetupError> {
+    let uri = uri_with_heartbeat(url, spec.heartbeat.0);
     let props =
         ConnectionProperties::default().with_connection_name(format!("switchyard {name}").into());
     let connecting = async {

@@ -17,6 +17,11 @@ use crate::config::types::Dur;
 pub struct AmqpBackendSpec {
     /// `amqp://user:pass@host:5672/vhost` (`%2f` for `/`), or `amqps://` for TLS.
     pub url: String,
+    /// More brokers (the other nodes of a cluster), tried in order when the ones before them
+    /// cannot be reached: on every connect and reconnect the gateway starts again from `url`.
+    /// Same scheme as `url`; `tls` applies to each.
+    #[serde(default)]
+    pub failover: Vec<String>,
     /// Channels in confirm mode that publishes are spread over.
     #[serde(default = "default_amqp_channels")]
     pub channels: usize,

@@ -115,6 +115,24 @@ pub(crate) fn validate_amqp_route(
 }
 
 pub(crate) fn validate_amqp_backend(cx: &mut Checks, base: &str, a: &AmqpBackendSpec) {
+    let scheme = a.url.parse::<lapin::uri::AMQPUri>().ok().map(|u| u.scheme);
+    for (i, url) in a.failover.iter().enumerate() {
+        let why = match url.parse::<lapin::uri::AMQPUri>() {
+            Err(e) => Some(format!(
+                "not an AMQP URL like `amqp://user:pass@127.0.0.2:5672/%2f`: {e}"
+            )),
+            Ok(u) if scheme.as_ref().is_some_and(|s| *s != u.scheme) => {
+                Some("use the scheme of `url` (amqp:// or amqps:// for all)".to_string())
+            }
+            Ok(_) if *url == a.url || a.failover[..i].contains(url) => {
+                Some("this broker is listed already".to_string())
+            }
+            Ok(_) => None,
+        };
+        if let Some(why) = why {
+            cx.err(&format!("{base}.failover[{i}]"), None, why);
+        }
+    }
     match a.url.parse::<lapin::uri::AMQPUri>() {
         Err(e) => cx.err(
             &format!("{base}.url"),
