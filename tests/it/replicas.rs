@@ -716,16 +716,7 @@ routes:
         assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
     };
     publish().await;
-    assert_eq!(
-        (first.sessions(), second.sessions()),
-        (0, 1),
-        "through the second broker"
-    );
-    // The second goes down and the first comes back: the reconnect starts from the first.
-    first.start_again();
-    second.stop();
-    gw.wait_backend("rabbit", false).await;
-    gw.wait_backend("rabbit", true).await;
+    back_to_the_first(&gw, "rabbit", &first, &second).await;
     publish().await;
     assert_eq!(first.sessions(), 1, "back on the first broker");
     let conn = rabbit::client().await;
@@ -753,4 +744,69 @@ routes:
     assert!(e.contains("use the scheme of `url`"), "{e}");
     assert!(e.contains("not an AMQP URL"), "{e}");
     assert!(e.contains("this broker is listed already"), "{e}");
+}
+
+#[tokio::test]
+async fn an_mqtt_backend_fails_over_to_the_next_broker_and_back_to_the_first() {
+    let addr = crate::support::mqtt::broker_addr().await;
+    let (prefix, mut sub) = crate::support::mqtt::Subscriber::on_fresh_prefix(&addr).await;
+    let (first, second) = (
+        BrokerProxy::start_to(addr.clone()).await,
+        BrokerProxy::start_to(addr.clone()).await,
+    );
+    first.stop();
+    let gw = Gateway::start(&format!(
+        r#"
+backends:
+  devices:
+    type: mqtt
+    url: "mqtt://{}"
+    failover: ["mqtt://{}"]
+    client_id: "gw-{}"
+    connect_timeout: 1s
+    reconnect: {{ min: 50ms, max: 200ms }}
+routes:
+  - id: readings
+    match: {{ method: POST, path: /readings }}
+    backend: devices
+    mqtt: {{ topic: "{prefix}/readings", qos: 1 }}
+"#,
+        first.addr,
+        second.addr,
+        uuid::Uuid::now_v7().simple()
+    ))
+    .await;
+    gw.wait_backend("devices", true).await;
+    let publish = |n: u32| {
+        let url = gw.url("/readings");
+        async move {
+            let (s, _, b) = send(
+                request(Method::POST, &url)
+                    .body(body(format!("{{\"n\":{n}}}")))
+                    .unwrap(),
+            )
+            .await;
+            assert_eq!(s, 202, "{}", String::from_utf8_lossy(&b));
+        }
+    };
+    publish(1).await;
+    assert_eq!(&sub.next().await.payload[..], b"{\"n\":1}");
+    back_to_the_first(&gw, "devices", &first, &second).await;
+    publish(2).await;
+    assert_eq!(&sub.next().await.payload[..], b"{\"n\":2}");
+    assert_eq!(first.sessions(), 1, "back on the first broker");
+}
+
+/// With the backend connected through `second` (`first` down), `second` goes down and `first`
+/// comes back; returns once the backend is connected again.
+async fn back_to_the_first(gw: &Gateway, backend: &str, first: &BrokerProxy, second: &BrokerProxy) {
+    assert_eq!(
+        (first.sessions(), second.sessions()),
+        (0, 1),
+        "connected through the second broker"
+    );
+    first.start_again();
+    second.stop();
+    gw.wait_backend(backend, false).await;
+    gw.wait_backend(backend, true).await;
 }

@@ -218,48 +218,26 @@ impl MqttBackend {
         base: &std::path::Path,
         gate: &super::StartGate,
     ) -> Result<Self, String> {
-        let (host, port, transport) = broker(spec, base)?;
         let client_id = client_id(name, spec);
         let response_topic = response_topic(&client_id);
+        let brokers = Brokers {
+            at: std::iter::once(&spec.url)
+                .chain(&spec.failover)
+                .map(|url| broker_at(url, spec, base))
+                .collect::<Result<_, _>>()?,
+            spec: spec.clone(),
+            client_id,
+            current: 0,
+            connected: false,
+        };
         let (client, eventloop) = match spec.protocol {
             MqttProtocol::V5 => {
-                let mut opts = MqttOptions::new(client_id, host, port);
-                opts.set_keep_alive(spec.keep_alive.0)
-                    .set_clean_start(false)
-                    .set_session_expiry_interval(Some(spec.session_expiry.0.as_secs() as u32))
-                    .set_max_packet_size(Some(spec.max_packet_size.0 as u32))
-                    .set_outgoing_inflight_upper_limit(spec.inflight)
-                    .set_request_channel_capacity(spec.inflight as usize)
-                    .set_connection_timeout(spec.connect_timeout.0.as_secs().max(1));
-                if let Some(t) = transport {
-                    opts.set_transport(t);
-                }
-                if let Some(user) = &spec.username {
-                    opts.set_credentials(user.clone(), spec.password.clone().unwrap_or_default());
-                }
-                let (client, eventloop) = AsyncClient::new(opts, spec.inflight as usize);
+                let (client, eventloop) = AsyncClient::new(brokers.v5(0), spec.inflight as usize);
                 (Client::V5(client), Loop::V5(Box::new(eventloop)))
             }
             MqttProtocol::V311 => {
-                let mut opts = rumqttc::MqttOptions::new(client_id, host, port);
-                // 3.1.1 cannot tell the broker our limit, and rumqttc drops the connection on
-                // a bigger incoming packet (which a kept session or a retained message would
-                // then bring back on every reconnect): incoming packets get the protocol's
-                // limit; outgoing ones the configured one.
-                let max = spec.max_packet_size.0 as usize;
-                opts.set_keep_alive(spec.keep_alive.0)
-                    .set_clean_session(false)
-                    .set_max_packet_size(268_435_455, max)
-                    .set_inflight(spec.inflight)
-                    .set_request_channel_capacity(spec.inflight as usize);
-                if let Some(t) = transport {
-                    opts.set_transport(t);
-                }
-                if let Some(user) = &spec.username {
-                    opts.set_credentials(user.clone(), spec.password.clone().unwrap_or_default());
-                }
                 let (client, mut eventloop) =
-                    rumqttc::AsyncClient::new(opts, spec.inflight as usize);
+                    rumqttc::AsyncClient::new(brokers.v311(0), spec.inflight as usize);
                 eventloop
                     .network_options
                     .set_connection_timeout(spec.connect_timeout.0.as_secs().max(1));
@@ -287,7 +265,14 @@ impl MqttBackend {
             gone: tokio_util::sync::CancellationToken::new(),
         });
         let (min, max, inflight) = (spec.reconnect.min.0, spec.reconnect.max.0, spec.inflight);
-        let task = gate.spawn(run(Arc::downgrade(&shared), eventloop, min, max, inflight));
+        let task = gate.spawn(run(
+            Arc::downgrade(&shared),
+            eventloop,
+            brokers,
+            min,
+            max,
+            inflight,
+        ));
         Ok(MqttBackend {
             shared,
             _task: task,
@@ -333,7 +318,16 @@ pub(crate) fn broker(
     spec: &MqttBackendSpec,
     base: &std::path::Path,
 ) -> Result<(String, u16, Option<rumqttc::Transport>), String> {
-    let uri: http::Uri = spec.url.parse().map_err(|e| format!("url: {e}"))?;
+    broker_at(&spec.url, spec, base)
+}
+
+/// [`broker`] for `url`, one of the backend's brokers.
+fn broker_at(
+    url: &str,
+    spec: &MqttBackendSpec,
+    base: &std::path::Path,
+) -> Result<(String, u16, Option<rumqttc::Transport>), String> {
+    let uri: http::Uri = url.parse().map_err(|e| format!("url: {e}"))?;
     let host = uri.host().ok_or("url: no host")?.to_string();
     let tls = uri.scheme_str() == Some("mqtts");
     let port = uri.port_u16().unwrap_or(if tls { 8883 } else { 1883 });
@@ -348,6 +342,85 @@ pub(crate) fn broker(
         None
     };
     Ok((host, port, transport))
+}
+
+/// The backend's brokers (`url`, then `failover`), and which one the event loop uses.
+struct Brokers {
+    at: Vec<(String, u16, Option<rumqttc::Transport>)>,
+    spec: MqttBackendSpec,
+    client_id: String,
+    current: usize,
+    /// Whether the current broker accepted the connection since the loop moved to it.
+    connected: bool,
+}
+
+impl Brokers {
+    /// The MQTT 5 options for broker `i`.
+    fn v5(&self, i: usize) -> MqttOptions {
+        let spec = &self.spec;
+        let (host, port, transport) = &self.at[i];
+        let mut opts = MqttOptions::new(self.client_id.clone(), host.clone(), *port);
+        opts.set_keep_alive(spec.keep_alive.0)
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(spec.session_expiry.0.as_secs() as u32))
+            .set_max_packet_size(Some(spec.max_packet_size.0 as u32))
+            .set_outgoing_inflight_upper_limit(spec.inflight)
+            .set_request_channel_capacity(spec.inflight as usize)
+            .set_connection_timeout(spec.connect_timeout.0.as_secs().max(1));
+        if let Some(t) = transport {
+            opts.set_transport(t.clone());
+        }
+        if let Some(user) = &spec.username {
+            opts.set_credentials(user.clone(), spec.password.clone().unwrap_or_default());
+        }
+        opts
+    }
+
+    /// The MQTT 3.1.1 options for broker `i`.
+    fn v311(&self, i: usize) -> rumqttc::MqttOptions {
+        let spec = &self.spec;
+        let (host, port, transport) = &self.at[i];
+        let mut opts = rumqttc::MqttOptions::new(self.client_id.clone(), host.clone(), *port);
+        // 3.1.1 cannot tell the broker our limit, and rumqttc drops the connection on a bigger
+        // incoming packet (which a kept session or a retained message would then bring back
+        // on every reconnect): incoming packets get the protocol's limit; outgoing ones the
+        // configured one.
+        let max = spec.max_packet_size.0 as usize;
+        opts.set_keep_alive(spec.keep_alive.0)
+            .set_clean_session(false)
+            .set_max_packet_size(268_435_455, max)
+            .set_inflight(spec.inflight)
+            .set_request_channel_capacity(spec.inflight as usize);
+        if let Some(t) = transport {
+            opts.set_transport(t.clone());
+        }
+        if let Some(user) = &spec.username {
+            opts.set_credentials(user.clone(), spec.password.clone().unwrap_or_default());
+        }
+        opts
+    }
+
+    /// After a failure: the broker to try next, when it is another one. One that never
+    /// accepted the connection gives way to the next; a connection that was up and is lost
+    /// starts again from the first.
+    fn after_failure(&mut self, name: &str) -> Option<usize> {
+        if self.at.len() < 2 {
+            return None;
+        }
+        let next = if self.connected {
+            0
+        } else {
+            (self.current + 1) % self.at.len()
+        };
+        self.connected = false;
+        if next == self.current {
+            return None;
+        }
+        self.current = next;
+        let (host, port, _) = &self.at[next];
+        tracing::warn!(backend = name, broker = %format!("{host}:{port}"), "Trying the next MQTT broker.");
+        Some(next)
+    }
 }
 
 /// The backend's client id: `client_id`, or `switchyard-<backend>`.
@@ -914,19 +987,21 @@ fn held_filters(shared: &Shared) -> std::collections::HashSet<String> {
 async fn run(
     weak: std::sync::Weak<Shared>,
     eventloop: Loop,
+    brokers: Brokers,
     min: Duration,
     max: Duration,
     inflight_limit: u16,
 ) {
     match eventloop {
-        Loop::V5(l) => run_v5(weak, *l, min, max, inflight_limit).await,
-        Loop::V311(l) => run_v311(weak, *l, min, max, inflight_limit).await,
+        Loop::V5(l) => run_v5(weak, *l, brokers, min, max, inflight_limit).await,
+        Loop::V311(l) => run_v311(weak, *l, brokers, min, max, inflight_limit).await,
     }
 }
 
 async fn run_v5(
     weak: std::sync::Weak<Shared>,
     mut eventloop: EventLoop,
+    mut brokers: Brokers,
     min: Duration,
     max: Duration,
     inflight_limit: u16,
@@ -939,6 +1014,7 @@ async fn run_v5(
         };
         match event {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                brokers.connected = true;
                 let broker_max = ack
                     .properties
                     .as_ref()
@@ -1056,6 +1132,9 @@ async fn run_v5(
             Ok(_) => {}
             Err(err) => {
                 on_failure(&shared, &mut eventloop.pending, &err, held_v5);
+                if let Some(next) = brokers.after_failure(&shared.name) {
+                    eventloop.options = brokers.v5(next);
+                }
                 drop(shared);
                 tokio::time::sleep(backoff.next_wait()).await;
             }
@@ -1110,6 +1189,7 @@ fn to311(p: Publish) -> rumqttc::Publish {
 async fn run_v311(
     weak: std::sync::Weak<Shared>,
     mut eventloop: rumqttc::EventLoop,
+    mut brokers: Brokers,
     min: Duration,
     max: Duration,
     inflight_limit: u16,
@@ -1123,6 +1203,7 @@ async fn run_v311(
         };
         match event {
             Ok(E::Incoming(P::ConnAck(ack))) => {
+                brokers.connected = true;
                 // rumqttc 3.1.1 reports the CONNACK ahead of events it queued before the failure
                 // (a stale `Outgoing::Publish` of a publish numbered just before it); the book
                 // must see those first, as the MQTT 5 loop does.
@@ -1166,6 +1247,9 @@ async fn run_v311(
             Ok(ev) => on_event_311(&shared, ev),
             Err(err) => {
                 on_failure(&shared, &mut eventloop.pending, &err, held_v311);
+                if let Some(next) = brokers.after_failure(&shared.name) {
+                    eventloop.mqtt_options = brokers.v311(next);
+                }
                 drop(shared);
                 tokio::time::sleep(backoff.next_wait()).await;
             }

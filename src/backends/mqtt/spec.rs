@@ -17,6 +17,11 @@ use crate::config::types::{Dur, Size};
 pub struct MqttBackendSpec {
     /// `mqtt://host:1883`.
     pub url: String,
+    /// More brokers (the other nodes of a cluster), tried in order when the one before cannot
+    /// be reached; once connected, a lost connection starts again from `url`. Same scheme as
+    /// `url`; `tls` applies to each.
+    #[serde(default)]
+    pub failover: Vec<String>,
     /// `v5` (the default) or `v3.1.1`. MQTT 3.1.1 carries no properties: routes to a 3.1.1
     /// backend publish without content type, correlation data, user properties or expiry, and
     /// cannot wait for a response.

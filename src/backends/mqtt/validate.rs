@@ -104,6 +104,29 @@ pub(crate) fn validate_mqtt_route(
 }
 
 pub(crate) fn validate_mqtt_backend(cx: &mut Checks, base: &str, m: &MqttBackendSpec) {
+    let scheme = m
+        .url
+        .parse::<Uri>()
+        .ok()
+        .and_then(|u| u.scheme_str().map(str::to_string));
+    for (i, url) in m.failover.iter().enumerate() {
+        let why = match url.parse::<Uri>() {
+            Ok(u) if u.host().is_none() || has_userinfo(&u) || !matches!(u.path(), "" | "/") => {
+                Some(format!("`{url}` is not a URL like `mqtt://127.0.0.2:1883`"))
+            }
+            Ok(u) if u.scheme_str() != scheme.as_deref() => {
+                Some("use the scheme of `url` (mqtt:// or mqtts:// for all)".to_string())
+            }
+            Ok(_) if *url == m.url || m.failover[..i].contains(url) => {
+                Some("this broker is listed already".to_string())
+            }
+            Ok(_) => None,
+            Err(_) => Some(format!("`{url}` is not a URL like `mqtt://127.0.0.2:1883`")),
+        };
+        if let Some(why) = why {
+            cx.err(&format!("{base}.failover[{i}]"), None, why);
+        }
+    }
     match m.url.parse::<Uri>() {
         Ok(u) if has_userinfo(&u) => cx.err(
             &format!("{base}.url"),
