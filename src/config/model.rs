@@ -9,8 +9,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use super::state::{
-    AsyncSpec, IdempotencySpec, JobsSpec, OnTimeout, RedisStoreSpec, RouteMode, SpoolSpec,
-    StateSpec, StoreKind, WebhookSpec,
+    AsyncSpec, IdempotencySpec, JobsSpec, OnTimeout, RedisStoreSpec, RouteMode, SentinelSpec,
+    SpoolSpec, StateSpec, StoreKind, WebhookSpec,
 };
 use super::types::{Dur, OneOrMany, Size};
 

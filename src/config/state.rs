@@ -75,6 +75,24 @@ pub struct RedisStoreSpec {
     /// Bound on each store operation, connecting included; past it the request gets 503.
     #[serde(default = "default_redis_timeout")]
     pub timeout: Dur,
+    /// A Redis Cluster instead of one server: some of its nodes (`redis://host:port`), from
+    /// which the client learns the rest. `url` is not used then.
+    #[serde(default)]
+    pub cluster: Vec<String>,
+    /// A server found through Redis Sentinel instead of `url`: the sentinels, and the name
+    /// they monitor the master under. After a failover the gateway reconnects to the new
+    /// master.
+    #[serde(default)]
+    pub sentinel: Option<SentinelSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelSpec {
+    /// The sentinels (`redis://host:26379`).
+    pub urls: Vec<String>,
+    /// The master's name in the sentinels' configuration.
+    pub master: String,
 }
 
 impl Default for RedisStoreSpec {
@@ -83,6 +101,8 @@ impl Default for RedisStoreSpec {
             url: default_redis_url(),
             prefix: default_redis_prefix(),
             timeout: default_redis_timeout(),
+            cluster: Vec::new(),
+            sentinel: None,
         }
     }
 }

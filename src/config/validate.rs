@@ -176,15 +176,58 @@ fn validate_state(cx: &mut Checks, st: &crate::config::StateSpec) {
         cx.err("state.path", None, "name the local database file");
     }
     if st.store == crate::config::StoreKind::Redis {
+        let redis_url = |url: &str| {
+            (url.starts_with("redis://") || url.starts_with("rediss://"))
+                && url.split("://").nth(1).is_some_and(|r| !r.is_empty())
+        };
         let url = &st.redis.url;
-        if !(url.starts_with("redis://") || url.starts_with("rediss://"))
-            || url.split("://").nth(1).is_none_or(str::is_empty)
-        {
+        if !redis_url(url) {
             cx.err(
                 "state.redis.url",
                 None,
                 format!("`{url}` is not a Redis URL; write redis://host:port[/db]"),
             );
+        }
+        for (i, node) in st.redis.cluster.iter().enumerate() {
+            if !redis_url(node) {
+                cx.err(
+                    &format!("state.redis.cluster[{i}]"),
+                    None,
+                    format!("`{node}` is not a Redis URL; write redis://host:port"),
+                );
+            }
+        }
+        if let Some(s) = &st.redis.sentinel {
+            if !st.redis.cluster.is_empty() {
+                cx.err_key_route(
+                    "state.redis.sentinel",
+                    None,
+                    "a Redis Cluster is not found through Sentinel: set `cluster` or `sentinel`, not both",
+                );
+            }
+            if s.urls.is_empty() {
+                cx.err(
+                    "state.redis.sentinel.urls",
+                    None,
+                    "list at least one sentinel",
+                );
+            }
+            for (i, u) in s.urls.iter().enumerate() {
+                if !redis_url(u) {
+                    cx.err(
+                        &format!("state.redis.sentinel.urls[{i}]"),
+                        None,
+                        format!("`{u}` is not a Redis URL; write redis://host:26379"),
+                    );
+                }
+            }
+            if s.master.is_empty() {
+                cx.err(
+                    "state.redis.sentinel.master",
+                    None,
+                    "name the monitored master",
+                );
+            }
         }
         if st.redis.timeout.0.is_zero() {
             cx.err("state.redis.timeout", None, "must be above zero");

@@ -215,11 +215,7 @@ impl State {
                 local.clone(),
                 Duration::from_secs(60),
             )),
-            (_, crate::config::StoreKind::Redis) => Arc::new(redis::RedisStore::new(
-                &spec.redis.url,
-                &spec.redis.prefix,
-                spec.redis.timeout.0,
-            )?),
+            (_, crate::config::StoreKind::Redis) => Arc::new(redis::RedisStore::new(&spec.redis)?),
         };
         let jobs = match jobs {
             Some(j) => j,

@@ -48,13 +48,67 @@ end
 redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
 return {1, math.floor((window - (new_tat - now)) / emission)}";
 
+/// Where the store's server is: one server, a Redis Cluster, or a master found through
+/// Sentinel.
+enum Target {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+    Sentinel(Mutex<redis::sentinel::SentinelClient>),
+}
+
+/// A connection of one of the [`Target`]s; commands and scripts run on it alike.
+#[derive(Clone)]
+enum Conn {
+    /// Reconnects by itself.
+    Single(ConnectionManager),
+    /// Follows the cluster's slots and reconnects by itself.
+    Cluster(redis::cluster_async::ClusterConnection),
+    /// To the master Sentinel named; dropped on a failure, so that the next operation asks
+    /// the sentinels again (after a failover, for the new master).
+    Sentinel(redis::aio::MultiplexedConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+            Conn::Sentinel(c) => c.get_db(),
+        }
+    }
+}
+
 pub struct RedisStore {
-    client: redis::Client,
+    target: Target,
     prefix: String,
     timeout: Duration,
     /// Connected on first use, so a gateway starts (and serves routes that need no store)
-    /// while Redis is down; the manager reconnects by itself afterwards.
-    conn: Mutex<Option<ConnectionManager>>,
+    /// while Redis is down.
+    conn: Mutex<Option<Conn>>,
     insert: redis::Script,
     swap: redis::Script,
     gcra: redis::Script,
@@ -76,12 +130,34 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl RedisStore {
-    /// Parses the URL; connects later. `timeout` bounds each operation, connecting included.
-    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<RedisStore, StoreError> {
+    /// Parses the URLs (`state.redis`); connects later. `timeout` bounds each operation,
+    /// connecting included.
+    pub fn new(spec: &crate::config::RedisStoreSpec) -> Result<RedisStore, StoreError> {
+        let target = if !spec.cluster.is_empty() {
+            Target::Cluster(
+                redis::cluster::ClusterClientBuilder::new(spec.cluster.clone())
+                    .connection_timeout(spec.timeout.0)
+                    .response_timeout(spec.timeout.0)
+                    .build()
+                    .map_err(unavailable)?,
+            )
+        } else if let Some(s) = &spec.sentinel {
+            Target::Sentinel(Mutex::new(
+                redis::sentinel::SentinelClient::build(
+                    s.urls.clone(),
+                    s.master.clone(),
+                    None,
+                    redis::sentinel::SentinelServerType::Master,
+                )
+                .map_err(unavailable)?,
+            ))
+        } else {
+            Target::Single(redis::Client::open(spec.url.as_str()).map_err(unavailable)?)
+        };
         Ok(RedisStore {
-            client: redis::Client::open(url).map_err(unavailable)?,
-            prefix: prefix.to_string(),
-            timeout,
+            target,
+            prefix: spec.prefix.clone(),
+            timeout: spec.timeout.0,
             conn: Mutex::new(None),
             insert: redis::Script::new(INSERT),
             swap: redis::Script::new(SWAP),
@@ -90,7 +166,7 @@ impl RedisStore {
         })
     }
 
-    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
+    async fn conn(&self) -> Result<Conn, StoreError> {
         if self
             .failed_at
             .lock()
@@ -108,17 +184,30 @@ impl RedisStore {
         if let Some(c) = guard.as_ref() {
             return Ok(c.clone());
         }
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.timeout))
-            .set_response_timeout(Some(self.timeout))
-            .set_number_of_retries(1);
-        let c = tokio::time::timeout(
-            self.timeout,
-            ConnectionManager::new_with_config(self.client.clone(), config),
-        )
-        .await
-        .map_err(|_| unavailable("connecting timed out"))
-        .and_then(|c| c.map_err(unavailable));
+        let connecting = async {
+            match &self.target {
+                Target::Single(client) => {
+                    let config = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(self.timeout))
+                        .set_response_timeout(Some(self.timeout))
+                        .set_number_of_retries(1);
+                    ConnectionManager::new_with_config(client.clone(), config)
+                        .await
+                        .map(Conn::Single)
+                }
+                Target::Cluster(client) => client.get_async_connection().await.map(Conn::Cluster),
+                Target::Sentinel(client) => client
+                    .lock()
+                    .await
+                    .get_async_connection()
+                    .await
+                    .map(Conn::Sentinel),
+            }
+        };
+        let c = tokio::time::timeout(self.timeout, connecting)
+            .await
+            .map_err(|_| unavailable("connecting timed out"))
+            .and_then(|c| c.map_err(unavailable));
         if let Ok(mut f) = self.failed_at.lock() {
             *f = c.is_err().then(tokio::time::Instant::now);
         }
@@ -127,25 +216,49 @@ impl RedisStore {
         Ok(c)
     }
 
+    /// Forgets a Sentinel connection that failed: the next operation asks the sentinels for
+    /// the master again. The other connections reconnect by themselves.
+    async fn failed(&self) {
+        if matches!(self.target, Target::Sentinel(_)) {
+            *self.conn.lock().await = None;
+        }
+    }
+
+    /// In a Redis Cluster a namespace's keys and its index carry one hash tag (`{ns}`), so
+    /// that the scripts and transactions that touch both stay in one slot; rate buckets, one
+    /// key each, are spread over the slots.
     fn key(&self, ns: Ns, key: &str) -> String {
-        format!("{}{}:{key}", self.prefix, ns.as_str())
+        match (&self.target, ns) {
+            (Target::Cluster(_), ns) if ns != Ns::Rates => {
+                format!("{}{{{}}}:{key}", self.prefix, ns.as_str())
+            }
+            _ => format!("{}{}:{key}", self.prefix, ns.as_str()),
+        }
     }
 
     /// The sorted set that lists a namespace's keys, for namespaces that are listed.
     fn index(&self, ns: Ns) -> Option<String> {
-        ns.listed()
-            .then(|| format!("{}{}:index", self.prefix, ns.as_str()))
+        ns.listed().then(|| match self.target {
+            Target::Cluster(_) => format!("{}{{{}}}:index", self.prefix, ns.as_str()),
+            _ => format!("{}{}:index", self.prefix, ns.as_str()),
+        })
     }
 
     async fn run<T>(
         &self,
-        f: impl AsyncFnOnce(&mut ConnectionManager) -> redis::RedisResult<T>,
+        f: impl AsyncFnOnce(&mut Conn) -> redis::RedisResult<T>,
     ) -> Result<T, StoreError> {
         let mut c = self.conn().await?;
-        tokio::time::timeout(self.timeout, f(&mut c))
-            .await
-            .map_err(|_| unavailable("no answer in time"))?
-            .map_err(unavailable)
+        let out = match tokio::time::timeout(self.timeout, f(&mut c)).await {
+            Err(_) => Err(unavailable("no answer in time")),
+            Ok(r) => r.map_err(unavailable),
+        };
+        // A master that became a replica answers READONLY, one that is gone an I/O error:
+        // after any failure Sentinel is asked again.
+        if out.is_err() {
+            self.failed().await;
+        }
+        out
     }
 }
 
