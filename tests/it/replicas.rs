@@ -320,6 +320,15 @@ routes:
         .iter()
         .filter(|id| !delivered.contains_key(*id))
         .collect();
+    // The figures docs/deployment.md quotes (`cargo test rolling -- --nocapture`).
+    eprintln!(
+        "rolling restart: {total} requests, answers {:?}; {} publishes acknowledged, {} delivered, {} lost, {} duplicated",
+        t.answers,
+        t.published.len(),
+        delivered.len(),
+        lost.len(),
+        delivered.values().filter(|n| **n > 1).count()
+    );
     assert!(
         lost.is_empty(),
         "{} of {} acknowledged messages lost",
