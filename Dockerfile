@@ -1,4 +1,12 @@
 # Multi-stage build: compile in the Rust image, run in a slim non-root image.
+#
+#   docker build -t switchyard .          (or: podman build -t switchyard .)
+#
+# Where no image registry can be reached, deploy/container-check.sh builds the runtime image
+# from a Debian base made locally and a binary built on the host (`--build-arg BINARY=prebuilt`,
+# with the binary as `switchyard-prebuilt` in the build context), runs it and checks /healthz.
+ARG BINARY=build
+
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
@@ -6,13 +14,19 @@ COPY src ./src
 COPY benches ./benches
 RUN cargo build --release --locked --bin switchyard
 
+# A binary built outside the image (a glibc build for Debian bookworm).
+FROM scratch AS prebuilt
+COPY switchyard-prebuilt /src/target/release/switchyard
+
+FROM ${BINARY} AS binary
+
 FROM debian:bookworm-slim
 RUN apt-get update \
     && apt-get install -y --no-install-recommends ca-certificates curl \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /etc/switchyard switchyard \
     && mkdir -p /var/lib/switchyard && chown switchyard /var/lib/switchyard
-COPY --from=build /src/target/release/switchyard /usr/local/bin/switchyard
+COPY --from=binary /src/target/release/switchyard /usr/local/bin/switchyard
 COPY routes.yaml /etc/switchyard/routes.yaml
 COPY plugins /etc/switchyard/plugins
 # routes.yaml compiles the example service's proto at load time.
