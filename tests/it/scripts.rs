@@ -902,6 +902,30 @@ where
     }
 }
 
+/// A WebSocket to `url` (a route `route` with `SORT`), whose first frame the script fails on:
+/// answered with an `error` frame for `seq` 1 naming the script; the socket stays open.
+async fn failing_frame_first(
+    url: &str,
+    route: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    use futures_util::SinkExt;
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    ws.send(tokio_tungstenite::tungstenite::Message::text("not json"))
+        .await
+        .unwrap();
+    let err = ws_json(&mut ws).await;
+    assert_eq!(
+        (err["op"].as_str(), err["seq"].as_u64()),
+        (Some("error"), Some(1)),
+        "{err}"
+    );
+    assert_eq!(
+        err["detail"],
+        format!("The script plugins/sort.rhai of route `{route}` failed in `on_message`.")
+    );
+    ws
+}
+
 #[tokio::test]
 async fn on_message_changes_the_messages_of_websocket_frames() {
     use crate::support::amqp as rabbit;
@@ -941,20 +965,7 @@ async fn on_message_changes_the_messages_of_websocket_frames() {
     // AMQP: each frame's message as the script left it; a frame it fails on gets an error
     // frame naming the script, and the socket carries on.
     let ws_url = |path: &str| format!("ws://{}{path}", gw.listen);
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url("/ws/orders"))
-        .await
-        .unwrap();
-    ws.send(Frame::text("not json")).await.unwrap();
-    let err = ws_json(&mut ws).await;
-    assert_eq!(
-        (err["op"].as_str(), err["seq"].as_u64()),
-        (Some("error"), Some(1)),
-        "{err}"
-    );
-    assert_eq!(
-        err["detail"],
-        "The script plugins/sort.rhai of route `orders-ws` failed in `on_message`."
-    );
+    let mut ws = failing_frame_first(&ws_url("/ws/orders"), "orders-ws").await;
     ws.send(Frame::text(order)).await.unwrap();
     assert_eq!(
         ws_json(&mut ws).await,
@@ -964,16 +975,7 @@ async fn on_message_changes_the_messages_of_websocket_frames() {
     assert_sorted_amqp(&conn, &q).await;
 
     // MQTT: the same, on the topic the script made.
-    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url("/ws/events"))
-        .await
-        .unwrap();
-    ws.send(Frame::text("not json")).await.unwrap();
-    let err = ws_json(&mut ws).await;
-    assert_eq!(
-        (err["op"].as_str(), err["seq"].as_u64()),
-        (Some("error"), Some(1)),
-        "{err}"
-    );
+    let mut ws = failing_frame_first(&ws_url("/ws/events"), "events-ws").await;
     ws.send(Frame::text(order)).await.unwrap();
     let ack = ws_json(&mut ws).await;
     assert_eq!(ack["seq"], 2, "{ack}");
